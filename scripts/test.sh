@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Install everything the tests need, then run them all. CI runs exactly this (.ci/run).
+# System packages come from Debian (thrift-compiler generates Apache Thrift classes
+# for the differential tests); Python packages from PyPI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v thrift >/dev/null 2>&1 || need_apt+=(thrift-compiler)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq && apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    else
+        sudo apt-get update -qq && sudo apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    fi
+fi
+
+python3 -m pip install -q --upgrade pip >/dev/null
+python3 -m pip install -q -e '.[test]'
+exec python3 -m pytest tests "$@"

@@ -1,0 +1,29 @@
+"""Build the C extensions (Cython) optimised; everything else is in pyproject.toml."""
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+# OCTO_DEBUG_BUILD=1 builds without optimisation and with C asserts, for gdb/valgrind.
+debug = os.environ.get("OCTO_DEBUG_BUILD") == "1"
+compile_args = ["-O0", "-g"] if debug else ["-O3", "-fno-strict-aliasing"]
+macros = [] if debug else [("NDEBUG", "1")]
+
+
+def extension(name: str) -> Extension:
+    return Extension(
+        f"octo_core.{name}",
+        [f"src/octo_core/{name}.pyx"],
+        extra_compile_args=compile_args,
+        define_macros=macros,
+    )
+
+
+setup(
+    ext_modules=cythonize(
+        [extension("_codec")],
+        language_level=3,
+        annotate=os.environ.get("OCTO_CYTHON_ANNOTATE") == "1",
+        compiler_directives={"embedsignature": True},
+    ),
+)

@@ -1,0 +1,1052 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, infer_types=False
+"""C hot paths: the thrift binary (strict TBinaryProtocol) codec.
+
+Each thriftpy2 struct class is compiled once into a ``_StructSpec`` (a C array
+of field descriptors) kept on the class; encoding and decoding then walk those
+arrays, never the Python ``thrift_spec`` tuples.
+
+Encoding writes into one growing ``bytes`` object that is shrunk to size at the
+end (no final copy). Decoding checks every length against the bytes that are
+left and against the caller's ``Limits`` before it allocates anything, and
+builds objects without calling the generated ``__init__``.
+"""
+from cpython.object cimport PyObject, PyTypeObject
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_FromDouble
+from cpython.long cimport PyLong_FromLong, PyLong_FromLongLong
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
+from cpython.ref cimport Py_INCREF, Py_DECREF, Py_XDECREF
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+
+from sys import intern
+
+from octo_core.errors import EncodeError, DecodeError
+
+cdef extern from "Python.h":
+    int _PyBytes_Resize(PyObject** bytes, Py_ssize_t newsize) except -1
+    const char* PyUnicode_AsUTF8AndSize(object s, Py_ssize_t* size) except NULL
+    bint PyLong_CheckExact(object o)
+    bint PyLong_Check(object o)
+    bint PyFloat_Check(object o)
+    bint PyUnicode_Check(object o)
+    bint PyBytes_Check(object o)
+    bint PyList_CheckExact(object o)
+    bint PyTuple_CheckExact(object o)
+    bint PyDict_CheckExact(object o)
+    bint PyAnySet_Check(object o)
+    long long PyLong_AsLongLongAndOverflow(object o, int* overflow) except? -1
+    double PyLong_AsDouble(object o) except? -1.0
+    PyObject* PyObject_GetAttr(object o, object name)
+    int PyObject_SetAttr(object o, object name, PyObject* value) except -1
+    int PyObject_GenericSetAttr(object o, object name, PyObject* value) except -1
+    PyObject* PyErr_Occurred()
+    int PyErr_ExceptionMatches(object exc)
+    void PyErr_Clear()
+    Py_ssize_t PyList_GET_SIZE(object o)
+    Py_ssize_t PyTuple_GET_SIZE(object o)
+    PyObject* PyList_GET_ITEM(object o, Py_ssize_t i)
+    PyObject* PyTuple_GET_ITEM(object o, Py_ssize_t i)
+    object PyList_New(Py_ssize_t n)
+    void PyList_SET_ITEM(object o, Py_ssize_t i, PyObject* v)
+    int PyDict_Next(object d, Py_ssize_t* pos, PyObject** key, PyObject** value)
+    Py_ssize_t PyDict_GET_SIZE(object d)
+    int PyDict_SetItem(object d, PyObject* k, PyObject* v) except -1
+    int PySet_Add(object s, PyObject* k) except -1
+    object PyDict_New()
+    object PySet_New(PyObject* iterable)
+    PyTypeObject* Py_TYPE(object o)
+    PyObject* Py_True
+    PyObject* Py_False
+    PyObject* Py_None
+
+cdef extern from *:
+    """
+    static int _uses_generic_setattr(PyTypeObject* tp) {
+        return tp->tp_setattro == PyObject_GenericSetAttr;
+    }
+    """
+    bint _uses_generic_setattr(PyTypeObject* tp)
+
+# --- wire types (TType) ---------------------------------------------------------
+DEF T_STOP = 0
+DEF T_BOOL = 2
+DEF T_BYTE = 3
+DEF T_DOUBLE = 4
+DEF T_I16 = 6
+DEF T_I32 = 8
+DEF T_I64 = 10
+DEF T_STRING = 11
+DEF T_STRUCT = 12
+DEF T_MAP = 13
+DEF T_SET = 14
+DEF T_LIST = 15
+# thriftpy2's marker for `binary` fields; on the wire it is a STRING.
+DEF T_BINARY = 18
+
+DEF VERSION_1 = 0x80010000
+DEF VERSION_MASK = 0xffff0000
+
+DEF MAX_STACK_FIELDS = 64
+
+cdef dict _TYPE_NAMES = {
+    T_BOOL: "bool", T_BYTE: "byte", T_DOUBLE: "double", T_I16: "i16", T_I32: "i32",
+    T_I64: "i64", T_STRING: "string", T_STRUCT: "struct", T_MAP: "map",
+    T_SET: "set", T_LIST: "list", T_BINARY: "binary",
+}
+
+
+cdef inline int _wire(int kind) noexcept nogil:
+    return T_STRING if kind == T_BINARY else kind
+
+
+cdef inline Py_ssize_t _min_wire_size(int wire) noexcept nogil:
+    """Fewest bytes a value of this wire type can take (bounds container counts)."""
+    if wire == T_BOOL or wire == T_BYTE or wire == T_STRUCT:
+        return 1
+    if wire == T_I16:
+        return 2
+    if wire == T_I32 or wire == T_STRING:
+        return 4
+    if wire == T_I64 or wire == T_DOUBLE:
+        return 8
+    if wire == T_LIST or wire == T_SET:
+        return 5
+    if wire == T_MAP:
+        return 6
+    return -1  # not a valid wire type
+
+
+# --- limits ------------------------------------------------------------------------
+
+cdef class Limits:
+    """Bounds a decoder enforces before it allocates anything.
+
+    ``max_string_length``: bytes in one string/binary value;
+    ``max_container_length``: elements in one list/set/map;
+    ``max_depth``: nesting of structs and containers.
+    """
+    cdef readonly Py_ssize_t max_string_length
+    cdef readonly Py_ssize_t max_container_length
+    cdef readonly int max_depth
+
+    def __init__(self, Py_ssize_t max_string_length=64 * 1024 * 1024,
+                 Py_ssize_t max_container_length=16 * 1024 * 1024,
+                 int max_depth=64):
+        if max_string_length < 0 or max_container_length < 0 or max_depth < 1:
+            raise ValueError("limits must be non-negative and max_depth >= 1")
+        self.max_string_length = max_string_length
+        self.max_container_length = max_container_length
+        self.max_depth = max_depth
+
+    def __repr__(self):
+        return (f"Limits(max_string_length={self.max_string_length}, "
+                f"max_container_length={self.max_container_length}, "
+                f"max_depth={self.max_depth})")
+
+
+cdef Limits DEFAULT_LIMITS = Limits()
+
+
+# --- compiled type descriptions ----------------------------------------------------
+
+cdef class _TypeSpec:
+    """One thrift type: its kind and, for containers and structs, what is inside."""
+    cdef int kind            # T_* with T_BINARY kept apart from T_STRING
+    cdef int wire            # what goes on the wire
+    cdef _TypeSpec key       # map keys
+    cdef _TypeSpec elem      # list/set elements, map values
+    cdef _StructSpec struct  # struct / exception
+    cdef bint set_as_list    # set of unhashable elements: decoded as a list
+
+
+cdef struct _Field:
+    int fid
+    int kind
+    int wire
+    bint required
+    PyObject* name        # interned attribute name (owned by _StructSpec.names)
+    PyObject* default     # default value or None (owned by _StructSpec.defaults)
+    PyObject* type        # _TypeSpec (owned by _StructSpec.types)
+
+
+cdef class _StructSpec:
+    """A thriftpy2 struct class compiled to a C array of fields."""
+    cdef object cls
+    cdef PyTypeObject* tp
+    cdef str name
+    cdef Py_ssize_t n
+    cdef _Field* fields
+    cdef tuple names
+    cdef tuple defaults
+    cdef tuple types
+    cdef Py_ssize_t size_hint
+    cdef bint generic_setattr   # no __setattr__ override: skip PyObject_SetAttr's dispatch
+
+    def __dealloc__(self):
+        PyMem_Free(self.fields)
+
+    cdef inline Py_ssize_t find(self, int fid, Py_ssize_t hint) noexcept:
+        """Index of field ``fid``; fields usually arrive in order, so try ``hint`` first."""
+        cdef Py_ssize_t i
+        if hint < self.n and self.fields[hint].fid == fid:
+            return hint
+        for i in range(self.n):
+            if self.fields[i].fid == fid:
+                return i
+        return -1
+
+
+cdef list _PRIMITIVES = [None] * 19
+cdef object _empty_tuple = ()
+cdef str _SPEC_ATTR = "__octo_codec_spec__"
+
+
+cdef _TypeSpec _primitive(int kind):
+    cdef _TypeSpec t = _TypeSpec.__new__(_TypeSpec)
+    t.kind = kind
+    t.wire = _wire(kind)
+    return t
+
+
+cdef bint _hashable_kind(int kind):
+    return kind != T_LIST and kind != T_SET and kind != T_MAP
+
+
+cdef _TypeSpec _type_of(object ttype, object sub):
+    """Compile a thriftpy2 type (``ttype`` plus its container/struct spec)."""
+    cdef int kind = ttype
+    cdef _TypeSpec t
+    if kind in (T_BOOL, T_BYTE, T_DOUBLE, T_I16, T_I32, T_I64, T_STRING, T_BINARY):
+        return <_TypeSpec>_PRIMITIVES[kind]   # enums are i32 with a class as `sub`
+    t = _TypeSpec.__new__(_TypeSpec)
+    t.kind = kind
+    t.wire = kind
+    if kind == T_STRUCT:
+        t.struct = _spec_for(sub)
+    elif kind == T_LIST or kind == T_SET:
+        t.elem = _type_from_spec(sub)
+        t.set_as_list = kind == T_SET and not _hashable_kind(t.elem.kind)
+    elif kind == T_MAP:
+        t.key = _type_from_spec(sub[0])
+        t.elem = _type_from_spec(sub[1])
+    else:
+        raise TypeError(f"unknown thrift type id {kind}")
+    return t
+
+
+cdef _TypeSpec _type_from_spec(object spec):
+    """A container's element spec: a bare type id or a ``(ttype, sub)`` pair."""
+    if isinstance(spec, tuple):
+        return _type_of(spec[0], spec[1])
+    return _type_of(spec, None)
+
+
+cdef _StructSpec _spec_for(object cls):
+    """The compiled spec of a thriftpy2 struct class, built on first use."""
+    cdef PyTypeObject* tp = <PyTypeObject*>cls
+    cdef object cached = (<object>tp.tp_dict).get(_SPEC_ATTR) if tp.tp_dict != NULL else None
+    if cached is not None:
+        return <_StructSpec>cached
+    return _compile(cls)
+
+
+cdef _StructSpec _compile(object cls):
+    cdef dict thrift_spec = getattr(cls, "thrift_spec", None)
+    if not isinstance(cls, type) or thrift_spec is None:
+        raise TypeError(f"{cls!r} is not a thriftpy2 struct class (no thrift_spec)")
+    cdef _StructSpec s = _StructSpec.__new__(_StructSpec)
+    s.cls = cls
+    s.tp = <PyTypeObject*>cls
+    s.name = cls.__name__
+    s.size_hint = 64
+    s.generic_setattr = _uses_generic_setattr(s.tp)
+    # Registered before the fields are compiled so that recursive structs resolve.
+    type.__setattr__(cls, _SPEC_ATTR, s)
+    try:
+        _compile_fields(s, thrift_spec, getattr(cls, "default_spec", None) or ())
+    except BaseException:
+        type.__delattr__(cls, _SPEC_ATTR)
+        raise
+    return s
+
+
+cdef _compile_fields(_StructSpec s, dict thrift_spec, object default_spec):
+    defaults_by_name = dict(default_spec)
+    names, defaults, types = [], [], []
+    cdef _TypeSpec t
+    cdef Py_ssize_t n = len(thrift_spec), i = 0
+    s.fields = <_Field*>PyMem_Malloc(max(n, 1) * sizeof(_Field))
+    if s.fields == NULL:
+        raise MemoryError()
+    for fid, fspec in thrift_spec.items():
+        if len(fspec) == 3:
+            ttype, name, required = fspec
+            sub = None
+        else:
+            ttype, name, sub, required = fspec
+        if not -32768 <= fid <= 32767:
+            raise ValueError(f"{s.name}: field id {fid} out of i16 range")
+        name = intern(str(name))
+        t = _type_of(ttype, sub)
+        names.append(name)
+        defaults.append(defaults_by_name.get(name))
+        types.append(t)
+    s.names = tuple(names)
+    s.defaults = tuple(defaults)
+    s.types = tuple(types)
+    for fid, fspec in thrift_spec.items():
+        t = s.types[i]
+        s.fields[i].fid = fid
+        s.fields[i].kind = t.kind
+        s.fields[i].wire = t.wire
+        s.fields[i].required = bool(fspec[len(fspec) - 1])
+        s.fields[i].name = <PyObject*>s.names[i]
+        s.fields[i].default = <PyObject*>s.defaults[i]
+        s.fields[i].type = <PyObject*>t
+        i += 1
+    s.n = n
+
+
+# --- writer ------------------------------------------------------------------------
+
+cdef struct _Writer:
+    PyObject* buf     # a bytes object we own and resize
+    char* data
+    Py_ssize_t len
+    Py_ssize_t cap
+    int max_depth
+
+
+cdef int _w_init(_Writer* w, Py_ssize_t cap) except -1:
+    cdef object b = PyBytes_FromStringAndSize(NULL, cap)
+    Py_INCREF(b)
+    w.buf = <PyObject*>b
+    w.data = PyBytes_AS_STRING(b)
+    w.len = 0
+    w.cap = cap
+    w.max_depth = 64
+    return 0
+
+
+cdef int _w_grow(_Writer* w, Py_ssize_t need) except -1:
+    cdef Py_ssize_t cap = w.cap * 2
+    while cap < w.len + need:
+        cap *= 2
+    _PyBytes_Resize(&w.buf, cap)
+    w.data = PyBytes_AS_STRING(<object>w.buf)
+    w.cap = cap
+    return 0
+
+
+cdef inline int _w_reserve(_Writer* w, Py_ssize_t need) except -1:
+    if w.len + need > w.cap:
+        return _w_grow(w, need)
+    return 0
+
+
+cdef object _w_finish(_Writer* w):
+    _PyBytes_Resize(&w.buf, w.len)
+    cdef object b = <object>w.buf
+    Py_DECREF(b)
+    w.buf = NULL
+    return b
+
+
+cdef void _w_abandon(_Writer* w) noexcept:
+    Py_XDECREF(w.buf)
+    w.buf = NULL
+
+
+cdef inline void _put_u8(char* p, uint8_t v) noexcept nogil:
+    p[0] = <char>v
+
+
+cdef inline void _put_u16(char* p, uint16_t v) noexcept nogil:
+    p[0] = <char>(v >> 8)
+    p[1] = <char>v
+
+
+cdef inline void _put_u32(char* p, uint32_t v) noexcept nogil:
+    p[0] = <char>(v >> 24)
+    p[1] = <char>(v >> 16)
+    p[2] = <char>(v >> 8)
+    p[3] = <char>v
+
+
+cdef inline void _put_u64(char* p, uint64_t v) noexcept nogil:
+    _put_u32(p, <uint32_t>(v >> 32))
+    _put_u32(p + 4, <uint32_t>v)
+
+
+cdef inline int _w_u32(_Writer* w, uint32_t v) except -1:
+    _w_reserve(w, 4)
+    _put_u32(w.data + w.len, v)
+    w.len += 4
+    return 0
+
+
+cdef inline int _w_raw(_Writer* w, const char* p, Py_ssize_t n) except -1:
+    _w_reserve(w, 4 + n)
+    _put_u32(w.data + w.len, <uint32_t>n)
+    memcpy(w.data + w.len + 4, p, n)
+    w.len += 4 + n
+    return 0
+
+
+cdef str _tname(object v):
+    return type(v).__name__
+
+
+cdef int _int_type_error(object v, int kind) except -1:
+    raise TypeError(f"expected int for {_TYPE_NAMES[kind]}, got {_tname(v)}")
+
+
+cdef int _int_range_error(object v, int kind) except -1:
+    raise OverflowError(f"{v!r} out of range for {_TYPE_NAMES[kind]}")
+
+
+cdef inline int64_t _as_int(object v, int64_t lo, int64_t hi, int kind) except? -1:
+    cdef int64_t x
+    if not PyLong_Check(v):
+        _int_type_error(v, kind)
+    # Cython's conversion has a fast path for small ints; past 64 bits it raises
+    # OverflowError, which the struct writer reports with the field's name.
+    x = v
+    if x < lo or x > hi:
+        _int_range_error(v, kind)
+    return x
+
+
+cdef int _w_string(_Writer* w, object v, int kind) except -1:
+    cdef Py_ssize_t n
+    cdef const char* p
+    cdef Py_buffer view
+    if PyUnicode_Check(v):
+        p = PyUnicode_AsUTF8AndSize(v, &n)
+        return _w_raw(w, p, n)
+    if PyBytes_Check(v):
+        return _w_raw(w, PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v))
+    if isinstance(v, (bytearray, memoryview)):
+        PyObject_GetBuffer(v, &view, PyBUF_SIMPLE)
+        try:
+            _w_raw(w, <const char*>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
+        return 0
+    raise TypeError(f"expected str or bytes for {_TYPE_NAMES[kind]}, got {_tname(v)}")
+
+
+cdef inline int _w_prim(_Writer* w, int kind, object v) except -1:
+    """Write one bool, byte, i16, i32, i64, double, string or binary."""
+    cdef double d
+    cdef int64_t x
+    if kind == T_STRING or kind == T_BINARY:
+        return _w_string(w, v, kind)
+    if kind == T_I32:
+        x = _as_int(v, -2147483648, 2147483647, kind)
+        _w_reserve(w, 4)
+        _put_u32(w.data + w.len, <uint32_t>x)
+        w.len += 4
+        return 0
+    if kind == T_I64:
+        x = _as_int(v, -9223372036854775807 - 1, 9223372036854775807, kind)
+        _w_reserve(w, 8)
+        _put_u64(w.data + w.len, <uint64_t>x)
+        w.len += 8
+        return 0
+    if kind == T_BOOL:
+        if v is True:
+            x = 1
+        elif v is False:
+            x = 0
+        elif PyLong_Check(v):
+            x = 1 if v else 0
+        else:
+            raise TypeError(f"expected bool for bool, got {_tname(v)}")
+        _w_reserve(w, 1)
+        _put_u8(w.data + w.len, <uint8_t>x)
+        w.len += 1
+        return 0
+    if kind == T_DOUBLE:
+        if PyFloat_Check(v):
+            d = PyFloat_AS_DOUBLE(v)
+        elif PyLong_Check(v):
+            d = PyLong_AsDouble(v)
+        else:
+            raise TypeError(f"expected float for double, got {_tname(v)}")
+        _w_reserve(w, 8)
+        _put_u64(w.data + w.len, (<uint64_t*>&d)[0])
+        w.len += 8
+        return 0
+    if kind == T_BYTE:
+        x = _as_int(v, -128, 127, kind)
+        _w_reserve(w, 1)
+        _put_u8(w.data + w.len, <uint8_t>x)
+        w.len += 1
+        return 0
+    if kind == T_I16:
+        x = _as_int(v, -32768, 32767, kind)
+        _w_reserve(w, 2)
+        _put_u16(w.data + w.len, <uint16_t>x)
+        w.len += 2
+        return 0
+    raise TypeError(f"unsupported thrift type {kind}")
+
+
+cdef int _w_value(_Writer* w, _TypeSpec t, int kind, object v, int depth) except -1:
+    """Write one value of type ``t`` (``kind`` is ``t.kind``; passed so primitives need no ``t``)."""
+    if kind < T_STRUCT or kind == T_BINARY:
+        return _w_prim(w, kind, v)
+    if depth >= w.max_depth:
+        raise ValueError(f"nesting deeper than {w.max_depth} (a cycle?)")
+    if kind == T_STRUCT:
+        return _w_struct(w, t.struct, v, depth + 1)
+    if kind == T_LIST or kind == T_SET:
+        return _w_list(w, t.elem, v, depth + 1)
+    if kind == T_MAP:
+        return _w_map(w, t, v, depth + 1)
+    raise TypeError(f"unsupported thrift type {kind}")
+
+
+cdef int _w_list(_Writer* w, _TypeSpec elem, object v, int depth) except -1:
+    cdef Py_ssize_t i, n
+    cdef int kind = elem.kind
+    if PyList_CheckExact(v) or PyTuple_CheckExact(v):
+        seq = v
+    elif isinstance(v, (set, frozenset, list, tuple)):
+        seq = list(v)
+    elif isinstance(v, (str, bytes, dict)) or not hasattr(v, "__iter__"):
+        raise TypeError(f"expected a list, tuple or set, got {_tname(v)}")
+    else:
+        seq = list(v)
+    n = len(seq)
+    if n > 2147483647:
+        raise OverflowError("container longer than 2**31-1")
+    _w_reserve(w, 5)
+    _put_u8(w.data + w.len, <uint8_t>elem.wire)
+    _put_u32(w.data + w.len + 1, <uint32_t>n)
+    w.len += 5
+    cdef bint is_list = PyList_CheckExact(seq)
+    cdef bint primitive = kind < T_STRUCT or kind == T_BINARY
+    for i in range(n):
+        item = <object>(PyList_GET_ITEM(seq, i) if is_list else PyTuple_GET_ITEM(seq, i))
+        if primitive:
+            _w_prim(w, kind, item)
+        else:
+            _w_value(w, elem, kind, item, depth)
+    return 0
+
+
+cdef int _w_map(_Writer* w, _TypeSpec t, object v, int depth) except -1:
+    cdef Py_ssize_t pos = 0, n
+    cdef PyObject* k
+    cdef PyObject* val
+    cdef _TypeSpec kt = t.key, vt = t.elem
+    if not PyDict_CheckExact(v):
+        if not isinstance(v, dict):
+            if not hasattr(v, "items"):
+                raise TypeError(f"expected a dict, got {_tname(v)}")
+            v = dict(v.items())
+    n = len(v)
+    if n > 2147483647:
+        raise OverflowError("container longer than 2**31-1")
+    _w_reserve(w, 6)
+    _put_u8(w.data + w.len, <uint8_t>kt.wire)
+    _put_u8(w.data + w.len + 1, <uint8_t>vt.wire)
+    _put_u32(w.data + w.len + 2, <uint32_t>n)
+    w.len += 6
+    while PyDict_Next(v, &pos, &k, &val):
+        _w_value(w, kt, kt.kind, <object>k, depth)
+        _w_value(w, vt, vt.kind, <object>val, depth)
+    return 0
+
+
+cdef int _w_struct(_Writer* w, _StructSpec s, object obj, int depth) except -1:
+    cdef Py_ssize_t i
+    cdef _Field* f
+    cdef PyObject* v
+    if Py_TYPE(obj) != s.tp and not isinstance(obj, s.cls):
+        raise TypeError(f"expected {s.name}, got {_tname(obj)}")
+    for i in range(s.n):
+        f = &s.fields[i]
+        v = PyObject_GetAttr(obj, <object>f.name)
+        if v == NULL:
+            if not PyErr_ExceptionMatches(AttributeError):
+                raise_current()
+            PyErr_Clear()
+            continue
+        if v == Py_None:
+            Py_DECREF(<object>v)
+            continue
+        try:
+            _w_reserve(w, 3)
+            _put_u8(w.data + w.len, <uint8_t>f.wire)
+            _put_u16(w.data + w.len + 1, <uint16_t>f.fid)
+            w.len += 3
+            _w_value(w, <_TypeSpec>f.type, f.kind, <object>v, depth)
+        except EncodeError:
+            raise
+        except (TypeError, ValueError, OverflowError, UnicodeError) as e:
+            raise EncodeError(f"{s.name}.{<object>f.name}: {e}") from e
+        finally:
+            Py_DECREF(<object>v)
+    _w_reserve(w, 1)
+    _put_u8(w.data + w.len, T_STOP)
+    w.len += 1
+    return 0
+
+
+cdef int raise_current() except -1:
+    # An exception is already set; returning -1 from an `except -1` function propagates it.
+    return -1
+
+
+cdef object _encode_with(_StructSpec s, object obj, const char* prefix, Py_ssize_t prefix_len):
+    """Encode ``obj`` after ``prefix`` bytes; the size hint learns from each call."""
+    cdef _Writer w
+    _w_init(&w, s.size_hint + prefix_len)
+    try:
+        if prefix_len:
+            memcpy(w.data, prefix, prefix_len)
+            w.len = prefix_len
+        _w_struct(&w, s, obj, 1)
+    except BaseException:
+        _w_abandon(&w)
+        raise
+    if w.len > s.size_hint:
+        s.size_hint = w.len
+    return _w_finish(&w)
+
+
+def encode(obj):
+    """TBinaryProtocol bytes of a thriftpy2 struct or exception instance."""
+    cdef _StructSpec s
+    try:
+        s = _spec_for(type(obj))
+    except TypeError as e:
+        raise EncodeError(f"cannot encode {_tname(obj)}: not a thriftpy2 struct") from e
+    return _encode_with(s, obj, NULL, 0)
+
+
+def encode_message(str name, int msg_type, seqid, obj):
+    """A whole strict TBinaryProtocol message: header, then ``obj`` (the args/result struct)."""
+    cdef Py_ssize_t n
+    cdef const char* p
+    cdef char[256] small
+    cdef _StructSpec s
+    cdef int64_t sid
+    if not 1 <= msg_type <= 4:
+        raise EncodeError(f"message type {msg_type} is not CALL/REPLY/EXCEPTION/ONEWAY")
+    try:
+        sid = _as_int(seqid, -2147483648, 2147483647, T_I32)
+        p = PyUnicode_AsUTF8AndSize(name, &n)
+    except (TypeError, OverflowError, UnicodeError) as e:
+        raise EncodeError(f"message header: {e}") from e
+    try:
+        s = _spec_for(type(obj))
+    except TypeError as e:
+        raise EncodeError(f"cannot encode {_tname(obj)}: not a thriftpy2 struct") from e
+    if n + 12 > 256:
+        header = PyBytes_FromStringAndSize(NULL, n + 12)
+        return _encode_with(s, obj, _message_header(PyBytes_AS_STRING(header), p, n, msg_type, <int32_t>sid), n + 12)
+    return _encode_with(s, obj, _message_header(small, p, n, msg_type, <int32_t>sid), n + 12)
+
+
+cdef const char* _message_header(char* out, const char* name, Py_ssize_t n, int msg_type, int32_t seqid) noexcept:
+    _put_u32(out, <uint32_t>(VERSION_1 | msg_type))
+    _put_u32(out + 4, <uint32_t>n)
+    memcpy(out + 8, name, n)
+    _put_u32(out + 8 + n, <uint32_t>seqid)
+    return out
+
+
+# --- reader ------------------------------------------------------------------------
+
+cdef struct _Reader:
+    const unsigned char* buf
+    Py_ssize_t pos
+    Py_ssize_t end
+    Py_ssize_t max_string
+    Py_ssize_t max_container
+    int max_depth
+
+
+cdef int _truncated(_Reader* r, Py_ssize_t need, str what) except -1:
+    raise DecodeError(
+        f"truncated input: {what} needs {need} bytes at byte {r.pos}, "
+        f"{r.end - r.pos} left", offset=r.pos)
+
+
+cdef inline int _need(_Reader* r, Py_ssize_t n, str what) except -1:
+    if r.end - r.pos < n:
+        return _truncated(r, n, what)
+    return 0
+
+
+cdef inline uint32_t _get_u32(const unsigned char* p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+
+cdef inline uint64_t _get_u64(const unsigned char* p) noexcept nogil:
+    return (<uint64_t>_get_u32(p) << 32) | _get_u32(p + 4)
+
+
+cdef inline int32_t _r_i32(_Reader* r) except? -1:
+    if r.end - r.pos < 4:
+        _truncated(r, 4, "i32")
+    cdef int32_t v = <int32_t>_get_u32(r.buf + r.pos)
+    r.pos += 4
+    return v
+
+
+cdef Py_ssize_t _r_length(_Reader* r, Py_ssize_t limit, Py_ssize_t unit, str what) except -1:
+    """Read an i32 length and check it against ``limit`` and the bytes left."""
+    cdef Py_ssize_t at = r.pos
+    cdef Py_ssize_t n = _r_i32(r)
+    if n < 0:
+        raise DecodeError(f"negative {what} length {n} at byte {at}", offset=at)
+    if n > limit:
+        raise DecodeError(f"{what} length {n} at byte {at} exceeds the limit {limit}", offset=at)
+    if n * unit > r.end - r.pos:
+        raise DecodeError(
+            f"truncated input: {what} of {n} claims at least {n * unit} bytes at byte {r.pos}, "
+            f"{r.end - r.pos} left", offset=at)
+    return n
+
+
+cdef object _r_string(_Reader* r, int kind):
+    cdef Py_ssize_t n = _r_length(r, r.max_string, 1, "binary" if kind == T_BINARY else "string")
+    cdef Py_ssize_t at = r.pos
+    r.pos += n
+    if kind == T_BINARY:
+        return PyBytes_FromStringAndSize(<const char*>r.buf + at, n)
+    try:
+        return PyUnicode_DecodeUTF8(<const char*>r.buf + at, n, NULL)
+    except UnicodeDecodeError as e:
+        raise DecodeError(f"invalid UTF-8 in string at byte {at + e.start}", offset=at + e.start) from None
+
+
+cdef inline object _r_prim(_Reader* r, int kind):
+    """Read one bool, byte, i16, i32, i64, double, string or binary."""
+    cdef uint64_t u
+    if kind == T_I32:
+        return PyLong_FromLong(_r_i32(r))
+    if kind == T_STRING or kind == T_BINARY:
+        return _r_string(r, kind)
+    if kind == T_I64:
+        _need(r, 8, "i64")
+        u = _get_u64(r.buf + r.pos)
+        r.pos += 8
+        return PyLong_FromLongLong(<int64_t>u)
+    if kind == T_BOOL:
+        _need(r, 1, "bool")
+        r.pos += 1
+        return r.buf[r.pos - 1] != 0
+    if kind == T_DOUBLE:
+        _need(r, 8, "double")
+        u = _get_u64(r.buf + r.pos)
+        r.pos += 8
+        return PyFloat_FromDouble((<double*>&u)[0])
+    if kind == T_BYTE:
+        _need(r, 1, "byte")
+        r.pos += 1
+        return PyLong_FromLong(<int8_t>r.buf[r.pos - 1])
+    if kind == T_I16:
+        _need(r, 2, "i16")
+        r.pos += 2
+        return PyLong_FromLong(<int16_t>((r.buf[r.pos - 2] << 8) | r.buf[r.pos - 1]))
+    raise DecodeError(f"unsupported thrift type {kind}")
+
+
+cdef object _r_value(_Reader* r, _TypeSpec t, int kind, int depth):
+    if kind < T_STRUCT or kind == T_BINARY:
+        return _r_prim(r, kind)
+    if depth >= r.max_depth:
+        raise DecodeError(f"nesting deeper than {r.max_depth} at byte {r.pos}", offset=r.pos)
+    if kind == T_STRUCT:
+        return _r_struct(r, t.struct, depth + 1)
+    if kind == T_LIST or kind == T_SET:
+        return _r_list(r, t, depth + 1)
+    return _r_map(r, t, depth + 1)
+
+
+cdef inline Py_ssize_t _unit(int wire) noexcept nogil:
+    """Bytes per element to bound a container's count (1 for an invalid type: checked later)."""
+    cdef Py_ssize_t size = _min_wire_size(wire)
+    return size if size > 0 else 1
+
+
+cdef int _r_check_wire(_Reader* r, int got, int expected, Py_ssize_t at, str what) except -1:
+    if got != expected:
+        raise DecodeError(
+            f"{what} type {_TYPE_NAMES.get(got, got)} at byte {at} does not match "
+            f"the IDL's {_TYPE_NAMES.get(expected, expected)}", offset=at)
+    return 0
+
+
+cdef object _r_list(_Reader* r, _TypeSpec t, int depth):
+    cdef _TypeSpec elem = t.elem
+    cdef int kind = elem.kind
+    cdef Py_ssize_t i, n, at = r.pos
+    _need(r, 5, "list header")
+    cdef int wire = r.buf[r.pos]
+    r.pos += 1
+    n = _r_length(r, r.max_container, _unit(wire), "list")
+    if n and wire != elem.wire:   # an empty container may name any element type
+        _r_check_wire(r, wire, elem.wire, at, "list element")
+    cdef list out = PyList_New(n)
+    cdef bint primitive = kind < T_STRUCT or kind == T_BINARY
+    for i in range(n):
+        v = _r_prim(r, kind) if primitive else _r_value(r, elem, kind, depth)
+        Py_INCREF(v)
+        PyList_SET_ITEM(out, i, <PyObject*>v)
+    if t.kind == T_SET and not t.set_as_list:
+        try:
+            return set(out)
+        except TypeError as e:
+            raise DecodeError(f"set element at byte {at} cannot be held in a Python set: {e}",
+                              offset=at) from None
+    return out
+
+
+cdef object _r_map(_Reader* r, _TypeSpec t, int depth):
+    cdef _TypeSpec kt = t.key, vt = t.elem
+    cdef Py_ssize_t i, n, at = r.pos
+    _need(r, 6, "map header")
+    cdef int kw = r.buf[r.pos], vw = r.buf[r.pos + 1]
+    r.pos += 2
+    n = _r_length(r, r.max_container, _unit(kw) + _unit(vw), "map")
+    if n:
+        _r_check_wire(r, kw, kt.wire, at, "map key")
+        _r_check_wire(r, vw, vt.wire, at, "map value")
+    cdef dict out = {}
+    for i in range(n):
+        k = _r_value(r, kt, kt.kind, depth)
+        v = _r_value(r, vt, vt.kind, depth)
+        try:
+            out[k] = v
+        except TypeError as e:
+            raise DecodeError(f"map key at byte {at} cannot be a Python dict key: {e}",
+                              offset=at) from None
+    return out
+
+
+cdef int _skip(_Reader* r, int wire, int depth) except -1:
+    """Skip one value of wire type ``wire`` (unknown or mismatched fields)."""
+    cdef Py_ssize_t n, i, at = r.pos, size
+    cdef int ew, kw, vw
+    if depth >= r.max_depth:
+        raise DecodeError(f"nesting deeper than {r.max_depth} at byte {r.pos}", offset=r.pos)
+    size = _min_wire_size(wire)
+    if size < 0:
+        raise DecodeError(f"invalid field type {wire} at byte {at}", offset=at)
+    if wire == T_BOOL or wire == T_BYTE or wire == T_I16 or wire == T_I32 \
+            or wire == T_I64 or wire == T_DOUBLE:
+        _need(r, size, "value")
+        r.pos += size
+    elif wire == T_STRING:
+        n = _r_length(r, r.max_string, 1, "string")
+        r.pos += n
+    elif wire == T_STRUCT:
+        while True:
+            _need(r, 1, "field type")
+            ew = r.buf[r.pos]
+            r.pos += 1
+            if ew == T_STOP:
+                break
+            _need(r, 2, "field id")
+            r.pos += 2
+            _skip(r, ew, depth + 1)
+    elif wire == T_LIST or wire == T_SET:
+        _need(r, 5, "list header")
+        ew = r.buf[r.pos]
+        r.pos += 1
+        n = _r_length(r, r.max_container, _unit(ew), "list")
+        if n == 0:
+            pass
+        elif ew <= T_I64 and _min_wire_size(ew) > 0:
+            r.pos += n * _min_wire_size(ew)  # fixed-size elements, all there (_r_length checked)
+        else:
+            for i in range(n):
+                _skip(r, ew, depth + 1)
+    elif wire == T_MAP:
+        _need(r, 6, "map header")
+        kw = r.buf[r.pos]
+        vw = r.buf[r.pos + 1]
+        r.pos += 2
+        n = _r_length(r, r.max_container, _unit(kw) + _unit(vw), "map")
+        for i in range(n):
+            _skip(r, kw, depth + 1)
+            _skip(r, vw, depth + 1)
+    return 0
+
+
+cdef object _r_struct(_Reader* r, _StructSpec s, int depth):
+    cdef PyObject* stack_vals[MAX_STACK_FIELDS]
+    cdef PyObject** vals = stack_vals
+    cdef Py_ssize_t i, idx, hint = 0, at
+    cdef int wire, fid
+    cdef _Field* f
+    cdef PyObject* pv
+    cdef object obj
+    if s.n > MAX_STACK_FIELDS:
+        vals = <PyObject**>PyMem_Malloc(s.n * sizeof(PyObject*))
+        if vals == NULL:
+            raise MemoryError()
+    for i in range(s.n):
+        vals[i] = NULL
+    try:
+        while True:
+            at = r.pos
+            _need(r, 1, "field type")
+            wire = r.buf[r.pos]
+            if wire == T_STOP:
+                r.pos += 1
+                break
+            _need(r, 3, "field header")
+            fid = <int16_t>((r.buf[r.pos + 1] << 8) | r.buf[r.pos + 2])
+            r.pos += 3
+            idx = s.find(fid, hint)
+            if idx < 0 or s.fields[idx].wire != wire:
+                _skip(r, wire, depth)
+                continue
+            hint = idx + 1
+            f = &s.fields[idx]
+            v = _r_value(r, <_TypeSpec>f.type, f.kind, depth)
+            Py_XDECREF(vals[idx])   # a repeated field: the last one wins
+            Py_INCREF(v)
+            vals[idx] = <PyObject*>v
+        obj = s.tp.tp_new(<type>s.cls, <PyObject*>_empty_tuple, NULL)
+        for i in range(s.n):
+            f = &s.fields[i]
+            pv = vals[i] if vals[i] != NULL else f.default
+            if vals[i] == NULL and f.required:
+                raise DecodeError(
+                    f"required field {s.name}.{<object>f.name} is missing "
+                    f"(struct ends at byte {r.pos})", offset=r.pos)
+            if s.generic_setattr:
+                PyObject_GenericSetAttr(obj, <object>f.name, pv)
+            else:
+                PyObject_SetAttr(obj, <object>f.name, pv)
+        return obj
+    finally:
+        for i in range(s.n):
+            Py_XDECREF(vals[i])
+        if vals != stack_vals:
+            PyMem_Free(vals)
+
+
+cdef class _Input:
+    """A read-only view of bytes, bytearray or memoryview for the reader."""
+    cdef Py_buffer view
+    cdef bint held
+
+    def __cinit__(self, object data):
+        PyObject_GetBuffer(data, &self.view, PyBUF_SIMPLE)
+        self.held = True
+
+    def __dealloc__(self):
+        if self.held:
+            PyBuffer_Release(&self.view)
+
+
+cdef inline void _r_init(_Reader* r, const unsigned char* buf, Py_ssize_t start, Py_ssize_t end,
+                         Limits limits) noexcept:
+    r.buf = buf
+    r.pos = start
+    r.end = end
+    r.max_string = limits.max_string_length
+    r.max_container = limits.max_container_length
+    r.max_depth = limits.max_depth
+
+
+cdef object _decode_at(_StructSpec s, const unsigned char* buf, Py_ssize_t start, Py_ssize_t end,
+                       Limits limits, bint whole):
+    cdef _Reader r
+    _r_init(&r, buf, start, end, limits)
+    obj = _r_struct(&r, s, 1)
+    if whole and r.pos != end:
+        raise DecodeError(f"{end - r.pos} unexpected bytes after the struct at byte {r.pos}",
+                          offset=r.pos)
+    return obj
+
+
+cdef _StructSpec _decode_spec(object cls):
+    try:
+        return _spec_for(cls)
+    except (TypeError, AttributeError) as e:
+        raise TypeError(f"cannot decode into {cls!r}: not a thriftpy2 struct class") from e
+
+
+def decode(cls, data, Limits limits=None):
+    """An instance of thriftpy2 struct class ``cls`` from TBinaryProtocol ``data``.
+
+    ``data`` is bytes, bytearray or memoryview and must hold exactly one struct.
+    """
+    cdef _StructSpec s = _decode_spec(cls)
+    if limits is None:
+        limits = DEFAULT_LIMITS
+    if PyBytes_Check(data):
+        return _decode_at(s, <const unsigned char*>PyBytes_AS_STRING(data), 0,
+                          PyBytes_GET_SIZE(data), limits, True)
+    cdef _Input inp = _Input(data)
+    return _decode_at(s, <const unsigned char*>inp.view.buf, 0, inp.view.len, limits, True)
+
+
+cdef tuple _r_message_begin(_Reader* r):
+    """(name, type, seqid) of a strict or old-style (non-strict) message header."""
+    cdef Py_ssize_t at = r.pos
+    cdef int32_t sz = _r_i32(r)
+    cdef int msg_type
+    cdef Py_ssize_t n
+    if sz < 0:
+        if (<uint32_t>sz & VERSION_MASK) != VERSION_1:
+            raise DecodeError(f"bad message version 0x{<uint32_t>sz:08x} at byte {at}", offset=at)
+        msg_type = sz & 0xff
+        n = _r_length(r, r.max_string, 1, "method name")
+    else:
+        # old non-strict header: name length, name, then a type byte
+        r.pos = at
+        n = _r_length(r, r.max_string, 1, "method name")
+        _need(r, n + 1, "message type")
+        msg_type = r.buf[r.pos + n]
+    try:
+        name = PyUnicode_DecodeUTF8(<const char*>r.buf + r.pos, n, NULL)
+    except UnicodeDecodeError:
+        raise DecodeError(f"method name at byte {r.pos} is not UTF-8", offset=r.pos) from None
+    r.pos += n + (0 if sz < 0 else 1)
+    if not 1 <= msg_type <= 4:
+        raise DecodeError(f"unknown message type {msg_type} at byte {at}", offset=at)
+    seqid = _r_i32(r)
+    return name, msg_type, seqid
+
+
+def decode_message_begin(data, Limits limits=None):
+    """``(name, msg_type, seqid, body_offset)`` of a message in ``data``."""
+    if limits is None:
+        limits = DEFAULT_LIMITS
+    cdef _Input inp = _Input(data)
+    cdef _Reader r
+    _r_init(&r, <const unsigned char*>inp.view.buf, 0, inp.view.len, limits)
+    name, msg_type, seqid = _r_message_begin(&r)
+    return name, msg_type, seqid, r.pos
+
+
+def decode_body(cls, data, Py_ssize_t offset, Limits limits=None):
+    """The struct ``cls`` that fills ``data`` from ``offset`` to its end."""
+    cdef _StructSpec s = _decode_spec(cls)
+    if limits is None:
+        limits = DEFAULT_LIMITS
+    cdef _Input inp = _Input(data)
+    if offset < 0 or offset > inp.view.len:
+        raise ValueError(f"offset {offset} outside the {inp.view.len}-byte input")
+    return _decode_at(s, <const unsigned char*>inp.view.buf, offset, inp.view.len, limits, True)
+
+
+cdef _PRIMITIVE_KINDS = (T_BOOL, T_BYTE, T_DOUBLE, T_I16, T_I32, T_I64, T_STRING, T_BINARY)
+for _k in _PRIMITIVE_KINDS:
+    _PRIMITIVES[_k] = _primitive(_k)

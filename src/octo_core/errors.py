@@ -1,0 +1,111 @@
+"""Typed errors. Every error carries the OCTO status code of PROTOCOL.md §2.
+
+Callers catch by class; servers map a class to the status they send back.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Optional
+
+
+class Status(enum.IntEnum):
+    """``ResponseInfo.status`` values (PROTOCOL.md §2, ``StatusCode``)."""
+
+    SUCCESS = 0
+    APPLICATION_EXCEPTION = 1
+    RUNTIME_EXCEPTION = 2
+    RPC_EXCEPTION = 3
+    TRANSPORT_EXCEPTION = 4
+    PROTOCOL_EXCEPTION = 5
+    DEGRADE_EXCEPTION = 6
+    SECURITY_EXCEPTION = 7
+    SERVICE_EXCEPTION = 8
+    REMOTE_EXCEPTION = 9
+
+
+class OctoError(Exception):
+    """Base of every octo_core error.
+
+    ``status`` is the OCTO status code; ``method`` and ``node`` say where the
+    error happened when that is known (``None`` otherwise).
+    """
+
+    status: int = Status.REMOTE_EXCEPTION
+
+    def __init__(self, message: str, *, status: Optional[int] = None,
+                 method: Optional[str] = None, node: Optional[str] = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        self.method = method
+        self.node = node
+
+    def __str__(self) -> str:
+        where = []
+        if self.method:
+            where.append(f"method {self.method}")
+        if self.node:
+            where.append(f"node {self.node}")
+        return f"{self.message} ({', '.join(where)})" if where else self.message
+
+
+class ApplicationError(OctoError):
+    """The remote handler raised an exception its IDL does not declare."""
+    status = Status.APPLICATION_EXCEPTION
+
+
+class RuntimeFailure(OctoError):
+    """A runtime failure reported by the peer (status 2)."""
+    status = Status.RUNTIME_EXCEPTION
+
+
+class RpcError(OctoError):
+    """The call was refused or failed in the RPC layer (overload, rejected)."""
+    status = Status.RPC_EXCEPTION
+
+
+class TransportError(OctoError):
+    """The connection failed, closed, or could not be made."""
+    status = Status.TRANSPORT_EXCEPTION
+
+
+class CallTimeout(TransportError):
+    """No reply arrived within the call's timeout."""
+
+
+class ProtocolError(OctoError):
+    """Bytes that do not follow the protocol, or values that cannot be framed."""
+    status = Status.PROTOCOL_EXCEPTION
+
+
+class EncodeError(ProtocolError):
+    """A value cannot be encoded (wrong type, out of range, bad text)."""
+
+
+class DecodeError(ProtocolError):
+    """Bytes cannot be decoded; ``offset`` is the byte where it went wrong."""
+
+    def __init__(self, message: str, *, offset: Optional[int] = None, **kw) -> None:
+        super().__init__(message, **kw)
+        self.offset = offset
+
+
+class DegradeError(OctoError):
+    """The call was degraded: circuit open, quota exhausted."""
+    status = Status.DEGRADE_EXCEPTION
+
+
+class SecurityError(OctoError):
+    """Authentication or access control refused the call."""
+    status = Status.SECURITY_EXCEPTION
+
+
+class ServiceError(OctoError):
+    """The service is not hosted where the call was sent."""
+    status = Status.SERVICE_EXCEPTION
+
+
+class RemoteError(OctoError):
+    """The peer reported an error octo_core has no closer class for."""
+    status = Status.REMOTE_EXCEPTION
