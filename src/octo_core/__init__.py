@@ -10,7 +10,9 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     ) from exc
 
 from octo_core import codec, errors
+from octo_core.client import AsyncClient, Client
 from octo_core.idl import load_idl
+from octo_core.server import Server
 
-__all__ = ["load_idl", "codec", "errors"]
+__all__ = ["load_idl", "Server", "AsyncClient", "Client", "codec", "errors"]
 __version__ = "0.1.0"

@@ -24,7 +24,7 @@ from libc.string cimport memcpy
 
 from sys import intern
 
-from octo_core.errors import EncodeError, DecodeError
+from octo_core.errors import EncodeError, DecodeError, ProtocolError
 
 cdef extern from "Python.h":
     int _PyBytes_Resize(PyObject** bytes, Py_ssize_t newsize) except -1
@@ -1050,3 +1050,6 @@ def decode_body(cls, data, Py_ssize_t offset, Limits limits=None):
 cdef _PRIMITIVE_KINDS = (T_BOOL, T_BYTE, T_DOUBLE, T_I16, T_I32, T_I64, T_STRING, T_BINARY)
 for _k in _PRIMITIVE_KINDS:
     _PRIMITIVES[_k] = _primitive(_k)
+
+
+include "_frame.pxi"

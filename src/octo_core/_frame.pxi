@@ -1,0 +1,173 @@
+# Included by _codec.pyx: OCTO unified frames (PROTOCOL.md §1) and native framed
+# thrift (§4), the byte-level part only. Header structs and compression live in
+# protocol.py; this file builds frames and cuts a byte stream into frames.
+
+DEF MAGIC_0 = 0xAB
+DEF MAGIC_1 = 0xBA
+DEF PREFIX = 10            # magic 2, version 1, protocol 1, total_length 4, header_length 2
+DEF FLAG_CHECKSUM = 0x80
+DEF ADLER_MOD = 65521
+DEF ADLER_NMAX = 5552      # most bytes before the 32-bit sums must be reduced
+
+
+cdef uint32_t _adler32(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    """Adler-32 as zlib.adler32 computes it (RFC 1950)."""
+    cdef uint32_t a = 1, b = 0
+    cdef Py_ssize_t chunk
+    while n > 0:
+        chunk = n if n < ADLER_NMAX else ADLER_NMAX
+        n -= chunk
+        while chunk:
+            a += p[0]
+            b += a
+            p += 1
+            chunk -= 1
+        a %= ADLER_MOD
+        b %= ADLER_MOD
+    return (b << 16) | a
+
+
+def adler32(data) -> int:
+    """Adler-32 of ``data`` (equal to ``zlib.adler32(data)``)."""
+    cdef _Input inp = _Input(data)
+    return _adler32(<const unsigned char*>inp.view.buf, inp.view.len)
+
+
+def encode_frame(int flags, Py_ssize_t header_length, payload, tail=b""):
+    """One unified frame around ``payload + tail``; ``header_length`` as §1 defines it.
+
+    With ``flags & 0x80`` the Adler-32 trailer is appended. ``payload`` and ``tail``
+    are written once each (no intermediate concatenation).
+    """
+    cdef _Input a = _Input(payload)
+    cdef _Input b = _Input(tail)
+    cdef Py_ssize_t n = a.view.len + b.view.len
+    cdef Py_ssize_t trailer = 4 if flags & FLAG_CHECKSUM else 0
+    if not 0 <= header_length <= 32767:
+        raise EncodeError(f"header of {header_length} bytes cannot be framed (max 32767)")
+    if not 0 <= flags <= 255:
+        raise EncodeError(f"protocol flags {flags} do not fit a byte")
+    if 2 + n + trailer > 2147483647:
+        raise EncodeError(f"frame payload of {n} bytes is too large")
+    out = PyBytes_FromStringAndSize(NULL, PREFIX + n + trailer)
+    cdef char* p = PyBytes_AS_STRING(out)
+    p[0] = <char>MAGIC_0
+    p[1] = <char>MAGIC_1
+    p[2] = 0
+    p[3] = <char>flags
+    _put_u32(p + 4, <uint32_t>(2 + n + trailer))
+    _put_u16(p + 8, <uint16_t>header_length)
+    memcpy(p + PREFIX, a.view.buf, a.view.len)
+    memcpy(p + PREFIX + a.view.len, b.view.buf, b.view.len)
+    if trailer:
+        _put_u32(p + PREFIX + n, _adler32(<const unsigned char*>p, PREFIX + n))
+    return out
+
+
+def encode_framed(body) -> bytes:
+    """Native TFramedTransport framing: an i32 length, then ``body``."""
+    cdef _Input a = _Input(body)
+    if a.view.len > 2147483647:
+        raise EncodeError(f"frame of {a.view.len} bytes is too large")
+    out = PyBytes_FromStringAndSize(NULL, 4 + a.view.len)
+    cdef char* p = PyBytes_AS_STRING(out)
+    _put_u32(p, <uint32_t>a.view.len)
+    memcpy(p + 4, a.view.buf, a.view.len)
+    return out
+
+
+cdef class FrameReader:
+    """Cuts a byte stream into frames, sans-IO: ``feed(data)`` returns the complete ones.
+
+    Each frame is a tuple ``(flags, header_length, payload)``: for a unified frame
+    ``flags`` is its protocol byte and ``payload`` the (possibly compressed)
+    header+body with the checksum already verified and removed; for native framed
+    thrift ``flags`` is ``None`` and ``payload`` the thrift message. Any violation
+    (bad length, over ``max_frame_size``, bad checksum) raises ``ProtocolError``
+    and the reader must not be used again: the stream has lost its framing.
+    """
+    cdef bytearray _buf
+    cdef readonly Py_ssize_t max_frame_size
+    cdef readonly Py_ssize_t consumed    # bytes taken from the stream so far
+    cdef bint _broken
+
+    def __init__(self, Py_ssize_t max_frame_size=16 * 1024 * 1024):
+        if max_frame_size < 16:
+            raise ValueError("max_frame_size must be at least 16 bytes")
+        self.max_frame_size = max_frame_size
+        self._buf = bytearray()
+        self.consumed = 0
+
+    @property
+    def buffered(self):
+        """Bytes received that do not yet make a whole frame."""
+        return len(self._buf)
+
+    def feed(self, data):
+        """Add ``data`` and return the list of frames it completed (maybe empty)."""
+        if self._broken:
+            raise ProtocolError("the stream already failed; open a new connection")
+        cdef list frames = []
+        cdef _Input inp
+        cdef Py_ssize_t used
+        if not self._buf:
+            # Common case: parse straight from ``data`` and keep only the tail.
+            inp = _Input(data)
+            used = self._parse(<const unsigned char*>inp.view.buf, inp.view.len, frames)
+            if used < inp.view.len:
+                self._buf += (<const char*>inp.view.buf)[used:inp.view.len]
+            return frames
+        self._buf += data
+        inp = _Input(self._buf)
+        try:
+            used = self._parse(<const unsigned char*>inp.view.buf, inp.view.len, frames)
+        finally:
+            inp = None   # release the export before resizing the bytearray
+        del self._buf[:used]
+        return frames
+
+    cdef Py_ssize_t _parse(self, const unsigned char* p, Py_ssize_t n, list frames) except -1:
+        cdef Py_ssize_t pos = 0, total, header_length, trailer
+        cdef int flags
+        cdef uint32_t want
+        while n - pos >= 4:
+            if p[pos] == MAGIC_0 and p[pos + 1] == MAGIC_1:
+                if n - pos < PREFIX:
+                    break
+                flags = p[pos + 3]
+                total = <int32_t>_get_u32(p + pos + 4)
+                trailer = 4 if flags & FLAG_CHECKSUM else 0
+                if total < 2 + trailer:
+                    self._fail(f"unified frame total_length {total} is too small", pos)
+                if total + 8 > self.max_frame_size:
+                    self._fail(f"unified frame of {total + 8} bytes exceeds max_frame_size "
+                               f"{self.max_frame_size}", pos)
+                if n - pos < total + 8:
+                    break
+                header_length = <int16_t>((p[pos + 8] << 8) | p[pos + 9])
+                if header_length < 0:
+                    self._fail(f"negative header_length {header_length}", pos)
+                if trailer:
+                    want = _get_u32(p + pos + total + 4)
+                    if _adler32(p + pos, total + 4) != want:
+                        self._fail("checksum mismatch", pos)
+                payload = PyBytes_FromStringAndSize(<const char*>p + pos + PREFIX, total - 2 - trailer)
+                frames.append((flags, header_length, payload))
+                pos += total + 8
+            else:
+                total = <int32_t>_get_u32(p + pos)
+                if total <= 0:
+                    self._fail(f"framed thrift length {total} is not positive", pos)
+                if total + 4 > self.max_frame_size:
+                    self._fail(f"framed thrift frame of {total + 4} bytes exceeds "
+                               f"max_frame_size {self.max_frame_size}", pos)
+                if n - pos < total + 4:
+                    break
+                frames.append((None, 0, PyBytes_FromStringAndSize(<const char*>p + pos + 4, total)))
+                pos += total + 4
+        self.consumed += pos
+        return pos
+
+    cdef int _fail(self, str why, Py_ssize_t pos) except -1:
+        self._broken = True
+        raise ProtocolError(f"{why} (stream byte {self.consumed + pos})")

@@ -1,0 +1,240 @@
+"""``AsyncClient`` and ``Client``: call a thrift service over the unified protocol or framed thrift."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import uuid
+from typing import Any, Callable, Dict, Iterable, Optional
+
+from thriftpy2.thrift import TApplicationException, TMessageType
+
+from octo_core import _codec, idl, protocol
+from octo_core.errors import (ApplicationError, CallTimeout, DecodeError, DegradeError, OctoError,
+                              ProtocolError, RemoteError, RpcError, RuntimeFailure, SecurityError,
+                              ServiceError, Status, TransportError)
+from octo_core.protocol import CallType, Frame
+from octo_core.transport.client import Endpoint
+from octo_core.transport.loop import LoopThread
+
+_ERRORS_BY_STATUS = {
+    Status.APPLICATION_EXCEPTION: ApplicationError,
+    Status.RUNTIME_EXCEPTION: RuntimeFailure,
+    Status.RPC_EXCEPTION: RpcError,
+    Status.TRANSPORT_EXCEPTION: TransportError,
+    Status.PROTOCOL_EXCEPTION: ProtocolError,
+    Status.DEGRADE_EXCEPTION: DegradeError,
+    Status.SECURITY_EXCEPTION: SecurityError,
+    Status.SERVICE_EXCEPTION: ServiceError,
+}
+
+_COMPRESSION_FLAGS = {None: 0, "gzip": protocol.FLAG_GZIP, "snappy": protocol.FLAG_SNAPPY}
+
+
+class AsyncClient:
+    """Calls the methods of a thriftpy2 service as coroutines.
+
+    ``async with AsyncClient(echo_thrift.Echo, appkey="com.example.caller",
+    remote_appkey="com.example.echo", hosts=["127.0.0.1:9001"]) as c:
+    await c.echo("hi")``. Each IDL method becomes an attribute of the client.
+    ``protocol="thrift"`` speaks native framed thrift instead of the unified
+    protocol. Many calls share one connection per node (``pool_size`` for more).
+    """
+
+    def __init__(self, service: Any, *, appkey: str, hosts: Iterable[str],
+                 remote_appkey: Optional[str] = None, timeout: float = 1.0,
+                 protocol: str = "octo", service_name: Optional[str] = None,
+                 pool_size: int = 1, connect_timeout: float = 1.0, checksum: bool = False,
+                 compression: Optional[str] = None,
+                 heartbeat_interval: Optional[float] = None,
+                 max_frame_size: int = protocol.DEFAULT_MAX_FRAME_SIZE) -> None:
+        if protocol not in ("octo", "thrift"):
+            raise ValueError("protocol must be 'octo' or 'thrift'")
+        if compression not in _COMPRESSION_FLAGS:
+            raise ValueError("compression must be None, 'gzip' or 'snappy'")
+        nodes = list(hosts)
+        if not nodes:
+            raise ValueError("hosts must name at least one node")
+        self.service = service
+        self.appkey = appkey
+        self.remote_appkey = remote_appkey
+        self.timeout = timeout
+        self.unified = protocol == "octo"
+        self.service_name = service_name or service.__name__
+        self._flags = (protocol_flags(checksum) | _COMPRESSION_FLAGS[compression])
+        self._endpoints = [Endpoint(node, pool_size=pool_size, connect_timeout=connect_timeout,
+                                    max_frame_size=max_frame_size,
+                                    heartbeat_interval=heartbeat_interval if self.unified else None)
+                           for node in nodes]
+        self._turn = itertools.cycle(range(len(self._endpoints)))
+        self._methods = idl.methods(service)
+        for name, method in self._methods.items():
+            setattr(self, name, self._caller(method))
+
+    def _caller(self, method: idl.Method) -> Callable[..., Any]:
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return await self._call(method, args, kwargs)
+        call.__name__ = method.name
+        call.__qualname__ = f"{self.service.__name__}.{method.name}"
+        return call
+
+    async def call(self, name: str, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> Any:
+        """Call IDL method ``name`` (for names that clash with the client's own)."""
+        method = self._methods.get(name)
+        if method is None:
+            raise AttributeError(f"{self.service.__name__} has no method {name!r}")
+        return await self._call(method, args, kwargs, timeout)
+
+    async def _call(self, method: idl.Method, args: tuple, kwargs: dict,
+                    timeout: Optional[float] = None) -> Any:
+        try:
+            request = method.args_cls(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"{method.name}: {exc}") from None
+        endpoint = self._endpoints[next(self._turn)]
+        conn = await endpoint.connection()
+        timeout = self.timeout if timeout is None else timeout
+        seq = conn.next_sequence()
+        msg_type = TMessageType.ONEWAY if method.oneway and not self.unified else TMessageType.CALL
+        body = _codec.encode_message(method.name, msg_type, seq, request)
+        if self.unified:
+            header = protocol.request_header(
+                self.service_name, seq, int(timeout * 1000),
+                call_type=CallType.NO_REPLY if method.oneway else CallType.REPLY,
+                trace=protocol.TraceInfo(clientAppkey=self.appkey, traceId=uuid.uuid4().hex))
+            data = protocol.encode_unified(header, body, self._flags)
+        else:
+            data = protocol.encode_framed(body)
+        if method.oneway:
+            conn.send(data)
+            return None
+        reply = conn.expect(seq)
+        conn.send(data)
+        try:
+            frame = await asyncio.wait_for(reply, timeout)
+        except asyncio.TimeoutError:
+            conn.forget(seq)
+            raise CallTimeout(f"no reply within {timeout}s", method=method.name,
+                              node=endpoint.node) from None
+        except OctoError as exc:
+            exc.method = exc.method or method.name
+            raise
+        return self._result(method, frame, endpoint.node)
+
+    def _result(self, method: idl.Method, frame: Frame, node: str) -> Any:
+        if frame.header is not None:
+            info = frame.header.responseInfo
+            if info.status != Status.SUCCESS and not frame.body:
+                error = _ERRORS_BY_STATUS.get(info.status, RemoteError)
+                raise error(info.message or f"status {info.status}", status=info.status,
+                            method=method.name, node=node)
+        try:
+            name, msg_type, _, offset = _codec.decode_message_begin(frame.body)
+            if msg_type == TMessageType.EXCEPTION:
+                exc = _codec.decode_body(TApplicationException, frame.body, offset)
+                status = frame.header.responseInfo.status if frame.header is not None else None
+                error = _ERRORS_BY_STATUS.get(status, ApplicationError)
+                failure = error(exc.message or f"application exception type {exc.type}",
+                                method=method.name, node=node)
+                failure.type = exc.type
+                raise failure
+            result = _codec.decode_body(method.result_cls, frame.body, offset)
+        except DecodeError as exc:
+            raise ProtocolError(f"bad reply: {exc}", method=method.name, node=node) from None
+        for field, _ in method.exceptions:
+            declared = getattr(result, field)
+            if declared is not None:
+                raise declared
+        if not method.returns_value:
+            return None
+        if result.success is None:
+            raise ApplicationError("the reply carries no result (MISSING_RESULT)",
+                                   method=method.name, node=node)
+        return result.success
+
+    async def close(self) -> None:
+        """Close every connection; calls still waiting fail with ``TransportError``."""
+        for endpoint in self._endpoints:
+            endpoint.close()
+        await asyncio.sleep(0)
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await AsyncClient.close(self)
+
+
+def protocol_flags(checksum: bool) -> int:
+    """The unified frame's protocol byte for a thrift body, with or without a checksum."""
+    return protocol.DEFAULT_FLAGS | (protocol.FLAG_CHECKSUM if checksum else 0)
+
+
+class _Mode:
+    """``client.future`` / ``client.callback``: the same methods, another way to wait."""
+
+    def __init__(self, client: "Client", wrap: Callable[[str], Callable[..., Any]]) -> None:
+        for name in client._async._methods:
+            setattr(self, name, wrap(name))
+
+
+class Client:
+    """A blocking client; the I/O runs on its own event-loop thread. Thread-safe.
+
+    Takes the same arguments as ``AsyncClient``. ``c.echo("hi")`` waits for the
+    answer; ``c.future.echo("hi")`` returns a ``concurrent.futures.Future``;
+    ``c.callback.echo("hi", callback=fn)`` calls ``fn(result_or_exception)``.
+    Oneway methods return once the request is written.
+    """
+
+    def __init__(self, service: Any, **options: Any) -> None:
+        self._thread = LoopThread("octo-client")
+        self._async = self._thread.run(_make_async(service, options))
+        for name in self._async._methods:
+            setattr(self, name, self._blocking(name))
+        self.future = _Mode(self, self._submitter)
+        self.callback = _Mode(self, self._with_callback)
+
+    def _submitter(self, name: str) -> Callable[..., concurrent.futures.Future]:
+        call = self._async.call
+
+        def submit(*args: Any, **kwargs: Any) -> concurrent.futures.Future:
+            return self._thread.submit(call(name, *args, **kwargs))
+        submit.__name__ = name
+        return submit
+
+    def _blocking(self, name: str) -> Callable[..., Any]:
+        submit = self._submitter(name)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return submit(*args, **kwargs).result()
+        call.__name__ = name
+        return call
+
+    def _with_callback(self, name: str) -> Callable[..., concurrent.futures.Future]:
+        submit = self._submitter(name)
+
+        def call(*args: Any, callback: Callable[[Any], None], **kwargs: Any) -> concurrent.futures.Future:
+            future = submit(*args, **kwargs)
+            future.add_done_callback(
+                lambda f: callback(f.exception() if f.exception() is not None else f.result()))
+            return future
+        call.__name__ = name
+        return call
+
+    def close(self) -> None:
+        """Close the connections and stop the loop thread."""
+        try:
+            self._thread.run(AsyncClient.close(self._async), timeout=5)
+        finally:
+            self._thread.stop()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        Client.close(self)
+
+
+async def _make_async(service: Any, options: Dict[str, Any]) -> AsyncClient:
+    return AsyncClient(service, **options)

@@ -1,0 +1,226 @@
+"""The OCTO unified protocol and native framed thrift, sans-IO (shared/PROTOCOL.md).
+
+Bytes in, ``Frame`` objects out, and back: no sockets, no asyncio. The framing
+and the header codec are C (``_codec``); this module adds the header objects,
+payload compression and the rules of §1–§4.
+"""
+from __future__ import annotations
+
+import enum
+import gzip
+import os
+import zlib
+from typing import Any, List, NamedTuple, Optional, Union
+
+import thriftpy2
+
+from octo_core import _codec
+from octo_core.codec import Limits
+from octo_core.errors import DecodeError, EncodeError, ProtocolError
+
+_IDL = thriftpy2.load(os.path.join(os.path.dirname(__file__), "octo.thrift"),
+                      module_name="octo_core_header_thrift")
+Header = _IDL.Header
+RequestInfo = _IDL.RequestInfo
+ResponseInfo = _IDL.ResponseInfo
+TraceInfo = _IDL.TraceInfo
+LoadInfo = _IDL.LoadInfo
+HeartbeatInfo = _IDL.HeartbeatInfo
+
+FLAG_CHECKSUM = 0x80
+FLAG_GZIP = 0x40
+FLAG_SNAPPY = 0x20
+SERIALIZER_MASK = 0x03
+SERIALIZER_THRIFT = 1
+DEFAULT_FLAGS = SERIALIZER_THRIFT
+MAX_HEADER_LENGTH = 32767
+DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
+
+SCANNER_HEARTBEAT_SERVICE = "ScannerHeartbeat"
+
+
+class MessageType(enum.IntEnum):
+    """``Header.messageType``."""
+    NORMAL = 0
+    NORMAL_HEARTBEAT = 1
+    SCANNER_HEARTBEAT = 2
+
+
+class CallType(enum.IntEnum):
+    """``RequestInfo.callType``."""
+    REPLY = 0
+    NO_REPLY = 1
+
+
+class NodeStatus(enum.IntEnum):
+    """A node's status (PROTOCOL.md §5); heartbeat replies carry it."""
+    DEAD = 0
+    STARTING = 1
+    ALIVE = 2
+    STOPPING = 3
+    STOPPED = 4
+    WARNING = 5
+
+
+class Frame(NamedTuple):
+    """One decoded frame. ``header`` is ``None`` for native framed thrift."""
+    flags: int
+    header: Optional[Any]
+    body: Union[bytes, memoryview]
+
+    @property
+    def is_unified(self) -> bool:
+        return self.header is not None
+
+
+# --- compression ------------------------------------------------------------------
+
+def _snappy():
+    try:
+        import cramjam
+    except ImportError:  # the optional dependency: pip install octo_core[snappy]
+        return None
+    return cramjam.snappy
+
+
+def _snappy_length(payload: bytes) -> int:
+    """The uncompressed length a raw snappy block declares (its varint preamble)."""
+    value = shift = 0
+    for i, byte in enumerate(payload[:5]):
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value
+        shift += 7
+    raise ProtocolError("snappy block has no valid length preamble")
+
+
+def compress(flags: int, data: bytes) -> bytes:
+    """``data`` compressed as the compression bits of ``flags`` say (snappy wins)."""
+    if flags & FLAG_SNAPPY:
+        snappy = _snappy()
+        if snappy is None:
+            raise EncodeError("snappy compression needs the 'cramjam' package")
+        return bytes(snappy.compress_raw(data))
+    if flags & FLAG_GZIP:
+        return gzip.compress(data, compresslevel=6, mtime=0)
+    return data
+
+
+def decompress(flags: int, payload: bytes, limit: int) -> bytes:
+    """Undo ``compress``; never produces more than ``limit`` bytes."""
+    if flags & FLAG_SNAPPY:
+        snappy = _snappy()
+        if snappy is None:
+            raise ProtocolError("snappy-compressed frame, but 'cramjam' is not installed")
+        size = _snappy_length(payload)
+        if size > limit:
+            raise ProtocolError(f"snappy payload expands to {size} bytes, over the {limit} limit")
+        try:
+            out = bytes(snappy.decompress_raw(payload))
+        except Exception as exc:  # cramjam raises its own DecompressionError
+            raise ProtocolError(f"bad snappy payload: {exc}") from None
+        if len(out) != size:
+            raise ProtocolError("snappy payload length does not match its preamble")
+        return out
+    if flags & FLAG_GZIP:
+        inflater = zlib.decompressobj(wbits=31)
+        try:
+            out = inflater.decompress(payload, limit + 1)
+        except zlib.error as exc:
+            raise ProtocolError(f"bad gzip payload: {exc}") from None
+        if len(out) > limit:
+            raise ProtocolError(f"gzip payload expands past the {limit}-byte limit")
+        if not inflater.eof or inflater.unused_data:
+            raise ProtocolError("gzip payload is truncated or has trailing bytes")
+        return out
+    return payload
+
+
+# --- building frames --------------------------------------------------------------
+
+def encode_unified(header: Any, body: bytes, flags: int = DEFAULT_FLAGS) -> bytes:
+    """A whole unified frame: ``header`` (a ``Header``), then the thrift ``body``."""
+    head = _codec.encode(header)
+    if len(head) > MAX_HEADER_LENGTH:
+        raise EncodeError(f"header of {len(head)} bytes cannot be framed (max {MAX_HEADER_LENGTH})")
+    if flags & (FLAG_SNAPPY | FLAG_GZIP):
+        return _codec.encode_frame(flags, len(head), compress(flags, head + body))
+    return _codec.encode_frame(flags, len(head), head, body)
+
+
+encode_framed = _codec.encode_framed
+
+
+def request_header(service_name: str, sequence_id: int, timeout_ms: int, *,
+                   call_type: int = CallType.REPLY, trace: Optional[Any] = None,
+                   global_context: Optional[dict] = None,
+                   local_context: Optional[dict] = None,
+                   message_type: int = MessageType.NORMAL) -> Any:
+    """A request ``Header``."""
+    return Header(messageType=message_type,
+                  requestInfo=RequestInfo(service_name, sequence_id, call_type, timeout_ms),
+                  traceInfo=trace, globalContext=global_context or None,
+                  localContext=local_context or None)
+
+
+def response_header(sequence_id: int, status: int = 0, message: Optional[str] = None, *,
+                    message_type: int = MessageType.NORMAL,
+                    heartbeat: Optional[Any] = None) -> Any:
+    """A response ``Header``."""
+    return Header(messageType=message_type,
+                  responseInfo=ResponseInfo(sequence_id, status, message),
+                  heartbeatInfo=heartbeat)
+
+
+def scanner_heartbeat_request() -> Any:
+    """The ScannerHeartbeat request header §3 prescribes."""
+    return request_header(SCANNER_HEARTBEAT_SERVICE, 1, 1000,
+                          message_type=MessageType.SCANNER_HEARTBEAT)
+
+
+# --- reading frames ---------------------------------------------------------------
+
+class FrameDecoder:
+    """Bytes from one connection in, ``Frame`` objects out.
+
+    A ``ProtocolError`` from ``feed`` means the connection must be closed: the
+    stream's framing is lost. Header decoding is bounded by ``limits``.
+    """
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+                 limits: Optional[Limits] = None) -> None:
+        self._reader = _codec.FrameReader(max_frame_size)
+        self._limits = limits
+        self.max_frame_size = max_frame_size
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held that do not yet make a frame (a stalled partial frame)."""
+        return self._reader.buffered
+
+    def feed(self, data: bytes) -> List[Frame]:
+        frames = []
+        for flags, header_length, payload in self._reader.feed(data):
+            if flags is None:
+                frames.append(Frame(0, None, payload))
+            else:
+                frames.append(self._unified(flags, header_length, payload))
+        return frames
+
+    def _unified(self, flags: int, header_length: int, payload: bytes) -> Frame:
+        if flags & SERIALIZER_MASK != SERIALIZER_THRIFT:
+            raise ProtocolError(f"unsupported serializer {flags & SERIALIZER_MASK} "
+                                "(only 1, thrift binary, is accepted)")
+        if flags & (FLAG_SNAPPY | FLAG_GZIP):
+            payload = decompress(flags, payload, self.max_frame_size)
+        if header_length > len(payload):
+            raise ProtocolError(f"header_length {header_length} exceeds the "
+                                f"{len(payload)}-byte payload")
+        view = memoryview(payload)
+        try:
+            header = _codec.decode(Header, view[:header_length], self._limits)
+        except DecodeError as exc:
+            raise ProtocolError(f"bad unified header: {exc}") from None
+        if header.requestInfo is None and header.responseInfo is None:
+            raise ProtocolError("unified header has neither requestInfo nor responseInfo")
+        return Frame(flags, header, view[header_length:])

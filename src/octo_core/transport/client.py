@@ -1,0 +1,207 @@
+"""The client side: one multiplexed connection per node, and the endpoint that keeps it."""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+from typing import Dict, List, Optional
+
+from octo_core import _codec, protocol
+from octo_core.errors import ProtocolError, TransportError
+from octo_core.protocol import Frame, MessageType
+from octo_core.transport.address import Address, parse_address
+from octo_core.transport.stream import FramedProtocol, log
+
+
+class ClientConnection(FramedProtocol):
+    """A connection that carries many calls at once.
+
+    ``expect(seq)`` registers a future that the reply with that sequence id
+    resolves (replies may come in any order). A reply nobody waits for (the call
+    timed out, or it answers a oneway call) is dropped quietly.
+    """
+
+    def __init__(self, node: str, max_frame_size: int) -> None:
+        super().__init__(max_frame_size)
+        self.node = node
+        self._pending: Dict[int, asyncio.Future] = {}
+        self._sequence = itertools.count()
+        self.last_used = time.monotonic()
+
+    def next_sequence(self) -> int:
+        """Unique per connection, starting at 0; kept within i32 for the thrift seqid."""
+        return next(self._sequence) & 0x7FFFFFFF
+
+    def expect(self, seq: int) -> asyncio.Future:
+        future = self._loop.create_future()
+        self._pending[seq] = future
+        return future
+
+    def forget(self, seq: int) -> None:
+        self._pending.pop(seq, None)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def frames_received(self, frames: List[Frame]) -> None:
+        self.last_used = time.monotonic()
+        for frame in frames:
+            if frame.header is not None:
+                info = frame.header.responseInfo
+                if info is None:
+                    self.protocol_error(ProtocolError("the server sent a request frame"))
+                    return
+                seq = info.sequenceId
+            else:
+                try:
+                    seq = _codec.decode_message_begin(frame.body)[2]
+                except Exception as exc:  # a DecodeError: the stream cannot be trusted
+                    self.protocol_error(ProtocolError(f"bad framed thrift reply: {exc}"))
+                    return
+            future = self._pending.pop(seq, None)
+            if future is not None and not future.done():
+                future.set_result(frame)
+
+    def send(self, data: bytes) -> None:
+        self.last_used = time.monotonic()
+        super().send(data)
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            if not future.done():
+                future.set_exception(exc)
+
+    def abort(self, exc: Optional[BaseException] = None) -> None:
+        super().abort(exc)
+        self._fail_pending(TransportError(f"connection aborted: {exc}", node=self.node))
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        super().connection_lost(exc)
+        self._fail_pending(TransportError(
+            f"connection closed{': ' + str(exc) if exc else ''}", node=self.node))
+
+
+class Endpoint:
+    """The connections to one node: opens them on demand, reconnects with backoff.
+
+    After a failed connect the node is not retried before the backoff passes
+    (doubling from ``backoff_min`` to ``backoff_max``); calls fail fast meanwhile
+    so a cluster layer can go elsewhere.
+    """
+
+    def __init__(self, node: str, *, pool_size: int = 1, connect_timeout: float = 1.0,
+                 max_frame_size: int = protocol.DEFAULT_MAX_FRAME_SIZE,
+                 backoff_min: float = 0.1, backoff_max: float = 2.0,
+                 heartbeat_interval: Optional[float] = None) -> None:
+        self.node = node
+        self.address: Address = parse_address(node)
+        self.pool_size = max(1, pool_size)
+        self.connect_timeout = connect_timeout
+        self.max_frame_size = max_frame_size
+        self._conns: List[Optional[ClientConnection]] = [None] * self.pool_size
+        self._connecting: Dict[int, asyncio.Future] = {}
+        self._next = 0
+        self._backoff_min = backoff_min
+        self._backoff_max = backoff_max
+        self._backoff = 0.0
+        self._retry_at = 0.0
+        self._heartbeat_interval = heartbeat_interval
+        self._heartbeat_task: Optional[asyncio.Task] = None
+        self.closed = False
+
+    async def connection(self) -> ClientConnection:
+        """A live connection to the node (round robin over the pool)."""
+        slot = self._next
+        self._next = (slot + 1) % self.pool_size
+        conn = self._conns[slot]
+        if conn is not None and not conn.closed:
+            return conn
+        return await self._open(slot)
+
+    async def _open(self, slot: int) -> ClientConnection:
+        if self.closed:
+            raise TransportError("client is closed", node=self.node)
+        waiting = self._connecting.get(slot)
+        if waiting is not None:
+            return await asyncio.shield(waiting)
+        now = time.monotonic()
+        if now < self._retry_at:
+            raise TransportError(f"connect failed recently; retrying in "
+                                 f"{self._retry_at - now:.2f}s", node=self.node)
+        loop = asyncio.get_running_loop()
+        attempt = loop.create_future()
+        self._connecting[slot] = attempt
+        try:
+            conn = await self._connect(loop)
+        except BaseException as exc:
+            self._backoff = min(self._backoff_max, max(self._backoff_min, self._backoff * 2))
+            self._retry_at = time.monotonic() + self._backoff * random.uniform(0.8, 1.2)
+            error = exc if isinstance(exc, TransportError) else TransportError(
+                f"cannot connect: {exc or type(exc).__name__}", node=self.node)
+            attempt.set_exception(error)
+            attempt.exception()  # mark retrieved: other waiters may not exist
+            raise error from None
+        finally:
+            del self._connecting[slot]
+        self._backoff = 0.0
+        self._conns[slot] = conn
+        attempt.set_result(conn)
+        if self._heartbeat_interval and self._heartbeat_task is None:
+            self._heartbeat_task = loop.create_task(self._heartbeats())
+        return conn
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> ClientConnection:
+        def factory() -> ClientConnection:
+            return ClientConnection(self.node, self.max_frame_size)
+
+        if self.address.path is not None:
+            opening = loop.create_unix_connection(factory, self.address.path)
+        else:
+            opening = loop.create_connection(factory, self.address.host, self.address.port)
+        try:
+            _, conn = await asyncio.wait_for(opening, self.connect_timeout)
+        except asyncio.TimeoutError:
+            raise TransportError(f"connect timed out after {self.connect_timeout}s",
+                                 node=self.node) from None
+        except OSError as exc:
+            raise TransportError(f"cannot connect: {exc.strerror or exc}", node=self.node) from None
+        return conn
+
+    @property
+    def connected(self) -> bool:
+        return any(c is not None and not c.closed for c in self._conns)
+
+    @property
+    def in_flight(self) -> int:
+        return sum(c.in_flight for c in self._conns if c is not None)
+
+    async def _heartbeats(self) -> None:
+        """Send a NormalHeartbeat on connections idle for a heartbeat interval."""
+        interval = self._heartbeat_interval
+        while not self.closed:
+            await asyncio.sleep(interval)
+            for conn in self._conns:
+                if conn is None or conn.closed or time.monotonic() - conn.last_used < interval:
+                    continue
+                seq = conn.next_sequence()
+                header = protocol.request_header(
+                    "", seq, int(interval * 1000), message_type=MessageType.NORMAL_HEARTBEAT)
+                reply = conn.expect(seq)
+                conn.send(protocol.encode_unified(header, b""))
+                try:
+                    await asyncio.wait_for(reply, interval)
+                except (asyncio.TimeoutError, TransportError):
+                    conn.forget(seq)
+                    log.warning("heartbeat to %s unanswered; closing the connection", self.node)
+                    conn.abort(TransportError("heartbeat timed out", node=self.node))
+
+    def close(self) -> None:
+        self.closed = True
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+        for conn in self._conns:
+            if conn is not None:
+                conn.close()

@@ -1,0 +1,32 @@
+"""The server side of a connection: frames in, handed to a dispatcher."""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Set
+
+from octo_core.protocol import Frame
+from octo_core.transport.stream import FramedProtocol
+
+
+class ServerConnection(FramedProtocol):
+    """One accepted connection; every complete frame goes to ``dispatch(conn, frame)``."""
+
+    def __init__(self, dispatch: Callable[["ServerConnection", Frame], None],
+                 connections: Set["ServerConnection"], max_frame_size: int) -> None:
+        super().__init__(max_frame_size)
+        self._dispatch = dispatch
+        self._connections = connections
+        self.in_flight = 0
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._connections.add(self)
+
+    def frames_received(self, frames: List[Frame]) -> None:
+        for frame in frames:
+            if self.closed:
+                return
+            self._dispatch(self, frame)
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        super().connection_lost(exc)
+        self._connections.discard(self)

@@ -1,0 +1,95 @@
+"""A framed connection: decodes what arrives, coalesces what is written."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import List, Optional
+
+from octo_core.errors import ProtocolError
+from octo_core.protocol import DEFAULT_MAX_FRAME_SIZE, Frame, FrameDecoder
+
+log = logging.getLogger("octo_core.transport")
+
+
+class FramedProtocol(asyncio.Protocol):
+    """Base of the server and client connections.
+
+    Writes made during one loop iteration go out in one ``transport.write``;
+    bad bytes close this connection only (``frames_received`` never sees them).
+    """
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+        self.transport: Optional[asyncio.Transport] = None
+        self.peer = "?"
+        self._decoder = FrameDecoder(max_frame_size)
+        self._out: List[bytes] = []
+        self._flush_scheduled = False
+        self.closed = False
+        self._loop = asyncio.get_event_loop()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = f"{peer[0]}:{peer[1]}"
+        elif peer:
+            self.peer = str(peer)
+        else:
+            self.peer = str(transport.get_extra_info("sockname") or "unix")
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._decoder.feed(data)
+        except ProtocolError as exc:
+            self.protocol_error(exc)
+            return
+        if frames:
+            self.frames_received(frames)
+
+    def frames_received(self, frames: List[Frame]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def protocol_error(self, exc: ProtocolError) -> None:
+        """The peer broke the framing: drop this connection, nothing else."""
+        log.warning("closing connection %s: %s", self.peer, exc)
+        self.abort(exc)
+
+    def send(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self._out.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self.closed or not self._out:
+            self._out.clear()
+            return
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out.clear()
+        self.transport.write(data)
+
+    @property
+    def buffered_input(self) -> int:
+        return self._decoder.buffered
+
+    def close(self) -> None:
+        """Flush what is queued, then close."""
+        if self.closed:
+            return
+        self._flush()
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self, exc: Optional[BaseException] = None) -> None:
+        """Close at once, discarding unsent data."""
+        if self.transport is not None:
+            self.transport.abort()
+        self.closed = True
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.closed = True
+        self._out.clear()
