@@ -605,39 +605,10 @@ cdef int raise_current() except -1:
     return -1
 
 
-cdef object _encode_with(_StructSpec s, object obj, const char* prefix, Py_ssize_t prefix_len):
-    """Encode ``obj`` after ``prefix`` bytes; the size hint learns from each call."""
-    cdef _Writer w
-    _w_init(&w, s.size_hint + prefix_len)
-    try:
-        if prefix_len:
-            memcpy(w.data, prefix, prefix_len)
-            w.len = prefix_len
-        _w_struct(&w, s, obj, 1)
-    except BaseException:
-        _w_abandon(&w)
-        raise
-    if w.len > s.size_hint:
-        s.size_hint = w.len
-    return _w_finish(&w)
-
-
-def encode(obj):
-    """TBinaryProtocol bytes of a thriftpy2 struct or exception instance."""
-    cdef _StructSpec s
-    try:
-        s = _spec_for(type(obj))
-    except TypeError as e:
-        raise EncodeError(f"cannot encode {_tname(obj)}: not a thriftpy2 struct") from e
-    return _encode_with(s, obj, NULL, 0)
-
-
-def encode_message(str name, int msg_type, seqid, obj):
-    """A whole strict TBinaryProtocol message: header, then ``obj`` (the args/result struct)."""
+cdef int _w_message_begin(_Writer* w, str name, int msg_type, object seqid) except -1:
+    """A strict message header: version|type, name, seqid."""
     cdef Py_ssize_t n
     cdef const char* p
-    cdef char[256] small
-    cdef _StructSpec s
     cdef int64_t sid
     if not 1 <= msg_type <= 4:
         raise EncodeError(f"message type {msg_type} is not CALL/REPLY/EXCEPTION/ONEWAY")
@@ -646,22 +617,56 @@ def encode_message(str name, int msg_type, seqid, obj):
         p = PyUnicode_AsUTF8AndSize(name, &n)
     except (TypeError, OverflowError, UnicodeError) as e:
         raise EncodeError(f"message header: {e}") from e
+    _w_reserve(w, n + 12)
+    _put_u32(w.data + w.len, <uint32_t>(VERSION_1 | msg_type))
+    _put_u32(w.data + w.len + 4, <uint32_t>n)
+    memcpy(w.data + w.len + 8, p, n)
+    _put_u32(w.data + w.len + 8 + n, <uint32_t>sid)
+    w.len += n + 12
+    return 0
+
+
+cdef _StructSpec _encode_spec(object obj):
     try:
-        s = _spec_for(type(obj))
+        return _spec_for(type(obj))
     except TypeError as e:
         raise EncodeError(f"cannot encode {_tname(obj)}: not a thriftpy2 struct") from e
-    if n + 12 > 256:
-        header = PyBytes_FromStringAndSize(NULL, n + 12)
-        return _encode_with(s, obj, _message_header(PyBytes_AS_STRING(header), p, n, msg_type, <int32_t>sid), n + 12)
-    return _encode_with(s, obj, _message_header(small, p, n, msg_type, <int32_t>sid), n + 12)
 
 
-cdef const char* _message_header(char* out, const char* name, Py_ssize_t n, int msg_type, int32_t seqid) noexcept:
-    _put_u32(out, <uint32_t>(VERSION_1 | msg_type))
-    _put_u32(out + 4, <uint32_t>n)
-    memcpy(out + 8, name, n)
-    _put_u32(out + 8 + n, <uint32_t>seqid)
-    return out
+cdef int _w_top(_Writer* w, _StructSpec s, object obj) except -1:
+    """Write a top-level struct and teach its spec how large it tends to be."""
+    cdef Py_ssize_t start = w.len
+    _w_struct(w, s, obj, 1)
+    if w.len - start > s.size_hint:
+        s.size_hint = w.len - start
+    return 0
+
+
+def encode(obj):
+    """TBinaryProtocol bytes of a thriftpy2 struct or exception instance."""
+    cdef _StructSpec s = _encode_spec(obj)
+    cdef _Writer w
+    _w_init(&w, s.size_hint)
+    try:
+        _w_top(&w, s, obj)
+    except BaseException:
+        _w_abandon(&w)
+        raise
+    return _w_finish(&w)
+
+
+def encode_message(str name, int msg_type, seqid, obj):
+    """A whole strict TBinaryProtocol message: header, then ``obj`` (the args/result struct)."""
+    cdef _StructSpec s = _encode_spec(obj)
+    cdef _Writer w
+    _w_init(&w, s.size_hint + 64)
+    try:
+        _w_message_begin(&w, name, msg_type, seqid)
+        _w_top(&w, s, obj)
+    except BaseException:
+        _w_abandon(&w)
+        raise
+    return _w_finish(&w)
 
 
 # --- reader ------------------------------------------------------------------------

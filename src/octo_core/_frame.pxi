@@ -76,6 +76,84 @@ def encode_framed(body) -> bytes:
     return out
 
 
+def encode_framed_message(str name, int msg_type, seqid, obj) -> bytes:
+    """``encode_framed(encode_message(...))`` in one pass."""
+    cdef _StructSpec s = _encode_spec(obj)
+    cdef _Writer w
+    _w_init(&w, s.size_hint + 64)
+    try:
+        w.len = 4
+        _w_message_begin(&w, name, msg_type, seqid)
+        _w_top(&w, s, obj)
+    except BaseException:
+        _w_abandon(&w)
+        raise
+    _put_u32(w.data, <uint32_t>(w.len - 4))
+    return _w_finish(&w)
+
+
+def encode_unified_message(int flags, header, str name, int msg_type, seqid, obj) -> bytes:
+    """A whole uncompressed unified frame: ``header`` then the message, in one pass.
+
+    Equal to ``encode_frame(flags, len(h), h, encode_message(...))`` with
+    ``h = encode(header)``; compression flags are the caller's business.
+    """
+    if flags & 0x60 or not 0 <= flags <= 255:
+        raise EncodeError(f"encode_unified_message cannot apply protocol flags 0x{flags:02x}")
+    cdef _StructSpec hs = _encode_spec(header)
+    cdef _StructSpec s = _encode_spec(obj)
+    cdef _Writer w
+    cdef Py_ssize_t header_length
+    _w_init(&w, hs.size_hint + s.size_hint + 96)
+    try:
+        w.len = PREFIX
+        _w_top(&w, hs, header)
+        header_length = w.len - PREFIX
+        if header_length > 32767:
+            raise EncodeError(f"header of {header_length} bytes cannot be framed (max 32767)")
+        _w_message_begin(&w, name, msg_type, seqid)
+        _w_top(&w, s, obj)
+        if w.len + 4 > 2147483647:
+            raise EncodeError(f"frame of {w.len} bytes is too large")
+        if flags & FLAG_CHECKSUM:
+            _w_reserve(&w, 4)
+    except BaseException:
+        _w_abandon(&w)
+        raise
+    cdef Py_ssize_t trailer = 4 if flags & FLAG_CHECKSUM else 0
+    w.data[0] = <char>MAGIC_0
+    w.data[1] = <char>MAGIC_1
+    w.data[2] = 0
+    w.data[3] = <char>flags
+    _put_u32(w.data + 4, <uint32_t>(w.len - 8 + trailer))
+    _put_u16(w.data + 8, <uint16_t>header_length)
+    if trailer:
+        _put_u32(w.data + w.len, _adler32(<const unsigned char*>w.data, w.len))
+        w.len += 4
+    return _w_finish(&w)
+
+
+def split_unified(int flags, Py_ssize_t header_length, payload, header_cls, Limits limits=None):
+    """``(header, body)`` of a decompressed unified payload (§1–§2 checks included)."""
+    if flags & 0x03 != 1:
+        raise ProtocolError(f"unsupported serializer {flags & 0x03} (only 1, thrift binary, is accepted)")
+    cdef _StructSpec hs = _decode_spec(header_cls)
+    cdef _Input inp = _Input(payload)
+    if header_length > inp.view.len:
+        raise ProtocolError(f"header_length {header_length} exceeds the {inp.view.len}-byte payload")
+    if limits is None:
+        limits = DEFAULT_LIMITS
+    try:
+        header = _decode_at(hs, <const unsigned char*>inp.view.buf, 0, header_length, limits, True)
+    except DecodeError as exc:
+        raise ProtocolError(f"bad unified header: {exc}") from None
+    if header.requestInfo is None and header.responseInfo is None:
+        raise ProtocolError("unified header has neither requestInfo nor responseInfo")
+    body = PyBytes_FromStringAndSize(<const char*>inp.view.buf + header_length,
+                                     inp.view.len - header_length)
+    return header, body
+
+
 cdef class FrameReader:
     """Cuts a byte stream into frames, sans-IO: ``feed(data)`` returns the complete ones.
 

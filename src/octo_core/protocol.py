@@ -148,7 +148,16 @@ def encode_unified(header: Any, body: bytes, flags: int = DEFAULT_FLAGS) -> byte
     return _codec.encode_frame(flags, len(head), head, body)
 
 
+def encode_unified_message(flags: int, header: Any, name: str, msg_type: int, seqid: int,
+                           obj: Any) -> bytes:
+    """A unified frame carrying ``header`` and the thrift message ``(name, msg_type, seqid, obj)``."""
+    if flags & (FLAG_SNAPPY | FLAG_GZIP):
+        return encode_unified(header, _codec.encode_message(name, msg_type, seqid, obj), flags)
+    return _codec.encode_unified_message(flags, header, name, msg_type, seqid, obj)
+
+
 encode_framed = _codec.encode_framed
+encode_framed_message = _codec.encode_framed_message
 
 
 def request_header(service_name: str, sequence_id: int, timeout_ms: int, *,
@@ -208,19 +217,7 @@ class FrameDecoder:
         return frames
 
     def _unified(self, flags: int, header_length: int, payload: bytes) -> Frame:
-        if flags & SERIALIZER_MASK != SERIALIZER_THRIFT:
-            raise ProtocolError(f"unsupported serializer {flags & SERIALIZER_MASK} "
-                                "(only 1, thrift binary, is accepted)")
         if flags & (FLAG_SNAPPY | FLAG_GZIP):
             payload = decompress(flags, payload, self.max_frame_size)
-        if header_length > len(payload):
-            raise ProtocolError(f"header_length {header_length} exceeds the "
-                                f"{len(payload)}-byte payload")
-        view = memoryview(payload)
-        try:
-            header = _codec.decode(Header, view[:header_length], self._limits)
-        except DecodeError as exc:
-            raise ProtocolError(f"bad unified header: {exc}") from None
-        if header.requestInfo is None and header.responseInfo is None:
-            raise ProtocolError("unified header has neither requestInfo nor responseInfo")
-        return Frame(flags, header, view[header_length:])
+        header, body = _codec.split_unified(flags, header_length, payload, Header, self._limits)
+        return Frame(flags, header, body)

@@ -45,12 +45,12 @@ class _Reply:
 
     def message(self, name: str, msg_type: int, seqid: int, obj: Any, status: int = 0,
                 text: Optional[str] = None) -> None:
-        body = _codec.encode_message(name, msg_type, seqid, obj)
         if self.unified:
             header = protocol.response_header(self.sequence_id, status, text)
-            self.conn.send(protocol.encode_unified(header, body, self.flags))
+            data = protocol.encode_unified_message(self.flags, header, name, msg_type, seqid, obj)
         else:
-            self.conn.send(protocol.encode_framed(body))
+            data = protocol.encode_framed_message(name, msg_type, seqid, obj)
+        self.conn.send(data)
 
     def app_exception(self, name: str, seqid: int, kind: int, text: str,
                       status: int = Status.APPLICATION_EXCEPTION) -> None:
@@ -73,17 +73,21 @@ class Server:
     also be ``"unix:///path/to.sock"``. Plain-function handlers run on a bounded
     business thread pool (``business_threads`` workers, at most ``business_queue``
     waiting; past that a call is refused at once with status 3); coroutine
-    handlers run on the event loop.
+    handlers run on the event loop. A connection with no traffic and no call in
+    flight for ``idle_timeout`` seconds is closed (``None``: never).
     """
 
     def __init__(self, appkey: str, host: str = "127.0.0.1", port: int = 0, *,
                  business_threads: int = 16, business_queue: int = 1024,
-                 max_frame_size: int = protocol.DEFAULT_MAX_FRAME_SIZE) -> None:
+                 max_frame_size: int = protocol.DEFAULT_MAX_FRAME_SIZE,
+                 idle_timeout: Optional[float] = 600.0) -> None:
         self.appkey = appkey
         self.host = host
         self.port: Optional[int] = port
         self.unix_path = parse_address(host).path if host.startswith("unix://") else None
         self.max_frame_size = max_frame_size
+        self.idle_timeout = idle_timeout
+        self._sweeper: Optional[asyncio.Task] = None
         self.status = NodeStatus.STARTING
         self._services: Dict[str, _Service] = {}
         self._by_method: Dict[str, List[_Service]] = {}
@@ -143,6 +147,8 @@ class Server:
             self._listener = await self._loop.create_server(
                 make_connection, self.host, self.port, reuse_address=True)
             self.port = self._listener.sockets[0].getsockname()[1]
+        if self.idle_timeout:
+            self._sweeper = self._loop.create_task(self._sweep_idle())
         self.status = NodeStatus.ALIVE
         log.info("%s serving %s on %s", self.appkey, ", ".join(self._services), self.address)
 
@@ -163,6 +169,8 @@ class Server:
             return
         self.status = NodeStatus.STOPPING
         self._listener.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._in_flight:
             try:
                 await asyncio.wait_for(self._idle.wait(), grace)
@@ -210,6 +218,16 @@ class Server:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.stop()
+
+    async def _sweep_idle(self) -> None:
+        period = min(self.idle_timeout / 2, 5.0)
+        while True:
+            await asyncio.sleep(period)
+            cutoff = self._loop.time() - self.idle_timeout
+            for conn in list(self._connections):
+                if conn.last_activity < cutoff and not conn.in_flight:
+                    log.info("closing idle connection %s", conn.peer)
+                    conn.close()
 
     # --- dispatch ------------------------------------------------------------------
 
@@ -282,24 +300,26 @@ class Server:
         fn, is_coroutine = service.handlers[name]
         argv = [getattr(args, arg) for arg in method.arg_names]
         if is_coroutine:
-            self._started()
+            self._started(reply.conn)
             self._loop.create_task(self._run_coroutine(fn, argv, method, reply, seqid, answer, deadline))
             return
         if self._business_pending >= self._business_limit:
             reply.refuse(Status.RPC_EXCEPTION,
                          f"{self.appkey} is overloaded: business queue full", name, seqid)
             return
-        self._started()
+        self._started(reply.conn)
         self._business_pending += 1
         future = self._pool.submit(_run_sync, fn, argv, deadline)
         future.add_done_callback(
             lambda f: self._loop.call_soon_threadsafe(self._sync_done, f, method, reply, seqid, answer))
 
-    def _started(self) -> None:
+    def _started(self, conn: ServerConnection) -> None:
+        conn.in_flight += 1
         self._in_flight += 1
         self._idle.clear()
 
-    def _finished(self) -> None:
+    def _finished(self, conn: ServerConnection) -> None:
+        conn.in_flight -= 1
         self._in_flight -= 1
         if not self._in_flight:
             self._idle.set()
@@ -324,7 +344,7 @@ class Server:
 
     def _answer(self, method: idl.Method, reply: _Reply, seqid: int, answer: bool,
                 value: Any, exc: Optional[BaseException]) -> None:
-        self._finished()
+        self._finished(reply.conn)
         if not answer or reply.conn.closed:
             return
         name = method.name

@@ -27,14 +27,13 @@ class ClientConnection(FramedProtocol):
         self.node = node
         self._pending: Dict[int, asyncio.Future] = {}
         self._sequence = itertools.count()
-        self.last_used = time.monotonic()
 
     def next_sequence(self) -> int:
         """Unique per connection, starting at 0; kept within i32 for the thrift seqid."""
         return next(self._sequence) & 0x7FFFFFFF
 
     def expect(self, seq: int) -> asyncio.Future:
-        future = self._loop.create_future()
+        future = self.loop.create_future()
         self._pending[seq] = future
         return future
 
@@ -46,7 +45,6 @@ class ClientConnection(FramedProtocol):
         return len(self._pending)
 
     def frames_received(self, frames: List[Frame]) -> None:
-        self.last_used = time.monotonic()
         for frame in frames:
             if frame.header is not None:
                 info = frame.header.responseInfo
@@ -65,7 +63,7 @@ class ClientConnection(FramedProtocol):
                 future.set_result(frame)
 
     def send(self, data: bytes) -> None:
-        self.last_used = time.monotonic()
+        self.last_activity = self.loop.time()
         super().send(data)
 
     def _fail_pending(self, exc: BaseException) -> None:
@@ -184,7 +182,7 @@ class Endpoint:
         while not self.closed:
             await asyncio.sleep(interval)
             for conn in self._conns:
-                if conn is None or conn.closed or time.monotonic() - conn.last_used < interval:
+                if conn is None or conn.closed or conn.loop.time() - conn.last_activity < interval:
                     continue
                 seq = conn.next_sequence()
                 header = protocol.request_header(

@@ -25,7 +25,8 @@ class FramedProtocol(asyncio.Protocol):
         self._out: List[bytes] = []
         self._flush_scheduled = False
         self.closed = False
-        self._loop = asyncio.get_event_loop()
+        self.loop = asyncio.get_event_loop()
+        self.last_activity = self.loop.time()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -38,6 +39,7 @@ class FramedProtocol(asyncio.Protocol):
             self.peer = str(transport.get_extra_info("sockname") or "unix")
 
     def data_received(self, data: bytes) -> None:
+        self.last_activity = self.loop.time()
         try:
             frames = self._decoder.feed(data)
         except ProtocolError as exc:
@@ -60,7 +62,7 @@ class FramedProtocol(asyncio.Protocol):
         self._out.append(data)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
+            self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False

@@ -1,0 +1,1 @@
+"""Benchmarks shipped with octo_core (``octo bench``): payload IDL, builders, runners."""

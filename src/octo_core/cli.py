@@ -1,0 +1,77 @@
+"""The ``octo`` command.
+
+``octo bench [TARGET] [--seconds S]`` runs the benchmarks that ship with
+octo_core; with no TARGET it runs every one of them. Benchmarks are listed in
+``BENCHMARKS``: adding one (say ``rpc``) is one entry there.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+
+def _bench_codec(args: argparse.Namespace) -> int:
+    from octo_core.bench import codec
+
+    return codec.run(seconds=args.seconds, rounds=args.rounds)
+
+
+#: name -> (one-line description, runner). A runner takes the parsed ``octo bench``
+#: arguments and returns an exit status (0 when everything checked out).
+BENCHMARKS: Dict[str, Tuple[str, Callable[[argparse.Namespace], int]]] = {
+    "codec": ("thrift binary encode/decode: octo_core vs thriftpy2 and Apache fastbinary",
+              _bench_codec),
+}
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``octo`` argument parser."""
+    parser = argparse.ArgumentParser(prog="octo", description="octo_core command-line tools.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    bench = commands.add_parser(
+        "bench", help="run benchmarks",
+        description="Run octo_core's benchmarks. Targets: " + "; ".join(
+            f"{name}: {desc}" for name, (desc, _) in BENCHMARKS.items()) + ".")
+    bench.add_argument("target", nargs="?", choices=sorted(BENCHMARKS),
+                       help="benchmark to run (default: all)")
+    bench.add_argument("--seconds", type=_positive_float, default=1.0, metavar="S",
+                       help="timing budget per measured row, in seconds (default: 1)")
+    bench.add_argument("--rounds", type=_positive_int, default=None, metavar="N",
+                       help="interleaved rounds per row, the best is kept "
+                            "(default: one per 20 ms of --seconds, at least 5)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``octo`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "bench":
+        parser.print_help(sys.stderr)
+        return 2
+    targets: List[str] = [args.target] if args.target else list(BENCHMARKS)
+    status = 0
+    for i, name in enumerate(targets):
+        if i:
+            print()
+        status = max(status, BENCHMARKS[name][1](args))
+    return status
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
