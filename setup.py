@@ -14,6 +14,7 @@ def extension(name: str) -> Extension:
     return Extension(
         f"octo_core.{name}",
         [f"src/octo_core/{name}.pyx"],
+        include_dirs=["src/octo_core"],
         extra_compile_args=compile_args,
         define_macros=macros,
     )

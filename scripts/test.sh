@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Install everything the tests need, then run them all. CI runs exactly this (.ci/run).
 # System packages come from Debian (thrift-compiler generates Apache Thrift classes
-# for the differential tests); Python packages from PyPI.
+# for the differential tests; zookeeper backs the zk:// registry tests, which start
+# and stop their own server); Python packages from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v thrift >/dev/null 2>&1 || need_apt+=(thrift-compiler)
+[ -d /usr/share/zookeeper ] || need_apt+=(zookeeper)
+command -v java >/dev/null 2>&1 || need_apt+=(default-jre-headless)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         apt-get update -qq && apt-get install -y -qq "${need_apt[@]}" >/dev/null
@@ -16,5 +19,5 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 python3 -m pip install -q --upgrade pip >/dev/null
-python3 -m pip install -q -e '.[test]'
+python3 -m pip install -q -e '.[test,zookeeper]'
 exec python3 -m pytest tests "$@"

@@ -1058,3 +1058,4 @@ for _k in _PRIMITIVE_KINDS:
 
 
 include "_frame.pxi"
+include "_sign.pxi"

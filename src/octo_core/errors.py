@@ -66,8 +66,16 @@ class RpcError(OctoError):
 
 
 class TransportError(OctoError):
-    """The connection failed, closed, or could not be made."""
+    """The connection failed, closed, or could not be made.
+
+    ``request_sent`` is False when the request provably never left this
+    process (e.g. the connect failed): any method may then be retried.
+    """
     status = Status.TRANSPORT_EXCEPTION
+
+    def __init__(self, message: str, *, request_sent: bool = True, **kw) -> None:
+        super().__init__(message, **kw)
+        self.request_sent = request_sent
 
 
 class CallTimeout(TransportError):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import inspect
 import logging
 import signal
@@ -12,8 +13,9 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 from thriftpy2.thrift import TApplicationException, TMessageType
 
 from octo_core import _codec, idl, protocol
+from octo_core import context as _context
 from octo_core.errors import DecodeError, EncodeError, Status
-from octo_core.protocol import CallType, Frame, MessageType, NodeStatus
+from octo_core.protocol import Frame, MessageType, NodeStatus
 from octo_core.transport.address import parse_address
 from octo_core.transport.loop import LoopThread, new_event_loop
 from octo_core.transport.server import ServerConnection
@@ -253,7 +255,7 @@ class Server:
                          f"service {info.serviceName!r} is not hosted by {self.appkey}")
             return
         deadline = time.monotonic() + info.timeout / 1000.0 if info.timeout > 0 else None
-        self._call(service, reply, frame.body, info.callType == CallType.NO_REPLY, deadline)
+        self._call(service, reply, frame.body, deadline, header.globalContext)
 
     def _native(self, conn: ServerConnection, frame: Frame) -> None:
         reply = _Reply(conn, 0, 0, False)
@@ -274,10 +276,10 @@ class Server:
             reply.refuse(Status.RPC_EXCEPTION, f"{self.appkey} is {self.status.name.lower()}",
                          name, seqid)
             return
-        self._call(hosts[0], reply, frame.body, False, None)
+        self._call(hosts[0], reply, frame.body, None, None)
 
-    def _call(self, service: _Service, reply: _Reply, body: Any, no_reply: bool,
-              deadline: Optional[float]) -> None:
+    def _call(self, service: _Service, reply: _Reply, body: Any, deadline: Optional[float],
+              global_context: Optional[dict]) -> None:
         try:
             name, msg_type, seqid, offset = _codec.decode_message_begin(body)
         except DecodeError as exc:
@@ -301,7 +303,11 @@ class Server:
         argv = [getattr(args, arg) for arg in method.arg_names]
         if is_coroutine:
             self._started(reply.conn)
-            self._loop.create_task(self._run_coroutine(fn, argv, method, reply, seqid, answer, deadline))
+            context = contextvars.copy_context()
+            context.run(_context._enter, global_context)
+            self._loop.create_task(
+                self._run_coroutine(fn, argv, method, reply, seqid, answer, deadline),
+                context=context)
             return
         if self._business_pending >= self._business_limit:
             reply.refuse(Status.RPC_EXCEPTION,
@@ -309,7 +315,7 @@ class Server:
             return
         self._started(reply.conn)
         self._business_pending += 1
-        future = self._pool.submit(_run_sync, fn, argv, deadline)
+        future = self._pool.submit(_run_sync, fn, argv, deadline, global_context)
         future.add_done_callback(
             lambda f: self._loop.call_soon_threadsafe(self._sync_done, f, method, reply, seqid, answer))
 
@@ -379,8 +385,14 @@ class Server:
         reply.conn.send(protocol.encode_unified(header, b"", reply.flags))
 
 
-def _run_sync(fn: Callable[..., Any], argv: List[Any], deadline: Optional[float]) -> Any:
+def _run_sync(fn: Callable[..., Any], argv: List[Any], deadline: Optional[float],
+              global_context: Optional[dict]) -> Any:
     """Runs on a business thread: skip work whose caller has already given up."""
     if deadline is not None and time.monotonic() > deadline:
         raise _DeadlinePassed()
+    return contextvars.copy_context().run(_call_in_context, fn, argv, global_context)
+
+
+def _call_in_context(fn: Callable[..., Any], argv: List[Any], global_context: Optional[dict]) -> Any:
+    _context._enter(global_context)
     return fn(*argv)

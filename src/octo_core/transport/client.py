@@ -121,14 +121,15 @@ class Endpoint:
 
     async def _open(self, slot: int) -> ClientConnection:
         if self.closed:
-            raise TransportError("client is closed", node=self.node)
+            raise TransportError("client is closed", node=self.node, request_sent=False)
         waiting = self._connecting.get(slot)
         if waiting is not None:
             return await asyncio.shield(waiting)
         now = time.monotonic()
         if now < self._retry_at:
             raise TransportError(f"connect failed recently; retrying in "
-                                 f"{self._retry_at - now:.2f}s", node=self.node)
+                                 f"{self._retry_at - now:.2f}s", node=self.node,
+                                 request_sent=False)
         loop = asyncio.get_running_loop()
         attempt = loop.create_future()
         self._connecting[slot] = attempt
@@ -138,7 +139,8 @@ class Endpoint:
             self._backoff = min(self._backoff_max, max(self._backoff_min, self._backoff * 2))
             self._retry_at = time.monotonic() + self._backoff * random.uniform(0.8, 1.2)
             error = exc if isinstance(exc, TransportError) else TransportError(
-                f"cannot connect: {exc or type(exc).__name__}", node=self.node)
+                f"cannot connect: {exc or type(exc).__name__}", node=self.node,
+                request_sent=False)
             attempt.set_exception(error)
             attempt.exception()  # mark retrieved: other waiters may not exist
             raise error from None
@@ -163,9 +165,10 @@ class Endpoint:
             _, conn = await asyncio.wait_for(opening, self.connect_timeout)
         except asyncio.TimeoutError:
             raise TransportError(f"connect timed out after {self.connect_timeout}s",
-                                 node=self.node) from None
+                                 node=self.node, request_sent=False) from None
         except OSError as exc:
-            raise TransportError(f"cannot connect: {exc.strerror or exc}", node=self.node) from None
+            raise TransportError(f"cannot connect: {exc.strerror or exc}", node=self.node,
+                                 request_sent=False) from None
         return conn
 
     @property

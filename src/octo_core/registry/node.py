@@ -1,0 +1,126 @@
+"""``Node``: one provider ``ip:port`` of an appkey, as the OCTO naming service describes it.
+
+JSON keys are those of the reference ZooKeeper layout (shared/PROTOCOL.md §5),
+plus octo_core's ``cell``, ``swimlane``, ``idc`` and ``region``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any, Dict, Mapping, Optional
+
+from octo_core.protocol import NodeStatus
+
+
+class Role:
+    PRIMARY = 0
+    BACKUP = 1
+
+
+class Env:
+    TEST = 1
+    STAGE = 2
+    PROD = 3
+    NAMES = {PROD: "prod", STAGE: "stage", TEST: "test"}
+
+
+class HeartbeatSupport:
+    NONE = 0
+    P2P = 1
+    SCANNER = 2
+    BOTH = 3
+
+
+@dataclasses.dataclass
+class Node:
+    """A provider node. ``key`` (``ip:port``) identifies it within its appkey."""
+
+    appkey: str
+    ip: str
+    port: int
+    version: str = ""
+    weight: int = 10
+    fweight: float = 0.0
+    status: int = NodeStatus.ALIVE
+    role: int = Role.PRIMARY
+    env: int = Env.PROD
+    lastUpdateTime: int = 0
+    serverType: int = 0
+    protocol: str = "thrift"
+    warmup: int = 0
+    heartbeatSupport: int = HeartbeatSupport.BOTH
+    serviceInfo: Dict[str, Dict[str, int]] = dataclasses.field(default_factory=dict)
+    cell: str = ""
+    swimlane: str = ""
+    idc: str = ""
+    region: str = ""
+    # When the provider started (seconds since the epoch): the warm-up clock.
+    startTime: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"{self.ip}:{self.port}"
+
+    @property
+    def address(self) -> str:
+        """What a client connects to (a unix socket path is kept in ``ip`` as ``unix://...``)."""
+        return self.ip if self.ip.startswith("unix://") else self.key
+
+    @property
+    def alive(self) -> bool:
+        return self.status == NodeStatus.ALIVE
+
+    def base_weight(self) -> float:
+        """``fweight`` when set (non-zero), else ``weight``."""
+        return self.fweight if self.fweight else float(self.weight)
+
+    def effective_weight(self, now: Optional[float] = None) -> float:
+        """The weight after warm-up: ``weight * elapsed / warmup`` while warming, at least 1.
+
+        A node with weight 0 stays at 0 (an operator took it out of rotation).
+        """
+        weight = self.base_weight()
+        if weight <= 0 or self.warmup <= 0 or not self.startTime:
+            return max(weight, 0.0)
+        elapsed = (time.time() if now is None else now) - self.startTime
+        if elapsed >= self.warmup:
+            return weight
+        return max(1.0, weight * max(elapsed, 0.0) / self.warmup)
+
+    # --- JSON (the reference layout's keys) ----------------------------------------
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Node":
+        """A node from reference JSON; unknown keys are ignored, missing ones defaulted."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        missing = [k for k in ("appkey", "ip", "port") if k not in values]
+        if missing:
+            raise ValueError(f"node JSON lacks {', '.join(missing)}")
+        values["port"] = int(values["port"])
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Node":
+        return cls.from_dict(json.loads(text))
+
+    def reregistered(self, previous: Optional["Node"]) -> "Node":
+        """This node as it should be stored when ``previous`` is already registered.
+
+        Re-registration keeps what an operator set: weight, fweight, role, warmup,
+        and a STOPPED or STARTING status (PROTOCOL.md §5).
+        """
+        if previous is None:
+            return self
+        kept = dict(weight=previous.weight, fweight=previous.fweight, role=previous.role,
+                    warmup=previous.warmup)
+        if previous.status in (NodeStatus.STOPPED, NodeStatus.STARTING):
+            kept["status"] = previous.status
+        return dataclasses.replace(self, **kept)
