@@ -22,6 +22,7 @@ from cpython.ref cimport Py_INCREF, Py_DECREF, Py_XDECREF
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
+from copy import deepcopy
 from sys import intern
 
 from octo_core.errors import EncodeError, DecodeError, ProtocolError
@@ -90,7 +91,8 @@ DEF T_BINARY = 18
 DEF VERSION_1 = 0x80010000
 DEF VERSION_MASK = 0xffff0000
 
-DEF MAX_STACK_FIELDS = 64
+DEF MAX_STACK_FIELDS = 16   # per nesting level on the C stack; wider structs use the heap
+DEF MAX_DEPTH_CAP = 1000     # about 1 KiB of C stack a level, far below a thread's 8 MiB
 
 cdef dict _TYPE_NAMES = {
     T_BOOL: "bool", T_BYTE: "byte", T_DOUBLE: "double", T_I16: "i16", T_I32: "i32",
@@ -136,8 +138,11 @@ cdef class Limits:
     def __init__(self, Py_ssize_t max_string_length=64 * 1024 * 1024,
                  Py_ssize_t max_container_length=16 * 1024 * 1024,
                  int max_depth=64):
-        if max_string_length < 0 or max_container_length < 0 or max_depth < 1:
-            raise ValueError("limits must be non-negative and max_depth >= 1")
+        if max_string_length < 0 or max_container_length < 0:
+            raise ValueError("limits must be non-negative")
+        if not 1 <= max_depth <= MAX_DEPTH_CAP:
+            # the decoder recurses in C: deeper nesting could overflow a thread's stack
+            raise ValueError(f"max_depth must be between 1 and {MAX_DEPTH_CAP}")
         self.max_string_length = max_string_length
         self.max_container_length = max_container_length
         self.max_depth = max_depth
@@ -170,6 +175,7 @@ cdef struct _Field:
     bint required
     PyObject* name        # interned attribute name (owned by _StructSpec.names)
     PyObject* default     # default value or None (owned by _StructSpec.defaults)
+    bint mutable_default  # a list/set/dict/struct default: decode gives each object a copy
     PyObject* type        # _TypeSpec (owned by _StructSpec.types)
 
 
@@ -198,6 +204,17 @@ cdef class _StructSpec:
             if self.fields[i].fid == fid:
                 return i
         return -1
+
+
+cdef str _describe(_TypeSpec t):
+    """The IDL spelling of a type, for error messages."""
+    if t.kind == T_STRUCT:
+        return t.struct.name
+    if t.kind == T_LIST or t.kind == T_SET:
+        return f"{_TYPE_NAMES[t.kind]}<{_describe(t.elem)}>"
+    if t.kind == T_MAP:
+        return f"map<{_describe(t.key)},{_describe(t.elem)}>"
+    return _TYPE_NAMES[t.kind]
 
 
 cdef list _PRIMITIVES = [None] * 19
@@ -306,6 +323,8 @@ cdef _compile_fields(_StructSpec s, dict thrift_spec, object default_spec):
         s.fields[i].required = bool(fspec[len(fspec) - 1])
         s.fields[i].name = <PyObject*>s.names[i]
         s.fields[i].default = <PyObject*>s.defaults[i]
+        s.fields[i].mutable_default = not isinstance(
+            s.defaults[i], (type(None), bool, int, float, str, bytes, tuple, frozenset))
         s.fields[i].type = <PyObject*>t
         i += 1
     s.n = n
@@ -590,7 +609,11 @@ cdef int _w_struct(_Writer* w, _StructSpec s, object obj, int depth) except -1:
             _w_value(w, <_TypeSpec>f.type, f.kind, <object>v, depth)
         except EncodeError:
             raise
-        except (TypeError, ValueError, OverflowError, UnicodeError) as e:
+        except OverflowError as e:
+            # Cython's int conversion past 64 bits says nothing of the IDL type; add it
+            raise EncodeError(f"{s.name}.{<object>f.name}: {e} "
+                              f"(field type {_describe(<_TypeSpec>f.type)})") from e
+        except (TypeError, ValueError, UnicodeError) as e:
             raise EncodeError(f"{s.name}.{<object>f.name}: {e}") from e
         finally:
             Py_DECREF(<object>v)
@@ -605,13 +628,15 @@ cdef int raise_current() except -1:
     return -1
 
 
-cdef int _w_message_begin(_Writer* w, str name, int msg_type, object seqid) except -1:
+cdef int _w_message_begin(_Writer* w, object name, object msg_type, object seqid) except -1:
     """A strict message header: version|type, name, seqid."""
     cdef Py_ssize_t n
     cdef const char* p
     cdef int64_t sid
-    if not 1 <= msg_type <= 4:
-        raise EncodeError(f"message type {msg_type} is not CALL/REPLY/EXCEPTION/ONEWAY")
+    if not PyUnicode_Check(name):
+        raise EncodeError(f"message name must be str, got {_tname(name)}")
+    if not PyLong_Check(msg_type) or not 1 <= msg_type <= 4:
+        raise EncodeError(f"message type {msg_type!r} is not CALL/REPLY/EXCEPTION/ONEWAY")
     try:
         sid = _as_int(seqid, -2147483648, 2147483647, T_I32)
         p = PyUnicode_AsUTF8AndSize(name, &n)
@@ -655,7 +680,7 @@ def encode(obj):
     return _w_finish(&w)
 
 
-def encode_message(str name, int msg_type, seqid, obj):
+def encode_message(name, msg_type, seqid, obj):
     """A whole strict TBinaryProtocol message: header, then ``obj`` (the args/result struct)."""
     cdef _StructSpec s = _encode_spec(obj)
     cdef _Writer w
@@ -844,8 +869,6 @@ cdef int _skip(_Reader* r, int wire, int depth) except -1:
     """Skip one value of wire type ``wire`` (unknown or mismatched fields)."""
     cdef Py_ssize_t n, i, at = r.pos, size
     cdef int ew, kw, vw
-    if depth >= r.max_depth:
-        raise DecodeError(f"nesting deeper than {r.max_depth} at byte {r.pos}", offset=r.pos)
     size = _min_wire_size(wire)
     if size < 0:
         raise DecodeError(f"invalid field type {wire} at byte {at}", offset=at)
@@ -856,6 +879,8 @@ cdef int _skip(_Reader* r, int wire, int depth) except -1:
     elif wire == T_STRING:
         n = _r_length(r, r.max_string, 1, "string")
         r.pos += n
+    elif depth >= r.max_depth:   # like _r_value: only structs and containers nest
+        raise DecodeError(f"nesting deeper than {r.max_depth} at byte {r.pos}", offset=r.pos)
     elif wire == T_STRUCT:
         while True:
             _need(r, 1, "field type")
@@ -928,11 +953,18 @@ cdef object _r_struct(_Reader* r, _StructSpec s, int depth):
         obj = s.tp.tp_new(<type>s.cls, <PyObject*>_empty_tuple, NULL)
         for i in range(s.n):
             f = &s.fields[i]
-            pv = vals[i] if vals[i] != NULL else f.default
-            if vals[i] == NULL and f.required:
-                raise DecodeError(
-                    f"required field {s.name}.{<object>f.name} is missing "
-                    f"(struct ends at byte {r.pos})", offset=r.pos)
+            pv = vals[i]
+            if pv == NULL:
+                if f.required:
+                    raise DecodeError(
+                        f"required field {s.name}.{<object>f.name} is missing "
+                        f"(struct ends at byte {r.pos})", offset=r.pos)
+                if f.mutable_default:   # never hand out the class's own default object
+                    fresh = deepcopy(<object>f.default)
+                    Py_INCREF(fresh)
+                    vals[i] = pv = <PyObject*>fresh   # released with the decoded values
+                else:
+                    pv = f.default
             if s.generic_setattr:
                 PyObject_GenericSetAttr(obj, <object>f.name, pv)
             else:

@@ -76,7 +76,7 @@ def encode_framed(body) -> bytes:
     return out
 
 
-def encode_framed_message(str name, int msg_type, seqid, obj) -> bytes:
+def encode_framed_message(name, msg_type, seqid, obj) -> bytes:
     """``encode_framed(encode_message(...))`` in one pass."""
     cdef _StructSpec s = _encode_spec(obj)
     cdef _Writer w
@@ -92,7 +92,7 @@ def encode_framed_message(str name, int msg_type, seqid, obj) -> bytes:
     return _w_finish(&w)
 
 
-def encode_unified_message(int flags, header, str name, int msg_type, seqid, obj) -> bytes:
+def encode_unified_message(int flags, header, name, msg_type, seqid, obj) -> bytes:
     """A whole uncompressed unified frame: ``header`` then the message, in one pass.
 
     Equal to ``encode_frame(flags, len(h), h, encode_message(...))`` with

@@ -38,5 +38,11 @@ def decode_message(data: Buffer, service: Any,
                    limits: Optional[Limits] = None) -> Tuple[str, int, int, Any]:
     """``(name, msg_type, seqid, obj)`` of one whole TBinaryProtocol message in ``data``."""
     name, msg_type, seqid, offset = decode_message_begin(data, limits)
-    obj = decode_body(message_class(service, name, msg_type), data, offset, limits)
-    return name, msg_type, seqid, obj
+    try:
+        cls = message_class(service, name, msg_type)
+    except DecodeError as exc:
+        # the name ends where the seqid (strict) or the type byte and seqid begin
+        strict = bytes(memoryview(data)[:1]) >= b"\x80"
+        exc.offset = offset - (4 if strict else 5) - len(name.encode("utf-8"))
+        raise
+    return name, msg_type, seqid, decode_body(cls, data, offset, limits)
