@@ -92,7 +92,11 @@ class AsyncClient:
         except TypeError as exc:
             raise TypeError(f"{method.name}: {exc}") from None
         endpoint = self._endpoints[next(self._turn)]
-        conn = await endpoint.connection()
+        try:
+            conn = await endpoint.connection()
+        except OctoError as exc:
+            exc.method = exc.method or method.name
+            raise
         timeout = self.timeout if timeout is None else timeout
         seq = conn.next_sequence()
         if self.unified:
@@ -116,6 +120,9 @@ class AsyncClient:
             frame = await reply
         except OctoError as exc:
             exc.method = exc.method or method.name
+            raise
+        except BaseException:
+            conn.forget(seq)    # cancelled: nobody waits for this reply now
             raise
         finally:
             timer.cancel()

@@ -1,22 +1,56 @@
-"""The call context that travels with a request: OCTO's ``globalContext``.
+"""What travels with a call: OCTO's ``globalContext`` and the trace it belongs to.
 
-A server sets it from the incoming header before it runs a handler, and every
-client call made inside that handler sends it on, so swimlane and LiteSet tags
-stay on their lane across hops. Callers at the edge set it with ``use()``.
+A server sets both from the incoming header before it runs a handler, and every
+client call made inside that handler sends them on: swimlane and LiteSet tags
+stay on their lane across hops, and the handler's calls are child spans of the
+same trace. Callers at the edge set tags with ``use()``; a new trace starts
+wherever there is none. ``add_span_hook`` lets a tracing system (OpenTelemetry,
+say) observe every span.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Dict, Iterator, Mapping, Optional
+import random
+from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional
 
 _GLOBAL: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
     "octo_global_context", default={})
+_SPAN: contextvars.ContextVar[Optional["Span"]] = contextvars.ContextVar("octo_span", default=None)
+
+
+class Span(NamedTuple):
+    """One hop of a trace (``TraceInfo.traceId`` / ``spanId``)."""
+    trace_id: str
+    span_id: str
+    parent_id: Optional[str] = None
+
+
+# hook(side, service, method, span) -> None or a function called with the OCTO status at the end
+SpanHook = Callable[[str, str, str, Span], Optional[Callable[[int], None]]]
+_HOOKS: List[SpanHook] = []
+
+
+def _new_id() -> str:
+    return f"{random.getrandbits(64):016x}"
 
 
 def global_context() -> Mapping[str, str]:
     """The ``globalContext`` outbound calls will carry (read-only)."""
     return _GLOBAL.get()
+
+
+def current_span() -> Optional[Span]:
+    """The span of the call being handled, if any."""
+    return _SPAN.get()
+
+
+def child_span() -> Span:
+    """A span for an outbound call: in the current trace, or the first of a new one."""
+    parent = _SPAN.get()
+    if parent is None:
+        return Span(_new_id(), _new_id())
+    return Span(parent.trace_id, _new_id(), parent.span_id)
 
 
 @contextlib.contextmanager
@@ -33,6 +67,20 @@ def use(values: Optional[Mapping[str, str]] = None, **more: str) -> Iterator[Dic
         _GLOBAL.reset(token)
 
 
-def _enter(values: Optional[Mapping[str, str]]) -> None:
-    """Server side: the handler about to run inherits the caller's context."""
+def add_span_hook(hook: SpanHook) -> Callable[[], None]:
+    """Call ``hook`` at the start of every span (both sides); returns its remover."""
+    _HOOKS.append(hook)
+    return lambda: _HOOKS.remove(hook)
+
+
+def _span_started(side: str, service: str, method: str, span: Span) -> Optional[List[Callable[[int], None]]]:
+    if not _HOOKS:
+        return None
+    ends = [hook(side, service, method, span) for hook in list(_HOOKS)]
+    return [end for end in ends if end is not None]
+
+
+def _enter(values: Optional[Mapping[str, str]], span: Optional[Span]) -> None:
+    """Server side: the handler about to run inherits the caller's context and trace."""
     _GLOBAL.set(values or {})
+    _SPAN.set(span)

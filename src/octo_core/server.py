@@ -7,14 +7,17 @@ import contextvars
 import inspect
 import logging
 import signal
+import ssl as _ssl
 import time
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
 
 from thriftpy2.thrift import TApplicationException, TMessageType
 
 from octo_core import _codec, idl, protocol
 from octo_core import context as _context
-from octo_core.errors import DecodeError, EncodeError, Status
+from octo_core.auth import Authenticator
+from octo_core.errors import DecodeError, EncodeError, SecurityError, Status
+from octo_core.metrics import Metrics, MethodStats
 from octo_core.protocol import Frame, MessageType, NodeStatus
 from octo_core.transport.address import parse_address
 from octo_core.transport.loop import LoopThread, new_event_loop
@@ -32,6 +35,25 @@ class _Service(NamedTuple):
 
 class _DeadlinePassed(Exception):
     """The caller's deadline passed before the handler could start."""
+
+
+class _Call:
+    """One accepted request on its way through the server."""
+
+    __slots__ = ("method", "service", "reply", "seqid", "answer", "stats", "started", "span_ends",
+                 "context")
+
+    def __init__(self, service: _Service, method: idl.Method, reply: "_Reply", seqid: int,
+                 answer: bool, stats: MethodStats, started: float) -> None:
+        self.service = service
+        self.method = method
+        self.reply = reply
+        self.seqid = seqid
+        self.answer = answer
+        self.stats = stats
+        self.started = started
+        self.span_ends: Optional[list] = None
+        self.context: Optional[contextvars.Context] = None
 
 
 class _Reply:
@@ -75,22 +97,42 @@ class Server:
     also be ``"unix:///path/to.sock"``. Plain-function handlers run on a bounded
     business thread pool (``business_threads`` workers, at most ``business_queue``
     waiting; past that a call is refused at once with status 3); coroutine
-    handlers run on the event loop. A connection with no traffic and no call in
-    flight for ``idle_timeout`` seconds is closed (``None``: never).
+    handlers run on the event loop.
+
+    Protection: ``max_connections`` (more are closed on accept),
+    ``max_in_flight`` and ``max_in_flight_per_connection`` (status 3 past them),
+    ``quotas`` (``{caller appkey or "*": calls per second}``, token buckets;
+    status 6 past them). A connection idle for ``idle_timeout`` seconds, or stuck
+    for ``read_timeout`` seconds on a partial frame, is closed. ``auth`` (an
+    ``octo_core.auth.Authenticator``) requires signed, granted requests; native
+    thrift, which cannot carry a signature, is then refused. ``ssl`` serves TLS.
     """
 
     def __init__(self, appkey: str, host: str = "127.0.0.1", port: int = 0, *,
                  business_threads: int = 16, business_queue: int = 1024,
                  max_frame_size: int = protocol.DEFAULT_MAX_FRAME_SIZE,
-                 idle_timeout: Optional[float] = 600.0) -> None:
+                 idle_timeout: Optional[float] = 600.0, read_timeout: Optional[float] = 30.0,
+                 max_connections: Optional[int] = None, max_in_flight: Optional[int] = None,
+                 max_in_flight_per_connection: Optional[int] = None,
+                 quotas: Optional[Mapping[str, float]] = None,
+                 auth: Optional[Authenticator] = None,
+                 ssl: Optional["_ssl.SSLContext"] = None) -> None:
         self.appkey = appkey
         self.host = host
         self.port: Optional[int] = port
         self.unix_path = parse_address(host).path if host.startswith("unix://") else None
         self.max_frame_size = max_frame_size
         self.idle_timeout = idle_timeout
-        self._sweeper: Optional[asyncio.Task] = None
+        self.read_timeout = read_timeout
+        self.max_connections = max_connections
+        self.max_in_flight = max_in_flight
+        self.max_in_flight_per_connection = max_in_flight_per_connection
+        self.quotas = Quotas(quotas) if quotas else None
+        self.auth = auth
+        self.ssl = ssl
+        self.metrics = Metrics("server")
         self.status = NodeStatus.STARTING
+        self._started_at = time.monotonic()
         self._services: Dict[str, _Service] = {}
         self._by_method: Dict[str, List[_Service]] = {}
         self._business_threads = business_threads
@@ -98,6 +140,7 @@ class Server:
         self._business_pending = 0
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._listener: Optional[asyncio.AbstractServer] = None
+        self._sweeper: Optional[asyncio.Task] = None
         self._connections: set = set()
         self._in_flight = 0
         self._idle: Optional[asyncio.Event] = None
@@ -128,6 +171,10 @@ class Server:
         for method in methods:
             self._by_method.setdefault(method, []).append(entry)
 
+    def stats(self) -> Dict[str, dict]:
+        """Per ``service.method``: calls, errors by status, in-flight, p50/p90/p99 seconds."""
+        return self.metrics.stats()
+
     # --- life cycle ----------------------------------------------------------------
 
     async def start(self) -> None:
@@ -141,16 +188,19 @@ class Server:
             self._business_threads, thread_name_prefix=f"octo-biz-{self.appkey}")
 
         def make_connection() -> ServerConnection:
-            return ServerConnection(self._dispatch, self._connections, self.max_frame_size)
+            return ServerConnection(self._dispatch, self._connections, self.max_frame_size,
+                                    self.max_connections)
 
         if self.unix_path is not None:
-            self._listener = await self._loop.create_unix_server(make_connection, self.unix_path)
+            self._listener = await self._loop.create_unix_server(
+                make_connection, self.unix_path, ssl=self.ssl)
         else:
             self._listener = await self._loop.create_server(
-                make_connection, self.host, self.port, reuse_address=True)
+                make_connection, self.host, self.port, reuse_address=True, ssl=self.ssl)
             self.port = self._listener.sockets[0].getsockname()[1]
-        if self.idle_timeout:
-            self._sweeper = self._loop.create_task(self._sweep_idle())
+        if self.idle_timeout or self.read_timeout:
+            self._sweeper = self._loop.create_task(self._sweep())
+        self._started_at = time.monotonic()
         self.status = NodeStatus.ALIVE
         log.info("%s serving %s on %s", self.appkey, ", ".join(self._services), self.address)
 
@@ -221,13 +271,19 @@ class Server:
     async def __aexit__(self, *exc: Any) -> None:
         await self.stop()
 
-    async def _sweep_idle(self) -> None:
-        period = min(self.idle_timeout / 2, 5.0)
+    async def _sweep(self) -> None:
+        """Close connections idle too long, or stuck on a partial frame too long."""
+        limits = [t for t in (self.idle_timeout, self.read_timeout) if t]
+        period = min(min(limits) / 2, 5.0)
         while True:
             await asyncio.sleep(period)
-            cutoff = self._loop.time() - self.idle_timeout
+            now = self._loop.time()
             for conn in list(self._connections):
-                if conn.last_activity < cutoff and not conn.in_flight:
+                quiet = now - conn.last_activity
+                if self.read_timeout and conn.buffered_input and quiet > self.read_timeout:
+                    log.info("closing %s: a partial frame stalled for %.0fs", conn.peer, quiet)
+                    conn.abort()
+                elif self.idle_timeout and quiet > self.idle_timeout and not conn.in_flight:
                     log.info("closing idle connection %s", conn.peer)
                     conn.close()
 
@@ -246,44 +302,69 @@ class Server:
         if header.messageType in (MessageType.NORMAL_HEARTBEAT, MessageType.SCANNER_HEARTBEAT):
             self._heartbeat(reply, header.messageType)
             return
-        if self.status != NodeStatus.ALIVE:
-            reply.refuse(Status.RPC_EXCEPTION, f"{self.appkey} is {self.status.name.lower()}")
-            return
         service = self._services.get(info.serviceName)
         if service is None:
+            self.metrics.refused(info.serviceName, "", Status.SERVICE_EXCEPTION)
             reply.refuse(Status.SERVICE_EXCEPTION,
                          f"service {info.serviceName!r} is not hosted by {self.appkey}")
             return
         deadline = time.monotonic() + info.timeout / 1000.0 if info.timeout > 0 else None
-        self._call(service, reply, frame.body, deadline, header.globalContext)
+        self._call(service, reply, frame.body, deadline, header)
 
     def _native(self, conn: ServerConnection, frame: Frame) -> None:
         reply = _Reply(conn, 0, 0, False)
         try:
-            name = _codec.decode_message_begin(frame.body)[0]
+            name, _, seqid, _ = _codec.decode_message_begin(frame.body)
         except DecodeError as exc:
             conn.protocol_error(protocol.ProtocolError(f"bad framed thrift message: {exc}"))
             return
         hosts = self._by_method.get(name, ())
         if len(hosts) != 1:
-            seqid = _codec.decode_message_begin(frame.body)[2]
             why = "is not hosted here" if not hosts else "is ambiguous: several services have it"
             reply.app_exception(name, seqid, TApplicationException.UNKNOWN_METHOD,
                                 f"method {name!r} {why}")
             return
-        if self.status != NodeStatus.ALIVE:
-            seqid = _codec.decode_message_begin(frame.body)[2]
-            reply.refuse(Status.RPC_EXCEPTION, f"{self.appkey} is {self.status.name.lower()}",
-                         name, seqid)
+        if self.auth is not None:
+            self.metrics.refused(hosts[0].name, name, Status.SECURITY_EXCEPTION)
+            reply.refuse(Status.SECURITY_EXCEPTION,
+                         "authentication is required: native thrift cannot be signed", name, seqid)
             return
         self._call(hosts[0], reply, frame.body, None, None)
 
+    def _admission(self, service: _Service, name: str, reply: _Reply,
+                   header: Optional[Any]) -> Optional[Tuple[int, str]]:
+        """Why a request may not run now (status, message), or None to run it."""
+        if self.status != NodeStatus.ALIVE:
+            return Status.RPC_EXCEPTION, f"{self.appkey} is {self.status.name.lower()}"
+        caller = header.traceInfo.clientAppkey if header is not None and header.traceInfo else ""
+        if self.auth is not None:
+            try:
+                self.auth.check_peer(reply.conn.peer_ip)
+                self.auth.check(caller=caller, server_appkey=self.appkey, service=service.name,
+                                method=name, local_context=header.localContext,
+                                body=None)
+            except SecurityError as refused:
+                return Status.SECURITY_EXCEPTION, str(refused)
+        if self.max_in_flight is not None and self._in_flight >= self.max_in_flight:
+            return Status.RPC_EXCEPTION, f"{self.appkey} is overloaded: {self._in_flight} calls in flight"
+        limit = self.max_in_flight_per_connection
+        if limit is not None and reply.conn.in_flight >= limit:
+            return Status.RPC_EXCEPTION, f"too many calls in flight on this connection (max {limit})"
+        if self.quotas is not None and not self.quotas.take(caller):
+            return Status.DEGRADE_EXCEPTION, f"quota exceeded for caller {caller or '(anonymous)'}"
+        return None
+
     def _call(self, service: _Service, reply: _Reply, body: Any, deadline: Optional[float],
-              global_context: Optional[dict]) -> None:
+              header: Optional[Any]) -> None:
         try:
             name, msg_type, seqid, offset = _codec.decode_message_begin(body)
         except DecodeError as exc:
             reply.refuse(Status.PROTOCOL_EXCEPTION, f"bad message: {exc}")
+            return
+        refusal = self._admission(service, name, reply, header)
+        if refusal is not None:
+            self.metrics.refused(service.name, name, refusal[0])
+            reply.refuse(*refusal, name, seqid)
             return
         method = service.methods.get(name)
         if method is None:
@@ -293,106 +374,143 @@ class Server:
         try:
             args = _codec.decode_body(method.args_cls, body, offset)
         except DecodeError as exc:
+            self.metrics.refused(service.name, name, Status.PROTOCOL_EXCEPTION)
             reply.refuse(Status.PROTOCOL_EXCEPTION, f"{service.name}.{name}: bad arguments: {exc}",
                          name, seqid)
+            return
+        fn, is_coroutine = service.handlers[name]
+        if not is_coroutine and self._business_pending >= self._business_limit:
+            self.metrics.refused(service.name, name, Status.RPC_EXCEPTION)
+            reply.refuse(Status.RPC_EXCEPTION,
+                         f"{self.appkey} is overloaded: business queue full", name, seqid)
             return
         # A oneway call is answered on the unified protocol (the reference server does
         # so, §3) but never on native thrift, whose clients do not read a reply.
         answer = reply.unified or not (method.oneway or msg_type == TMessageType.ONEWAY)
-        fn, is_coroutine = service.handlers[name]
-        argv = [getattr(args, arg) for arg in method.arg_names]
-        if is_coroutine:
-            self._started(reply.conn)
-            context = contextvars.copy_context()
-            context.run(_context._enter, global_context)
-            self._loop.create_task(
-                self._run_coroutine(fn, argv, method, reply, seqid, answer, deadline),
-                context=context)
-            return
-        if self._business_pending >= self._business_limit:
-            reply.refuse(Status.RPC_EXCEPTION,
-                         f"{self.appkey} is overloaded: business queue full", name, seqid)
-            return
-        self._started(reply.conn)
-        self._business_pending += 1
-        future = self._pool.submit(_run_sync, fn, argv, deadline, global_context)
-        future.add_done_callback(
-            lambda f: self._loop.call_soon_threadsafe(self._sync_done, f, method, reply, seqid, answer))
-
-    def _started(self, conn: ServerConnection) -> None:
-        conn.in_flight += 1
+        call = _Call(service, method, reply, seqid, answer,
+                     self.metrics.started(service.name, name), time.monotonic())
+        reply.conn.in_flight += 1
         self._in_flight += 1
         self._idle.clear()
+        call.context = self._handler_context(call, header)
+        argv = [getattr(args, arg) for arg in method.arg_names]
+        if is_coroutine:
+            self._loop.create_task(self._run_coroutine(call, fn, argv, deadline), context=call.context)
+            return
+        self._business_pending += 1
+        future = self._pool.submit(call.context.run, _run_sync, fn, argv, deadline)
+        future.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._sync_done, call, f))
 
-    def _finished(self, conn: ServerConnection) -> None:
-        conn.in_flight -= 1
-        self._in_flight -= 1
-        if not self._in_flight:
-            self._idle.set()
+    def _handler_context(self, call: _Call, header: Optional[Any]) -> contextvars.Context:
+        """The context the handler runs in: the caller's globalContext and trace."""
+        trace = header.traceInfo if header is not None else None
+        span = None
+        if trace is not None and trace.traceId:
+            span = _context.Span(trace.traceId, trace.spanId or _context._new_id())
+        context = contextvars.copy_context()
+        context.run(_context._enter, header.globalContext if header is not None else None, span)
+        if span is not None:
+            call.span_ends = _context._span_started("server", call.service.name, call.method.name, span)
+        return context
 
-    async def _run_coroutine(self, fn, argv, method, reply, seqid, answer, deadline) -> None:
+    async def _run_coroutine(self, call: _Call, fn: Callable[..., Any], argv: List[Any],
+                             deadline: Optional[float]) -> None:
         try:
             if deadline is not None and time.monotonic() > deadline:
                 raise _DeadlinePassed()
             value = await fn(*argv)
         except BaseException as exc:  # noqa: B902 - every failure becomes a reply
-            self._answer(method, reply, seqid, answer, None, exc)
+            self._answer(call, None, exc)
         else:
-            self._answer(method, reply, seqid, answer, value, None)
+            self._answer(call, value, None)
 
-    def _sync_done(self, future: concurrent.futures.Future, method, reply, seqid, answer) -> None:
+    def _sync_done(self, call: _Call, future: concurrent.futures.Future) -> None:
         self._business_pending -= 1
         if future.cancelled():
-            self._answer(method, reply, seqid, answer, None, _DeadlinePassed())
+            self._answer(call, None, _DeadlinePassed())
             return
         exc = future.exception()
-        self._answer(method, reply, seqid, answer, None if exc else future.result(), exc)
+        self._answer(call, None if exc else future.result(), exc)
 
-    def _answer(self, method: idl.Method, reply: _Reply, seqid: int, answer: bool,
-                value: Any, exc: Optional[BaseException]) -> None:
-        self._finished(reply.conn)
-        if not answer or reply.conn.closed:
-            return
-        name = method.name
+    def _answer(self, call: _Call, value: Any, exc: Optional[BaseException]) -> None:
+        reply, method = call.reply, call.method
+        reply.conn.in_flight -= 1
+        self._in_flight -= 1
+        if not self._in_flight:
+            self._idle.set()
+        status = self._reply(call, value, exc)
+        self.metrics.finished(call.stats, time.monotonic() - call.started, status)
+        for end in call.span_ends or ():
+            end(status)
+        if isinstance(exc, BaseException) and not isinstance(exc, Exception):
+            raise exc   # KeyboardInterrupt, SystemExit, cancellation: not ours to swallow
+
+    def _reply(self, call: _Call, value: Any, exc: Optional[BaseException]) -> int:
+        """Send the answer (if one is owed); returns the OCTO status of the call."""
+        reply, method, name, seqid = call.reply, call.method, call.method.name, call.seqid
+        send = call.answer and not reply.conn.closed
         if isinstance(exc, _DeadlinePassed):
-            reply.refuse(Status.TRANSPORT_EXCEPTION,
-                         f"{name}: the caller's deadline passed before the handler ran", name, seqid)
-            return
+            if send:
+                reply.refuse(Status.TRANSPORT_EXCEPTION,
+                             f"{name}: the caller's deadline passed before the handler ran", name, seqid)
+            return Status.TRANSPORT_EXCEPTION
         result = method.result_cls()
         if exc is not None:
             field = next((f for f, cls in method.exceptions if isinstance(exc, cls)), None)
             if field is None:
-                if not isinstance(exc, Exception):
-                    raise exc
                 log.info("%s raised %s: %s", name, type(exc).__name__, exc)
-                reply.app_exception(name, seqid, TApplicationException.INTERNAL_ERROR,
-                                    f"{type(exc).__name__}: {exc}")
-                return
+                if send:
+                    reply.app_exception(name, seqid, TApplicationException.INTERNAL_ERROR,
+                                        f"{type(exc).__name__}: {exc}")
+                return Status.APPLICATION_EXCEPTION
             setattr(result, field, exc)
         elif method.returns_value:
             result.success = value
-        try:
-            reply.message(name, TMessageType.REPLY, seqid, result)
-        except EncodeError as bad:
-            reply.app_exception(name, seqid, TApplicationException.INTERNAL_ERROR,
-                                f"{name} returned a value its IDL does not allow: {bad}")
+        if send:
+            try:
+                reply.message(name, TMessageType.REPLY, seqid, result)
+            except EncodeError as bad:
+                reply.app_exception(name, seqid, TApplicationException.INTERNAL_ERROR,
+                                    f"{name} returned a value its IDL does not allow: {bad}")
+                return Status.APPLICATION_EXCEPTION
+        return Status.SUCCESS
 
     def _heartbeat(self, reply: _Reply, message_type: int) -> None:
+        uptime = max(time.monotonic() - self._started_at, 1e-3)
+        load = protocol.LoadInfo(queueSize=self._business_pending, threadNum=self._business_threads,
+                                 methodQpsMap=self.metrics.qps_by_method(uptime))
         beat = protocol.HeartbeatInfo(appkey=self.appkey, sendTime=int(time.time() * 1000),
-                                      status=int(self.status))
+                                      loadInfo=load, status=int(self.status))
         header = protocol.response_header(reply.sequence_id, 0, message_type=message_type,
                                           heartbeat=beat)
         reply.conn.send(protocol.encode_unified(header, b"", reply.flags))
 
 
-def _run_sync(fn: Callable[..., Any], argv: List[Any], deadline: Optional[float],
-              global_context: Optional[dict]) -> Any:
-    """Runs on a business thread: skip work whose caller has already given up."""
+class Quotas:
+    """Per-caller token buckets: ``{appkey or "*": calls per second}`` (burst: one second's worth)."""
+
+    def __init__(self, rates: Mapping[str, float]) -> None:
+        self.rates = dict(rates)
+        self._buckets: Dict[str, List[float]] = {}   # appkey -> [tokens, last refill]
+
+    def take(self, caller: str) -> bool:
+        rate = self.rates.get(caller, self.rates.get("*"))
+        if rate is None:
+            return True
+        now = time.monotonic()
+        bucket = self._buckets.get(caller)
+        if bucket is None:
+            bucket = self._buckets[caller] = [rate, now]
+        bucket[0] = min(rate, bucket[0] + (now - bucket[1]) * rate)
+        bucket[1] = now
+        if bucket[0] < 1.0:
+            return False
+        bucket[0] -= 1.0
+        return True
+
+
+def _run_sync(fn: Callable[..., Any], argv: List[Any], deadline: Optional[float]) -> Any:
+    """Runs on a business thread (in the call's context): skip work whose caller gave up."""
     if deadline is not None and time.monotonic() > deadline:
         raise _DeadlinePassed()
-    return contextvars.copy_context().run(_call_in_context, fn, argv, global_context)
-
-
-def _call_in_context(fn: Callable[..., Any], argv: List[Any], global_context: Optional[dict]) -> Any:
-    _context._enter(global_context)
     return fn(*argv)

@@ -122,33 +122,34 @@ class Endpoint:
     async def _open(self, slot: int) -> ClientConnection:
         if self.closed:
             raise TransportError("client is closed", node=self.node, request_sent=False)
-        waiting = self._connecting.get(slot)
-        if waiting is not None:
-            return await asyncio.shield(waiting)
-        now = time.monotonic()
-        if now < self._retry_at:
-            raise TransportError(f"connect failed recently; retrying in "
-                                 f"{self._retry_at - now:.2f}s", node=self.node,
-                                 request_sent=False)
+        attempt = self._connecting.get(slot)
+        if attempt is None:
+            now = time.monotonic()
+            if now < self._retry_at:
+                raise TransportError(f"connect failed recently; retrying in "
+                                     f"{self._retry_at - now:.2f}s", node=self.node,
+                                     request_sent=False)
+            # The connect runs as its own task: a caller that gives up (cancelled,
+            # timed out) neither aborts it for the others nor counts as a failure.
+            attempt = asyncio.get_running_loop().create_task(self._connect_slot(slot))
+            self._connecting[slot] = attempt
+        return await asyncio.shield(attempt)
+
+    async def _connect_slot(self, slot: int) -> ClientConnection:
         loop = asyncio.get_running_loop()
-        attempt = loop.create_future()
-        self._connecting[slot] = attempt
         try:
             conn = await self._connect(loop)
-        except BaseException as exc:
+        except TransportError:
             self._backoff = min(self._backoff_max, max(self._backoff_min, self._backoff * 2))
             self._retry_at = time.monotonic() + self._backoff * random.uniform(0.8, 1.2)
-            error = exc if isinstance(exc, TransportError) else TransportError(
-                f"cannot connect: {exc or type(exc).__name__}", node=self.node,
-                request_sent=False)
-            attempt.set_exception(error)
-            attempt.exception()  # mark retrieved: other waiters may not exist
-            raise error from None
+            raise
         finally:
             del self._connecting[slot]
+        if self.closed:
+            conn.close()
+            raise TransportError("client is closed", node=self.node, request_sent=False)
         self._backoff = 0.0
         self._conns[slot] = conn
-        attempt.set_result(conn)
         if self._heartbeat_interval and self._heartbeat_task is None:
             self._heartbeat_task = loop.create_task(self._heartbeats())
         return conn
@@ -167,8 +168,8 @@ class Endpoint:
             raise TransportError(f"connect timed out after {self.connect_timeout}s",
                                  node=self.node, request_sent=False) from None
         except OSError as exc:
-            raise TransportError(f"cannot connect: {exc.strerror or exc}", node=self.node,
-                                 request_sent=False) from None
+            raise TransportError(f"cannot connect: {exc.strerror or exc or type(exc).__name__}",
+                                 node=self.node, request_sent=False) from None
         return conn
 
     @property

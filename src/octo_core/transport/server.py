@@ -4,21 +4,28 @@ from __future__ import annotations
 from typing import Callable, List, Optional, Set
 
 from octo_core.protocol import Frame
-from octo_core.transport.stream import FramedProtocol
+from octo_core.transport.stream import FramedProtocol, log
 
 
 class ServerConnection(FramedProtocol):
     """One accepted connection; every complete frame goes to ``dispatch(conn, frame)``."""
 
     def __init__(self, dispatch: Callable[["ServerConnection", Frame], None],
-                 connections: Set["ServerConnection"], max_frame_size: int) -> None:
+                 connections: Set["ServerConnection"], max_frame_size: int,
+                 max_connections: Optional[int] = None) -> None:
         super().__init__(max_frame_size)
         self._dispatch = dispatch
         self._connections = connections
+        self._max_connections = max_connections
         self.in_flight = 0
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        if self._max_connections is not None and len(self._connections) >= self._max_connections:
+            log.warning("refusing connection from %s: %d connections open (max %d)",
+                        self.peer, len(self._connections), self._max_connections)
+            self.abort()
+            return
         self._connections.add(self)
 
     def frames_received(self, frames: List[Frame]) -> None:

@@ -21,6 +21,7 @@ class FramedProtocol(asyncio.Protocol):
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
         self.transport: Optional[asyncio.Transport] = None
         self.peer = "?"
+        self.peer_ip: Optional[str] = None
         self._decoder = FrameDecoder(max_frame_size)
         self._out: List[bytes] = []
         self._flush_scheduled = False
@@ -33,6 +34,7 @@ class FramedProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = f"{peer[0]}:{peer[1]}"
+            self.peer_ip = peer[0]
         elif peer:
             self.peer = str(peer)
         else:

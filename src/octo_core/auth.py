@@ -1,0 +1,193 @@
+"""Signed requests and access control (shared/PROTOCOL.md §6).
+
+Clients sign with their appkey's token (``Signer``); servers check a request in
+the order of OCTO's SecurityFilter — restrict (peer IP), authenticate
+(signature, clock skew, replayed nonce), authorise (ACL) — and refuse with
+status 7 and a reason that never contains a secret (``Authenticator``).
+
+Tokens: a static ``{appkey: token}`` store, a file of the same, or the derived
+("KMS") store where ``token(appkey) = hex(HMAC-SHA256(master_secret, appkey))``.
+The HMAC key of a signature is the token's UTF-8 bytes.
+"""
+from __future__ import annotations
+
+import collections
+import fnmatch
+import ipaddress
+import json
+import os
+import threading
+import time
+from typing import Dict, Iterable, Mapping, Optional, Sequence, Union
+
+from octo_core._codec import SigningKey, sha256_hex
+from octo_core.errors import SecurityError
+
+TS_KEY = "octo-auth-ts"
+NONCE_KEY = "octo-auth-nonce"
+SIGN_KEY = "octo-auth-sign"
+
+
+# --- token stores ---------------------------------------------------------------------
+
+class StaticTokens:
+    """Tokens given explicitly: ``{appkey: token}``."""
+
+    def __init__(self, tokens: Mapping[str, str]) -> None:
+        self._tokens = dict(tokens)
+
+    def token(self, appkey: str) -> Optional[str]:
+        return self._tokens.get(appkey)
+
+    @classmethod
+    def from_file(cls, path: str) -> "StaticTokens":
+        """A JSON object ``{appkey: token}``, or lines ``appkey token`` (``#`` comments)."""
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+        if text.lstrip().startswith("{"):
+            return cls(json.loads(text))
+        tokens = {}
+        for number, line in enumerate(text.splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise ValueError(f"{path}:{number}: expected 'appkey token'")
+            tokens[parts[0]] = parts[1]
+        return cls(tokens)
+
+
+class DerivedTokens:
+    """KMS-style tokens: ``hex(HMAC-SHA256(master_secret, appkey))`` for any appkey."""
+
+    def __init__(self, master_secret: Union[str, bytes]) -> None:
+        self._master = SigningKey(master_secret)
+
+    def token(self, appkey: str) -> Optional[str]:
+        return self._master.digest(appkey.encode()).hex()
+
+
+TokenStore = Union[StaticTokens, DerivedTokens]
+
+
+# --- client side ----------------------------------------------------------------------
+
+class Signer:
+    """Adds the §6 entries to a request's ``localContext``."""
+
+    def __init__(self, appkey: str, token: str, server_appkey: str, *, sign_body: bool = False) -> None:
+        self.appkey = appkey
+        self.server_appkey = server_appkey
+        self.sign_body = sign_body
+        self._key = SigningKey(token)
+
+    def headers(self, service: str, method: str, body: Optional[bytes] = None) -> Dict[str, str]:
+        ts = str(int(time.time() * 1000))
+        nonce = os.urandom(16).hex()
+        digest = sha256_hex(body) if self.sign_body and body is not None else None
+        signature = self._key.sign(self.appkey, self.server_appkey, service, method, ts, nonce, digest)
+        return {TS_KEY: ts, NONCE_KEY: nonce, SIGN_KEY: signature}
+
+
+# --- server side ----------------------------------------------------------------------
+
+class _NonceCache:
+    """Nonces seen within the skew window; bounded (oldest forgotten first)."""
+
+    def __init__(self, window: float, capacity: int) -> None:
+        self.window = window
+        self.capacity = capacity
+        self._seen: "collections.OrderedDict[str, float]" = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def first_use(self, nonce: str, now: float) -> bool:
+        with self._lock:
+            seen = self._seen
+            while seen:
+                oldest, at = next(iter(seen.items()))
+                if at >= now - 2 * self.window and len(seen) < self.capacity:
+                    break
+                seen.popitem(last=False)
+            if nonce in seen:
+                return False
+            seen[nonce] = now
+            return True
+
+
+class Authenticator:
+    """The server's security filter.
+
+    ``allow``/``deny``: peer IPs or CIDRs (deny wins; with an allow list, only it
+    passes). ``acl``: ``{caller appkey pattern: ["Service.method" patterns]}``
+    with ``fnmatch`` wildcards; ``None`` lets every authenticated caller in.
+    ``skew``: accepted clock difference in seconds. ``sign_body``: the signature
+    must cover the body's SHA-256. ``rejections`` counts refusals by reason.
+    """
+
+    def __init__(self, tokens: TokenStore, *, acl: Optional[Mapping[str, Iterable[str]]] = None,
+                 allow: Sequence[str] = (), deny: Sequence[str] = (), skew: float = 60.0,
+                 sign_body: bool = False, nonce_capacity: int = 1_000_000) -> None:
+        self.tokens = tokens
+        self.acl = None if acl is None else {k: tuple(v) for k, v in acl.items()}
+        self.allow = [ipaddress.ip_network(a, strict=False) for a in allow]
+        self.deny = [ipaddress.ip_network(d, strict=False) for d in deny]
+        self.skew = skew
+        self.sign_body = sign_body
+        self._nonces = _NonceCache(skew, nonce_capacity)
+        self._keys: Dict[str, SigningKey] = {}
+        self.rejections: Dict[str, int] = collections.Counter()
+
+    def _refuse(self, reason: str, detail: str) -> SecurityError:
+        self.rejections[reason] += 1
+        return SecurityError(f"{reason}: {detail}")
+
+    def check_peer(self, ip: Optional[str]) -> None:
+        """Restrict: refuse a peer on the deny list or off the allow list."""
+        if not self.allow and not self.deny:
+            return
+        try:
+            address = ipaddress.ip_address(ip or "")
+        except ValueError:
+            if self.allow:
+                raise self._refuse("ip-denied", "the peer has no IP address") from None
+            return
+        if any(address in net for net in self.deny):
+            raise self._refuse("ip-denied", f"{address} is on the deny list")
+        if self.allow and not any(address in net for net in self.allow):
+            raise self._refuse("ip-denied", f"{address} is not on the allow list")
+
+    def check(self, *, caller: Optional[str], server_appkey: str, service: str, method: str,
+              local_context: Optional[Mapping[str, str]], body: Optional[bytes] = None,
+              now: Optional[float] = None) -> None:
+        """Authenticate and authorise one request; raises ``SecurityError`` (status 7)."""
+        context = local_context or {}
+        ts, nonce, signature = context.get(TS_KEY), context.get(NONCE_KEY), context.get(SIGN_KEY)
+        if not caller or not ts or not nonce or not signature:
+            raise self._refuse("unsigned", "the request carries no signature")
+        token = self.tokens.token(caller)
+        if token is None:
+            raise self._refuse("unknown-caller", f"no token for appkey {caller!r}")
+        key = self._keys.get(token)
+        if key is None:
+            key = self._keys[token] = SigningKey(token)
+        digest = sha256_hex(body) if self.sign_body else None
+        if not key.verify(signature, caller, server_appkey, service, method, ts, nonce, digest):
+            raise self._refuse("bad-signature", "the signature does not match")
+        now = time.time() if now is None else now
+        try:
+            sent = int(ts) / 1000.0
+        except ValueError:
+            raise self._refuse("bad-timestamp", "the timestamp is not a number") from None
+        if abs(now - sent) > self.skew:
+            raise self._refuse("expired", f"timestamp is {now - sent:+.0f}s off (allowed ±{self.skew:.0f}s)")
+        if not self._nonces.first_use(f"{caller}/{nonce}", now):
+            raise self._refuse("replayed", "this nonce was already used")
+        if self.acl is not None and not self._granted(caller, f"{service}.{method}"):
+            raise self._refuse("not-granted", f"{caller} may not call {service}.{method}")
+
+    def _granted(self, caller: str, target: str) -> bool:
+        for who, grants in self.acl.items():
+            if fnmatch.fnmatchcase(caller, who) and any(fnmatch.fnmatchcase(target, g) for g in grants):
+                return True
+        return False
