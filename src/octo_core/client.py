@@ -209,6 +209,7 @@ class Client:
 
     def __init__(self, service: Any, **options: Any) -> None:
         self._thread = LoopThread("octo-client")
+        self._closed = False
         self._async = self._thread.run(_make_async(service, options))
         for name in self._async._methods:
             setattr(self, name, self._blocking(name))
@@ -219,6 +220,8 @@ class Client:
         call = self._async.call
 
         def submit(*args: Any, **kwargs: Any) -> concurrent.futures.Future:
+            if self._closed:
+                raise TransportError("client is closed", method=name, request_sent=False)
             return self._thread.submit(call(name, *args, **kwargs))
         submit.__name__ = name
         return submit
@@ -244,6 +247,9 @@ class Client:
 
     def close(self) -> None:
         """Close the connections and stop the loop thread."""
+        if self._closed:
+            return
+        self._closed = True
         try:
             self._thread.run(AsyncClient.close(self._async), timeout=5)
         finally:

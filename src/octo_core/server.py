@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import inspect
 import logging
+import os
 import signal
 import ssl as _ssl
 import time
@@ -234,6 +236,9 @@ class Server:
         await asyncio.sleep(0)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._listener = None
+        if self.unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.unix_path)
         self.status = NodeStatus.STOPPED
 
     def serve_forever(self) -> None:
@@ -331,8 +336,8 @@ class Server:
             return
         self._call(hosts[0], reply, frame.body, None, None)
 
-    def _admission(self, service: _Service, name: str, reply: _Reply,
-                   header: Optional[Any]) -> Optional[Tuple[int, str]]:
+    def _admission(self, service: _Service, name: str, reply: _Reply, header: Optional[Any],
+                   body: Any) -> Optional[Tuple[int, str]]:
         """Why a request may not run now (status, message), or None to run it."""
         if self.status != NodeStatus.ALIVE:
             return Status.RPC_EXCEPTION, f"{self.appkey} is {self.status.name.lower()}"
@@ -342,7 +347,7 @@ class Server:
                 self.auth.check_peer(reply.conn.peer_ip)
                 self.auth.check(caller=caller, server_appkey=self.appkey, service=service.name,
                                 method=name, local_context=header.localContext,
-                                body=None)
+                                body=bytes(body) if self.auth.sign_body else None)
             except SecurityError as refused:
                 return Status.SECURITY_EXCEPTION, str(refused)
         if self.max_in_flight is not None and self._in_flight >= self.max_in_flight:
@@ -361,7 +366,7 @@ class Server:
         except DecodeError as exc:
             reply.refuse(Status.PROTOCOL_EXCEPTION, f"bad message: {exc}")
             return
-        refusal = self._admission(service, name, reply, header)
+        refusal = self._admission(service, name, reply, header, body)
         if refusal is not None:
             self.metrics.refused(service.name, name, refusal[0])
             reply.refuse(*refusal, name, seqid)

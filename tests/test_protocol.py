@@ -1,0 +1,571 @@
+"""The unified frame and native framed thrift, sans-IO (shared/PROTOCOL.md §1–§4).
+
+Bytes are checked against independent oracles: the layout written out by hand
+with ``struct``, ``zlib.adler32`` for the checksum, Python's ``gzip`` module,
+``cramjam`` for snappy (when installed) and thriftpy2's own binary protocol for
+header bytes. Every malformed input must be a ``ProtocolError`` (status 5) and
+nothing else, and must be refused before large buffers are allocated.
+"""
+from __future__ import annotations
+
+import gzip
+import struct
+import sys
+import tracemalloc
+import zlib
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from thriftpy2.thrift import TMessageType
+from thriftpy2.utils import serialize
+
+from octo_core import _codec, codec, protocol
+from octo_core.errors import EncodeError, ProtocolError
+from octo_core.protocol import (FLAG_CHECKSUM, FLAG_GZIP, FLAG_SNAPPY, Frame, FrameDecoder,
+                                Header, HeartbeatInfo, LoadInfo, MessageType, RequestInfo,
+                                TraceInfo)
+
+from wire_helpers import Echo, have_snappy, watchdog  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("watchdog")
+
+SNAPPY = have_snappy()
+FUZZ = settings(max_examples=150, deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+BASE_FLAGS = [0x01, 0x01 | FLAG_CHECKSUM, 0x01 | FLAG_GZIP, 0x01 | FLAG_GZIP | FLAG_CHECKSUM]
+SNAPPY_FLAGS = [0x01 | FLAG_SNAPPY, 0x01 | FLAG_SNAPPY | FLAG_CHECKSUM,
+                0x01 | FLAG_SNAPPY | FLAG_GZIP | FLAG_CHECKSUM]
+ALL_FLAGS = BASE_FLAGS + (SNAPPY_FLAGS if SNAPPY else [])
+
+
+def full_request_header(seq: int = 7) -> Header:
+    return protocol.request_header(
+        "com.example.EchoService", seq, 1500, call_type=protocol.CallType.NO_REPLY,
+        trace=TraceInfo(clientAppkey="com.example.caller", traceId="abc", spanId="0.1",
+                        debug=True, sample=False, clientIp="10.0.0.1"),
+        global_context={"tenant": "t1", "ünï": "ｃｏｄｅ"}, local_context={"hop": "1"})
+
+
+def full_response_header(seq: int = 7) -> Header:
+    beat = HeartbeatInfo(appkey="com.example.echo", sendTime=1_700_000_000_000,
+                         loadInfo=LoadInfo(averageLoad=0.5, threadNum=8,
+                                           methodQpsMap={"echo": 12.5}),
+                         status=2)
+    return protocol.response_header(seq, 3, "busy", heartbeat=beat)
+
+
+def echo_body(seq: int = 7, text: str = "hello") -> bytes:
+    return codec.encode_message("echo", TMessageType.CALL, seq, Echo.echo_args(text=text))
+
+
+def raw_unified(flags: int, header_length: int, payload: bytes, *,
+                total_length: int = None, checksum: bool = None) -> bytes:
+    """A unified frame written by hand from §1 (not by the code under test)."""
+    checksum = bool(flags & FLAG_CHECKSUM) if checksum is None else checksum
+    if total_length is None:
+        total_length = 2 + len(payload) + (4 if checksum else 0)
+    frame = (b"\xab\xba\x00" + bytes([flags]) + struct.pack("!i", total_length)
+             + struct.pack("!h", header_length) + payload)
+    if checksum:
+        frame += struct.pack("!I", zlib.adler32(frame))
+    return frame
+
+
+def raw_framed(body: bytes) -> bytes:
+    return struct.pack("!i", len(body)) + body
+
+
+def feed_error(data: bytes, max_frame_size: int = protocol.DEFAULT_MAX_FRAME_SIZE) -> ProtocolError:
+    with pytest.raises(ProtocolError) as info:
+        FrameDecoder(max_frame_size).feed(data)
+    assert info.value.status == 5
+    return info.value
+
+
+def only_frame(data: bytes, max_frame_size: int = protocol.DEFAULT_MAX_FRAME_SIZE) -> Frame:
+    decoder = FrameDecoder(max_frame_size)
+    frames = decoder.feed(data)
+    assert len(frames) == 1 and decoder.buffered == 0
+    return frames[0]
+
+
+# --- layout and round trips --------------------------------------------------------
+
+def test_uncompressed_frame_layout_matches_the_contract():
+    header = full_request_header()
+    body = echo_body()
+    frame = protocol.encode_unified(header, body)
+    head = serialize(header)   # thriftpy2's TBinaryProtocol: an independent encoder
+    assert frame[:4] == b"\xab\xba\x00\x01"
+    assert struct.unpack("!i", frame[4:8])[0] == 2 + len(head) + len(body)
+    assert struct.unpack("!h", frame[8:10])[0] == len(head)
+    assert frame[10:] == head + body
+    assert len(frame) == struct.unpack("!i", frame[4:8])[0] + 8
+
+
+def test_header_always_writes_message_type_first():
+    for header in (protocol.request_header("S", 0, 1), protocol.response_header(0)):
+        encoded = codec.encode(header)
+        assert encoded[:4] == b"\x03\x00\x01\x00"   # field 1, byte, value 0 (Normal)
+    beat = protocol.scanner_heartbeat_request()
+    assert beat.messageType == MessageType.SCANNER_HEARTBEAT
+    assert beat.requestInfo == RequestInfo("ScannerHeartbeat", 1, 0, 1000)
+
+
+@pytest.mark.parametrize("flags", ALL_FLAGS, ids=lambda f: f"0x{f:02x}")
+@pytest.mark.parametrize("make_header", [full_request_header, full_response_header])
+def test_round_trip_every_flag_combination(flags, make_header):
+    header = make_header()
+    body = echo_body() * 3
+    frame = protocol.encode_unified(header, body, flags)
+    assert frame[3] == flags
+    decoded = only_frame(frame)
+    assert decoded.flags == flags
+    assert decoded.is_unified
+    assert decoded.header == header
+    assert bytes(decoded.body) == body
+
+
+def test_encode_unified_message_equals_the_two_step_encoding():
+    header = full_request_header(9)
+    args = Echo.echo_args(text="x" * 300)
+    for flags in ALL_FLAGS:
+        one_pass = protocol.encode_unified_message(flags, header, "echo", TMessageType.CALL, 9, args)
+        two_step = protocol.encode_unified(header, codec.encode_message("echo", 1, 9, args), flags)
+        assert one_pass == two_step, f"flags 0x{flags:02x}"
+    assert protocol.encode_framed_message("echo", 1, 9, args) == raw_framed(
+        codec.encode_message("echo", 1, 9, args))
+
+
+def test_framed_thrift_round_trip():
+    body = echo_body(3)
+    frame = protocol.encode_framed(body)
+    assert frame == raw_framed(body)
+    decoded = only_frame(frame)
+    assert decoded == Frame(0, None, body)
+    assert not decoded.is_unified
+
+
+def test_frame_reader_strips_the_verified_checksum():
+    head = codec.encode(full_request_header())
+    body = echo_body()
+    frame = _codec.encode_frame(0x81, len(head), head, body)
+    assert frame == raw_unified(0x81, len(head), head + body)
+    reader = _codec.FrameReader(1 << 20)
+    assert reader.feed(frame) == [(0x81, len(head), head + body)]
+    assert reader.consumed == len(frame) and reader.buffered == 0
+
+
+def test_encode_refuses_what_cannot_be_framed():
+    huge = protocol.request_header("S", 1, 1, global_context={"k": "v" * 40000})
+    with pytest.raises(EncodeError):
+        protocol.encode_unified(huge, b"")
+    with pytest.raises(EncodeError):
+        protocol.encode_unified_message(1, huge, "echo", 1, 1, Echo.echo_args(text="x"))
+    with pytest.raises(EncodeError):
+        _codec.encode_frame(1, 40000, b"")
+    with pytest.raises(EncodeError):
+        _codec.encode_frame(256, 0, b"")
+
+
+# --- streams: byte by byte, mixed protocols -----------------------------------------
+
+def mixed_stream():
+    frames = [
+        protocol.encode_unified(full_request_header(1), echo_body(1), 0x01),
+        protocol.encode_framed(echo_body(2)),
+        protocol.encode_unified(full_response_header(3), b"", 0x81),
+        protocol.encode_framed(echo_body(4, "ü" * 50)),
+        protocol.encode_unified(full_request_header(5), echo_body(5), 0x41),
+        protocol.encode_unified(full_request_header(6), echo_body(6), 0xC1),
+    ]
+    return frames
+
+
+def describe(frames):
+    return [(f.flags, f.header, bytes(f.body)) for f in frames]
+
+
+def test_mixed_unified_and_framed_in_one_stream():
+    frames = mixed_stream()
+    decoded = FrameDecoder().feed(b"".join(frames))
+    assert len(decoded) == len(frames)
+    assert [f.is_unified for f in decoded] == [True, False, True, False, True, True]
+    assert [f.header.requestInfo.sequenceId for f in decoded if f.header and f.header.requestInfo] \
+        == [1, 5, 6]
+    assert decoded[2].header.responseInfo.sequenceId == 3
+    assert bytes(decoded[1].body) == echo_body(2)
+
+
+def test_byte_by_byte_equals_all_at_once():
+    stream = b"".join(mixed_stream())
+    expected = describe(FrameDecoder().feed(stream))
+    decoder = FrameDecoder()
+    got = []
+    for i in range(len(stream)):
+        got.extend(decoder.feed(stream[i:i + 1]))
+        assert decoder.buffered <= i + 1
+    assert describe(got) == expected
+    assert decoder.buffered == 0
+
+
+@FUZZ
+@given(st.lists(st.integers(min_value=0, max_value=2000), max_size=20))
+def test_any_chunking_gives_the_same_frames(cuts):
+    stream = b"".join(mixed_stream())
+    expected = describe(FrameDecoder().feed(stream))
+    points = sorted({min(c, len(stream)) for c in cuts} | {0, len(stream)})
+    decoder = FrameDecoder()
+    got = []
+    for a, b in zip(points, points[1:]):
+        got.extend(decoder.feed(stream[a:b]))
+    assert describe(got) == expected
+
+
+def test_partial_frame_is_buffered_not_returned():
+    frame = protocol.encode_unified(full_request_header(), echo_body(), 0x81)
+    decoder = FrameDecoder()
+    assert decoder.feed(frame[:9]) == []          # shorter than the 10-byte prefix
+    assert decoder.feed(frame[9:-1]) == []        # checksum byte missing
+    assert decoder.buffered == len(frame) - 1
+    assert len(decoder.feed(frame[-1:])) == 1
+    assert decoder.buffered == 0
+
+
+# --- checksum -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("data", [b"", b"a", b"Wikipedia", bytes(range(256)) * 40,
+                                  b"\xff" * 1_000_003, b"\x00" * 70000],
+                         ids=["empty", "one", "wikipedia", "ramp", "ff-1M", "zeros"])
+def test_adler32_equals_zlib(data):
+    assert _codec.adler32(data) == zlib.adler32(data)
+
+
+@FUZZ
+@given(st.binary(max_size=20000))
+def test_adler32_equals_zlib_fuzz(data):
+    assert _codec.adler32(data) == zlib.adler32(data)
+
+
+def test_checksum_trailer_is_zlib_adler32_of_everything_before_it():
+    for flags in ALL_FLAGS:
+        if not flags & FLAG_CHECKSUM:
+            continue
+        frame = protocol.encode_unified(full_request_header(), echo_body(), flags)
+        assert struct.unpack("!I", frame[-4:])[0] == zlib.adler32(frame[:-4])
+        assert struct.unpack("!i", frame[4:8])[0] == len(frame) - 8
+
+
+def test_bad_checksum_is_refused_wherever_the_damage_is():
+    frame = bytearray(protocol.encode_unified(full_request_header(), echo_body(), 0x81))
+    for position in (3 + 0, 9, 12, len(frame) // 2, len(frame) - 5, len(frame) - 1):
+        if position == 3:
+            continue   # flipping the flag byte changes the framing itself
+        damaged = bytearray(frame)
+        damaged[position] ^= 0x01
+        assert "checksum" in str(feed_error(bytes(damaged)))
+
+
+def test_hand_built_checksum_frame_is_accepted():
+    head = codec.encode(full_request_header())
+    frame = raw_unified(0x81, len(head), head + echo_body())
+    assert only_frame(frame).header == full_request_header()
+
+
+# --- compression ------------------------------------------------------------------------
+
+def test_gzip_payload_is_one_gzip_member_of_header_plus_body():
+    header, body = full_request_header(), echo_body() * 20
+    frame = protocol.encode_unified(header, body, 0x41)
+    head = codec.encode(header)
+    payload = frame[10:]
+    assert payload[:2] == b"\x1f\x8b"
+    assert gzip.decompress(payload) == head + body
+    assert struct.unpack("!h", frame[8:10])[0] == len(head)   # UNcompressed header length
+
+
+def test_gzip_from_another_encoder_is_accepted():
+    head = codec.encode(full_request_header())
+    body = echo_body()
+    payload = gzip.compress(head + body, compresslevel=1, mtime=123456)
+    for flags in (0x41, 0xC1):
+        frame = only_frame(raw_unified(flags, len(head), payload))
+        assert frame.header == full_request_header() and bytes(frame.body) == body
+
+
+@pytest.mark.parametrize("payload", [
+    b"not gzip at all",
+    gzip.compress(b"\x00" * 100)[:-6],                       # truncated member
+    gzip.compress(b"\x00" * 100) + b"trailing",               # bytes after the member
+    gzip.compress(b"\x00" * 100) + gzip.compress(b"\x00"),    # two members
+    b"",
+], ids=["garbage", "truncated", "trailing", "two-members", "empty"])
+def test_bad_gzip_payload_is_a_protocol_error(payload):
+    feed_error(raw_unified(0x41, 0, payload))
+
+
+def test_gzip_header_length_checked_against_the_decompressed_payload():
+    head = codec.encode(full_request_header())
+    payload = gzip.compress(head)
+    feed_error(raw_unified(0x41, len(head) + 1, payload))
+    # the compressed blob is longer than the header: still judged on the inflated size
+    padded = gzip.compress(head, compresslevel=0) + b""
+    assert len(padded) > len(head)
+    feed_error(raw_unified(0x41, len(head) + 5, padded))
+
+
+def test_gzip_bomb_is_bounded_by_max_frame_size():
+    limit = 1 << 20
+    bomb = gzip.compress(b"\x00" * (32 << 20), compresslevel=9)   # ~32 KiB expanding to 32 MiB
+    frame = raw_unified(0x41, 0, bomb)
+    assert len(frame) < limit
+    tracemalloc.start()
+    try:
+        err = feed_error(frame, max_frame_size=limit)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert "limit" in str(err)
+    assert peak < 8 * limit, f"decoding the bomb allocated {peak} bytes"
+
+
+def test_snappy_bomb_preamble_is_refused_before_decompressing():
+    # varint preamble claiming 2 GiB, then junk: must not try to allocate 2 GiB
+    preamble = bytes([0x80, 0x80, 0x80, 0x80, 0x08])
+    tracemalloc.start()
+    try:
+        feed_error(raw_unified(0x21, 0, preamble + b"\x00" * 64), max_frame_size=1 << 20)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20
+
+
+@pytest.mark.skipif(not SNAPPY, reason="cramjam is not installed")
+def test_snappy_payload_is_a_raw_snappy_block():
+    import cramjam
+    header, body = full_request_header(), echo_body() * 20
+    frame = protocol.encode_unified(header, body, 0x21)
+    head = codec.encode(header)
+    assert bytes(cramjam.snappy.decompress_raw(frame[10:])) == head + body
+    # and a block compressed by cramjam directly decodes
+    hand = raw_unified(0xA1, len(head), bytes(cramjam.snappy.compress_raw(head + body)))
+    decoded = only_frame(hand)
+    assert decoded.header == header and bytes(decoded.body) == body
+
+
+@pytest.mark.skipif(not SNAPPY, reason="cramjam is not installed")
+def test_snappy_wins_when_both_compression_bits_are_set():
+    import cramjam
+    header, body = full_request_header(), echo_body()
+    frame = protocol.encode_unified(header, body, 0x61)
+    head = codec.encode(header)
+    assert bytes(cramjam.snappy.decompress_raw(frame[10:])) == head + body
+    assert only_frame(frame).header == header
+    # a gzip blob under both bits is read as snappy, and so refused
+    feed_error(raw_unified(0x61, len(head), gzip.compress(head + body)))
+
+
+@pytest.mark.skipif(not SNAPPY, reason="cramjam is not installed")
+def test_bad_snappy_payload_is_a_protocol_error():
+    import cramjam
+    good = bytes(cramjam.snappy.compress_raw(b"abc" * 100))
+    for payload in (b"", b"\xff\xff\xff\xff\xff\xff", good[:-3], b"\x05" + b"\x00" * 2):
+        feed_error(raw_unified(0x21, 0, payload))
+
+
+def test_snappy_without_cramjam_is_a_clear_protocol_error(monkeypatch):
+    # hide cramjam whether or not it is installed: `import cramjam` now fails
+    monkeypatch.setitem(sys.modules, "cramjam", None)
+    head = codec.encode(full_request_header())
+    err = feed_error(raw_unified(0x21, len(head), b"\x10" + head[:16]))
+    assert "cramjam" in str(err)
+    with pytest.raises(ProtocolError) as info:          # EncodeError is a ProtocolError
+        protocol.encode_unified(full_request_header(), b"", 0x21)
+    assert "cramjam" in str(info.value)
+    # both bits set: snappy wins, so this is the snappy error too, not a gzip decode
+    err = feed_error(raw_unified(0x61, len(head), gzip.compress(head)))
+    assert "cramjam" in str(err)
+
+
+# --- size limits --------------------------------------------------------------------
+
+def test_max_frame_size_is_enforced_before_buffering_unified():
+    decoder = FrameDecoder(1024)
+    prefix = b"\xab\xba\x00\x01" + struct.pack("!i", 1 << 20) + b"\x00\x00"
+    with pytest.raises(ProtocolError) as info:
+        decoder.feed(prefix)            # only the 10-byte prefix: refused already
+    assert "max_frame_size" in str(info.value)
+
+
+def test_max_frame_size_is_enforced_before_buffering_framed():
+    decoder = FrameDecoder(1024)
+    with pytest.raises(ProtocolError):
+        decoder.feed(struct.pack("!i", 5000))
+
+
+def test_max_frame_size_boundary():
+    limit = 256
+    head = codec.encode(protocol.request_header("S", 1, 1))
+    fits = raw_unified(0x01, len(head), head + b"x" * (limit - 10 - len(head)))
+    assert len(fits) == limit
+    assert only_frame(fits, limit).header.requestInfo.serviceName == "S"
+    feed_error(raw_unified(0x01, len(head), head + b"x" * (limit - 9 - len(head))), limit)
+    body = b"y" * (limit - 4)
+    assert bytes(only_frame(raw_framed(body), limit).body) == body
+    feed_error(raw_framed(body + b"y"), limit)
+
+
+def test_max_frame_size_applies_after_decompression_too():
+    head = codec.encode(protocol.request_header("S", 1, 1))
+    body = b"z" * 5000
+    frame = protocol.encode_unified(protocol.request_header("S", 1, 1), body, 0x41)
+    assert len(frame) < 1024
+    feed_error(frame, max_frame_size=1024)
+    assert bytes(only_frame(frame, 8192).body) == body
+    assert len(head) < 1024
+
+
+# --- malformed prefixes and headers ----------------------------------------------------
+
+@pytest.mark.parametrize("total_length,flags", [
+    (0, 0x01), (1, 0x01), (-1, 0x01), (-(1 << 31), 0x01), (5, 0x81), (2, 0x81),
+], ids=["zero", "one", "minus-one", "int-min", "checksum-5", "checksum-2"])
+def test_total_length_too_small(total_length, flags):
+    data = (b"\xab\xba\x00" + bytes([flags]) + struct.pack("!i", total_length)
+            + b"\x00\x00" + b"\x00" * 16)
+    feed_error(data)
+
+
+def test_smallest_legal_frame_is_a_prefix_with_empty_payload():
+    # total_length 2, header_length 0: the framing is fine, the empty header is not
+    feed_error(raw_unified(0x01, 0, b""))
+    feed_error(raw_unified(0x81, 0, b""))
+
+
+def test_negative_header_length():
+    head = codec.encode(full_request_header())
+    for header_length in (-1, -32768):
+        feed_error(raw_unified(0x01, header_length, head + b"x" * 10))
+
+
+def test_header_length_past_payload():
+    head = codec.encode(full_request_header())
+    feed_error(raw_unified(0x01, len(head) + 1, head))
+    feed_error(raw_unified(0x81, 32767, head))
+
+
+def test_header_with_neither_request_nor_response_info():
+    for header in (Header(messageType=0), Header(messageType=1, traceInfo=TraceInfo("x")),
+                   Header(messageType=2, heartbeatInfo=HeartbeatInfo(status=2))):
+        head = codec.encode(header)
+        assert "neither" in str(feed_error(raw_unified(0x01, len(head), head)))
+
+
+def test_header_that_does_not_decode():
+    garbage = b"\x0c\x00\x02" + b"\xff" * 12              # requestInfo struct, then junk
+    feed_error(raw_unified(0x01, len(garbage), garbage))
+    # requestInfo missing a required field (sequenceId)
+    partial = (b"\x03\x00\x01\x00" + b"\x0c\x00\x02" + b"\x0b\x00\x01" + struct.pack("!i", 1)
+               + b"S" + b"\x00" + b"\x00")
+    feed_error(raw_unified(0x01, len(partial), partial))
+    # header_length cuts the header short
+    head = codec.encode(full_request_header())
+    feed_error(raw_unified(0x01, len(head) - 3, head))
+
+
+@pytest.mark.parametrize("serializer", [0, 2, 3])
+def test_unsupported_serializer_bits(serializer):
+    head = codec.encode(full_request_header())
+    for extra in (0x00, FLAG_CHECKSUM):
+        flags = serializer | extra
+        err = feed_error(raw_unified(flags, len(head), head + echo_body()))
+        assert "serializer" in str(err)
+
+
+@pytest.mark.parametrize("length", [0, -1, -(1 << 31)])
+def test_framed_length_not_positive(length):
+    feed_error(struct.pack("!i", length) + b"\x80\x01\x00\x01")
+
+
+def test_decoder_stays_broken_after_an_error():
+    decoder = FrameDecoder()
+    with pytest.raises(ProtocolError):
+        decoder.feed(struct.pack("!i", 0))
+    with pytest.raises(ProtocolError):
+        decoder.feed(protocol.encode_framed(echo_body()))
+
+
+def test_error_after_good_frames_in_the_same_feed_still_raises():
+    decoder = FrameDecoder()
+    good = protocol.encode_framed(echo_body())
+    with pytest.raises(ProtocolError):
+        decoder.feed(good + struct.pack("!i", -5))
+
+
+# --- fuzz ---------------------------------------------------------------------------
+
+def decode_stream(chunks, max_frame_size=4096):
+    """Feed chunks; the only acceptable failure is ProtocolError. Returns the frames."""
+    decoder = FrameDecoder(max_frame_size)
+    frames = []
+    try:
+        for chunk in chunks:
+            frames.extend(decoder.feed(chunk))
+    except ProtocolError as err:
+        assert err.status == 5
+        return frames, err
+    for frame in frames:
+        assert isinstance(frame, Frame)
+        assert isinstance(bytes(frame.body), bytes)
+        if frame.header is not None:
+            assert frame.header.requestInfo is not None or frame.header.responseInfo is not None
+            assert frame.flags & 0x03 == 1
+    return frames, None
+
+
+@FUZZ
+@given(st.lists(st.binary(max_size=300), max_size=8))
+def test_random_bytes_give_frames_or_protocol_error(chunks):
+    decode_stream(chunks)
+
+
+@st.composite
+def unified_ish(draw):
+    """Frames with a plausible prefix and random everything else (reaches deeper code)."""
+    flags = draw(st.sampled_from([0x01, 0x81, 0x41, 0xC1, 0x21, 0x00, 0x03, 0x61]) | st.integers(0, 255))
+    valid_head = codec.encode(draw(st.sampled_from([full_request_header(), full_response_header(),
+                                                    protocol.scanner_heartbeat_request()])))
+    payload = draw(st.one_of(
+        st.binary(max_size=400),
+        st.just(valid_head + draw(st.binary(max_size=50))),
+        st.just(gzip.compress(valid_head + draw(st.binary(max_size=50)))),
+    ))
+    header_length = draw(st.one_of(st.just(len(valid_head)), st.integers(-40000, 40000)))
+    header_length = max(-32768, min(32767, header_length))
+    checksum = draw(st.booleans())
+    frame = raw_unified(flags, header_length, payload, checksum=bool(flags & FLAG_CHECKSUM))
+    if draw(st.booleans()):
+        frame = bytearray(frame)
+        index = draw(st.integers(0, len(frame) - 1))
+        frame[index] = draw(st.integers(0, 255))
+        frame = bytes(frame)
+    if checksum and draw(st.booleans()):
+        frame = frame[:draw(st.integers(0, len(frame)))]
+    return frame
+
+
+@FUZZ
+@given(st.lists(unified_ish() | st.binary(max_size=64)
+                | st.builds(lambda b: raw_framed(b), st.binary(max_size=100)), max_size=5),
+       st.integers(1, 64))
+def test_plausible_frames_give_frames_or_protocol_error(pieces, chunk):
+    stream = b"".join(pieces)
+    chunks = [stream[i:i + chunk] for i in range(0, len(stream), chunk)]
+    frames, err = decode_stream(chunks)
+    again, err2 = decode_stream([stream])
+    assert (err is None) == (err2 is None)
+    if err is None:
+        assert describe(frames) == describe(again)

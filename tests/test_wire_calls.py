@@ -1,0 +1,711 @@
+"""Calls over the wire: both protocols, every call mode, errors, flags, timeouts, load.
+
+Each test starts its own Server on 127.0.0.1 port 0 (or a unix socket) and stops
+it on the way out; async tests run on a fresh uvloop bounded by a timeout.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import queue
+import random
+import sys
+
+import pytest
+from thriftpy2.thrift import TApplicationException, TMessageType
+
+from octo_core import protocol
+from octo_core.errors import (ApplicationError, CallTimeout, OctoError, ProtocolError, RpcError,
+                              ServiceError, Status, TransportError)
+from octo_core.protocol import MessageType, NodeStatus
+
+from wire_helpers import (SERVER_APPKEY, Calc, CalcHandler, Echo, EchoError, EchoHandler,
+                          async_client, decode_body, echo_services, have_snappy, raw_connection,
+                          run, serving, serving_in_thread, short_tmpdir, sync_client,
+                          unified_request, wait_until, watchdog)  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("watchdog")
+
+PROTOCOLS = ["octo", "thrift"]
+SNAPPY = have_snappy()
+
+
+def client_conns(client):
+    """The live connections of an AsyncClient (private state, read in this one place)."""
+    client = getattr(client, "_async", client)
+    return [c for ep in client._endpoints for c in ep._conns if c is not None]
+
+
+@pytest.fixture
+def wire_warnings(caplog):
+    """Warnings octo_core logs (closing a connection for bad bytes, heartbeat loss...)."""
+    caplog.set_level(logging.WARNING, logger="octo_core")
+    return lambda: [r for r in caplog.records
+                    if r.name.startswith("octo_core") and r.levelno >= logging.WARNING]
+
+
+# --- call modes ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+def test_async_client_every_call_shape(proto, wire_warnings):
+    handler = EchoHandler()
+
+    async def main():
+        async with serving(echo_services(handler)) as server, \
+                async_client(Echo, server.address, protocol=proto) as client:
+            assert await client.echo("hi") == "hi"
+            assert await client.echo("") == ""
+            assert await client.echo("ünïcödé ✓ 中文") == "ünïcödé ✓ 中文"
+            big = "x" * (2 << 20)
+            assert await client.echo(big) == big
+            assert await client.call("echo", "by name") == "by name"
+            assert await client.echo(text="keyword") == "keyword"
+            assert await client.ping() is None
+            assert handler.pings == 1
+            assert await client.slow("coroutine", 5) == "coroutine"
+            assert await client.nap("thread", 5) == "thread"
+            assert await client.fail("fine") == "fine"
+            # oneway: returns once written; the handler still gets it
+            assert await client.notify("one-way") is None
+            await wait_until(lambda: handler.notes.qsize() == 1, what="the oneway call")
+            assert handler.notes.get_nowait() == "one-way"
+            # the connection is still good after a oneway call (a reply to it, if
+            # any, is dropped)
+            assert await client.echo("after oneway") == "after oneway"
+            assert len(client_conns(client)) == 1
+
+    run(main())
+    assert wire_warnings() == []
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+def test_async_client_declared_and_undeclared_exceptions(proto):
+    async def main():
+        async with serving(echo_services()) as server, \
+                async_client(Echo, server.address, protocol=proto) as client:
+            with pytest.raises(EchoError) as declared:
+                await client.fail("declared")
+            assert declared.value.message == "refused on purpose"
+            assert declared.value.code == 42
+
+            with pytest.raises(ApplicationError) as undeclared:
+                await client.fail("undeclared")
+            err = undeclared.value
+            assert err.status == Status.APPLICATION_EXCEPTION == 1
+            assert "boom" in str(err)
+            assert err.method == "fail"
+            assert err.node == server.address
+            assert err.type == TApplicationException.INTERNAL_ERROR
+
+            with pytest.raises(ApplicationError):
+                await client.fail("app")
+            # errors do not spoil the connection
+            assert await client.echo("still fine") == "still fine"
+
+    run(main())
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+def test_sync_client_every_mode(proto):
+    handler = EchoHandler()
+    with serving_in_thread(echo_services(handler)) as server, \
+            sync_client(Echo, server.address, protocol=proto) as client:
+        # sync
+        assert client.echo("sync") == "sync"
+        assert client.ping() is None
+        assert client.slow("loop", 1) == "loop"
+        with pytest.raises(EchoError) as declared:
+            client.fail("declared")
+        assert declared.value.code == 42
+        with pytest.raises(ApplicationError) as undeclared:
+            client.fail("undeclared")
+        assert undeclared.value.method == "fail" and undeclared.value.node == server.address
+        # oneway
+        assert client.notify("sync-oneway") is None
+        assert handler.notes.get(timeout=5) == "sync-oneway"
+
+        # future
+        future = client.future.echo("future")
+        assert isinstance(future, concurrent.futures.Future)
+        assert future.result(timeout=5) == "future"
+        assert client.future.ping().result(timeout=5) is None
+        assert isinstance(client.future.fail("declared").exception(timeout=5), EchoError)
+        assert isinstance(client.future.fail("undeclared").exception(timeout=5), ApplicationError)
+        assert client.future.notify("future-oneway").result(timeout=5) is None
+        assert handler.notes.get(timeout=5) == "future-oneway"
+
+        # callback
+        got: "queue.Queue" = queue.Queue()
+        client.callback.echo("callback", callback=got.put)
+        assert got.get(timeout=5) == "callback"
+        client.callback.ping(callback=got.put)
+        assert got.get(timeout=5) is None
+        client.callback.fail("declared", callback=got.put)
+        assert isinstance(got.get(timeout=5), EchoError)
+        client.callback.fail("undeclared", callback=got.put)
+        assert isinstance(got.get(timeout=5), ApplicationError)
+        client.callback.notify("callback-oneway", callback=got.put)
+        assert got.get(timeout=5) is None
+        assert handler.notes.get(timeout=5) == "callback-oneway"
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+def test_sync_client_is_thread_safe(proto):
+    with serving_in_thread(echo_services()) as server, \
+            sync_client(Echo, server.address, protocol=proto, timeout=5) as client:
+        def work(i):
+            if i % 3 == 0:
+                return client.future.echo(f"t{i}").result(timeout=10)
+            if i % 3 == 1:
+                return client.slow(f"t{i}", random.randint(0, 5))
+            return client.echo(f"t{i}")
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(work, range(300), timeout=30))
+        assert results == [f"t{i}" for i in range(300)]
+
+
+# --- service resolution --------------------------------------------------------------
+
+def test_unknown_service_is_status_8():
+    async def main():
+        async with serving(echo_services()) as server, \
+                async_client(Echo, server.address, service_name="com.example.Missing") as client:
+            with pytest.raises(ServiceError) as info:
+                await client.echo("x")
+            assert info.value.status == Status.SERVICE_EXCEPTION == 8
+            assert info.value.method == "echo" and info.value.node == server.address
+            assert "com.example.Missing" in str(info.value)
+            with pytest.raises(ServiceError):   # the connection stays usable
+                await client.ping()
+
+    run(main())
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+def test_unknown_method(proto):
+    async def main():
+        async with serving(echo_services()) as server, \
+                async_client(Calc, server.address, protocol=proto, service_name="Echo") as client:
+            # Calc.add is not a method of Echo
+            with pytest.raises(ApplicationError) as info:
+                await client.add(1, 2)
+            assert info.value.type == TApplicationException.UNKNOWN_METHOD
+            assert info.value.method == "add"
+            # whoami exists in both IDLs: the server answers it as Echo
+            assert await client.whoami() == "Echo"
+
+    run(main())
+
+
+def test_service_name_override():
+    async def main():
+        async with serving(echo_services(name="com.example.EchoService")) as server:
+            async with async_client(Echo, server.address,
+                                    service_name="com.example.EchoService") as named:
+                assert await named.echo("named") == "named"
+            async with async_client(Echo, server.address) as default:
+                with pytest.raises(ServiceError):       # "Echo" is not hosted under that name
+                    await default.echo("x")
+            async with async_client(Echo, server.address, protocol="thrift") as native:
+                assert await native.echo("by method") == "by method"
+
+    run(main())
+
+
+def test_add_service_refuses_duplicates_and_incomplete_handlers():
+    import octo_core
+    server = octo_core.Server(SERVER_APPKEY)
+    server.add_service(Echo, EchoHandler())
+    with pytest.raises(ValueError):
+        server.add_service(Echo, EchoHandler())
+    with pytest.raises(TypeError):
+        server.add_service(Calc, object(), name="Other")
+    server.add_service(Echo, EchoHandler(), name="EchoAgain")   # same IDL under another name
+
+
+def test_many_services_on_one_port():
+    async def main():
+        services = [(Echo, EchoHandler(), None), (Calc, CalcHandler(), None),
+                    (Echo, EchoHandler(), "com.example.EchoCopy")]
+        async with serving(services) as server:
+            async with async_client(Echo, server.address) as echo, \
+                    async_client(Calc, server.address) as calc, \
+                    async_client(Echo, server.address, service_name="com.example.EchoCopy") as copy:
+                results = await asyncio.gather(
+                    echo.echo("e"), calc.add(2, 3), copy.echo("c"),
+                    echo.whoami(), calc.whoami(), copy.whoami())
+                assert results == ["e", 5, "c", "Echo", "Calc", "Echo"]
+            # native thrift has no service name: dispatch by method name
+            async with async_client(Calc, server.address, protocol="thrift") as native_calc:
+                assert await native_calc.add(20, 22) == 42
+                with pytest.raises(ApplicationError) as info:    # whoami is on several services
+                    await native_calc.whoami()
+                assert info.value.type == TApplicationException.UNKNOWN_METHOD
+                assert "ambiguous" in str(info.value)
+            async with async_client(Echo, server.address, protocol="thrift") as native_echo:
+                # echo is hosted twice (Echo and its copy): ambiguous as well
+                with pytest.raises(ApplicationError) as info:
+                    await native_echo.echo("x")
+                assert info.value.type == TApplicationException.UNKNOWN_METHOD
+
+    run(main())
+
+
+# --- unix sockets ------------------------------------------------------------------
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+def test_unix_socket_server(proto):
+    handler = EchoHandler()
+    with short_tmpdir() as tmp:
+        path = os.path.join(tmp, "echo.sock")
+
+        async def main():
+            async with serving(echo_services(handler), host=f"unix://{path}") as server:
+                assert server.address == f"unix://{path}"
+                assert os.path.exists(path)
+                async with async_client(Echo, server.address, protocol=proto) as client:
+                    assert await client.echo("over uds") == "over uds"
+                    with pytest.raises(EchoError):
+                        await client.fail("declared")
+                    await client.notify("uds")
+                    results = await asyncio.gather(*(client.slow(str(i), 1) for i in range(50)))
+                    assert results == [str(i) for i in range(50)]
+                async with raw_connection(server.address) as raw:
+                    await raw.send(protocol.encode_unified(protocol.scanner_heartbeat_request(), b""))
+                    assert (await raw.read_frame()).header.heartbeatInfo.status == NodeStatus.ALIVE
+
+        run(main())
+        assert handler.notes.get(timeout=5) == "uds"
+
+        with serving_in_thread(echo_services(), host=f"unix://{path}") as server, \
+                sync_client(Echo, server.address, protocol=proto) as client:
+            assert client.echo("sync uds") == "sync uds"
+
+
+# --- checksum and compression ------------------------------------------------------
+
+FLAG_CASES = [0x01, 0x81, 0x41, 0xC1, 0x21, 0xA1, 0x61]
+
+
+@pytest.mark.parametrize("flags", FLAG_CASES, ids=lambda f: f"0x{f:02x}")
+def test_reply_mirrors_request_flags(flags):
+    if flags & protocol.FLAG_SNAPPY and not SNAPPY:
+        pytest.skip("cramjam is not installed")
+    text = "mirror " * 200
+
+    async def main():
+        async with serving(echo_services()) as server, raw_connection(server.address) as raw:
+            await raw.send(unified_request("echo", Echo.echo_args(text=text), 5, flags=flags))
+            frame = await raw.read_frame()
+            assert frame.flags == flags
+            assert frame.header.responseInfo.sequenceId == 5
+            assert frame.header.responseInfo.status == 0
+            assert decode_body(frame, Echo)[:3] == ("echo", TMessageType.REPLY, 5)
+            assert decode_body(frame, Echo)[3].success == text
+            # refusals and heartbeats mirror the flags too
+            await raw.send(unified_request("echo", Echo.echo_args(text="x"), 6, flags=flags,
+                                           service="NoSuchService"))
+            refused = await raw.read_frame()
+            assert refused.flags == flags and refused.header.responseInfo.status == 8
+            await raw.send(protocol.encode_unified(protocol.scanner_heartbeat_request(), b"", flags))
+            beat = await raw.read_frame()
+            assert beat.flags == flags and beat.header.heartbeatInfo is not None
+
+    run(main())
+
+
+@pytest.mark.parametrize("proto_flags", [
+    dict(checksum=True), dict(compression="gzip"), dict(checksum=True, compression="gzip"),
+    dict(compression="snappy"), dict(checksum=True, compression="snappy"),
+], ids=["checksum", "gzip", "checksum+gzip", "snappy", "checksum+snappy"])
+def test_checksum_and_compression_calls(proto_flags):
+    if proto_flags.get("compression") == "snappy" and not SNAPPY:
+        pytest.skip("cramjam is not installed (see test_snappy_client_without_cramjam)")
+
+    async def main():
+        async with serving(echo_services()) as server, \
+                async_client(Echo, server.address, **proto_flags) as client:
+            text = "compress me " * 5000
+            assert await client.echo(text) == text
+            assert await client.echo("") == ""
+            with pytest.raises(EchoError):
+                await client.fail("declared")
+            with pytest.raises(ServiceError):
+                async with async_client(Echo, server.address, service_name="Nope",
+                                        **proto_flags) as other:
+                    await other.echo("x")
+            results = await asyncio.gather(*(client.slow(f"s{i}", 1) for i in range(100)))
+            assert results == [f"s{i}" for i in range(100)]
+
+    run(main())
+
+
+def test_snappy_client_without_cramjam(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cramjam", None)   # `import cramjam` fails from here on
+
+    async def main():
+        async with serving(echo_services()) as server, \
+                async_client(Echo, server.address, compression="snappy") as client:
+            with pytest.raises(ProtocolError) as info:
+                await client.echo("x")
+            assert "cramjam" in str(info.value)
+
+    run(main())
+
+
+# --- timeouts ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+def test_timeout_then_the_same_connection_keeps_working(proto, wire_warnings):
+    handler = EchoHandler()
+
+    async def main():
+        async with serving(echo_services(handler)) as server, \
+                async_client(Echo, server.address, protocol=proto, timeout=5) as client:
+            assert await client.echo("warm") == "warm"
+            [conn] = client_conns(client)
+            with pytest.raises(CallTimeout) as info:
+                await client.call("slow", "late", 400, timeout=0.05)
+            err = info.value
+            assert isinstance(err, TransportError) and err.status == 4
+            assert err.method == "slow" and err.node == server.address
+            # the next call on the same connection works at once
+            assert await client.echo("next") == "next"
+            # a call still waiting when the late reply lands gets its own answer
+            assert await client.slow("mine", 700) == "mine"
+            await wait_until(lambda: handler.slow_finished == 2, what="the late reply")
+            assert await client.echo("after the late reply") == "after the late reply"
+            assert client_conns(client) == [conn] and not conn.closed
+
+    run(main())
+    assert wire_warnings() == []
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+def test_timeout_in_sync_and_future_modes(proto):
+    with serving_in_thread(echo_services()) as server, \
+            sync_client(Echo, server.address, protocol=proto, timeout=0.05) as client:
+        with pytest.raises(CallTimeout):
+            client.slow("late", 300)
+        assert isinstance(client.future.slow("late", 300).exception(timeout=5), CallTimeout)
+        got: "queue.Queue" = queue.Queue()
+        client.callback.slow("late", 300, callback=got.put)
+        assert isinstance(got.get(timeout=5), CallTimeout)
+        assert client.echo("fast") == "fast"
+
+
+def test_server_skips_queued_work_whose_caller_gave_up():
+    handler = EchoHandler()
+    naps = []
+    original_nap = handler.nap
+    handler.nap = lambda text, ms: naps.append(text) or original_nap(text, ms)
+
+    async def main():
+        async with serving(echo_services(handler), business_threads=1) as server, \
+                async_client(Echo, server.address, timeout=5) as client:
+            blocker = asyncio.ensure_future(client.block("hold"))
+            await wait_until(lambda: handler.entered.qsize() == 1, what="block() to start")
+            with pytest.raises(CallTimeout):
+                await client.call("nap", "too late", 0, timeout=0.1)   # queued behind block()
+            await asyncio.sleep(0.1)    # the server's copy of the deadline passes as well
+            handler.release.set()
+            assert await blocker == "hold"
+            assert await client.nap("in time", 0) == "in time"
+            assert naps == ["in time"], "the server ran a call whose deadline had passed"
+
+    run(main())
+
+
+# --- concurrency --------------------------------------------------------------------
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+def test_1000_concurrent_calls_out_of_order_on_one_connection(proto):
+    handler = EchoHandler()
+    rng = random.Random(1234)
+    delays = [rng.randint(0, 30) for _ in range(1000)]
+
+    async def main():
+        async with serving(echo_services(handler)) as server, \
+                async_client(Echo, server.address, protocol=proto, timeout=15) as client:
+            finished = []
+
+            async def one(i):
+                result = await client.slow(f"call-{i}", delays[i])
+                finished.append(i)
+                return result
+
+            results = await asyncio.gather(*(one(i) for i in range(1000)))
+            assert results == [f"call-{i}" for i in range(1000)]
+            assert len(client_conns(client)) == 1
+            assert finished != sorted(finished), "replies never came back out of order"
+            assert handler.slow_finished == 1000
+
+    run(main())
+
+
+def test_business_queue_full_is_rpc_error_status_3():
+    handler = EchoHandler()
+
+    async def main():
+        async with serving(echo_services(handler), business_threads=1,
+                           business_queue=1) as server, \
+                async_client(Echo, server.address, timeout=5) as client:
+            assert await client.echo("warm") == "warm"
+            calls = [asyncio.ensure_future(client.block(f"b{i}")) for i in range(3)]
+            done, pending = await asyncio.wait(calls, timeout=5,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            assert len(done) == 1 and len(pending) == 2
+            refused = done.pop().exception()
+            assert isinstance(refused, RpcError), refused
+            assert refused.status == Status.RPC_EXCEPTION == 3
+            assert refused.method == "block"
+            await wait_until(lambda: handler.entered.qsize() == 1, what="block() to start")
+            # full: another plain call is refused too, coroutine handlers still run
+            with pytest.raises(RpcError):
+                await client.echo("refused")
+            assert await client.slow("coroutines are not queued", 1) == "coroutines are not queued"
+            handler.release.set()
+            results = await asyncio.gather(*pending)
+            assert len(set(results)) == 2 and set(results) <= {"b0", "b1", "b2"}
+            assert await client.echo("capacity is back") == "capacity is back"
+
+    run(main())
+
+
+# --- heartbeats -------------------------------------------------------------------
+
+def test_scanner_and_normal_heartbeats_over_a_raw_socket():
+    async def main():
+        async with serving(echo_services()) as server, raw_connection(server.address) as raw:
+            await raw.send(protocol.encode_unified(protocol.scanner_heartbeat_request(), b""))
+            frame = await raw.read_frame()
+            header = frame.header
+            assert header.messageType == MessageType.SCANNER_HEARTBEAT
+            assert header.responseInfo.sequenceId == 1
+            assert header.responseInfo.status == 0
+            beat = header.heartbeatInfo
+            assert beat.status == NodeStatus.ALIVE == 2
+            assert beat.appkey == SERVER_APPKEY
+            assert isinstance(beat.sendTime, int) and beat.sendTime > 1_500_000_000_000
+            assert bytes(frame.body) == b""
+
+            normal = protocol.request_header("", 77, 1000,
+                                             message_type=MessageType.NORMAL_HEARTBEAT)
+            await raw.send(protocol.encode_unified(normal, b""))
+            frame = await raw.read_frame()
+            assert frame.header.messageType == MessageType.NORMAL_HEARTBEAT
+            assert frame.header.responseInfo.sequenceId == 77
+            assert frame.header.heartbeatInfo.status == NodeStatus.ALIVE
+            assert frame.header.heartbeatInfo.appkey == SERVER_APPKEY
+
+            # heartbeats and calls interleave on one connection
+            await raw.send(unified_request("echo", Echo.echo_args(text="between"), 3)
+                           + protocol.encode_unified(protocol.scanner_heartbeat_request(), b""))
+            first, second = await raw.read_frames(2)
+            replies = {f.header.messageType: f for f in (first, second)}
+            assert decode_body(replies[MessageType.NORMAL], Echo)[3].success == "between"
+            assert replies[MessageType.SCANNER_HEARTBEAT].header.heartbeatInfo.status == 2
+
+    run(main())
+
+
+def test_heartbeat_reports_stopping_during_graceful_stop():
+    handler = EchoHandler()
+
+    async def main():
+        async with serving(echo_services(handler)) as server, raw_connection(server.address) as raw:
+            await raw.send(unified_request("slow", Echo.slow_args(text="drain", delay_ms=300), 1))
+            await wait_until(lambda: handler.slow_started == 1, what="slow() to start")
+            stopping = asyncio.ensure_future(server.stop(grace=5))
+            await wait_until(lambda: server.status == NodeStatus.STOPPING)
+            await raw.send(protocol.encode_unified(protocol.scanner_heartbeat_request(), b""))
+            await raw.send(unified_request("echo", Echo.echo_args(text="too late"), 2))
+            frames = await raw.read_frames(3)
+            by_seq = {(f.header.messageType, f.header.responseInfo.sequenceId): f for f in frames}
+            beat = by_seq[(MessageType.SCANNER_HEARTBEAT, 1)]
+            assert beat.header.heartbeatInfo.status == NodeStatus.STOPPING == 3
+            refused = by_seq[(MessageType.NORMAL, 2)]
+            assert refused.header.responseInfo.status == Status.RPC_EXCEPTION
+            drained = by_seq[(MessageType.NORMAL, 1)]
+            assert decode_body(drained, Echo)[3].success == "drain"
+            await asyncio.wait_for(stopping, 5)
+            assert await raw.closed_by_peer()
+
+    run(main())
+
+
+def test_client_heartbeats_keep_an_idle_connection_open(wire_warnings):
+    async def main():
+        async with serving(echo_services(), idle_timeout=0.6) as server, \
+                async_client(Echo, server.address, heartbeat_interval=0.2) as beating, \
+                async_client(Echo, server.address) as quiet:
+            assert await beating.echo("a") == "a"
+            assert await quiet.echo("b") == "b"
+            [beating_conn] = client_conns(beating)
+            [quiet_conn] = client_conns(quiet)
+            # the server drops the quiet connection for idleness...
+            await wait_until(lambda: quiet_conn.closed, timeout=10,
+                             what="the server to close the idle connection")
+            # ...and, a full idle period later, still keeps the heartbeating one
+            await asyncio.sleep(0.8)
+            assert not beating_conn.closed
+            assert await beating.echo("c") == "c"
+            assert client_conns(beating) == [beating_conn]
+            # the quiet client reconnects on its next call
+            assert await quiet.echo("d") == "d"
+            assert client_conns(quiet)[0] is not quiet_conn
+
+    run(main())
+    assert wire_warnings() == []
+
+
+def test_heartbeat_interval_with_a_busy_connection_is_harmless():
+    async def main():
+        async with serving(echo_services()) as server, \
+                async_client(Echo, server.address, heartbeat_interval=0.05) as client:
+            for i in range(20):
+                results = await asyncio.gather(*(client.slow(f"{i}-{j}", 10) for j in range(10)))
+                assert results == [f"{i}-{j}" for j in range(10)]
+
+    run(main())
+
+
+# --- handler and caller edge cases -----------------------------------------------------
+
+class _OddHandler(EchoHandler):
+    """Handlers that misbehave in ways a server must still answer."""
+
+    def echo(self, text):
+        if text == "wrong type":
+            return 12345                # the IDL says string
+        return text
+
+    async def slow(self, text, delay_ms):
+        if text == "cancelled inside":
+            # e.g. the handler awaited a future another component cancelled
+            raise asyncio.CancelledError()
+        return await super().slow(text, delay_ms)
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+def test_handler_returning_a_value_its_idl_forbids(proto):
+    async def main():
+        async with serving(echo_services(_OddHandler())) as server, \
+                async_client(Echo, server.address, protocol=proto) as client:
+            with pytest.raises(ApplicationError) as info:
+                await client.echo("wrong type")
+            assert info.value.type == TApplicationException.INTERNAL_ERROR
+            assert await client.echo("fine") == "fine"
+
+    run(main())
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+def test_coroutine_handler_raising_cancelled_error_still_gets_a_reply(proto):
+    # Regression (found at a7c1348): _answer re-raised anything that is not an
+    # Exception before replying, so the caller heard nothing and waited for its
+    # whole timeout.
+    async def main():
+        async with serving(echo_services(_OddHandler())) as server, \
+                async_client(Echo, server.address, protocol=proto, timeout=1.0) as client:
+            with pytest.raises(OctoError) as info:
+                await client.slow("cancelled inside", 0)
+            assert not isinstance(info.value, CallTimeout), \
+                "no reply at all: the server dropped the call"
+            assert await client.echo("next") == "next"
+
+    run(main())
+
+
+def test_cancelled_call_forgets_its_sequence_id():
+    # A caller that cancels (asyncio.wait_for around the call, task.cancel()) must
+    # not leave its entry in the connection's pending table: against a peer that
+    # never answers, the table (and Endpoint.in_flight) would grow forever
+    # (regression, found at a7c1348).
+    async def silent(reader, writer):
+        while await reader.read(65536):
+            pass
+        writer.close()
+
+    async def main():
+        listener = await asyncio.start_server(silent, "127.0.0.1", 0)
+        address = f"127.0.0.1:{listener.sockets[0].getsockname()[1]}"
+        try:
+            async with async_client(Echo, address, timeout=5) as client:
+                await client.notify("connect first")    # oneway: no reply needed
+                for i in range(50):
+                    with pytest.raises(asyncio.TimeoutError):
+                        await asyncio.wait_for(client.echo(f"c{i}"), 0.001)
+                [conn] = client_conns(client)
+                assert conn.in_flight == 0, f"{conn.in_flight} cancelled calls still pending"
+        finally:
+            listener.close()
+
+    run(main())
+
+
+def test_oneway_then_immediate_close_still_delivers():
+    handler = EchoHandler()
+    with serving_in_thread(echo_services(handler)) as server:
+        for proto in PROTOCOLS:
+            with sync_client(Echo, server.address, protocol=proto) as client:
+                client.notify(f"last words {proto}")
+            assert handler.notes.get(timeout=5) == f"last words {proto}"
+
+
+def test_pool_size_spreads_calls_over_connections():
+    async def main():
+        async with serving(echo_services()) as server, \
+                async_client(Echo, server.address, pool_size=3) as client:
+            results = await asyncio.gather(*(client.slow(f"p{i}", 2) for i in range(60)))
+            assert results == [f"p{i}" for i in range(60)]
+            conns = client_conns(client)
+            assert len(conns) == 3 and len({id(c) for c in conns}) == 3
+
+    run(main())
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+def test_frames_over_max_frame_size(proto):
+    async def main():
+        async with serving(echo_services(), max_frame_size=64 * 1024) as server:
+            async with async_client(Echo, server.address, protocol=proto) as client:
+                # the server refuses an oversized request by closing that connection
+                with pytest.raises(TransportError) as info:
+                    await client.echo("x" * 100_000)
+                assert not isinstance(info.value, CallTimeout)
+                assert await client.echo("small again") == "small again"   # reconnects
+            # the client refuses an oversized reply the same way
+            async with async_client(Echo, server.address, protocol=proto,
+                                    max_frame_size=1024) as client:
+                assert await client.echo("fits") == "fits"
+                with pytest.raises(TransportError) as info:
+                    await client.echo("y" * 2000)
+                assert not isinstance(info.value, CallTimeout)
+
+    run(main())
+
+
+def test_deadline_passed_reply_is_status_4():
+    handler = EchoHandler()
+
+    async def main():
+        async with serving(echo_services(handler), business_threads=1) as server, \
+                raw_connection(server.address) as raw:
+            await raw.send(unified_request("block", Echo.block_args(text="hold"), 1,
+                                           timeout_ms=5000))
+            await wait_until(lambda: handler.entered.qsize() == 1, what="block() to start")
+            await raw.send(unified_request("nap", Echo.nap_args(text="late", delay_ms=0), 2,
+                                           timeout_ms=20))
+            await asyncio.sleep(0.1)        # let the queued call's 20 ms deadline pass
+            handler.release.set()
+            frames = await raw.read_frames(2)
+            by_seq = {f.header.responseInfo.sequenceId: f for f in frames}
+            assert decode_body(by_seq[1], Echo)[3].success == "hold"
+            assert by_seq[2].header.responseInfo.status == Status.TRANSPORT_EXCEPTION == 4
+            assert handler.naps_started == 0
+
+    run(main())

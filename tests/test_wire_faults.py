@@ -1,0 +1,517 @@
+"""Faults: bad bytes, graceful stop under load, dead servers, reconnects.
+
+Bad bytes on one connection must close that connection only; a good client on
+another connection keeps calling with zero failures. Stopping drains accepted
+calls and refuses the rest cleanly. A dead or absent server gives a prompt
+TransportError, never a hang.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import struct
+import sys
+import time
+import zlib
+
+import pytest
+
+import octo_core
+from octo_core import codec, protocol
+from octo_core.errors import ApplicationError, CallTimeout, OctoError, RpcError, Status, TransportError
+from octo_core.protocol import Header, NodeStatus
+
+from wire_helpers import (ECHO_IDL, LOCALHOST, Echo, EchoHandler, async_client, decode_body,
+                          echo_services, raw_connection, refusing_port, run, serving,
+                          serving_in_thread, short_tmpdir, sync_client, unified_request, wait_until,
+                          watchdog)  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("watchdog")
+
+
+def _good_request(seq: int = 1, flags: int = 0x01) -> bytes:
+    return unified_request("echo", Echo.echo_args(text="ok"), seq, flags=flags)
+
+
+def _with_bad_checksum() -> bytes:
+    frame = bytearray(_good_request(flags=0x81))
+    frame[-6] ^= 0xFF
+    return bytes(frame)
+
+
+def _unified_prefix(flags: int, total_length: int, header_length: int) -> bytes:
+    return b"\xab\xba\x00" + bytes([flags]) + struct.pack("!ih", total_length, header_length)
+
+
+def _request_head() -> bytes:
+    return codec.encode(protocol.request_header("Echo", 1, 1000))
+
+
+BAD_BYTES = {
+    "http-garbage": b"GET / HTTP/1.1\r\nHost: example\r\n\r\n",
+    "random-garbage": bytes(range(7, 255, 3)) * 4,
+    "huge-unified-length": _unified_prefix(0x01, 0x7FFFFFFF, 0),
+    "huge-framed-length": struct.pack("!i", 0x7FFFFFF0),
+    "framed-length-zero": struct.pack("!i", 0) + b"\x80\x01\x00\x01",
+    "framed-length-negative": struct.pack("!i", -2) + b"\x80\x01\x00\x01",
+    "bad-checksum": _with_bad_checksum(),
+    "total-length-too-small": _unified_prefix(0x01, 1, 0) + b"\x00" * 8,
+    "negative-header-length": _unified_prefix(0x01, 2 + 40, -5) + b"\x00" * 40,
+    "header-length-past-payload": _unified_prefix(0x01, 2 + 4, 100) + b"\x00" * 4,
+    "response-header-to-server": protocol.encode_unified(protocol.response_header(1), b""),
+    "header-without-request-info": protocol.encode_unified(Header(messageType=0), b""),
+    "undecodable-header": _unified_prefix(0x01, 2 + 8, 8) + b"\x0c\x00\x02\xff\xff\xff\xff\xff",
+    "unsupported-serializer": _unified_prefix(0x02, 2 + len(_request_head()),
+                                              len(_request_head())) + _request_head(),
+    "bad-gzip": _unified_prefix(0x41, 2 + 12, 4) + b"not gzip !!!",
+    "framed-not-thrift": protocol.encode_framed(b"\x00\x00\x00\x05hello, not thrift"),
+}
+
+
+def _gzip_bomb() -> bytes:
+    """~20 KiB on the wire, 20 MiB inflated: over the server's 16 MiB max_frame_size."""
+    blob = zlib.compressobj(9, zlib.DEFLATED, 31)
+    payload = blob.compress(b"\x00" * (20 << 20)) + blob.flush()
+    return _unified_prefix(0x41, 2 + len(payload), 0) + payload
+
+
+BAD_BYTES["gzip-bomb"] = _gzip_bomb()
+
+
+class Hammer:
+    """A good client calling in a loop on its own connection, counting failures."""
+
+    def __init__(self, client: octo_core.AsyncClient) -> None:
+        self.client = client
+        self.calls = 0
+        self.failures = []
+        self._stop = asyncio.Event()
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            text = f"good-{self.calls}"
+            try:
+                result = await self.client.echo(text)
+                if result != text:
+                    self.failures.append(AssertionError(f"{result!r} != {text!r}"))
+            except Exception as exc:  # any failure of the good client is a bug
+                self.failures.append(exc)
+            self.calls += 1
+
+    async def progress(self, more: int = 20) -> None:
+        target = self.calls + more
+        await wait_until(lambda: self.calls >= target or self._task.done(),
+                         what="the good client to keep calling")
+
+    async def finish(self) -> None:
+        self._stop.set()
+        await asyncio.wait_for(self._task, 5)
+        assert self.failures == [], self.failures[:3]
+        assert self.calls > 0
+
+
+@pytest.mark.parametrize("name", list(BAD_BYTES))
+def test_bad_bytes_close_only_that_connection(name):
+    async def main():
+        async with serving(echo_services()) as server, \
+                async_client(Echo, server.address) as good:
+            hammer = Hammer(good)
+            await hammer.progress()
+            async with raw_connection(server.address) as raw:
+                # the raw connection works until the bad bytes come
+                await raw.send(_good_request(seq=9))
+                assert decode_body(await raw.read_frame(), Echo)[3].success == "ok"
+                await raw.send(BAD_BYTES[name])
+                assert await raw.closed_by_peer()
+            await hammer.progress()
+            # and fresh connections are still welcome
+            async with raw_connection(server.address) as again:
+                await again.send(_good_request(seq=10))
+                assert decode_body(await again.read_frame(), Echo)[3].success == "ok"
+            await hammer.finish()
+
+    run(main())
+
+
+def test_all_bad_connections_at_once_while_good_clients_call():
+    async def main():
+        async with serving(echo_services()) as server, \
+                async_client(Echo, server.address) as good, \
+                async_client(Echo, server.address, protocol="thrift") as good_native:
+            hammers = [Hammer(good), Hammer(good_native)]
+            for hammer in hammers:
+                await hammer.progress(5)
+
+            async def attack(data: bytes) -> bool:
+                async with raw_connection(server.address) as raw:
+                    await raw.send(data)
+                    return await raw.closed_by_peer()
+
+            assert all(await asyncio.gather(*(attack(d) for d in BAD_BYTES.values())))
+            for hammer in hammers:
+                await hammer.progress(5)
+                await hammer.finish()
+
+    run(main())
+
+
+def test_truncated_frame_then_close():
+    async def main():
+        async with serving(echo_services()) as server, \
+                async_client(Echo, server.address) as good:
+            hammer = Hammer(good)
+            await hammer.progress(5)
+            frame = _good_request()
+            for cut in (3, 9, len(frame) // 2, len(frame) - 1):
+                async with raw_connection(server.address) as raw:
+                    await raw.send(frame[:cut])
+                    raw.writer.write_eof()              # half-close: "the peer went away"
+                    assert await raw.closed_by_peer()
+                async with raw_connection(server.address) as raw:
+                    await raw.send(frame[:cut])          # and a plain close mid-frame
+            await hammer.progress(5)
+            await hammer.finish()
+
+    run(main())
+
+
+def test_bad_message_body_gets_status_5_and_keeps_the_connection():
+    # framing and header are fine, only the thrift body is bad: that call fails
+    # with a ProtocolException reply, the connection stays usable
+    async def main():
+        async with serving(echo_services()) as server, raw_connection(server.address) as raw:
+            header = protocol.request_header("Echo", 4, 1000)
+            await raw.send(protocol.encode_unified(header, b"\x00\x01garbage"))
+            reply = await raw.read_frame()
+            assert reply.header.responseInfo.sequenceId == 4
+            assert reply.header.responseInfo.status == Status.PROTOCOL_EXCEPTION
+            # arguments of the wrong shape: echo's field 1 sent as an i32 twice over
+            body = (struct.pack("!Ii", 0x80010001, 4) + b"echo" + struct.pack("!i", 5)
+                    + b"\x08\x00\x01" + struct.pack("!i", 7) + b"\x0b\x00\x01\xff\xff\xff\xff\x00")
+            await raw.send(protocol.encode_unified(protocol.request_header("Echo", 5, 1000), body))
+            reply = await raw.read_frame()
+            assert reply.header.responseInfo.sequenceId == 5
+            assert reply.header.responseInfo.status == Status.PROTOCOL_EXCEPTION
+            await raw.send(_good_request(seq=6))
+            assert decode_body(await raw.read_frame(), Echo)[3].success == "ok"
+
+    run(main())
+
+
+def test_client_fails_pending_calls_when_the_server_sends_garbage():
+    async def handle(reader, writer):
+        await reader.read(10)
+        writer.write(b"\x00\x00\x00\x00 this is not a frame")
+        await writer.drain()
+        await asyncio.sleep(5)
+        writer.close()
+
+    async def main():
+        listener = await asyncio.start_server(handle, LOCALHOST, 0)
+        port = listener.sockets[0].getsockname()[1]
+        try:
+            async with async_client(Echo, f"{LOCALHOST}:{port}", timeout=10) as client:
+                with pytest.raises(TransportError) as info:
+                    await asyncio.wait_for(client.echo("x"), 5)
+                assert not isinstance(info.value, CallTimeout)
+        finally:
+            listener.close()
+
+    run(main())
+
+
+# --- graceful stop ------------------------------------------------------------------
+
+def _is_clean_refusal(exc: BaseException, native: bool) -> bool:
+    if isinstance(exc, (RpcError, TransportError)) and not isinstance(exc, CallTimeout):
+        return True
+    # native thrift has no status field: a refusal can only be a TApplicationException
+    return native and isinstance(exc, ApplicationError) and "stopping" in str(exc)
+
+
+def test_graceful_stop_under_load():
+    handler = EchoHandler()
+
+    async def main():
+        async with serving(echo_services(handler), grace=5, business_threads=32) as server, \
+                async_client(Echo, server.address, timeout=10) as unified, \
+                async_client(Echo, server.address, protocol="thrift", timeout=10) as native:
+            accepted = ([unified.slow(f"u{i}", 300) for i in range(100)]
+                        + [native.slow(f"n{i}", 300) for i in range(30)]
+                        + [unified.nap(f"z{i}", 300) for i in range(20)]
+                        + [native.nap(f"y{i}", 300) for i in range(10)])
+            expected = ([f"u{i}" for i in range(100)] + [f"n{i}" for i in range(30)]
+                        + [f"z{i}" for i in range(20)] + [f"y{i}" for i in range(10)])
+            accepted = [asyncio.ensure_future(c) for c in accepted]
+            await wait_until(lambda: handler.slow_started == 130 and handler.naps_started == 30,
+                             what="every call to reach its handler")
+
+            stopping = asyncio.ensure_future(server.stop(grace=5))
+            await wait_until(lambda: server.status == NodeStatus.STOPPING)
+            # new calls while draining: refused at once, on both protocols
+            during = await asyncio.wait_for(asyncio.gather(
+                unified.echo("late"), unified.slow("late", 1), native.echo("late"),
+                return_exceptions=True), 5)
+            assert isinstance(during[0], RpcError) and during[0].status == 3, during[0]
+            assert isinstance(during[1], RpcError) and during[1].status == 3, during[1]
+            assert _is_clean_refusal(during[2], native=True), during[2]
+
+            # every accepted call completes successfully
+            results = await asyncio.wait_for(asyncio.gather(*accepted), 10)
+            assert results == expected
+            await asyncio.wait_for(stopping, 10)
+            assert server.status == NodeStatus.STOPPED
+
+            # after stop: clean errors, no hang
+            for client, native_proto in ((unified, False), (native, True)):
+                with pytest.raises(OctoError) as info:
+                    await asyncio.wait_for(client.echo("after stop"), 5)
+                assert _is_clean_refusal(info.value, native_proto), info.value
+
+    run(main())
+
+
+def test_stop_with_grace_shorter_than_a_call_fails_it_cleanly():
+    handler = EchoHandler()
+
+    async def main():
+        async with serving(echo_services(handler)) as server, \
+                async_client(Echo, server.address, timeout=20) as client:
+            stuck = asyncio.ensure_future(client.slow("forever", 15000))
+            await wait_until(lambda: handler.slow_started == 1)
+            await asyncio.wait_for(server.stop(grace=0.1), 5)
+            with pytest.raises(TransportError) as info:
+                await asyncio.wait_for(stuck, 5)
+            assert not isinstance(info.value, CallTimeout)
+
+    run(main())
+
+
+def test_sync_server_context_manager_drains_and_stops():
+    handler = EchoHandler()
+    server = octo_core.Server("com.example.ctx", port=0)
+    server.add_service(Echo, handler)
+    client = None
+    try:
+        with server:
+            assert server.status == NodeStatus.ALIVE
+            client = octo_core.Client(Echo, appkey="com.example.caller", hosts=[server.address],
+                                      timeout=5)
+            assert client.echo("ctx") == "ctx"
+            future = client.future.nap("draining", 200)
+            deadline = time.monotonic() + 5
+            while handler.naps_started < 1:
+                assert time.monotonic() < deadline, "nap() never started"
+                time.sleep(0.005)
+        # leaving the block drained the accepted call, then stopped the server
+        assert future.result(timeout=5) == "draining"
+        assert server.status == NodeStatus.STOPPED
+        with pytest.raises(TransportError):
+            client.echo("after stop")
+    finally:
+        if client is not None:
+            client.close()
+
+
+# --- nothing listening, reconnects -----------------------------------------------------
+
+def test_connect_failure_names_the_method_and_node():
+    # errors "say where the error happened": a call that could not connect knows
+    # both its method and its node (regression: .method was None at a7c1348)
+    with refusing_port() as sock:
+        address = f"{LOCALHOST}:{sock.getsockname()[1]}"
+
+        async def main():
+            async with async_client(Echo, address) as client:
+                with pytest.raises(TransportError) as first:
+                    await asyncio.wait_for(client.echo("x"), 5)
+                with pytest.raises(TransportError) as during_backoff:
+                    await asyncio.wait_for(client.ping(), 5)
+            for info, method in ((first, "echo"), (during_backoff, "ping")):
+                assert info.value.node == address
+                assert info.value.method == method, f"{info.value!r} has method {info.value.method!r}"
+
+        run(main())
+
+
+def test_cancelling_a_call_while_it_connects_does_not_poison_the_endpoint():
+    # Regression (found at a7c1348): Endpoint._open treated *any* BaseException
+    # during connect as a failed connect: the caller's CancelledError became
+    # TransportError("cannot connect: ") and the healthy node went into backoff,
+    # so the next caller failed fast with "connect failed recently".
+    async def main():
+        async with serving(echo_services()) as server, \
+                async_client(Echo, server.address) as client:
+            call = asyncio.ensure_future(client.echo("cancel me"))
+            await asyncio.sleep(0)          # the call is now waiting for its connection
+            assert not call.done()
+            call.cancel()
+            outcome = (await asyncio.wait_for(asyncio.gather(call, return_exceptions=True), 5))[0]
+            assert isinstance(outcome, asyncio.CancelledError), \
+                f"the cancelled call ended with {outcome!r}"
+            assert await asyncio.wait_for(client.echo("next caller"), 5) == "next caller"
+
+    run(main())
+
+
+def test_client_closed_mid_call_fails_waiting_calls():
+    handler = EchoHandler()
+
+    async def main():
+        async with serving(echo_services(handler)) as server:
+            client = octo_core.AsyncClient(Echo, appkey="com.example.caller",
+                                           hosts=[server.address], timeout=20)
+            waiting = [asyncio.ensure_future(client.slow(f"w{i}", 5000)) for i in range(5)]
+            await wait_until(lambda: handler.slow_started == 5)
+            await asyncio.wait_for(client.close(), 5)
+            outcomes = await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 5)
+            for outcome in outcomes:
+                assert isinstance(outcome, TransportError) and not isinstance(outcome, CallTimeout)
+            with pytest.raises(TransportError):
+                await asyncio.wait_for(client.echo("closed"), 5)
+
+    run(main())
+
+
+def test_reconnect_after_backoff_tcp():
+    with refusing_port() as sock:
+        port = sock.getsockname()[1]
+        address = f"{LOCALHOST}:{port}"
+
+        async def main():
+            async with async_client(Echo, address, timeout=5, connect_timeout=5) as client:
+                with pytest.raises(TransportError) as info:
+                    await asyncio.wait_for(client.echo("nobody home"), 5)
+                assert not isinstance(info.value, CallTimeout)
+                assert info.value.node == address
+                with pytest.raises(TransportError):        # fails fast during the backoff
+                    await asyncio.wait_for(client.echo("still nobody"), 5)
+
+                sock.close()
+                async with serving(echo_services(), port=port) as server:
+                    assert server.port == port
+                    assert await _first_success(client) == "back"
+
+        run(main())
+
+
+def test_reconnect_after_backoff_unix_socket():
+    with short_tmpdir() as tmp:
+        address = f"unix://{os.path.join(tmp, 'later.sock')}"
+
+        async def main():
+            async with async_client(Echo, address, timeout=5) as client:
+                with pytest.raises(TransportError):
+                    await asyncio.wait_for(client.echo("no socket yet"), 5)
+                async with serving(echo_services(), host=address):
+                    assert await _first_success(client) == "back"
+
+        run(main())
+
+
+def test_sync_client_reconnects_after_the_server_restarts():
+    with refusing_port() as sock:
+        port = sock.getsockname()[1]
+        sock.close()
+        address = f"{LOCALHOST}:{port}"
+        with sync_client(Echo, address, timeout=5) as client:
+            with pytest.raises(TransportError):
+                client.echo("down")
+            for attempt in range(2):     # up, down, up again
+                with serving_in_thread(echo_services(), port=port):
+                    deadline = time.monotonic() + 10
+                    while True:
+                        try:
+                            assert client.echo(f"up {attempt}") == f"up {attempt}"
+                            break
+                        except TransportError:
+                            assert time.monotonic() < deadline, "never reconnected"
+                            time.sleep(0.02)
+                with pytest.raises(TransportError):
+                    client.echo("down again")
+
+
+async def _first_success(client, text: str = "back", patience: float = 10.0):
+    """Call until the backoff lets a connect through; only TransportError may happen before."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return await asyncio.wait_for(client.echo(text), 5)
+        except TransportError as exc:
+            assert not isinstance(exc, CallTimeout), exc
+            assert time.monotonic() < deadline, f"never reconnected: {exc}"
+            await asyncio.sleep(0.02)
+
+
+# --- a server that dies mid-call ---------------------------------------------------------
+
+DOOMED_SERVER = r"""
+import asyncio, os, sys, time
+import octo_core
+
+echo = octo_core.load_idl(sys.argv[1], module_name="doomed_echo_thrift")
+
+
+class Handler:
+    def echo(self, text): return text
+    def fail(self, kind): return kind
+    def ping(self): pass
+    def notify(self, text): pass
+    def block(self, text): return text
+    def whoami(self): return "Echo"
+
+    async def slow(self, text, delay_ms):
+        os.write(1, b"started\n")   # one atomic write: handlers run on many threads
+        await asyncio.sleep(delay_ms / 1000)
+        return text
+
+    def nap(self, text, delay_ms):
+        os.write(1, b"started\n")   # one atomic write: handlers run on many threads
+        time.sleep(delay_ms / 1000)
+        return text
+
+
+async def main():
+    server = octo_core.Server("com.example.doomed", port=0)
+    server.add_service(echo.Echo, Handler())
+    await server.start()
+    print(server.address, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def test_server_killed_mid_call_fails_waiting_calls():
+    async def main():
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", DOOMED_SERVER, ECHO_IDL, stdout=asyncio.subprocess.PIPE)
+        try:
+            address = (await asyncio.wait_for(proc.stdout.readline(), 20)).decode().strip()
+            assert address.startswith(LOCALHOST), address
+            async with async_client(Echo, address, timeout=30) as unified, \
+                    async_client(Echo, address, protocol="thrift", timeout=30) as native:
+                assert await unified.echo("alive") == "alive"
+                calls = ([unified.slow(f"u{i}", 20000) for i in range(10)]
+                         + [native.slow(f"n{i}", 20000) for i in range(5)]
+                         + [unified.nap(f"z{i}", 20000) for i in range(3)])
+                waiting = [asyncio.ensure_future(c) for c in calls]
+                for _ in range(len(waiting)):
+                    line = await asyncio.wait_for(proc.stdout.readline(), 10)
+                    assert line.strip() == b"started", line
+                proc.kill()
+                outcomes = await asyncio.wait_for(
+                    asyncio.gather(*waiting, return_exceptions=True), 10)
+                for outcome in outcomes:
+                    assert isinstance(outcome, TransportError), outcome
+                    assert not isinstance(outcome, CallTimeout), outcome
+                # and later calls fail promptly too (nothing listens any more)
+                with pytest.raises(TransportError):
+                    await asyncio.wait_for(unified.echo("dead"), 5)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+            await asyncio.wait_for(proc.wait(), 10)
+
+    run(main())
