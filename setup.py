@@ -22,7 +22,7 @@ def extension(name: str) -> Extension:
 
 setup(
     ext_modules=cythonize(
-        [extension("_codec")],
+        [extension("_codec"), extension("_lb")],
         language_level=3,
         annotate=os.environ.get("OCTO_CYTHON_ANNOTATE") == "1",
         compiler_directives={"embedsignature": True},
