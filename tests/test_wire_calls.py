@@ -35,7 +35,7 @@ SNAPPY = have_snappy()
 def client_conns(client):
     """The live connections of an AsyncClient (private state, read in this one place)."""
     client = getattr(client, "_async", client)
-    return [c for ep in client._endpoints for c in ep._conns if c is not None]
+    return [c for ep in client._endpoints.values() for c in ep._conns if c is not None]
 
 
 @pytest.fixture

@@ -3,17 +3,26 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import itertools
-import random
-from typing import Any, Callable, Dict, Iterable, Optional
+import ssl as _ssl
+import sys
+import time
+from typing import Any, Awaitable, Callable, Dict, Iterable, Mapping, Optional, Union
 
 from thriftpy2.thrift import TApplicationException, TMessageType
 
 from octo_core import _codec, idl, protocol
+from octo_core.cluster.breaker import RetryBudget
+from octo_core.cluster.invoker import Cluster
+from octo_core.cluster.routing import Caller, Router
+from octo_core.auth import Signer
+from octo_core.context import Span, _span_started, child_span, global_context
+from octo_core.metrics import Metrics
 from octo_core.errors import (ApplicationError, CallTimeout, DecodeError, DegradeError, OctoError,
                               ProtocolError, RemoteError, RpcError, RuntimeFailure, SecurityError,
                               ServiceError, Status, TransportError)
 from octo_core.protocol import CallType, Frame
+from octo_core.registry.node import Node
+from octo_core.transport.address import parse_address
 from octo_core.transport.client import Endpoint
 from octo_core.transport.loop import LoopThread
 
@@ -39,6 +48,15 @@ class AsyncClient:
     await c.echo("hi")``. Each IDL method becomes an attribute of the client.
     ``protocol="thrift"`` speaks native framed thrift instead of the unified
     protocol. Many calls share one connection per node (``pool_size`` for more).
+
+    Cluster options: ``lb`` (``random``, ``roundrobin``, ``leastrequest``,
+    ``lalb``, ``consistenthash`` with ``hash_arg`` naming the argument to hash),
+    ``cluster`` (``failfast``, ``failover``, ``failsafe``, ``forking``,
+    ``hedging``), ``retries``, ``forks``, ``hedge_delay``, ``idempotent`` (True,
+    or the method names that may be retried after they were sent); routing:
+    ``cell``/``set_routing``, ``idc``/``region``/``locality``, ``caller_ip``.
+    Trust: ``token`` signs every unified request (PROTOCOL.md §6; ``sign_body``
+    covers the body too); ``ssl`` connects over TLS. ``metrics`` counts calls.
     """
 
     def __init__(self, service: Any, *, appkey: str, hosts: Iterable[str],
@@ -47,27 +65,48 @@ class AsyncClient:
                  pool_size: int = 1, connect_timeout: float = 1.0, checksum: bool = False,
                  compression: Optional[str] = None,
                  heartbeat_interval: Optional[float] = None,
-                 max_frame_size: int = protocol.DEFAULT_MAX_FRAME_SIZE) -> None:
+                 max_frame_size: int = protocol.DEFAULT_MAX_FRAME_SIZE,
+                 lb: str = "random", cluster: str = "failfast", retries: int = 2,
+                 forks: int = 2, hedge_delay: float = 0.05,
+                 idempotent: Union[bool, Iterable[str]] = False, hash_arg: Optional[str] = None,
+                 cell: str = "", set_routing: bool = False, idc: str = "", region: str = "",
+                 locality: Optional[str] = None, caller_ip: str = "",
+                 breaker: Optional[Dict[str, Any]] = None,
+                 retry_budget: Optional[RetryBudget] = None,
+                 token: Optional[str] = None, sign_body: bool = False,
+                 ssl: Optional["_ssl.SSLContext"] = None) -> None:
         if protocol not in ("octo", "thrift"):
             raise ValueError("protocol must be 'octo' or 'thrift'")
         if compression not in _COMPRESSION_FLAGS:
             raise ValueError("compression must be None, 'gzip' or 'snappy'")
-        nodes = list(hosts)
-        if not nodes:
-            raise ValueError("hosts must name at least one node")
         self.service = service
         self.appkey = appkey
-        self.remote_appkey = remote_appkey
+        self.remote_appkey = remote_appkey or ""
         self.timeout = timeout
         self.unified = protocol == "octo"
         self.service_name = service_name or service.__name__
         self._flags = (protocol_flags(checksum) | _COMPRESSION_FLAGS[compression])
-        self._endpoints = [Endpoint(node, pool_size=pool_size, connect_timeout=connect_timeout,
-                                    max_frame_size=max_frame_size,
-                                    heartbeat_interval=heartbeat_interval if self.unified else None)
-                           for node in nodes]
-        self._turn = itertools.cycle(range(len(self._endpoints)))
+        self._signer = (Signer(appkey, token, self.remote_appkey, sign_body=sign_body)
+                        if token is not None else None)
+        self.metrics = Metrics("client")
+        self._endpoint_options = dict(pool_size=pool_size, connect_timeout=connect_timeout,
+                                      max_frame_size=max_frame_size, ssl=ssl,
+                                      heartbeat_interval=heartbeat_interval if self.unified else None)
+        self._endpoints: Dict[str, Endpoint] = {}
+        self._closed = False
         self._methods = idl.methods(service)
+        self._idempotent = (set(self._methods) if idempotent is True
+                            else set(idempotent or ()))
+        self._hash_arg = hash_arg
+        router = Router(Caller(appkey=appkey, ip=caller_ip, cell=cell, set_routing=set_routing,
+                               idc=idc, region=region), locality=locality)
+        self._cluster = Cluster(router, lb=lb, policy=cluster, retries=retries, forks=forks,
+                                hedge_delay=hedge_delay, budget=retry_budget,
+                                breaker_options=breaker)
+        nodes = [static_node(self.remote_appkey, host) for host in hosts]
+        if not nodes:
+            raise ValueError("hosts must name at least one node")
+        self._cluster.update(nodes)
         for name, method in self._methods.items():
             setattr(self, name, self._caller(method))
 
@@ -87,25 +126,70 @@ class AsyncClient:
 
     async def _call(self, method: idl.Method, args: tuple, kwargs: dict,
                     timeout: Optional[float] = None) -> Any:
+        if self._closed:
+            raise TransportError("client is closed", method=method.name, request_sent=False)
         try:
             request = method.args_cls(*args, **kwargs)
         except TypeError as exc:
             raise TypeError(f"{method.name}: {exc}") from None
-        endpoint = self._endpoints[next(self._turn)]
+        tags = global_context()
+        key = getattr(request, self._hash_arg, None) if self._hash_arg else None
+
+        span = child_span()
+
+        def send(node: Node, remaining: float) -> Awaitable[Any]:
+            return self._send(method, request, node, remaining, tags, span)
+
+        stats = self.metrics.started(self.service_name, method.name)
+        ends = _span_started("client", self.service_name, method.name, span)
+        started = time.monotonic()
+        status = Status.SUCCESS
+        try:
+            return await self._cluster.invoke(
+                send, timeout=self.timeout if timeout is None else timeout,
+                idempotent=method.name in self._idempotent, tags=tags,
+                key=None if key is None else str(key))
+        except OctoError as exc:
+            status = exc.status
+            raise
+        except Exception:
+            status = Status.SUCCESS if _declared(method, sys.exc_info()[1]) else Status.REMOTE_EXCEPTION
+            raise
+        finally:
+            self.metrics.finished(stats, time.monotonic() - started, status)
+            for end in ends or ():
+                end(status)
+
+    def _endpoint(self, node: Node) -> Endpoint:
+        endpoint = self._endpoints.get(node.address)
+        if endpoint is None:
+            endpoint = self._endpoints[node.address] = Endpoint(node.address, **self._endpoint_options)
+        return endpoint
+
+    async def _send(self, method: idl.Method, request: Any, node: Node, timeout: float,
+                    tags: Mapping[str, str], span: Span) -> Any:
+        """One attempt on one node."""
+        endpoint = self._endpoint(node)
         try:
             conn = await endpoint.connection()
         except OctoError as exc:
             exc.method = exc.method or method.name
             raise
-        timeout = self.timeout if timeout is None else timeout
         seq = conn.next_sequence()
         if self.unified:
             header = protocol.request_header(
-                self.service_name, seq, int(timeout * 1000),
+                self.service_name, seq, max(1, int(timeout * 1000)),
                 call_type=CallType.NO_REPLY if method.oneway else CallType.REPLY,
-                trace=protocol.TraceInfo(clientAppkey=self.appkey, traceId=_new_trace_id()))
-            data = protocol.encode_unified_message(self._flags, header, method.name,
-                                                   TMessageType.CALL, seq, request)
+                trace=protocol.TraceInfo(clientAppkey=self.appkey, traceId=span.trace_id,
+                                         spanId=span.span_id),
+                global_context=dict(tags) if tags else None)
+            if self._signer is None:
+                data = protocol.encode_unified_message(self._flags, header, method.name,
+                                                       TMessageType.CALL, seq, request)
+            else:
+                body = _codec.encode_message(method.name, TMessageType.CALL, seq, request)
+                header.localContext = self._signer.headers(self.service_name, method.name, body)
+                data = protocol.encode_unified(header, body, self._flags)
         else:
             msg_type = TMessageType.ONEWAY if method.oneway else TMessageType.CALL
             data = protocol.encode_framed_message(method.name, msg_type, seq, request)
@@ -122,7 +206,7 @@ class AsyncClient:
             exc.method = exc.method or method.name
             raise
         except BaseException:
-            conn.forget(seq)    # cancelled: nobody waits for this reply now
+            conn.forget(seq)    # cancelled (a lost race): nobody waits for this reply now
             raise
         finally:
             timer.cancel()
@@ -161,7 +245,8 @@ class AsyncClient:
 
     async def close(self) -> None:
         """Close every connection; calls still waiting fail with ``TransportError``."""
-        for endpoint in self._endpoints:
+        self._closed = True
+        for endpoint in self._endpoints.values():
             endpoint.close()
         await asyncio.sleep(0)
 
@@ -180,9 +265,17 @@ def _expire(reply: asyncio.Future, conn: Any, seq: int, timeout: float, method: 
         reply.set_exception(CallTimeout(f"no reply within {timeout}s", method=method, node=node))
 
 
-def _new_trace_id() -> str:
-    """A random 64-bit trace id in hex (MTrace style), cheaper than a uuid."""
-    return f"{random.getrandbits(64):016x}"
+def _declared(method: idl.Method, exc: BaseException) -> bool:
+    """Is ``exc`` one of the method's declared IDL exceptions (a business answer)?"""
+    return any(isinstance(exc, cls) for _, cls in method.exceptions)
+
+
+def static_node(appkey: str, host: str) -> Node:
+    """A ``Node`` for an address given by hand (``host:port`` or ``unix:///path``)."""
+    address = parse_address(host)
+    if address.path is not None:
+        return Node(appkey=appkey, ip=host, port=0)
+    return Node(appkey=appkey, ip=address.host, port=address.port)
 
 
 def protocol_flags(checksum: bool) -> int:

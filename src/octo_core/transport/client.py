@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import ssl as _ssl
 import random
 import time
 from typing import Dict, List, Optional
@@ -93,7 +94,8 @@ class Endpoint:
     def __init__(self, node: str, *, pool_size: int = 1, connect_timeout: float = 1.0,
                  max_frame_size: int = protocol.DEFAULT_MAX_FRAME_SIZE,
                  backoff_min: float = 0.1, backoff_max: float = 2.0,
-                 heartbeat_interval: Optional[float] = None) -> None:
+                 heartbeat_interval: Optional[float] = None,
+                 ssl: Optional["_ssl.SSLContext"] = None) -> None:
         self.node = node
         self.address: Address = parse_address(node)
         self.pool_size = max(1, pool_size)
@@ -108,6 +110,7 @@ class Endpoint:
         self._retry_at = 0.0
         self._heartbeat_interval = heartbeat_interval
         self._heartbeat_task: Optional[asyncio.Task] = None
+        self.ssl = ssl
         self.closed = False
 
     async def connection(self) -> ClientConnection:
@@ -159,9 +162,12 @@ class Endpoint:
             return ClientConnection(self.node, self.max_frame_size)
 
         if self.address.path is not None:
-            opening = loop.create_unix_connection(factory, self.address.path)
+            opening = loop.create_unix_connection(
+                factory, self.address.path, ssl=self.ssl,
+                server_hostname="localhost" if self.ssl else None)
         else:
-            opening = loop.create_connection(factory, self.address.host, self.address.port)
+            opening = loop.create_connection(factory, self.address.host, self.address.port,
+                                             ssl=self.ssl)
         try:
             _, conn = await asyncio.wait_for(opening, self.connect_timeout)
         except asyncio.TimeoutError:
