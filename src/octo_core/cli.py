@@ -3,6 +3,9 @@
 ``octo bench [TARGET] [--seconds S]`` runs the benchmarks that ship with
 octo_core; with no TARGET it runs every one of them. Benchmarks are listed in
 ``BENCHMARKS``: adding one (say ``rpc``) is one entry there.
+
+``octo scanner --registry URL --appkey A ...`` runs the health scanner
+(``octo_core.health``).
 """
 from __future__ import annotations
 
@@ -43,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``octo`` argument parser."""
     parser = argparse.ArgumentParser(prog="octo", description="octo_core command-line tools.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("scanner", add_help=False,
+                        help="probe a registry's nodes and write their health back "
+                             "(octo scanner --help)")
     bench = commands.add_parser(
         "bench", help="run benchmarks",
         description="Run octo_core's benchmarks. Targets: " + "; ".join(
@@ -60,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``octo`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["scanner"]:       # its own parser lives with the scanner
+        from octo_core import health
+
+        return health.main(argv[1:])
     args = parser.parse_args(argv)
     if args.command != "bench":
         parser.print_help(sys.stderr)

@@ -21,7 +21,7 @@ from octo_core.errors import (ApplicationError, CallTimeout, DecodeError, Degrad
                               ProtocolError, RemoteError, RpcError, RuntimeFailure, SecurityError,
                               ServiceError, Status, TransportError)
 from octo_core.protocol import CallType, Frame
-from octo_core.registry.node import Node
+from octo_core.registry import Directory, Node, Registry, open_registry
 from octo_core.transport.address import parse_address
 from octo_core.transport.client import Endpoint
 from octo_core.transport.loop import LoopThread
@@ -55,11 +55,16 @@ class AsyncClient:
     ``hedging``), ``retries``, ``forks``, ``hedge_delay``, ``idempotent`` (True,
     or the method names that may be retried after they were sent); routing:
     ``cell``/``set_routing``, ``idc``/``region``/``locality``, ``caller_ip``.
+    Nodes come from ``hosts`` (addresses) or from a ``registry`` (URL or
+    ``Registry``) for ``remote_appkey``; discovery follows changes and keeps the
+    last good list through registry outages (``snapshot_path`` persists it).
     Trust: ``token`` signs every unified request (PROTOCOL.md §6; ``sign_body``
     covers the body too); ``ssl`` connects over TLS. ``metrics`` counts calls.
     """
 
-    def __init__(self, service: Any, *, appkey: str, hosts: Iterable[str],
+    def __init__(self, service: Any, *, appkey: str, hosts: Optional[Iterable[str]] = None,
+                 registry: Optional[Union[str, Registry]] = None,
+                 snapshot_path: Optional[str] = None,
                  remote_appkey: Optional[str] = None, timeout: float = 1.0,
                  protocol: str = "octo", service_name: Optional[str] = None,
                  pool_size: int = 1, connect_timeout: float = 1.0, checksum: bool = False,
@@ -103,10 +108,22 @@ class AsyncClient:
         self._cluster = Cluster(router, lb=lb, policy=cluster, retries=retries, forks=forks,
                                 hedge_delay=hedge_delay, budget=retry_budget,
                                 breaker_options=breaker)
-        nodes = [static_node(self.remote_appkey, host) for host in hosts]
-        if not nodes:
-            raise ValueError("hosts must name at least one node")
-        self._cluster.update(nodes)
+        self._directory: Optional[Directory] = None
+        self._discovery: Optional[asyncio.Task] = None
+        if (hosts is None) == (registry is None):
+            raise ValueError("give either hosts or registry")
+        if registry is not None:
+            if not remote_appkey:
+                raise ValueError("registry discovery needs remote_appkey")
+            self._owns_registry = isinstance(registry, str)
+            self._directory = Directory(open_registry(registry) if self._owns_registry else registry,
+                                        remote_appkey, snapshot_path)
+            self._directory.subscribe(self._cluster.update)
+        else:
+            nodes = [static_node(self.remote_appkey, host) for host in hosts]
+            if not nodes:
+                raise ValueError("hosts must name at least one node")
+            self._cluster.update(nodes)
         for name, method in self._methods.items():
             setattr(self, name, self._caller(method))
 
@@ -128,6 +145,8 @@ class AsyncClient:
                     timeout: Optional[float] = None) -> Any:
         if self._closed:
             raise TransportError("client is closed", method=method.name, request_sent=False)
+        if self._directory is not None and self._directory.version == 0:
+            await self._discover()
         try:
             request = method.args_cls(*args, **kwargs)
         except TypeError as exc:
@@ -159,6 +178,13 @@ class AsyncClient:
             self.metrics.finished(stats, time.monotonic() - started, status)
             for end in ends or ():
                 end(status)
+
+    async def _discover(self) -> None:
+        """Start discovery once (concurrent first calls share it)."""
+        if self._discovery is None:
+            self._discovery = asyncio.get_running_loop().create_task(self._directory.start())
+        await asyncio.shield(self._discovery)
+        self._cluster.update(self._directory.nodes, self._directory.rules)
 
     def _endpoint(self, node: Node) -> Endpoint:
         endpoint = self._endpoints.get(node.address)
@@ -248,6 +274,10 @@ class AsyncClient:
         self._closed = True
         for endpoint in self._endpoints.values():
             endpoint.close()
+        if self._directory is not None:
+            await self._directory.close()
+            if self._owns_registry:
+                await self._directory.registry.close()
         await asyncio.sleep(0)
 
     async def __aenter__(self) -> "AsyncClient":

@@ -11,7 +11,7 @@ import os
 import signal
 import ssl as _ssl
 import time
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 from thriftpy2.thrift import TApplicationException, TMessageType
 
@@ -21,6 +21,7 @@ from octo_core.auth import Authenticator
 from octo_core.errors import DecodeError, EncodeError, SecurityError, Status
 from octo_core.metrics import Metrics, MethodStats
 from octo_core.protocol import Frame, MessageType, NodeStatus
+from octo_core.registry import HeartbeatSupport, Node, Registry, open_registry
 from octo_core.transport.address import parse_address
 from octo_core.transport.loop import LoopThread, new_event_loop
 from octo_core.transport.server import ServerConnection
@@ -108,6 +109,13 @@ class Server:
     for ``read_timeout`` seconds on a partial frame, is closed. ``auth`` (an
     ``octo_core.auth.Authenticator``) requires signed, granted requests; native
     thrift, which cannot carry a signature, is then refused. ``ssl`` serves TLS.
+
+    Naming: with ``registry`` (a URL such as ``file:///var/lib/octo`` or
+    ``zk://host:2181/octo``, or a ``Registry``) the server registers itself on
+    start (``node`` sets ``Node`` fields: weight, warmup, cell, swimlane, idc,
+    region...), and on stop first marks itself STOPPING and unregisters, keeps
+    serving for ``unregister_delay`` seconds while callers see the change, and
+    only then refuses new calls and drains.
     """
 
     def __init__(self, appkey: str, host: str = "127.0.0.1", port: int = 0, *,
@@ -118,7 +126,10 @@ class Server:
                  max_in_flight_per_connection: Optional[int] = None,
                  quotas: Optional[Mapping[str, float]] = None,
                  auth: Optional[Authenticator] = None,
-                 ssl: Optional["_ssl.SSLContext"] = None) -> None:
+                 ssl: Optional["_ssl.SSLContext"] = None,
+                 registry: Optional[Union[str, Registry]] = None,
+                 node: Optional[Mapping[str, Any]] = None,
+                 unregister_delay: float = 1.0) -> None:
         self.appkey = appkey
         self.host = host
         self.port: Optional[int] = port
@@ -133,6 +144,11 @@ class Server:
         self.auth = auth
         self.ssl = ssl
         self.metrics = Metrics("server")
+        self._registry_spec = registry
+        self._registry: Optional[Registry] = None
+        self._node_fields = dict(node or {})
+        self._node: Optional[Node] = None
+        self.unregister_delay = unregister_delay
         self.status = NodeStatus.STARTING
         self._started_at = time.monotonic()
         self._services: Dict[str, _Service] = {}
@@ -204,7 +220,30 @@ class Server:
             self._sweeper = self._loop.create_task(self._sweep())
         self._started_at = time.monotonic()
         self.status = NodeStatus.ALIVE
+        if self._registry_spec is not None:
+            await self._register()
         log.info("%s serving %s on %s", self.appkey, ", ".join(self._services), self.address)
+
+    async def _register(self) -> None:
+        registry = self._registry_spec
+        self._registry = open_registry(registry) if isinstance(registry, str) else registry
+        ip, port = (self.address, 0) if self.unix_path is not None else (self.host, self.port)
+        fields = dict(appkey=self.appkey, ip=ip, port=port, env=self._registry.env,
+                      startTime=int(time.time()), heartbeatSupport=HeartbeatSupport.BOTH,
+                      serviceInfo={name: {"unifiedProto": 1} for name in self._services})
+        fields.update(self._node_fields)
+        self._node = await self._registry.register(Node(**fields))
+
+    async def _unregister(self) -> None:
+        """Tell callers first: STOPPING, then gone; calls keep being served meanwhile."""
+        node, registry = self._node, self._registry
+        try:
+            await registry.update(node.appkey, node.key, status=NodeStatus.STOPPING)
+            await registry.unregister(node.appkey, node.key)
+        except Exception as exc:  # a registry outage must not block a stop
+            log.warning("%s: could not unregister %s: %s", self.appkey, node.key, exc)
+        if self.unregister_delay > 0:
+            await asyncio.sleep(self.unregister_delay)
 
     @property
     def address(self) -> str:
@@ -221,6 +260,8 @@ class Server:
         """
         if self._listener is None:
             return
+        if self._node is not None:
+            await self._unregister()
         self.status = NodeStatus.STOPPING
         self._listener.close()
         if self._sweeper is not None:
@@ -239,6 +280,10 @@ class Server:
         if self.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.unix_path)
+        if self._registry is not None:
+            if isinstance(self._registry_spec, str):    # we opened it, we close it
+                await self._registry.close()
+            self._registry = self._node = None
         self.status = NodeStatus.STOPPED
 
     def serve_forever(self) -> None:

@@ -1,4 +1,8 @@
 """Naming: provider nodes and the registries that hold them."""
+from octo_core.registry.base import (NotRegisteredError, Registry, RegistryError, Watch,
+                                     open_registry)
+from octo_core.registry.directory import Directory, Subscription
 from octo_core.registry.node import Env, HeartbeatSupport, Node, Role
 
-__all__ = ["Node", "Env", "Role", "HeartbeatSupport"]
+__all__ = ["Node", "Env", "Role", "HeartbeatSupport", "Registry", "RegistryError",
+           "NotRegisteredError", "Watch", "open_registry", "Directory", "Subscription"]

@@ -1,0 +1,265 @@
+"""The ``Registry`` interface, its watch handle, and ``open_registry(url)``.
+
+A registry holds the provider nodes and route rules of each appkey, in one
+environment (prod, stage or test: the MNS tree's top level). Every backend has
+the same async API and the same rules:
+
+* ``register`` keeps what an operator set on a node already registered
+  (``Node.reregistered``) and stamps ``lastUpdateTime``;
+* nodes registered through a registry belong to it: they go away when it is
+  closed or its process dies (ZooKeeper ephemeral nodes, file TTLs);
+* ``watch`` callbacks run on the event loop that called ``watch``, once with
+  the current state and then after every change, with the whole list.
+"""
+from __future__ import annotations
+
+import abc
+import asyncio
+import dataclasses
+import json
+import logging
+import threading
+import time
+import urllib.parse
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from octo_core.errors import OctoError
+from octo_core.registry.node import Env, Node
+
+if TYPE_CHECKING:  # cluster.routing imports registry.node: load it only when needed
+    from octo_core.cluster.routing import RouteRule
+
+log = logging.getLogger("octo_core.registry")
+
+#: What a watch delivers: every node (sorted by key) and every route rule (by id).
+Snapshot = Tuple[Tuple[Node, ...], Tuple["RouteRule", ...]]
+WatchCallback = Callable[[List[Node], List["RouteRule"]], None]
+
+#: The node fields an operator (or the scanner) may change with ``update``.
+OPERATOR_FIELDS = ("weight", "fweight", "status", "role", "warmup")
+
+
+class RegistryError(OctoError):
+    """The registry could not be reached or refused an operation."""
+
+
+class NotRegisteredError(RegistryError, LookupError):
+    """``update`` named a node the registry does not hold."""
+
+
+class Watch:
+    """The handle ``Registry.watch`` returns: ``cancel()`` stops the callbacks.
+
+    Backends call ``changed()`` from any thread; the handle then reads the
+    backend's current snapshot on its loop and calls the callback only when it
+    differs from the last one delivered, so a burst of changes costs one call.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: WatchCallback,
+                 snapshot: Callable[[], Optional[Snapshot]],
+                 on_cancel: Callable[["Watch"], None]) -> None:
+        self._loop = loop
+        self._callback = callback
+        self._snapshot = snapshot
+        self._on_cancel = on_cancel
+        self._lock = threading.Lock()
+        self._scheduled = False
+        self._last: Optional[Snapshot] = None
+        self.cancelled = False
+
+    def changed(self) -> None:
+        """The backend's state may have changed: deliver it soon (thread-safe)."""
+        with self._lock:
+            if self._scheduled or self.cancelled:
+                return
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the watcher's loop is closed: nobody is listening
+            self.cancelled = True
+
+    def cancel(self) -> None:
+        """Stop the callbacks (idempotent)."""
+        if not self.cancelled:
+            self.cancelled = True
+            self._on_cancel(self)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            self._scheduled = False
+        if self.cancelled:
+            return
+        current = self._snapshot()
+        if current is None or current == self._last:
+            return
+        self._last = current
+        try:
+            self._callback(list(current[0]), list(current[1]))
+        except Exception:  # a subscriber's bug must not end the watch
+            log.exception("registry watch callback failed")
+
+
+class Registry(abc.ABC):
+    """Where providers register and consumers discover them (see the module docstring)."""
+
+    def __init__(self, env: int = Env.PROD) -> None:
+        if env not in Env.NAMES:
+            raise ValueError(f"unknown env {env!r}: one of {sorted(Env.NAMES)}")
+        self.env = env
+
+    @abc.abstractmethod
+    async def register(self, node: Node) -> Node:
+        """Store ``node`` (its ``env`` must be this registry's); returns what was stored."""
+
+    @abc.abstractmethod
+    async def unregister(self, appkey: str, key: str) -> None:
+        """Remove the node ``key`` (``ip:port``) of ``appkey``; no error if it is absent."""
+
+    @abc.abstractmethod
+    async def update(self, appkey: str, key: str, *, weight: Optional[int] = None,
+                     fweight: Optional[float] = None, status: Optional[int] = None,
+                     role: Optional[int] = None, warmup: Optional[int] = None) -> Node:
+        """Change operator fields of a registered node; returns the stored node.
+
+        Raises ``NotRegisteredError`` when the node is not registered.
+        """
+
+    @abc.abstractmethod
+    async def list(self, appkey: str) -> List[Node]:
+        """Every registered node of ``appkey``, sorted by key."""
+
+    @abc.abstractmethod
+    def watch(self, appkey: str, callback: WatchCallback) -> Watch:
+        """Call ``callback(nodes, rules)`` with the current state, then on every change.
+
+        Call it from the event loop the callbacks should run on.
+        """
+
+    @abc.abstractmethod
+    async def routes(self, appkey: str) -> List[RouteRule]:
+        """The route rules of ``appkey``, sorted by id."""
+
+    @abc.abstractmethod
+    async def set_route(self, appkey: str, rule: RouteRule) -> None:
+        """Add ``rule``, or replace the rule with the same id."""
+
+    @abc.abstractmethod
+    async def remove_route(self, appkey: str, rule_id: str) -> None:
+        """Remove a route rule; no error if it is absent."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Withdraw the nodes registered here, stop every watch, release resources."""
+
+    async def __aenter__(self) -> "Registry":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- helpers shared by the backends ------------------------------------------------
+
+    def _check_node(self, node: Node) -> None:
+        check_name(node.appkey, "appkey")
+        if node.env != self.env:
+            raise ValueError(f"node {node.key} is for env {node.env}, "
+                             f"this registry serves env {self.env} ({Env.NAMES[self.env]})")
+
+
+def check_name(name: str, what: str) -> str:
+    """``name`` if it can be one path component (appkeys, route ids), else ``ValueError``."""
+    if not name or "/" in name or name in (".", "..") or name.startswith("."):
+        raise ValueError(f"invalid {what} {name!r}: it must be one non-hidden path component")
+    return name
+
+
+def node_name(key: str) -> str:
+    """The path component for a node key: ``ip:port`` as is, a unix socket path escaped."""
+    return urllib.parse.quote(key, safe=":[]")
+
+
+def stamped(node: Node) -> Node:
+    """``node`` with ``lastUpdateTime`` set to now (seconds)."""
+    return dataclasses.replace(node, lastUpdateTime=int(time.time()))
+
+
+def operator_changes(**fields: Optional[float]) -> Dict[str, float]:
+    """The ``update`` keywords that were given, as plain numbers; at least one is needed."""
+    changes = {name: value for name, value in fields.items() if value is not None}
+    if not changes:
+        raise ValueError(f"update needs at least one of {', '.join(OPERATOR_FIELDS)}")
+    return {name: (float(value) if name == "fweight" else int(value))
+            for name, value in changes.items()}
+
+
+def parse_rule(data: "str | bytes | Mapping[str, Any]") -> "RouteRule":
+    """A route rule from its registry JSON (text, or already decoded)."""
+    from octo_core.cluster.routing import RouteRule
+    return RouteRule.from_dict(json.loads(data) if isinstance(data, (str, bytes)) else data)
+
+
+def snapshot_of(nodes: Sequence[Node], rules: Sequence[RouteRule]) -> Snapshot:
+    """The canonical (sorted, immutable) form of a state, as watches compare it."""
+    return (tuple(sorted(nodes, key=lambda n: n.key)), tuple(sorted(rules, key=lambda r: r.id)))
+
+
+# --- open_registry ----------------------------------------------------------------------
+
+def _env(text: str) -> int:
+    by_name = {name: env for env, name in Env.NAMES.items()}
+    if text in by_name:
+        return by_name[text]
+    if text.isdigit() and int(text) in Env.NAMES:
+        return int(text)
+    raise ValueError(f"unknown env {text!r}: one of {', '.join(by_name)}")
+
+
+_OPTIONS = {"memory": (), "file": ("ttl", "interval"), "zk": ("timeout", "op_timeout")}
+
+
+def open_registry(url: str) -> Registry:
+    """A registry for ``url``.
+
+    * ``memory://name``: in this process, shared by every registry of that name;
+    * ``file:///dir``: one machine, many processes (``?ttl=10&interval=0.2``:
+      seconds until a silent provider's nodes expire, seconds between polls);
+    * ``zk://host:port[,host:port]/chroot``: ZooKeeper (``?timeout=10``: the
+      session timeout, ``&op_timeout=5``: the bound on one operation, seconds).
+
+    Every scheme takes ``?env=prod|stage|test`` (default prod).
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in _OPTIONS:
+        raise ValueError(f"{url}: unknown registry scheme (memory://, file:///dir, zk://hosts/chroot)")
+    options = {key: values[-1] for key, values in
+               urllib.parse.parse_qs(parts.query, keep_blank_values=True).items()}
+    env = _env(options.pop("env", "prod"))
+    unknown = set(options) - set(_OPTIONS[parts.scheme])
+    if unknown:
+        raise ValueError(f"{url}: unknown option(s) {', '.join(sorted(unknown))}")
+
+    def number(name: str, default: float) -> float:
+        value = float(options.get(name, default))
+        if not value > 0:
+            raise ValueError(f"{url}: {name} must be positive")
+        return value
+
+    if parts.scheme == "memory":
+        from octo_core.registry.memory import MemoryRegistry
+        return MemoryRegistry(parts.netloc + parts.path, env=env)
+    if parts.scheme == "file":
+        if parts.netloc or not parts.path:
+            raise ValueError(f"{url}: a file registry URL is file:///absolute/dir")
+        from octo_core.registry.file import FileRegistry
+        return FileRegistry(parts.path, env=env, ttl=number("ttl", 10.0),
+                            interval=number("interval", 0.2))
+    if not parts.netloc:
+        raise ValueError(f"{url}: a ZooKeeper URL is zk://host:port[,host:port]/chroot")
+    try:
+        from octo_core.registry.zookeeper import ZooKeeperRegistry
+    except ImportError as exc:
+        raise RegistryError(f"{url}: the ZooKeeper registry needs kazoo "
+                            f"(pip install octo_core[zookeeper]): {exc}") from None
+    return ZooKeeperRegistry(parts.netloc, chroot=parts.path.rstrip("/"), env=env,
+                             session_timeout=number("timeout", 10.0),
+                             op_timeout=number("op_timeout", 5.0))

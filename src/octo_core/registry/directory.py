@@ -1,0 +1,233 @@
+"""``Directory``: one consumer's cache of one appkey's nodes and route rules (the sg_agent role).
+
+The registry's watch keeps the cache current; a periodic ``refresh`` asks the
+registry directly, in case a watch went quiet. What the registry says is taken
+unless it looks like a registry failure, which must not take a working client
+down with it:
+
+* an error or a timeout changes nothing;
+* an empty node list while nodes are known keeps the known nodes (route rules
+  still follow the registry) - the last known good list.
+
+Each refusal logs a warning. With ``snapshot_path`` every accepted state is
+also saved to that JSON file, and ``start`` falls back to it when the registry
+cannot answer, so a client can start during a registry outage.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Set, Tuple
+
+from octo_core.registry.base import Registry, RegistryError, Watch, parse_rule, snapshot_of
+from octo_core.registry.file import write_atomic
+from octo_core.registry.node import Node
+
+if TYPE_CHECKING:  # cluster.routing imports registry.node: import it lazily
+    from octo_core.cluster.routing import RouteRule
+
+log = logging.getLogger("octo_core.registry.directory")
+
+Subscriber = Callable[[List[Node], List["RouteRule"]], None]
+
+
+class Subscription:
+    """What ``Directory.subscribe`` returns: ``cancel()`` stops the callbacks."""
+
+    def __init__(self, subscribers: Set["Subscription"], callback: Subscriber) -> None:
+        self._subscribers = subscribers
+        self.callback = callback
+        subscribers.add(self)
+
+    def cancel(self) -> None:
+        self._subscribers.discard(self)
+
+
+class Directory:
+    """The nodes and route rules of ``appkey``, as this consumer last accepted them.
+
+    ``timeout`` bounds each question to the registry; ``refresh_interval``
+    (seconds, ``None``: never) is how often it is asked directly besides the watch.
+    """
+
+    def __init__(self, registry: Registry, appkey: str, snapshot_path: Optional[str] = None, *,
+                 timeout: float = 5.0, refresh_interval: Optional[float] = 30.0) -> None:
+        self.registry = registry
+        self.appkey = appkey
+        self.snapshot_path = snapshot_path
+        self.timeout = timeout
+        self.refresh_interval = refresh_interval
+        self._nodes: Tuple[Node, ...] = ()
+        self._rules: Tuple[RouteRule, ...] = ()
+        self._version = 0
+        self._subscribers: Set[Subscription] = set()
+        self._watch: Optional[Watch] = None
+        self._deliveries = 0          # watch callbacks so far: a newer word than a slow fetch
+        self._refresher: Optional[asyncio.Task] = None
+        self._saver: Optional[asyncio.Task] = None
+        self._save_pending = False
+
+    # --- state -------------------------------------------------------------------------
+
+    @property
+    def nodes(self) -> Tuple[Node, ...]:
+        """Every known node (any status), sorted by key."""
+        return self._nodes
+
+    @property
+    def rules(self) -> Tuple[RouteRule, ...]:
+        """The route rules, sorted by id."""
+        return self._rules
+
+    @property
+    def version(self) -> int:
+        """0 before anything was accepted; +1 on each accepted change."""
+        return self._version
+
+    def subscribe(self, callback: Subscriber) -> Subscription:
+        """Call ``callback(nodes, rules)`` on the event loop after each accepted change
+        (not for the current state: read ``nodes`` and ``rules`` for that)."""
+        return Subscription(self._subscribers, callback)
+
+    # --- life cycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Watch the registry and load the current state.
+
+        When the registry cannot answer within ``timeout`` (and its watch has
+        not spoken either), the snapshot is loaded instead; with no usable
+        snapshot, ``RegistryError``.
+        """
+        self._watch = self.registry.watch(self.appkey, self._on_watch)
+        try:
+            await self._fetch()
+        except Exception as exc:  # noqa: BLE001 - any registry failure: fall back
+            if not self._deliveries and not await self._load_snapshot(exc):
+                self._watch.cancel()
+                raise RegistryError(f"cannot discover {self.appkey}: the registry failed ({exc!r}) "
+                                    "and there is no snapshot to start from") from exc
+        if self.refresh_interval:
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_every())
+
+    async def refresh(self) -> bool:
+        """Ask the registry now; True when that changed the state. Never raises for a
+        registry failure (it is logged and the last known good state kept)."""
+        try:
+            return await self._fetch()
+        except Exception as exc:  # noqa: BLE001 - keep the last known good state
+            log.warning("%s: registry refresh failed (%r); keeping the last %d known nodes",
+                        self.appkey, exc, len(self._nodes))
+            return False
+
+    async def close(self) -> None:
+        """Stop watching and refreshing; a pending snapshot write is finished first."""
+        if self._watch is not None:
+            self._watch.cancel()
+        if self._refresher is not None:
+            self._refresher.cancel()
+            await asyncio.gather(self._refresher, return_exceptions=True)
+        if self._saver is not None:
+            await asyncio.gather(self._saver, return_exceptions=True)
+        self._subscribers.clear()
+
+    async def __aenter__(self) -> "Directory":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- accepting changes -------------------------------------------------------------
+
+    def _on_watch(self, nodes: List[Node], rules: List[RouteRule]) -> None:
+        self._deliveries += 1
+        self._offer(nodes, rules, "watch")
+
+    async def _fetch(self) -> bool:
+        deliveries = self._deliveries
+        nodes, rules = await asyncio.wait_for(
+            asyncio.gather(self.registry.list(self.appkey), self.registry.routes(self.appkey)),
+            self.timeout)
+        if self._deliveries != deliveries:   # the watch spoke meanwhile: it is at least as new
+            return False
+        return self._offer(nodes, rules, "refresh")
+
+    async def _refresh_every(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_interval)
+            await self.refresh()
+
+    def _offer(self, nodes: Sequence[Node], rules: Sequence[RouteRule], origin: str) -> bool:
+        """Take a state from the registry unless it looks like a registry failure."""
+        new_nodes, new_rules = snapshot_of(nodes, rules)
+        if not new_nodes and self._nodes:
+            log.warning("%s: the registry (%s) lists no nodes; keeping the last %d known",
+                        self.appkey, origin, len(self._nodes))
+            new_nodes = self._nodes
+        if new_nodes == self._nodes and new_rules == self._rules:
+            return False
+        self._accept(new_nodes, new_rules)
+        self._save_soon()
+        return True
+
+    def _accept(self, nodes: Tuple[Node, ...], rules: Tuple[RouteRule, ...]) -> None:
+        self._nodes, self._rules = nodes, rules
+        self._version += 1
+        for subscription in list(self._subscribers):
+            try:
+                subscription.callback(list(nodes), list(rules))
+            except Exception:  # one subscriber's bug must not starve the others
+                log.exception("%s: directory subscriber failed", self.appkey)
+
+    # --- the snapshot ------------------------------------------------------------------
+
+    def _save_soon(self) -> None:
+        if self.snapshot_path is None:
+            return
+        self._save_pending = True
+        if self._saver is None or self._saver.done():
+            self._saver = asyncio.get_running_loop().create_task(self._save())
+
+    async def _save(self) -> None:
+        # One writer at a time, always the latest state: writes cannot land out of order.
+        while self._save_pending:
+            self._save_pending = False
+            try:
+                await asyncio.to_thread(_write_snapshot, self.snapshot_path, self.appkey,
+                                        self._nodes, self._rules)
+            except OSError as exc:
+                log.warning("%s: cannot write the snapshot %s: %s",
+                            self.appkey, self.snapshot_path, exc)
+
+    async def _load_snapshot(self, why: Exception) -> bool:
+        if self.snapshot_path is None:
+            return False
+        try:
+            nodes, rules = await asyncio.to_thread(_read_snapshot, self.snapshot_path, self.appkey)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("%s: the registry failed (%r) and the snapshot %s is unusable: %s",
+                        self.appkey, why, self.snapshot_path, exc)
+            return False
+        log.warning("%s: the registry failed (%r); starting from the snapshot %s (%d nodes)",
+                    self.appkey, why, self.snapshot_path, len(nodes))
+        self._accept(*snapshot_of(nodes, rules))
+        return True
+
+
+def _write_snapshot(path: str, appkey: str, nodes: Sequence[Node],
+                    rules: Sequence[RouteRule]) -> None:
+    document = {"appkey": appkey, "saved": time.time(),
+                "nodes": [node.to_dict() for node in nodes],
+                "rules": [json.loads(rule.to_json()) for rule in rules]}
+    write_atomic(path, json.dumps(document, separators=(",", ":")))
+
+
+def _read_snapshot(path: str, appkey: str) -> Tuple[List[Node], List[RouteRule]]:
+    with open(path, encoding="utf-8") as f:
+        document = json.load(f)
+    if document.get("appkey") != appkey:
+        raise ValueError(f"it holds appkey {document.get('appkey')!r}")
+    return ([Node.from_dict(node) for node in document["nodes"]],
+            [parse_rule(rule) for rule in document["rules"]])

@@ -1,0 +1,332 @@
+"""``file:///dir``: the embedded registry, for one machine and many processes.
+
+The layout mirrors the MNS tree::
+
+    dir/{prod|stage|test}/{appkey}/provider/{ip}:{port}.json   a node, Node.to_json()
+    dir/{prod|stage|test}/{appkey}/route/{id}.json            a route rule
+    dir/{prod|stage|test}/{appkey}/.lock                      serializes read-modify-write
+
+Writes are atomic (a temporary file, then ``os.replace``): readers never see
+half a file. Liveness is a TTL on a node file's mtime: the process that
+registered a node touches its file every ``ttl / 3``, and a file older than
+``ttl`` is a node that is gone, so a crashed provider disappears by itself (its
+file stays, ignored, until that ``ip:port`` registers again). Any write renews
+the TTL, so an operator's update keeps a dead provider's node one TTL longer.
+
+Watches poll: one ``stat`` per directory and interval (``os.replace`` and
+``unlink`` change the directory's mtime); a directory is rescanned only when
+it changed or its oldest node is due to expire.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import math
+import os
+import tempfile
+import time
+from typing import TYPE_CHECKING, Callable, Dict, Generic, Iterator, List, Optional, Set, Tuple, TypeVar
+
+from octo_core.registry.base import (NotRegisteredError, Registry, Snapshot, Watch, WatchCallback,
+                                     check_name, node_name, operator_changes, parse_rule, snapshot_of,
+                                     stamped)
+from octo_core.registry.node import Env, Node
+
+if TYPE_CHECKING:  # cluster.routing imports registry.node: import it lazily
+    from octo_core.cluster.routing import RouteRule
+
+log = logging.getLogger("octo_core.registry.file")
+
+T = TypeVar("T")
+
+# Filesystem timestamps tick coarsely: two changes in one tick leave one mtime.
+# A directory or file changed this recently is re-read on the next poll too.
+SETTLE_SECONDS = 1.0
+
+
+class _JsonDir(Generic[T]):
+    """The JSON files of one directory, parsed; a rescan re-reads only changed files."""
+
+    def __init__(self, path: str, parse: Callable[[str], T], ttl: Optional[float] = None) -> None:
+        self.path = path
+        self._parse = parse
+        self._ttl = ttl
+        self.items: Dict[str, T] = {}
+        self._files: Dict[str, Tuple[tuple, Optional[T]]] = {}   # name -> (stat signature, parsed)
+        self._dir_signature: Optional[tuple] = None
+        self._rescan_at = 0.0   # rescan by then even if the directory did not change
+
+    def _signature(self) -> Optional[tuple]:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_mtime_ns
+
+    def stale(self, now: float) -> bool:
+        """Whether a rescan is due (one ``stat``)."""
+        return now >= self._rescan_at or self._signature() != self._dir_signature
+
+    def rescan(self, now: float) -> bool:
+        """Read the directory again; True when its items changed."""
+        self._dir_signature = self._signature()
+        rescan_at = math.inf
+        if self._dir_signature is not None and now - self._dir_signature[1] / 1e9 < SETTLE_SECONDS:
+            rescan_at = now
+        files = {}
+        try:
+            entries = list(os.scandir(self.path))
+        except FileNotFoundError:
+            entries = []
+        for entry in entries:
+            if entry.name.startswith(".") or not entry.name.endswith(".json"):
+                continue
+            try:
+                st = entry.stat()
+            except FileNotFoundError:
+                continue
+            if self._ttl is not None:
+                expires = st.st_mtime + self._ttl
+                if expires <= now:
+                    continue
+                rescan_at = min(rescan_at, expires)
+            signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+            known = self._files.get(entry.name)
+            if known is not None and known[0] == signature and now - st.st_mtime > SETTLE_SECONDS:
+                files[entry.name] = known
+            else:
+                files[entry.name] = (signature, self._read(entry.path))
+        self._files = files
+        self._rescan_at = rescan_at
+        items = {name: item for name, (_, item) in files.items() if item is not None}
+        changed = items != self.items
+        self.items = items
+        return changed
+
+    def _read(self, path: str) -> Optional[T]:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return self._parse(f.read())
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring malformed registry file %s: %s", path, exc)
+            return None
+
+
+def _read_now(directory: _JsonDir[T]) -> List[T]:
+    directory.rescan(time.time())
+    return list(directory.items.values())
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the new one, never half."""
+    directory, name = os.path.split(path)
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o644)   # other processes, maybe other users, read it
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class _Poller:
+    """Polls one appkey's directories for the watches on it."""
+
+    def __init__(self, providers: _JsonDir[Node], routes: _JsonDir[RouteRule],
+                 interval: float) -> None:
+        self.providers = providers
+        self.routes = routes
+        self.watches: Set[Watch] = set()
+        self.snapshot: Optional[Snapshot] = None
+        self.task = asyncio.get_running_loop().create_task(self._run(interval))
+
+    async def _run(self, interval: float) -> None:
+        while True:
+            now = time.time()
+            try:
+                stale = [d for d in (self.providers, self.routes) if d.stale(now)]
+                changed = bool(stale) and any(
+                    await asyncio.to_thread(lambda: [d.rescan(now) for d in stale]))
+                if changed or self.snapshot is None:   # the first poll is news, even if empty
+                    self.snapshot = snapshot_of(list(self.providers.items.values()),
+                                                list(self.routes.items.values()))
+                    for watch in list(self.watches):
+                        watch.changed()
+            except OSError as exc:
+                log.warning("polling %s failed: %s", self.providers.path, exc)
+            await asyncio.sleep(interval)
+
+
+class FileRegistry(Registry):
+    """Nodes and route rules as JSON files under ``root`` (see the module docstring)."""
+
+    def __init__(self, root: str, *, env: int = Env.PROD, ttl: float = 10.0,
+                 interval: float = 0.2) -> None:
+        super().__init__(env)
+        self.root = os.path.abspath(root)
+        self.ttl = ttl
+        self.interval = interval
+        self._owned: Set[str] = set()          # node files registered here
+        self._keep_alive: Optional[asyncio.Task] = None
+        self._pollers: Dict[str, _Poller] = {}
+
+    # --- paths -----------------------------------------------------------------------
+
+    def _appkey_dir(self, appkey: str) -> str:
+        return os.path.join(self.root, Env.NAMES[self.env], check_name(appkey, "appkey"))
+
+    def _node_path(self, appkey: str, key: str) -> str:
+        return os.path.join(self._appkey_dir(appkey), "provider", node_name(key) + ".json")
+
+    def _route_path(self, appkey: str, rule_id: str) -> str:
+        return os.path.join(self._appkey_dir(appkey), "route", check_name(rule_id, "route id") + ".json")
+
+    def _providers(self, appkey: str) -> _JsonDir[Node]:
+        return _JsonDir(os.path.join(self._appkey_dir(appkey), "provider"), Node.from_json, self.ttl)
+
+    def _routes(self, appkey: str) -> _JsonDir[RouteRule]:
+        return _JsonDir(os.path.join(self._appkey_dir(appkey), "route"), parse_rule)
+
+    # --- blocking work (runs on a worker thread) --------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self, appkey: str) -> Iterator[None]:
+        directory = self._appkey_dir(appkey)
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _read_live(self, path: str) -> Optional[Node]:
+        """The node stored at ``path`` unless it is missing, expired or malformed."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                if time.time() - os.fstat(f.fileno()).st_mtime > self.ttl:
+                    return None
+                return Node.from_json(f.read())
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring malformed registry file %s: %s", path, exc)
+            return None
+
+    def _register(self, node: Node) -> Node:
+        path = self._node_path(node.appkey, node.key)
+        with self._locked(node.appkey):
+            stored = stamped(node.reregistered(self._read_live(path)))
+            write_atomic(path, stored.to_json())
+        return stored
+
+    def _update(self, appkey: str, key: str, changes: Dict[str, float]) -> Node:
+        path = self._node_path(appkey, key)
+        with self._locked(appkey):
+            current = self._read_live(path)
+            if current is None:
+                raise NotRegisteredError(f"{appkey} has no node {key}")
+            stored = stamped(dataclasses.replace(current, **changes))
+            write_atomic(path, stored.to_json())
+        return stored
+
+    def _touch(self, paths: List[str]) -> List[str]:
+        """Renew the TTL of ``paths``; returns those that someone else unregistered."""
+        gone = []
+        for path in paths:
+            try:
+                os.utime(path)
+            except FileNotFoundError:
+                gone.append(path)
+        return gone
+
+    # --- the Registry API -------------------------------------------------------------
+
+    async def register(self, node: Node) -> Node:
+        self._check_node(node)
+        stored = await asyncio.to_thread(self._register, node)
+        self._owned.add(self._node_path(node.appkey, node.key))
+        if self._keep_alive is None:
+            self._keep_alive = asyncio.get_running_loop().create_task(self._renew())
+        return stored
+
+    async def _renew(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            try:
+                gone = await asyncio.to_thread(self._touch, list(self._owned))
+            except OSError as exc:
+                log.warning("renewing node files under %s failed: %s", self.root, exc)
+                continue
+            for path in gone:
+                log.info("%s was unregistered by someone else; no longer renewing it", path)
+                self._owned.discard(path)
+
+    async def unregister(self, appkey: str, key: str) -> None:
+        path = self._node_path(appkey, key)
+        self._owned.discard(path)
+        with contextlib.suppress(FileNotFoundError):
+            await asyncio.to_thread(os.unlink, path)
+
+    async def update(self, appkey: str, key: str, *, weight: Optional[int] = None,
+                     fweight: Optional[float] = None, status: Optional[int] = None,
+                     role: Optional[int] = None, warmup: Optional[int] = None) -> Node:
+        changes = operator_changes(weight=weight, fweight=fweight, status=status, role=role,
+                                   warmup=warmup)
+        return await asyncio.to_thread(self._update, appkey, key, changes)
+
+    async def list(self, appkey: str) -> List[Node]:
+        nodes = await asyncio.to_thread(_read_now, self._providers(appkey))
+        return sorted(nodes, key=lambda node: node.key)
+
+    async def routes(self, appkey: str) -> List[RouteRule]:
+        rules = await asyncio.to_thread(_read_now, self._routes(appkey))
+        return sorted(rules, key=lambda rule: rule.id)
+
+    def watch(self, appkey: str, callback: WatchCallback) -> Watch:
+        poller = self._pollers.get(appkey)
+        if poller is None:
+            poller = self._pollers[appkey] = _Poller(self._providers(appkey), self._routes(appkey),
+                                                     self.interval)
+        watch = Watch(asyncio.get_running_loop(), callback, lambda: poller.snapshot,
+                      lambda w: self._unwatch(appkey, w))
+        poller.watches.add(watch)
+        watch.changed()
+        return watch
+
+    def _unwatch(self, appkey: str, watch: Watch) -> None:
+        poller = self._pollers.get(appkey)
+        if poller is None:
+            return
+        poller.watches.discard(watch)
+        if not poller.watches:
+            poller.task.cancel()
+            del self._pollers[appkey]
+
+    async def set_route(self, appkey: str, rule: RouteRule) -> None:
+        await asyncio.to_thread(write_atomic, self._route_path(appkey, rule.id), rule.to_json())
+
+    async def remove_route(self, appkey: str, rule_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            await asyncio.to_thread(os.unlink, self._route_path(appkey, rule_id))
+
+    async def close(self) -> None:
+        for poller in list(self._pollers.values()):
+            for watch in list(poller.watches):
+                watch.cancel()
+        if self._keep_alive is not None:
+            self._keep_alive.cancel()
+            self._keep_alive = None
+        owned, self._owned = list(self._owned), set()
+        for path in owned:
+            with contextlib.suppress(FileNotFoundError):
+                await asyncio.to_thread(os.unlink, path)

@@ -1,0 +1,438 @@
+"""``zk://host:port[,host:port]/chroot``: the MNS tree in ZooKeeper, through kazoo.
+
+Layout: ``{chroot}/octo/nameservice/{prod|stage|test}/{appkey}/provider/{ip}:{port}``
+holds ``Node.to_json()``, ``.../{appkey}/route/{id}`` a route rule's JSON.
+Provider nodes are ephemeral: they vanish with the session of the process
+that registered them (a crash, a session expiry, ``close()``).
+
+Threads: kazoo calls block, so the API runs them in the loop's default executor,
+each bounded by ``op_timeout`` (a request queued while ZooKeeper is away fails
+instead of hanging). Watches: for each watched appkey, a children watch on
+``provider/`` and ``route/`` and a data watch on every child. kazoo delivers
+events on its own thread; one worker thread applies them in order (reads are
+pipelined), then wakes the ``Watch`` handles, which call back on their loops.
+Sessions: after every reconnection the worker re-reads the watched appkeys;
+after a lost (expired) session it first re-creates this process's ephemeral
+nodes, keeping the operator changes it saw before the loss.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import logging
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Set
+
+from kazoo.client import KazooClient
+from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
+from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.protocol.states import EventType, KazooState, WatchedEvent, ZnodeStat
+
+from octo_core.registry.base import (NotRegisteredError, Registry, RegistryError, Snapshot, Watch,
+                                     WatchCallback, check_name, node_name, operator_changes,
+                                     parse_rule, snapshot_of, stamped)
+from octo_core.registry.node import Env, Node
+
+if TYPE_CHECKING:  # cluster.routing imports registry.node: import it lazily
+    from octo_core.cluster.routing import RouteRule
+
+log = logging.getLogger("octo_core.registry.zookeeper")
+
+ROOT = "/octo/nameservice"
+# What a kazoo call raises when ZooKeeper is unreachable, slow or refuses.
+_FAILURES = (KazooException, KazooTimeoutError)
+# Reconnect quickly after an outage (kazoo's default backoff grows to an hour).
+_CONNECTION_RETRY = dict(max_tries=-1, delay=0.1, backoff=1.5, max_delay=2.0)
+_UPDATE_ATTEMPTS = 10
+
+
+def _parse(parse: Callable[[bytes], Any], path: str, data: bytes) -> Any:
+    """``parse(data)``, or ``None`` (and a warning) when the znode holds something else."""
+    try:
+        return parse(data)
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("ignoring malformed znode %s: %s", path, exc)
+        return None
+
+
+def _node(data: bytes) -> Node:
+    return Node.from_json(data.decode("utf-8"))
+
+
+class _ZnodeDir:
+    """The children of one znode and their parsed data, kept current by watches.
+
+    Every method but the two event callbacks runs on the registry's worker thread.
+    """
+
+    def __init__(self, registry: "ZooKeeperRegistry", path: str,
+                 parse: Callable[[bytes], Any], on_change: Callable[[], None]) -> None:
+        self._registry = registry
+        self.path = path
+        self._parse = parse
+        self._on_change = on_change
+        self.names: Set[str] = set()
+        self.items: Dict[str, Any] = {}
+        self.stopped = False
+
+    def refresh(self) -> None:
+        """Read every child again (a new watch, a reconnection)."""
+        self._registry._wait(self._registry._client.ensure_path_async(self.path))
+        names = self._children()
+        self.names = set(names)
+        self.items = self._fetch(names)
+        self._on_change()
+
+    def _children(self) -> List[str]:
+        client = self._registry._client
+        return self._registry._wait(client.get_children_async(self.path, self._children_event))
+
+    def _fetch(self, names: Iterable[str]) -> Dict[str, Any]:
+        client = self._registry._client
+        pending = [(name, client.get_async(f"{self.path}/{name}", self._child_event))
+                   for name in names]
+        items = {}
+        for name, result in pending:
+            try:
+                data, _ = self._registry._wait(result)
+            except NoNodeError:
+                self.names.discard(name)
+                continue
+            item = _parse(self._parse, f"{self.path}/{name}", data)
+            if item is not None:
+                items[name] = item
+        return items
+
+    def _children_changed(self) -> None:
+        names = self._children()
+        new = [name for name in names if name not in self.names]
+        self.names = set(names)
+        items = {name: item for name, item in self.items.items() if name in self.names}
+        items.update(self._fetch(new))
+        self.items = items
+        self._on_change()
+
+    def _child_changed(self, name: str) -> None:
+        if name not in self.names:   # removed since; the children watch saw to it
+            return
+        fetched = self._fetch([name])
+        if name in fetched:
+            self.items[name] = fetched[name]
+        else:
+            self.items.pop(name, None)
+        self._on_change()
+
+    # kazoo's thread: hand the event to the worker.
+    def _children_event(self, event: WatchedEvent) -> None:
+        if not self.stopped and event.type != EventType.NONE:
+            self._registry._submit(self._children_changed)
+
+    def _child_event(self, event: WatchedEvent) -> None:
+        if not self.stopped and event.type != EventType.NONE:
+            self._registry._submit(self._child_changed, event.path.rsplit("/", 1)[1])
+
+
+class _AppkeyTree:
+    """One watched appkey: its provider and route directories, and the watches on it."""
+
+    def __init__(self, registry: "ZooKeeperRegistry", appkey: str) -> None:
+        base = registry._appkey_path(appkey)
+        self.providers = _ZnodeDir(registry, f"{base}/provider", _node, self._changed)
+        self.routes = _ZnodeDir(registry, f"{base}/route", parse_rule, self._changed)
+        self.snapshot: Optional[Snapshot] = None
+        self._lock = threading.Lock()
+        self._watches: Set[Watch] = set()
+
+    def refresh(self) -> None:
+        self.providers.refresh()
+        self.routes.refresh()
+
+    def add(self, watch: Watch) -> None:
+        with self._lock:
+            self._watches.add(watch)
+
+    def remove(self, watch: Watch) -> bool:
+        """Forget ``watch``; True when no watch is left."""
+        with self._lock:
+            self._watches.discard(watch)
+            return not self._watches
+
+    def stop(self) -> None:
+        self.providers.stopped = self.routes.stopped = True
+
+    def cancel_watches(self) -> None:
+        with self._lock:
+            watches = list(self._watches)
+        for watch in watches:
+            watch.cancel()
+
+    def _changed(self) -> None:
+        self.snapshot = snapshot_of(list(self.providers.items.values()),
+                                    list(self.routes.items.values()))
+        with self._lock:
+            watches = list(self._watches)
+        for watch in watches:
+            watch.changed()
+
+
+class ZooKeeperRegistry(Registry):
+    """The MNS tree in ZooKeeper (see the module docstring)."""
+
+    def __init__(self, hosts: str, *, chroot: str = "", env: int = Env.PROD,
+                 session_timeout: float = 10.0, op_timeout: float = 5.0) -> None:
+        super().__init__(env)
+        self.hosts = hosts
+        self.op_timeout = op_timeout
+        self._base = f"{chroot}{ROOT}/{Env.NAMES[env]}"
+        self._client = KazooClient(hosts=hosts, timeout=session_timeout,
+                                   connection_retry=dict(_CONNECTION_RETRY))
+        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="octo-zk")
+        self._registered: Dict[str, Node] = {}   # path -> the node as this process registered it
+        self._seen: Dict[str, Node] = {}         # path -> its latest data (operator changes)
+        self._trees: Dict[str, _AppkeyTree] = {}
+        self._session_lost = False
+        self._closed = False
+        self._client.add_listener(self._on_state)
+        self._connected = self._client.start_async()   # set while a session is live
+
+    # --- paths and plumbing ------------------------------------------------------------
+
+    def _appkey_path(self, appkey: str) -> str:
+        return f"{self._base}/{check_name(appkey, 'appkey')}"
+
+    def _node_path(self, appkey: str, key: str) -> str:
+        return f"{self._appkey_path(appkey)}/provider/{node_name(key)}"
+
+    def _route_path(self, appkey: str, rule_id: str) -> str:
+        return f"{self._appkey_path(appkey)}/route/{check_name(rule_id, 'route id')}"
+
+    def _wait(self, result: Any) -> Any:
+        """The value of a kazoo async result, waiting at most ``op_timeout``."""
+        return result.get(timeout=self.op_timeout)
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run blocking kazoo work off the loop; kazoo failures become ``RegistryError``."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self._when_connected,
+                                                                    fn, *args)
+        except _FAILURES as exc:
+            raise RegistryError(f"ZooKeeper {type(exc).__name__}: {exc or 'no detail'}") from exc
+
+    def _when_connected(self, fn: Callable[..., Any], *args: Any) -> Any:
+        # Fail while ZooKeeper is away rather than queue a write that lands much later.
+        if not self._connected.wait(self.op_timeout):
+            raise RegistryError(f"ZooKeeper {self.hosts} not connected "
+                                f"within {self.op_timeout}s")
+        return fn(*args)
+
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
+        """Queue watch/session work for the worker thread (any thread may call this)."""
+        if self._closed:
+            return
+        with contextlib.suppress(RuntimeError):   # the worker shut down meanwhile
+            self._worker.submit(self._logged, fn, *args)
+
+    def _logged(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except _FAILURES as exc:   # the next reconnection re-reads everything
+            if not self._closed:
+                log.info("ZooKeeper watch work deferred until reconnection: %r", exc)
+        except Exception:
+            log.exception("ZooKeeper watch work failed")
+
+    # --- sessions ------------------------------------------------------------------------
+
+    def _on_state(self, state: str) -> None:
+        # kazoo's connection thread: never block here.
+        if state == KazooState.LOST:
+            self._session_lost = True
+        elif state == KazooState.CONNECTED:
+            lost, self._session_lost = self._session_lost, False
+            self._submit(self._recover, lost)
+
+    def _recover(self, lost: bool) -> None:
+        """After a reconnection: re-create our ephemeral nodes if the session was lost,
+        follow them again, and re-read every watched appkey."""
+        for path, node in list(self._registered.items()):
+            try:
+                if lost:
+                    stored = stamped(node.reregistered(self._seen.get(path)))
+                    self._store(path, stored, self._wait(self._client.exists_async(path)))
+                    self._seen[path] = stored
+                    log.info("re-registered %s after the ZooKeeper session was lost", path)
+                self._follow(path)
+            except _FAILURES as exc:
+                log.warning("re-registering %s failed (%s); retrying on reconnection", path, exc)
+                self._session_lost = self._session_lost or lost
+        for tree in list(self._trees.values()):
+            self._logged(tree.refresh)
+
+    def _session_id(self) -> Optional[int]:
+        client_id = self._client.client_id
+        return client_id[0] if client_id else None
+
+    def _store(self, path: str, node: Node, stat: Optional[ZnodeStat]) -> None:
+        """Write ``node`` at ``path`` as an ephemeral node of this session."""
+        data = node.to_json().encode("utf-8")
+        if stat is not None and stat.ephemeralOwner == self._session_id():
+            self._wait(self._client.set_async(path, data))
+            return
+        if stat is not None:
+            # Another session's node (say, this provider before a restart): its expiry
+            # must not take our registration with it.
+            with contextlib.suppress(NoNodeError):
+                self._wait(self._client.delete_async(path))
+        self._wait(self._client.create_async(path, data, ephemeral=True, makepath=True))
+
+    def _follow(self, path: str) -> None:
+        """Keep ``_seen[path]`` current: operator changes to survive a session loss."""
+        if path not in self._registered:
+            return
+        try:
+            data, _ = self._wait(self._client.get_async(path, self._own_event))
+        except NoNodeError:
+            return
+        node = _parse(_node, path, data)
+        if node is not None:
+            self._seen[path] = node
+
+    def _own_event(self, event: WatchedEvent) -> None:
+        if event.type == EventType.CHANGED:
+            self._submit(self._follow, event.path)
+
+    # --- blocking operations (executor threads) -----------------------------------------
+
+    def _register(self, node: Node) -> Node:
+        path = self._node_path(node.appkey, node.key)
+        try:
+            data, stat = self._wait(self._client.get_async(path))
+            previous = _parse(_node, path, data)
+        except NoNodeError:
+            previous, stat = None, None
+        stored = stamped(node.reregistered(previous))
+        self._store(path, stored, stat)
+        self._registered[path] = node
+        self._seen[path] = stored
+        self._submit(self._follow, path)
+        return stored
+
+    def _update(self, appkey: str, key: str, changes: Dict[str, float]) -> Node:
+        path = self._node_path(appkey, key)
+        for _ in range(_UPDATE_ATTEMPTS):
+            try:
+                data, stat = self._wait(self._client.get_async(path))
+            except NoNodeError:
+                raise NotRegisteredError(f"{appkey} has no node {key}") from None
+            current = _parse(_node, path, data)
+            if current is None:
+                raise RegistryError(f"{path} does not hold a node")
+            stored = stamped(dataclasses.replace(current, **changes))
+            try:
+                self._wait(self._client.set_async(path, stored.to_json().encode("utf-8"),
+                                                  stat.version))
+            except BadVersionError:   # someone wrote in between: read again
+                continue
+            if path in self._registered:   # our own node: a re-creation must keep this
+                self._registered[path] = dataclasses.replace(self._registered[path], **changes)
+                self._seen[path] = stored
+            return stored
+        raise RegistryError(f"{path}: {_UPDATE_ATTEMPTS} concurrent writers in a row, giving up")
+
+    def _delete(self, path: str) -> None:
+        with contextlib.suppress(NoNodeError):
+            self._wait(self._client.delete_async(path))
+
+    def _read(self, directory: str, parse: Callable[[bytes], Any]) -> List[Any]:
+        try:
+            names = self._wait(self._client.get_children_async(directory))
+        except NoNodeError:
+            return []
+        pending = [(f"{directory}/{name}", self._client.get_async(f"{directory}/{name}"))
+                   for name in names]
+        items = []
+        for path, result in pending:
+            try:
+                data, _ = self._wait(result)
+            except NoNodeError:
+                continue
+            item = _parse(parse, path, data)
+            if item is not None:
+                items.append(item)
+        return items
+
+    def _set_route(self, path: str, data: bytes) -> None:
+        try:
+            self._wait(self._client.set_async(path, data))
+        except NoNodeError:
+            try:
+                self._wait(self._client.create_async(path, data, makepath=True))
+            except NodeExistsError:   # created in between
+                self._wait(self._client.set_async(path, data))
+
+    # --- the Registry API -------------------------------------------------------------
+
+    async def register(self, node: Node) -> Node:
+        self._check_node(node)
+        return await self._call(self._register, node)
+
+    async def unregister(self, appkey: str, key: str) -> None:
+        path = self._node_path(appkey, key)
+        self._registered.pop(path, None)
+        self._seen.pop(path, None)
+        await self._call(self._delete, path)
+
+    async def update(self, appkey: str, key: str, *, weight: Optional[int] = None,
+                     fweight: Optional[float] = None, status: Optional[int] = None,
+                     role: Optional[int] = None, warmup: Optional[int] = None) -> Node:
+        changes = operator_changes(weight=weight, fweight=fweight, status=status, role=role,
+                                   warmup=warmup)
+        return await self._call(self._update, appkey, key, changes)
+
+    async def list(self, appkey: str) -> List[Node]:
+        nodes = await self._call(self._read, f"{self._appkey_path(appkey)}/provider", _node)
+        return sorted(nodes, key=lambda node: node.key)
+
+    async def routes(self, appkey: str) -> List[RouteRule]:
+        rules = await self._call(self._read, f"{self._appkey_path(appkey)}/route", parse_rule)
+        return sorted(rules, key=lambda rule: rule.id)
+
+    async def set_route(self, appkey: str, rule: RouteRule) -> None:
+        await self._call(self._set_route, self._route_path(appkey, rule.id),
+                         rule.to_json().encode("utf-8"))
+
+    async def remove_route(self, appkey: str, rule_id: str) -> None:
+        await self._call(self._delete, self._route_path(appkey, rule_id))
+
+    def watch(self, appkey: str, callback: WatchCallback) -> Watch:
+        tree = self._trees.get(appkey)
+        if tree is None:
+            tree = self._trees[appkey] = _AppkeyTree(self, appkey)
+            self._submit(tree.refresh)
+        watch = Watch(asyncio.get_running_loop(), callback, lambda: tree.snapshot,
+                      lambda w: self._unwatch(appkey, w))
+        tree.add(watch)
+        watch.changed()
+        return watch
+
+    def _unwatch(self, appkey: str, watch: Watch) -> None:
+        tree = self._trees.get(appkey)
+        if tree is not None and tree.remove(watch):
+            tree.stop()
+            del self._trees[appkey]
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for tree in list(self._trees.values()):
+            tree.cancel_watches()
+        self._registered.clear()
+        try:
+            # Closing the session removes its ephemeral nodes at once.
+            await asyncio.get_running_loop().run_in_executor(None, self._client.stop)
+        finally:
+            self._client.close()
+            self._worker.shutdown(wait=False, cancel_futures=True)

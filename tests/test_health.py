@@ -1,0 +1,212 @@
+"""``Scanner`` against real octo_core Servers and hand-made misbehaving peers on 127.0.0.1.
+
+Peers: a hung node (accepts, never answers), a dead one (a bound port that
+refuses connections), a flaky one (drops the first connection, answers the
+next). Each counts its connections, so a test can tell a confirmation probe
+happened - or that a STOPPED node was never probed at all.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from typing import AsyncIterator, List
+
+import pytest
+
+from octo_core import health, protocol
+from octo_core.health import Scanner
+from octo_core.protocol import FrameDecoder, HeartbeatInfo, MessageType, NodeStatus
+from octo_core.registry import HeartbeatSupport, Node
+from octo_core.registry.memory import MemoryRegistry
+
+from wire_helpers import LOCALHOST, echo_services, refusing_port, run, serving, wait_until, watchdog  # noqa: F401,E501
+
+pytestmark = pytest.mark.usefixtures("watchdog")
+
+APPKEY = "com.example.health"
+FAST = dict(timeout=0.3, confirm_delay=0.05)
+
+
+class Peer:
+    """A raw TCP peer: ``hang`` never answers; ``flaky`` drops its first connection and
+    answers heartbeats (ALIVE) on the others."""
+
+    def __init__(self, behaviour: str) -> None:
+        self.behaviour = behaviour
+        self.connections = 0
+        self.port = 0
+        self._writers: List[asyncio.StreamWriter] = []
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.append(writer)
+        if self.behaviour == "flaky" and self.connections == 1:
+            writer.close()
+            return
+        decoder = FrameDecoder()
+        while data := await reader.read(65536):
+            if self.behaviour == "hang":
+                continue
+            for frame in decoder.feed(data):
+                beat = HeartbeatInfo(appkey=APPKEY, sendTime=int(time.time() * 1000),
+                                     status=NodeStatus.ALIVE)
+                header = protocol.response_header(frame.header.requestInfo.sequenceId,
+                                                  message_type=MessageType.SCANNER_HEARTBEAT,
+                                                  heartbeat=beat)
+                writer.write(protocol.encode_unified(header, b""))
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator["Peer"]:
+        server = await asyncio.start_server(self._handle, LOCALHOST, 0)
+        self.port = server.sockets[0].getsockname()[1]
+        try:
+            yield self
+        finally:
+            server.close()
+            for writer in self._writers:
+                writer.close()
+            await server.wait_closed()
+
+
+def node(port: int, *, heartbeat: bool = True, status: int = NodeStatus.ALIVE) -> Node:
+    support = HeartbeatSupport.BOTH if heartbeat else HeartbeatSupport.NONE
+    return Node(APPKEY, LOCALHOST, port, heartbeatSupport=support, status=status)
+
+
+def new_registry() -> MemoryRegistry:
+    return MemoryRegistry(f"health-{uuid.uuid4().hex}")
+
+
+async def statuses(registry: MemoryRegistry) -> dict:
+    return {n.port: n.status for n in await registry.list(APPKEY)}
+
+
+@contextlib.asynccontextmanager
+async def servers(count: int) -> AsyncIterator[list]:
+    """``count`` real octo_core Servers (ALIVE), always stopped."""
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(serving(echo_services())) for _ in range(count)]
+
+
+def test_dead_only_after_a_confirming_probe():
+    async def scenario():
+        registry = new_registry()
+        with refusing_port() as dead:
+            dead_port = dead.getsockname()[1]
+            async with servers(3) as live, Peer("hang").running() as hung, \
+                    Peer("flaky").running() as flaky:
+                for server in live:
+                    await registry.register(node(server.port))
+                await registry.register(node(hung.port))
+                await registry.register(node(flaky.port))
+                await registry.register(node(dead_port, heartbeat=False))   # a TCP probe
+
+                report = (await Scanner(registry, [APPKEY], **FAST).run_once())[APPKEY]
+
+                found = await statuses(registry)
+                assert found[hung.port] == found[dead_port] == NodeStatus.DEAD
+                assert found[flaky.port] == NodeStatus.ALIVE    # failed once, not twice
+                assert all(found[s.port] == NodeStatus.ALIVE for s in live)
+                # Both suspects were probed again, each on a new connection.
+                assert hung.connections == 2 and flaky.connections == 2
+                assert report.probed == 6 and not report.suspected_fault
+                assert sorted(report.failed) == sorted([f"{LOCALHOST}:{hung.port}",
+                                                        f"{LOCALHOST}:{dead_port}"])
+                assert report.changes == {f"{LOCALHOST}:{hung.port}": NodeStatus.DEAD,
+                                          f"{LOCALHOST}:{dead_port}": NodeStatus.DEAD}
+    run(scenario())
+
+
+def test_recovered_nodes_go_back_to_alive():
+    async def scenario():
+        registry = new_registry()
+        async with servers(2) as (first, second):
+            await registry.register(node(first.port, status=NodeStatus.DEAD))
+            await registry.register(node(second.port, heartbeat=False, status=NodeStatus.DEAD))
+            scanner = Scanner(registry, [APPKEY], **FAST)
+            report = (await scanner.run_once())[APPKEY]
+            assert await statuses(registry) == {first.port: NodeStatus.ALIVE,
+                                                second.port: NodeStatus.ALIVE}
+            assert len(report.changes) == 2
+            assert (await scanner.run_once())[APPKEY].changes == {}   # nothing new
+    run(scenario())
+
+
+def test_heartbeat_status_is_the_nodes_own_word():
+    async def scenario():
+        registry = new_registry()
+        async with servers(2) as (server, other):
+            await registry.register(node(server.port))
+            await registry.register(node(other.port))
+            scanner = Scanner(registry, [APPKEY], **FAST)
+            server.status = NodeStatus.WARNING
+            await scanner.run_once()
+            assert (await statuses(registry))[server.port] == NodeStatus.WARNING
+            server.status = NodeStatus.ALIVE
+            await scanner.run_once()
+            assert (await statuses(registry))[server.port] == NodeStatus.ALIVE
+    run(scenario())
+
+
+def test_stopped_nodes_are_never_probed_or_touched():
+    async def scenario():
+        registry = new_registry()
+        with refusing_port() as dead:
+            async with servers(1) as (live,), Peer("hang").running() as hung:
+                await registry.register(node(live.port))
+                await registry.register(node(hung.port, status=NodeStatus.STOPPED))
+                await registry.register(node(dead.getsockname()[1], status=NodeStatus.STOPPED))
+                report = (await Scanner(registry, [APPKEY], **FAST).run_once())[APPKEY]
+                found = await statuses(registry)
+                assert found[hung.port] == found[dead.getsockname()[1]] == NodeStatus.STOPPED
+                assert hung.connections == 0
+                assert report.probed == 1 and report.changes == {}
+    run(scenario())
+
+
+def test_mass_failure_marks_nobody_and_is_reported():
+    async def scenario():
+        registry = new_registry()
+        with refusing_port() as a, refusing_port() as b, refusing_port() as c:
+            async with servers(1) as (live,):
+                await registry.register(node(live.port))
+                for sock in (a, b, c):
+                    await registry.register(node(sock.getsockname()[1], heartbeat=False))
+                scanner = Scanner(registry, [APPKEY], **FAST)
+                await scanner.run_once()
+                report = scanner.last_report[APPKEY]
+                assert report.suspected_fault and len(report.failed) == 3
+                assert report.changes == {}
+                assert set((await statuses(registry)).values()) == {NodeStatus.ALIVE}
+    run(scenario())
+
+
+def test_run_loops_until_stopped():
+    async def scenario():
+        registry = new_registry()
+        with refusing_port() as dead:
+            async with servers(2) as live:
+                for server in live:
+                    await registry.register(node(server.port))
+                await registry.register(node(dead.getsockname()[1]))
+                scanner = Scanner(registry, [APPKEY], interval=0.05, **FAST)
+                task = asyncio.ensure_future(scanner.run())
+                await wait_until(lambda: scanner.last_report, what="a round")
+                scanner.stop()
+                await asyncio.wait_for(task, 5)
+                assert (await statuses(registry))[dead.getsockname()[1]] == NodeStatus.DEAD
+    run(scenario())
+
+
+def test_main_runs_one_round_from_the_command_line():
+    name = f"health-cli-{uuid.uuid4().hex}"
+    registry = MemoryRegistry(name)
+    with refusing_port() as dead:
+        port = dead.getsockname()[1]
+        run(registry.register(node(port, heartbeat=False)))
+        assert health.main(["--registry", f"memory://{name}", "--appkey", APPKEY,
+                            "--appkey", "com.example.empty", "--once", "--timeout", "0.3",
+                            "--confirm-delay", "0.05", "--mass-failure-ratio", "1"]) == 0
+        assert run(statuses(registry)) == {port: NodeStatus.DEAD}

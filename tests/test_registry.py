@@ -1,0 +1,409 @@
+"""The registry contract, the same tests over memory://, file:// and zk://, then each
+backend's own failure modes against real processes and a real ZooKeeper.
+
+Every wait is bounded (``wait_until`` deadlines, the ``run`` timeout); nothing
+asserts how long something took.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from typing import List, Tuple
+
+import pytest
+from kazoo.client import KazooClient
+
+from octo_core.cluster.routing import RouteRule
+from octo_core.protocol import NodeStatus
+from octo_core.registry import (Directory, Env, Node, NotRegisteredError, Registry, RegistryError,
+                                open_registry)
+
+from wire_helpers import run, wait_until, watchdog  # noqa: F401  (fixture)
+from zk import ZooKeeper, zookeeper_server  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("watchdog")
+
+APPKEY = "com.example.registry"
+# How long ZooKeeper stays down in the outage test; the issue's 30 s scenario is
+# OCTO_ZK_OUTAGE_SECONDS=30 (CI keeps it short).
+OUTAGE_SECONDS = float(os.environ.get("OCTO_ZK_OUTAGE_SECONDS", "3"))
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(params=["memory", "file", "zk"])
+def url(request, tmp_path) -> str:
+    """A fresh registry URL of each kind (ZooKeeper only starts for the zk cases)."""
+    if request.param == "memory":
+        return f"memory://{unique('test')}"
+    if request.param == "file":
+        return f"file://{tmp_path}/registry?ttl=5&interval=0.05"
+    server = request.getfixturevalue("zookeeper_server")
+    return server.url(unique("test"), timeout=4, op_timeout=5)
+
+
+def node(port: int, **fields) -> Node:
+    return Node(APPKEY, "127.0.0.1", port, **fields)
+
+
+class Seen:
+    """A watch callback that records every state and the thread it ran on."""
+
+    def __init__(self) -> None:
+        self.states: List[Tuple[List[Node], List[RouteRule]]] = []
+        self.threads = set()
+
+    def __call__(self, nodes: List[Node], rules: List[RouteRule]) -> None:
+        self.states.append((nodes, rules))
+        self.threads.add(threading.get_ident())
+
+    @property
+    def nodes(self) -> List[Node]:
+        return self.states[-1][0] if self.states else []
+
+    @property
+    def rules(self) -> List[RouteRule]:
+        return self.states[-1][1] if self.states else []
+
+
+# --- the contract, for every backend ----------------------------------------------------
+
+def test_register_list_unregister(url):
+    async def scenario():
+        async with open_registry(url) as registry:
+            stored = await registry.register(node(2001, version="1.2", serviceInfo={"Echo": {"unifiedProto": 1}}))
+            assert stored.lastUpdateTime > 0
+            await registry.register(node(2000))
+            listed = await registry.list(APPKEY)
+            assert [n.key for n in listed] == ["127.0.0.1:2000", "127.0.0.1:2001"]
+            assert listed[1] == stored
+            assert listed[1].serviceInfo == {"Echo": {"unifiedProto": 1}}
+            await registry.unregister(APPKEY, "127.0.0.1:2000")
+            await registry.unregister(APPKEY, "127.0.0.1:2000")     # absent: no error
+            assert [n.key for n in await registry.list(APPKEY)] == ["127.0.0.1:2001"]
+            assert await registry.list("com.example.nobody") == []
+    run(scenario())
+
+
+def test_update_operator_fields(url):
+    async def scenario():
+        async with open_registry(url) as registry:
+            await registry.register(node(2000))
+            updated = await registry.update(APPKEY, "127.0.0.1:2000", weight=3, fweight=1.5,
+                                            status=NodeStatus.DEAD)
+            assert (updated.weight, updated.fweight, updated.status) == (3, 1.5, NodeStatus.DEAD)
+            assert (await registry.list(APPKEY)) == [updated]
+            with pytest.raises(NotRegisteredError):
+                await registry.update(APPKEY, "127.0.0.1:9", weight=1)
+            with pytest.raises(ValueError):
+                await registry.update(APPKEY, "127.0.0.1:2000")
+    run(scenario())
+
+
+def test_reregistration_keeps_operator_fields(url):
+    async def scenario():
+        async with open_registry(url) as registry:
+            await registry.register(node(2000))
+            await registry.update(APPKEY, "127.0.0.1:2000", weight=0, fweight=2.5, role=1,
+                                  warmup=30, status=NodeStatus.STOPPED)
+            again = await registry.register(node(2000, version="2.0"))
+            assert (again.weight, again.fweight, again.role, again.warmup, again.status) == \
+                (0, 2.5, 1, 30, NodeStatus.STOPPED)
+            assert again.version == "2.0"
+            # DEAD is the scanner's word, not an operator's: a new registration is ALIVE.
+            await registry.update(APPKEY, "127.0.0.1:2000", status=NodeStatus.DEAD)
+            assert (await registry.register(node(2000))).status == NodeStatus.ALIVE
+            assert (await registry.list(APPKEY))[0].weight == 0
+    run(scenario())
+
+
+def test_watch_sees_every_change_on_the_loop(url):
+    async def scenario():
+        async with open_registry(url) as registry:
+            seen = Seen()
+            watch = registry.watch(APPKEY, seen)
+            await wait_until(lambda: seen.states, what="the initial state")
+            assert seen.nodes == [] and seen.rules == []
+            await registry.register(node(2000))
+            await wait_until(lambda: [n.key for n in seen.nodes] == ["127.0.0.1:2000"], 10,
+                             "the registration")
+            await registry.update(APPKEY, "127.0.0.1:2000", weight=4)
+            await wait_until(lambda: seen.nodes and seen.nodes[0].weight == 4, 10, "the weight")
+            await registry.update(APPKEY, "127.0.0.1:2000", status=NodeStatus.DEAD)
+            await wait_until(lambda: seen.nodes and seen.nodes[0].status == NodeStatus.DEAD, 10,
+                             "the status")
+            await registry.set_route(APPKEY, RouteRule(id="r1", providers=("127.0.0.1:*",)))
+            await wait_until(lambda: [r.id for r in seen.rules] == ["r1"], 10, "the rule")
+            await registry.unregister(APPKEY, "127.0.0.1:2000")
+            await wait_until(lambda: seen.nodes == [], 10, "the unregistration")
+            assert seen.threads == {threading.get_ident()}
+            watch.cancel()
+            count = len(seen.states)
+            await registry.register(node(2001))
+            await asyncio.sleep(0.3)
+            assert len(seen.states) == count
+    run(scenario())
+
+
+def test_registries_of_one_url_share_state_and_close_withdraws(url):
+    async def scenario():
+        async with open_registry(url) as consumer:
+            seen = Seen()
+            consumer.watch(APPKEY, seen)
+            provider = open_registry(url)
+            try:
+                await provider.register(node(2000))
+                assert [n.key for n in await consumer.list(APPKEY)] == ["127.0.0.1:2000"]
+                await wait_until(lambda: len(seen.nodes) == 1, 10, "the other registry's node")
+            finally:
+                await provider.close()
+            assert await consumer.list(APPKEY) == []
+            await wait_until(lambda: seen.nodes == [], 10, "the withdrawal")
+    run(scenario())
+
+
+def test_routes_crud(url):
+    async def scenario():
+        async with open_registry(url) as registry:
+            r2 = RouteRule(id="r2", providers=("10.0.0.*:9000",), consumer_appkeys=("com.a",),
+                           priority=5, limit=True)
+            await registry.set_route(APPKEY, r2)
+            await registry.set_route(APPKEY, RouteRule(id="r1", providers=("127.0.0.1:*",)))
+            assert [r.id for r in await registry.routes(APPKEY)] == ["r1", "r2"]
+            assert (await registry.routes(APPKEY))[1] == r2
+            changed = RouteRule(id="r1", providers=("127.0.0.2:*",), enabled=False)
+            await registry.set_route(APPKEY, changed)
+            assert (await registry.routes(APPKEY))[0] == changed
+            await registry.remove_route(APPKEY, "r1")
+            await registry.remove_route(APPKEY, "r1")    # absent: no error
+            assert await registry.routes(APPKEY) == [r2]
+    run(scenario())
+
+
+def test_env_and_names_are_checked(url):
+    async def scenario():
+        async with open_registry(url) as registry:
+            with pytest.raises(ValueError, match="env"):
+                await registry.register(node(2000, env=Env.TEST))
+            with pytest.raises(ValueError, match="appkey"):
+                await registry.register(Node("bad/appkey", "127.0.0.1", 2000))
+            with pytest.raises(ValueError, match="route id"):
+                await registry.set_route(APPKEY, RouteRule(id="../x", providers=()))
+    run(scenario())
+
+
+def test_open_registry_rejects_bad_urls(tmp_path):
+    for bad in ("redis://x", f"file://{tmp_path}?ttl=0", "file://relative/dir", "zk:///chroot",
+                "memory://x?ttl=1", "memory://x?env=qa"):
+        with pytest.raises(ValueError):
+            open_registry(bad)
+    registry = open_registry(f"memory://{unique('env')}?env=test")
+    assert registry.env == Env.TEST and isinstance(registry, Registry)
+
+
+# --- file:// ------------------------------------------------------------------------------
+
+PROVIDER_SCRIPT = """
+import asyncio, sys
+from octo_core.registry import Node, open_registry
+
+async def main():
+    registry = open_registry(sys.argv[1])
+    await registry.register(Node(sys.argv[2], "127.0.0.1", int(sys.argv[3])))
+    print("READY", flush=True)
+    await asyncio.sleep(120)
+
+asyncio.run(main())
+"""
+
+
+def start_provider(url: str, port: int) -> subprocess.Popen:
+    """A provider process that registers one node and then waits to be killed."""
+    process = subprocess.Popen([sys.executable, "-c", PROVIDER_SCRIPT, url, APPKEY, str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = []
+    reader = threading.Thread(target=lambda: line.append(process.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(20)
+    if line != ["READY\n"]:
+        process.kill()
+        raise AssertionError(f"provider did not start: {process.communicate(timeout=5)}")
+    return process
+
+
+def kill(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=10)
+
+
+def test_file_node_files_mirror_the_mns_tree(tmp_path):
+    async def scenario():
+        async with open_registry(f"file://{tmp_path}") as registry:
+            stored = await registry.register(node(2000))
+            await registry.set_route(APPKEY, RouteRule(id="r1", providers=("*",)))
+            path = tmp_path / "prod" / APPKEY / "provider" / "127.0.0.1:2000.json"
+            assert path.read_text() == stored.to_json()
+            rule = json.loads((tmp_path / "prod" / APPKEY / "route" / "r1.json").read_text())
+            assert rule["providers"] == ["*"]
+            assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    run(scenario())
+
+
+def test_file_live_provider_outlives_its_ttl_and_crashed_one_expires(tmp_path):
+    url = f"file://{tmp_path}?ttl=1&interval=0.05"
+    process = start_provider(url, 2001)
+
+    async def scenario():
+        async with open_registry(url) as registry:
+            await registry.register(node(2000))   # this process keeps renewing its node
+            seen = Seen()
+            registry.watch(APPKEY, seen)
+            await wait_until(lambda: len(seen.nodes) == 2, 10, "both nodes")
+            kill(process)
+            await wait_until(lambda: [n.key for n in seen.nodes] == ["127.0.0.1:2000"], 15,
+                             "the killed provider's node to expire")
+            assert [n.key for n in await registry.list(APPKEY)] == ["127.0.0.1:2000"]
+            await asyncio.sleep(1.5)   # longer than the TTL: renewal keeps our node listed
+            assert [n.key for n in await registry.list(APPKEY)] == ["127.0.0.1:2000"]
+    try:
+        run(scenario())
+    finally:
+        process.kill()
+        process.communicate(timeout=10)
+
+
+# --- zk:// --------------------------------------------------------------------------------
+
+def raw_client(server: ZooKeeper) -> KazooClient:
+    client = KazooClient(hosts=server.hosts)
+    client.start(timeout=10)
+    return client
+
+
+def test_zk_json_is_the_node_json_at_the_mns_path(zookeeper_server):
+    chroot = unique("layout")
+
+    async def scenario():
+        async with open_registry(zookeeper_server.url(chroot)) as registry:
+            stored = await registry.register(node(2000, serviceInfo={"Echo": {"unifiedProto": 1}}))
+            rule = RouteRule(id="r1", providers=("127.0.0.1:*",))
+            await registry.set_route(APPKEY, rule)
+            client = raw_client(zookeeper_server)
+            try:
+                base = f"/{chroot}/octo/nameservice/prod/{APPKEY}"
+                data, stat = client.get(f"{base}/provider/127.0.0.1:2000")
+                assert data.decode() == stored.to_json()
+                assert stat.ephemeralOwner != 0
+                data, stat = client.get(f"{base}/route/r1")
+                assert json.loads(data) == json.loads(rule.to_json())
+                assert stat.ephemeralOwner == 0
+            finally:
+                client.stop()
+                client.close()
+    run(scenario())
+
+
+def test_zk_ephemeral_node_goes_when_its_provider_is_killed(zookeeper_server):
+    url = zookeeper_server.url(unique("kill"), timeout=2)
+    process = start_provider(url, 2001)
+
+    async def scenario():
+        async with open_registry(url) as registry:
+            seen = Seen()
+            registry.watch(APPKEY, seen)
+            await wait_until(lambda: len(seen.nodes) == 1, 10, "the provider's node")
+            kill(process)
+            await wait_until(lambda: seen.states and seen.nodes == [], 20,
+                             "the session to expire and its node to go")
+            assert await registry.list(APPKEY) == []
+    try:
+        run(scenario())
+    finally:
+        process.kill()
+        process.communicate(timeout=10)
+
+
+def expire_session(server: ZooKeeper, session: Tuple[int, bytes]) -> None:
+    """Close ``session`` from a second connection: ZooKeeper expires it for its owner."""
+    client = KazooClient(hosts=server.hosts, client_id=session)
+    client.start(timeout=10)
+    client.stop()
+    client.close()
+
+
+def test_zk_session_expiry_reregisters_and_keeps_operator_changes(zookeeper_server):
+    url = zookeeper_server.url(unique("expiry"), timeout=4)
+
+    async def scenario():
+        async with open_registry(url) as provider, open_registry(url) as operator:
+            await provider.register(node(2000))
+            await operator.update(APPKEY, "127.0.0.1:2000", weight=3)
+            # Private: wait until the provider has seen the operator's change.
+            path = provider._node_path(APPKEY, "127.0.0.1:2000")
+            await wait_until(lambda: provider._seen[path].weight == 3, 10, "the provider to follow")
+            seen = Seen()
+            operator.watch(APPKEY, seen)
+            await wait_until(lambda: len(seen.nodes) == 1, 10, "the node")
+            old_session = provider._client.client_id
+            await asyncio.to_thread(expire_session, zookeeper_server, old_session)
+            await wait_until(lambda: any(not nodes for nodes, _ in seen.states), 20,
+                             "the expired session's node to go")
+            await wait_until(lambda: len(seen.nodes) == 1, 20, "the provider to re-register")
+            assert seen.nodes[0].weight == 3 and seen.nodes[0].status == NodeStatus.ALIVE
+            new_session = provider._client.client_id
+            assert new_session[0] != old_session[0]
+    run(scenario(), timeout=50)
+
+
+def test_zk_outage_directory_keeps_last_known_good(zookeeper_server, tmp_path):
+    url = zookeeper_server.url(unique("outage"), timeout=4, op_timeout=1)
+    snapshot = str(tmp_path / "directory.json")
+
+    async def update_when_back(registry: Registry) -> None:
+        deadline = asyncio.get_running_loop().time() + 20
+        while True:
+            try:
+                await registry.update(APPKEY, "127.0.0.1:2000", weight=7)
+                return
+            except RegistryError:
+                if asyncio.get_running_loop().time() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    async def scenario():
+        async with open_registry(url) as provider, open_registry(url) as consumer:
+            await provider.register(node(2000))
+            await provider.register(node(2001))
+            directory = Directory(consumer, APPKEY, snapshot, timeout=1, refresh_interval=None)
+            await directory.start()
+            try:
+                await wait_until(lambda: len(directory.nodes) == 2, 10, "both nodes")
+                await wait_until(lambda: os.path.exists(snapshot), 10, "the snapshot")
+                await asyncio.to_thread(zookeeper_server.stop)
+                try:
+                    await asyncio.sleep(OUTAGE_SECONDS)
+                    assert await directory.refresh() is False     # fails: the last list stays
+                    assert [n.key for n in directory.nodes] == ["127.0.0.1:2000", "127.0.0.1:2001"]
+                    # A client starting during the outage comes up from the snapshot.
+                    async with open_registry(url) as late:
+                        started = Directory(late, APPKEY, snapshot, timeout=1, refresh_interval=None)
+                        await started.start()
+                        assert len(started.nodes) == 2
+                        await started.close()
+                finally:
+                    await asyncio.to_thread(zookeeper_server.start)
+                await update_when_back(provider)
+                await wait_until(lambda: any(n.weight == 7 for n in directory.nodes), 20,
+                                 "changes to flow again")
+                assert len(directory.nodes) == 2
+            finally:
+                await directory.close()
+    run(scenario(), timeout=55)
