@@ -177,8 +177,8 @@ class Authenticator:
         now = time.time() if now is None else now
         try:
             sent = int(ts) / 1000.0
-        except ValueError:
-            raise self._refuse("bad-timestamp", "the timestamp is not a number") from None
+        except (ValueError, OverflowError):
+            raise self._refuse("bad-timestamp", "the timestamp is not a number of milliseconds") from None
         if abs(now - sent) > self.skew:
             raise self._refuse("expired", f"timestamp is {now - sent:+.0f}s off (allowed ±{self.skew:.0f}s)")
         if not self._nonces.first_use(f"{caller}/{nonce}", now):

@@ -196,11 +196,13 @@ class AsyncClient:
                     tags: Mapping[str, str], span: Span) -> Any:
         """One attempt on one node."""
         endpoint = self._endpoint(node)
-        try:
-            conn = await endpoint.connection()
-        except OctoError as exc:
-            exc.method = exc.method or method.name
-            raise
+        conn = endpoint.ready()
+        if conn is None:
+            try:
+                conn = await endpoint.connection()
+            except OctoError as exc:
+                exc.method = exc.method or method.name
+                raise
         seq = conn.next_sequence()
         if self.unified:
             header = protocol.request_header(

@@ -80,7 +80,12 @@ def _span_started(side: str, service: str, method: str, span: Span) -> Optional[
     return [end for end in ends if end is not None]
 
 
-def _enter(values: Optional[Mapping[str, str]], span: Optional[Span]) -> None:
-    """Server side: the handler about to run inherits the caller's context and trace."""
-    _GLOBAL.set(values or {})
-    _SPAN.set(span)
+def _enter(values: Optional[Mapping[str, str]], span: Optional[Span]) -> tuple:
+    """Server side: the caller's context and trace, for the handler about to be
+    started (a task or context copy taken now keeps them); undo with ``_leave``."""
+    return _GLOBAL.set(values or {}), _SPAN.set(span)
+
+
+def _leave(tokens: tuple) -> None:
+    _GLOBAL.reset(tokens[0])
+    _SPAN.reset(tokens[1])

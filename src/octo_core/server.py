@@ -43,8 +43,7 @@ class _DeadlinePassed(Exception):
 class _Call:
     """One accepted request on its way through the server."""
 
-    __slots__ = ("method", "service", "reply", "seqid", "answer", "stats", "started", "span_ends",
-                 "context")
+    __slots__ = ("method", "service", "reply", "seqid", "answer", "stats", "started", "span_ends")
 
     def __init__(self, service: _Service, method: idl.Method, reply: "_Reply", seqid: int,
                  answer: bool, stats: MethodStats, started: float) -> None:
@@ -56,7 +55,6 @@ class _Call:
         self.stats = stats
         self.started = started
         self.span_ends: Optional[list] = None
-        self.context: Optional[contextvars.Context] = None
 
 
 class _Reply:
@@ -442,26 +440,29 @@ class Server:
         reply.conn.in_flight += 1
         self._in_flight += 1
         self._idle.clear()
-        call.context = self._handler_context(call, header)
         argv = [getattr(args, arg) for arg in method.arg_names]
-        if is_coroutine:
-            self._loop.create_task(self._run_coroutine(call, fn, argv, deadline), context=call.context)
-            return
+        # The handler runs in a copy of this context holding the caller's
+        # globalContext and trace: set them, let the task (or copy) take them, reset.
+        tokens = self._enter_call_context(call, header)
+        try:
+            if is_coroutine:
+                self._loop.create_task(self._run_coroutine(call, fn, argv, deadline))
+                return
+            context = contextvars.copy_context()
+        finally:
+            _context._leave(tokens)
         self._business_pending += 1
-        future = self._pool.submit(call.context.run, _run_sync, fn, argv, deadline)
+        future = self._pool.submit(context.run, _run_sync, fn, argv, deadline)
         future.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._sync_done, call, f))
 
-    def _handler_context(self, call: _Call, header: Optional[Any]) -> contextvars.Context:
-        """The context the handler runs in: the caller's globalContext and trace."""
+    @staticmethod
+    def _enter_call_context(call: _Call, header: Optional[Any]) -> tuple:
         trace = header.traceInfo if header is not None else None
         span = None
         if trace is not None and trace.traceId:
             span = _context.Span(trace.traceId, trace.spanId or _context._new_id())
-        context = contextvars.copy_context()
-        context.run(_context._enter, header.globalContext if header is not None else None, span)
-        if span is not None:
             call.span_ends = _context._span_started("server", call.service.name, call.method.name, span)
-        return context
+        return _context._enter(header.globalContext if header is not None else None, span)
 
     async def _run_coroutine(self, call: _Call, fn: Callable[..., Any], argv: List[Any],
                              deadline: Optional[float]) -> None:

@@ -1,17 +1,45 @@
 """Per-node circuit breakers and the retry budget."""
 from __future__ import annotations
 
-import collections
 import enum
 import random
 import time
-from typing import Callable, Deque, Optional, Tuple
+from typing import Callable, Optional
 
 
 class BreakerState(enum.Enum):
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half-open"
+
+
+class _Window:
+    """Counts per one-second bucket over the last ``seconds`` seconds: O(1) to add to."""
+
+    __slots__ = ("size", "buckets", "second")
+
+    def __init__(self, seconds: int, fields: int) -> None:
+        self.size = max(1, seconds)
+        self.buckets = [[0] * fields for _ in range(self.size)]
+        self.second = 0
+
+    def slot(self, now: float) -> list:
+        second = int(now)
+        if second != self.second:
+            for past in range(max(self.second + 1, second - self.size + 1), second + 1):
+                bucket = self.buckets[past % self.size]
+                for i in range(len(bucket)):
+                    bucket[i] = 0
+            self.second = second
+        return self.buckets[second % self.size]
+
+    def total(self, field: int) -> int:
+        return sum(bucket[field] for bucket in self.buckets)
+
+    def clear(self) -> None:
+        for bucket in self.buckets:
+            for i in range(len(bucket)):
+                bucket[i] = 0
 
 
 class CircuitBreaker:
@@ -24,21 +52,19 @@ class CircuitBreaker:
     """
 
     def __init__(self, *, consecutive_failures: int = 5, error_rate: float = 0.5,
-                 min_calls: int = 20, window: float = 10.0, backoff_min: float = 1.0,
+                 min_calls: int = 20, window: int = 10, backoff_min: float = 1.0,
                  backoff_max: float = 30.0, clock: Callable[[], float] = time.monotonic,
                  on_change: Optional[Callable[["CircuitBreaker"], None]] = None) -> None:
         self.consecutive_failures = consecutive_failures
         self.error_rate = error_rate
         self.min_calls = min_calls
-        self.window = window
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
         self._clock = clock
         self._on_change = on_change
         self.state = BreakerState.CLOSED
         self._streak = 0
-        self._calls: Deque[Tuple[float, bool]] = collections.deque()
-        self._failures = 0
+        self._window = _Window(int(window), 2)     # [calls, failures] per second
         self._backoff = 0.0
         self._reopen_at = 0.0
         self._probing = False
@@ -74,15 +100,20 @@ class CircuitBreaker:
             else:
                 self._open(now)
             return
-        self._calls.append((now, ok))
-        self._failures += not ok
-        while self._calls and self._calls[0][0] < now - self.window:
-            self._failures -= not self._calls.popleft()[1]
-        self._streak = 0 if ok else self._streak + 1
-        if self.state is BreakerState.CLOSED and (
-                self._streak >= self.consecutive_failures
-                or (len(self._calls) >= self.min_calls
-                    and self._failures / len(self._calls) >= self.error_rate)):
+        bucket = self._window.slot(now)
+        bucket[0] += 1
+        if ok:
+            self._streak = 0
+            return       # a success never opens the breaker: nothing more to check
+        bucket[1] += 1
+        self._streak += 1
+        if self.state is not BreakerState.CLOSED:
+            return
+        if self._streak >= self.consecutive_failures:
+            self._open(now)
+            return
+        calls = self._window.total(0)
+        if calls >= self.min_calls and self._window.total(1) / calls >= self.error_rate:
             self._open(now)
 
     def _open(self, now: float) -> None:
@@ -92,8 +123,7 @@ class CircuitBreaker:
         self._set(BreakerState.OPEN)
 
     def _reset_window(self) -> None:
-        self._calls.clear()
-        self._failures = 0
+        self._window.clear()
         self._streak = 0
 
     def _set(self, state: BreakerState) -> None:
@@ -106,37 +136,24 @@ class CircuitBreaker:
 class RetryBudget:
     """Retries may add at most ``ratio`` of the recent requests, plus
     ``min_per_second`` each second, so failures never multiply load.
-
-    Counts live in one bucket per second over ``window`` seconds: constant memory.
     """
 
     def __init__(self, ratio: float = 0.1, min_per_second: float = 10.0, window: int = 10,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.ratio = ratio
         self.min_per_second = min_per_second
-        self.window = window
         self._clock = clock
-        self._requests = [0] * window
-        self._retries = [0] * window
-        self._second = int(clock())
-
-    def _advance(self) -> int:
-        now = int(self._clock())
-        if now != self._second:
-            for second in range(max(self._second + 1, now - self.window + 1), now + 1):
-                self._requests[second % self.window] = 0
-                self._retries[second % self.window] = 0
-            self._second = now
-        return now % self.window
+        self._window = _Window(int(window), 2)     # [requests, retries] per second
 
     def record_request(self) -> None:
-        self._requests[self._advance()] += 1
+        self._window.slot(self._clock())[0] += 1
 
     def try_retry(self) -> bool:
         """Take one retry from the budget; False when it is spent."""
-        slot = self._advance()
-        allowed = self.ratio * sum(self._requests) + self.min_per_second * self.window
-        if sum(self._retries) >= allowed:
+        bucket = self._window.slot(self._clock())
+        window = self._window
+        allowed = self.ratio * window.total(0) + self.min_per_second * window.size
+        if window.total(1) >= allowed:
             return False
-        self._retries[slot] += 1
+        bucket[1] += 1
         return True

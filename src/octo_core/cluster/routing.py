@@ -17,7 +17,7 @@ import dataclasses
 import fnmatch
 import json
 import time
-from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from octo_core.errors import RpcError
 from octo_core.registry.node import Node
@@ -140,12 +140,16 @@ class Router:
 
     def _route(self, liteset: str, lane: str) -> Weighted:
         weights = {n.key: n.effective_weight() for n in self._nodes}
+
+        def usable(node: Node) -> bool:
+            return node.alive and weights[node.key] > 0
+
         nodes = self._route_rules(list(self._nodes), weights)
-        nodes = self._cells(nodes, liteset)
-        nodes = self._swimlane(nodes, lane)
+        nodes = self._cells(nodes, liteset, usable)
+        nodes = self._swimlane(nodes, lane, usable)
         nodes = self._locality(nodes)
-        usable = [n for n in nodes if n.alive and weights[n.key] > 0]
-        return Weighted(tuple(usable), tuple(weights[n.key] for n in usable))
+        nodes = [n for n in nodes if usable(n)]
+        return Weighted(tuple(nodes), tuple(weights[n.key] for n in nodes))
 
     def _route_rules(self, nodes: List[Node], weights: Dict[str, float]) -> List[Node]:
         caller = self.caller
@@ -164,10 +168,11 @@ class Router:
                 weights[node.key] *= OTHERS_WEIGHT_FACTOR
         return nodes
 
-    def _cells(self, nodes: List[Node], liteset: str) -> List[Node]:
+    def _cells(self, nodes: List[Node], liteset: str, usable: Callable[[Node], bool]) -> List[Node]:
         center = [n for n in nodes if not n.cell]
         if liteset:                                   # LiteSet wins over Set
-            tagged = [n for n in nodes if n.cell == liteset]
+            # a LiteSet whose nodes cannot serve (DEAD, STOPPING, weight 0) is empty
+            tagged = [n for n in nodes if n.cell == liteset and usable(n)]
             return tagged or center
         caller = self.caller
         if caller.set_routing and caller.cell:
@@ -180,10 +185,10 @@ class Router:
         return center or nodes
 
     @staticmethod
-    def _swimlane(nodes: List[Node], lane: str) -> List[Node]:
+    def _swimlane(nodes: List[Node], lane: str, usable: Callable[[Node], bool]) -> List[Node]:
         trunk = [n for n in nodes if not n.swimlane]
-        if lane:
-            return [n for n in nodes if n.swimlane == lane] or trunk
+        if lane:   # a lane whose nodes cannot serve falls back to the trunk, like an empty one
+            return [n for n in nodes if n.swimlane == lane and usable(n)] or trunk
         return trunk
 
     def _locality(self, nodes: List[Node]) -> List[Node]:

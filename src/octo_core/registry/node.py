@@ -6,6 +6,7 @@ plus octo_core's ``cell``, ``swimlane``, ``idc`` and ``region``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from typing import Any, Dict, Mapping, Optional
@@ -58,8 +59,9 @@ class Node:
     # When the provider started (seconds since the epoch): the warm-up clock.
     startTime: int = 0
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
+        """``ip:port`` (cached: it is read several times per call)."""
         return f"{self.ip}:{self.port}"
 
     @property

@@ -113,8 +113,17 @@ class Endpoint:
         self.ssl = ssl
         self.closed = False
 
+    def ready(self) -> Optional[ClientConnection]:
+        """The next live connection of the pool without waiting, or None (then ``connection()``)."""
+        slot = self._next
+        conn = self._conns[slot]
+        if conn is not None and not conn.closed:
+            self._next = (slot + 1) % self.pool_size
+            return conn
+        return None
+
     async def connection(self) -> ClientConnection:
-        """A live connection to the node (round robin over the pool)."""
+        """A live connection to the node (round robin over the pool), opened if need be."""
         slot = self._next
         self._next = (slot + 1) % self.pool_size
         conn = self._conns[slot]

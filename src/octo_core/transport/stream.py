@@ -59,12 +59,16 @@ class FramedProtocol(asyncio.Protocol):
         self.abort(exc)
 
     def send(self, data: bytes) -> None:
+        """Write ``data``: the first frame of a loop iteration goes out at once (no
+        added latency); later ones in the same iteration are joined into one write."""
         if self.closed:
             return
-        self._out.append(data)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.loop.call_soon(self._flush)
+        if self._flush_scheduled:
+            self._out.append(data)
+            return
+        self._flush_scheduled = True
+        self.loop.call_soon(self._flush)
+        self.transport.write(data)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
