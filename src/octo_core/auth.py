@@ -152,6 +152,8 @@ class Authenticator:
             if self.allow:
                 raise self._refuse("ip-denied", "the peer has no IP address") from None
             return
+        if getattr(address, "ipv4_mapped", None) is not None:
+            address = address.ipv4_mapped   # ::ffff:10.0.0.1 is 10.0.0.1 to the rules
         if any(address in net for net in self.deny):
             raise self._refuse("ip-denied", f"{address} is on the deny list")
         if self.allow and not any(address in net for net in self.allow):

@@ -222,9 +222,16 @@ class AsyncClient:
             msg_type = TMessageType.ONEWAY if method.oneway else TMessageType.CALL
             data = protocol.encode_framed_message(method.name, msg_type, seq, request)
         if method.oneway:
+            if conn.closed:
+                raise TransportError("connection closed before the request was sent",
+                                     method=method.name, node=endpoint.node, request_sent=False)
             conn.send(data)
             return None
-        reply = conn.expect(seq)
+        try:
+            reply = conn.expect(seq)
+        except OctoError as exc:
+            exc.method = method.name
+            raise
         conn.send(data)
         timer = conn.loop.call_later(timeout, _expire, reply, conn, seq, timeout, method.name,
                                      endpoint.node)

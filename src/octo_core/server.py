@@ -538,7 +538,11 @@ class Server:
 
 
 class Quotas:
-    """Per-caller token buckets: ``{appkey or "*": calls per second}`` (burst: one second's worth)."""
+    """Per-caller token buckets: ``{appkey or "*": calls per second}``.
+
+    A bucket holds one second's worth of calls, and at least one call, so a rate
+    below 1/s still admits a call every 1/rate seconds.
+    """
 
     def __init__(self, rates: Mapping[str, float]) -> None:
         self.rates = dict(rates)
@@ -549,10 +553,11 @@ class Quotas:
         if rate is None:
             return True
         now = time.monotonic()
+        capacity = max(rate, 1.0)
         bucket = self._buckets.get(caller)
         if bucket is None:
-            bucket = self._buckets[caller] = [rate, now]
-        bucket[0] = min(rate, bucket[0] + (now - bucket[1]) * rate)
+            bucket = self._buckets[caller] = [capacity, now]
+        bucket[0] = min(capacity, bucket[0] + (now - bucket[1]) * rate)
         bucket[1] = now
         if bucket[0] < 1.0:
             return False

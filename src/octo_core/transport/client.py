@@ -34,6 +34,11 @@ class ClientConnection(FramedProtocol):
         return next(self._sequence) & 0x7FFFFFFF
 
     def expect(self, seq: int) -> asyncio.Future:
+        """A future for the reply to ``seq``; fails at once if the connection is gone
+        (it can close between the connect and the caller resuming)."""
+        if self.closed:
+            raise TransportError("connection closed before the request was sent",
+                                 node=self.node, request_sent=False)
         future = self.loop.create_future()
         self._pending[seq] = future
         return future
