@@ -240,11 +240,21 @@ class FileRegistry(Registry):
         return stored
 
     def _touch(self, paths: List[str]) -> List[str]:
-        """Renew the TTL of ``paths``; returns those that someone else unregistered."""
+        """Renew the TTL of ``paths``; returns those that someone else unregistered.
+
+        A file that already expired (this process was paused past the TTL) is
+        rewritten instead: watchers dropped it and only notice changes to the
+        directory, which a new mtime on the file does not make.
+        """
         gone = []
+        now = time.time()
         for path in paths:
             try:
-                os.utime(path)
+                if now - os.stat(path).st_mtime >= self.ttl:
+                    with open(path, encoding="utf-8") as current:
+                        write_atomic(path, current.read())
+                else:
+                    os.utime(path)
             except FileNotFoundError:
                 gone.append(path)
         return gone
@@ -274,8 +284,12 @@ class FileRegistry(Registry):
     async def unregister(self, appkey: str, key: str) -> None:
         path = self._node_path(appkey, key)
         self._owned.discard(path)
-        with contextlib.suppress(FileNotFoundError):
-            await asyncio.to_thread(os.unlink, path)
+        await asyncio.to_thread(self._unlink, appkey, path)
+
+    def _unlink(self, appkey: str, path: str) -> None:
+        # under the appkey lock, so a concurrent update cannot write the node back
+        with self._locked(appkey), contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
     async def update(self, appkey: str, key: str, *, weight: Optional[int] = None,
                      fweight: Optional[float] = None, status: Optional[int] = None,
