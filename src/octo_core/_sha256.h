@@ -9,6 +9,7 @@
 #define OCTO_SHA256_H
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef struct {
@@ -36,7 +37,7 @@ static const uint32_t octo_sha256_k[64] = {
 
 #define OCTO_ROTR(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
 
-static void octo_sha256_compress(uint32_t h[8], const unsigned char *p) {
+static void octo_sha256_compress_c(uint32_t h[8], const unsigned char *p) {
     uint32_t w[64], a, b, c, d, e, f, g, k, t1, t2;
     int i;
     for (i = 0; i < 16; i++)
@@ -55,6 +56,68 @@ static void octo_sha256_compress(uint32_t h[8], const unsigned char *p) {
         k = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
     }
     h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += k;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#include <immintrin.h>
+
+/* The x86 SHA extensions: two rounds per sha256rnds2; the message schedule by
+ * sha256msg1/msg2. The state is kept as (A,B,E,F) and (C,D,G,H), as the
+ * instructions want it. */
+__attribute__((target("sha,sse4.1,ssse3")))
+static void octo_sha256_compress_ni(uint32_t h[8], const unsigned char *p) {
+    const __m128i swap = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
+    __m128i t = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)&h[0]), 0xB1);  /* C D A B */
+    __m128i s1 = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)&h[4]), 0x1B); /* E F G H */
+    __m128i s0 = _mm_alignr_epi8(t, s1, 8);                                          /* A B E F */
+    __m128i abef = s0, cdgh;
+    __m128i w[4], msg;
+    int g;
+    s1 = _mm_blend_epi16(s1, t, 0xF0);                                              /* C D G H */
+    cdgh = s1;
+    for (g = 0; g < 16; g++) {
+        if (g < 4) {
+            w[g] = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(p + 16 * g)), swap);
+        } else {
+            __m128i x = _mm_sha256msg1_epu32(w[g & 3], w[(g + 1) & 3]);      /* W[t-16] + s0(W[t-15]) */
+            x = _mm_add_epi32(x, _mm_alignr_epi8(w[(g + 3) & 3], w[(g + 2) & 3], 4)); /* + W[t-7] */
+            w[g & 3] = _mm_sha256msg2_epu32(x, w[(g + 3) & 3]);                  /* + s1(W[t-2]) */
+        }
+        msg = _mm_add_epi32(w[g & 3], _mm_loadu_si128((const __m128i *)&octo_sha256_k[4 * g]));
+        s1 = _mm_sha256rnds2_epu32(s1, s0, msg);
+        s0 = _mm_sha256rnds2_epu32(s0, s1, _mm_shuffle_epi32(msg, 0x0E));
+    }
+    s0 = _mm_add_epi32(s0, abef);
+    s1 = _mm_add_epi32(s1, cdgh);
+    t = _mm_shuffle_epi32(s0, 0x1B);                                                 /* F E B A */
+    s1 = _mm_shuffle_epi32(s1, 0xB1);                                                /* D C H G */
+    _mm_storeu_si128((__m128i *)&h[0], _mm_blend_epi16(t, s1, 0xF0));                /* D C B A */
+    _mm_storeu_si128((__m128i *)&h[4], _mm_alignr_epi8(s1, t, 8));                   /* H G F E */
+}
+
+static int octo_sha_ni_available(void) {
+    unsigned int a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_SSE4_1) || !(c & bit_SSSE3)) return 0;
+    if (__get_cpuid_max(0, 0) < 7) return 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    return (b >> 29) & 1;    /* CPUID.7.0:EBX.SHA */
+}
+#endif
+
+static void (*octo_sha256_compress)(uint32_t h[8], const unsigned char *p) = octo_sha256_compress_c;
+
+/* Pick the hardware rounds when the CPU has them; called once at import.
+ * OCTO_SHA256_PORTABLE=1 keeps the portable C rounds (so tests cover both). */
+static int octo_sha256_setup(void) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    const char *portable = getenv("OCTO_SHA256_PORTABLE");
+    if ((portable == NULL || strcmp(portable, "1") != 0) && octo_sha_ni_available()) {
+        octo_sha256_compress = octo_sha256_compress_ni;
+        return 1;
+    }
+#endif
+    return 0;
 }
 
 static void octo_sha256_init(octo_sha256 *s) {

@@ -13,6 +13,10 @@ cdef extern from "_sha256.h":
     void octo_hmac_key_init(octo_hmac_key* k, const unsigned char* key, size_t n) noexcept nogil
     void octo_hmac_parts(const octo_hmac_key* k, const unsigned char* const* parts,
                          const size_t* lengths, int count, int sep, unsigned char* out) noexcept nogil
+    int octo_sha256_setup() noexcept nogil
+
+#: True when SHA-256 runs on the CPU's SHA instructions (x86 SHA-NI), else portable C.
+SHA256_HARDWARE = bool(octo_sha256_setup())
 
 DEF SIGNED_PARTS = 7
 cdef const char* _HEX = b"0123456789abcdef"

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import logging
 import random
 from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional
+
+log = logging.getLogger("octo_core.context")
 
 _GLOBAL: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
     "octo_global_context", default={})
@@ -74,10 +77,31 @@ def add_span_hook(hook: SpanHook) -> Callable[[], None]:
 
 
 def _span_started(side: str, service: str, method: str, span: Span) -> Optional[List[Callable[[int], None]]]:
+    """Tell the hooks a span began; returns the callbacks to give its status at the end.
+
+    A hook that raises is logged and skipped: tracing must never break a call.
+    """
     if not _HOOKS:
         return None
-    ends = [hook(side, service, method, span) for hook in list(_HOOKS)]
-    return [end for end in ends if end is not None]
+    ends = []
+    for hook in list(_HOOKS):
+        try:
+            end = hook(side, service, method, span)
+        except Exception:
+            log.exception("span hook %r failed at the start of %s.%s", hook, service, method)
+            continue
+        if end is not None:
+            ends.append(_guarded(end, service, method))
+    return ends
+
+
+def _guarded(end: Callable[[int], None], service: str, method: str) -> Callable[[int], None]:
+    def finish(status: int) -> None:
+        try:
+            end(status)
+        except Exception:
+            log.exception("span hook failed at the end of %s.%s", service, method)
+    return finish
 
 
 def _enter(values: Optional[Mapping[str, str]], span: Optional[Span]) -> tuple:

@@ -98,10 +98,13 @@ class Metrics:
         return list(self._methods.items())
 
 
+def _escape(value: str) -> str:
+    """A Prometheus label value: backslash, double quote and line feed escaped."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def _labels(**values: str) -> str:
-    escaped = (f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-               for k, v in values.items())
-    return "{" + ",".join(escaped) + "}"
+    return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in values.items()) + "}"
 
 
 def prometheus_text(*registries: Metrics) -> str:

@@ -28,6 +28,8 @@ from octo_core.transport.server import ServerConnection
 
 log = logging.getLogger("octo_core.server")
 
+UNKNOWN = "(unknown)"   # the metrics name of services and methods this server does not have
+
 
 class _Service(NamedTuple):
     name: str
@@ -352,7 +354,8 @@ class Server:
             return
         service = self._services.get(info.serviceName)
         if service is None:
-            self.metrics.refused(info.serviceName, "", Status.SERVICE_EXCEPTION)
+            # names off the wire are not metric labels: one series for all unknown services
+            self.metrics.refused(UNKNOWN, UNKNOWN, Status.SERVICE_EXCEPTION)
             reply.refuse(Status.SERVICE_EXCEPTION,
                          f"service {info.serviceName!r} is not hosted by {self.appkey}")
             return
@@ -411,7 +414,8 @@ class Server:
             return
         refusal = self._admission(service, name, reply, header, body)
         if refusal is not None:
-            self.metrics.refused(service.name, name, refusal[0])
+            self.metrics.refused(service.name, name if name in service.methods else UNKNOWN,
+                                 refusal[0])
             reply.refuse(*refusal, name, seqid)
             return
         method = service.methods.get(name)

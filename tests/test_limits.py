@@ -1,0 +1,529 @@
+"""Overload protection and transport security of the server.
+
+``max_connections`` closes the extra connection only; ``max_in_flight`` and
+``max_in_flight_per_connection`` refuse with status 3 and recover; per-caller
+``quotas`` refuse a burst with status 6 and recover as the bucket refills; a
+stalled partial frame is cut after ``read_timeout`` and an idle connection after
+``idle_timeout``; TLS and mutual TLS with certificates made at test time.
+
+Nothing asserts a duration: every wait is a bounded poll.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import ssl
+import time
+from typing import Dict, List
+
+import pytest
+
+from octo_core.auth import Authenticator, StaticTokens
+from octo_core.errors import (CallTimeout, DegradeError, OctoError, RpcError, Status,
+                              TransportError)
+
+from wire_helpers import (CLIENT_APPKEY, LOCALHOST, SERVER_APPKEY, Echo, EchoHandler,
+                          async_client, decode_body, echo_services, raw_connection, run, serving,
+                          unified_request, wait_until, watchdog)  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("watchdog")
+
+# Status 3 refusals count against a node in the client's circuit breaker; these
+# tests look at the server's refusals themselves, so the breaker stays out of it.
+NO_BREAKER = {"consecutive_failures": 10 ** 9, "min_calls": 10 ** 9}
+
+
+def echo_client(address: str, **options):
+    options.setdefault("breaker", NO_BREAKER)
+    return async_client(Echo, address, **options)
+
+
+class GatedHandler(EchoHandler):
+    """``slow`` (a coroutine handler) waits at a gate the test opens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.running = 0
+
+    async def slow(self, text: str, delay_ms: int) -> str:
+        self.slow_started += 1
+        self.running += 1
+        try:
+            await asyncio.wait_for(self.gate.wait(), 10)
+        finally:
+            self.running -= 1
+        self.slow_finished += 1
+        return text
+
+
+def good_request(seq: int, text: str = "ok") -> bytes:
+    return unified_request("echo", Echo.echo_args(text=text), seq)
+
+
+async def echo_on(raw, seq: int, text: str = "ok") -> str:
+    await raw.send(good_request(seq, text))
+    return decode_body(await raw.read_frame(), Echo)[3].success
+
+
+async def settle(tasks: List[asyncio.Future], refused: int, timeout: float = 5.0) -> List[BaseException]:
+    """Wait until ``refused`` of ``tasks`` have finished; return their exceptions."""
+    await wait_until(lambda: sum(t.done() for t in tasks) >= refused, timeout,
+                     what=f"{refused} refusals")
+    return [t.exception() for t in tasks if t.done()]
+
+
+# --- max_connections ---------------------------------------------------------------
+
+def test_max_connections_closes_the_extra_connection_only():
+    async def main():
+        async with serving(echo_services(), max_connections=2) as server, \
+                echo_client(server.address) as first, \
+                echo_client(server.address) as second:
+            assert await first.echo("1") == "1"
+            assert await second.echo("2") == "2"
+            async with raw_connection(server.address) as extra:
+                await extra.send(good_request(1))
+                assert await extra.closed_by_peer()
+            # a third client cannot get in either
+            async with echo_client(server.address, timeout=0.5) as third:
+                with pytest.raises(TransportError):
+                    await third.echo("3")
+            # the two admitted connections never noticed
+            for i in range(20):
+                assert await first.echo(f"a{i}") == f"a{i}"
+                assert await second.echo(f"b{i}") == f"b{i}"
+            assert len(server._connections) == 2
+            # one leaves: a newcomer is welcome again
+            await second.close()
+            await wait_until(lambda: len(server._connections) == 1, what="the slot to free up")
+            async with raw_connection(server.address) as newcomer:
+                assert await echo_on(newcomer, 1, "back") == "back"
+            assert await first.echo("still") == "still"
+
+    run(main())
+
+
+def test_client_refused_by_max_connections_fails_fast_not_by_timeout():
+    # The server closes the extra connection at once. A call on it must fail with a
+    # TransportError saying so, not sit out its whole timeout as a CallTimeout
+    # (the client must not wait for a reply on a connection it knows is closed).
+    async def main():
+        async with serving(echo_services(), max_connections=1) as server, \
+                echo_client(server.address) as first:
+            assert await first.echo("in") == "in"
+            async with echo_client(server.address, timeout=3.0) as extra:
+                for _ in range(2):
+                    with pytest.raises(TransportError) as info:
+                        await extra.echo("x")
+                    assert not isinstance(info.value, CallTimeout), repr(info.value)
+                    await asyncio.sleep(0.3)      # past the reconnect backoff
+            assert await first.echo("still") == "still"
+
+    run(main())
+
+
+# --- in-flight limits --------------------------------------------------------------
+
+def test_max_in_flight_refuses_with_status_3_and_recovers():
+    handler = GatedHandler()
+
+    async def main():
+        async with serving(echo_services(handler), max_in_flight=5) as server, \
+                echo_client(server.address, timeout=8) as a, \
+                echo_client(server.address, timeout=8) as b:
+            burst = [asyncio.ensure_future((a if i % 2 else b).slow(f"s{i}", 0))
+                     for i in range(20)]
+            errors = await settle(burst, 15)
+            assert len(errors) == 15
+            for error in errors:
+                assert isinstance(error, RpcError), repr(error)
+                assert error.status == Status.RPC_EXCEPTION == 3
+                assert "overloaded" in str(error)
+            assert handler.running == 5
+            # full: even a fast call is refused while five are running
+            with pytest.raises(RpcError):
+                await a.echo("refused")
+            handler.gate.set()
+            await asyncio.wait(burst, timeout=5)
+            done = [t.result() for t in burst if t.exception() is None]
+            assert len(done) == 5
+            # capacity is back
+            handler.gate = asyncio.Event()
+            handler.gate.set()
+            results = await asyncio.gather(*(a.slow(f"r{i}", 0) for i in range(5)))
+            assert results == [f"r{i}" for i in range(5)]
+            assert await b.echo("ok") == "ok"
+            stats = server.stats()
+            assert stats["Echo.slow"]["errors"] == {Status.RPC_EXCEPTION: 15}
+            assert stats["Echo.slow"]["in_flight"] == 0
+            assert server._in_flight == 0
+
+    run(main())
+
+
+def test_max_in_flight_per_connection_limits_each_connection_alone():
+    handler = GatedHandler()
+
+    async def main():
+        async with serving(echo_services(handler), max_in_flight_per_connection=3) as server, \
+                echo_client(server.address, timeout=8) as a, \
+                echo_client(server.address, timeout=8) as b:
+            burst_a = [asyncio.ensure_future(a.slow(f"a{i}", 0)) for i in range(10)]
+            errors = await settle(burst_a, 7)
+            assert len(errors) == 7
+            assert all(isinstance(e, RpcError) and e.status == 3 for e in errors), errors
+            assert handler.running == 3
+            # another connection has its own allowance
+            burst_b = [asyncio.ensure_future(b.slow(f"b{i}", 0)) for i in range(4)]
+            errors_b = await settle(burst_b, 1)
+            assert len(errors_b) == 1 and isinstance(errors_b[0], RpcError)
+            await wait_until(lambda: handler.running == 6, what="six calls running")
+            handler.gate.set()
+            await asyncio.wait(burst_a + burst_b, timeout=5)
+            assert sum(t.exception() is None for t in burst_a) == 3
+            assert sum(t.exception() is None for t in burst_b) == 3
+            # recovered: three at a time go through again on the same connection
+            results = await asyncio.gather(*(a.slow(f"again{i}", 0) for i in range(3)))
+            assert results == [f"again{i}" for i in range(3)]
+            assert server.stats()["Echo.slow"]["errors"] == {Status.RPC_EXCEPTION: 8}
+
+    run(main())
+
+
+# --- quotas --------------------------------------------------------------------------
+
+def test_quota_refuses_a_burst_with_status_6_and_recovers():
+    async def main():
+        quotas = {CLIENT_APPKEY: 5, "*": 1000}
+        async with serving(echo_services(), quotas=quotas) as server, \
+                echo_client(server.address) as limited, \
+                echo_client(server.address, appkey="com.example.other") as other:
+            results = await asyncio.gather(*(limited.echo(f"q{i}") for i in range(30)),
+                                           return_exceptions=True)
+            passed = [r for r in results if not isinstance(r, BaseException)]
+            refused = [r for r in results if isinstance(r, BaseException)]
+            assert 5 <= len(passed) < 30, results
+            assert refused, "a burst six times the rate was never refused"
+            for error in refused:
+                assert isinstance(error, DegradeError), repr(error)
+                assert error.status == Status.DEGRADE_EXCEPTION == 6
+                assert CLIENT_APPKEY in str(error)
+            # another caller has its own bucket
+            others = await asyncio.gather(*(other.echo(f"o{i}") for i in range(30)))
+            assert len(others) == 30
+            # the bucket refills: poll until a call gets through again
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    assert await limited.echo("again") == "again"
+                    break
+                except DegradeError:
+                    assert time.monotonic() < deadline, "the quota never recovered"
+                    await asyncio.sleep(0.1)
+            errors = server.stats()["Echo.echo"]["errors"]
+            assert errors[Status.DEGRADE_EXCEPTION] >= len(refused)
+
+    run(main())
+
+
+def test_wildcard_quota_gives_each_caller_its_own_bucket():
+    async def main():
+        async with serving(echo_services(), quotas={"*": 3}) as server:
+            outcomes: Dict[str, List[bool]] = {}
+            for appkey in ("com.example.a", "com.example.b"):
+                async with echo_client(server.address, appkey=appkey) as client:
+                    results = await asyncio.gather(*(client.echo("x") for _ in range(10)),
+                                                   return_exceptions=True)
+                    outcomes[appkey] = [not isinstance(r, BaseException) for r in results]
+                    assert all(isinstance(r, DegradeError) for r in results
+                               if isinstance(r, BaseException))
+            for appkey, passed in outcomes.items():
+                assert 3 <= sum(passed) < 10, (appkey, passed)
+
+    run(main())
+
+
+def test_quota_below_one_call_per_second_still_admits_calls():
+    # 0.5 calls per second means one call every two seconds, not none at all
+    async def main():
+        async with serving(echo_services(), quotas={"*": 0.5}) as server, \
+                echo_client(server.address) as client:
+            deadline = time.monotonic() + 3.5
+            while True:
+                try:
+                    assert await client.echo("slowly") == "slowly"
+                    break
+                except DegradeError:
+                    assert time.monotonic() < deadline, "a 0.5 qps quota never admits a call"
+                    await asyncio.sleep(0.25)
+
+    run(main())
+
+
+def test_quota_applies_to_native_thrift_callers_as_anonymous():
+    async def main():
+        async with serving(echo_services(), quotas={"": 2}) as server, \
+                echo_client(server.address, protocol="thrift") as native, \
+                echo_client(server.address) as unified:
+            results = await asyncio.gather(*(native.echo("n") for _ in range(10)),
+                                           return_exceptions=True)
+            passed = sum(not isinstance(r, BaseException) for r in results)
+            assert 2 <= passed < 10
+            assert all(isinstance(r, OctoError) for r in results if isinstance(r, BaseException))
+            # a named caller is not covered by the "" quota
+            assert len(await asyncio.gather(*(unified.echo("u") for _ in range(10)))) == 10
+
+    run(main())
+
+
+# --- read and idle timeouts --------------------------------------------------------
+
+def test_stalled_partial_frame_is_closed_after_read_timeout():
+    async def main():
+        async with serving(echo_services(), read_timeout=0.4, idle_timeout=60) as server, \
+                echo_client(server.address) as good, \
+                raw_connection(server.address) as bystander:
+            assert await echo_on(bystander, 1) == "ok"
+            async with raw_connection(server.address) as stalled:
+                frame = good_request(7, "never finished")
+                await stalled.send(frame[:len(frame) // 2])
+                started = time.monotonic()
+                while True:          # the good client keeps calling while the stall lasts
+                    assert await good.echo("busy") == "busy"
+                    if stalled.reader.at_eof() or time.monotonic() - started > 1.0:
+                        break
+                    await asyncio.sleep(0.05)
+                assert await stalled.closed_by_peer(timeout=5)
+            # the idle-but-clean bystander and the good client are unaffected
+            assert not bystander.reader.at_eof()
+            assert await echo_on(bystander, 2, "still here") == "still here"
+            assert await good.echo("fine") == "fine"
+
+    run(main())
+
+
+def test_partial_header_bytes_stall_too():
+    async def main():
+        async with serving(echo_services(), read_timeout=0.3, idle_timeout=60) as server, \
+                raw_connection(server.address) as stalled:
+            await stalled.send(b"\xab\xba\x00")       # not even a length yet
+            assert await stalled.closed_by_peer(timeout=5)
+
+    run(main())
+
+
+def test_idle_connection_is_closed_after_idle_timeout():
+    async def main():
+        async with serving(echo_services(), idle_timeout=0.4, read_timeout=None) as server, \
+                raw_connection(server.address) as idle:
+            assert await echo_on(idle, 1) == "ok"
+            assert await idle.closed_by_peer(timeout=5)
+            await wait_until(lambda: not server._connections, what="the server to forget it")
+            # the server still accepts new connections
+            async with raw_connection(server.address) as fresh:
+                assert await echo_on(fresh, 1, "new") == "new"
+
+    run(main())
+
+
+def test_idle_timeout_spares_a_connection_with_a_call_in_flight():
+    handler = GatedHandler()
+
+    async def main():
+        async with serving(echo_services(handler), idle_timeout=0.3, read_timeout=None) as server, \
+                echo_client(server.address, timeout=8) as client:
+            call = asyncio.ensure_future(client.slow("long", 0))
+            await wait_until(lambda: handler.running == 1, what="the call to start")
+            await asyncio.sleep(1.0)     # several idle periods pass while it runs
+            assert not call.done()
+            handler.gate.set()
+            assert await asyncio.wait_for(call, 5) == "long"
+
+    run(main())
+
+
+def test_busy_connection_is_not_idle():
+    async def main():
+        async with serving(echo_services(), idle_timeout=0.3, read_timeout=None) as server, \
+                raw_connection(server.address) as busy:
+            started = time.monotonic()
+            seq = 0
+            while time.monotonic() - started < 1.2:
+                seq += 1
+                assert await echo_on(busy, seq, f"t{seq}") == f"t{seq}"
+                await asyncio.sleep(0.05)
+            assert not busy.reader.at_eof()
+
+    run(main())
+
+
+# --- TLS ---------------------------------------------------------------------------
+
+class Certs:
+    """A throwaway CA, a server certificate (127.0.0.1, localhost) and a client one."""
+
+    def __init__(self, directory) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        now = datetime.datetime.now(datetime.timezone.utc)
+
+        def name(common: str) -> x509.Name:
+            return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+        def write(stem: str, key, cert) -> None:
+            (directory / f"{stem}.key").write_bytes(key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption()))
+            (directory / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+        def make_ca(common: str):
+            key = ec.generate_private_key(ec.SECP256R1())
+            cert = (x509.CertificateBuilder().subject_name(name(common)).issuer_name(name(common))
+                    .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                    .not_valid_before(now - datetime.timedelta(days=1))
+                    .not_valid_after(now + datetime.timedelta(days=2))
+                    .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                    .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
+                                                 crl_sign=True, content_commitment=False,
+                                                 key_encipherment=False, data_encipherment=False,
+                                                 key_agreement=False, encipher_only=False,
+                                                 decipher_only=False), critical=True)
+                    .sign(key, hashes.SHA256()))
+            return key, cert
+
+        def make_leaf(common: str, ca_key, ca_cert, usage, sans=()):
+            key = ec.generate_private_key(ec.SECP256R1())
+            builder = (x509.CertificateBuilder().subject_name(name(common))
+                       .issuer_name(ca_cert.subject).public_key(key.public_key())
+                       .serial_number(x509.random_serial_number())
+                       .not_valid_before(now - datetime.timedelta(days=1))
+                       .not_valid_after(now + datetime.timedelta(days=2))
+                       .add_extension(x509.BasicConstraints(ca=False, path_length=None),
+                                      critical=True)
+                       .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+            if sans:
+                builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)),
+                                                critical=False)
+            return key, builder.sign(ca_key, hashes.SHA256())
+
+        ca_key, ca_cert = make_ca("octo test CA")
+        write("ca", ca_key, ca_cert)
+        write("server", *make_leaf("octo test server", ca_key, ca_cert,
+                                   ExtendedKeyUsageOID.SERVER_AUTH,
+                                   [x509.DNSName("localhost"),
+                                    x509.IPAddress(ipaddress.ip_address(LOCALHOST))]))
+        write("client", *make_leaf("octo test client", ca_key, ca_cert,
+                                   ExtendedKeyUsageOID.CLIENT_AUTH))
+        rogue_key, rogue_cert = make_ca("rogue CA")
+        write("rogue-ca", rogue_key, rogue_cert)
+        write("rogue-client", *make_leaf("rogue client", rogue_key, rogue_cert,
+                                         ExtendedKeyUsageOID.CLIENT_AUTH))
+        self.dir = directory
+
+    def path(self, name: str) -> str:
+        return str(self.dir / name)
+
+    def server_context(self, require_client_cert: bool = False) -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.path("server.pem"), self.path("server.key"))
+        if require_client_cert:
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(self.path("ca.pem"))
+        return context
+
+    def client_context(self, cert: str = "", ca: str = "ca") -> ssl.SSLContext:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=self.path(f"{ca}.pem"))
+        if cert:
+            context.load_cert_chain(self.path(f"{cert}.pem"), self.path(f"{cert}.key"))
+        return context
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory) -> Certs:
+    pytest.importorskip("cryptography")
+    return Certs(tmp_path_factory.mktemp("tls"))
+
+
+def test_tls_calls(certs):
+    async def main():
+        async with serving(echo_services(), ssl=certs.server_context()) as server, \
+                echo_client(server.address, ssl=certs.client_context()) as client:
+            assert await client.echo("over tls") == "over tls"
+            results = await asyncio.gather(*(client.echo(f"t{i}") for i in range(100)))
+            assert results == [f"t{i}" for i in range(100)]
+            assert await client.echo("é" * 10000) == "é" * 10000
+            conn = next(iter(server._connections))
+            assert conn.transport.get_extra_info("ssl_object") is not None
+
+    run(main())
+
+
+def test_tls_native_thrift_and_auth(certs):
+    async def main():
+        auth = Authenticator(StaticTokens({CLIENT_APPKEY: "tls-token"}))
+        async with serving(echo_services(), ssl=certs.server_context()) as server, \
+                echo_client(server.address, ssl=certs.client_context(),
+                             protocol="thrift") as native:
+            assert await native.echo("native tls") == "native tls"
+        async with serving(echo_services(), ssl=certs.server_context(), auth=auth,
+                           ) as server, \
+                echo_client(server.address, ssl=certs.client_context(), token="tls-token",
+                             remote_appkey=SERVER_APPKEY) as signed:
+            assert await signed.echo("signed tls") == "signed tls"
+
+    run(main())
+
+
+def test_tls_client_that_does_not_trust_the_server_fails(certs):
+    async def main():
+        async with serving(echo_services(), ssl=certs.server_context()) as server:
+            async with echo_client(server.address,
+                                    ssl=certs.client_context(ca="rogue-ca")) as client:
+                with pytest.raises(TransportError):
+                    await client.echo("x")
+            async with echo_client(server.address, ssl=certs.client_context()) as client:
+                assert await client.echo("still serving") == "still serving"
+
+    run(main())
+
+
+def test_plaintext_client_against_tls_server_fails_cleanly(certs):
+    async def main():
+        async with serving(echo_services(), ssl=certs.server_context()) as server:
+            async with echo_client(server.address, timeout=1.0) as plain:
+                with pytest.raises(TransportError):
+                    await plain.echo("x")
+            async with echo_client(server.address, ssl=certs.client_context()) as client:
+                assert await client.echo("fine") == "fine"
+
+    run(main())
+
+
+def test_mutual_tls(certs):
+    async def main():
+        async with serving(echo_services(), ssl=certs.server_context(True)) as server:
+            async with echo_client(server.address,
+                                    ssl=certs.client_context(cert="client")) as client:
+                assert await client.echo("mutual") == "mutual"
+                peer = next(iter(server._connections)).transport.get_extra_info("peercert")
+                assert peer and dict(x[0] for x in peer["subject"])["commonName"] == \
+                    "octo test client"
+                # no client certificate: refused at the handshake (the call fails)
+                async with echo_client(server.address, timeout=1.0,
+                                        ssl=certs.client_context()) as anonymous:
+                    with pytest.raises(TransportError):
+                        await anonymous.echo("x")
+                # a certificate from a CA the server does not trust: refused too
+                async with echo_client(server.address, timeout=1.0,
+                                        ssl=certs.client_context(cert="rogue-client")) as rogue:
+                    with pytest.raises(TransportError):
+                        await rogue.echo("x")
+                # the authenticated client never noticed
+                assert await client.echo("still mutual") == "still mutual"
+
+    run(main())

@@ -1,0 +1,506 @@
+"""Metrics, the Prometheus exposition, heartbeat load info, and tracing.
+
+After a known sequence of calls the server's and the client's metrics count
+exactly what happened; ``prometheus_text`` is valid exposition text; a
+ScannerHeartbeat reply carries LoadInfo with the called methods; a trace and the
+``globalContext`` cross two hops (edge -> A -> B) with a new span per hop.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import re
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import pytest
+
+import octo_core
+from octo_core import context, protocol
+from octo_core.auth import Authenticator, StaticTokens
+from octo_core.context import Span, add_span_hook, current_span, global_context
+from octo_core.errors import (ApplicationError, CallTimeout, SecurityError, ServiceError,
+                              Status)
+from octo_core.metrics import BOUNDS, Metrics, prometheus_text
+from octo_core.protocol import MessageType, NodeStatus
+
+from wire_helpers import (CLIENT_APPKEY, SERVER_APPKEY, Echo, EchoError, EchoHandler,
+                          async_client, echo_services, raw_connection, run, serving,
+                          unified_request, wait_until, watchdog)  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("watchdog")
+
+TOKEN = "metrics-test-token"
+NO_BREAKER = {"consecutive_failures": 10 ** 9, "min_calls": 10 ** 9}
+
+
+# --- a Prometheus text parser (strict enough to catch broken output) ----------------
+
+NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+LABEL = r'[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*"'
+SAMPLE = re.compile(rf"^({NAME})(\{{(?:{LABEL}(?:,{LABEL})*)?\}})? (\S+)$")
+LABEL_PAIR = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')
+
+
+def unescape(value: str) -> str:
+    return re.sub(r"\\(.)", lambda m: {"n": "\n"}.get(m.group(1), m.group(1)), value)
+
+
+def parse_prometheus(text: str) -> Tuple[Dict[str, str], List[Tuple[str, Dict[str, str], float]]]:
+    """``({family: type}, [(name, labels, value)])``; fails on any malformed line."""
+    assert text.endswith("\n")
+    types: Dict[str, str] = {}
+    samples = []
+    for number, line in enumerate(text[:-1].split("\n"), 1):
+        if line.startswith("#"):
+            parts = line.split(" ", 3)
+            assert parts[1] in ("HELP", "TYPE"), f"line {number}: {line!r}"
+            if parts[1] == "TYPE":
+                assert parts[3] in ("counter", "gauge", "histogram", "summary", "untyped")
+                types[parts[2]] = parts[3]
+            continue
+        match = SAMPLE.match(line)
+        assert match, f"line {number} is not `name{{labels}} value`: {line!r}"
+        name, labels, value = match.groups()
+        pairs = {k: unescape(v) for k, v in LABEL_PAIR.findall(labels or "")}
+        number_value = float(value)            # also accepts +Inf / NaN spellings
+        family = re.sub(r"_(bucket|sum|count|total)$", "", name)
+        assert name in types or family in types or f"{family}_total" in types, \
+            f"line {number}: sample {name} before its # TYPE"
+        samples.append((name, pairs, number_value))
+    return types, samples
+
+
+def check_histograms(samples) -> Dict[Tuple, Dict[str, float]]:
+    """Buckets cumulative, ending in +Inf == _count; returns {series: {count, sum}}."""
+    series: Dict[Tuple, Dict[str, Any]] = {}
+    for name, labels, value in samples:
+        if not name.startswith("octo_latency_seconds"):
+            continue
+        key = tuple(sorted((k, v) for k, v in labels.items() if k != "le"))
+        entry = series.setdefault(key, {"buckets": []})
+        if name.endswith("_bucket"):
+            entry["buckets"].append((labels["le"], value))
+        elif name.endswith("_count"):
+            entry["count"] = value
+        elif name.endswith("_sum"):
+            entry["sum"] = value
+    for key, entry in series.items():
+        buckets = entry["buckets"]
+        assert buckets and buckets[-1][0] == "+Inf", key
+        bounds = [math.inf if le == "+Inf" else float(le) for le, _ in buckets]
+        assert bounds == sorted(bounds) and len(set(bounds)) == len(bounds), key
+        counts = [count for _, count in buckets]
+        assert counts == sorted(counts), f"{key}: buckets are not cumulative: {counts}"
+        assert counts[-1] == entry["count"], key
+        assert entry["sum"] >= 0
+    return series
+
+
+# --- exact counts after a known sequence -------------------------------------------
+
+def test_server_and_client_count_exactly_what_happened():
+    n_ok, m_declared, k_undeclared, r_refused, u_unknown = 7, 3, 2, 4, 2
+    handler = EchoHandler()
+
+    async def main():
+        auth = Authenticator(StaticTokens({CLIENT_APPKEY: TOKEN}))
+        options = dict(remote_appkey=SERVER_APPKEY, breaker=NO_BREAKER)
+        async with serving(echo_services(handler), auth=auth) as server, \
+                async_client(Echo, server.address, token=TOKEN, **options) as good, \
+                async_client(Echo, server.address, token="wrong", **options) as bad, \
+                async_client(Echo, server.address, token=TOKEN, service_name="Nope",
+                             **options) as lost, \
+                async_client(Echo, server.address, token=TOKEN, timeout=0.05,
+                             **options) as hasty:
+            for i in range(n_ok):
+                assert await good.echo(f"e{i}") == f"e{i}"
+            for _ in range(m_declared):
+                with pytest.raises(EchoError):
+                    await good.fail("declared")
+            for _ in range(k_undeclared):
+                with pytest.raises(ApplicationError):
+                    await good.fail("undeclared")
+            for _ in range(r_refused):
+                with pytest.raises(SecurityError):
+                    await bad.echo("x")
+            for _ in range(u_unknown):
+                with pytest.raises(ServiceError):
+                    await lost.echo("x")
+            with pytest.raises(CallTimeout):
+                await hasty.slow("late", 300)
+            await wait_until(lambda: handler.slow_finished == 1, what="the slow handler to end")
+            await wait_until(lambda: server.stats()["Echo.slow"]["in_flight"] == 0)
+
+            stats = server.stats()
+            assert stats["Echo.echo"]["calls"] == n_ok + r_refused
+            assert stats["Echo.echo"]["errors"] == {Status.SECURITY_EXCEPTION: r_refused}
+            assert stats["Echo.fail"]["calls"] == m_declared + k_undeclared
+            # a declared exception is a business answer, not an error
+            assert stats["Echo.fail"]["errors"] == {Status.APPLICATION_EXCEPTION: k_undeclared}
+            assert stats["Echo.slow"]["calls"] == 1 and stats["Echo.slow"]["errors"] == {}
+            # a service name off the wire is not a label: every unknown service is one row
+            assert not any(key.startswith("Nope") for key in stats)
+            assert stats["(unknown).(unknown)"]["errors"] == {Status.SERVICE_EXCEPTION: u_unknown}
+            for key, row in stats.items():
+                assert row["in_flight"] == 0, key
+                assert set(row) >= {"calls", "errors", "in_flight", "p50", "p90", "p99"}
+                assert row["p50"] is not None and 0 <= row["p50"] <= row["p90"] <= row["p99"]
+            # the slow handler ran ~300 ms: its percentile says so (within a bucket)
+            assert stats["Echo.slow"]["p50"] >= 0.2
+
+            good_stats = good.metrics.stats()
+            assert good_stats["Echo.echo"] == {**good_stats["Echo.echo"], "calls": n_ok,
+                                               "errors": {}, "in_flight": 0}
+            assert good_stats["Echo.fail"]["calls"] == m_declared + k_undeclared
+            assert good_stats["Echo.fail"]["errors"] == {Status.APPLICATION_EXCEPTION: k_undeclared}
+            bad_stats = bad.metrics.stats()
+            assert bad_stats["Echo.echo"]["calls"] == r_refused
+            assert bad_stats["Echo.echo"]["errors"] == {Status.SECURITY_EXCEPTION: r_refused}
+            lost_stats = lost.metrics.stats()
+            assert lost_stats["Nope.echo"]["errors"] == {Status.SERVICE_EXCEPTION: u_unknown}
+            hasty_stats = hasty.metrics.stats()
+            assert hasty_stats["Echo.slow"]["errors"] == {Status.TRANSPORT_EXCEPTION: 1}
+            for client in (good, bad, lost, hasty):
+                for key, row in client.metrics.stats().items():
+                    assert row["in_flight"] == 0, key
+                    assert row["p50"] is not None and row["p50"] <= row["p90"] <= row["p99"]
+
+            # the exposition of both sides parses and agrees with stats()
+            text = prometheus_text(server.metrics, good.metrics)
+            types, samples = parse_prometheus(text)
+            assert types == {"octo_calls_total": "counter", "octo_errors_total": "counter",
+                             "octo_in_flight": "gauge", "octo_latency_seconds": "histogram"}
+            calls = {(l["side"], l["service"], l["method"]): v for name, l, v in samples
+                     if name == "octo_calls_total"}
+            assert calls[("server", "Echo", "echo")] == n_ok + r_refused
+            assert calls[("server", "Echo", "fail")] == m_declared + k_undeclared
+            assert calls[("client", "Echo", "echo")] == n_ok
+            assert calls[("client", "Echo", "fail")] == m_declared + k_undeclared
+            errors = {(l["side"], l["method"], l["status"]): v for name, l, v in samples
+                      if name == "octo_errors_total"}
+            assert errors[("server", "echo", "7")] == r_refused
+            assert errors[("server", "fail", "1")] == k_undeclared
+            assert errors[("client", "fail", "1")] == k_undeclared
+            series = check_histograms(samples)
+            server_echo = (("method", "echo"), ("service", "Echo"), ("side", "server"))
+            assert series[server_echo]["count"] == n_ok + r_refused
+            assert all(v == 0 for name, _, v in samples if name == "octo_in_flight")
+
+    run(main())
+
+
+def test_prometheus_text_of_hand_made_metrics():
+    metrics = Metrics("server")
+    awkward = 'we"ird\\svc'
+    for seconds in (0.0, 1e-7, 3e-6, 0.001, 0.001, 0.25, 2.0, 1e6):
+        stats = metrics.started(awkward, "m")
+        Metrics.finished(stats, seconds, 0 if seconds < 1 else Status.TRANSPORT_EXCEPTION)
+    metrics.refused("Svc", "refused", Status.RPC_EXCEPTION)
+    in_flight = metrics.started("Svc", "running")
+    types, samples = parse_prometheus(prometheus_text(metrics))
+    series = check_histograms(samples)
+    awkward_key = (("method", "m"), ("service", awkward), ("side", "server"))
+    assert series[awkward_key]["count"] == 8
+    assert series[awkward_key]["sum"] == pytest.approx(0.0 + 1e-7 + 3e-6 + 0.002 + 0.25 + 2 + 1e6)
+    in_flights = {l["method"]: v for name, l, v in samples if name == "octo_in_flight"}
+    assert in_flights["running"] == 1 and in_flights["m"] == 0
+    errors = {(l["method"], l["status"]): v for name, l, v in samples if name == "octo_errors_total"}
+    assert errors == {("m", "4"): 2, ("refused", "3"): 1}
+    # an empty registry is valid too
+    parse_prometheus(prometheus_text(Metrics("client")))
+    del in_flight
+
+
+def test_percentiles_track_the_latencies():
+    metrics = Metrics("client")
+    stats = metrics.started("S", "m")
+    Metrics.finished(stats, 0.010)
+    for _ in range(98):
+        Metrics.record(stats, 0.001)
+    Metrics.record(stats, 1.0)
+    row = metrics.stats()["S.m"]
+    assert row["calls"] == 100 and row["in_flight"] == 0
+    assert 0.001 / 1.2 <= row["p50"] <= 0.001 * 1.2
+    assert row["p50"] <= row["p90"] <= row["p99"]
+    assert row["p99"] <= 0.010 * 1.2
+    assert Metrics("x").stats() == {}
+    assert BOUNDS == tuple(sorted(BOUNDS))
+
+
+def test_prometheus_text_survives_a_hostile_service_name():
+    # the service name of a refused request comes straight off the wire: a newline
+    # or quote in it must not break (or forge lines in) the exposition
+    async def main():
+        async with serving(echo_services()) as server, raw_connection(server.address) as raw:
+            evil = 'Evil"}\nocto_calls_total{side="forged"} 999\n#'
+            await raw.send(unified_request("echo", Echo.echo_args(text="x"), 1, service=evil))
+            reply = await raw.read_frame()
+            assert reply.header.responseInfo.status == Status.SERVICE_EXCEPTION
+            types, samples = parse_prometheus(prometheus_text(server.metrics))
+            assert not any(labels.get("side") == "forged" for _, labels, _ in samples)
+            services = {labels.get("service") for _, labels, _ in samples}
+            assert evil not in services and "(unknown)" in services
+            # a hostile name that does reach the labels is escaped, not executed
+            hostile = Metrics("server")
+            hostile.refused(evil, "m", Status.SERVICE_EXCEPTION)
+            types, samples = parse_prometheus(prometheus_text(hostile))
+            assert not any(labels.get("side") == "forged" for _, labels, _ in samples)
+            assert evil in {labels.get("service") for _, labels, _ in samples}
+
+    run(main())
+
+
+def test_unknown_service_names_do_not_grow_metrics_without_bound():
+    # every distinct service name a peer invents must not become a new metric series
+    # (memory and Prometheus cardinality): refusals for unknown services are bounded
+    async def main():
+        async with serving(echo_services()) as server, raw_connection(server.address) as raw:
+            names = 3000
+            batch = b"".join(unified_request("echo", Echo.echo_args(text="x"), i,
+                                             service=f"Invented{i}") for i in range(names))
+            await raw.send(batch)
+            replies = await raw.read_frames(names, timeout=20)
+            assert all(r.header.responseInfo.status == Status.SERVICE_EXCEPTION for r in replies)
+            assert len(server.stats()) <= 1000, f"{len(server.stats())} metric series"
+
+    run(main())
+
+
+# --- heartbeat load info ------------------------------------------------------------
+
+def test_scanner_heartbeat_carries_load_info_with_called_methods():
+    async def main():
+        async with serving(echo_services(), business_threads=5) as server, \
+                async_client(Echo, server.address) as client:
+            for _ in range(10):
+                await client.echo("x")
+            await client.ping()
+            with pytest.raises(EchoError):
+                await client.fail("declared")
+            async with raw_connection(server.address) as raw:
+                await raw.send(protocol.encode_unified(protocol.scanner_heartbeat_request(), b""))
+                frame = await raw.read_frame()
+            header = frame.header
+            assert header.messageType == MessageType.SCANNER_HEARTBEAT
+            beat = header.heartbeatInfo
+            assert beat.appkey == SERVER_APPKEY and beat.status == NodeStatus.ALIVE
+            load = beat.loadInfo
+            assert load is not None
+            assert load.threadNum == 5 and load.queueSize == 0
+            qps = load.methodQpsMap
+            assert set(qps) == {"Echo.echo", "Echo.ping", "Echo.fail"}
+            assert all(isinstance(v, float) and v > 0 for v in qps.values())
+            assert qps["Echo.echo"] > qps["Echo.ping"]        # 10 calls vs 1, same uptime
+            assert qps["Echo.echo"] == pytest.approx(10 * qps["Echo.ping"])
+
+    run(main())
+
+
+def test_heartbeat_before_any_call_has_an_empty_qps_map():
+    async def main():
+        async with serving(echo_services()) as server, raw_connection(server.address) as raw:
+            await raw.send(protocol.encode_unified(protocol.scanner_heartbeat_request(), b""))
+            load = (await raw.read_frame()).header.heartbeatInfo.loadInfo
+            assert load is not None and not load.methodQpsMap
+
+    run(main())
+
+
+# --- tracing --------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def recording_spans() -> Iterator[List[Dict[str, Any]]]:
+    records: List[Dict[str, Any]] = []
+
+    def hook(side: str, service: str, method: str, span: Span):
+        record = {"side": side, "service": service, "method": method, "span": span,
+                  "status": None}
+        records.append(record)
+
+        def end(status: int) -> None:
+            record["status"] = status
+        return end
+
+    remove = add_span_hook(hook)
+    try:
+        yield records
+    finally:
+        remove()
+
+
+def only(records, **match) -> Dict[str, Any]:
+    found = [r for r in records if all(r[k] == v for k, v in match.items())]
+    assert len(found) == 1, (match, records)
+    return found[0]
+
+
+class SpanEcho(EchoHandler):
+    """echo() answers with the span and globalContext the handler runs in (business thread)."""
+
+    def echo(self, text: str) -> str:
+        span = current_span()
+        return json.dumps({"text": text, "span": list(span) if span else None,
+                           "ctx": dict(global_context())})
+
+
+def test_edge_calls_start_new_traces():
+    async def main():
+        with recording_spans() as records:
+            async with serving(echo_services(SpanEcho())) as server, \
+                    async_client(Echo, server.address) as client:
+                assert current_span() is None
+                first = json.loads(await client.echo("a"))
+                second = json.loads(await client.echo("b"))
+                with pytest.raises(ApplicationError):
+                    await client.fail("undeclared")
+            await asyncio.sleep(0)
+        assert first["span"][0] != second["span"][0]
+        for seen in (first, second):
+            trace_id, span_id, _ = seen["span"]
+            assert re.fullmatch(r"[0-9a-f]{16}", trace_id) and re.fullmatch(r"[0-9a-f]{16}",
+                                                                             span_id)
+            client_span = only(records, side="client", method="echo",
+                               span=Span(trace_id, span_id, None))
+            server_span = only(records, side="server", method="echo",
+                               span=Span(trace_id, span_id, None))
+            assert client_span["status"] == server_span["status"] == 0
+        failed = [r for r in records if r["method"] == "fail"]
+        assert {r["side"] for r in failed} == {"client", "server"}
+        assert all(r["status"] == Status.APPLICATION_EXCEPTION for r in failed)
+        assert failed[0]["span"].trace_id == failed[1]["span"].trace_id
+        assert len({r["span"].trace_id for r in records}) == 3
+
+    run(main())
+
+
+class RelayA(EchoHandler):
+    """Server A: echo() is a coroutine that adds a tag and asks server B."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.to_b: Optional[octo_core.AsyncClient] = None
+        self.seen: List[Any] = []
+
+    async def echo(self, text: str) -> str:
+        self.seen.append((current_span(), dict(global_context())))
+        with context.use({"hop": "A"}):
+            answer = await self.to_b.echo(text)
+        assert dict(global_context()).get("hop") is None    # use() ends with the block
+        return answer
+
+
+def test_trace_and_global_context_cross_two_hops():
+    async def main():
+        a_handler = RelayA()
+        with recording_spans() as records:
+            async with serving(echo_services(SpanEcho(), name="EchoB"),
+                               appkey="com.example.b") as server_b, \
+                    serving(echo_services(a_handler), appkey="com.example.a") as server_a, \
+                    async_client(Echo, server_b.address, appkey="com.example.a",
+                                 service_name="EchoB") as a_to_b, \
+                    async_client(Echo, server_a.address, appkey="com.example.edge") as edge:
+                a_handler.to_b = a_to_b
+                with context.use({"octo.swimlane": "lane-a", "tenant": "t1"}):
+                    answer = json.loads(await edge.echo("two hops"))
+                    assert dict(global_context()) == {"octo.swimlane": "lane-a", "tenant": "t1"}
+                assert dict(global_context()) == {}
+                # a second edge call without context: nothing of the first leaks into it
+                plain = json.loads(await edge.echo("plain"))
+        assert answer["text"] == "two hops"
+        assert answer["ctx"] == {"octo.swimlane": "lane-a", "tenant": "t1", "hop": "A"}
+        assert plain["ctx"] == {"hop": "A"}       # only what A itself added
+
+        edge_span = only(records, side="client", service="Echo", method="echo",
+                         span=records[0]["span"])["span"]
+        trace = edge_span.trace_id
+        assert edge_span.parent_id is None
+        a_span = only(records, side="server", service="Echo",
+                      span=Span(trace, edge_span.span_id, None))["span"]
+        a_out = [r["span"] for r in records if r["side"] == "client" and r["service"] == "EchoB"
+                 and r["span"].trace_id == trace]
+        assert len(a_out) == 1
+        a_out = a_out[0]
+        assert a_out.span_id != a_span.span_id            # a new span for the new hop
+        assert a_out.parent_id == a_span.span_id          # whose parent is A's span
+        b_span = only(records, side="server", service="EchoB", span=records[3]["span"])["span"]
+        assert b_span.trace_id == trace                   # same trace at B
+        assert b_span.span_id == a_out.span_id            # B serves A's outbound span
+        assert b_span.parent_id in (None, a_span.span_id)
+        assert answer["span"][:2] == [trace, a_out.span_id]
+        # what A's handler itself saw
+        seen_span, seen_ctx = a_handler.seen[0]
+        assert seen_span.trace_id == trace and seen_span.span_id == edge_span.span_id
+        assert seen_ctx == {"octo.swimlane": "lane-a", "tenant": "t1"}
+        # the second edge call is another trace all the way down
+        assert plain["span"][0] != trace
+        assert all(r["status"] == 0 for r in records)
+        assert len(records) == 8
+
+    run(main())
+
+
+def test_concurrent_traces_do_not_mix():
+    async def main():
+        async with serving(echo_services(SpanEcho())) as server, \
+                async_client(Echo, server.address) as client:
+            async def one(i: int) -> Tuple[str, Dict[str, str]]:
+                with context.use({"i": str(i)}):
+                    seen = json.loads(await client.echo(str(i)))
+                return seen["text"], seen["ctx"]
+            results = await asyncio.gather(*(one(i) for i in range(100)))
+            assert all(ctx == {"i": text} for text, ctx in results)
+
+    run(main())
+
+
+def test_span_hook_removal_and_hookless_calls():
+    async def main():
+        calls = []
+        remove = add_span_hook(lambda *a: calls.append(a))   # returns None: no end callback
+        try:
+            async with serving(echo_services()) as server, \
+                    async_client(Echo, server.address) as client:
+                await client.echo("x")
+                assert len(calls) == 2
+                remove()
+                await client.echo("y")
+                assert len(calls) == 2
+        finally:
+            with contextlib.suppress(ValueError):
+                remove()
+
+    run(main())
+
+
+@pytest.mark.parametrize("where", ["start", "end"])
+@pytest.mark.parametrize("side", ["server", "client"])
+def test_a_failing_span_hook_does_not_break_calls(side, where):
+    # a tracer's bug is the tracer's problem: the call is still answered with its own
+    # result, and no in-flight count (server admission, metrics) is left behind
+    def hook(hook_side: str, service: str, method: str, span: Span):
+        if hook_side == side and where == "start":
+            raise RuntimeError("tracer bug at span start")
+        if hook_side == side:
+            def end(status: int) -> None:
+                raise RuntimeError("tracer bug at span end")
+            return end
+        return None
+
+    async def main():
+        async with serving(echo_services(), max_in_flight=1) as server, \
+                async_client(Echo, server.address, timeout=2.0) as client:
+            remove = add_span_hook(hook)
+            try:
+                for i in range(3):
+                    assert await client.echo(f"traced {i}") == f"traced {i}"
+                    assert await client.slow(f"coroutine {i}", 1) == f"coroutine {i}"
+            finally:
+                remove()
+            assert await client.echo("untraced") == "untraced"
+            await wait_until(lambda: server._in_flight == 0, 2, "the server's in-flight count")
+            for stats in (server.stats(), client.metrics.stats()):
+                assert all(row["in_flight"] == 0 for row in stats.values()), stats
+
+    run(main())
