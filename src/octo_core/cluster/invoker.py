@@ -23,9 +23,8 @@ import time
 from typing import Any, Awaitable, Callable, Dict, Mapping, Optional, Sequence, Set, Tuple
 
 from octo_core.cluster.balancer import make_balancer
-from octo_core.cluster.breaker import CircuitBreaker, RetryBudget
-from octo_core.cluster.routing import (LITESET_KEY, SWIMLANE_KEY, NoRouteError, RouteRule, Router,
-                                       Weighted)
+from octo_core.cluster.breaker import BreakerState, CircuitBreaker, RetryBudget
+from octo_core.cluster.routing import NoRouteError, RouteRule, Router, Weighted
 from octo_core.errors import (CallTimeout, DegradeError, OctoError, ProtocolError, RpcError,
                               ServiceError, TransportError)
 from octo_core.registry.node import Node
@@ -88,7 +87,7 @@ class Cluster:
         return breaker
 
     def _breaker_changed(self, key: str, breaker: CircuitBreaker) -> None:
-        if breaker.state.value == "closed":
+        if breaker.state is BreakerState.CLOSED:
             self._unhealthy.discard(key)
         else:
             self._unhealthy.add(key)
@@ -123,7 +122,7 @@ class Cluster:
         answer changes it is updated, and what it learned about surviving nodes
         (in-flight calls, latencies) stays.
         """
-        tag_key = (tags.get(LITESET_KEY, ""), tags.get(SWIMLANE_KEY, ""))
+        tag_key = self.router.tag_key(tags)
         entry = self._balancers.get(tag_key)
         if entry is None:
             balancer = make_balancer(self._lb, **self._lb_options)
@@ -165,8 +164,18 @@ class Cluster:
             return await self._race(send, deadline, tags, key, 2, self.hedge_delay)
         attempts = 1 + self.retries if self.policy == "failover" else 1
         tried: Set[str] = set()
+        failure: Optional[Exception] = None     # the last attempt's, once a retry is wanted
         while True:
-            node, balancer = self.select(tags, key, tried)
+            try:
+                node, balancer = self.select(tags, key, tried)
+            except NoRouteError:
+                if failure is not None:
+                    raise failure from None       # out of nodes: the real error, not routing's
+                raise
+            if failure is not None:
+                if not self.budget.try_retry():   # spent only when a retry is really sent
+                    raise failure
+                log.info("retrying on %s after: %s", node.key, failure)
             tried.add(node.key)
             try:
                 return await self._attempt(send, node, balancer, deadline)
@@ -174,11 +183,10 @@ class Cluster:
                 if self.policy == "failsafe":
                     log.warning("failsafe call to %s failed: %s", node.key, exc)
                     return None
-                retry = (len(tried) < attempts and node_failed(exc)
-                         and (idempotent or not_executed(exc)))
-                if not retry or not self.budget.try_retry():
+                if not (len(tried) < attempts and node_failed(exc)
+                        and (idempotent or not_executed(exc))):
                     raise
-                log.info("retrying on another node after %s failed: %s", node.key, exc)
+                failure = exc
 
     async def _attempt(self, send: Send, node: Node, balancer: Any, deadline: float) -> Any:
         loop = asyncio.get_running_loop()
@@ -190,28 +198,28 @@ class Cluster:
             raise DegradeError("circuit open", node=node.key)
         balancer.on_start(node)
         started = time.perf_counter()   # loop.time() is too coarse under uvloop for LALB
-        ok = True
+        served = True                   # for the balancer: did the node serve this call?
+        health: Optional[bool] = True   # for the breaker; None when it is not its business
         try:
             return await send(node, remaining)
         except asyncio.CancelledError:
-            ok = None   # a lost race (hedge, fork): says nothing bad about the node
+            health = None               # a lost race (hedge, fork) says nothing of the node
             raise
         except Exception as exc:
-            ok = not node_failed(exc)
+            served = health = not node_failed(exc)
             if isinstance(exc, TransportError) and not isinstance(exc, CallTimeout):
-                # The connection failed (refused, or lost with every call on it): one
-                # event for the connection's degrade and backoff, not N breaker failures.
+                # The connection failed (refused, or lost with every call on it): the
+                # node is degraded for a while -- one event, not N breaker failures.
                 # Breakers judge how the node answers: timeouts, overload, bad replies.
-                if not exc.request_sent:
-                    self.degrade(node)
-                ok = None
+                self.degrade(node)
+                health = None
             raise
         finally:
-            if ok is not None:
-                breaker.record(ok)
-            elif breaker.state.value == "half-open":
+            if health is not None:
+                breaker.record(health)
+            elif breaker.state is BreakerState.HALF_OPEN:
                 breaker.record(False)   # the probe proved nothing; probe again later
-            balancer.on_finish(node, time.perf_counter() - started, ok is not False)
+            balancer.on_finish(node, time.perf_counter() - started, served)
 
     async def _race(self, send: Send, deadline: float, tags: Mapping[str, str], key: Any,
                     width: int, delay: float) -> Any:
@@ -221,28 +229,34 @@ class Cluster:
         running: Set[asyncio.Task] = set()
         last: Optional[BaseException] = None
 
-        def launch() -> bool:
+        def launch(extra: bool) -> bool:
+            """Start one more attempt; an extra one (a fork or hedge) pays from the
+            budget, and only once a node is there to send it to."""
             nonlocal last
             try:
                 node, balancer = self.select(tags, key, tried)
             except OctoError as exc:
                 last = last or exc
                 return False
+            if extra and not self.budget.try_retry():
+                return False
             tried.add(node.key)
             running.add(loop.create_task(self._attempt(send, node, balancer, deadline)))
             return True
 
-        launch()
+        launch(False)
         try:
             while running:
                 extra = len(tried) < width
-                wait = min(delay, deadline - loop.time()) if extra and delay else None
-                if extra and not delay and self.budget.try_retry() and launch():
-                    continue
+                if extra and not delay:
+                    if launch(True):
+                        continue
+                    width = extra = False       # no fork to send: wait for what runs
+                wait = min(delay, deadline - loop.time()) if extra else None
                 done, _ = await asyncio.wait(running, timeout=wait,
                                              return_when=asyncio.FIRST_COMPLETED)
                 if not done:
-                    if not (self.budget.try_retry() and launch()):
+                    if not launch(True):
                         width = len(tried)      # no backup to send: wait for what runs
                     continue
                 for task in done:

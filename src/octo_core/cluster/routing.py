@@ -8,8 +8,8 @@
 6. only ALIVE nodes with weight > 0 (breakers and degraded connections are
    applied per call by ``Cluster`` as exclusions, so their flips keep this cache)
 
-``Router.route(tags)`` runs them and caches the answer per (node-list version,
-request tags), so an unchanged cluster costs a dict lookup.
+``Router.route(tags)`` runs them and caches the answer per request tags until
+the node list changes, so an unchanged cluster costs a dict lookup.
 """
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ SWIMLANE_KEY = "octo.swimlane"
 
 # A non-limit route rule keeps the other providers, at this share of their weight.
 OTHERS_WEIGHT_FACTOR = 0.01
+
+_UNKNOWN_CELL = "\x00unknown"   # stands for every LiteSet tag that no node carries
 
 
 class NoRouteError(RpcError):
@@ -103,8 +105,10 @@ class Router:
         self.locality_threshold = locality_threshold
         self._nodes: Tuple[Node, ...] = ()
         self._rules: Tuple[RouteRule, ...] = ()
-        self._version = 0
         self._cache: Dict[tuple, Weighted] = {}
+        self._known_cells: frozenset = frozenset()
+        self._known_lanes: frozenset = frozenset()
+        self._tick = 0
         self._warm_until = 0.0
 
     # --- inputs ----------------------------------------------------------------------
@@ -113,8 +117,9 @@ class Router:
         """A new node list (and rules) from discovery: the cache starts over."""
         self._nodes = tuple(nodes)
         self._rules = tuple(sorted((r for r in rules if r.enabled), key=lambda r: -r.priority))
-        self._version += 1
         self._cache.clear()
+        self._known_cells = frozenset(n.cell for n in self._nodes if n.cell)
+        self._known_lanes = frozenset(n.swimlane for n in self._nodes if n.swimlane)
         now = time.time()
         self._warm_until = max((n.startTime + n.warmup for n in self._nodes if n.warmup), default=0)
         if self._warm_until <= now:
@@ -126,13 +131,32 @@ class Router:
 
     # --- routing ---------------------------------------------------------------------
 
+    def tag_key(self, tags: Mapping[str, str]) -> Tuple[str, str]:
+        """The (LiteSet, swimlane) that matter for routing, from ``globalContext`` tags.
+
+        Tags come from remote callers: a value no node carries routes like any
+        other unknown one, so caches keyed by this stay as small as the cluster.
+        """
+        liteset = tags.get(LITESET_KEY, "")
+        if liteset and liteset not in self._known_cells:
+            liteset = _UNKNOWN_CELL      # routes to the center, as every unknown LiteSet does
+        lane = tags.get(SWIMLANE_KEY, "")
+        if lane not in self._known_lanes:
+            lane = ""                    # an unknown lane routes like no lane: the trunk
+        return liteset, lane
+
     def route(self, tags: Mapping[str, str] = {}) -> Weighted:  # noqa: B006 - read only
         """The nodes (and weights) a call with these ``globalContext`` tags may use."""
-        liteset = tags.get(LITESET_KEY, "")
-        lane = tags.get(SWIMLANE_KEY, "")
-        # While a node warms up its weight changes: the cache key moves each second.
-        tick = int(time.time()) if self._warm_until and time.time() < self._warm_until else 0
-        key = (self._version, liteset, lane, tick)
+        liteset, lane = self.tag_key(tags)
+        # While a node warms up its weight changes: the answers are redone each second.
+        if self._warm_until:
+            tick = int(time.time())
+            if tick >= self._warm_until:
+                self._warm_until = 0.0
+            if tick != self._tick:
+                self._tick = tick
+                self._cache.clear()
+        key = (liteset, lane)
         hit = self._cache.get(key)
         if hit is None:
             hit = self._cache[key] = self._route(liteset, lane)
@@ -154,9 +178,9 @@ class Router:
     def _route_rules(self, nodes: List[Node], weights: Dict[str, float]) -> List[Node]:
         caller = self.caller
         rule = next((r for r in self._rules if r.matches_caller(caller)), None)
-        # Exclusive groups of other rules are not for this caller.
+        # An exclusive group serves the callers its rule matches, and no one else.
         for other in self._rules:
-            if other.exclusive and other is not rule:
+            if other.exclusive and not other.matches_caller(caller):
                 nodes = [n for n in nodes if not other.matches_provider(n)]
         if rule is None:
             return nodes
@@ -197,7 +221,7 @@ class Router:
             return nodes
         same_idc = [n for n in nodes if caller.idc and n.idc == caller.idc]
         same_region = [n for n in nodes if caller.region and n.region == caller.region
-                       and n not in same_idc]
+                       and not (caller.idc and n.idc == caller.idc)]
         if self.locality == "idc":
             return same_idc
         if self.locality == "region":

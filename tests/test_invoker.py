@@ -1,0 +1,895 @@
+"""Acceptance tests of ``octo_core.cluster.invoker.Cluster`` (fault policies, retry
+budget, deadlines, breakers, connection degrade) and of the cluster options of
+``AsyncClient`` end to end.
+
+The ``Cluster.invoke`` tests use a scripted fake ``send(node, remaining)`` (no
+sockets) on a virtual-time event loop (``cluster_helpers.VirtualTimeLoop``):
+sleeps cost nothing and every schedule is deterministic, so slow nodes, hedge
+delays and deadlines are exact without measuring real time. Breakers and retry
+budgets run on a ``FakeClock``.
+
+The end-to-end tests run real ``Server``s on 127.0.0.1 (free ports, always
+stopped) and a real ``AsyncClient`` on uvloop, each bounded by a timeout.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from typing import Any, Callable, List, Optional, Sequence
+
+import pytest
+
+import octo_core
+from octo_core.client import AsyncClient
+from octo_core.cluster.breaker import BreakerState, CircuitBreaker, RetryBudget
+from octo_core.cluster.invoker import POLICIES, Cluster, node_failed, not_executed
+from octo_core.cluster.routing import (LITESET_KEY, SWIMLANE_KEY, Caller, NoRouteError,
+                                       RouteRule, Router)
+from octo_core.errors import (ApplicationError, CallTimeout, DegradeError, ProtocolError,
+                              RemoteError, RpcError, RuntimeFailure, SecurityError, ServiceError,
+                              Status, TransportError)
+from octo_core.registry.node import Node
+
+from cluster_helpers import (CALLER, EchoError, Echo, FakeClock, NamedEcho, ScriptedSend, answer,
+                             doomed_server, echo_servers, fail, node, numbered_nodes, run,
+                             run_virtual, settle, use_up_time)
+
+GENEROUS = dict(ratio=1.0, min_per_second=100_000.0)     # a budget that never says no
+NO_BREAKER = dict(consecutive_failures=10**9, min_calls=10**9)
+
+
+def make_cluster(count: int = 3, *, policy: str = "failover", lb: str = "roundrobin",
+                 nodes: Optional[Sequence[Node]] = None, budget: Optional[RetryBudget] = None,
+                 breaker: Optional[dict] = None, router: Optional[Router] = None,
+                 **options: Any) -> Cluster:
+    cluster = Cluster(router or Router(), lb=lb, policy=policy,
+                      budget=budget or RetryBudget(**GENEROUS), breaker_options=breaker, **options)
+    cluster.update(list(nodes) if nodes is not None else numbered_nodes(count))
+    return cluster
+
+
+def overload() -> RpcError:
+    return RpcError("server overloaded", status=Status.RPC_EXCEPTION)
+
+
+def refused() -> TransportError:
+    return TransportError("cannot connect: Connection refused", request_sent=False)
+
+
+async def outcome(call: Any) -> Any:
+    """The result of awaiting ``call``, or the exception it raised."""
+    try:
+        return await call
+    except Exception as exc:  # noqa: BLE001 - the tests look at it
+        return exc
+
+
+# --- failfast, failover, failsafe ------------------------------------------------------------
+
+def test_policy_names():
+    assert set(POLICIES) == {"failfast", "failover", "failsafe", "forking", "hedging"}
+    with pytest.raises(ValueError):
+        Cluster(Router(), policy="failback")
+
+
+def test_failfast_makes_one_attempt():
+    async def main():
+        cluster = make_cluster(policy="failfast")
+        send = ScriptedSend(default=fail(overload))
+        with pytest.raises(RpcError):
+            await cluster.invoke(send, timeout=1.0, idempotent=True)
+        assert len(send) == 1
+    run_virtual(main())
+
+
+@pytest.mark.parametrize("lb", ["random", "roundrobin", "leastrequest", "lalb"])
+def test_failover_never_repeats_a_node_and_stops_after_retries(lb):
+    async def main():
+        cluster = make_cluster(6, lb=lb, retries=2, breaker=NO_BREAKER)
+        for _ in range(100):
+            send = ScriptedSend(default=fail(overload))
+            with pytest.raises(RpcError):
+                await cluster.invoke(send, timeout=1.0)
+            assert len(send) == 3 and len(set(send.keys)) == 3, send.keys
+    run_virtual(main())
+
+
+def test_failover_returns_the_first_success():
+    async def main():
+        cluster = make_cluster(5, retries=4)
+        send = ScriptedSend(by_attempt=[fail(overload), fail(refused), answer("third time")])
+        assert await cluster.invoke(send, timeout=1.0) == "third time"
+        assert len(send) == 3 and len(set(send.keys)) == 3
+    run_virtual(main())
+
+
+def test_failover_with_zero_retries_is_failfast():
+    async def main():
+        cluster = make_cluster(3, retries=0)
+        send = ScriptedSend(default=fail(overload))
+        with pytest.raises(RpcError):
+            await cluster.invoke(send, timeout=1.0, idempotent=True)
+        assert len(send) == 1
+    run_virtual(main())
+
+
+def test_failover_that_runs_out_of_nodes_raises_the_last_failure():
+    """More retries allowed than there are nodes: after the last node fails the
+    caller must see that failure (what went wrong), not a NoRouteError."""
+    async def main():
+        cluster = make_cluster(2, retries=2, breaker=NO_BREAKER)
+        send = ScriptedSend(default=fail(overload))
+        error = await outcome(cluster.invoke(send, timeout=1.0))
+        assert len(send) == 2 and len(set(send.keys)) == 2
+        assert type(error) is RpcError, f"got {type(error).__name__}: {error}"
+    run_virtual(main())
+
+
+# (first failure, idempotent, attempts made; the second attempt succeeds)
+RETRY_CASES = [
+    ("CallTimeout", lambda: CallTimeout("no reply within 1.0s"), False, 1),
+    ("TransportError sent", lambda: TransportError("connection lost", request_sent=True), False, 1),
+    ("ProtocolError", lambda: ProtocolError("bad reply"), False, 1),
+    ("TransportError not sent", refused, False, 2),
+    ("RpcError overload", overload, False, 2),
+    ("RpcError stopping", lambda: RpcError("com.x is stopping", status=3), False, 2),
+    ("DegradeError", lambda: DegradeError("quota exceeded"), False, 2),
+    ("ServiceError", lambda: ServiceError("service 'Echo' is not hosted"), False, 2),
+    ("CallTimeout idempotent", lambda: CallTimeout("no reply within 1.0s"), True, 2),
+    ("TransportError sent idempotent", lambda: TransportError("connection lost"), True, 2),
+    ("ProtocolError idempotent", lambda: ProtocolError("bad reply"), True, 2),
+]
+
+
+@pytest.mark.parametrize("make,idempotent,attempts", [c[1:] for c in RETRY_CASES],
+                         ids=[c[0] for c in RETRY_CASES])
+def test_what_failover_retries(make, idempotent, attempts):
+    async def main():
+        cluster = make_cluster(3)
+        send = ScriptedSend(by_attempt=[fail(make), answer("second")])
+        result = await outcome(cluster.invoke(send, timeout=1.0, idempotent=idempotent))
+        assert len(send) == attempts
+        if attempts == 1:
+            assert isinstance(result, type(make()))
+        else:
+            assert result == "second"
+    run_virtual(main())
+
+
+BUSINESS = [
+    ("declared IDL exception", lambda: EchoError(message="no such user", code=404)),
+    ("ApplicationError", lambda: ApplicationError("ValueError: boom")),
+    ("RuntimeFailure", lambda: RuntimeFailure("handler crashed")),
+    ("SecurityError", lambda: SecurityError("not granted")),
+    ("RemoteError", lambda: RemoteError("status 9")),
+    ("plain exception", lambda: ValueError("bad argument")),
+]
+
+
+@pytest.mark.parametrize("make", [c[1] for c in BUSINESS], ids=[c[0] for c in BUSINESS])
+@pytest.mark.parametrize("policy", ["failover", "forking", "hedging"])
+def test_business_exceptions_are_never_retried(make, policy):
+    async def main():
+        cluster = make_cluster(3, policy=policy, forks=2, hedge_delay=0.05)
+        send = ScriptedSend(by_attempt=[fail(make, after=0.01), answer("retried", after=0.5)])
+        error = await outcome(cluster.invoke(send, timeout=1.0, idempotent=True))
+        assert type(error) is type(make())
+        if policy == "failover":
+            assert len(send) == 1
+        await settle()
+        assert all(a.outcome != "ok" for a in send.attempts)
+    run_virtual(main())
+
+
+def test_error_classification():
+    assert node_failed(CallTimeout("t")) and not not_executed(CallTimeout("t"))
+    assert node_failed(refused()) and not_executed(refused())
+    assert not node_failed(ApplicationError("x")) and not node_failed(EchoError())
+    assert node_failed(NoRouteError("none"))
+
+
+def test_failsafe_returns_none_and_logs(caplog):
+    async def main():
+        cluster = make_cluster(3, policy="failsafe")
+        send = ScriptedSend(default=fail(overload))
+        with caplog.at_level(logging.WARNING, logger="octo_core.cluster"):
+            assert await cluster.invoke(send, timeout=1.0, idempotent=True) is None
+        assert len(send) == 1
+        assert any("failsafe" in r.getMessage() and send.keys[0] in r.getMessage()
+                   for r in caplog.records), caplog.text
+        ok = ScriptedSend()
+        assert await cluster.invoke(ok, timeout=1.0) == f"ok from {ok.keys[0]}"
+    run_virtual(main())
+
+
+# --- forking and hedging ----------------------------------------------------------------------
+
+def test_forking_runs_n_in_parallel_first_success_wins_rest_cancelled():
+    async def main():
+        loop = asyncio.get_running_loop()
+        cluster = make_cluster(5, policy="forking", forks=3)
+        send = ScriptedSend(by_attempt=[answer("slowest", after=0.3), answer("fastest", after=0.1),
+                                        answer("middle", after=0.2)])
+        started = loop.time()
+        assert await cluster.invoke(send, timeout=1.0) == "fastest"
+        assert loop.time() - started == pytest.approx(0.1)
+        assert len(send) == 3 and len(set(send.keys)) == 3
+        assert all(a.started == started for a in send.attempts)          # in parallel
+        assert all(a.remaining == pytest.approx(1.0) for a in send.attempts)
+        await settle()
+        assert [a.outcome for a in send.attempts] == ["cancelled", "ok", "cancelled"]
+    run_virtual(main())
+
+
+def test_forking_skips_failures_and_takes_the_first_answer():
+    async def main():
+        cluster = make_cluster(5, policy="forking", forks=3)
+        send = ScriptedSend(by_attempt=[fail(overload, after=0.01), answer("late", after=0.2),
+                                        fail(refused, after=0.05)])
+        assert await cluster.invoke(send, timeout=1.0) == "late"
+        assert len(send) == 3
+    run_virtual(main())
+
+
+def test_forking_when_every_fork_fails_raises_a_failure():
+    async def main():
+        cluster = make_cluster(3, policy="forking", forks=3, breaker=NO_BREAKER)
+        send = ScriptedSend(default=fail(overload, after=0.01))
+        assert isinstance(await outcome(cluster.invoke(send, timeout=1.0)), RpcError)
+        assert len(send) == 3
+    run_virtual(main())
+
+
+def test_forking_never_uses_a_node_twice():
+    async def main():
+        cluster = make_cluster(2, policy="forking", forks=4)
+        send = ScriptedSend(default=answer(after=0.1))
+        assert (await cluster.invoke(send, timeout=1.0)).startswith("ok from")
+        assert sorted(send.keys) == sorted({n.key for n in cluster.router.nodes})
+    run_virtual(main())
+
+
+def test_hedging_sends_a_backup_only_when_the_first_is_slow():
+    async def main():
+        loop = asyncio.get_running_loop()
+        cluster = make_cluster(3, policy="hedging", hedge_delay=0.05)
+        send = ScriptedSend(by_attempt=[answer("slow", after=1.0), answer("backup", after=0.01)])
+        t0 = loop.time()
+        assert await cluster.invoke(send, timeout=2.0) == "backup"
+        assert loop.time() - t0 == pytest.approx(0.06)
+        assert len(send) == 2 and send.keys[0] != send.keys[1]
+        assert send.attempts[1].started - t0 == pytest.approx(0.05)
+        assert send.attempts[1].remaining == pytest.approx(2.0 - 0.05)
+        await settle()
+        assert [a.outcome for a in send.attempts] == ["cancelled", "ok"]
+
+        fast = ScriptedSend(default=answer("fast", after=0.01))
+        assert await cluster.invoke(fast, timeout=2.0) == "fast"
+        await asyncio.sleep(1.0)
+        assert len(fast) == 1                                   # no backup for a quick answer
+    run_virtual(main())
+
+
+def test_hedging_first_answer_wins_even_after_the_backup_left():
+    async def main():
+        cluster = make_cluster(3, policy="hedging", hedge_delay=0.05)
+        send = ScriptedSend(by_attempt=[answer("first", after=0.08), answer("backup", after=0.5)])
+        assert await cluster.invoke(send, timeout=2.0) == "first"
+        await settle()
+        assert [a.outcome for a in send.attempts] == ["ok", "cancelled"]
+    run_virtual(main())
+
+
+def test_hedging_backup_rescues_a_first_attempt_that_fails_late():
+    async def main():
+        cluster = make_cluster(3, policy="hedging", hedge_delay=0.05)
+        send = ScriptedSend(by_attempt=[fail(overload, after=0.1), answer("backup", after=0.2)])
+        assert await cluster.invoke(send, timeout=2.0) == "backup"
+    run_virtual(main())
+
+
+# --- the retry budget ---------------------------------------------------------------------------
+
+def test_retry_budget_ratio_and_floor():
+    clock = FakeClock()
+    budget = RetryBudget(ratio=0.1, min_per_second=2, window=10, clock=clock)
+    assert sum(budget.try_retry() for _ in range(50)) == 20            # the floor: 2/s over 10 s
+    for _ in range(300):
+        budget.record_request()
+    assert sum(budget.try_retry() for _ in range(50)) == 30            # + 10 % of 300
+    clock.advance(10.5)                                                # the window moved on
+    assert sum(budget.try_retry() for _ in range(50)) == 20
+
+
+def test_retry_budget_keeps_a_total_outage_from_multiplying_calls():
+    async def main():
+        clock = FakeClock()
+        budget = RetryBudget(ratio=0.1, min_per_second=1, window=10, clock=clock)
+        cluster = make_cluster(20, retries=3, budget=budget, breaker=NO_BREAKER)
+        send = ScriptedSend(default=fail(overload))
+        calls = 500
+        for _ in range(calls):
+            with pytest.raises(RpcError):
+                await cluster.invoke(send, timeout=1.0)
+        # Without a budget: 4 attempts per call (2000). With it: +10 % and the floor.
+        assert calls < len(send) <= calls * 1.1 + 10
+    run_virtual(main())
+
+
+def test_forks_and_hedges_draw_on_the_budget():
+    async def main():
+        clock = FakeClock()
+        budget = RetryBudget(ratio=0.0, min_per_second=0.3, window=10, clock=clock)   # 3 extra
+        forking = make_cluster(5, policy="forking", forks=3, budget=budget)
+        sends = []
+        for _ in range(4):
+            sends.append(ScriptedSend(default=answer(after=0.01)))
+            await forking.invoke(sends[-1], timeout=1.0)
+        assert [len(s) for s in sends] == [3, 2, 1, 1]
+    run_virtual(main())
+
+
+def test_a_fork_or_hedge_that_is_not_sent_costs_no_budget():
+    """Only extra attempts actually sent may draw on the budget: a fork or hedge
+    for which no node is left must leave its token to the next call's retry."""
+    async def main():
+        clock = FakeClock()
+        budget = RetryBudget(ratio=0.0, min_per_second=0.5, window=10, clock=clock)   # 5 extra
+        forking = make_cluster(2, policy="forking", forks=4, budget=budget)
+        send = ScriptedSend(default=answer(after=0.01))
+        await forking.invoke(send, timeout=1.0)
+        assert len(send) == 2                          # one extra attempt was sent
+        hedging = make_cluster(1, policy="hedging", hedge_delay=0.05, budget=budget)
+        slow = ScriptedSend(default=answer(after=0.2))
+        await hedging.invoke(slow, timeout=1.0)
+        assert len(slow) == 1                          # no other node: no hedge sent
+        left = sum(budget.try_retry() for _ in range(10))
+        assert left == 4, f"{5 - left} tokens spent for 1 extra attempt sent"
+    run_virtual(main())
+
+
+# --- deadlines --------------------------------------------------------------------------------
+
+def slow_failure(seconds: float) -> Callable:
+    """Fails with an overload after ``seconds``, or times out if less time is left."""
+    async def behave(node: Node, remaining: float) -> Any:
+        if remaining < seconds:
+            await asyncio.sleep(remaining)
+            raise CallTimeout(f"no reply within {remaining:.3f}s")
+        await asyncio.sleep(seconds)
+        raise overload()
+    return behave
+
+
+def test_remaining_time_shrinks_across_attempts():
+    async def main():
+        loop = asyncio.get_running_loop()
+        cluster = make_cluster(5, retries=4, breaker=NO_BREAKER)
+        send = ScriptedSend(default=slow_failure(0.3))
+        t0 = loop.time()
+        with pytest.raises(CallTimeout):
+            await cluster.invoke(send, timeout=1.0)
+        assert [a.remaining for a in send.attempts] == pytest.approx([1.0, 0.7, 0.4, 0.1])
+        for a in send.attempts:                     # never more than what is left
+            assert a.remaining <= 1.0 - (a.started - t0) + 1e-9
+        assert loop.time() - t0 == pytest.approx(1.0)
+    run_virtual(main())
+
+
+def test_a_call_whose_deadline_passed_raises_call_timeout_without_sending():
+    async def main():
+        cluster = make_cluster(3, retries=2)
+        send = ScriptedSend(default=use_up_time(overload))
+        with pytest.raises(CallTimeout):
+            await cluster.invoke(send, timeout=0.5)
+        assert len(send) == 1                       # the retry found no time left
+        nothing = ScriptedSend()
+        with pytest.raises(CallTimeout):
+            await cluster.invoke(nothing, timeout=0.0)
+        assert len(nothing) == 0
+    run_virtual(main())
+
+
+def test_hedge_backup_gets_only_what_is_left():
+    async def main():
+        cluster = make_cluster(3, policy="hedging", hedge_delay=0.2)
+        send = ScriptedSend(default=use_up_time(lambda: CallTimeout("no reply")))
+        with pytest.raises(CallTimeout):
+            await cluster.invoke(send, timeout=0.5)
+        assert [a.remaining for a in send.attempts] == pytest.approx([0.5, 0.3])
+    run_virtual(main())
+
+
+def test_hedge_delay_longer_than_the_deadline_sends_no_useful_backup():
+    async def main():
+        cluster = make_cluster(3, policy="hedging", hedge_delay=5.0)
+        send = ScriptedSend(default=use_up_time(lambda: CallTimeout("no reply")))
+        with pytest.raises(CallTimeout):
+            await cluster.invoke(send, timeout=0.5)
+        assert [a.remaining for a in send.attempts][:1] == pytest.approx([0.5])
+        assert all(a.remaining > 0 for a in send.attempts)
+    run_virtual(main(), limit=10)
+
+
+# --- breakers -----------------------------------------------------------------------------------
+
+def test_breaker_opens_after_consecutive_failures_and_probes_after_backoff():
+    clock = FakeClock()
+    breaker = CircuitBreaker(consecutive_failures=3, backoff_min=1.0, backoff_max=8.0, clock=clock)
+    for ok in (False, False, True, False, False):
+        breaker.record(ok)
+    assert breaker.state is BreakerState.CLOSED            # a success broke the streak
+    breaker.record(False)
+    assert breaker.state is BreakerState.OPEN
+    assert not breaker.allows() and not breaker.available()
+    clock.advance(0.79)
+    assert not breaker.available()                         # backoff 1 s, jitter ±20 %
+    clock.advance(0.42)
+    assert breaker.available()
+    assert breaker.allows()                                # the probe
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert not breaker.allows() and not breaker.available()   # one probe at a time
+    breaker.record(False)                                  # the probe failed: backoff doubles
+    assert breaker.state is BreakerState.OPEN
+    clock.advance(1.5)
+    assert not breaker.available()                         # 2 s × [0.8, 1.2] ≥ 1.6 s
+    clock.advance(1.0)
+    assert breaker.allows()
+    breaker.record(True)
+    assert breaker.state is BreakerState.CLOSED and breaker.allows()
+    for _ in range(2):
+        breaker.record(False)
+    assert breaker.state is BreakerState.CLOSED            # the window started over
+
+
+def test_breaker_opens_on_error_rate():
+    clock = FakeClock()
+    breaker = CircuitBreaker(consecutive_failures=100, error_rate=0.5, min_calls=10, window=10.0,
+                             clock=clock)
+    for i in range(9):
+        breaker.record(i % 2 == 0)                         # 4 failures in 9: too few calls
+        clock.advance(0.1)
+    assert breaker.state is BreakerState.CLOSED
+    breaker.record(False)                                  # 5 of 10
+    assert breaker.state is BreakerState.OPEN
+
+
+def test_breaker_forgets_failures_outside_its_window():
+    clock = FakeClock()
+    breaker = CircuitBreaker(consecutive_failures=100, error_rate=0.5, min_calls=10, window=10.0,
+                             clock=clock)
+    for _ in range(9):
+        breaker.record(False)
+    clock.advance(11.0)
+    for _ in range(9):
+        breaker.record(True)
+    breaker.record(False)
+    assert breaker.state is BreakerState.CLOSED            # 1 failure in the last 10 calls
+
+
+def test_cluster_breaker_excludes_a_failing_node_then_probes_and_closes():
+    async def main():
+        clock = FakeClock()
+        nodes = numbered_nodes(2)
+        bad, good = nodes[0].key, nodes[1].key
+        cluster = make_cluster(policy="failfast", nodes=nodes, breaker=dict(
+            consecutive_failures=3, backoff_min=1.0, backoff_max=8.0, clock=clock))
+        send = ScriptedSend({bad: fail(overload)})
+        for _ in range(6):                       # round robin: 3 failures on `bad`
+            await outcome(cluster.invoke(send, timeout=1.0))
+        assert send.keys.count(bad) == 3
+        assert cluster.breaker(nodes[0]).state is BreakerState.OPEN
+        del send.attempts[:]
+        for _ in range(20):
+            assert await cluster.invoke(send, timeout=1.0) == f"ok from {good}"
+        assert set(send.keys) == {good}
+
+        clock.advance(1.3)                       # past the backoff: one probe may go
+        send.behaviours[bad] = answer("recovered", after=1.0)
+        del send.attempts[:]
+        calls = [asyncio.ensure_future(cluster.invoke(send, timeout=2.0)) for _ in range(20)]
+        await asyncio.gather(*calls)
+        assert send.keys.count(bad) == 1         # while the probe runs, nobody else goes there
+        assert cluster.breaker(nodes[0]).state is BreakerState.CLOSED
+        del send.attempts[:]
+        for _ in range(10):
+            await cluster.invoke(send, timeout=2.0)
+        assert send.keys.count(bad) == 5         # back in the rotation
+    run_virtual(main())
+
+
+def test_cluster_breaker_failed_probe_reopens():
+    async def main():
+        clock = FakeClock()
+        nodes = numbered_nodes(2)
+        bad = nodes[0].key
+        cluster = make_cluster(policy="failfast", nodes=nodes, breaker=dict(
+            consecutive_failures=2, backoff_min=1.0, backoff_max=8.0, clock=clock))
+        send = ScriptedSend({bad: fail(overload)})
+        for _ in range(4):
+            await outcome(cluster.invoke(send, timeout=1.0))
+        assert cluster.breaker(nodes[0]).state is BreakerState.OPEN
+        clock.advance(1.3)
+        del send.attempts[:]
+        for _ in range(10):
+            await outcome(cluster.invoke(send, timeout=1.0))
+        assert send.keys.count(bad) == 1         # the probe, which failed
+        assert cluster.breaker(nodes[0]).state is BreakerState.OPEN
+        clock.advance(1.5)                       # doubled backoff: not yet
+        del send.attempts[:]
+        for _ in range(10):
+            await cluster.invoke(send, timeout=1.0)
+        assert bad not in send.keys
+    run_virtual(main())
+
+
+def test_timeouts_count_for_the_breaker_but_connect_failures_do_not():
+    async def main():
+        clock = FakeClock()
+        nodes = numbered_nodes(2)
+        cluster = make_cluster(policy="failfast", nodes=nodes, breaker=dict(
+            consecutive_failures=2, clock=clock))
+        timeouts = ScriptedSend({nodes[0].key: fail(lambda: CallTimeout("no reply"))})
+        for _ in range(4):
+            await outcome(cluster.invoke(timeouts, timeout=1.0))
+        assert cluster.breaker(nodes[0]).state is BreakerState.OPEN
+        refusing = ScriptedSend({nodes[1].key: fail(refused)})
+        for _ in range(4):
+            await outcome(cluster.invoke(refusing, timeout=1.0))
+        assert cluster.breaker(nodes[1]).state is BreakerState.CLOSED
+    run_virtual(main())
+
+
+class _LoopClock:
+    """``time`` for the invoker: ``perf_counter`` on the running (virtual) loop's clock,
+    so LALB sees the simulated latencies."""
+
+    @staticmethod
+    def perf_counter() -> float:
+        return asyncio.get_running_loop().time()
+
+
+def _drop_after_send() -> TransportError:
+    # What a client sees from a server that accepts, reads the request and closes the
+    # connection (e.g. past its max_connections, or crashing on every request).
+    return TransportError("connection lost: reset by peer", request_sent=True)
+
+
+def _share_to_bad_node(lb: str, calls: int = 2000) -> Any:
+    async def main():
+        loop = asyncio.get_running_loop()
+        nodes = numbered_nodes(2)
+        cluster = Cluster(Router(), lb=lb, policy="failfast", budget=RetryBudget(**GENEROUS),
+                          lb_options={"clock": loop.time} if lb == "lalb" else None)
+        cluster.update(nodes)
+        send = ScriptedSend({nodes[0].key: fail(_drop_after_send, after=0.001)},
+                            default=answer(after=0.01))
+        failures = 0
+        for _ in range(calls):
+            failures += isinstance(await outcome(cluster.invoke(send, timeout=1.0)), Exception)
+        late = send.keys[calls // 2:]
+        return late.count(nodes[0].key) / len(late), failures / calls
+    return run_virtual(main(), limit=10_000)
+
+
+def test_lalb_does_not_favour_a_node_that_drops_every_call(monkeypatch):
+    """A node whose every call dies with "connection lost" (request sent) must not get
+    more than a fair share under LALB (2 nodes: at most half)."""
+    from octo_core.cluster import invoker
+    monkeypatch.setattr(invoker, "time", _LoopClock)
+    share, _ = _share_to_bad_node("lalb")
+    assert share <= 0.5, f"LALB sent {share:.1%} of the calls to the node that drops them all"
+
+
+def test_a_node_that_drops_every_call_is_eventually_avoided(monkeypatch):
+    """Neither its breaker (connection failures are not counted) nor the connection
+    degrade (only for requests never sent) takes such a node out: with plain weighted
+    random, half of all calls keep failing for ever."""
+    from octo_core.cluster import invoker
+    monkeypatch.setattr(invoker, "time", _LoopClock)
+    share, _ = _share_to_bad_node("random")
+    assert share < 0.1, f"{share:.1%} of the calls still go to a node that fails them all"
+
+
+# --- connection degrade and panic mode ------------------------------------------------------------
+
+def test_connection_degrade_excludes_a_node_for_a_while():
+    async def main():
+        nodes = numbered_nodes(2)
+        down, up = nodes[0].key, nodes[1].key
+        cluster = make_cluster(policy="failfast", nodes=nodes)
+        send = ScriptedSend({down: fail(refused)})
+        first = await outcome(cluster.invoke(send, timeout=1.0))
+        if send.keys[0] == up:                   # round robin started on the other one
+            first = await outcome(cluster.invoke(send, timeout=1.0))
+        assert isinstance(first, TransportError) and send.keys[-1] == down
+        del send.attempts[:]
+        for _ in range(20):
+            assert await cluster.invoke(send, timeout=1.0) == f"ok from {up}"
+        await asyncio.sleep(2.5)                 # the degrade (2 s) is over
+        send.behaviours.clear()
+        del send.attempts[:]
+        for _ in range(4):
+            await cluster.invoke(send, timeout=1.0)
+        assert send.keys.count(down) == 2
+    run_virtual(main())
+
+
+def test_failover_degrades_a_refusing_node_and_retries_elsewhere():
+    async def main():
+        nodes = numbered_nodes(3)
+        cluster = make_cluster(policy="failover", nodes=nodes, lb="random")
+        send = ScriptedSend({nodes[0].key: fail(refused)})
+        for _ in range(50):
+            assert (await cluster.invoke(send, timeout=1.0)).startswith("ok from")
+        assert send.keys.count(nodes[0].key) == 1    # once, then degraded
+    run_virtual(main(), limit=1.5)
+
+
+def test_panic_mode_still_tries_when_every_node_is_excluded():
+    async def main():
+        nodes = numbered_nodes(3)
+        cluster = make_cluster(policy="failover", nodes=nodes, retries=2)
+        for n in nodes:
+            cluster.degrade(n, retry_in=60.0)
+        send = ScriptedSend()
+        assert (await cluster.invoke(send, timeout=1.0)).startswith("ok from")
+        assert len(send) == 1
+
+        down = ScriptedSend(default=fail(refused))
+        with pytest.raises(TransportError):
+            await cluster.invoke(down, timeout=1.0)
+        assert len(down) == 3 and len(set(down.keys)) == 3     # still no node twice
+    run_virtual(main())
+
+
+def test_panic_mode_with_every_breaker_open_refuses_with_degrade_error():
+    async def main():
+        clock = FakeClock()
+        nodes = numbered_nodes(2)
+        cluster = make_cluster(policy="failfast", nodes=nodes,
+                               breaker=dict(consecutive_failures=1, clock=clock))
+        send = ScriptedSend(default=fail(overload))
+        for _ in range(2):
+            await outcome(cluster.invoke(send, timeout=1.0))
+        assert all(cluster.breaker(n).state is BreakerState.OPEN for n in nodes)
+        del send.attempts[:]
+        error = await outcome(cluster.invoke(send, timeout=1.0))
+        assert isinstance(error, DegradeError) and len(send) == 0
+    run_virtual(main())
+
+
+# --- selection --------------------------------------------------------------------------------------
+
+def test_no_node_raises_no_route_error():
+    async def main():
+        cluster = make_cluster(nodes=[])
+        with pytest.raises(NoRouteError):
+            await cluster.invoke(ScriptedSend(), timeout=1.0)
+        set_caller = make_cluster(
+            router=Router(Caller(cell="set-1", set_routing=True)),
+            nodes=[node("c"), node("s2", cell="set-2")])
+        send = ScriptedSend()
+        with pytest.raises(NoRouteError):
+            await set_caller.invoke(send, timeout=1.0)
+        assert len(send) == 0
+    run_virtual(main())
+
+
+def test_tags_route_the_call():
+    async def main():
+        nodes = [node("trunk"), node("lane", swimlane="blue"), node("cell", cell="lite-a")]
+        cluster = make_cluster(nodes=nodes, lb="random")
+        for tags, expected in (({}, "trunk"), ({SWIMLANE_KEY: "blue"}, "lane"),
+                               ({LITESET_KEY: "lite-a"}, "cell")):
+            send = ScriptedSend()
+            for _ in range(10):
+                await cluster.invoke(send, timeout=1.0, tags=tags)
+            assert set(send.keys) == {f"{expected}:9000"}
+    run_virtual(main())
+
+
+def test_distinct_routing_tags_do_not_grow_memory_without_bound():
+    """Swimlane and LiteSet tags arrive in the ``globalContext`` of incoming requests
+    and are passed on by every handler's outbound calls, so their values are chosen
+    by remote callers. Calls tagged with 1000 different lanes that have no node
+    (all served by the trunk) must not leave 1000 routing answers and balancers behind.
+    """
+    import gc
+    import tracemalloc
+
+    async def grown(distinct: bool) -> float:
+        cluster = make_cluster(100, lb="random")
+        send = ScriptedSend()
+        await cluster.invoke(send, timeout=1.0)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(1000):
+                lane = f"lane-{i}" if distinct else "lane"
+                await cluster.invoke(send, timeout=1.0, tags={SWIMLANE_KEY: lane})
+            send.attempts.clear()
+            gc.collect()
+            return (tracemalloc.get_traced_memory()[0] - before) / 1e6
+        finally:
+            tracemalloc.stop()
+
+    same = run_virtual(grown(False))
+    distinct = run_virtual(grown(True))
+    assert distinct < same + 2.0, (f"1000 distinct unknown lanes kept {distinct:.1f} MB "
+                                   f"(one lane: {same:.2f} MB)")
+
+
+def test_consistent_hash_key_sticks_to_a_node_and_fails_over_elsewhere():
+    async def main():
+        cluster = make_cluster(10, lb="consistenthash", breaker=NO_BREAKER)
+        where = {}
+        for key in (f"user-{i}" for i in range(50)):
+            send = ScriptedSend()
+            for _ in range(3):
+                await cluster.invoke(send, timeout=1.0, key=key)
+            assert len(set(send.keys)) == 1
+            where[key] = send.keys[0]
+        assert len(set(where.values())) > 3
+        home = where["user-7"]
+        send = ScriptedSend({home: fail(overload)})
+        assert await cluster.invoke(send, timeout=1.0, key="user-7") != f"ok from {home}"
+        assert send.keys[0] == home and len(send) == 2
+    run_virtual(main())
+
+
+def test_a_new_node_list_keeps_the_balancer_and_its_cache():
+    async def main():
+        nodes = numbered_nodes(3)
+        cluster = make_cluster(nodes=nodes)
+        cluster.select({}, None, set())
+        balancer = cluster._balancers[("", "")][1]
+        cluster.update(nodes[:2])
+        seen = {cluster.select({}, None, set())[0].key for _ in range(10)}
+        assert seen == {n.key for n in nodes[:2]}
+        assert cluster._balancers[("", "")][1] is balancer
+    run_virtual(main())
+
+
+def test_route_rules_apply_through_the_cluster():
+    async def main():
+        nodes = numbered_nodes(4)
+        cluster = make_cluster(nodes=nodes, router=Router(Caller(ip="192.168.0.5")))
+        cluster.update(nodes, [RouteRule(id="r", providers=(nodes[3].key,),
+                                         consumer_ips=("192.168.*",), limit=True)])
+        send = ScriptedSend()
+        for _ in range(5):
+            await cluster.invoke(send, timeout=1.0)
+        assert set(send.keys) == {nodes[3].key}
+    run_virtual(main())
+
+
+# --- end to end: AsyncClient + Servers on 127.0.0.1 -------------------------------------------------
+
+def test_client_options_reach_the_cluster_and_router():
+    async def main():
+        budget = RetryBudget(ratio=0.2)
+        async with AsyncClient(Echo, appkey=CALLER, hosts=["127.0.0.1:1", "127.0.0.1:2"],
+                               lb="leastrequest", cluster="hedging", retries=4, forks=3,
+                               hedge_delay=0.02, cell="gz-set1", set_routing=True, idc="gz1",
+                               region="south", locality="region", caller_ip="10.9.8.7",
+                               retry_budget=budget, breaker={"consecutive_failures": 9}) as client:
+            cluster = client._cluster
+            assert cluster.router.caller == Caller(appkey=CALLER, ip="10.9.8.7", cell="gz-set1",
+                                                   set_routing=True, idc="gz1", region="south")
+            assert cluster.router.locality == "region"
+            assert (cluster.policy, cluster.retries, cluster.forks, cluster.hedge_delay) == (
+                "hedging", 4, 3, 0.02)
+            assert cluster.budget is budget
+            assert cluster.breaker(cluster.router.nodes[0]).consecutive_failures == 9
+            assert {n.key for n in cluster.router.nodes} == {"127.0.0.1:1", "127.0.0.1:2"}
+        with pytest.raises(ValueError):
+            AsyncClient(Echo, appkey=CALLER, hosts=["127.0.0.1:1"], cluster="retry-forever")
+        with pytest.raises(ValueError):
+            AsyncClient(Echo, appkey=CALLER, hosts=["127.0.0.1:1"], locality="planet")
+    run(main(), timeout=10)
+
+
+def test_e2e_failover_survives_a_stopped_and_a_killed_server():
+    async def main():
+        handlers = [NamedEcho("s0"), NamedEcho("s1")]
+        async with echo_servers(handlers) as servers, doomed_server("s2") as doomed:
+            hosts = [s.address for s in servers] + [f"127.0.0.1:{doomed.port}"]
+            async with AsyncClient(Echo, appkey=CALLER, hosts=hosts, lb="roundrobin",
+                                   cluster="failover", idempotent=True, timeout=2.0) as client:
+                warm = {(await client.echo("warm")).split(":")[0] for _ in range(9)}
+                assert warm == {"s0", "s1", "s2"}
+                errors: List[BaseException] = []
+                answered: List[str] = []
+
+                async def worker(w: int) -> None:
+                    for i in range(40):
+                        if w == 0 and i == 10:
+                            doomed.kill()                       # SIGKILL: no goodbye
+                        if w == 1 and i == 20:
+                            await servers[1].stop(grace=2.0)    # graceful stop
+                        try:
+                            answered.append(await client.echo(f"{w}-{i}"))
+                        except Exception as exc:  # noqa: BLE001
+                            errors.append(exc)
+                        await asyncio.sleep(0.002)
+
+                await asyncio.gather(*(worker(w) for w in range(6)))
+                assert errors == [], errors[:3]
+                assert len(answered) == 240
+                tail = [await client.echo("after") for _ in range(10)]
+                assert all(t.startswith("s0:") for t in tail)
+    run(main(), timeout=30)
+
+
+def test_e2e_failfast_caller_does_see_the_dead_server():
+    """The contrast that shows the failover test exercises something."""
+    async def main():
+        async with echo_servers([NamedEcho("s0")]) as servers, doomed_server("s1") as doomed:
+            hosts = [servers[0].address, f"127.0.0.1:{doomed.port}"]
+            async with AsyncClient(Echo, appkey=CALLER, hosts=hosts, lb="roundrobin",
+                                   timeout=2.0) as client:
+                doomed.kill()
+                await doomed.wait()
+                results = [await outcome(client.echo("x")) for _ in range(4)]
+                assert any(isinstance(r, TransportError) for r in results)
+    run(main(), timeout=30)
+
+
+def test_e2e_consistent_hash_sends_the_same_key_to_the_same_server():
+    async def main():
+        handlers = [NamedEcho(f"s{i}") for i in range(3)]
+        async with echo_servers(handlers) as servers:
+            async with AsyncClient(Echo, appkey=CALLER, hosts=[s.address for s in servers],
+                                   lb="consistenthash", hash_arg="text", timeout=2.0) as client:
+                home = {}
+                for round_ in range(3):
+                    for k in range(30):
+                        server = (await client.echo(f"key-{k}")).split(":")[0]
+                        assert home.setdefault(k, server) == server, (k, round_)
+                assert len(set(home.values())) >= 2
+                assert sum(h.calls for h in handlers) == 90
+    run(main(), timeout=30)
+
+
+FRONT = "com.example.cluster.front"
+BACK = "com.example.cluster.back"
+PLACES = [("trunk", {}), ("blue", {"swimlane": "blue"}), ("lite", {"cell": "lite-a"})]
+
+
+def test_e2e_swimlane_and_liteset_tags_stay_on_their_lane_across_two_hops():
+    async def main():
+        url = f"memory://cluster-e2e-{uuid.uuid4().hex}"
+        async with AsyncClient(Echo, appkey=FRONT, registry=url, remote_appkey=BACK,
+                               timeout=2.0) as to_back:
+            back = [NamedEcho(f"B-{name}") for name, _ in PLACES]
+            front = [NamedEcho(f"A-{name}", downstream=to_back) for name, _ in PLACES]
+            fields = [f for _, f in PLACES]
+            async with echo_servers(back, appkey=BACK, registry=url, nodes=fields), \
+                    echo_servers(front, appkey=FRONT, registry=url, nodes=fields):
+                async with AsyncClient(Echo, appkey=CALLER, registry=url, remote_appkey=FRONT,
+                                       timeout=2.0) as client:
+                    cases = [({}, "A-trunk>B-trunk:x"),
+                             ({SWIMLANE_KEY: "blue"}, "A-blue>B-blue:x"),
+                             ({LITESET_KEY: "lite-a"}, "A-lite>B-lite:x"),
+                             ({SWIMLANE_KEY: "red"}, "A-trunk>B-trunk:x"),      # no such lane
+                             ({LITESET_KEY: "lite-z"}, "A-trunk>B-trunk:x")]    # no such cell
+                    for tags, expected in cases:
+                        for _ in range(3):
+                            with octo_core.context.use(tags):
+                                assert await client.echo("x") == expected, tags
+                    assert await client.echo("x") == "A-trunk>B-trunk:x"   # the block ended
+                # A Set caller: the callee has Set nodes (cell lite-a), so its own cell or nothing.
+                async with AsyncClient(Echo, appkey=CALLER, registry=url, remote_appkey=FRONT,
+                                       cell="lite-a", set_routing=True, timeout=2.0) as in_set, \
+                        AsyncClient(Echo, appkey=CALLER, registry=url, remote_appkey=FRONT,
+                                    cell="gz-set9", set_routing=True, timeout=2.0) as elsewhere:
+                    assert await in_set.echo("x") == "A-lite>B-trunk:x"
+                    with pytest.raises(NoRouteError):
+                        await elsewhere.echo("x")
+        blue = back[1].contexts
+        assert blue and all(c.get(SWIMLANE_KEY) == "blue" for c in blue)
+        assert all(c.get(LITESET_KEY) == "lite-a" for c in back[2].contexts)
+    run(main(), timeout=30)
