@@ -2,7 +2,7 @@
 
 ``octo bench [TARGET] [--seconds S]`` runs the benchmarks that ship with
 octo_core; with no TARGET it runs every one of them. Benchmarks are listed in
-``BENCHMARKS``: adding one (say ``rpc``) is one entry there.
+``BENCHMARKS``: adding one is one entry there.
 
 ``octo scanner --registry URL --appkey A ...`` runs the health scanner
 (``octo_core.health``).
@@ -20,11 +20,22 @@ def _bench_codec(args: argparse.Namespace) -> int:
     return codec.run(seconds=args.seconds, rounds=args.rounds)
 
 
+def _bench_rpc(args: argparse.Namespace) -> int:
+    from octo_core.bench import rpc
+
+    argv = ["--seconds", str(args.seconds)]
+    if args.rounds:
+        argv += ["--rounds", str(args.rounds)]
+    return rpc.main(argv)
+
+
 #: name -> (one-line description, runner). A runner takes the parsed ``octo bench``
 #: arguments and returns an exit status (0 when everything checked out).
 BENCHMARKS: Dict[str, Tuple[str, Callable[[argparse.Namespace], int]]] = {
     "codec": ("thrift binary encode/decode: octo_core vs thriftpy2 and Apache fastbinary",
               _bench_codec),
+    "rpc": ("echo calls on loopback, server in its own process: octo_core vs thriftpy2, "
+            "grpcio and a raw uvloop echo", _bench_rpc),
 }
 
 

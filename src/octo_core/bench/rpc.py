@@ -45,6 +45,11 @@ comparison is between libraries, not event loops):
 The thrift systems call ``Echo.echo(message)`` of ``payload.thrift`` with a
 string of the payload's size; grpc and raw echo the same bytes.
 
+The machine may be shared: each cell also records how much CPU the rest of
+the machine used during its window (``other_cpu_pct``, from ``/proc/stat``),
+``quiet_wait`` waits for the machine to idle before a cell, and with
+``rounds`` > 1 each cell shows its median quiet round (``pick_round``).
+
 ``run(...)`` returns ``Result`` rows; ``format_report(...)`` renders them;
 ``main(argv)`` is the command line (``python -m octo_core.bench.rpc``).
 """
@@ -148,6 +153,7 @@ class Result:
     #: CPU the rest of the machine used during the window, in % of one core (noise).
     other_cpu_pct: Optional[float] = None
     rounds: int = 1
+    quiet_rounds: int = 0
     server_pid: Optional[int] = None
     missing: Optional[str] = None
     error: Optional[str] = None
@@ -912,9 +918,24 @@ def is_noisy(result: Result) -> bool:
     return result.other_cpu_pct is not None and result.other_cpu_pct > NOISY_PCT
 
 
-def _preference(result: Result) -> Tuple[bool, bool, float]:
-    """Sort key of a cell's rounds: measured, then quiet, then calls/s."""
-    return (result.ok, not is_noisy(result), result.calls_per_s)
+def pick_round(rounds: Sequence[Result]) -> Result:
+    """The round that stands for a cell: the median by calls/s of its quiet rounds.
+
+    Quiet rounds are preferred to noisy ones (``is_noisy``); without any, the
+    median of the measured rounds is taken (and shows as noisy); without a
+    measured round, the last attempt (its error) is returned. The median (the
+    upper one for an even count), not the best: on this VM the scheduler's
+    placement of client and server (same core or not) flips results between
+    two modes, and the best round would report the lucky one.
+    """
+    measured = [r for r in rounds if r.ok]
+    if not measured:
+        return rounds[-1]
+    pool = [r for r in measured if not is_noisy(r)] or measured
+    pool.sort(key=lambda r: r.calls_per_s)
+    chosen = pool[len(pool) // 2]
+    chosen.quiet_rounds = sum(1 for r in measured if not is_noisy(r))
+    return chosen
 
 
 def run(seconds: float = 2.0, *, systems: Sequence[str] = SYSTEMS,
@@ -927,8 +948,7 @@ def run(seconds: float = 2.0, *, systems: Sequence[str] = SYSTEMS,
     has its own server process, stopped before the next cell starts. With
     ``rounds`` > 1 the whole matrix is measured that many times over (so a burst
     of noise from other processes hits one round of a cell, not all of them)
-    and each cell keeps its best round: a quiet one (other processes used at
-    most ``NOISY_PCT`` of a core) over a noisy one, then the most calls/s.
+    and each cell is represented by its median quiet round (``pick_round``).
     With ``quiet_wait`` > 0, each cell first waits up to that many seconds for
     the machine to idle (``wait_for_quiet``), since other processes sharing
     the cores change the results a lot.
@@ -942,22 +962,21 @@ def run(seconds: float = 2.0, *, systems: Sequence[str] = SYSTEMS,
         warmup = min(1.0, seconds / 4)
     cells = [(system, payload, concurrency) for payload in payloads
              for concurrency in concurrencies for system in systems]
-    best: Dict[Tuple[str, str, int], Result] = {}
+    measured: Dict[Tuple[str, str, int], List[Result]] = {cell: [] for cell in cells}
     for _ in range(rounds):
         for cell in cells:
-            kept = best.get(cell)
-            if kept is not None and kept.missing is not None:
+            done = measured[cell]
+            if done and done[-1].missing is not None:
                 continue   # a library that is not installed stays so: no second try
             if quiet_wait > 0:
                 wait_for_quiet(quiet_wait)
             result = measure(*cell, seconds, warmup)
+            done.append(result)
             if progress is not None:
                 progress(result)
-            if kept is None or _preference(result) > _preference(kept):
-                best[cell] = result
-    results = [best[cell] for cell in cells]
+    results = [pick_round(measured[cell]) for cell in cells]
     for result in results:
-        result.rounds = rounds
+        result.rounds = len(measured[(result.system, result.payload, result.concurrency)])
     return results
 
 
@@ -1058,7 +1077,8 @@ def format_report(results: Sequence[Result], seconds: Optional[float] = None,
     if seconds is not None:
         lines.append(f"each cell: {warmup if warmup is not None else min(1.0, seconds / 4):g} s "
                      f"warm-up + {seconds:g} s measured, own server process"
-                     + (f"; best of {rounds} rounds by calls/s" if rounds > 1 else ""))
+                     + (f"; {rounds} rounds per cell, the median quiet round by calls/s is shown"
+                        if rounds > 1 else ""))
     lines.append("")
     header = (f"{'system':<15} {'payload':>7} {'in-flight':>9} {'conns':>5} {'calls/s':>10} "
               f"{'p50 µs':>9} {'p99 µs':>9} {'CPU µs/call':>11} {'(cli+srv)':>13} "
@@ -1121,6 +1141,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
 def _csv(choices: Sequence[str]) -> Callable[[str], List[str]]:
     def parse(text: str) -> List[str]:
         items = [t.strip() for t in text.split(",") if t.strip()]
@@ -1157,9 +1184,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"comma-separated subset of: {', '.join(PAYLOADS)}")
     parser.add_argument("--concurrency", type=_concurrencies, default=list(CONCURRENCIES),
                         help="comma-separated calls in flight (default: 1,64)")
-    parser.add_argument("--rounds", type=int, default=1, metavar="N",
-                        help="measure the whole matrix N times, keep each cell's best round "
-                             "by calls/s (default: 1)")
+    parser.add_argument("--rounds", type=_positive_int, default=1, metavar="N",
+                        help="measure the whole matrix N times; each cell shows its median "
+                             "quiet round by calls/s (default: 1)")
     parser.add_argument("--quiet-wait", type=float, default=10.0, metavar="S",
                         help="before each cell wait up to S seconds for the machine to idle "
                              f"(below {QUIET_PCT:g}%% of a core; default: 10, 0 = never)")

@@ -71,10 +71,19 @@ class Cluster:
         self._breakers: Dict[str, CircuitBreaker] = {}
         self._unhealthy: Set[str] = set()          # breaker not closed
         self._degraded: Dict[str, float] = {}      # connect failed: key -> retry time
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     def update(self, nodes: Sequence[Node], rules: Sequence[RouteRule] = ()) -> None:
         """New nodes or rules from discovery (balancer state is kept per node key)."""
         self.router.update(nodes, rules)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the calls run on, looked up once: on CPython 3.11 every
+        get_running_loop() is a getpid() system call, and this is the per-call path."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     # --- health ------------------------------------------------------------------------
 
@@ -94,7 +103,7 @@ class Cluster:
 
     def degrade(self, node: Node, retry_in: float = 2.0) -> None:
         """OCTO's connection degrade: no calls to ``node`` for ``retry_in`` seconds."""
-        self._degraded[node.key] = asyncio.get_running_loop().time() + retry_in
+        self._degraded[node.key] = self._running_loop().time() + retry_in
 
     def _excluded(self, tried: Set[str]) -> Set[str]:
         if not self._unhealthy and not self._degraded:
@@ -105,7 +114,7 @@ class Cluster:
             if not breaker.available():
                 excluded.add(key)
         if self._degraded:
-            now = asyncio.get_running_loop().time()
+            now = self._running_loop().time()
             for key, until in list(self._degraded.items()):
                 if until <= now:
                     del self._degraded[key]
@@ -155,8 +164,7 @@ class Cluster:
     async def invoke(self, send: Send, *, timeout: float, idempotent: bool = False,
                      tags: Mapping[str, str] = {}, key: Any = None) -> Any:  # noqa: B006
         """Run ``send(node, remaining_seconds)`` under the cluster's policy."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = self._running_loop().time() + timeout
         self.budget.record_request()
         if self.policy == "forking":
             return await self._race(send, deadline, tags, key, self.forks, 0.0)
@@ -189,8 +197,7 @@ class Cluster:
                 failure = exc
 
     async def _attempt(self, send: Send, node: Node, balancer: Any, deadline: float) -> Any:
-        loop = asyncio.get_running_loop()
-        remaining = deadline - loop.time()
+        remaining = deadline - self._loop.time()
         if remaining <= 0:
             raise CallTimeout("the call's deadline passed before this attempt", node=node.key)
         breaker = self.breaker(node)
@@ -224,7 +231,7 @@ class Cluster:
     async def _race(self, send: Send, deadline: float, tags: Mapping[str, str], key: Any,
                     width: int, delay: float) -> Any:
         """Forking (``delay`` 0) and hedging: up to ``width`` attempts, first answer wins."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         tried: Set[str] = set()
         running: Set[asyncio.Task] = set()
         last: Optional[BaseException] = None

@@ -1,0 +1,64 @@
+"""Smoke test of the RPC benchmark runner (``octo_core.bench.rpc``).
+
+Runs a tiny matrix (octo_core and the raw uvloop echo, 1 and 4 calls in
+flight, 0.2 s per cell) and checks that every cell produced calls and that
+every server child process is gone afterwards. No timing assertions.
+"""
+from __future__ import annotations
+
+import os
+from typing import List
+
+from octo_core.bench import rpc
+
+SYSTEMS = (rpc.OCTO, rpc.RAW)
+CONCURRENCIES = (1, 4)
+
+
+def _server_children() -> List[int]:
+    """PIDs of this process's children that are benchmark server processes."""
+    found = []
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as fh:
+                stat = fh.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmdline = fh.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == me and b"octo_core.bench.rpc" in cmdline and b"--serve" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process reusing the PID
+        return False
+    return True
+
+
+def test_runner_smoke() -> None:
+    results = rpc.run(0.2, systems=SYSTEMS, payloads=("10B",), concurrencies=CONCURRENCIES,
+                      warmup=0.05)
+    cells = {(r.system, r.concurrency): r for r in results}
+    assert set(cells) == {(s, c) for s in SYSTEMS for c in CONCURRENCIES}
+    for (system, concurrency), r in cells.items():
+        assert r.error is None and r.missing is None, (system, concurrency, r.error, r.missing)
+        assert r.calls > 0 and r.calls_per_s > 0, r
+        assert 0 < r.p50_us <= r.p99_us, r
+        assert r.server_pid is not None
+    # every server child is stopped and reaped
+    assert not [r.server_pid for r in results if _alive(r.server_pid)]
+    assert _server_children() == []
+    report = rpc.format_report(results, 0.2, 0.05)
+    for system in SYSTEMS:
+        assert system in report
+    assert "targets:" in report
