@@ -74,6 +74,7 @@ from types import ModuleType
 from typing import (Any, Awaitable, Callable, Deque, Dict, List, Optional, Sequence, TextIO,
                     Tuple)
 
+from octo_core.cli import _positive_float, _positive_int
 from octo_core.idl import load_idl
 from octo_core.transport.loop import new_event_loop
 
@@ -1133,20 +1134,6 @@ def format_report(results: Sequence[Result], seconds: Optional[float] = None,
 
 
 # --- command line -----------------------------------------------------------------
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
 
 def _csv(choices: Sequence[str]) -> Callable[[str], List[str]]:
     def parse(text: str) -> List[str]:
