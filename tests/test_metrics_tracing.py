@@ -504,3 +504,30 @@ def test_a_failing_span_hook_does_not_break_calls(side, where):
                 assert all(row["in_flight"] == 0 for row in stats.values()), stats
 
     run(main())
+
+
+def test_prometheus_endpoint_serves_the_metrics_over_http():
+    # Server(metrics_port=0) serves prometheus_text at /metrics; other paths are 404
+    async def main():
+        async with serving(echo_services(), metrics_port=0) as server, \
+                async_client(Echo, server.address) as client:
+            assert await client.echo("counted") == "counted"
+
+            async def get(path):
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.metrics_port)
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                data = await asyncio.wait_for(reader.read(), 5)
+                writer.close()
+                head, _, body = data.partition(b"\r\n\r\n")
+                return head.split(b"\r\n", 1)[0], body.decode()
+
+            status, body = await get("/metrics")
+            assert status == b"HTTP/1.1 200 OK"
+            types, samples = parse_prometheus(body)
+            calls = {(labels["service"], labels["method"]): value for name, labels, value in samples
+                     if name == "octo_calls_total"}
+            assert calls[("Echo", "echo")] == 1
+            status, _ = await get("/other")
+            assert status == b"HTTP/1.1 404 Not Found"
+
+    run(main())

@@ -19,10 +19,11 @@ from octo_core import _codec, idl, protocol
 from octo_core import context as _context
 from octo_core.auth import Authenticator
 from octo_core.errors import DecodeError, EncodeError, SecurityError, Status
-from octo_core.metrics import Metrics, MethodStats
+from octo_core.metrics import Metrics, MethodStats, prometheus_text
 from octo_core.protocol import Frame, MessageType, NodeStatus
 from octo_core.registry import HeartbeatSupport, Node, Registry, open_registry
 from octo_core.transport.address import parse_address
+from octo_core.transport.http import bound_port, serve_metrics
 from octo_core.transport.loop import LoopThread, new_event_loop
 from octo_core.transport.server import ServerConnection
 
@@ -116,6 +117,9 @@ class Server:
     region...), and on stop first marks itself STOPPING and unregisters, keeps
     serving for ``unregister_delay`` seconds while callers see the change, and
     only then refuses new calls and drains.
+
+    Sight: ``stats()``; with ``metrics_port`` (0 picks a free one) the metrics
+    are also served as Prometheus text at ``http://host:metrics_port/metrics``.
     """
 
     def __init__(self, appkey: str, host: str = "127.0.0.1", port: int = 0, *,
@@ -129,7 +133,8 @@ class Server:
                  ssl: Optional["_ssl.SSLContext"] = None,
                  registry: Optional[Union[str, Registry]] = None,
                  node: Optional[Mapping[str, Any]] = None,
-                 unregister_delay: float = 1.0) -> None:
+                 unregister_delay: float = 1.0,
+                 metrics_port: Optional[int] = None) -> None:
         self.appkey = appkey
         self.host = host
         self.port: Optional[int] = port
@@ -149,6 +154,8 @@ class Server:
         self._node_fields = dict(node or {})
         self._node: Optional[Node] = None
         self.unregister_delay = unregister_delay
+        self.metrics_port = metrics_port
+        self._metrics_http: Optional[asyncio.AbstractServer] = None
         self.status = NodeStatus.STARTING
         self._started_at = time.monotonic()
         self._services: Dict[str, _Service] = {}
@@ -220,6 +227,11 @@ class Server:
             self._sweeper = self._loop.create_task(self._sweep())
         self._started_at = time.monotonic()
         self.status = NodeStatus.ALIVE
+        if self.metrics_port is not None:
+            http_host = "127.0.0.1" if self.unix_path is not None else self.host
+            self._metrics_http = await serve_metrics(lambda: prometheus_text(self.metrics),
+                                                     http_host, self.metrics_port)
+            self.metrics_port = bound_port(self._metrics_http)
         if self._registry_spec is not None:
             await self._register()
         log.info("%s serving %s on %s", self.appkey, ", ".join(self._services), self.address)
@@ -264,6 +276,9 @@ class Server:
             await self._unregister()
         self.status = NodeStatus.STOPPING
         self._listener.close()
+        if self._metrics_http is not None:
+            self._metrics_http.close()
+            self._metrics_http = None
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._in_flight:
