@@ -16,7 +16,7 @@ import thriftpy2
 
 from octo_core import _codec
 from octo_core.codec import Limits
-from octo_core.errors import DecodeError, EncodeError, ProtocolError
+from octo_core.errors import EncodeError, ProtocolError
 
 _IDL = thriftpy2.load(os.path.join(os.path.dirname(__file__), "octo.thrift"),
                       module_name="octo_core_header_thrift")

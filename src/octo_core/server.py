@@ -503,8 +503,7 @@ class Server:
         self._answer(call, None if exc else future.result(), exc)
 
     def _answer(self, call: _Call, value: Any, exc: Optional[BaseException]) -> None:
-        reply, method = call.reply, call.method
-        reply.conn.in_flight -= 1
+        call.reply.conn.in_flight -= 1
         self._in_flight -= 1
         if not self._in_flight:
             self._idle.set()
