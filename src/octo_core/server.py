@@ -374,28 +374,29 @@ class Server:
             reply.refuse(Status.SERVICE_EXCEPTION,
                          f"service {info.serviceName!r} is not hosted by {self.appkey}")
             return
+        try:
+            begin = _codec.decode_message_begin(frame.body)
+        except DecodeError as exc:   # framing is intact: refuse this call, keep the connection
+            reply.refuse(Status.PROTOCOL_EXCEPTION, f"bad message: {exc}")
+            return
         deadline = time.monotonic() + info.timeout / 1000.0 if info.timeout > 0 else None
-        self._call(service, reply, frame.body, deadline, header)
+        self._call(service, reply, frame.body, begin, deadline, header)
 
     def _native(self, conn: ServerConnection, frame: Frame) -> None:
         reply = _Reply(conn, 0, 0, False)
         try:
-            name, _, seqid, _ = _codec.decode_message_begin(frame.body)
-        except DecodeError as exc:
+            begin = _codec.decode_message_begin(frame.body)
+        except DecodeError as exc:   # no header to answer by: this stream cannot be trusted
             conn.protocol_error(protocol.ProtocolError(f"bad framed thrift message: {exc}"))
             return
+        name, _, seqid, _ = begin
         hosts = self._by_method.get(name, ())
         if len(hosts) != 1:
             why = "is not hosted here" if not hosts else "is ambiguous: several services have it"
             reply.app_exception(name, seqid, TApplicationException.UNKNOWN_METHOD,
                                 f"method {name!r} {why}")
             return
-        if self.auth is not None:
-            self.metrics.refused(hosts[0].name, name, Status.SECURITY_EXCEPTION)
-            reply.refuse(Status.SECURITY_EXCEPTION,
-                         "authentication is required: native thrift cannot be signed", name, seqid)
-            return
-        self._call(hosts[0], reply, frame.body, None, None)
+        self._call(hosts[0], reply, frame.body, begin, None, None)
 
     def _admission(self, service: _Service, name: str, reply: _Reply, header: Optional[Any],
                    body: Any) -> Optional[Tuple[int, str]]:
@@ -404,6 +405,9 @@ class Server:
             return Status.RPC_EXCEPTION, f"{self.appkey} is {self.status.name.lower()}"
         caller = header.traceInfo.clientAppkey if header is not None and header.traceInfo else ""
         if self.auth is not None:
+            if header is None:
+                return (Status.SECURITY_EXCEPTION,
+                        "authentication is required: native thrift cannot be signed")
             try:
                 self.auth.check_peer(reply.conn.peer_ip)
                 self.auth.check(caller=caller, server_appkey=self.appkey, service=service.name,
@@ -420,13 +424,10 @@ class Server:
             return Status.DEGRADE_EXCEPTION, f"quota exceeded for caller {caller or '(anonymous)'}"
         return None
 
-    def _call(self, service: _Service, reply: _Reply, body: Any, deadline: Optional[float],
-              header: Optional[Any]) -> None:
-        try:
-            name, msg_type, seqid, offset = _codec.decode_message_begin(body)
-        except DecodeError as exc:
-            reply.refuse(Status.PROTOCOL_EXCEPTION, f"bad message: {exc}")
-            return
+    def _call(self, service: _Service, reply: _Reply, body: Any, begin: tuple,
+              deadline: Optional[float], header: Optional[Any]) -> None:
+        """Admit, decode and start one request; ``begin`` is its decoded message header."""
+        name, msg_type, seqid, offset = begin
         refusal = self._admission(service, name, reply, header, body)
         if refusal is not None:
             self.metrics.refused(service.name, name if name in service.methods else UNKNOWN,
