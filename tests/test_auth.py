@@ -843,3 +843,22 @@ def test_e2e_tampered_header_field_is_refused():
             assert auth.rejections["bad-signature"] == 2
 
     run(main())
+
+
+def test_forgeries_from_invented_callers_do_not_grow_the_key_cache():
+    # With derived tokens every appkey has a token; a forged request per invented
+    # appkey must not leave a cached key behind (unbounded memory from hostile input).
+    auth = Authenticator(DerivedTokens("master"))
+    now = time.time()
+    for i in range(500):
+        with pytest.raises(SecurityError):
+            auth.check(caller=f"invented.{i}", server_appkey="srv", service="Echo",
+                       method="echo", local_context={TS_KEY: str(int(now * 1000)),
+                                                     NONCE_KEY: f"{i:032x}", SIGN_KEY: "0" * 64},
+                       now=now)
+    assert auth.rejections["bad-signature"] == 500
+    assert len(auth._keys) == 0
+    good = Signer("real.caller", DerivedTokens("master").token("real.caller"), "srv")
+    auth.check(caller="real.caller", server_appkey="srv", service="Echo", method="echo",
+               local_context=good.headers("Echo", "echo"))
+    assert len(auth._keys) == 1

@@ -171,11 +171,16 @@ class Authenticator:
         if token is None:
             raise self._refuse("unknown-caller", f"no token for appkey {caller!r}")
         key = self._keys.get(token)
-        if key is None:
-            key = self._keys[token] = SigningKey(token)
+        cached = key is not None
+        if not cached:
+            key = SigningKey(token)
         digest = sha256_hex(body) if self.sign_body else None
         if not key.verify(signature, caller, server_appkey, service, method, ts, nonce, digest):
             raise self._refuse("bad-signature", "the signature does not match")
+        if not cached:
+            # only callers that proved they hold the token: with derived tokens every
+            # invented appkey has one, and forgeries must not grow this cache
+            self._keys[token] = key
         now = time.time() if now is None else now
         try:
             sent = int(ts) / 1000.0
