@@ -527,3 +527,17 @@ def test_mutual_tls(certs):
                 assert await client.echo("still mutual") == "still mutual"
 
     run(main())
+
+
+def test_quota_buckets_for_invented_callers_stay_bounded():
+    # caller appkeys come off the wire: a "*" quota must not keep a bucket per name forever
+    from octo_core.server import Quotas
+    quotas = Quotas({"*": 5.0, "vip": 1.0}, max_callers=100)
+    for i in range(5000):
+        assert quotas.take(f"invented.{i}")          # a first call always has a token
+    assert len(quotas._buckets) <= 100
+    # a limited caller is still limited: its bucket is not refilled, so not dropped
+    assert quotas.take("vip") and not quotas.take("vip")
+    for i in range(150):
+        quotas.take(f"more.{i}")
+    assert len(quotas._buckets) <= 100
