@@ -228,13 +228,11 @@ class AsyncClient:
             conn.send(data)
             return None
         try:
-            reply = conn.expect(seq)
+            reply = conn.expect(seq, timeout, method.name)
         except OctoError as exc:
             exc.method = method.name
             raise
         conn.send(data)
-        timer = conn.loop.call_later(timeout, _expire, reply, conn, seq, timeout, method.name,
-                                     endpoint.node)
         try:
             frame = await reply
         except OctoError as exc:
@@ -243,8 +241,6 @@ class AsyncClient:
         except BaseException:
             conn.forget(seq)    # cancelled (a lost race): nobody waits for this reply now
             raise
-        finally:
-            timer.cancel()
         return self._result(method, frame, endpoint.node)
 
     def _result(self, method: idl.Method, frame: Frame, node: str) -> Any:
@@ -294,14 +290,6 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: Any) -> None:
         await AsyncClient.close(self)
-
-
-def _expire(reply: asyncio.Future, conn: Any, seq: int, timeout: float, method: str,
-            node: str) -> None:
-    """The call's time is up: fail it and forget its sequence id (a late reply is dropped)."""
-    conn.forget(seq)
-    if not reply.done():
-        reply.set_exception(CallTimeout(f"no reply within {timeout}s", method=method, node=node))
 
 
 def _declared(method: idl.Method, exc: BaseException) -> bool:

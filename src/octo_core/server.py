@@ -24,7 +24,7 @@ from octo_core.protocol import Frame, MessageType, NodeStatus
 from octo_core.registry import HeartbeatSupport, Node, Registry, open_registry
 from octo_core.transport.address import parse_address
 from octo_core.transport.http import bound_port, serve_metrics
-from octo_core.transport.loop import LoopThread, new_event_loop
+from octo_core.transport.loop import LoopThread, new_event_loop, start_task
 from octo_core.transport.server import ServerConnection
 
 log = logging.getLogger("octo_core.server")
@@ -462,15 +462,15 @@ class Server:
         self._idle.clear()
         argv = [getattr(args, arg) for arg in method.arg_names]
         # The handler runs in a copy of this context holding the caller's
-        # globalContext and trace: set them, let the task (or copy) take them, reset.
+        # globalContext and trace: set them, take the copy, reset.
         tokens = self._enter_call_context(call, header)
         try:
-            if is_coroutine:
-                self._loop.create_task(self._run_coroutine(call, fn, argv, deadline))
-                return
             context = contextvars.copy_context()
         finally:
             _context._leave(tokens)
+        if is_coroutine:
+            start_task(self._loop, self._run_coroutine(call, fn, argv, deadline), context)
+            return
         self._business_pending += 1
         future = self._pool.submit(context.run, _run_sync, fn, argv, deadline)
         future.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._sync_done, call, f))

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import ssl as _ssl
 import random
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from octo_core import _codec, protocol
-from octo_core.errors import ProtocolError, TransportError
+from octo_core.errors import CallTimeout, ProtocolError, TransportError
 from octo_core.protocol import Frame, MessageType
 from octo_core.transport.address import Address, parse_address
 from octo_core.transport.stream import FramedProtocol, log
@@ -28,20 +29,68 @@ class ClientConnection(FramedProtocol):
         self.node = node
         self._pending: Dict[int, asyncio.Future] = {}
         self._sequence = itertools.count()
+        # Call deadlines: a heap of (when, seq, future, timeout, method) served by
+        # one timer armed for the earliest -- a timer per call costs more than
+        # the rest of the call's bookkeeping. Answered calls leave lazily.
+        self._deadlines: List[Tuple[float, int, asyncio.Future, float, str]] = []
+        self._timer: Optional[asyncio.TimerHandle] = None
+        self._timer_at = 0.0
 
     def next_sequence(self) -> int:
         """Unique per connection, starting at 0; kept within i32 for the thrift seqid."""
         return next(self._sequence) & 0x7FFFFFFF
 
-    def expect(self, seq: int) -> asyncio.Future:
+    def expect(self, seq: int, timeout: Optional[float] = None, method: str = "") -> asyncio.Future:
         """A future for the reply to ``seq``; fails at once if the connection is gone
-        (it can close between the connect and the caller resuming)."""
+        (it can close between the connect and the caller resuming).
+
+        With ``timeout`` the future fails with ``CallTimeout`` after that many
+        seconds and ``seq`` is forgotten: a late reply is dropped.
+        """
         if self.closed:
             raise TransportError("connection closed before the request was sent",
                                  node=self.node, request_sent=False)
         future = self.loop.create_future()
         self._pending[seq] = future
+        if timeout is not None:
+            when = self.loop.time() + timeout
+            deadlines = self._deadlines
+            heapq.heappush(deadlines, (when, seq, future, timeout, method))
+            if len(deadlines) > 2 * len(self._pending) + 1024:
+                self._prune_deadlines()
+            if self._timer is None or when < self._timer_at:
+                self._arm(when)
         return future
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._expire)
+
+    def _expire(self) -> None:
+        """Fail the calls whose time is up; re-arm for the next live deadline."""
+        self._timer = None
+        deadlines, pending = self._deadlines, self._pending
+        now = self.loop.time()
+        while deadlines:
+            when, seq, future, timeout, method = deadlines[0]
+            if future.done():
+                heapq.heappop(deadlines)
+            elif when <= now:
+                heapq.heappop(deadlines)
+                if pending.get(seq) is future:
+                    del pending[seq]
+                future.set_exception(CallTimeout(f"no reply within {timeout}s",
+                                                 method=method, node=self.node))
+            else:
+                self._arm(when)
+                return
+
+    def _prune_deadlines(self) -> None:
+        """Drop answered calls' deadlines: the heap stays proportional to the calls in flight."""
+        self._deadlines = [entry for entry in self._deadlines if not entry[2].done()]
+        heapq.heapify(self._deadlines)
 
     def forget(self, seq: int) -> None:
         self._pending.pop(seq, None)
@@ -73,6 +122,10 @@ class ClientConnection(FramedProtocol):
         super().send(data)
 
     def _fail_pending(self, exc: BaseException) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._deadlines = []
         pending, self._pending = self._pending, {}
         for future in pending.values():
             if not future.done():

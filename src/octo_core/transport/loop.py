@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
+import sys
 import threading
 from typing import Any, Coroutine, Optional
 
@@ -57,3 +59,40 @@ class LoopThread:
             self._thread.join(5)
             if not self._thread.is_alive():
                 self.loop.close()
+
+
+def start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any],
+               context: contextvars.Context) -> asyncio.Future:
+    """Run ``coro`` as a task whose first step runs now, in ``context``.
+
+    A handler that finishes without suspending is done before this returns: no
+    scheduling, no extra loop iteration, and its reply goes out in the same
+    read callback. One that suspends goes on as an ordinary task (it is the
+    current task throughout, so ``asyncio.timeout`` and friends work).
+    """
+    if _EAGER_START:
+        return asyncio.Task(coro, loop=loop, context=context, eager_start=True)
+    if asyncio.current_task(loop) is not None:   # 3.11 cannot nest tasks: start it normally
+        return loop.create_task(coro, context=context)
+    return _EagerTask(coro, loop, context)
+
+
+_EAGER_START = sys.version_info >= (3, 12)
+
+
+class _EagerTask(asyncio.tasks._PyTask):  # type: ignore[name-defined,misc]
+    """Python 3.11's eager start: the pure-Python Task, minus the scheduled first
+    step (3.12 has ``eager_start``; 3.11's Task internals no longer change)."""
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], loop: asyncio.AbstractEventLoop,
+                 context: contextvars.Context) -> None:
+        asyncio.futures._PyFuture.__init__(self, loop=loop)
+        self._name = "octo-handler"
+        self._num_cancels_requested = 0
+        self._must_cancel = False
+        self._fut_waiter = None
+        self._coro = coro
+        self._context = context
+        context.run(self._Task__step)
+        if not self.done():       # it suspended: asyncio.all_tasks() should see it now
+            asyncio.tasks._register_task(self)

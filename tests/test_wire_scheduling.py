@@ -1,0 +1,140 @@
+"""How calls are scheduled: coroutine handlers start eagerly, deadlines share one timer.
+
+Each test starts its own Server on 127.0.0.1 port 0 and stops it on the way out.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextvars
+
+import pytest
+
+from octo_core.errors import CallTimeout
+from octo_core.transport.loop import start_task
+
+from wire_helpers import (Echo, EchoHandler, async_client, echo_services, run, serving,
+                          watchdog)  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("watchdog")
+
+
+class TaskAwareHandler(EchoHandler):
+    """Coroutine handlers that need to be inside a task from their first line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tasks = []
+
+    async def slow(self, text: str, delay_ms: int) -> str:
+        me = asyncio.current_task()
+        self.tasks.append(me)
+        async with asyncio.timeout(5):          # needs the current task at once
+            await asyncio.sleep(delay_ms / 1000)
+        assert asyncio.current_task() is me
+        return text
+
+
+def test_coroutine_handlers_run_as_tasks_from_their_first_line():
+    handler = TaskAwareHandler()
+
+    async def main():
+        async with serving(echo_services(handler)) as server, \
+                async_client(Echo, server.address) as client:
+            assert await client.slow("now", 0) == "now"
+            answers = await asyncio.gather(*(client.slow(f"m{i}", i % 3) for i in range(30)))
+            assert answers == [f"m{i}" for i in range(30)]
+        assert len(handler.tasks) == 31 and all(t is not None for t in handler.tasks)
+
+    run(main())
+
+
+def test_start_task_finishes_a_coroutine_that_never_suspends_before_returning():
+    seen = []
+
+    async def quick():
+        seen.append(asyncio.current_task())
+        return 7
+
+    async def later():
+        await asyncio.sleep(0)
+        return 8
+
+    def from_a_callback(loop, coro):
+        """Start ``coro`` as the server does: from a protocol callback, outside any task."""
+        started = loop.create_future()
+
+        def start():
+            task = start_task(loop, coro, contextvars.copy_context())
+            started.set_result((task, task.done(), task in asyncio.all_tasks(loop)))
+        loop.call_soon(start)
+        return started
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        task, done, _ = await from_a_callback(loop, quick())
+        assert done and task.result() == 7 and seen == [task]
+        task, done, listed = await from_a_callback(loop, later())
+        assert not done and listed              # a suspended eager task is visible
+        assert await task == 8
+        # inside a task (not the server's case) it still runs, as an ordinary task
+        assert await start_task(loop, quick(), contextvars.copy_context()) == 7
+
+    run(main())
+
+
+def test_eager_task_is_cancelled_like_any_task():
+    async def main():
+        loop = asyncio.get_running_loop()
+        started = loop.create_future()
+
+        async def waits():
+            started.set_result(None)
+            await asyncio.sleep(30)
+
+        holder = {}
+        loop.call_soon(lambda: holder.setdefault(
+            "task", start_task(loop, waits(), contextvars.copy_context())))
+        await started
+        task = holder["task"]
+        assert not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert task.cancelled()
+
+    run(main())
+
+
+def test_deadlines_fire_in_time_order_whatever_order_the_calls_were_made():
+    async def main():
+        async with serving(echo_services()) as server, \
+                async_client(Echo, server.address, timeout=5.0) as client:
+            finished = []
+
+            async def call(name, timeout):
+                try:
+                    await client.call("slow", name, 2000, timeout=timeout)
+                except CallTimeout:
+                    finished.append(name)
+
+            # the long deadline is armed first; the short one must re-arm the timer
+            await asyncio.gather(call("long", 0.6), call("short", 0.05), call("mid", 0.3))
+            assert finished == ["short", "mid", "long"]
+            assert await client.echo("still fine") == "still fine"
+
+    run(main())
+
+
+def test_answered_calls_do_not_pile_up_deadlines():
+    async def main():
+        async with serving(echo_services()) as server, \
+                async_client(Echo, server.address, timeout=30.0) as client:
+            for _ in range(10):
+                await asyncio.gather(*(client.echo(str(i)) for i in range(500)))
+            (endpoint,) = client._endpoints.values()
+            conn = endpoint._conns[0]
+            # 5000 answered calls, each with a 30 s deadline: the heap is pruned
+            assert len(conn._deadlines) <= 2 * len(conn._pending) + 1024 + 1
+            assert not conn._pending
+
+    run(main())
