@@ -9,6 +9,7 @@ nothing else, and must be refused before large buffers are allocated.
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 import sys
 import tracemalloc
@@ -137,6 +138,80 @@ def test_encode_unified_message_equals_the_two_step_encoding():
         assert one_pass == two_step, f"flags 0x{flags:02x}"
     assert protocol.encode_framed_message("echo", 1, 9, args) == raw_framed(
         codec.encode_message("echo", 1, 9, args))
+
+
+TEXT = st.text(max_size=40)
+TEXT_MAP = st.one_of(st.none(), st.dictionaries(TEXT, TEXT, max_size=4))
+
+
+@FUZZ
+@given(message_type=st.sampled_from(list(MessageType)), service=TEXT,
+       seq=st.integers(-2**63, 2**63 - 1), call_type=st.integers(0, 1),
+       timeout=st.integers(-2**31, 2**31 - 1),
+       trace=st.one_of(st.none(), st.tuples(TEXT, st.none() | TEXT, st.none() | TEXT)),
+       global_context=TEXT_MAP, local_context=TEXT_MAP, flags=st.sampled_from([0x01, 0x81]))
+def test_request_header_from_fields_is_the_header_struct_byte_for_byte(
+        message_type, service, seq, call_type, timeout, trace, global_context, local_context,
+        flags):
+    trace_info = None if trace is None else TraceInfo(clientAppkey=trace[0], traceId=trace[1],
+                                                      spanId=trace[2])
+    header = Header(messageType=message_type,
+                    requestInfo=RequestInfo(service, seq, call_type, timeout),
+                    traceInfo=trace_info, globalContext=global_context or None,
+                    localContext=local_context or None)
+    fields = (message_type, service, seq, call_type, timeout, *(trace or (None,) * 3),
+              global_context, local_context)
+    assert _codec.request_header_bytes(*fields) == serialize(header)
+    args = Echo.echo_args(text=service)
+    assert (_codec.encode_request(flags, *fields, "echo", TMessageType.CALL, 3, args)
+            == protocol.encode_unified_message(flags, header, "echo", TMessageType.CALL, 3, args))
+
+
+@FUZZ
+@given(seq=st.integers(-2**63, 2**63 - 1), status=st.integers(0, 127),
+       text=st.none() | TEXT, flags=st.sampled_from(ALL_FLAGS))
+def test_response_header_from_fields_is_the_header_struct_byte_for_byte(seq, status, text, flags):
+    header = protocol.response_header(seq, status, text)
+    assert _codec.response_header_bytes(MessageType.NORMAL, seq, status, text) == serialize(header)
+    result = Echo.echo_result(success=text)
+    assert (protocol.encode_response(flags, seq, status, text, "echo", TMessageType.REPLY, 4, result)
+            == protocol.encode_unified_message(flags, header, "echo", TMessageType.REPLY, 4, result))
+    assert protocol.encode_refusal(flags, seq, status, text or "") == protocol.encode_unified(
+        protocol.response_header(seq, status, text or ""), b"", flags)
+
+
+@pytest.mark.parametrize("fields, why", [
+    ((0, None, 1, 0, 10), "serviceName is required"),
+    ((0, b"Echo", 1, 0, 10), "serviceName must be str"),
+    ((0, "Echo", 1, 0, 10, 7), "clientAppkey must be str"),
+    ((0, "Echo", 1, 0, 10, "c", None, None, {"k": 1}), "must map str to str"),
+    ((0, "Echo", 1, 0, 10, "c", None, None, None, ["x"]), "must be a dict"),
+    ((0, "Echo", 1, 0, 10, "c", "\ud800"), "traceId"),
+])
+def test_request_header_fields_of_the_wrong_type_are_encode_errors(fields, why):
+    with pytest.raises(EncodeError, match=why):
+        _codec.request_header_bytes(*fields)
+
+
+def test_new_ids_are_16_hex_digits_and_do_not_repeat():
+    ids = {_codec.new_id() for _ in range(100_000)}
+    assert len(ids) == 100_000
+    assert all(len(i) == 16 and int(i, 16) >= 0 for i in list(ids)[:100])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_draws_other_ids_than_its_parent():
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: report its next ids and leave at once
+        os.write(write, " ".join(_codec.new_id() for _ in range(3)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 1024).decode().split()
+    os.close(read)
+    parent = [_codec.new_id() for _ in range(3)]
+    assert len(child) == 3 and not set(child) & set(parent)
 
 
 def test_framed_thrift_round_trip():

@@ -1091,3 +1091,4 @@ for _k in _PRIMITIVE_KINDS:
 
 include "_frame.pxi"
 include "_sign.pxi"
+include "_header.pxi"

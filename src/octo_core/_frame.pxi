@@ -92,35 +92,22 @@ def encode_framed_message(name, msg_type, seqid, obj) -> bytes:
     return _w_finish(&w)
 
 
-def encode_unified_message(int flags, header, name, msg_type, seqid, obj) -> bytes:
-    """A whole uncompressed unified frame: ``header`` then the message, in one pass.
-
-    Equal to ``encode_frame(flags, len(h), h, encode_message(...))`` with
-    ``h = encode(header)``; compression flags are the caller's business.
-    """
-    if flags & 0x60 or not 0 <= flags <= 255:
-        raise EncodeError(f"encode_unified_message cannot apply protocol flags 0x{flags:02x}")
-    cdef _StructSpec hs = _encode_spec(header)
-    cdef _StructSpec s = _encode_spec(obj)
-    cdef _Writer w
-    cdef Py_ssize_t header_length
-    _w_init(&w, hs.size_hint + s.size_hint + 96)
-    try:
-        w.len = PREFIX
-        _w_top(&w, hs, header)
-        header_length = w.len - PREFIX
-        if header_length > 32767:
-            raise EncodeError(f"header of {header_length} bytes cannot be framed (max 32767)")
-        _w_message_begin(&w, name, msg_type, seqid)
-        _w_top(&w, s, obj)
-        if w.len + 4 > 2147483647:
-            raise EncodeError(f"frame of {w.len} bytes is too large")
-        if flags & FLAG_CHECKSUM:
-            _w_reserve(&w, 4)
-    except BaseException:
-        _w_abandon(&w)
-        raise
+cdef object _finish_unified(_Writer* w, int flags, Py_ssize_t header_length):
+    """Fill in the prefix of the frame in ``w`` (written from byte 10 on), add the
+    checksum if ``flags`` asks for one, and hand over the bytes."""
+    if header_length > 32767:
+        _w_abandon(w)
+        raise EncodeError(f"header of {header_length} bytes cannot be framed (max 32767)")
+    if w.len + 4 > 2147483647:
+        _w_abandon(w)
+        raise EncodeError(f"frame of {w.len} bytes is too large")
     cdef Py_ssize_t trailer = 4 if flags & FLAG_CHECKSUM else 0
+    if trailer:
+        try:
+            _w_reserve(w, 4)
+        except BaseException:
+            _w_abandon(w)
+            raise
     w.data[0] = <char>MAGIC_0
     w.data[1] = <char>MAGIC_1
     w.data[2] = 0
@@ -130,7 +117,36 @@ def encode_unified_message(int flags, header, name, msg_type, seqid, obj) -> byt
     if trailer:
         _put_u32(w.data + w.len, _adler32(<const unsigned char*>w.data, w.len))
         w.len += 4
-    return _w_finish(&w)
+    return _w_finish(w)
+
+
+cdef int _check_plain_flags(int flags) except -1:
+    if flags & 0x60 or not 0 <= flags <= 255:
+        raise EncodeError(f"a one-pass frame cannot apply protocol flags 0x{flags:02x}")
+    return 0
+
+
+def encode_unified_message(int flags, header, name, msg_type, seqid, obj) -> bytes:
+    """A whole uncompressed unified frame: ``header`` then the message, in one pass.
+
+    Equal to ``encode_frame(flags, len(h), h, encode_message(...))`` with
+    ``h = encode(header)``; compression flags are the caller's business.
+    """
+    _check_plain_flags(flags)
+    cdef _StructSpec hs = _encode_spec(header)
+    cdef _StructSpec s = _encode_spec(obj)
+    cdef _Writer w
+    _w_init(&w, hs.size_hint + s.size_hint + 96)
+    try:
+        w.len = PREFIX
+        _w_top(&w, hs, header)
+        header_length = w.len - PREFIX
+        _w_message_begin(&w, name, msg_type, seqid)
+        _w_top(&w, s, obj)
+    except BaseException:
+        _w_abandon(&w)
+        raise
+    return _finish_unified(&w, flags, header_length)
 
 
 def split_unified(int flags, Py_ssize_t header_length, payload, header_cls, Limits limits=None):

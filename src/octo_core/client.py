@@ -20,7 +20,7 @@ from octo_core.metrics import Metrics
 from octo_core.errors import (ApplicationError, CallTimeout, DecodeError, DegradeError, OctoError,
                               ProtocolError, RemoteError, RpcError, RuntimeFailure, SecurityError,
                               ServiceError, Status, TransportError)
-from octo_core.protocol import CallType, Frame
+from octo_core.protocol import CallType, Frame, MessageType
 from octo_core.registry import Directory, Node, Registry, open_registry
 from octo_core.transport.address import parse_address
 from octo_core.transport.client import Endpoint
@@ -205,19 +205,7 @@ class AsyncClient:
                 raise
         seq = conn.next_sequence()
         if self.unified:
-            header = protocol.request_header(
-                self.service_name, seq, max(1, int(timeout * 1000)),
-                call_type=CallType.NO_REPLY if method.oneway else CallType.REPLY,
-                trace=protocol.TraceInfo(clientAppkey=self.appkey, traceId=span.trace_id,
-                                         spanId=span.span_id),
-                global_context=dict(tags) if tags else None)
-            if self._signer is None:
-                data = protocol.encode_unified_message(self._flags, header, method.name,
-                                                       TMessageType.CALL, seq, request)
-            else:
-                body = _codec.encode_message(method.name, TMessageType.CALL, seq, request)
-                header.localContext = self._signer.headers(self.service_name, method.name, body)
-                data = protocol.encode_unified(header, body, self._flags)
+            data = self._request_frame(method, request, seq, timeout, tags, span)
         else:
             msg_type = TMessageType.ONEWAY if method.oneway else TMessageType.CALL
             data = protocol.encode_framed_message(method.name, msg_type, seq, request)
@@ -242,6 +230,25 @@ class AsyncClient:
             conn.forget(seq)    # cancelled (a lost race): nobody waits for this reply now
             raise
         return self._result(method, frame, endpoint.node)
+
+    def _request_frame(self, method: idl.Method, request: Any, seq: int, timeout: float,
+                       tags: Mapping[str, str], span: Span) -> bytes:
+        """The unified request frame; its header is written from these fields."""
+        call_type = CallType.NO_REPLY if method.oneway else CallType.REPLY
+        timeout_ms = max(1, int(timeout * 1000))
+        context = tags if type(tags) is dict else dict(tags)
+        if self._signer is None and not self._flags & protocol.COMPRESSED:
+            return _codec.encode_request(
+                self._flags, MessageType.NORMAL, self.service_name, seq, call_type, timeout_ms,
+                self.appkey, span.trace_id, span.span_id, context, None,
+                method.name, TMessageType.CALL, seq, request)
+        body = _codec.encode_message(method.name, TMessageType.CALL, seq, request)
+        signature = (self._signer.headers(self.service_name, method.name, body)
+                     if self._signer is not None else None)
+        head = _codec.request_header_bytes(
+            MessageType.NORMAL, self.service_name, seq, call_type, timeout_ms,
+            self.appkey, span.trace_id, span.span_id, context, signature)
+        return protocol.frame_unified(head, body, self._flags)
 
     def _result(self, method: idl.Method, frame: Frame, node: str) -> Any:
         if frame.header is not None:

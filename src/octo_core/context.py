@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import random
 from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional
+
+from octo_core import _codec
 
 log = logging.getLogger("octo_core.context")
 
@@ -34,10 +35,6 @@ SpanHook = Callable[[str, str, str, Span], Optional[Callable[[int], None]]]
 _HOOKS: List[SpanHook] = []
 
 
-def _new_id() -> str:
-    return f"{random.getrandbits(64):016x}"
-
-
 def global_context() -> Mapping[str, str]:
     """The ``globalContext`` outbound calls will carry (read-only)."""
     return _GLOBAL.get()
@@ -52,8 +49,8 @@ def child_span() -> Span:
     """A span for an outbound call: in the current trace, or the first of a new one."""
     parent = _SPAN.get()
     if parent is None:
-        return Span(_new_id(), _new_id())
-    return Span(parent.trace_id, _new_id(), parent.span_id)
+        return Span(_codec.new_id(), _codec.new_id())
+    return Span(parent.trace_id, _codec.new_id(), parent.span_id)
 
 
 @contextlib.contextmanager

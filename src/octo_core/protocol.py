@@ -33,6 +33,7 @@ FLAG_SNAPPY = 0x20
 SERIALIZER_MASK = 0x03
 SERIALIZER_THRIFT = 1
 DEFAULT_FLAGS = SERIALIZER_THRIFT
+COMPRESSED = FLAG_GZIP | FLAG_SNAPPY
 MAX_HEADER_LENGTH = 32767
 DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
 
@@ -138,22 +139,43 @@ def decompress(flags: int, payload: bytes, limit: int) -> bytes:
 
 # --- building frames --------------------------------------------------------------
 
-def encode_unified(header: Any, body: bytes, flags: int = DEFAULT_FLAGS) -> bytes:
-    """A whole unified frame: ``header`` (a ``Header``), then the thrift ``body``."""
-    head = _codec.encode(header)
+def frame_unified(head: bytes, body: bytes, flags: int = DEFAULT_FLAGS) -> bytes:
+    """A whole unified frame from an encoded header and a thrift ``body``
+    (compressed as ``flags`` say)."""
     if len(head) > MAX_HEADER_LENGTH:
         raise EncodeError(f"header of {len(head)} bytes cannot be framed (max {MAX_HEADER_LENGTH})")
-    if flags & (FLAG_SNAPPY | FLAG_GZIP):
+    if flags & COMPRESSED:
         return _codec.encode_frame(flags, len(head), compress(flags, head + body))
     return _codec.encode_frame(flags, len(head), head, body)
+
+
+def encode_unified(header: Any, body: bytes, flags: int = DEFAULT_FLAGS) -> bytes:
+    """A whole unified frame: ``header`` (a ``Header``), then the thrift ``body``."""
+    return frame_unified(_codec.encode(header), body, flags)
 
 
 def encode_unified_message(flags: int, header: Any, name: str, msg_type: int, seqid: int,
                            obj: Any) -> bytes:
     """A unified frame carrying ``header`` and the thrift message ``(name, msg_type, seqid, obj)``."""
-    if flags & (FLAG_SNAPPY | FLAG_GZIP):
+    if flags & COMPRESSED:
         return encode_unified(header, _codec.encode_message(name, msg_type, seqid, obj), flags)
     return _codec.encode_unified_message(flags, header, name, msg_type, seqid, obj)
+
+
+def encode_response(flags: int, sequence_id: int, status: int, text: Optional[str], name: str,
+                    msg_type: int, seqid: int, obj: Any) -> bytes:
+    """A reply frame: a response header ``(sequence_id, status, text)`` and the
+    message; the header is written from its fields, no ``Header`` object."""
+    if flags & COMPRESSED:
+        return frame_unified(_codec.response_header_bytes(MessageType.NORMAL, sequence_id, status, text),
+                             _codec.encode_message(name, msg_type, seqid, obj), flags)
+    return _codec.encode_response(flags, sequence_id, status, text, name, msg_type, seqid, obj)
+
+
+def encode_refusal(flags: int, sequence_id: int, status: int, text: str) -> bytes:
+    """A body-less reply frame: only the status and message (§2)."""
+    return frame_unified(_codec.response_header_bytes(MessageType.NORMAL, sequence_id, status, text),
+                         b"", flags)
 
 
 encode_framed = _codec.encode_framed
@@ -217,7 +239,7 @@ class FrameDecoder:
         return frames
 
     def _unified(self, flags: int, header_length: int, payload: bytes) -> Frame:
-        if flags & (FLAG_SNAPPY | FLAG_GZIP):
+        if flags & COMPRESSED:
             payload = decompress(flags, payload, self.max_frame_size)
         header, body = _codec.split_unified(flags, header_length, payload, Header, self._limits)
         return Frame(flags, header, body)

@@ -74,8 +74,8 @@ class _Reply:
     def message(self, name: str, msg_type: int, seqid: int, obj: Any, status: int = 0,
                 text: Optional[str] = None) -> None:
         if self.unified:
-            header = protocol.response_header(self.sequence_id, status, text)
-            data = protocol.encode_unified_message(self.flags, header, name, msg_type, seqid, obj)
+            data = protocol.encode_response(self.flags, self.sequence_id, status, text,
+                                            name, msg_type, seqid, obj)
         else:
             data = protocol.encode_framed_message(name, msg_type, seqid, obj)
         self.conn.send(data)
@@ -88,8 +88,7 @@ class _Reply:
     def refuse(self, status: int, text: str, name: str = "", seqid: int = 0) -> None:
         """A failure outside the handler: a status and message (§2), body-less on unified."""
         if self.unified:
-            header = protocol.response_header(self.sequence_id, status, text)
-            self.conn.send(protocol.encode_unified(header, b"", self.flags))
+            self.conn.send(protocol.encode_refusal(self.flags, self.sequence_id, status, text))
         else:
             self.app_exception(name, seqid, TApplicationException.INTERNAL_ERROR, text, status)
 
@@ -480,7 +479,7 @@ class Server:
         trace = header.traceInfo if header is not None else None
         span = None
         if trace is not None and trace.traceId:
-            span = _context.Span(trace.traceId, trace.spanId or _context._new_id())
+            span = _context.Span(trace.traceId, trace.spanId or _codec.new_id())
             call.span_ends = _context._span_started("server", call.service.name, call.method.name, span)
         return _context._enter(header.globalContext if header is not None else None, span)
 

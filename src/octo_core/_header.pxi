@@ -1,0 +1,218 @@
+# Included by _codec.pyx: the unified header (PROTOCOL.md §2) written straight
+# from its fields, and the ids of TraceInfo. The per-call paths build no
+# thriftpy2 Header objects; the bytes are exactly those of encode(Header(...))
+# (tests compare them), fields in id order, unset optional fields left out.
+
+from os import register_at_fork, urandom
+
+
+cdef inline int _w_field(_Writer* w, uint8_t wire, uint16_t fid) except -1:
+    _w_reserve(w, 3)
+    _put_u8(w.data + w.len, wire)
+    _put_u16(w.data + w.len + 1, fid)
+    w.len += 3
+    return 0
+
+
+cdef inline int _w_stop(_Writer* w) except -1:
+    _w_reserve(w, 1)
+    _put_u8(w.data + w.len, T_STOP)
+    w.len += 1
+    return 0
+
+
+cdef inline int _w_fixed(_Writer* w, uint8_t wire, uint16_t fid, int64_t v) except -1:
+    """A byte, i32 or i64 field."""
+    _w_field(w, wire, fid)
+    _w_reserve(w, 8)
+    if wire == T_BYTE:
+        _put_u8(w.data + w.len, <uint8_t>v)
+        w.len += 1
+    elif wire == T_I32:
+        _put_u32(w.data + w.len, <uint32_t>v)
+        w.len += 4
+    else:
+        _put_u64(w.data + w.len, <uint64_t>v)
+        w.len += 8
+    return 0
+
+
+cdef int _w_text(_Writer* w, uint16_t fid, object v, str what) except -1:
+    """An optional string field: nothing when ``v`` is None."""
+    if v is None:
+        return 0
+    if not PyUnicode_Check(v):
+        raise EncodeError(f"{what} must be str, got {_tname(v)}")
+    _w_field(w, T_STRING, fid)
+    try:
+        _w_string(w, v, T_STRING)
+    except UnicodeError as e:
+        raise EncodeError(f"{what}: {e}") from e
+    return 0
+
+
+cdef int _w_text_map(_Writer* w, uint16_t fid, object d, str what) except -1:
+    """An optional map<string, string> field: nothing when ``d`` is None or empty."""
+    cdef Py_ssize_t pos = 0
+    cdef PyObject* k
+    cdef PyObject* v
+    if not d:
+        return 0
+    if not PyDict_CheckExact(d):
+        if not isinstance(d, dict):
+            raise EncodeError(f"{what} must be a dict of str to str, got {_tname(d)}")
+    _w_field(w, T_MAP, fid)
+    _w_reserve(w, 6)
+    _put_u8(w.data + w.len, T_STRING)
+    _put_u8(w.data + w.len + 1, T_STRING)
+    _put_u32(w.data + w.len + 2, <uint32_t>len(d))
+    w.len += 6
+    while PyDict_Next(d, &pos, &k, &v):
+        if not PyUnicode_Check(<object>k) or not PyUnicode_Check(<object>v):
+            raise EncodeError(f"{what} must map str to str, got "
+                              f"{_tname(<object>k)} -> {_tname(<object>v)}")
+        try:
+            _w_string(w, <object>k, T_STRING)
+            _w_string(w, <object>v, T_STRING)
+        except UnicodeError as e:
+            raise EncodeError(f"{what}: {e}") from e
+    return 0
+
+
+cdef int _w_request_header(_Writer* w, int message_type, object service_name,
+                           int64_t sequence_id, int call_type, int32_t timeout,
+                           object client_appkey, object trace_id, object span_id,
+                           object global_context, object local_context) except -1:
+    if service_name is None:
+        raise EncodeError("RequestInfo.serviceName is required")
+    _w_fixed(w, T_BYTE, 1, message_type)
+    _w_field(w, T_STRUCT, 2)                       # RequestInfo
+    _w_text(w, 1, service_name, "RequestInfo.serviceName")
+    _w_fixed(w, T_I64, 2, sequence_id)
+    _w_fixed(w, T_BYTE, 3, call_type)
+    _w_fixed(w, T_I32, 4, timeout)
+    _w_stop(w)
+    if client_appkey is not None:
+        _w_field(w, T_STRUCT, 4)                   # TraceInfo
+        _w_text(w, 1, client_appkey, "TraceInfo.clientAppkey")
+        _w_text(w, 2, trace_id, "TraceInfo.traceId")
+        _w_text(w, 3, span_id, "TraceInfo.spanId")
+        _w_stop(w)
+    _w_text_map(w, 5, global_context, "Header.globalContext")
+    _w_text_map(w, 6, local_context, "Header.localContext")
+    return _w_stop(w)
+
+
+cdef int _w_response_header(_Writer* w, int message_type, int64_t sequence_id, int status,
+                            object message) except -1:
+    _w_fixed(w, T_BYTE, 1, message_type)
+    _w_field(w, T_STRUCT, 3)                       # ResponseInfo
+    _w_fixed(w, T_I64, 1, sequence_id)
+    _w_fixed(w, T_BYTE, 2, status)
+    _w_text(w, 3, message, "ResponseInfo.message")
+    _w_stop(w)
+    return _w_stop(w)
+
+
+def request_header_bytes(int message_type, service_name, int64_t sequence_id, int call_type,
+                         int32_t timeout, client_appkey=None, trace_id=None, span_id=None,
+                         global_context=None, local_context=None) -> bytes:
+    """The encoded request ``Header``; ``client_appkey`` None leaves out TraceInfo."""
+    cdef _Writer w
+    _w_init(&w, 128)
+    try:
+        _w_request_header(&w, message_type, service_name, sequence_id, call_type, timeout,
+                          client_appkey, trace_id, span_id, global_context, local_context)
+    except BaseException:
+        _w_abandon(&w)
+        raise
+    return _w_finish(&w)
+
+
+def response_header_bytes(int message_type, int64_t sequence_id, int status,
+                          message=None) -> bytes:
+    """The encoded response ``Header`` (no heartbeat)."""
+    cdef _Writer w
+    _w_init(&w, 64)
+    try:
+        _w_response_header(&w, message_type, sequence_id, status, message)
+    except BaseException:
+        _w_abandon(&w)
+        raise
+    return _w_finish(&w)
+
+
+def encode_request(int flags, int message_type, service_name, int64_t sequence_id,
+                   int call_type, int32_t timeout, client_appkey, trace_id, span_id,
+                   global_context, local_context, name, msg_type, seqid, obj) -> bytes:
+    """A whole uncompressed unified request frame in one pass: the header from
+    its fields (as ``request_header_bytes``), then the message ``(name, msg_type,
+    seqid, obj)``."""
+    _check_plain_flags(flags)
+    cdef _StructSpec s = _encode_spec(obj)
+    cdef _Writer w
+    _w_init(&w, s.size_hint + 160)
+    try:
+        w.len = PREFIX
+        _w_request_header(&w, message_type, service_name, sequence_id, call_type, timeout,
+                          client_appkey, trace_id, span_id, global_context, local_context)
+        header_length = w.len - PREFIX
+        _w_message_begin(&w, name, msg_type, seqid)
+        _w_top(&w, s, obj)
+    except BaseException:
+        _w_abandon(&w)
+        raise
+    return _finish_unified(&w, flags, header_length)
+
+
+def encode_response(int flags, int64_t sequence_id, int status, message, name, msg_type,
+                    seqid, obj) -> bytes:
+    """A whole uncompressed unified reply frame in one pass (a normal message type)."""
+    _check_plain_flags(flags)
+    cdef _StructSpec s = _encode_spec(obj)
+    cdef _Writer w
+    _w_init(&w, s.size_hint + 96)
+    try:
+        w.len = PREFIX
+        _w_response_header(&w, 0, sequence_id, status, message)
+        header_length = w.len - PREFIX
+        _w_message_begin(&w, name, msg_type, seqid)
+        _w_top(&w, s, obj)
+    except BaseException:
+        _w_abandon(&w)
+        raise
+    return _finish_unified(&w, flags, header_length)
+
+
+# --- trace ids -------------------------------------------------------------------
+# 64 random bits as 16 hex digits, from xorshift128+ seeded by the OS (and
+# reseeded in a forked child, so parent and child never share a sequence).
+# Ids must be unique, not secret.
+
+cdef uint64_t _id_state[2]     # _HEX comes from _sign.pxi
+
+
+def _seed_ids() -> None:
+    cdef bytes seed = urandom(16)
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(seed)
+    _id_state[0] = _get_u64(p) | 1
+    _id_state[1] = _get_u64(p + 8)
+
+
+_seed_ids()
+register_at_fork(after_in_child=_seed_ids)
+
+
+def new_id() -> str:
+    """A fresh 64-bit id as 16 lowercase hex digits (trace and span ids)."""
+    cdef uint64_t x = _id_state[0], y = _id_state[1]
+    _id_state[0] = y
+    x ^= x << 23
+    _id_state[1] = x ^ y ^ (x >> 17) ^ (y >> 26)
+    cdef uint64_t v = _id_state[1] + y
+    cdef char out[16]
+    cdef int i
+    for i in range(16):
+        out[15 - i] = _HEX[v & 0xF]
+        v >>= 4
+    return out[:16].decode("ascii")
