@@ -199,6 +199,81 @@ def test_new_ids_are_16_hex_digits_and_do_not_repeat():
     assert all(len(i) == 16 and int(i, 16) >= 0 for i in list(ids)[:100])
 
 
+OPT_TEXT = st.none() | TEXT
+TRACE = st.builds(TraceInfo, clientAppkey=TEXT, traceId=OPT_TEXT, spanId=OPT_TEXT,
+                  rootMessageId=OPT_TEXT, currentMessageId=OPT_TEXT, serverMessageId=OPT_TEXT,
+                  debug=st.none() | st.booleans(), sample=st.none() | st.booleans(),
+                  clientIp=OPT_TEXT)
+HEADERS = st.one_of(
+    st.builds(Header, messageType=st.none() | st.sampled_from(list(MessageType)),
+              requestInfo=st.builds(RequestInfo, TEXT, st.integers(-2**63, 2**63 - 1),
+                                    st.integers(-128, 127), st.integers(-2**31, 2**31 - 1)),
+              traceInfo=st.none() | TRACE, globalContext=TEXT_MAP, localContext=TEXT_MAP),
+    st.builds(Header, messageType=st.none() | st.sampled_from(list(MessageType)),
+              responseInfo=st.builds(protocol.ResponseInfo, st.integers(-2**63, 2**63 - 1),
+                                     st.integers(-128, 127), OPT_TEXT),
+              traceInfo=st.none() | TRACE,
+              heartbeatInfo=st.none() | st.builds(HeartbeatInfo, appkey=OPT_TEXT,
+                                                  status=st.integers(0, 5))))
+
+
+def head_and_body(header: Header, body: bytes = b"body"):
+    head_bytes = serialize(header)
+    return _codec.read_head(1, len(head_bytes), head_bytes + body)
+
+
+@FUZZ
+@given(header=HEADERS)
+def test_head_read_in_c_agrees_with_the_header_struct(header):
+    head, body = head_and_body(header)
+    assert body == b"body"
+    assert head.full(Header) == header
+    assert head.message_type == (header.messageType or 0)
+    info = header.requestInfo or header.responseInfo
+    assert head.is_request == (header.requestInfo is not None)
+    assert head.sequence_id == info.sequenceId
+    if head.is_request:
+        assert (head.service_name, head.call_type, head.timeout) == (
+            info.serviceName, info.callType, info.timeout)
+    else:
+        assert (head.status, head.message) == (info.status, info.message)
+    trace = header.traceInfo
+    assert (head.client_appkey, head.trace_id, head.span_id) == (
+        (trace.clientAppkey, trace.traceId, trace.spanId) if trace else (None, None, None))
+    assert head.global_context == header.globalContext
+    assert head.local_context == header.localContext
+
+
+@FUZZ
+@given(header=HEADERS, data=st.data())
+def test_damaged_header_bytes_are_a_protocol_error_and_nothing_else(header, data):
+    good = serialize(header)
+    cut = data.draw(st.integers(0, len(good) - 1))
+    with pytest.raises(ProtocolError):
+        _codec.read_head(1, cut, good[:cut])           # every truncation
+    at = data.draw(st.integers(0, len(good) - 1))
+    damaged = good[:at] + bytes([data.draw(st.integers(0, 255))]) + good[at + 1:]
+    try:
+        head, _ = _codec.read_head(1, len(damaged), damaged)
+    except ProtocolError:
+        return
+    assert head.is_request in (True, False)
+
+
+def test_head_reports_missing_required_fields_and_extra_bytes():
+    no_timeout = serialize(Header(requestInfo=RequestInfo("Echo", 1, 0, 10)))
+    no_timeout = no_timeout.replace(b"\x08\x00\x04\x00\x00\x00\x0a", b"")
+    with pytest.raises(ProtocolError, match="RequestInfo.timeout is missing"):
+        _codec.read_head(1, len(no_timeout), no_timeout)
+    both = serialize(Header(requestInfo=RequestInfo("Echo", 1, 0, 10),
+                            responseInfo=protocol.ResponseInfo(1, 0)))
+    with pytest.raises(ProtocolError, match="both requestInfo and responseInfo"):
+        _codec.read_head(1, len(both), both)
+    good = serialize(Header(requestInfo=RequestInfo("Echo", 1, 0, 10)))
+    with pytest.raises(ProtocolError):   # header_length past the header's own end
+        _codec.read_head(1, len(good) + 1, good + b"\x00")
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_a_forked_child_draws_other_ids_than_its_parent():
     read, write = os.pipe()

@@ -149,27 +149,6 @@ def encode_unified_message(int flags, header, name, msg_type, seqid, obj) -> byt
     return _finish_unified(&w, flags, header_length)
 
 
-def split_unified(int flags, Py_ssize_t header_length, payload, header_cls, Limits limits=None):
-    """``(header, body)`` of a decompressed unified payload (§1–§2 checks included)."""
-    if flags & 0x03 != 1:
-        raise ProtocolError(f"unsupported serializer {flags & 0x03} (only 1, thrift binary, is accepted)")
-    cdef _StructSpec hs = _decode_spec(header_cls)
-    cdef _Input inp = _Input(payload)
-    if header_length > inp.view.len:
-        raise ProtocolError(f"header_length {header_length} exceeds the {inp.view.len}-byte payload")
-    if limits is None:
-        limits = DEFAULT_LIMITS
-    try:
-        header = _decode_at(hs, <const unsigned char*>inp.view.buf, 0, header_length, limits, True)
-    except DecodeError as exc:
-        raise ProtocolError(f"bad unified header: {exc}") from None
-    if header.requestInfo is None and header.responseInfo is None:
-        raise ProtocolError("unified header has neither requestInfo nor responseInfo")
-    body = PyBytes_FromStringAndSize(<const char*>inp.view.buf + header_length,
-                                     inp.view.len - header_length)
-    return header, body
-
-
 cdef class FrameReader:
     """Cuts a byte stream into frames, sans-IO: ``feed(data)`` returns the complete ones.
 

@@ -216,3 +216,200 @@ def new_id() -> str:
         out[15 - i] = _HEX[v & 0xF]
         v >>= 4
     return out[:16].decode("ascii")
+
+
+# --- reading a header ---------------------------------------------------------------
+
+cdef class Head:
+    """The fields of a unified ``Header`` that calls use, read without building
+    thriftpy2 objects. ``full(Header)`` decodes the whole struct (heartbeat
+    info, the rest of TraceInfo) from ``raw`` on demand, once."""
+    cdef readonly int message_type
+    cdef readonly bint is_request
+    cdef readonly int64_t sequence_id
+    cdef readonly object service_name      # request
+    cdef readonly int call_type            # request
+    cdef readonly int32_t timeout          # request, milliseconds
+    cdef readonly int status               # response
+    cdef readonly object message           # response
+    cdef readonly object client_appkey     # TraceInfo, None without one
+    cdef readonly object trace_id
+    cdef readonly object span_id
+    cdef readonly object global_context    # dict or None
+    cdef readonly object local_context     # dict or None
+    cdef readonly bytes raw
+    cdef Limits _limits
+    cdef object _full
+
+    def full(self, header_cls):
+        """The whole header as a ``header_cls`` (thriftpy2 ``Header``) object."""
+        if self._full is None:
+            self._full = decode(header_cls, self.raw, self._limits)
+        return self._full
+
+
+cdef _TypeSpec _TEXT_MAP = _TypeSpec.__new__(_TypeSpec)
+_TEXT_MAP.kind = _TEXT_MAP.wire = T_MAP
+_TEXT_MAP.key = _TEXT_MAP.elem = _primitive(T_STRING)
+
+
+cdef inline int _r_field(_Reader* r, int* fid) except -2:
+    """The next field header of a struct: its wire type (``T_STOP`` at the end)."""
+    _need(r, 1, "field type")
+    cdef int wire = r.buf[r.pos]
+    if wire == T_STOP:
+        r.pos += 1
+        return T_STOP
+    _need(r, 3, "field header")
+    fid[0] = <int16_t>((r.buf[r.pos + 1] << 8) | r.buf[r.pos + 2])
+    r.pos += 3
+    return wire
+
+
+cdef inline int64_t _r_fixed(_Reader* r, int wire) except? -1:
+    """A byte, i32 or i64 value."""
+    cdef int64_t v
+    if wire == T_BYTE:
+        _need(r, 1, "byte")
+        v = <int8_t>r.buf[r.pos]
+        r.pos += 1
+    elif wire == T_I32:
+        v = _r_i32(r)
+    else:
+        _need(r, 8, "i64")
+        v = <int64_t>_get_u64(r.buf + r.pos)
+        r.pos += 8
+    return v
+
+
+cdef int _missing(str field, _Reader* r) except -1:
+    raise DecodeError(f"required field {field} is missing (struct ends at byte {r.pos})",
+                      offset=r.pos)
+
+
+cdef int _r_request_info(_Reader* r, Head h) except -1:
+    cdef int fid = 0, wire, seen = 0
+    while True:
+        wire = _r_field(r, &fid)
+        if wire == T_STOP:
+            break
+        if fid == 1 and wire == T_STRING:
+            h.service_name = _r_string(r, T_STRING)
+        elif fid == 2 and wire == T_I64:
+            h.sequence_id = _r_fixed(r, wire)
+        elif fid == 3 and wire == T_BYTE:
+            h.call_type = <int>_r_fixed(r, wire)
+        elif fid == 4 and wire == T_I32:
+            h.timeout = <int32_t>_r_fixed(r, wire)
+        else:
+            _skip(r, wire, 2)
+            continue
+        seen |= 1 << fid
+    if seen != 0b11110:
+        for fid, name in ((1, "serviceName"), (2, "sequenceId"), (3, "callType"), (4, "timeout")):
+            if not seen & (1 << fid):
+                _missing(f"RequestInfo.{name}", r)
+    return 0
+
+
+cdef int _r_response_info(_Reader* r, Head h) except -1:
+    cdef int fid = 0, wire, seen = 0
+    while True:
+        wire = _r_field(r, &fid)
+        if wire == T_STOP:
+            break
+        if fid == 1 and wire == T_I64:
+            h.sequence_id = _r_fixed(r, wire)
+        elif fid == 2 and wire == T_BYTE:
+            h.status = <int>_r_fixed(r, wire)
+        elif fid == 3 and wire == T_STRING:
+            h.message = _r_string(r, T_STRING)
+        else:
+            _skip(r, wire, 2)
+            continue
+        seen |= 1 << fid
+    if not seen & 2:
+        _missing("ResponseInfo.sequenceId", r)
+    if not seen & 4:
+        _missing("ResponseInfo.status", r)
+    return 0
+
+
+cdef int _r_trace_info(_Reader* r, Head h) except -1:
+    cdef int fid = 0, wire
+    h.client_appkey = None
+    while True:
+        wire = _r_field(r, &fid)
+        if wire == T_STOP:
+            break
+        if fid == 1 and wire == T_STRING:
+            h.client_appkey = _r_string(r, T_STRING)
+        elif fid == 2 and wire == T_STRING:
+            h.trace_id = _r_string(r, T_STRING)
+        elif fid == 3 and wire == T_STRING:
+            h.span_id = _r_string(r, T_STRING)
+        else:
+            _skip(r, wire, 2)    # the rest of TraceInfo: in full() when wanted
+    if h.client_appkey is None:
+        _missing("TraceInfo.clientAppkey", r)
+    return 0
+
+
+cdef Head _r_head(_Reader* r, Limits limits):
+    cdef Head h = Head.__new__(Head)
+    cdef int fid = 0, wire
+    cdef bint request = False, response = False
+    h._limits = limits
+    if r.max_depth < 2:
+        raise DecodeError(f"nesting deeper than {r.max_depth} at byte {r.pos}", offset=r.pos)
+    while True:
+        wire = _r_field(r, &fid)
+        if wire == T_STOP:
+            break
+        if fid == 1 and wire == T_BYTE:
+            h.message_type = <int>_r_fixed(r, wire)
+        elif fid == 2 and wire == T_STRUCT:
+            _r_request_info(r, h)
+            request = True
+        elif fid == 3 and wire == T_STRUCT:
+            _r_response_info(r, h)
+            response = True
+        elif fid == 4 and wire == T_STRUCT:
+            _r_trace_info(r, h)
+        elif fid == 5 and wire == T_MAP:
+            h.global_context = _r_map(r, _TEXT_MAP, 2)
+        elif fid == 6 and wire == T_MAP:
+            h.local_context = _r_map(r, _TEXT_MAP, 2)
+        else:
+            _skip(r, wire, 1)    # heartbeatInfo (read by full()) and unknown fields
+    if request == response:
+        if request:
+            raise DecodeError("header has both requestInfo and responseInfo")
+        raise DecodeError("header has neither requestInfo nor responseInfo")
+    h.is_request = request
+    return h
+
+
+def read_head(int flags, Py_ssize_t header_length, payload, Limits limits=None):
+    """``(head, body)`` of a decompressed unified payload: the ``Head`` read in
+    C, and the body bytes after it (§1–§2 checks included)."""
+    if flags & 0x03 != 1:
+        raise ProtocolError(f"unsupported serializer {flags & 0x03} (only 1, thrift binary, is accepted)")
+    cdef _Input inp = _Input(payload)
+    cdef _Reader r
+    if header_length > inp.view.len:
+        raise ProtocolError(f"header_length {header_length} exceeds the {inp.view.len}-byte payload")
+    if limits is None:
+        limits = DEFAULT_LIMITS
+    _r_init(&r, <const unsigned char*>inp.view.buf, 0, header_length, limits)
+    cdef Head head
+    try:
+        head = _r_head(&r, limits)
+        if r.pos != header_length:
+            raise DecodeError(f"{header_length - r.pos} bytes after the header's end", offset=r.pos)
+    except DecodeError as exc:
+        raise ProtocolError(f"bad unified header: {exc}") from None
+    head.raw = PyBytes_FromStringAndSize(<const char*>inp.view.buf, header_length)
+    body = PyBytes_FromStringAndSize(<const char*>inp.view.buf + header_length,
+                                     inp.view.len - header_length)
+    return head, body

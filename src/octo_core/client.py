@@ -251,17 +251,16 @@ class AsyncClient:
         return protocol.frame_unified(head, body, self._flags)
 
     def _result(self, method: idl.Method, frame: Frame, node: str) -> Any:
-        if frame.header is not None:
-            info = frame.header.responseInfo
-            if info.status != Status.SUCCESS and not frame.body:
-                error = _ERRORS_BY_STATUS.get(info.status, RemoteError)
-                raise error(info.message or f"status {info.status}", status=info.status,
-                            method=method.name, node=node)
+        head = frame.head
+        if head is not None and head.status != Status.SUCCESS and not frame.body:
+            error = _ERRORS_BY_STATUS.get(head.status, RemoteError)
+            raise error(head.message or f"status {head.status}", status=head.status,
+                        method=method.name, node=node)
         try:
             name, msg_type, _, offset = _codec.decode_message_begin(frame.body)
             if msg_type == TMessageType.EXCEPTION:
                 exc = _codec.decode_body(TApplicationException, frame.body, offset)
-                status = frame.header.responseInfo.status if frame.header is not None else None
+                status = head.status if head is not None else None
                 error = _ERRORS_BY_STATUS.get(status, ApplicationError)
                 failure = error(exc.message or f"application exception type {exc.type}",
                                 method=method.name, node=node)

@@ -64,14 +64,20 @@ class NodeStatus(enum.IntEnum):
 
 
 class Frame(NamedTuple):
-    """One decoded frame. ``header`` is ``None`` for native framed thrift."""
+    """One decoded frame. ``head`` (the header fields calls use, read in C) is
+    ``None`` for native framed thrift; ``header`` is the whole ``Header``."""
     flags: int
-    header: Optional[Any]
+    head: Optional[_codec.Head]
     body: Union[bytes, memoryview]
 
     @property
+    def header(self) -> Optional[Any]:
+        """The whole ``Header`` object, decoded on first use."""
+        return None if self.head is None else self.head.full(Header)
+
+    @property
     def is_unified(self) -> bool:
-        return self.header is not None
+        return self.head is not None
 
 
 # --- compression ------------------------------------------------------------------
@@ -241,5 +247,5 @@ class FrameDecoder:
     def _unified(self, flags: int, header_length: int, payload: bytes) -> Frame:
         if flags & COMPRESSED:
             payload = decompress(flags, payload, self.max_frame_size)
-        header, body = _codec.split_unified(flags, header_length, payload, Header, self._limits)
-        return Frame(flags, header, body)
+        head, body = _codec.read_head(flags, header_length, payload, self._limits)
+        return Frame(flags, head, body)

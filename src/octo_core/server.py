@@ -354,32 +354,31 @@ class Server:
     # --- dispatch ------------------------------------------------------------------
 
     def _dispatch(self, conn: ServerConnection, frame: Frame) -> None:
-        header = frame.header
-        if header is None:
+        head = frame.head
+        if head is None:
             self._native(conn, frame)
             return
-        info = header.requestInfo
-        if info is None:
+        if not head.is_request:
             conn.protocol_error(protocol.ProtocolError("a response frame was sent to the server"))
             return
-        reply = _Reply(conn, frame.flags, info.sequenceId, True)
-        if header.messageType in (MessageType.NORMAL_HEARTBEAT, MessageType.SCANNER_HEARTBEAT):
-            self._heartbeat(reply, header.messageType)
+        reply = _Reply(conn, frame.flags, head.sequence_id, True)
+        if head.message_type in (MessageType.NORMAL_HEARTBEAT, MessageType.SCANNER_HEARTBEAT):
+            self._heartbeat(reply, head.message_type)
             return
-        service = self._services.get(info.serviceName)
+        service = self._services.get(head.service_name)
         if service is None:
             # names off the wire are not metric labels: one series for all unknown services
             self.metrics.refused(UNKNOWN, UNKNOWN, Status.SERVICE_EXCEPTION)
             reply.refuse(Status.SERVICE_EXCEPTION,
-                         f"service {info.serviceName!r} is not hosted by {self.appkey}")
+                         f"service {head.service_name!r} is not hosted by {self.appkey}")
             return
         try:
             begin = _codec.decode_message_begin(frame.body)
         except DecodeError as exc:   # framing is intact: refuse this call, keep the connection
             reply.refuse(Status.PROTOCOL_EXCEPTION, f"bad message: {exc}")
             return
-        deadline = time.monotonic() + info.timeout / 1000.0 if info.timeout > 0 else None
-        self._call(service, reply, frame.body, begin, deadline, header)
+        deadline = time.monotonic() + head.timeout / 1000.0 if head.timeout > 0 else None
+        self._call(service, reply, frame.body, begin, deadline, head)
 
     def _native(self, conn: ServerConnection, frame: Frame) -> None:
         reply = _Reply(conn, 0, 0, False)
@@ -397,20 +396,20 @@ class Server:
             return
         self._call(hosts[0], reply, frame.body, begin, None, None)
 
-    def _admission(self, service: _Service, name: str, reply: _Reply, header: Optional[Any],
+    def _admission(self, service: _Service, name: str, reply: _Reply, head: Optional[_codec.Head],
                    body: Any) -> Optional[Tuple[int, str]]:
         """Why a request may not run now (status, message), or None to run it."""
         if self.status != NodeStatus.ALIVE:
             return Status.RPC_EXCEPTION, f"{self.appkey} is {self.status.name.lower()}"
-        caller = header.traceInfo.clientAppkey if header is not None and header.traceInfo else ""
+        caller = (head.client_appkey or "") if head is not None else ""
         if self.auth is not None:
-            if header is None:
+            if head is None:
                 return (Status.SECURITY_EXCEPTION,
                         "authentication is required: native thrift cannot be signed")
             try:
                 self.auth.check_peer(reply.conn.peer_ip)
                 self.auth.check(caller=caller, server_appkey=self.appkey, service=service.name,
-                                method=name, local_context=header.localContext,
+                                method=name, local_context=head.local_context,
                                 body=bytes(body) if self.auth.sign_body else None)
             except SecurityError as refused:
                 return Status.SECURITY_EXCEPTION, str(refused)
@@ -424,10 +423,10 @@ class Server:
         return None
 
     def _call(self, service: _Service, reply: _Reply, body: Any, begin: tuple,
-              deadline: Optional[float], header: Optional[Any]) -> None:
+              deadline: Optional[float], head: Optional[_codec.Head]) -> None:
         """Admit, decode and start one request; ``begin`` is its decoded message header."""
         name, msg_type, seqid, offset = begin
-        refusal = self._admission(service, name, reply, header, body)
+        refusal = self._admission(service, name, reply, head, body)
         if refusal is not None:
             self.metrics.refused(service.name, name if name in service.methods else UNKNOWN,
                                  refusal[0])
@@ -462,7 +461,7 @@ class Server:
         argv = [getattr(args, arg) for arg in method.arg_names]
         # The handler runs in a copy of this context holding the caller's
         # globalContext and trace: set them, take the copy, reset.
-        tokens = self._enter_call_context(call, header)
+        tokens = self._enter_call_context(call, head)
         try:
             context = contextvars.copy_context()
         finally:
@@ -475,13 +474,12 @@ class Server:
         future.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._sync_done, call, f))
 
     @staticmethod
-    def _enter_call_context(call: _Call, header: Optional[Any]) -> tuple:
-        trace = header.traceInfo if header is not None else None
+    def _enter_call_context(call: _Call, head: Optional[_codec.Head]) -> tuple:
         span = None
-        if trace is not None and trace.traceId:
-            span = _context.Span(trace.traceId, trace.spanId or _codec.new_id())
+        if head is not None and head.trace_id:
+            span = _context.Span(head.trace_id, head.span_id or _codec.new_id())
             call.span_ends = _context._span_started("server", call.service.name, call.method.name, span)
-        return _context._enter(header.globalContext if header is not None else None, span)
+        return _context._enter(head.global_context if head is not None else None, span)
 
     async def _run_coroutine(self, call: _Call, fn: Callable[..., Any], argv: List[Any],
                              deadline: Optional[float]) -> None:

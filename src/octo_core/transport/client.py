@@ -101,12 +101,12 @@ class ClientConnection(FramedProtocol):
 
     def frames_received(self, frames: List[Frame]) -> None:
         for frame in frames:
-            if frame.header is not None:
-                info = frame.header.responseInfo
-                if info is None:
+            head = frame.head
+            if head is not None:
+                if head.is_request:
                     self.protocol_error(ProtocolError("the server sent a request frame"))
                     return
-                seq = info.sequenceId
+                seq = head.sequence_id
             else:
                 try:
                     seq = _codec.decode_message_begin(frame.body)[2]
