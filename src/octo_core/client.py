@@ -128,8 +128,8 @@ class AsyncClient:
             setattr(self, name, self._caller(method))
 
     def _caller(self, method: idl.Method) -> Callable[..., Any]:
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            return await self._call(method, args, kwargs)
+        def call(*args: Any, **kwargs: Any) -> Awaitable[Any]:
+            return self._call(method, args, kwargs)   # the coroutine itself: one frame less
         call.__name__ = method.name
         call.__qualname__ = f"{self.service.__name__}.{method.name}"
         return call

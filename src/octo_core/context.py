@@ -30,6 +30,12 @@ class Span(NamedTuple):
     parent_id: Optional[str] = None
 
 
+def _new_span(fields: tuple) -> Span:
+    """``Span(*fields)`` without the Python-level ``__new__`` NamedTuple generates
+    (it is a per-call cost on both sides)."""
+    return tuple.__new__(Span, fields)
+
+
 # hook(side, service, method, span) -> None or a function called with the OCTO status at the end
 SpanHook = Callable[[str, str, str, Span], Optional[Callable[[int], None]]]
 _HOOKS: List[SpanHook] = []
@@ -49,8 +55,8 @@ def child_span() -> Span:
     """A span for an outbound call: in the current trace, or the first of a new one."""
     parent = _SPAN.get()
     if parent is None:
-        return Span(_codec.new_id(), _codec.new_id())
-    return Span(parent.trace_id, _codec.new_id(), parent.span_id)
+        return _new_span((_codec.new_id(), _codec.new_id(), None))
+    return _new_span((parent.trace_id, _codec.new_id(), parent.span_id))
 
 
 @contextlib.contextmanager

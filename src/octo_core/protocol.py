@@ -80,6 +80,11 @@ class Frame(NamedTuple):
         return self.head is not None
 
 
+def _new_frame(fields: tuple) -> Frame:
+    """``Frame(*fields)`` without the Python-level ``__new__`` NamedTuple generates."""
+    return tuple.__new__(Frame, fields)
+
+
 # --- compression ------------------------------------------------------------------
 
 def _snappy():
@@ -239,7 +244,7 @@ class FrameDecoder:
         frames = []
         for flags, header_length, payload in self._reader.feed(data):
             if flags is None:
-                frames.append(Frame(0, None, payload))
+                frames.append(_new_frame((0, None, payload)))
             else:
                 frames.append(self._unified(flags, header_length, payload))
         return frames
@@ -248,4 +253,4 @@ class FrameDecoder:
         if flags & COMPRESSED:
             payload = decompress(flags, payload, self.max_frame_size)
         head, body = _codec.read_head(flags, header_length, payload, self._limits)
-        return Frame(flags, head, body)
+        return _new_frame((flags, head, body))

@@ -477,7 +477,7 @@ class Server:
     def _enter_call_context(call: _Call, head: Optional[_codec.Head]) -> tuple:
         span = None
         if head is not None and head.trace_id:
-            span = _context.Span(head.trace_id, head.span_id or _codec.new_id())
+            span = _context._new_span((head.trace_id, head.span_id or _codec.new_id(), None))
             call.span_ends = _context._span_started("server", call.service.name, call.method.name, span)
         return _context._enter(head.global_context if head is not None else None, span)
 

@@ -64,9 +64,10 @@ class Node:
         """``ip:port`` (cached: it is read several times per call)."""
         return f"{self.ip}:{self.port}"
 
-    @property
+    @functools.cached_property
     def address(self) -> str:
-        """What a client connects to (a unix socket path is kept in ``ip`` as ``unix://...``)."""
+        """What a client connects to (a unix socket path is kept in ``ip`` as
+        ``unix://...``; cached, as ``key``)."""
         return self.ip if self.ip.startswith("unix://") else self.key
 
     @property
