@@ -48,7 +48,15 @@ class FramedProtocol(asyncio.Protocol):
             self.protocol_error(exc)
             return
         if frames:
-            self.frames_received(frames)
+            # What is sent while these frames are handled (eager handlers' replies)
+            # leaves in one write when they are done.
+            flush_pending = self._flush_scheduled
+            self._flush_scheduled = True
+            try:
+                self.frames_received(frames)
+            finally:
+                if not flush_pending:
+                    self._flush()
 
     def frames_received(self, frames: List[Frame]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
