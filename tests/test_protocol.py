@@ -275,6 +275,7 @@ def test_head_reports_missing_required_fields_and_extra_bytes():
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_child_draws_other_ids_than_its_parent():
     read, write = os.pipe()
     pid = os.fork()
