@@ -158,18 +158,31 @@ cdef class FrameReader:
     thrift ``flags`` is ``None`` and ``payload`` the thrift message. Any violation
     (bad length, over ``max_frame_size``, bad checksum) raises ``ProtocolError``
     and the reader must not be used again: the stream has lost its framing.
+
+    With ``frame_cls`` the frames come out finished instead, as
+    ``frame_cls(flags, head, body)`` tuples: a unified payload is decompressed
+    by ``decompress(flags, payload, max_frame_size)`` when its flags say so and
+    its header read into a ``Head`` (``limits`` bound it); native framed thrift
+    gives ``(0, None, message)``. A bad header then breaks the stream too.
     """
     cdef bytearray _buf
     cdef readonly Py_ssize_t max_frame_size
     cdef readonly Py_ssize_t consumed    # bytes taken from the stream so far
     cdef bint _broken
+    cdef object _frame_cls
+    cdef object _decompress
+    cdef Limits _limits
 
-    def __init__(self, Py_ssize_t max_frame_size=16 * 1024 * 1024):
+    def __init__(self, Py_ssize_t max_frame_size=16 * 1024 * 1024, frame_cls=None,
+                 decompress=None, Limits limits=None):
         if max_frame_size < 16:
             raise ValueError("max_frame_size must be at least 16 bytes")
         self.max_frame_size = max_frame_size
         self._buf = bytearray()
         self.consumed = 0
+        self._frame_cls = frame_cls
+        self._decompress = decompress
+        self._limits = DEFAULT_LIMITS if limits is None else limits
 
     @property
     def buffered(self):
@@ -224,8 +237,13 @@ cdef class FrameReader:
                     want = _get_u32(p + pos + total + 4)
                     if _adler32(p + pos, total + 4) != want:
                         self._fail("checksum mismatch", pos)
-                payload = PyBytes_FromStringAndSize(<const char*>p + pos + PREFIX, total - 2 - trailer)
-                frames.append((flags, header_length, payload))
+                if self._frame_cls is None:
+                    payload = PyBytes_FromStringAndSize(<const char*>p + pos + PREFIX,
+                                                        total - 2 - trailer)
+                    frames.append((flags, header_length, payload))
+                else:
+                    frames.append(self._unified(p + pos + PREFIX, total - 2 - trailer, flags,
+                                                header_length))
                 pos += total + 8
             else:
                 total = <int32_t>_get_u32(p + pos)
@@ -236,10 +254,29 @@ cdef class FrameReader:
                                f"max_frame_size {self.max_frame_size}", pos)
                 if n - pos < total + 4:
                     break
-                frames.append((None, 0, PyBytes_FromStringAndSize(<const char*>p + pos + 4, total)))
+                body = PyBytes_FromStringAndSize(<const char*>p + pos + 4, total)
+                if self._frame_cls is None:
+                    frames.append((None, 0, body))
+                else:
+                    frames.append(tuple.__new__(self._frame_cls, (0, None, body)))
                 pos += total + 4
         self.consumed += pos
         return pos
+
+    cdef object _unified(self, const unsigned char* p, Py_ssize_t n, int flags,
+                         Py_ssize_t header_length):
+        """A finished unified frame from its payload ``p[:n]``."""
+        cdef _Input inp
+        try:
+            if flags & 0x60:
+                inp = _Input(self._decompress(
+                    flags, PyBytes_FromStringAndSize(<const char*>p, n), self.max_frame_size))
+                p, n = <const unsigned char*>inp.view.buf, inp.view.len
+            head, body = _head_and_body(p, n, flags, header_length, self._limits)
+        except ProtocolError:
+            self._broken = True
+            raise
+        return tuple.__new__(self._frame_cls, (flags, head, body))
 
     cdef int _fail(self, str why, Py_ssize_t pos) except -1:
         self._broken = True

@@ -390,26 +390,29 @@ cdef Head _r_head(_Reader* r, Limits limits):
     return h
 
 
-def read_head(int flags, Py_ssize_t header_length, payload, Limits limits=None):
-    """``(head, body)`` of a decompressed unified payload: the ``Head`` read in
-    C, and the body bytes after it (§1–§2 checks included)."""
+cdef tuple _head_and_body(const unsigned char* p, Py_ssize_t n, int flags,
+                          Py_ssize_t header_length, Limits limits):
+    """``(head, body)`` of the decompressed unified payload ``p[:n]``."""
     if flags & 0x03 != 1:
         raise ProtocolError(f"unsupported serializer {flags & 0x03} (only 1, thrift binary, is accepted)")
-    cdef _Input inp = _Input(payload)
+    if header_length > n:
+        raise ProtocolError(f"header_length {header_length} exceeds the {n}-byte payload")
     cdef _Reader r
-    if header_length > inp.view.len:
-        raise ProtocolError(f"header_length {header_length} exceeds the {inp.view.len}-byte payload")
-    if limits is None:
-        limits = DEFAULT_LIMITS
-    _r_init(&r, <const unsigned char*>inp.view.buf, 0, header_length, limits)
     cdef Head head
+    _r_init(&r, p, 0, header_length, limits)
     try:
         head = _r_head(&r, limits)
         if r.pos != header_length:
             raise DecodeError(f"{header_length - r.pos} bytes after the header's end", offset=r.pos)
     except DecodeError as exc:
         raise ProtocolError(f"bad unified header: {exc}") from None
-    head.raw = PyBytes_FromStringAndSize(<const char*>inp.view.buf, header_length)
-    body = PyBytes_FromStringAndSize(<const char*>inp.view.buf + header_length,
-                                     inp.view.len - header_length)
-    return head, body
+    head.raw = PyBytes_FromStringAndSize(<const char*>p, header_length)
+    return head, PyBytes_FromStringAndSize(<const char*>p + header_length, n - header_length)
+
+
+def read_head(int flags, Py_ssize_t header_length, payload, Limits limits=None):
+    """``(head, body)`` of a decompressed unified payload: the ``Head`` read in
+    C, and the body bytes after it (§1–§2 checks included)."""
+    cdef _Input inp = _Input(payload)
+    return _head_and_body(<const unsigned char*>inp.view.buf, inp.view.len, flags, header_length,
+                          DEFAULT_LIMITS if limits is None else limits)

@@ -10,7 +10,7 @@ import enum
 import gzip
 import os
 import zlib
-from typing import Any, List, NamedTuple, Optional, Union
+from typing import Any, Callable, List, NamedTuple, Optional, Union
 
 import thriftpy2
 
@@ -78,11 +78,6 @@ class Frame(NamedTuple):
     @property
     def is_unified(self) -> bool:
         return self.head is not None
-
-
-def _new_frame(fields: tuple) -> Frame:
-    """``Frame(*fields)`` without the Python-level ``__new__`` NamedTuple generates."""
-    return tuple.__new__(Frame, fields)
 
 
 # --- compression ------------------------------------------------------------------
@@ -231,26 +226,12 @@ class FrameDecoder:
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
                  limits: Optional[Limits] = None) -> None:
-        self._reader = _codec.FrameReader(max_frame_size)
-        self._limits = limits
+        self._reader = _codec.FrameReader(max_frame_size, Frame, decompress, limits)
+        #: ``feed(data) -> List[Frame]``: the frames ``data`` completed (read in C).
+        self.feed: Callable[[bytes], List[Frame]] = self._reader.feed
         self.max_frame_size = max_frame_size
 
     @property
     def buffered(self) -> int:
         """Bytes held that do not yet make a frame (a stalled partial frame)."""
         return self._reader.buffered
-
-    def feed(self, data: bytes) -> List[Frame]:
-        frames = []
-        for flags, header_length, payload in self._reader.feed(data):
-            if flags is None:
-                frames.append(_new_frame((0, None, payload)))
-            else:
-                frames.append(self._unified(flags, header_length, payload))
-        return frames
-
-    def _unified(self, flags: int, header_length: int, payload: bytes) -> Frame:
-        if flags & COMPRESSED:
-            payload = decompress(flags, payload, self.max_frame_size)
-        head, body = _codec.read_head(flags, header_length, payload, self._limits)
-        return _new_frame((flags, head, body))
