@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import ssl as _ssl
 import sys
 import time
@@ -23,7 +24,7 @@ from octo_core.errors import (ApplicationError, CallTimeout, DecodeError, Degrad
 from octo_core.protocol import CallType, Frame, MessageType
 from octo_core.registry import Directory, Node, Registry, open_registry
 from octo_core.transport.address import parse_address
-from octo_core.transport.client import Endpoint
+from octo_core.transport.client import ClientConnection, Endpoint
 from octo_core.transport.loop import LoopThread
 
 _ERRORS_BY_STATUS = {
@@ -124,6 +125,9 @@ class AsyncClient:
             if not nodes:
                 raise ValueError("hosts must name at least one node")
             self._cluster.update(nodes)
+        # name -> finish(frame, node): decodes a reply as it is read (see _start)
+        self._finishers = {name: functools.partial(self._result, method)
+                           for name, method in self._methods.items()}
         for name, method in self._methods.items():
             setattr(self, name, self._caller(method))
 
@@ -192,17 +196,28 @@ class AsyncClient:
             endpoint = self._endpoints[node.address] = Endpoint(node.address, **self._endpoint_options)
         return endpoint
 
-    async def _send(self, method: idl.Method, request: Any, node: Node, timeout: float,
-                    tags: Mapping[str, str], span: Span) -> Any:
-        """One attempt on one node."""
+    def _send(self, method: idl.Method, request: Any, node: Node, timeout: float,
+              tags: Mapping[str, str], span: Span) -> Awaitable[Any]:
+        """One attempt on one node. With a connection ready the request is written
+        now and the reply's future returned: the reply is decoded as it is read
+        (``_result``), and the caller awaits no coroutine of ours."""
         endpoint = self._endpoint(node)
         conn = endpoint.ready()
         if conn is None:
-            try:
-                conn = await endpoint.connection()
-            except OctoError as exc:
-                exc.method = exc.method or method.name
-                raise
+            return self._connect_and_send(endpoint, method, request, timeout, tags, span)
+        return self._start(conn, method, request, timeout, tags, span)
+
+    async def _connect_and_send(self, endpoint: Endpoint, method: idl.Method, request: Any,
+                                timeout: float, tags: Mapping[str, str], span: Span) -> Any:
+        try:
+            conn = await endpoint.connection()
+        except OctoError as exc:
+            exc.method = exc.method or method.name
+            raise
+        return await self._start(conn, method, request, timeout, tags, span)
+
+    def _start(self, conn: ClientConnection, method: idl.Method, request: Any, timeout: float,
+               tags: Mapping[str, str], span: Span) -> "asyncio.Future[Any]":
         seq = conn.next_sequence()
         if self.unified:
             data = self._request_frame(method, request, seq, timeout, tags, span)
@@ -212,24 +227,14 @@ class AsyncClient:
         if method.oneway:
             if conn.closed:
                 raise TransportError("connection closed before the request was sent",
-                                     method=method.name, node=endpoint.node, request_sent=False)
+                                     method=method.name, node=conn.node, request_sent=False)
             conn.send(data)
-            return None
-        try:
-            reply = conn.expect(seq, timeout, method.name)
-        except OctoError as exc:
-            exc.method = method.name
-            raise
+            sent = conn.loop.create_future()
+            sent.set_result(None)
+            return sent
+        reply = conn.expect(seq, timeout, method.name, self._finishers[method.name])
         conn.send(data)
-        try:
-            frame = await reply
-        except OctoError as exc:
-            exc.method = exc.method or method.name
-            raise
-        except BaseException:
-            conn.forget(seq)    # cancelled (a lost race): nobody waits for this reply now
-            raise
-        return self._result(method, frame, endpoint.node)
+        return reply
 
     def _request_frame(self, method: idl.Method, request: Any, seq: int, timeout: float,
                        tags: Mapping[str, str], span: Span) -> bytes:

@@ -7,7 +7,7 @@ import itertools
 import ssl as _ssl
 import random
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from octo_core import _codec, protocol
 from octo_core.errors import CallTimeout, ProtocolError, TransportError
@@ -24,10 +24,13 @@ class ClientConnection(FramedProtocol):
     timed out, or it answers a oneway call) is dropped quietly.
     """
 
+    # seq -> (future, finish, method): see expect()
+    _Pending = Tuple[asyncio.Future, Optional[Callable[[Frame, str], Any]], str]
+
     def __init__(self, node: str, max_frame_size: int) -> None:
         super().__init__(max_frame_size)
         self.node = node
-        self._pending: Dict[int, asyncio.Future] = {}
+        self._pending: Dict[int, ClientConnection._Pending] = {}
         self._sequence = itertools.count()
         # Call deadlines: a heap of (when, seq, future, timeout, method) served by
         # one timer armed for the earliest -- a timer per call costs more than
@@ -40,18 +43,22 @@ class ClientConnection(FramedProtocol):
         """Unique per connection, starting at 0; kept within i32 for the thrift seqid."""
         return next(self._sequence) & 0x7FFFFFFF
 
-    def expect(self, seq: int, timeout: Optional[float] = None, method: str = "") -> asyncio.Future:
+    def expect(self, seq: int, timeout: Optional[float] = None, method: str = "",
+               finish: Optional[Callable[[Frame, str], Any]] = None) -> asyncio.Future:
         """A future for the reply to ``seq``; fails at once if the connection is gone
         (it can close between the connect and the caller resuming).
 
-        With ``timeout`` the future fails with ``CallTimeout`` after that many
-        seconds and ``seq`` is forgotten: a late reply is dropped.
+        The future's result is the reply ``Frame``, or ``finish(frame, node)`` --
+        the decoded answer, or the error ``finish`` raises -- worked out as the
+        reply is read, so the caller's task resumes with it. With ``timeout`` the
+        future fails with ``CallTimeout`` after that many seconds and ``seq`` is
+        forgotten: a late reply is dropped. ``method`` names the call in errors.
         """
         if self.closed:
             raise TransportError("connection closed before the request was sent",
-                                 node=self.node, request_sent=False)
+                                 method=method or None, node=self.node, request_sent=False)
         future = self.loop.create_future()
-        self._pending[seq] = future
+        self._pending[seq] = (future, finish, method)
         if timeout is not None:
             when = self.loop.time() + timeout
             deadlines = self._deadlines
@@ -75,14 +82,14 @@ class ClientConnection(FramedProtocol):
         now = self.loop.time()
         while deadlines:
             when, seq, future, timeout, method = deadlines[0]
-            if future.done():
+            if future.done() or when <= now:
                 heapq.heappop(deadlines)
-            elif when <= now:
-                heapq.heappop(deadlines)
-                if pending.get(seq) is future:
-                    del pending[seq]
-                future.set_exception(CallTimeout(f"no reply within {timeout}s",
-                                                 method=method, node=self.node))
+                entry = pending.get(seq)
+                if entry is not None and entry[0] is future:
+                    del pending[seq]      # answered calls are gone already; cancelled ones go here
+                if not future.done():
+                    future.set_exception(CallTimeout(f"no reply within {timeout}s",
+                                                     method=method, node=self.node))
             else:
                 self._arm(when)
                 return
@@ -90,6 +97,13 @@ class ClientConnection(FramedProtocol):
     def _prune_deadlines(self) -> None:
         """Drop answered calls' deadlines: the heap stays proportional to the calls in flight."""
         self._deadlines = [entry for entry in self._deadlines if not entry[2].done()]
+        self._drop_given_up()
+
+    def _drop_given_up(self) -> None:
+        """Forget calls whose caller gave up (cancelled) before any reply came."""
+        pending = self._pending
+        for seq in [seq for seq, entry in pending.items() if entry[0].done()]:
+            del pending[seq]
         heapq.heapify(self._deadlines)
 
     def forget(self, seq: int) -> None:
@@ -97,6 +111,8 @@ class ClientConnection(FramedProtocol):
 
     @property
     def in_flight(self) -> int:
+        """Calls waiting for their reply."""
+        self._drop_given_up()
         return len(self._pending)
 
     def frames_received(self, frames: List[Frame]) -> None:
@@ -113,32 +129,44 @@ class ClientConnection(FramedProtocol):
                 except Exception as exc:  # a DecodeError: the stream cannot be trusted
                     self.protocol_error(ProtocolError(f"bad framed thrift reply: {exc}"))
                     return
-            future = self._pending.pop(seq, None)
-            if future is not None and not future.done():
+            entry = self._pending.pop(seq, None)
+            if entry is None:
+                continue
+            future, finish, _ = entry
+            if future.done():
+                continue
+            if finish is None:
                 future.set_result(frame)
+                continue
+            try:
+                answer = finish(frame, self.node)
+            except Exception as exc:   # the call's error (declared, remote, bad reply): the caller's
+                future.set_exception(exc)
+            else:
+                future.set_result(answer)
 
     def send(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
         super().send(data)
 
-    def _fail_pending(self, exc: BaseException) -> None:
+    def _fail_pending(self, why: str) -> None:
+        """Every call still waiting fails with its own ``TransportError``."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._deadlines = []
         pending, self._pending = self._pending, {}
-        for future in pending.values():
+        for future, _, method in pending.values():
             if not future.done():
-                future.set_exception(exc)
+                future.set_exception(TransportError(why, method=method or None, node=self.node))
 
     def abort(self, exc: Optional[BaseException] = None) -> None:
         super().abort(exc)
-        self._fail_pending(TransportError(f"connection aborted: {exc}", node=self.node))
+        self._fail_pending(f"connection aborted: {exc}")
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         super().connection_lost(exc)
-        self._fail_pending(TransportError(
-            f"connection closed{': ' + str(exc) if exc else ''}", node=self.node))
+        self._fail_pending(f"connection closed{': ' + str(exc) if exc else ''}")
 
 
 class Endpoint:
