@@ -31,8 +31,10 @@ class Balancer:
 
     The caller reports every call it sends: ``on_start(node)`` before,
     ``on_finish(node, latency_s, ok)`` after. Balancers that learn nothing from
-    calls ignore them.
+    calls ignore them (``learns`` is False: callers may skip the reports).
     """
+
+    learns = False
 
     def __init__(self, impl: Any, name: str) -> None:
         self.name = name
@@ -91,6 +93,8 @@ class _KeepingBalancer(Balancer):
 
 class _FeedbackBalancer(_KeepingBalancer):
     """A balancer that learns from the calls it is told about."""
+
+    learns = True
 
     def on_start(self, node: Node) -> None:
         i = self._index.get(node.key)

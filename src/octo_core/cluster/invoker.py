@@ -124,14 +124,13 @@ class Cluster:
 
     # --- selection ---------------------------------------------------------------------
 
-    def _balancer(self, tags: Mapping[str, str], routed: Weighted) -> Any:
+    def _balancer(self, tag_key: Tuple[str, str], routed: Weighted) -> Any:
         """The balancer for calls with these routing tags, fed the latest routing answer.
 
         One balancer per (LiteSet, swimlane) for the client's life: when the
         answer changes it is updated, and what it learned about surviving nodes
         (in-flight calls, latencies) stays.
         """
-        tag_key = self.router.tag_key(tags)
         entry = self._balancers.get(tag_key)
         if entry is None:
             balancer = make_balancer(self._lb, **self._lb_options)
@@ -144,11 +143,12 @@ class Cluster:
 
     def select(self, tags: Mapping[str, str], key: Any, tried: Set[str]) -> Tuple[Node, Any]:
         """A node for the next attempt, and the balancer that chose it."""
-        routed = self.router.route(tags)
+        tag_key = self.router.tag_key(tags)
+        routed = self.router.route_for(tag_key)
         if not routed.nodes:
             raise NoRouteError("no node is available for this call")
         excluded = self._excluded(tried)
-        balancer = self._balancer(tags, routed)
+        balancer = self._balancer(tag_key, routed)
         node = balancer.select(key=key, exclude=excluded or None)
         if node is None and len(excluded) > len(tried):
             # Panic mode: every healthy choice is gone, so health stops steering and
@@ -200,11 +200,13 @@ class Cluster:
         remaining = deadline - self._loop.time()
         if remaining <= 0:
             raise CallTimeout("the call's deadline passed before this attempt", node=node.key)
-        breaker = self.breaker(node)
+        breaker = self._breakers.get(node.key) or self.breaker(node)
         if not breaker.allows():
             raise DegradeError("circuit open", node=node.key)
-        balancer.on_start(node)
-        started = time.perf_counter()   # loop.time() is too coarse under uvloop for LALB
+        learns = balancer.learns
+        if learns:
+            balancer.on_start(node)
+            started = time.perf_counter()   # loop.time() is too coarse under uvloop for LALB
         served = True                   # for the balancer: did the node serve this call?
         health: Optional[bool] = True   # for the breaker; None when it is not its business
         try:
@@ -226,7 +228,8 @@ class Cluster:
                 breaker.record(health)
             elif breaker.state is BreakerState.HALF_OPEN:
                 breaker.record(False)   # the probe proved nothing; probe again later
-            balancer.on_finish(node, time.perf_counter() - started, served)
+            if learns:
+                balancer.on_finish(node, time.perf_counter() - started, served)
 
     async def _race(self, send: Send, deadline: float, tags: Mapping[str, str], key: Any,
                     width: int, delay: float) -> Any:

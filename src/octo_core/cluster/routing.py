@@ -31,6 +31,7 @@ SWIMLANE_KEY = "octo.swimlane"
 OTHERS_WEIGHT_FACTOR = 0.01
 
 _UNKNOWN_CELL = "\x00unknown"   # stands for every LiteSet tag that no node carries
+_NO_TAGS = ("", "")               # the tag key of an untagged call
 
 
 class NoRouteError(RpcError):
@@ -137,6 +138,8 @@ class Router:
         Tags come from remote callers: a value no node carries routes like any
         other unknown one, so caches keyed by this stay as small as the cluster.
         """
+        if not tags:
+            return _NO_TAGS
         liteset = tags.get(LITESET_KEY, "")
         if liteset and liteset not in self._known_cells:
             liteset = _UNKNOWN_CELL      # routes to the center, as every unknown LiteSet does
@@ -147,7 +150,11 @@ class Router:
 
     def route(self, tags: Mapping[str, str] = {}) -> Weighted:  # noqa: B006 - read only
         """The nodes (and weights) a call with these ``globalContext`` tags may use."""
-        liteset, lane = self.tag_key(tags)
+        return self.route_for(self.tag_key(tags))
+
+    def route_for(self, tag_key: Tuple[str, str]) -> Weighted:
+        """``route`` for tags already reduced by ``tag_key``."""
+        liteset, lane = tag_key
         # While a node warms up its weight changes: the answers are redone each second.
         if self._warm_until:
             tick = int(time.time())
@@ -156,7 +163,7 @@ class Router:
             if tick != self._tick:
                 self._tick = tick
                 self._cache.clear()
-        key = (liteset, lane)
+        key = tag_key
         hit = self._cache.get(key)
         if hit is None:
             hit = self._cache[key] = self._route(liteset, lane)
