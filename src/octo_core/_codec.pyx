@@ -1084,6 +1084,20 @@ def decode_body(cls, data, Py_ssize_t offset, Limits limits=None):
     return _decode_at(s, <const unsigned char*>inp.view.buf, offset, inp.view.len, limits, True)
 
 
+def decode_reply(result_cls, exception_cls, data, Limits limits=None):
+    """``(msg_type, struct)`` of a whole reply message: an ``exception_cls``
+    (``TApplicationException``) when its type is EXCEPTION, else a ``result_cls``."""
+    if limits is None:
+        limits = DEFAULT_LIMITS
+    cdef _Input inp = _Input(data)
+    cdef _Reader r
+    _r_init(&r, <const unsigned char*>inp.view.buf, 0, inp.view.len, limits)
+    _, msg_type, _ = _r_message_begin(&r)
+    cdef _StructSpec s = _decode_spec(exception_cls if msg_type == 3 else result_cls)
+    return msg_type, _decode_at(s, <const unsigned char*>inp.view.buf, r.pos, inp.view.len,
+                                limits, True)
+
+
 cdef _PRIMITIVE_KINDS = (T_BOOL, T_BYTE, T_DOUBLE, T_I16, T_I32, T_I64, T_STRING, T_BINARY)
 for _k in _PRIMITIVE_KINDS:
     _PRIMITIVES[_k] = _primitive(_k)

@@ -262,18 +262,17 @@ class AsyncClient:
             raise error(head.message or f"status {head.status}", status=head.status,
                         method=method.name, node=node)
         try:
-            name, msg_type, _, offset = _codec.decode_message_begin(frame.body)
-            if msg_type == TMessageType.EXCEPTION:
-                exc = _codec.decode_body(TApplicationException, frame.body, offset)
-                status = head.status if head is not None else None
-                error = _ERRORS_BY_STATUS.get(status, ApplicationError)
-                failure = error(exc.message or f"application exception type {exc.type}",
-                                method=method.name, node=node)
-                failure.type = exc.type
-                raise failure
-            result = _codec.decode_body(method.result_cls, frame.body, offset)
+            msg_type, result = _codec.decode_reply(method.result_cls, TApplicationException,
+                                                   frame.body)
         except DecodeError as exc:
             raise ProtocolError(f"bad reply: {exc}", method=method.name, node=node) from None
+        if msg_type == TMessageType.EXCEPTION:
+            error = _ERRORS_BY_STATUS.get(head.status if head is not None else None,
+                                          ApplicationError)
+            failure = error(result.message or f"application exception type {result.type}",
+                            method=method.name, node=node)
+            failure.type = result.type
+            raise failure
         for field, _ in method.exceptions:
             declared = getattr(result, field)
             if declared is not None:
