@@ -107,12 +107,8 @@ def _guarded(end: Callable[[int], None], service: str, method: str) -> Callable[
     return finish
 
 
-def _enter(values: Optional[Mapping[str, str]], span: Optional[Span]) -> tuple:
-    """Server side: the caller's context and trace, for the handler about to be
-    started (a task or context copy taken now keeps them); undo with ``_leave``."""
-    return _GLOBAL.set(values or {}), _SPAN.set(span)
-
-
-def _leave(tokens: tuple) -> None:
-    _GLOBAL.reset(tokens[0])
-    _SPAN.reset(tokens[1])
+def _enter(values: Optional[Mapping[str, str]], span: Optional[Span]) -> None:
+    """Server side: set the caller's context and trace (in the handler's own
+    context copy, see ``Server._call_context``)."""
+    _GLOBAL.set(values or {})
+    _SPAN.set(span)

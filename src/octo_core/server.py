@@ -459,13 +459,7 @@ class Server:
         self._in_flight += 1
         self._idle.clear()
         argv = [getattr(args, arg) for arg in method.arg_names]
-        # The handler runs in a copy of this context holding the caller's
-        # globalContext and trace: set them, take the copy, reset.
-        tokens = self._enter_call_context(call, head)
-        try:
-            context = contextvars.copy_context()
-        finally:
-            _context._leave(tokens)
+        context = self._call_context(call, head)
         if is_coroutine:
             start_task(self._loop, self._run_coroutine(call, fn, argv, deadline), context)
             return
@@ -474,12 +468,16 @@ class Server:
         future.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._sync_done, call, f))
 
     @staticmethod
-    def _enter_call_context(call: _Call, head: Optional[_codec.Head]) -> tuple:
+    def _call_context(call: _Call, head: Optional[_codec.Head]) -> contextvars.Context:
+        """The context the handler runs in: a copy of this one holding the
+        caller's globalContext and trace."""
         span = None
         if head is not None and head.trace_id:
             span = _context._new_span((head.trace_id, head.span_id or _codec.new_id(), None))
             call.span_ends = _context._span_started("server", call.service.name, call.method.name, span)
-        return _context._enter(head.global_context if head is not None else None, span)
+        context = contextvars.copy_context()
+        context.run(_context._enter, head.global_context if head is not None else None, span)
+        return context
 
     async def _run_coroutine(self, call: _Call, fn: Callable[..., Any], argv: List[Any],
                              deadline: Optional[float]) -> None:

@@ -86,7 +86,8 @@ class _EagerTask(asyncio.tasks._PyTask):  # type: ignore[name-defined,misc]
 
     def __init__(self, coro: Coroutine[Any, Any, Any], loop: asyncio.AbstractEventLoop,
                  context: contextvars.Context) -> None:
-        asyncio.futures._PyFuture.__init__(self, loop=loop)
+        self._loop = loop           # what _PyFuture.__init__ sets, minus its debug lookup
+        self._callbacks = []
         self._name = "octo-handler"
         self._num_cancels_requested = 0
         self._must_cancel = False
