@@ -12,9 +12,17 @@ cdef class _Picker:
     cdef Py_ssize_t _n_excl
     cdef unsigned char* _marked
 
+    # What select() hands out (see bind): the objects and their keys -> index.
+    cdef list _handout
+    cdef dict _keys
+
     cdef int _resize_exclude(self, Py_ssize_t n) except -1
     cdef int _take_exclude(self, object exclude) except -1
     cdef void _drop_exclude(self) noexcept
+    cdef Py_ssize_t _pick(self, object exclude) except? -2
+    cdef list _indices(self, object exclude)
+    cdef int _on_start(self, Py_ssize_t i) except -1
+    cdef int _on_finish(self, Py_ssize_t i, double latency_s, bint ok) except -1
 
 
 cdef class WeightedRandom(_Picker):

@@ -183,6 +183,71 @@ cdef class _Picker:
             self._marked[self._excl[k]] = 0
         self._n_excl = 0
 
+    def pick(self, exclude=None) -> int:
+        """A node index for the next call (each class says how), or -1 when none
+        can be chosen; ``exclude`` is an iterable of indices to skip."""
+        return self._pick(exclude)
+
+    cdef Py_ssize_t _pick(self, object exclude) except? -2:
+        raise NotImplementedError
+
+    # --- feedback: balancers that learn from calls override _on_start/_on_finish -----
+
+    def on_start(self, Py_ssize_t i) -> None:
+        """A call to node ``i`` is starting."""
+        if not 0 <= i < self._n:
+            raise IndexError(f"node {i} out of range")
+        self._on_start(i)
+
+    def on_finish(self, Py_ssize_t i, double latency_s=0.0, bint ok=True) -> None:
+        """A call to node ``i`` ended after ``latency_s`` seconds, successfully or not."""
+        if not 0 <= i < self._n:
+            raise IndexError(f"node {i} out of range")
+        self._on_finish(i, latency_s, ok)
+
+    cdef int _on_start(self, Py_ssize_t i) except -1:
+        return 0
+
+    cdef int _on_finish(self, Py_ssize_t i, double latency_s, bint ok) except -1:
+        return 0
+
+    # --- objects instead of indices (the face in octo_core.cluster.balancer) ------
+
+    def bind(self, list nodes, dict keys) -> None:
+        """What ``select`` hands out: ``nodes[i]`` for index ``i``; ``keys`` maps each
+        node's key to its index (for ``exclude`` and the feedback of ``start``/``finish``)."""
+        if len(nodes) != self._n or len(keys) != self._n:
+            raise ValueError(f"{len(nodes)} nodes and {len(keys)} keys bound to {self._n} indices")
+        self._handout, self._keys = nodes, keys
+
+    def select(self, key=None, exclude=None):
+        """``pick`` in terms of the bound nodes: one of them, or None. ``exclude``
+        holds node keys (str) or objects with a ``key``; ``key`` is for hashing
+        balancers only."""
+        cdef Py_ssize_t i = self._pick(self._indices(exclude) if exclude else None)
+        return None if i < 0 else self._handout[i]
+
+    cdef list _indices(self, object exclude):
+        cdef list out = []
+        keys = self._keys
+        for item in exclude:
+            i = keys.get(item if isinstance(item, str) else item.key)
+            if i is not None:
+                out.append(i)
+        return out
+
+    def start(self, node) -> None:
+        """``on_start`` for a bound node (one removed since it was selected: ignored)."""
+        i = self._keys.get(node.key)
+        if i is not None:
+            self._on_start(i)
+
+    def finish(self, node, double latency_s, bint ok=True) -> None:
+        """``on_finish`` for a bound node (one removed since it was selected: ignored)."""
+        i = self._keys.get(node.key)
+        if i is not None:
+            self._on_finish(i, latency_s, ok)
+
 
 # --- weighted random -----------------------------------------------------------------
 
@@ -222,7 +287,7 @@ cdef class WeightedRandom(_Picker):
         PyMem_Free(self._prefix)
         self._w, self._prefix, self._total, self._n = w, prefix, total, n
 
-    def pick(self, exclude=None) -> int:
+    cdef Py_ssize_t _pick(self, object exclude) except? -2:
         """A node index drawn with probability proportional to its weight, or -1."""
         if exclude is None:
             return self._draw()
@@ -290,7 +355,7 @@ cdef class LeastRequest(WeightedRandom):
         PyMem_Free(self._inflight)
         self._inflight = inflight
 
-    def pick(self, exclude=None) -> int:
+    cdef Py_ssize_t _pick(self, object exclude) except? -2:
         """The less loaded of two weighted draws, or -1."""
         cdef Py_ssize_t a, b, pos
         if exclude is not None:
@@ -312,18 +377,15 @@ cdef class LeastRequest(WeightedRandom):
         self._drop_exclude()
         return a
 
-    def on_start(self, Py_ssize_t i) -> None:
-        """A call to node ``i`` is starting."""
-        if not 0 <= i < self._n:
-            raise IndexError(f"node {i} out of range")
+    cdef int _on_start(self, Py_ssize_t i) except -1:
         self._inflight[i] += 1
+        return 0
 
-    def on_finish(self, Py_ssize_t i, double latency_s=0.0, bint ok=True) -> None:
-        """A call to node ``i`` ended (latency and outcome do not matter here)."""
-        if not 0 <= i < self._n:
-            raise IndexError(f"node {i} out of range")
+    cdef int _on_finish(self, Py_ssize_t i, double latency_s, bint ok) except -1:
+        # latency and outcome do not matter here
         if self._inflight[i] > 0:
             self._inflight[i] -= 1
+        return 0
 
     def inflight(self, Py_ssize_t i) -> int:
         """Calls to node ``i`` started and not finished."""
@@ -413,7 +475,7 @@ cdef class RoundRobin(_Picker):
         self._n, self._m, self._total, self._t = n, m, total, 0
         self._build()
 
-    def pick(self, exclude=None) -> int:
+    cdef Py_ssize_t _pick(self, object exclude) except? -2:
         """The next node of the smooth round robin, or -1."""
         cdef Py_ssize_t k, e, best
         cdef int64_t t, total = self._total
@@ -650,7 +712,7 @@ cdef class LocalityAware(_Picker):
         self._nodes, self._d, self._u, self._saved = nodes, d, u, saved
         self._n, self._m, self._base_total = n, m, base_total
 
-    def pick(self, exclude=None) -> int:
+    cdef Py_ssize_t _pick(self, object exclude) except? -2:
         """A node index drawn by LALB weight, or -1."""
         cdef Py_ssize_t k, i = -1, v
         cdef int64_t now = -1
@@ -690,10 +752,8 @@ cdef class LocalityAware(_Picker):
             self._drop_exclude()
         return i
 
-    def on_start(self, Py_ssize_t i) -> None:
-        """A call to node ``i`` is starting: remember when, for the in-flight delay."""
-        if not 0 <= i < self._n:
-            raise IndexError(f"node {i} out of range")
+    cdef int _on_start(self, Py_ssize_t i) except -1:
+        # remember when, for the in-flight delay
         cdef int64_t now = self._now()
         cdef LalbNode* node = &self._nodes[i]
         cdef int64_t* starts
@@ -710,11 +770,10 @@ cdef class LocalityAware(_Picker):
         memmove(&node.starts[pos + 1], &node.starts[pos], (node.n_starts - pos) * sizeof(int64_t))
         node.starts[pos] = now
         node.n_starts += 1
+        return 0
 
-    def on_finish(self, Py_ssize_t i, double latency_s, bint ok=True) -> None:
-        """A call to node ``i`` ended after ``latency_s`` seconds: re-weigh the node."""
-        if not 0 <= i < self._n:
-            raise IndexError(f"node {i} out of range")
+    cdef int _on_finish(self, Py_ssize_t i, double latency_s, bint ok) except -1:
+        # re-weigh the node from its latency and outcome
         cdef int64_t now = self._now()
         cdef LalbNode* node = &self._nodes[i]
         if not latency_s > 0.0:  # negative or NaN
@@ -752,6 +811,7 @@ cdef class LocalityAware(_Picker):
         if node.measured:
             node.level = self._level(node, now, self._mean())
             self._set_leaf(i, node.base * node.level, 0.0)
+        return 0
 
     def weight(self, Py_ssize_t i) -> float:
         """Node ``i``'s weight as the next pick sees it (in-flight punishment applied)."""
@@ -1014,9 +1074,20 @@ cdef class ConsistentHash(_Picker):
         _md5(<const unsigned char*>data, size, digest)
         return self._pick_hash(digest[0], exclude)
 
-    def pick(self, exclude=None) -> int:
+    cdef Py_ssize_t _pick(self, object exclude) except? -2:
         """The owner of a random point: for calls without a hash key."""
         return self._pick_hash(<uint32_t>(_next(&self._rng) >> 32), exclude)
+
+    def select(self, key=None, exclude=None):
+        """The bound node owning ``key`` (bytes or str; anything else as its
+        ``str()``), or a random point's owner without a key; None if none."""
+        cdef Py_ssize_t i
+        excluded = self._indices(exclude) if exclude else None
+        if key is None:
+            i = self._pick(excluded)
+        else:
+            i = self.pick_key(key if isinstance(key, (str, bytes)) else str(key), excluded)
+        return None if i < 0 else self._handout[i]
 
     cdef Py_ssize_t _pick_hash(self, uint32_t h, object exclude) except? -2:
         cdef Py_ssize_t i
