@@ -584,6 +584,17 @@ def test_face_selects_nodes(name: str) -> None:
         balancer.on_finish(node, 0.001, True)
 
 
+@pytest.mark.parametrize("cls", [_lb.WeightedRandom, _lb.RoundRobin, _lb.LeastRequest,
+                                 _lb.LocalityAware])
+def test_bound_objects_must_match_the_indices(cls: Any) -> None:
+    lb = cls([1, 1])
+    with pytest.raises(ValueError, match="bound to 2 indices"):
+        lb.bind(["a"], {"a": 0})
+    lb.bind(["a", "b"], {"a": 0, "b": 1})
+    assert lb.select(exclude=["a"]) == "b"
+    assert lb.select(exclude=["a", "b", "not bound"]) is None
+
+
 def test_face_default_is_random_and_unknown_names_fail() -> None:
     assert make_balancer().name == "random"
     with pytest.raises(ValueError, match="unknown balancer"):

@@ -100,7 +100,8 @@ class Server:
     also be ``"unix:///path/to.sock"``. Plain-function handlers run on a bounded
     business thread pool (``business_threads`` workers, at most ``business_queue``
     waiting; past that a call is refused at once with status 3); coroutine
-    handlers run on the event loop.
+    handlers run on the event loop, each as a task whose first step runs as
+    its request is read (one that never suspends answers in the same read).
 
     Protection: ``max_connections`` (more are closed on accept),
     ``max_in_flight`` and ``max_in_flight_per_connection`` (status 3 past them),
