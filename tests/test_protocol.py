@@ -649,6 +649,17 @@ def test_decoder_stays_broken_after_an_error():
         decoder.feed(protocol.encode_framed(echo_body()))
 
 
+@pytest.mark.parametrize("flags", [0x01, 0x01 | FLAG_GZIP])
+def test_a_bad_header_breaks_the_decoder_too(flags):
+    decoder = FrameDecoder()
+    garbage = b"\x0c\x00\x02" + b"\xff" * 12
+    payload = gzip.compress(garbage + b"body") if flags & FLAG_GZIP else garbage + b"body"
+    with pytest.raises(ProtocolError, match="bad unified header"):
+        decoder.feed(raw_unified(flags, len(garbage), payload))
+    with pytest.raises(ProtocolError, match="already failed"):
+        decoder.feed(protocol.encode_framed(echo_body()))
+
+
 def test_error_after_good_frames_in_the_same_feed_still_raises():
     decoder = FrameDecoder()
     good = protocol.encode_framed(echo_body())
