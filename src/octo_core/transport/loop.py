@@ -72,8 +72,8 @@ def start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any],
     """
     if _EAGER_START:
         return asyncio.Task(coro, loop=loop, context=context, eager_start=True)
-    if asyncio.current_task(loop) is not None:   # 3.11 cannot nest tasks: start it normally
-        return loop.create_task(coro, context=context)
+    if asyncio.current_task(loop) is not None:   # <3.12 cannot nest tasks: start it normally
+        return context.run(loop.create_task, coro)   # (the task copies ``context``)
     return _EagerTask(coro, loop, context)
 
 
@@ -81,8 +81,8 @@ _EAGER_START = sys.version_info >= (3, 12)
 
 
 class _EagerTask(asyncio.tasks._PyTask):  # type: ignore[name-defined,misc]
-    """Python 3.11's eager start: the pure-Python Task, minus the scheduled first
-    step (3.12 has ``eager_start``; 3.11's Task internals no longer change)."""
+    """Eager start before 3.12: the pure-Python Task, minus the scheduled first
+    step (3.12 has ``eager_start``; 3.10's and 3.11's Task internals no longer change)."""
 
     def __init__(self, coro: Coroutine[Any, Any, Any], loop: asyncio.AbstractEventLoop,
                  context: contextvars.Context) -> None:
