@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import random
 
 import pytest
 
 from octo_core.errors import CallTimeout
+from octo_core.transport.client import ClientConnection
 from octo_core.transport.loop import start_task
 
 from wire_helpers import (Echo, EchoHandler, async_client, echo_services, run, serving,
@@ -139,5 +141,31 @@ def test_answered_calls_do_not_pile_up_deadlines():
             # 5000 answered calls, each with a 30 s deadline: the heap is pruned
             assert len(conn._deadlines) <= 2 * len(conn._pending) + 1024 + 1
             assert not conn._pending
+            # and after pruning it is still a heap: deadlines fire in time order
+            finished = []
+
+            async def call(name, timeout):
+                with pytest.raises(CallTimeout):
+                    await client.call("slow", name, 2000, timeout=timeout)
+                finished.append(name)
+
+            await asyncio.gather(*(call(f"t{i}", 0.05 + 0.02 * (i * 7 % 10)) for i in range(10)))
+            assert finished == [f"t{i}" for i in sorted(range(10), key=lambda i: i * 7 % 10)]
+
+    run(main())
+
+
+def test_pruned_deadlines_stay_a_heap():
+    async def main():
+        conn = ClientConnection("127.0.0.1:1", 1 << 20)
+        rng = random.Random(7)
+        futures = [conn.expect(seq, rng.uniform(10, 20), "m") for seq in range(3000)]
+        for future in rng.sample(futures, 2500):      # answered or given up
+            future.cancel()
+        conn._prune_deadlines()
+        heap = conn._deadlines
+        assert len(heap) == 500 and len(conn._pending) == 500
+        assert all(heap[(i - 1) // 2] <= heap[i] for i in range(1, len(heap)))
+        conn._fail_pending("test over")
 
     run(main())

@@ -97,6 +97,7 @@ class ClientConnection(FramedProtocol):
     def _prune_deadlines(self) -> None:
         """Drop answered calls' deadlines: the heap stays proportional to the calls in flight."""
         self._deadlines = [entry for entry in self._deadlines if not entry[2].done()]
+        heapq.heapify(self._deadlines)
         self._drop_given_up()
 
     def _drop_given_up(self) -> None:
@@ -104,7 +105,6 @@ class ClientConnection(FramedProtocol):
         pending = self._pending
         for seq in [seq for seq, entry in pending.items() if entry[0].done()]:
             del pending[seq]
-        heapq.heapify(self._deadlines)
 
     def forget(self, seq: int) -> None:
         self._pending.pop(seq, None)
