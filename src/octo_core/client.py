@@ -18,7 +18,7 @@ from octo_core.cluster.routing import Caller, Router
 from octo_core.auth import Signer
 from octo_core.context import Span, _span_started, child_span, global_context
 from octo_core.metrics import Metrics
-from octo_core.errors import (ApplicationError, CallTimeout, DecodeError, DegradeError, OctoError,
+from octo_core.errors import (ApplicationError, DecodeError, DegradeError, OctoError,
                               ProtocolError, RemoteError, RpcError, RuntimeFailure, SecurityError,
                               ServiceError, Status, TransportError)
 from octo_core.protocol import CallType, Frame, MessageType
