@@ -2,7 +2,7 @@
 
 Only what ``thrift.protocol.fastbinary`` needs is kept: each class's
 ``__init__`` (every field defaults to ``None``), ``thrift_spec`` and
-``__eq__``/``__ne__``; the generated pure-Python ``read``/``write`` are left out
+``__repr__``/``__eq__``/``__ne__`` (written once, in a shared base); the generated pure-Python ``read``/``write`` are left out
 because the benchmark calls ``fastbinary.encode_binary``/``decode_binary``
 directly. The ``thrift_spec`` tuples are those of the Thrift 0.17 compiler
 (``thrift --gen py payload.thrift``), including the ``[Class, None]`` struct
@@ -17,19 +17,8 @@ from thrift.TRecursive import fix_spec
 all_structs = []
 
 
-class Small(object):
-    """
-    Attributes:
-     - id
-     - name
-     - score
-
-    """
-
-    def __init__(self, id=None, name=None, score=None,):
-        self.id = id
-        self.name = name
-        self.score = score
+class _Struct(object):
+    """The ``__repr__``/``__eq__``/``__ne__`` the compiler writes into every class."""
 
     def __repr__(self):
         L = ['%s=%r' % (key, value)
@@ -43,7 +32,22 @@ class Small(object):
         return not (self == other)
 
 
-class Payload(object):
+class Small(_Struct):
+    """
+    Attributes:
+     - id
+     - name
+     - score
+
+    """
+
+    def __init__(self, id=None, name=None, score=None,):
+        self.id = id
+        self.name = name
+        self.score = score
+
+
+class Payload(_Struct):
     """
     Attributes:
      - code
@@ -69,17 +73,6 @@ class Payload(object):
         self.ids = ids
         self.tags = tags
         self.items = items
-
-    def __repr__(self):
-        L = ['%s=%r' % (key, value)
-             for key, value in self.__dict__.items()]
-        return '%s(%s)' % (self.__class__.__name__, ', '.join(L))
-
-    def __eq__(self, other):
-        return isinstance(other, self.__class__) and self.__dict__ == other.__dict__
-
-    def __ne__(self, other):
-        return not (self == other)
 
 
 all_structs.append(Small)
