@@ -86,6 +86,14 @@ cdef inline int64_t _units(double weight) noexcept:
     return max(<int64_t>1, <int64_t>llround(weight * _UNITS_PER_WEIGHT))
 
 
+cdef inline Py_ssize_t _leaves(Py_ssize_t n) noexcept:
+    """Leaves of a complete binary tree over ``n`` nodes: the least power of two >= n."""
+    cdef Py_ssize_t m = 1
+    while m < n:
+        m <<= 1
+    return m
+
+
 cdef void* _alloc(Py_ssize_t count, size_t size) except NULL:
     """Zeroed memory for ``count`` items (at least one, so an empty balancer has valid pointers)."""
     cdef size_t nbytes = <size_t>max(count, 1) * size
@@ -433,9 +441,8 @@ cdef class RoundRobin(_Picker):
     def update(self, weights, previous=None) -> None:
         """Replace the nodes; ``previous[j]`` (old index or -1) keeps node j's ``current``."""
         ws = _weights(weights)
-        cdef Py_ssize_t i, p, n = len(ws), m = 1
-        while m < n:
-            m <<= 1
+        cdef Py_ssize_t i, p, n = len(ws)
+        cdef Py_ssize_t m = _leaves(n)
         cdef Py_ssize_t* carry = _carry(previous, n, self._n)
         cdef int64_t* w = NULL
         cdef int64_t* c = NULL
@@ -667,9 +674,8 @@ cdef class LocalityAware(_Picker):
         """Replace the nodes; ``previous[j]`` (old index or -1) keeps node j's window and
         in-flight calls, so its weight carries over (scaled by its new base weight)."""
         ws = _weights(weights)
-        cdef Py_ssize_t i, p, n = len(ws), m = 1
-        while m < n:
-            m <<= 1
+        cdef Py_ssize_t i, p, n = len(ws)
+        cdef Py_ssize_t m = _leaves(n)
         cdef Py_ssize_t* carry = _carry(previous, n, self._n)
         cdef LalbNode* nodes = NULL
         cdef double* d = NULL
