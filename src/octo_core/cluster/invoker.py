@@ -200,7 +200,7 @@ class Cluster:
         remaining = deadline - self._loop.time()
         if remaining <= 0:
             raise CallTimeout("the call's deadline passed before this attempt", node=node.key)
-        breaker = self._breakers.get(node.key) or self.breaker(node)
+        breaker = self.breaker(node)
         if not breaker.allows():
             raise DegradeError("circuit open", node=node.key)
         learns = balancer.learns
