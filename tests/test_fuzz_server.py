@@ -30,12 +30,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 from thriftpy2.thrift import TMessageType
 
-import octo_core
 from octo_core import codec, protocol
 from octo_core.auth import DerivedTokens, Signer
 
 from wire_helpers import (CLIENT_APPKEY, HERE, LOCALHOST, Calc, Echo, EchoHandler, CalcHandler,
-                          async_client, decode_body, raw_connection, run, serving,
+                          GoodCaller, async_client, decode_body, raw_connection, run, serving,
                           unified_request, watchdog)  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
@@ -323,32 +322,6 @@ def _write(writer: asyncio.StreamWriter, data: bytes) -> bool:
         return False
 
 
-class GoodCaller:
-    """Calls echo in a loop on its own connection; every failure is a bug."""
-
-    def __init__(self, client: octo_core.AsyncClient) -> None:
-        self.client = client
-        self.calls = 0
-        self.failures: List[BaseException] = []
-        self._stop = asyncio.Event()
-        self._task = asyncio.ensure_future(self._run())
-
-    async def _run(self) -> None:
-        while not self._stop.is_set():
-            text = f"good-{self.calls}"
-            try:
-                if await self.client.echo(text) != text:
-                    self.failures.append(AssertionError(f"wrong answer to {text}"))
-            except Exception as exc:
-                self.failures.append(exc)
-            self.calls += 1
-            await asyncio.sleep(0.001)
-
-    async def stop(self) -> None:
-        self._stop.set()
-        await asyncio.wait_for(self._task, 5)
-
-
 async def fuzz_round(address: str, seed: int) -> List[Attacker]:
     attackers = [Attacker(address, random.Random(f"{seed}-{i}")) for i in range(CONNECTIONS)]
     await asyncio.wait_for(asyncio.gather(*(a.run(FRAMES_PER_CONNECTION) for a in attackers)), 25)
@@ -377,7 +350,7 @@ def test_fuzz_many_connections_while_a_good_client_calls(tmp_path, protected):
         async def main():
             async with async_client(Echo, address, timeout=5.0,
                                     **signing(protected)) as good_client:
-                good = GoodCaller(good_client)
+                good = GoodCaller(good_client, pause=0.001)
                 try:
                     first = await fuzz_round(address, SEED)
                     assert proc.poll() is None, "the server process died in round 1"

@@ -21,8 +21,8 @@ from octo_core import codec, protocol
 from octo_core.errors import ApplicationError, CallTimeout, OctoError, RpcError, Status, TransportError
 from octo_core.protocol import Header, NodeStatus
 
-from wire_helpers import (ECHO_IDL, LOCALHOST, Echo, EchoHandler, async_client, decode_body,
-                          echo_services, raw_connection, refusing_port, run, serving,
+from wire_helpers import (ECHO_IDL, LOCALHOST, Echo, EchoHandler, GoodCaller, async_client,
+                          decode_body, echo_services, raw_connection, refusing_port, run, serving,
                           serving_in_thread, short_tmpdir, sync_client, unified_request, wait_until,
                           watchdog)  # noqa: F401  (fixture)
 
@@ -78,45 +78,12 @@ def _gzip_bomb() -> bytes:
 BAD_BYTES["gzip-bomb"] = _gzip_bomb()
 
 
-class Hammer:
-    """A good client calling in a loop on its own connection, counting failures."""
-
-    def __init__(self, client: octo_core.AsyncClient) -> None:
-        self.client = client
-        self.calls = 0
-        self.failures = []
-        self._stop = asyncio.Event()
-        self._task = asyncio.ensure_future(self._run())
-
-    async def _run(self) -> None:
-        while not self._stop.is_set():
-            text = f"good-{self.calls}"
-            try:
-                result = await self.client.echo(text)
-                if result != text:
-                    self.failures.append(AssertionError(f"{result!r} != {text!r}"))
-            except Exception as exc:  # any failure of the good client is a bug
-                self.failures.append(exc)
-            self.calls += 1
-
-    async def progress(self, more: int = 20) -> None:
-        target = self.calls + more
-        await wait_until(lambda: self.calls >= target or self._task.done(),
-                         what="the good client to keep calling")
-
-    async def finish(self) -> None:
-        self._stop.set()
-        await asyncio.wait_for(self._task, 5)
-        assert self.failures == [], self.failures[:3]
-        assert self.calls > 0
-
-
 @pytest.mark.parametrize("name", list(BAD_BYTES))
 def test_bad_bytes_close_only_that_connection(name):
     async def main():
         async with serving(echo_services()) as server, \
                 async_client(Echo, server.address) as good:
-            hammer = Hammer(good)
+            hammer = GoodCaller(good)
             await hammer.progress()
             async with raw_connection(server.address) as raw:
                 # the raw connection works until the bad bytes come
@@ -139,7 +106,7 @@ def test_all_bad_connections_at_once_while_good_clients_call():
         async with serving(echo_services()) as server, \
                 async_client(Echo, server.address) as good, \
                 async_client(Echo, server.address, protocol="thrift") as good_native:
-            hammers = [Hammer(good), Hammer(good_native)]
+            hammers = [GoodCaller(good), GoodCaller(good_native)]
             for hammer in hammers:
                 await hammer.progress(5)
 
@@ -160,7 +127,7 @@ def test_truncated_frame_then_close():
     async def main():
         async with serving(echo_services()) as server, \
                 async_client(Echo, server.address) as good:
-            hammer = Hammer(good)
+            hammer = GoodCaller(good)
             await hammer.progress(5)
             frame = _good_request()
             for cut in (3, 9, len(frame) // 2, len(frame) - 1):

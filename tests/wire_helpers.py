@@ -176,6 +176,48 @@ def wait_until_sync(predicate: Callable[[], bool], timeout: float = 5.0,
 Services = Sequence[Tuple[Any, Any, Optional[str]]]   # (service, handler, name)
 
 
+class GoodCaller:
+    """A good client calling echo in a loop on its own connection, counting
+    calls and failures (every failure is a bug); ``pause`` seconds between calls."""
+
+    def __init__(self, client: octo_core.AsyncClient, pause: float = 0.0) -> None:
+        self.client = client
+        self.pause = pause
+        self.calls = 0
+        self.failures: List[BaseException] = []
+        self._stop = asyncio.Event()
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            text = f"good-{self.calls}"
+            try:
+                result = await self.client.echo(text)
+                if result != text:
+                    self.failures.append(AssertionError(f"{result!r} != {text!r}"))
+            except Exception as exc:  # any failure of the good client is a bug
+                self.failures.append(exc)
+            self.calls += 1
+            if self.pause:
+                await asyncio.sleep(self.pause)
+
+    async def progress(self, more: int = 20) -> None:
+        """Wait until ``more`` further calls have been made."""
+        target = self.calls + more
+        await wait_until(lambda: self.calls >= target or self._task.done(),
+                         what="the good client to keep calling")
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.wait_for(self._task, 5)
+
+    async def finish(self) -> None:
+        """Stop, and fail the test if any call failed or none was made."""
+        await self.stop()
+        assert self.failures == [], self.failures[:3]
+        assert self.calls > 0
+
+
 def _build_server(services: Services, host: str, port: int, **options: Any) -> octo_core.Server:
     server = octo_core.Server(options.pop("appkey", SERVER_APPKEY), host=host, port=port, **options)
     for service, handler, name in services:
