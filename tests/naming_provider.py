@@ -190,7 +190,10 @@ class Providers:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """``close()``, then print every provider's log (pytest shows it when the test failed)."""
         self.close()
+        for name, provider in self.all.items():
+            print(f"--- provider {name} ({provider.key}) log:\n{provider.log()}")
 
 
 # --- the provider process ----------------------------------------------------------------

@@ -80,13 +80,8 @@ def backend(request, tmp_path) -> Backend:
 
 @pytest.fixture
 def providers(backend: Backend, tmp_path) -> Iterator[Providers]:
-    launched = Providers(backend.url, APPKEY, str(tmp_path))
-    try:
+    with Providers(backend.url, APPKEY, str(tmp_path)) as launched:
         yield launched
-    finally:
-        launched.close()
-        for name, provider in launched.all.items():   # shown when the test failed
-            print(f"--- provider {name} ({provider.key}) log:\n{provider.log()}")
 
 
 # --- the caller's side ---------------------------------------------------------------------
@@ -354,12 +349,8 @@ def test_zk_outage_under_load_fails_no_call_and_changes_flow_again(zookeeper_ser
                 await load.stop()
             load.assert_every_call_answered()
 
-    try:
+    with providers:                 # killed, and their logs shown, on the way out
         run(scenario(), timeout=70 + OUTAGE_SECONDS)
-    finally:
-        providers.close()
-        for name, provider in providers.all.items():
-            print(f"--- provider {name} ({provider.key}) log:\n{provider.log()}")
 
 
 # --- 5. ZooKeeper session expiry of a provider -------------------------------------------
@@ -393,12 +384,8 @@ def test_zk_provider_session_expiry_reregisters_by_itself(zookeeper_server, tmp_
             assert p1.process.poll() is None
         assert "re-registered" in p1.log(200), "the provider did not report re-registering"
 
-    try:
+    with providers:                 # killed, and their logs shown, on the way out
         run(scenario(), timeout=80)
-    finally:
-        providers.close()
-        for name, provider in providers.all.items():
-            print(f"--- provider {name} ({provider.key}) log:\n{provider.log()}")
 
 
 # --- 6. a client starts from its snapshot while the registry is down ---------------------
@@ -496,9 +483,5 @@ def test_file_provider_paused_past_its_ttl_is_listed_again(tmp_path):
                     f"{exc}: registry.list() holds {p1.key} again but the watch still delivers "
                     f"{sorted(members.nodes)}") from None
 
-    try:
+    with providers:                 # killed, and their logs shown, on the way out
         run(scenario(), timeout=80)
-    finally:
-        providers.close()
-        for name, provider in providers.all.items():
-            print(f"--- provider {name} ({provider.key}) log:\n{provider.log()}")

@@ -58,13 +58,8 @@ def url(request, tmp_path) -> str:
 
 @pytest.fixture
 def providers(url, tmp_path) -> Iterator[Providers]:
-    launched = Providers(url, APPKEY, str(tmp_path))
-    try:
+    with Providers(url, APPKEY, str(tmp_path)) as launched:
         yield launched
-    finally:
-        launched.close()
-        for name, provider in launched.all.items():   # shown when the test failed
-            print(f"--- provider {name} ({provider.key}) log:\n{provider.log()}")
 
 
 async def statuses(registry: Registry) -> Dict[str, int]:
