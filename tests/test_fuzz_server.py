@@ -23,7 +23,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import time
 from typing import Callable, Iterator, List, Tuple
 
 import pytest
@@ -345,7 +344,6 @@ async def still_serves(address: str, protected: bool) -> None:
 
 @pytest.mark.parametrize("protected", [False, True], ids=["plain", "auth-quotas-limits"])
 def test_fuzz_many_connections_while_a_good_client_calls(tmp_path, protected):
-    started = time.monotonic()
     with server_process(tmp_path, protected) as (proc, address, log_path):
         async def main():
             async with async_client(Echo, address, timeout=5.0,
@@ -380,7 +378,6 @@ def test_fuzz_many_connections_while_a_good_client_calls(tmp_path, protected):
     assert "Traceback" not in log, "the server had an unhandled exception:\n" + \
         log[max(0, log.find("Traceback") - 2000):log.find("Traceback") + 3000]
     assert proc.returncode == 0, f"server exit code {proc.returncode}"
-    assert time.monotonic() - started < 60
 
 
 # --- a hypothesis fuzzer on one connection, in process -----------------------------------
