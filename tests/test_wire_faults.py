@@ -18,7 +18,8 @@ import pytest
 
 import octo_core
 from octo_core import codec, protocol
-from octo_core.errors import ApplicationError, CallTimeout, OctoError, RpcError, Status, TransportError
+from octo_core.errors import (ApplicationError, CallTimeout, OctoError, ProtocolError, RpcError,
+                              Status, TransportError)
 from octo_core.protocol import Header, NodeStatus
 
 from wire_helpers import (ECHO_IDL, LOCALHOST, Echo, EchoHandler, GoodCaller, async_client,
@@ -182,6 +183,46 @@ def test_client_fails_pending_calls_when_the_server_sends_garbage():
                 with pytest.raises(TransportError) as info:
                     await asyncio.wait_for(client.echo("x"), 5)
                 assert not isinstance(info.value, CallTimeout)
+        finally:
+            listener.close()
+
+    run(main())
+
+
+def test_a_reply_with_a_bad_body_fails_only_its_own_call():
+    """A well-framed reply whose thrift body does not decode: that call gets a
+    ProtocolError (status 5) naming the method; the connection carries on."""
+    async def handle(reader, writer):
+        decoder = protocol.FrameDecoder()
+        answered = 0
+        while answered < 2:
+            data = await reader.read(65536)
+            if not data:
+                return
+            for frame in decoder.feed(data):
+                seq = frame.head.sequence_id
+                name, _, seqid, args = decode_body(frame, Echo)
+                if answered == 0:
+                    body = b"\x80\x01\x00\x02not a thrift message"
+                else:
+                    body = codec.encode_message(name, 2, seqid,
+                                                Echo.echo_result(success=args.text))
+                writer.write(protocol.encode_unified(protocol.response_header(seq), body))
+                answered += 1
+        await writer.drain()
+        await asyncio.sleep(1)
+        writer.close()
+
+    async def main():
+        listener = await asyncio.start_server(handle, LOCALHOST, 0)
+        port = listener.sockets[0].getsockname()[1]
+        try:
+            async with async_client(Echo, f"{LOCALHOST}:{port}", timeout=5) as client:
+                with pytest.raises(ProtocolError, match="bad reply") as info:
+                    await client.echo("first")
+                assert info.value.status == Status.PROTOCOL_EXCEPTION
+                assert info.value.method == "echo"
+                assert await client.echo("second") == "second"
         finally:
             listener.close()
 
