@@ -189,6 +189,29 @@ def test_client_fails_pending_calls_when_the_server_sends_garbage():
     run(main())
 
 
+def test_a_request_frame_from_the_server_closes_the_client_connection():
+    async def handle(reader, writer):
+        await reader.read(65536)
+        writer.write(unified_request("echo", Echo.echo_args(text="x"), 0))
+        await writer.drain()
+        await asyncio.sleep(5)
+        writer.close()
+
+    async def main():
+        listener = await asyncio.start_server(handle, LOCALHOST, 0)
+        port = listener.sockets[0].getsockname()[1]
+        try:
+            async with async_client(Echo, f"{LOCALHOST}:{port}", timeout=10) as client:
+                with pytest.raises(TransportError, match="request frame") as info:
+                    await asyncio.wait_for(client.echo("x"), 5)
+                assert not isinstance(info.value, CallTimeout)
+                assert info.value.method == "echo"
+        finally:
+            listener.close()
+
+    run(main())
+
+
 def test_a_reply_with_a_bad_body_fails_only_its_own_call():
     """A well-framed reply whose thrift body does not decode: that call gets a
     ProtocolError (status 5) naming the method; the connection carries on."""
