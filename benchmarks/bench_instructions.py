@@ -1,0 +1,90 @@
+"""CPU instructions per RPC call, counted by valgrind's callgrind.
+
+Run with (about a minute per setting; needs ``valgrind``)::
+
+    python benchmarks/bench_instructions.py                 # 64 calls in flight
+    python benchmarks/bench_instructions.py --in-flight 1
+
+Wall-clock figures on a shared VM move by tens of percent between runs; an
+instruction count does not (the same binary and inputs give the same total), so
+this is the yardstick for comparing two versions of octo_core's own call path.
+It is not a comparison with the peers (``bench_rpc.py`` is): client and server
+share one process and one uvloop loop, and the count includes both sides.
+
+Method: the same echo workload (``octo_core.bench.rpc``'s ``Echo`` and
+coroutine handler, a 10-byte message) runs once with one measured round and once
+with two; the difference, divided by the calls in a round, is the cost of one
+call with start-up, warm-up and shutdown cancelled out.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import subprocess
+import sys
+
+CALLS_PER_ROUND = 3200
+
+
+async def _workload(rounds: int, in_flight: int) -> None:
+    import octo_core
+    from octo_core.bench.rpc import _AsyncEchoHandler, make_message, payload_module
+
+    echo = payload_module().Echo
+    server = octo_core.Server(appkey="com.octo.bench.echo", port=0)
+    server.add_service(echo, _AsyncEchoHandler())
+    await server.start()
+    client = octo_core.AsyncClient(echo, appkey="com.octo.bench.client",
+                                   remote_appkey="com.octo.bench.echo", hosts=[server.address])
+    message = make_message(10)
+    per_worker = CALLS_PER_ROUND // in_flight
+
+    async def worker(calls: int) -> None:
+        for _ in range(calls):
+            await client.echo(message)
+
+    await asyncio.gather(*(worker(max(1, per_worker // 2)) for _ in range(in_flight)))  # warm-up
+    for _ in range(rounds):
+        await asyncio.gather(*(worker(per_worker) for _ in range(in_flight)))
+    await client.close()
+    await server.stop()
+
+
+def _instructions(rounds: int, in_flight: int) -> int:
+    """Instructions callgrind counts for a whole run with ``rounds`` measured rounds."""
+    run = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+         __file__, "--child", str(rounds), "--in-flight", str(in_flight)],
+        capture_output=True, text=True, check=True)
+    found = re.search(r"Collected\s*:\s*([\d,]+)", run.stderr)
+    if found is None:
+        raise RuntimeError("callgrind printed no total:\n" + run.stderr[-2000:])
+    return int(found.group(1).replace(",", ""))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--in-flight", type=int, default=64, help="calls in flight (default 64)")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not 1 <= args.in_flight <= CALLS_PER_ROUND:
+        parser.error(f"--in-flight must be between 1 and {CALLS_PER_ROUND}")
+    if args.child is not None:
+        from octo_core.transport.loop import new_event_loop
+
+        loop = new_event_loop()
+        try:
+            loop.run_until_complete(_workload(args.child, args.in_flight))
+        finally:
+            loop.close()
+        return 0
+    one, two = _instructions(1, args.in_flight), _instructions(2, args.in_flight)
+    calls = (CALLS_PER_ROUND // args.in_flight) * args.in_flight
+    print(f"octo_core echo, {args.in_flight} in flight, client and server in one process: "
+          f"{(two - one) / calls:,.0f} instructions per call (both sides)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
