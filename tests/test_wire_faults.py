@@ -8,11 +8,13 @@ TransportError, never a hang.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import struct
 import sys
 import time
 import zlib
+from typing import AsyncIterator
 
 import pytest
 
@@ -167,6 +169,17 @@ def test_bad_message_body_gets_status_5_and_keeps_the_connection():
     run(main())
 
 
+@contextlib.asynccontextmanager
+async def fake_server(handle) -> AsyncIterator[str]:
+    """A hand-written server on a free port (``handle(reader, writer)`` per connection);
+    yields its address."""
+    listener = await asyncio.start_server(handle, LOCALHOST, 0)
+    try:
+        yield f"{LOCALHOST}:{listener.sockets[0].getsockname()[1]}"
+    finally:
+        listener.close()
+
+
 def test_client_fails_pending_calls_when_the_server_sends_garbage():
     async def handle(reader, writer):
         await reader.read(10)
@@ -176,15 +189,11 @@ def test_client_fails_pending_calls_when_the_server_sends_garbage():
         writer.close()
 
     async def main():
-        listener = await asyncio.start_server(handle, LOCALHOST, 0)
-        port = listener.sockets[0].getsockname()[1]
-        try:
-            async with async_client(Echo, f"{LOCALHOST}:{port}", timeout=10) as client:
-                with pytest.raises(TransportError) as info:
-                    await asyncio.wait_for(client.echo("x"), 5)
-                assert not isinstance(info.value, CallTimeout)
-        finally:
-            listener.close()
+        async with fake_server(handle) as address, \
+                async_client(Echo, address, timeout=10) as client:
+            with pytest.raises(TransportError) as info:
+                await asyncio.wait_for(client.echo("x"), 5)
+            assert not isinstance(info.value, CallTimeout)
 
     run(main())
 
@@ -198,16 +207,12 @@ def test_a_request_frame_from_the_server_closes_the_client_connection():
         writer.close()
 
     async def main():
-        listener = await asyncio.start_server(handle, LOCALHOST, 0)
-        port = listener.sockets[0].getsockname()[1]
-        try:
-            async with async_client(Echo, f"{LOCALHOST}:{port}", timeout=10) as client:
-                with pytest.raises(TransportError, match="request frame") as info:
-                    await asyncio.wait_for(client.echo("x"), 5)
-                assert not isinstance(info.value, CallTimeout)
-                assert info.value.method == "echo"
-        finally:
-            listener.close()
+        async with fake_server(handle) as address, \
+                async_client(Echo, address, timeout=10) as client:
+            with pytest.raises(TransportError, match="request frame") as info:
+                await asyncio.wait_for(client.echo("x"), 5)
+            assert not isinstance(info.value, CallTimeout)
+            assert info.value.method == "echo"
 
     run(main())
 
@@ -237,17 +242,13 @@ def test_a_reply_with_a_bad_body_fails_only_its_own_call():
         writer.close()
 
     async def main():
-        listener = await asyncio.start_server(handle, LOCALHOST, 0)
-        port = listener.sockets[0].getsockname()[1]
-        try:
-            async with async_client(Echo, f"{LOCALHOST}:{port}", timeout=5) as client:
-                with pytest.raises(ProtocolError, match="bad reply") as info:
-                    await client.echo("first")
-                assert info.value.status == Status.PROTOCOL_EXCEPTION
-                assert info.value.method == "echo"
-                assert await client.echo("second") == "second"
-        finally:
-            listener.close()
+        async with fake_server(handle) as address, \
+                async_client(Echo, address, timeout=5) as client:
+            with pytest.raises(ProtocolError, match="bad reply") as info:
+                await client.echo("first")
+            assert info.value.status == Status.PROTOCOL_EXCEPTION
+            assert info.value.method == "echo"
+            assert await client.echo("second") == "second"
 
     run(main())
 
