@@ -55,6 +55,28 @@ def pytest_report_header(config):
     return f"thrift compiler: {compiler} ({version})"
 
 
+def apache_generate(idl_path: str, out: str, *modules: str) -> list:
+    """``idl_path`` compiled by Apache's ``thrift --gen py`` into ``out``; returns the
+    named generated ``modules``, imported. Skips the test (reason printed) when the
+    compiler is not installed; CI installs it."""
+    compiler = _thrift_compiler()
+    if compiler is None:
+        reason = (f"Apache Thrift compiler not found ({THRIFT_COMPILER} or `thrift` on PATH); "
+                  "install it (Debian: apt-get install thrift-compiler) to run the "
+                  "tests against Apache Thrift")
+        print(f"\nSKIP: {reason}", file=sys.stderr)
+        pytest.skip(reason)
+    # --allow-neg-keys: keep explicit negative field ids (everything.thrift has some).
+    proc = subprocess.run([compiler, "--allow-neg-keys", "--gen", "py", "-out", out, idl_path],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, f"thrift --gen py failed:\n{proc.stdout}\n{proc.stderr}"
+    sys.path.insert(0, out)
+    try:
+        return [importlib.import_module(name) for name in modules]
+    finally:
+        sys.path.remove(out)
+
+
 @pytest.fixture(scope="session")
 def apache(tmp_path_factory) -> types.SimpleNamespace:
     """everything.thrift compiled by Apache Thrift's Python generator.
@@ -62,22 +84,6 @@ def apache(tmp_path_factory) -> types.SimpleNamespace:
     ``ttypes`` holds the structs, ``service`` the ``EverythingService`` module
     (``<method>_args``/``<method>_result``), ``modules`` both for name lookups.
     """
-    compiler = _thrift_compiler()
-    if compiler is None:
-        reason = (f"Apache Thrift compiler not found ({THRIFT_COMPILER} or `thrift` on PATH); "
-                  "install it (Debian: apt-get install thrift-compiler) to run the "
-                  "differential tests against Apache Thrift")
-        print(f"\nSKIP: {reason}", file=sys.stderr)
-        pytest.skip(reason)
-    out = tmp_path_factory.mktemp("apache_gen_py")
-    # --allow-neg-keys: keep NegativeIds' explicit negative field ids.
-    proc = subprocess.run([compiler, "--allow-neg-keys", "--gen", "py", "-out", str(out), IDL_PATH],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, f"thrift --gen py failed:\n{proc.stdout}\n{proc.stderr}"
-    sys.path.insert(0, str(out))
-    try:
-        ttypes = importlib.import_module(f"{APACHE_PACKAGE}.ttypes")
-        service = importlib.import_module(f"{APACHE_PACKAGE}.EverythingService")
-    finally:
-        sys.path.remove(str(out))
+    ttypes, service = apache_generate(IDL_PATH, str(tmp_path_factory.mktemp("apache_gen_py")),
+                                      f"{APACHE_PACKAGE}.ttypes", f"{APACHE_PACKAGE}.EverythingService")
     return types.SimpleNamespace(ttypes=ttypes, service=service, modules=(ttypes, service))

@@ -6,6 +6,9 @@
 // Calc is the second service hosted on the same port; it shares `whoami` with
 // Echo so native (service-less) dispatch of that name is ambiguous.
 
+// The package Apache's `thrift --gen py` writes (tests/test_wire_apache.py).
+namespace py octo_echo_apache
+
 exception EchoError {
   1: string message,
   2: i32 code,
