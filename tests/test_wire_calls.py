@@ -16,6 +16,7 @@ import sys
 import pytest
 from thriftpy2.thrift import TApplicationException, TMessageType
 
+import octo_core
 from octo_core import protocol
 from octo_core.errors import (ApplicationError, CallTimeout, OctoError, ProtocolError, RpcError,
                               ServiceError, Status, TransportError)
@@ -44,6 +45,69 @@ def wire_warnings(caplog):
     caplog.set_level(logging.WARNING, logger="octo_core")
     return lambda: [r for r in caplog.records
                     if r.name.startswith("octo_core") and r.levelno >= logging.WARNING]
+
+
+# --- IDL method names the clients use themselves ---------------------------------------
+
+CLASH = octo_core.load_idl(os.path.join(os.path.dirname(os.path.abspath(__file__)), "idl",
+                                        "clash.thrift"), module_name="octo_clash_thrift").Clash
+
+
+class ClashHandler:
+    def close(self, why):
+        return f"closing: {why}"
+
+    def call(self, x):
+        return 2 * x
+
+    def future(self):
+        return "the future"
+
+    def callback(self):
+        return "called back"
+
+    def echo(self, text):
+        return text
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+def test_idl_methods_named_like_the_async_clients_own(proto):
+    async def main():
+        async with serving([(CLASH, ClashHandler(), None)]) as server:
+            client = octo_core.AsyncClient(CLASH, appkey="c", hosts=[server.address],
+                                           protocol=proto)
+            assert client.close.__func__ is octo_core.AsyncClient.close   # not shadowed
+            assert client.call.__func__ is octo_core.AsyncClient.call
+            assert await client.call("close", "bye") == "closing: bye"
+            assert await client.call("call", 21) == 42
+            assert await client.future() == "the future"
+            assert await client.echo("plain") == "plain"
+            await client.close()                     # the client's close: calls now fail
+            with pytest.raises(TransportError):
+                await client.echo("after close")
+    run(main())
+
+
+def test_idl_methods_named_like_the_sync_clients_own():
+    with serving_in_thread([(CLASH, ClashHandler(), None)]) as server:
+        client = octo_core.Client(CLASH, appkey="c", hosts=[server.address])
+        try:
+            assert client.call("close", "bye") == "closing: bye"
+            assert client.call("call", 4, timeout=2.0) == 8
+            assert client.call("future") == "the future"
+            assert client.future.call("close", "later").result(5) == "closing: later"
+            assert client.future.call("call", 5).result(5) == 10
+            assert client.future.echo("as future").result(5) == "as future"
+            outcomes: "queue.Queue" = queue.Queue()
+            client.callback.call("callback", callback=outcomes.put)
+            assert outcomes.get(timeout=5) == "called back"
+            assert client.echo("plain") == "plain"
+            with pytest.raises(AttributeError):
+                client.call("no_such_method")
+        finally:
+            client.close()                           # the client's close, not the IDL's
+        with pytest.raises(TransportError):
+            client.echo("after close")
 
 
 # --- call modes ----------------------------------------------------------------------

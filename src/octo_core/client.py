@@ -46,7 +46,9 @@ class AsyncClient:
 
     ``async with AsyncClient(echo_thrift.Echo, appkey="com.example.caller",
     remote_appkey="com.example.echo", hosts=["127.0.0.1:9001"]) as c:
-    await c.echo("hi")``. Each IDL method becomes an attribute of the client.
+    await c.echo("hi")``. Each IDL method becomes an attribute of the client,
+    except those whose names the client itself uses (``close``, ``call``, ...):
+    ``await c.call("close")`` calls those, and any other, by name.
     ``protocol="thrift"`` speaks native framed thrift instead of the unified
     protocol. Many calls share one connection per node (``pool_size`` for more).
 
@@ -129,7 +131,8 @@ class AsyncClient:
         self._finishers = {name: functools.partial(self._result, method)
                            for name, method in self._methods.items()}
         for name, method in self._methods.items():
-            setattr(self, name, self._caller(method))
+            if not hasattr(self, name):   # `close`, `call`, ...: reached through call(name)
+                setattr(self, name, self._caller(method))
 
     def _caller(self, method: idl.Method) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Awaitable[Any]:
@@ -139,7 +142,10 @@ class AsyncClient:
         return call
 
     async def call(self, name: str, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> Any:
-        """Call IDL method ``name`` (for names that clash with the client's own)."""
+        """Call IDL method ``name``; ``timeout`` overrides the client's for this call.
+
+        Every method can be called this way; it is the only way to reach one whose
+        name the client uses itself (``close``, ``call``, ...)."""
         method = self._methods.get(name)
         if method is None:
             raise AttributeError(f"{self.service.__name__} has no method {name!r}")
@@ -321,11 +327,19 @@ def protocol_flags(checksum: bool) -> int:
 
 
 class _Mode:
-    """``client.future`` / ``client.callback``: the same methods, another way to wait."""
+    """``client.future`` / ``client.callback``: the same methods, another way to wait.
+
+    ``call(name, *args, **kwargs)`` reaches any method by name (``call`` itself included).
+    """
 
     def __init__(self, client: "Client", wrap: Callable[[str], Callable[..., Any]]) -> None:
+        self._wrap = wrap
         for name in client._async._methods:
-            setattr(self, name, wrap(name))
+            if not hasattr(self, name):
+                setattr(self, name, wrap(name))
+
+    def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self._wrap(name)(*args, **kwargs)
 
 
 class Client:
@@ -334,20 +348,29 @@ class Client:
     Takes the same arguments as ``AsyncClient``. ``c.echo("hi")`` waits for the
     answer; ``c.future.echo("hi")`` returns a ``concurrent.futures.Future``;
     ``c.callback.echo("hi", callback=fn)`` calls ``fn(result_or_exception)``.
-    Oneway methods return once the request is written.
+    Oneway methods return once the request is written. A method whose name the
+    client uses itself (``close``, ``future``, ...) is called by name:
+    ``c.call("close")``, ``c.future.call("close")``.
     """
 
     def __init__(self, service: Any, **options: Any) -> None:
         self._thread = LoopThread("octo-client")
         self._closed = False
         self._async = self._thread.run(_make_async(service, options))
-        for name in self._async._methods:
-            setattr(self, name, self._blocking(name))
         self.future = _Mode(self, self._submitter)
         self.callback = _Mode(self, self._with_callback)
+        for name in self._async._methods:
+            if not hasattr(self, name):
+                setattr(self, name, self._blocking(name))
+
+    def call(self, name: str, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> Any:
+        """Call IDL method ``name`` and wait; ``timeout`` overrides the client's for this call."""
+        return self._submitter(name)(*args, timeout=timeout, **kwargs).result()
 
     def _submitter(self, name: str) -> Callable[..., concurrent.futures.Future]:
         call = self._async.call
+        if name not in self._async._methods:
+            raise AttributeError(f"{self._async.service.__name__} has no method {name!r}")
 
         def submit(*args: Any, **kwargs: Any) -> concurrent.futures.Future:
             if self._closed:
