@@ -8,6 +8,7 @@ nothing else, and must be refused before large buffers are allocated.
 """
 from __future__ import annotations
 
+import copy
 import gzip
 import os
 import struct
@@ -200,6 +201,8 @@ def test_new_ids_are_16_hex_digits_and_do_not_repeat():
 
 
 OPT_TEXT = st.none() | TEXT
+RESPONSE_INFO = st.builds(protocol.ResponseInfo, st.integers(-2**63, 2**63 - 1),
+                          st.integers(-128, 127), OPT_TEXT)
 TRACE = st.builds(TraceInfo, clientAppkey=TEXT, traceId=OPT_TEXT, spanId=OPT_TEXT,
                   rootMessageId=OPT_TEXT, currentMessageId=OPT_TEXT, serverMessageId=OPT_TEXT,
                   debug=st.none() | st.booleans(), sample=st.none() | st.booleans(),
@@ -210,8 +213,7 @@ HEADERS = st.one_of(
                                     st.integers(-128, 127), st.integers(-2**31, 2**31 - 1)),
               traceInfo=st.none() | TRACE, globalContext=TEXT_MAP, localContext=TEXT_MAP),
     st.builds(Header, messageType=st.none() | st.sampled_from(list(MessageType)),
-              responseInfo=st.builds(protocol.ResponseInfo, st.integers(-2**63, 2**63 - 1),
-                                     st.integers(-128, 127), OPT_TEXT),
+              responseInfo=RESPONSE_INFO,
               traceInfo=st.none() | TRACE,
               heartbeatInfo=st.none() | st.builds(HeartbeatInfo, appkey=OPT_TEXT,
                                                   status=st.integers(0, 5))))
@@ -242,6 +244,27 @@ def test_head_read_in_c_agrees_with_the_header_struct(header):
         (trace.clientAppkey, trace.traceId, trace.spanId) if trace else (None, None, None))
     assert head.global_context == header.globalContext
     assert head.local_context == header.localContext
+
+
+@FUZZ
+@given(header=HEADERS, trace=TRACE, response=RESPONSE_INFO)
+def test_a_repeated_header_struct_replaces_the_first_whole(header, trace, response):
+    """Thrift lets a field appear twice; the last copy wins, none of the first is kept
+    (as in thriftpy2's struct decoder): an optional field the second copy lacks is None."""
+    expected = copy.deepcopy(header)
+    extra = b"\x0c\x00\x04" + serialize(trace)                  # traceInfo (field 4) again
+    expected.traceInfo = trace
+    if header.responseInfo is not None:
+        extra += b"\x0c\x00\x03" + serialize(response)          # responseInfo (field 3) again
+        expected.responseInfo = response
+    data = serialize(header)[:-1] + extra + b"\x00"
+    head, _ = _codec.read_head(1, len(data), data)
+    assert head.full(Header) == expected
+    assert (head.client_appkey, head.trace_id, head.span_id) == (
+        trace.clientAppkey, trace.traceId, trace.spanId)
+    if header.responseInfo is not None:
+        assert (head.sequence_id, head.status, head.message) == (
+            response.sequenceId, response.status, response.message)
 
 
 @FUZZ

@@ -314,6 +314,7 @@ cdef int _r_request_info(_Reader* r, Head h) except -1:
 
 cdef int _r_response_info(_Reader* r, Head h) except -1:
     cdef int fid = 0, wire, seen = 0
+    h.message = None    # a repeated responseInfo replaces the first whole (so does TraceInfo)
     while True:
         wire = _r_field(r, &fid)
         if wire == T_STOP:
@@ -337,7 +338,7 @@ cdef int _r_response_info(_Reader* r, Head h) except -1:
 
 cdef int _r_trace_info(_Reader* r, Head h) except -1:
     cdef int fid = 0, wire
-    h.client_appkey = None
+    h.client_appkey = h.trace_id = h.span_id = None
     while True:
         wire = _r_field(r, &fid)
         if wire == T_STOP:
