@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import os
 import queue
@@ -108,6 +109,56 @@ def test_idl_methods_named_like_the_sync_clients_own():
             client.close()                           # the client's close, not the IDL's
         with pytest.raises(TransportError):
             client.echo("after close")
+
+
+# --- handlers that are not plain `async def` methods ------------------------------------
+
+def plain_decorator(fn):
+    """A tracing-style decorator that is itself a plain function: it hands back fn's coroutine."""
+    def wrapper(*args):
+        return fn(*args)
+    return wrapper
+
+
+class AsyncCallable:
+    def __init__(self, reply):
+        self.reply = reply
+
+    async def __call__(self):
+        await asyncio.sleep(0)
+        return self.reply
+
+
+class OddHandler(EchoHandler):
+    """``echo`` behind a plain decorator, ``whoami`` an object with an async ``__call__``,
+    ``fail`` a partial of a coroutine function."""
+
+    def __init__(self):
+        super().__init__()
+        self.whoami = AsyncCallable("callable")
+        self.fail = functools.partial(self._fail, "partial")
+
+    @plain_decorator
+    async def echo(self, text):
+        await asyncio.sleep(0)
+        return f"decorated: {text}"
+
+    async def _fail(self, prefix, kind):
+        if kind == "declared":
+            raise EchoError(message=prefix, code=1)
+        return f"{prefix}: {kind}"
+
+
+def test_handlers_that_return_coroutines_without_being_async_functions():
+    async def main():
+        async with serving(echo_services(OddHandler())) as server, \
+                async_client(Echo, server.address) as client:
+            assert await client.echo("hi") == "decorated: hi"
+            assert await client.whoami() == "callable"
+            assert await client.fail("fine") == "partial: fine"
+            with pytest.raises(EchoError, match="partial"):
+                await client.fail("declared")
+    run(main())
 
 
 # --- call modes ----------------------------------------------------------------------

@@ -102,6 +102,9 @@ class Server:
     waiting; past that a call is refused at once with status 3); coroutine
     handlers run on the event loop, each as a task whose first step runs as
     its request is read (one that never suspends answers in the same read).
+    Coroutine handlers include partials of async functions and objects with an
+    async ``__call__``; a plain function that returns a coroutine (an async
+    method behind a plain decorator) runs on the pool, its coroutine on the loop.
 
     Protection: ``max_connections`` (more are closed on accept),
     ``max_in_flight`` and ``max_in_flight_per_connection`` (status 3 past them),
@@ -190,7 +193,7 @@ class Server:
         handlers = {}
         for method in methods:
             fn = getattr(handler, method)
-            handlers[method] = (fn, inspect.iscoroutinefunction(fn))
+            handlers[method] = (fn, _is_coroutine_function(fn))
         entry = _Service(name, service, methods, handlers)
         self._services[name] = entry
         for method in methods:
@@ -466,7 +469,8 @@ class Server:
             return
         self._business_pending += 1
         future = self._pool.submit(context.run, _run_sync, fn, argv, deadline)
-        future.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._sync_done, call, f))
+        future.add_done_callback(
+            lambda f: self._loop.call_soon_threadsafe(self._sync_done, call, f, context))
 
     @staticmethod
     def _call_context(call: _Call, head: Optional[_codec.Head]) -> contextvars.Context:
@@ -491,13 +495,20 @@ class Server:
         else:
             self._answer(call, value, None)
 
-    def _sync_done(self, call: _Call, future: concurrent.futures.Future) -> None:
+    def _sync_done(self, call: _Call, future: concurrent.futures.Future,
+                   context: contextvars.Context) -> None:
         self._business_pending -= 1
         if future.cancelled():
             self._answer(call, None, _DeadlinePassed())
             return
         exc = future.exception()
-        self._answer(call, None if exc else future.result(), exc)
+        value = None if exc else future.result()
+        if inspect.isawaitable(value):
+            # A plain function that returned a coroutine (an async handler behind a
+            # plain decorator): its answer is what the coroutine gives, on the loop.
+            start_task(self._loop, self._run_coroutine(call, lambda: value, [], None), context)
+            return
+        self._answer(call, value, exc)
 
     def _answer(self, call: _Call, value: Any, exc: Optional[BaseException]) -> None:
         call.reply.conn.in_flight -= 1
@@ -594,6 +605,13 @@ class Quotas:
         if len(self._buckets) >= self.max_callers:   # all busy: forget the stalest half
             keep = sorted(self._buckets.items(), key=lambda kv: kv[1][1])[len(self._buckets) // 2:]
             self._buckets = dict(keep)
+
+
+def _is_coroutine_function(fn: Callable[..., Any]) -> bool:
+    """Does calling ``fn`` give a coroutine? (async functions, partials of them, and
+    objects with an async ``__call__``; other callables run on a business thread.)"""
+    return (inspect.iscoroutinefunction(fn)
+            or inspect.iscoroutinefunction(getattr(fn, "__call__", None)))
 
 
 def _run_sync(fn: Callable[..., Any], argv: List[Any], deadline: Optional[float]) -> Any:
