@@ -26,9 +26,9 @@ from octo_core.cluster.breaker import BreakerState, CircuitBreaker, RetryBudget
 from octo_core.cluster.invoker import POLICIES, Cluster, node_failed, not_executed
 from octo_core.cluster.routing import (LITESET_KEY, SWIMLANE_KEY, Caller, NoRouteError,
                                        RouteRule, Router)
-from octo_core.errors import (ApplicationError, CallTimeout, DegradeError, ProtocolError,
-                              RemoteError, RpcError, RuntimeFailure, SecurityError, ServiceError,
-                              Status, TransportError)
+from octo_core.errors import (ApplicationError, CallTimeout, DegradeError, EncodeError,
+                              ProtocolError, RemoteError, RpcError, RuntimeFailure, SecurityError,
+                              ServiceError, Status, TransportError)
 from octo_core.registry.node import Node
 
 from cluster_helpers import (CALLER, EchoError, Echo, FakeClock, NamedEcho, ScriptedSend, answer,
@@ -187,6 +187,8 @@ def test_error_classification():
     assert node_failed(refused()) and not_executed(refused())
     assert not node_failed(ApplicationError("x")) and not node_failed(EchoError())
     assert node_failed(NoRouteError("none"))
+    assert node_failed(ProtocolError("a bad reply"))
+    assert not node_failed(EncodeError("the caller's own value"))
 
 
 def test_failsafe_returns_none_and_logs(caplog):

@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable, Dict, Mapping, Optional, Sequence, 
 from octo_core.cluster.balancer import make_balancer
 from octo_core.cluster.breaker import BreakerState, CircuitBreaker, RetryBudget
 from octo_core.cluster.routing import NoRouteError, RouteRule, Router, Weighted
-from octo_core.errors import (CallTimeout, DegradeError, OctoError, ProtocolError, RpcError,
+from octo_core.errors import (CallTimeout, DegradeError, EncodeError, OctoError, ProtocolError, RpcError,
                               ServiceError, TransportError)
 from octo_core.registry.node import Node
 
@@ -37,8 +37,10 @@ Send = Callable[[Node, float], Awaitable[Any]]
 
 
 def node_failed(exc: BaseException) -> bool:
-    """Does ``exc`` say something about the node's health (not the business logic)?"""
-    return isinstance(exc, (TransportError, RpcError, ProtocolError, ServiceError, DegradeError))
+    """Does ``exc`` say something about the node's health (not the business logic,
+    nor the caller's own values: an ``EncodeError`` is raised before anything is sent)?"""
+    return (isinstance(exc, (TransportError, RpcError, ProtocolError, ServiceError, DegradeError))
+            and not isinstance(exc, EncodeError))
 
 
 def not_executed(exc: BaseException) -> bool:
