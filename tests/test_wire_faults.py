@@ -20,8 +20,8 @@ import pytest
 
 import octo_core
 from octo_core import codec, protocol
-from octo_core.errors import (ApplicationError, CallTimeout, OctoError, ProtocolError, RpcError,
-                              Status, TransportError)
+from octo_core.errors import (ApplicationError, CallTimeout, EncodeError, OctoError, ProtocolError,
+                              RpcError, Status, TransportError)
 from octo_core.protocol import Header, NodeStatus
 
 from wire_helpers import (ECHO_IDL, LOCALHOST, Echo, EchoHandler, GoodCaller, async_client,
@@ -249,6 +249,83 @@ def test_a_reply_with_a_bad_body_fails_only_its_own_call():
             assert info.value.status == Status.PROTOCOL_EXCEPTION
             assert info.value.method == "echo"
             assert await client.echo("second") == "second"
+
+    run(main())
+
+
+# --- frames over max_frame_size ---------------------------------------------------------
+
+LIMIT = 1 << 20
+
+
+class AmplifyingHandler(EchoHandler):
+    """``echo`` answers with ``text`` repeated to over 1 MiB: a reply too big to send."""
+
+    def echo(self, text: str) -> str:
+        return text * (LIMIT // max(1, len(text)) + 1) if text.startswith("big") else text
+
+
+@pytest.mark.parametrize("proto,compression", [("octo", None), ("thrift", None), ("octo", "gzip")])
+def test_an_oversized_request_fails_alone_before_it_is_sent(proto, compression):
+    """A request over max_frame_size would make the server close the connection and
+    fail every call on it; it fails alone, with an EncodeError, and is never sent.
+    Compressed, it is the decompressed size the server checks, so it counts here too."""
+    handler = EchoHandler()
+
+    async def main():
+        async with serving(echo_services(handler), max_frame_size=LIMIT) as server, \
+                async_client(Echo, server.address, max_frame_size=LIMIT, timeout=5,
+                             protocol=proto, compression=compression, cluster="failover",
+                             idempotent=True) as client:
+            others = [asyncio.ensure_future(client.slow(f"other {i}", 200)) for i in range(5)]
+            await wait_until(lambda: handler.slow_started == 5)
+            with pytest.raises(EncodeError, match="exceeds max_frame_size 1048576") as info:
+                await client.echo("x" * (LIMIT + 1))      # gzip makes this a few KB on the wire
+            assert (info.value.method, info.value.node) == ("echo", server.address)
+            assert await asyncio.gather(*others) == [f"other {i}" for i in range(5)]
+            assert await client.echo("after") == "after"
+            # The caller's own mistake says nothing about the node: more of them than
+            # the breaker's consecutive-failure threshold leave it closed, unretried.
+            for _ in range(6):
+                with pytest.raises(EncodeError):
+                    await client.echo("x" * (LIMIT + 1))
+            assert await client.echo("still served") == "still served"
+
+    run(main())
+
+
+@pytest.mark.parametrize("proto", ["octo", "thrift"])
+def test_an_oversized_reply_becomes_an_error_for_its_own_call(proto):
+    """A result too big for max_frame_size is not sent (the client would close the
+    connection); its caller gets an application error, the other calls carry on."""
+    handler = AmplifyingHandler()
+
+    async def main():
+        async with serving(echo_services(handler), max_frame_size=LIMIT) as server, \
+                async_client(Echo, server.address, timeout=5, protocol=proto) as client:
+            others = [asyncio.ensure_future(client.slow(f"other {i}", 200)) for i in range(5)]
+            await wait_until(lambda: handler.slow_started == 5)
+            with pytest.raises(ApplicationError, match="cannot be sent.*exceeds max_frame_size"):
+                await client.echo("big")
+            assert await asyncio.gather(*others) == [f"other {i}" for i in range(5)]
+            assert await client.echo("small") == "small"
+
+    run(main())
+
+
+@pytest.mark.parametrize("proto", ["octo", "thrift"])
+def test_a_reply_over_the_clients_own_limit_closes_its_connection(proto):
+    """A server with a larger limit than the client's can send a reply the client
+    will not read: the client closes that connection (a TransportError, not a
+    timeout) and reconnects for the next call."""
+    async def main():
+        async with serving(echo_services(AmplifyingHandler())) as server, \
+                async_client(Echo, server.address, timeout=5, protocol=proto,
+                             max_frame_size=LIMIT) as client:
+            with pytest.raises(TransportError) as info:
+                await client.echo("big")
+            assert not isinstance(info.value, CallTimeout)
+            assert await client.echo("small") == "small"
 
     run(main())
 

@@ -18,7 +18,7 @@ from octo_core.cluster.routing import Caller, Router
 from octo_core.auth import Signer
 from octo_core.context import Span, _span_started, child_span, global_context
 from octo_core.metrics import Metrics
-from octo_core.errors import (ApplicationError, DecodeError, DegradeError, OctoError,
+from octo_core.errors import (ApplicationError, DecodeError, DegradeError, EncodeError, OctoError,
                               ProtocolError, RemoteError, RpcError, RuntimeFailure, SecurityError,
                               ServiceError, Status, TransportError)
 from octo_core.protocol import CallType, Frame, MessageType
@@ -225,11 +225,17 @@ class AsyncClient:
     def _start(self, conn: ClientConnection, method: idl.Method, request: Any, timeout: float,
                tags: Mapping[str, str], span: Span) -> "asyncio.Future[Any]":
         seq = conn.next_sequence()
-        if self.unified:
-            data = self._request_frame(method, request, seq, timeout, tags, span)
-        else:
-            msg_type = TMessageType.ONEWAY if method.oneway else TMessageType.CALL
-            data = protocol.encode_framed_message(method.name, msg_type, seq, request)
+        limit = conn.max_frame_size
+        try:
+            if self.unified:
+                data = self._request_frame(method, request, seq, timeout, tags, span, limit)
+            else:
+                msg_type = TMessageType.ONEWAY if method.oneway else TMessageType.CALL
+                data = protocol.encode_framed_message(method.name, msg_type, seq, request)
+            protocol.ensure_frame_fits(len(data), limit, "request")
+        except EncodeError as exc:     # the caller's values: nothing was sent
+            exc.method, exc.node = method.name, conn.node
+            raise
         if method.oneway:
             if conn.closed:
                 raise TransportError("connection closed before the request was sent",
@@ -243,7 +249,7 @@ class AsyncClient:
         return reply
 
     def _request_frame(self, method: idl.Method, request: Any, seq: int, timeout: float,
-                       tags: Mapping[str, str], span: Span) -> bytes:
+                       tags: Mapping[str, str], span: Span, limit: int) -> bytes:
         """The unified request frame; its header is written from these fields."""
         call_type = CallType.NO_REPLY if method.oneway else CallType.REPLY
         timeout_ms = max(1, int(timeout * 1000))
@@ -259,7 +265,7 @@ class AsyncClient:
         head = _codec.request_header_bytes(
             MessageType.NORMAL, self.service_name, seq, call_type, timeout_ms,
             self.appkey, span.trace_id, span.span_id, context, signature)
-        return protocol.frame_unified(head, body, self._flags)
+        return protocol.frame_unified(head, body, self._flags, limit)
 
     def _result(self, method: idl.Method, frame: Frame, node: str) -> Any:
         head = frame.head

@@ -145,12 +145,23 @@ def decompress(flags: int, payload: bytes, limit: int) -> bytes:
 
 # --- building frames --------------------------------------------------------------
 
-def frame_unified(head: bytes, body: bytes, flags: int = DEFAULT_FLAGS) -> bytes:
+def ensure_frame_fits(size: int, limit: int, what: str) -> None:
+    """Refuse to send what the peer would refuse to read: it would close the
+    connection, failing every call on it and not only this one."""
+    if size > limit:
+        raise EncodeError(f"{what} of {size} bytes exceeds max_frame_size {limit}")
+
+
+def frame_unified(head: bytes, body: bytes, flags: int = DEFAULT_FLAGS,
+                  limit: Optional[int] = None) -> bytes:
     """A whole unified frame from an encoded header and a thrift ``body``
-    (compressed as ``flags`` say)."""
+    (compressed as ``flags`` say). With ``limit`` (the max_frame_size) a
+    compressed payload must also fit once decompressed, as readers check."""
     if len(head) > MAX_HEADER_LENGTH:
         raise EncodeError(f"header of {len(head)} bytes cannot be framed (max {MAX_HEADER_LENGTH})")
     if flags & COMPRESSED:
+        if limit is not None:
+            ensure_frame_fits(len(head) + len(body), limit, "uncompressed payload")
         return _codec.encode_frame(flags, len(head), compress(flags, head + body))
     return _codec.encode_frame(flags, len(head), head, body)
 
@@ -169,12 +180,13 @@ def encode_unified_message(flags: int, header: Any, name: str, msg_type: int, se
 
 
 def encode_response(flags: int, sequence_id: int, status: int, text: Optional[str], name: str,
-                    msg_type: int, seqid: int, obj: Any) -> bytes:
+                    msg_type: int, seqid: int, obj: Any, limit: Optional[int] = None) -> bytes:
     """A reply frame: a response header ``(sequence_id, status, text)`` and the
-    message; the header is written from its fields, no ``Header`` object."""
+    message; the header is written from its fields, no ``Header`` object.
+    ``limit`` as for ``frame_unified``."""
     if flags & COMPRESSED:
         return frame_unified(_codec.response_header_bytes(MessageType.NORMAL, sequence_id, status, text),
-                             _codec.encode_message(name, msg_type, seqid, obj), flags)
+                             _codec.encode_message(name, msg_type, seqid, obj), flags, limit)
     return _codec.encode_response(flags, sequence_id, status, text, name, msg_type, seqid, obj)
 
 

@@ -73,11 +73,15 @@ class _Reply:
 
     def message(self, name: str, msg_type: int, seqid: int, obj: Any, status: int = 0,
                 text: Optional[str] = None) -> None:
+        """Send a thrift message; ``EncodeError`` (nothing sent) when it cannot be
+        encoded or would exceed the connection's max_frame_size."""
+        limit = self.conn.max_frame_size
         if self.unified:
             data = protocol.encode_response(self.flags, self.sequence_id, status, text,
-                                            name, msg_type, seqid, obj)
+                                            name, msg_type, seqid, obj, limit)
         else:
             data = protocol.encode_framed_message(name, msg_type, seqid, obj)
+        protocol.ensure_frame_fits(len(data), limit, "reply")
         self.conn.send(data)
 
     def app_exception(self, name: str, seqid: int, kind: int, text: str,
@@ -548,7 +552,7 @@ class Server:
                 reply.message(name, TMessageType.REPLY, seqid, result)
             except EncodeError as bad:
                 reply.app_exception(name, seqid, TApplicationException.INTERNAL_ERROR,
-                                    f"{name} returned a value its IDL does not allow: {bad}")
+                                    f"{name}: its result cannot be sent: {bad}")
                 return Status.APPLICATION_EXCEPTION
         return Status.SUCCESS
 

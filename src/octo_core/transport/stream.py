@@ -88,6 +88,11 @@ class FramedProtocol(asyncio.Protocol):
         self.transport.write(data)
 
     @property
+    def max_frame_size(self) -> int:
+        """The largest frame this connection reads (and so, by agreement, sends)."""
+        return self._decoder.max_frame_size
+
+    @property
     def buffered_input(self) -> int:
         return self._decoder.buffered
 
