@@ -259,10 +259,16 @@ LIMIT = 1 << 20
 
 
 class AmplifyingHandler(EchoHandler):
-    """``echo`` answers with ``text`` repeated to over 1 MiB: a reply too big to send."""
+    """``echo`` answers with ``text`` repeated to over 1 MiB: a reply too big to send;
+    ``fail("huge")`` raises an exception whose message is that big."""
 
     def echo(self, text: str) -> str:
         return text * (LIMIT // max(1, len(text)) + 1) if text.startswith("big") else text
+
+    def fail(self, kind: str) -> str:
+        if kind == "huge":
+            raise ValueError("h" * (2 * LIMIT))
+        return super().fail(kind)
 
 
 @pytest.mark.parametrize("proto,compression", [("octo", None), ("thrift", None), ("octo", "gzip")])
@@ -307,6 +313,8 @@ def test_an_oversized_reply_becomes_an_error_for_its_own_call(proto):
             await wait_until(lambda: handler.slow_started == 5)
             with pytest.raises(ApplicationError, match="cannot be sent.*exceeds max_frame_size"):
                 await client.echo("big")
+            with pytest.raises(ApplicationError, match=r"ValueError: h+\.\.\. \(\d+ more characters\)"):
+                await client.fail("huge")                   # the message is cut, not the call
             assert await asyncio.gather(*others) == [f"other {i}" for i in range(5)]
             assert await client.echo("small") == "small"
 

@@ -86,11 +86,13 @@ class _Reply:
 
     def app_exception(self, name: str, seqid: int, kind: int, text: str,
                       status: int = Status.APPLICATION_EXCEPTION) -> None:
+        text = _clip(text)
         self.message(name, TMessageType.EXCEPTION, seqid,
                      TApplicationException(kind, text), status, text)
 
     def refuse(self, status: int, text: str, name: str = "", seqid: int = 0) -> None:
         """A failure outside the handler: a status and message (§2), body-less on unified."""
+        text = _clip(text)
         if self.unified:
             self.conn.send(protocol.encode_refusal(self.flags, self.sequence_id, status, text))
         else:
@@ -609,6 +611,17 @@ class Quotas:
         if len(self._buckets) >= self.max_callers:   # all busy: forget the stalest half
             keep = sorted(self._buckets.items(), key=lambda kv: kv[1][1])[len(self._buckets) // 2:]
             self._buckets = dict(keep)
+
+
+#: Error texts sent to callers are diagnostics: past this many characters they are
+#: cut, so an exception with a huge message still fits in a frame.
+MAX_ERROR_TEXT = 4096
+
+
+def _clip(text: str) -> str:
+    if len(text) <= MAX_ERROR_TEXT:
+        return text
+    return f"{text[:MAX_ERROR_TEXT]}... ({len(text) - MAX_ERROR_TEXT} more characters)"
 
 
 def _is_coroutine_function(fn: Callable[..., Any]) -> bool:
