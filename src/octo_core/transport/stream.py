@@ -23,6 +23,7 @@ class FramedProtocol(asyncio.Protocol):
         self.peer = "?"
         self.peer_ip: Optional[str] = None
         self._decoder = FrameDecoder(max_frame_size)
+        self.max_frame_size = max_frame_size   # what it reads, and so, by agreement, sends
         self._out: List[bytes] = []
         self._flush_scheduled = False
         self.closed = False
@@ -86,11 +87,6 @@ class FramedProtocol(asyncio.Protocol):
         data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
         self._out.clear()
         self.transport.write(data)
-
-    @property
-    def max_frame_size(self) -> int:
-        """The largest frame this connection reads (and so, by agreement, sends)."""
-        return self._decoder.max_frame_size
 
     @property
     def buffered_input(self) -> int:
