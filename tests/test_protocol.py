@@ -664,6 +664,19 @@ def test_framed_length_not_positive(length):
     feed_error(struct.pack("!i", length) + b"\x80\x01\x00\x01")
 
 
+@pytest.mark.parametrize("data,guess", [
+    (b"\x80\x01\x00\x01\x00\x00\x00\x04echo", "unframed binary thrift"),
+    (b"\x82\x21\x00\x04echo", "compact protocol"),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", "TLS handshake"),
+    (b"GET /metrics HTTP/1.1\r\n\r\n", "HTTP"),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "HTTP"),
+])
+def test_the_usual_wrong_peers_are_named_in_the_error(data, guess):
+    """A client on the wrong transport or protocol gets a hint in the error the
+    server logs, not only a nonsense length."""
+    assert guess in str(feed_error(data))
+
+
 def test_decoder_stays_broken_after_an_error():
     decoder = FrameDecoder()
     with pytest.raises(ProtocolError):

@@ -149,6 +149,19 @@ def encode_unified_message(int flags, header, name, msg_type, seqid, obj) -> byt
     return _finish_unified(&w, flags, header_length)
 
 
+cdef str _looks_like(const unsigned char* p, Py_ssize_t n):
+    """What a stream that is neither framing seems to be, for the error: the usual
+    mistakes are a client on the wrong transport or protocol, TLS, or HTTP."""
+    if n >= 2 and p[0] == 0x80 and p[1] == 0x01:
+        return " (it looks like unframed binary thrift: use a framed transport)"
+    if n >= 2 and p[0] == 0x82 and (p[1] & 0x1F) == 1:
+        return " (it looks like thrift's compact protocol: only the binary protocol is served)"
+    if n >= 3 and p[0] == 0x16 and p[1] == 0x03:
+        return " (it looks like a TLS handshake: this connection is not TLS)"
+    if n >= 4 and p[:4] in (b"GET ", b"POST", b"PUT ", b"HEAD", b"PRI "):
+        return " (it looks like HTTP)"
+    return ""
+
 cdef class FrameReader:
     """Cuts a byte stream into frames, sans-IO: ``feed(data)`` returns the complete ones.
 
@@ -248,10 +261,12 @@ cdef class FrameReader:
             else:
                 total = <int32_t>_get_u32(p + pos)
                 if total <= 0:
-                    self._fail(f"framed thrift length {total} is not positive", pos)
+                    self._fail(f"framed thrift length {total} is not positive"
+                               f"{_looks_like(p + pos, n - pos)}", pos)
                 if total + 4 > self.max_frame_size:
                     self._fail(f"framed thrift frame of {total + 4} bytes exceeds "
-                               f"max_frame_size {self.max_frame_size}", pos)
+                               f"max_frame_size {self.max_frame_size}"
+                               f"{_looks_like(p + pos, n - pos)}", pos)
                 if n - pos < total + 4:
                     break
                 body = PyBytes_FromStringAndSize(<const char*>p + pos + 4, total)
