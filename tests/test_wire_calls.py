@@ -331,7 +331,6 @@ def test_service_name_override():
 
 
 def test_add_service_refuses_duplicates_and_incomplete_handlers():
-    import octo_core
     server = octo_core.Server(SERVER_APPKEY)
     server.add_service(Echo, EchoHandler())
     with pytest.raises(ValueError):
@@ -339,6 +338,13 @@ def test_add_service_refuses_duplicates_and_incomplete_handlers():
     with pytest.raises(TypeError):
         server.add_service(Calc, object(), name="Other")
     server.add_service(Echo, EchoHandler(), name="EchoAgain")   # same IDL under another name
+
+
+@pytest.mark.parametrize("option", ["timeout", "connect_timeout"])
+@pytest.mark.parametrize("value", [None, 0, -1.0, "1"])
+def test_client_refuses_a_timeout_that_is_not_a_positive_number(option, value):
+    with pytest.raises(ValueError, match=f"{option} must be a positive number"):
+        octo_core.AsyncClient(Echo, appkey="c", hosts=["127.0.0.1:1"], **{option: value})
 
 
 def test_many_services_on_one_port():

@@ -87,6 +87,10 @@ class AsyncClient:
             raise ValueError("protocol must be 'octo' or 'thrift'")
         if compression not in _COMPRESSION_FLAGS:
             raise ValueError("compression must be None, 'gzip' or 'snappy'")
+        for name, seconds in (("timeout", timeout), ("connect_timeout", connect_timeout)):
+            if not isinstance(seconds, (int, float)) or not seconds > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, not {seconds!r} "
+                                 "(every OCTO call has a deadline)")
         self.service = service
         self.appkey = appkey
         self.remote_appkey = remote_appkey or ""
