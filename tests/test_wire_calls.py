@@ -347,6 +347,16 @@ def test_client_refuses_a_timeout_that_is_not_a_positive_number(option, value):
         octo_core.AsyncClient(Echo, appkey="c", hosts=["127.0.0.1:1"], **{option: value})
 
 
+@pytest.mark.parametrize("options", [dict(business_threads=0), dict(business_queue=-1),
+                                     dict(max_frame_size=8)])
+def test_server_refuses_impossible_options_when_made(options):
+    with pytest.raises(ValueError):
+        octo_core.Server(SERVER_APPKEY, **options)
+    if "max_frame_size" in options:
+        with pytest.raises(ValueError):
+            octo_core.AsyncClient(Echo, appkey="c", hosts=["127.0.0.1:1"], **options)
+
+
 def test_many_services_on_one_port():
     async def main():
         services = [(Echo, EchoHandler(), None), (Calc, CalcHandler(), None),

@@ -21,7 +21,7 @@ from octo_core.metrics import Metrics
 from octo_core.errors import (ApplicationError, DecodeError, DegradeError, EncodeError, OctoError,
                               ProtocolError, RemoteError, RpcError, RuntimeFailure, SecurityError,
                               ServiceError, Status, TransportError)
-from octo_core.protocol import CallType, Frame, MessageType
+from octo_core.protocol import CallType, Frame, FrameDecoder, MessageType
 from octo_core.registry import Directory, Node, Registry, open_registry
 from octo_core.transport.address import parse_address
 from octo_core.transport.client import ClientConnection, Endpoint
@@ -87,6 +87,7 @@ class AsyncClient:
             raise ValueError("protocol must be 'octo' or 'thrift'")
         if compression not in _COMPRESSION_FLAGS:
             raise ValueError("compression must be None, 'gzip' or 'snappy'")
+        FrameDecoder(max_frame_size)   # the reader's own check: ValueError when too small
         for name, seconds in (("timeout", timeout), ("connect_timeout", connect_timeout)):
             if not isinstance(seconds, (int, float)) or not seconds > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, not {seconds!r} "

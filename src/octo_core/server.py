@@ -144,6 +144,9 @@ class Server:
                  node: Optional[Mapping[str, Any]] = None,
                  unregister_delay: float = 1.0,
                  metrics_port: Optional[int] = None) -> None:
+        if business_threads < 1 or business_queue < 0:
+            raise ValueError("business_threads must be at least 1 and business_queue at least 0")
+        protocol.FrameDecoder(max_frame_size)   # the reader's own check: ValueError when too small
         self.appkey = appkey
         self.host = host
         self.port: Optional[int] = port
