@@ -393,6 +393,8 @@ class Certs:
                                                  key_encipherment=False, data_encipherment=False,
                                                  key_agreement=False, encipher_only=False,
                                                  decipher_only=False), critical=True)
+                    .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                                   critical=False)
                     .sign(key, hashes.SHA256()))
             return key, cert
 
@@ -405,7 +407,12 @@ class Certs:
                        .not_valid_after(now + datetime.timedelta(days=2))
                        .add_extension(x509.BasicConstraints(ca=False, path_length=None),
                                       critical=True)
-                       .add_extension(x509.ExtendedKeyUsage([usage]), critical=False))
+                       .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+                       # key identifiers: Python 3.13's strict X.509 checks want them
+                       .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()),
+                                      critical=False)
+                       .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
+                           ca_key.public_key()), critical=False))
             if sans:
                 builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)),
                                                 critical=False)
