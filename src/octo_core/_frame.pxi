@@ -162,6 +162,7 @@ cdef str _looks_like(const unsigned char* p, Py_ssize_t n):
         return " (it looks like HTTP)"
     return ""
 
+
 cdef class FrameReader:
     """Cuts a byte stream into frames, sans-IO: ``feed(data)`` returns the complete ones.
 

@@ -25,8 +25,8 @@ from typing import Any, Awaitable, Callable, Dict, Mapping, Optional, Sequence, 
 from octo_core.cluster.balancer import make_balancer
 from octo_core.cluster.breaker import BreakerState, CircuitBreaker, RetryBudget
 from octo_core.cluster.routing import NoRouteError, RouteRule, Router, Weighted
-from octo_core.errors import (CallTimeout, DegradeError, EncodeError, OctoError, ProtocolError, RpcError,
-                              ServiceError, TransportError)
+from octo_core.errors import (CallTimeout, DegradeError, EncodeError, OctoError, ProtocolError,
+                              RpcError, ServiceError, TransportError)
 from octo_core.registry.node import Node
 
 log = logging.getLogger("octo_core.cluster")
