@@ -345,7 +345,8 @@ def assert_fails_small(fn, data, limit=1 << 20):
     assert peak_allocation(run) < limit
 
 
-UNLIMITED = Limits(max_string_length=2 ** 40, max_container_length=2 ** 40, max_depth=64)
+UNLIMITED = Limits(max_string_length=2 ** 40, max_container_length=2 ** 40, max_depth=64,
+                   max_items=2 ** 40)
 
 
 @pytest.mark.parametrize("limits", [None, UNLIMITED], ids=["default-limits", "no-limits"])
@@ -551,12 +552,14 @@ def test_deep_input_at_the_depth_cap_does_not_crash():
 
 def test_limits_defaults_and_validation():
     d = Limits()
-    assert (d.max_string_length, d.max_container_length, d.max_depth) == (64 * 2 ** 20, 16 * 2 ** 20, 64)
-    assert "max_depth=64" in repr(d)
-    custom = Limits(max_string_length=0, max_container_length=0, max_depth=1)
-    assert (custom.max_string_length, custom.max_container_length, custom.max_depth) == (0, 0, 1)
+    assert (d.max_string_length, d.max_container_length, d.max_depth, d.max_items) == (
+        64 * 2 ** 20, 16 * 2 ** 20, 64, 2 * 2 ** 20)
+    assert "max_depth=64" in repr(d) and "max_items=2097152" in repr(d)
+    custom = Limits(max_string_length=0, max_container_length=0, max_depth=1, max_items=0)
+    assert (custom.max_string_length, custom.max_container_length, custom.max_depth,
+            custom.max_items) == (0, 0, 1, 0)
     for bad in (dict(max_string_length=-1), dict(max_container_length=-1), dict(max_depth=0),
-                dict(max_depth=-5)):
+                dict(max_depth=-5), dict(max_items=-1)):
         with pytest.raises(ValueError):
             Limits(**bad)
     with pytest.raises(AttributeError):
@@ -598,6 +601,40 @@ def test_container_limit(fname, small, big):
     # Skipped containers obey the limit as well.
     decode_error(decode, IDL.Empty, data, limits, data=data)
     assert decode(IDL.Containers, data) is not None          # the default limit is far higher
+
+
+def test_items_limit_bounds_the_objects_one_decode_makes():
+    """``max_items`` counts what a decode makes: a container element 1, a map entry
+    2, a struct 1 plus its declared fields (each becomes an attribute)."""
+    top = 1 + len(IDL.Containers.thrift_spec)
+    inner = 1 + len(IDL.Inner.thrift_spec)
+    cases = [(dict(empties=[IDL.Empty()] * 3), 3 + 3 * 1),
+             (dict(ints=[1, 2, 3]), 3),
+             (dict(counts={"a": 1, "b": 2}), 2 * 2),
+             (dict(groups={"g": [IDL.Inner(name="x")]}), 2 + 1 + inner)]
+    for fields, items in cases:
+        data = encode(IDL.Containers(**fields))
+        assert decode(IDL.Containers, data, Limits(max_items=top + items)) == IDL.Containers(**fields)
+        err = decode_error(decode, IDL.Containers, data, Limits(max_items=top + items - 1), data=data)
+        assert "max_items" in str(err)
+
+
+def lone_stop_structs(count: int) -> bytes:
+    """``Containers.oopses`` as ``count`` exceptions of one byte each (a STOP): the
+    input that makes the most objects per byte."""
+    fid = next(i for i, spec in IDL.Containers.thrift_spec.items() if spec[1] == "oopses")
+    return struct.pack(">bhbi", 15, fid, 12, count) + b"\x00" * count + b"\x00"
+
+
+def test_one_byte_structs_cannot_amplify_a_frame_into_gigabytes():
+    """A 16 MiB frame of lone STOP bytes used to decode into ~16 million objects
+    (4.7 GB); the items limit stops it after a bounded amount of work."""
+    data = lone_stop_structs(1_000_000)
+    limits = Limits(max_items=10_000)
+    assert peak_allocation(lambda: decode_error(decode, IDL.Containers, data, limits, data=data)) \
+        < 8 << 20
+    err = decode_error(decode, IDL.Containers, lone_stop_structs(3 * 2 ** 20))   # default limits
+    assert "max_items" in str(err)
 
 
 def test_limits_apply_to_messages():

@@ -129,16 +129,24 @@ cdef class Limits:
 
     ``max_string_length``: bytes in one string/binary value;
     ``max_container_length``: elements in one list/set/map;
-    ``max_depth``: nesting of structs and containers.
+    ``max_depth``: nesting of structs and containers;
+    ``max_items``: objects one decode may make, all containers and structs
+    together: a container element counts 1 (a map entry 2), a struct 1 plus its
+    declared fields (each becomes an attribute). The wire bounds the rest, but
+    one byte can be a whole struct (a lone STOP), so without this a 16 MiB
+    frame could make millions of objects and gigabytes of memory; with the
+    default a decode stops at about 150 MB (measured, with exceptions of one
+    byte each, the dearest objects per byte).
     """
     cdef readonly Py_ssize_t max_string_length
     cdef readonly Py_ssize_t max_container_length
     cdef readonly int max_depth
+    cdef readonly Py_ssize_t max_items
 
     def __init__(self, Py_ssize_t max_string_length=64 * 1024 * 1024,
                  Py_ssize_t max_container_length=16 * 1024 * 1024,
-                 int max_depth=64):
-        if max_string_length < 0 or max_container_length < 0:
+                 int max_depth=64, Py_ssize_t max_items=2 * 1024 * 1024):
+        if max_string_length < 0 or max_container_length < 0 or max_items < 0:
             raise ValueError("limits must be non-negative")
         if not 1 <= max_depth <= MAX_DEPTH_CAP:
             # the decoder recurses in C: deeper nesting could overflow a thread's stack
@@ -146,11 +154,12 @@ cdef class Limits:
         self.max_string_length = max_string_length
         self.max_container_length = max_container_length
         self.max_depth = max_depth
+        self.max_items = max_items
 
     def __repr__(self):
         return (f"Limits(max_string_length={self.max_string_length}, "
                 f"max_container_length={self.max_container_length}, "
-                f"max_depth={self.max_depth})")
+                f"max_depth={self.max_depth}, max_items={self.max_items})")
 
 
 cdef Limits DEFAULT_LIMITS = Limits()
@@ -703,6 +712,7 @@ cdef struct _Reader:
     Py_ssize_t max_string
     Py_ssize_t max_container
     int max_depth
+    Py_ssize_t items_left    # of Limits.max_items
 
 
 cdef int _truncated(_Reader* r, Py_ssize_t need, str what) except -1:
@@ -746,6 +756,19 @@ cdef Py_ssize_t _r_length(_Reader* r, Py_ssize_t limit, Py_ssize_t unit, str wha
             f"truncated input: {what} of {n} claims at least {n * unit} bytes at byte {r.pos}, "
             f"{r.end - r.pos} left", offset=at)
     return n
+
+
+cdef int _over_items(_Reader* r, Py_ssize_t at) except -1:
+    raise DecodeError(f"the input makes more objects than Limits.max_items allows "
+                      f"(at byte {at})", offset=at)
+
+
+cdef inline int _charge(_Reader* r, Py_ssize_t items, Py_ssize_t at) except -1:
+    """Count ``items`` objects against the decode's ``max_items``."""
+    if items > r.items_left:
+        return _over_items(r, at)
+    r.items_left -= items
+    return 0
 
 
 cdef object _r_string(_Reader* r, int kind):
@@ -828,6 +851,7 @@ cdef object _r_list(_Reader* r, _TypeSpec t, int depth):
     n = _r_length(r, r.max_container, _unit(wire), "list")
     if n and wire != elem.wire:   # an empty container may name any element type
         _r_check_wire(r, wire, elem.wire, at, "list element")
+    _charge(r, n, at)
     cdef list out = PyList_New(n)
     cdef bint primitive = kind < T_STRUCT or kind == T_BINARY
     for i in range(n):
@@ -853,6 +877,7 @@ cdef object _r_map(_Reader* r, _TypeSpec t, int depth):
     if n:
         _r_check_wire(r, kw, kt.wire, at, "map key")
         _r_check_wire(r, vw, vt.wire, at, "map value")
+    _charge(r, 2 * n, at)
     cdef dict out = {}
     for i in range(n):
         k = _r_value(r, kt, kt.kind, depth)
@@ -923,6 +948,7 @@ cdef object _r_struct(_Reader* r, _StructSpec s, int depth):
     cdef _Field* f
     cdef PyObject* pv
     cdef object obj
+    _charge(r, 1 + s.n, r.pos)
     if s.n > MAX_STACK_FIELDS:
         vals = <PyObject**>PyMem_Malloc(s.n * sizeof(PyObject*))
         if vals == NULL:
@@ -999,6 +1025,7 @@ cdef inline void _r_init(_Reader* r, const unsigned char* buf, Py_ssize_t start,
     r.max_string = limits.max_string_length
     r.max_container = limits.max_container_length
     r.max_depth = limits.max_depth
+    r.items_left = limits.max_items
 
 
 cdef object _decode_at(_StructSpec s, const unsigned char* buf, Py_ssize_t start, Py_ssize_t end,
