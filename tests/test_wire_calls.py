@@ -19,6 +19,7 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 
 import octo_core
 from octo_core import protocol
+from octo_core.codec import Limits
 from octo_core.errors import (ApplicationError, CallTimeout, EncodeError, OctoError, ProtocolError,
                               RpcError, ServiceError, Status, TransportError)
 from octo_core.protocol import MessageType, NodeStatus
@@ -795,6 +796,28 @@ def test_pool_size_spreads_calls_over_connections():
             assert results == [f"p{i}" for i in range(60)]
             conns = client_conns(client)
             assert len(conns) == 3 and len({id(c) for c in conns}) == 3
+
+    run(main())
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+def test_decode_limits_on_both_sides(proto):
+    """``limits=`` bounds what the server decodes (a request over them is refused
+    with status 5, the connection stays) and what the client decodes (a reply over
+    them fails its own call only)."""
+    async def main():
+        async with serving(echo_services(), limits=Limits(max_string_length=8)) as server:
+            async with async_client(Echo, server.address, protocol=proto) as client:
+                with pytest.raises((ProtocolError, ApplicationError)) as info:
+                    await client.echo("nine char")
+                assert "limit" in str(info.value)
+                assert await client.echo("8 chars!") == "8 chars!"
+        async with serving(echo_services()) as server:
+            async with async_client(Echo, server.address, protocol=proto,
+                                    limits=Limits(max_string_length=8)) as client:
+                with pytest.raises(ProtocolError, match="bad reply"):
+                    await client.echo("nine char")
+                assert await client.echo("8 chars!") == "8 chars!"
 
     run(main())
 

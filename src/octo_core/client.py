@@ -16,6 +16,7 @@ from octo_core.cluster.breaker import RetryBudget
 from octo_core.cluster.invoker import Cluster
 from octo_core.cluster.routing import Caller, Router
 from octo_core.auth import Signer
+from octo_core.codec import Limits
 from octo_core.context import Span, _span_started, child_span, global_context
 from octo_core.metrics import Metrics
 from octo_core.errors import (ApplicationError, DecodeError, DegradeError, EncodeError, OctoError,
@@ -63,6 +64,9 @@ class AsyncClient:
     last good list through registry outages (``snapshot_path`` persists it).
     Trust: ``token`` signs every unified request (PROTOCOL.md §6; ``sign_body``
     covers the body too); ``ssl`` connects over TLS. ``metrics`` counts calls.
+    ``max_frame_size``, and ``limits`` (``octo_core.codec.Limits``) for the reply
+    messages, bound what a reply may cost to read; a request over
+    ``max_frame_size`` is not sent.
     """
 
     def __init__(self, service: Any, *, appkey: str, hosts: Optional[Iterable[str]] = None,
@@ -74,6 +78,7 @@ class AsyncClient:
                  compression: Optional[str] = None,
                  heartbeat_interval: Optional[float] = None,
                  max_frame_size: int = protocol.DEFAULT_MAX_FRAME_SIZE,
+                 limits: Optional[Limits] = None,
                  lb: str = "random", cluster: str = "failfast", retries: int = 2,
                  forks: int = 2, hedge_delay: float = 0.05,
                  idempotent: Union[bool, Iterable[str]] = False, hash_arg: Optional[str] = None,
@@ -102,6 +107,7 @@ class AsyncClient:
         self._signer = (Signer(appkey, token, self.remote_appkey, sign_body=sign_body)
                         if token is not None else None)
         self.metrics = Metrics("client")
+        self._limits = limits
         self._endpoint_options = dict(pool_size=pool_size, connect_timeout=connect_timeout,
                                       max_frame_size=max_frame_size, ssl=ssl,
                                       heartbeat_interval=heartbeat_interval if self.unified else None)
@@ -280,7 +286,7 @@ class AsyncClient:
                         method=method.name, node=node)
         try:
             msg_type, result = _codec.decode_reply(method.result_cls, TApplicationException,
-                                                   frame.body)
+                                                   frame.body, self._limits)
         except DecodeError as exc:
             raise ProtocolError(f"bad reply: {exc}", method=method.name, node=node) from None
         if msg_type == TMessageType.EXCEPTION:

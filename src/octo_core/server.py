@@ -18,6 +18,7 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 from octo_core import _codec, idl, protocol
 from octo_core import context as _context
 from octo_core.auth import Authenticator
+from octo_core.codec import Limits
 from octo_core.errors import DecodeError, EncodeError, SecurityError, Status
 from octo_core.metrics import Metrics, MethodStats, prometheus_text
 from octo_core.protocol import Frame, MessageType, NodeStatus
@@ -112,7 +113,10 @@ class Server:
     async ``__call__``; a plain function that returns a coroutine (an async
     method behind a plain decorator) runs on the pool, its coroutine on the loop.
 
-    Protection: ``max_connections`` (more are closed on accept),
+    Protection: ``max_frame_size``, and ``limits`` (``octo_core.codec.Limits``:
+    string and container lengths, nesting, objects per decode) for the thrift
+    messages, bound what one request may cost; ``max_connections`` (more are
+    closed on accept),
     ``max_in_flight`` and ``max_in_flight_per_connection`` (status 3 past them),
     ``quotas`` (``{caller appkey or "*": calls per second}``, token buckets;
     status 6 past them). A connection idle for ``idle_timeout`` seconds, or stuck
@@ -134,6 +138,7 @@ class Server:
     def __init__(self, appkey: str, host: str = "127.0.0.1", port: int = 0, *,
                  business_threads: int = 16, business_queue: int = 1024,
                  max_frame_size: int = protocol.DEFAULT_MAX_FRAME_SIZE,
+                 limits: Optional[Limits] = None,
                  idle_timeout: Optional[float] = 600.0, read_timeout: Optional[float] = 30.0,
                  max_connections: Optional[int] = None, max_in_flight: Optional[int] = None,
                  max_in_flight_per_connection: Optional[int] = None,
@@ -152,6 +157,7 @@ class Server:
         self.port: Optional[int] = port
         self.unix_path = parse_address(host).path if host.startswith("unix://") else None
         self.max_frame_size = max_frame_size
+        self.limits = limits
         self.idle_timeout = idle_timeout
         self.read_timeout = read_timeout
         self.max_connections = max_connections
@@ -386,7 +392,7 @@ class Server:
                          f"service {head.service_name!r} is not hosted by {self.appkey}")
             return
         try:
-            begin = _codec.decode_message_begin(frame.body)
+            begin = _codec.decode_message_begin(frame.body, self.limits)
         except DecodeError as exc:   # framing is intact: refuse this call, keep the connection
             reply.refuse(Status.PROTOCOL_EXCEPTION, f"bad message: {exc}")
             return
@@ -396,7 +402,7 @@ class Server:
     def _native(self, conn: ServerConnection, frame: Frame) -> None:
         reply = _Reply(conn, 0, 0, False)
         try:
-            begin = _codec.decode_message_begin(frame.body)
+            begin = _codec.decode_message_begin(frame.body, self.limits)
         except DecodeError as exc:   # no header to answer by: this stream cannot be trusted
             conn.protocol_error(protocol.ProtocolError(f"bad framed thrift message: {exc}"))
             return
@@ -451,7 +457,7 @@ class Server:
                                 f"service {service.name} has no method {name!r}")
             return
         try:
-            args = _codec.decode_body(method.args_cls, body, offset)
+            args = _codec.decode_body(method.args_cls, body, offset, self.limits)
         except DecodeError as exc:
             self.metrics.refused(service.name, name, Status.PROTOCOL_EXCEPTION)
             reply.refuse(Status.PROTOCOL_EXCEPTION, f"{service.name}.{name}: bad arguments: {exc}",
