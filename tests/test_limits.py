@@ -278,6 +278,39 @@ def test_quota_applies_to_native_thrift_callers_as_anonymous():
     run(main())
 
 
+# --- a peer that does not read its replies --------------------------------------------
+
+def test_a_peer_that_never_reads_its_replies_is_not_read_either():
+    """Replies the peer does not read would pile up in the server's memory without
+    bound; once the connection's write buffer is full the server stops reading
+    that peer's requests, and serves them all once the peer reads again."""
+    count = 20_000        # 20 MB of requests: more than the kernel's socket buffers hold
+
+    class ImmediateEcho(EchoHandler):
+        """Answers inside the read that brought the request (an eager coroutine)."""
+        async def slow(self, text: str, delay_ms: int) -> str:
+            self.slow_started += 1
+            return text
+
+    handler = ImmediateEcho()
+
+    async def main():
+        async with serving(echo_services(handler)) as server, \
+                raw_connection(server.address) as raw:
+            requests = b"".join(unified_request("slow", Echo.slow_args(text="x" * 1000, delay_ms=0),
+                                                seq) for seq in range(count))
+            raw.writer.write(requests)                  # and read nothing
+            [conn] = server._connections
+            await wait_until(lambda: not conn.transport.is_reading(), timeout=10)
+            assert conn.transport.get_write_buffer_size() < 1 << 20
+            assert handler.slow_started < count        # the rest waits in the socket
+            frames = await raw.read_frames(count, timeout=60)
+            assert sorted(f.head.sequence_id for f in frames) == list(range(count))
+            assert handler.slow_started == count
+
+    run(main())
+
+
 # --- read and idle timeouts --------------------------------------------------------
 
 def test_stalled_partial_frame_is_closed_after_read_timeout():

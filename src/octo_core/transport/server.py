@@ -28,6 +28,16 @@ class ServerConnection(FramedProtocol):
             return
         self._connections.add(self)
 
+    def pause_writing(self) -> None:
+        """The peer is not reading its replies: stop reading its requests until it
+        does, or the replies would pile up in memory without bound."""
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
     def frames_received(self, frames: List[Frame]) -> None:
         for frame in frames:
             if self.closed:
