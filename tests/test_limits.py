@@ -311,6 +311,39 @@ def test_a_peer_that_never_reads_its_replies_is_not_read_either():
     run(main())
 
 
+def test_too_many_calls_on_one_connection_pause_its_reading_not_refuse():
+    """Past ``pause_reading_at`` running calls the server stops reading that
+    connection (the rest wait in the socket, not in memory as tasks), resumes at
+    half, and serves every call; nothing is refused."""
+    count, pause_at = 20_000, 100
+    gate = asyncio.Event()
+
+    class GatedEcho(EchoHandler):
+        async def slow(self, text: str, delay_ms: int) -> str:
+            self.slow_started += 1
+            await gate.wait()
+            return text
+
+    handler = GatedEcho()
+
+    async def main():
+        async with serving(echo_services(handler), pause_reading_at=pause_at) as server, \
+                raw_connection(server.address) as raw:
+            raw.writer.write(b"".join(
+                unified_request("slow", Echo.slow_args(text=f"t{seq}", delay_ms=0), seq)
+                for seq in range(count)))
+            [conn] = server._connections
+            await wait_until(lambda: conn.reading_paused and handler.slow_started >= pause_at)
+            assert handler.slow_started < count // 2    # not all read: paused
+            gate.set()
+            frames = await raw.read_frames(count, timeout=30)
+            assert sorted(f.head.sequence_id for f in frames) == list(range(count))
+            assert all(f.head.status == 0 for f in frames)
+            assert handler.slow_started == count and not conn.reading_paused
+
+    run(main())
+
+
 # --- read and idle timeouts --------------------------------------------------------
 
 def test_stalled_partial_frame_is_closed_after_read_timeout():

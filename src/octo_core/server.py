@@ -118,6 +118,9 @@ class Server:
     messages, bound what one request may cost; ``max_connections`` (more are
     closed on accept),
     ``max_in_flight`` and ``max_in_flight_per_connection`` (status 3 past them),
+    ``pause_reading_at`` (calls running on one connection at which the server
+    stops reading it until half are done: flow control, no refusal; reading
+    also stops while a peer leaves its replies unread),
     ``quotas`` (``{caller appkey or "*": calls per second}``, token buckets;
     status 6 past them). A connection idle for ``idle_timeout`` seconds, or stuck
     for ``read_timeout`` seconds on a partial frame, is closed. ``auth`` (an
@@ -142,6 +145,7 @@ class Server:
                  idle_timeout: Optional[float] = 600.0, read_timeout: Optional[float] = 30.0,
                  max_connections: Optional[int] = None, max_in_flight: Optional[int] = None,
                  max_in_flight_per_connection: Optional[int] = None,
+                 pause_reading_at: int = 1024,
                  quotas: Optional[Mapping[str, float]] = None,
                  auth: Optional[Authenticator] = None,
                  ssl: Optional["_ssl.SSLContext"] = None,
@@ -149,8 +153,9 @@ class Server:
                  node: Optional[Mapping[str, Any]] = None,
                  unregister_delay: float = 1.0,
                  metrics_port: Optional[int] = None) -> None:
-        if business_threads < 1 or business_queue < 0:
-            raise ValueError("business_threads must be at least 1 and business_queue at least 0")
+        if business_threads < 1 or business_queue < 0 or pause_reading_at < 2:
+            raise ValueError("business_threads must be at least 1, business_queue at least 0 "
+                             "and pause_reading_at at least 2")
         protocol.FrameDecoder(max_frame_size)   # the reader's own check: ValueError when too small
         self.appkey = appkey
         self.host = host
@@ -163,6 +168,7 @@ class Server:
         self.max_connections = max_connections
         self.max_in_flight = max_in_flight
         self.max_in_flight_per_connection = max_in_flight_per_connection
+        self.pause_reading_at = pause_reading_at
         self.quotas = Quotas(quotas) if quotas else None
         self.auth = auth
         self.ssl = ssl
@@ -232,7 +238,7 @@ class Server:
 
         def make_connection() -> ServerConnection:
             return ServerConnection(self._dispatch, self._connections, self.max_frame_size,
-                                    self.max_connections)
+                                    self.max_connections, self.pause_reading_at)
 
         if self.unix_path is not None:
             self._listener = await self._loop.create_unix_server(
@@ -363,7 +369,8 @@ class Server:
             now = self._loop.time()
             for conn in list(self._connections):
                 quiet = now - conn.last_activity
-                if self.read_timeout and conn.buffered_input and quiet > self.read_timeout:
+                if self.read_timeout and conn.buffered_input and quiet > self.read_timeout \
+                        and not conn.reading_paused:   # our pause, not the peer's stall
                     log.info("closing %s: a partial frame stalled for %.0fs", conn.peer, quiet)
                     conn.abort()
                 elif self.idle_timeout and quiet > self.idle_timeout and not conn.in_flight:
@@ -474,7 +481,7 @@ class Server:
         answer = reply.unified or not (method.oneway or msg_type == TMessageType.ONEWAY)
         call = _Call(service, method, reply, seqid, answer,
                      self.metrics.started(service.name, name), time.monotonic())
-        reply.conn.in_flight += 1
+        reply.conn.call_started()
         self._in_flight += 1
         self._idle.clear()
         argv = [getattr(args, arg) for arg in method.arg_names]
@@ -526,7 +533,7 @@ class Server:
         self._answer(call, value, exc)
 
     def _answer(self, call: _Call, value: Any, exc: Optional[BaseException]) -> None:
-        call.reply.conn.in_flight -= 1
+        call.reply.conn.call_finished()
         self._in_flight -= 1
         if not self._in_flight:
             self._idle.set()
