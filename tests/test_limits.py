@@ -344,6 +344,35 @@ def test_too_many_calls_on_one_connection_pause_its_reading_not_refuse():
     run(main())
 
 
+def test_one_connection_cannot_take_the_business_pool_from_the_others():
+    """A peer pipelining calls to a plain-function handler used to fill the shared
+    business queue, and good callers on other connections were refused (status 3).
+    One connection now holds at most half of the pool; its calls past that are
+    refused, and the other callers still find room."""
+    count = 2000
+    handler = EchoHandler()
+
+    async def main():
+        async with serving(echo_services(handler)) as server, \
+                raw_connection(server.address) as raw, \
+                async_client(Echo, server.address, timeout=20) as good:
+            raw.writer.write(b"".join(unified_request("block", Echo.block_args(text=f"b{seq}"), seq)
+                                      for seq in range(count)))
+            share = server._business_share
+            assert share <= server._business_limit // 2
+            statuses = [f.head.status for f in await raw.read_frames(count - share, timeout=30)]
+            assert statuses == [Status.RPC_EXCEPTION] * (count - share)   # the excess, at once
+            answer = asyncio.ensure_future(good.echo("good"))
+            await wait_until(lambda: server._business_pending == share + 1)   # queued, not refused
+            handler.release.set()
+            assert await answer == "good"
+            frames = await raw.read_frames(share, timeout=30)
+            assert [f.head.status for f in frames] == [0] * share
+            assert handler.entered.qsize() == share
+
+    run(main())
+
+
 # --- read and idle timeouts --------------------------------------------------------
 
 def test_stalled_partial_frame_is_closed_after_read_timeout():

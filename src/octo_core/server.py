@@ -106,7 +106,8 @@ class Server:
     ``Server(appkey="com.example.echo", host="127.0.0.1", port=0)``; ``host`` may
     also be ``"unix:///path/to.sock"``. Plain-function handlers run on a bounded
     business thread pool (``business_threads`` workers, at most ``business_queue``
-    waiting; past that a call is refused at once with status 3); coroutine
+    waiting; past that a call is refused at once with status 3, and so is one
+    from a connection already holding half of the pool); coroutine
     handlers run on the event loop, each as a task whose first step runs as
     its request is read (one that never suspends answers in the same read).
     Coroutine handlers include partials of async functions and objects with an
@@ -186,6 +187,9 @@ class Server:
         self._by_method: Dict[str, List[_Service]] = {}
         self._business_threads = business_threads
         self._business_limit = business_threads + business_queue
+        # One connection may hold half the pool (all of a small one): a peer
+        # pipelining calls cannot take the whole queue from the others.
+        self._business_share = max(business_threads + 1, self._business_limit // 2)
         self._business_pending = 0
         self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._listener: Optional[asyncio.AbstractServer] = None
@@ -471,17 +475,23 @@ class Server:
                          name, seqid)
             return
         fn, is_coroutine = service.handlers[name]
-        if not is_coroutine and self._business_pending >= self._business_limit:
-            self.metrics.refused(service.name, name, Status.RPC_EXCEPTION)
-            reply.refuse(Status.RPC_EXCEPTION,
-                         f"{self.appkey} is overloaded: business queue full", name, seqid)
-            return
+        if not is_coroutine:
+            why = None
+            if self._business_pending >= self._business_limit:
+                why = f"{self.appkey} is overloaded: business queue full"
+            elif reply.conn.pooled >= self._business_share:
+                why = (f"{self.appkey} is overloaded: this connection holds its share of the "
+                       f"business queue ({self._business_share} calls)")
+            if why is not None:
+                self.metrics.refused(service.name, name, Status.RPC_EXCEPTION)
+                reply.refuse(Status.RPC_EXCEPTION, why, name, seqid)
+                return
         # A oneway call is answered on the unified protocol (the reference server does
         # so, §3) but never on native thrift, whose clients do not read a reply.
         answer = reply.unified or not (method.oneway or msg_type == TMessageType.ONEWAY)
         call = _Call(service, method, reply, seqid, answer,
                      self.metrics.started(service.name, name), time.monotonic())
-        reply.conn.call_started()
+        reply.conn.call_started(not is_coroutine)
         self._in_flight += 1
         self._idle.clear()
         argv = [getattr(args, arg) for arg in method.arg_names]
@@ -520,6 +530,7 @@ class Server:
     def _sync_done(self, call: _Call, future: concurrent.futures.Future,
                    context: contextvars.Context) -> None:
         self._business_pending -= 1
+        call.reply.conn.pool_released()
         if future.cancelled():
             self._answer(call, None, _DeadlinePassed())
             return

@@ -1,23 +1,26 @@
 """The server side of a connection: frames in, handed to a dispatcher."""
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Set
+import collections
+from typing import Callable, Deque, List, Optional, Set
 
 from octo_core.protocol import Frame
 from octo_core.transport.stream import FramedProtocol, log
 
 
-_REPLIES_UNREAD = 1     # why reading is paused: the peer is not reading its replies,
-_TOO_MANY_CALLS = 2     # or it has too many calls running
+_REPLIES_UNREAD = 1     # why reading is paused: the peer leaves its replies unread,
+_BUSY = 2               # or too many of its calls are running
 
 
 class ServerConnection(FramedProtocol):
     """One accepted connection; every complete frame goes to ``dispatch(conn, frame)``.
 
-    Flow control: reading stops while the peer leaves its replies unread (the
-    write buffer is over its high-water mark) or while ``pause_reading_at``
-    calls of this connection run (until half of them are done): the peer's
-    further requests wait in the socket, not in memory.
+    Flow control, so that one peer costs bounded memory: the connection stops
+    reading while the peer leaves its replies unread (the write buffer is over
+    its high-water mark), and stops reading and dispatching while
+    ``pause_reading_at`` of its calls run, until half of them are done. What it
+    holds back waits in the socket, or, for the rest of the read that made it
+    busy, in a backlog; nothing is refused for it.
     """
 
     def __init__(self, dispatch: Callable[["ServerConnection", Frame], None],
@@ -29,21 +32,27 @@ class ServerConnection(FramedProtocol):
         self._max_connections = max_connections
         self._pause_at = pause_reading_at
         self._paused = 0
+        self._backlog: Deque[Frame] = collections.deque()
         self.in_flight = 0
+        self.pooled = 0     # calls of this connection holding a business-pool slot
 
     @property
     def reading_paused(self) -> bool:
         return bool(self._paused)
 
-    def call_started(self) -> None:
+    def call_started(self, pooled: bool) -> None:
         self.in_flight += 1
+        self.pooled += pooled
         if self.in_flight >= self._pause_at:
-            self._pause(_TOO_MANY_CALLS)
+            self._pause(_BUSY)
 
     def call_finished(self) -> None:
         self.in_flight -= 1
-        if self._paused & _TOO_MANY_CALLS and self.in_flight <= self._pause_at // 2:
-            self._resume(_TOO_MANY_CALLS)
+        if self._paused & _BUSY and self.in_flight <= self._pause_at // 2:
+            self._resume(_BUSY)
+
+    def pool_released(self) -> None:
+        self.pooled -= 1
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -69,14 +78,29 @@ class ServerConnection(FramedProtocol):
         if not self._paused & why:
             return
         self._paused &= ~why
-        if not self._paused and self.transport is not None and not self.closed:
+        if not self._paused:
+            # Soon, not now: this runs inside a call's answer, and going on
+            # dispatches more calls -- they must not nest inside it.
+            self.loop.call_soon(self._go_on)
+
+    def _go_on(self) -> None:
+        """Dispatch what was held back, then read again, unless paused anew."""
+        while self._backlog and not self._paused and not self.closed:
+            self._dispatch(self, self._backlog.popleft())
+        if not self._paused and not self.closed and self.transport is not None:
             self.transport.resume_reading()
 
     def frames_received(self, frames: List[Frame]) -> None:
-        for frame in frames:
+        if self._backlog or self._paused & _BUSY:
+            self._backlog.extend(frames)
+            return
+        for i, frame in enumerate(frames):
             if self.closed:
                 return
             self._dispatch(self, frame)
+            if self._paused & _BUSY:
+                self._backlog.extend(frames[i + 1:])
+                return
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         super().connection_lost(exc)
