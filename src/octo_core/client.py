@@ -243,7 +243,8 @@ class AsyncClient:
             else:
                 msg_type = TMessageType.ONEWAY if method.oneway else TMessageType.CALL
                 data = protocol.encode_framed_message(method.name, msg_type, seq, request)
-            protocol.ensure_frame_fits(len(data), limit, "request")
+            if len(data) > limit:
+                raise protocol.frame_too_large(len(data), limit, "request")
         except EncodeError as exc:     # the caller's values: nothing was sent
             exc.method, exc.node = method.name, conn.node
             raise

@@ -145,11 +145,10 @@ def decompress(flags: int, payload: bytes, limit: int) -> bytes:
 
 # --- building frames --------------------------------------------------------------
 
-def ensure_frame_fits(size: int, limit: int, what: str) -> None:
-    """Refuse to send what the peer would refuse to read: it would close the
-    connection, failing every call on it and not only this one."""
-    if size > limit:
-        raise EncodeError(f"{what} of {size} bytes exceeds max_frame_size {limit}")
+def frame_too_large(size: int, limit: int, what: str) -> EncodeError:
+    """The error for a frame over ``limit``: it is not sent, since the peer would
+    refuse to read it and close the connection, failing every call on it."""
+    return EncodeError(f"{what} of {size} bytes exceeds max_frame_size {limit}")
 
 
 def frame_unified(head: bytes, body: bytes, flags: int = DEFAULT_FLAGS,
@@ -160,8 +159,8 @@ def frame_unified(head: bytes, body: bytes, flags: int = DEFAULT_FLAGS,
     if len(head) > MAX_HEADER_LENGTH:
         raise EncodeError(f"header of {len(head)} bytes cannot be framed (max {MAX_HEADER_LENGTH})")
     if flags & COMPRESSED:
-        if limit is not None:
-            ensure_frame_fits(len(head) + len(body), limit, "uncompressed payload")
+        if limit is not None and len(head) + len(body) > limit:
+            raise frame_too_large(len(head) + len(body), limit, "uncompressed payload")
         return _codec.encode_frame(flags, len(head), compress(flags, head + body))
     return _codec.encode_frame(flags, len(head), head, body)
 

@@ -82,7 +82,8 @@ class _Reply:
                                             name, msg_type, seqid, obj, limit)
         else:
             data = protocol.encode_framed_message(name, msg_type, seqid, obj)
-        protocol.ensure_frame_fits(len(data), limit, "reply")
+        if len(data) > limit:
+            raise protocol.frame_too_large(len(data), limit, "reply")
         self.conn.send(data)
 
     def app_exception(self, name: str, seqid: int, kind: int, text: str,
