@@ -349,7 +349,7 @@ def test_client_refuses_a_timeout_that_is_not_a_positive_number(option, value):
 
 
 @pytest.mark.parametrize("options", [dict(business_threads=0), dict(business_queue=-1),
-                                     dict(max_frame_size=8)])
+                                     dict(pause_reading_at=1), dict(max_frame_size=8)])
 def test_server_refuses_impossible_options_when_made(options):
     with pytest.raises(ValueError):
         octo_core.Server(SERVER_APPKEY, **options)
