@@ -180,6 +180,30 @@ async def fake_server(handle) -> AsyncIterator[str]:
         listener.close()
 
 
+def test_a_server_that_reads_nothing_makes_calls_wait_not_pile_up():
+    """While the server reads nothing of what was sent, further calls wait for it
+    and time out with nothing sent, instead of piling their requests up in the
+    client's memory (each of these is 1 MB)."""
+    async def handle(reader, writer):
+        await asyncio.sleep(30)          # accept, never read
+
+    async def main():
+        async with fake_server(handle) as address, \
+                async_client(Echo, address, timeout=0.1,
+                             breaker={"consecutive_failures": 10 ** 9, "min_calls": 10 ** 9}) as client:
+            big = "x" * (1 << 20)
+            unsent = 0
+            for _ in range(30):
+                with pytest.raises(CallTimeout) as info:
+                    await client.echo(big)
+                unsent += not info.value.request_sent
+            (endpoint,) = client._endpoints.values()
+            assert endpoint._conns[0].transport.get_write_buffer_size() < 8 << 20
+            assert unsent > 0                          # they waited, and said so
+
+    run(main())
+
+
 def test_client_fails_pending_calls_when_the_server_sends_garbage():
     async def handle(reader, writer):
         await reader.read(10)

@@ -220,18 +220,25 @@ class AsyncClient:
         (``_result``), and the caller awaits no coroutine of ours."""
         endpoint = self._endpoint(node)
         conn = endpoint.ready()
-        if conn is None:
-            return self._connect_and_send(endpoint, method, request, timeout, tags, span)
+        if conn is None or conn.write_paused:
+            return self._send_when_ready(endpoint, conn, method, request, timeout, tags, span)
         return self._start(conn, method, request, timeout, tags, span)
 
-    async def _connect_and_send(self, endpoint: Endpoint, method: idl.Method, request: Any,
-                                timeout: float, tags: Mapping[str, str], span: Span) -> Any:
+    async def _send_when_ready(self, endpoint: Endpoint, conn: Optional[ClientConnection],
+                               method: idl.Method, request: Any, timeout: float,
+                               tags: Mapping[str, str], span: Span) -> Any:
+        """The slow way: connect first, or wait while the server reads nothing of
+        what this connection sent (more requests would only pile up in memory)."""
+        deadline = time.monotonic() + timeout
         try:
-            conn = await endpoint.connection()
+            if conn is None:
+                conn = await endpoint.connection()
+            await conn.drained(max(0.0, deadline - time.monotonic()), method.name)
         except OctoError as exc:
             exc.method = exc.method or method.name
             raise
-        return await self._start(conn, method, request, timeout, tags, span)
+        return await self._start(conn, method, request, max(0.001, deadline - time.monotonic()),
+                                 tags, span)
 
     def _start(self, conn: ClientConnection, method: idl.Method, request: Any, timeout: float,
                tags: Mapping[str, str], span: Span) -> "asyncio.Future[Any]":

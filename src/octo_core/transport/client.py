@@ -38,6 +38,10 @@ class ClientConnection(FramedProtocol):
         self._deadlines: List[Tuple[float, int, asyncio.Future, float, str]] = []
         self._timer: Optional[asyncio.TimerHandle] = None
         self._timer_at = 0.0
+        # The server is not reading what was sent (the write buffer is over its
+        # high-water mark): new requests wait in drained() rather than pile up.
+        self.write_paused = False
+        self._drain_waiters: List[asyncio.Future] = []
 
     def next_sequence(self) -> int:
         """Unique per connection, starting at 0; kept within i32 for the thrift seqid."""
@@ -149,12 +153,40 @@ class ClientConnection(FramedProtocol):
         self.last_activity = self.loop.time()
         super().send(data)
 
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._wake_drain_waiters()
+
+    def _wake_drain_waiters(self) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def drained(self, timeout: float, method: str = "") -> None:
+        """Wait while the server reads nothing of what was sent; ``CallTimeout``
+        (with nothing sent) if it still does not after ``timeout`` seconds."""
+        if not self.write_paused:
+            return
+        waiter = self.loop.create_future()
+        self._drain_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            raise CallTimeout(f"the server read none of the requests already sent within "
+                              f"{timeout:.3g}s", method=method or None, node=self.node,
+                              request_sent=False) from None
+
     def _fail_pending(self, why: str) -> None:
         """Every call still waiting fails with its own ``TransportError``."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self._deadlines = []
+        self._wake_drain_waiters()        # they find the connection closed
         pending, self._pending = self._pending, {}
         for future, _, method in pending.values():
             if not future.done():
