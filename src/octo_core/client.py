@@ -66,7 +66,9 @@ class AsyncClient:
     covers the body too); ``ssl`` connects over TLS. ``metrics`` counts calls.
     ``max_frame_size``, and ``limits`` (``octo_core.codec.Limits``) for the reply
     messages, bound what a reply may cost to read; a request over
-    ``max_frame_size`` is not sent.
+    ``max_frame_size`` is not sent, and while a server reads nothing of what
+    was sent, new calls wait for it (within their deadline) rather than pile
+    their requests up in memory.
     """
 
     def __init__(self, service: Any, *, appkey: str, hosts: Optional[Iterable[str]] = None,
