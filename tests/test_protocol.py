@@ -665,7 +665,6 @@ def test_framed_length_not_positive(length):
 
 
 @pytest.mark.parametrize("data,guess", [
-    (b"\x80\x01\x00\x01\x00\x00\x00\x04echo", "unframed binary thrift"),
     (b"\x82\x21\x00\x04echo", "compact protocol"),
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", "TLS handshake"),
     (b"GET /metrics HTTP/1.1\r\n\r\n", "HTTP"),
@@ -675,6 +674,30 @@ def test_the_usual_wrong_peers_are_named_in_the_error(data, guess):
     """A client on the wrong transport or protocol gets a hint in the error the
     server logs, not only a nonsense length."""
     assert guess in str(feed_error(data))
+
+
+def test_unframed_thrift_messages_are_cut_by_their_own_structure():
+    """Strict binary thrift with no length prefix (a buffered transport, thriftpy2's
+    and Apache's default) is read message by message, however it is cut."""
+    msg = codec.encode_message("echo", TMessageType.CALL, 7, Echo.echo_args(text="x" * 1000))
+    framed = struct.pack("!i", len(msg)) + msg
+    stream = msg + framed + msg                     # unframed, framed, unframed
+    decoder = FrameDecoder()
+    frames = [f for i in range(len(stream)) for f in decoder.feed(stream[i:i + 1])]
+    assert [f.flags for f in frames] == [protocol.UNFRAMED, 0, protocol.UNFRAMED]
+    assert all(f.body == msg and f.head is None for f in frames)
+    assert decoder.buffered == 0
+
+
+def test_bad_or_oversized_unframed_messages_are_protocol_errors():
+    begin = b"\x80\x01\x00\x01\x00\x00\x00\x04echo\x00\x00\x00\x01"
+    assert "unframed" in str(feed_error(begin + b"\x63\x00\x01"))  # no such field type
+    assert "unframed" in str(feed_error(b"\x80\x01\x00\x09" + begin[4:] + b"\x00"))  # type 9
+    big = codec.encode_message("echo", TMessageType.CALL, 1, Echo.echo_args(text="z" * 5000))
+    assert "over 1024 bytes" in str(feed_error(big, max_frame_size=1024))
+    huge = codec.encode_message("echo", TMessageType.CALL, 1, Echo.echo_args(text="z" * 70_000))
+    assert "over 32768 bytes" in str(feed_error(huge))      # unframed has its own, lower bound
+    assert FrameDecoder().feed(struct.pack("!i", len(huge)) + huge)[0].body == huge   # framed: fine
 
 
 def test_decoder_stays_broken_after_an_error():

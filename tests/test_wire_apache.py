@@ -32,7 +32,8 @@ from octo_core.errors import ApplicationError, CallTimeout
 
 from conftest import apache_generate
 from wire_helpers import (ECHO_IDL, LOCALHOST, Calc, CalcHandler, Echo, EchoError, EchoHandler,
-                          async_client, run, serving_in_thread, sync_client, watchdog)  # noqa: F401  (fixture)
+                          async_client, echo_services, run, serving_in_thread, sync_client,
+                          watchdog)  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
@@ -53,12 +54,14 @@ def apache_echo(tmp_path_factory) -> types.SimpleNamespace:
 
 
 @contextlib.contextmanager
-def apache_client(service_module: Any, address: str, protocol: str) -> Iterator[Any]:
-    """Apache's generated client for ``service_module`` over a framed socket, closed afterwards."""
+def apache_client(service_module: Any, address: str, protocol: str,
+                  transport_cls: Any = TTransport.TFramedTransport) -> Iterator[Any]:
+    """Apache's generated client for ``service_module`` over a framed (or, with
+    ``TBufferedTransport``, unframed) socket, closed afterwards."""
     host, _, port = address.rpartition(":")
     connection = TSocket.TSocket(host, int(port))
     connection.setTimeout(5000)
-    transport = TTransport.TFramedTransport(connection)
+    transport = transport_cls(connection)
     client = service_module.Client(PROTOCOLS[protocol].getProtocol(transport))
     transport.open()
     try:
@@ -195,6 +198,24 @@ def test_apache_client_against_our_server(apache_echo, protocol):
             apache_client(apache_echo.Calc, server.address, protocol) as calc:
         assert calc.add(2, 40) == 42
         assert calc.add(-(2 ** 31), 0) == -(2 ** 31)
+
+
+@pytest.mark.parametrize("protocol", list(PROTOCOLS))
+def test_apache_buffered_client_against_our_server(apache_echo, protocol):
+    """Apache's unframed transport (``TBufferedTransport``): the server reads each
+    message by its own structure and answers unframed."""
+    handler = EchoHandler()
+    with serving_in_thread(echo_services(handler)) as server, \
+            apache_client(apache_echo.Echo, server.address, protocol,
+                          TTransport.TBufferedTransport) as client:
+        assert client.echo("hello") == "hello"
+        big = "b" * 30_000                    # unframed messages may be up to 32 KiB
+        assert client.echo(big) == big
+        with pytest.raises(apache_echo.ttypes.EchoError):
+            client.fail("declared")
+        client.notify("one way")
+        assert client.echo("after oneway") == "after oneway"
+        assert handler.notes.get(timeout=5) == "one way"
 
 
 # --- our clients against Apache's server --------------------------------------------

@@ -17,7 +17,8 @@ import socket
 import pytest
 from thriftpy2.protocol import TBinaryProtocolFactory, TCyBinaryProtocolFactory
 from thriftpy2.thrift import TApplicationException, TMessageType
-from thriftpy2.transport import TCyFramedTransportFactory, TFramedTransportFactory
+from thriftpy2.transport import (TBufferedTransportFactory, TCyBufferedTransportFactory,
+                                 TCyFramedTransportFactory, TFramedTransportFactory)
 
 from octo_core import codec, protocol
 from octo_core.errors import ApplicationError, CallTimeout, TransportError
@@ -40,6 +41,17 @@ THRIFTPY2_STACKS = {
 }
 
 
+# Unframed (buffered transport): thriftpy2's default, and Apache's. Our server
+# reads it (the message says where it ends) and answers unframed; our client
+# speaks framed thrift only, so these are for the server side.
+UNFRAMED_STACKS = {
+    "buffered (thriftpy2's default)": dict(trans_factory=TBufferedTransportFactory(),
+                                           proto_factory=TBinaryProtocolFactory()),
+    "cython-buffered": dict(trans_factory=TCyBufferedTransportFactory(),
+                            proto_factory=TCyBinaryProtocolFactory()),
+}
+
+
 def host_port(address: str):
     host, _, port = address.rpartition(":")
     return host, int(port)
@@ -47,11 +59,12 @@ def host_port(address: str):
 
 # --- a plain thriftpy2 client against our server -------------------------------------
 
-@pytest.mark.parametrize("stack", list(THRIFTPY2_STACKS))
+@pytest.mark.parametrize("stack", list(THRIFTPY2_STACKS) + list(UNFRAMED_STACKS))
 def test_thriftpy2_client_against_our_server(stack):
     handler = EchoHandler()
+    options = THRIFTPY2_STACKS.get(stack) or UNFRAMED_STACKS[stack]
     with serving_in_thread(echo_services(handler)) as server, \
-            thriftpy2_client(Echo, *host_port(server.address), **THRIFTPY2_STACKS[stack]) as client:
+            thriftpy2_client(Echo, *host_port(server.address), **options) as client:
         assert client.echo("hello") == "hello"
         assert client.echo("ünï ✓") == "ünï ✓"
         assert client.echo("") == ""
@@ -75,6 +88,26 @@ def test_thriftpy2_client_against_our_server(stack):
         assert handler.notes.get(timeout=5) == "oneway from thriftpy2"
         for i in range(50):
             assert client.echo(f"n{i}") == f"n{i}"
+
+
+def test_thriftpy2_asyncio_client_with_its_defaults_against_our_server():
+    """thriftpy2's asyncio client as it comes: a buffered (unframed) transport."""
+    from thriftpy2.contrib.aio.rpc import make_client
+
+    async def main():
+        async with serving(echo_services()) as server:
+            client = await make_client(Echo, *host_port(server.address))
+            try:
+                assert await client.echo("aio") == "aio"
+                big = "y" * 30_000                        # the most unframed carries: 32 KiB
+                assert await client.echo(big) == big
+                with pytest.raises(EchoError):
+                    await client.fail("declared")
+                assert await client.echo("after") == "after"
+            finally:
+                client.close()
+
+    run(main())
 
 
 def test_thriftpy2_client_unknown_and_ambiguous_methods():

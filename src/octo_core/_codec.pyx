@@ -713,9 +713,11 @@ cdef struct _Reader:
     Py_ssize_t max_container
     int max_depth
     Py_ssize_t items_left    # of Limits.max_items
+    bint short               # the input ended before the value did (more may come)
 
 
 cdef int _truncated(_Reader* r, Py_ssize_t need, str what) except -1:
+    r.short = True
     raise DecodeError(
         f"truncated input: {what} needs {need} bytes at byte {r.pos}, "
         f"{r.end - r.pos} left", offset=r.pos)
@@ -752,6 +754,7 @@ cdef Py_ssize_t _r_length(_Reader* r, Py_ssize_t limit, Py_ssize_t unit, str wha
     if n > limit:
         raise DecodeError(f"{what} length {n} at byte {at} exceeds the limit {limit}", offset=at)
     if n * unit > r.end - r.pos:
+        r.short = True
         raise DecodeError(
             f"truncated input: {what} of {n} claims at least {n * unit} bytes at byte {r.pos}, "
             f"{r.end - r.pos} left", offset=at)
@@ -1026,6 +1029,7 @@ cdef inline void _r_init(_Reader* r, const unsigned char* buf, Py_ssize_t start,
     r.max_container = limits.max_container_length
     r.max_depth = limits.max_depth
     r.items_left = limits.max_items
+    r.short = False
 
 
 cdef object _decode_at(_StructSpec s, const unsigned char* buf, Py_ssize_t start, Py_ssize_t end,
@@ -1128,6 +1132,21 @@ def decode_reply(result_cls, exception_cls, data, Limits limits=None):
 cdef _PRIMITIVE_KINDS = (T_BOOL, T_BYTE, T_DOUBLE, T_I16, T_I32, T_I64, T_STRING, T_BINARY)
 for _k in _PRIMITIVE_KINDS:
     _PRIMITIVES[_k] = _primitive(_k)
+
+
+cdef Py_ssize_t _unframed_length(const unsigned char* p, Py_ssize_t n, Limits limits) except -2:
+    """The length of the unframed thrift message at ``p`` (its own structure says
+    where it ends), or -1 when ``p[:n]`` holds only its beginning."""
+    cdef _Reader r
+    _r_init(&r, p, 0, n, limits)
+    try:
+        _r_message_begin(&r)
+        _skip(&r, T_STRUCT, 0)
+    except DecodeError as exc:
+        if r.short:
+            return -1
+        raise ProtocolError(f"bad unframed thrift message: {exc}") from None
+    return r.pos
 
 
 include "_frame.pxi"

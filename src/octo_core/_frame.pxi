@@ -149,11 +149,20 @@ def encode_unified_message(int flags, header, name, msg_type, seqid, obj) -> byt
     return _finish_unified(&w, flags, header_length)
 
 
+#: ``Frame.flags`` of an unframed (buffered-transport) thrift message: the reply
+#: goes back unframed too.
+UNFRAMED = -1
+#: The largest unframed message read. Until one is whole it is parsed again at
+#: each read (it has no length to wait for), so a peer trickling bytes costs
+#: work that grows with the square of its size; at this bound, one byte per
+#: read, about 0.6 s of CPU a message (measured), a small multiple of what the
+#: reads themselves cost. Framed thrift has no such bound.
+cdef Py_ssize_t UNFRAMED_MAX = 32 * 1024
+
+
 cdef str _looks_like(const unsigned char* p, Py_ssize_t n):
     """What a stream that is neither framing seems to be, for the error: the usual
     mistakes are a client on the wrong transport or protocol, TLS, or HTTP."""
-    if n >= 2 and p[0] == 0x80 and p[1] == 0x01:
-        return " (it looks like unframed binary thrift: use a framed transport)"
     if n >= 2 and p[0] == 0x82 and (p[1] & 0x1F) == 1:
         return " (it looks like thrift's compact protocol: only the binary protocol is served)"
     if n >= 3 and p[0] == 0x16 and p[1] == 0x03:
@@ -227,7 +236,7 @@ cdef class FrameReader:
         return frames
 
     cdef Py_ssize_t _parse(self, const unsigned char* p, Py_ssize_t n, list frames) except -1:
-        cdef Py_ssize_t pos = 0, total, header_length, trailer
+        cdef Py_ssize_t pos = 0, total, header_length, trailer, limit
         cdef int flags
         cdef uint32_t want
         while n - pos >= 4:
@@ -259,6 +268,22 @@ cdef class FrameReader:
                     frames.append(self._unified(p + pos + PREFIX, total - 2 - trailer, flags,
                                                 header_length))
                 pos += total + 8
+            elif p[pos] == 0x80 and p[pos + 1] == 0x01:
+                # Unframed (buffered-transport) strict binary thrift, thriftpy2's and
+                # Apache's default: no length prefix, the message says where it ends.
+                limit = min(self.max_frame_size, UNFRAMED_MAX)
+                total = _unframed_length(p + pos, min(n - pos, limit + 1), self._limits)
+                if total < 0:
+                    if n - pos > limit:
+                        self._fail(f"unframed thrift message over {limit} bytes (use a framed "
+                                   f"transport for larger ones)", pos)
+                    break
+                body = PyBytes_FromStringAndSize(<const char*>p + pos, total)
+                if self._frame_cls is None:
+                    frames.append((UNFRAMED, 0, body))
+                else:
+                    frames.append(tuple.__new__(self._frame_cls, (UNFRAMED, None, body)))
+                pos += total
             else:
                 total = <int32_t>_get_u32(p + pos)
                 if total <= 0:

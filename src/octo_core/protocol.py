@@ -197,6 +197,9 @@ def encode_refusal(flags: int, sequence_id: int, status: int, text: str) -> byte
 
 encode_framed = _codec.encode_framed
 encode_framed_message = _codec.encode_framed_message
+#: ``Frame.flags`` of a native thrift message that came unframed (a buffered
+#: transport, thriftpy2's and Apache's default); its reply goes back unframed.
+UNFRAMED = _codec.UNFRAMED
 
 
 def request_header(service_name: str, sequence_id: int, timeout_ms: int, *,

@@ -80,6 +80,8 @@ class _Reply:
         if self.unified:
             data = protocol.encode_response(self.flags, self.sequence_id, status, text,
                                             name, msg_type, seqid, obj, limit)
+        elif self.flags == protocol.UNFRAMED:     # a buffered-transport peer
+            data = _codec.encode_message(name, msg_type, seqid, obj)
         else:
             data = protocol.encode_framed_message(name, msg_type, seqid, obj)
         if len(data) > limit:
@@ -412,7 +414,7 @@ class Server:
         self._call(service, reply, frame.body, begin, deadline, head)
 
     def _native(self, conn: ServerConnection, frame: Frame) -> None:
-        reply = _Reply(conn, 0, 0, False)
+        reply = _Reply(conn, frame.flags, 0, False)   # flags: framed (0) or UNFRAMED
         try:
             begin = _codec.decode_message_begin(frame.body, self.limits)
         except DecodeError as exc:   # no header to answer by: this stream cannot be trusted
