@@ -204,28 +204,17 @@ def test_a_server_that_reads_nothing_makes_calls_wait_not_pile_up():
     run(main())
 
 
-def test_client_fails_pending_calls_when_the_server_sends_garbage():
-    async def handle(reader, writer):
-        await reader.read(10)
-        writer.write(b"\x00\x00\x00\x00 this is not a frame")
-        await writer.drain()
-        await asyncio.sleep(5)
-        writer.close()
-
-    async def main():
-        async with fake_server(handle) as address, \
-                async_client(Echo, address, timeout=10) as client:
-            with pytest.raises(TransportError) as info:
-                await asyncio.wait_for(client.echo("x"), 5)
-            assert not isinstance(info.value, CallTimeout)
-
-    run(main())
-
-
-def test_a_request_frame_from_the_server_closes_the_client_connection():
+@pytest.mark.parametrize("sent,why", [
+    (b"\x00\x00\x00\x00 this is not a frame", "not positive"),
+    (unified_request("echo", Echo.echo_args(text="x"), 0), "request frame"),
+], ids=["garbage", "a request frame"])
+def test_bytes_a_server_must_not_send_fail_the_pending_calls(sent, why):
+    """Garbage, or a request frame, from the server: the stream cannot be trusted,
+    so the connection closes and the waiting call fails with a TransportError
+    naming its method (not a timeout)."""
     async def handle(reader, writer):
         await reader.read(65536)
-        writer.write(unified_request("echo", Echo.echo_args(text="x"), 0))
+        writer.write(sent)
         await writer.drain()
         await asyncio.sleep(5)
         writer.close()
@@ -233,7 +222,7 @@ def test_a_request_frame_from_the_server_closes_the_client_connection():
     async def main():
         async with fake_server(handle) as address, \
                 async_client(Echo, address, timeout=10) as client:
-            with pytest.raises(TransportError, match="request frame") as info:
+            with pytest.raises(TransportError, match=why) as info:
                 await asyncio.wait_for(client.echo("x"), 5)
             assert not isinstance(info.value, CallTimeout)
             assert info.value.method == "echo"
