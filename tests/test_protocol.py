@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from thriftpy2.thrift import TMessageType
 from thriftpy2.utils import serialize
 
+import octo_core
 from octo_core import _codec, codec, protocol
 from octo_core.errors import EncodeError, ProtocolError
 from octo_core.protocol import (FLAG_CHECKSUM, FLAG_GZIP, FLAG_SNAPPY, Frame, FrameDecoder,
@@ -29,6 +30,8 @@ from octo_core.protocol import (FLAG_CHECKSUM, FLAG_GZIP, FLAG_SNAPPY, Frame, Fr
                                 TraceInfo)
 
 from wire_helpers import Echo, have_snappy, watchdog  # noqa: F401  (fixture)
+
+import strategies as S
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
@@ -695,9 +698,74 @@ def test_bad_or_oversized_unframed_messages_are_protocol_errors():
     assert "unframed" in str(feed_error(b"\x80\x01\x00\x09" + begin[4:] + b"\x00"))  # type 9
     big = codec.encode_message("echo", TMessageType.CALL, 1, Echo.echo_args(text="z" * 5000))
     assert "over 1024 bytes" in str(feed_error(big, max_frame_size=1024))
-    huge = codec.encode_message("echo", TMessageType.CALL, 1, Echo.echo_args(text="z" * 70_000))
-    assert "over 32768 bytes" in str(feed_error(huge))      # unframed has its own, lower bound
-    assert FrameDecoder().feed(struct.pack("!i", len(huge)) + huge)[0].body == huge   # framed: fine
+    claims = begin + b"\x0b\x00\x01" + struct.pack("!i", 2000)     # a string claiming 2000
+    assert "over 1024 bytes" in str(feed_error(claims, max_frame_size=1024))   # refused up front
+    deep = begin + b"\x0c\x00\x01" * 1000                   # finding the end nests 1000 deep
+    assert "nesting deeper than 1000" in str(feed_error(deep))   # at most (Limits decide later)
+    lies = begin + b"\x0f\x00\x01\x0c" + struct.pack("!i", 2 ** 31 - 1)  # 2^31 structs
+    assert "over 16777216 bytes" in str(feed_error(lies))
+
+
+def test_large_unframed_messages_trickled_byte_by_byte_cost_linear_time():
+    """The scan keeps its place between reads: a 256 KiB message fed one byte at
+    a time is read whole (re-scanning from its start at every read, as a naive
+    reader does, would take minutes; this takes well under a second)."""
+    args = Echo.echo_args(text="q" * (256 * 1024))
+    msg = codec.encode_message("echo", TMessageType.CALL, 3, args)
+    decoder = FrameDecoder()
+    frames = [f for i in range(len(msg)) for f in decoder.feed(msg[i:i + 1])]
+    assert [f.body for f in frames] == [msg] and decoder.buffered == 0
+
+
+UNFRAMED_IDL = octo_core.load_idl(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                               "idl", "everything.thrift"))
+UNFRAMED_STRUCTS = sorted(S.top_level_structs(UNFRAMED_IDL).items())
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.data())
+def test_unframed_messages_of_any_struct_are_found_however_the_stream_is_cut(data):
+    """Messages carrying generated values of every struct of an IDL we did not
+    shape for this: each comes out whole, whatever the read boundaries."""
+    messages = []
+    for seq in range(data.draw(st.integers(1, 3))):
+        _, cls = data.draw(st.sampled_from(UNFRAMED_STRUCTS))
+        value = data.draw(S.structs(cls, max_depth=3))
+        messages.append(codec.encode_message("method", TMessageType.CALL, seq, value))
+    stream = b"".join(messages)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=12)))
+    decoder = FrameDecoder()
+    frames = [f for a, b in zip([0] + cuts, cuts + [len(stream)]) for f in decoder.feed(stream[a:b])]
+    assert [f.body for f in frames] == messages
+    assert {f.flags for f in frames} == {protocol.UNFRAMED} and decoder.buffered == 0
+
+
+def _feed_outcome(chunks) -> tuple:
+    decoder = FrameDecoder(max_frame_size=4096)
+    got = []
+    try:
+        for chunk in chunks:
+            got += [f.body for f in decoder.feed(chunk)]
+    except ProtocolError as exc:
+        return got, str(exc)
+    return got, decoder.buffered
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.lists(st.integers(0, 220), max_size=8))
+def test_unframed_hostile_bytes_read_the_same_however_they_are_cut(tail, cuts):
+    """Any bytes after an unframed message start give the same frames and the
+    same error (or the same bytes held) whether they come at once or in pieces."""
+    stream = b"\x80\x01\x00\x01\x00\x00\x00\x01m\x00\x00\x00\x01" + tail
+    cuts = sorted(min(c, len(stream)) for c in cuts)
+    pieces = [stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)])]
+    (whole_frames, whole_end), (cut_frames, cut_end) = _feed_outcome([stream]), _feed_outcome(pieces)
+    assert cut_end == whole_end
+    if isinstance(whole_end, str):    # a read that fails drops the frames it completed first
+        assert cut_frames[:len(whole_frames)] == whole_frames
+    else:
+        assert cut_frames == whole_frames
 
 
 def test_decoder_stays_broken_after_an_error():

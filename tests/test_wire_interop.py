@@ -99,7 +99,7 @@ def test_thriftpy2_asyncio_client_with_its_defaults_against_our_server():
             client = await make_client(Echo, *host_port(server.address))
             try:
                 assert await client.echo("aio") == "aio"
-                big = "y" * 30_000                        # the most unframed carries: 32 KiB
+                big = "y" * 3_000_000                     # unframed: as large as framed
                 assert await client.echo(big) == big
                 with pytest.raises(EchoError):
                     await client.fail("declared")

@@ -17,7 +17,7 @@ from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_FromDouble
 from cpython.long cimport PyLong_FromLong, PyLong_FromLongLong
-from cpython.mem cimport PyMem_Malloc, PyMem_Free
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.ref cimport Py_INCREF, Py_DECREF, Py_XDECREF
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
@@ -1134,21 +1134,7 @@ for _k in _PRIMITIVE_KINDS:
     _PRIMITIVES[_k] = _primitive(_k)
 
 
-cdef Py_ssize_t _unframed_length(const unsigned char* p, Py_ssize_t n, Limits limits) except -2:
-    """The length of the unframed thrift message at ``p`` (its own structure says
-    where it ends), or -1 when ``p[:n]`` holds only its beginning."""
-    cdef _Reader r
-    _r_init(&r, p, 0, n, limits)
-    try:
-        _r_message_begin(&r)
-        _skip(&r, T_STRUCT, 0)
-    except DecodeError as exc:
-        if r.short:
-            return -1
-        raise ProtocolError(f"bad unframed thrift message: {exc}") from None
-    return r.pos
-
-
+include "_unframed.pxi"
 include "_frame.pxi"
 include "_sign.pxi"
 include "_header.pxi"

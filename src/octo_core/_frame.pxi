@@ -152,12 +152,6 @@ def encode_unified_message(int flags, header, name, msg_type, seqid, obj) -> byt
 #: ``Frame.flags`` of an unframed (buffered-transport) thrift message: the reply
 #: goes back unframed too.
 UNFRAMED = -1
-#: The largest unframed message read. Until one is whole it is parsed again at
-#: each read (it has no length to wait for), so a peer trickling bytes costs
-#: work that grows with the square of its size; at this bound, one byte per
-#: read, about 0.6 s of CPU a message (measured), a small multiple of what the
-#: reads themselves cost. Framed thrift has no such bound.
-cdef Py_ssize_t UNFRAMED_MAX = 32 * 1024
 
 
 cdef str _looks_like(const unsigned char* p, Py_ssize_t n):
@@ -195,6 +189,8 @@ cdef class FrameReader:
     cdef object _frame_cls
     cdef object _decompress
     cdef Limits _limits
+    cdef _Scan _scan         # of an unframed message not yet whole
+    cdef bint _scanning
 
     def __init__(self, Py_ssize_t max_frame_size=16 * 1024 * 1024, frame_cls=None,
                  decompress=None, Limits limits=None):
@@ -206,6 +202,9 @@ cdef class FrameReader:
         self._frame_cls = frame_cls
         self._decompress = decompress
         self._limits = DEFAULT_LIMITS if limits is None else limits
+
+    def __dealloc__(self):
+        _scan_free(&self._scan)
 
     @property
     def buffered(self):
@@ -271,13 +270,16 @@ cdef class FrameReader:
             elif p[pos] == 0x80 and p[pos + 1] == 0x01:
                 # Unframed (buffered-transport) strict binary thrift, thriftpy2's and
                 # Apache's default: no length prefix, the message says where it ends.
-                limit = min(self.max_frame_size, UNFRAMED_MAX)
-                total = _unframed_length(p + pos, min(n - pos, limit + 1), self._limits)
+                if not self._scanning:
+                    _scan_start(&self._scan, self.max_frame_size)
+                    self._scanning = True
+                try:
+                    total = _scan_unframed(&self._scan, p + pos, n - pos)
+                except DecodeError as exc:
+                    self._fail(f"bad unframed thrift message: {exc}", pos)
                 if total < 0:
-                    if n - pos > limit:
-                        self._fail(f"unframed thrift message over {limit} bytes (use a framed "
-                                   f"transport for larger ones)", pos)
                     break
+                self._scanning = False
                 body = PyBytes_FromStringAndSize(<const char*>p + pos, total)
                 if self._frame_cls is None:
                     frames.append((UNFRAMED, 0, body))
