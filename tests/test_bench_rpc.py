@@ -1,6 +1,6 @@
 """Smoke test of the RPC benchmark runner (``octo_core.bench.rpc``).
 
-Runs a tiny matrix (octo_core and the raw uvloop echo, 1 and 4 calls in
+Runs a tiny matrix (octo_core, the codec-only floor and the raw uvloop echo, 1 and 4 calls in
 flight, 0.2 s per cell) and checks that every cell produced calls and that
 every server child process is gone afterwards. No timing assertions.
 """
@@ -11,7 +11,7 @@ from typing import List
 
 from octo_core.bench import rpc
 
-SYSTEMS = (rpc.OCTO, rpc.RAW)
+SYSTEMS = (rpc.OCTO, rpc.CODEC_ONLY, rpc.RAW)
 CONCURRENCIES = (1, 4)
 
 

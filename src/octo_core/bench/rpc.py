@@ -36,6 +36,12 @@ comparison is between libraries, not event loops):
   method registered with ``grpc.method_handlers_generic_handler`` (no
   protobuf, no codegen: the minimum a grpc call costs). N concurrent unary
   calls on the one channel.
+* ``codec-only``: octo_core's unified protocol with nothing but its C codec: a
+  bare asyncio protocol on each side (the frame reader, header and message
+  encoded and decoded in C, a dict of futures by sequence id). No deadlines,
+  routing, balancer, breaker, metrics, tracing, flow control or handler
+  dispatch: the floor of any Python implementation of the protocol, so
+  ``octo`` against it is what the framework itself costs per call.
 * ``raw-uvloop``: a uvloop server that echoes 4-byte-length-prefixed frames and
   a uvloop client with N frames in flight on one connection (a future per
   frame, replies matched in order, writes made in one loop iteration
@@ -85,13 +91,16 @@ OCTO_THRIFT = "octo-thrift"
 TP2_SYNC = "thriftpy2-sync"
 TP2_AIO = "thriftpy2-aio"
 GRPC = "grpc-aio"
+CODEC_ONLY = "codec-only"
 RAW = "raw-uvloop"
 #: Every system, in table order.
-SYSTEMS: Tuple[str, ...] = (OCTO, OCTO_THRIFT, TP2_SYNC, TP2_AIO, GRPC, RAW)
+SYSTEMS: Tuple[str, ...] = (OCTO, OCTO_THRIFT, TP2_SYNC, TP2_AIO, GRPC, CODEC_ONLY, RAW)
 #: The server each system's client talks to (the ``--serve`` kind of the child).
 SERVER_KIND: Dict[str, str] = {OCTO: "octo", OCTO_THRIFT: "octo", TP2_SYNC: "thriftpy2-sync",
-                               TP2_AIO: "thriftpy2-aio", GRPC: "grpc", RAW: "raw"}
-SERVER_KINDS: Tuple[str, ...] = ("octo", "thriftpy2-sync", "thriftpy2-aio", "grpc", "raw")
+                               TP2_AIO: "thriftpy2-aio", GRPC: "grpc", CODEC_ONLY: "codec",
+                               RAW: "raw"}
+SERVER_KINDS: Tuple[str, ...] = ("octo", "thriftpy2-sync", "thriftpy2-aio", "grpc", "codec",
+                                 "raw")
 
 #: Payload name -> size in bytes of the echoed string.
 PAYLOADS: Dict[str, int] = {"10B": 10, "1KB": 1024}
@@ -120,6 +129,8 @@ MAX_CALLS_PER_PHASE = 20_000_000
 CALL_TIMEOUT_S = 10.0
 #: How long to wait for a server child to print its port or answer a control line.
 CONTROL_TIMEOUT_S = 20.0
+#: thrift message types (TMessageType.CALL / REPLY) for the codec-only system.
+_CALL, _REPLY = 1, 2
 
 
 # --- payloads ---------------------------------------------------------------------
@@ -238,6 +249,35 @@ class _RawEchoServer(asyncio.Protocol):
             self._transport.write(data if end == size else data[:end])
         if end < size:
             buf += data[end:]
+
+
+class _CodecEchoServer(asyncio.Protocol):
+    """The codec-only server: each unified request frame read and its echo
+    reply written with ``_codec`` alone; one ``write`` per read."""
+
+    def __init__(self) -> None:
+        from octo_core import _codec
+        from octo_core.protocol import FrameDecoder
+
+        self._feed = FrameDecoder().feed
+        self._codec = _codec
+        self._echo = payload_module().Echo
+        self._transport: Optional[asyncio.Transport] = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        codec, echo = self._codec, self._echo
+        replies = []
+        for frame in self._feed(data):
+            name, _, seqid, offset = codec.decode_message_begin(frame.body)
+            args = codec.decode_body(echo.echo_args, frame.body, offset)
+            replies.append(codec.encode_response(
+                frame.flags, frame.head.sequence_id, 0, None, name, _REPLY, seqid,
+                echo.echo_result(success=args.message)))
+        if replies:
+            self._transport.write(b"".join(replies))
 
 
 class _Serving:
@@ -362,18 +402,21 @@ def _serve_grpc(host: str, port: int) -> _Serving:
     return _loop_thread(start, "grpc-server")
 
 
-def _serve_raw(host: str, port: int) -> _Serving:
-    async def start() -> Tuple[int, Callable[[], Awaitable[None]]]:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(_RawEchoServer, host, port)
-        bound = server.sockets[0].getsockname()[1]
+def _serve_protocol(factory: Callable[[], asyncio.Protocol], name: str) -> Callable[[str, int], _Serving]:
+    """A server kind that is a bare asyncio protocol on a uvloop loop."""
+    def serve(host: str, port: int) -> _Serving:
+        async def start() -> Tuple[int, Callable[[], Awaitable[None]]]:
+            loop = asyncio.get_running_loop()
+            server = await loop.create_server(factory, host, port)
+            bound = server.sockets[0].getsockname()[1]
 
-        async def stop() -> None:
-            server.close()
-            await server.wait_closed()
-        return bound, stop
+            async def stop() -> None:
+                server.close()
+                await server.wait_closed()
+            return bound, stop
 
-    return _loop_thread(start, "raw-echo-server")
+        return _loop_thread(start, name)
+    return serve
 
 
 _SERVERS: Dict[str, Callable[[str, int], _Serving]] = {
@@ -381,7 +424,8 @@ _SERVERS: Dict[str, Callable[[str, int], _Serving]] = {
     "thriftpy2-sync": _serve_thriftpy2_sync,
     "thriftpy2-aio": _serve_thriftpy2_aio,
     "grpc": _serve_grpc,
-    "raw": _serve_raw,
+    "codec": _serve_protocol(_CodecEchoServer, "codec-echo-server"),
+    "raw": _serve_protocol(_RawEchoServer, "raw-echo-server"),
 }
 
 
@@ -711,19 +755,45 @@ class _GrpcDriver(_AsyncDriver):
             await channel.close()
 
 
-class _RawEchoClient(asyncio.Protocol):
-    """N frames in flight on one connection; replies resolve futures in order."""
+class _PipelinedClient(asyncio.Protocol):
+    """N requests in flight on one connection, a future each; the requests
+    written during one loop iteration go out in one ``write``. Each subclass's
+    ``call`` queues its frame in ``_out`` itself (no helper call on the raw
+    ceiling's per-call path)."""
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._waiters: Deque[asyncio.Future] = collections.deque()
-        self._buf = bytearray()
         self._out: List[bytes] = []
         self._transport: Optional[asyncio.Transport] = None
         self.lost: Optional[BaseException] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+
+    def _flush(self) -> None:
+        out = self._out
+        if out and self._transport is not None:
+            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
+        self._out = []
+
+    def _waiting(self) -> List["asyncio.Future[Any]"]:
+        """The futures of the calls in flight (handed over: they are failed next)."""
+        raise NotImplementedError
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self.lost = exc or ConnectionError("closed")
+        for future in self._waiting():
+            if not future.done():
+                future.set_exception(ConnectionError("echo connection lost"))
+
+
+class _RawEchoClient(_PipelinedClient):
+    """Length-prefixed frames; replies resolve futures in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waiters: Deque[asyncio.Future] = collections.deque()
+        self._buf = bytearray()
 
     def call(self, frame: bytes) -> "asyncio.Future[bytes]":
         if self.lost is not None:
@@ -734,12 +804,6 @@ class _RawEchoClient(asyncio.Protocol):
             self._loop.call_soon(self._flush)
         self._out.append(frame)
         return future
-
-    def _flush(self) -> None:
-        out = self._out
-        if out and self._transport is not None:
-            self._transport.write(out[0] if len(out) == 1 else b"".join(out))
-        self._out = []
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf
@@ -759,12 +823,54 @@ class _RawEchoClient(asyncio.Protocol):
         if end < size:
             buf += data[end:]
 
-    def connection_lost(self, exc: Optional[BaseException]) -> None:
-        self.lost = exc or ConnectionError("closed")
-        while self._waiters:
-            future = self._waiters.popleft()
-            if not future.done():
-                future.set_exception(ConnectionError("raw echo connection lost"))
+    def _waiting(self) -> List["asyncio.Future[Any]"]:
+        waiters, self._waiters = list(self._waiters), collections.deque()
+        return waiters
+
+
+class _CodecEchoClient(_PipelinedClient):
+    """Unified requests written and replies read with ``_codec`` alone (the
+    header carries what octo_core's client sends: service, appkey, timeout,
+    trace and span ids); replies resolve futures by sequence id."""
+
+    def __init__(self) -> None:
+        from octo_core import _codec
+        from octo_core.protocol import DEFAULT_FLAGS, FrameDecoder
+        from thriftpy2.thrift import TApplicationException
+
+        super().__init__()
+        self._codec = _codec
+        self._app_exception = TApplicationException
+        self._flags = DEFAULT_FLAGS
+        self._feed = FrameDecoder().feed
+        self._waiters: Dict[int, asyncio.Future] = {}
+        self._seq = 0
+        self._echo = payload_module().Echo
+
+    def call(self, message: str) -> "asyncio.Future[str]":
+        if self.lost is not None:
+            raise ConnectionError(f"codec echo connection lost: {self.lost}")
+        self._seq = seq = (self._seq + 1) & 0x7FFFFFFF
+        codec = self._codec
+        frame = codec.encode_request(
+            self._flags, 0, "Echo", seq, 0, int(CALL_TIMEOUT_S * 1000), "com.octo.bench.client",
+            codec.new_id(), codec.new_id(), {}, None, "echo", _CALL, seq,
+            self._echo.echo_args(message))
+        future = self._waiters[seq] = self._loop.create_future()
+        if not self._out:
+            self._loop.call_soon(self._flush)
+        self._out.append(frame)
+        return future
+
+    def data_received(self, data: bytes) -> None:
+        decode_reply, result_cls = self._codec.decode_reply, self._echo.echo_result
+        for frame in self._feed(data):
+            _, result = decode_reply(result_cls, self._app_exception, frame.body)
+            self._waiters.pop(frame.head.sequence_id).set_result(result.success)
+
+    def _waiting(self) -> List["asyncio.Future[Any]"]:
+        waiters, self._waiters = list(self._waiters.values()), {}
+        return waiters
 
 
 class _RawDriver(_AsyncDriver):
@@ -786,6 +892,19 @@ class _RawDriver(_AsyncDriver):
         if transport is not None:
             transport.close()
         await asyncio.sleep(0)
+
+
+class _CodecDriver(_RawDriver):
+    """codec-only: the unified protocol with nothing but octo_core's C codec."""
+
+    async def _open(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.transport, self.proto = await loop.create_connection(
+            _CodecEchoClient, "127.0.0.1", self.port)
+        send, message = self.proto.call, self.message
+        call = lambda: send(message)  # noqa: E731
+        await self._check(call, message)
+        self.calls = [call] * self.concurrency
 
 
 class _Tp2SyncDriver(_Driver):
@@ -847,7 +966,7 @@ class _Tp2SyncDriver(_Driver):
 
 _DRIVERS: Dict[str, type] = {
     OCTO: _OctoDriver, OCTO_THRIFT: _OctoThriftDriver, TP2_SYNC: _Tp2SyncDriver,
-    TP2_AIO: _Tp2AioDriver, GRPC: _GrpcDriver, RAW: _RawDriver,
+    TP2_AIO: _Tp2AioDriver, GRPC: _GrpcDriver, CODEC_ONLY: _CodecDriver, RAW: _RawDriver,
 }
 
 
@@ -1109,6 +1228,10 @@ def format_report(results: Sequence[Result], seconds: Optional[float] = None,
     lines.append("")
     lines.append("vs raw: p50 ratio with 1 in flight (lower is better), "
                  "calls/s ratio with more in flight (higher is better)")
+    if any(r.system == CODEC_ONLY for r in results):
+        lines.append("codec-only: the unified protocol with nothing but octo_core's C codec "
+                     "(no deadlines, routing, breakers, metrics, tracing, flow control): the "
+                     "floor under octo; octo minus it is what the framework costs per call")
     lines.append("other%: CPU used by the rest of the machine during the window, in % of one "
                  "core (from /proc/stat; kernel softirq work for loopback traffic counts here "
                  f"too); '!' marks a noisy cell (over {NOISY_PCT:g}%): other processes "
