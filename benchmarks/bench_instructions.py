@@ -4,6 +4,7 @@ Run with (about a minute per setting; needs ``valgrind``)::
 
     python benchmarks/bench_instructions.py                 # 64 calls in flight
     python benchmarks/bench_instructions.py --in-flight 1
+    python benchmarks/bench_instructions.py --system octo --system codec-only
 
 Wall-clock figures on a shared VM move by tens of percent between runs; an
 instruction count does not (the same binary and inputs give the same total), so
@@ -27,9 +28,10 @@ import sys
 CALLS_PER_ROUND = 3200
 
 
-async def _workload(rounds: int, in_flight: int) -> None:
+async def _open_octo(message: str):
+    """octo_core's server and client; returns (call, close)."""
     import octo_core
-    from octo_core.bench.rpc import _AsyncEchoHandler, make_message, payload_module
+    from octo_core.bench.rpc import _AsyncEchoHandler, payload_module
 
     echo = payload_module().Echo
     server = octo_core.Server(appkey="com.octo.bench.echo", port=0)
@@ -37,25 +39,53 @@ async def _workload(rounds: int, in_flight: int) -> None:
     await server.start()
     client = octo_core.AsyncClient(echo, appkey="com.octo.bench.client",
                                    remote_appkey="com.octo.bench.echo", hosts=[server.address])
-    message = make_message(10)
+
+    async def close() -> None:
+        await client.close()
+        await server.stop()
+    return (lambda: client.echo(message)), close
+
+
+async def _open_codec_only(message: str):
+    """``bench_rpc``'s codec-only floor: the protocol with nothing but the C codec."""
+    from octo_core.bench.rpc import _CodecEchoClient, _CodecEchoServer
+
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(_CodecEchoServer, "127.0.0.1", 0)
+    transport, client = await loop.create_connection(
+        _CodecEchoClient, "127.0.0.1", server.sockets[0].getsockname()[1])
+
+    async def close() -> None:
+        transport.close()
+        server.close()
+        await server.wait_closed()
+    return (lambda: client.call(message)), close
+
+
+SYSTEMS = {"octo": _open_octo, "codec-only": _open_codec_only}
+
+
+async def _workload(system: str, rounds: int, in_flight: int) -> None:
+    from octo_core.bench.rpc import make_message
+
+    call, close = await SYSTEMS[system](make_message(10))
     per_worker = CALLS_PER_ROUND // in_flight
 
     async def worker(calls: int) -> None:
         for _ in range(calls):
-            await client.echo(message)
+            await call()
 
     await asyncio.gather(*(worker(max(1, per_worker // 2)) for _ in range(in_flight)))  # warm-up
     for _ in range(rounds):
         await asyncio.gather(*(worker(per_worker) for _ in range(in_flight)))
-    await client.close()
-    await server.stop()
+    await close()
 
 
-def _instructions(rounds: int, in_flight: int) -> int:
+def _instructions(system: str, rounds: int, in_flight: int) -> int:
     """Instructions callgrind counts for a whole run with ``rounds`` measured rounds."""
     run = subprocess.run(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
-         __file__, "--child", str(rounds), "--in-flight", str(in_flight)],
+         __file__, "--child", str(rounds), "--in-flight", str(in_flight), "--system", system],
         capture_output=True, text=True, check=True)
     found = re.search(r"Collected\s*:\s*([\d,]+)", run.stderr)
     if found is None:
@@ -66,6 +96,9 @@ def _instructions(rounds: int, in_flight: int) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--in-flight", type=int, default=64, help="calls in flight (default 64)")
+    parser.add_argument("--system", choices=list(SYSTEMS), action="append",
+                        help="octo (default) and/or codec-only (bench_rpc's floor: the "
+                             "protocol with nothing but the C codec); may be repeated")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not 1 <= args.in_flight <= CALLS_PER_ROUND:
@@ -75,14 +108,16 @@ def main(argv=None) -> int:
 
         loop = new_event_loop()
         try:
-            loop.run_until_complete(_workload(args.child, args.in_flight))
+            loop.run_until_complete(_workload(args.system[0], args.child, args.in_flight))
         finally:
             loop.close()
         return 0
-    one, two = _instructions(1, args.in_flight), _instructions(2, args.in_flight)
     calls = (CALLS_PER_ROUND // args.in_flight) * args.in_flight
-    print(f"octo_core echo, {args.in_flight} in flight, client and server in one process: "
-          f"{(two - one) / calls:,.0f} instructions per call (both sides)")
+    for system in args.system or ["octo"]:
+        one = _instructions(system, 1, args.in_flight)
+        two = _instructions(system, 2, args.in_flight)
+        print(f"{system} echo, {args.in_flight} in flight, client and server in one process: "
+              f"{(two - one) / calls:,.0f} instructions per call (both sides)")
     return 0
 
 
