@@ -6,7 +6,10 @@ from setuptools import Extension, setup
 
 # OCTO_DEBUG_BUILD=1 builds without optimisation and with C asserts, for gdb/valgrind.
 debug = os.environ.get("OCTO_DEBUG_BUILD") == "1"
-compile_args = ["-O0", "-g"] if debug else ["-O3", "-fno-strict-aliasing"]
+# -fconserve-stack: the decoder recurses once per nesting level, so the compiler must
+# not inline its way to big frames: MAX_DEPTH_CAP (1000) levels have to fit a 512 KiB
+# thread stack (macOS threads get no more); tests/test_codec_errors.py checks it.
+compile_args = ["-O0", "-g"] if debug else ["-O3", "-fno-strict-aliasing", "-fconserve-stack"]
 macros = [] if debug else [("NDEBUG", "1")]
 
 

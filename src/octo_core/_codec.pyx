@@ -92,7 +92,7 @@ DEF VERSION_1 = 0x80010000
 DEF VERSION_MASK = 0xffff0000
 
 DEF MAX_STACK_FIELDS = 16   # per nesting level on the C stack; wider structs use the heap
-DEF MAX_DEPTH_CAP = 1000     # about 1 KiB of C stack a level, far below a thread's 8 MiB
+DEF MAX_DEPTH_CAP = 1000     # ~450 bytes of C stack a level (setup.py): fits 512 KiB stacks
 
 cdef dict _TYPE_NAMES = {
     T_BOOL: "bool", T_BYTE: "byte", T_DOUBLE: "double", T_I16: "i16", T_I32: "i32",
@@ -943,6 +943,22 @@ cdef int _skip(_Reader* r, int wire, int depth) except -1:
     return 0
 
 
+# The two below are out of line on purpose: _r_struct recurses once per nesting
+# level, so whatever is inlined into it costs C stack at every level (see
+# MAX_DEPTH_CAP).
+
+cdef int _missing_required(_Reader* r, _StructSpec s, _Field* f) except -1:
+    raise DecodeError(f"required field {s.name}.{<object>f.name} is missing "
+                      f"(struct ends at byte {r.pos})", offset=r.pos)
+
+
+cdef PyObject* _fresh_default(_Field* f) except NULL:
+    """A new reference to a deep copy of a mutable default."""
+    fresh = deepcopy(<object>f.default)
+    Py_INCREF(fresh)
+    return <PyObject*>fresh
+
+
 cdef object _r_struct(_Reader* r, _StructSpec s, int depth):
     cdef PyObject* stack_vals[MAX_STACK_FIELDS]
     cdef PyObject** vals = stack_vals
@@ -985,13 +1001,9 @@ cdef object _r_struct(_Reader* r, _StructSpec s, int depth):
             pv = vals[i]
             if pv == NULL:
                 if f.required:
-                    raise DecodeError(
-                        f"required field {s.name}.{<object>f.name} is missing "
-                        f"(struct ends at byte {r.pos})", offset=r.pos)
+                    _missing_required(r, s, f)
                 if f.mutable_default:   # never hand out the class's own default object
-                    fresh = deepcopy(<object>f.default)
-                    Py_INCREF(fresh)
-                    vals[i] = pv = <PyObject*>fresh   # released with the decoded values
+                    vals[i] = pv = _fresh_default(f)   # released with the decoded values
                 else:
                     pv = f.default
             if s.generic_setattr:
