@@ -525,3 +525,58 @@ def test_missing_container_default_is_a_fresh_object():
         del first.ages["eve"]
         first.letters.discard("z")
         first.grid[0].remove("zz")
+
+
+def test_uuid_fields_of_a_newer_peer_are_skipped():
+    """Thrift 0.19 added a uuid type (16 bytes); thriftpy2 IDLs have none, so to
+    us such fields are unknown and must be skipped, as Thrift's forward
+    compatibility requires. The bytes come from Apache's own writer: a uuid, a
+    list of them, a map of them and a nested struct holding one, around the
+    fields the IDL knows, in a message read framed and unframed."""
+    import uuid
+
+    from thrift.protocol import TBinaryProtocol
+    from thrift.Thrift import TType as AType
+    from thrift.transport import TTransport
+
+    from octo_core.protocol import UNFRAMED, FrameDecoder
+
+    ids = [uuid.UUID(int=i * 0x0123456789ABCDEF) for i in range(1, 4)]
+    trans = TTransport.TMemoryBuffer()
+    out = TBinaryProtocol.TBinaryProtocol(trans)
+    out.writeMessageBegin("checksum", TMessageType.CALL, 9)
+    out.writeStructBegin("checksum_args")
+    out.writeFieldBegin("request_id", AType.UUID, 90)
+    out.writeUuid(ids[0])
+    out.writeFieldBegin("data", TType.STRING, 1)
+    out.writeBinary(b"payload")
+    out.writeFieldBegin("trail", AType.LIST, 91)
+    out.writeListBegin(AType.UUID, len(ids))
+    for one in ids:
+        out.writeUuid(one)
+    out.writeListEnd()
+    out.writeFieldBegin("owners", AType.MAP, 92)
+    out.writeMapBegin(AType.UUID, AType.UUID, 1)
+    out.writeUuid(ids[1])
+    out.writeUuid(ids[2])
+    out.writeMapEnd()
+    out.writeFieldBegin("origin", AType.STRUCT, 93)
+    out.writeStructBegin("Origin")
+    out.writeFieldBegin("id", AType.UUID, 1)
+    out.writeUuid(ids[2])
+    out.writeFieldStop()
+    out.writeStructEnd()
+    out.writeFieldBegin("algorithms", TType.SET, 2)
+    out.writeSetBegin(TType.STRING, 1)
+    out.writeString("crc")
+    out.writeSetEnd()
+    out.writeFieldStop()
+    out.writeStructEnd()
+    out.writeMessageEnd()
+    message = trans.getvalue()
+
+    expected = SERVICE.checksum_args(data=b"payload", algorithms={"crc"})
+    assert decode_message(message, SERVICE) == ("checksum", TMessageType.CALL, 9, expected)
+    decoder = FrameDecoder()
+    frames = [f for at in range(len(message)) for f in decoder.feed(message[at:at + 1])]
+    assert [(f.flags, f.body) for f in frames] == [(UNFRAMED, message)]

@@ -85,6 +85,7 @@ DEF T_STRUCT = 12
 DEF T_MAP = 13
 DEF T_SET = 14
 DEF T_LIST = 15
+DEF T_UUID = 16            # Thrift 0.19+: 16 bytes; thriftpy2 IDLs have none, so only ever skipped
 # thriftpy2's marker for `binary` fields; on the wire it is a STRING.
 DEF T_BINARY = 18
 
@@ -97,7 +98,7 @@ DEF MAX_DEPTH_CAP = 1000     # ~450 bytes of C stack a level (setup.py): fits 51
 cdef dict _TYPE_NAMES = {
     T_BOOL: "bool", T_BYTE: "byte", T_DOUBLE: "double", T_I16: "i16", T_I32: "i32",
     T_I64: "i64", T_STRING: "string", T_STRUCT: "struct", T_MAP: "map",
-    T_SET: "set", T_LIST: "list", T_BINARY: "binary",
+    T_SET: "set", T_LIST: "list", T_BINARY: "binary", T_UUID: "uuid",
 }
 
 
@@ -105,21 +106,32 @@ cdef inline int _wire(int kind) noexcept nogil:
     return T_STRING if kind == T_BINARY else kind
 
 
-cdef inline Py_ssize_t _min_wire_size(int wire) noexcept nogil:
-    """Fewest bytes a value of this wire type can take (bounds container counts)."""
-    if wire == T_BOOL or wire == T_BYTE or wire == T_STRUCT:
+cdef inline Py_ssize_t _fixed_size(int wire) noexcept nogil:
+    """Bytes of a value of a fixed-size wire type, 0 for the others."""
+    if wire == T_BOOL or wire == T_BYTE:
         return 1
     if wire == T_I16:
         return 2
-    if wire == T_I32 or wire == T_STRING:
+    if wire == T_I32:
         return 4
     if wire == T_I64 or wire == T_DOUBLE:
         return 8
+    if wire == T_UUID:
+        return 16
+    return 0
+
+
+cdef inline Py_ssize_t _min_wire_size(int wire) noexcept nogil:
+    """Fewest bytes a value of this wire type can take (bounds container counts)."""
+    if wire == T_STRUCT:
+        return 1
+    if wire == T_STRING:
+        return 4
     if wire == T_LIST or wire == T_SET:
         return 5
     if wire == T_MAP:
         return 6
-    return -1  # not a valid wire type
+    return _fixed_size(wire) or -1  # -1: not a valid wire type
 
 
 # --- limits ------------------------------------------------------------------------
@@ -900,8 +912,7 @@ cdef int _skip(_Reader* r, int wire, int depth) except -1:
     size = _min_wire_size(wire)
     if size < 0:
         raise DecodeError(f"invalid field type {wire} at byte {at}", offset=at)
-    if wire == T_BOOL or wire == T_BYTE or wire == T_I16 or wire == T_I32 \
-            or wire == T_I64 or wire == T_DOUBLE:
+    if _fixed_size(wire):
         _need(r, size, "value")
         r.pos += size
     elif wire == T_STRING:
@@ -926,8 +937,8 @@ cdef int _skip(_Reader* r, int wire, int depth) except -1:
         n = _r_length(r, r.max_container, _unit(ew), "list")
         if n == 0:
             pass
-        elif ew <= T_I64 and _min_wire_size(ew) > 0:
-            r.pos += n * _min_wire_size(ew)  # fixed-size elements, all there (_r_length checked)
+        elif _fixed_size(ew):
+            r.pos += n * _fixed_size(ew)  # fixed-size elements, all there (_r_length checked)
         else:
             for i in range(n):
                 _skip(r, ew, depth + 1)

@@ -85,7 +85,7 @@ cdef bint _scan_value(_Scan* s, const unsigned char* p, Py_ssize_t n) except -1:
     cdef Py_ssize_t count, size = _min_wire_size(wire)
     if size < 0:
         raise DecodeError(f"invalid field type {wire} near byte {s.pos}")
-    if wire >= T_STRUCT and s.depth >= MAX_DEPTH_CAP:   # as _skip: structs and containers nest
+    if T_STRUCT <= wire <= T_LIST and s.depth >= MAX_DEPTH_CAP:   # as _skip: only these nest
         raise DecodeError(f"nesting deeper than {MAX_DEPTH_CAP} at byte {s.pos}")
     if wire == T_STRING:
         if n - s.pos < 4:
@@ -101,8 +101,8 @@ cdef bint _scan_value(_Scan* s, const unsigned char* p, Py_ssize_t n) except -1:
         s.pos += 1
         count = _scan_length(s, p, _unit(element), "list")
         s.pos += 4
-        if count and _min_wire_size(element) > 0 and element <= T_I64:
-            s.skip = count * _min_wire_size(element)   # a run of fixed-size values
+        if count and _fixed_size(element):
+            s.skip = count * _fixed_size(element)   # a run of fixed-size values
         else:
             _scan_push(s, SCAN_LIST, element, 0, count)
     elif wire == T_MAP:
@@ -114,7 +114,7 @@ cdef bint _scan_value(_Scan* s, const unsigned char* p, Py_ssize_t n) except -1:
         s.pos += 4
         _scan_push(s, SCAN_MAP, key_type, value_type, 2 * count)
     else:
-        s.skip = size            # bool, byte, i16, i32, i64, double
+        s.skip = size            # bool, byte, i16, i32, i64, double, uuid
     s.pending = -1
     return True
 
