@@ -21,10 +21,10 @@ import socket
 import threading
 import time
 import types
-from typing import Any, Iterator, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
 import pytest
-from thrift.protocol import TBinaryProtocol
+from thrift.protocol import TBinaryProtocol, TMultiplexedProtocol
 from thrift.Thrift import TApplicationException as ApacheApplicationException
 from thrift.transport import TSocket, TTransport
 
@@ -55,14 +55,19 @@ def apache_echo(tmp_path_factory) -> types.SimpleNamespace:
 
 @contextlib.contextmanager
 def apache_client(service_module: Any, address: str, protocol: str,
-                  transport_cls: Any = TTransport.TFramedTransport) -> Iterator[Any]:
+                  transport_cls: Any = TTransport.TFramedTransport,
+                  multiplexed: Optional[str] = None) -> Iterator[Any]:
     """Apache's generated client for ``service_module`` over a framed (or, with
-    ``TBufferedTransport``, unframed) socket, closed afterwards."""
+    ``TBufferedTransport``, unframed) socket, closed afterwards; ``multiplexed``
+    names the service through Apache's ``TMultiplexedProtocol``."""
     host, _, port = address.rpartition(":")
     connection = TSocket.TSocket(host, int(port))
     connection.setTimeout(5000)
     transport = transport_cls(connection)
-    client = service_module.Client(PROTOCOLS[protocol].getProtocol(transport))
+    proto = PROTOCOLS[protocol].getProtocol(transport)
+    if multiplexed is not None:
+        proto = TMultiplexedProtocol.TMultiplexedProtocol(proto, multiplexed)
+    client = service_module.Client(proto)
     transport.open()
     try:
         yield client
@@ -216,6 +221,21 @@ def test_apache_buffered_client_against_our_server(apache_echo, protocol):
         client.notify("one way")
         assert client.echo("after oneway") == "after oneway"
         assert handler.notes.get(timeout=5) == "one way"
+
+
+def test_apache_multiplexed_clients_against_our_server(apache_echo):
+    """Apache's ``TMultiplexedProtocol`` ("Service:method") picks the service:
+    ``whoami``, which both services have, reaches each."""
+    services = [(Echo, EchoHandler(), None), (Calc, CalcHandler(), "com.example.Calc")]
+    with serving_in_thread(services) as server:
+        with apache_client(apache_echo.Echo, server.address, "binary",
+                           multiplexed="Echo") as echo, \
+                apache_client(apache_echo.Calc, server.address, "accelerated",
+                              multiplexed="com.example.Calc") as calc:
+            assert echo.whoami() == "Echo" and calc.whoami() == "Calc"
+            assert calc.add(20, 22) == 42 and echo.echo("hello") == "hello"
+            with pytest.raises(apache_echo.ttypes.EchoError):
+                echo.fail("declared")
 
 
 # --- our clients against Apache's server --------------------------------------------

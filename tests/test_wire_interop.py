@@ -20,6 +20,7 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 from thriftpy2.transport import (TBufferedTransportFactory, TCyBufferedTransportFactory,
                                  TCyFramedTransportFactory, TFramedTransportFactory)
 
+import octo_core
 from octo_core import codec, protocol
 from octo_core.errors import ApplicationError, CallTimeout, TransportError
 
@@ -126,6 +127,54 @@ def test_thriftpy2_client_unknown_and_ambiguous_methods():
                 calc.add(1, 2)
             assert info.value.type == TApplicationException.UNKNOWN_METHOD
             assert calc.whoami() == "Echo"
+
+
+def test_multiplexed_thriftpy2_clients_name_the_service():
+    """TMultiplexedProtocol ("Service:method"): a method two services share is
+    reached on each, by the name ``add_service`` gave; an unknown service gets
+    UNKNOWN_METHOD and its connection stays in sync."""
+    from thriftpy2.protocol.multiplex import TMultiplexedProtocolFactory
+
+    services = [(Echo, EchoHandler(), None), (Calc, CalcHandler(), "com.example.Calc")]
+    with serving_in_thread(services) as server:
+        host, port = host_port(server.address)
+
+        def client(service, name):
+            factory = TMultiplexedProtocolFactory(TBinaryProtocolFactory(), name)
+            return thriftpy2_client(service, host, port, proto_factory=factory)
+
+        with client(Echo, "Echo") as echo, client(Calc, "com.example.Calc") as calc, \
+                client(Calc, "Calc") as unknown:
+            assert echo.whoami() == "Echo" and calc.whoami() == "Calc"
+            assert echo.echo("hi") == "hi" and calc.add(2, 3) == 5
+            with pytest.raises(EchoError):
+                echo.fail("declared")
+            for _ in range(2):
+                with pytest.raises(TApplicationException) as info:
+                    unknown.whoami()
+                assert info.value.type == TApplicationException.UNKNOWN_METHOD
+                assert "'Calc' is not hosted" in info.value.message
+
+
+def test_our_multiplexed_client_against_a_thriftpy2_multiplexed_server():
+    from thriftpy2.thrift import TMultiplexedProcessor, TProcessor
+
+    processor = TMultiplexedProcessor()
+    processor.register_processor("Echo", TProcessor(Echo, SyncEchoHandler()))
+    processor.register_processor("Calc", TProcessor(Calc, CalcHandler()))
+    with thriftpy2_server(Echo, None, processor=processor) as (host, port):
+        address = f"{host}:{port}"
+
+        async def main():
+            async with async_client(Echo, address, protocol="thrift", multiplexed=True) as echo, \
+                    async_client(Calc, address, protocol="thrift", multiplexed=True) as calc:
+                assert await echo.whoami() == "Echo" and await calc.whoami() == "Calc"
+                assert await echo.echo("multiplexed") == "multiplexed"
+                with pytest.raises(EchoError):
+                    await echo.fail("declared")
+        run(main())
+    with pytest.raises(ValueError, match="multiplexed"):
+        octo_core.AsyncClient(Echo, appkey="a", hosts=[address], multiplexed=True)
 
 
 def test_thriftpy2_and_unified_clients_share_the_port():

@@ -408,18 +408,22 @@ async def raw_connection(address: str) -> AsyncIterator[RawConnection]:
 
 @contextlib.contextmanager
 def thriftpy2_server(service: Any, handler: Any, *,
-                     trans_factory: Any = None, proto_factory: Any = None
-                     ) -> Iterator[Tuple[str, int]]:
+                     trans_factory: Any = None, proto_factory: Any = None,
+                     processor: Any = None) -> Iterator[Tuple[str, int]]:
     """A plain thriftpy2 threaded server (framed transport, binary protocol) on a free port.
 
-    Listening happens here, before the serving thread starts, so the port is
-    known and connectable when this yields; the server is always closed.
+    ``processor`` (a ``TMultiplexedProcessor``, say) replaces the one made from
+    ``service`` and ``handler``. Listening happens here, before the serving
+    thread starts, so the port is known and connectable when this yields; the
+    server is always closed.
     """
     server = thriftpy2.rpc.make_server(
         service, handler, host=LOCALHOST, port=1,   # port replaced below: 0 means "free"
         trans_factory=trans_factory or TFramedTransportFactory(),
         proto_factory=proto_factory or TBinaryProtocolFactory(),
         client_timeout=5000)
+    if processor is not None:
+        server.processor = processor
     server.daemon = True          # connection threads must not keep the test process alive
     server.trans.port = 0
     server.trans.listen()

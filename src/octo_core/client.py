@@ -51,7 +51,9 @@ class AsyncClient:
     except those whose names the client itself uses (``close``, ``call``, ...):
     ``await c.call("close")`` calls those, and any other, by name.
     ``protocol="thrift"`` speaks native framed thrift instead of the unified
-    protocol. Many calls share one connection per node (``pool_size`` for more).
+    protocol; with ``multiplexed=True`` its method names are
+    ``"<service_name>:<method>"``, as Apache's and thriftpy2's
+    ``TMultiplexedProtocol`` write them, for servers hosting many services. Many calls share one connection per node (``pool_size`` for more).
 
     Cluster options: ``lb`` (``random``, ``roundrobin``, ``leastrequest``,
     ``lalb``, ``consistenthash`` with ``hash_arg`` naming the argument to hash),
@@ -76,6 +78,7 @@ class AsyncClient:
                  snapshot_path: Optional[str] = None,
                  remote_appkey: Optional[str] = None, timeout: float = 1.0,
                  protocol: str = "octo", service_name: Optional[str] = None,
+                 multiplexed: bool = False,
                  pool_size: int = 1, connect_timeout: float = 1.0, checksum: bool = False,
                  compression: Optional[str] = None,
                  heartbeat_interval: Optional[float] = None,
@@ -92,6 +95,9 @@ class AsyncClient:
                  ssl: Optional["_ssl.SSLContext"] = None) -> None:
         if protocol not in ("octo", "thrift"):
             raise ValueError("protocol must be 'octo' or 'thrift'")
+        if multiplexed and protocol != "thrift":
+            raise ValueError("multiplexed applies to protocol='thrift' (the unified "
+                             "protocol names the service in its header)")
         if compression not in _COMPRESSION_FLAGS:
             raise ValueError("compression must be None, 'gzip' or 'snappy'")
         FrameDecoder(max_frame_size)   # the reader's own check: ValueError when too small
@@ -116,6 +122,9 @@ class AsyncClient:
         self._endpoints: Dict[str, Endpoint] = {}
         self._closed = False
         self._methods = idl.methods(service)
+        # the message name native thrift sends for each method
+        self._wire_names = {name: f"{self.service_name}:{name}" if multiplexed else name
+                            for name in self._methods}
         self._idempotent = (set(self._methods) if idempotent is True
                             else set(idempotent or ()))
         self._hash_arg = hash_arg
@@ -251,7 +260,8 @@ class AsyncClient:
                 data = self._request_frame(method, request, seq, timeout, tags, span, limit)
             else:
                 msg_type = TMessageType.ONEWAY if method.oneway else TMessageType.CALL
-                data = protocol.encode_framed_message(method.name, msg_type, seq, request)
+                data = protocol.encode_framed_message(self._wire_names[method.name], msg_type,
+                                                      seq, request)
             if len(data) > limit:
                 raise protocol.frame_too_large(len(data), limit, "request")
         except EncodeError as exc:     # the caller's values: nothing was sent

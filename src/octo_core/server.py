@@ -107,7 +107,11 @@ class Server:
     """Hosts thrift services on one TCP port or unix socket.
 
     ``Server(appkey="com.example.echo", host="127.0.0.1", port=0)``; ``host`` may
-    also be ``"unix:///path/to.sock"``. Plain-function handlers run on a bounded
+    also be ``"unix:///path/to.sock"``. The port speaks the unified protocol
+    (the header's serviceName picks the service) and native thrift, framed or
+    unframed: a method name is enough when one service has it, and
+    ``"Service:method"`` (a multiplexed client's) picks the service by the name
+    ``add_service`` gave it. Plain-function handlers run on a bounded
     business thread pool (``business_threads`` workers, at most ``business_queue``
     waiting; past that a call is refused at once with status 3, and so is one
     from a connection already holding half of the pool); coroutine
@@ -420,10 +424,22 @@ class Server:
         except DecodeError as exc:   # no header to answer by: this stream cannot be trusted
             conn.protocol_error(protocol.ProtocolError(f"bad framed thrift message: {exc}"))
             return
-        name, _, seqid, _ = begin
+        name, msg_type, seqid, offset = begin
+        service_name, multiplexed, method = name.partition(":")
+        if multiplexed:
+            # TMultiplexedProtocol (Apache, thriftpy2): "Service:method" picks the service
+            # as serviceName does on the unified protocol; the reply names the method alone.
+            service = self._services.get(service_name)
+            if service is None:
+                reply.app_exception(method, seqid, TApplicationException.UNKNOWN_METHOD,
+                                    f"service {service_name!r} is not hosted by {self.appkey}")
+                return
+            self._call(service, reply, frame.body, (method, msg_type, seqid, offset), None, None)
+            return
         hosts = self._by_method.get(name, ())
         if len(hosts) != 1:
-            why = "is not hosted here" if not hosts else "is ambiguous: several services have it"
+            why = ("is not hosted here" if not hosts else "is ambiguous: several services have "
+                   "it (a multiplexed client's \"Service:method\" names one)")
             reply.app_exception(name, seqid, TApplicationException.UNKNOWN_METHOD,
                                 f"method {name!r} {why}")
             return
