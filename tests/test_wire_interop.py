@@ -173,8 +173,34 @@ def test_our_multiplexed_client_against_a_thriftpy2_multiplexed_server():
                 with pytest.raises(EchoError):
                     await echo.fail("declared")
         run(main())
-    with pytest.raises(ValueError, match="multiplexed"):
-        octo_core.AsyncClient(Echo, appkey="a", hosts=[address], multiplexed=True)
+    for option in ({"multiplexed": True}, {"framed": False}):   # protocol="thrift" only
+        with pytest.raises(ValueError, match="framed and multiplexed"):
+            octo_core.AsyncClient(Echo, appkey="a", hosts=[address], **option)
+
+
+@pytest.mark.parametrize("stack", list(UNFRAMED_STACKS))
+def test_our_unframed_clients_against_a_buffered_thriftpy2_server(stack):
+    """``framed=False``: a thriftpy2 server as it comes (buffered transport, no
+    length prefix); many calls in flight on one connection, every call mode."""
+    handler = SyncEchoHandler()
+    with thriftpy2_server(Echo, handler, **UNFRAMED_STACKS[stack]) as (host, port):
+        address = f"{host}:{port}"
+
+        async def main():
+            async with async_client(Echo, address, protocol="thrift", framed=False) as client:
+                texts = [f"call {i} " * i for i in range(50)]
+                assert await asyncio.gather(*(client.echo(t) for t in texts)) == texts
+                big = "u" * 200_000
+                assert await client.echo(big) == big
+                with pytest.raises(EchoError):
+                    await client.fail("declared")
+                await client.notify("unframed oneway")
+                assert await client.echo("after oneway") == "after oneway"
+        run(main())
+        assert handler.notes.get(timeout=5) == "unframed oneway"
+        with sync_client(Echo, address, protocol="thrift", framed=False) as client:
+            assert client.echo("sync") == "sync"
+            assert client.future.echo("future").result(timeout=5) == "future"
 
 
 def test_thriftpy2_and_unified_clients_share_the_port():

@@ -51,9 +51,12 @@ class AsyncClient:
     except those whose names the client itself uses (``close``, ``call``, ...):
     ``await c.call("close")`` calls those, and any other, by name.
     ``protocol="thrift"`` speaks native framed thrift instead of the unified
-    protocol; with ``multiplexed=True`` its method names are
-    ``"<service_name>:<method>"``, as Apache's and thriftpy2's
-    ``TMultiplexedProtocol`` write them, for servers hosting many services. Many calls share one connection per node (``pool_size`` for more).
+    protocol; ``framed=False`` leaves out the length prefix (a buffered
+    transport, the default of thriftpy2's and Apache's servers), and with
+    ``multiplexed=True`` its method names are ``"<service_name>:<method>"``, as
+    Apache's and thriftpy2's ``TMultiplexedProtocol`` write them, for servers
+    hosting many services. Many calls share one connection per node
+    (``pool_size`` for more).
 
     Cluster options: ``lb`` (``random``, ``roundrobin``, ``leastrequest``,
     ``lalb``, ``consistenthash`` with ``hash_arg`` naming the argument to hash),
@@ -78,7 +81,7 @@ class AsyncClient:
                  snapshot_path: Optional[str] = None,
                  remote_appkey: Optional[str] = None, timeout: float = 1.0,
                  protocol: str = "octo", service_name: Optional[str] = None,
-                 multiplexed: bool = False,
+                 framed: bool = True, multiplexed: bool = False,
                  pool_size: int = 1, connect_timeout: float = 1.0, checksum: bool = False,
                  compression: Optional[str] = None,
                  heartbeat_interval: Optional[float] = None,
@@ -95,9 +98,9 @@ class AsyncClient:
                  ssl: Optional["_ssl.SSLContext"] = None) -> None:
         if protocol not in ("octo", "thrift"):
             raise ValueError("protocol must be 'octo' or 'thrift'")
-        if multiplexed and protocol != "thrift":
-            raise ValueError("multiplexed applies to protocol='thrift' (the unified "
-                             "protocol names the service in its header)")
+        if (multiplexed or not framed) and protocol != "thrift":
+            raise ValueError("framed and multiplexed apply to protocol='thrift' (the unified "
+                             "protocol has its own framing and names the service)")
         if compression not in _COMPRESSION_FLAGS:
             raise ValueError("compression must be None, 'gzip' or 'snappy'")
         FrameDecoder(max_frame_size)   # the reader's own check: ValueError when too small
@@ -110,6 +113,7 @@ class AsyncClient:
         self.remote_appkey = remote_appkey or ""
         self.timeout = timeout
         self.unified = protocol == "octo"
+        self._framed = framed
         self.service_name = service_name or service.__name__
         self._flags = (protocol_flags(checksum) | _COMPRESSION_FLAGS[compression])
         self._signer = (Signer(appkey, token, self.remote_appkey, sign_body=sign_body)
@@ -260,8 +264,9 @@ class AsyncClient:
                 data = self._request_frame(method, request, seq, timeout, tags, span, limit)
             else:
                 msg_type = TMessageType.ONEWAY if method.oneway else TMessageType.CALL
-                data = protocol.encode_framed_message(self._wire_names[method.name], msg_type,
-                                                      seq, request)
+                encode = (protocol.encode_framed_message if self._framed
+                          else _codec.encode_message)
+                data = encode(self._wire_names[method.name], msg_type, seq, request)
             if len(data) > limit:
                 raise protocol.frame_too_large(len(data), limit, "request")
         except EncodeError as exc:     # the caller's values: nothing was sent
