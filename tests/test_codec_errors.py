@@ -686,6 +686,31 @@ def test_invalid_utf8_method_name():
     assert err.offset == 8
 
 
+def test_messages_of_other_thrift_protocols_are_named_in_the_error():
+    """A framed client on the compact protocol, or on THeader, gets told so: the
+    bytes come from Apache Thrift's own writers."""
+    from thrift.protocol.TCompactProtocol import TCompactProtocol
+    from thrift.protocol.THeaderProtocol import THeaderProtocol
+    from thrift.transport.THeaderTransport import THeaderClientType
+    from thrift.transport.TTransport import TMemoryBuffer
+
+    def written(make_protocol) -> bytes:
+        buffer = TMemoryBuffer()
+        proto = make_protocol(buffer)
+        proto.writeMessageBegin("ping", 1, 7)
+        proto.writeStructBegin("ping_args")
+        proto.writeFieldStop()
+        proto.writeStructEnd()
+        proto.writeMessageEnd()
+        proto.trans.flush()
+        return buffer.getvalue()
+
+    compact = written(TCompactProtocol)
+    assert "compact protocol" in str(decode_error(decode_message, compact, SERVICE, data=compact))
+    header = written(lambda b: THeaderProtocol(b, [THeaderClientType.HEADERS]))[4:]   # the frame
+    assert "THeader" in str(decode_error(decode_message, header, SERVICE, data=header))
+
+
 # --- framing --------------------------------------------------------------------------------------
 
 

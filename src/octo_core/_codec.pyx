@@ -1096,11 +1096,15 @@ cdef tuple _r_message_begin(_Reader* r):
     cdef Py_ssize_t n
     if sz < 0:
         if (<uint32_t>sz & VERSION_MASK) != VERSION_1:
-            raise DecodeError(f"bad message version 0x{<uint32_t>sz:08x} at byte {at}", offset=at)
+            raise DecodeError(f"bad message version 0x{<uint32_t>sz:08x} at byte {at}"
+                              f"{_looks_like(r.buf + at, r.end - at)}", offset=at)
         msg_type = sz & 0xff
         n = _r_length(r, r.max_string, 1, "method name")
     else:
         # old non-strict header: name length, name, then a type byte
+        if (<uint32_t>sz >> 16) == 0x0FFF:   # no name is that long: THeader's magic
+            raise DecodeError(f"not a thrift message at byte {at}"
+                              f"{_looks_like(r.buf + at, r.end - at)}", offset=at)
         r.pos = at
         n = _r_length(r, r.max_string, 1, "method name")
         _need(r, n + 1, "message type")

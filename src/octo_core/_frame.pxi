@@ -155,10 +155,14 @@ UNFRAMED = -1
 
 
 cdef str _looks_like(const unsigned char* p, Py_ssize_t n):
-    """What a stream that is neither framing seems to be, for the error: the usual
-    mistakes are a client on the wrong transport or protocol, TLS, or HTTP."""
+    """What a stream (or a message) that is neither framing (nor binary thrift)
+    seems to be, for the error: the usual mistakes are a client on the wrong
+    transport or protocol, TLS, or HTTP."""
     if n >= 2 and p[0] == 0x82 and (p[1] & 0x1F) == 1:
         return " (it looks like thrift's compact protocol: only the binary protocol is served)"
+    if n >= 2 and p[0] == 0x0F and p[1] == 0xFF:
+        return (" (it looks like thrift's THeader protocol: binary thrift, framed or not, "
+                "and the OCTO unified protocol are served)")
     if n >= 3 and p[0] == 0x16 and p[1] == 0x03:
         return " (it looks like a TLS handshake: this connection is not TLS)"
     if n >= 4 and p[:4] in (b"GET ", b"POST", b"PUT ", b"HEAD", b"PRI "):
