@@ -44,7 +44,7 @@ THRIFTPY2_STACKS = {
 
 # Unframed (buffered transport): thriftpy2's default, and Apache's. Our server
 # reads it (the message says where it ends) and answers unframed; our client
-# speaks framed thrift only, so these are for the server side.
+# speaks it with framed=False.
 UNFRAMED_STACKS = {
     "buffered (thriftpy2's default)": dict(trans_factory=TBufferedTransportFactory(),
                                            proto_factory=TBinaryProtocolFactory()),
