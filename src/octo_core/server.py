@@ -434,16 +434,17 @@ class Server:
                 reply.app_exception(method, seqid, TApplicationException.UNKNOWN_METHOD,
                                     f"service {service_name!r} is not hosted by {self.appkey}")
                 return
-            self._call(service, reply, frame.body, (method, msg_type, seqid, offset), None, None)
-            return
-        hosts = self._by_method.get(name, ())
-        if len(hosts) != 1:
-            why = ("is not hosted here" if not hosts else "is ambiguous: several services have "
-                   "it (a multiplexed client's \"Service:method\" names one)")
-            reply.app_exception(name, seqid, TApplicationException.UNKNOWN_METHOD,
-                                f"method {name!r} {why}")
-            return
-        self._call(hosts[0], reply, frame.body, begin, None, None)
+            begin = (method, msg_type, seqid, offset)
+        else:
+            hosts = self._by_method.get(name, ())
+            if len(hosts) != 1:
+                why = ("is not hosted here" if not hosts else "is ambiguous: several services "
+                       "have it (a multiplexed client's \"Service:method\" names one)")
+                reply.app_exception(name, seqid, TApplicationException.UNKNOWN_METHOD,
+                                    f"method {name!r} {why}")
+                return
+            service = hosts[0]
+        self._call(service, reply, frame.body, begin, None, None)
 
     def _admission(self, service: _Service, name: str, reply: _Reply, head: Optional[_codec.Head],
                    body: Any) -> Optional[Tuple[int, str]]:
