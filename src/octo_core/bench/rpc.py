@@ -402,7 +402,8 @@ def _serve_grpc(host: str, port: int) -> _Serving:
     return _loop_thread(start, "grpc-server")
 
 
-def _serve_protocol(factory: Callable[[], asyncio.Protocol], name: str) -> Callable[[str, int], _Serving]:
+def _serve_protocol(factory: Callable[[], asyncio.Protocol],
+                    name: str) -> Callable[[str, int], _Serving]:
     """A server kind that is a bare asyncio protocol on a uvloop loop."""
     def serve(host: str, port: int) -> _Serving:
         async def start() -> Tuple[int, Callable[[], Awaitable[None]]]:
