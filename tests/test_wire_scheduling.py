@@ -110,6 +110,68 @@ def test_eager_task_is_cancelled_like_any_task():
     run(main())
 
 
+async def _returns():
+    return "value"
+
+
+async def _raises():
+    raise ValueError("at once")
+
+
+async def _raises_later():
+    await asyncio.sleep(0)
+    raise ValueError("later")
+
+
+async def _cancels_itself_then_returns():
+    asyncio.current_task().cancel()
+    return "ignored"
+
+
+async def _cancels_itself_then_waits():
+    asyncio.current_task().cancel()
+    await asyncio.sleep(10)
+
+
+async def _cancels_itself_and_swallows_it():
+    asyncio.current_task().cancel()
+    try:
+        await asyncio.sleep(10)
+    except asyncio.CancelledError:
+        return "carried on"
+
+
+async def _raises_cancelled():
+    raise asyncio.CancelledError()
+
+
+@pytest.mark.parametrize("make", [
+    _returns, _raises, _raises_later, _cancels_itself_then_returns, _cancels_itself_then_waits,
+    _cancels_itself_and_swallows_it, _raises_cancelled])
+def test_an_eager_task_ends_as_an_ordinary_task_would(make):
+    """However the coroutine ends (a value, an exception at once or later, a
+    cancellation of its own task in the first step), the eager task ends in
+    the same state as ``loop.create_task`` of the same coroutine."""
+    def outcome(task):
+        if task.cancelled():
+            return "cancelled"
+        exc = task.exception()
+        return ("raised", type(exc), str(exc)) if exc else ("returned", task.result())
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        ordinary = loop.create_task(make())
+        await asyncio.wait([ordinary])
+        started = loop.create_future()
+        loop.call_soon(lambda: started.set_result(
+            start_task(loop, make(), contextvars.copy_context())))   # from a callback
+        eager = await started
+        await asyncio.wait([eager])
+        assert outcome(eager) == outcome(ordinary)
+
+    run(main())
+
+
 def test_deadlines_fire_in_time_order_whatever_order_the_calls_were_made():
     async def main():
         async with serving(echo_services()) as server, \
