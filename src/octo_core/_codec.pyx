@@ -725,11 +725,9 @@ cdef struct _Reader:
     Py_ssize_t max_container
     int max_depth
     Py_ssize_t items_left    # of Limits.max_items
-    bint short               # the input ended before the value did (more may come)
 
 
 cdef int _truncated(_Reader* r, Py_ssize_t need, str what) except -1:
-    r.short = True
     raise DecodeError(
         f"truncated input: {what} needs {need} bytes at byte {r.pos}, "
         f"{r.end - r.pos} left", offset=r.pos)
@@ -766,7 +764,6 @@ cdef Py_ssize_t _r_length(_Reader* r, Py_ssize_t limit, Py_ssize_t unit, str wha
     if n > limit:
         raise DecodeError(f"{what} length {n} at byte {at} exceeds the limit {limit}", offset=at)
     if n * unit > r.end - r.pos:
-        r.short = True
         raise DecodeError(
             f"truncated input: {what} of {n} claims at least {n * unit} bytes at byte {r.pos}, "
             f"{r.end - r.pos} left", offset=at)
@@ -1052,7 +1049,6 @@ cdef inline void _r_init(_Reader* r, const unsigned char* buf, Py_ssize_t start,
     r.max_container = limits.max_container_length
     r.max_depth = limits.max_depth
     r.items_left = limits.max_items
-    r.short = False
 
 
 cdef object _decode_at(_StructSpec s, const unsigned char* buf, Py_ssize_t start, Py_ssize_t end,

@@ -239,7 +239,7 @@ cdef class FrameReader:
         return frames
 
     cdef Py_ssize_t _parse(self, const unsigned char* p, Py_ssize_t n, list frames) except -1:
-        cdef Py_ssize_t pos = 0, total, header_length, trailer, limit
+        cdef Py_ssize_t pos = 0, total, header_length, trailer
         cdef int flags
         cdef uint32_t want
         while n - pos >= 4:
