@@ -231,3 +231,52 @@ def test_pruned_deadlines_stay_a_heap():
         conn._fail_pending("test over")
 
     run(main())
+
+
+class _RecordingTransport(asyncio.Transport):
+    """Keeps what is written, one entry per ``write`` call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = []
+
+    def write(self, data) -> None:
+        self.writes.append(bytes(data))
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+
+def test_writes_leave_at_once_then_coalesce_until_the_next_read():
+    from octo_core.transport.stream import FramedProtocol
+
+    class Conn(FramedProtocol):
+        def frames_received(self, frames):
+            for frame in frames:
+                self.send(b"reply:" + bytes(frame.body))
+
+    async def scenario():
+        conn = Conn()
+        transport = _RecordingTransport()
+        conn.connection_made(transport)
+        conn.send(b"a")                      # the first write since a read: at once
+        assert transport.writes == [b"a"]
+        conn.send(b"b")                      # the rest of the burst: one write, a pass later
+        conn.send(b"c")
+        assert transport.writes == [b"a"]
+        await asyncio.sleep(0)
+        assert transport.writes == [b"a", b"bc"]
+        conn.send(b"d")                      # still no read since: coalesced again
+        await asyncio.sleep(0)
+        assert transport.writes == [b"a", b"bc", b"d"]
+        # replies sent while a read is handled leave together at its end
+        framed = b"".join(len(body).to_bytes(4, "big") + body
+                          for body in (b"\x80\x01\x00\x01x", b"\x80\x01\x00\x01y"))
+        conn.data_received(framed)
+        assert transport.writes[3:] == [b"reply:\x80\x01\x00\x01x" + b"reply:\x80\x01\x00\x01y"]
+        conn.send(b"e")                      # a read happened: the next write is at once
+        assert transport.writes[4:] == [b"e"]
+        await asyncio.sleep(0)
+        assert len(transport.writes) == 5
+
+    run(scenario())

@@ -26,6 +26,9 @@ class FramedProtocol(asyncio.Protocol):
         self.max_frame_size = max_frame_size   # what it reads, and so, by agreement, sends
         self._out: List[bytes] = []
         self._flush_scheduled = False
+        # A burst of writes follows a read (the replies it wakes, the calls
+        # they make): its first frame leaves at once, the rest together.
+        self._wrote_since_read = False
         self.closed = False
         self.loop = asyncio.get_event_loop()
         self.last_activity = self.loop.time()
@@ -43,6 +46,7 @@ class FramedProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
+        self._wrote_since_read = False
         try:
             frames = self._decoder.feed(data)
         except ProtocolError as exc:
@@ -68,16 +72,20 @@ class FramedProtocol(asyncio.Protocol):
         self.abort(exc)
 
     def send(self, data: bytes) -> None:
-        """Write ``data``: the first frame of a loop iteration goes out at once (no
-        added latency); later ones in the same iteration are joined into one write."""
+        """Write ``data``: the first frame since the last read goes out at once (no
+        added latency, no extra loop pass); later ones are joined into one write
+        at the end of the loop iteration."""
         if self.closed:
             return
         if self._flush_scheduled:
             self._out.append(data)
-            return
-        self._flush_scheduled = True
-        self.loop.call_soon(self._flush)
-        self.transport.write(data)
+        elif self._wrote_since_read:
+            self._flush_scheduled = True
+            self._out.append(data)
+            self.loop.call_soon(self._flush)
+        else:
+            self._wrote_since_read = True
+            self.transport.write(data)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
