@@ -20,7 +20,7 @@ import hmac
 import json
 import os
 import time
-from typing import AsyncIterator, Callable, List, Optional
+from typing import AsyncIterator, Callable, List, Optional, Union
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -55,8 +55,9 @@ def reference_string(caller: str, server: str, service: str, method: str, ts: st
     return "\n".join(parts).encode("utf-8")
 
 
-def reference_sign(token: str, *fields: str, body: Optional[bytes] = None) -> str:
-    return hmac.new(token.encode("utf-8"), reference_string(*fields, body=body),
+def reference_sign(token: Union[str, bytes], *fields: str, body: Optional[bytes] = None) -> str:
+    key = token.encode("utf-8") if isinstance(token, str) else token
+    return hmac.new(key, reference_string(*fields, body=body),
                     hashlib.sha256).hexdigest()
 
 
@@ -64,7 +65,7 @@ def now_ms(offset_s: float = 0.0) -> str:
     return str(int((time.time() + offset_s) * 1000))
 
 
-def signed_context(token: str, caller: str, service: str = "Echo", method: str = "echo", *,
+def signed_context(token: Union[str, bytes], caller: str, service: str = "Echo", method: str = "echo", *,
                    server: str = SERVER_APPKEY, ts: Optional[str] = None,
                    nonce: Optional[str] = None, body: Optional[bytes] = None) -> dict:
     """A localContext signed by the reference implementation (not octo_core)."""
@@ -162,11 +163,11 @@ def test_signer_with_body_hash_matches_the_reference():
 # --- token stores ------------------------------------------------------------------
 
 @pytest.mark.parametrize("master", [MASTER, "text master secret \u00e9"])
-def test_derived_tokens_are_hex_hmac_of_the_appkey(master):
+def test_derived_tokens_are_the_hmac_of_the_appkey(master):
     raw = master.encode() if isinstance(master, str) else master
     store = DerivedTokens(master)
     for appkey in ("com.example.a", "com.example.b", "", "\u00fcnicode.appkey"):
-        expected = hmac.new(raw, appkey.encode(), hashlib.sha256).hexdigest()
+        expected = hmac.new(raw, appkey.encode(), hashlib.sha256).digest()   # §6: the 32 bytes
         assert store.token(appkey) == expected
     assert store.token("a") != DerivedTokens(raw + b"x").token("a")
 
@@ -221,8 +222,14 @@ def check(auth: Authenticator, context: Optional[dict], *, caller: str = CLIENT_
 SECRETS = (TOKEN, OTHER_TOKEN, MASTER.decode("latin-1"))
 
 
+def leaks(secret: Union[str, bytes], text: str) -> bool:
+    """Does ``text`` show ``secret`` (a bytes token, a derived one, as its hex or its repr)?"""
+    forms = [secret] if isinstance(secret, str) else [secret.hex(), repr(secret)[2:-1]]
+    return any(form in text for form in forms)
+
+
 def assert_refused(call: Callable[[], None], reason: str, auth: Authenticator,
-                   also_secret: str = "") -> SecurityError:
+                   also_secret: Union[str, bytes] = "") -> SecurityError:
     before = dict(auth.rejections)
     with pytest.raises(SecurityError) as info:
         call()
@@ -231,7 +238,7 @@ def assert_refused(call: Callable[[], None], reason: str, auth: Authenticator,
     text = f"{error} {error.message!r} {error.args!r}"
     assert text.startswith(reason) or reason in text
     for secret in SECRETS + ((also_secret,) if also_secret else ()):
-        assert secret not in text, f"{reason}: the refusal leaks a secret: {text}"
+        assert not leaks(secret, text), f"{reason}: the refusal leaks a secret: {text}"
     after = dict(auth.rejections)
     assert after.get(reason, 0) == before.get(reason, 0) + 1, (reason, before, after)
     assert sum(after.values()) == sum(before.values()) + 1
@@ -435,17 +442,36 @@ def test_rejection_counters_per_reason():
     assert dict(auth.rejections) == {reason: len(v) for reason, v in attempts.items()}
 
 
-def test_nonce_cache_stays_bounded():
+def test_a_full_nonce_cache_refuses_new_nonces_and_forgets_none_early():
     capacity = 256
-    auth = make_auth(nonce_capacity=capacity)
-    signer = Signer(CLIENT_APPKEY, TOKEN, SERVER_APPKEY)
-    last = None
-    for _ in range(5000):
-        last = signer.headers("Echo", "echo")
-        check(auth, last)
-    assert len(auth._nonces._seen) <= capacity
-    # the most recent nonces are still remembered
-    assert_refused(lambda: check(auth, dict(last)), "replayed", auth)
+    auth = make_auth(nonce_capacity=capacity, skew=5.0)
+    t0 = time.time()
+    signed = [signed_context(TOKEN, CLIENT_APPKEY, ts=str(int(t0 * 1000))) for _ in range(capacity)]
+    for context in signed:
+        check(auth, context, now=t0)
+    assert len(auth._nonces._seen) == capacity
+    fresh = signed_context(TOKEN, CLIENT_APPKEY, ts=str(int(t0 * 1000)))
+    assert_refused(lambda: check(auth, dict(fresh), now=t0 + 1), "nonce-cache-full", auth)
+    # evicting the oldest to make room would have let it be replayed
+    assert_refused(lambda: check(auth, dict(signed[0]), now=t0 + 1), "replayed", auth)
+    # once their timestamps leave the window, the nonces go and new ones are taken
+    later = t0 + 6
+    check(auth, signed_context(TOKEN, CLIENT_APPKEY, ts=str(int(later * 1000))), now=later)
+    assert len(auth._nonces._seen) == 1
+
+
+@pytest.mark.parametrize("ts, nonce, reason", [
+    (" 1700000000000", None, "bad-timestamp"),
+    ("1_700_000_000_000", None, "bad-timestamp"),
+    ("\u0661\u0662", None, "bad-timestamp"),                  # Arabic-Indic digits
+    (None, "ab" * 16 + "00", "bad-nonce"),                   # 17 bytes
+    (None, "AB" * 16, "bad-nonce"),                          # uppercase
+    (None, "x" * 32, "bad-nonce"),
+])
+def test_timestamp_and_nonce_must_have_their_section_6_form(ts, nonce, reason):
+    auth = make_auth()
+    context = signed_context(TOKEN, CLIENT_APPKEY, ts=ts, nonce=nonce)
+    assert_refused(lambda: check(auth, context), reason, auth)
 
 
 def test_nonce_cache_forgets_nonces_older_than_the_window():
@@ -488,19 +514,19 @@ def server_auth(**options) -> Authenticator:
 
 
 @contextlib.asynccontextmanager
-async def signed_client(address: str, token: Optional[str] = TOKEN, **options
+async def signed_client(address: str, token: Optional[Union[str, bytes]] = TOKEN, **options
                         ) -> AsyncIterator[octo_core.AsyncClient]:
     options.setdefault("remote_appkey", SERVER_APPKEY)
     async with async_client(Echo, address, token=token, **options) as client:
         yield client
 
 
-async def expect_status_7(call, *secrets: str) -> SecurityError:
+async def expect_status_7(call, *secrets: Union[str, bytes]) -> SecurityError:
     with pytest.raises(SecurityError) as info:
         await call
     assert info.value.status == Status.SECURITY_EXCEPTION
     for secret in secrets + SECRETS:
-        assert secret not in str(info.value)
+        assert not leaks(secret, str(info.value))
     return info.value
 
 

@@ -6,8 +6,9 @@ the order of OCTO's SecurityFilter — restrict (peer IP), authenticate
 status 7 and a reason that never contains a secret (``Authenticator``).
 
 Tokens: a static ``{appkey: token}`` store, a file of the same, or the derived
-("KMS") store where ``token(appkey) = hex(HMAC-SHA256(master_secret, appkey))``.
-The HMAC key of a signature is the token's UTF-8 bytes.
+("KMS") store where ``token(appkey) = HMAC-SHA256(master_secret, appkey)``, the
+32 bytes themselves. The HMAC key of a signature is the token: its UTF-8 bytes
+when it is text, the bytes as they are otherwise.
 """
 from __future__ import annotations
 
@@ -59,13 +60,13 @@ class StaticTokens:
 
 
 class DerivedTokens:
-    """KMS-style tokens: ``hex(HMAC-SHA256(master_secret, appkey))`` for any appkey."""
+    """KMS-style tokens: ``HMAC-SHA256(master_secret, appkey)`` (32 bytes) for any appkey."""
 
     def __init__(self, master_secret: Union[str, bytes]) -> None:
         self._master = SigningKey(master_secret)
 
-    def token(self, appkey: str) -> Optional[str]:
-        return self._master.digest(appkey.encode()).hex()
+    def token(self, appkey: str) -> Optional[bytes]:
+        return self._master.digest(appkey.encode())
 
 
 TokenStore = Union[StaticTokens, DerivedTokens]
@@ -76,7 +77,8 @@ TokenStore = Union[StaticTokens, DerivedTokens]
 class Signer:
     """Adds the §6 entries to a request's ``localContext``."""
 
-    def __init__(self, appkey: str, token: str, server_appkey: str, *, sign_body: bool = False) -> None:
+    def __init__(self, appkey: str, token: Union[str, bytes], server_appkey: str, *,
+                 sign_body: bool = False) -> None:
         self.appkey = appkey
         self.server_appkey = server_appkey
         self.sign_body = sign_body
@@ -93,26 +95,31 @@ class Signer:
 # --- server side ----------------------------------------------------------------------
 
 class _NonceCache:
-    """Nonces seen within the skew window; bounded (oldest forgotten first)."""
+    """Nonces whose requests could still pass the skew check, at most ``capacity``.
 
-    def __init__(self, window: float, capacity: int) -> None:
-        self.window = window
+    A request signed at ``ts`` is accepted until ``ts + skew``; its nonce is kept
+    that long. Forgetting a nonce sooner would let its request be replayed, so a
+    cache full of live nonces refuses new ones (fails closed) until some expire.
+    """
+
+    def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._seen: "collections.OrderedDict[str, float]" = collections.OrderedDict()
         self._lock = threading.Lock()
 
-    def first_use(self, nonce: str, now: float) -> bool:
+    def first_use(self, nonce: str, now: float, expires: float) -> Optional[str]:
+        """None if ``nonce`` is new (kept until ``expires``), else why it is refused."""
         with self._lock:
             seen = self._seen
-            while seen:
-                oldest, at = next(iter(seen.items()))
-                if at >= now - 2 * self.window and len(seen) < self.capacity:
-                    break
+            # kept in arrival order: an entry behind one still live waits for it (longer, never shorter)
+            while seen and next(iter(seen.values())) < now:
                 seen.popitem(last=False)
             if nonce in seen:
-                return False
-            seen[nonce] = now
-            return True
+                return "replayed"
+            if len(seen) >= self.capacity:
+                return "nonce-cache-full"
+            seen[nonce] = expires
+            return None
 
 
 class Authenticator:
@@ -123,6 +130,13 @@ class Authenticator:
     with ``fnmatch`` wildcards; ``None`` lets every authenticated caller in.
     ``skew``: accepted clock difference in seconds. ``sign_body``: the signature
     must cover the body's SHA-256. ``rejections`` counts refusals by reason.
+
+    Replay protection keeps each nonce until its timestamp leaves the skew
+    window; ``nonce_capacity`` bounds that memory (about 250 bytes a nonce).
+    Past it new requests are refused ("nonce-cache-full") rather than old
+    nonces forgotten early, so the default of one million sustains about
+    ``nonce_capacity / skew`` (16,000) signed calls a second; a busier server
+    raises it or narrows ``skew``.
     """
 
     def __init__(self, tokens: TokenStore, *, acl: Optional[Mapping[str, Iterable[str]]] = None,
@@ -134,7 +148,7 @@ class Authenticator:
         self.deny = [ipaddress.ip_network(d, strict=False) for d in deny]
         self.skew = skew
         self.sign_body = sign_body
-        self._nonces = _NonceCache(skew, nonce_capacity)
+        self._nonces = _NonceCache(nonce_capacity)
         self._keys: Dict[str, SigningKey] = {}
         self.rejections: Dict[str, int] = collections.Counter()
 
@@ -182,14 +196,19 @@ class Authenticator:
             # invented appkey has one, and forgeries must not grow this cache
             self._keys[token] = key
         now = time.time() if now is None else now
-        try:
-            sent = int(ts) / 1000.0
-        except (ValueError, OverflowError):
-            raise self._refuse("bad-timestamp", "the timestamp is not a number of milliseconds") from None
+        if not (ts.isascii() and ts.isdigit() and len(ts) <= 16):
+            raise self._refuse("bad-timestamp", "the timestamp is not a number of milliseconds")
+        if len(nonce) != 32 or nonce.strip("0123456789abcdef"):
+            raise self._refuse("bad-nonce", "the nonce is not 16 bytes in lowercase hex")
+        sent = int(ts) / 1000.0
         if abs(now - sent) > self.skew:
             raise self._refuse("expired", f"timestamp is {now - sent:+.0f}s off (allowed ±{self.skew:.0f}s)")
-        if not self._nonces.first_use(f"{caller}/{nonce}", now):
-            raise self._refuse("replayed", "this nonce was already used")
+        refused = self._nonces.first_use(f"{caller}/{nonce}", now, sent + self.skew)
+        if refused == "replayed":
+            raise self._refuse(refused, "this nonce was already used")
+        if refused is not None:
+            raise self._refuse(refused, f"{self._nonces.capacity} nonces are in the replay "
+                                        "window already: new ones wait until the oldest expire")
         if self.acl is not None and not self._granted(caller, f"{service}.{method}"):
             raise self._refuse("not-granted", f"{caller} may not call {service}.{method}")
 

@@ -94,7 +94,7 @@ class AsyncClient:
                  locality: Optional[str] = None, caller_ip: str = "",
                  breaker: Optional[Dict[str, Any]] = None,
                  retry_budget: Optional[RetryBudget] = None,
-                 token: Optional[str] = None, sign_body: bool = False,
+                 token: Optional[Union[str, bytes]] = None, sign_body: bool = False,
                  ssl: Optional["_ssl.SSLContext"] = None) -> None:
         if protocol not in ("octo", "thrift"):
             raise ValueError("protocol must be 'octo' or 'thrift'")
