@@ -11,6 +11,7 @@ Nothing asserts a duration: every wait is a bounded poll.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import ipaddress
 import ssl
@@ -643,3 +644,66 @@ def test_quota_buckets_for_invented_callers_stay_bounded():
     for i in range(150):
         quotas.take(f"more.{i}")
     assert len(quotas._buckets) <= 100
+
+
+def test_a_frame_trickled_in_is_closed_after_read_timeout():
+    """A slow-loris peer sends a byte now and then: the connection is never quiet,
+    but its frame is not done within ``read_timeout``, so it goes."""
+    async def main():
+        async with serving(echo_services(), read_timeout=0.4, idle_timeout=60) as server, \
+                echo_client(server.address) as good, \
+                raw_connection(server.address) as trickle:
+            frame = good_request(7, "x" * 1000)
+            await trickle.send(frame[:100])
+            sent = 100
+            while not trickle.reader.at_eof() and sent < len(frame) - 1:
+                try:
+                    await trickle.send(frame[sent:sent + 1])
+                except (ConnectionError, asyncio.TimeoutError):
+                    break
+                sent += 1
+                await asyncio.sleep(0.02)
+            assert sent < len(frame) - 1, "the frame arrived whole: nothing was cut"
+            assert await trickle.closed_by_peer(timeout=5)
+            assert await good.echo("fine") == "fine"
+
+    run(main())
+
+
+async def _pile_up_unread_replies(server, raw, count: int = 20_000):
+    """Requests whose replies the peer never reads, until the server stops reading it."""
+    raw.writer.write(b"".join(good_request(seq, "x" * 1000) for seq in range(count)))
+    [conn] = server._connections
+    await wait_until(lambda: conn.closed or not conn.transport.is_reading(),
+                     timeout=10, what="the server to stop reading the peer")
+    return conn
+
+
+def test_an_idle_peer_that_reads_nothing_is_let_go():
+    """Closing waits for the write buffer to drain; a peer that never reads must
+    not hold its socket (and a ``max_connections`` slot) forever."""
+    async def main():
+        async with serving(echo_services(), idle_timeout=1.0, read_timeout=None,
+                           max_connections=1) as server:
+            async with raw_connection(server.address) as raw:
+                await _pile_up_unread_replies(server, raw)
+                await wait_until(lambda: not server._connections, timeout=15,
+                                 what="the server to drop the connection")
+            async with echo_client(server.address) as good:     # the slot is free again
+                assert await good.echo("fine") == "fine"
+
+    run(main())
+
+
+def test_stop_does_not_wait_forever_for_a_peer_that_reads_nothing():
+    async def main():
+        async with contextlib.AsyncExitStack() as stack:
+            server = await stack.enter_async_context(serving(echo_services(), grace=0.2))
+            raw = await stack.enter_async_context(raw_connection(server.address))
+            conn = await _pile_up_unread_replies(server, raw)
+            assert conn.transport.get_write_buffer_size()       # replies it will never read
+            await asyncio.wait_for(server.stop(grace=0.2), 15)
+            assert not server._connections and conn.closed
+            assert await raw.closed_by_peer(timeout=5)
+
+    run(main())

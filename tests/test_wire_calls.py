@@ -864,3 +864,14 @@ def test_deadline_passed_reply_is_status_4():
             assert handler.naps_started == 0
 
     run(main())
+
+
+def test_a_deadline_longer_than_requestinfo_holds_is_sent_as_the_longest():
+    """RequestInfo.timeout is an i32 of milliseconds (about 24.8 days)."""
+    async def main():
+        async with serving(echo_services()) as server, \
+                async_client(Echo, server.address, timeout=10.0 ** 7) as client:
+            assert await client.echo("patient") == "patient"
+            assert await client.call("echo", "later", timeout=10.0 ** 9) == "later"
+
+    run(main())

@@ -17,6 +17,7 @@ import zlib
 from typing import AsyncIterator
 
 import pytest
+from thriftpy2.thrift import TMessageType
 
 import octo_core
 from octo_core import codec, protocol
@@ -643,5 +644,39 @@ def test_server_killed_mid_call_fails_waiting_calls():
             if proc.returncode is None:
                 proc.kill()
             await asyncio.wait_for(proc.wait(), 10)
+
+    run(main())
+
+
+@pytest.mark.parametrize("method", ["slow", "nap", "echo"])
+@pytest.mark.parametrize("framing", ["unified", "framed", "unframed"])
+def test_a_peer_that_half_closes_still_gets_its_answers(framing, method):
+    """``nc -N`` and many scripted clients send their request and shut their
+    sending side: the answers to what they sent still come, then the server closes."""
+    args = (Echo.echo_args(text="hi") if method == "echo"
+            else getattr(Echo, f"{method}_args")(text="hi", delay_ms=50))
+
+    async def main():
+        async with serving(echo_services()) as server, \
+                raw_connection(server.address) as raw:
+            if framing == "unified":
+                data = unified_request(method, args, 5)
+            else:
+                message = codec.encode_message(method, TMessageType.CALL, 5, args)
+                data = protocol.encode_framed(message) if framing == "framed" else message
+            raw.writer.write(data)
+            raw.writer.write_eof()
+            received = b""
+            while True:                       # everything up to the server's close
+                chunk = await raw.read_raw(timeout=5)
+                if not chunk:
+                    break
+                received += chunk
+            if framing == "unified":
+                frames = protocol.FrameDecoder().feed(received)
+                assert [decode_body(f, Echo)[3].success for f in frames] == ["hi"]
+            else:
+                message = received[4:] if framing == "framed" else received
+                assert codec.decode_message(message, Echo)[3].success == "hi"
 
     run(main())

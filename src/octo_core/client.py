@@ -41,6 +41,9 @@ _ERRORS_BY_STATUS = {
 
 _COMPRESSION_FLAGS = {None: 0, "gzip": protocol.FLAG_GZIP, "snappy": protocol.FLAG_SNAPPY}
 
+#: RequestInfo.timeout is an i32 of milliseconds: a longer deadline is sent as the longest.
+_MAX_TIMEOUT_MS = 2**31 - 1
+
 
 class AsyncClient:
     """Calls the methods of a thriftpy2 service as coroutines.
@@ -288,7 +291,7 @@ class AsyncClient:
                        tags: Mapping[str, str], span: Span, limit: int) -> bytes:
         """The unified request frame; its header is written from these fields."""
         call_type = CallType.NO_REPLY if method.oneway else CallType.REPLY
-        timeout_ms = max(1, int(timeout * 1000))
+        timeout_ms = min(max(1, int(timeout * 1000)), _MAX_TIMEOUT_MS)
         context = tags if type(tags) is dict else dict(tags)
         if self._signer is None and not self._flags & protocol.COMPRESSED:
             return _codec.encode_request(

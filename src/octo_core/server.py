@@ -27,6 +27,7 @@ from octo_core.transport.address import parse_address
 from octo_core.transport.http import bound_port, serve_metrics
 from octo_core.transport.loop import LoopThread, new_event_loop, start_task
 from octo_core.transport.server import ServerConnection
+from octo_core.transport.stream import CLOSE_LINGER
 
 log = logging.getLogger("octo_core.server")
 
@@ -130,8 +131,10 @@ class Server:
     stops reading it until half are done: flow control, no refusal; reading
     also stops while a peer leaves its replies unread),
     ``quotas`` (``{caller appkey or "*": calls per second}``, token buckets;
-    status 6 past them). A connection idle for ``idle_timeout`` seconds, or stuck
-    for ``read_timeout`` seconds on a partial frame, is closed. ``auth`` (an
+    status 6 past them). A connection idle for ``idle_timeout`` seconds is
+    closed, and so is one whose frame takes over ``read_timeout`` seconds to
+    arrive however it trickles in (a slow-loris peer holds no buffer for long).
+    ``auth`` (an
     ``octo_core.auth.Authenticator``) requires signed, granted requests; native
     thrift, which cannot carry a signature, is then refused. ``ssl`` serves TLS.
 
@@ -324,6 +327,12 @@ class Server:
                             self.appkey, self._in_flight, grace)
         for conn in list(self._connections):
             conn.close()
+        # what is written goes out, but a peer that reads nothing does not hold the stop
+        linger_until = self._loop.time() + CLOSE_LINGER
+        while self._connections and self._loop.time() < linger_until:
+            await asyncio.sleep(0.01)
+        for conn in list(self._connections):
+            conn.abort()
         await asyncio.sleep(0)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._listener = None
@@ -380,9 +389,10 @@ class Server:
             now = self._loop.time()
             for conn in list(self._connections):
                 quiet = now - conn.last_activity
-                if self.read_timeout and conn.buffered_input and quiet > self.read_timeout \
+                reading = None if conn.frame_started is None else now - conn.frame_started
+                if self.read_timeout and reading is not None and reading > self.read_timeout \
                         and not conn.reading_paused:   # our pause, not the peer's stall
-                    log.info("closing %s: a partial frame stalled for %.0fs", conn.peer, quiet)
+                    log.info("closing %s: a frame still incomplete after %.0fs", conn.peer, reading)
                     conn.abort()
                 elif self.idle_timeout and quiet > self.idle_timeout and not conn.in_flight:
                     log.info("closing idle connection %s", conn.peer)

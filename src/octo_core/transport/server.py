@@ -21,6 +21,10 @@ class ServerConnection(FramedProtocol):
     ``pause_reading_at`` of its calls run, until half of them are done. What it
     holds back waits in the socket, or, for the rest of the read that made it
     busy, in a backlog; nothing is refused for it.
+
+    A peer that shuts its sending side (half-close, as ``nc -N`` and many
+    scripted clients do) still gets the answers to what it sent: the
+    connection closes once they are written.
     """
 
     def __init__(self, dispatch: Callable[["ServerConnection", Frame], None],
@@ -35,6 +39,7 @@ class ServerConnection(FramedProtocol):
         self._backlog: Deque[Frame] = collections.deque()
         self.in_flight = 0
         self.pooled = 0     # calls of this connection holding a business-pool slot
+        self._input_ended = False
 
     @property
     def reading_paused(self) -> bool:
@@ -50,6 +55,18 @@ class ServerConnection(FramedProtocol):
         self.in_flight -= 1
         if self._paused & _BUSY and self.in_flight <= self._pause_at // 2:
             self._resume(_BUSY)
+        if self._input_ended and not self.in_flight:
+            self.loop.call_soon(self._close_when_answered)   # after this call's reply is sent
+
+    def eof_received(self) -> bool:
+        """The peer sends no more: answer what it sent, then close (stay half-open)."""
+        self._input_ended = True
+        self._close_when_answered()
+        return True
+
+    def _close_when_answered(self) -> None:
+        if not self.in_flight and not self._backlog:
+            self.close()
 
     def pool_released(self) -> None:
         self.pooled -= 1
@@ -87,7 +104,11 @@ class ServerConnection(FramedProtocol):
         """Dispatch what was held back, then read again, unless paused anew."""
         while self._backlog and not self._paused and not self.closed:
             self._dispatch(self, self._backlog.popleft())
-        if not self._paused and not self.closed and self.transport is not None:
+        if self._input_ended:
+            self._close_when_answered()
+        elif not self._paused and not self.closed and self.transport is not None:
+            if self.frame_started is not None:
+                self.frame_started = self.loop.time()   # the wait was ours, not the peer's
             self.transport.resume_reading()
 
     def frames_received(self, frames: List[Frame]) -> None:

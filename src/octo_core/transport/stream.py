@@ -10,12 +10,19 @@ from octo_core.protocol import DEFAULT_MAX_FRAME_SIZE, Frame, FrameDecoder
 
 log = logging.getLogger("octo_core.transport")
 
+#: Seconds a closed connection may take to hand its last bytes to a peer that
+#: reads nothing before it is aborted: a close must not hold a socket forever.
+CLOSE_LINGER = 2.0
+
 
 class FramedProtocol(asyncio.Protocol):
     """Base of the server and client connections.
 
     Writes made during one loop iteration go out in one ``transport.write``;
     bad bytes close this connection only (``frames_received`` never sees them).
+    Unified headers are read under the default ``Limits`` whatever a server or
+    client sets for its messages: a header is at most 32 KiB, and a tight
+    message limit must not refuse the appkeys and trace ids every call carries.
     """
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
@@ -32,6 +39,9 @@ class FramedProtocol(asyncio.Protocol):
         self.closed = False
         self.loop = asyncio.get_event_loop()
         self.last_activity = self.loop.time()
+        # since when the frame being read has been arriving (None between frames)
+        self.frame_started: Optional[float] = None
+        self._linger: Optional[asyncio.TimerHandle] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -45,13 +55,15 @@ class FramedProtocol(asyncio.Protocol):
             self.peer = str(transport.get_extra_info("sockname") or "unix")
 
     def data_received(self, data: bytes) -> None:
-        self.last_activity = self.loop.time()
+        now = self.last_activity = self.loop.time()
         self._wrote_since_read = False
         try:
             frames = self._decoder.feed(data)
         except ProtocolError as exc:
             self.protocol_error(exc)
             return
+        if frames or self.frame_started is None:
+            self.frame_started = now if self._decoder.buffered else None
         if frames:
             # What is sent while these frames are handled (eager handlers' replies)
             # leaves in one write when they are done.
@@ -101,13 +113,16 @@ class FramedProtocol(asyncio.Protocol):
         return self._decoder.buffered
 
     def close(self) -> None:
-        """Flush what is queued, then close."""
+        """Flush what is queued, then close; abort if the peer has not taken
+        what is left within ``CLOSE_LINGER`` seconds."""
         if self.closed:
             return
         self._flush()
         self.closed = True
         if self.transport is not None:
             self.transport.close()
+            if self.transport.get_write_buffer_size():
+                self._linger = self.loop.call_later(CLOSE_LINGER, self.transport.abort)
 
     def abort(self, exc: Optional[BaseException] = None) -> None:
         """Close at once, discarding unsent data."""
@@ -118,3 +133,5 @@ class FramedProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         self.closed = True
         self._out.clear()
+        if self._linger is not None:
+            self._linger.cancel()
