@@ -675,7 +675,7 @@ async def _pile_up_unread_replies(server, raw, count: int = 20_000):
     raw.writer.write(b"".join(good_request(seq, "x" * 1000) for seq in range(count)))
     [conn] = server._connections
     await wait_until(lambda: conn.closed or not conn.transport.is_reading(),
-                     timeout=10, what="the server to stop reading the peer")
+                     timeout=30, what="the server to stop reading the peer")
     return conn
 
 
@@ -705,5 +705,37 @@ def test_stop_does_not_wait_forever_for_a_peer_that_reads_nothing():
             await asyncio.wait_for(server.stop(grace=0.2), 15)
             assert not server._connections and conn.closed
             assert await raw.closed_by_peer(timeout=5)
+
+    run(main())
+
+
+def test_compressed_requests_count_inflated_in_flow_control():
+    """A few kilobytes of gzip can carry many megabytes of request: the server
+    reads no more of a connection once its running calls hold
+    ``pause_reading_bytes`` (decoded), the rest waiting still compressed; every
+    call is served once they finish."""
+    from octo_core import protocol
+
+    count, size, pause_bytes = 24, 2 << 20, 5 << 20
+    handler = GatedHandler()
+
+    async def main():
+        async with serving(echo_services(handler), pause_reading_bytes=pause_bytes,
+                           max_frame_size=4 << 20) as server, \
+                raw_connection(server.address) as raw:
+            gzip = protocol.DEFAULT_FLAGS | protocol.FLAG_GZIP
+            requests = b"".join(unified_request("slow", Echo.slow_args(text="x" * size, delay_ms=0),
+                                                seq, flags=gzip) for seq in range(count))
+            assert len(requests) < count * size // 100       # the bomb: over 100x
+            raw.writer.write(requests)
+            [conn] = server._connections
+            await wait_until(lambda: conn.reading_paused and handler.running)
+            await asyncio.sleep(0.2)                          # would more be read? (none may)
+            assert conn.held <= pause_bytes + size            # it stopped at the first past the line
+            assert handler.slow_started < count // 4
+            handler.gate.set()
+            frames = await raw.read_frames(count, timeout=30)
+            assert sorted(f.head.sequence_id for f in frames) == list(range(count))
+            assert all(f.head.status == 0 for f in frames) and conn.held == 0
 
     run(main())

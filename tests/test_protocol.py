@@ -787,11 +787,30 @@ def test_a_bad_header_breaks_the_decoder_too(flags):
         decoder.feed(protocol.encode_framed(echo_body()))
 
 
-def test_error_after_good_frames_in_the_same_feed_still_raises():
+def test_frames_before_an_error_in_the_same_feed_are_handed_over_with_the_error():
+    """However TCP cuts the bytes, good frames ahead of bad ones are not lost
+    (a oneway call among them would vanish unanswered); the error follows them."""
     decoder = FrameDecoder()
     good = protocol.encode_framed(echo_body())
-    with pytest.raises(ProtocolError):
-        decoder.feed(good + struct.pack("!i", -5))
+    frames = decoder.feed(good + good + struct.pack("!i", -5))
+    assert [bytes(f.body) for f in frames] == [echo_body(), echo_body()]
+    assert isinstance(decoder.error, ProtocolError) and "not positive" in str(decoder.error)
+    with pytest.raises(ProtocolError, match="already failed"):
+        decoder.feed(good)
+
+
+def test_one_feed_hands_out_about_max_batch_bytes_and_keeps_the_rest_compressed():
+    body = b"\x00" * 100_000
+    header = protocol.request_header("Echo", 1, 1000)
+    frame = protocol.encode_unified(header, body, protocol.DEFAULT_FLAGS | protocol.FLAG_GZIP)
+    decoder = FrameDecoder(max_batch=150_000)
+    stream = frame * 5
+    frames = decoder.feed(stream)
+    assert len(frames) == 2 and decoder.more      # 2 x 100 kB inflated passes 150 kB
+    assert decoder.buffered == 3 * len(frame)     # the rest as it came, still compressed
+    assert len(decoder.feed(b"")) == 2 and decoder.more
+    assert len(decoder.feed(b"")) == 1 and not decoder.more
+    assert decoder.feed(b"") == [] and not decoder.more and decoder.buffered == 0
 
 
 # --- fuzz ---------------------------------------------------------------------------
@@ -803,6 +822,8 @@ def decode_stream(chunks, max_frame_size=4096):
     try:
         for chunk in chunks:
             frames.extend(decoder.feed(chunk))
+            if decoder.error is not None:
+                raise decoder.error
     except ProtocolError as err:
         assert err.status == 5
         return frames, err

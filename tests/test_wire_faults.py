@@ -267,6 +267,70 @@ def test_a_reply_with_a_bad_body_fails_only_its_own_call():
     run(main())
 
 
+@pytest.mark.parametrize("wrong", ["seqid", "call"])
+def test_a_reply_that_is_not_the_answer_to_its_call_fails_that_call(wrong):
+    """§3: the body's seqid repeats the header's; a REPLY with another seqid, or a
+    message that is no reply at all, is refused (Apache's clients refuse both),
+    not returned as the call's result. The next call on the connection works."""
+    async def handle(reader, writer):
+        decoder = protocol.FrameDecoder()
+        answered = 0
+        while answered < 2:
+            data = await reader.read(65536)
+            if not data:
+                return
+            for frame in decoder.feed(data):
+                seq = frame.head.sequence_id
+                name, _, seqid, args = decode_body(frame, Echo)
+                if answered == 0 and wrong == "seqid":
+                    body = codec.encode_message("whoami", 2, seqid + 999,
+                                                Echo.whoami_result(success="impostor"))
+                elif answered == 0:
+                    body = codec.encode_message(name, 1, seqid, Echo.echo_args(text="impostor"))
+                else:
+                    body = codec.encode_message(name, 2, seqid,
+                                                Echo.echo_result(success=args.text))
+                writer.write(protocol.encode_unified(protocol.response_header(seq), body))
+                answered += 1
+        await writer.drain()
+        await asyncio.sleep(1)
+        writer.close()
+
+    async def main():
+        async with fake_server(handle) as address, \
+                async_client(Echo, address, timeout=5) as client:
+            with pytest.raises(ProtocolError, match="bad reply") as info:
+                await client.echo("first")
+            assert ("seqid" if wrong == "seqid" else "message type 1") in str(info.value)
+            assert await client.echo("second") == "second"
+
+    run(main())
+
+
+def test_good_requests_ahead_of_garbage_in_one_read_are_all_answered():
+    """However TCP cuts the stream, what came before the bad bytes is served (a
+    oneway call among it runs); then that connection alone closes."""
+    handler = EchoHandler()
+
+    async def main():
+        async with serving(echo_services(handler)) as server, \
+                async_client(Echo, server.address) as good, \
+                raw_connection(server.address) as raw:
+            requests = [unified_request("echo", Echo.echo_args(text=f"t{seq}"), seq)
+                        for seq in range(3)]
+            requests.append(unified_request("notify", Echo.notify_args(text="noted"), 3,
+                                            call_type=protocol.CallType.NO_REPLY))
+            raw.writer.write(b"".join(requests) + b"\xab\xba\x01\x01garbage that breaks it")
+            frames = await raw.read_frames(4)
+            assert sorted(f.head.sequence_id for f in frames) == [0, 1, 2, 3]
+            assert [decode_body(f, Echo)[3].success for f in frames[:3]] == ["t0", "t1", "t2"]
+            assert handler.notes.get(timeout=5) == "noted"
+            assert await raw.closed_by_peer(timeout=5)
+            assert await good.echo("unaffected") == "unaffected"
+
+    run(main())
+
+
 # --- frames over max_frame_size ---------------------------------------------------------
 
 LIMIT = 1 << 20

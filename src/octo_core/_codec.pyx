@@ -19,6 +19,7 @@ from cpython.float cimport PyFloat_AS_DOUBLE, PyFloat_FromDouble
 from cpython.long cimport PyLong_FromLong, PyLong_FromLongLong
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.ref cimport Py_INCREF, Py_DECREF, Py_XDECREF
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
@@ -1138,15 +1139,26 @@ def decode_body(cls, data, Py_ssize_t offset, Limits limits=None):
     return _decode_at(s, <const unsigned char*>inp.view.buf, offset, inp.view.len, limits, True)
 
 
-def decode_reply(result_cls, exception_cls, data, Limits limits=None):
+def decode_reply(result_cls, exception_cls, data, Limits limits=None, int64_t seqid=-1):
     """``(msg_type, struct)`` of a whole reply message: an ``exception_cls``
-    (``TApplicationException``) when its type is EXCEPTION, else a ``result_cls``."""
+    (``TApplicationException``) when its type is EXCEPTION, else a ``result_cls``.
+
+    A message that is not a reply or an exception is a ``DecodeError``, and so
+    is a REPLY whose seqid is not ``seqid`` (when given: the unified header's
+    sequence id, which §3 says the body repeats). EXCEPTION replies are taken
+    whatever their seqid, as Apache's clients do: a server that could not read
+    the request may not know it."""
     if limits is None:
         limits = DEFAULT_LIMITS
     cdef _Input inp = _Input(data)
     cdef _Reader r
     _r_init(&r, <const unsigned char*>inp.view.buf, 0, inp.view.len, limits)
-    _, msg_type, _ = _r_message_begin(&r)
+    _, msg_type, body_seqid = _r_message_begin(&r)
+    if msg_type != 2 and msg_type != 3:
+        raise DecodeError(f"message type {msg_type} where a reply (2) or exception (3) belongs",
+                          offset=0)
+    if msg_type == 2 and seqid >= 0 and body_seqid != seqid:
+        raise DecodeError(f"the reply's seqid {body_seqid} is not the call's {seqid}", offset=0)
     cdef _StructSpec s = _decode_spec(exception_cls if msg_type == 3 else result_cls)
     return msg_type, _decode_at(s, <const unsigned char*>inp.view.buf, r.pos, inp.view.len,
                                 limits, True)

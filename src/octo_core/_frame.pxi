@@ -179,6 +179,15 @@ cdef class FrameReader:
     thrift ``flags`` is ``None`` and ``payload`` the thrift message. Any violation
     (bad length, over ``max_frame_size``, bad checksum) raises ``ProtocolError``
     and the reader must not be used again: the stream has lost its framing.
+    Frames completed before the violation are not lost: that ``feed`` returns
+    them and keeps the error in ``error``, for the caller to act on once they
+    are handled (the next ``feed`` raises it).
+
+    With ``max_batch``, one ``feed`` hands out frames totalling about that many
+    bytes (at least one frame) and keeps the rest of the stream, compressed as
+    it came, with ``more`` set; ``feed(b"")`` goes on. A read full of small
+    compressed frames so never inflates into more memory than its reader is
+    ready for. Without it, every whole frame comes out at once.
 
     With ``frame_cls`` the frames come out finished instead, as
     ``frame_cls(flags, head, body)`` tuples: a unified payload is decompressed
@@ -189,6 +198,9 @@ cdef class FrameReader:
     cdef bytearray _buf
     cdef readonly Py_ssize_t max_frame_size
     cdef readonly Py_ssize_t consumed    # bytes taken from the stream so far
+    cdef readonly Py_ssize_t max_batch
+    cdef readonly bint more              # the last feed stopped at max_batch
+    cdef readonly object error           # the ProtocolError that broke the stream
     cdef bint _broken
     cdef object _frame_cls
     cdef object _decompress
@@ -197,10 +209,13 @@ cdef class FrameReader:
     cdef bint _scanning
 
     def __init__(self, Py_ssize_t max_frame_size=16 * 1024 * 1024, frame_cls=None,
-                 decompress=None, Limits limits=None):
+                 decompress=None, Limits limits=None, Py_ssize_t max_batch=PY_SSIZE_T_MAX):
         if max_frame_size < 16:
             raise ValueError("max_frame_size must be at least 16 bytes")
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1 byte")
         self.max_frame_size = max_frame_size
+        self.max_batch = max_batch
         self._buf = bytearray()
         self.consumed = 0
         self._frame_cls = frame_cls
@@ -218,31 +233,43 @@ cdef class FrameReader:
     def feed(self, data):
         """Add ``data`` and return the list of frames it completed (maybe empty)."""
         if self._broken:
-            raise ProtocolError("the stream already failed; open a new connection")
+            raise ProtocolError(f"the stream already failed ({self.error}); open a new connection")
         cdef list frames = []
         cdef _Input inp
         cdef Py_ssize_t used
-        if not self._buf:
-            # Common case: parse straight from ``data`` and keep only the tail.
-            inp = _Input(data)
-            used = self._parse(<const unsigned char*>inp.view.buf, inp.view.len, frames)
-            if used < inp.view.len:
-                self._buf += (<const char*>inp.view.buf)[used:inp.view.len]
-            return frames
-        self._buf += data
-        inp = _Input(self._buf)
+        self.more = False
         try:
-            used = self._parse(<const unsigned char*>inp.view.buf, inp.view.len, frames)
-        finally:
-            inp = None   # release the export before resizing the bytearray
-        del self._buf[:used]
-        return frames
+            if not self._buf:
+                # Common case: parse straight from ``data`` and keep only the tail.
+                inp = _Input(data)
+                used = self._parse(<const unsigned char*>inp.view.buf, inp.view.len, frames)
+                if used < inp.view.len:
+                    self._buf += (<const char*>inp.view.buf)[used:inp.view.len]
+                return frames
+            self._buf += data
+            inp = _Input(self._buf)
+            try:
+                used = self._parse(<const unsigned char*>inp.view.buf, inp.view.len, frames)
+            finally:
+                inp = None   # release the export before resizing the bytearray
+            del self._buf[:used]
+            return frames
+        except ProtocolError as exc:
+            self._broken = True
+            self.error = exc
+            del self._buf[:]
+            if frames:
+                return frames    # theirs to handle; the error comes with the next feed
+            raise
 
     cdef Py_ssize_t _parse(self, const unsigned char* p, Py_ssize_t n, list frames) except -1:
-        cdef Py_ssize_t pos = 0, total, header_length, trailer
+        cdef Py_ssize_t pos = 0, total, header_length, trailer, handed = 0
         cdef int flags
         cdef uint32_t want
         while n - pos >= 4:
+            if handed >= self.max_batch:
+                self.more = True
+                break
             if p[pos] == MAGIC_0 and p[pos + 1] == MAGIC_1:
                 if n - pos < PREFIX:
                     break
@@ -267,9 +294,10 @@ cdef class FrameReader:
                     payload = PyBytes_FromStringAndSize(<const char*>p + pos + PREFIX,
                                                         total - 2 - trailer)
                     frames.append((flags, header_length, payload))
+                    handed += total
                 else:
-                    frames.append(self._unified(p + pos + PREFIX, total - 2 - trailer, flags,
-                                                header_length))
+                    handed += self._unified(p + pos + PREFIX, total - 2 - trailer, flags,
+                                            header_length, frames)
                 pos += total + 8
             elif p[pos] == 0x80 and p[pos + 1] == 0x01:
                 # Unframed (buffered-transport) strict binary thrift, thriftpy2's and
@@ -289,6 +317,7 @@ cdef class FrameReader:
                     frames.append((UNFRAMED, 0, body))
                 else:
                     frames.append(tuple.__new__(self._frame_cls, (UNFRAMED, None, body)))
+                handed += total
                 pos += total
             else:
                 total = <int32_t>_get_u32(p + pos)
@@ -306,25 +335,23 @@ cdef class FrameReader:
                     frames.append((None, 0, body))
                 else:
                     frames.append(tuple.__new__(self._frame_cls, (0, None, body)))
+                handed += total
                 pos += total + 4
         self.consumed += pos
         return pos
 
-    cdef object _unified(self, const unsigned char* p, Py_ssize_t n, int flags,
-                         Py_ssize_t header_length):
-        """A finished unified frame from its payload ``p[:n]``."""
+    cdef Py_ssize_t _unified(self, const unsigned char* p, Py_ssize_t n, int flags,
+                             Py_ssize_t header_length, list frames) except -1:
+        """Append the finished unified frame of payload ``p[:n]``; returns its size
+        as read (inflated)."""
         cdef _Input inp
-        try:
-            if flags & 0x60:
-                inp = _Input(self._decompress(
-                    flags, PyBytes_FromStringAndSize(<const char*>p, n), self.max_frame_size))
-                p, n = <const unsigned char*>inp.view.buf, inp.view.len
-            head, body = _head_and_body(p, n, flags, header_length, self._limits)
-        except ProtocolError:
-            self._broken = True
-            raise
-        return tuple.__new__(self._frame_cls, (flags, head, body))
+        if flags & 0x60:
+            inp = _Input(self._decompress(
+                flags, PyBytes_FromStringAndSize(<const char*>p, n), self.max_frame_size))
+            p, n = <const unsigned char*>inp.view.buf, inp.view.len
+        head, body = _head_and_body(p, n, flags, header_length, self._limits)
+        frames.append(tuple.__new__(self._frame_cls, (flags, head, body)))
+        return n
 
     cdef int _fail(self, str why, Py_ssize_t pos) except -1:
-        self._broken = True
         raise ProtocolError(f"{why} (stream byte {self.consumed + pos})")

@@ -313,8 +313,9 @@ class AsyncClient:
             raise error(head.message or f"status {head.status}", status=head.status,
                         method=method.name, node=node)
         try:
-            msg_type, result = _codec.decode_reply(method.result_cls, TApplicationException,
-                                                   frame.body, self._limits)
+            msg_type, result = _codec.decode_reply(
+                method.result_cls, TApplicationException, frame.body, self._limits,
+                -1 if head is None else head.sequence_id)
         except DecodeError as exc:
             raise ProtocolError(f"bad reply: {exc}", method=method.name, node=node) from None
         if msg_type == TMessageType.EXCEPTION:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import gzip
 import os
+import sys
 import zlib
 from typing import Any, Callable, List, NamedTuple, Optional, Union
 
@@ -234,16 +235,31 @@ def scanner_heartbeat_request() -> Any:
 class FrameDecoder:
     """Bytes from one connection in, ``Frame`` objects out.
 
-    A ``ProtocolError`` from ``feed`` means the connection must be closed: the
-    stream's framing is lost. Header decoding is bounded by ``limits``.
+    A ``ProtocolError`` from ``feed``, or in ``error`` after a ``feed`` that
+    still returned the frames completed before it, means the connection must be
+    closed: the stream's framing is lost. Header decoding is bounded by
+    ``limits``. With ``max_batch``, one ``feed`` returns about that many bytes
+    of frames (decoded: compressed ones count inflated) and sets ``more`` when
+    whole frames are left; ``feed(b"")`` gives the next ones.
     """
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
-                 limits: Optional[Limits] = None) -> None:
-        self._reader = _codec.FrameReader(max_frame_size, Frame, decompress, limits)
+                 limits: Optional[Limits] = None, max_batch: Optional[int] = None) -> None:
+        self._reader = _codec.FrameReader(max_frame_size, Frame, decompress, limits,
+                                          sys.maxsize if max_batch is None else max_batch)
         #: ``feed(data) -> List[Frame]``: the frames ``data`` completed (read in C).
         self.feed: Callable[[bytes], List[Frame]] = self._reader.feed
         self.max_frame_size = max_frame_size
+
+    @property
+    def more(self) -> bool:
+        """The last ``feed`` stopped at ``max_batch`` with whole frames left."""
+        return self._reader.more
+
+    @property
+    def error(self) -> Optional[ProtocolError]:
+        """The framing error that ended the stream, once one has."""
+        return self._reader.error
 
     @property
     def buffered(self) -> int:

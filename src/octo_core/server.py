@@ -48,10 +48,12 @@ class _DeadlinePassed(Exception):
 class _Call:
     """One accepted request on its way through the server."""
 
-    __slots__ = ("method", "service", "reply", "seqid", "answer", "stats", "started", "span_ends")
+    __slots__ = ("method", "service", "reply", "seqid", "answer", "stats", "started", "span_ends",
+                 "size")
 
     def __init__(self, service: _Service, method: idl.Method, reply: "_Reply", seqid: int,
-                 answer: bool, stats: MethodStats, started: float) -> None:
+                 answer: bool, stats: MethodStats, started: float, size: int) -> None:
+        self.size = size    # request bytes it holds (flow control)
         self.service = service
         self.method = method
         self.reply = reply
@@ -127,9 +129,10 @@ class Server:
     messages, bound what one request may cost; ``max_connections`` (more are
     closed on accept),
     ``max_in_flight`` and ``max_in_flight_per_connection`` (status 3 past them),
-    ``pause_reading_at`` (calls running on one connection at which the server
-    stops reading it until half are done: flow control, no refusal; reading
-    also stops while a peer leaves its replies unread),
+    ``pause_reading_at`` and ``pause_reading_bytes`` (calls running on one
+    connection, and request bytes they hold, at which the server stops reading
+    it until both are down to half: flow control, no refusal; reading also
+    stops while a peer leaves its replies unread),
     ``quotas`` (``{caller appkey or "*": calls per second}``, token buckets;
     status 6 past them). A connection idle for ``idle_timeout`` seconds is
     closed, and so is one whose frame takes over ``read_timeout`` seconds to
@@ -156,7 +159,7 @@ class Server:
                  idle_timeout: Optional[float] = 600.0, read_timeout: Optional[float] = 30.0,
                  max_connections: Optional[int] = None, max_in_flight: Optional[int] = None,
                  max_in_flight_per_connection: Optional[int] = None,
-                 pause_reading_at: int = 1024,
+                 pause_reading_at: int = 1024, pause_reading_bytes: int = 64 * 1024 * 1024,
                  quotas: Optional[Mapping[str, float]] = None,
                  auth: Optional[Authenticator] = None,
                  ssl: Optional["_ssl.SSLContext"] = None,
@@ -164,9 +167,10 @@ class Server:
                  node: Optional[Mapping[str, Any]] = None,
                  unregister_delay: float = 1.0,
                  metrics_port: Optional[int] = None) -> None:
-        if business_threads < 1 or business_queue < 0 or pause_reading_at < 2:
-            raise ValueError("business_threads must be at least 1, business_queue at least 0 "
-                             "and pause_reading_at at least 2")
+        if business_threads < 1 or business_queue < 0 or pause_reading_at < 2 \
+                or pause_reading_bytes < 1:
+            raise ValueError("business_threads must be at least 1, business_queue at least 0, "
+                             "pause_reading_at at least 2 and pause_reading_bytes at least 1")
         protocol.FrameDecoder(max_frame_size)   # the reader's own check: ValueError when too small
         self.appkey = appkey
         self.host = host
@@ -180,6 +184,7 @@ class Server:
         self.max_in_flight = max_in_flight
         self.max_in_flight_per_connection = max_in_flight_per_connection
         self.pause_reading_at = pause_reading_at
+        self.pause_reading_bytes = pause_reading_bytes
         self.quotas = Quotas(quotas) if quotas else None
         self.auth = auth
         self.ssl = ssl
@@ -252,7 +257,8 @@ class Server:
 
         def make_connection() -> ServerConnection:
             return ServerConnection(self._dispatch, self._connections, self.max_frame_size,
-                                    self.max_connections, self.pause_reading_at)
+                                    self.max_connections, self.pause_reading_at,
+                                    self.pause_reading_bytes)
 
         if self.unix_path is not None:
             self._listener = await self._loop.create_unix_server(
@@ -520,8 +526,8 @@ class Server:
         # so, §3) but never on native thrift, whose clients do not read a reply.
         answer = reply.unified or not (method.oneway or msg_type == TMessageType.ONEWAY)
         call = _Call(service, method, reply, seqid, answer,
-                     self.metrics.started(service.name, name), time.monotonic())
-        reply.conn.call_started(not is_coroutine)
+                     self.metrics.started(service.name, name), time.monotonic(), len(body))
+        reply.conn.call_started(not is_coroutine, call.size)
         self._in_flight += 1
         self._idle.clear()
         argv = [getattr(args, arg) for arg in method.arg_names]
@@ -574,7 +580,7 @@ class Server:
         self._answer(call, value, exc)
 
     def _answer(self, call: _Call, value: Any, exc: Optional[BaseException]) -> None:
-        call.reply.conn.call_finished()
+        call.reply.conn.call_finished(call.size)
         self._in_flight -= 1
         if not self._in_flight:
             self._idle.set()

@@ -18,9 +18,11 @@ class ServerConnection(FramedProtocol):
     Flow control, so that one peer costs bounded memory: the connection stops
     reading while the peer leaves its replies unread (the write buffer is over
     its high-water mark), and stops reading and dispatching while
-    ``pause_reading_at`` of its calls run, until half of them are done. What it
-    holds back waits in the socket, or, for the rest of the read that made it
-    busy, in a backlog; nothing is refused for it.
+    ``pause_reading_at`` of its calls run, or while its running calls hold
+    ``pause_reading_bytes`` of requests (as decoded: compressed frames count
+    inflated), until both are down to half. What it holds back waits in the
+    socket, in the frame decoder (still compressed), or, for the rest of the
+    batch that made it busy, in a backlog; nothing is refused for it.
 
     A peer that shuts its sending side (half-close, as ``nc -N`` and many
     scripted clients do) still gets the answers to what it sent: the
@@ -29,12 +31,15 @@ class ServerConnection(FramedProtocol):
 
     def __init__(self, dispatch: Callable[["ServerConnection", Frame], None],
                  connections: Set["ServerConnection"], max_frame_size: int,
-                 max_connections: Optional[int] = None, pause_reading_at: int = 1024) -> None:
+                 max_connections: Optional[int] = None, pause_reading_at: int = 1024,
+                 pause_reading_bytes: int = 64 * 1024 * 1024) -> None:
         super().__init__(max_frame_size)
         self._dispatch = dispatch
         self._connections = connections
         self._max_connections = max_connections
         self._pause_at = pause_reading_at
+        self._pause_bytes = pause_reading_bytes
+        self.held = 0       # request bytes of the calls running
         self._paused = 0
         self._backlog: Deque[Frame] = collections.deque()
         self.in_flight = 0
@@ -45,15 +50,19 @@ class ServerConnection(FramedProtocol):
     def reading_paused(self) -> bool:
         return bool(self._paused)
 
-    def call_started(self, pooled: bool) -> None:
+    def call_started(self, pooled: bool, size: int) -> None:
+        """A call of ``size`` request bytes runs (``pooled``: on the business pool)."""
         self.in_flight += 1
         self.pooled += pooled
-        if self.in_flight >= self._pause_at:
+        self.held += size
+        if self.in_flight >= self._pause_at or self.held >= self._pause_bytes:
             self._pause(_BUSY)
 
-    def call_finished(self) -> None:
+    def call_finished(self, size: int) -> None:
         self.in_flight -= 1
-        if self._paused & _BUSY and self.in_flight <= self._pause_at // 2:
+        self.held -= size
+        if self._paused & _BUSY and self.in_flight <= self._pause_at // 2 \
+                and self.held <= self._pause_bytes // 2:
             self._resume(_BUSY)
         if self._input_ended and not self.in_flight:
             self.loop.call_soon(self._close_when_answered)   # after this call's reply is sent
@@ -67,6 +76,17 @@ class ServerConnection(FramedProtocol):
     def _close_when_answered(self) -> None:
         if not self.in_flight and not self._backlog:
             self.close()
+
+    def protocol_error(self, exc) -> None:
+        """The peer broke the framing: read no more, answer what it sent before, close."""
+        log.warning("closing connection %s: %s", self.peer, exc)
+        self._input_ended = True
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+        self._close_when_answered()
+
+    def accepting_frames(self) -> bool:
+        return not self._paused and not self._backlog and not self._input_ended
 
     def pool_released(self) -> None:
         self.pooled -= 1
@@ -104,6 +124,8 @@ class ServerConnection(FramedProtocol):
         """Dispatch what was held back, then read again, unless paused anew."""
         while self._backlog and not self._paused and not self.closed:
             self._dispatch(self, self._backlog.popleft())
+        if self._decoder.more and self.accepting_frames():
+            self._read()      # the whole frames the decoder kept back
         if self._input_ended:
             self._close_when_answered()
         elif not self._paused and not self.closed and self.transport is not None:

@@ -10,6 +10,10 @@ from octo_core.protocol import DEFAULT_MAX_FRAME_SIZE, Frame, FrameDecoder
 
 log = logging.getLogger("octo_core.transport")
 
+#: Bytes of frames decoded from what was read before they are handled: a read
+#: full of small compressed frames inflates no further before flow control sees it.
+READ_BATCH = 4 * 1024 * 1024
+
 #: Seconds a closed connection may take to hand its last bytes to a peer that
 #: reads nothing before it is aborted: a close must not hold a socket forever.
 CLOSE_LINGER = 2.0
@@ -29,7 +33,7 @@ class FramedProtocol(asyncio.Protocol):
         self.transport: Optional[asyncio.Transport] = None
         self.peer = "?"
         self.peer_ip: Optional[str] = None
-        self._decoder = FrameDecoder(max_frame_size)
+        self._decoder = FrameDecoder(max_frame_size, max_batch=READ_BATCH)
         self.max_frame_size = max_frame_size   # what it reads, and so, by agreement, sends
         self._out: List[bytes] = []
         self._flush_scheduled = False
@@ -57,23 +61,42 @@ class FramedProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         now = self.last_activity = self.loop.time()
         self._wrote_since_read = False
-        try:
-            frames = self._decoder.feed(data)
-        except ProtocolError as exc:
-            self.protocol_error(exc)
-            return
-        if frames or self.frame_started is None:
+        if self._read(data) or self.frame_started is None:
             self.frame_started = now if self._decoder.buffered else None
-        if frames:
-            # What is sent while these frames are handled (eager handlers' replies)
-            # leaves in one write when they are done.
-            flush_pending = self._flush_scheduled
-            self._flush_scheduled = True
+
+    def _read(self, data: bytes = b"") -> bool:
+        """Hand the frames of ``data`` (and those the decoder holds) to
+        ``frames_received``, a batch at a time while ``accepting_frames``;
+        a framing error ends the stream once the frames before it are handled.
+        Returns whether any frame was handed over."""
+        decoder, handed = self._decoder, False
+        while True:
             try:
-                self.frames_received(frames)
-            finally:
-                if not flush_pending:
-                    self._flush()
+                frames = decoder.feed(data)
+            except ProtocolError as exc:
+                self.protocol_error(exc)
+                return handed
+            if frames:
+                handed = True
+                # What is sent while these frames are handled (eager handlers'
+                # replies) leaves in one write when they are done.
+                flush_pending = self._flush_scheduled
+                self._flush_scheduled = True
+                try:
+                    self.frames_received(frames)
+                finally:
+                    if not flush_pending:
+                        self._flush()
+            if decoder.error is not None:
+                self.protocol_error(decoder.error)
+                return handed
+            if not decoder.more or self.closed or not self.accepting_frames():
+                return handed
+            data = b""
+
+    def accepting_frames(self) -> bool:
+        """Whether to decode more of what was read now (flow control says no)."""
+        return True
 
     def frames_received(self, frames: List[Frame]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
