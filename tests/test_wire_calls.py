@@ -215,8 +215,11 @@ def test_async_client_declared_and_undeclared_exceptions(proto):
             assert err.node == server.address
             assert err.type == TApplicationException.INTERNAL_ERROR
 
-            with pytest.raises(ApplicationError):
+            with pytest.raises(ApplicationError) as app:
                 await client.fail("app")
+            # a handler's TApplicationException goes back as it is (thriftpy2, Apache)
+            assert app.value.type == TApplicationException.INVALID_MESSAGE_TYPE
+            assert str(app.value).startswith("app says no")
             # errors do not spoil the connection
             assert await client.echo("still fine") == "still fine"
 

@@ -603,6 +603,12 @@ class Server:
         result = method.result_cls()
         if exc is not None:
             field = next((f for f, cls in method.exceptions if isinstance(exc, cls)), None)
+            if field is None and isinstance(exc, TApplicationException):
+                # the handler's own protocol-level answer: sent as it is, as
+                # thriftpy2's and Apache's processors send it
+                if send:
+                    reply.app_exception(name, seqid, exc.type, exc.message or "")
+                return Status.APPLICATION_EXCEPTION
             if field is None:
                 log.info("%s raised %s: %s", name, type(exc).__name__, exc)
                 if send:
