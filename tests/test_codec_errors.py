@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from thriftpy2.protocol import TBinaryProtocolFactory
+from thriftpy2.protocol.binary import TBinaryProtocol as PureBinaryProtocol
 from thriftpy2.thrift import TMessageType
 from thriftpy2.transport import TMemoryBuffer
 
@@ -151,6 +152,52 @@ def test_encode_ints_beyond_64_bits_name_field_and_type():
             if f"Scalars.{fname}" not in message or tname not in message:
                 problems.append(f"{fname}={value}: {message!r}")
     assert not problems, "messages without the IDL type:\n" + "\n".join(problems)
+
+
+class _Index:
+    """An integer-like that is no int (as numpy's are): it has ``__index__``."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+
+def _number_likes():
+    from decimal import Decimal
+    from fractions import Fraction
+
+    yield dict(b=_Index(-5), tiny=_Index(7), small=_Index(300), medium=_Index(-70000),
+               large=_Index(2 ** 40), real=Decimal("2.5"), flag=_Index(1))
+    yield dict(real=Fraction(1, 4), flag=0)
+    try:
+        import numpy
+    except ImportError:
+        return
+    yield dict(b=numpy.int8(-5), tiny=numpy.int8(7), small=numpy.int16(300),
+               medium=numpy.int32(-70000), large=numpy.int64(2 ** 40), real=numpy.float32(2.5),
+               flag=numpy.bool_(True), color=numpy.int64(2))
+
+
+@pytest.mark.parametrize("values", list(_number_likes()), ids=lambda v: type(v["real"]).__name__)
+def test_number_likes_encode_as_their_values_do_in_thriftpy2(values):
+    """numpy's scalars, ``__index__`` objects, Decimal, Fraction: thriftpy2 and
+    Apache write them as the numbers they stand for, and so does octo_core."""
+    plain = {k: (float(v) if k == "real" else bool(v) if k == "flag" else int(v))
+             for k, v in values.items()}
+    data = encode(IDL.Scalars(**values))
+    assert data == encode(IDL.Scalars(**plain))
+    buf = TMemoryBuffer()
+    IDL.Scalars(**values).write(PureBinaryProtocol(buf))      # thriftpy2 without cybin
+    assert data == buf.getvalue()
+
+
+@pytest.mark.parametrize("field,value", [("medium", 1.0), ("large", "7"), ("real", "2.5"),
+                                         ("flag", "yes"), ("small", None.__class__)])
+def test_what_is_no_number_is_still_refused(field, value):
+    with pytest.raises(EncodeError, match=f"Scalars.{field}: expected"):
+        encode(IDL.Scalars(**{field: value}))
 
 
 def test_encode_error_message_format():
@@ -891,3 +938,17 @@ def test_missing_required_argument_in_message():
 def test_required_fields_present_decode():
     x = IDL.Requiredness(req=0, req_struct=IDL.Inner(), req_map={})
     assert decode(IDL.Requiredness, encode(x)) == x
+
+
+def test_a_struct_from_another_load_of_the_idl_encodes_like_its_twin(tmp_path):
+    """Two loads of one IDL make two classes per struct; thriftpy2 writes either
+    where the other is declared, and so does octo_core. A different struct that
+    only shares the name is still refused, and the message says so."""
+    twin = octo_core.load_idl(IDL_PATH, module_name="everything_twin_thrift")
+    mixed = IDL.Everything(scalars=twin.Scalars(medium=7, text="t"))
+    assert encode(mixed) == encode(IDL.Everything(scalars=IDL.Scalars(medium=7, text="t")))
+    other = tmp_path / "other.thrift"
+    other.write_text("struct Scalars { 1: i32 medium }\n")
+    stranger = octo_core.load_idl(str(other), module_name="other_thrift")
+    with pytest.raises(EncodeError, match="another struct of that name"):
+        encode(IDL.Everything(scalars=stranger.Scalars(medium=7)))

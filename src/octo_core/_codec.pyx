@@ -42,6 +42,9 @@ cdef extern from "Python.h":
     bint PyAnySet_Check(object o)
     long long PyLong_AsLongLongAndOverflow(object o, int* overflow) except? -1
     double PyLong_AsDouble(object o) except? -1.0
+    double PyFloat_AsDouble(object o) except? -1.0
+    object PyNumber_Index(object o)
+    bint PyNumber_Check(object o)
     PyObject* PyObject_GetAttr(object o, object name)
     int PyObject_SetAttr(object o, object name, PyObject* value) except -1
     int PyObject_GenericSetAttr(object o, object name, PyObject* value) except -1
@@ -450,10 +453,19 @@ cdef int _int_range_error(object v, int kind) except -1:
     raise OverflowError(f"{v!r} out of range for {_TYPE_NAMES[kind]}")
 
 
+cdef object _index(object v, int kind):
+    """An integer-like value (numpy's ints, anything with ``__index__``) as an
+    int, as thriftpy2 and Apache take it; a float or a str is refused."""
+    try:
+        return PyNumber_Index(v)
+    except TypeError:
+        _int_type_error(v, kind)
+
+
 cdef inline int64_t _as_int(object v, int64_t lo, int64_t hi, int kind) except? -1:
     cdef int64_t x
     if not PyLong_Check(v):
-        _int_type_error(v, kind)
+        v = _index(v, kind)
     # Cython's conversion has a fast path for small ints; past 64 bits it raises
     # OverflowError, which the struct writer reports with the field's name.
     x = v
@@ -504,7 +516,7 @@ cdef inline int _w_prim(_Writer* w, int kind, object v) except -1:
             x = 1
         elif v is False:
             x = 0
-        elif PyLong_Check(v):
+        elif PyNumber_Check(v):    # an int, numpy.bool_...: its truth, as Apache writes it
             x = 1 if v else 0
         else:
             raise TypeError(f"expected bool for bool, got {_tname(v)}")
@@ -517,6 +529,8 @@ cdef inline int _w_prim(_Writer* w, int kind, object v) except -1:
             d = PyFloat_AS_DOUBLE(v)
         elif PyLong_Check(v):
             d = PyLong_AsDouble(v)
+        elif PyNumber_Check(v):    # numpy floats, Decimal, Fraction: through __float__
+            d = PyFloat_AsDouble(v)
         else:
             raise TypeError(f"expected float for double, got {_tname(v)}")
         _w_reserve(w, 8)
@@ -606,12 +620,33 @@ cdef int _w_map(_Writer* w, _TypeSpec t, object v, int depth) except -1:
     return 0
 
 
+cdef _StructSpec _twin_spec(_StructSpec s, object obj):
+    """The spec of ``obj``'s class when it is ``s``'s twin: the same struct from
+    another load of the IDL (same name, same fields), which thriftpy2 writes
+    as it would its own; otherwise ``TypeError``."""
+    cdef object cls = type(obj)
+    cdef str where = f"{cls.__module__}.{cls.__name__}"
+    if cls.__name__ != s.name or getattr(cls, "thrift_spec", None) is None:
+        raise TypeError(f"expected {s.name}, got {_tname(obj)}")
+    cdef _StructSpec other = _spec_for(cls)
+    cdef Py_ssize_t i
+    if other.n == s.n:
+        for i in range(s.n):
+            if (other.fields[i].fid != s.fields[i].fid or other.fields[i].wire != s.fields[i].wire
+                    or <object>other.fields[i].name != <object>s.fields[i].name):
+                break
+        else:
+            return other
+    raise TypeError(f"expected {s.name} of {s.cls.__module__}, got {where}: another "
+                    f"struct of that name, with other fields")
+
+
 cdef int _w_struct(_Writer* w, _StructSpec s, object obj, int depth) except -1:
     cdef Py_ssize_t i
     cdef _Field* f
     cdef PyObject* v
     if Py_TYPE(obj) != s.tp and not isinstance(obj, s.cls):
-        raise TypeError(f"expected {s.name}, got {_tname(obj)}")
+        s = _twin_spec(s, obj)
     for i in range(s.n):
         f = &s.fields[i]
         v = PyObject_GetAttr(obj, <object>f.name)
