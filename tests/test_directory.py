@@ -35,6 +35,7 @@ class FlakyRegistry(MemoryRegistry):
         self.mode = "ok"                       # ok | fail | hang | empty
         self.silent = False                    # the watch went quiet (list still works)
         self.gate: Optional[asyncio.Event] = None   # when set, ``list`` answers once it opens
+        self.watches: List[Watch] = []         # every watch made, cancelled or not
 
     async def list(self, appkey: str) -> List[Node]:
         if self.mode == "fail":
@@ -52,7 +53,9 @@ class FlakyRegistry(MemoryRegistry):
         def unless_down(nodes: List[Node], rules: List[RouteRule]) -> None:
             if not self.silent and self.mode not in ("fail", "hang"):
                 callback(nodes, rules)
-        return super().watch(appkey, unless_down)
+        watch = super().watch(appkey, unless_down)
+        self.watches.append(watch)
+        return watch
 
 
 def node(port: int, **fields) -> Node:
@@ -203,4 +206,51 @@ def test_snapshot_follows_every_accepted_change(tmp_path):
                 await wait_until(lambda: saved_ports() == [2000], what="the first snapshot")
                 await registry.register(node(2001))
                 await wait_until(lambda: saved_ports() == [2000, 2001], what="the second")
+    run(scenario())
+
+
+def test_a_failed_start_leaves_no_watch_and_can_be_retried():
+    async def scenario():
+        async with FlakyRegistry() as registry:
+            await registry.register(node(2000))
+            registry.mode = "fail"
+            directory = Directory(registry, APPKEY, refresh_interval=None)
+            with pytest.raises(RegistryError, match="no snapshot"):
+                await directory.start()
+            registry.mode = "hang"
+            cancelled = asyncio.ensure_future(directory.start())
+            await wait_until(lambda: len(registry.watches) == 2, what="the second watch")
+            cancelled.cancel()
+            await asyncio.gather(cancelled, return_exceptions=True)
+            assert [watch.cancelled for watch in registry.watches] == [True, True]
+            registry.mode = "ok"
+            await directory.start()
+            assert keys(directory) == ["127.0.0.1:2000"]
+            await directory.close()
+    run(scenario())
+
+
+UNUSABLE_SNAPSHOTS = {
+    "truncated": '{"appkey": "%s", "nodes": [' % APPKEY,
+    "a list": "[]",
+    "a string": json.dumps(APPKEY),
+    "nodes not a list": json.dumps({"appkey": APPKEY, "nodes": 5, "rules": []}),
+    "a node not an object": json.dumps({"appkey": APPKEY, "nodes": [1], "rules": []}),
+    "a rule not an object": json.dumps({"appkey": APPKEY, "nodes": [], "rules": ["r1"]}),
+    "no rules": json.dumps({"appkey": APPKEY, "nodes": []}),
+    "nested too deep": "[" * 100_000,
+}
+
+
+@pytest.mark.parametrize("content", UNUSABLE_SNAPSHOTS.values(), ids=UNUSABLE_SNAPSHOTS.keys())
+def test_an_unusable_snapshot_is_a_registry_error_and_leaves_no_watch(tmp_path, content):
+    snapshot = tmp_path / "snapshot.json"
+    snapshot.write_text(content)
+
+    async def scenario():
+        async with FlakyRegistry() as registry:
+            registry.mode = "fail"
+            with pytest.raises(RegistryError, match="no snapshot"):
+                await Directory(registry, APPKEY, str(snapshot), refresh_interval=None).start()
+            assert [watch.cancelled for watch in registry.watches] == [True]
     run(scenario())

@@ -183,6 +183,51 @@ def test_mass_failure_marks_nobody_and_is_reported():
     run(scenario())
 
 
+def test_the_guard_counts_only_serving_nodes_that_failed():
+    async def scenario():
+        registry = new_registry()
+        with refusing_port() as old1, refusing_port() as old2, refusing_port() as crashed:
+            async with servers(1) as (live,):
+                await registry.register(node(live.port))
+                for sock in (old1, old2):      # dead long ago, and still dead
+                    await registry.register(node(sock.getsockname()[1], heartbeat=False,
+                                                 status=NodeStatus.DEAD))
+                await registry.register(node(crashed.getsockname()[1], heartbeat=False))
+                # 1 of the 2 serving nodes failed: no mass failure, whatever the DEAD ones do.
+                report = (await Scanner(registry, [APPKEY], **FAST).run_once())[APPKEY]
+                assert not report.suspected_fault and len(report.failed) == 3
+                assert report.changes == {f"{LOCALHOST}:{crashed.getsockname()[1]}":
+                                          NodeStatus.DEAD}
+    run(scenario())
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_the_guard_leaves_appkeys_with_few_serving_nodes_alone(count):
+    async def scenario():
+        registry = new_registry()
+        with contextlib.ExitStack() as stack:
+            ports = [stack.enter_context(refusing_port()).getsockname()[1]
+                     for _ in range(count)]
+            for port in ports:
+                await registry.register(node(port, heartbeat=False))
+            report = (await Scanner(registry, [APPKEY], **FAST).run_once())[APPKEY]
+            assert not report.suspected_fault
+            assert await statuses(registry) == {port: NodeStatus.DEAD for port in ports}
+    run(scenario())
+
+
+def test_the_guard_applies_from_its_minimum_of_serving_nodes():
+    async def scenario():
+        registry = new_registry()
+        with refusing_port() as a, refusing_port() as b:
+            for sock in (a, b):
+                await registry.register(node(sock.getsockname()[1], heartbeat=False))
+            scanner = Scanner(registry, [APPKEY], mass_failure_min_nodes=2, **FAST)
+            assert (await scanner.run_once())[APPKEY].suspected_fault
+            assert set((await statuses(registry)).values()) == {NodeStatus.ALIVE}
+    run(scenario())
+
+
 def test_run_loops_until_stopped():
     async def scenario():
         registry = new_registry()

@@ -125,6 +125,25 @@ def test_reregistration_keeps_operator_fields(url):
     run(scenario())
 
 
+# (weight, fweight, seconds since start of a 60 s warm-up, expected effective weight)
+WARMUP_BOUNDS = [
+    (10, 0.5, 6, 0.5),       # below 1 already: warming never lifts it above its full weight
+    (10, 0.2, 0, 0.2),
+    (10, 0.5, 600, 0.5),     # warm
+    (10, 0.0, 6, 1.0),       # 10 * 6 / 60 = 1
+    (10, 0.0, 3, 1.0),       # 0.5 -> at least 1
+    (100, 0.0, 6, 10.0),
+    (0, 0.0, 6, 0.0),        # out of rotation stays out
+]
+
+
+@pytest.mark.parametrize("weight,fweight,elapsed,expected", WARMUP_BOUNDS)
+def test_warm_up_weight_is_at_least_1_and_at_most_the_full_weight(weight, fweight, elapsed,
+                                                                   expected):
+    warming = node(2000, weight=weight, fweight=fweight, warmup=60, startTime=1_000)
+    assert warming.effective_weight(now=1_000 + elapsed) == pytest.approx(expected)
+
+
 def test_watch_sees_every_change_on_the_loop(url):
     async def scenario():
         async with open_registry(url) as registry:

@@ -7,7 +7,7 @@ import functools
 import ssl as _ssl
 import sys
 import time
-from typing import Any, Awaitable, Callable, Dict, Iterable, Mapping, Optional, Union
+from typing import Any, Awaitable, Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 from thriftpy2.thrift import TApplicationException, TMessageType
 
@@ -65,7 +65,8 @@ class AsyncClient:
     ``lalb``, ``consistenthash`` with ``hash_arg`` naming the argument to hash),
     ``cluster`` (``failfast``, ``failover``, ``failsafe``, ``forking``,
     ``hedging``), ``retries``, ``forks``, ``hedge_delay``, ``idempotent`` (True,
-    or the method names that may be retried after they were sent); routing:
+    or the method names that may be retried after they were sent; forking and
+    hedging send extra copies of these only); routing:
     ``cell``/``set_routing``, ``idc``/``region``/``locality``, ``caller_ip``.
     Nodes come from ``hosts`` (addresses) or from a ``registry`` (URL or
     ``Registry``) for ``remote_appkey``; discovery follows changes and keeps the
@@ -170,15 +171,25 @@ class AsyncClient:
         call.__qualname__ = f"{self.service.__name__}.{method.name}"
         return call
 
-    async def call(self, name: str, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> Any:
-        """Call IDL method ``name``; ``timeout`` overrides the client's for this call.
+    async def call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Call IDL method ``name``; the keyword ``timeout`` overrides the client's for this call.
 
         Every method can be called this way; it is the only way to reach one whose
-        name the client uses itself (``close``, ``call``, ...)."""
+        name the client uses itself (``close``, ``call``, ...). For a method with
+        an argument called ``timeout``, that keyword is the argument (the call
+        keeps the client's timeout); any other argument, ``name`` too, is the
+        method's own."""
+        method, timeout = self._by_name(name, kwargs)
+        return await self._call(method, args, kwargs, timeout)
+
+    def _by_name(self, name: str, kwargs: Dict[str, Any]) -> Tuple[idl.Method, Optional[float]]:
+        """The method ``name`` and the call's ``timeout`` override, taken out of
+        ``kwargs`` unless the method has an argument of that name (see ``call``)."""
         method = self._methods.get(name)
         if method is None:
             raise AttributeError(f"{self.service.__name__} has no method {name!r}")
-        return await self._call(method, args, kwargs, timeout)
+        timeout = None if "timeout" in method.arg_names else kwargs.pop("timeout", None)
+        return method, timeout
 
     async def _call(self, method: idl.Method, args: tuple, kwargs: dict,
                     timeout: Optional[float] = None) -> Any:
@@ -219,11 +230,17 @@ class AsyncClient:
                 end(status)
 
     async def _discover(self) -> None:
-        """Start discovery once (concurrent first calls share it)."""
+        """Start discovery: concurrent first calls share one attempt, and a failed
+        attempt is forgotten, so a call after a registry outage tries again."""
         if self._discovery is None:
             self._discovery = asyncio.get_running_loop().create_task(self._directory.start())
+            self._discovery.add_done_callback(self._discovery_done)
         await asyncio.shield(self._discovery)
         self._cluster.update(self._directory.nodes, self._directory.rules)
+
+    def _discovery_done(self, attempt: asyncio.Task) -> None:
+        if attempt.cancelled() or attempt.exception() is not None:
+            self._discovery = None   # its callers have the error; the next call starts anew
 
     def _endpoint(self, node: Node) -> Endpoint:
         endpoint = self._endpoints.get(node.address)
@@ -250,7 +267,7 @@ class AsyncClient:
         deadline = time.monotonic() + timeout
         try:
             if conn is None:
-                conn = await endpoint.connection()
+                conn = await endpoint.connection(timeout)
             await conn.drained(max(0.0, deadline - time.monotonic()), method.name)
         except OctoError as exc:
             exc.method = exc.method or method.name
@@ -310,8 +327,10 @@ class AsyncClient:
         head = frame.head
         if head is not None and head.status != Status.SUCCESS and not frame.body:
             error = _ERRORS_BY_STATUS.get(head.status, RemoteError)
-            raise error(head.message or f"status {head.status}", status=head.status,
-                        method=method.name, node=node)
+            refusal = error(head.message or f"status {head.status}", status=head.status,
+                            method=method.name, node=node)
+            refusal.from_peer = True     # the node's verdict (status 5: on the request)
+            raise refusal
         try:
             msg_type, result = _codec.decode_reply(
                 method.result_cls, TApplicationException, frame.body, self._limits,
@@ -324,6 +343,7 @@ class AsyncClient:
             failure = error(result.message or f"application exception type {result.type}",
                             method=method.name, node=node)
             failure.type = result.type
+            failure.from_peer = True
             raise failure
         for field, _ in method.exceptions:
             declared = getattr(result, field)
@@ -372,20 +392,27 @@ def protocol_flags(checksum: bool) -> int:
     return protocol.DEFAULT_FLAGS | (protocol.FLAG_CHECKSUM if checksum else 0)
 
 
+#: How ``Client`` wraps one IDL method (with a by-name call's ``timeout``) for a call mode.
+_Wrap = Callable[[idl.Method, Optional[float]], Callable[..., Any]]
+
+
 class _Mode:
     """``client.future`` / ``client.callback``: the same methods, another way to wait.
 
-    ``call(name, *args, **kwargs)`` reaches any method by name (``call`` itself included).
+    ``call(name, *args, **kwargs)`` reaches any method by name (``call`` itself
+    included), ``timeout`` as in ``AsyncClient.call``.
     """
 
-    def __init__(self, client: "Client", wrap: Callable[[str], Callable[..., Any]]) -> None:
+    def __init__(self, client: "Client", wrap: _Wrap) -> None:
+        self._by_name = client._async._by_name
         self._wrap = wrap
-        for name in client._async._methods:
+        for name, method in client._async._methods.items():
             if not hasattr(self, name):
-                setattr(self, name, wrap(name))
+                setattr(self, name, wrap(method, None))
 
-    def call(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        return self._wrap(name)(*args, **kwargs)
+    def call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
+        method, timeout = self._by_name(name, kwargs)
+        return self._wrap(method, timeout)(*args, **kwargs)
 
 
 class Client:
@@ -396,7 +423,10 @@ class Client:
     ``c.callback.echo("hi", callback=fn)`` calls ``fn(result_or_exception)``.
     Oneway methods return once the request is written. A method whose name the
     client uses itself (``close``, ``future``, ...) is called by name:
-    ``c.call("close")``, ``c.future.call("close")``.
+    ``c.call("close")``, ``c.future.call("close")``. The methods pass every
+    argument to the IDL method as given; in callback mode the keyword
+    ``callback`` is the callback, so an IDL argument called ``callback`` is
+    passed by position there.
     """
 
     def __init__(self, service: Any, **options: Any) -> None:
@@ -405,43 +435,48 @@ class Client:
         self._async = self._thread.run(_make_async(service, options))
         self.future = _Mode(self, self._submitter)
         self.callback = _Mode(self, self._with_callback)
-        for name in self._async._methods:
+        for name, method in self._async._methods.items():
             if not hasattr(self, name):
-                setattr(self, name, self._blocking(name))
+                setattr(self, name, self._blocking(method))
 
-    def call(self, name: str, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> Any:
-        """Call IDL method ``name`` and wait; ``timeout`` overrides the client's for this call."""
-        return self._submitter(name)(*args, timeout=timeout, **kwargs).result()
+    def call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Call IDL method ``name`` and wait; ``timeout`` as in ``AsyncClient.call``."""
+        return self.future.call(name, *args, **kwargs).result()
 
-    def _submitter(self, name: str) -> Callable[..., concurrent.futures.Future]:
-        call = self._async.call
-        if name not in self._async._methods:
-            raise AttributeError(f"{self._async.service.__name__} has no method {name!r}")
+    def _submitter(self, method: idl.Method,
+                   timeout: Optional[float] = None) -> Callable[..., concurrent.futures.Future]:
+        # The client's own _call, not call(): every argument is the IDL method's.
+        call = self._async._call
 
         def submit(*args: Any, **kwargs: Any) -> concurrent.futures.Future:
             if self._closed:
-                raise TransportError("client is closed", method=name, request_sent=False)
-            return self._thread.submit(call(name, *args, **kwargs))
-        submit.__name__ = name
+                raise TransportError("client is closed", method=method.name, request_sent=False)
+            return self._thread.submit(call(method, args, kwargs, timeout))
+        submit.__name__ = method.name
         return submit
 
-    def _blocking(self, name: str) -> Callable[..., Any]:
-        submit = self._submitter(name)
+    def _blocking(self, method: idl.Method) -> Callable[..., Any]:
+        submit = self._submitter(method)
 
         def call(*args: Any, **kwargs: Any) -> Any:
             return submit(*args, **kwargs).result()
-        call.__name__ = name
+        call.__name__ = method.name
         return call
 
-    def _with_callback(self, name: str) -> Callable[..., concurrent.futures.Future]:
-        submit = self._submitter(name)
+    def _with_callback(self, method: idl.Method,
+                       timeout: Optional[float] = None) -> Callable[..., concurrent.futures.Future]:
+        submit = self._submitter(method, timeout)
 
         def call(*args: Any, callback: Callable[[Any], None], **kwargs: Any) -> concurrent.futures.Future:
+            if not callable(callback):   # most likely an IDL argument called `callback`
+                raise TypeError(f"{method.name}: callback must be callable, not {callback!r} "
+                                "(in callback mode an IDL argument called callback is "
+                                "passed by position)")
             future = submit(*args, **kwargs)
             future.add_done_callback(
                 lambda f: callback(f.exception() if f.exception() is not None else f.result()))
             return future
-        call.__name__ = name
+        call.__name__ = method.name
         return call
 
     def close(self) -> None:

@@ -8,9 +8,13 @@ One round, for each appkey:
    status - and a TCP connect to the rest;
 3. probe every node that failed again, on a new connection, ``confirm_delay``
    later: a node is dead only when both probes fail;
-4. when more than ``mass_failure_ratio`` of the probed nodes are dead, the fault
-   is more likely the scanner's or the network's: mark none of them, log an
-   error, and say so in the report;
+4. the mass-failure guard: when more than ``mass_failure_ratio`` of the serving
+   (ALIVE) nodes failed, the fault is more likely the scanner's or the
+   network's: mark none of the failed nodes, log an error, and say so in the
+   report. Only serving nodes count, on both sides of the ratio: a node already
+   DEAD that stays dead is no new failure. The guard needs at least
+   ``mass_failure_min_nodes`` serving nodes (default 3): below that one failure
+   is already "most", and the guard would keep a lone dead node ALIVE forever;
 5. write the changes: DEAD for the dead; for the living, the status a heartbeat
    reported, or ALIVE when a TCP probe finds a DEAD node listening again.
 
@@ -63,18 +67,21 @@ class Scanner:
     """Probes every node of ``appkeys`` each ``interval`` seconds (see the module docstring).
 
     ``timeout`` bounds one probe; at most ``concurrency`` probes run at once.
+    ``mass_failure_ratio`` and ``mass_failure_min_nodes`` set the guard (step 4).
     ``last_report`` holds the last round's ``AppkeyReport`` per appkey.
     """
 
     def __init__(self, registry: Registry, appkeys: Iterable[str], interval: float = 5.0,
                  timeout: float = 1.0, confirm_delay: float = 0.5,
-                 mass_failure_ratio: float = 0.5, concurrency: int = 64) -> None:
+                 mass_failure_ratio: float = 0.5, mass_failure_min_nodes: int = 3,
+                 concurrency: int = 64) -> None:
         self.registry = registry
         self.appkeys = list(appkeys)
         self.interval = interval
         self.timeout = timeout
         self.confirm_delay = confirm_delay
         self.mass_failure_ratio = mass_failure_ratio
+        self.mass_failure_min_nodes = mass_failure_min_nodes
         self.last_report: Dict[str, AppkeyReport] = {}
         self._limit = asyncio.Semaphore(concurrency)
         self._stopped = asyncio.Event()
@@ -112,17 +119,25 @@ class Scanner:
         probed = [node for node in nodes if node.status != NodeStatus.STOPPED]
         report.probed = len(probed)
         observed = await self._observe(probed)
-        dead = [node for node in probed if observed[node.key] is None]
-        report.failed = [node.key for node in dead]
-        if dead and len(dead) / len(probed) > self.mass_failure_ratio:
-            report.suspected_fault = True
-            log.error("%s: %d of %d nodes failed at once; suspecting the scanner or the network, "
-                      "marking none of them dead", appkey, len(dead), len(probed))
+        report.failed = [node.key for node in probed if observed[node.key] is None]
+        report.suspected_fault = self._mass_failure(appkey, probed, observed)
         for node in probed:
             status = self._verdict(node, observed[node.key], report.suspected_fault)
             if status is not None and status != node.status:
                 await self._write(appkey, node, status, report)
         return report
+
+    def _mass_failure(self, appkey: str, probed: Sequence[Node],
+                      observed: Dict[str, Optional[int]]) -> bool:
+        """Did too many serving nodes fail at once (step 4)? Logs it when they did."""
+        serving = [node for node in probed if node.status == NodeStatus.ALIVE]
+        failed = sum(observed[node.key] is None for node in serving)
+        if (len(serving) < self.mass_failure_min_nodes
+                or failed <= self.mass_failure_ratio * len(serving)):
+            return False
+        log.error("%s: %d of %d serving nodes failed at once; suspecting the scanner or the "
+                  "network, marking none of them dead", appkey, failed, len(serving))
+        return True
 
     async def _observe(self, nodes: Sequence[Node]) -> Dict[str, Optional[int]]:
         """Each node's probed status, ``None`` for a node that failed twice."""
@@ -234,7 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--confirm-delay", type=float, default=0.5,
                         help="seconds before a failed node is probed again")
     parser.add_argument("--mass-failure-ratio", type=float, default=0.5,
-                        help="above this share of dead nodes in one appkey, mark none")
+                        help="above this share of serving nodes failing at once in one "
+                             "appkey, mark none dead")
+    parser.add_argument("--mass-failure-min-nodes", type=int, default=3,
+                        help="the guard applies to appkeys with at least this many "
+                             "serving nodes")
     parser.add_argument("--once", action="store_true", help="run one round and exit")
     return parser
 
@@ -244,7 +263,8 @@ async def _serve(args: argparse.Namespace) -> int:
     try:
         scanner = Scanner(registry, args.appkeys, interval=args.interval, timeout=args.timeout,
                           confirm_delay=args.confirm_delay,
-                          mass_failure_ratio=args.mass_failure_ratio)
+                          mass_failure_ratio=args.mass_failure_ratio,
+                          mass_failure_min_nodes=args.mass_failure_min_nodes)
         if args.once:
             reports = await scanner.run_once()
             return 1 if any(r.error or r.suspected_fault for r in reports.values()) else 0

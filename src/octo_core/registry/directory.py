@@ -19,7 +19,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Callable, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from octo_core.registry.base import Registry, RegistryError, Watch, parse_rule, snapshot_of
 from octo_core.registry.file import write_atomic
@@ -98,18 +98,26 @@ class Directory:
 
         When the registry cannot answer within ``timeout`` (and its watch has
         not spoken either), the snapshot is loaded instead; with no usable
-        snapshot, ``RegistryError``.
+        snapshot, ``RegistryError``. A failed start stops its watch, and may be
+        tried again.
         """
         self._watch = self.registry.watch(self.appkey, self._on_watch)
+        try:
+            await self._load()
+        except BaseException:
+            self._watch.cancel()   # a failed start leaves nothing behind: start() may be retried
+            raise
+        if self.refresh_interval:
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_every())
+
+    async def _load(self) -> None:
+        """The current state from the registry, else (the watch silent too) from the snapshot."""
         try:
             await self._fetch()
         except Exception as exc:  # noqa: BLE001 - any registry failure: fall back
             if not self._deliveries and not await self._load_snapshot(exc):
-                self._watch.cancel()
                 raise RegistryError(f"cannot discover {self.appkey}: the registry failed ({exc!r}) "
                                     "and there is no snapshot to start from") from exc
-        if self.refresh_interval:
-            self._refresher = asyncio.get_running_loop().create_task(self._refresh_every())
 
     async def refresh(self) -> bool:
         """Ask the registry now; True when that changed the state. Never raises for a
@@ -206,7 +214,7 @@ class Directory:
             return False
         try:
             nodes, rules = await asyncio.to_thread(_read_snapshot, self.snapshot_path, self.appkey)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             log.warning("%s: the registry failed (%r) and the snapshot %s is unusable: %s",
                         self.appkey, why, self.snapshot_path, exc)
             return False
@@ -225,9 +233,21 @@ def _write_snapshot(path: str, appkey: str, nodes: Sequence[Node],
 
 
 def _read_snapshot(path: str, appkey: str) -> Tuple[List[Node], List[RouteRule]]:
+    """The snapshot's nodes and rules; ``ValueError`` (``OSError``, or ``RecursionError``
+    for JSON nested too deep) when it is not one ``_write_snapshot`` wrote for ``appkey``."""
     with open(path, encoding="utf-8") as f:
         document = json.load(f)
+    if not isinstance(document, dict):
+        raise ValueError(f"it holds a JSON {type(document).__name__}, not an object")
     if document.get("appkey") != appkey:
         raise ValueError(f"it holds appkey {document.get('appkey')!r}")
-    return ([Node.from_dict(node) for node in document["nodes"]],
-            [parse_rule(rule) for rule in document["rules"]])
+    return ([Node.from_dict(node) for node in _objects(document, "nodes")],
+            [parse_rule(rule) for rule in _objects(document, "rules")])
+
+
+def _objects(document: Dict[str, Any], key: str) -> List[Dict[str, Any]]:
+    """``document[key]``, checked to be a list of JSON objects."""
+    items = document.get(key)
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise ValueError(f"its {key!r} is not a list of objects")
+    return items

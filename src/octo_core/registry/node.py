@@ -79,7 +79,10 @@ class Node:
         return self.fweight if self.fweight else float(self.weight)
 
     def effective_weight(self, now: Optional[float] = None) -> float:
-        """The weight after warm-up: ``weight * elapsed / warmup`` while warming, at least 1.
+        """The weight after warm-up: ``weight * elapsed / warmup`` while warming, at
+        least 1 but never more than the full weight (Dubbo's rule:
+        ``min(weight, max(1, weight * elapsed / warmup))``; a node of weight below 1
+        keeps it through warm-up).
 
         A node with weight 0 stays at 0 (an operator took it out of rotation).
         """
@@ -89,7 +92,7 @@ class Node:
         elapsed = (time.time() if now is None else now) - self.startTime
         if elapsed >= self.warmup:
             return weight
-        return max(1.0, weight * max(elapsed, 0.0) / self.warmup)
+        return min(weight, max(1.0, weight * max(elapsed, 0.0) / self.warmup))
 
     # --- JSON (the reference layout's keys) ----------------------------------------
 

@@ -240,16 +240,21 @@ class Endpoint:
             return conn
         return None
 
-    async def connection(self) -> ClientConnection:
-        """A live connection to the node (round robin over the pool), opened if need be."""
+    async def connection(self, timeout: Optional[float] = None) -> ClientConnection:
+        """A live connection to the node (round robin over the pool), opened if need be.
+
+        ``timeout`` (a call's time left) bounds how long this caller waits for a
+        connect, which itself goes on, up to ``connect_timeout``, for the callers
+        after it: ``CallTimeout``, with nothing sent, when it is up first.
+        """
         slot = self._next
         self._next = (slot + 1) % self.pool_size
         conn = self._conns[slot]
         if conn is not None and not conn.closed:
             return conn
-        return await self._open(slot)
+        return await self._open(slot, timeout)
 
-    async def _open(self, slot: int) -> ClientConnection:
+    async def _open(self, slot: int, timeout: Optional[float]) -> ClientConnection:
         if self.closed:
             raise TransportError("client is closed", node=self.node, request_sent=False)
         attempt = self._connecting.get(slot)
@@ -263,7 +268,11 @@ class Endpoint:
             # timed out) neither aborts it for the others nor counts as a failure.
             attempt = asyncio.get_running_loop().create_task(self._connect_slot(slot))
             self._connecting[slot] = attempt
-        return await asyncio.shield(attempt)
+        try:
+            return await asyncio.wait_for(asyncio.shield(attempt), timeout)
+        except asyncio.TimeoutError:   # the attempt turns its own timeout into TransportError
+            raise CallTimeout(f"not connected within the call's {timeout:.3g}s left; the "
+                              "request was not sent", node=self.node, request_sent=False) from None
 
     async def _connect_slot(self, slot: int) -> ClientConnection:
         loop = asyncio.get_running_loop()

@@ -1,0 +1,76 @@
+"""``AsyncClient`` discovery through a registry that is down when the first calls come.
+
+Concurrent first calls share one discovery attempt; a failed attempt is not kept,
+so once the registry answers again the next call discovers the nodes.
+"""
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import List
+
+import pytest
+
+import octo_core
+from octo_core.cluster.routing import RouteRule
+from octo_core.registry import Node, RegistryError, Watch
+from octo_core.registry.base import WatchCallback
+from octo_core.registry.memory import MemoryRegistry
+
+from wire_helpers import Echo, LOCALHOST, echo_services, run, serving, watchdog  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("watchdog")
+
+APPKEY = "com.example.discovery"
+
+
+class OutageRegistry(MemoryRegistry):
+    """A memory registry that, while ``down``, fails every question and whose
+    watches (made meanwhile) say nothing: ZooKeeper out of reach."""
+
+    def __init__(self) -> None:
+        super().__init__(f"discovery-{uuid.uuid4().hex}")
+        self.down = True
+        self.lists = 0                 # list() calls: one per discovery attempt
+        self.watches: List[Watch] = []
+
+    async def list(self, appkey: str) -> List[Node]:
+        self.lists += 1
+        await asyncio.sleep(0)         # let the other first calls join the attempt
+        if self.down:
+            raise RegistryError("the registry is down")
+        return await super().list(appkey)
+
+    async def routes(self, appkey: str) -> List[RouteRule]:
+        if self.down:
+            raise RegistryError("the registry is down")
+        return await super().routes(appkey)
+
+    def watch(self, appkey: str, callback: WatchCallback) -> Watch:
+        def unless_down(nodes: List[Node], rules: List[RouteRule]) -> None:
+            if not self.down:
+                callback(nodes, rules)
+        watch = super().watch(appkey, unless_down)
+        self.watches.append(watch)
+        return watch
+
+
+def test_calls_after_a_registry_outage_discover_the_nodes():
+    async def main():
+        async with serving(echo_services()) as server, OutageRegistry() as registry:
+            await registry.register(Node(APPKEY, LOCALHOST, server.port))
+            async with octo_core.AsyncClient(Echo, appkey="c", registry=registry,
+                                             remote_appkey=APPKEY) as client:
+                first = await asyncio.gather(*(client.echo(f"early {i}") for i in range(3)),
+                                             return_exceptions=True)
+                assert all(isinstance(outcome, RegistryError) for outcome in first), first
+                assert registry.lists == 1, "concurrent first calls share one attempt"
+                assert all(watch.cancelled for watch in registry.watches), \
+                    "a failed discovery leaves no watch behind"
+
+                registry.down = False
+                assert await client.echo("back") == "back"
+                assert registry.lists == 2
+                assert await client.echo("again") == "again"
+                assert registry.lists == 2, "a successful discovery is kept"
+    run(main())

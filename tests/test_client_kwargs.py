@@ -1,0 +1,112 @@
+"""IDL arguments named like the client's own parameters (``name``, ``timeout``,
+``callback``) reach the IDL method untouched, in every call mode.
+
+``AsyncClient.call(name, /, *args, **kwargs)`` takes the keyword ``timeout`` as
+its own override only for methods without such an argument; the methods of
+``Client``, ``Client.future`` and ``Client.callback`` never take it.
+"""
+from __future__ import annotations
+
+import io
+import queue
+import threading
+
+import pytest
+import thriftpy2
+
+import octo_core
+from octo_core.errors import CallTimeout
+
+from wire_helpers import run, serving, serving_in_thread, watchdog  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("watchdog")
+
+kwargs_thrift = thriftpy2.load_fp(io.StringIO("""
+service Search {
+  string find(1: string name, 2: i32 timeout),
+  string cb(1: string callback),
+  string nap(1: string name),
+}
+"""), module_name="octo_client_kwargs_thrift")
+Search = kwargs_thrift.Search
+
+BOB = "name='bob' timeout=5"
+
+
+class SearchHandler:
+    """Says which arguments arrived; ``nap`` answers once ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def find(self, name, timeout):
+        return f"name={name!r} timeout={timeout!r}"
+
+    def cb(self, callback):
+        return f"callback={callback!r}"
+
+    def nap(self, name):
+        self.release.wait(10)
+        return name
+
+
+@pytest.fixture
+def client():
+    handler = SearchHandler()
+    with serving_in_thread([(Search, handler, None)]) as server:
+        with octo_core.Client(Search, appkey="c", hosts=[server.address], timeout=5.0) as client:
+            yield client
+        handler.release.set()   # before the server stops: no call left in flight
+
+
+def test_async_call_by_name_passes_name_and_timeout_arguments():
+    handler = SearchHandler()
+
+    async def main():
+        async with serving([(Search, handler, None)]) as server:
+            async with octo_core.AsyncClient(Search, appkey="c", hosts=[server.address]) as c:
+                assert await c.find(name="bob", timeout=5) == BOB
+                assert await c.call("find", name="bob", timeout=5) == BOB
+                assert await c.call("find", "bob", timeout=5) == BOB   # an argument, no deadline
+                with pytest.raises(CallTimeout):   # no `timeout` argument: the call's own
+                    await c.call("nap", "late", timeout=0.05)
+                handler.release.set()
+    run(main())
+
+
+def test_blocking_methods_pass_every_argument_to_the_idl_method(client):
+    assert client.find(name="bob", timeout=5) == BOB
+    assert client.find("bob", timeout=5) == BOB
+    assert client.find("bob", 5) == BOB
+    assert client.call("find", name="bob", timeout=5) == BOB
+    assert client.call("find", "bob", timeout=5) == BOB
+
+
+def test_future_methods_pass_every_argument_to_the_idl_method(client):
+    assert client.future.find(name="bob", timeout=5).result(5) == BOB
+    assert client.future.find("bob", timeout=5).result(5) == BOB
+    assert client.future.call("find", name="bob", timeout=5).result(5) == BOB
+
+
+def test_by_name_timeout_overrides_the_deadline_in_every_mode(client):
+    with pytest.raises(CallTimeout):
+        client.call("nap", "late", timeout=0.05)
+    with pytest.raises(CallTimeout):
+        client.future.call("nap", "late", timeout=0.05).result(5)
+    outcomes: "queue.Queue" = queue.Queue()
+    client.callback.call("nap", "late", timeout=0.05, callback=outcomes.put)
+    assert isinstance(outcomes.get(timeout=5), CallTimeout)
+
+
+def test_callback_methods_pass_every_argument_to_the_idl_method(client):
+    outcomes: "queue.Queue" = queue.Queue()
+    client.callback.find(name="bob", timeout=5, callback=outcomes.put)
+    assert outcomes.get(timeout=5) == BOB
+    client.callback.call("find", "bob", timeout=5, callback=outcomes.put)
+    assert outcomes.get(timeout=5) == BOB
+    # An IDL argument called `callback` goes by position; the keyword is the callback.
+    client.callback.cb("by position", callback=outcomes.put)
+    assert outcomes.get(timeout=5) == "callback='by position'"
+    assert client.cb(callback="by keyword") == "callback='by keyword'"
+    with pytest.raises(TypeError, match="callback must be callable"):
+        client.callback.cb(callback="not a function")
