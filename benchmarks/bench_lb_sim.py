@@ -144,6 +144,9 @@ async def _simulate(sc: Scenario, lb: str, policy: str) -> Dict[str, Any]:
             for i, n in enumerate(nodes)}
 
     kind, breaker, options = POLICIES[policy]
+    # hedging sends backups of idempotent calls only; the others keep failover's
+    # rule (after a send, only refusals are retried)
+    idempotent = kind == "hedging"
     breaker_options = dict(breaker or {}, clock=loop.time)
     cluster = Cluster(Router(), lb=lb, lb_options={"clock": loop.time} if lb == "lalb" else None,
                       policy=kind, retries=sc.retries, budget=RetryBudget(clock=loop.time),
@@ -173,7 +176,7 @@ async def _simulate(sc: Scenario, lb: str, policy: str) -> Dict[str, Any]:
         nonlocal errors, pending
         arrived = loop.time()
         try:
-            await cluster.invoke(send, timeout=sc.timeout, key=key)
+            await cluster.invoke(send, timeout=sc.timeout, key=key, idempotent=idempotent)
         except Exception:  # noqa: BLE001 - any failure is what the caller sees
             errors += 1
         latencies.append(loop.time() - arrived)

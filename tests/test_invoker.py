@@ -57,6 +57,15 @@ def refused() -> TransportError:
     return TransportError("cannot connect: Connection refused", request_sent=False)
 
 
+def malformed() -> ProtocolError:
+    """What the client makes of a server's status-5 refusal of the request itself
+    (``from_peer``: the status came in the node's reply)."""
+    error = ProtocolError("Echo.echo: bad arguments: required field text is missing",
+                          status=Status.PROTOCOL_EXCEPTION)
+    error.from_peer = True
+    return error
+
+
 async def outcome(call: Any) -> Any:
     """The result of awaiting ``call``, or the exception it raised."""
     try:
@@ -187,8 +196,27 @@ def test_error_classification():
     assert node_failed(refused()) and not_executed(refused())
     assert not node_failed(ApplicationError("x")) and not node_failed(EchoError())
     assert node_failed(NoRouteError("none"))
-    assert node_failed(ProtocolError("a bad reply"))
+    assert node_failed(ProtocolError("a bad reply"))     # read here: the node sent garbage
+    assert not node_failed(malformed())                  # the node refused the caller's request
     assert not node_failed(EncodeError("the caller's own value"))
+
+
+@pytest.mark.parametrize("policy", ["failover", "hedging"])
+def test_a_request_the_server_refused_as_malformed_is_the_callers_mistake(policy):
+    """A status-5 refusal says the request was malformed: not retried or hedged,
+    and no breaker opens, so the valid calls after it still go through."""
+    async def main():
+        cluster = make_cluster(3, policy=policy, hedge_delay=0.5,
+                               breaker=dict(consecutive_failures=2, clock=FakeClock()))
+        for _ in range(10):
+            send = ScriptedSend(default=fail(malformed, after=0.01))
+            error = await outcome(cluster.invoke(send, timeout=1.0, idempotent=True))
+            assert isinstance(error, ProtocolError) and error.from_peer
+            await settle()
+            assert len(send) == 1, send.keys
+        assert all(cluster.breaker(n).state is BreakerState.CLOSED for n in cluster.router.nodes)
+        assert (await cluster.invoke(ScriptedSend(), timeout=1.0)).startswith("ok from")
+    run_virtual(main())
 
 
 def test_failsafe_returns_none_and_logs(caplog):
@@ -214,7 +242,7 @@ def test_forking_runs_n_in_parallel_first_success_wins_rest_cancelled():
         send = ScriptedSend(by_attempt=[answer("slowest", after=0.3), answer("fastest", after=0.1),
                                         answer("middle", after=0.2)])
         started = loop.time()
-        assert await cluster.invoke(send, timeout=1.0) == "fastest"
+        assert await cluster.invoke(send, timeout=1.0, idempotent=True) == "fastest"
         assert loop.time() - started == pytest.approx(0.1)
         assert len(send) == 3 and len(set(send.keys)) == 3
         assert all(a.started == started for a in send.attempts)          # in parallel
@@ -229,8 +257,58 @@ def test_forking_skips_failures_and_takes_the_first_answer():
         cluster = make_cluster(5, policy="forking", forks=3)
         send = ScriptedSend(by_attempt=[fail(overload, after=0.01), answer("late", after=0.2),
                                         fail(refused, after=0.05)])
-        assert await cluster.invoke(send, timeout=1.0) == "late"
+        assert await cluster.invoke(send, timeout=1.0, idempotent=True) == "late"
         assert len(send) == 3
+    run_virtual(main())
+
+
+@pytest.mark.parametrize("make", [overload, refused], ids=["overload", "connect refused"])
+def test_hedging_sends_the_backup_at_once_when_the_first_attempt_fails(make):
+    """gRPC A6: a node fault of one attempt sends the next hedge at once; the call
+    does not fail while an untried node is left."""
+    async def main():
+        cluster = make_cluster(3, policy="hedging", hedge_delay=0.5)
+        send = ScriptedSend(by_attempt=[fail(make, after=0.01), answer("backup", after=0.01)])
+        assert await cluster.invoke(send, timeout=2.0, idempotent=True) == "backup"
+        assert len(send) == 2 and send.keys[0] != send.keys[1]
+        assert send.attempts[1].started == send.attempts[0].started + 0.01   # not after 0.5 s
+    run_virtual(main())
+
+
+def test_a_hedge_after_a_failure_still_draws_on_the_budget():
+    async def main():
+        budget = RetryBudget(ratio=0.0, min_per_second=0.0, window=10, clock=FakeClock())
+        cluster = make_cluster(3, policy="hedging", hedge_delay=0.5, budget=budget)
+        send = ScriptedSend(by_attempt=[fail(overload, after=0.01), answer("backup")])
+        assert isinstance(await outcome(cluster.invoke(send, timeout=2.0, idempotent=True)),
+                          RpcError)
+        assert len(send) == 1
+    run_virtual(main())
+
+
+@pytest.mark.parametrize("policy", ["forking", "hedging"])
+def test_forking_and_hedging_send_one_copy_of_a_method_that_is_not_idempotent(policy):
+    """Two copies of a non-idempotent call may both run (gRPC hedges only idempotent
+    methods): one copy at a time, however slow it is."""
+    async def main():
+        cluster = make_cluster(3, policy=policy, forks=3, hedge_delay=0.05)
+        send = ScriptedSend(default=answer("done", after=0.2))
+        assert await cluster.invoke(send, timeout=2.0) == "done"
+        await asyncio.sleep(1.0)
+        assert len(send) == 1
+    run_virtual(main())
+
+
+@pytest.mark.parametrize("policy", ["forking", "hedging"])
+def test_a_non_idempotent_call_goes_elsewhere_only_when_it_surely_did_not_run(policy):
+    async def main():
+        cluster = make_cluster(3, policy=policy, forks=3, hedge_delay=0.05)
+        unsent = ScriptedSend(by_attempt=[fail(refused), answer("second")])
+        assert await cluster.invoke(unsent, timeout=2.0) == "second"
+        assert len(unsent) == 2 and unsent.keys[0] != unsent.keys[1]
+        lost = ScriptedSend(by_attempt=[fail(lambda: CallTimeout("no reply")), answer("second")])
+        assert isinstance(await outcome(cluster.invoke(lost, timeout=2.0)), CallTimeout)
+        assert len(lost) == 1
     run_virtual(main())
 
 
@@ -238,7 +316,8 @@ def test_forking_when_every_fork_fails_raises_a_failure():
     async def main():
         cluster = make_cluster(3, policy="forking", forks=3, breaker=NO_BREAKER)
         send = ScriptedSend(default=fail(overload, after=0.01))
-        assert isinstance(await outcome(cluster.invoke(send, timeout=1.0)), RpcError)
+        error = await outcome(cluster.invoke(send, timeout=1.0, idempotent=True))
+        assert isinstance(error, RpcError)
         assert len(send) == 3
     run_virtual(main())
 
@@ -247,7 +326,7 @@ def test_forking_never_uses_a_node_twice():
     async def main():
         cluster = make_cluster(2, policy="forking", forks=4)
         send = ScriptedSend(default=answer(after=0.1))
-        assert (await cluster.invoke(send, timeout=1.0)).startswith("ok from")
+        assert (await cluster.invoke(send, timeout=1.0, idempotent=True)).startswith("ok from")
         assert sorted(send.keys) == sorted({n.key for n in cluster.router.nodes})
     run_virtual(main())
 
@@ -258,7 +337,7 @@ def test_hedging_sends_a_backup_only_when_the_first_is_slow():
         cluster = make_cluster(3, policy="hedging", hedge_delay=0.05)
         send = ScriptedSend(by_attempt=[answer("slow", after=1.0), answer("backup", after=0.01)])
         t0 = loop.time()
-        assert await cluster.invoke(send, timeout=2.0) == "backup"
+        assert await cluster.invoke(send, timeout=2.0, idempotent=True) == "backup"
         assert loop.time() - t0 == pytest.approx(0.06)
         assert len(send) == 2 and send.keys[0] != send.keys[1]
         assert send.attempts[1].started - t0 == pytest.approx(0.05)
@@ -267,7 +346,7 @@ def test_hedging_sends_a_backup_only_when_the_first_is_slow():
         assert [a.outcome for a in send.attempts] == ["cancelled", "ok"]
 
         fast = ScriptedSend(default=answer("fast", after=0.01))
-        assert await cluster.invoke(fast, timeout=2.0) == "fast"
+        assert await cluster.invoke(fast, timeout=2.0, idempotent=True) == "fast"
         await asyncio.sleep(1.0)
         assert len(fast) == 1                                   # no backup for a quick answer
     run_virtual(main())
@@ -277,7 +356,7 @@ def test_hedging_first_answer_wins_even_after_the_backup_left():
     async def main():
         cluster = make_cluster(3, policy="hedging", hedge_delay=0.05)
         send = ScriptedSend(by_attempt=[answer("first", after=0.08), answer("backup", after=0.5)])
-        assert await cluster.invoke(send, timeout=2.0) == "first"
+        assert await cluster.invoke(send, timeout=2.0, idempotent=True) == "first"
         await settle()
         assert [a.outcome for a in send.attempts] == ["ok", "cancelled"]
     run_virtual(main())
@@ -287,7 +366,7 @@ def test_hedging_backup_rescues_a_first_attempt_that_fails_late():
     async def main():
         cluster = make_cluster(3, policy="hedging", hedge_delay=0.05)
         send = ScriptedSend(by_attempt=[fail(overload, after=0.1), answer("backup", after=0.2)])
-        assert await cluster.invoke(send, timeout=2.0) == "backup"
+        assert await cluster.invoke(send, timeout=2.0, idempotent=True) == "backup"
     run_virtual(main())
 
 
@@ -327,7 +406,7 @@ def test_forks_and_hedges_draw_on_the_budget():
         sends = []
         for _ in range(4):
             sends.append(ScriptedSend(default=answer(after=0.01)))
-            await forking.invoke(sends[-1], timeout=1.0)
+            await forking.invoke(sends[-1], timeout=1.0, idempotent=True)
         assert [len(s) for s in sends] == [3, 2, 1, 1]
     run_virtual(main())
 
@@ -340,11 +419,11 @@ def test_a_fork_or_hedge_that_is_not_sent_costs_no_budget():
         budget = RetryBudget(ratio=0.0, min_per_second=0.5, window=10, clock=clock)   # 5 extra
         forking = make_cluster(2, policy="forking", forks=4, budget=budget)
         send = ScriptedSend(default=answer(after=0.01))
-        await forking.invoke(send, timeout=1.0)
+        await forking.invoke(send, timeout=1.0, idempotent=True)
         assert len(send) == 2                          # one extra attempt was sent
         hedging = make_cluster(1, policy="hedging", hedge_delay=0.05, budget=budget)
         slow = ScriptedSend(default=answer(after=0.2))
-        await hedging.invoke(slow, timeout=1.0)
+        await hedging.invoke(slow, timeout=1.0, idempotent=True)
         assert len(slow) == 1                          # no other node: no hedge sent
         left = sum(budget.try_retry() for _ in range(10))
         assert left == 4, f"{5 - left} tokens spent for 1 extra attempt sent"
@@ -383,7 +462,7 @@ def test_a_call_whose_deadline_passed_raises_call_timeout_without_sending():
     async def main():
         cluster = make_cluster(3, retries=2)
         send = ScriptedSend(default=use_up_time(overload))
-        with pytest.raises(CallTimeout):
+        with pytest.raises(RpcError):               # the node's own answer, not a phantom's
             await cluster.invoke(send, timeout=0.5)
         assert len(send) == 1                       # the retry found no time left
         nothing = ScriptedSend()
@@ -393,12 +472,39 @@ def test_a_call_whose_deadline_passed_raises_call_timeout_without_sending():
     run_virtual(main())
 
 
+def test_failover_after_an_attempt_used_the_whole_deadline_sends_and_spends_nothing():
+    """No retry fits in no time: no budget token goes, and the caller gets the
+    timeout of the node that was called, not one naming a node never contacted."""
+    async def main():
+        budget = RetryBudget(ratio=0.0, min_per_second=1.0, window=10, clock=FakeClock())
+        cluster = make_cluster(3, retries=2, budget=budget)
+        send = ScriptedSend(default=use_up_time(lambda: CallTimeout("no reply within 0.5s")))
+        error = await outcome(cluster.invoke(send, timeout=0.5, idempotent=True))
+        assert len(send) == 1 and error is send.attempts[0].error
+        assert sum(budget.try_retry() for _ in range(20)) == 10        # all 10 tokens left
+    run_virtual(main())
+
+
+def test_a_retry_refused_by_an_open_circuit_spends_nothing_and_raises_the_real_error():
+    async def main():
+        budget = RetryBudget(ratio=0.0, min_per_second=1.0, window=10, clock=FakeClock())
+        nodes = numbered_nodes(2)
+        cluster = make_cluster(nodes=nodes, retries=1, budget=budget,
+                               breaker=dict(consecutive_failures=1, clock=FakeClock()))
+        cluster.breaker(nodes[1]).record(False)                         # its circuit is open
+        send = ScriptedSend(default=fail(overload))
+        error = await outcome(cluster.invoke(send, timeout=1.0))
+        assert send.keys == [nodes[0].key] and error is send.attempts[0].error
+        assert sum(budget.try_retry() for _ in range(20)) == 10
+    run_virtual(main())
+
+
 def test_hedge_backup_gets_only_what_is_left():
     async def main():
         cluster = make_cluster(3, policy="hedging", hedge_delay=0.2)
         send = ScriptedSend(default=use_up_time(lambda: CallTimeout("no reply")))
         with pytest.raises(CallTimeout):
-            await cluster.invoke(send, timeout=0.5)
+            await cluster.invoke(send, timeout=0.5, idempotent=True)
         assert [a.remaining for a in send.attempts] == pytest.approx([0.5, 0.3])
     run_virtual(main())
 
@@ -408,7 +514,7 @@ def test_hedge_delay_longer_than_the_deadline_sends_no_useful_backup():
         cluster = make_cluster(3, policy="hedging", hedge_delay=5.0)
         send = ScriptedSend(default=use_up_time(lambda: CallTimeout("no reply")))
         with pytest.raises(CallTimeout):
-            await cluster.invoke(send, timeout=0.5)
+            await cluster.invoke(send, timeout=0.5, idempotent=True)
         assert [a.remaining for a in send.attempts][:1] == pytest.approx([0.5])
         assert all(a.remaining > 0 for a in send.attempts)
     run_virtual(main(), limit=10)
@@ -662,6 +768,88 @@ def test_panic_mode_with_every_breaker_open_refuses_with_degrade_error():
     run_virtual(main())
 
 
+# --- routing tiers and node health ------------------------------------------------------------
+
+def _tiered(policy: str = "failfast", **breaker: Any) -> Any:
+    """A caller in IDC ``a``: one node there, two in IDC ``b`` of the same region."""
+    nodes = [node("10.0.0.1", idc="a", region="r"), node("10.0.1.1", idc="b", region="r"),
+             node("10.0.1.2", idc="b", region="r")]
+    cluster = make_cluster(policy=policy, nodes=nodes, lb="random",
+                           router=Router(Caller(appkey=CALLER, idc="a", region="r")),
+                           breaker=breaker or None)
+    return cluster, nodes
+
+
+@pytest.mark.parametrize("policy", ["failfast", "failover"])
+def test_a_tier_whose_circuits_are_open_fails_over_to_the_next_and_back(policy):
+    """Envoy's locality failover: while the local node's breaker is open the region
+    serves, and once a probe closes it the calls come home (the routing cache stays)."""
+    async def main():
+        clock = FakeClock()
+        cluster, nodes = _tiered(policy, consecutive_failures=2, backoff_min=1.0, clock=clock)
+        local = nodes[0].key
+        routed = cluster.router.route()
+        send = ScriptedSend({local: fail(lambda: CallTimeout("no reply"))})
+        for _ in range(2):                                  # the local tier takes them
+            await outcome(cluster.invoke(send, timeout=1.0))
+        assert cluster.breaker(nodes[0]).state is BreakerState.OPEN
+        del send.attempts[:]
+        for _ in range(20):
+            assert (await cluster.invoke(send, timeout=1.0)).startswith("ok from 10.0.1.")
+        assert len(send) == 20
+        clock.advance(1.3)                                  # the probe may go
+        send.behaviours.clear()
+        for _ in range(5):
+            assert await cluster.invoke(send, timeout=1.0) == f"ok from {local}"
+        assert cluster.router.route() is routed
+    run_virtual(main())
+
+
+def test_a_tier_whose_connections_are_degraded_fails_over_to_the_next():
+    async def main():
+        cluster, nodes = _tiered()
+        send = ScriptedSend({nodes[0].key: fail(refused)})
+        assert isinstance(await outcome(cluster.invoke(send, timeout=1.0)), TransportError)
+        for _ in range(10):
+            assert (await cluster.invoke(send, timeout=1.0)).startswith("ok from 10.0.1.")
+        assert send.keys.count(nodes[0].key) == 1
+    run_virtual(main())
+
+
+@pytest.mark.parametrize("tags,place", [({SWIMLANE_KEY: "blue"}, {"swimlane": "blue"}),
+                                        ({LITESET_KEY: "lite-a"}, {"cell": "lite-a"})],
+                         ids=["lane to trunk", "LiteSet to center"])
+def test_a_lane_or_cell_whose_circuits_are_open_falls_back(tags, place):
+    async def main():
+        nodes = [node("tagged", **place), node("trunk")]
+        cluster = make_cluster(nodes=nodes, policy="failfast",
+                               breaker=dict(consecutive_failures=1, clock=FakeClock()))
+        send = ScriptedSend({nodes[0].key: fail(overload)})
+        assert isinstance(await outcome(cluster.invoke(send, timeout=1.0, tags=tags)), RpcError)
+        for _ in range(5):
+            assert await cluster.invoke(send, timeout=1.0, tags=tags) == "ok from trunk:9000"
+    run_virtual(main())
+
+
+def test_failover_retries_in_the_next_tier_once_the_first_is_all_tried():
+    async def main():
+        cluster, nodes = _tiered("failover", **NO_BREAKER)
+        send = ScriptedSend({nodes[0].key: fail(overload)})
+        assert (await cluster.invoke(send, timeout=1.0)).startswith("ok from 10.0.1.")
+        assert send.keys[0] == nodes[0].key and len(send) == 2
+    run_virtual(main())
+
+
+def test_with_every_tier_open_panic_mode_still_prefers_the_first():
+    async def main():
+        cluster, nodes = _tiered(consecutive_failures=1, clock=FakeClock())
+        for n in nodes:
+            cluster.breaker(n).record(False)
+        error = await outcome(cluster.invoke(ScriptedSend(), timeout=1.0))
+        assert isinstance(error, DegradeError) and error.node == nodes[0].key
+    run_virtual(main())
+
+
 # --- selection --------------------------------------------------------------------------------------
 
 def test_no_node_raises_no_route_error():
@@ -895,3 +1083,50 @@ def test_e2e_swimlane_and_liteset_tags_stay_on_their_lane_across_two_hops():
         assert blue and all(c.get(SWIMLANE_KEY) == "blue" for c in blue)
         assert all(c.get(LITESET_KEY) == "lite-a" for c in back[2].contexts)
     run(main(), timeout=30)
+
+
+STORE_IDL = """
+struct Item { 1: required string name }
+service Store { string put(1: Item item) }
+"""
+
+
+class Store:
+    """A ``Store`` handler that counts the calls that reach it."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def put(self, item: Any) -> str:
+        self.calls += 1
+        return item.name
+
+
+def test_e2e_a_request_the_server_refuses_as_malformed_opens_no_breaker(tmp_path):
+    """A request missing a required field is refused by every server (status 5):
+    the caller's mistake, so it is not retried and the next valid call goes through."""
+    idl_path = tmp_path / "store.thrift"
+    idl_path.write_text(STORE_IDL)
+    store = octo_core.load_idl(str(idl_path), module_name="octo_cluster_store_thrift")
+
+    async def main():
+        handlers = [Store() for _ in range(3)]
+        servers = [octo_core.Server(appkey="com.example.cluster.store", port=0) for _ in handlers]
+        try:
+            for server, handler in zip(servers, handlers):
+                server.add_service(store.Store, handler)
+                await server.start()
+            async with AsyncClient(store.Store, appkey=CALLER, hosts=[s.address for s in servers],
+                                   cluster="failover", idempotent=True, timeout=2.0,
+                                   breaker={"consecutive_failures": 2}) as client:
+                for _ in range(6):
+                    with pytest.raises(ProtocolError, match="required field"):
+                        await client.put(store.Item(name=None))
+                assert sum(h.calls for h in handlers) == 0
+                breakers = client._cluster._breakers.values()
+                assert all(b.state is BreakerState.CLOSED for b in breakers)
+                assert await client.put(store.Item(name="valid")) == "valid"
+        finally:
+            for server in servers:
+                await server.stop(grace=1.0)
+    run(main(), timeout=20)

@@ -9,7 +9,7 @@ here touches a socket or measures time; warm-up runs on a fake clock.
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Mapping, Sequence, Set, Union
+from typing import Any, Dict, List, Mapping, Sequence, Set, Union
 
 import pytest
 
@@ -214,6 +214,59 @@ def test_locality_applies_inside_the_lane():
              node("lane-near", swimlane="blue", idc="gz1", region="south")]
     assert names(route(nodes, HERE, BLUE)) == {"lane-near"}
     assert names(route(nodes, HERE)) == {"i1"}
+
+
+def tiers(routed: Weighted) -> List[Set[str]]:
+    """The names of each tier of the answer, most preferred first."""
+    chain = []
+    while routed is not None and routed.nodes:
+        chain.append(names(routed))
+        routed = routed.fallback
+    return chain
+
+
+TIER_CASES = [
+    # (id, caller, tags, nodes, router options, expected tiers)
+    ("the IDC, then the rest of the region, then the rest",
+     HERE, {}, [dc("i1", "gz1", "south"), dc("r1", "gz2", "south"), dc("e1", "bj1", "north")], {},
+     [{"i1"}, {"r1"}, {"e1"}]),
+    ("a tier with no node is left out",
+     HERE, {}, [dc("i1", "gz1", "south"), dc("e1", "bj1", "north")], {}, [{"i1"}, {"e1"}]),
+    ("an IDC with too few ALIVE nodes: IDC + region together, then the rest",
+     HERE, {}, [dc("i1", "gz1", "south"), dc("i2", "gz1", "south", False),
+                dc("i3", "gz1", "south", False), dc("r1", "gz2", "south"), dc("e1", "bj1", "north")],
+     {}, [{"i1", "r1"}, {"e1"}]),
+    ("the lane's tiers, then the trunk's",
+     HERE, BLUE, [node("b1", swimlane="blue", idc="gz1", region="south"),
+                  node("b2", swimlane="blue", idc="bj1", region="north"), dc("t1", "gz1", "south")],
+     {}, [{"b1"}, {"b2"}, {"t1"}]),
+    ("the LiteSet's cell, then the center",
+     PLAIN, LITESET, [node("la", cell="lite-a"), node("c1")], {}, [{"la"}, {"c1"}]),
+    ("locality='idc' is a hard limit",
+     HERE, {}, [dc("i1", "gz1", "south"), dc("r1", "gz2", "south")], {"locality": "idc"}, [{"i1"}]),
+    ("locality='region' is a hard limit",
+     HERE, {}, [dc("i1", "gz1", "south"), dc("e1", "bj1", "north")], {"locality": "region"},
+     [{"i1"}]),
+    ("a Set is a hard limit",
+     SET_CALLER, {}, [node("s1", cell="gz-set1"), node("c1")], {}, [{"s1"}]),
+]
+
+
+@pytest.mark.parametrize("caller,tags,nodes,options,expected", [c[1:] for c in TIER_CASES],
+                         ids=[c[0] for c in TIER_CASES])
+def test_the_answer_chains_the_next_tiers(caller, tags, nodes, options, expected):
+    """Where a call goes when no node of a tier can take it (breakers open,
+    connections degraded: see ``Cluster.select``)."""
+    assert tiers(route(nodes, caller, tags, **options)) == expected
+
+
+def test_a_tier_whose_alive_nodes_all_weigh_zero_is_passed_over():
+    """ALIVE enough to be chosen, but no node of it can serve: the next tier serves."""
+    routed = route([dc("i1", "gz1", "south"), node("i2", idc="gz1", region="south", weight=0),
+                    dc("r1", "gz2", "south")], HERE)
+    assert tiers(routed) == [{"i1"}, {"r1"}]
+    zero = route([node("i1", idc="gz1", region="south", weight=0), dc("r1", "gz2", "south")], HERE)
+    assert tiers(zero) == [{"r1"}]
 
 
 def test_unknown_locality_is_refused():

@@ -27,10 +27,13 @@ class OctoError(Exception):
     """Base of every octo_core error.
 
     ``status`` is the OCTO status code; ``method`` and ``node`` say where the
-    error happened when that is known (``None`` otherwise).
+    error happened when that is known (``None`` otherwise). ``from_peer`` is
+    true when the error is the peer's own answer (its reply's status or
+    exception) rather than something that went wrong on the way to or from it.
     """
 
     status: int = Status.REMOTE_EXCEPTION
+    from_peer: bool = False
 
     def __init__(self, message: str, *, status: Optional[int] = None,
                  method: Optional[str] = None, node: Optional[str] = None) -> None:

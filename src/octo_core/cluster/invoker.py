@@ -8,19 +8,29 @@
 - ``failsafe``: one attempt; a failure is logged and the call returns ``None``;
 - ``forking``: ``forks`` attempts at once on different nodes, the first answer wins;
 - ``hedging``: a backup attempt on another node if no answer came within
-  ``hedge_delay``; the first answer wins.
+  ``hedge_delay``, or at once when the first attempt fails (gRPC A6, brpc's
+  backup request); the first answer wins.
 
-Every retry, fork and hedge draws on the ``RetryBudget``. The deadline is fixed
-when the call starts; each attempt gets only the time that is left. Breakers
-and degraded connections exclude nodes per call, so the routing cache survives
-their flips.
+Forking and hedging send extra copies of idempotent methods only (as gRPC
+allows hedging only for them): a method that is not idempotent gets one copy
+at a time, and another node only when the request provably was not executed
+(up to ``forks`` or 2 attempts).
+
+Every retry, fork and hedge draws on the ``RetryBudget``, and only when it is
+really sent. The deadline is fixed when the call starts; each attempt gets only
+the time that is left, and none is sent once it has passed: the caller gets
+the last real failure. Breakers and degraded connections exclude nodes per
+call, so the routing cache survives their flips; when they leave no node of the
+preferred routing tier, the call goes to the next one (``Weighted.fallback``).
+Only node faults count against a node (``node_failed``): never the caller's own
+mistakes, such as a request the server refused as malformed.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import Any, Awaitable, Callable, Dict, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from octo_core.cluster.balancer import make_balancer
 from octo_core.cluster.breaker import BreakerState, CircuitBreaker, RetryBudget
@@ -38,9 +48,29 @@ Send = Callable[[Node, float], Awaitable[Any]]
 
 def node_failed(exc: BaseException) -> bool:
     """Does ``exc`` say something about the node's health (not the business logic,
-    nor the caller's own values: an ``EncodeError`` is raised before anything is sent)?"""
-    return (isinstance(exc, (TransportError, RpcError, ProtocolError, ServiceError, DegradeError))
-            and not isinstance(exc, EncodeError))
+    nor the caller's own values)?
+
+    A ``ProtocolError`` counts when this client could not read the node's reply
+    (the node sent garbage); not for an ``EncodeError`` (raised before anything
+    is sent), nor when the node itself reported status 5 (``from_peer``): it
+    refused the request as malformed, which is the caller's mistake.
+    """
+    if isinstance(exc, ProtocolError):
+        return not (isinstance(exc, EncodeError) or _from_peer(exc))
+    return isinstance(exc, (TransportError, RpcError, ServiceError, DegradeError))
+
+
+def _from_peer(exc: BaseException) -> bool:
+    """Is ``exc`` the status the node put in its reply, rather than something this
+    process saw? (Set by the client on the errors it makes from a reply's status.)"""
+    return getattr(exc, "from_peer", False)
+
+
+def _connection_failed(exc: BaseException) -> bool:
+    """Did the connection fail (refused, or lost with every call on it)? A timeout
+    is not that, nor a transport status the node reported in a reply."""
+    return (isinstance(exc, TransportError) and not isinstance(exc, CallTimeout)
+            and not _from_peer(exc))
 
 
 def not_executed(exc: BaseException) -> bool:
@@ -68,7 +98,7 @@ class Cluster:
         self.budget = budget or RetryBudget()
         self._lb = lb
         self._lb_options = dict(lb_options or {})
-        self._balancers: Dict[Tuple[str, str], list] = {}   # route tags -> [answer, balancer]
+        self._balancers: Dict[tuple, list] = {}   # route tags (+ tier) -> [answer, balancer]
         self._breaker_options = dict(breaker_options or {})
         self._breakers: Dict[str, CircuitBreaker] = {}
         self._unhealthy: Set[str] = set()          # breaker not closed
@@ -126,18 +156,20 @@ class Cluster:
 
     # --- selection ---------------------------------------------------------------------
 
-    def _balancer(self, tag_key: Tuple[str, str], routed: Weighted) -> Any:
-        """The balancer for calls with these routing tags, fed the latest routing answer.
+    def _balancer(self, key: tuple, routed: Weighted) -> Any:
+        """The balancer for one routing tier of calls with these tags, fed the
+        latest routing answer (``key``: the tag key for the first tier, with the
+        tier's depth for the next ones).
 
-        One balancer per (LiteSet, swimlane) for the client's life: when the
-        answer changes it is updated, and what it learned about surviving nodes
-        (in-flight calls, latencies) stays.
+        One balancer per (LiteSet, swimlane) and tier for the client's life: when
+        the answer changes it is updated, and what it learned about surviving
+        nodes (in-flight calls, latencies) stays.
         """
-        entry = self._balancers.get(tag_key)
+        entry = self._balancers.get(key)
         if entry is None:
             balancer = make_balancer(self._lb, **self._lb_options)
             balancer.update(routed.nodes, routed.weights)
-            entry = self._balancers[tag_key] = [routed, balancer]
+            entry = self._balancers[key] = [routed, balancer]
         elif entry[0] is not routed:     # the router's answer changed (new nodes, warm-up)
             entry[1].update(routed.nodes, routed.weights)
             entry[0] = routed
@@ -152,14 +184,41 @@ class Cluster:
         excluded = self._excluded(tried)
         balancer = self._balancer(tag_key, routed)
         node = balancer.select(key=key, exclude=excluded or None)
-        if node is None and len(excluded) > len(tried):
+        if node is None:
+            return self._select_further(tag_key, routed, key, tried, excluded)
+        return node, balancer
+
+    def _select_further(self, tag_key: Tuple[str, str], routed: Weighted, key: Any,
+                        tried: Set[str], excluded: Set[str]) -> Tuple[Node, Any]:
+        """No node of the first routing tier can take the attempt (breakers open,
+        connections degraded, every one tried): the next tiers take it, as in
+        Envoy's locality failover (IDC, region, anywhere; lane, trunk; cell, center)."""
+        tiers = self._tiers(tag_key, routed)
+        for balancer in tiers[1:]:
+            node = balancer.select(key=key, exclude=excluded or None)
+            if node is not None:
+                return node, balancer
+        if len(excluded) > len(tried):
             # Panic mode: every healthy choice is gone, so health stops steering and
             # the attempt itself says why the node cannot be used (open breaker,
             # connect backoff) -- one node degraded must not mean no calls at all.
-            node = balancer.select(key=key, exclude=tried or None)
-        if node is None:
-            raise NoRouteError("no node left to try")
-        return node, balancer
+            for balancer in tiers:
+                node = balancer.select(key=key, exclude=tried or None)
+                if node is not None:
+                    return node, balancer
+        raise NoRouteError("no node left to try")
+
+    def _tiers(self, tag_key: Tuple[str, str], routed: Weighted) -> List[Any]:
+        """The balancers of every routing tier for these tags, most preferred first."""
+        tiers = [self._balancer(tag_key, routed)]
+        while routed.fallback is not None:
+            routed = routed.fallback
+            tiers.append(self._balancer((tag_key, len(tiers)), routed))
+        return tiers
+
+    def _sendable(self, node: Node, deadline: float) -> bool:
+        """Could an attempt on ``node`` go now: is time left, would its breaker let it by?"""
+        return deadline > self._loop.time() and self.breaker(node).available()
 
     # --- invocation --------------------------------------------------------------------
 
@@ -168,11 +227,27 @@ class Cluster:
         """Run ``send(node, remaining_seconds)`` under the cluster's policy."""
         deadline = self._running_loop().time() + timeout
         self.budget.record_request()
-        if self.policy == "forking":
+        # Parallel copies only of what may run twice; the rest goes one copy at a time.
+        if idempotent and self.policy == "forking":
             return await self._race(send, deadline, tags, key, self.forks, 0.0)
-        if self.policy == "hedging":
+        if idempotent and self.policy == "hedging":
             return await self._race(send, deadline, tags, key, 2, self.hedge_delay)
-        attempts = 1 + self.retries if self.policy == "failover" else 1
+        return await self._in_turn(send, deadline, tags, key, idempotent)
+
+    def _attempts_in_turn(self) -> int:
+        """How many attempts one call may make one after the other: failover's
+        retries, or the copies forking and hedging would send."""
+        if self.policy == "failover":
+            return 1 + self.retries
+        if self.policy == "forking":
+            return self.forks
+        return 2 if self.policy == "hedging" else 1
+
+    async def _in_turn(self, send: Send, deadline: float, tags: Mapping[str, str], key: Any,
+                       idempotent: bool) -> Any:
+        """One attempt at a time; another node only for a node fault, and once the
+        request was sent only for an idempotent method."""
+        attempts = self._attempts_in_turn()
         tried: Set[str] = set()
         failure: Optional[Exception] = None     # the last attempt's, once a retry is wanted
         while True:
@@ -183,7 +258,9 @@ class Cluster:
                     raise failure from None       # out of nodes: the real error, not routing's
                 raise
             if failure is not None:
-                if not self.budget.try_retry():   # spent only when a retry is really sent
+                # A retry that cannot go (no time left, circuit open) is not sent and
+                # costs no budget: the caller gets the real error.
+                if not self._sendable(node, deadline) or not self.budget.try_retry():
                     raise failure
                 log.info("retrying on %s after: %s", node.key, failure)
             tried.add(node.key)
@@ -200,8 +277,8 @@ class Cluster:
 
     async def _attempt(self, send: Send, node: Node, balancer: Any, deadline: float) -> Any:
         remaining = deadline - self._loop.time()
-        if remaining <= 0:
-            raise CallTimeout("the call's deadline passed before this attempt", node=node.key)
+        if remaining <= 0:    # the caller's deadline: no node to blame
+            raise CallTimeout("the call's deadline passed before an attempt was sent")
         breaker = self.breaker(node)
         if not breaker.allows():
             raise DegradeError("circuit open", node=node.key)
@@ -218,7 +295,7 @@ class Cluster:
             raise
         except Exception as exc:
             served = health = not node_failed(exc)
-            if isinstance(exc, TransportError) and not isinstance(exc, CallTimeout):
+            if _connection_failed(exc):
                 # The connection failed (refused, or lost with every call on it): the
                 # node is degraded for a while -- one event, not N breaker failures.
                 # Breakers judge how the node answers: timeouts, overload, bad replies.
@@ -235,22 +312,25 @@ class Cluster:
 
     async def _race(self, send: Send, deadline: float, tags: Mapping[str, str], key: Any,
                     width: int, delay: float) -> Any:
-        """Forking (``delay`` 0) and hedging: up to ``width`` attempts, first answer wins."""
+        """Forking (``delay`` 0) and hedging: up to ``width`` attempts, first answer
+        wins. A hedge goes after ``delay``, or at once when an attempt fails with a
+        node fault (gRPC A6 hedging)."""
         loop = self._loop
         tried: Set[str] = set()
         running: Set[asyncio.Task] = set()
         last: Optional[BaseException] = None
 
         def launch(extra: bool) -> bool:
-            """Start one more attempt; an extra one (a fork or hedge) pays from the
-            budget, and only once a node is there to send it to."""
+            """Start one more attempt; an extra one (a fork or hedge) only when it can
+            go (time left, a node whose breaker lets it by), and then it pays from
+            the budget."""
             nonlocal last
             try:
                 node, balancer = self.select(tags, key, tried)
             except OctoError as exc:
                 last = last or exc
                 return False
-            if extra and not self.budget.try_retry():
+            if extra and not (self._sendable(node, deadline) and self.budget.try_retry()):
                 return False
             tried.add(node.key)
             running.add(loop.create_task(self._attempt(send, node, balancer, deadline)))
@@ -259,24 +339,22 @@ class Cluster:
         launch(False)
         try:
             while running:
-                extra = len(tried) < width
-                if extra and not delay:
+                if len(tried) < width and not delay:     # forking: every fork at once
                     if launch(True):
                         continue
-                    width = extra = False       # no fork to send: wait for what runs
-                wait = min(delay, deadline - loop.time()) if extra else None
+                    width = len(tried)                   # no fork to send: wait for what runs
+                wait = min(delay, deadline - loop.time()) if len(tried) < width else None
                 done, _ = await asyncio.wait(running, timeout=wait,
                                              return_when=asyncio.FIRST_COMPLETED)
-                if not done:
-                    if not launch(True):
-                        width = len(tried)      # no backup to send: wait for what runs
-                    continue
                 for task in done:
                     running.discard(task)
                     exc = task.exception()
                     if exc is None or not node_failed(exc):
                         return task.result()
                     last = exc
+                # The hedge delay passed, or an attempt failed: the next copy goes now.
+                if len(tried) < width and not launch(True):
+                    width = len(tried)                   # no copy to send: wait for what runs
             raise last if last is not None else NoRouteError("no node to try")
         finally:
             for task in running:

@@ -5,8 +5,15 @@
 3. Set: a caller in a Set goes to its cell (no silent fallback)
 4. swimlane: a tagged request goes to its lane, else the trunk
 5. locality: same IDC, then same region, then anywhere
-6. only ALIVE nodes with weight > 0 (breakers and degraded connections are
-   applied per call by ``Cluster`` as exclusions, so their flips keep this cache)
+6. only ALIVE nodes with weight > 0
+
+The answer is a chain of tiers, most preferred first (``Weighted.fallback``):
+the LiteSet's cell before the center, the lane before the trunk, and within
+each the locality tiers. Breakers and degraded connections are applied per call
+by ``Cluster`` as exclusions: a call that finds no node of a tier able to serve
+goes on to the next tier (Envoy's locality failover), so their flips keep this
+cache. Set routing, ``locality="idc"``/``"region"`` and ``limit`` rules are
+hard limits: they have no next tier.
 
 ``Router.route(tags)`` runs them and caches the answer per request tags until
 the node list changes, so an unchanged cluster costs a dict lookup.
@@ -17,7 +24,7 @@ import dataclasses
 import fnmatch
 import json
 import time
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from octo_core.errors import RpcError
 from octo_core.registry.node import Node
@@ -89,9 +96,11 @@ class RouteRule:
 
 
 class Weighted(NamedTuple):
-    """The routed nodes and the weights the balancer should use."""
+    """The routed nodes and the weights the balancer should use; ``fallback`` is the
+    next tier, for a call that finds none of these nodes able to take it."""
     nodes: Tuple[Node, ...]
     weights: Tuple[float, ...]
+    fallback: Optional["Weighted"] = None
 
 
 class Router:
@@ -171,16 +180,22 @@ class Router:
 
     def _route(self, liteset: str, lane: str) -> Weighted:
         weights = {n.key: n.effective_weight() for n in self._nodes}
-
-        def usable(node: Node) -> bool:
-            return node.alive and weights[node.key] > 0
-
         nodes = self._route_rules(list(self._nodes), weights)
-        nodes = self._cells(nodes, liteset, usable)
-        nodes = self._swimlane(nodes, lane, usable)
-        nodes = self._locality(nodes)
-        nodes = [n for n in nodes if usable(n)]
-        return Weighted(tuple(nodes), tuple(weights[n.key] for n in nodes))
+        tiers = [tier for group in self._cells(nodes, liteset)
+                 for sub in self._swimlane(group, lane)
+                 for tier in self._locality(sub)]
+        return self._chain(tiers, weights)
+
+    @staticmethod
+    def _chain(tiers: List[List[Node]], weights: Dict[str, float]) -> Weighted:
+        """The usable nodes (ALIVE, weight > 0) of each tier, linked most preferred
+        first; a tier left with none is skipped."""
+        answer = None
+        for tier in reversed(tiers):
+            usable = [n for n in tier if n.alive and weights[n.key] > 0]
+            if usable:
+                answer = Weighted(tuple(usable), tuple(weights[n.key] for n in usable), answer)
+        return answer or Weighted((), ())
 
     def _route_rules(self, nodes: List[Node], weights: Dict[str, float]) -> List[Node]:
         caller = self.caller
@@ -199,41 +214,59 @@ class Router:
                 weights[node.key] *= OTHERS_WEIGHT_FACTOR
         return nodes
 
-    def _cells(self, nodes: List[Node], liteset: str, usable: Callable[[Node], bool]) -> List[Node]:
+    def _cells(self, nodes: List[Node], liteset: str) -> List[List[Node]]:
+        """The LiteSet / Set groups a call may use, in order of preference."""
         center = [n for n in nodes if not n.cell]
         if liteset:                                   # LiteSet wins over Set
-            # a LiteSet whose nodes cannot serve (DEAD, STOPPING, weight 0) is empty
-            tagged = [n for n in nodes if n.cell == liteset and usable(n)]
-            return tagged or center
+            # a LiteSet whose nodes cannot serve is passed over for the center
+            return [[n for n in nodes if n.cell == liteset], center]
         caller = self.caller
         if caller.set_routing and caller.cell:
             if len(center) == len(nodes):            # the callee has no Set nodes at all
-                return center
+                return [center]
             mine = [n for n in nodes if n.cell == caller.cell]
             if not mine:
                 raise NoRouteError(f"callee has Set nodes but none in Set {caller.cell!r}")
-            return mine
-        return center or nodes
+            return [mine]                             # no silent fallback to the center
+        return [center or nodes]
 
     @staticmethod
-    def _swimlane(nodes: List[Node], lane: str, usable: Callable[[Node], bool]) -> List[Node]:
+    def _swimlane(nodes: List[Node], lane: str) -> List[List[Node]]:
+        """The lane, then the trunk: a lane whose nodes cannot serve is passed over,
+        like an empty one."""
         trunk = [n for n in nodes if not n.swimlane]
-        if lane:   # a lane whose nodes cannot serve falls back to the trunk, like an empty one
-            return [n for n in nodes if n.swimlane == lane and usable(n)] or trunk
-        return trunk
+        if lane:
+            return [[n for n in nodes if n.swimlane == lane], trunk]
+        return [trunk]
 
-    def _locality(self, nodes: List[Node]) -> List[Node]:
+    def _locality(self, nodes: List[Node]) -> List[List[Node]]:
+        """The locality tiers of ``nodes``, nearest first. Automatically: the same
+        IDC, the rest of the region, the rest -- from the first tier (the IDC, or
+        IDC + region together) with enough ALIVE nodes; else all of them as one."""
         caller = self.caller
         if not caller.idc and not caller.region:
-            return nodes
-        same_idc = [n for n in nodes if caller.idc and n.idc == caller.idc]
-        same_region = [n for n in nodes if caller.region and n.region == caller.region
-                       and not (caller.idc and n.idc == caller.idc)]
+            return [nodes]
+        same_idc: List[Node] = []
+        same_region: List[Node] = []
+        far: List[Node] = []
+        for n in nodes:
+            if caller.idc and n.idc == caller.idc:
+                same_idc.append(n)
+            elif caller.region and n.region == caller.region:
+                same_region.append(n)
+            else:
+                far.append(n)
+        near = same_idc + same_region
         if self.locality == "idc":
-            return same_idc
+            return [same_idc]
         if self.locality == "region":
-            return same_idc + same_region
-        for tier in (same_idc, same_idc + same_region):
-            if tier and sum(n.alive for n in tier) / len(tier) >= self.locality_threshold:
-                return tier
-        return nodes
+            return [near]
+        if self._enough_alive(same_idc):
+            return [same_idc, same_region, far]
+        if self._enough_alive(near):
+            return [near, far]
+        return [nodes]
+
+    def _enough_alive(self, tier: List[Node]) -> bool:
+        """Is the share of ALIVE nodes in ``tier`` at least the locality threshold?"""
+        return bool(tier) and sum(n.alive for n in tier) / len(tier) >= self.locality_threshold
