@@ -11,7 +11,7 @@ import gzip
 import os
 import sys
 import zlib
-from typing import Any, Callable, List, NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import thriftpy2
 
@@ -232,8 +232,9 @@ def scanner_heartbeat_request() -> Any:
 
 # --- reading frames ---------------------------------------------------------------
 
-class FrameDecoder:
-    """Bytes from one connection in, ``Frame`` objects out.
+class FrameDecoder(_codec.FrameReader):
+    """Bytes from one connection in, ``Frame`` objects out (the C ``FrameReader``
+    giving finished ``Frame``s).
 
     A ``ProtocolError`` from ``feed``, or in ``error`` after a ``feed`` that
     still returned the frames completed before it, means the connection must be
@@ -245,23 +246,5 @@ class FrameDecoder:
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
                  limits: Optional[Limits] = None, max_batch: Optional[int] = None) -> None:
-        self._reader = _codec.FrameReader(max_frame_size, Frame, decompress, limits,
-                                          sys.maxsize if max_batch is None else max_batch)
-        #: ``feed(data) -> List[Frame]``: the frames ``data`` completed (read in C).
-        self.feed: Callable[[bytes], List[Frame]] = self._reader.feed
-        self.max_frame_size = max_frame_size
-
-    @property
-    def more(self) -> bool:
-        """The last ``feed`` stopped at ``max_batch`` with whole frames left."""
-        return self._reader.more
-
-    @property
-    def error(self) -> Optional[ProtocolError]:
-        """The framing error that ended the stream, once one has."""
-        return self._reader.error
-
-    @property
-    def buffered(self) -> int:
-        """Bytes held that do not yet make a frame (a stalled partial frame)."""
-        return self._reader.buffered
+        super().__init__(max_frame_size, Frame, decompress, limits,
+                         sys.maxsize if max_batch is None else max_batch)

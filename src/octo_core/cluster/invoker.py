@@ -95,6 +95,10 @@ class Cluster:
         self.retries = max(0, retries)
         self.forks = max(1, forks)
         self.hedge_delay = hedge_delay
+        # One attempt after the other: failover's retries, or the copies forking and
+        # hedging would send of a method that may not run twice.
+        self._attempts_in_turn = {"failover": 1 + self.retries, "forking": self.forks,
+                                  "hedging": 2}.get(policy, 1)
         self.budget = budget or RetryBudget()
         self._lb = lb
         self._lb_options = dict(lb_options or {})
@@ -227,27 +231,14 @@ class Cluster:
         """Run ``send(node, remaining_seconds)`` under the cluster's policy."""
         deadline = self._running_loop().time() + timeout
         self.budget.record_request()
-        # Parallel copies only of what may run twice; the rest goes one copy at a time.
+        # Parallel copies only of what may run twice; the rest goes one copy at a time,
+        # to another node only for a node fault, and once sent only if idempotent.
+        # (Inline, not a helper coroutine: this is every call's path.)
         if idempotent and self.policy == "forking":
             return await self._race(send, deadline, tags, key, self.forks, 0.0)
         if idempotent and self.policy == "hedging":
             return await self._race(send, deadline, tags, key, 2, self.hedge_delay)
-        return await self._in_turn(send, deadline, tags, key, idempotent)
-
-    def _attempts_in_turn(self) -> int:
-        """How many attempts one call may make one after the other: failover's
-        retries, or the copies forking and hedging would send."""
-        if self.policy == "failover":
-            return 1 + self.retries
-        if self.policy == "forking":
-            return self.forks
-        return 2 if self.policy == "hedging" else 1
-
-    async def _in_turn(self, send: Send, deadline: float, tags: Mapping[str, str], key: Any,
-                       idempotent: bool) -> Any:
-        """One attempt at a time; another node only for a node fault, and once the
-        request was sent only for an idempotent method."""
-        attempts = self._attempts_in_turn()
+        attempts = self._attempts_in_turn
         tried: Set[str] = set()
         failure: Optional[Exception] = None     # the last attempt's, once a retry is wanted
         while True:
