@@ -231,9 +231,9 @@ def test_bytes_a_server_must_not_send_fail_the_pending_calls(sent, why):
     run(main())
 
 
-def test_a_reply_with_a_bad_body_fails_only_its_own_call():
-    """A well-framed reply whose thrift body does not decode: that call gets a
-    ProtocolError (status 5) naming the method; the connection carries on."""
+def _first_reply_then_echo(first_body):
+    """A fake server's handler: the first call's reply carries the body
+    ``first_body(name, seqid)`` makes; the second is echoed properly."""
     async def handle(reader, writer):
         decoder = protocol.FrameDecoder()
         answered = 0
@@ -242,18 +242,22 @@ def test_a_reply_with_a_bad_body_fails_only_its_own_call():
             if not data:
                 return
             for frame in decoder.feed(data):
-                seq = frame.head.sequence_id
                 name, _, seqid, args = decode_body(frame, Echo)
-                if answered == 0:
-                    body = b"\x80\x01\x00\x02not a thrift message"
-                else:
-                    body = codec.encode_message(name, 2, seqid,
-                                                Echo.echo_result(success=args.text))
-                writer.write(protocol.encode_unified(protocol.response_header(seq), body))
+                body = (first_body(name, seqid) if answered == 0 else
+                        codec.encode_message(name, 2, seqid, Echo.echo_result(success=args.text)))
+                writer.write(protocol.encode_unified(
+                    protocol.response_header(frame.head.sequence_id), body))
                 answered += 1
         await writer.drain()
         await asyncio.sleep(1)
         writer.close()
+    return handle
+
+
+def test_a_reply_with_a_bad_body_fails_only_its_own_call():
+    """A well-framed reply whose thrift body does not decode: that call gets a
+    ProtocolError (status 5) naming the method; the connection carries on."""
+    handle = _first_reply_then_echo(lambda name, seqid: b"\x80\x01\x00\x02not a thrift message")
 
     async def main():
         async with fake_server(handle) as address, \
@@ -272,29 +276,13 @@ def test_a_reply_that_is_not_the_answer_to_its_call_fails_that_call(wrong):
     """§3: the body's seqid repeats the header's; a REPLY with another seqid, or a
     message that is no reply at all, is refused (Apache's clients refuse both),
     not returned as the call's result. The next call on the connection works."""
-    async def handle(reader, writer):
-        decoder = protocol.FrameDecoder()
-        answered = 0
-        while answered < 2:
-            data = await reader.read(65536)
-            if not data:
-                return
-            for frame in decoder.feed(data):
-                seq = frame.head.sequence_id
-                name, _, seqid, args = decode_body(frame, Echo)
-                if answered == 0 and wrong == "seqid":
-                    body = codec.encode_message("whoami", 2, seqid + 999,
-                                                Echo.whoami_result(success="impostor"))
-                elif answered == 0:
-                    body = codec.encode_message(name, 1, seqid, Echo.echo_args(text="impostor"))
-                else:
-                    body = codec.encode_message(name, 2, seqid,
-                                                Echo.echo_result(success=args.text))
-                writer.write(protocol.encode_unified(protocol.response_header(seq), body))
-                answered += 1
-        await writer.drain()
-        await asyncio.sleep(1)
-        writer.close()
+    def impostor(name: str, seqid: int) -> bytes:
+        if wrong == "seqid":
+            return codec.encode_message("whoami", 2, seqid + 999,
+                                        Echo.whoami_result(success="impostor"))
+        return codec.encode_message(name, 1, seqid, Echo.echo_args(text="impostor"))
+
+    handle = _first_reply_then_echo(impostor)
 
     async def main():
         async with fake_server(handle) as address, \
