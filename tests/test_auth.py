@@ -888,3 +888,16 @@ def test_forgeries_from_invented_callers_do_not_grow_the_key_cache():
     auth.check(caller="real.caller", server_appkey="srv", service="Echo", method="echo",
                local_context=good.headers("Echo", "echo"))
     assert len(auth._keys) == 1
+
+
+def test_nonces_leave_the_cache_when_they_expire_whatever_order_they_came_in():
+    """One request from a client whose clock runs ahead (within the skew) must not
+    hold every later nonce in the cache past its own expiry."""
+    auth = make_auth(nonce_capacity=10, skew=5.0)
+    t0 = time.time()
+    check(auth, signed_context(TOKEN, CLIENT_APPKEY, ts=str(int((t0 + 4) * 1000))), now=t0)
+    for _ in range(9):
+        check(auth, signed_context(TOKEN, CLIENT_APPKEY, ts=str(int(t0 * 1000))), now=t0)
+    later = t0 + 6        # the nine expired at t0 + 5; the one ahead lives to t0 + 9
+    check(auth, signed_context(TOKEN, CLIENT_APPKEY, ts=str(int(later * 1000))), now=later)
+    assert len(auth._nonces._seen) == 2

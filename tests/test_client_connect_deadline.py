@@ -48,3 +48,20 @@ def test_the_call_deadline_bounds_the_connect_wait(monkeypatch):
             assert await client.call("echo", "connected", timeout=10) == "connected"
             assert connects.count == 1
     run(main())
+
+
+def test_callers_that_gave_up_on_a_slow_connect_do_not_open_the_breaker(monkeypatch):
+    """Five calls whose deadlines ran out while one connect was under way sent
+    nothing: the node is not blamed five times (the connect judges it), so once
+    the connection is up the next call goes through."""
+    async def main():
+        connects = GatedConnects(monkeypatch)
+        async with serving(echo_services()) as server, \
+                async_client(Echo, server.address, timeout=0.1, connect_timeout=60) as client:
+            results = await asyncio.gather(*(client.echo("early") for _ in range(5)),
+                                           return_exceptions=True)
+            assert all(isinstance(r, CallTimeout) and r.request_sent is False for r in results)
+            connects.gate.set()
+            assert await client.call("echo", "later", timeout=10) == "later"
+            assert connects.count == 1
+    run(main())

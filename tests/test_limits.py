@@ -739,3 +739,25 @@ def test_compressed_requests_count_inflated_in_flow_control():
             assert all(f.head.status == 0 for f in frames) and conn.held == 0
 
     run(main())
+
+
+def test_a_connection_whose_whole_frames_waited_in_the_reader_is_not_taken_for_a_stall():
+    """Frames kept back compressed while the connection was busy are read when it
+    frees up; nothing of a frame is then missing, so however long the calls run,
+    ``read_timeout`` does not cut the connection."""
+    from octo_core import protocol
+
+    gzip = protocol.DEFAULT_FLAGS | protocol.FLAG_GZIP
+    big = "a" * (1 << 20)              # 8 of these inflate past one read batch
+
+    async def main():
+        async with serving(echo_services(), pause_reading_at=2, read_timeout=0.5) as server, \
+                raw_connection(server.address) as raw:
+            await raw.send(b"".join(
+                unified_request("slow", Echo.slow_args(text=big, delay_ms=1500 if seq == 7 else 50),
+                                seq, flags=gzip)
+                for seq in range(8)))
+            frames = await raw.read_frames(8, timeout=20)
+            assert sorted(f.head.sequence_id for f in frames) == list(range(8))
+
+    run(main())

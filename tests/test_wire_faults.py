@@ -26,9 +26,9 @@ from octo_core.errors import (ApplicationError, CallTimeout, EncodeError, OctoEr
 from octo_core.protocol import Header, NodeStatus
 
 from wire_helpers import (ECHO_IDL, LOCALHOST, Echo, EchoHandler, GoodCaller, async_client,
-                          decode_body, echo_services, raw_connection, refusing_port, run, serving,
-                          serving_in_thread, short_tmpdir, sync_client, unified_request, wait_until,
-                          watchdog)  # noqa: F401  (fixture)
+                          decode_body, echo_services, framed_request, raw_connection,
+                          refusing_port, run, serving, serving_in_thread, short_tmpdir, sync_client,
+                          unified_request, wait_until, watchdog)  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
@@ -730,5 +730,31 @@ def test_a_peer_that_half_closes_still_gets_its_answers(framing, method):
             else:
                 message = received[4:] if framing == "framed" else received
                 assert codec.decode_message(message, Echo)[3].success == "hi"
+
+    run(main())
+
+
+def test_nothing_after_a_frame_the_server_cannot_trust_is_served():
+    """A native message that is no thrift: the call before it is answered, the
+    one after it is not run, and the connection closes."""
+    handler = EchoHandler()
+
+    async def main():
+        async with serving(echo_services(handler)) as server, \
+                raw_connection(server.address) as raw:
+            await raw.send(
+                framed_request("slow", Echo.slow_args(text="before", delay_ms=100), 1)
+                + protocol.encode_framed(b"\x00\x00\x00\x05hello, not thrift")
+                + framed_request("notify", Echo.notify_args(text="after"), 3, TMessageType.ONEWAY))
+            received = b""
+            while True:
+                chunk = await raw.read_raw(timeout=5)
+                if not chunk:
+                    break
+                received += chunk
+            size = int.from_bytes(received[:4], "big")
+            assert len(received) == 4 + size            # one answer, no more
+            assert codec.decode_message(received[4:], Echo)[3].success == "before"
+            assert handler.notes.empty()
 
     run(main())

@@ -625,7 +625,6 @@ cdef _StructSpec _twin_spec(_StructSpec s, object obj):
     another load of the IDL (same name, same fields), which thriftpy2 writes
     as it would its own; otherwise ``TypeError``."""
     cdef object cls = type(obj)
-    cdef str where = f"{cls.__module__}.{cls.__name__}"
     if cls.__name__ != s.name or getattr(cls, "thrift_spec", None) is None:
         raise TypeError(f"expected {s.name}, got {_tname(obj)}")
     cdef _StructSpec other = _spec_for(cls)
@@ -637,8 +636,8 @@ cdef _StructSpec _twin_spec(_StructSpec s, object obj):
                 break
         else:
             return other
-    raise TypeError(f"expected {s.name} of {s.cls.__module__}, got {where}: another "
-                    f"struct of that name, with other fields")
+    raise TypeError(f"expected {s.name} of {s.cls.__module__}, got {cls.__module__}."
+                    f"{cls.__name__}: another struct of that name, with other fields")
 
 
 cdef int _w_struct(_Writer* w, _StructSpec s, object obj, int depth) except -1:

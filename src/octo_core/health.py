@@ -13,8 +13,9 @@ One round, for each appkey:
    network's: mark none of the failed nodes, log an error, and say so in the
    report. Only serving nodes count, on both sides of the ratio: a node already
    DEAD that stays dead is no new failure. The guard needs at least
-   ``mass_failure_min_nodes`` serving nodes (default 3): below that one failure
-   is already "most", and the guard would keep a lone dead node ALIVE forever;
+   ``mass_failure_min_nodes`` serving nodes (default 2): a lone node's failure
+   is all of them, and the guard would keep it ALIVE forever, while both of
+   two failing at once is as likely the scanner's fault as with more;
 5. write the changes: DEAD for the dead; for the living, the status a heartbeat
    reported, or ALIVE when a TCP probe finds a DEAD node listening again.
 
@@ -73,7 +74,7 @@ class Scanner:
 
     def __init__(self, registry: Registry, appkeys: Iterable[str], interval: float = 5.0,
                  timeout: float = 1.0, confirm_delay: float = 0.5,
-                 mass_failure_ratio: float = 0.5, mass_failure_min_nodes: int = 3,
+                 mass_failure_ratio: float = 0.5, mass_failure_min_nodes: int = 2,
                  concurrency: int = 64) -> None:
         self.registry = registry
         self.appkeys = list(appkeys)
@@ -251,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mass-failure-ratio", type=float, default=0.5,
                         help="above this share of serving nodes failing at once in one "
                              "appkey, mark none dead")
-    parser.add_argument("--mass-failure-min-nodes", type=int, default=3,
+    parser.add_argument("--mass-failure-min-nodes", type=int, default=2,
                         help="the guard applies to appkeys with at least this many "
                              "serving nodes")
     parser.add_argument("--once", action="store_true", help="run one round and exit")

@@ -412,7 +412,7 @@ class Server:
             self._native(conn, frame)
             return
         if not head.is_request:
-            conn.protocol_error(protocol.ProtocolError("a response frame was sent to the server"))
+            conn.reject(protocol.ProtocolError("a response frame was sent to the server"))
             return
         reply = _Reply(conn, frame.flags, head.sequence_id, True)
         if head.message_type in (MessageType.NORMAL_HEARTBEAT, MessageType.SCANNER_HEARTBEAT):
@@ -438,7 +438,7 @@ class Server:
         try:
             begin = _codec.decode_message_begin(frame.body, self.limits)
         except DecodeError as exc:   # no header to answer by: this stream cannot be trusted
-            conn.protocol_error(protocol.ProtocolError(f"bad framed thrift message: {exc}"))
+            conn.reject(protocol.ProtocolError(f"bad framed thrift message: {exc}"))
             return
         name, msg_type, seqid, offset = begin
         service_name, multiplexed, method = name.partition(":")

@@ -292,6 +292,10 @@ class Cluster:
                 # Breakers judge how the node answers: timeouts, overload, bad replies.
                 self.degrade(node)
                 health = None
+            elif isinstance(exc, CallTimeout) and not getattr(exc, "request_sent", True):
+                # The caller's time ran out before its request could go (waiting for a
+                # connect many calls share): the connect judges the node, not each of them.
+                health = None
             raise
         finally:
             if health is not None:

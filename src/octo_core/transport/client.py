@@ -201,6 +201,13 @@ class ClientConnection(FramedProtocol):
         self._fail_pending(f"connection closed{': ' + str(exc) if exc else ''}")
 
 
+def _outcome_seen(task: asyncio.Task) -> None:
+    """Mark a shared connect's failure as seen: the callers who waited got it, and
+    when none is left waiting it is no 'exception never retrieved'."""
+    if not task.cancelled():
+        task.exception()
+
+
 class Endpoint:
     """The connections to one node: opens them on demand, reconnects with backoff.
 
@@ -267,6 +274,8 @@ class Endpoint:
             # The connect runs as its own task: a caller that gives up (cancelled,
             # timed out) neither aborts it for the others nor counts as a failure.
             attempt = asyncio.get_running_loop().create_task(self._connect_slot(slot))
+            # its outcome is seen even when every caller gave up waiting for it
+            attempt.add_done_callback(_outcome_seen)
             self._connecting[slot] = attempt
         try:
             return await asyncio.wait_for(asyncio.shield(attempt), timeout)

@@ -26,7 +26,8 @@ class ServerConnection(FramedProtocol):
 
     A peer that shuts its sending side (half-close, as ``nc -N`` and many
     scripted clients do) still gets the answers to what it sent: the
-    connection closes once they are written.
+    connection closes once they are written. (Not over TLS: asyncio's and
+    uvloop's TLS transports close on EOF whatever the protocol says.)
     """
 
     def __init__(self, dispatch: Callable[["ServerConnection", Frame], None],
@@ -45,6 +46,7 @@ class ServerConnection(FramedProtocol):
         self.in_flight = 0
         self.pooled = 0     # calls of this connection holding a business-pool slot
         self._input_ended = False
+        self._rejected = False   # a bad frame was dispatched: nothing after it is served
 
     @property
     def reading_paused(self) -> bool:
@@ -71,7 +73,7 @@ class ServerConnection(FramedProtocol):
         """The peer sends no more: answer what it sent, then close (stay half-open)."""
         self._input_ended = True
         self._close_when_answered()
-        return True
+        return self.transport is None or self.transport.get_extra_info("sslcontext") is None
 
     def _close_when_answered(self) -> None:
         if not self.in_flight and not self._backlog:
@@ -85,8 +87,15 @@ class ServerConnection(FramedProtocol):
             self.transport.pause_reading()
         self._close_when_answered()
 
+    def reject(self, exc) -> None:
+        """A frame the dispatcher cannot trust: drop what came after it, answer what
+        came before, close."""
+        self._rejected = True
+        self._backlog.clear()
+        self.protocol_error(exc)
+
     def accepting_frames(self) -> bool:
-        return not self._paused and not self._backlog and not self._input_ended
+        return not (self._paused or self._backlog or self._input_ended or self.closed)
 
     def pool_released(self) -> None:
         self.pooled -= 1
@@ -122,6 +131,8 @@ class ServerConnection(FramedProtocol):
 
     def _go_on(self) -> None:
         """Dispatch what was held back, then read again, unless paused anew."""
+        if self.closed:
+            return
         while self._backlog and not self._paused and not self.closed:
             self._dispatch(self, self._backlog.popleft())
         if self._decoder.more and self.accepting_frames():
@@ -129,8 +140,8 @@ class ServerConnection(FramedProtocol):
         if self._input_ended:
             self._close_when_answered()
         elif not self._paused and not self.closed and self.transport is not None:
-            if self.frame_started is not None:
-                self.frame_started = self.loop.time()   # the wait was ours, not the peer's
+            # a frame still arriving starts its clock now: the wait was ours, not the peer's
+            self.frame_started = self.loop.time() if self._decoder.buffered else None
             self.transport.resume_reading()
 
     def frames_received(self, frames: List[Frame]) -> None:
@@ -138,7 +149,7 @@ class ServerConnection(FramedProtocol):
             self._backlog.extend(frames)
             return
         for i, frame in enumerate(frames):
-            if self.closed:
+            if self.closed or self._rejected:
                 return
             self._dispatch(self, frame)
             if self._paused & _BUSY:
@@ -147,4 +158,5 @@ class ServerConnection(FramedProtocol):
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         super().connection_lost(exc)
+        self._backlog.clear()
         self._connections.discard(self)
