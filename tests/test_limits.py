@@ -607,6 +607,23 @@ def test_plaintext_client_against_tls_server_fails_cleanly(certs):
     run(main())
 
 
+def test_a_stalled_tls_handshake_is_cut(certs, monkeypatch):
+    """Before its handshake a TLS peer is under none of the limits on frames; a
+    handshake has a deadline of its own, so a stalled one does not hold a socket."""
+    import octo_core.server
+
+    monkeypatch.setattr(octo_core.server, "_TLS_HANDSHAKE_TIMEOUT", 0.3)
+
+    async def main():
+        async with serving(echo_services(), ssl=certs.server_context()) as server, \
+                raw_connection(server.address) as stalled:      # TCP, then silence
+            assert await stalled.closed_by_peer(timeout=5)
+            async with echo_client(server.address, ssl=certs.client_context()) as client:
+                assert await client.echo("fine") == "fine"
+
+    run(main())
+
+
 def test_mutual_tls(certs):
     async def main():
         async with serving(echo_services(), ssl=certs.server_context(True)) as server:

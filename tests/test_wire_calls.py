@@ -391,6 +391,34 @@ def test_many_services_on_one_port():
 
 # --- unix sockets ------------------------------------------------------------------
 
+def test_a_unix_socket_path_in_use_is_refused_and_a_stale_one_reused():
+    """A second server on a live path fails to start (it would silently take the
+    first one's traffic); a socket file nobody listens at is replaced; a server
+    removes its socket file on stop only while it is still its own."""
+    import socket
+
+    with short_tmpdir() as tmp:
+        path = os.path.join(tmp, "echo.sock")
+
+        async def main():
+            async with serving(echo_services(), host=f"unix://{path}") as first:
+                second = octo_core.Server("com.example.second", host=f"unix://{path}")
+                second.add_service(Echo, EchoHandler())
+                with pytest.raises(OSError, match="already listening"):
+                    await second.start()
+                async with async_client(Echo, first.address) as client:
+                    assert await client.echo("still first") == "still first"
+            assert not os.path.exists(path)
+            stale = socket.socket(socket.AF_UNIX)
+            stale.bind(path)            # a socket file, nobody listening
+            stale.close()
+            async with serving(echo_services(), host=f"unix://{path}") as server, \
+                    async_client(Echo, server.address) as client:
+                assert await client.echo("over the stale path") == "over the stale path"
+
+        run(main())
+
+
 @pytest.mark.parametrize("proto", PROTOCOLS)
 def test_unix_socket_server(proto):
     handler = EchoHandler()

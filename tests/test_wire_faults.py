@@ -456,17 +456,25 @@ def test_graceful_stop_under_load():
 
 
 def test_stop_with_grace_shorter_than_a_call_fails_it_cleanly():
+    """Past the grace a coroutine handler is cancelled and its caller told so; a
+    plain function cannot be stopped, and its caller sees the connection close.
+    Neither waits for its own deadline."""
     handler = EchoHandler()
 
     async def main():
         async with serving(echo_services(handler)) as server, \
                 async_client(Echo, server.address, timeout=20) as client:
-            stuck = asyncio.ensure_future(client.slow("forever", 15000))
-            await wait_until(lambda: handler.slow_started == 1)
-            await asyncio.wait_for(server.stop(grace=0.1), 5)
+            coroutine = asyncio.ensure_future(client.slow("forever", 15000))
+            blocked = asyncio.ensure_future(client.block("forever"))
+            await wait_until(lambda: handler.slow_started == 1 and handler.entered.qsize() == 1)
+            await asyncio.wait_for(server.stop(grace=0.1), 10)
+            with pytest.raises(ApplicationError, match="cancelled .the server is stopping"):
+                await asyncio.wait_for(coroutine, 5)
             with pytest.raises(TransportError) as info:
-                await asyncio.wait_for(stuck, 5)
+                await asyncio.wait_for(blocked, 5)
             assert not isinstance(info.value, CallTimeout)
+            assert not server._handlers
+        handler.release.set()
 
     run(main())
 
@@ -756,5 +764,56 @@ def test_nothing_after_a_frame_the_server_cannot_trust_is_served():
             assert len(received) == 4 + size            # one answer, no more
             assert codec.decode_message(received[4:], Echo)[3].success == "before"
             assert handler.notes.empty()
+
+    run(main())
+
+
+class ExitingHandler(EchoHandler):
+    """Handlers that call sys.exit(): a plain one on a business thread, a coroutine on the loop."""
+
+    def echo(self, text: str) -> str:
+        if text == "exit":
+            raise SystemExit(3)
+        return text
+
+    async def slow(self, text: str, delay_ms: int) -> str:
+        raise SystemExit(4)
+
+
+def test_a_handler_calling_sys_exit_fails_its_call_not_the_server():
+    """sys.exit() in a handler is the handler's failure: its caller gets an
+    error, the other calls on the connection and the server carry on."""
+    async def main():
+        async with serving(echo_services(ExitingHandler())) as server, \
+                async_client(Echo, server.address) as client:
+            others = [asyncio.ensure_future(client.echo(f"other {i}")) for i in range(20)]
+            with pytest.raises(ApplicationError, match="SystemExit"):
+                await client.echo("exit")
+            with pytest.raises(ApplicationError, match="SystemExit"):
+                await client.slow("exit", 0)
+            assert await asyncio.gather(*others) == [f"other {i}" for i in range(20)]
+            assert await client.echo("still serving") == "still serving"
+
+    run(main())
+
+
+def test_business_threads_cannot_keep_the_process_alive_after_a_stop():
+    """A plain handler that never returns cannot be stopped; its thread is a
+    daemon, so the process still exits once the server has stopped."""
+    import threading
+
+    handler = EchoHandler()
+
+    async def main():
+        async with serving(echo_services(handler), grace=0.1) as server, \
+                async_client(Echo, server.address, timeout=20) as client:
+            blocked = asyncio.ensure_future(client.block("forever"))
+            await wait_until(lambda: handler.entered.qsize() == 1)
+            business = [t for t in threading.enumerate() if t.name.startswith("octo-biz-")]
+            assert business and all(t.daemon for t in business)
+            await server.stop(grace=0.1)
+            with pytest.raises(TransportError):
+                await asyncio.wait_for(blocked, 5)
+        handler.release.set()
 
     run(main())

@@ -5,19 +5,21 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
+import errno
 import inspect
 import logging
 import os
 import signal
 import ssl as _ssl
 import time
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Set, Tuple, Union
 
 from thriftpy2.thrift import TApplicationException, TMessageType
 
 from octo_core import _codec, idl, protocol
 from octo_core import context as _context
 from octo_core.auth import Authenticator
+from octo_core.business import BusinessPool
 from octo_core.codec import Limits
 from octo_core.errors import DecodeError, EncodeError, SecurityError, Status
 from octo_core.metrics import Metrics, MethodStats, prometheus_text
@@ -206,7 +208,9 @@ class Server:
         # pipelining calls cannot take the whole queue from the others.
         self._business_share = max(business_threads + 1, self._business_limit // 2)
         self._business_pending = 0
-        self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        self._pool: Optional[BusinessPool] = None
+        self._unix_inode = 0
+        self._handlers: Set[asyncio.Future] = set()   # coroutine handlers that suspended
         self._listener: Optional[asyncio.AbstractServer] = None
         self._sweeper: Optional[asyncio.Task] = None
         self._connections: set = set()
@@ -252,20 +256,24 @@ class Server:
         self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            self._business_threads, thread_name_prefix=f"octo-biz-{self.appkey}")
+        self._pool = BusinessPool(self._business_threads, f"octo-biz-{self.appkey}")
 
         def make_connection() -> ServerConnection:
             return ServerConnection(self._dispatch, self._connections, self.max_frame_size,
                                     self.max_connections, self.pause_reading_at,
                                     self.pause_reading_bytes)
 
+        # A TLS handshake comes before any frame and any of the limits on frames:
+        # a peer that stalls it may hold its socket this long, no longer.
+        tls = dict(ssl=self.ssl, ssl_handshake_timeout=_TLS_HANDSHAKE_TIMEOUT) if self.ssl else {}
         if self.unix_path is not None:
+            await _refuse_a_live_socket(self.unix_path)
             self._listener = await self._loop.create_unix_server(
-                make_connection, self.unix_path, ssl=self.ssl)
+                make_connection, self.unix_path, **tls)
+            self._unix_inode = os.stat(self.unix_path).st_ino
         else:
             self._listener = await self._loop.create_server(
-                make_connection, self.host, self.port, reuse_address=True, ssl=self.ssl)
+                make_connection, self.host, self.port, reuse_address=True, **tls)
             self.port = self._listener.sockets[0].getsockname()[1]
         if self.idle_timeout or self.read_timeout:
             self._sweeper = self._loop.create_task(self._sweep())
@@ -329,10 +337,13 @@ class Server:
             try:
                 await asyncio.wait_for(self._idle.wait(), grace)
             except asyncio.TimeoutError:
-                log.warning("%s: %d calls still running after %.1fs grace",
-                            self.appkey, self._in_flight, grace)
+                log.warning("%s: %d calls still running after %.1fs grace; cancelling the "
+                            "coroutine handlers", self.appkey, self._in_flight, grace)
+                for task in list(self._handlers):
+                    task.cancel()           # each answers its caller with an error
+                await asyncio.sleep(0)
         for conn in list(self._connections):
-            conn.close()
+            conn.shutdown()
         # what is written goes out, but a peer that reads nothing does not hold the stop
         linger_until = self._loop.time() + CLOSE_LINGER
         while self._connections and self._loop.time() < linger_until:
@@ -340,11 +351,12 @@ class Server:
         for conn in list(self._connections):
             conn.abort()
         await asyncio.sleep(0)
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
         self._listener = None
         if self.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.unix_path)
+                if os.stat(self.unix_path).st_ino == self._unix_inode:   # still ours
+                    os.unlink(self.unix_path)
         if self._registry is not None:
             if isinstance(self._registry_spec, str):    # we opened it, we close it
                 await self._registry.close()
@@ -375,7 +387,9 @@ class Server:
 
     def __exit__(self, *exc: Any) -> None:
         try:
-            self._thread.run(self.stop())
+            # bounded: a loop that died cannot hold the exit (stop takes its grace
+            # of 5 s, a linger, and a margin)
+            self._thread.run(self.stop(), timeout=5.0 + CLOSE_LINGER + 5.0)
         finally:
             self._thread.stop()
 
@@ -533,7 +547,8 @@ class Server:
         argv = [getattr(args, arg) for arg in method.arg_names]
         context = self._call_context(call, head)
         if is_coroutine:
-            start_task(self._loop, self._run_coroutine(call, fn, argv, deadline), context)
+            self._track(start_task(self._loop, self._run_coroutine(call, fn, argv, deadline),
+                                   context))
             return
         self._business_pending += 1
         future = self._pool.submit(context.run, _run_sync, fn, argv, deadline)
@@ -560,6 +575,8 @@ class Server:
             value = await fn(*argv)
         except BaseException as exc:  # noqa: B902 - every failure becomes a reply
             self._answer(call, None, exc)
+            if isinstance(exc, (KeyboardInterrupt, asyncio.CancelledError)):
+                raise   # Ctrl-C and cancellation are the loop's business, not the call's
         else:
             self._answer(call, value, None)
 
@@ -575,9 +592,16 @@ class Server:
         if inspect.isawaitable(value):
             # A plain function that returned a coroutine (an async handler behind a
             # plain decorator): its answer is what the coroutine gives, on the loop.
-            start_task(self._loop, self._run_coroutine(call, lambda: value, [], None), context)
+            self._track(start_task(self._loop, self._run_coroutine(call, lambda: value, [], None),
+                                   context))
             return
         self._answer(call, value, exc)
+
+    def _track(self, task: asyncio.Future) -> None:
+        """Keep a handler that suspended, for stop() to cancel past its grace."""
+        if not task.done():
+            self._handlers.add(task)
+            task.add_done_callback(self._handlers.discard)
 
     def _answer(self, call: _Call, value: Any, exc: Optional[BaseException]) -> None:
         call.reply.conn.call_finished(call.size)
@@ -588,13 +612,16 @@ class Server:
         self.metrics.finished(call.stats, time.monotonic() - call.started, status)
         for end in call.span_ends or ():
             end(status)
-        if isinstance(exc, BaseException) and not isinstance(exc, Exception):
-            raise exc   # KeyboardInterrupt, SystemExit, cancellation: not ours to swallow
 
     def _reply(self, call: _Call, value: Any, exc: Optional[BaseException]) -> int:
         """Send the answer (if one is owed); returns the OCTO status of the call."""
         reply, method, name, seqid = call.reply, call.method, call.method.name, call.seqid
-        send = call.answer and not reply.conn.closed
+        send = call.answer and not reply.conn.closed and not reply.conn.discarding
+        if isinstance(exc, asyncio.CancelledError):
+            if send:
+                reply.app_exception(name, seqid, TApplicationException.INTERNAL_ERROR,
+                                    f"{name}: the handler was cancelled (the server is stopping)")
+            return Status.APPLICATION_EXCEPTION
         if isinstance(exc, _DeadlinePassed):
             if send:
                 reply.refuse(Status.TRANSPORT_EXCEPTION,
@@ -685,6 +712,24 @@ class Quotas:
 #: Error texts sent to callers are diagnostics: past this many characters they are
 #: cut, so an exception with a huge message still fits in a frame.
 MAX_ERROR_TEXT = 4096
+
+
+#: Seconds a TLS client may take over its handshake (ms on any network that works).
+_TLS_HANDSHAKE_TIMEOUT = 10.0
+
+
+async def _refuse_a_live_socket(path: str) -> None:
+    """``OSError`` when a server already listens at the unix socket ``path``: asyncio
+    would replace its socket file, quietly taking its traffic (a stale file, with
+    nobody listening, may go)."""
+    if not os.path.exists(path):
+        return
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), 1.0)
+    except (OSError, asyncio.TimeoutError):
+        return
+    writer.close()
+    raise OSError(errno.EADDRINUSE, f"a server is already listening at unix://{path}")
 
 
 def _clip(text: str) -> str:

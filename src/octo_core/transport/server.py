@@ -87,6 +87,24 @@ class ServerConnection(FramedProtocol):
             self.transport.pause_reading()
         self._close_when_answered()
 
+    def shutdown(self) -> None:
+        """A lingering close, for a stop: the write side shuts after the last reply
+        (the peer reads every answer, then EOF); what the peer still sends is read
+        and dropped, never run, until it closes its side. Closing with its bytes
+        unread would reset the connection, and the peer would lose replies it
+        had not read yet. (TLS cannot half-close: it just closes.)"""
+        if self.closed or self.transport is None:
+            return
+        self._flush()
+        if not self.transport.can_write_eof() or self.transport.get_extra_info("sslcontext"):
+            self.close()
+            return
+        self.discarding = True
+        self._backlog.clear()
+        self._input_ended = True       # its EOF then closes it once calls are answered
+        self.transport.write_eof()
+        self.transport.resume_reading()
+
     def reject(self, exc) -> None:
         """A frame the dispatcher cannot trust: drop what came after it, answer what
         came before, close."""

@@ -46,6 +46,8 @@ class FramedProtocol(asyncio.Protocol):
         # since when the frame being read has been arriving (None between frames)
         self.frame_started: Optional[float] = None
         self._linger: Optional[asyncio.TimerHandle] = None
+        # closing: what the peer still sends is read and dropped (a lingering close)
+        self.discarding = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -59,6 +61,8 @@ class FramedProtocol(asyncio.Protocol):
             self.peer = str(transport.get_extra_info("sockname") or "unix")
 
     def data_received(self, data: bytes) -> None:
+        if self.discarding:
+            return
         now = self.last_activity = self.loop.time()
         self._wrote_since_read = False
         if self._read(data) or self.frame_started is None:

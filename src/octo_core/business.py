@@ -1,0 +1,66 @@
+"""``BusinessPool``: the threads plain-function handlers run on.
+
+OCTO keeps business work off the I/O threads. The pool is bounded by the
+server's admission checks (a full queue is refused with status 3 before it gets
+here), so it holds no limit of its own. Its threads are daemon threads: a
+handler that never returns cannot keep the process alive after the server has
+stopped, which ``concurrent.futures.ThreadPoolExecutor`` (whose threads the
+interpreter joins at exit) would.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import queue
+import threading
+from typing import Any, Callable, Optional, Tuple
+
+_Work = Tuple[concurrent.futures.Future, Callable[..., Any], Tuple[Any, ...]]
+
+
+class BusinessPool:
+    """``threads`` daemon threads taking work from one queue."""
+
+    def __init__(self, threads: int, name: str) -> None:
+        self._threads = threads
+        self._queue: "queue.SimpleQueue[Optional[_Work]]" = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        for number in range(threads):
+            threading.Thread(target=self._work, name=f"{name}-{number}", daemon=True).start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        """Run ``fn(*args)`` on a business thread; its outcome lands in the future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the business pool is shut down")
+            self._queue.put((future, fn, args))
+        return future
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            future, fn, args = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    result = fn(*args)
+                except BaseException as exc:  # noqa: B902 - the caller's future says what happened
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+
+    def shutdown(self) -> None:
+        """Cancel the work not started; idle threads end, busy ones when their work ends."""
+        with self._lock:
+            self._closed = True
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+            for _ in range(self._threads):
+                self._queue.put(None)
