@@ -6,6 +6,7 @@ import concurrent.futures
 import functools
 import ssl as _ssl
 import sys
+import threading
 import time
 from typing import Any, Awaitable, Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
 
@@ -19,9 +20,9 @@ from octo_core.auth import Signer
 from octo_core.codec import Limits
 from octo_core.context import Span, _span_started, child_span, global_context
 from octo_core.metrics import Metrics
-from octo_core.errors import (ApplicationError, DecodeError, DegradeError, EncodeError, OctoError,
-                              ProtocolError, RemoteError, RpcError, RuntimeFailure, SecurityError,
-                              ServiceError, Status, TransportError)
+from octo_core.errors import (ApplicationError, CallTimeout, DecodeError, DegradeError,
+                              EncodeError, OctoError, ProtocolError, RemoteError, RpcError,
+                              RuntimeFailure, SecurityError, ServiceError, Status, TransportError)
 from octo_core.protocol import CallType, Frame, FrameDecoder, MessageType
 from octo_core.registry import Directory, Node, Registry, open_registry
 from octo_core.transport.address import parse_address
@@ -78,6 +79,10 @@ class AsyncClient:
     ``max_frame_size`` is not sent, and while a server reads nothing of what
     was sent, new calls wait for it (within their deadline) rather than pile
     their requests up in memory.
+
+    A client belongs to the event loop of its first call (its connections live
+    there): a call from any other loop fails with ``TransportError``, before
+    anything is sent. ``close()`` works from anywhere.
     """
 
     def __init__(self, service: Any, *, appkey: str, hosts: Optional[Iterable[str]] = None,
@@ -129,6 +134,10 @@ class AsyncClient:
                                       heartbeat_interval=heartbeat_interval if self.unified else None)
         self._endpoints: Dict[str, Endpoint] = {}
         self._closed = False
+        # The loop of the first call, and the thread running it: every call compares
+        # its thread (cheap), a closed client or another loop take the slow path.
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._loop_thread: Optional[int] = None
         self._methods = idl.methods(service)
         # the message name native thrift sends for each method
         self._wire_names = {name: f"{self.service_name}:{name}" if multiplexed else name
@@ -193,8 +202,8 @@ class AsyncClient:
 
     async def _call(self, method: idl.Method, args: tuple, kwargs: dict,
                     timeout: Optional[float] = None) -> Any:
-        if self._closed:
-            raise TransportError("client is closed", method=method.name, request_sent=False)
+        if threading.get_ident() != self._loop_thread or self._loop.is_closed():
+            self._check_caller(method)
         if self._directory is not None and self._directory.version == 0:
             await self._discover()
         try:
@@ -229,6 +238,21 @@ class AsyncClient:
             for end in ends or ():
                 end(status)
 
+    def _check_caller(self, method: idl.Method) -> None:
+        """A call's slow path: refuse it on a closed client or from a loop other than
+        the client's, else bind the client to the caller's loop (its first call, or
+        the same loop now run by another thread)."""
+        if self._closed:
+            raise _closed_error(method.name)
+        running = asyncio.get_running_loop()
+        if self._loop is not None and self._loop is not running:
+            why = ("its event loop (that of its first call) is closed" if self._loop.is_closed()
+                   else "it belongs to another event loop (that of its first call)")
+            raise TransportError(f"this client cannot call from this event loop: {why}; make "
+                                 "a client per event loop, or share a Client between threads",
+                                 method=method.name, request_sent=False)
+        self._loop, self._loop_thread = running, threading.get_ident()
+
     async def _discover(self) -> None:
         """Start discovery: concurrent first calls share one attempt, and a failed
         attempt is forgotten, so a call after a registry outage tries again."""
@@ -246,6 +270,8 @@ class AsyncClient:
         endpoint = self._endpoints.get(node.address)
         if endpoint is None:
             endpoint = self._endpoints[node.address] = Endpoint(node.address, **self._endpoint_options)
+            if self._closed:   # a retry on another node after close(): it fails, opening nothing
+                endpoint.close()
         return endpoint
 
     def _send(self, method: idl.Method, request: Any, node: Node, timeout: float,
@@ -357,8 +383,19 @@ class AsyncClient:
         return result.success
 
     async def close(self) -> None:
-        """Close every connection; calls still waiting fail with ``TransportError``."""
+        """Close every connection; calls still waiting (connecting too) fail with
+        ``TransportError``. From another event loop than the client's, the closing
+        is handed to the client's loop if it still runs (its connections live
+        there), and is left to that loop's own closing if not."""
         self._closed = True
+        self._loop_thread = None     # every call now takes the slow path, which refuses it
+        loop = self._loop
+        if loop is None or loop is asyncio.get_running_loop():
+            await self._shutdown()
+        elif loop.is_running():
+            asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
+
+    async def _shutdown(self) -> None:
         for endpoint in self._endpoints.values():
             endpoint.close()
         if self._directory is not None:
@@ -427,12 +464,26 @@ class Client:
     argument to the IDL method as given; in callback mode the keyword
     ``callback`` is the callback, so an IDL argument called ``callback`` is
     passed by position there.
+
+    Callbacks (and the futures' done-callbacks) run on the client's I/O thread:
+    keep them short. They may start calls in future or callback mode, and may
+    ``close()`` the client (it then closes without waiting), but a blocking call
+    there raises ``TransportError`` at once: it would wait for the very thread
+    it blocks. A blocking call waits at most its timeout plus a margin
+    (``CallTimeout`` if the I/O thread is stuck). Once closed, every call -- one
+    still connecting or racing ``close()`` too -- fails with
+    ``TransportError("client is closed")``, and every callback is called
+    exactly once.
     """
 
     def __init__(self, service: Any, **options: Any) -> None:
-        self._thread = LoopThread("octo-client")
+        self._thread = LoopThread("octo-client", stopped_error=_cut_short)
         self._closed = False
-        self._async = self._thread.run(_make_async(service, options))
+        try:
+            self._async = self._thread.run(_make_async(service, options))
+        except BaseException:   # a bad option: no thread (nor its loop's fds) left behind
+            self._thread.stop()
+            raise
         self.future = _Mode(self, self._submitter)
         self.callback = _Mode(self, self._with_callback)
         for name, method in self._async._methods.items():
@@ -441,7 +492,8 @@ class Client:
 
     def call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
         """Call IDL method ``name`` and wait; ``timeout`` as in ``AsyncClient.call``."""
-        return self.future.call(name, *args, **kwargs).result()
+        method, timeout = self._async._by_name(name, kwargs)
+        return self._blocking(method, timeout)(*args, **kwargs)
 
     def _submitter(self, method: idl.Method,
                    timeout: Optional[float] = None) -> Callable[..., concurrent.futures.Future]:
@@ -450,18 +502,39 @@ class Client:
 
         def submit(*args: Any, **kwargs: Any) -> concurrent.futures.Future:
             if self._closed:
-                raise TransportError("client is closed", method=method.name, request_sent=False)
+                raise _closed_error(method.name)
             return self._thread.submit(call(method, args, kwargs, timeout))
         submit.__name__ = method.name
         return submit
 
-    def _blocking(self, method: idl.Method) -> Callable[..., Any]:
-        submit = self._submitter(method)
+    def _blocking(self, method: idl.Method,
+                  timeout: Optional[float] = None) -> Callable[..., Any]:
+        submit = self._submitter(method, timeout)
+        loop_thread = self._thread.ident
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            return submit(*args, **kwargs).result()
+            if threading.get_ident() == loop_thread:
+                raise TransportError("a blocking call from a callback (on the client's own I/O "
+                                     "thread) would wait for itself forever; call through "
+                                     "client.future or client.callback there",
+                                     method=method.name, request_sent=False)
+            return self._wait(submit(*args, **kwargs), method,
+                              self._async.timeout if timeout is None else timeout)
         call.__name__ = method.name
         return call
+
+    def _wait(self, future: concurrent.futures.Future, method: idl.Method, timeout: float) -> Any:
+        """The call's outcome, waiting at most its ``timeout`` plus ``_LOOP_MARGIN``:
+        a stuck I/O thread fails the call rather than hang its caller."""
+        bound = timeout + _LOOP_MARGIN
+        try:
+            return future.result(bound)
+        except concurrent.futures.TimeoutError:
+            if future.done():   # the call's own outcome
+                raise
+        future.cancel()
+        raise CallTimeout(f"the client's I/O thread gave no answer within {bound:.3g}s",
+                          method=method.name)
 
     def _with_callback(self, method: idl.Method,
                        timeout: Optional[float] = None) -> Callable[..., concurrent.futures.Future]:
@@ -473,27 +546,60 @@ class Client:
                                 "(in callback mode an IDL argument called callback is "
                                 "passed by position)")
             future = submit(*args, **kwargs)
-            future.add_done_callback(
-                lambda f: callback(f.exception() if f.exception() is not None else f.result()))
+            future.add_done_callback(lambda f: callback(_outcome(f)))
             return future
         call.__name__ = method.name
         return call
 
     def close(self) -> None:
-        """Close the connections and stop the loop thread."""
+        """Close the connections and stop the loop thread (see the class docstring)."""
         if self._closed:
             return
         self._closed = True
+        if threading.get_ident() == self._thread.ident:   # from a callback: cannot wait for itself
+            closing = self._thread.loop.create_task(self._close_on_loop())
+            closing.add_done_callback(lambda _: self._thread.stop())
+            return
         try:
-            self._thread.run(AsyncClient.close(self._async), timeout=5)
+            self._thread.run(self._close_on_loop(), timeout=_CLOSE_GRACE + 5)
         finally:
             self._thread.stop()
+
+    async def _close_on_loop(self) -> None:
+        """Close the async client; its calls get their errors before the loop stops
+        (the stopping loop would cancel them)."""
+        await AsyncClient.close(self._async)
+        await self._thread.settle(_CLOSE_GRACE)
 
     def __enter__(self) -> "Client":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         Client.close(self)
+
+
+#: Seconds a blocking call waits beyond its timeout (for a first call's registry
+#: discovery, or a busy loop) before it gives up on the I/O thread.
+_LOOP_MARGIN = 10.0
+#: Seconds Client.close() gives the calls still running to end with their own errors.
+_CLOSE_GRACE = 1.0
+
+
+def _closed_error(method: Optional[str] = None) -> TransportError:
+    return TransportError("client is closed", method=method, request_sent=False)
+
+
+def _cut_short() -> TransportError:
+    """A call the closing client's loop stopped under: it may have been sent."""
+    return TransportError("client is closed")
+
+
+def _outcome(future: concurrent.futures.Future) -> Any:
+    """A finished future's result, or its exception (``CancelledError`` if cancelled)."""
+    if future.cancelled():
+        return concurrent.futures.CancelledError()
+    error = future.exception()
+    return error if error is not None else future.result()
 
 
 async def _make_async(service: Any, options: Dict[str, Any]) -> AsyncClient:

@@ -92,7 +92,7 @@ class ClientConnection(FramedProtocol):
                 if entry is not None and entry[0] is future:
                     del pending[seq]      # answered calls are gone already; cancelled ones go here
                 if not future.done():
-                    future.set_exception(CallTimeout(f"no reply within {timeout}s",
+                    future.set_exception(CallTimeout(f"no reply within {timeout:.3g}s",
                                                      method=method, node=self.node))
             else:
                 self._arm(when)
@@ -263,7 +263,7 @@ class Endpoint:
 
     async def _open(self, slot: int, timeout: Optional[float]) -> ClientConnection:
         if self.closed:
-            raise TransportError("client is closed", node=self.node, request_sent=False)
+            raise self._closed_error()
         attempt = self._connecting.get(slot)
         if attempt is None:
             now = time.monotonic()
@@ -282,11 +282,22 @@ class Endpoint:
         except asyncio.TimeoutError:   # the attempt turns its own timeout into TransportError
             raise CallTimeout(f"not connected within the call's {timeout:.3g}s left; the "
                               "request was not sent", node=self.node, request_sent=False) from None
+        except TransportError:
+            if self.closed:   # each waiter its own error, not one shared by all
+                raise self._closed_error() from None
+            raise
+
+    def _closed_error(self) -> TransportError:
+        return TransportError("client is closed", node=self.node, request_sent=False)
 
     async def _connect_slot(self, slot: int) -> ClientConnection:
         loop = asyncio.get_running_loop()
         try:
             conn = await self._connect(loop)
+        except asyncio.CancelledError:
+            if not self.closed:
+                raise
+            raise self._closed_error() from None   # close() cancelled it: no backoff
         except TransportError:
             self._backoff = min(self._backoff_max, max(self._backoff_min, self._backoff * 2))
             self._retry_at = time.monotonic() + self._backoff * random.uniform(0.8, 1.2)
@@ -295,7 +306,7 @@ class Endpoint:
             del self._connecting[slot]
         if self.closed:
             conn.close()
-            raise TransportError("client is closed", node=self.node, request_sent=False)
+            raise self._closed_error()
         self._backoff = 0.0
         self._conns[slot] = conn
         if self._heartbeat_interval and self._heartbeat_task is None:
@@ -316,7 +327,7 @@ class Endpoint:
         try:
             _, conn = await asyncio.wait_for(opening, self.connect_timeout)
         except asyncio.TimeoutError:
-            raise TransportError(f"connect timed out after {self.connect_timeout}s",
+            raise TransportError(f"connect timed out after {self.connect_timeout:.3g}s",
                                  node=self.node, request_sent=False) from None
         except OSError as exc:
             raise TransportError(f"cannot connect: {exc.strerror or exc or type(exc).__name__}",
@@ -352,9 +363,13 @@ class Endpoint:
                     conn.abort(TransportError("heartbeat timed out", node=self.node))
 
     def close(self) -> None:
+        """Close the connections; connects under way are cancelled, and the calls
+        waiting for them fail at once with ``TransportError`` (nothing was sent)."""
         self.closed = True
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
+        for attempt in self._connecting.values():
+            attempt.cancel()
         for conn in self._conns:
             if conn is not None:
                 conn.close()

@@ -4,9 +4,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import functools
 import sys
 import threading
-from typing import Any, Coroutine, Optional
+from typing import Any, Callable, Coroutine, Optional, Set
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -18,47 +19,127 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-class LoopThread:
-    """An event loop running on a daemon thread; blocking code submits coroutines to it."""
+#: Seconds a stopping loop gives its cancelled tasks to finish before it closes.
+_STOP_GRACE = 5.0
 
-    def __init__(self, name: str = "octo-io") -> None:
+
+class LoopThread:
+    """An event loop running on a daemon thread; blocking code submits coroutines to it.
+
+    Once ``stop()`` is called, ``submit`` refuses new work with ``stopped_error()``
+    and a coroutine still running when the loop stops is cancelled, its future
+    failing with ``stopped_error()`` too: no caller waits forever for a loop that
+    is gone, nor gets a bare ``CancelledError`` it never asked for. The thread
+    cancels what is left and closes its loop itself, so ``stop()`` may be called
+    from the loop thread too (it then returns without waiting).
+    """
+
+    def __init__(self, name: str = "octo-io",
+                 stopped_error: Optional[Callable[[], Exception]] = None) -> None:
         self.loop = new_event_loop()
+        self._stopped_error = stopped_error or (
+            lambda: RuntimeError(f"the {name} loop thread is stopped"))
+        self._stopping = False
+        self._lock = threading.Lock()   # orders submit() against stop()
+        self._tasks: Set[asyncio.Task] = set()   # the submitted coroutines still running
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         self._ready.wait()
 
+    @property
+    def ident(self) -> Optional[int]:
+        """The loop thread's ``threading.get_ident()``."""
+        return self._thread.ident
+
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         self.loop.call_soon(self._ready.set)
-        self.loop.run_forever()
+        try:
+            self.loop.run_forever()
+            self.loop.run_until_complete(_cancel_rest())
+        finally:
+            with self._lock:      # however the loop ended, submit() now refuses work
+                self._stopping = True
+            self.loop.close()
 
     def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future:
-        """Schedule ``coro`` on the loop; returns a ``concurrent.futures.Future``."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        """Schedule ``coro`` on the loop; returns a ``concurrent.futures.Future``
+        (cancelling it cancels the coroutine)."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if self._stopping:
+                coro.close()      # never started: no "coroutine was never awaited"
+                raise self._stopped_error()
+            # queued before stop()'s loop.stop: it runs, or is cancelled with the rest
+            self.loop.call_soon_threadsafe(self._start, coro, future)
+        return future
+
+    def _start(self, coro: Coroutine[Any, Any, Any], future: concurrent.futures.Future) -> None:
+        """On the loop: run ``coro`` as a task whose outcome goes to ``future``."""
+        if future.cancelled():    # by its caller, before it started
+            future.set_running_or_notify_cancel()
+            coro.close()
+            return
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(functools.partial(self._settle, future))
+        future.add_done_callback(functools.partial(self._cancel_if_cancelled, task))
+
+    def _settle(self, future: concurrent.futures.Future, task: asyncio.Task) -> None:
+        """Hand the task's outcome to ``future``; cancelled by stop(): ``stopped_error()``."""
+        self._tasks.discard(task)
+        if task.cancelled() and not self._stopping:
+            future.cancel()       # its caller cancelled it (or it cancelled itself)
+        if not future.set_running_or_notify_cancel():
+            return
+        if task.cancelled():
+            future.set_exception(self._stopped_error())
+            return
+        error = task.exception()
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(task.result())
+
+    def _cancel_if_cancelled(self, task: asyncio.Task, future: concurrent.futures.Future) -> None:
+        """The caller cancelled ``future``: cancel the task running its coroutine."""
+        if future.cancelled():
+            with self._lock:      # once stopping, the loop cancels the task itself
+                if not self._stopping:
+                    self.loop.call_soon_threadsafe(task.cancel)
+
+    async def settle(self, timeout: float) -> None:
+        """Wait (on the loop), up to ``timeout`` seconds, for the submitted
+        coroutines still running -- the one calling this aside -- to end."""
+        running = self._tasks - {asyncio.current_task()}
+        if running:
+            await asyncio.wait(running, timeout=timeout)
 
     def run(self, coro: Coroutine[Any, Any, Any], timeout: Optional[float] = None) -> Any:
         """Run ``coro`` on the loop and wait for its result."""
         return self.submit(coro).result(timeout)
 
-    def stop(self) -> None:
-        """Stop the loop and join its thread (pending tasks are cancelled)."""
-        if not self._thread.is_alive():
-            return
+    def stop(self, timeout: float = 2 * _STOP_GRACE) -> None:
+        """Stop the loop: tasks still running are cancelled, then the loop closes.
 
-        async def _cancel_rest() -> None:
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+        From another thread this waits (up to ``timeout`` seconds) for the thread
+        to end; from the loop thread itself (a callback) it returns at once."""
+        with self._lock:
+            if not self._stopping:
+                self._stopping = True
+                self.loop.call_soon_threadsafe(self.loop.stop)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
 
-        try:
-            self.run(_cancel_rest(), timeout=5)
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(5)
-            if not self._thread.is_alive():
-                self.loop.close()
+
+async def _cancel_rest() -> None:
+    """Cancel every task left on the stopped loop; wait a bounded time for them to end."""
+    tasks = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.wait(tasks, timeout=_STOP_GRACE)
 
 
 def start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any],

@@ -102,7 +102,11 @@ class ServerConnection(FramedProtocol):
         self.discarding = True
         self._backlog.clear()
         self._input_ended = True       # its EOF then closes it once calls are answered
-        self.transport.write_eof()
+        try:
+            self.transport.write_eof()
+        except OSError:                # the peer is gone already (asyncio says so here)
+            self.abort()
+            return
         self.transport.resume_reading()
 
     def reject(self, exc) -> None:

@@ -1,0 +1,311 @@
+"""The client's life cycle: callbacks on the I/O thread, close() racing calls and
+connects, a client used from another event loop, a constructor that fails, and
+the loop thread under it.
+
+Connects that never finish are made by replacing ``Endpoint._connect`` with one
+that waits until it is cancelled: no misbehaving peer, nothing timed.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import re
+import threading
+from typing import Any, List
+
+import pytest
+
+import octo_core
+from octo_core import client as client_module
+from octo_core.errors import CallTimeout, TransportError
+from octo_core.transport.client import Endpoint
+from octo_core.transport.loop import LoopThread
+
+from wire_helpers import (CLIENT_APPKEY, Echo, EchoHandler, async_client,  # noqa: F401
+                          echo_services, run, serving, serving_in_thread, sync_client,
+                          wait_until, wait_until_sync, watchdog)
+
+pytestmark = pytest.mark.usefixtures("watchdog")
+
+#: An address nothing is asked of: every connect to it hangs (see HungConnects).
+NOWHERE = "127.0.0.1:9"
+
+
+class HungConnects:
+    """Every connect waits until cancelled; counts those started and cancelled."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.started = 0
+        self.cancelled = 0
+
+        async def hung(endpoint: Endpoint, loop: asyncio.AbstractEventLoop) -> Any:
+            self.started += 1
+            try:
+                await loop.create_future()
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+        monkeypatch.setattr(Endpoint, "_connect", hung)
+
+
+def assert_closed_error(error: BaseException) -> None:
+    assert isinstance(error, TransportError), repr(error)
+    assert error.message == "client is closed" and error.request_sent is False
+
+
+def client_threads() -> List[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "octo-client"]
+
+
+# --- callbacks run on the client's I/O thread ---------------------------------------
+
+def test_a_blocking_call_in_a_callback_fails_at_once_and_the_client_goes_on():
+    with serving_in_thread(echo_services()) as server, \
+            sync_client(Echo, server.address) as client:
+        outcomes: "concurrent.futures.Future[Any]" = concurrent.futures.Future()
+
+        def chained(first: Any) -> None:
+            try:
+                client.echo("from the callback")
+            except Exception as exc:  # the outcome under test
+                outcomes.set_result((first, exc))
+
+        client.callback.echo("first", callback=chained)
+        first, error = outcomes.result(5)
+        assert first == "first"
+        assert isinstance(error, TransportError) and error.request_sent is False
+        assert "client.future" in str(error)
+        # The I/O thread was never blocked: other callers go on.
+        assert client.echo("after") == "after"
+
+
+def test_a_callback_chains_calls_through_callback_mode():
+    with serving_in_thread(echo_services()) as server, \
+            sync_client(Echo, server.address) as client:
+        second: "concurrent.futures.Future[Any]" = concurrent.futures.Future()
+        client.callback.echo("one", callback=lambda first: client.callback.echo(
+            f"{first} two", callback=second.set_result))
+        assert second.result(5) == "one two"
+
+
+def test_close_from_a_callback_closes_without_waiting_for_itself():
+    with serving_in_thread(echo_services()) as server:
+        client = octo_core.Client(Echo, appkey=CLIENT_APPKEY, hosts=[server.address])
+        closed: "concurrent.futures.Future[Any]" = concurrent.futures.Future()
+
+        def close(_: Any) -> None:
+            try:
+                client.close()
+            except Exception as exc:  # a failure to report, not to lose in the loop's log
+                closed.set_exception(exc)
+            else:
+                closed.set_result(None)
+
+        client.callback.echo("bye", callback=close)
+        closed.result(5)
+        wait_until_sync(client._thread.loop.is_closed, what="the client's loop to close")
+        with pytest.raises(TransportError, match="client is closed"):
+            client.echo("after close")
+
+
+def test_a_blocking_call_gives_up_on_a_stuck_io_thread(monkeypatch):
+    monkeypatch.setattr(client_module, "_LOOP_MARGIN", 0.1)
+    release = threading.Event()
+    with serving_in_thread(echo_services()) as server, \
+            sync_client(Echo, server.address, timeout=0.1) as client:
+        try:
+            # A done-callback that blocks: the I/O thread is stuck in it.
+            client.future.echo("stuck").add_done_callback(lambda _: release.wait(10))
+            with pytest.raises(CallTimeout, match="I/O thread") as caught:
+                client.echo("waits for a stuck thread")
+            assert caught.value.method == "echo"
+        finally:
+            release.set()
+
+
+# --- close() while calls are connecting ----------------------------------------------
+
+def test_sync_close_while_connecting_fails_every_caller_with_client_is_closed(monkeypatch):
+    connects = HungConnects(monkeypatch)
+    client = octo_core.Client(Echo, appkey=CLIENT_APPKEY, hosts=[NOWHERE],
+                              timeout=60, connect_timeout=60)
+    called: "concurrent.futures.Future[Any]" = concurrent.futures.Future()
+    calls = [0]
+
+    def callback(outcome: Any) -> None:
+        calls[0] += 1
+        called.set_result(outcome)
+
+    client.callback.echo("callback", callback=callback)
+    future = client.future.echo("future")
+    blocking: "concurrent.futures.Future[Any]" = concurrent.futures.Future()
+
+    def call_and_wait() -> None:
+        try:
+            blocking.set_result(client.echo("sync"))
+        except Exception as exc:  # the outcome under test
+            blocking.set_result(exc)
+    caller = threading.Thread(target=call_and_wait, daemon=True)
+    caller.start()
+    wait_until_sync(lambda: connects.started == 1, what="the connect to start")
+    client.close()
+    caller.join(5)
+
+    assert_closed_error(future.exception(5))
+    assert_closed_error(called.result(5))
+    assert_closed_error(blocking.result(5))
+    assert calls == [1] and connects.cancelled == 1
+
+
+def test_async_close_while_connecting_fails_waiting_calls_at_once(monkeypatch):
+    connects = HungConnects(monkeypatch)
+
+    async def main():
+        async with async_client(Echo, NOWHERE, timeout=60, connect_timeout=60) as client:
+            calls = [asyncio.ensure_future(client.echo(f"c{i}")) for i in range(5)]
+            await wait_until(lambda: connects.started == 1, what="the connect to start")
+            await client.close()
+            # Without the fix they wait out connect_timeout (60 s): far past this bound.
+            outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
+        for outcome in outcomes:
+            assert_closed_error(outcome)
+        assert len({id(outcome) for outcome in outcomes}) == 5   # each call its own error
+        assert connects.cancelled == 1
+    run(main())
+
+
+def test_a_call_racing_close_gets_client_is_closed(monkeypatch):
+    """The caller passes the closed check, then close() runs to its end before the
+    caller's submit lands: a typed error, no hang, no coroutine left unawaited."""
+    with serving_in_thread(echo_services()) as server:
+        client = octo_core.Client(Echo, appkey=CLIENT_APPKEY, hosts=[server.address])
+        assert client.echo("warm") == "warm"
+        checked, closed = threading.Event(), threading.Event()
+        submit = client._thread.submit
+
+        def late_submit(coro: Any) -> concurrent.futures.Future:
+            if threading.current_thread().name == "racer":   # close() itself is not delayed
+                checked.set()
+                closed.wait(10)
+            return submit(coro)
+        monkeypatch.setattr(client._thread, "submit", late_submit)
+        outcome: "concurrent.futures.Future[Any]" = concurrent.futures.Future()
+
+        def call() -> None:
+            try:
+                outcome.set_result(client.echo("racing"))
+            except Exception as exc:  # the outcome under test
+                outcome.set_result(exc)
+        threading.Thread(target=call, name="racer", daemon=True).start()
+        assert checked.wait(5)
+        client.close()
+        closed.set()
+        error = outcome.result(5)
+        assert isinstance(error, TransportError) and error.message == "client is closed"
+
+
+# --- the loop thread ------------------------------------------------------------------
+
+async def wait_forever(started: threading.Event) -> None:
+    started.set()
+    await asyncio.get_running_loop().create_future()
+
+
+def test_a_loop_thread_fails_what_it_stops_under_and_refuses_what_comes_after():
+    thread = LoopThread("test-loop", stopped_error=lambda: TransportError("gone"))
+    started = threading.Event()
+    running = thread.submit(wait_forever(started))
+    assert started.wait(5)
+    thread.stop()
+    with pytest.raises(TransportError, match="gone"):   # not a bare CancelledError
+        running.result(5)
+    never_run = wait_forever(threading.Event())
+    with pytest.raises(TransportError, match="gone"):   # not queued on a loop that is gone
+        thread.submit(never_run)
+    assert never_run.cr_frame is None     # closed, not left "never awaited"
+    assert thread.loop.is_closed()
+
+
+def test_cancelling_a_submitted_future_cancels_its_coroutine():
+    thread = LoopThread("test-loop")
+    try:
+        started = threading.Event()
+        future = thread.submit(wait_forever(started))
+        assert started.wait(5)
+        assert future.cancel()
+        done, _ = concurrent.futures.wait([future], timeout=5)
+        assert done == {future}
+        wait_until_sync(lambda: not thread.run(all_other_tasks(), timeout=5),
+                        what="the cancelled coroutine to end")
+    finally:
+        thread.stop()
+
+
+async def all_other_tasks() -> set:
+    return asyncio.all_tasks() - {asyncio.current_task()}
+
+
+def test_a_client_whose_options_are_refused_leaves_no_thread_behind():
+    before = len(client_threads())
+    for _ in range(3):
+        with pytest.raises(ValueError, match="timeout"):
+            octo_core.Client(Echo, appkey=CLIENT_APPKEY, hosts=[NOWHERE], timeout=0)
+    wait_until_sync(lambda: len(client_threads()) == before,
+                    what="the refused clients' loop threads to end")
+
+
+# --- one client, one event loop -------------------------------------------------------
+
+def test_a_call_from_another_event_loop_fails_before_anything_is_sent():
+    handler = EchoHandler()
+    with serving_in_thread(echo_services(handler)) as server:
+        client = octo_core.AsyncClient(Echo, appkey=CLIENT_APPKEY, hosts=[server.address])
+        home = LoopThread("test-home-loop")
+        try:
+            assert home.run(client.slow("home", 0), timeout=5) == "home"
+
+            async def elsewhere() -> None:
+                for _ in range(3):
+                    with pytest.raises(TransportError, match="another event loop") as caught:
+                        await client.slow("elsewhere", 0)
+                    assert caught.value.request_sent is False
+            run(elsewhere())
+            # Coroutine handlers start as their frames are read, in order: had any
+            # "elsewhere" call been written, it would have started before this one.
+            assert home.run(client.slow("home again", 0), timeout=5) == "home again"
+            assert handler.slow_started == 2
+            home.run(client.close(), timeout=5)
+        finally:
+            home.stop()
+
+
+def test_a_client_whose_event_loop_is_closed_says_so():
+    with serving_in_thread(echo_services()) as server:
+        client = octo_core.AsyncClient(Echo, appkey=CLIENT_APPKEY, hosts=[server.address])
+        assert run(client.echo("first loop")) == "first loop"
+
+        async def second_loop() -> None:
+            with pytest.raises(TransportError, match="event loop .* is closed") as caught:
+                await client.echo("second loop")
+            assert caught.value.request_sent is False
+            await client.close()    # its connections went with their loop: nothing to raise
+            with pytest.raises(TransportError, match="client is closed"):
+                await client.echo("after close")
+        run(second_loop())
+
+
+# --- messages -------------------------------------------------------------------------
+
+def test_a_call_timeout_prints_its_seconds_with_three_significant_digits():
+    handler = EchoHandler()
+
+    async def main():
+        async with serving(echo_services(handler)) as server, \
+                async_client(Echo, server.address) as client:
+            with pytest.raises(CallTimeout) as caught:
+                await client.call("slow", "late", 300, timeout=0.1)
+            await wait_until(lambda: handler.slow_finished == 1, what="the late call to end")
+        seconds = re.search(r"no reply within ([0-9.]+)s", str(caught.value)).group(1)
+        assert 0 < float(seconds) <= 0.1
+        assert len(seconds.replace(".", "").lstrip("0")) <= 3, seconds
+    run(main())
