@@ -38,7 +38,9 @@ def test_bench_without_target_runs_every_benchmark(monkeypatch: pytest.MonkeyPat
     assert ran == list(cli.BENCHMARKS)
 
 
-@pytest.mark.parametrize("argv", [["bench", "codec", "--seconds", "0"], ["bench", "nope"]])
+@pytest.mark.parametrize("argv", [["bench", "codec", "--seconds", "0"], ["bench", "nope"],
+                                  ["bench", "codec", "--seconds", "inf"],
+                                  ["bench", "codec", "--seconds", "nan"]])
 def test_bad_arguments_are_rejected(argv: list, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)

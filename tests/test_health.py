@@ -33,8 +33,9 @@ class Peer:
     """A raw TCP peer: ``hang`` never answers; ``flaky`` drops its first connection and
     answers heartbeats (ALIVE) on the others."""
 
-    def __init__(self, behaviour: str) -> None:
+    def __init__(self, behaviour: str, appkey: str = APPKEY) -> None:
         self.behaviour = behaviour
+        self.appkey = appkey
         self.connections = 0
         self.port = 0
         self._writers: List[asyncio.StreamWriter] = []
@@ -50,7 +51,7 @@ class Peer:
             if self.behaviour == "hang":
                 continue
             for frame in decoder.feed(data):
-                beat = HeartbeatInfo(appkey=APPKEY, sendTime=int(time.time() * 1000),
+                beat = HeartbeatInfo(appkey=self.appkey, sendTime=int(time.time() * 1000),
                                      status=NodeStatus.ALIVE)
                 header = protocol.response_header(frame.header.requestInfo.sequenceId,
                                                   message_type=MessageType.SCANNER_HEARTBEAT,
@@ -85,9 +86,10 @@ async def statuses(registry: MemoryRegistry) -> dict:
 
 @contextlib.asynccontextmanager
 async def servers(count: int) -> AsyncIterator[list]:
-    """``count`` real octo_core Servers (ALIVE), always stopped."""
+    """``count`` real octo_core Servers (ALIVE) of ``APPKEY``, always stopped."""
     async with contextlib.AsyncExitStack() as stack:
-        yield [await stack.enter_async_context(serving(echo_services())) for _ in range(count)]
+        yield [await stack.enter_async_context(serving(echo_services(), appkey=APPKEY))
+               for _ in range(count)]
 
 
 def test_dead_only_after_a_confirming_probe():
@@ -260,3 +262,56 @@ def test_main_runs_one_round_from_the_command_line():
                             "--appkey", "com.example.empty", "--once", "--timeout", "0.3",
                             "--confirm-delay", "0.05", "--mass-failure-ratio", "1"]) == 0
         assert run(statuses(registry)) == {port: NodeStatus.DEAD}
+
+
+def test_a_heartbeat_from_another_appkey_is_a_failed_probe():
+    # another service now listening on the node's port says nothing about the node
+    async def scenario():
+        registry = new_registry()
+        async with Peer("answer", appkey="com.someone.else").running() as stranger:
+            await registry.register(node(stranger.port))
+            report = (await Scanner(registry, [APPKEY], **FAST).run_once())[APPKEY]
+            assert report.failed == [f"{LOCALHOST}:{stranger.port}"]
+            assert await statuses(registry) == {stranger.port: NodeStatus.DEAD}
+    run(scenario())
+
+
+def test_a_node_with_an_unusable_address_fails_alone():
+    async def scenario():
+        registry = new_registry()
+        async with servers(1) as (live,):
+            await registry.register(node(live.port))
+            await registry.register(node(70000))   # no tool checked the port
+            await registry.register(Node("com.example.other", LOCALHOST, 70000))
+            scanner = Scanner(registry, [APPKEY, "com.example.other"], **FAST)
+            reports = await scanner.run_once()
+            assert reports[APPKEY].failed == [f"{LOCALHOST}:70000"]
+            assert (await statuses(registry))[live.port] == NodeStatus.ALIVE
+            assert reports["com.example.other"].error is None
+    run(scenario())
+
+
+@pytest.mark.parametrize("setting", [
+    dict(timeout=0), dict(timeout=-1), dict(timeout=float("nan")), dict(interval=-1),
+    dict(interval=float("inf")), dict(confirm_delay=-5), dict(mass_failure_ratio=7),
+    dict(mass_failure_ratio=float("nan")), dict(mass_failure_min_nodes=0), dict(concurrency=0),
+], ids=repr)
+def test_scanner_refuses_settings_out_of_range(setting):
+    async def scenario():
+        with pytest.raises(ValueError):
+            Scanner(new_registry(), [APPKEY], **setting)
+    run(scenario())
+
+
+@pytest.mark.parametrize("argv", [
+    ["--timeout", "0"], ["--timeout", "-1"], ["--interval", "-1"], ["--interval", "nan"],
+    ["--mass-failure-ratio", "7"], ["--confirm-delay", "-5"], ["--mass-failure-min-nodes", "0"],
+    ["--appkey", "../../etc"], ["--appkey", ""],
+    ["--registry", "bogus://x"], ["--registry", "file:///tmp/x?ttl=abc"],
+    ["--registry", "file:///tmp/x?ttl=inf"], ["--registry", "zk://127.0.0.1:99999/x"],
+], ids=" ".join)
+def test_main_refuses_bad_arguments_with_a_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        health.main(["--registry", "memory://x", "--appkey", APPKEY, "--once", *argv])
+    assert exc.value.code == 2
+    assert argv[0] in capsys.readouterr().err   # the message names the option

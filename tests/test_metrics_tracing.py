@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import re
+import socket
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
@@ -24,6 +25,8 @@ from octo_core.errors import (ApplicationError, CallTimeout, SecurityError, Serv
                               Status)
 from octo_core.metrics import BOUNDS, Metrics, prometheus_text
 from octo_core.protocol import MessageType, NodeStatus
+from octo_core.transport import http
+from octo_core.transport.http import serve_metrics
 
 from wire_helpers import (CLIENT_APPKEY, SERVER_APPKEY, Echo, EchoError, EchoHandler,
                           async_client, echo_services, raw_connection, run, serving,
@@ -531,3 +534,84 @@ def test_prometheus_endpoint_serves_the_metrics_over_http():
             assert status == b"HTTP/1.1 404 Not Found"
 
     run(main())
+
+
+# --- the metrics endpoint under hostile clients ------------------------------------------
+
+@contextlib.asynccontextmanager
+async def _metrics_endpoint(render=lambda: "up 1\n"):
+    server = await serve_metrics(render)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def _exchange(port: int, request: bytes) -> bytes:
+    """The whole answer to ``request``; b"" when the server closed or reset unanswered."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        return await asyncio.wait_for(reader.read(), 5)
+    except ConnectionResetError:
+        return b""
+    finally:
+        writer.close()
+
+
+def test_metrics_request_with_bare_lf_line_endings_is_answered(monkeypatch):
+    # a head that never "ends" would wait out this timeout, then get no answer
+    monkeypatch.setattr(http, "READ_TIMEOUT", 30.0)
+
+    async def main():
+        async with _metrics_endpoint() as port:
+            answer = await asyncio.wait_for(
+                _exchange(port, b"GET /metrics HTTP/1.1\nHost: x\n\n"), 10)
+            assert answer.startswith(b"HTTP/1.1 200 OK") and answer.endswith(b"up 1\n")
+    run(main())
+
+
+def test_metrics_connections_beyond_the_cap_are_refused_at_accept():
+    async def main():
+        async with _metrics_endpoint() as port:
+            idle = [await asyncio.open_connection("127.0.0.1", port)
+                    for _ in range(http.MAX_CONNECTIONS)]
+            try:
+                # an extra connection is closed unanswered, not kept waiting
+                assert await _exchange(port, b"") == b""
+            finally:
+                for _, writer in idle:
+                    writer.close()
+            # the slots free as the idle ones go: a scrape is served again
+            answers: List[bytes] = []
+
+            async def scrape_until_served():
+                while not answers or not answers[-1]:
+                    answers.append(await _exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n"))
+            await asyncio.wait_for(scrape_until_served(), 10)
+            assert answers[-1].startswith(b"HTTP/1.1 200 OK")
+    run(main())
+
+
+def test_metrics_answer_to_a_client_that_never_reads_is_dropped(monkeypatch):
+    monkeypatch.setattr(http, "WRITE_TIMEOUT", 0.2, raising=False)
+
+    def handlers() -> list:
+        return [t for t in asyncio.all_tasks() if "serve_metrics" in t.get_coro().__qualname__]
+
+    async def main():
+        # far more than the socket buffers hold
+        async with _metrics_endpoint(lambda: "x" * 8_000_000) as port:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+            sock.setblocking(False)
+            try:
+                await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+                sock.send(b"GET /metrics HTTP/1.1\r\n\r\n")   # and never read
+                await wait_until(lambda: handlers(), what="the handler to start")
+                await wait_until(lambda: not handlers(), timeout=10,
+                                 what="the stalled answer to be dropped")
+            finally:
+                sock.close()
+    run(main())
+

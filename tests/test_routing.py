@@ -501,3 +501,34 @@ def test_no_route_is_not_cached_as_an_answer():
             router.route()
     router.update([node("c"), node("s2", cell="gz-set2"), node("s1", cell="gz-set1")])
     assert names(router.route()) == {"s1"}
+
+
+_RULE = {"id": "r1", "providers": ["10.0.0.1:*"], "consumer_appkeys": ["me"]}
+
+
+@pytest.mark.parametrize("changes", [
+    {"providers": "10.0.0.1:*"},          # tuple() would make one pattern per character
+    {"consumer_ips": "10.*"},
+    {"consumer_appkeys": "me,other"},
+    {"providers": [1, 2]},                # parsed, then fnmatch raised TypeError per call
+    {"providers": {"a": 1}},
+    {"enabled": "false"},                 # bool("false") is True
+    {"limit": "false"},
+    {"exclusive": 1},
+    {"priority": "high"},
+    {"priority": 1.5},
+    {"name": ["n"]},
+    {"id": None},
+], ids=repr)
+def test_route_rule_json_of_the_wrong_type_is_refused(changes):
+    with pytest.raises(ValueError):
+        RouteRule.from_dict({**_RULE, **changes})
+
+
+@pytest.mark.parametrize("text", ["[]", "null", '{"providers": []}', "[" * 100_000 + "]" * 100_000],
+                         ids=["list", "null", "no_id", "deep"])
+def test_route_rule_text_that_is_no_rule_is_refused(text):
+    from octo_core.registry.base import parse_rule
+
+    with pytest.raises(ValueError):
+        parse_rule(text)

@@ -10,6 +10,7 @@ octo_core; with no TARGET it runs every one of them. Benchmarks are listed in
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -41,8 +42,8 @@ BENCHMARKS: Dict[str, Tuple[str, Callable[[argparse.Namespace], int]]] = {
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    if not (math.isfinite(value) and value > 0):   # inf would overflow the round count
+        raise argparse.ArgumentTypeError(f"must be a finite positive number, got {text}")
     return value
 
 

@@ -27,12 +27,14 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import math
 import signal
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from octo_core.errors import OctoError
 from octo_core.protocol import FrameDecoder, NodeStatus, encode_unified, scanner_heartbeat_request
-from octo_core.registry.base import NotRegisteredError, Registry, open_registry
+from octo_core.registry.base import (NotRegisteredError, Registry, RegistryError, check_name,
+                                     open_registry)
 from octo_core.registry.node import HeartbeatSupport, Node
 from octo_core.transport.address import parse_address
 from octo_core.transport.loop import new_event_loop
@@ -45,7 +47,34 @@ _PROBE_FAILURES = (OSError, asyncio.TimeoutError, OctoError)
 
 
 class _BadReply(Exception):
-    """The node answered, but not with a heartbeat reply."""
+    """The node answered, but not with a heartbeat reply (of its own appkey)."""
+
+
+class _BadAddress(Exception):
+    """The node's registered address cannot be connected to (port 70000, say)."""
+
+
+def _seconds(name: str, value: float, *, zero_ok: bool = False) -> float:
+    """``value`` if it is a finite number of seconds above zero (or zero, with
+    ``zero_ok``); ``ValueError`` otherwise (NaN too: it compares false)."""
+    if not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
+        bound = "0 or more" if zero_ok else "above 0"
+        raise ValueError(f"{name} must be a finite number of seconds ({bound}), got {value!r}")
+    return value
+
+
+def _ratio(name: str, value: float) -> float:
+    """``value`` if it is a share between 0 and 1, else ``ValueError``."""
+    if not 0 <= value <= 1:
+        raise ValueError(f"{name} must be between 0 and 1, got {value!r}")
+    return value
+
+
+def _count(name: str, value: int) -> int:
+    """``value`` if it is an integer of at least 1, else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer of at least 1, got {value!r}")
+    return value
 
 
 @dataclasses.dataclass
@@ -70,6 +99,8 @@ class Scanner:
     ``timeout`` bounds one probe; at most ``concurrency`` probes run at once.
     ``mass_failure_ratio`` and ``mass_failure_min_nodes`` set the guard (step 4).
     ``last_report`` holds the last round's ``AppkeyReport`` per appkey.
+    ``ValueError`` for a setting out of range: a zero timeout would mark every
+    node DEAD, a negative interval would scan in a tight loop.
     """
 
     def __init__(self, registry: Registry, appkeys: Iterable[str], interval: float = 5.0,
@@ -78,13 +109,13 @@ class Scanner:
                  concurrency: int = 64) -> None:
         self.registry = registry
         self.appkeys = list(appkeys)
-        self.interval = interval
-        self.timeout = timeout
-        self.confirm_delay = confirm_delay
-        self.mass_failure_ratio = mass_failure_ratio
-        self.mass_failure_min_nodes = mass_failure_min_nodes
+        self.interval = _seconds("interval", interval)
+        self.timeout = _seconds("timeout", timeout)
+        self.confirm_delay = _seconds("confirm_delay", confirm_delay, zero_ok=True)
+        self.mass_failure_ratio = _ratio("mass_failure_ratio", mass_failure_ratio)
+        self.mass_failure_min_nodes = _count("mass_failure_min_nodes", mass_failure_min_nodes)
         self.last_report: Dict[str, AppkeyReport] = {}
-        self._limit = asyncio.Semaphore(concurrency)
+        self._limit = asyncio.Semaphore(_count("concurrency", concurrency))
         self._stopped = asyncio.Event()
 
     async def run(self) -> None:
@@ -181,7 +212,7 @@ class Scanner:
             probe = self._heartbeat(node) if _uses_heartbeat(node) else self._connect(node)
             try:
                 return await asyncio.wait_for(probe, self.timeout)
-            except (*_PROBE_FAILURES, _BadReply) as exc:
+            except (*_PROBE_FAILURES, _BadReply, _BadAddress) as exc:
                 log.debug("probe of %s failed: %r", node.key, exc)
                 return None
 
@@ -201,7 +232,7 @@ class Scanner:
                     raise ConnectionError("closed without answering the heartbeat")
                 frames = decoder.feed(data)
                 if frames:
-                    return _heartbeat_status(frames[0].header)
+                    return _heartbeat_status(frames[0].header, node.appkey)
         finally:
             writer.close()
 
@@ -211,16 +242,23 @@ def _uses_heartbeat(node: Node) -> bool:
 
 
 async def _open(node: Node) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    address = parse_address(node.address)
+    try:
+        address = parse_address(node.address)
+    except ValueError as exc:   # this node's probe fails; the round goes on
+        raise _BadAddress(str(exc)) from None
     if address.path is not None:
         return await asyncio.open_unix_connection(address.path)
     return await asyncio.open_connection(address.host, address.port)
 
 
-def _heartbeat_status(header: object) -> int:
+def _heartbeat_status(header: object, appkey: str) -> int:
+    """The status a heartbeat reply reports; ``_BadReply`` unless it is a reply from
+    ``appkey`` (another service now on the node's port says nothing about the node)."""
     beat = getattr(header, "heartbeatInfo", None)
     if getattr(header, "responseInfo", None) is None or beat is None:
         raise _BadReply("the reply carries no heartbeatInfo")
+    if beat.appkey != appkey:
+        raise _BadReply(f"the reply is from appkey {beat.appkey!r}, not {appkey!r}")
     try:
         return NodeStatus(beat.status)
     except ValueError:
@@ -244,23 +282,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--registry", required=True, metavar="URL",
                         help="memory://name, file:///dir or zk://host:port[,host:port]/chroot")
     parser.add_argument("--appkey", action="append", required=True, dest="appkeys",
-                        metavar="APPKEY", help="an appkey to scan (repeat for more)")
-    parser.add_argument("--interval", type=float, default=5.0, help="seconds between rounds")
-    parser.add_argument("--timeout", type=float, default=1.0, help="seconds per probe")
-    parser.add_argument("--confirm-delay", type=float, default=0.5,
+                        metavar="APPKEY", type=_option(lambda text: check_name(text, "appkey")),
+                        help="an appkey to scan (repeat for more)")
+    seconds = _option(lambda text: _seconds("it", float(text)))
+    parser.add_argument("--interval", type=seconds, default=5.0, help="seconds between rounds")
+    parser.add_argument("--timeout", type=seconds, default=1.0, help="seconds per probe")
+    parser.add_argument("--confirm-delay", default=0.5,
+                        type=_option(lambda text: _seconds("it", float(text), zero_ok=True)),
                         help="seconds before a failed node is probed again")
-    parser.add_argument("--mass-failure-ratio", type=float, default=0.5,
-                        help="above this share of serving nodes failing at once in one "
-                             "appkey, mark none dead")
-    parser.add_argument("--mass-failure-min-nodes", type=int, default=2,
+    parser.add_argument("--mass-failure-ratio", default=0.5,
+                        type=_option(lambda text: _ratio("it", float(text))),
+                        help="above this share (0 to 1) of serving nodes failing at once in "
+                             "one appkey, mark none dead")
+    parser.add_argument("--mass-failure-min-nodes", default=2,
+                        type=_option(lambda text: _count("it", int(text))),
                         help="the guard applies to appkeys with at least this many "
                              "serving nodes")
     parser.add_argument("--once", action="store_true", help="run one round and exit")
     return parser
 
 
-async def _serve(args: argparse.Namespace) -> int:
-    registry = open_registry(args.registry)
+def _option(parse_value: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type`` from ``parse_value``: its ``ValueError`` becomes a usage
+    error that says what was wrong (argparse's own would only say "invalid value")."""
+
+    def parse(text: str) -> Any:
+        try:
+            return parse_value(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+async def _serve(registry: Registry, args: argparse.Namespace) -> int:
     try:
         scanner = Scanner(registry, args.appkeys, interval=args.interval, timeout=args.timeout,
                           confirm_delay=args.confirm_delay,
@@ -281,10 +336,15 @@ async def _serve(args: argparse.Namespace) -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``octo scanner`` with ``argv``; returns the exit status (``--once``: 1 when a
     registry failed or a mass failure was suspected)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        registry = open_registry(args.registry)
+    except (ValueError, RegistryError) as exc:   # a bad URL is a usage error too
+        parser.error(f"argument --registry: {exc}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     loop = new_event_loop()
     try:
-        return loop.run_until_complete(_serve(args))
+        return loop.run_until_complete(_serve(registry, args))
     finally:
         loop.close()

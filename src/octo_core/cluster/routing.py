@@ -27,6 +27,7 @@ import time
 from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from octo_core.errors import RpcError
+from octo_core.registry import schema
 from octo_core.registry.node import Node
 
 # globalContext keys: they travel the whole call chain, so a handler's own
@@ -77,12 +78,28 @@ class RouteRule:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> "RouteRule":
-        return cls(id=str(data["id"]), name=data.get("name", ""),
-                   providers=tuple(data.get("providers", ())),
-                   consumer_ips=tuple(data.get("consumer_ips", ())),
-                   consumer_appkeys=tuple(data.get("consumer_appkeys", ())),
-                   priority=int(data.get("priority", 0)), enabled=bool(data.get("enabled", True)),
-                   limit=bool(data.get("limit", False)), exclusive=bool(data.get("exclusive", False)))
+        """A rule from its registry JSON; ``ValueError`` when a value has the wrong type
+        (a string where a list belongs would match single characters, ``"false"``
+        would enable the rule): the registry then skips the rule as malformed."""
+        data = schema.require_object(data, "route rule")
+        if "id" not in data:
+            raise ValueError("route rule JSON lacks id")
+        rule_id = data["id"]
+        if not isinstance(rule_id, str):   # a numeric id is kept, as its text
+            rule_id = str(schema.require_int("id", rule_id))
+
+        def strings(key: str) -> Tuple[str, ...]:
+            return schema.require_str_list(key, data.get(key, ()))
+
+        def flag(key: str, default: bool) -> bool:
+            return schema.require_bool(key, data.get(key, default))
+
+        return cls(id=rule_id, name=schema.require_str("name", data.get("name", "")),
+                   providers=strings("providers"), consumer_ips=strings("consumer_ips"),
+                   consumer_appkeys=strings("consumer_appkeys"),
+                   priority=schema.require_int("priority", data.get("priority", 0)),
+                   enabled=flag("enabled", True), limit=flag("limit", False),
+                   exclusive=flag("exclusive", False))
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))

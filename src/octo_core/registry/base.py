@@ -16,14 +16,15 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
-import json
 import logging
+import math
 import threading
 import time
 import urllib.parse
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from octo_core.errors import OctoError
+from octo_core.registry import schema
 from octo_core.registry.node import Env, Node
 
 if TYPE_CHECKING:  # cluster.routing imports registry.node: load it only when needed
@@ -193,9 +194,11 @@ def operator_changes(**fields: Optional[float]) -> Dict[str, float]:
 
 
 def parse_rule(data: "str | bytes | Mapping[str, Any]") -> "RouteRule":
-    """A route rule from its registry JSON (text, or already decoded)."""
+    """A route rule from its registry JSON (text, or already decoded); ``ValueError``
+    when it is not one."""
     from octo_core.cluster.routing import RouteRule
-    return RouteRule.from_dict(json.loads(data) if isinstance(data, (str, bytes)) else data)
+    return RouteRule.from_dict(schema.loads(data, "route rule") if isinstance(data, (str, bytes))
+                               else data)
 
 
 def snapshot_of(nodes: Sequence[Node], rules: Sequence[RouteRule]) -> Snapshot:
@@ -239,9 +242,14 @@ def open_registry(url: str) -> Registry:
         raise ValueError(f"{url}: unknown option(s) {', '.join(sorted(unknown))}")
 
     def number(name: str, default: float) -> float:
-        value = float(options.get(name, default))
-        if not value > 0:
-            raise ValueError(f"{url}: {name} must be positive")
+        text = options.get(name)
+        try:
+            value = default if text is None else float(text)
+        except ValueError:
+            value = math.nan   # refused just below, naming the option
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{url}: {name} must be a finite positive number of seconds, "
+                             f"not {text!r}")
         return value
 
     if parts.scheme == "memory":
@@ -260,6 +268,8 @@ def open_registry(url: str) -> Registry:
     except ImportError as exc:
         raise RegistryError(f"{url}: the ZooKeeper registry needs kazoo "
                             f"(pip install octo_core[zookeeper]): {exc}") from None
-    return ZooKeeperRegistry(parts.netloc, chroot=parts.path.rstrip("/"), env=env,
-                             session_timeout=number("timeout", 10.0),
-                             op_timeout=number("op_timeout", 5.0))
+    timeouts = dict(session_timeout=number("timeout", 10.0), op_timeout=number("op_timeout", 5.0))
+    try:
+        return ZooKeeperRegistry(parts.netloc, chroot=parts.path.rstrip("/"), env=env, **timeouts)
+    except ValueError as exc:   # kazoo refuses the hosts ("Port out of range")
+        raise ValueError(f"{url}: {exc}") from None

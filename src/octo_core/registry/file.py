@@ -26,6 +26,7 @@ import fcntl
 import logging
 import math
 import os
+import stat
 import tempfile
 import time
 from typing import TYPE_CHECKING, Callable, Dict, Generic, Iterator, List, Optional, Set, Tuple, TypeVar
@@ -45,6 +46,40 @@ T = TypeVar("T")
 # Filesystem timestamps tick coarsely: two changes in one tick leave one mtime.
 # A directory or file changed this recently is re-read on the next poll too.
 SETTLE_SECONDS = 1.0
+# A node or route rule is a few hundred bytes: a bigger file is not one of ours.
+MAX_FILE_SIZE = 1 << 20
+
+
+def read_small_file(path: str) -> Tuple[float, str]:
+    """The mtime and UTF-8 text of the regular file at ``path``.
+
+    ``ValueError`` when it is anything else (a directory, a FIFO, a device: opened
+    non-blocking, so a FIFO cannot stall the reader), larger than ``MAX_FILE_SIZE``
+    or not UTF-8; ``OSError`` when it cannot be opened or read.
+    """
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file")
+        data = f.read(MAX_FILE_SIZE + 1)   # the size may have changed since the fstat
+    if len(data) > MAX_FILE_SIZE:
+        raise ValueError(f"larger than {MAX_FILE_SIZE} bytes")
+    return st.st_mtime, data.decode("utf-8")
+
+
+def _load(path: str, parse: Callable[[str], T], max_age: Optional[float] = None) -> Optional[T]:
+    """What ``parse`` makes of the file at ``path``; ``None`` when the file is missing,
+    older than ``max_age`` seconds, or not a registry file (a warning says why)."""
+    try:
+        mtime, text = read_small_file(path)
+        if max_age is not None and time.time() - mtime > max_age:
+            return None
+        return parse(text)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:   # this entry alone is unusable
+        log.warning("ignoring malformed registry file %s: %s", path, exc)
+        return None
 
 
 class _JsonDir(Generic[T]):
@@ -55,7 +90,8 @@ class _JsonDir(Generic[T]):
         self._parse = parse
         self._ttl = ttl
         self.items: Dict[str, T] = {}
-        self._files: Dict[str, Tuple[tuple, Optional[T]]] = {}   # name -> (stat signature, parsed)
+        # name -> (stat signature, None when stat failed; parsed, None when unusable)
+        self._files: Dict[str, Tuple[Optional[tuple], Optional[T]]] = {}
         self._dir_signature: Optional[tuple] = None
         self._rescan_at = 0.0   # rescan by then even if the directory did not change
 
@@ -85,36 +121,29 @@ class _JsonDir(Generic[T]):
             if entry.name.startswith(".") or not entry.name.endswith(".json"):
                 continue
             try:
-                st = entry.stat()
+                st: Optional[os.stat_result] = entry.stat()
             except FileNotFoundError:
                 continue
-            if self._ttl is not None:
+            except OSError:   # a symlink loop, say: reading it fails once, with a warning
+                st = None
+            if st is not None and self._ttl is not None:
                 expires = st.st_mtime + self._ttl
                 if expires <= now:
                     continue
                 rescan_at = min(rescan_at, expires)
-            signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+            signature = None if st is None else (st.st_ino, st.st_size, st.st_mtime_ns)
+            settled = st is None or now - st.st_mtime > SETTLE_SECONDS
             known = self._files.get(entry.name)
-            if known is not None and known[0] == signature and now - st.st_mtime > SETTLE_SECONDS:
+            if known is not None and known[0] == signature and settled:
                 files[entry.name] = known
             else:
-                files[entry.name] = (signature, self._read(entry.path))
+                files[entry.name] = (signature, _load(entry.path, self._parse))
         self._files = files
         self._rescan_at = rescan_at
         items = {name: item for name, (_, item) in files.items() if item is not None}
         changed = items != self.items
         self.items = items
         return changed
-
-    def _read(self, path: str) -> Optional[T]:
-        try:
-            with open(path, encoding="utf-8") as f:
-                return self._parse(f.read())
-        except FileNotFoundError:
-            return None
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring malformed registry file %s: %s", path, exc)
-            return None
 
 
 def _read_now(directory: _JsonDir[T]) -> List[T]:
@@ -163,6 +192,8 @@ class _Poller:
                         watch.changed()
             except OSError as exc:
                 log.warning("polling %s failed: %s", self.providers.path, exc)
+            except Exception:  # a bug must not end discovery: the next poll tries again
+                log.exception("polling %s failed", self.providers.path)
             await asyncio.sleep(interval)
 
 
@@ -211,16 +242,7 @@ class FileRegistry(Registry):
 
     def _read_live(self, path: str) -> Optional[Node]:
         """The node stored at ``path`` unless it is missing, expired or malformed."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                if time.time() - os.fstat(f.fileno()).st_mtime > self.ttl:
-                    return None
-                return Node.from_json(f.read())
-        except FileNotFoundError:
-            return None
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring malformed registry file %s: %s", path, exc)
-            return None
+        return _load(path, Node.from_json, self.ttl)
 
     def _register(self, node: Node) -> Node:
         path = self._node_path(node.appkey, node.key)
@@ -251,11 +273,13 @@ class FileRegistry(Registry):
         for path in paths:
             try:
                 if now - os.stat(path).st_mtime >= self.ttl:
-                    with open(path, encoding="utf-8") as current:
-                        write_atomic(path, current.read())
+                    write_atomic(path, read_small_file(path)[1])
                 else:
                     os.utime(path)
             except FileNotFoundError:
+                gone.append(path)
+            except ValueError as exc:   # replaced by something that is no node of ours
+                log.warning("%s: %s", path, exc)
                 gone.append(path)
         return gone
 

@@ -12,6 +12,7 @@ import time
 from typing import Any, Dict, Mapping, Optional
 
 from octo_core.protocol import NodeStatus
+from octo_core.registry import schema
 
 
 class Role:
@@ -104,18 +105,24 @@ class Node:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Node":
-        """A node from reference JSON; unknown keys are ignored, missing ones defaulted."""
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        missing = [k for k in ("appkey", "ip", "port") if k not in values]
+        """A node from reference JSON; unknown keys are ignored, missing ones defaulted.
+
+        ``ValueError`` when ``data`` is not an object, lacks ``appkey``, ``ip`` or
+        ``port``, or holds a value of the wrong type or out of range: a node that
+        would break every call routed to it is refused here instead.
+        """
+        data = schema.require_object(data, "node")
+        missing = [k for k in ("appkey", "ip", "port") if k not in data]
         if missing:
             raise ValueError(f"node JSON lacks {', '.join(missing)}")
-        values["port"] = int(values["port"])
+        values = {name: _check_field(name, kind, data[name])
+                  for name, kind in _FIELD_KINDS.items() if name in data}
         return cls(**values)
 
     @classmethod
-    def from_json(cls, text: str) -> "Node":
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: "str | bytes") -> "Node":
+        """A node from its JSON text; ``ValueError`` as ``from_dict``, or for bad JSON."""
+        return cls.from_dict(schema.loads(text, "node"))
 
     def reregistered(self, previous: Optional["Node"]) -> "Node":
         """This node as it should be stored when ``previous`` is already registered.
@@ -130,3 +137,30 @@ class Node:
         if previous.status in (NodeStatus.STOPPED, NodeStatus.STARTING):
             kept["status"] = previous.status
         return dataclasses.replace(self, **kept)
+
+
+#: Each JSON field of a node and the kind of value it holds (its annotation).
+_FIELD_KINDS: Dict[str, str] = {f.name: str(f.type) for f in dataclasses.fields(Node)}
+_PORT_RANGE = (0, 65535)
+
+
+def _check_field(name: str, kind: str, value: Any) -> Any:
+    """``value`` checked to be what node field ``name`` holds (``ValueError`` if not)."""
+    if name == "port":
+        return schema.require_int(name, value, _PORT_RANGE)
+    if kind == "str":
+        return schema.require_str(name, value)
+    if kind == "int":
+        return schema.require_int(name, value)
+    if kind == "float":
+        return schema.require_float(name, value)
+    return _service_info(value)
+
+
+def _service_info(value: Any) -> Dict[str, Dict[str, int]]:
+    """``serviceInfo``: ``{serviceName: {"unifiedProto": 0|1, ...}}``."""
+    services = schema.require_object(value, "serviceInfo")
+    for service, info in services.items():
+        for key, flag in schema.require_object(info, f"serviceInfo[{service!r}]").items():
+            schema.require_int(f"serviceInfo[{service!r}][{key!r}]", flag)
+    return services

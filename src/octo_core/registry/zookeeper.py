@@ -48,17 +48,18 @@ _CONNECTION_RETRY = dict(max_tries=-1, delay=0.1, backoff=1.5, max_delay=2.0)
 _UPDATE_ATTEMPTS = 10
 
 
-def _parse(parse: Callable[[bytes], Any], path: str, data: bytes) -> Any:
+def _parse(parse: Callable[[Optional[bytes]], Any], path: str, data: Optional[bytes]) -> Any:
     """``parse(data)``, or ``None`` (and a warning) when the znode holds something else."""
     try:
         return parse(data)
-    except (ValueError, KeyError, TypeError) as exc:
+    except ValueError as exc:   # the parsers refuse bad data so: this znode alone is skipped
         log.warning("ignoring malformed znode %s: %s", path, exc)
         return None
 
 
-def _node(data: bytes) -> Node:
-    return Node.from_json(data.decode("utf-8"))
+def _node(data: Optional[bytes]) -> Node:
+    # a znode written without data holds None
+    return Node.from_json((data or b"").decode("utf-8"))
 
 
 class _ZnodeDir:

@@ -9,6 +9,46 @@ log = logging.getLogger("octo_core.transport")
 
 MAX_REQUEST_HEAD = 8192        # a scrape request is a few hundred bytes
 READ_TIMEOUT = 5.0
+WRITE_TIMEOUT = 5.0            # a scraper that stops reading loses its answer
+# Scrapers are few: more connections than this at once are refused at accept, so
+# idle connections cannot use up the process's file descriptors (and the RPC port's).
+MAX_CONNECTIONS = 16
+
+
+class _BadRequest(Exception):
+    """The request head is too long or ends early."""
+
+
+async def _read_head(reader: asyncio.StreamReader) -> bytes:
+    """The request head up to its blank line; lines may end in CRLF or a bare LF
+    (RFC 9112 §2.2 lets a server accept either)."""
+    head = b""
+    while True:
+        try:
+            line = await reader.readline()
+        except ValueError as exc:   # readline's form of a line longer than the limit
+            raise _BadRequest(str(exc)) from None
+        if not line.endswith(b"\n"):
+            raise _BadRequest("the connection closed before the request head ended")
+        head += line
+        if line in (b"\r\n", b"\n"):
+            return head
+        if len(head) > MAX_REQUEST_HEAD:
+            raise _BadRequest(f"request head over {MAX_REQUEST_HEAD} bytes")
+
+
+def _response(head: bytes, render: Callable[[], str]) -> bytes:
+    """The whole HTTP response to the request ``head``."""
+    parts = head.split(b"\n", 1)[0].split()
+    if len(parts) == 3 and parts[0] in (b"GET", b"HEAD") and \
+            parts[1].split(b"?", 1)[0] == b"/metrics":
+        body = render().encode()
+        status, kind = b"200 OK", b"text/plain; version=0.0.4; charset=utf-8"
+    else:
+        body, status, kind = b"not found: try /metrics\n", b"404 Not Found", b"text/plain"
+    return (b"HTTP/1.1 " + status + b"\r\nContent-Type: " + kind +
+            b"\r\nContent-Length: " + str(len(body)).encode() +
+            b"\r\nConnection: close\r\n\r\n" + (b"" if parts[:1] == [b"HEAD"] else body))
 
 
 async def serve_metrics(render: Callable[[], str], host: str = "127.0.0.1",
@@ -16,27 +56,30 @@ async def serve_metrics(render: Callable[[], str], host: str = "127.0.0.1",
     """Serve ``render()`` as Prometheus text at ``http://host:port/metrics``.
 
     Each connection gets one answer and is closed; a request head over 8 KiB or
-    slower than 5 s is dropped. Returns the listening server (``.close()`` it).
+    slower than 5 s is dropped, and so is an answer the client does not take
+    within 5 s. At most ``MAX_CONNECTIONS`` are served at once; more are closed
+    as they come. Returns the listening server (``.close()`` it).
     """
+    active = 0
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal active
+        if active >= MAX_CONNECTIONS:
+            log.debug("metrics connection refused: %d already open", active)
+            writer.close()
+            return
+        active += 1
+        # drain() then waits for the whole answer, so close() leaves nothing buffered
+        writer.transport.set_write_buffer_limits(high=0)
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
-            parts = head.split(b"\r\n", 1)[0].split()
-            if len(parts) == 3 and parts[0] in (b"GET", b"HEAD") and \
-                    parts[1].split(b"?", 1)[0] == b"/metrics":
-                body = render().encode()
-                status, kind = b"200 OK", b"text/plain; version=0.0.4; charset=utf-8"
-            else:
-                body, status, kind = b"not found: try /metrics\n", b"404 Not Found", b"text/plain"
-            writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Type: " + kind +
-                         b"\r\nContent-Length: " + str(len(body)).encode() +
-                         b"\r\nConnection: close\r\n\r\n" + (b"" if parts[:1] == [b"HEAD"] else body))
-            await writer.drain()
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                ConnectionError) as exc:
+            head = await asyncio.wait_for(_read_head(reader), READ_TIMEOUT)
+            writer.write(_response(head, render))
+            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
+        except (asyncio.TimeoutError, _BadRequest, ConnectionError) as exc:
             log.debug("metrics request dropped: %s", exc)
+            writer.transport.abort()   # nothing worth flushing to this client
         finally:
+            active -= 1
             writer.close()
 
     return await asyncio.start_server(answer, host, port, limit=MAX_REQUEST_HEAD)
