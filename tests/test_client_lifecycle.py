@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import re
 import threading
 from typing import Any, List
@@ -309,3 +310,15 @@ def test_a_call_timeout_prints_its_seconds_with_three_significant_digits():
         assert 0 < float(seconds) <= 0.1
         assert len(seconds.replace(".", "").lstrip("0")) <= 3, seconds
     run(main())
+
+
+@pytest.mark.parametrize("option, value", [("timeout", math.inf), ("timeout", 0),
+                                           ("connect_timeout", -1), ("heartbeat_interval", -1),
+                                           ("heartbeat_interval", "abc"),
+                                           ("heartbeat_interval", math.nan)])
+def test_nonsense_seconds_are_refused_when_the_client_is_made(option, value):
+    """A negative heartbeat interval aborted every connection as it opened and spun
+    a core; a NaN one silently never beat."""
+    with pytest.raises(ValueError, match=option):
+        octo_core.AsyncClient(Echo, appkey="com.example.caller", hosts=["127.0.0.1:1"],
+                              **{option: value})

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import math
 import ssl as _ssl
 import sys
 import threading
@@ -113,10 +114,11 @@ class AsyncClient:
         if compression not in _COMPRESSION_FLAGS:
             raise ValueError("compression must be None, 'gzip' or 'snappy'")
         FrameDecoder(max_frame_size)   # the reader's own check: ValueError when too small
-        for name, seconds in (("timeout", timeout), ("connect_timeout", connect_timeout)):
-            if not isinstance(seconds, (int, float)) or not seconds > 0:
-                raise ValueError(f"{name} must be a positive number of seconds, not {seconds!r} "
-                                 "(every OCTO call has a deadline)")
+        for name, seconds in (("timeout", timeout), ("connect_timeout", connect_timeout),
+                              ("heartbeat_interval", heartbeat_interval or 1.0)):  # 0/None: off
+            if not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
+                raise ValueError(f"{name} must be a positive, finite number of seconds, "
+                                 f"not {seconds!r}")
         self.service = service
         self.appkey = appkey
         self.remote_appkey = remote_appkey or ""
