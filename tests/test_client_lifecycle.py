@@ -139,23 +139,27 @@ def test_sync_close_while_connecting_fails_every_caller_with_client_is_closed(mo
 
     client.callback.echo("callback", callback=callback)
     future = client.future.echo("future")
-    blocking: "concurrent.futures.Future[Any]" = concurrent.futures.Future()
-
-    def call_and_wait() -> None:
-        try:
-            blocking.set_result(client.echo("sync"))
-        except Exception as exc:  # the outcome under test
-            blocking.set_result(exc)
-    caller = threading.Thread(target=call_and_wait, daemon=True)
-    caller.start()
+    blocking = outcome_in_thread(lambda: client.echo("sync"))
     wait_until_sync(lambda: connects.started == 1, what="the connect to start")
     client.close()
-    caller.join(5)
 
     assert_closed_error(future.exception(5))
     assert_closed_error(called.result(5))
     assert_closed_error(blocking.result(5))
     assert calls == [1] and connects.cancelled == 1
+
+
+def outcome_in_thread(call: Any, name: str = "caller") -> "concurrent.futures.Future[Any]":
+    """Run ``call`` on a thread of its own; the future holds what it returned or raised."""
+    outcome: "concurrent.futures.Future[Any]" = concurrent.futures.Future()
+
+    def run_call() -> None:
+        try:
+            outcome.set_result(call())
+        except Exception as exc:  # the outcome under test
+            outcome.set_result(exc)
+    threading.Thread(target=run_call, name=name, daemon=True).start()
+    return outcome
 
 
 def test_async_close_while_connecting_fails_waiting_calls_at_once(monkeypatch):
@@ -190,14 +194,7 @@ def test_a_call_racing_close_gets_client_is_closed(monkeypatch):
                 closed.wait(10)
             return submit(coro)
         monkeypatch.setattr(client._thread, "submit", late_submit)
-        outcome: "concurrent.futures.Future[Any]" = concurrent.futures.Future()
-
-        def call() -> None:
-            try:
-                outcome.set_result(client.echo("racing"))
-            except Exception as exc:  # the outcome under test
-                outcome.set_result(exc)
-        threading.Thread(target=call, name="racer", daemon=True).start()
+        outcome = outcome_in_thread(lambda: client.echo("racing"), name="racer")
         assert checked.wait(5)
         client.close()
         closed.set()
