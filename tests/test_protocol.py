@@ -747,6 +747,8 @@ def _feed_outcome(chunks) -> tuple:
     try:
         for chunk in chunks:
             got += [f.body for f in decoder.feed(chunk)]
+            if decoder.error is not None:      # after the frames before it
+                raise decoder.error
     except ProtocolError as exc:
         return got, str(exc)
     return got, decoder.buffered

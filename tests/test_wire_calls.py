@@ -347,7 +347,7 @@ def test_add_service_refuses_duplicates_and_incomplete_handlers():
 @pytest.mark.parametrize("option", ["timeout", "connect_timeout"])
 @pytest.mark.parametrize("value", [None, 0, -1.0, "1"])
 def test_client_refuses_a_timeout_that_is_not_a_positive_number(option, value):
-    with pytest.raises(ValueError, match=f"{option} must be a positive number"):
+    with pytest.raises(ValueError, match=f"{option} must be a positive, finite number"):
         octo_core.AsyncClient(Echo, appkey="c", hosts=["127.0.0.1:1"], **{option: value})
 
 
