@@ -688,11 +688,16 @@ def test_a_frame_trickled_in_is_closed_after_read_timeout():
 
 
 async def _pile_up_unread_replies(server, raw, count: int = 20_000):
-    """Requests whose replies the peer never reads, until the server stops reading it."""
-    raw.writer.write(b"".join(good_request(seq, "x" * 1000) for seq in range(count)))
+    """Requests whose replies the peer never reads, until the server stops reading it.
+    (``slow`` is a coroutine: every call is answered, 20 MB in all -- a plain
+    function's would mostly be refused for its pool share, in replies small
+    enough for the socket buffers to swallow.)"""
+    raw.writer.write(b"".join(unified_request("slow", Echo.slow_args(text="x" * 1000, delay_ms=0),
+                                              seq) for seq in range(count)))
     [conn] = server._connections
-    await wait_until(lambda: conn.closed or not conn.transport.is_reading(),
-                     timeout=30, what="the server to stop reading the peer")
+    await wait_until(lambda: conn.closed or (not conn.transport.is_reading()
+                                             and conn.transport.get_write_buffer_size()),
+                     timeout=30, what="the server to stop reading the peer, replies unread")
     return conn
 
 
