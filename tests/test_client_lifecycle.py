@@ -115,8 +115,14 @@ def test_a_blocking_call_gives_up_on_a_stuck_io_thread(monkeypatch):
     with serving_in_thread(echo_services()) as server, \
             sync_client(Echo, server.address, timeout=0.1) as client:
         try:
-            # A done-callback that blocks: the I/O thread is stuck in it.
-            client.future.echo("stuck").add_done_callback(lambda _: release.wait(10))
+            # A callback that blocks the I/O thread (as a done-callback stuck in user code would).
+            entered = threading.Event()
+
+            def stuck() -> None:
+                entered.set()
+                release.wait(10)
+            client._thread.loop.call_soon_threadsafe(stuck)
+            assert entered.wait(5)
             with pytest.raises(CallTimeout, match="I/O thread") as caught:
                 client.echo("waits for a stuck thread")
             assert caught.value.method == "echo"
