@@ -741,17 +741,25 @@ def test_unframed_messages_of_any_struct_are_found_however_the_stream_is_cut(dat
     assert {f.flags for f in frames} == {protocol.UNFRAMED} and decoder.buffered == 0
 
 
-def _feed_outcome(chunks) -> tuple:
-    decoder = FrameDecoder(max_frame_size=4096)
-    got = []
+def feed_all(decoder: FrameDecoder, chunks) -> tuple:
+    """``(frames, error)`` from feeding ``chunks``: the frames up to the end or to
+    the framing error, which a feed may keep (``decoder.error``) after handing
+    over the frames before it."""
+    frames = []
     try:
         for chunk in chunks:
-            got += [f.body for f in decoder.feed(chunk)]
-            if decoder.error is not None:      # after the frames before it
+            frames.extend(decoder.feed(chunk))
+            if decoder.error is not None:
                 raise decoder.error
-    except ProtocolError as exc:
-        return got, str(exc)
-    return got, decoder.buffered
+    except ProtocolError as err:
+        return frames, err
+    return frames, None
+
+
+def _feed_outcome(chunks) -> tuple:
+    decoder = FrameDecoder(max_frame_size=4096)
+    frames, err = feed_all(decoder, chunks)
+    return [f.body for f in frames], (str(err) if err is not None else decoder.buffered)
 
 
 @settings(max_examples=300, deadline=None)
@@ -819,14 +827,8 @@ def test_one_feed_hands_out_about_max_batch_bytes_and_keeps_the_rest_compressed(
 
 def decode_stream(chunks, max_frame_size=4096):
     """Feed chunks; the only acceptable failure is ProtocolError. Returns the frames."""
-    decoder = FrameDecoder(max_frame_size)
-    frames = []
-    try:
-        for chunk in chunks:
-            frames.extend(decoder.feed(chunk))
-            if decoder.error is not None:
-                raise decoder.error
-    except ProtocolError as err:
+    frames, err = feed_all(FrameDecoder(max_frame_size), chunks)
+    if err is not None:
         assert err.status == 5
         return frames, err
     for frame in frames:
