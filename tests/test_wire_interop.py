@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import queue
 import socket
+import struct
 
 import pytest
 from thriftpy2.protocol import TBinaryProtocolFactory, TCyBinaryProtocolFactory
@@ -25,7 +26,8 @@ from octo_core import codec, protocol
 from octo_core.errors import ApplicationError, CallTimeout, TransportError
 
 from wire_helpers import (STOP, Calc, CalcHandler, Echo, EchoError, EchoHandler, SyncEchoHandler,
-                          async_client, decode_body, echo_services, raw_connection, run, serving,
+                          async_client, decode_body, echo_services, framed_request,
+                          raw_connection, run, serving,
                           serving_in_thread, sync_client, t_bool, t_field, t_map_ss,
                           t_message_begin, t_string, thriftpy2_client, thriftpy2_server,
                           unified_request, wait_until, wait_until_sync, watchdog)  # noqa: F401  (fixture)
@@ -358,6 +360,34 @@ def test_legacy_mtthrift_header_is_accepted():
             assert replies[15][3].success == "slow"
             assert handler.notes.get(timeout=5) == "legacy oneway"
             assert handler.pings == 1
+
+    run(main())
+
+
+@pytest.mark.parametrize("msg_type", [TMessageType.ONEWAY, TMessageType.CALL],
+                         ids=["ONEWAY", "CALL (thriftpy2 sends oneway calls so)"])
+def test_a_refused_native_oneway_call_gets_no_reply(msg_type):
+    """A native client reads no reply to a oneway call: a refusal sent anyway
+    would be taken as the answer to its next call, and every answer after it
+    would be one call late."""
+    truncated = t_field(11, 1) + struct.pack("!i", 1000) + b"short"   # bad arguments
+    native = protocol.encode_framed
+
+    async def main():
+        async with serving(echo_services()) as server, raw_connection(server.address) as raw:
+            await raw.send(native(t_message_begin("notify", msg_type, 1) + truncated))
+            await raw.send(native(t_message_begin("Echo:notify", msg_type, 2) + truncated))
+            if msg_type == TMessageType.ONEWAY:   # as a CALL to an unknown service it is answered
+                await raw.send(native(t_message_begin("Nope:notify", msg_type, 3) + STOP))
+            await raw.send(framed_request("echo", Echo.echo_args(text="next"), 4))
+            name, kind, seqid, result = decode_body(await raw.read_frame(), Echo)
+            assert (name, kind, seqid, result.success) == ("echo", TMessageType.REPLY, 4, "next")
+
+            # a two-way call refused the same way is answered, as a protocol error
+            await raw.send(native(t_message_begin("echo", TMessageType.CALL, 5) + truncated))
+            name, kind, seqid, refusal = decode_body(await raw.read_frame(), Echo)
+            assert (name, kind, seqid) == ("echo", TMessageType.EXCEPTION, 5)
+            assert refusal.type == TApplicationException.PROTOCOL_ERROR
 
     run(main())
 

@@ -50,17 +50,15 @@ class _DeadlinePassed(Exception):
 class _Call:
     """One accepted request on its way through the server."""
 
-    __slots__ = ("method", "service", "reply", "seqid", "answer", "stats", "started", "span_ends",
-                 "size")
+    __slots__ = ("method", "service", "reply", "seqid", "stats", "started", "span_ends", "size")
 
     def __init__(self, service: _Service, method: idl.Method, reply: "_Reply", seqid: int,
-                 answer: bool, stats: MethodStats, started: float, size: int) -> None:
+                 stats: MethodStats, started: float, size: int) -> None:
         self.size = size    # request bytes it holds (flow control)
         self.service = service
         self.method = method
         self.reply = reply
         self.seqid = seqid
-        self.answer = answer
         self.stats = stats
         self.started = started
         self.span_ends: Optional[list] = None
@@ -69,18 +67,24 @@ class _Call:
 class _Reply:
     """How to answer one request on its connection, in its protocol."""
 
-    __slots__ = ("conn", "flags", "sequence_id", "unified")
+    __slots__ = ("conn", "flags", "sequence_id", "unified", "silent")
 
     def __init__(self, conn: ServerConnection, flags: int, sequence_id: int, unified: bool) -> None:
         self.conn = conn
         self.flags = flags
         self.sequence_id = sequence_id
         self.unified = unified
+        # A oneway call on native thrift: its client reads no reply, so none is
+        # sent, not even a refusal (it would be read as the next call's answer).
+        # The unified protocol answers oneway calls (§3).
+        self.silent = False
 
     def message(self, name: str, msg_type: int, seqid: int, obj: Any, status: int = 0,
                 text: Optional[str] = None) -> None:
         """Send a thrift message; ``EncodeError`` (nothing sent) when it cannot be
         encoded or would exceed the connection's max_frame_size."""
+        if self.silent:
+            return
         limit = self.conn.max_frame_size
         if self.unified:
             data = protocol.encode_response(self.flags, self.sequence_id, status, text,
@@ -105,7 +109,9 @@ class _Reply:
         if self.unified:
             self.conn.send(protocol.encode_refusal(self.flags, self.sequence_id, status, text))
         else:
-            self.app_exception(name, seqid, TApplicationException.INTERNAL_ERROR, text, status)
+            kind = (TApplicationException.PROTOCOL_ERROR if status == Status.PROTOCOL_EXCEPTION
+                    else TApplicationException.INTERNAL_ERROR)
+            self.app_exception(name, seqid, kind, text, status)
 
 
 class Server:
@@ -455,6 +461,7 @@ class Server:
             conn.reject(protocol.ProtocolError(f"bad framed thrift message: {exc}"))
             return
         name, msg_type, seqid, offset = begin
+        reply.silent = msg_type == TMessageType.ONEWAY
         service_name, multiplexed, method = name.partition(":")
         if multiplexed:
             # TMultiplexedProtocol (Apache, thriftpy2): "Service:method" picks the service
@@ -474,6 +481,9 @@ class Server:
                                     f"method {name!r} {why}")
                 return
             service = hosts[0]
+        called = service.methods.get(begin[0])
+        if called is not None and called.oneway:   # thriftpy2 sends oneway calls as CALL
+            reply.silent = True
         self._call(service, reply, frame.body, begin, None, None)
 
     def _admission(self, service: _Service, name: str, reply: _Reply, head: Optional[_codec.Head],
@@ -505,7 +515,7 @@ class Server:
     def _call(self, service: _Service, reply: _Reply, body: Any, begin: tuple,
               deadline: Optional[float], head: Optional[_codec.Head]) -> None:
         """Admit, decode and start one request; ``begin`` is its decoded message header."""
-        name, msg_type, seqid, offset = begin
+        name, _, seqid, offset = begin
         refusal = self._admission(service, name, reply, head, body)
         if refusal is not None:
             self.metrics.refused(service.name, name if name in service.methods else UNKNOWN,
@@ -536,10 +546,7 @@ class Server:
                 self.metrics.refused(service.name, name, Status.RPC_EXCEPTION)
                 reply.refuse(Status.RPC_EXCEPTION, why, name, seqid)
                 return
-        # A oneway call is answered on the unified protocol (the reference server does
-        # so, §3) but never on native thrift, whose clients do not read a reply.
-        answer = reply.unified or not (method.oneway or msg_type == TMessageType.ONEWAY)
-        call = _Call(service, method, reply, seqid, answer,
+        call = _Call(service, method, reply, seqid,
                      self.metrics.started(service.name, name), time.monotonic(), len(body))
         reply.conn.call_started(not is_coroutine, call.size)
         self._in_flight += 1
@@ -616,7 +623,7 @@ class Server:
     def _reply(self, call: _Call, value: Any, exc: Optional[BaseException]) -> int:
         """Send the answer (if one is owed); returns the OCTO status of the call."""
         reply, method, name, seqid = call.reply, call.method, call.method.name, call.seqid
-        send = call.answer and not reply.conn.closed and not reply.conn.discarding
+        send = not reply.silent and not reply.conn.closed and not reply.conn.discarding
         if isinstance(exc, asyncio.CancelledError):
             if send:
                 reply.app_exception(name, seqid, TApplicationException.INTERNAL_ERROR,
