@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterator, NamedTuple, Tuple
 
+import pytest
 from hypothesis import strategies as st
 from thriftpy2.thrift import TType
 
@@ -335,7 +336,8 @@ def _canonical_value(v, ttype: int, sub):
 def check_python_types(obj, cls=None, path=None):
     """Decoded values have the documented Python types: sets of hashable
     elements are ``set``, other sets ``list``, enums plain ``int``, strings
-    ``str``, binaries ``bytes``, structs the IDL's class."""
+    ``str`` (``bytes`` when they are not UTF-8, as thriftpy2 reads them),
+    binaries ``bytes``, structs the IDL's class."""
     cls = cls or type(obj)
     path = path or cls.__name__
     assert type(obj) is cls, f"{path}: {type(obj).__name__} is not {cls.__name__}"
@@ -350,7 +352,10 @@ _PY_TYPES = {TType.BOOL: bool, TType.BYTE: int, TType.I16: int, TType.I32: int, 
 def _check_value(v, ttype, sub, path):
     if v is None:
         return
-    if ttype in _PY_TYPES:
+    if ttype == TType.STRING and type(v) is bytes:
+        with pytest.raises(UnicodeDecodeError):
+            v.decode("utf-8")   # only a string that is not UTF-8 is read as its bytes
+    elif ttype in _PY_TYPES:
         assert type(v) is _PY_TYPES[ttype], f"{path}: {type(v).__name__}"
     elif ttype == TType.STRUCT:
         check_python_types(v, sub, path)

@@ -286,6 +286,23 @@ def test_damaged_header_bytes_are_a_protocol_error_and_nothing_else(header, data
     assert head.is_request in (True, False)
 
 
+def test_header_text_must_be_utf8_where_a_body_string_need_not_be():
+    """A message body's strings are read as thriftpy2 reads them (bytes when not
+    UTF-8); the unified header's appkeys, names and contexts are text (§2)."""
+    header = Header(requestInfo=RequestInfo("Echo\u00e9", 1, 0, 10),
+                    traceInfo=TraceInfo(clientAppkey="caller", traceId="t", spanId="s"),
+                    globalContext={"lane": "gr\u00fcn"}, localContext={})
+    good = serialize(header)
+    for text in ("Echo\u00e9", "caller", "gr\u00fcn"):
+        encoded = text.encode()
+        assert good.count(encoded) == 1
+        damaged = good.replace(encoded, b"\xff" * len(encoded))
+        with pytest.raises(ProtocolError, match="UTF-8"):
+            _codec.read_head(1, len(damaged), damaged)
+        head, _ = _codec.read_head(1, len(good), good)
+        assert head.full(Header) == header
+
+
 def test_head_reports_missing_required_fields_and_extra_bytes():
     no_timeout = serialize(Header(requestInfo=RequestInfo("Echo", 1, 0, 10)))
     no_timeout = no_timeout.replace(b"\x08\x00\x04\x00\x00\x00\x0a", b"")

@@ -760,6 +760,7 @@ cdef struct _Reader:
     Py_ssize_t max_container
     int max_depth
     Py_ssize_t items_left    # of Limits.max_items
+    bint strict_text         # invalid UTF-8 in a string: an error (else its bytes)
 
 
 cdef int _truncated(_Reader* r, Py_ssize_t need, str what) except -1:
@@ -827,7 +828,12 @@ cdef object _r_string(_Reader* r, int kind):
     try:
         return PyUnicode_DecodeUTF8(<const char*>r.buf + at, n, NULL)
     except UnicodeDecodeError as e:
-        raise DecodeError(f"invalid UTF-8 in string at byte {at + e.start}", offset=at + e.start) from None
+        if r.strict_text:
+            raise DecodeError(f"invalid UTF-8 in string at byte {at + e.start}",
+                              offset=at + e.start) from None
+    # As thriftpy2 reads it: the bytes, for the application to decode (C++, Go and
+    # older peers put other encodings, GBK say, in string fields).
+    return PyBytes_FromStringAndSize(<const char*>r.buf + at, n)
 
 
 cdef inline object _r_prim(_Reader* r, int kind):
@@ -1076,8 +1082,9 @@ cdef class _Input:
 
 
 cdef inline void _r_init(_Reader* r, const unsigned char* buf, Py_ssize_t start, Py_ssize_t end,
-                         Limits limits) noexcept:
+                         Limits limits, bint strict_text=False) noexcept:
     r.buf = buf
+    r.strict_text = strict_text
     r.pos = start
     r.end = end
     r.max_string = limits.max_string_length
@@ -1087,9 +1094,9 @@ cdef inline void _r_init(_Reader* r, const unsigned char* buf, Py_ssize_t start,
 
 
 cdef object _decode_at(_StructSpec s, const unsigned char* buf, Py_ssize_t start, Py_ssize_t end,
-                       Limits limits, bint whole):
+                       Limits limits, bint whole, bint strict_text=False):
     cdef _Reader r
-    _r_init(&r, buf, start, end, limits)
+    _r_init(&r, buf, start, end, limits, strict_text)
     obj = _r_struct(&r, s, 1)
     if whole and r.pos != end:
         raise DecodeError(f"{end - r.pos} unexpected bytes after the struct at byte {r.pos}",

@@ -243,8 +243,9 @@ cdef class Head:
 
     def full(self, header_cls):
         """The whole header as a ``header_cls`` (thriftpy2 ``Header``) object."""
-        if self._full is None:
-            self._full = decode(header_cls, self.raw, self._limits)
+        if self._full is None:   # its text is UTF-8, as the fields read in C
+            self._full = _decode_at(_decode_spec(header_cls), <const unsigned char*>self.raw,
+                                    0, len(self.raw), self._limits, True, True)
         return self._full
 
 
@@ -400,7 +401,7 @@ cdef tuple _head_and_body(const unsigned char* p, Py_ssize_t n, int flags,
         raise ProtocolError(f"header_length {header_length} exceeds the {n}-byte payload")
     cdef _Reader r
     cdef Head head
-    _r_init(&r, p, 0, header_length, limits)
+    _r_init(&r, p, 0, header_length, limits, True)   # the header's text is UTF-8 (§2)
     try:
         head = _r_head(&r, limits)
         if r.pos != header_length:

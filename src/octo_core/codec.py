@@ -3,7 +3,9 @@
 ``encode``/``decode`` handle one struct; ``encode_message``/``decode_message``
 a whole strict TBinaryProtocol message (the old non-strict header is accepted
 on decode). Decoding enforces ``Limits``; every failure is an
-``octo_core.errors.EncodeError`` or ``DecodeError``.
+``octo_core.errors.EncodeError`` or ``DecodeError``. A ``string`` that is not
+UTF-8 decodes to its bytes, as thriftpy2 reads it (C++, Go and older peers may
+put GBK and the like there); bytes are written as they are.
 """
 from __future__ import annotations
 
