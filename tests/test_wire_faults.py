@@ -201,6 +201,7 @@ def test_a_server_that_reads_nothing_makes_calls_wait_not_pile_up():
             (endpoint,) = client._endpoints.values()
             assert endpoint._conns[0].transport.get_write_buffer_size() < 8 << 20
             assert unsent > 0                          # they waited, and said so
+            assert not endpoint._conns[0]._drain_waiters   # none kept after it gave up
 
     run(main())
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import ssl as _ssl
@@ -42,6 +43,7 @@ class ClientConnection(FramedProtocol):
         # high-water mark): new requests wait in drained() rather than pile up.
         self.write_paused = False
         self._drain_waiters: List[asyncio.Future] = []
+        self._close_when_idle = False
 
     def next_sequence(self) -> int:
         """Unique per connection, starting at 0; kept within i32 for the thrift seqid."""
@@ -96,7 +98,9 @@ class ClientConnection(FramedProtocol):
                                                      method=method, node=self.node))
             else:
                 self._arm(when)
-                return
+                break
+        if self._close_when_idle:
+            self._close_if_idle()
 
     def _prune_deadlines(self) -> None:
         """Drop answered calls' deadlines: the heap stays proportional to the calls in flight."""
@@ -148,6 +152,17 @@ class ClientConnection(FramedProtocol):
                 future.set_exception(exc)
             else:
                 future.set_result(answer)
+        if self._close_when_idle:
+            self._close_if_idle()
+
+    def close_when_idle(self) -> None:
+        """Close once every call on the connection has its answer (or its timeout)."""
+        self._close_when_idle = True
+        self._close_if_idle()
+
+    def _close_if_idle(self) -> None:
+        if not self.in_flight:
+            self.close()
 
     def send(self, data: bytes) -> None:
         self.last_activity = self.loop.time()
@@ -179,6 +194,10 @@ class ClientConnection(FramedProtocol):
             raise CallTimeout(f"the server read none of the requests already sent within "
                               f"{timeout:.3g}s", method=method or None, node=self.node,
                               request_sent=False) from None
+        finally:
+            if waiter.cancelled():   # timed out or the caller gave up: not kept till a wake-up
+                with contextlib.suppress(ValueError):
+                    self._drain_waiters.remove(waiter)
 
     def _fail_pending(self, why: str) -> None:
         """Every call still waiting fails with its own ``TransportError``."""
@@ -237,6 +256,7 @@ class Endpoint:
         self._heartbeat_task: Optional[asyncio.Task] = None
         self.ssl = ssl
         self.closed = False
+        self._closed_why = "client is closed"
 
     def ready(self) -> Optional[ClientConnection]:
         """The next live connection of the pool without waiting, or None (then ``connection()``)."""
@@ -288,7 +308,7 @@ class Endpoint:
             raise
 
     def _closed_error(self) -> TransportError:
-        return TransportError("client is closed", node=self.node, request_sent=False)
+        return TransportError(self._closed_why, node=self.node, request_sent=False)
 
     async def _connect_slot(self, slot: int) -> ClientConnection:
         loop = asyncio.get_running_loop()
@@ -365,11 +385,23 @@ class Endpoint:
     def close(self) -> None:
         """Close the connections; connects under way are cancelled, and the calls
         waiting for them fail at once with ``TransportError`` (nothing was sent)."""
+        self._end()
+        for conn in self._conns:
+            if conn is not None:
+                conn.close()
+
+    def retire(self) -> None:
+        """The node left the cluster: no new calls or connects; each connection
+        closes once the calls already on it are answered (or time out)."""
+        self._closed_why = "the node left the cluster"
+        self._end()
+        for conn in self._conns:
+            if conn is not None:
+                conn.close_when_idle()
+
+    def _end(self) -> None:
         self.closed = True
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
         for attempt in self._connecting.values():
             attempt.cancel()
-        for conn in self._conns:
-            if conn is not None:
-                conn.close()
