@@ -419,6 +419,33 @@ def test_a_unix_socket_path_in_use_is_refused_and_a_stale_one_reused():
         run(main())
 
 
+def test_a_start_that_fails_leaves_nothing_behind_and_a_second_start_is_refused():
+    """A port in use (or a live socket path) fails the start; the business
+    threads, and the loop thread of ``with Server``, must not stay behind, or a
+    supervisor that retries the start leaks a thread pool each time."""
+    import threading
+
+    async def main():
+        async with serving(echo_services()) as taken:
+            host, port = taken.address.rsplit(":", 1)
+            await asyncio.to_thread(lambda: None)     # the loop's executor thread, counted once
+            before = threading.active_count()
+            for _ in range(3):
+                server = octo_core.Server("com.example.late", host=host, port=int(port))
+                server.add_service(Echo, EchoHandler())
+                with pytest.raises(OSError):
+                    await server.start()
+                with pytest.raises(OSError):
+                    await asyncio.to_thread(server.__enter__)
+            assert threading.active_count() == before
+            with pytest.raises(RuntimeError, match="already started"):
+                await taken.start()
+            async with async_client(Echo, taken.address) as client:
+                assert await client.echo("still serving") == "still serving"
+
+    run(main())
+
+
 @pytest.mark.parametrize("proto", PROTOCOLS)
 def test_unix_socket_server(proto):
     handler = EchoHandler()

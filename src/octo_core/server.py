@@ -256,13 +256,15 @@ class Server:
     # --- life cycle ----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Bind and listen; afterwards ``port`` holds the bound port."""
+        """Bind and listen; afterwards ``port`` holds the bound port. A start that
+        fails leaves nothing behind (no socket, thread or registration)."""
         if not self._services:
             raise RuntimeError("add_service() before start()")
+        if self._listener is not None:
+            raise RuntimeError(f"{self.appkey} is already started on {self.address}")
         self._loop = asyncio.get_running_loop()
         self._idle = asyncio.Event()
         self._idle.set()
-        self._pool = BusinessPool(self._business_threads, f"octo-biz-{self.appkey}")
 
         def make_connection() -> ServerConnection:
             return ServerConnection(self._dispatch, self._connections, self.max_frame_size,
@@ -281,17 +283,23 @@ class Server:
             self._listener = await self._loop.create_server(
                 make_connection, self.host, self.port, reuse_address=True, **tls)
             self.port = self._listener.sockets[0].getsockname()[1]
+        # (before the loop runs again: the first connection may come at once)
+        self._pool = BusinessPool(self._business_threads, f"octo-biz-{self.appkey}")
         if self.idle_timeout or self.read_timeout:
             self._sweeper = self._loop.create_task(self._sweep())
         self._started_at = time.monotonic()
         self.status = NodeStatus.ALIVE
-        if self.metrics_port is not None:
-            http_host = "127.0.0.1" if self.unix_path is not None else self.host
-            self._metrics_http = await serve_metrics(lambda: prometheus_text(self.metrics),
-                                                     http_host, self.metrics_port)
-            self.metrics_port = bound_port(self._metrics_http)
-        if self._registry_spec is not None:
-            await self._register()
+        try:
+            if self.metrics_port is not None:
+                http_host = "127.0.0.1" if self.unix_path is not None else self.host
+                self._metrics_http = await serve_metrics(lambda: prometheus_text(self.metrics),
+                                                         http_host, self.metrics_port)
+                self.metrics_port = bound_port(self._metrics_http)
+            if self._registry_spec is not None:
+                await self._register()
+        except BaseException:
+            await self.stop(grace=0)
+            raise
         log.info("%s serving %s on %s", self.appkey, ", ".join(self._services), self.address)
 
     async def _register(self) -> None:
@@ -388,7 +396,11 @@ class Server:
 
     def __enter__(self) -> "Server":
         self._thread = LoopThread(f"octo-server-{self.appkey}")
-        self._thread.run(self.start())
+        try:
+            self._thread.run(self.start())
+        except BaseException:
+            self._thread.stop()
+            raise
         return self
 
     def __exit__(self, *exc: Any) -> None:
