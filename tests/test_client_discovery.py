@@ -17,7 +17,8 @@ from octo_core.registry import Node, RegistryError, Watch
 from octo_core.registry.base import WatchCallback
 from octo_core.registry.memory import MemoryRegistry
 
-from wire_helpers import Echo, LOCALHOST, echo_services, run, serving, watchdog  # noqa: F401
+from wire_helpers import (Echo, LOCALHOST, echo_services, run, serving, wait_until,  # noqa: F401
+                          watchdog)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
@@ -73,4 +74,35 @@ def test_calls_after_a_registry_outage_discover_the_nodes():
                 assert registry.lists == 2
                 assert await client.echo("again") == "again"
                 assert registry.lists == 2, "a successful discovery is kept"
+    run(main())
+
+
+def test_a_node_that_leaves_is_forgotten_once_its_calls_are_answered():
+    """Nodes come and go for years (rolling deploys, new addresses): the client
+    keeps connections, breakers and balancers only for the nodes listed, and a
+    call already on a node that leaves still gets its answer."""
+    async def main():
+        async with serving(echo_services()) as first, serving(echo_services()) as second, \
+                OutageRegistry() as registry:
+            registry.down = False
+            gone = await registry.register(Node(APPKEY, LOCALHOST, first.port))
+            async with octo_core.AsyncClient(Echo, appkey="c", registry=registry,
+                                             remote_appkey=APPKEY,
+                                             heartbeat_interval=0.05) as client:
+                assert await client.echo("to the first") == "to the first"
+                endpoint = client._endpoints[first.address]
+                (conn,) = [c for c in endpoint._conns if c is not None]
+                on_the_way = asyncio.ensure_future(client.slow("still answered", 300))
+                await wait_until(lambda: conn.in_flight == 1)
+
+                await registry.register(Node(APPKEY, LOCALHOST, second.port))
+                await registry.unregister(APPKEY, gone.key)
+                await wait_until(lambda: first.address not in client._endpoints)
+                assert endpoint.closed and not conn.closed       # its call is still running
+                assert await on_the_way == "still answered"
+                await wait_until(lambda: conn.closed)
+                assert endpoint._heartbeat_task.done()
+                assert await client.echo("to the second") == "to the second"
+                assert list(client._endpoints) == [second.address]
+                assert list(client._cluster._breakers) == [Node(APPKEY, LOCALHOST, second.port).key]
     run(main())

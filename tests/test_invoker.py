@@ -880,6 +880,33 @@ def test_tags_route_the_call():
     run_virtual(main())
 
 
+def test_what_is_kept_for_nodes_lanes_and_cells_goes_when_they_leave():
+    """Deploys that bring new nodes (new addresses, a lane or a LiteSet cell per
+    feature) for years must not leave breakers, health marks or balancers behind:
+    each would be kept, and walked by every call, for the client's life."""
+    async def main():
+        cluster = make_cluster(nodes=[node("trunk")], lb="random", policy="failfast",
+                               breaker=dict(consecutive_failures=1))
+        for release in range(20):
+            here = [node("trunk"), node(f"lane-{release}", swimlane=f"blue-{release}"),
+                    node(f"cell-{release}", cell=f"lite-{release}")]
+            cluster.update(here)
+            for tags in ({SWIMLANE_KEY: f"blue-{release}"}, {LITESET_KEY: f"lite-{release}"}):
+                await outcome(cluster.invoke(ScriptedSend(default=fail(overload)), timeout=1.0,
+                                             tags=tags))
+            cluster.degrade(here[0])
+            assert cluster._unhealthy == {f"lane-{release}:9000", f"cell-{release}:9000"}
+        cluster.update(here)    # the same list again: nothing of it is forgotten
+        assert set(cluster._breakers) == {"lane-19:9000", "cell-19:9000"}
+        assert cluster._unhealthy == {"lane-19:9000", "cell-19:9000"}
+        assert set(cluster._degraded) == {"trunk:9000"}
+        assert set(cluster._balancers) == {("", "blue-19"), ("lite-19", "")}
+
+        cluster.update([node("trunk")])
+        assert not cluster._breakers and not cluster._unhealthy and not cluster._balancers
+    run_virtual(main())
+
+
 def test_distinct_routing_tags_do_not_grow_memory_without_bound():
     """Swimlane and LiteSet tags arrive in the ``globalContext`` of incoming requests
     and are passed on by every handler's outbound calls, so their values are chosen

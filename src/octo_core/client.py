@@ -9,14 +9,14 @@ import ssl as _ssl
 import sys
 import threading
 import time
-from typing import Any, Awaitable, Callable, Dict, Iterable, Mapping, Optional, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
 
 from thriftpy2.thrift import TApplicationException, TMessageType
 
 from octo_core import _codec, idl, protocol
 from octo_core.cluster.breaker import RetryBudget
 from octo_core.cluster.invoker import Cluster
-from octo_core.cluster.routing import Caller, Router
+from octo_core.cluster.routing import Caller, RouteRule, Router
 from octo_core.auth import Signer
 from octo_core.codec import Limits
 from octo_core.context import Span, _span_started, child_span, global_context
@@ -162,7 +162,7 @@ class AsyncClient:
             self._owns_registry = isinstance(registry, str)
             self._directory = Directory(open_registry(registry) if self._owns_registry else registry,
                                         remote_appkey, snapshot_path)
-            self._directory.subscribe(self._cluster.update)
+            self._directory.subscribe(self._discovered)
         else:
             nodes = [static_node(self.remote_appkey, host) for host in hosts]
             if not nodes:
@@ -262,7 +262,15 @@ class AsyncClient:
             self._discovery = asyncio.get_running_loop().create_task(self._directory.start())
             self._discovery.add_done_callback(self._discovery_done)
         await asyncio.shield(self._discovery)
-        self._cluster.update(self._directory.nodes, self._directory.rules)
+        self._discovered(self._directory.nodes, self._directory.rules)
+
+    def _discovered(self, nodes: Sequence[Node], rules: Sequence[RouteRule]) -> None:
+        """A new node list: routing takes it, and the endpoints of nodes that left
+        retire (they close once the calls already on them are answered)."""
+        self._cluster.update(nodes, rules)
+        listed = {node.address for node in nodes}
+        for address in [address for address in self._endpoints if address not in listed]:
+            self._endpoints.pop(address).retire()
 
     def _discovery_done(self, attempt: asyncio.Task) -> None:
         if attempt.cancelled() or attempt.exception() is not None:

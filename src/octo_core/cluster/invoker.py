@@ -110,8 +110,20 @@ class Cluster:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     def update(self, nodes: Sequence[Node], rules: Sequence[RouteRule] = ()) -> None:
-        """New nodes or rules from discovery (balancer state is kept per node key)."""
+        """New nodes or rules from discovery (balancer state is kept per node key).
+
+        What was kept for nodes, lanes and cells that left goes with them: a
+        cluster that replaces its nodes for years holds only the ones it has."""
         self.router.update(nodes, rules)
+        listed = {node.key for node in nodes}
+        for key in [key for key in self._breakers if key not in listed]:
+            del self._breakers[key]
+        self._unhealthy &= listed
+        for key in [key for key in self._degraded if key not in listed]:
+            del self._degraded[key]
+        for key in [key for key in self._balancers if not self.router.routable(
+                key[0] if isinstance(key[1], int) else key)]:
+            del self._balancers[key]
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         """The loop the calls run on, looked up once: on CPython 3.11 every
@@ -132,6 +144,8 @@ class Cluster:
         return breaker
 
     def _breaker_changed(self, key: str, breaker: CircuitBreaker) -> None:
+        if self._breakers.get(key) is not breaker:
+            return      # a node that left, its last calls finishing: nothing to route around
         if breaker.state is BreakerState.CLOSED:
             self._unhealthy.discard(key)
         else:

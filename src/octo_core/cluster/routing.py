@@ -174,6 +174,13 @@ class Router:
             lane = ""                    # an unknown lane routes like no lane: the trunk
         return liteset, lane
 
+    def routable(self, tag_key: Tuple[str, str]) -> bool:
+        """Whether ``tag_key`` is one ``tag_key()`` can still give (its cell and
+        lane exist among the nodes)."""
+        liteset, lane = tag_key
+        return ((liteset in ("", _UNKNOWN_CELL) or liteset in self._known_cells)
+                and (not lane or lane in self._known_lanes))
+
     def route(self, tags: Mapping[str, str] = {}) -> Weighted:  # noqa: B006 - read only
         """The nodes (and weights) a call with these ``globalContext`` tags may use."""
         return self.route_for(self.tag_key(tags))
