@@ -19,9 +19,8 @@ def test_the_readme_tour_runs_as_written():
     run = subprocess.run([sys.executable, "-c", tour_code()], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert run.returncode == 0, run.stderr
-    lines = run.stdout.splitlines()
-    # the async call, the blocking client's sync call, then its future, callback,
+    # the async call and the blocking client's sync call, then its future, callback,
     # oneway (the handler prints) and by-name calls: the callback's answer and the
-    # oneway handler's print come from other threads, in any order
-    assert lines[:2] == ["hi", "hi"]
-    assert sorted(lines[2:]) == ["hi", "hi", "hi", "written"]
+    # oneway handler's print come from other threads, so they may interleave
+    assert run.stdout.startswith("hi\nhi\n")
+    assert run.stdout.count("hi") == 5 and run.stdout.count("written") == 1
