@@ -1,8 +1,10 @@
 """Loading Thrift IDL at run time (thriftpy2)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import sys
 from types import ModuleType
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
@@ -14,13 +16,30 @@ def load_idl(path: str, module_name: Optional[str] = None) -> ModuleType:
     """Parse the ``.thrift`` file at ``path`` and return its thriftpy2 module.
 
     ``module_name`` must end in ``_thrift`` (thriftpy2's rule); by default it is
-    the file's stem plus ``_thrift``. Loading the same path and name twice gives
-    the same module, so classes compare equal across calls.
+    the file's stem plus ``_thrift``, or, when a module of that name came from
+    another file (two ``echo.thrift`` in different directories), the stem, a
+    digest of the path and ``_thrift``. Loading the same file twice gives the
+    same module, so classes compare equal across calls. A ``module_name`` given
+    that another file's module already has is a ``ValueError`` (thriftpy2 would
+    hand back that other module).
     """
-    if module_name is None:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        module_name = re.sub(r"\W", "_", stem) + "_thrift"
-    return thriftpy2.load(path, module_name=module_name)
+    path = os.path.realpath(path)
+    stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+    name = module_name or stem + "_thrift"
+    holder = _loaded_from(name)
+    if holder is not None and holder != path:
+        if module_name is not None:
+            raise ValueError(f"module name {module_name!r} is taken by the IDL {holder}; "
+                             "give this one another name")
+        name = f"{stem}_{hashlib.sha1(path.encode()).hexdigest()[:8]}_thrift"
+    return thriftpy2.load(path, module_name=name)
+
+
+def _loaded_from(module_name: str) -> Optional[str]:
+    """The IDL file the loaded module ``module_name`` came from, if there is one."""
+    module = sys.modules.get(module_name)
+    source = getattr(module, "__thrift_file__", None)
+    return os.path.realpath(source) if source else None
 
 
 class Method(NamedTuple):
