@@ -13,6 +13,7 @@ import os
 import queue
 import random
 import sys
+import traceback
 
 import pytest
 from thriftpy2.thrift import TApplicationException, TMessageType
@@ -197,7 +198,7 @@ def test_async_client_every_call_shape(proto, wire_warnings):
 
 
 @pytest.mark.parametrize("proto", PROTOCOLS)
-def test_async_client_declared_and_undeclared_exceptions(proto):
+def test_async_client_declared_and_undeclared_exceptions(proto, wire_warnings):
     async def main():
         async with serving(echo_services()) as server, \
                 async_client(Echo, server.address, protocol=proto) as client:
@@ -224,6 +225,11 @@ def test_async_client_declared_and_undeclared_exceptions(proto):
             assert await client.echo("still fine") == "still fine"
 
     run(main())
+    # the undeclared one is a bug in the handler: the server logs it with its
+    # traceback; declared exceptions and TApplicationException are answers
+    (logged,) = wire_warnings()
+    assert logged.levelname == "ERROR" and logged.getMessage() == "Echo.fail raised ValueError: boom"
+    assert "fail" in [frame.name for frame in traceback.extract_tb(logged.exc_info[2])]
 
 
 @pytest.mark.parametrize("proto", PROTOCOLS)

@@ -656,7 +656,10 @@ class Server:
                     reply.app_exception(name, seqid, exc.type, exc.message or "")
                 return Status.APPLICATION_EXCEPTION
             if field is None:
-                log.info("%s raised %s: %s", name, type(exc).__name__, exc)
+                # a bug in the handler: the server's log keeps its traceback (the
+                # caller gets the message only, and a oneway caller nothing at all)
+                log.error("%s.%s raised %s: %s", call.service.name, name, type(exc).__name__,
+                          exc, exc_info=exc)
                 if send:
                     reply.app_exception(name, seqid, TApplicationException.INTERNAL_ERROR,
                                         f"{type(exc).__name__}: {exc}")
