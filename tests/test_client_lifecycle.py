@@ -325,3 +325,21 @@ def test_nonsense_seconds_are_refused_when_the_client_is_made(option, value):
     with pytest.raises(ValueError, match=option):
         octo_core.AsyncClient(Echo, appkey="com.example.caller", hosts=["127.0.0.1:1"],
                               **{option: value})
+
+
+@pytest.mark.parametrize("options, error, says", [
+    (dict(lb="bogus"), ValueError, "unknown balancer 'bogus'"),
+    (dict(hosts="127.0.0.1:1"), TypeError, r"hosts=\['127.0.0.1:1'\]"),
+    (dict(idempotent="echo"), TypeError, r"idempotent=\['echo'\]"),
+    (dict(idempotent=["echo", "ecko"]), ValueError, "Echo has no method 'ecko'"),
+    (dict(hash_arg="nosuch"), ValueError, "'nosuch' is no argument"),
+], ids=["unknown lb", "hosts a string", "idempotent a string", "idempotent a typo",
+        "hash_arg no argument"])
+def test_misread_options_are_refused_when_the_client_is_made(options, error, says):
+    """Each of these was taken quietly: a string's characters as host names or
+    method names (hedging then never applied), an unknown balancer refused only
+    at the first call, a hash argument that no call has."""
+    arguments = dict(appkey="com.example.caller", hosts=["127.0.0.1:1"])
+    arguments.update(options)
+    with pytest.raises(error, match=says):
+        octo_core.AsyncClient(Echo, **arguments)

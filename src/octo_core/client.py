@@ -9,7 +9,7 @@ import ssl as _ssl
 import sys
 import threading
 import time
-from typing import Any, Awaitable, Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, Iterable, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from thriftpy2.thrift import TApplicationException, TMessageType
 
@@ -145,7 +145,10 @@ class AsyncClient:
         self._wire_names = {name: f"{self.service_name}:{name}" if multiplexed else name
                             for name in self._methods}
         self._idempotent = (set(self._methods) if idempotent is True
-                            else set(idempotent or ()))
+                            else self._method_names("idempotent", idempotent or ()))
+        if hash_arg is not None and not any(hash_arg in m.arg_names for m in self._methods.values()):
+            raise ValueError(f"hash_arg {hash_arg!r} is no argument of any method of "
+                             f"{service.__name__}")
         self._hash_arg = hash_arg
         router = Router(Caller(appkey=appkey, ip=caller_ip, cell=cell, set_routing=set_routing,
                                idc=idc, region=region), locality=locality)
@@ -156,6 +159,8 @@ class AsyncClient:
         self._discovery: Optional[asyncio.Task] = None
         if (hosts is None) == (registry is None):
             raise ValueError("give either hosts or registry")
+        if isinstance(hosts, str):
+            raise TypeError(f"hosts is a list of addresses: hosts=[{hosts!r}]")
         if registry is not None:
             if not remote_appkey:
                 raise ValueError("registry discovery needs remote_appkey")
@@ -174,6 +179,18 @@ class AsyncClient:
         for name, method in self._methods.items():
             if not hasattr(self, name):   # `close`, `call`, ...: reached through call(name)
                 setattr(self, name, self._caller(method))
+
+    def _method_names(self, option: str, names: Iterable[str]) -> Set[str]:
+        """``names`` as a set of this service's method names (a typo is an error,
+        not a method silently left out)."""
+        if isinstance(names, str):
+            raise TypeError(f"{option} is True or a list of method names: {option}=[{names!r}]")
+        chosen = set(names)
+        unknown = chosen - set(self._methods)
+        if unknown:
+            raise ValueError(f"{option}: {self.service.__name__} has no method "
+                             f"{', '.join(sorted(map(repr, unknown)))}")
+        return chosen
 
     def _caller(self, method: idl.Method) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Awaitable[Any]:

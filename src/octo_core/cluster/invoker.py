@@ -102,6 +102,7 @@ class Cluster:
         self.budget = budget or RetryBudget()
         self._lb = lb
         self._lb_options = dict(lb_options or {})
+        make_balancer(lb, **self._lb_options)   # an unknown kind or option: now, not at a call
         self._balancers: Dict[tuple, list] = {}   # route tags (+ tier) -> [answer, balancer]
         self._breaker_options = dict(breaker_options or {})
         self._breakers: Dict[str, CircuitBreaker] = {}
