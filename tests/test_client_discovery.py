@@ -17,7 +17,8 @@ from octo_core.registry import Node, RegistryError, Watch
 from octo_core.registry.base import WatchCallback
 from octo_core.registry.memory import MemoryRegistry
 
-from wire_helpers import (Echo, LOCALHOST, echo_services, run, serving, wait_until,  # noqa: F401
+from wire_helpers import (Echo, EchoHandler, LOCALHOST, echo_services, run, serving,  # noqa: F401
+                          wait_until,
                           watchdog)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
@@ -105,4 +106,26 @@ def test_a_node_that_leaves_is_forgotten_once_its_calls_are_answered():
                 assert await client.echo("to the second") == "to the second"
                 assert list(client._endpoints) == [second.address]
                 assert list(client._cluster._breakers) == [Node(APPKEY, LOCALHOST, second.port).key]
+    run(main())
+
+
+def test_a_server_on_every_interface_registers_an_address_callers_can_dial():
+    """``host="0.0.0.0"`` used to register the node as 0.0.0.0:port. (Tests bind
+    127.0.0.1 only: the registration is made without listening.)"""
+    import socket
+
+    async def main():
+        registry = OutageRegistry()
+        registry.down = False
+        for node_fields, expected in (({}, None), ({"ip": LOCALHOST}, LOCALHOST)):
+            server = octo_core.Server(APPKEY, host="0.0.0.0", port=9, registry=registry,
+                                      node=node_fields)
+            server.add_service(Echo, EchoHandler())
+            await server._register()
+            (node,) = await registry.list(APPKEY)
+            await registry.unregister(APPKEY, node.key)
+            assert node.port == 9 and node.ip == (expected or node.ip)
+            with socket.socket() as probe:    # an address of this machine: it can be bound
+                probe.bind((node.ip, 0))
+            assert node.ip != "0.0.0.0"
     run(main())

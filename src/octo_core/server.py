@@ -10,6 +10,7 @@ import inspect
 import logging
 import os
 import signal
+import socket
 import ssl as _ssl
 import time
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Set, Tuple, Union
@@ -41,6 +42,25 @@ class _Service(NamedTuple):
     service: Any
     methods: Dict[str, idl.Method]
     handlers: Dict[str, Tuple[Callable[..., Any], bool]]   # name -> (function, is coroutine)
+
+
+_EVERY_INTERFACE = ("", "0.0.0.0", "::")
+
+
+def _reachable_ip(wildcard: str) -> str:
+    """This machine's address for others to call: the source address of its
+    default route (a UDP "connect" sends nothing), else its host name's."""
+    family, probe = ((socket.AF_INET6, "2001:db8::1") if wildcard == "::"
+                     else (socket.AF_INET, "192.0.2.1"))    # documentation addresses
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as udp:
+            udp.connect((probe, 9))
+            return udp.getsockname()[0]
+    except OSError:
+        ip = socket.gethostbyname(socket.gethostname())
+        log.warning("no default route: registering %s, the address of this host's name "
+                    "(node={'ip': ...} sets another)", ip)
+        return ip
 
 
 class _DeadlinePassed(Exception):
@@ -152,7 +172,8 @@ class Server:
     Naming: with ``registry`` (a URL such as ``file:///var/lib/octo`` or
     ``zk://host:2181/octo``, or a ``Registry``) the server registers itself on
     start (``node`` sets ``Node`` fields: weight, warmup, cell, swimlane, idc,
-    region...), and on stop first marks itself STOPPING and unregisters, keeps
+    region...; a server on every interface, ``0.0.0.0`` or ``::``, registers
+    the address its default route uses, unless ``node`` gives ``ip``), and on stop first marks itself STOPPING and unregisters, keeps
     serving for ``unregister_delay`` seconds while callers see the change, and
     only then refuses new calls and drains.
 
@@ -306,6 +327,8 @@ class Server:
         registry = self._registry_spec
         self._registry = open_registry(registry) if isinstance(registry, str) else registry
         ip, port = (self.address, 0) if self.unix_path is not None else (self.host, self.port)
+        if ip in _EVERY_INTERFACE and "ip" not in self._node_fields:
+            ip = _reachable_ip(ip)    # callers cannot dial 0.0.0.0
         fields = dict(appkey=self.appkey, ip=ip, port=port, env=self._registry.env,
                       startTime=int(time.time()), heartbeatSupport=HeartbeatSupport.BOTH,
                       serviceInfo={name: {"unifiedProto": 1} for name in self._services})
