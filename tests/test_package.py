@@ -2,10 +2,13 @@
 when the compiled codec is missing."""
 from __future__ import annotations
 
+import fnmatch
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from importlib import metadata
 
 import pytest
 
@@ -13,6 +16,7 @@ import octo_core
 from octo_core import codec, errors
 
 IDL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "idl", "everything.thrift")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # a checkout or an sdist
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
@@ -102,3 +106,73 @@ def test_codec_errors_are_protocol_errors():
         codec.encode(module.Scalars(medium="x"))
     with pytest.raises(errors.ProtocolError):
         codec.decode(module.Scalars, b"\x08")
+
+
+# What the README's commands (scripts/test.sh, .ci/run, the examples, the benchmarks)
+# and the tests need from an sdist, beyond the package itself.
+SDIST_NEEDS = [
+    "LICENSE", "README.md", "pyproject.toml", "setup.py", "MANIFEST.in",
+    "scripts/test.sh", ".ci/run",
+    "python/echo.thrift", "python/echo_server.py", "python/call_modes.py",
+    "benchmarks/RESULTS.md", "benchmarks/conftest.py", "benchmarks/bench_rpc.py",
+    "tests/conftest.py", "tests/wire_helpers.py", "tests/cluster_helpers.py",
+    "tests/strategies.py", "tests/lb_reference.py", "tests/naming_provider.py", "tests/zk.py",
+    "tests/idl/everything.thrift", "tests/idl/echo.thrift", "tests/idl/clash.thrift",
+    "src/octo_core/_codec.pyx", "src/octo_core/_frame.pxi", "src/octo_core/_lb.pyx",
+    "src/octo_core/_lb.pxd", "src/octo_core/_sha256.h", "src/octo_core/octo.thrift",
+    "src/octo_core/bench/payload.thrift", "src/octo_core/py.typed",
+]
+# Build output and caches: never in an sdist (the Cython .c included, see MANIFEST.in).
+SDIST_JUNK = ["*.so", "*.c", "*.pyc", "*.html", "*/__pycache__/*", "build/*", "dist/*",
+              "*.egg-info/*", ".hypothesis/*", ".benchmarks/*", "tests/_generated/*", ".git/*"]
+
+
+def _manifest_files(monkeypatch) -> set:
+    """The files of this tree that MANIFEST.in selects for an sdist, read by setuptools'
+    own template reader (no build, no Cython: milliseconds)."""
+    egg_info = pytest.importorskip("setuptools.command.egg_info")
+    if not os.path.isfile(os.path.join(ROOT, "MANIFEST.in")):
+        pytest.skip("no MANIFEST.in: the tests are not in a checkout or an sdist")
+    monkeypatch.chdir(ROOT)                 # setuptools globs relative to the working dir
+    files = egg_info.FileList()
+    # Before the template, setuptools adds the extensions' sources: Cython's .c output.
+    files.extend(["src/octo_core/_codec.c", "src/octo_core/_lb.c"])
+    with open("MANIFEST.in", encoding="utf-8") as template:
+        for line in template:
+            line = line.strip()
+            if line and not line.startswith("#"):
+                files.process_template_line(line)
+    return {f.replace(os.sep, "/") for f in files.files}
+
+
+def test_sdist_manifest_ships_what_tests_and_readme_need(monkeypatch):
+    shipped = _manifest_files(monkeypatch)
+    assert not [f for f in SDIST_NEEDS if f not in shipped]
+    junk = [f for f in shipped if any(fnmatch.fnmatch(f, p) for p in SDIST_JUNK)]
+    assert not junk
+    # In a git checkout: every tracked file goes (but .gitignore), so a new helper or
+    # data file cannot be left out of the sdist unnoticed.
+    git = shutil.which("git")
+    if git and os.path.isdir(os.path.join(ROOT, ".git")):
+        tracked = subprocess.run([git, "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                                 check=True, timeout=60).stdout.decode().split("\0")
+        missing = [f for f in tracked if f and f != ".gitignore" and os.path.isfile(os.path.join(ROOT, f))
+                   and f not in shipped]
+        assert not missing, "tracked but not in MANIFEST.in: " + ", ".join(missing)
+
+
+def test_installed_package_holds_no_sources_and_carries_the_license():
+    pkg = os.path.dirname(os.path.abspath(octo_core.__file__))
+    src = os.path.join(ROOT, "src")
+    if os.path.isdir(src) and os.path.samefile(os.path.dirname(pkg), src):
+        pytest.skip("octo_core is imported from the source tree, not from a wheel")
+    names = {os.path.relpath(os.path.join(d, f), pkg).replace(os.sep, "/")
+             for d, _, fs in os.walk(pkg) for f in fs}
+    for needed in ("_lb.pxd", "octo.thrift", "bench/payload.thrift", "py.typed"):
+        assert needed in names, needed
+    sources = [n for n in names if n.endswith((".c", ".pyx", ".pxi", ".h"))]
+    assert not sources, sources
+    meta = metadata.metadata("octo_core")
+    assert meta["License-Expression"] == "Apache-2.0"
+    license_files = [f for f in metadata.files("octo_core") or () if f.name == "LICENSE"]
+    assert license_files and "Apache License" in license_files[0].read_text()
