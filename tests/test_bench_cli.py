@@ -1,16 +1,25 @@
 """``octo bench codec``: runs, lists every implementation, passes its byte-equality check.
+The example ``python/echo_server.py``: says it serves once bound, or why it cannot.
 
-No timing assertions: only what the command prints and returns.
+No timing assertions: only what the commands print and return.
 """
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
 import sys
 from typing import Any, Callable, Tuple
 
 import pytest
 
+import octo_core
 from octo_core import cli
 from octo_core.bench import codec as bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ECHO_SERVER = os.path.join(ROOT, "python", "echo_server.py")
 
 
 def test_bench_codec_prints_every_implementation(capsys: pytest.CaptureFixture[str]) -> None:
@@ -75,3 +84,42 @@ def test_broken_peer_is_flagged_and_not_timed() -> None:
     assert ("wrong bytes", "small", "encode") not in timings
     assert ("wrong bytes", "small", "decode") in timings
     assert "BROKEN (not timed): encoded bytes differ" in bench.format_table(peers, timings, check)
+
+
+# --- python/echo_server.py ------------------------------------------------------------
+
+def _echo_server(*argv: str) -> "subprocess.Popen[str]":
+    return subprocess.Popen([sys.executable, ECHO_SERVER, *argv], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_echo_server_says_serving_once_bound_and_stops_on_sigterm() -> None:
+    proc = _echo_server("0")
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving Echo on 127.0.0.1:"), line + proc.stderr.read()
+        address = line.split()[3]                   # the bound port, not the 0 asked for
+        echo = octo_core.load_idl(os.path.join(ROOT, "python", "echo.thrift"))
+        with octo_core.Client(echo.Echo, appkey="com.example.caller", hosts=[address],
+                              timeout=10.0) as client:
+            assert client.echo("hi") == "hi"        # listening when it said so
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_echo_server_on_a_taken_port_says_so_in_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = _echo_server(str(port))
+        try:
+            out, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == 1
+    assert out == ""                                # never claimed to serve
+    assert err == f"echo_server: cannot listen on 127.0.0.1:{port}: Address already in use\n"
