@@ -2,7 +2,8 @@
 
 Runs a tiny matrix (octo_core, the codec-only floor and the raw uvloop echo, 1 and 4 calls in
 flight, 0.2 s per cell) and checks that every cell produced calls and that
-every server child process is gone afterwards. No timing assertions.
+every server child process is gone afterwards; checks the report's sections. No
+timing assertions.
 """
 from __future__ import annotations
 
@@ -62,3 +63,16 @@ def test_runner_smoke() -> None:
     for system in SYSTEMS:
         assert system in report
     assert "targets:" in report
+
+
+def _ok(system: str, concurrency: int, calls_per_s: float) -> rpc.Result:
+    return rpc.Result(system, "10B", concurrency, calls=100, seconds=1.0,
+                      calls_per_s=calls_per_s, p50_us=10.0, p99_us=20.0)
+
+
+def test_report_has_the_thriftpy2_aio_section_only_with_its_rows() -> None:
+    heading = f"octo ÷ {rpc.TP2_AIO}, calls/s:"
+    without = [_ok(rpc.OCTO, 64, 3000.0), _ok(rpc.RAW, 64, 6000.0)]
+    assert heading not in rpc.format_report(without)
+    report = rpc.format_report(without + [_ok(rpc.TP2_AIO, 64, 1000.0)])
+    assert f"{heading}\n   10B,  64 in flight: 3.00×" in report

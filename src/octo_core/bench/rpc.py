@@ -1237,13 +1237,13 @@ def format_report(results: Sequence[Result], seconds: Optional[float] = None,
                  "core (from /proc/stat; kernel softirq work for loopback traffic counts here "
                  f"too); '!' marks a noisy cell (over {NOISY_PCT:g}%): other processes "
                  "competed for the two cores and its numbers are not comparable")
-    lines.append("")
-    lines.append("octo ÷ thriftpy2-aio, calls/s:")
-    cells = list(dict.fromkeys((r.payload, r.concurrency) for r in results))
-    for payload, concurrency in cells:
+    ratios = []
+    for payload, concurrency in dict.fromkeys((r.payload, r.concurrency) for r in results):
         ratio = octo_vs_tp2_aio(results, payload, concurrency)
         if ratio is not None:
-            lines.append(f"  {payload:>4}, {concurrency:>3} in flight: {ratio:.2f}×")
+            ratios.append(f"  {payload:>4}, {concurrency:>3} in flight: {ratio:.2f}×")
+    if ratios:   # a heading over nothing when octo or thriftpy2-aio was not run
+        lines += ["", "octo ÷ thriftpy2-aio, calls/s:", *ratios]
     checks = check_targets(results)
     if checks:
         lines.append("")
