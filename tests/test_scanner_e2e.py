@@ -23,6 +23,7 @@ from typing import Dict, Iterator
 
 import pytest
 
+from octo_core import cli
 from octo_core.health import Scanner
 from octo_core.protocol import NodeStatus
 from octo_core.registry import Registry, open_registry
@@ -159,3 +160,23 @@ def test_mass_failure_trips_the_guard_and_marks_none(url, providers):
             listed = await statuses(registry)
             assert (listed[hung.key], listed[healthy.key]) == (NodeStatus.ALIVE, NodeStatus.ALIVE)
     run(scenario(), timeout=80)
+
+
+@pytest.mark.parametrize("registry, why", [
+    ("memory://scanner", "a memory registry lives in one process"),
+    ("file:///nonexistent/octo-registry", "no such directory")])
+def test_a_registry_the_scanner_process_cannot_see_is_a_usage_error(registry, why, capsys):
+    """`octo scanner --once` used to exit 0 saying nothing: its own memory registry
+    never holds a node, and a file:// directory that does not exist is a typo."""
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["scanner", "--registry", registry, "--appkey", APPKEY, "--once"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    [message] = [line for line in err.splitlines() if "error:" in line]
+    assert f"argument --registry: {registry}: {why}" in message
+
+
+def test_an_existing_file_registry_with_no_nodes_is_scanned(tmp_path):
+    """Only a directory that does not exist is refused: an empty one is scanned."""
+    assert cli.main(["scanner", "--registry", f"file://{tmp_path}", "--appkey", APPKEY,
+                     "--once", "--timeout", "0.5"]) == 0

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
+import urllib.parse
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 
@@ -75,14 +77,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _registry_problem(url: str, once: bool) -> Optional[str]:
+    """Why the scanner, a process of its own, could not find a node in ``url``, if so."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme == "memory":
+        return (f"{url}: a memory registry lives in one process, so the scanner's own "
+                "never holds a node; use file:///dir or zk://")
+    if parts.scheme == "file" and once and not os.path.isdir(parts.path):
+        # (a long-running scanner may start before the first provider makes the directory)
+        return f"{url}: no such directory"
+    return None
+
+
+def _scanner(argv: List[str]) -> int:
+    """``octo scanner``: the scanner's parser and loop live with it (``health.main``);
+    a registry it cannot scan from here is refused first, as a usage error."""
+    from octo_core import health
+
+    parser = health.build_parser()
+    args = parser.parse_args(argv)
+    problem = _registry_problem(args.registry, args.once)
+    if problem:
+        parser.error(f"argument --registry: {problem}")
+    return health.main(argv)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``octo`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["scanner"]:       # its own parser lives with the scanner
-        from octo_core import health
-
-        return health.main(argv[1:])
+        return _scanner(argv[1:])
     args = parser.parse_args(argv)
     if args.command != "bench":
         parser.print_help(sys.stderr)
