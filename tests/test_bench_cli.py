@@ -1,22 +1,25 @@
 """``octo bench codec``: runs, lists every implementation, passes its byte-equality check.
+``octo bench``: its targets and their options.
 The example ``python/echo_server.py``: says it serves once bound, or why it cannot.
 
 No timing assertions: only what the commands print and return.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
 import subprocess
 import sys
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, List, Tuple
 
 import pytest
 
 import octo_core
 from octo_core import cli
 from octo_core.bench import codec as bench
+from octo_core.bench import rpc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ECHO_SERVER = os.path.join(ROOT, "python", "echo_server.py")
@@ -39,17 +42,105 @@ def test_bench_codec_prints_every_implementation(capsys: pytest.CaptureFixture[s
         assert len(rows) == (0 if peer.missing else len(bench.KINDS) * len(bench.OPS)), peer.name
 
 
+def _record_runs(monkeypatch: pytest.MonkeyPatch) -> List[argparse.Namespace]:
+    """Replace every benchmark's runner by one that records its arguments."""
+    ran: List[argparse.Namespace] = []
+    for name, benchmark in list(cli.BENCHMARKS.items()):
+        monkeypatch.setitem(cli.BENCHMARKS, name,
+                            benchmark._replace(run=lambda args: ran.append(args) or 0))
+    return ran
+
+
 def test_bench_without_target_runs_every_benchmark(monkeypatch: pytest.MonkeyPatch) -> None:
-    ran = []
-    for name, (desc, _) in list(cli.BENCHMARKS.items()):
-        monkeypatch.setitem(cli.BENCHMARKS, name, (desc, lambda args, n=name: ran.append(n) or 0))
+    ran = _record_runs(monkeypatch)
     assert cli.main(["bench", "--seconds", "0.01"]) == 0
-    assert ran == list(cli.BENCHMARKS)
+    assert [args.target for args in ran] == list(cli.BENCHMARKS)
+    assert all(args.seconds == 0.01 and args.rounds is None for args in ran)
+    rpc_args = ran[list(cli.BENCHMARKS).index("rpc")]    # the rpc benchmark's own defaults
+    assert (rpc_args.systems, rpc_args.quiet_wait, rpc_args.json) == (list(rpc.SYSTEMS), 10.0, None)
+
+
+def test_bench_rpc_takes_the_rpc_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    ran = _record_runs(monkeypatch)
+    assert cli.main(["bench", "rpc", "--systems", "octo,raw-uvloop", "--payloads", "10B",
+                     "--concurrency", "1,4", "--warmup", "0", "--quiet-wait", "0",
+                     "--rounds", "2", "--seconds", "0.5"]) == 0
+    [args] = ran
+    assert (args.target, args.systems, args.payloads, args.concurrency, args.warmup,
+            args.quiet_wait, args.rounds, args.seconds) == \
+        ("rpc", ["octo", "raw-uvloop"], ["10B"], [1, 4], 0.0, 0.0, 2, 0.5)
+
+
+@pytest.mark.parametrize("target", sorted(cli.BENCHMARKS))
+def test_bench_options_given_before_the_target_stand(target: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    ran = _record_runs(monkeypatch)
+    cli.main(["bench", "--seconds", "3", "--rounds", "2", target])
+    cli.main(["bench", target])
+    assert [(a.seconds, a.rounds) for a in ran] == [(3.0, 2), (cli.DEFAULT_SECONDS, None)]
+
+
+@pytest.mark.parametrize("target, options", [
+    ("rpc", ["--systems", "--payloads", "--concurrency", "--quiet-wait", "--warmup", "--json",
+             "--seconds", "--rounds"]),
+    ("codec", ["--seconds", "--rounds"])])
+def test_bench_target_help_lists_its_options(target: str, options: List[str],
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", target, "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0
+    assert out.startswith(f"usage: octo bench {target} ")
+    assert cli.BENCHMARKS[target].description in " ".join(out.split())
+    for option in options:
+        assert f"  {option} " in out, option
+    if target == "rpc":          # the rpc benchmark's server-child options stay hidden
+        assert "--serve" not in out
+
+
+def test_octo_bench_rpc_and_the_rpc_module_list_the_same_options(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """One definition: ``octo bench rpc`` and ``python -m octo_core.bench.rpc`` both
+    take (and list) every option of ``rpc.options_parser``."""
+    options = [o for a in rpc.options_parser()._actions for o in a.option_strings]
+    helps = []
+    for show_help in (lambda: cli.main(["bench", "rpc", "--help"]), lambda: rpc.main(["--help"])):
+        with pytest.raises(SystemExit):
+            show_help()
+        helps.append(capsys.readouterr().out)
+    for option in options:
+        assert all(f"  {option} " in text for text in helps), option
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--warmup", "-1"), ("--warmup", "nan"), ("--warmup", "inf"),
+    ("--quiet-wait", "-1"), ("--quiet-wait", "nan"), ("--quiet-wait", "inf"),
+    ("--json", "/nonexistent/r.json")])
+def test_bad_rpc_options_are_usage_errors_before_the_run(
+        option: str, value: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    ran = _record_runs(monkeypatch)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "rpc", option, value])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and ran == []
+    [message] = [line for line in err.splitlines() if "error:" in line]
+    assert f"argument {option}:" in message and value in message
+    assert "Traceback" not in err
+
+
+def test_rpc_json_path_is_created_before_the_run(tmp_path: Any,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    ran = _record_runs(monkeypatch)
+    path = tmp_path / "r.json"
+    assert cli.main(["bench", "rpc", "--json", str(path)]) == 0
+    assert path.exists() and ran[0].json == str(path)
 
 
 @pytest.mark.parametrize("argv", [["bench", "codec", "--seconds", "0"], ["bench", "nope"],
                                   ["bench", "codec", "--seconds", "inf"],
-                                  ["bench", "codec", "--seconds", "nan"]])
+                                  ["bench", "codec", "--seconds", "nan"],
+                                  ["bench", "rpc", "--systems", "octo", "--bogus"]])
 def test_bad_arguments_are_rejected(argv: list, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)

@@ -2,14 +2,18 @@
 
 Runs a tiny matrix (octo_core, the codec-only floor and the raw uvloop echo, 1 and 4 calls in
 flight, 0.2 s per cell) and checks that every cell produced calls and that
-every server child process is gone afterwards; checks the report's sections. No
-timing assertions.
+every server child process is gone afterwards; runs ``octo bench rpc`` with its
+own options; checks the report's sections. No timing assertions.
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import List
 
+import pytest
+
+from octo_core import cli
 from octo_core.bench import rpc
 
 SYSTEMS = (rpc.OCTO, rpc.CODEC_ONLY, rpc.RAW)
@@ -63,6 +67,22 @@ def test_runner_smoke() -> None:
     for system in SYSTEMS:
         assert system in report
     assert "targets:" in report
+
+
+def test_octo_bench_rpc_runs_the_asked_cells_and_writes_json(
+        tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "rpc.json"
+    status = cli.main(["bench", "rpc", "--systems", f"{rpc.OCTO},{rpc.RAW}", "--payloads", "10B",
+                       "--concurrency", "1", "--seconds", "0.1", "--warmup", "0",
+                       "--quiet-wait", "0", "--json", str(path)])
+    out = capsys.readouterr().out
+    assert status == 0, out
+    cells = [(r["system"], r["payload"], r["concurrency"])
+             for r in json.loads(path.read_text())["results"]]
+    assert cells == [(rpc.OCTO, "10B", 1), (rpc.RAW, "10B", 1)]
+    assert "each cell: 0 s warm-up + 0.1 s measured" in out
+    assert rpc.TP2_AIO not in out                  # not run: no section about it either
+    assert _server_children() == []
 
 
 def _ok(system: str, concurrency: int, calls_per_s: float) -> rpc.Result:

@@ -1,8 +1,9 @@
 """The ``octo`` command.
 
-``octo bench [TARGET] [--seconds S]`` runs the benchmarks that ship with
-octo_core; with no TARGET it runs every one of them. Benchmarks are listed in
-``BENCHMARKS``: adding one is one entry there.
+``octo bench [TARGET] [OPTIONS]`` runs the benchmarks that ship with octo_core;
+with no TARGET it runs every one of them. Benchmarks are listed in
+``BENCHMARKS``: adding one is one entry there (its options come from its own
+parser, so ``octo bench TARGET --help`` lists them).
 
 ``octo scanner --registry URL --appkey A ...`` runs the health scanner
 (``octo_core.health``).
@@ -14,7 +15,55 @@ import math
 import os
 import sys
 import urllib.parse
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+
+#: ``octo bench``'s --seconds default, which every target's own --seconds defers to.
+DEFAULT_SECONDS = 1.0
+#: The options ``octo bench`` takes before a target (and every target takes after it).
+BENCH_OPTIONS = ("seconds", "rounds")
+
+
+
+def _number(text: str, zero_ok: bool) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
+        # inf would overflow the round count or a timer; nan passes every comparison
+        kind = "non-negative" if zero_ok else "positive"
+        raise argparse.ArgumentTypeError(f"must be a finite {kind} number, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    return _number(text, zero_ok=False)
+
+
+def _non_negative_float(text: str) -> float:
+    return _number(text, zero_ok=True)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _timing_options() -> argparse.ArgumentParser:
+    """``--seconds`` and ``--rounds``: ``octo bench``'s, and the codec benchmark's."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--seconds", type=_positive_float, default=DEFAULT_SECONDS, metavar="S",
+                        help=f"timing budget per measured row, in seconds "
+                             f"(default: {DEFAULT_SECONDS:g})")
+    parser.add_argument("--rounds", type=_positive_int, default=None, metavar="N",
+                        help="interleaved rounds per row, the best is kept "
+                             "(default: one per 20 ms of --seconds, at least 5)")
+    return parser
+
+
+def _rpc_options() -> argparse.ArgumentParser:
+    from octo_core.bench import rpc
+
+    return rpc.options_parser(seconds=DEFAULT_SECONDS)
 
 
 def _bench_codec(args: argparse.Namespace) -> int:
@@ -26,34 +75,27 @@ def _bench_codec(args: argparse.Namespace) -> int:
 def _bench_rpc(args: argparse.Namespace) -> int:
     from octo_core.bench import rpc
 
-    argv = ["--seconds", str(args.seconds)]
-    if args.rounds:
-        argv += ["--rounds", str(args.rounds)]
-    return rpc.main(argv)
+    if args.rounds is None:   # octo bench's "each benchmark's own default"
+        args.rounds = rpc.options_parser().get_default("rounds")
+    return rpc.bench(args)
 
 
-#: name -> (one-line description, runner). A runner takes the parsed ``octo bench``
-#: arguments and returns an exit status (0 when everything checked out).
-BENCHMARKS: Dict[str, Tuple[str, Callable[[argparse.Namespace], int]]] = {
-    "codec": ("thrift binary encode/decode: octo_core vs thriftpy2 and Apache fastbinary",
-              _bench_codec),
-    "rpc": ("echo calls on loopback, server in its own process: octo_core vs thriftpy2, "
-            "grpcio and a raw uvloop echo", _bench_rpc),
+class Benchmark(NamedTuple):
+    """One ``octo bench`` target."""
+
+    description: str
+    #: Takes the parsed arguments, returns an exit status (0 when everything checked out).
+    run: Callable[[argparse.Namespace], int]
+    #: The target's options, as an argparse parent parser.
+    options: Callable[[], argparse.ArgumentParser]
+
+
+BENCHMARKS: Dict[str, Benchmark] = {
+    "codec": Benchmark("thrift binary encode/decode: octo_core vs thriftpy2 and Apache "
+                       "fastbinary", _bench_codec, _timing_options),
+    "rpc": Benchmark("echo calls on loopback, server in its own process: octo_core vs "
+                     "thriftpy2, grpcio and a raw uvloop echo", _bench_rpc, _rpc_options),
 }
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):   # inf would overflow the round count
-        raise argparse.ArgumentTypeError(f"must be a finite positive number, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,17 +106,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="probe a registry's nodes and write their health back "
                              "(octo scanner --help)")
     bench = commands.add_parser(
-        "bench", help="run benchmarks",
-        description="Run octo_core's benchmarks. Targets: " + "; ".join(
-            f"{name}: {desc}" for name, (desc, _) in BENCHMARKS.items()) + ".")
-    bench.add_argument("target", nargs="?", choices=sorted(BENCHMARKS),
-                       help="benchmark to run (default: all)")
-    bench.add_argument("--seconds", type=_positive_float, default=1.0, metavar="S",
-                       help="timing budget per measured row, in seconds (default: 1)")
-    bench.add_argument("--rounds", type=_positive_int, default=None, metavar="N",
-                       help="interleaved rounds per row, the best is kept "
-                            "(default: one per 20 ms of --seconds, at least 5)")
+        "bench", parents=[_timing_options()], help="run benchmarks",
+        description="Run octo_core's benchmarks; with no TARGET, every one of them "
+                    "(octo bench TARGET --help: the target's options).")
+    targets = bench.add_subparsers(dest="target", metavar="TARGET",
+                                   help="benchmark to run (default: all)")
+    for name, benchmark in BENCHMARKS.items():
+        target = targets.add_parser(name, parents=[benchmark.options()],
+                                    help=benchmark.description,
+                                    description=benchmark.description + ".")
+        _defer_to_bench(target)
     return parser
+
+
+def _defer_to_bench(target: argparse.ArgumentParser) -> None:
+    """A target's ``BENCH_OPTIONS`` get no default of their own: a subparser's defaults
+    overwrite what was parsed before it, so `octo bench --seconds 3 codec` would run with
+    the default seconds. (Not ``set_defaults(x=SUPPRESS)``: that stores the marker.)"""
+    for action in target._actions:
+        if action.dest in BENCH_OPTIONS:
+            action.default = argparse.SUPPRESS
 
 
 def _registry_problem(url: str, once: bool) -> Optional[str]:
@@ -102,23 +153,27 @@ def _scanner(argv: List[str]) -> int:
     return health.main(argv)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run ``octo`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
-    parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["scanner"]:       # its own parser lives with the scanner
-        return _scanner(argv[1:])
+def _bench(parser: argparse.ArgumentParser, argv: List[str]) -> int:
     args = parser.parse_args(argv)
     if args.command != "bench":
         parser.print_help(sys.stderr)
         return 2
-    targets: List[str] = [args.target] if args.target else list(BENCHMARKS)
+    # No target: every one, as if named after the options given (`octo bench --seconds 3 rpc`).
+    runs = [args] if args.target else [parser.parse_args([*argv, name]) for name in BENCHMARKS]
     status = 0
-    for i, name in enumerate(targets):
+    for i, run_args in enumerate(runs):
         if i:
             print()
-        status = max(status, BENCHMARKS[name][1](args))
+        status = max(status, BENCHMARKS[run_args.target].run(run_args))
     return status
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``octo`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["scanner"]:   # its own parser lives with the scanner
+        return _scanner(argv[1:])
+    return _bench(build_parser(), argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

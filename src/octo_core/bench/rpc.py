@@ -57,7 +57,8 @@ the machine used during its window (``other_cpu_pct``, from ``/proc/stat``),
 ``rounds`` > 1 each cell shows its median quiet round (``pick_round``).
 
 ``run(...)`` returns ``Result`` rows; ``format_report(...)`` renders them;
-``main(argv)`` is the command line (``python -m octo_core.bench.rpc``).
+``main(argv)`` is the command line (``python -m octo_core.bench.rpc``), whose
+options (``options_parser()``) ``octo bench rpc`` takes too.
 """
 from __future__ import annotations
 
@@ -80,7 +81,7 @@ from types import ModuleType
 from typing import (Any, Awaitable, Callable, Deque, Dict, List, Optional, Sequence, TextIO,
                     Tuple)
 
-from octo_core.cli import _positive_float, _positive_int
+from octo_core.cli import _non_negative_float, _positive_float, _positive_int
 from octo_core.idl import load_idl
 from octo_core.transport.loop import new_event_loop
 
@@ -1280,14 +1281,24 @@ def _concurrencies(text: str) -> List[int]:
     return values
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m octo_core.bench.rpc",
-        description="End-to-end RPC echo benchmark: octo_core vs thriftpy2, grpcio and a raw "
-                    "uvloop echo, each server in its own process.")
-    parser.add_argument("--seconds", type=_positive_float, default=2.0, metavar="S",
-                        help="measured seconds per cell (default: 2)")
-    parser.add_argument("--warmup", type=float, default=None, metavar="S",
+def _writable(path: str) -> str:
+    """``path`` once it is known to be writable: opened (created if need be) now, so a
+    bad ``--json`` is a usage error before the run, not a traceback that loses it."""
+    try:
+        open(path, "a", encoding="utf-8").close()   # "a": nothing is lost if the run fails
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot write {path}: {exc.strerror}") from None
+    return path
+
+
+def options_parser(seconds: float = 2.0) -> argparse.ArgumentParser:
+    """The benchmark's options, as an argparse parent (``parents=[...]``): the one
+    definition ``build_parser`` and ``octo bench rpc`` share. ``seconds`` is the
+    ``--seconds`` default (``octo bench``'s is 1 s)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--seconds", type=_positive_float, default=seconds, metavar="S",
+                        help=f"measured seconds per cell (default: {seconds:g})")
+    parser.add_argument("--warmup", type=_non_negative_float, default=None, metavar="S",
                         help="warm-up seconds per cell (default: seconds/4, at most 1)")
     parser.add_argument("--systems", type=_csv(SYSTEMS), default=list(SYSTEMS),
                         help=f"comma-separated subset of: {', '.join(SYSTEMS)}")
@@ -1298,14 +1309,47 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=_positive_int, default=1, metavar="N",
                         help="measure the whole matrix N times; each cell shows its median "
                              "quiet round by calls/s (default: 1)")
-    parser.add_argument("--quiet-wait", type=float, default=10.0, metavar="S",
+    parser.add_argument("--quiet-wait", type=_non_negative_float, default=10.0, metavar="S",
                         help="before each cell wait up to S seconds for the machine to idle "
                              f"(below {QUIET_PCT:g}%% of a core; default: 10, 0 = never)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--json", type=_writable, metavar="PATH",
+                        help="also write the results as JSON")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m octo_core.bench.rpc``: the options, and the hidden ones of a server child."""
+    parser = argparse.ArgumentParser(
+        prog="python -m octo_core.bench.rpc", parents=[options_parser()],
+        description="End-to-end RPC echo benchmark: octo_core vs thriftpy2, grpcio and a raw "
+                    "uvloop echo, each server in its own process.")
     parser.add_argument("--serve", choices=SERVER_KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     return parser
+
+
+def _progress(r: Result) -> None:
+    """One line on stderr per measured cell."""
+    state = (f"MISSING {r.missing}" if r.missing else f"ERROR {r.error}" if r.error
+             else f"{r.calls_per_s:,.0f} calls/s, p50 {r.p50_us:.1f} µs, other "
+                  f"{r.other_cpu_pct if r.other_cpu_pct is not None else float('nan'):.0f}%")
+    print(f"  {r.system} {r.payload} x{r.concurrency}: {state}", file=sys.stderr, flush=True)
+
+
+def bench(args: argparse.Namespace) -> int:
+    """Run the benchmark ``options_parser``'s parsed ``args`` ask for, write ``--json``
+    and print the report; exit status 1 when a cell failed."""
+    results = run(args.seconds, systems=args.systems, payloads=args.payloads,
+                  concurrencies=args.concurrency, warmup=args.warmup, rounds=args.rounds,
+                  quiet_wait=args.quiet_wait, progress=_progress)
+    if args.json:   # before the report: a stdout that closed early must not lose it
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"environment": environment(), "seconds": args.seconds,
+                       "results": [asdict(r) for r in results],
+                       "targets": [asdict(c) for c in check_targets(results)]}, fh, indent=2)
+    print(format_report(results, args.seconds, args.warmup, args.rounds))
+    return 1 if any(r.error for r in results) else 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -1313,23 +1357,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.serve:
         return serve(args.serve, args.port, args.host)
-
-    def progress(r: Result) -> None:
-        state = (f"MISSING {r.missing}" if r.missing else f"ERROR {r.error}" if r.error
-                 else f"{r.calls_per_s:,.0f} calls/s, p50 {r.p50_us:.1f} µs, other "
-                      f"{r.other_cpu_pct if r.other_cpu_pct is not None else float('nan'):.0f}%")
-        print(f"  {r.system} {r.payload} x{r.concurrency}: {state}", file=sys.stderr, flush=True)
-
-    results = run(args.seconds, systems=args.systems, payloads=args.payloads,
-                  concurrencies=args.concurrency, warmup=args.warmup, rounds=args.rounds,
-                  quiet_wait=args.quiet_wait, progress=progress)
-    print(format_report(results, args.seconds, args.warmup, args.rounds))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"environment": environment(), "seconds": args.seconds,
-                       "results": [asdict(r) for r in results],
-                       "targets": [asdict(c) for c in check_targets(results)]}, fh, indent=2)
-    return 1 if any(r.error for r in results) else 0
+    return bench(args)
 
 
 if __name__ == "__main__":  # pragma: no cover
