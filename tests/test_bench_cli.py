@@ -1,5 +1,5 @@
 """``octo bench codec``: runs, lists every implementation, passes its byte-equality check.
-``octo bench``: its targets and their options.
+``octo bench``: its targets and their options; a closed stdout.
 The example ``python/echo_server.py``: says it serves once bound, or why it cannot.
 
 No timing assertions: only what the commands print and return.
@@ -135,6 +135,20 @@ def test_rpc_json_path_is_created_before_the_run(tmp_path: Any,
     path = tmp_path / "r.json"
     assert cli.main(["bench", "rpc", "--json", str(path)]) == 0
     assert path.exists() and ran[0].json == str(path)
+
+
+def test_closed_stdout_ends_quietly_with_the_sigpipe_status() -> None:
+    """`octo bench codec | head -1`: no traceback, 128 + SIGPIPE (not 1, a failed check)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)             # the reader is gone before the first byte is written
+    try:
+        done = subprocess.run([sys.executable, "-m", "octo_core", "bench", "codec",
+                               "--seconds", "0.01"], stdout=write_end, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert done.returncode == cli.SIGPIPE_STATUS == 128 + signal.SIGPIPE
+    assert done.stderr == ""
 
 
 @pytest.mark.parametrize("argv", [["bench", "codec", "--seconds", "0"], ["bench", "nope"],

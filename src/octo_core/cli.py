@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import urllib.parse
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
@@ -21,7 +22,10 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 DEFAULT_SECONDS = 1.0
 #: The options ``octo bench`` takes before a target (and every target takes after it).
 BENCH_OPTIONS = ("seconds", "rounds")
-
+#: Exit status when stdout's reader went away (``octo bench | head -1``): 128 + SIGPIPE,
+#: what a shell reports for a writer its closed pipe ended; 1 would read as "a
+#: benchmark failed", which is what 1 means here.
+SIGPIPE_STATUS = 128 + signal.SIGPIPE
 
 
 def _number(text: str, zero_ok: bool) -> float:
@@ -168,12 +172,27 @@ def _bench(parser: argparse.ArgumentParser, argv: List[str]) -> int:
     return status
 
 
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null: what is still buffered would fail again (with a
+    traceback) at the interpreter's final flush."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``octo`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["scanner"]:   # its own parser lives with the scanner
-        return _scanner(argv[1:])
-    return _bench(build_parser(), argv)
+    try:
+        if argv[:1] == ["scanner"]:   # its own parser lives with the scanner
+            status = _scanner(argv[1:])
+        else:
+            status = _bench(build_parser(), argv)
+        sys.stdout.flush()   # a closed pipe shows here, not at exit
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+        _drop_stdout()
+        return SIGPIPE_STATUS
+    return status
 
 
 if __name__ == "__main__":  # pragma: no cover
