@@ -1,5 +1,5 @@
 """``octo bench codec``: runs, lists every implementation, passes its byte-equality check.
-``octo bench``: its targets and their options; a closed stdout.
+``octo bench``: its targets and their options; a closed stdout; ``octo --version``.
 The example ``python/echo_server.py``: says it serves once bound, or why it cannot.
 
 No timing assertions: only what the commands print and return.
@@ -7,6 +7,7 @@ No timing assertions: only what the commands print and return.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import signal
 import socket
@@ -135,6 +136,13 @@ def test_rpc_json_path_is_created_before_the_run(tmp_path: Any,
     path = tmp_path / "r.json"
     assert cli.main(["bench", "rpc", "--json", str(path)]) == 0
     assert path.exists() and ran[0].json == str(path)
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"octo {importlib.metadata.version('octo_core')}\n"
 
 
 def test_closed_stdout_ends_quietly_with_the_sigpipe_status() -> None:

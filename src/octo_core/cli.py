@@ -7,10 +7,13 @@ parser, so ``octo bench TARGET --help`` lists them).
 
 ``octo scanner --registry URL --appkey A ...`` runs the health scanner
 (``octo_core.health``).
+
+``octo --version`` prints the installed version.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import math
 import os
 import signal
@@ -102,9 +105,17 @@ BENCHMARKS: Dict[str, Benchmark] = {
 }
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("octo_core")
+    except importlib.metadata.PackageNotFoundError:   # a source tree on sys.path
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``octo`` argument parser."""
     parser = argparse.ArgumentParser(prog="octo", description="octo_core command-line tools.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("scanner", add_help=False,
                         help="probe a registry's nodes and write their health back "
