@@ -700,6 +700,13 @@ def test_limits_apply_to_messages():
 BAD_UTF8 = [b"\xff", b"\xc3", b"\xc0\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\x80", b"\xfe\xfe"]
 
 
+def thriftpy2_bytes(obj) -> bytes:
+    """What thriftpy2's pure binary protocol writes for the struct ``obj``."""
+    buffer = TMemoryBuffer()
+    PureBinaryProtocol(buffer).write_struct(obj)
+    return buffer.getvalue()
+
+
 def thriftpy2_reads(cls, data: bytes):
     """What thriftpy2's pure binary protocol decodes ``data`` to."""
     obj = cls()
@@ -941,6 +948,23 @@ def test_missing_required_argument_in_message():
     data = encode_message("walk", TMessageType.CALL, 1, SERVICE.walk_args(depth=2))
     err = decode_error(decode_message, data, SERVICE, data=data)
     assert "walk_args.root" in str(err)
+
+
+def test_unset_required_fields_are_left_out_as_thriftpy2_writes_them_or_refused_on_request():
+    """``encode`` writes what thriftpy2 and Apache write (the field left out);
+    the RPC paths ask for ``check_required`` (as Java writes), so a reader that
+    refuses the message is never sent one."""
+    partial = IDL.Requiredness(req=None, req_struct=IDL.Inner(), req_map={})
+    args = SERVICE.echo_args(payload=IDL.Everything(requiredness=partial))
+    assert encode(partial) == thriftpy2_bytes(partial)
+    plain = encode_message("echo", TMessageType.CALL, 1, args)
+    with pytest.raises(EncodeError, match="required field Requiredness.req is unset"):
+        encode_message("echo", TMessageType.CALL, 1, args, check_required=True)
+    with pytest.raises(EncodeError, match="Requiredness.req is unset"):
+        octo_core.protocol.encode_framed_message("echo", TMessageType.CALL, 1, args)
+    whole = IDL.Requiredness(req=0, req_struct=IDL.Inner(), req_map={})
+    assert encode_message("echo", TMessageType.CALL, 1, SERVICE.echo_args(
+        payload=IDL.Everything(requiredness=whole)), check_required=True) != plain
 
 
 def test_required_fields_present_decode():

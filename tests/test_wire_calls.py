@@ -232,6 +232,60 @@ def test_async_client_declared_and_undeclared_exceptions(proto, wire_warnings):
     assert "fail" in [frame.name for frame in traceback.extract_tb(logged.exc_info[2])]
 
 
+EVERYTHING = octo_core.load_idl(os.path.join(os.path.dirname(os.path.abspath(__file__)), "idl",
+                                             "everything.thrift"))
+
+
+class _PartialResults:
+    """Answers structs whose required fields are unset (a bug in the handler)."""
+
+    async def echo(self, payload):
+        return EVERYTHING.Everything(requiredness=EVERYTHING.Requiredness(req_struct=None))
+
+    # the service's other methods (not called here)
+    def ping(self):
+        pass
+
+    def add(self, a, b):
+        return a + b
+
+    def notify(self, event, attrs):
+        pass
+
+    def walk(self, root, depth):
+        return []
+
+    def checksum(self, data, algorithms):
+        return b""
+
+    def classify(self, items):
+        return {}
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+def test_unset_required_fields_fail_on_the_side_that_left_them_unset(proto, wire_warnings):
+    """Our readers refuse a struct without its required fields (as Java, C++ and
+    Go do), so our writers do not send one: the handler's bug is its server's
+    error (logged, INTERNAL_ERROR to the caller), the caller's is its own
+    ``EncodeError`` before anything is sent."""
+    service = EVERYTHING.EverythingService
+
+    async def main():
+        async with serving([(service, _PartialResults(), None)]) as server, \
+                async_client(service, server.address, protocol=proto) as client:
+            with pytest.raises(ApplicationError, match="Requiredness.req is unset") as bad:
+                await client.echo(EVERYTHING.Everything())
+            assert bad.value.type == TApplicationException.INTERNAL_ERROR
+            with pytest.raises(EncodeError, match="walk_args.root is unset"):
+                await client.walk(root=None)
+            (conn,) = client_conns(client)
+            assert conn.in_flight == 0 and not conn.closed
+
+    run(main())
+    (logged,) = wire_warnings()
+    assert "EverythingService.echo: its result cannot be sent" in logged.getMessage()
+
+
 @pytest.mark.parametrize("proto", PROTOCOLS)
 def test_sync_client_every_mode(proto):
     handler = EchoHandler()

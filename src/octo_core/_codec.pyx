@@ -363,9 +363,10 @@ cdef struct _Writer:
     Py_ssize_t len
     Py_ssize_t cap
     int max_depth
+    bint check_required   # an unset required field: an EncodeError (else left out)
 
 
-cdef int _w_init(_Writer* w, Py_ssize_t cap) except -1:
+cdef int _w_init(_Writer* w, Py_ssize_t cap, bint check_required=False) except -1:
     cdef object b = PyBytes_FromStringAndSize(NULL, cap)
     Py_INCREF(b)
     w.buf = <PyObject*>b
@@ -373,6 +374,7 @@ cdef int _w_init(_Writer* w, Py_ssize_t cap) except -1:
     w.len = 0
     w.cap = cap
     w.max_depth = 64
+    w.check_required = check_required
     return 0
 
 
@@ -656,6 +658,8 @@ cdef int _w_struct(_Writer* w, _StructSpec s, object obj, int depth) except -1:
             continue
         if v == Py_None:
             Py_DECREF(<object>v)
+            if f.required and w.check_required:
+                raise EncodeError(f"required field {s.name}.{<object>f.name} is unset")
             continue
         try:
             _w_reserve(w, 3)
@@ -736,11 +740,15 @@ def encode(obj):
     return _w_finish(&w)
 
 
-def encode_message(name, msg_type, seqid, obj):
-    """A whole strict TBinaryProtocol message: header, then ``obj`` (the args/result struct)."""
+def encode_message(name, msg_type, seqid, obj, *, bint check_required=False):
+    """A whole strict TBinaryProtocol message: header, then ``obj`` (the args/result struct).
+
+    An unset required field is left out, as thriftpy2 and Apache write it, or,
+    with ``check_required``, an ``EncodeError`` (as Java writes it; the RPC
+    paths do so, since a reader may refuse the message)."""
     cdef _StructSpec s = _encode_spec(obj)
     cdef _Writer w
-    _w_init(&w, s.size_hint + 64)
+    _w_init(&w, s.size_hint + 64, check_required)
     try:
         _w_message_begin(&w, name, msg_type, seqid)
         _w_top(&w, s, obj)

@@ -77,10 +77,10 @@ def encode_framed(body) -> bytes:
 
 
 def encode_framed_message(name, msg_type, seqid, obj) -> bytes:
-    """``encode_framed(encode_message(...))`` in one pass."""
+    """``encode_framed(encode_message(..., check_required=True))`` in one pass."""
     cdef _StructSpec s = _encode_spec(obj)
     cdef _Writer w
-    _w_init(&w, s.size_hint + 64)
+    _w_init(&w, s.size_hint + 64, True)
     try:
         w.len = 4
         _w_message_begin(&w, name, msg_type, seqid)
@@ -129,14 +129,15 @@ cdef int _check_plain_flags(int flags) except -1:
 def encode_unified_message(int flags, header, name, msg_type, seqid, obj) -> bytes:
     """A whole uncompressed unified frame: ``header`` then the message, in one pass.
 
-    Equal to ``encode_frame(flags, len(h), h, encode_message(...))`` with
-    ``h = encode(header)``; compression flags are the caller's business.
+    Equal to ``encode_frame(flags, len(h), h, encode_message(...,
+    check_required=True))`` with ``h = encode(header)``; compression flags are
+    the caller's business.
     """
     _check_plain_flags(flags)
     cdef _StructSpec hs = _encode_spec(header)
     cdef _StructSpec s = _encode_spec(obj)
     cdef _Writer w
-    _w_init(&w, hs.size_hint + s.size_hint + 96)
+    _w_init(&w, hs.size_hint + s.size_hint + 96, True)
     try:
         w.len = PREFIX
         _w_top(&w, hs, header)

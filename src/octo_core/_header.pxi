@@ -151,7 +151,7 @@ def encode_request(int flags, int message_type, service_name, int64_t sequence_i
     _check_plain_flags(flags)
     cdef _StructSpec s = _encode_spec(obj)
     cdef _Writer w
-    _w_init(&w, s.size_hint + 160)
+    _w_init(&w, s.size_hint + 160, True)   # a call's message: its required fields set
     try:
         w.len = PREFIX
         _w_request_header(&w, message_type, service_name, sequence_id, call_type, timeout,
@@ -171,7 +171,7 @@ def encode_response(int flags, int64_t sequence_id, int status, message, name, m
     _check_plain_flags(flags)
     cdef _StructSpec s = _encode_spec(obj)
     cdef _Writer w
-    _w_init(&w, s.size_hint + 96)
+    _w_init(&w, s.size_hint + 96, True)    # a reply's message: its required fields set
     try:
         w.len = PREFIX
         _w_response_header(&w, 0, sequence_id, status, message)

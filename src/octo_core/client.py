@@ -337,9 +337,10 @@ class AsyncClient:
                 data = self._request_frame(method, request, seq, timeout, tags, span, limit)
             else:
                 msg_type = TMessageType.ONEWAY if method.oneway else TMessageType.CALL
-                encode = (protocol.encode_framed_message if self._framed
-                          else _codec.encode_message)
-                data = encode(self._wire_names[method.name], msg_type, seq, request)
+                name = self._wire_names[method.name]
+                data = (protocol.encode_framed_message(name, msg_type, seq, request) if self._framed
+                        else _codec.encode_message(name, msg_type, seq, request,
+                                                   check_required=True))
             if len(data) > limit:
                 raise protocol.frame_too_large(len(data), limit, "request")
         except EncodeError as exc:     # the caller's values: nothing was sent
@@ -368,7 +369,8 @@ class AsyncClient:
                 self._flags, MessageType.NORMAL, self.service_name, seq, call_type, timeout_ms,
                 self.appkey, span.trace_id, span.span_id, context, None,
                 method.name, TMessageType.CALL, seq, request)
-        body = _codec.encode_message(method.name, TMessageType.CALL, seq, request)
+        body = _codec.encode_message(method.name, TMessageType.CALL, seq, request,
+                                     check_required=True)
         signature = (self._signer.headers(self.service_name, method.name, body)
                      if self._signer is not None else None)
         head = _codec.request_header_bytes(

@@ -175,7 +175,8 @@ def encode_unified_message(flags: int, header: Any, name: str, msg_type: int, se
                            obj: Any) -> bytes:
     """A unified frame carrying ``header`` and the thrift message ``(name, msg_type, seqid, obj)``."""
     if flags & COMPRESSED:
-        return encode_unified(header, _codec.encode_message(name, msg_type, seqid, obj), flags)
+        return encode_unified(header, _codec.encode_message(name, msg_type, seqid, obj,
+                                                            check_required=True), flags)
     return _codec.encode_unified_message(flags, header, name, msg_type, seqid, obj)
 
 
@@ -186,7 +187,8 @@ def encode_response(flags: int, sequence_id: int, status: int, text: Optional[st
     ``limit`` as for ``frame_unified``."""
     if flags & COMPRESSED:
         return frame_unified(_codec.response_header_bytes(MessageType.NORMAL, sequence_id, status, text),
-                             _codec.encode_message(name, msg_type, seqid, obj), flags, limit)
+                             _codec.encode_message(name, msg_type, seqid, obj, check_required=True),
+                             flags, limit)
     return _codec.encode_response(flags, sequence_id, status, text, name, msg_type, seqid, obj)
 
 

@@ -110,7 +110,7 @@ class _Reply:
             data = protocol.encode_response(self.flags, self.sequence_id, status, text,
                                             name, msg_type, seqid, obj, limit)
         elif self.flags == protocol.UNFRAMED:     # a buffered-transport peer
-            data = _codec.encode_message(name, msg_type, seqid, obj)
+            data = _codec.encode_message(name, msg_type, seqid, obj, check_required=True)
         else:
             data = protocol.encode_framed_message(name, msg_type, seqid, obj)
         if len(data) > limit:
@@ -693,7 +693,8 @@ class Server:
         if send:
             try:
                 reply.message(name, TMessageType.REPLY, seqid, result)
-            except EncodeError as bad:
+            except EncodeError as bad:   # the handler's value does not fit the IDL: its bug
+                log.error("%s.%s: its result cannot be sent: %s", call.service.name, name, bad)
                 reply.app_exception(name, seqid, TApplicationException.INTERNAL_ERROR,
                                     f"{name}: its result cannot be sent: {bad}")
                 return Status.APPLICATION_EXCEPTION
