@@ -176,7 +176,9 @@ def test_a_registry_the_scanner_process_cannot_see_is_a_usage_error(registry, wh
     assert f"argument --registry: {registry}: {why}" in message
 
 
-def test_an_existing_file_registry_with_no_nodes_is_scanned(tmp_path):
-    """Only a directory that does not exist is refused: an empty one is scanned."""
+def test_an_existing_file_registry_with_no_nodes_is_scanned(tmp_path, caplog):
+    """Only a directory that does not exist is refused: an empty one is scanned,
+    and the round says it found no node (a wrong appkey, or the wrong registry)."""
     assert cli.main(["scanner", "--registry", f"file://{tmp_path}", "--appkey", APPKEY,
                      "--once", "--timeout", "0.5"]) == 0
+    assert f"{APPKEY}: no nodes in file://{tmp_path}" in caplog.text

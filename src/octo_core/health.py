@@ -323,6 +323,9 @@ async def _serve(registry: Registry, args: argparse.Namespace) -> int:
                           mass_failure_min_nodes=args.mass_failure_min_nodes)
         if args.once:
             reports = await scanner.run_once()
+            for report in reports.values():
+                if not report.probed and not report.error:   # likely a wrong registry or appkey
+                    log.warning("%s: no nodes in %s", report.appkey, args.registry)
             return 1 if any(r.error or r.suspected_fault for r in reports.values()) else 0
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
