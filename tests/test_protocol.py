@@ -19,6 +19,8 @@ import zlib
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from thriftpy2.protocol.binary import TBinaryProtocol
+from thriftpy2.transport import TMemoryBuffer
 from thriftpy2.thrift import TMessageType
 from thriftpy2.utils import serialize
 
@@ -607,7 +609,7 @@ def test_max_frame_size_boundary():
     assert len(fits) == limit
     assert only_frame(fits, limit).header.requestInfo.serviceName == "S"
     feed_error(raw_unified(0x01, len(head), head + b"x" * (limit - 9 - len(head))), limit)
-    body = b"y" * (limit - 4)
+    body = b"\x00" * (limit - 4)    # (a letter first would start an unframed old-style message)
     assert bytes(only_frame(raw_framed(body), limit).body) == body
     feed_error(raw_framed(body + b"y"), limit)
 
@@ -689,6 +691,8 @@ def test_framed_length_not_positive(length):
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", "TLS handshake"),
     (b"GET /metrics HTTP/1.1\r\n\r\n", "HTTP"),
     (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "HTTP"),
+    (b'[1,"echo",1,0,{"1":{"str":"x"}}]', "JSON protocol"),
+    (zlib.compress(b"\x80\x01\x00\x01\x00\x00\x00\x04echo"), "zlib"),
 ])
 def test_the_usual_wrong_peers_are_named_in_the_error(data, guess):
     """A client on the wrong transport or protocol gets a hint in the error the
@@ -707,6 +711,30 @@ def test_unframed_thrift_messages_are_cut_by_their_own_structure():
     assert [f.flags for f in frames] == [protocol.UNFRAMED, 0, protocol.UNFRAMED]
     assert all(f.body == msg and f.head is None for f in frames)
     assert decoder.buffered == 0
+
+
+def old_style(name: str, msg_type: int, seqid: int, obj) -> bytes:
+    """A message with the old (non-strict) header, as ``strict_write=False`` writes it."""
+    return (struct.pack("!i", len(name)) + name.encode() + struct.pack("!bi", msg_type, seqid)
+            + codec.encode(obj))
+
+
+def test_unframed_messages_with_the_old_header_are_read_too():
+    """``strict_write=False`` peers (Apache's and thriftpy2's option) on a buffered
+    transport send no version word: the message starts with its name's length.
+    Framed thrift cannot start so (after its length comes 0x80 or 0x00)."""
+    args = Echo.echo_args(text="y" * 300)
+    old = old_style("echo", TMessageType.CALL, 5, args)
+    buffer = TMemoryBuffer()
+    TBinaryProtocol(buffer, strict_write=False).write_message_begin("echo", TMessageType.CALL, 5)
+    assert old.startswith(buffer.getvalue())                        # as thriftpy2 writes it
+    strict = codec.encode_message("echo", TMessageType.CALL, 6, args)
+    stream = old + struct.pack("!i", len(old)) + old + strict + old  # the framed one is old too
+    decoder = FrameDecoder()
+    frames = [f for i in range(len(stream)) for f in decoder.feed(stream[i:i + 1])]
+    assert [f.flags for f in frames] == [protocol.UNFRAMED, 0, protocol.UNFRAMED, protocol.UNFRAMED]
+    assert [f.body for f in frames] == [old, old, strict, old] and decoder.buffered == 0
+    assert codec.decode_message(old, Echo)[1:] == (TMessageType.CALL, 5, args)
 
 
 def test_bad_or_oversized_unframed_messages_are_protocol_errors():
@@ -744,12 +772,14 @@ UNFRAMED_STRUCTS = sorted(S.top_level_structs(UNFRAMED_IDL).items())
 @given(st.data())
 def test_unframed_messages_of_any_struct_are_found_however_the_stream_is_cut(data):
     """Messages carrying generated values of every struct of an IDL we did not
-    shape for this: each comes out whole, whatever the read boundaries."""
+    shape for this, with the strict or the old header: each comes out whole,
+    whatever the read boundaries."""
     messages = []
     for seq in range(data.draw(st.integers(1, 3))):
         _, cls = data.draw(st.sampled_from(UNFRAMED_STRUCTS))
         value = data.draw(S.structs(cls, max_depth=3))
-        messages.append(codec.encode_message("method", TMessageType.CALL, seq, value))
+        messages.append(data.draw(st.sampled_from([codec.encode_message, old_style]))(
+            "method", TMessageType.CALL, seq, value))
     stream = b"".join(messages)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=12)))
     decoder = FrameDecoder()
@@ -780,11 +810,13 @@ def _feed_outcome(chunks) -> tuple:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=200), st.lists(st.integers(0, 220), max_size=8))
-def test_unframed_hostile_bytes_read_the_same_however_they_are_cut(tail, cuts):
+@given(st.sampled_from([b"\x80\x01\x00\x01\x00\x00\x00\x01m\x00\x00\x00\x01",
+                        b"\x00\x00\x00\x01m\x01\x00\x00\x00\x01"]),   # strict, old header
+       st.binary(max_size=200), st.lists(st.integers(0, 220), max_size=8))
+def test_unframed_hostile_bytes_read_the_same_however_they_are_cut(start, tail, cuts):
     """Any bytes after an unframed message start give the same frames and the
     same error (or the same bytes held) whether they come at once or in pieces."""
-    stream = b"\x80\x01\x00\x01\x00\x00\x00\x01m\x00\x00\x00\x01" + tail
+    stream = start + tail
     cuts = sorted(min(c, len(stream)) for c in cuts)
     pieces = [stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)])]
     (whole_frames, whole_end), (cut_frames, cut_end) = _feed_outcome([stream]), _feed_outcome(pieces)

@@ -52,6 +52,10 @@ UNFRAMED_STACKS = {
                                            proto_factory=TBinaryProtocolFactory()),
     "cython-buffered": dict(trans_factory=TCyBufferedTransportFactory(),
                             proto_factory=TCyBinaryProtocolFactory()),
+    # the old message header (no version word): name length first
+    "buffered, non-strict": dict(trans_factory=TBufferedTransportFactory(),
+                                 proto_factory=TBinaryProtocolFactory(strict_read=False,
+                                                                      strict_write=False)),
 }
 
 

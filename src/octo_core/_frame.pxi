@@ -168,7 +168,21 @@ cdef str _looks_like(const unsigned char* p, Py_ssize_t n):
         return " (it looks like a TLS handshake: this connection is not TLS)"
     if n >= 4 and p[:4] in (b"GET ", b"POST", b"PUT ", b"HEAD", b"PRI "):
         return " (it looks like HTTP)"
+    if n >= 2 and p[0] == 0x5B and 0x31 <= p[1] <= 0x39:   # [1,"name",...
+        return " (it looks like thrift's JSON protocol: only the binary protocol is served)"
+    if n >= 2 and p[0] == 0x78 and p[1] in (0x01, 0x5E, 0x9C, 0xDA):
+        return " (it looks like zlib (TZlibTransport): compressed transports are not served)"
     return ""
+
+
+cdef inline bint _old_style_unframed(const unsigned char* p, Py_ssize_t n) noexcept:
+    """Whether ``p`` starts an unframed message with the old (non-strict) header:
+    the method name's length, then the name. Framed thrift cannot start so: its
+    message, after the length, begins with 0x80 (strict) or 0x00 (old style)."""
+    if n < 5 or p[0] != 0:
+        return False
+    cdef unsigned char first = p[4]     # of the name: a thrift identifier's first character
+    return first == 0x5F or 0x41 <= first <= 0x5A or 0x61 <= first <= 0x7A
 
 
 cdef class FrameReader:
@@ -300,9 +314,9 @@ cdef class FrameReader:
                     handed += self._unified(p + pos + PREFIX, total - 2 - trailer, flags,
                                             header_length, frames)
                 pos += total + 8
-            elif p[pos] == 0x80 and p[pos + 1] == 0x01:
-                # Unframed (buffered-transport) strict binary thrift, thriftpy2's and
-                # Apache's default: no length prefix, the message says where it ends.
+            elif (p[pos] == 0x80 and p[pos + 1] == 0x01) or _old_style_unframed(p + pos, n - pos):
+                # Unframed (buffered-transport) binary thrift, thriftpy2's and Apache's
+                # default: no length prefix, the message says where it ends.
                 if not self._scanning:
                     _scan_start(&self._scan, self.max_frame_size)
                     self._scanning = True

@@ -143,13 +143,18 @@ cdef Py_ssize_t _scan_unframed(_Scan* s, const unsigned char* p, Py_ssize_t n) e
             if n < 8:
                 return -1
             version = _get_u32(p)
-            if (version & VERSION_MASK) != VERSION_1:
-                raise DecodeError(f"bad message version 0x{version:08x}")
-            if not 1 <= (version & 0xff) <= 4:
-                raise DecodeError(f"unknown message type {version & 0xff}")
-            s.pos = 4
-            s.skip = _scan_length(s, p, 1, "method name") + 4   # name, seqid
-            s.pos = 8
+            if not version & 0x80000000:
+                # the old header: name length, name, type, seqid (strict_write=False)
+                s.skip = _scan_length(s, p, 1, "method name") + 5
+                s.pos = 4
+            else:
+                if (version & VERSION_MASK) != VERSION_1:
+                    raise DecodeError(f"bad message version 0x{version:08x}")
+                if not 1 <= (version & 0xff) <= 4:
+                    raise DecodeError(f"unknown message type {version & 0xff}")
+                s.pos = 4
+                s.skip = _scan_length(s, p, 1, "method name") + 4   # name, seqid
+                s.pos = 8
             s.begun = True
             _scan_push(s, SCAN_STRUCT, 0, 0, 0)
         elif s.depth == 0:
