@@ -119,7 +119,8 @@ SDIST_NEEDS = [
     "tests/strategies.py", "tests/lb_reference.py", "tests/naming_provider.py", "tests/zk.py",
     "tests/idl/everything.thrift", "tests/idl/echo.thrift", "tests/idl/clash.thrift",
     "src/octo_core/_codec.pyx", "src/octo_core/_frame.pxi", "src/octo_core/_lb.pyx",
-    "src/octo_core/_lb.pxd", "src/octo_core/_sha256.h", "src/octo_core/octo.thrift",
+    "src/octo_core/_lb.pxd", "src/octo_core/_codec.pyi", "src/octo_core/_sha256.h",
+    "src/octo_core/octo.thrift",
     "src/octo_core/bench/payload.thrift", "src/octo_core/py.typed",
 ]
 # Build output and caches: never in an sdist (the Cython .c included, see MANIFEST.in).
@@ -168,7 +169,7 @@ def test_installed_package_holds_no_sources_and_carries_the_license():
         pytest.skip("octo_core is imported from the source tree, not from a wheel")
     names = {os.path.relpath(os.path.join(d, f), pkg).replace(os.sep, "/")
              for d, _, fs in os.walk(pkg) for f in fs}
-    for needed in ("_lb.pxd", "octo.thrift", "bench/payload.thrift", "py.typed"):
+    for needed in ("_lb.pxd", "_codec.pyi", "octo.thrift", "bench/payload.thrift", "py.typed"):
         assert needed in names, needed
     sources = [n for n in names if n.endswith((".c", ".pyx", ".pxi", ".h"))]
     assert not sources, sources
