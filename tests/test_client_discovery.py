@@ -13,6 +13,7 @@ import pytest
 
 import octo_core
 from octo_core.cluster.routing import RouteRule
+from octo_core.errors import TransportError
 from octo_core.registry import Node, RegistryError, Watch
 from octo_core.registry.base import WatchCallback
 from octo_core.registry.memory import MemoryRegistry
@@ -128,4 +129,83 @@ def test_a_server_on_every_interface_registers_an_address_callers_can_dial():
             with socket.socket() as probe:    # an address of this machine: it can be bound
                 probe.bind((node.ip, 0))
             assert node.ip != "0.0.0.0"
+    run(main())
+
+
+@pytest.mark.parametrize("passes", [1, 2], ids=["connect not started", "connect under way"])
+def test_a_call_waiting_for_a_connect_to_a_node_that_leaves_is_still_sent(passes):
+    """A node that leaves the registry still serves while it unregisters: the call
+    that waited for a connect to it is sent and answered, then the connection
+    closes; nothing is kept for the node."""
+    async def main():
+        async with serving(echo_services()) as first, serving(echo_services()) as second, \
+                OutageRegistry() as registry:
+            registry.down = False
+            gone = await registry.register(Node(APPKEY, LOCALHOST, first.port))
+            async with octo_core.AsyncClient(Echo, appkey="c", registry=registry,
+                                             remote_appkey=APPKEY) as client:
+                await client._discover()
+                call = asyncio.ensure_future(client.echo("on its way"))
+                for _ in range(passes):
+                    await asyncio.sleep(0)
+                endpoint = client._endpoints[first.address]
+                assert endpoint._connecting
+                await registry.register(Node(APPKEY, LOCALHOST, second.port))
+                await registry.unregister(APPKEY, gone.key)
+                await wait_until(lambda: first.address not in client._endpoints)
+                assert await call == "on its way"
+                await wait_until(lambda: endpoint.finished)
+                assert not client._cluster._degraded and first.address not in client._endpoints
+    run(main())
+
+
+def test_close_reaches_the_calls_on_a_node_that_left():
+    """``close()`` fails every call still waiting, those on a retired node too."""
+    async def main():
+        async with serving(echo_services()) as first, serving(echo_services()) as second, \
+                OutageRegistry() as registry:
+            registry.down = False
+            gone = await registry.register(Node(APPKEY, LOCALHOST, first.port))
+            client = octo_core.AsyncClient(Echo, appkey="c", registry=registry,
+                                           remote_appkey=APPKEY, timeout=30.0)
+            assert await client.echo("first") == "first"
+            (conn,) = [c for c in client._endpoints[first.address]._conns if c is not None]
+            call = asyncio.ensure_future(client.slow("never answered", 20_000))
+            await wait_until(lambda: conn.in_flight == 1)
+            await registry.register(Node(APPKEY, LOCALHOST, second.port))
+            await registry.unregister(APPKEY, gone.key)
+            await wait_until(lambda: first.address not in client._endpoints)
+            await client.close()
+            with pytest.raises(TransportError):
+                await asyncio.wait_for(call, 5)
+            assert conn.closed
+    run(main())
+
+
+def test_a_node_that_hangs_and_leaves_is_let_go_with_its_heartbeat_unanswered():
+    """A node usually leaves because it hangs: the heartbeat it never answers must
+    not keep its connection open for ever."""
+    async def hang(reader, writer):
+        while await reader.read(65536):
+            pass                          # reads every request, answers none
+
+    async def main():
+        hung = await asyncio.start_server(hang, LOCALHOST, 0)
+        port = hung.sockets[0].getsockname()[1]
+        try:
+            async with serving(echo_services()) as other, OutageRegistry() as registry:
+                registry.down = False
+                node = await registry.register(Node(APPKEY, LOCALHOST, port))
+                async with octo_core.AsyncClient(Echo, appkey="c", registry=registry,
+                                                 remote_appkey=APPKEY, timeout=0.05,
+                                                 heartbeat_interval=0.5) as client:
+                    with pytest.raises(TransportError):           # a timeout: still connected
+                        await client.echo("no answer")
+                    (conn,) = [c for c in client._endpoints[f"{LOCALHOST}:{port}"]._conns if c]
+                    await wait_until(lambda: conn.in_flight == 1)  # the heartbeat, waiting
+                    await registry.register(Node(APPKEY, LOCALHOST, other.port))
+                    await registry.unregister(APPKEY, node.key)
+                    await wait_until(lambda: conn.closed)
+        finally:
+            hung.close()
     run(main())

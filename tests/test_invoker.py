@@ -904,6 +904,10 @@ def test_what_is_kept_for_nodes_lanes_and_cells_goes_when_they_leave():
 
         cluster.update([node("trunk")])
         assert not cluster._breakers and not cluster._unhealthy and not cluster._balancers
+        # an attempt on a node chosen just before it left keeps nothing of it either
+        cluster.breaker(node("lane-19")).record(False)
+        cluster.degrade(node("lane-19"))
+        assert not cluster._breakers and set(cluster._degraded) == {"trunk:9000"}
     run_virtual(main())
 
 

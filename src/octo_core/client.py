@@ -135,6 +135,8 @@ class AsyncClient:
                                       max_frame_size=max_frame_size, ssl=ssl,
                                       heartbeat_interval=heartbeat_interval if self.unified else None)
         self._endpoints: Dict[str, Endpoint] = {}
+        self._retired: Set[Endpoint] = set()            # of nodes that left, calls still on them
+        self._listed: Optional[Set[str]] = None         # node addresses, from a registry
         self._closed = False
         # The loop of the first call, and the thread running it: every call compares
         # its thread (cheap), a closed client or another loop take the slow path.
@@ -285,9 +287,12 @@ class AsyncClient:
         """A new node list: routing takes it, and the endpoints of nodes that left
         retire (they close once the calls already on them are answered)."""
         self._cluster.update(nodes, rules)
-        listed = {node.address for node in nodes}
-        for address in [address for address in self._endpoints if address not in listed]:
-            self._endpoints.pop(address).retire()
+        self._listed = {node.address for node in nodes}
+        self._retired = {endpoint for endpoint in self._retired if not endpoint.finished}
+        for address in [address for address in self._endpoints if address not in self._listed]:
+            endpoint = self._endpoints.pop(address)
+            endpoint.retire()
+            self._retired.add(endpoint)     # until it finishes: close() still reaches it
 
     def _discovery_done(self, attempt: asyncio.Task) -> None:
         if attempt.cancelled() or attempt.exception() is not None:
@@ -296,7 +301,12 @@ class AsyncClient:
     def _endpoint(self, node: Node) -> Endpoint:
         endpoint = self._endpoints.get(node.address)
         if endpoint is None:
-            endpoint = self._endpoints[node.address] = Endpoint(node.address, **self._endpoint_options)
+            endpoint = Endpoint(node.address, **self._endpoint_options)
+            if self._listed is not None and node.address not in self._listed:
+                # chosen just before it left (a hedge, a retry): it fails, opening nothing
+                endpoint.retire()
+                return endpoint
+            self._endpoints[node.address] = endpoint
             if self._closed:   # a retry on another node after close(): it fails, opening nothing
                 endpoint.close()
         return endpoint
@@ -425,7 +435,7 @@ class AsyncClient:
             asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
 
     async def _shutdown(self) -> None:
-        for endpoint in self._endpoints.values():
+        for endpoint in [*self._endpoints.values(), *self._retired]:
             endpoint.close()
         if self._directory is not None:
             await self._directory.close()

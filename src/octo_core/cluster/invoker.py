@@ -108,6 +108,7 @@ class Cluster:
         self._breakers: Dict[str, CircuitBreaker] = {}
         self._unhealthy: Set[str] = set()          # breaker not closed
         self._degraded: Dict[str, float] = {}      # connect failed: key -> retry time
+        self._listed: Set[str] = set()             # keys of the nodes discovery gave
         self._loop: Optional[asyncio.AbstractEventLoop] = None
 
     def update(self, nodes: Sequence[Node], rules: Sequence[RouteRule] = ()) -> None:
@@ -116,7 +117,7 @@ class Cluster:
         What was kept for nodes, lanes and cells that left goes with them: a
         cluster that replaces its nodes for years holds only the ones it has."""
         self.router.update(nodes, rules)
-        listed = {node.key for node in nodes}
+        listed = self._listed = {node.key for node in nodes}
         for key in [key for key in self._breakers if key not in listed]:
             del self._breakers[key]
         self._unhealthy &= listed
@@ -139,9 +140,10 @@ class Cluster:
     def breaker(self, node: Node) -> CircuitBreaker:
         breaker = self._breakers.get(node.key)
         if breaker is None:
-            breaker = self._breakers[node.key] = CircuitBreaker(
-                on_change=lambda b, key=node.key: self._breaker_changed(key, b),
-                **self._breaker_options)
+            breaker = CircuitBreaker(on_change=lambda b, key=node.key: self._breaker_changed(key, b),
+                                     **self._breaker_options)
+            if node.key in self._listed:   # (not one that left as its attempt was chosen)
+                self._breakers[node.key] = breaker
         return breaker
 
     def _breaker_changed(self, key: str, breaker: CircuitBreaker) -> None:
@@ -154,7 +156,8 @@ class Cluster:
 
     def degrade(self, node: Node, retry_in: float = 2.0) -> None:
         """OCTO's connection degrade: no calls to ``node`` for ``retry_in`` seconds."""
-        self._degraded[node.key] = self._running_loop().time() + retry_in
+        if node.key in self._listed:
+            self._degraded[node.key] = self._running_loop().time() + retry_in
 
     def _excluded(self, tried: Set[str]) -> Set[str]:
         if not self._unhealthy and not self._degraded:

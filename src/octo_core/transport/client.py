@@ -17,6 +17,11 @@ from octo_core.transport.address import Address, parse_address
 from octo_core.transport.stream import FramedProtocol, log
 
 
+#: Seconds a connection that completes after its node left stays open for the
+#: calls that waited for it to be sent (they go within a few loop passes).
+RETIRED_CONNECT_GRACE = 1.0
+
+
 class ClientConnection(FramedProtocol):
     """A connection that carries many calls at once.
 
@@ -116,6 +121,8 @@ class ClientConnection(FramedProtocol):
 
     def forget(self, seq: int) -> None:
         self._pending.pop(seq, None)
+        if self._close_when_idle:
+            self._close_if_idle()
 
     @property
     def in_flight(self) -> int:
@@ -256,6 +263,7 @@ class Endpoint:
         self._heartbeat_task: Optional[asyncio.Task] = None
         self.ssl = ssl
         self.closed = False
+        self._retired = False
         self._closed_why = "client is closed"
 
     def ready(self) -> Optional[ClientConnection]:
@@ -324,12 +332,16 @@ class Endpoint:
             raise
         finally:
             del self._connecting[slot]
-        if self.closed:
+        if self.closed and not self._retired:
             conn.close()
             raise self._closed_error()
         self._backoff = 0.0
         self._conns[slot] = conn
-        if self._heartbeat_interval and self._heartbeat_task is None:
+        if self._retired:
+            # The node left while this connect was under way: the calls waiting for it
+            # go out on it (the node still serves while it unregisters), then it closes.
+            loop.call_later(RETIRED_CONNECT_GRACE, conn.close_when_idle)
+        elif self._heartbeat_interval and self._heartbeat_task is None:
             self._heartbeat_task = loop.create_task(self._heartbeats())
         return conn
 
@@ -377,6 +389,9 @@ class Endpoint:
                 conn.send(protocol.encode_unified(header, b""))
                 try:
                     await asyncio.wait_for(reply, interval)
+                except asyncio.CancelledError:
+                    conn.forget(seq)        # (a retired connection waits for no heartbeat)
+                    raise
                 except (asyncio.TimeoutError, TransportError):
                     conn.forget(seq)
                     log.warning("heartbeat to %s unanswered; closing the connection", self.node)
@@ -386,14 +401,18 @@ class Endpoint:
         """Close the connections; connects under way are cancelled, and the calls
         waiting for them fail at once with ``TransportError`` (nothing was sent)."""
         self._end()
+        for attempt in self._connecting.values():
+            attempt.cancel()
         for conn in self._conns:
             if conn is not None:
                 conn.close()
 
     def retire(self) -> None:
-        """The node left the cluster: no new calls or connects; each connection
-        closes once the calls already on it are answered (or time out)."""
+        """The node left the cluster: no new connects; each connection closes once
+        the calls already on it are answered (or time out), and a connect under
+        way serves the calls waiting for it first."""
         self._closed_why = "the node left the cluster"
+        self._retired = True
         self._end()
         for conn in self._conns:
             if conn is not None:
@@ -403,5 +422,9 @@ class Endpoint:
         self.closed = True
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
-        for attempt in self._connecting.values():
-            attempt.cancel()
+
+    @property
+    def finished(self) -> bool:
+        """Closed, with no connection open and no connect under way."""
+        return self.closed and not self._connecting and not any(
+            conn is not None and not conn.closed for conn in self._conns)
