@@ -23,3 +23,30 @@ def test_two_idl_files_of_one_name_are_two_modules(tmp_path):
     assert again is second
     with pytest.raises(ValueError, match="is taken by the IDL"):
         octo_core.load_idl(str(tmp_path / "b" / "twin_named.thrift"), module_name="twin_named_thrift")
+
+
+def test_the_includes_of_two_idl_files_of_one_name_stay_apart_too(tmp_path):
+    """Each ``echo.thrift`` includes its own ``shared.thrift``: the second file's
+    module must see its own ``Item``, not the first one's."""
+    for side, field in (("a", "i32 count"), ("b", "string label")):
+        (tmp_path / side).mkdir()
+        (tmp_path / side / "shared.thrift").write_text(f"struct Item {{ 1: {field} }}\n")
+        (tmp_path / side / "twin_incl.thrift").write_text(
+            'include "shared.thrift"\nservice Echo { shared.Item get() }\n')
+    first = octo_core.load_idl(str(tmp_path / "a" / "twin_incl.thrift"))
+    second = octo_core.load_idl(str(tmp_path / "b" / "twin_incl.thrift"))
+    assert first.shared.Item.thrift_spec[1][1] == "count"
+    assert second.shared.Item.thrift_spec[1][1] == "label"
+
+
+def test_a_symlinked_idl_finds_its_includes_beside_the_link(tmp_path):
+    """IDL trees made of links (Bazel runfiles, vendored directories) resolve
+    includes from where the link is, as thriftpy2 does."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "real" / "linked_svc.thrift").write_text(
+        'include "common.thrift"\nservice Svc { common.Id fresh() }\n')
+    (tmp_path / "tree" / "common.thrift").write_text("typedef i64 Id\n")
+    (tmp_path / "tree" / "linked_svc.thrift").symlink_to(tmp_path / "real" / "linked_svc.thrift")
+    module = octo_core.load_idl(str(tmp_path / "tree" / "linked_svc.thrift"))
+    assert hasattr(module, "Svc")

@@ -17,21 +17,22 @@ def load_idl(path: str, module_name: Optional[str] = None) -> ModuleType:
 
     ``module_name`` must end in ``_thrift`` (thriftpy2's rule); by default it is
     the file's stem plus ``_thrift``, or, when a module of that name came from
-    another file (two ``echo.thrift`` in different directories), the stem, a
-    digest of the path and ``_thrift``. Loading the same file twice gives the
-    same module, so classes compare equal across calls. A ``module_name`` given
-    that another file's module already has is a ``ValueError`` (thriftpy2 would
-    hand back that other module).
+    another file (two ``echo.thrift`` in different directories), that name
+    under a package named by a digest of the path (``_1a2b3c4d.echo_thrift``),
+    so that its includes get names of their own too. Loading the same file
+    twice gives the same module, so classes compare equal across calls. A
+    ``module_name`` given that another file's module already has is a
+    ``ValueError`` (thriftpy2 would hand back that other module).
     """
-    path = os.path.realpath(path)
+    real = os.path.realpath(path)    # to compare files; includes resolve beside ``path``
     stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
     name = module_name or stem + "_thrift"
     holder = _loaded_from(name)
-    if holder is not None and holder != path:
+    if holder is not None and holder != real:
         if module_name is not None:
             raise ValueError(f"module name {module_name!r} is taken by the IDL {holder}; "
                              "give this one another name")
-        name = f"{stem}_{hashlib.sha1(path.encode()).hexdigest()[:8]}_thrift"
+        name = f"_{hashlib.sha1(real.encode()).hexdigest()[:8]}.{name}"
     return thriftpy2.load(path, module_name=name)
 
 
