@@ -26,7 +26,7 @@ import pytest
 from octo_core import cli
 from octo_core.health import Scanner
 from octo_core.protocol import NodeStatus
-from octo_core.registry import Registry, open_registry
+from octo_core.registry import Node, Registry, open_registry
 
 from naming_provider import Providers
 from wire_helpers import run
@@ -182,3 +182,18 @@ def test_an_existing_file_registry_with_no_nodes_is_scanned(tmp_path, caplog):
     assert cli.main(["scanner", "--registry", f"file://{tmp_path}", "--appkey", APPKEY,
                      "--once", "--timeout", "0.5"]) == 0
     assert f"{APPKEY}: no nodes in file://{tmp_path}" in caplog.text
+
+    async def stopped() -> str:
+        """Nodes listed but all STOPPED are left alone on purpose: no warning."""
+        registry = open_registry(f"file://{tmp_path}")
+        try:
+            await registry.register(Node(APPKEY, "127.0.0.1", 9, status=NodeStatus.STOPPED))
+            done = await asyncio.to_thread(
+                subprocess.run, [sys.executable, "-m", "octo_core", "scanner", "--registry",
+                                 f"file://{tmp_path}", "--appkey", APPKEY, "--once"],
+                capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+        finally:
+            await registry.close()
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+    assert "no nodes" not in run(stopped())

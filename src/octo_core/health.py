@@ -82,6 +82,8 @@ class AppkeyReport:
     """What one round found for one appkey."""
 
     appkey: str
+    #: nodes the registry listed, and of them those probed (all but STOPPED ones)
+    listed: int = 0
     probed: int = 0
     #: keys of the nodes that failed both probes (marked DEAD unless ``suspected_fault``)
     failed: List[str] = dataclasses.field(default_factory=list)
@@ -149,7 +151,7 @@ class Scanner:
             log.warning("%s: cannot list the nodes: %r", appkey, exc)
             return report
         probed = [node for node in nodes if node.status != NodeStatus.STOPPED]
-        report.probed = len(probed)
+        report.listed, report.probed = len(nodes), len(probed)
         observed = await self._observe(probed)
         report.failed = [node.key for node in probed if observed[node.key] is None]
         report.suspected_fault = self._mass_failure(appkey, probed, observed)
@@ -324,7 +326,7 @@ async def _serve(registry: Registry, args: argparse.Namespace) -> int:
         if args.once:
             reports = await scanner.run_once()
             for report in reports.values():
-                if not report.probed and not report.error:   # likely a wrong registry or appkey
+                if not report.listed and not report.error:   # likely a wrong registry or appkey
                     log.warning("%s: no nodes in %s", report.appkey, args.registry)
             return 1 if any(r.error or r.suspected_fault for r in reports.values()) else 0
         loop = asyncio.get_running_loop()

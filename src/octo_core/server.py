@@ -49,7 +49,8 @@ _EVERY_INTERFACE = ("", "0.0.0.0", "::")
 
 def _reachable_ip(wildcard: str) -> str:
     """This machine's address for others to call: the source address of its
-    default route (a UDP "connect" sends nothing), else its host name's."""
+    default route (a UDP "connect" sends nothing), else its host name's, else
+    loopback (blocking: a name lookup may be made)."""
     family, probe = ((socket.AF_INET6, "2001:db8::1") if wildcard == "::"
                      else (socket.AF_INET, "192.0.2.1"))    # documentation addresses
     try:
@@ -57,10 +58,14 @@ def _reachable_ip(wildcard: str) -> str:
             udp.connect((probe, 9))
             return udp.getsockname()[0]
     except OSError:
+        pass
+    try:
         ip = socket.gethostbyname(socket.gethostname())
-        log.warning("no default route: registering %s, the address of this host's name "
-                    "(node={'ip': ...} sets another)", ip)
-        return ip
+    except OSError:
+        ip = "127.0.0.1"
+    log.warning("no default route: registering %s (node={'ip': ...} sets the address "
+                "callers should use)", ip)
+    return ip
 
 
 class _DeadlinePassed(Exception):
@@ -327,8 +332,8 @@ class Server:
         registry = self._registry_spec
         self._registry = open_registry(registry) if isinstance(registry, str) else registry
         ip, port = (self.address, 0) if self.unix_path is not None else (self.host, self.port)
-        if ip in _EVERY_INTERFACE and "ip" not in self._node_fields:
-            ip = _reachable_ip(ip)    # callers cannot dial 0.0.0.0
+        if ip in _EVERY_INTERFACE and "ip" not in self._node_fields:   # callers cannot dial 0.0.0.0
+            ip = await asyncio.get_running_loop().run_in_executor(None, _reachable_ip, ip)
         fields = dict(appkey=self.appkey, ip=ip, port=port, env=self._registry.env,
                       startTime=int(time.time()), heartbeatSupport=HeartbeatSupport.BOTH,
                       serviceInfo={name: {"unifiedProto": 1} for name in self._services})
