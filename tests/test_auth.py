@@ -31,7 +31,7 @@ from octo_core import codec, protocol
 from octo_core._codec import SigningKey, sha256_hex
 from octo_core.auth import (NONCE_KEY, SIGN_KEY, TS_KEY, Authenticator, DerivedTokens, Signer,
                             StaticTokens)
-from octo_core.errors import OctoError, SecurityError, Status
+from octo_core.errors import OctoError, SecurityError, Status, TransportError
 
 from wire_helpers import (CLIENT_APPKEY, LOCALHOST, SERVER_APPKEY, Echo, EchoHandler,
                           async_client, decode_body, echo_services, raw_connection, run, serving,
@@ -296,10 +296,29 @@ def test_wrong_key_is_refused():
                    "bad-signature", auth)
 
 
-def test_unknown_caller_is_refused():
+def test_unknown_caller_is_refused_and_told_as_a_bad_signature():
+    """Counted as unknown-caller, told as a bad signature: which appkeys hold
+    tokens is not told to whoever asks."""
     auth = make_auth()
-    assert_refused(lambda: check(auth, signed_context(TOKEN, "com.example.nobody"),
-                                 caller="com.example.nobody"), "unknown-caller", auth)
+    with pytest.raises(SecurityError) as info:
+        check(auth, signed_context(TOKEN, "com.example.nobody"), caller="com.example.nobody")
+    assert str(info.value) == "bad-signature: the signature does not match"
+    assert auth.rejections == {"unknown-caller": 1}
+
+
+def test_a_request_refused_for_its_grants_keeps_no_nonce():
+    """A caller the ACL grants nothing could otherwise fill the nonce cache and
+    lock every other caller out ("nonce-cache-full")."""
+    auth = make_auth(acl={CLIENT_APPKEY: ["Echo.echo"]}, nonce_capacity=4)
+    for _ in range(10):
+        assert_refused(lambda: check(auth, signed_context(TOKEN, CLIENT_APPKEY, method="ping"),
+                                     method="ping"), "not-granted", auth)
+    for _ in range(4):
+        check(auth, signed_context(TOKEN, CLIENT_APPKEY))
+    # authorize() alone keeps nothing either: a server refuses on quota between the two
+    proven = auth.authorize(caller=CLIENT_APPKEY, server_appkey=SERVER_APPKEY, service="Echo",
+                            method="echo", local_context=signed_context(TOKEN, CLIENT_APPKEY))
+    assert_refused(lambda: auth.claim(proven), "nonce-cache-full", auth)
 
 
 @pytest.mark.parametrize("offset", [-61.0, 61.0, -3600.0, 86400.0 * 365])
@@ -418,6 +437,12 @@ def test_ipv4_mapped_ipv6_peer_is_still_denied():
     # the same IPv4 peer seen through a dual-stack socket must not slip past an IPv4 deny list
     auth = make_auth(deny=["127.0.0.0/8"])
     assert_refused(lambda: auth.check_peer("::ffff:127.0.0.1"), "ip-denied", auth)
+    # nor past a rule written the mapped way (it used to match nothing: failing open)
+    for rule in ("::ffff:127.0.0.1", "::ffff:127.0.0.0/104"):
+        auth = make_auth(deny=[rule])
+        for peer in ("127.0.0.1", "::ffff:127.0.0.1"):
+            assert_refused(lambda: auth.check_peer(peer), "ip-denied", auth)
+        auth.check_peer("10.0.0.1")
 
 
 def test_rejection_counters_per_reason():
@@ -758,15 +783,20 @@ def test_e2e_ungranted_caller_and_method_are_refused():
 
 
 @pytest.mark.parametrize("lists", [dict(deny=["127.0.0.0/8"]), dict(allow=["10.0.0.0/8"])])
-def test_e2e_ip_denied_peer_is_refused(lists):
+def test_e2e_ip_denied_peer_is_refused_when_it_connects(lists):
+    """A denied peer is let in for nothing: no call, no heartbeat (it told the
+    services and their call rates), no connection slot."""
     async def main():
         auth = server_auth(**lists)
-        async with serving(echo_services(), auth=auth) as server, \
-                signed_client(server.address) as client:
-            error = await expect_status_7(client.echo("x"))
-            assert "127.0.0.1" in str(error)
-            assert auth.rejections["ip-denied"] == 1
-            assert auth.rejections["bad-signature"] == 0
+        async with serving(echo_services(), auth=auth, max_connections=1) as server:
+            async with signed_client(server.address) as client:
+                with pytest.raises(TransportError):
+                    await client.echo("x")
+            async with raw_connection(server.address) as raw:
+                await raw.send(protocol.encode_unified(protocol.scanner_heartbeat_request(), b""))
+                assert await raw.closed_by_peer()
+            assert auth.rejections["ip-denied"] >= 2
+            assert auth.rejections["bad-signature"] == 0 and not server._connections
 
     run(main())
 

@@ -20,7 +20,7 @@ import json
 import os
 import threading
 import time
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from octo_core._codec import SigningKey, sha256_hex
 from octo_core.errors import SecurityError
@@ -124,6 +124,25 @@ class _NonceCache:
             return None
 
 
+class Proven(NamedTuple):
+    """A request ``Authenticator.authorize`` accepted, its nonce not yet kept."""
+    caller: str
+    nonce: str
+    sent: float      # its timestamp, in seconds
+    now: float
+
+
+def _network(rule: str) -> Union[ipaddress.IPv4Network, ipaddress.IPv6Network]:
+    """An allow/deny rule; an IPv4-mapped one (``::ffff:10.0.0.0/104``) as the IPv4
+    network it names, since peers are compared as IPv4 (a deny rule written the
+    mapped way never matched: it failed open)."""
+    net = ipaddress.ip_network(rule, strict=False)
+    mapped = getattr(net.network_address, "ipv4_mapped", None)
+    if mapped is not None and net.prefixlen >= 96:
+        return ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}", strict=False)
+    return net
+
+
 class Authenticator:
     """The server's security filter.
 
@@ -146,17 +165,18 @@ class Authenticator:
                  sign_body: bool = False, nonce_capacity: int = 1_000_000) -> None:
         self.tokens = tokens
         self.acl = None if acl is None else {k: tuple(v) for k, v in acl.items()}
-        self.allow = [ipaddress.ip_network(a, strict=False) for a in allow]
-        self.deny = [ipaddress.ip_network(d, strict=False) for d in deny]
+        self.allow = [_network(a) for a in allow]
+        self.deny = [_network(d) for d in deny]
         self.skew = skew
         self.sign_body = sign_body
         self._nonces = _NonceCache(nonce_capacity)
         self._keys: Dict[str, SigningKey] = {}
         self.rejections: Dict[str, int] = collections.Counter()
 
-    def _refuse(self, reason: str, detail: str) -> SecurityError:
+    def _refuse(self, reason: str, detail: str, told: Optional[str] = None) -> SecurityError:
+        """Count ``reason``; the error the peer gets says ``told`` if given."""
         self.rejections[reason] += 1
-        return SecurityError(f"{reason}: {detail}")
+        return SecurityError(told or f"{reason}: {detail}")
 
     def check_peer(self, ip: Optional[str]) -> None:
         """Restrict: refuse a peer on the deny list or off the allow list."""
@@ -179,13 +199,24 @@ class Authenticator:
               local_context: Optional[Mapping[str, str]], body: Optional[bytes] = None,
               now: Optional[float] = None) -> None:
         """Authenticate and authorise one request; raises ``SecurityError`` (status 7)."""
+        self.claim(self.authorize(caller=caller, server_appkey=server_appkey, service=service,
+                                  method=method, local_context=local_context, body=body, now=now))
+
+    def authorize(self, *, caller: Optional[str], server_appkey: str, service: str, method: str,
+                  local_context: Optional[Mapping[str, str]], body: Optional[bytes] = None,
+                  now: Optional[float] = None) -> "Proven":
+        """``check`` up to the replay guard: the caller is proven and granted, and
+        its nonce not yet kept. ``claim`` keeps it; what is refused between the two
+        (a server's quota, say) costs no room in the nonce cache, and a caller the
+        ACL grants nothing never takes any."""
         context = local_context or {}
         ts, nonce, signature = context.get(TS_KEY), context.get(NONCE_KEY), context.get(SIGN_KEY)
         if not caller or not ts or not nonce or not signature:
             raise self._refuse("unsigned", "the request carries no signature")
         token = self.tokens.token(caller)
-        if token is None:
-            raise self._refuse("unknown-caller", f"no token for appkey {caller!r}")
+        if token is None:   # told as a bad signature: which appkeys have tokens is no one's business
+            raise self._refuse("unknown-caller", f"no token for appkey {caller!r}",
+                               told="bad-signature: the signature does not match")
         key = self._keys.get(token)
         cached = key is not None
         if not cached:
@@ -205,14 +236,20 @@ class Authenticator:
         sent = int(ts) / 1000.0
         if abs(now - sent) > self.skew:
             raise self._refuse("expired", f"timestamp is {now - sent:+.0f}s off (allowed ±{self.skew:.0f}s)")
-        refused = self._nonces.first_use(f"{caller}/{nonce}", now, sent + self.skew)
+        if self.acl is not None and not self._granted(caller, f"{service}.{method}"):
+            raise self._refuse("not-granted", f"{caller} may not call {service}.{method}")
+        return Proven(caller, nonce, sent, now)
+
+    def claim(self, proven: "Proven") -> None:
+        """Keep the nonce of an ``authorize``d request: ``SecurityError`` if it was
+        seen before in its window (a replay) or the cache is full of live ones."""
+        refused = self._nonces.first_use(f"{proven.caller}/{proven.nonce}", proven.now,
+                                         proven.sent + self.skew)
         if refused == "replayed":
             raise self._refuse(refused, "this nonce was already used")
         if refused is not None:
             raise self._refuse(refused, f"{self._nonces.capacity} nonces are in the replay "
                                         "window already: new ones wait until the oldest expire")
-        if self.acl is not None and not self._granted(caller, f"{service}.{method}"):
-            raise self._refuse("not-granted", f"{caller} may not call {service}.{method}")
 
     def _granted(self, caller: str, target: str) -> bool:
         for who, grants in self.acl.items():

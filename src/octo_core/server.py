@@ -295,7 +295,7 @@ class Server:
         def make_connection() -> ServerConnection:
             return ServerConnection(self._dispatch, self._connections, self.max_frame_size,
                                     self.max_connections, self.pause_reading_at,
-                                    self.pause_reading_bytes)
+                                    self.pause_reading_bytes, admit=self._admit_peer)
 
         # A TLS handshake comes before any frame and any of the limits on frames:
         # a peer that stalls it may hold its socket this long, no longer.
@@ -327,6 +327,15 @@ class Server:
             await self.stop(grace=0)
             raise
         log.info("%s serving %s on %s", self.appkey, ", ".join(self._services), self.address)
+
+    def _admit_peer(self, ip: Optional[str]) -> Optional[str]:
+        """Why a peer may not connect at all (the IP rules), or None."""
+        if self.auth is not None:
+            try:
+                self.auth.check_peer(ip)
+            except SecurityError as refused:
+                return str(refused)
+        return None
 
     async def _register(self) -> None:
         registry = self._registry_spec
@@ -532,24 +541,30 @@ class Server:
         if self.status != NodeStatus.ALIVE:
             return Status.RPC_EXCEPTION, f"{self.appkey} is {self.status.name.lower()}"
         caller = (head.client_appkey or "") if head is not None else ""
-        if self.auth is not None:
-            if head is None:
-                return (Status.SECURITY_EXCEPTION,
-                        "authentication is required: native thrift cannot be signed")
-            try:
-                self.auth.check_peer(reply.conn.peer_ip)
-                self.auth.check(caller=caller, server_appkey=self.appkey, service=service.name,
-                                method=name, local_context=head.local_context,
-                                body=bytes(body) if self.auth.sign_body else None)
-            except SecurityError as refused:
-                return Status.SECURITY_EXCEPTION, str(refused)
-        if self.max_in_flight is not None and self._in_flight >= self.max_in_flight:
-            return Status.RPC_EXCEPTION, f"{self.appkey} is overloaded: {self._in_flight} calls in flight"
-        limit = self.max_in_flight_per_connection
-        if limit is not None and reply.conn.in_flight >= limit:
-            return Status.RPC_EXCEPTION, f"too many calls in flight on this connection (max {limit})"
-        if self.quotas is not None and not self.quotas.take(caller):
-            return Status.DEGRADE_EXCEPTION, f"quota exceeded for caller {caller or '(anonymous)'}"
+        try:
+            proven = None
+            if self.auth is not None:   # (the peer's IP was checked when it connected)
+                if head is None:
+                    return (Status.SECURITY_EXCEPTION,
+                            "authentication is required: native thrift cannot be signed")
+                proven = self.auth.authorize(
+                    caller=caller, server_appkey=self.appkey, service=service.name, method=name,
+                    local_context=head.local_context,
+                    body=bytes(body) if self.auth.sign_body else None)
+            if self.max_in_flight is not None and self._in_flight >= self.max_in_flight:
+                return (Status.RPC_EXCEPTION,
+                        f"{self.appkey} is overloaded: {self._in_flight} calls in flight")
+            limit = self.max_in_flight_per_connection
+            if limit is not None and reply.conn.in_flight >= limit:
+                return (Status.RPC_EXCEPTION,
+                        f"too many calls in flight on this connection (max {limit})")
+            if self.quotas is not None and not self.quotas.take(caller):
+                return (Status.DEGRADE_EXCEPTION,
+                        f"quota exceeded for caller {caller or '(anonymous)'}")
+            if proven is not None:
+                self.auth.claim(proven)   # last: a request refused above keeps no nonce
+        except SecurityError as refused:
+            return Status.SECURITY_EXCEPTION, str(refused)
         return None
 
     def _call(self, service: _Service, reply: _Reply, body: Any, begin: tuple,

@@ -33,9 +33,11 @@ class ServerConnection(FramedProtocol):
     def __init__(self, dispatch: Callable[["ServerConnection", Frame], None],
                  connections: Set["ServerConnection"], max_frame_size: int,
                  max_connections: Optional[int] = None, pause_reading_at: int = 1024,
-                 pause_reading_bytes: int = 64 * 1024 * 1024) -> None:
+                 pause_reading_bytes: int = 64 * 1024 * 1024,
+                 admit: Optional[Callable[[Optional[str]], Optional[str]]] = None) -> None:
         super().__init__(max_frame_size)
         self._dispatch = dispatch
+        self._admit = admit    # peer IP -> why it may not connect, or None
         self._connections = connections
         self._max_connections = max_connections
         self._pause_at = pause_reading_at
@@ -124,6 +126,11 @@ class ServerConnection(FramedProtocol):
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
+        refused = self._admit(self.peer_ip) if self._admit is not None else None
+        if refused:   # before it can hold a connection slot, a heartbeat or an answer
+            log.info("refusing connection from %s: %s", self.peer, refused)
+            self.abort()
+            return
         if self._max_connections is not None and len(self._connections) >= self._max_connections:
             log.warning("refusing connection from %s: %d connections open (max %d)",
                         self.peer, len(self._connections), self._max_connections)
