@@ -62,8 +62,10 @@ def _timing_options() -> argparse.ArgumentParser:
                         help=f"timing budget per measured row, in seconds "
                              f"(default: {DEFAULT_SECONDS:g})")
     parser.add_argument("--rounds", type=_positive_int, default=None, metavar="N",
-                        help="interleaved rounds per row, the best is kept "
-                             "(default: one per 20 ms of --seconds, at least 5)")
+                        help="codec: interleaved rounds per row, the best is kept "
+                             "(default: one per 20 ms of --seconds, at least 5); rpc: "
+                             "measurements of the whole matrix, the median is kept "
+                             "(default: 1)")
     return parser
 
 
