@@ -6,8 +6,9 @@ so once the registry answers again the next call discovers the nodes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from typing import List
+from typing import Any, AsyncIterator, List
 
 import pytest
 
@@ -58,6 +59,34 @@ class OutageRegistry(MemoryRegistry):
         return watch
 
 
+class Leaving:
+    """Two servers, and a registry (up) listing the first; ``leave()`` replaces
+    it with the second, as a rolling deploy does, and waits until ``client``
+    saw it go."""
+
+    def __init__(self, first: octo_core.Server, second: octo_core.Server,
+                 registry: OutageRegistry, gone: Node) -> None:
+        self.first, self.second, self.registry, self.gone = first, second, registry, gone
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def serving(cls) -> AsyncIterator["Leaving"]:
+        async with serving(echo_services()) as first, serving(echo_services()) as second, \
+                OutageRegistry() as registry:
+            registry.down = False
+            gone = await registry.register(Node(APPKEY, LOCALHOST, first.port))
+            yield cls(first, second, registry, gone)
+
+    def client(self, **options: Any) -> octo_core.AsyncClient:
+        return octo_core.AsyncClient(Echo, appkey="c", registry=self.registry,
+                                     remote_appkey=APPKEY, **options)
+
+    async def leave(self, client: octo_core.AsyncClient) -> None:
+        await self.registry.register(Node(APPKEY, LOCALHOST, self.second.port))
+        await self.registry.unregister(APPKEY, self.gone.key)
+        await wait_until(lambda: self.first.address not in client._endpoints)
+
+
 def test_calls_after_a_registry_outage_discover_the_nodes():
     async def main():
         async with serving(echo_services()) as server, OutageRegistry() as registry:
@@ -84,29 +113,22 @@ def test_a_node_that_leaves_is_forgotten_once_its_calls_are_answered():
     keeps connections, breakers and balancers only for the nodes listed, and a
     call already on a node that leaves still gets its answer."""
     async def main():
-        async with serving(echo_services()) as first, serving(echo_services()) as second, \
-                OutageRegistry() as registry:
-            registry.down = False
-            gone = await registry.register(Node(APPKEY, LOCALHOST, first.port))
-            async with octo_core.AsyncClient(Echo, appkey="c", registry=registry,
-                                             remote_appkey=APPKEY,
-                                             heartbeat_interval=0.05) as client:
-                assert await client.echo("to the first") == "to the first"
-                endpoint = client._endpoints[first.address]
-                (conn,) = [c for c in endpoint._conns if c is not None]
-                on_the_way = asyncio.ensure_future(client.slow("still answered", 300))
-                await wait_until(lambda: conn.in_flight == 1)
+        async with Leaving.serving() as nodes, nodes.client(heartbeat_interval=0.05) as client:
+            assert await client.echo("to the first") == "to the first"
+            endpoint = client._endpoints[nodes.first.address]
+            (conn,) = [c for c in endpoint._conns if c is not None]
+            on_the_way = asyncio.ensure_future(client.slow("still answered", 300))
+            await wait_until(lambda: conn.in_flight == 1)
 
-                await registry.register(Node(APPKEY, LOCALHOST, second.port))
-                await registry.unregister(APPKEY, gone.key)
-                await wait_until(lambda: first.address not in client._endpoints)
-                assert endpoint.closed and not conn.closed       # its call is still running
-                assert await on_the_way == "still answered"
-                await wait_until(lambda: conn.closed)
-                assert endpoint._heartbeat_task.done()
-                assert await client.echo("to the second") == "to the second"
-                assert list(client._endpoints) == [second.address]
-                assert list(client._cluster._breakers) == [Node(APPKEY, LOCALHOST, second.port).key]
+            await nodes.leave(client)
+            assert endpoint.closed and not conn.closed       # its call is still running
+            assert await on_the_way == "still answered"
+            await wait_until(lambda: conn.closed)
+            assert endpoint._heartbeat_task.done()
+            assert await client.echo("to the second") == "to the second"
+            assert list(client._endpoints) == [nodes.second.address]
+            assert list(client._cluster._breakers) == [
+                Node(APPKEY, LOCALHOST, nodes.second.port).key]
     run(main())
 
 
@@ -138,43 +160,30 @@ def test_a_call_waiting_for_a_connect_to_a_node_that_leaves_is_still_sent(passes
     that waited for a connect to it is sent and answered, then the connection
     closes; nothing is kept for the node."""
     async def main():
-        async with serving(echo_services()) as first, serving(echo_services()) as second, \
-                OutageRegistry() as registry:
-            registry.down = False
-            gone = await registry.register(Node(APPKEY, LOCALHOST, first.port))
-            async with octo_core.AsyncClient(Echo, appkey="c", registry=registry,
-                                             remote_appkey=APPKEY) as client:
-                await client._discover()
-                call = asyncio.ensure_future(client.echo("on its way"))
-                for _ in range(passes):
-                    await asyncio.sleep(0)
-                endpoint = client._endpoints[first.address]
-                assert endpoint._connecting
-                await registry.register(Node(APPKEY, LOCALHOST, second.port))
-                await registry.unregister(APPKEY, gone.key)
-                await wait_until(lambda: first.address not in client._endpoints)
-                assert await call == "on its way"
-                await wait_until(lambda: endpoint.finished)
-                assert not client._cluster._degraded and first.address not in client._endpoints
+        async with Leaving.serving() as nodes, nodes.client() as client:
+            await client._discover()
+            call = asyncio.ensure_future(client.echo("on its way"))
+            for _ in range(passes):
+                await asyncio.sleep(0)
+            endpoint = client._endpoints[nodes.first.address]
+            assert endpoint._connecting
+            await nodes.leave(client)
+            assert await call == "on its way"
+            await wait_until(lambda: endpoint.finished)
+            assert not client._cluster._degraded
     run(main())
 
 
 def test_close_reaches_the_calls_on_a_node_that_left():
     """``close()`` fails every call still waiting, those on a retired node too."""
     async def main():
-        async with serving(echo_services()) as first, serving(echo_services()) as second, \
-                OutageRegistry() as registry:
-            registry.down = False
-            gone = await registry.register(Node(APPKEY, LOCALHOST, first.port))
-            client = octo_core.AsyncClient(Echo, appkey="c", registry=registry,
-                                           remote_appkey=APPKEY, timeout=30.0)
+        async with Leaving.serving() as nodes:
+            client = nodes.client(timeout=30.0)
             assert await client.echo("first") == "first"
-            (conn,) = [c for c in client._endpoints[first.address]._conns if c is not None]
+            (conn,) = [c for c in client._endpoints[nodes.first.address]._conns if c is not None]
             call = asyncio.ensure_future(client.slow("never answered", 20_000))
             await wait_until(lambda: conn.in_flight == 1)
-            await registry.register(Node(APPKEY, LOCALHOST, second.port))
-            await registry.unregister(APPKEY, gone.key)
-            await wait_until(lambda: first.address not in client._endpoints)
+            await nodes.leave(client)
             await client.close()
             with pytest.raises(TransportError):
                 await asyncio.wait_for(call, 5)
