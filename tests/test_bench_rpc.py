@@ -96,3 +96,28 @@ def test_report_has_the_thriftpy2_aio_section_only_with_its_rows() -> None:
     assert heading not in rpc.format_report(without)
     report = rpc.format_report(without + [_ok(rpc.TP2_AIO, 64, 1000.0)])
     assert f"{heading}\n   10B,  64 in flight: 3.00×" in report
+
+
+def test_octo_cells_find_their_server_through_the_embedded_registry(tmp_path) -> None:
+    """The main job runs octo_core as it is deployed on one machine: the server
+    registers in a ``file://`` registry and the client discovers it there."""
+    import asyncio
+
+    from octo_core.registry import open_registry
+
+    url = f"file://{tmp_path}"
+    with rpc.ServerProcess("octo", registry=url) as server:
+        async def listed() -> List[int]:
+            registry = open_registry(url)
+            try:
+                return [node.port for node in await registry.list("com.octo.bench.echo")]
+            finally:
+                await registry.close()
+        assert asyncio.run(listed()) == [server.port]
+        driver = rpc._OctoDriver(0, rpc.make_message(10), 1, url)   # no port: the registry's
+        driver.open()
+        try:
+            assert driver.phase(0.1)[0]
+        finally:
+            driver.close()
+    assert rpc.DISCOVERING == (rpc.OCTO, rpc.OCTO_THRIFT)

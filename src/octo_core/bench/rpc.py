@@ -21,7 +21,9 @@ Systems (all asyncio ones run on uvloop, client and server alike, so the
 comparison is between libraries, not event loops):
 
 * ``octo``: ``octo_core.AsyncClient(protocol="octo")`` → ``octo_core.Server``,
-  the unified protocol; N calls share one multiplexed connection.
+  the unified protocol; N calls share one multiplexed connection. The server
+  registers in the embedded default registry (``file://``, a fresh directory
+  per cell) and the client discovers it there, as on one machine in use.
 * ``octo-thrift``: the same client with ``protocol="thrift"`` (framed thrift)
   against the same server; one multiplexed connection.
 * ``thriftpy2-sync``: ``thriftpy2.rpc.make_server`` (a thread per connection)
@@ -102,6 +104,10 @@ SERVER_KIND: Dict[str, str] = {OCTO: "octo", OCTO_THRIFT: "octo", TP2_SYNC: "thr
                                RAW: "raw"}
 SERVER_KINDS: Tuple[str, ...] = ("octo", "thriftpy2-sync", "thriftpy2-aio", "grpc", "codec",
                                  "raw")
+#: Systems whose client finds the server as a deployment does: the server registers
+#: in the embedded default registry (``file://``, a directory per cell), the client
+#: discovers it there. (The registry is off the per-call path: calls cost the same.)
+DISCOVERING: Tuple[str, ...] = (OCTO, OCTO_THRIFT)
 
 #: Payload name -> size in bytes of the echoed string.
 PAYLOADS: Dict[str, int] = {"10B": 10, "1KB": 1024}
@@ -331,11 +337,14 @@ def _loop_thread(start: Callable[[], Awaitable[Tuple[int, Callable[[], Awaitable
     return _Serving(port, stop)
 
 
-def _serve_octo(host: str, port: int) -> _Serving:
+def _serve_octo(host: str, port: int, registry: Optional[str] = None) -> _Serving:
+    """octo_core's server; with ``registry`` it registers there (and leaves at once
+    on stop: the cell is over, no caller is left)."""
     import octo_core
 
     async def start() -> Tuple[int, Callable[[], Awaitable[None]]]:
-        server = octo_core.Server("com.octo.bench.echo", host, port)
+        server = octo_core.Server("com.octo.bench.echo", host, port, registry=registry,
+                                  unregister_delay=0.0)
         server.add_service(payload_module().Echo, _AsyncEchoHandler())
         await server.start()
         return server.port, lambda: server.stop(grace=1.0)
@@ -471,14 +480,16 @@ def wait_for_quiet(max_wait: float, sample: float = 0.5) -> Optional[float]:
             return pct
 
 
-def serve(kind: str, port: int = 0, host: str = "127.0.0.1",
+def serve(kind: str, port: int = 0, host: str = "127.0.0.1", registry: Optional[str] = None,
           stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
-    """The child's main: start server ``kind``, print ``PORT <n>``, obey control lines.
+    """The child's main: start server ``kind`` (registered in ``registry``, for the
+    kinds in ``REGISTERING``), print ``PORT <n>``, obey control lines.
 
     Control lines on stdin: ``cpu`` → ``CPU <seconds>`` (this process's
     user + system CPU); ``quit`` or end of input → stop the server and return.
     """
-    serving = _SERVERS[kind](host, port)
+    start = _SERVERS[kind]
+    serving = start(host, port, registry) if registry else start(host, port)
     try:
         stdout.write(f"PORT {serving.port}\n")
         stdout.flush()
@@ -504,11 +515,12 @@ class ServerProcess:
     within a few seconds.
     """
 
-    def __init__(self, kind: str, host: str = "127.0.0.1") -> None:
+    def __init__(self, kind: str, host: str = "127.0.0.1", registry: Optional[str] = None) -> None:
         if kind not in _SERVERS:
             raise ValueError(f"unknown server kind {kind!r}")
         self.kind = kind
         self.host = host
+        self.registry = registry
         self.port = 0
         self.proc: Optional[subprocess.Popen] = None
         self._stderr = tempfile.TemporaryFile()
@@ -525,7 +537,8 @@ class ServerProcess:
             p for p in (package_root, env.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "octo_core.bench.rpc", "--serve", self.kind,
-             "--host", self.host, "--port", "0"],
+             "--host", self.host, "--port", "0",
+             *(["--registry", self.registry] if self.registry else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr, env=env)
         try:
             line = self._readline()
@@ -616,10 +629,12 @@ class _Driver:
 
     connections = 1
 
-    def __init__(self, port: int, message: str, concurrency: int) -> None:
+    def __init__(self, port: int, message: str, concurrency: int,
+                 registry: Optional[str] = None) -> None:
         self.port = port
         self.message = message
         self.concurrency = concurrency
+        self.registry = registry    # where the server registered, for clients that discover
 
     def open(self) -> None:
         raise NotImplementedError
@@ -655,8 +670,9 @@ async def _drive(calls: Sequence[Callable[[], Awaitable[Any]]], seconds: float) 
 class _AsyncDriver(_Driver):
     """A driver whose client runs on a uvloop loop owned by the driver."""
 
-    def __init__(self, port: int, message: str, concurrency: int) -> None:
-        super().__init__(port, message, concurrency)
+    def __init__(self, port: int, message: str, concurrency: int,
+                 registry: Optional[str] = None) -> None:
+        super().__init__(port, message, concurrency, registry)
         self.loop = new_event_loop()
         self.calls: List[Callable[[], Awaitable[Any]]] = []
 
@@ -694,10 +710,12 @@ class _OctoDriver(_AsyncDriver):
     async def _open(self) -> None:
         import octo_core
 
+        nodes = (dict(registry=self.registry) if self.registry
+                 else dict(hosts=[f"127.0.0.1:{self.port}"]))
         self.client = octo_core.AsyncClient(
             payload_module().Echo, appkey="com.octo.bench.client",
-            remote_appkey="com.octo.bench.echo", hosts=[f"127.0.0.1:{self.port}"],
-            protocol=self.protocol, timeout=CALL_TIMEOUT_S)
+            remote_appkey="com.octo.bench.echo", protocol=self.protocol,
+            timeout=CALL_TIMEOUT_S, **nodes)
         echo, message = self.client.echo, self.message
         call = lambda: echo(message)  # noqa: E731
         await self._check(call, message)
@@ -995,11 +1013,13 @@ def measure(system: str, payload: str, concurrency: int, seconds: float,
         result.missing = missing
         return result
     message = make_message(PAYLOADS[payload])
-    server = ServerProcess(SERVER_KIND[system])
+    registry = tempfile.TemporaryDirectory(prefix="octo-bench-") if system in DISCOVERING else None
+    url = f"file://{registry.name}" if registry is not None else None
+    server = ServerProcess(SERVER_KIND[system], registry=url)
     try:
         server.start()
         result.server_pid = server.pid
-        driver: _Driver = _DRIVERS[system](server.port, message, concurrency)
+        driver: _Driver = _DRIVERS[system](server.port, message, concurrency, url)
         try:
             driver.open()
             result.connections = driver.connections
@@ -1019,6 +1039,8 @@ def measure(system: str, payload: str, concurrency: int, seconds: float,
         return result
     finally:
         server.stop()
+        if registry is not None:
+            registry.cleanup()
     calls = len(latencies)
     latencies.sort()
     result.calls = calls
@@ -1326,6 +1348,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--serve", choices=SERVER_KINDS, help=argparse.SUPPRESS)
     parser.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--registry", help=argparse.SUPPRESS)
     return parser
 
 
@@ -1356,7 +1379,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the benchmark (or, with ``--serve KIND``, be a server child); exit status."""
     args = build_parser().parse_args(argv)
     if args.serve:
-        return serve(args.serve, args.port, args.host)
+        return serve(args.serve, args.port, args.host, args.registry)
     return bench(args)
 
 
