@@ -178,9 +178,11 @@ class Server:
     ``zk://host:2181/octo``, or a ``Registry``) the server registers itself on
     start (``node`` sets ``Node`` fields: weight, warmup, cell, swimlane, idc,
     region...; a server on every interface, ``0.0.0.0`` or ``::``, registers
-    the address its default route uses, unless ``node`` gives ``ip``), and on stop first marks itself STOPPING and unregisters, keeps
-    serving for ``unregister_delay`` seconds while callers see the change, and
-    only then refuses new calls and drains.
+    the address its default route uses, unless ``node`` gives ``ip``), and on
+    stop first marks itself STOPPING and unregisters, keeps serving for
+    ``unregister_delay`` seconds while callers see the change, and only then
+    refuses new calls and drains. With ``auth``, its IP rules refuse a peer
+    when it connects.
 
     Sight: ``stats()``; with ``metrics_port`` (0 picks a free one) the metrics
     are also served as Prometheus text at ``http://host:metrics_port/metrics``.
