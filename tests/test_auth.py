@@ -315,10 +315,8 @@ def test_a_request_refused_for_its_grants_keeps_no_nonce():
                                      method="ping"), "not-granted", auth)
     for _ in range(4):
         check(auth, signed_context(TOKEN, CLIENT_APPKEY))
-    # authorize() alone keeps nothing either: a server refuses on quota between the two
-    proven = auth.authorize(caller=CLIENT_APPKEY, server_appkey=SERVER_APPKEY, service="Echo",
-                            method="echo", local_context=signed_context(TOKEN, CLIENT_APPKEY))
-    assert_refused(lambda: auth.claim(proven), "nonce-cache-full", auth)
+    assert_refused(lambda: check(auth, signed_context(TOKEN, CLIENT_APPKEY)), "nonce-cache-full",
+                   auth)
 
 
 @pytest.mark.parametrize("offset", [-61.0, 61.0, -3600.0, 86400.0 * 365])
@@ -782,12 +780,11 @@ def test_e2e_ungranted_caller_and_method_are_refused():
     run(main())
 
 
-@pytest.mark.parametrize("lists", [dict(deny=["127.0.0.0/8"]), dict(allow=["10.0.0.0/8"])])
-def test_e2e_ip_denied_peer_is_refused_when_it_connects(lists):
-    """A denied peer is let in for nothing: no call, no heartbeat (it told the
-    services and their call rates), no connection slot."""
+def test_e2e_a_denied_peer_is_refused_when_it_connects():
+    """A peer on the deny list is let in for nothing: no call, no heartbeat (it
+    lists the services and their call rates), no connection slot."""
     async def main():
-        auth = server_auth(**lists)
+        auth = server_auth(deny=["127.0.0.0/8"])
         async with serving(echo_services(), auth=auth, max_connections=1) as server:
             async with signed_client(server.address) as client:
                 with pytest.raises(TransportError):
@@ -797,6 +794,43 @@ def test_e2e_ip_denied_peer_is_refused_when_it_connects(lists):
                 assert await raw.closed_by_peer()
             assert auth.rejections["ip-denied"] >= 2
             assert auth.rejections["bad-signature"] == 0 and not server._connections
+
+    run(main())
+
+
+def test_e2e_a_peer_off_the_allow_list_may_not_call_but_gets_heartbeats():
+    """The allow list says who may call; OCTO's scanner, wherever it runs, still
+    gets its heartbeat answered (refusing it would have the node marked DEAD)."""
+    async def main():
+        auth = server_auth(allow=["10.0.0.0/8"])
+        async with serving(echo_services(), auth=auth) as server:
+            async with signed_client(server.address) as client:
+                error = await expect_status_7(client.echo("x"))
+                assert "127.0.0.1" in str(error) and "allow list" in str(error)
+            async with raw_connection(server.address) as raw:
+                await raw.send(protocol.encode_unified(protocol.scanner_heartbeat_request(), b""))
+                assert (await raw.read_frame()).header.responseInfo.status == 0
+            assert auth.rejections["ip-denied"] == 1
+
+    run(main())
+
+
+def test_e2e_a_replay_costs_its_caller_no_quota():
+    """A replayed request is refused before the quota is asked: whoever captured
+    one request must not be able to use up its caller's quota with it."""
+    async def main():
+        async with serving(echo_services(), auth=server_auth(),
+                           quotas={CLIENT_APPKEY: 2}) as server, \
+                raw_connection(server.address) as raw:
+            signer = Signer(CLIENT_APPKEY, TOKEN, SERVER_APPKEY)
+            captured = signer.headers("Echo", "echo")
+            statuses = []
+            for seq in range(5):    # the original, then four replays of it
+                await raw.send(raw_signed_request(seq, captured))
+                statuses.append((await raw.read_frame()).header.responseInfo.status)
+            await raw.send(raw_signed_request(9, signer.headers("Echo", "echo")))  # its next call
+            statuses.append((await raw.read_frame()).header.responseInfo.status)
+            assert statuses == [0, 7, 7, 7, 7, 0]
 
     run(main())
 

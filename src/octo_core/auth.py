@@ -2,8 +2,10 @@
 
 Clients sign with their appkey's token (``Signer``); servers check a request in
 the order of OCTO's SecurityFilter — restrict (peer IP), authenticate
-(signature, clock skew, replayed nonce), authorise (ACL) — and refuse with
-status 7 and a reason that never contains a secret (``Authenticator``).
+(signature, clock skew), authorise (ACL), and only then keep its nonce against
+replays, so that a caller granted nothing cannot fill the nonce cache — and
+refuse with status 7 and a reason that never contains a secret
+(``Authenticator``). A server refuses a peer on the deny list when it connects.
 
 Tokens: a static ``{appkey: token}`` store, a file of the same, or the derived
 ("KMS") store where ``token(appkey) = HMAC-SHA256(master_secret, appkey)``, the
@@ -20,7 +22,7 @@ import json
 import os
 import threading
 import time
-from typing import Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from octo_core._codec import SigningKey, sha256_hex
 from octo_core.errors import SecurityError
@@ -124,12 +126,7 @@ class _NonceCache:
             return None
 
 
-class Proven(NamedTuple):
-    """A request ``Authenticator.authorize`` accepted, its nonce not yet kept."""
-    caller: str
-    nonce: str
-    sent: float      # its timestamp, in seconds
-    now: float
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 
 
 def _network(rule: str) -> Union[ipaddress.IPv4Network, ipaddress.IPv6Network]:
@@ -179,36 +176,42 @@ class Authenticator:
         return SecurityError(told or f"{reason}: {detail}")
 
     def check_peer(self, ip: Optional[str]) -> None:
-        """Restrict: refuse a peer on the deny list or off the allow list."""
-        if not self.allow and not self.deny:
-            return
+        """Restrict: refuse a peer on the deny list or off the allow list (a call)."""
+        address = self._check_denied(ip)
+        if self.allow and not (address is not None and any(address in net for net in self.allow)):
+            raise self._refuse("ip-denied", f"{address or 'a peer with no IP address'} "
+                                            "is not on the allow list")
+
+    def check_connection(self, ip: Optional[str]) -> None:
+        """Refuse a peer on the deny list when it connects: nothing is answered to
+        it, not even a heartbeat. (The allow list says who may call: a peer off it
+        is answered heartbeats, as OCTO's scanner needs, and refused every call.)"""
+        self._check_denied(ip)
+
+    def _check_denied(self, ip: Optional[str]) -> Optional[IPAddress]:
+        """The peer's address as the rules see it (None without one); refused if denied."""
+        if not self.deny and not self.allow:
+            return None
         try:
             address = ipaddress.ip_address(ip or "")
         except ValueError:
-            if self.allow:
-                raise self._refuse("ip-denied", "the peer has no IP address") from None
-            return
+            return None
         if getattr(address, "ipv4_mapped", None) is not None:
             address = address.ipv4_mapped   # ::ffff:10.0.0.1 is 10.0.0.1 to the rules
         if any(address in net for net in self.deny):
             raise self._refuse("ip-denied", f"{address} is on the deny list")
-        if self.allow and not any(address in net for net in self.allow):
-            raise self._refuse("ip-denied", f"{address} is not on the allow list")
+        return address
 
     def check(self, *, caller: Optional[str], server_appkey: str, service: str, method: str,
               local_context: Optional[Mapping[str, str]], body: Optional[bytes] = None,
               now: Optional[float] = None) -> None:
-        """Authenticate and authorise one request; raises ``SecurityError`` (status 7)."""
-        self.claim(self.authorize(caller=caller, server_appkey=server_appkey, service=service,
-                                  method=method, local_context=local_context, body=body, now=now))
+        """Authenticate and authorise one request; raises ``SecurityError`` (status 7).
 
-    def authorize(self, *, caller: Optional[str], server_appkey: str, service: str, method: str,
-                  local_context: Optional[Mapping[str, str]], body: Optional[bytes] = None,
-                  now: Optional[float] = None) -> "Proven":
-        """``check`` up to the replay guard: the caller is proven and granted, and
-        its nonce not yet kept. ``claim`` keeps it; what is refused between the two
-        (a server's quota, say) costs no room in the nonce cache, and a caller the
-        ACL grants nothing never takes any."""
+        The nonce is kept last: a request the signature, clock or ACL refuses
+        takes no room in the nonce cache (a caller granted nothing could fill
+        it and lock everyone out), and any request that gets past them is kept,
+        whatever the server then decides (a quota refusal, say), so it cannot
+        be replayed later, and a replay is refused before it costs a quota."""
         context = local_context or {}
         ts, nonce, signature = context.get(TS_KEY), context.get(NONCE_KEY), context.get(SIGN_KEY)
         if not caller or not ts or not nonce or not signature:
@@ -238,13 +241,7 @@ class Authenticator:
             raise self._refuse("expired", f"timestamp is {now - sent:+.0f}s off (allowed ±{self.skew:.0f}s)")
         if self.acl is not None and not self._granted(caller, f"{service}.{method}"):
             raise self._refuse("not-granted", f"{caller} may not call {service}.{method}")
-        return Proven(caller, nonce, sent, now)
-
-    def claim(self, proven: "Proven") -> None:
-        """Keep the nonce of an ``authorize``d request: ``SecurityError`` if it was
-        seen before in its window (a replay) or the cache is full of live ones."""
-        refused = self._nonces.first_use(f"{proven.caller}/{proven.nonce}", proven.now,
-                                         proven.sent + self.skew)
+        refused = self._nonces.first_use(f"{caller}/{nonce}", now, sent + self.skew)
         if refused == "replayed":
             raise self._refuse(refused, "this nonce was already used")
         if refused is not None:

@@ -59,8 +59,8 @@ def _reachable_ip(wildcard: str) -> str:
             return udp.getsockname()[0]
     except OSError:
         pass
-    try:
-        ip = socket.gethostbyname(socket.gethostname())
+    try:   # (a "::" server is IPv6 only: no IPv4 name or loopback would reach it)
+        ip = "::1" if wildcard == "::" else socket.gethostbyname(socket.gethostname())
     except OSError:
         ip = "127.0.0.1"
     log.warning("no default route: registering %s (node={'ip': ...} sets the address "
@@ -181,8 +181,8 @@ class Server:
     the address its default route uses, unless ``node`` gives ``ip``), and on
     stop first marks itself STOPPING and unregisters, keeps serving for
     ``unregister_delay`` seconds while callers see the change, and only then
-    refuses new calls and drains. With ``auth``, its IP rules refuse a peer
-    when it connects.
+    refuses new calls and drains. With ``auth``, a peer on its deny list is
+    refused when it connects.
 
     Sight: ``stats()``; with ``metrics_port`` (0 picks a free one) the metrics
     are also served as Prometheus text at ``http://host:metrics_port/metrics``.
@@ -331,10 +331,10 @@ class Server:
         log.info("%s serving %s on %s", self.appkey, ", ".join(self._services), self.address)
 
     def _admit_peer(self, ip: Optional[str]) -> Optional[str]:
-        """Why a peer may not connect at all (the IP rules), or None."""
+        """Why a peer may not connect at all (the deny list), or None."""
         if self.auth is not None:
             try:
-                self.auth.check_peer(ip)
+                self.auth.check_connection(ip)
             except SecurityError as refused:
                 return str(refused)
         return None
@@ -543,30 +543,24 @@ class Server:
         if self.status != NodeStatus.ALIVE:
             return Status.RPC_EXCEPTION, f"{self.appkey} is {self.status.name.lower()}"
         caller = (head.client_appkey or "") if head is not None else ""
-        try:
-            proven = None
-            if self.auth is not None:   # (the peer's IP was checked when it connected)
-                if head is None:
-                    return (Status.SECURITY_EXCEPTION,
-                            "authentication is required: native thrift cannot be signed")
-                proven = self.auth.authorize(
-                    caller=caller, server_appkey=self.appkey, service=service.name, method=name,
-                    local_context=head.local_context,
-                    body=bytes(body) if self.auth.sign_body else None)
-            if self.max_in_flight is not None and self._in_flight >= self.max_in_flight:
-                return (Status.RPC_EXCEPTION,
-                        f"{self.appkey} is overloaded: {self._in_flight} calls in flight")
-            limit = self.max_in_flight_per_connection
-            if limit is not None and reply.conn.in_flight >= limit:
-                return (Status.RPC_EXCEPTION,
-                        f"too many calls in flight on this connection (max {limit})")
-            if self.quotas is not None and not self.quotas.take(caller):
-                return (Status.DEGRADE_EXCEPTION,
-                        f"quota exceeded for caller {caller or '(anonymous)'}")
-            if proven is not None:
-                self.auth.claim(proven)   # last: a request refused above keeps no nonce
-        except SecurityError as refused:
-            return Status.SECURITY_EXCEPTION, str(refused)
+        if self.auth is not None:
+            if head is None:
+                return (Status.SECURITY_EXCEPTION,
+                        "authentication is required: native thrift cannot be signed")
+            try:
+                self.auth.check_peer(reply.conn.peer_ip)
+                self.auth.check(caller=caller, server_appkey=self.appkey, service=service.name,
+                                method=name, local_context=head.local_context,
+                                body=bytes(body) if self.auth.sign_body else None)
+            except SecurityError as refused:
+                return Status.SECURITY_EXCEPTION, str(refused)
+        if self.max_in_flight is not None and self._in_flight >= self.max_in_flight:
+            return Status.RPC_EXCEPTION, f"{self.appkey} is overloaded: {self._in_flight} calls in flight"
+        limit = self.max_in_flight_per_connection
+        if limit is not None and reply.conn.in_flight >= limit:
+            return Status.RPC_EXCEPTION, f"too many calls in flight on this connection (max {limit})"
+        if self.quotas is not None and not self.quotas.take(caller):
+            return Status.DEGRADE_EXCEPTION, f"quota exceeded for caller {caller or '(anonymous)'}"
         return None
 
     def _call(self, service: _Service, reply: _Reply, body: Any, begin: tuple,
