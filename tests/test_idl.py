@@ -37,6 +37,20 @@ def test_the_includes_of_two_idl_files_of_one_name_stay_apart_too(tmp_path):
     second = octo_core.load_idl(str(tmp_path / "b" / "twin_incl.thrift"))
     assert first.shared.Item.thrift_spec[1][1] == "count"
     assert second.shared.Item.thrift_spec[1][1] == "label"
+    # the second one's structs pickle too (thriftpy2's structs do)
+    import pickle
+    item = second.shared.Item(label="x")
+    assert pickle.loads(pickle.dumps(item)) == item
+
+
+def test_the_same_idl_is_the_same_module_after_a_chdir(tmp_path, monkeypatch):
+    (tmp_path / "idl").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "idl" / "chdir_twin.thrift").write_text("struct Msg { 1: string text }\n")
+    monkeypatch.chdir(tmp_path)
+    first = octo_core.load_idl("idl/chdir_twin.thrift")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert octo_core.load_idl(str(tmp_path / "idl" / "chdir_twin.thrift")) is first
 
 
 def test_a_symlinked_idl_finds_its_includes_beside_the_link(tmp_path):

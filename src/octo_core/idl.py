@@ -5,6 +5,7 @@ import hashlib
 import os
 import re
 import sys
+import types
 from types import ModuleType
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
@@ -24,7 +25,7 @@ def load_idl(path: str, module_name: Optional[str] = None) -> ModuleType:
     ``module_name`` given that another file's module already has is a
     ``ValueError`` (thriftpy2 would hand back that other module).
     """
-    real = os.path.realpath(path)    # to compare files; includes resolve beside ``path``
+    real = os.path.realpath(path)    # to compare files
     stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
     name = module_name or stem + "_thrift"
     holder = _loaded_from(name)
@@ -32,8 +33,13 @@ def load_idl(path: str, module_name: Optional[str] = None) -> ModuleType:
         if module_name is not None:
             raise ValueError(f"module name {module_name!r} is taken by the IDL {holder}; "
                              "give this one another name")
-        name = f"_{hashlib.sha1(real.encode()).hexdigest()[:8]}.{name}"
-    return thriftpy2.load(path, module_name=name)
+        package = f"_{hashlib.sha1(real.encode()).hexdigest()[:8]}"
+        # an importable (empty) package, so that pickle finds "<package>.<name>"
+        sys.modules.setdefault(package, types.ModuleType(package)).__path__ = []
+        name = f"{package}.{name}"
+    # absolute, as given (not resolved): includes are found beside a symlink, and
+    # the file is the same one after a chdir
+    return thriftpy2.load(os.path.abspath(path), module_name=name)
 
 
 def _loaded_from(module_name: str) -> Optional[str]:
