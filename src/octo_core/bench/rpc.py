@@ -482,8 +482,8 @@ def wait_for_quiet(max_wait: float, sample: float = 0.5) -> Optional[float]:
 
 def serve(kind: str, port: int = 0, host: str = "127.0.0.1", registry: Optional[str] = None,
           stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
-    """The child's main: start server ``kind`` (registered in ``registry``, for the
-    kinds in ``REGISTERING``), print ``PORT <n>``, obey control lines.
+    """The child's main: start server ``kind`` (registered in ``registry`` when
+    given: octo's), print ``PORT <n>``, obey control lines.
 
     Control lines on stdin: ``cpu`` → ``CPU <seconds>`` (this process's
     user + system CPU); ``quit`` or end of input → stop the server and return.
