@@ -218,3 +218,25 @@ def test_a_node_that_hangs_and_leaves_is_let_go_with_its_heartbeat_unanswered():
         finally:
             hung.close()
     run(main())
+
+
+def test_with_no_route_a_wildcard_server_registers_an_address_it_listens_on(monkeypatch, caplog):
+    """No default route (a sandbox): the host name's address, or loopback when the
+    name does not resolve; for "::", which listens on IPv6 only, ::1."""
+    import socket
+
+    from octo_core import server as server_module
+
+    def no_route(self, address):
+        raise OSError("Network is unreachable")
+
+    def unresolvable(name):
+        raise socket.gaierror("Name or service not known")
+
+    monkeypatch.setattr(socket.socket, "connect", no_route)
+    monkeypatch.setattr(socket, "gethostbyname", lambda name: "192.0.2.7")
+    assert server_module._reachable_ip("0.0.0.0") == "192.0.2.7"
+    monkeypatch.setattr(socket, "gethostbyname", unresolvable)
+    assert server_module._reachable_ip("0.0.0.0") == "127.0.0.1"
+    assert server_module._reachable_ip("::") == "::1"
+    assert "no default route" in caplog.text
