@@ -532,9 +532,6 @@ class Server:
                                     f"method {name!r} {why}")
                 return
             service = hosts[0]
-        called = service.methods.get(begin[0])
-        if called is not None and called.oneway:   # thriftpy2 sends oneway calls as CALL
-            reply.silent = True
         self._call(service, reply, frame.body, begin, None, None)
 
     def _admission(self, service: _Service, name: str, reply: _Reply, head: Optional[_codec.Head],
@@ -567,13 +564,14 @@ class Server:
               deadline: Optional[float], head: Optional[_codec.Head]) -> None:
         """Admit, decode and start one request; ``begin`` is its decoded message header."""
         name, _, seqid, offset = begin
+        method = service.methods.get(name)
+        if method is not None and method.oneway and not reply.unified:
+            reply.silent = True   # (thriftpy2 sends oneway calls as CALL): no reply, even a refusal
         refusal = self._admission(service, name, reply, head, body)
         if refusal is not None:
-            self.metrics.refused(service.name, name if name in service.methods else UNKNOWN,
-                                 refusal[0])
+            self.metrics.refused(service.name, name if method is not None else UNKNOWN, refusal[0])
             reply.refuse(*refusal, name, seqid)
             return
-        method = service.methods.get(name)
         if method is None:
             reply.app_exception(name, seqid, TApplicationException.UNKNOWN_METHOD,
                                 f"service {service.name} has no method {name!r}")
