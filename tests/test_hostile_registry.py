@@ -47,6 +47,7 @@ BAD_NODE_JSON: Dict[str, str] = {
     "cell_list": json.dumps(dict(GOOD, cell=["a"])),
     "service_info": json.dumps(dict(GOOD, serviceInfo={"Echo": "yes"})),
     "missing_port": json.dumps({"appkey": APPKEY, "ip": "10.9.9.9"}),
+    "null_port": json.dumps(dict(GOOD, port=None)),
 }
 
 
@@ -61,6 +62,13 @@ def test_node_json_round_trips_and_takes_integral_fweight():
                 serviceInfo={"Echo": {"unifiedProto": 1}})
     assert Node.from_json(node.to_json()) == node
     assert Node.from_dict(dict(GOOD, fweight=2)).fweight == 2.0
+
+
+def test_node_json_null_values_are_defaults_as_jackson_writes_unset_fields():
+    java = dict(GOOD, version=None, protocol=None, serviceInfo=None, cell=None, weight=7)
+    node = Node.from_json(json.dumps(java))
+    assert (node.version, node.protocol, node.serviceInfo, node.cell, node.weight) == \
+        (Node.version, Node.protocol, {}, "", 7)
 
 
 # --- file:// ----------------------------------------------------------------------------

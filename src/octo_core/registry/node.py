@@ -107,16 +107,19 @@ class Node:
     def from_dict(cls, data: Mapping[str, Any]) -> "Node":
         """A node from reference JSON; unknown keys are ignored, missing ones defaulted.
 
+        A JSON ``null`` counts as missing: Java providers serialised by Jackson
+        write their unset fields (``version``, ``protocol``...) as ``null``.
         ``ValueError`` when ``data`` is not an object, lacks ``appkey``, ``ip`` or
         ``port``, or holds a value of the wrong type or out of range: a node that
         would break every call routed to it is refused here instead.
         """
         data = schema.require_object(data, "node")
-        missing = [k for k in ("appkey", "ip", "port") if k not in data]
+        present = {name: value for name, value in data.items() if value is not None}
+        missing = [k for k in ("appkey", "ip", "port") if k not in present]
         if missing:
             raise ValueError(f"node JSON lacks {', '.join(missing)}")
-        values = {name: _check_field(name, kind, data[name])
-                  for name, kind in _FIELD_KINDS.items() if name in data}
+        values = {name: _check_field(name, kind, present[name])
+                  for name, kind in _FIELD_KINDS.items() if name in present}
         return cls(**values)
 
     @classmethod
