@@ -232,6 +232,23 @@ def test_async_client_declared_and_undeclared_exceptions(proto, wire_warnings):
     assert "fail" in [frame.name for frame in traceback.extract_tb(logged.exc_info[2])]
 
 
+@pytest.mark.parametrize("proto", PROTOCOLS)
+def test_an_exception_whose_message_cannot_be_formatted_is_still_answered(proto, wire_warnings):
+    async def main():
+        async with serving(echo_services()) as server, \
+                async_client(Echo, server.address, protocol=proto) as client:
+            with pytest.raises(ApplicationError) as undeclared:
+                await client.fail("unprintable")
+            assert undeclared.value.type == TApplicationException.INTERNAL_ERROR
+            assert "Unprintable (its message cannot be formatted)" in str(undeclared.value)
+            assert await client.echo("still fine") == "still fine"
+            assert server.stats()["Echo.fail"]["in_flight"] == 0
+
+    run(main())
+    (logged,) = wire_warnings()
+    assert logged.getMessage() == "Echo.fail raised Unprintable (its message cannot be formatted)"
+
+
 EVERYTHING = octo_core.load_idl(os.path.join(os.path.dirname(os.path.abspath(__file__)), "idl",
                                              "everything.thrift"))
 

@@ -69,6 +69,13 @@ def watchdog():
 
 # --- handlers ---------------------------------------------------------------------
 
+class Unprintable(Exception):
+    """An exception whose ``__str__`` fails (a common bug in custom exceptions)."""
+
+    def __str__(self) -> str:
+        return self.missing   # type: ignore[attr-defined]
+
+
 class EchoHandler:
     """Handler for ``Echo``: plain functions run on business threads, ``slow`` on the loop."""
 
@@ -90,6 +97,8 @@ class EchoHandler:
             raise EchoError(message="refused on purpose", code=42)
         if kind == "undeclared":
             raise ValueError("boom")
+        if kind == "unprintable":
+            raise Unprintable()
         if kind == "app":
             raise TApplicationException(TApplicationException.INVALID_MESSAGE_TYPE, "app says no")
         return kind

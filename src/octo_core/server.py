@@ -89,6 +89,14 @@ class _Call:
         self.span_ends: Optional[list] = None
 
 
+def _describe(exc: BaseException) -> str:
+    """``"Type: message"``; only the type when the exception's ``__str__`` itself fails."""
+    try:
+        return f"{type(exc).__name__}: {exc}"
+    except Exception:
+        return f"{type(exc).__name__} (its message cannot be formatted)"
+
+
 class _Reply:
     """How to answer one request on its connection, in its protocol."""
 
@@ -664,7 +672,10 @@ class Server:
         self._in_flight -= 1
         if not self._in_flight:
             self._idle.set()
-        status = self._reply(call, value, exc)
+        try:
+            status = self._reply(call, value, exc)
+        except Exception as bug:   # the answer itself failed: answer that, never leave the caller waiting
+            status = self._reply(call, None, bug)
         self.metrics.finished(call.stats, time.monotonic() - call.started, status)
         for end in call.span_ends or ():
             end(status)
@@ -695,11 +706,10 @@ class Server:
             if field is None:
                 # a bug in the handler: the server's log keeps its traceback (the
                 # caller gets the message only, and a oneway caller nothing at all)
-                log.error("%s.%s raised %s: %s", call.service.name, name, type(exc).__name__,
-                          exc, exc_info=exc)
+                text = _describe(exc)
+                log.error("%s.%s raised %s", call.service.name, name, text, exc_info=exc)
                 if send:
-                    reply.app_exception(name, seqid, TApplicationException.INTERNAL_ERROR,
-                                        f"{type(exc).__name__}: {exc}")
+                    reply.app_exception(name, seqid, TApplicationException.INTERNAL_ERROR, text)
                 return Status.APPLICATION_EXCEPTION
             setattr(result, field, exc)
         elif method.returns_value:
