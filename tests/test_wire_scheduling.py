@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import random
+import weakref
 
 import pytest
 
+from octo_core import protocol
 from octo_core.errors import CallTimeout
 from octo_core.transport.client import ClientConnection
 from octo_core.transport.loop import start_task
@@ -213,6 +216,22 @@ def test_answered_calls_do_not_pile_up_deadlines():
 
             await asyncio.gather(*(call(f"t{i}", 0.05 + 0.02 * (i * 7 % 10)) for i in range(10)))
             assert finished == [f"t{i}" for i in sorted(range(10), key=lambda i: i * 7 % 10)]
+
+    run(main())
+
+
+def test_an_answered_call_is_not_kept_alive_by_its_deadline():
+    async def main():
+        conn = ClientConnection("127.0.0.1:1", 1 << 20)
+        future = conn.expect(7, 3600.0, "echo")
+        conn.data_received(protocol.encode_framed_message(
+            "echo", 2, 7, Echo.echo_result(success="x" * 1000)))
+        assert future.done() and not conn._pending
+        answer = weakref.ref(future)
+        del future
+        gc.collect()
+        assert answer() is None      # the hour-long deadline no longer holds the reply
+        conn._fail_pending("test over")
 
     run(main())
 

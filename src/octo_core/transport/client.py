@@ -38,10 +38,12 @@ class ClientConnection(FramedProtocol):
         self.node = node
         self._pending: Dict[int, ClientConnection._Pending] = {}
         self._sequence = itertools.count()
-        # Call deadlines: a heap of (when, seq, future, timeout, method) served by
-        # one timer armed for the earliest -- a timer per call costs more than
-        # the rest of the call's bookkeeping. Answered calls leave lazily.
-        self._deadlines: List[Tuple[float, int, asyncio.Future, float, str]] = []
+        # Call deadlines: a heap of (when, seq, timeout, method) served by one
+        # timer armed for the earliest -- a timer per call costs more than the
+        # rest of the call's bookkeeping. Answered calls leave lazily; the heap
+        # holds no future, so an answer is not kept alive until its deadline.
+        # (A seq comes back only after 2**31 calls, far beyond any timeout.)
+        self._deadlines: List[Tuple[float, int, float, str]] = []
         self._timer: Optional[asyncio.TimerHandle] = None
         self._timer_at = 0.0
         # The server is not reading what was sent (the write buffer is over its
@@ -73,7 +75,7 @@ class ClientConnection(FramedProtocol):
         if timeout is not None:
             when = self.loop.time() + timeout
             deadlines = self._deadlines
-            heapq.heappush(deadlines, (when, seq, future, timeout, method))
+            heapq.heappush(deadlines, (when, seq, timeout, method))
             if len(deadlines) > 2 * len(self._pending) + 1024:
                 self._prune_deadlines()
             if self._timer is None or when < self._timer_at:
@@ -92,12 +94,14 @@ class ClientConnection(FramedProtocol):
         deadlines, pending = self._deadlines, self._pending
         now = self.loop.time()
         while deadlines:
-            when, seq, future, timeout, method = deadlines[0]
-            if future.done() or when <= now:
+            when, seq, timeout, method = deadlines[0]
+            entry = pending.get(seq)
+            if entry is None or when <= now:
                 heapq.heappop(deadlines)
-                entry = pending.get(seq)
-                if entry is not None and entry[0] is future:
-                    del pending[seq]      # answered calls are gone already; cancelled ones go here
+                if entry is None:
+                    continue              # answered or forgotten already
+                del pending[seq]          # timed out, or its caller gave up (cancelled)
+                future = entry[0]
                 if not future.done():
                     future.set_exception(CallTimeout(f"no reply within {timeout:.3g}s",
                                                      method=method, node=self.node))
@@ -109,9 +113,10 @@ class ClientConnection(FramedProtocol):
 
     def _prune_deadlines(self) -> None:
         """Drop answered calls' deadlines: the heap stays proportional to the calls in flight."""
-        self._deadlines = [entry for entry in self._deadlines if not entry[2].done()]
-        heapq.heapify(self._deadlines)
         self._drop_given_up()
+        pending = self._pending
+        self._deadlines = [entry for entry in self._deadlines if entry[1] in pending]
+        heapq.heapify(self._deadlines)
 
     def _drop_given_up(self) -> None:
         """Forget calls whose caller gave up (cancelled) before any reply came."""
