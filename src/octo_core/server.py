@@ -493,7 +493,7 @@ class Server:
         if not head.is_request:
             conn.reject(protocol.ProtocolError("a response frame was sent to the server"))
             return
-        reply = _Reply(conn, frame.flags, head.sequence_id, True)
+        reply = _Reply(conn, frame.flags & protocol.MIRRORED_FLAGS, head.sequence_id, True)
         if head.message_type in (MessageType.NORMAL_HEARTBEAT, MessageType.SCANNER_HEARTBEAT):
             self._heartbeat(reply, head.message_type)
             return
