@@ -81,6 +81,14 @@ CELL_CASES = [
      {"la"}),
     ("LiteSet wins over Set, also when falling back (to the center, not the Set)",
      SET_CALLER, LITESET, [node("center1"), node("s1a", cell="gz-set1")], {"center1"}),
+    ("LiteSet tag, callee has no center: routed as untagged (every cell)",
+     PLAIN, LITESET, [node("s1a", cell="gz-set1"), node("s2a", cell="gz-set2")], {"s1a", "s2a"}),
+    ("LiteSet tag, callee has no center, Set caller: routed as untagged (its Set)",
+     SET_CALLER, LITESET, [node("s1a", cell="gz-set1"), node("s2a", cell="gz-set2")], {"s1a"}),
+    ("LiteSet tag, no center, Set caller with no node in its Set: the LiteSet still serves",
+     SET_CALLER, LITESET, [node("la", cell="lite-a"), node("s2a", cell="gz-set2")], {"la"}),
+    ("LiteSet tag, no center, Set caller, neither has nodes: no silent fallback",
+     SET_CALLER, LITESET, [node("s2a", cell="gz-set2")], NoRouteError),
     ("swimlane tag: the lane's nodes",
      PLAIN, BLUE, [node("t1"), node("t2"), node("b1", swimlane="blue"), node("g1", swimlane="green")],
      {"b1"}),
@@ -141,6 +149,13 @@ def test_liteset_whose_nodes_are_all_unusable_falls_back_to_the_center():
     got = {why: names(route([node("center1"), node("la", cell="lite-a", **fields)], PLAIN, LITESET))
            for why, fields in UNUSABLE}
     assert got == {why: {"center1"} for why, _ in UNUSABLE}
+
+
+def test_liteset_whose_nodes_are_all_unusable_and_no_center_goes_where_untagged_calls_go():
+    got = {why: names(route([node("s2a", cell="gz-set2"), node("la", cell="lite-a", **fields)],
+                            PLAIN, LITESET))
+           for why, fields in UNUSABLE}
+    assert got == {why: {"s2a"} for why, _ in UNUSABLE}
 
 
 def test_a_lane_with_one_usable_node_keeps_its_calls():

@@ -242,8 +242,19 @@ class Router:
         """The LiteSet / Set groups a call may use, in order of preference."""
         center = [n for n in nodes if not n.cell]
         if liteset:                                   # LiteSet wins over Set
-            # a LiteSet whose nodes cannot serve is passed over for the center
-            return [[n for n in nodes if n.cell == liteset], center]
+            # A LiteSet whose nodes cannot serve is passed over for the center; a
+            # callee with no center is then routed as an untagged call (the tag
+            # travels down the whole call chain: it must not break calls to
+            # services deployed only in cells).
+            lite = [n for n in nodes if n.cell == liteset]
+            if center:
+                return [lite, center]
+            try:
+                return [lite] + self._cells(nodes, "")
+            except NoRouteError:
+                if not lite:
+                    raise
+                return [lite]
         caller = self.caller
         if caller.set_routing and caller.cell:
             if len(center) == len(nodes):            # the callee has no Set nodes at all
