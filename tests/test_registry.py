@@ -144,6 +144,13 @@ def test_warm_up_weight_is_at_least_1_and_at_most_the_full_weight(weight, fweigh
     assert warming.effective_weight(now=1_000 + elapsed) == pytest.approx(expected)
 
 
+def test_a_node_without_start_time_warms_up_from_its_last_update_as_java_providers_do():
+    java = node(2000, weight=10, warmup=60, lastUpdateTime=1_000)
+    assert java.effective_weight(now=1_030) == pytest.approx(5.0)
+    ours = node(2000, weight=10, warmup=60, lastUpdateTime=1_050, startTime=1_000)
+    assert ours.effective_weight(now=1_060) == 10.0
+
+
 def test_watch_sees_every_change_on_the_loop(url):
     async def scenario():
         async with open_registry(url) as registry:

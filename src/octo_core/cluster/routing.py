@@ -148,7 +148,7 @@ class Router:
         self._known_cells = frozenset(n.cell for n in self._nodes if n.cell)
         self._known_lanes = frozenset(n.swimlane for n in self._nodes if n.swimlane)
         now = time.time()
-        self._warm_until = max((n.startTime + n.warmup for n in self._nodes if n.warmup), default=0)
+        self._warm_until = max((n.started + n.warmup for n in self._nodes if n.warmup), default=0)
         if self._warm_until <= now:
             self._warm_until = 0.0
 

@@ -57,7 +57,9 @@ class Node:
     swimlane: str = ""
     idc: str = ""
     region: str = ""
-    # When the provider started (seconds since the epoch): the warm-up clock.
+    # When the provider started (seconds since the epoch): the warm-up clock. An
+    # octo_core key; a node without it (a Java provider's) warms up from its
+    # lastUpdateTime, the clock the reference implementation uses.
     startTime: int = 0
 
     @functools.cached_property
@@ -75,6 +77,11 @@ class Node:
     def alive(self) -> bool:
         return self.status == NodeStatus.ALIVE
 
+    @property
+    def started(self) -> int:
+        """When warm-up began: ``startTime``, else ``lastUpdateTime`` (0: unknown)."""
+        return self.startTime or self.lastUpdateTime
+
     def base_weight(self) -> float:
         """``fweight`` when set (non-zero), else ``weight``."""
         return self.fweight if self.fweight else float(self.weight)
@@ -88,9 +95,10 @@ class Node:
         A node with weight 0 stays at 0 (an operator took it out of rotation).
         """
         weight = self.base_weight()
-        if weight <= 0 or self.warmup <= 0 or not self.startTime:
+        started = self.started
+        if weight <= 0 or self.warmup <= 0 or not started:
             return max(weight, 0.0)
-        elapsed = (time.time() if now is None else now) - self.startTime
+        elapsed = (time.time() if now is None else now) - started
         if elapsed >= self.warmup:
             return weight
         return min(weight, max(1.0, weight * max(elapsed, 0.0) / self.warmup))
