@@ -684,6 +684,16 @@ def test_one_byte_structs_cannot_amplify_a_frame_into_gigabytes():
     assert "max_items" in str(err)
 
 
+def test_idl_container_defaults_count_against_max_items():
+    """A struct left at its IDL defaults costs copies of them: a list of empty
+    structs with big defaults must not slip past ``max_items`` a STOP byte each."""
+    only_must = b"\x0b\x00\x0a\x00\x00\x00\x01m\x00"
+    fields_only = Limits(max_items=1 + len(IDL.Defaults.thrift_spec))
+    err = decode_error(decode, IDL.Defaults, only_must, fields_only, data=only_must)
+    assert "max_items" in str(err)
+    assert decode(IDL.Defaults, only_must, Limits(max_items=100)) == IDL.Defaults()
+
+
 def test_limits_apply_to_messages():
     data = encode_message("checksum", TMessageType.CALL, 1,
                           SERVICE.checksum_args(data=b"x" * 100, algorithms={"a"}))

@@ -201,6 +201,8 @@ cdef struct _Field:
     PyObject* name        # interned attribute name (owned by _StructSpec.names)
     PyObject* default     # default value or None (owned by _StructSpec.defaults)
     bint mutable_default  # a list/set/dict/struct default: decode gives each object a copy
+    bint flat_default     # ... a list/set/dict of immutable values: a shallow copy is a copy
+    Py_ssize_t default_items  # objects that copy makes, charged as decoding them would be
     PyObject* type        # _TypeSpec (owned by _StructSpec.types)
 
 
@@ -316,6 +318,29 @@ cdef _StructSpec _compile(object cls):
     return s
 
 
+_IMMUTABLE = (type(None), bool, int, float, str, bytes, tuple, frozenset)
+
+
+def _default_values(value):
+    """What a container default holds (a map's keys and values)."""
+    if isinstance(value, dict):
+        return [*value.keys(), *value.values()]
+    if isinstance(value, (list, set, tuple, frozenset)):
+        return list(value)
+    return []
+
+
+def _default_items(value) -> int:
+    """Objects in a default value, counted as ``max_items`` counts decoded ones: an
+    element 1, a map entry 2, a struct 1 plus its fields. A field left at its
+    default costs a copy of it, so an IDL's big defaults cannot slip past the limit
+    one STOP byte at a time."""
+    spec = getattr(type(value), "thrift_spec", None)
+    if spec is not None:
+        return 1 + len(spec) + sum(_default_items(v) for v in vars(value).values())
+    return sum(1 + _default_items(v) for v in _default_values(value))   # (a map's keys and values)
+
+
 cdef _compile_fields(_StructSpec s, dict thrift_spec, object default_spec):
     defaults_by_name = dict(default_spec)
     names, defaults, types = [], [], []
@@ -348,8 +373,11 @@ cdef _compile_fields(_StructSpec s, dict thrift_spec, object default_spec):
         s.fields[i].required = bool(fspec[len(fspec) - 1])
         s.fields[i].name = <PyObject*>s.names[i]
         s.fields[i].default = <PyObject*>s.defaults[i]
-        s.fields[i].mutable_default = not isinstance(
-            s.defaults[i], (type(None), bool, int, float, str, bytes, tuple, frozenset))
+        default = s.defaults[i]
+        s.fields[i].mutable_default = not isinstance(default, _IMMUTABLE)
+        s.fields[i].flat_default = type(default) in (list, set, dict) and all(
+            isinstance(v, _IMMUTABLE) for v in _default_values(default))
+        s.fields[i].default_items = 1 + _default_items(default)
         s.fields[i].type = <PyObject*>t
         i += 1
     s.n = n
@@ -1010,8 +1038,8 @@ cdef int _missing_required(_Reader* r, _StructSpec s, _Field* f) except -1:
 
 
 cdef PyObject* _fresh_default(_Field* f) except NULL:
-    """A new reference to a deep copy of a mutable default."""
-    fresh = deepcopy(<object>f.default)
+    """A new reference to a copy of a mutable default."""
+    fresh = (<object>f.default).copy() if f.flat_default else deepcopy(<object>f.default)
     Py_INCREF(fresh)
     return <PyObject*>fresh
 
@@ -1060,6 +1088,7 @@ cdef object _r_struct(_Reader* r, _StructSpec s, int depth):
                 if f.required:
                     _missing_required(r, s, f)
                 if f.mutable_default:   # never hand out the class's own default object
+                    _charge(r, f.default_items, r.pos)
                     vals[i] = pv = _fresh_default(f)   # released with the decoded values
                 else:
                     pv = f.default
