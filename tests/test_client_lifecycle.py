@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import math
 import re
 import threading
@@ -256,6 +257,20 @@ def test_a_client_whose_options_are_refused_leaves_no_thread_behind():
             octo_core.Client(Echo, appkey=CLIENT_APPKEY, hosts=[NOWHERE], timeout=0)
     wait_until_sync(lambda: len(client_threads()) == before,
                     what="the refused clients' loop threads to end")
+
+
+def test_a_client_collected_unclosed_warns_and_leaves_no_thread_or_connection():
+    with serving_in_thread(echo_services()) as server:
+        before = len(client_threads())
+        client = octo_core.Client(Echo, appkey=CLIENT_APPKEY, hosts=[server.address], timeout=5)
+        assert client.echo("used once") == "used once"
+        wait_until_sync(lambda: len(server._connections) == 1, what="the client's connection")
+        with pytest.warns(ResourceWarning, match="without close"):
+            del client
+            gc.collect()
+        wait_until_sync(lambda: len(client_threads()) == before,
+                        what="the collected client's loop thread to end")
+        wait_until_sync(lambda: not server._connections, what="its connection to close")
 
 
 # --- one client, one event loop -------------------------------------------------------

@@ -9,6 +9,8 @@ import ssl as _ssl
 import sys
 import threading
 import time
+import warnings
+import weakref
 from typing import Any, Awaitable, Callable, Dict, Iterable, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from thriftpy2.thrift import TApplicationException, TMessageType
@@ -523,6 +525,9 @@ class Client:
         except BaseException:   # a bad option: no thread (nor its loop's fds) left behind
             self._thread.stop()
             raise
+        # Collected unclosed: its thread, loop and connections would outlive it.
+        self._collected = weakref.finalize(self, _close_collected, self._thread, self._async)
+        self._collected.atexit = False   # at exit the daemon thread just ends
         self.future = _Mode(self, self._submitter)
         self.callback = _Mode(self, self._with_callback)
         for name, method in self._async._methods.items():
@@ -595,20 +600,14 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        self._collected.detach()
         if threading.get_ident() == self._thread.ident:   # from a callback: cannot wait for itself
-            closing = self._thread.loop.create_task(self._close_on_loop())
-            closing.add_done_callback(lambda _: self._thread.stop())
+            _close_soon(self._thread, self._async)
             return
         try:
-            self._thread.run(self._close_on_loop(), timeout=_CLOSE_GRACE + 5)
+            self._thread.run(_close_on_loop(self._thread, self._async), timeout=_CLOSE_GRACE + 5)
         finally:
             self._thread.stop()
-
-    async def _close_on_loop(self) -> None:
-        """Close the async client; its calls get their errors before the loop stops
-        (the stopping loop would cancel them)."""
-        await AsyncClient.close(self._async)
-        await self._thread.settle(_CLOSE_GRACE)
 
     def __enter__(self) -> "Client":
         return self
@@ -622,6 +621,29 @@ class Client:
 _LOOP_MARGIN = 10.0
 #: Seconds Client.close() gives the calls still running to end with their own errors.
 _CLOSE_GRACE = 1.0
+
+
+async def _close_on_loop(thread: LoopThread, client: AsyncClient) -> None:
+    """Close a blocking client's ``AsyncClient`` on its loop; its calls get their
+    errors before the loop stops (the stopping loop would cancel them)."""
+    await AsyncClient.close(client)
+    await thread.settle(_CLOSE_GRACE)
+
+
+def _close_soon(thread: LoopThread, client: AsyncClient) -> None:
+    """Close ``client`` and then stop its loop ``thread``, without waiting for either."""
+    def begin() -> None:
+        closing = thread.loop.create_task(_close_on_loop(thread, client))
+        closing.add_done_callback(lambda _: thread.stop())
+    thread.loop.call_soon_threadsafe(begin)
+
+
+def _close_collected(thread: LoopThread, client: AsyncClient) -> None:
+    """A ``Client`` collected unclosed: say so, and close it (never blocking the
+    collector, which may run on any thread)."""
+    warnings.warn("an octo_core Client was collected without close(): closing it now",
+                  ResourceWarning, stacklevel=2)
+    _close_soon(thread, client)
 
 
 def _closed_error(method: Optional[str] = None) -> TransportError:
