@@ -30,6 +30,7 @@ from octo_core.errors import (ApplicationError, CallTimeout, DegradeError, Encod
                               ProtocolError, RemoteError, RpcError, RuntimeFailure, SecurityError,
                               ServiceError, Status, TransportError)
 from octo_core.registry.node import Node
+from octo_core.transport.address import default_route_ip
 
 from cluster_helpers import (CALLER, EchoError, Echo, FakeClock, NamedEcho, ScriptedSend, answer,
                              doomed_server, echo_servers, fail, node, numbered_nodes, run,
@@ -1006,6 +1007,9 @@ def test_client_options_reach_the_cluster_and_router():
             assert cluster.budget is budget
             assert cluster.breaker(cluster.router.nodes[0]).consecutive_failures == 9
             assert {n.key for n in cluster.router.nodes} == {"127.0.0.1:1", "127.0.0.1:2"}
+        # without caller_ip, route rules match the address of the default route
+        async with AsyncClient(Echo, appkey=CALLER, hosts=["127.0.0.1:1"]) as plain:
+            assert plain._cluster.router.caller.ip == (default_route_ip() or "")
         with pytest.raises(ValueError):
             AsyncClient(Echo, appkey=CALLER, hosts=["127.0.0.1:1"], cluster="retry-forever")
         with pytest.raises(ValueError):

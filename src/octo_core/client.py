@@ -28,7 +28,7 @@ from octo_core.errors import (ApplicationError, CallTimeout, DecodeError, Degrad
                               RuntimeFailure, SecurityError, ServiceError, Status, TransportError)
 from octo_core.protocol import CallType, Frame, FrameDecoder, MessageType
 from octo_core.registry import Directory, Node, Registry, open_registry
-from octo_core.transport.address import parse_address
+from octo_core.transport.address import default_route_ip, parse_address
 from octo_core.transport.client import ClientConnection, Endpoint
 from octo_core.transport.loop import LoopThread
 
@@ -71,7 +71,9 @@ class AsyncClient:
     ``hedging``), ``retries``, ``forks``, ``hedge_delay``, ``idempotent`` (True,
     or the method names that may be retried after they were sent; forking and
     hedging send extra copies of these only); routing:
-    ``cell``/``set_routing``, ``idc``/``region``/``locality``, ``caller_ip``.
+    ``cell``/``set_routing``, ``idc``/``region``/``locality``, ``caller_ip``
+    (what route rules match consumer IPs against; by default the address of
+    this machine's default route).
     Nodes come from ``hosts`` (addresses) or from a ``registry`` (URL or
     ``Registry``) for ``remote_appkey``; discovery follows changes and keeps the
     last good list through registry outages (``snapshot_path`` persists it).
@@ -154,8 +156,9 @@ class AsyncClient:
             raise ValueError(f"hash_arg {hash_arg!r} is no argument of any method of "
                              f"{service.__name__}")
         self._hash_arg = hash_arg
-        router = Router(Caller(appkey=appkey, ip=caller_ip, cell=cell, set_routing=set_routing,
-                               idc=idc, region=region), locality=locality)
+        caller = Caller(appkey=appkey, ip=caller_ip or default_route_ip() or "", cell=cell,
+                        set_routing=set_routing, idc=idc, region=region)
+        router = Router(caller, locality=locality)
         self._cluster = Cluster(router, lb=lb, policy=cluster, retries=retries, forks=forks,
                                 hedge_delay=hedge_delay, budget=retry_budget,
                                 breaker_options=breaker)

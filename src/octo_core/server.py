@@ -26,7 +26,7 @@ from octo_core.errors import DecodeError, EncodeError, SecurityError, Status
 from octo_core.metrics import Metrics, MethodStats, prometheus_text
 from octo_core.protocol import Frame, MessageType, NodeStatus
 from octo_core.registry import HeartbeatSupport, Node, Registry, open_registry
-from octo_core.transport.address import parse_address
+from octo_core.transport.address import default_route_ip, parse_address
 from octo_core.transport.http import bound_port, serve_metrics
 from octo_core.transport.loop import LoopThread, new_event_loop, start_task
 from octo_core.transport.server import ServerConnection
@@ -51,14 +51,9 @@ def _reachable_ip(wildcard: str) -> str:
     """This machine's address for others to call: the source address of its
     default route (a UDP "connect" sends nothing), else its host name's, else
     loopback (blocking: a name lookup may be made)."""
-    family, probe = ((socket.AF_INET6, "2001:db8::1") if wildcard == "::"
-                     else (socket.AF_INET, "192.0.2.1"))    # documentation addresses
-    try:
-        with socket.socket(family, socket.SOCK_DGRAM) as udp:
-            udp.connect((probe, 9))
-            return udp.getsockname()[0]
-    except OSError:
-        pass
+    ip = default_route_ip(ipv6=wildcard == "::")
+    if ip is not None:
+        return ip
     try:   # (a "::" server is IPv6 only: no IPv4 name or loopback would reach it)
         ip = "::1" if wildcard == "::" else socket.gethostbyname(socket.gethostname())
     except OSError:

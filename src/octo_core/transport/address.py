@@ -1,6 +1,7 @@
 """Node addresses: ``host:port``, ``[v6]:port`` or ``unix:///path``."""
 from __future__ import annotations
 
+import socket
 from typing import NamedTuple, Optional
 
 
@@ -33,3 +34,16 @@ def parse_address(text: str) -> Address:
     if not 0 <= port_number <= 65535:
         raise ValueError(f"port {port_number} out of range in {text!r}")
     return Address(host, port_number)
+
+
+def default_route_ip(ipv6: bool = False) -> Optional[str]:
+    """The source address of this machine's default route (what others reach it
+    by), or None without one. A UDP "connect" sends nothing and looks up no name."""
+    family, probe = ((socket.AF_INET6, "2001:db8::1") if ipv6
+                     else (socket.AF_INET, "192.0.2.1"))    # documentation addresses
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as udp:
+            udp.connect((probe, 9))
+            return udp.getsockname()[0]
+    except OSError:
+        return None
