@@ -240,3 +240,30 @@ def test_with_no_route_a_wildcard_server_registers_an_address_it_listens_on(monk
     assert server_module._reachable_ip("0.0.0.0") == "127.0.0.1"
     assert server_module._reachable_ip("::") == "::1"
     assert "no default route" in caplog.text
+
+
+def test_nodes_that_do_not_serve_the_service_are_not_called():
+    """serviceInfo lists what a node hosts (a node hosting only Calc is no Echo
+    node), unifiedProto 0 keeps unified clients away, serverType 1 is HTTP."""
+    async def main():
+        async with serving(echo_services()) as server, OutageRegistry() as registry:
+            registry.down = False
+            echo = Node(APPKEY, LOCALHOST, server.port, serviceInfo={"Echo": {"unifiedProto": 1}})
+            others = [Node(APPKEY, "127.0.0.2", 1, serviceInfo={"Calc": {"unifiedProto": 1}}),
+                      Node(APPKEY, "127.0.0.3", 1, serverType=1),
+                      Node(APPKEY, "127.0.0.4", 1, serviceInfo={"Echo": {"unifiedProto": 0}})]
+            for node in [echo, *others]:
+                await registry.register(node)
+            # (plain native thrift names no service, the server dispatches by method:
+            # any thrift node may do; failover passes over the ports no one listens on)
+            for options, reachable in [({}, {echo.key}),
+                                       ({"protocol": "thrift", "multiplexed": True,
+                                         "cluster": "failover"}, {echo.key, others[2].key}),
+                                       ({"protocol": "thrift", "cluster": "failover"},
+                                        {echo.key, others[0].key, others[2].key})]:
+                async with octo_core.AsyncClient(Echo, appkey="com.example.caller",
+                                                 remote_appkey=APPKEY, registry=registry,
+                                                 timeout=2, **options) as client:
+                    assert await client.echo("x") == "x"
+                    assert {n.key for n in client._cluster.router.nodes} == reachable
+    run(main())

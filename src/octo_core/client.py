@@ -148,6 +148,8 @@ class AsyncClient:
         self._loop_thread: Optional[int] = None
         self._methods = idl.methods(service)
         # the message name native thrift sends for each method
+        # the service name the server dispatches by, if the wire carries one
+        self._named_service = self.service_name if self.unified or multiplexed else None
         self._wire_names = {name: f"{self.service_name}:{name}" if multiplexed else name
                             for name in self._methods}
         self._idempotent = (set(self._methods) if idempotent is True
@@ -289,8 +291,10 @@ class AsyncClient:
         self._discovered(self._directory.nodes, self._directory.rules)
 
     def _discovered(self, nodes: Sequence[Node], rules: Sequence[RouteRule]) -> None:
-        """A new node list: routing takes it, and the endpoints of nodes that left
-        retire (they close once the calls already on them are answered)."""
+        """A new node list: routing takes those that serve this client's service,
+        and the endpoints of nodes that left retire (they close once the calls
+        already on them are answered)."""
+        nodes = [node for node in nodes if node.serves(self._named_service, self.unified)]
         self._cluster.update(nodes, rules)
         self._listed = {node.address for node in nodes}
         self._retired = {endpoint for endpoint in self._retired if not endpoint.finished}

@@ -82,6 +82,19 @@ class Node:
         """When warm-up began: ``startTime``, else ``lastUpdateTime`` (0: unknown)."""
         return self.startTime or self.lastUpdateTime
 
+    def serves(self, service: Optional[str], unified: bool) -> bool:
+        """Whether a thrift client of ``service`` can call this node: a thrift
+        server (``serverType`` 0) that, if it lists its services in
+        ``serviceInfo``, lists this one, and for a unified-protocol client does
+        not mark it ``unifiedProto: 0``. ``service`` None: the client names no
+        service on the wire (plain native thrift), so any thrift node may do."""
+        if self.serverType != 0:
+            return False
+        if service is None or not self.serviceInfo:
+            return True
+        info = self.serviceInfo.get(service)
+        return info is not None and not (unified and info.get("unifiedProto") == 0)
+
     def base_weight(self) -> float:
         """``fweight`` when set (non-zero), else ``weight``."""
         return self.fweight if self.fweight else float(self.weight)
