@@ -64,3 +64,36 @@ def test_a_symlinked_idl_finds_its_includes_beside_the_link(tmp_path):
     (tmp_path / "tree" / "linked_svc.thrift").symlink_to(tmp_path / "real" / "linked_svc.thrift")
     module = octo_core.load_idl(str(tmp_path / "tree" / "linked_svc.thrift"))
     assert hasattr(module, "Svc")
+
+
+def test_a_declared_exception_raised_from_its_include_loaded_on_its_own_is_declared(tmp_path):
+    """``load_idl`` of an include gives other classes than the including IDL's
+    copy; the server matches the twin, as the encoder does (same name, same
+    fields), so the caller gets the declared exception, not status 1."""
+    from octo_core.errors import ApplicationError
+    from wire_helpers import run, serving
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "twin_base.thrift").write_text(
+        "exception Refused { 1: string why }\nexception Other { 1: i32 code }\n")
+    (tmp_path / "twin_top.thrift").write_text(
+        'include "sub/twin_base.thrift"\n'
+        "service Top { void go(1: i32 how) throws (1: twin_base.Refused refused) }\n")
+    base = octo_core.load_idl(str(tmp_path / "sub" / "twin_base.thrift"))
+    top = octo_core.load_idl(str(tmp_path / "twin_top.thrift"))
+    assert base.Refused is not top.twin_base.Refused
+
+    class Handler:
+        async def go(self, how: int) -> None:
+            raise base.Refused(why="no") if how else base.Other(code=1)
+
+    async def main():
+        async with serving([(top.Top, Handler(), None)]) as server, \
+                octo_core.AsyncClient(top.Top, appkey="com.example.caller",
+                                      hosts=[server.address], timeout=5) as client:
+            with pytest.raises(top.twin_base.Refused) as declared:
+                await client.go(1)
+            assert declared.value.why == "no"
+            with pytest.raises(ApplicationError):   # undeclared: no twin among the declared
+                await client.go(0)
+    run(main())

@@ -650,13 +650,12 @@ cdef int _w_map(_Writer* w, _TypeSpec t, object v, int depth) except -1:
     return 0
 
 
-cdef _StructSpec _twin_spec(_StructSpec s, object obj):
-    """The spec of ``obj``'s class when it is ``s``'s twin: the same struct from
-    another load of the IDL (same name, same fields), which thriftpy2 writes
-    as it would its own; otherwise ``TypeError``."""
-    cdef object cls = type(obj)
+cdef _StructSpec _twin_spec(_StructSpec s, object cls):
+    """The spec of struct class ``cls`` when it is ``s``'s twin: the same struct
+    from another load of the IDL (same name, same fields), which thriftpy2
+    writes as it would its own; otherwise ``TypeError``."""
     if cls.__name__ != s.name or getattr(cls, "thrift_spec", None) is None:
-        raise TypeError(f"expected {s.name}, got {_tname(obj)}")
+        raise TypeError(f"expected {s.name}, got {cls.__name__}")
     cdef _StructSpec other = _spec_for(cls)
     cdef Py_ssize_t i
     if other.n == s.n:
@@ -670,12 +669,24 @@ cdef _StructSpec _twin_spec(_StructSpec s, object obj):
                     f"{cls.__name__}: another struct of that name, with other fields")
 
 
+def is_twin(object cls, object of) -> bool:
+    """Whether struct class ``cls`` is ``of`` or its twin from another load of the
+    IDL (an include loaded on its own too): the encoder writes one as the other."""
+    if cls is of:
+        return True
+    try:
+        _twin_spec(_spec_for(of), cls)
+    except TypeError:
+        return False
+    return True
+
+
 cdef int _w_struct(_Writer* w, _StructSpec s, object obj, int depth) except -1:
     cdef Py_ssize_t i
     cdef _Field* f
     cdef PyObject* v
     if Py_TYPE(obj) != s.tp and not isinstance(obj, s.cls):
-        s = _twin_spec(s, obj)
+        s = _twin_spec(s, type(obj))
     for i in range(s.n):
         f = &s.fields[i]
         v = PyObject_GetAttr(obj, <object>f.name)

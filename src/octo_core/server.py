@@ -692,6 +692,9 @@ class Server:
         result = method.result_cls()
         if exc is not None:
             field = next((f for f, cls in method.exceptions if isinstance(exc, cls)), None)
+            if field is None:   # raised from another load of the IDL that declares it
+                field = next((f for f, cls in method.exceptions
+                              if _codec.is_twin(type(exc), cls)), None)
             if field is None and isinstance(exc, TApplicationException):
                 # the handler's own protocol-level answer: sent as it is, as
                 # thriftpy2's and Apache's processors send it
