@@ -164,6 +164,32 @@ def test_max_in_flight_refuses_with_status_3_and_recovers():
     run(main())
 
 
+def test_max_in_flight_bytes_bounds_the_requests_all_connections_hold_together():
+    """Each connection under its own flow control, but many of them: the server
+    refuses (status 3) what would take the request bytes it holds past the limit,
+    runs a call of any size when nothing else runs, and recovers."""
+    handler = GatedHandler()
+    big = "x" * 40_000
+
+    async def main():
+        async with serving(echo_services(handler), max_in_flight_bytes=100_000) as server, \
+                echo_client(server.address, timeout=8) as a, \
+                echo_client(server.address, timeout=8) as b:
+            first = [asyncio.ensure_future(c.slow(big, 0)) for c in (a, b)]
+            await wait_until(lambda: handler.running == 2, what="two big calls running")
+            with pytest.raises(RpcError, match="bytes of requests in flight") as refused:
+                await a.slow(big, 0)
+            assert refused.value.status == Status.RPC_EXCEPTION
+            assert await b.echo("small") == "small"        # small ones still fit
+            handler.gate.set()
+            assert await asyncio.gather(*first) == [big, big]
+            assert server._in_flight_bytes == 0
+            lone = "y" * 150_000                           # over the limit, but alone
+            assert await a.slow(lone, 0) == lone
+
+    run(main())
+
+
 def test_max_in_flight_per_connection_limits_each_connection_alone():
     handler = GatedHandler()
 

@@ -165,6 +165,9 @@ class Server:
     messages, bound what one request may cost; ``max_connections`` (more are
     closed on accept),
     ``max_in_flight`` and ``max_in_flight_per_connection`` (status 3 past them),
+    ``max_in_flight_bytes`` (request bytes, as decoded, of every call running
+    on the server, 256 MiB by default: status 3 past it, unless nothing else
+    runs; many peers each under their own flow control cannot add up to more),
     ``pause_reading_at`` and ``pause_reading_bytes`` (calls running on one
     connection, and request bytes they hold, at which the server stops reading
     it until both are down to half: flow control, no refusal; reading also
@@ -198,6 +201,7 @@ class Server:
                  idle_timeout: Optional[float] = 600.0, read_timeout: Optional[float] = 30.0,
                  max_connections: Optional[int] = None, max_in_flight: Optional[int] = None,
                  max_in_flight_per_connection: Optional[int] = None,
+                 max_in_flight_bytes: int = 256 * 1024 * 1024,
                  pause_reading_at: int = 1024, pause_reading_bytes: int = 64 * 1024 * 1024,
                  quotas: Optional[Mapping[str, float]] = None,
                  auth: Optional[Authenticator] = None,
@@ -207,9 +211,10 @@ class Server:
                  unregister_delay: float = 1.0,
                  metrics_port: Optional[int] = None) -> None:
         if business_threads < 1 or business_queue < 0 or pause_reading_at < 2 \
-                or pause_reading_bytes < 1:
+                or pause_reading_bytes < 1 or max_in_flight_bytes < 1:
             raise ValueError("business_threads must be at least 1, business_queue at least 0, "
-                             "pause_reading_at at least 2 and pause_reading_bytes at least 1")
+                             "pause_reading_at at least 2, and pause_reading_bytes and "
+                             "max_in_flight_bytes at least 1")
         protocol.FrameDecoder(max_frame_size)   # the reader's own check: ValueError when too small
         self.appkey = appkey
         self.host = host
@@ -222,6 +227,7 @@ class Server:
         self.max_connections = max_connections
         self.max_in_flight = max_in_flight
         self.max_in_flight_per_connection = max_in_flight_per_connection
+        self.max_in_flight_bytes = max_in_flight_bytes
         self.pause_reading_at = pause_reading_at
         self.pause_reading_bytes = pause_reading_bytes
         self.quotas = Quotas(quotas) if quotas else None
@@ -252,6 +258,7 @@ class Server:
         self._sweeper: Optional[asyncio.Task] = None
         self._connections: set = set()
         self._in_flight = 0
+        self._in_flight_bytes = 0
         self._idle: Optional[asyncio.Event] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[LoopThread] = None
@@ -556,6 +563,9 @@ class Server:
                 return Status.SECURITY_EXCEPTION, str(refused)
         if self.max_in_flight is not None and self._in_flight >= self.max_in_flight:
             return Status.RPC_EXCEPTION, f"{self.appkey} is overloaded: {self._in_flight} calls in flight"
+        if self._in_flight and self._in_flight_bytes + len(body) > self.max_in_flight_bytes:
+            return (Status.RPC_EXCEPTION, f"{self.appkey} is overloaded: "
+                    f"{self._in_flight_bytes} bytes of requests in flight")
         limit = self.max_in_flight_per_connection
         if limit is not None and reply.conn.in_flight >= limit:
             return Status.RPC_EXCEPTION, f"too many calls in flight on this connection (max {limit})"
@@ -602,6 +612,7 @@ class Server:
                      self.metrics.started(service.name, name), time.monotonic(), len(body))
         reply.conn.call_started(not is_coroutine, call.size)
         self._in_flight += 1
+        self._in_flight_bytes += call.size
         self._idle.clear()
         argv = [getattr(args, arg) for arg in method.arg_names]
         context = self._call_context(call, head)
@@ -665,6 +676,7 @@ class Server:
     def _answer(self, call: _Call, value: Any, exc: Optional[BaseException]) -> None:
         call.reply.conn.call_finished(call.size)
         self._in_flight -= 1
+        self._in_flight_bytes -= call.size
         if not self._in_flight:
             self._idle.set()
         try:
