@@ -337,6 +337,29 @@ def test_zk_json_is_the_node_json_at_the_mns_path(zookeeper_server):
     run(scenario())
 
 
+def test_zk_watching_an_appkey_creates_nothing_and_sees_its_first_provider(zookeeper_server):
+    """A consumer only reads the tree: a watch on an appkey no one provides leaves
+    no znode (a typo'd appkey stayed in the MNS tree; a read-only ACL failed)."""
+    chroot = unique("watch-only")
+
+    async def scenario():
+        async with open_registry(zookeeper_server.url(chroot)) as consumer, \
+                open_registry(zookeeper_server.url(chroot)) as provider:
+            seen = Seen()
+            consumer.watch(APPKEY, seen)
+            await wait_until(lambda: seen.states, 10, "the watch's first (empty) list")
+            client = raw_client(zookeeper_server)
+            try:
+                assert not client.exists(f"/{chroot}/octo/nameservice/prod/{APPKEY}")
+            finally:
+                client.stop()
+                client.close()
+            await provider.register(node(2000))
+            await wait_until(lambda: [n.port for n in seen.nodes] == [2000], 10,
+                             "the first provider, in a directory created after the watch")
+    run(scenario())
+
+
 def test_zk_ephemeral_node_goes_when_its_provider_is_killed(zookeeper_server):
     url = zookeeper_server.url(unique("kill"), timeout=2)
     process = start_provider(url, 2001)

@@ -8,9 +8,11 @@ that registered them (a crash, a session expiry, ``close()``).
 Threads: kazoo calls block, so the API runs them in the loop's default executor,
 each bounded by ``op_timeout`` (a request queued while ZooKeeper is away fails
 instead of hanging). Watches: for each watched appkey, a children watch on
-``provider/`` and ``route/`` and a data watch on every child. kazoo delivers
-events on its own thread; one worker thread applies them in order (reads are
-pipelined), then wakes the ``Watch`` handles, which call back on their loops.
+``provider/`` and ``route/`` (an exists watch while one is missing: watching
+creates nothing) and a data watch on every child. kazoo delivers events on its
+own thread; one worker thread applies them in order (reads are pipelined, and
+the data changes that arrive meanwhile are read as one batch), then wakes the
+``Watch`` handles, which call back on their loops.
 Sessions: after every reconnection the worker re-reads the watched appkeys;
 after a lost (expired) session it first re-creates this process's ephemeral
 nodes, keeping the operator changes it saw before the loss.
@@ -77,18 +79,28 @@ class _ZnodeDir:
         self.names: Set[str] = set()
         self.items: Dict[str, Any] = {}
         self.stopped = False
+        # children whose data changed, not read yet: a burst of changes (a scanner
+        # round) is read in one pipelined batch and delivered as one change
+        self._changed: Set[str] = set()
+        self._changed_lock = threading.Lock()
 
     def refresh(self) -> None:
         """Read every child again (a new watch, a reconnection)."""
-        self._registry._wait(self._registry._client.ensure_path_async(self.path))
         names = self._children()
         self.names = set(names)
         self.items = self._fetch(names)
         self._on_change()
 
     def _children(self) -> List[str]:
-        client = self._registry._client
-        return self._registry._wait(client.get_children_async(self.path, self._children_event))
+        """The children's names, watched; none while the znode does not exist (its
+        creation is watched instead: a consumer creates nothing in the tree)."""
+        registry, client = self._registry, self._registry._client
+        while True:
+            try:
+                return registry._wait(client.get_children_async(self.path, self._children_event))
+            except NoNodeError:
+                if registry._wait(client.exists_async(self.path, self._children_event)) is None:
+                    return []
 
     def _fetch(self, names: Iterable[str]) -> Dict[str, Any]:
         client = self._registry._client
@@ -115,14 +127,18 @@ class _ZnodeDir:
         self.items = items
         self._on_change()
 
-    def _child_changed(self, name: str) -> None:
-        if name not in self.names:   # removed since; the children watch saw to it
+    def _children_reread(self) -> None:
+        with self._changed_lock:
+            names, self._changed = self._changed, set()
+        names &= self.names   # (those removed since: the children watch saw to them)
+        if not names:
             return
-        fetched = self._fetch([name])
-        if name in fetched:
-            self.items[name] = fetched[name]
-        else:
-            self.items.pop(name, None)
+        fetched = self._fetch(names)
+        for name in names:
+            if name in fetched:
+                self.items[name] = fetched[name]
+            else:
+                self.items.pop(name, None)
         self._on_change()
 
     # kazoo's thread: hand the event to the worker.
@@ -132,7 +148,11 @@ class _ZnodeDir:
 
     def _child_event(self, event: WatchedEvent) -> None:
         if not self.stopped and event.type != EventType.NONE:
-            self._registry._submit(self._child_changed, event.path.rsplit("/", 1)[1])
+            with self._changed_lock:
+                first = not self._changed
+                self._changed.add(event.path.rsplit("/", 1)[1])
+            if first:
+                self._registry._submit(self._children_reread)
 
 
 class _AppkeyTree:
