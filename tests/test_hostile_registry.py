@@ -188,3 +188,21 @@ def test_zk_registry_skips_bad_znodes_in_list_and_watch(zookeeper_server):  # no
     finally:
         raw.stop()
         raw.close()
+
+
+@pytest.mark.parametrize("text", ["[]", "not json", '{"weight": "heavy"}', '{"status": true}',
+                                  '{"fweight": "x"}', DEEP])
+def test_a_malformed_operator_record_is_ignored_with_a_warning(text, caplog, tmp_path):
+    """A node registers with its own fields when its operator record is garbage."""
+    from octo_core.registry.base import parse_record
+
+    assert parse_record(text, "here") == {}
+    assert "malformed operator record here" in caplog.text
+
+    async def scenario():
+        async with open_registry(f"file://{tmp_path}") as registry:
+            record = tmp_path / "prod" / APPKEY / "operator" / "10.9.9.9:1.json"
+            record.parent.mkdir(parents=True)
+            record.write_text(text)
+            assert (await registry.register(Node(APPKEY, "10.9.9.9", 1, weight=4))).weight == 4
+    run(scenario())

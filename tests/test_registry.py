@@ -108,6 +108,30 @@ def test_update_operator_fields(url):
     run(scenario())
 
 
+def test_what_an_operator_set_survives_the_node_going_and_coming_back(url):
+    """PROTOCOL.md §5: STOPPED survives re-registration, also after a clean stop
+    (unregister) or a crash took the node away in between; STOPPING (the
+    server's word at a stop) does not undo it, ALIVE (an operator's) does."""
+    async def scenario():
+        async with open_registry(url) as registry:
+            await registry.register(node(2000))
+            await registry.update(APPKEY, "127.0.0.1:2000", weight=3, fweight=1.5, role=1,
+                                  warmup=30, status=NodeStatus.STOPPED)
+            await registry.update(APPKEY, "127.0.0.1:2000", status=NodeStatus.STOPPING)
+            await registry.unregister(APPKEY, "127.0.0.1:2000")
+            assert await registry.list(APPKEY) == []
+            again = await registry.register(node(2000, weight=10))
+            assert (again.weight, again.fweight, again.role, again.warmup, again.status) == \
+                (3, 1.5, 1, 30, NodeStatus.STOPPED)
+            await registry.update(APPKEY, "127.0.0.1:2000", status=NodeStatus.ALIVE)
+            await registry.unregister(APPKEY, "127.0.0.1:2000")
+            back = await registry.register(node(2000))
+            assert (back.weight, back.status) == (3, NodeStatus.ALIVE)
+            # another node of the appkey has no record: its own fields
+            assert (await registry.register(node(2001, weight=7))).weight == 7
+    run(scenario())
+
+
 def test_reregistration_keeps_operator_fields(url):
     async def scenario():
         async with open_registry(url) as registry:

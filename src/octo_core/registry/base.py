@@ -5,7 +5,9 @@ environment (prod, stage or test: the MNS tree's top level). Every backend has
 the same async API and the same rules:
 
 * ``register`` keeps what an operator set on a node already registered
-  (``Node.reregistered``) and stamps ``lastUpdateTime``;
+  (``Node.reregistered``), or, when the node is gone meanwhile (a clean stop,
+  a crash), what the operator record remembers of it (``remember``), and
+  stamps ``lastUpdateTime``;
 * nodes registered through a registry belong to it: they go away when it is
   closed or its process dies (ZooKeeper ephemeral nodes, file TTLs);
 * ``watch`` callbacks run on the event loop that called ``watch``, once with
@@ -16,6 +18,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import dataclasses
+import json
 import logging
 import math
 import threading
@@ -25,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, 
 
 from octo_core.errors import OctoError
 from octo_core.registry import schema
+from octo_core.protocol import NodeStatus
 from octo_core.registry.node import Env, Node
 
 if TYPE_CHECKING:  # cluster.routing imports registry.node: load it only when needed
@@ -182,6 +186,46 @@ def node_name(key: str) -> str:
 def stamped(node: Node) -> Node:
     """``node`` with ``lastUpdateTime`` set to now (seconds)."""
     return dataclasses.replace(node, lastUpdateTime=int(time.time()))
+
+
+def remember(record: Mapping[str, float], changes: Mapping[str, float]) -> Dict[str, float]:
+    """The operator record of a node after ``update(**changes)``: what its next
+    registration keeps though the node was gone in between (PROTOCOL.md §5:
+    STOPPED survives re-registration). Weight, fweight, role and warmup as last
+    set; STOPPED until someone sets ALIVE again (STOPPING and DEAD are the
+    server's and the scanner's words, not an operator's: they leave it)."""
+    kept = {**record, **{name: value for name, value in changes.items() if name != "status"}}
+    status = changes.get("status")
+    if status == NodeStatus.STOPPED:
+        kept["status"] = status
+    elif status == NodeStatus.ALIVE:
+        kept.pop("status", None)
+    return kept
+
+
+def record_json(record: Mapping[str, float]) -> str:
+    return json.dumps(dict(record), separators=(",", ":"), sort_keys=True)
+
+
+def parse_record(data: "str | bytes | None", where: str) -> Dict[str, float]:
+    """An operator record from its JSON; ``{}`` (and a warning) when it is not one."""
+    try:
+        record = schema.require_object(schema.loads(data or b"{}", "operator record"),
+                                       "operator record")
+        return {name: (schema.require_float(name, record[name]) if name == "fweight"
+                       else schema.require_int(name, record[name]))
+                for name in OPERATOR_FIELDS if name in record}
+    except ValueError as exc:
+        log.warning("ignoring malformed operator record %s: %s", where, exc)
+        return {}
+
+
+def registered(node: Node, previous: Optional[Node], record: Mapping[str, float]) -> Node:
+    """What ``register(node)`` stores: ``node`` keeping what an operator set on
+    ``previous`` (the entry still there), else on its ``record``; stamped."""
+    if previous is None and record:
+        previous = dataclasses.replace(node, **record)
+    return stamped(node.reregistered(previous))
 
 
 def operator_changes(**fields: Optional[float]) -> Dict[str, float]:

@@ -4,6 +4,7 @@ The layout mirrors the MNS tree::
 
     dir/{prod|stage|test}/{appkey}/provider/{ip}:{port}.json   a node, Node.to_json()
     dir/{prod|stage|test}/{appkey}/route/{id}.json            a route rule
+    dir/{prod|stage|test}/{appkey}/operator/{ip}:{port}.json  what operators set on a node
     dir/{prod|stage|test}/{appkey}/.lock                      serializes read-modify-write
 
 Writes are atomic (a temporary file, then ``os.replace``): readers never see
@@ -32,7 +33,8 @@ import time
 from typing import TYPE_CHECKING, Callable, Dict, Generic, Iterator, List, Optional, Set, Tuple, TypeVar
 
 from octo_core.registry.base import (NotRegisteredError, Registry, Snapshot, Watch, WatchCallback,
-                                     check_name, node_name, operator_changes, parse_rule, snapshot_of,
+                                     check_name, node_name, operator_changes, parse_record,
+                                     parse_rule, record_json, registered, remember, snapshot_of,
                                      stamped)
 from octo_core.registry.node import Env, Node
 
@@ -218,6 +220,9 @@ class FileRegistry(Registry):
     def _node_path(self, appkey: str, key: str) -> str:
         return os.path.join(self._appkey_dir(appkey), "provider", node_name(key) + ".json")
 
+    def _record_path(self, appkey: str, key: str) -> str:
+        return os.path.join(self._appkey_dir(appkey), "operator", node_name(key) + ".json")
+
     def _route_path(self, appkey: str, rule_id: str) -> str:
         return os.path.join(self._appkey_dir(appkey), "route", check_name(rule_id, "route id") + ".json")
 
@@ -244,10 +249,21 @@ class FileRegistry(Registry):
         """The node stored at ``path`` unless it is missing, expired or malformed."""
         return _load(path, Node.from_json, self.ttl)
 
+    def _read_record(self, appkey: str, key: str) -> Dict[str, float]:
+        path = self._record_path(appkey, key)
+        try:
+            text = read_small_file(path)[1]
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:   # not a small, readable regular file
+            log.warning("ignoring operator record %s: %s", path, exc)
+            return {}
+        return parse_record(text, path)
+
     def _register(self, node: Node) -> Node:
         path = self._node_path(node.appkey, node.key)
         with self._locked(node.appkey):
-            stored = stamped(node.reregistered(self._read_live(path)))
+            stored = registered(node, self._read_live(path), self._read_record(node.appkey, node.key))
             write_atomic(path, stored.to_json())
         return stored
 
@@ -259,6 +275,10 @@ class FileRegistry(Registry):
                 raise NotRegisteredError(f"{appkey} has no node {key}")
             stored = stamped(dataclasses.replace(current, **changes))
             write_atomic(path, stored.to_json())
+            record = self._read_record(appkey, key)
+            kept = remember(record, changes)
+            if kept != record:
+                write_atomic(self._record_path(appkey, key), record_json(kept))
         return stored
 
     def _touch(self, paths: List[str]) -> List[str]:

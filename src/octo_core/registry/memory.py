@@ -11,7 +11,8 @@ import threading
 from typing import TYPE_CHECKING, Dict, List, Optional, Set, Tuple
 
 from octo_core.registry.base import (NotRegisteredError, Registry, Snapshot, Watch, WatchCallback,
-                                     check_name, operator_changes, snapshot_of, stamped)
+                                     check_name, operator_changes, registered, remember,
+                                     snapshot_of, stamped)
 from octo_core.registry.node import Env, Node
 
 if TYPE_CHECKING:  # cluster.routing imports registry.node: import it lazily
@@ -27,6 +28,7 @@ class _Space:
         self.lock = threading.Lock()
         self.nodes: Dict[_Where, Dict[str, Node]] = {}
         self.rules: Dict[_Where, Dict[str, RouteRule]] = {}
+        self.records: Dict[_Where, Dict[str, Dict[str, float]]] = {}   # operator records
         self.watches: Dict[_Where, Set[Watch]] = {}
 
     def snapshot(self, where: _Where) -> Snapshot:
@@ -64,7 +66,8 @@ class MemoryRegistry(Registry):
         space = self._space
         with space.lock:
             nodes = space.nodes.setdefault(where, {})
-            stored = nodes[node.key] = stamped(node.reregistered(nodes.get(node.key)))
+            record = space.records.get(where, {}).get(node.key, {})
+            stored = nodes[node.key] = registered(node, nodes.get(node.key), record)
         self._owned.add((node.appkey, node.key))
         space.changed(where)
         return stored
@@ -88,6 +91,8 @@ class MemoryRegistry(Registry):
             if key not in nodes:
                 raise NotRegisteredError(f"{appkey} has no node {key}")
             stored = nodes[key] = stamped(dataclasses.replace(nodes[key], **changes))
+            records = self._space.records.setdefault(where, {})
+            records[key] = remember(records.get(key, {}), changes)
         self._space.changed(where)
         return stored
 

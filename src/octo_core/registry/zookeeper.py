@@ -1,7 +1,9 @@
 """``zk://host:port[,host:port]/chroot``: the MNS tree in ZooKeeper, through kazoo.
 
 Layout: ``{chroot}/octo/nameservice/{prod|stage|test}/{appkey}/provider/{ip}:{port}``
-holds ``Node.to_json()``, ``.../{appkey}/route/{id}`` a route rule's JSON.
+holds ``Node.to_json()``, ``.../{appkey}/route/{id}`` a route rule's JSON,
+``.../{appkey}/operator/{ip}:{port}`` what operators set on that node (an
+octo_core addition, persistent: the next registration keeps it).
 Provider nodes are ephemeral: they vanish with the session of the process
 that registered them (a crash, a session expiry, ``close()``).
 
@@ -34,7 +36,8 @@ from kazoo.protocol.states import EventType, KazooState, WatchedEvent, ZnodeStat
 
 from octo_core.registry.base import (NotRegisteredError, Registry, RegistryError, Snapshot, Watch,
                                      WatchCallback, check_name, node_name, operator_changes,
-                                     parse_rule, snapshot_of, stamped)
+                                     parse_record, parse_rule, record_json, registered, remember,
+                                     snapshot_of, stamped)
 from octo_core.registry.node import Env, Node
 
 if TYPE_CHECKING:  # cluster.routing imports registry.node: import it lazily
@@ -226,6 +229,9 @@ class ZooKeeperRegistry(Registry):
     def _node_path(self, appkey: str, key: str) -> str:
         return f"{self._appkey_path(appkey)}/provider/{node_name(key)}"
 
+    def _record_path(self, appkey: str, key: str) -> str:
+        return f"{self._appkey_path(appkey)}/operator/{node_name(key)}"
+
     def _route_path(self, appkey: str, rule_id: str) -> str:
         return f"{self._appkey_path(appkey)}/route/{check_name(rule_id, 'route id')}"
 
@@ -333,7 +339,7 @@ class ZooKeeperRegistry(Registry):
             previous = _parse(_node, path, data)
         except NoNodeError:
             previous, stat = None, None
-        stored = stamped(node.reregistered(previous))
+        stored = registered(node, previous, self._read_record(node.appkey, node.key))
         self._store(path, stored, stat)
         self._registered[path] = node
         self._seen[path] = stored
@@ -359,6 +365,10 @@ class ZooKeeperRegistry(Registry):
             if path in self._registered:   # our own node: a re-creation must keep this
                 self._registered[path] = dataclasses.replace(self._registered[path], **changes)
                 self._seen[path] = stored
+            record = self._read_record(appkey, key)
+            kept = remember(record, changes)
+            if kept != record:
+                self._put(self._record_path(appkey, key), record_json(kept).encode("utf-8"))
             return stored
         raise RegistryError(f"{path}: {_UPDATE_ATTEMPTS} concurrent writers in a row, giving up")
 
@@ -384,7 +394,16 @@ class ZooKeeperRegistry(Registry):
                 items.append(item)
         return items
 
-    def _set_route(self, path: str, data: bytes) -> None:
+    def _read_record(self, appkey: str, key: str) -> Dict[str, float]:
+        path = self._record_path(appkey, key)
+        try:
+            data, _ = self._wait(self._client.get_async(path))
+        except NoNodeError:
+            return {}
+        return parse_record(data, path)
+
+    def _put(self, path: str, data: bytes) -> None:
+        """Write a persistent znode, creating it when missing."""
         try:
             self._wait(self._client.set_async(path, data))
         except NoNodeError:
@@ -421,7 +440,7 @@ class ZooKeeperRegistry(Registry):
         return sorted(rules, key=lambda rule: rule.id)
 
     async def set_route(self, appkey: str, rule: RouteRule) -> None:
-        await self._call(self._set_route, self._route_path(appkey, rule.id),
+        await self._call(self._put, self._route_path(appkey, rule.id),
                          rule.to_json().encode("utf-8"))
 
     async def remove_route(self, appkey: str, rule_id: str) -> None:
