@@ -996,12 +996,13 @@ def test_client_options_reach_the_cluster_and_router():
         async with AsyncClient(Echo, appkey=CALLER, hosts=["127.0.0.1:1", "127.0.0.1:2"],
                                lb="leastrequest", cluster="hedging", retries=4, forks=3,
                                hedge_delay=0.02, cell="gz-set1", set_routing=True, idc="gz1",
-                               region="south", locality="region", caller_ip="10.9.8.7",
+                               region="south", locality="region", locality_threshold=0.8,
+                               caller_ip="10.9.8.7",
                                retry_budget=budget, breaker={"consecutive_failures": 9}) as client:
             cluster = client._cluster
             assert cluster.router.caller == Caller(appkey=CALLER, ip="10.9.8.7", cell="gz-set1",
                                                    set_routing=True, idc="gz1", region="south")
-            assert cluster.router.locality == "region"
+            assert (cluster.router.locality, cluster.router.locality_threshold) == ("region", 0.8)
             assert (cluster.policy, cluster.retries, cluster.forks, cluster.hedge_delay) == (
                 "hedging", 4, 3, 0.02)
             assert cluster.budget is budget
@@ -1014,6 +1015,8 @@ def test_client_options_reach_the_cluster_and_router():
             AsyncClient(Echo, appkey=CALLER, hosts=["127.0.0.1:1"], cluster="retry-forever")
         with pytest.raises(ValueError):
             AsyncClient(Echo, appkey=CALLER, hosts=["127.0.0.1:1"], locality="planet")
+        with pytest.raises(ValueError, match="locality_threshold"):
+            AsyncClient(Echo, appkey=CALLER, hosts=["127.0.0.1:1"], locality_threshold=1.5)
     run(main(), timeout=10)
 
 

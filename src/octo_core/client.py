@@ -71,7 +71,9 @@ class AsyncClient:
     ``hedging``), ``retries``, ``forks``, ``hedge_delay``, ``idempotent`` (True,
     or the method names that may be retried after they were sent; forking and
     hedging send extra copies of these only); routing:
-    ``cell``/``set_routing``, ``idc``/``region``/``locality``, ``caller_ip``
+    ``cell``/``set_routing``, ``idc``/``region``/``locality``
+    (``locality_threshold``: the share of ALIVE nodes a nearer tier needs to be
+    used alone, 0.5 by default), ``caller_ip``
     (what route rules match consumer IPs against; by default the address of
     this machine's default route).
     Nodes come from ``hosts`` (addresses) or from a ``registry`` (URL or
@@ -105,7 +107,8 @@ class AsyncClient:
                  forks: int = 2, hedge_delay: float = 0.05,
                  idempotent: Union[bool, Iterable[str]] = False, hash_arg: Optional[str] = None,
                  cell: str = "", set_routing: bool = False, idc: str = "", region: str = "",
-                 locality: Optional[str] = None, caller_ip: str = "",
+                 locality: Optional[str] = None, locality_threshold: float = 0.5,
+                 caller_ip: str = "",
                  breaker: Optional[Dict[str, Any]] = None,
                  retry_budget: Optional[RetryBudget] = None,
                  token: Optional[Union[str, bytes]] = None, sign_body: bool = False,
@@ -160,7 +163,7 @@ class AsyncClient:
         self._hash_arg = hash_arg
         caller = Caller(appkey=appkey, ip=caller_ip or default_route_ip() or "", cell=cell,
                         set_routing=set_routing, idc=idc, region=region)
-        router = Router(caller, locality=locality)
+        router = Router(caller, locality=locality, locality_threshold=locality_threshold)
         self._cluster = Cluster(router, lb=lb, policy=cluster, retries=retries, forks=forks,
                                 hedge_delay=hedge_delay, budget=retry_budget,
                                 breaker_options=breaker)
