@@ -580,3 +580,19 @@ def test_uuid_fields_of_a_newer_peer_are_skipped():
     decoder = FrameDecoder()
     frames = [f for at in range(len(message)) for f in decoder.feed(message[at:at + 1])]
     assert [(f.flags, f.body) for f in frames] == [(UNFRAMED, message)]
+
+
+def test_container_map_keys_decode_as_tuples_and_frozensets(tmp_path):
+    """A Java or C++ peer may send map<list<i32>, ...>: a Python list cannot be a
+    dict key (thriftpy2 fails there), so keys come back as the encoder takes
+    them, and re-encode to the same bytes, thriftpy2's."""
+    (tmp_path / "container_keys.thrift").write_text(
+        "struct Keys { 1: map<list<i32>, string> lists, 2: map<set<string>, i32> sets,\n"
+        "              3: map<list<list<i64>>, bool> nested }\n")
+    idl = octo_core.load_idl(str(tmp_path / "container_keys.thrift"))
+    value = idl.Keys(lists={(1, 2): "a", (): "empty"}, sets={frozenset({"x", "y"}): 3},
+                     nested={((1,), (2, 3)): True})
+    data = encode(value)
+    assert data == tp_encode(value)
+    assert decode(idl.Keys, data) == value
+    assert encode(decode(idl.Keys, data)) == data

@@ -967,6 +967,17 @@ cdef object _r_list(_Reader* r, _TypeSpec t, int depth):
     return out
 
 
+cdef object _hashable(object v):
+    """A decoded list or set made hashable to be a map key (as the encoder takes
+    them): a tuple or frozenset, nested ones too. A Java or C++ peer may send
+    map<list<i32>, ...>; a Python list cannot be a dict key."""
+    if type(v) is list:
+        return tuple([_hashable(x) for x in v])
+    if type(v) is set:
+        return frozenset([_hashable(x) for x in v])
+    return v
+
+
 cdef object _r_map(_Reader* r, _TypeSpec t, int depth):
     cdef _TypeSpec kt = t.key, vt = t.elem
     cdef Py_ssize_t i, n, at = r.pos
@@ -979,8 +990,11 @@ cdef object _r_map(_Reader* r, _TypeSpec t, int depth):
         _r_check_wire(r, vw, vt.wire, at, "map value")
     _charge(r, 2 * n, at)
     cdef dict out = {}
+    cdef bint freeze = kt.kind == T_LIST or kt.kind == T_SET
     for i in range(n):
         k = _r_value(r, kt, kt.kind, depth)
+        if freeze:
+            k = _hashable(k)
         v = _r_value(r, vt, vt.kind, depth)
         try:
             out[k] = v
