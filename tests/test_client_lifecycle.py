@@ -12,7 +12,9 @@ import concurrent.futures
 import gc
 import math
 import re
+import sys
 import threading
+import warnings
 from typing import Any, List
 
 import pytest
@@ -259,15 +261,24 @@ def test_a_client_whose_options_are_refused_leaves_no_thread_behind():
                     what="the refused clients' loop threads to end")
 
 
-def test_a_client_collected_unclosed_warns_and_leaves_no_thread_or_connection():
+@pytest.mark.parametrize("warnings_are", ["warnings", "errors"])
+def test_a_client_collected_unclosed_warns_and_leaves_no_thread_or_connection(warnings_are,
+                                                                              monkeypatch):
+    unraisable: List[Any] = []    # (the warning raised as an error, in the finalizer)
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
     with serving_in_thread(echo_services()) as server:
         before = len(client_threads())
         client = octo_core.Client(Echo, appkey=CLIENT_APPKEY, hosts=[server.address], timeout=5)
         assert client.echo("used once") == "used once"
         wait_until_sync(lambda: len(server._connections) == 1, what="the client's connection")
-        with pytest.warns(ResourceWarning, match="without close"):
+        with warnings.catch_warnings(record=True) as seen:
+            # (-W error turns the warning into an error: the client closes all the same)
+            warnings.simplefilter("error" if warnings_are == "errors" else "always",
+                                  ResourceWarning)
             del client
             gc.collect()
+        said = [str(w.message) for w in seen] + [str(u.exc_value) for u in unraisable]
+        assert said == ["an octo_core Client was collected without close(): it is being closed"]
         wait_until_sync(lambda: len(client_threads()) == before,
                         what="the collected client's loop thread to end")
         wait_until_sync(lambda: not server._connections, what="its connection to close")

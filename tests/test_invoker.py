@@ -1010,7 +1010,8 @@ def test_client_options_reach_the_cluster_and_router():
             assert {n.key for n in cluster.router.nodes} == {"127.0.0.1:1", "127.0.0.1:2"}
         # without caller_ip, route rules match the address of the default route
         async with AsyncClient(Echo, appkey=CALLER, hosts=["127.0.0.1:1"]) as plain:
-            assert plain._cluster.router.caller.ip == (default_route_ip() or "")
+            assert plain._cluster.router.caller.ip == (default_route_ip() or
+                                                       default_route_ip(ipv6=True) or "")
         with pytest.raises(ValueError):
             AsyncClient(Echo, appkey=CALLER, hosts=["127.0.0.1:1"], cluster="retry-forever")
         with pytest.raises(ValueError):

@@ -150,9 +150,9 @@ class AsyncClient:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._loop_thread: Optional[int] = None
         self._methods = idl.methods(service)
-        # the message name native thrift sends for each method
         # the service name the server dispatches by, if the wire carries one
         self._named_service = self.service_name if self.unified or multiplexed else None
+        # the message name native thrift sends for each method
         self._wire_names = {name: f"{self.service_name}:{name}" if multiplexed else name
                             for name in self._methods}
         self._idempotent = (set(self._methods) if idempotent is True
@@ -161,7 +161,8 @@ class AsyncClient:
             raise ValueError(f"hash_arg {hash_arg!r} is no argument of any method of "
                              f"{service.__name__}")
         self._hash_arg = hash_arg
-        caller = Caller(appkey=appkey, ip=caller_ip or default_route_ip() or "", cell=cell,
+        caller_ip = caller_ip or default_route_ip() or default_route_ip(ipv6=True) or ""
+        caller = Caller(appkey=appkey, ip=caller_ip, cell=cell,
                         set_routing=set_routing, idc=idc, region=region)
         router = Router(caller, locality=locality, locality_threshold=locality_threshold)
         self._cluster = Cluster(router, lb=lb, policy=cluster, retries=retries, forks=forks,
@@ -651,9 +652,9 @@ def _close_soon(thread: LoopThread, client: AsyncClient) -> None:
 def _close_collected(thread: LoopThread, client: AsyncClient) -> None:
     """A ``Client`` collected unclosed: say so, and close it (never blocking the
     collector, which may run on any thread)."""
-    warnings.warn("an octo_core Client was collected without close(): closing it now",
-                  ResourceWarning, stacklevel=2)
-    _close_soon(thread, client)
+    _close_soon(thread, client)   # first: a warnings filter may turn the warning into an error
+    warnings.warn("an octo_core Client was collected without close(): it is being closed",
+                  ResourceWarning)
 
 
 def _closed_error(method: Optional[str] = None) -> TransportError:
