@@ -20,6 +20,8 @@ from typing import Dict, List
 
 import pytest
 
+import octo_core
+
 from octo_core.auth import Authenticator, StaticTokens
 from octo_core.errors import (CallTimeout, DegradeError, OctoError, RpcError, Status,
                               TransportError)
@@ -188,6 +190,10 @@ def test_max_in_flight_bytes_bounds_the_requests_all_connections_hold_together()
             assert await a.slow(lone, 0) == lone
 
     run(main())
+    with pytest.raises(ValueError, match="max_in_flight_bytes"):
+        octo_core.Server("com.example.limits", max_in_flight_bytes=0)
+    assert octo_core.Server("com.example.limits", max_in_flight_bytes=None).max_in_flight_bytes \
+        is None   # no limit
 
 
 def test_max_in_flight_per_connection_limits_each_connection_alone():

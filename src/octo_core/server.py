@@ -166,8 +166,9 @@ class Server:
     closed on accept),
     ``max_in_flight`` and ``max_in_flight_per_connection`` (status 3 past them),
     ``max_in_flight_bytes`` (request bytes, as decoded, of every call running
-    on the server, 256 MiB by default: status 3 past it, unless nothing else
-    runs; many peers each under their own flow control cannot add up to more),
+    on the server, 256 MiB by default, None for no limit: status 3 past it,
+    unless nothing else runs; many peers each under their own flow control
+    cannot add up to more),
     ``pause_reading_at`` and ``pause_reading_bytes`` (calls running on one
     connection, and request bytes they hold, at which the server stops reading
     it until both are down to half: flow control, no refusal; reading also
@@ -201,7 +202,7 @@ class Server:
                  idle_timeout: Optional[float] = 600.0, read_timeout: Optional[float] = 30.0,
                  max_connections: Optional[int] = None, max_in_flight: Optional[int] = None,
                  max_in_flight_per_connection: Optional[int] = None,
-                 max_in_flight_bytes: int = 256 * 1024 * 1024,
+                 max_in_flight_bytes: Optional[int] = 256 * 1024 * 1024,
                  pause_reading_at: int = 1024, pause_reading_bytes: int = 64 * 1024 * 1024,
                  quotas: Optional[Mapping[str, float]] = None,
                  auth: Optional[Authenticator] = None,
@@ -211,7 +212,8 @@ class Server:
                  unregister_delay: float = 1.0,
                  metrics_port: Optional[int] = None) -> None:
         if business_threads < 1 or business_queue < 0 or pause_reading_at < 2 \
-                or pause_reading_bytes < 1 or max_in_flight_bytes < 1:
+                or pause_reading_bytes < 1 \
+                or (max_in_flight_bytes is not None and max_in_flight_bytes < 1):
             raise ValueError("business_threads must be at least 1, business_queue at least 0, "
                              "pause_reading_at at least 2, and pause_reading_bytes and "
                              "max_in_flight_bytes at least 1")
@@ -563,7 +565,9 @@ class Server:
                 return Status.SECURITY_EXCEPTION, str(refused)
         if self.max_in_flight is not None and self._in_flight >= self.max_in_flight:
             return Status.RPC_EXCEPTION, f"{self.appkey} is overloaded: {self._in_flight} calls in flight"
-        if self._in_flight and self._in_flight_bytes + len(body) > self.max_in_flight_bytes:
+        bytes_limit = self.max_in_flight_bytes
+        if bytes_limit is not None and self._in_flight \
+                and self._in_flight_bytes + len(body) > bytes_limit:
             return (Status.RPC_EXCEPTION, f"{self.appkey} is overloaded: "
                     f"{self._in_flight_bytes} bytes of requests in flight")
         limit = self.max_in_flight_per_connection
