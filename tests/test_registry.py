@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from typing import List, Tuple
 
@@ -21,6 +22,7 @@ from kazoo.client import KazooClient
 
 from octo_core.cluster.routing import RouteRule
 from octo_core.protocol import NodeStatus
+from octo_core.registry.file import write_atomic
 from octo_core.registry import (Directory, Env, Node, NotRegisteredError, Registry, RegistryError,
                                 open_registry)
 
@@ -173,6 +175,22 @@ def test_a_node_without_start_time_warms_up_from_its_last_update_as_java_provide
     assert java.effective_weight(now=1_030) == pytest.approx(5.0)
     ours = node(2000, weight=10, warmup=60, lastUpdateTime=1_050, startTime=1_000)
     assert ours.effective_weight(now=1_060) == 10.0
+
+
+def test_an_update_does_not_restart_a_java_providers_warm_up(tmp_path):
+    """A node without startTime warms up from lastUpdateTime, which an update
+    (an operator's, the scanner's) moves: the old clock is kept as startTime."""
+    started = int(time.time()) - 3600
+    java = Node(APPKEY, "10.0.0.9", 9000, weight=10, warmup=60, lastUpdateTime=started)
+
+    async def scenario():
+        async with open_registry(f"file://{tmp_path}?ttl=600") as registry:
+            path = registry._node_path(APPKEY, java.key)
+            write_atomic(path, java.to_json())          # as the Java provider wrote it
+            updated = await registry.update(APPKEY, java.key, weight=20)
+            assert updated.startTime == started and updated.lastUpdateTime > started
+            assert updated.effective_weight() == 20.0    # warm long ago: no new ramp
+    run(scenario())
 
 
 def test_watch_sees_every_change_on_the_loop(url):

@@ -184,8 +184,10 @@ def node_name(key: str) -> str:
 
 
 def stamped(node: Node) -> Node:
-    """``node`` with ``lastUpdateTime`` set to now (seconds)."""
-    return dataclasses.replace(node, lastUpdateTime=int(time.time()))
+    """``node`` with ``lastUpdateTime`` set to now (seconds). A node without
+    ``startTime`` (a Java provider's) warms up from its ``lastUpdateTime``: that
+    clock moves to ``startTime`` first, so an update is no restart."""
+    return dataclasses.replace(node, lastUpdateTime=int(time.time()), startTime=node.started)
 
 
 def remember(record: Mapping[str, float], changes: Mapping[str, float]) -> Dict[str, float]:
