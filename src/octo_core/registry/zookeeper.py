@@ -27,7 +27,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Set
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
@@ -339,7 +339,7 @@ class ZooKeeperRegistry(Registry):
             previous = _parse(_node, path, data)
         except NoNodeError:
             previous, stat = None, None
-        stored = registered(node, previous, self._read_record(node.appkey, node.key))
+        stored = registered(node, previous, self._read_record(node.appkey, node.key)[0])
         self._store(path, stored, stat)
         self._registered[path] = node
         self._seen[path] = stored
@@ -365,10 +365,7 @@ class ZooKeeperRegistry(Registry):
             if path in self._registered:   # our own node: a re-creation must keep this
                 self._registered[path] = dataclasses.replace(self._registered[path], **changes)
                 self._seen[path] = stored
-            record = self._read_record(appkey, key)
-            kept = remember(record, changes)
-            if kept != record:
-                self._put(self._record_path(appkey, key), record_json(kept).encode("utf-8"))
+            self._remember(appkey, key, changes)
             return stored
         raise RegistryError(f"{path}: {_UPDATE_ATTEMPTS} concurrent writers in a row, giving up")
 
@@ -394,13 +391,33 @@ class ZooKeeperRegistry(Registry):
                 items.append(item)
         return items
 
-    def _read_record(self, appkey: str, key: str) -> Dict[str, float]:
+    def _read_record(self, appkey: str, key: str) -> Tuple[Dict[str, float], Optional[ZnodeStat]]:
         path = self._record_path(appkey, key)
         try:
-            data, _ = self._wait(self._client.get_async(path))
+            data, stat = self._wait(self._client.get_async(path))
         except NoNodeError:
-            return {}
-        return parse_record(data, path)
+            return {}, None
+        return parse_record(data, path), stat
+
+    def _remember(self, appkey: str, key: str, changes: Dict[str, float]) -> None:
+        """Add ``changes`` to the node's operator record; versioned like the node's
+        own write: two operators at once both get theirs kept."""
+        path = self._record_path(appkey, key)
+        for _ in range(_UPDATE_ATTEMPTS):
+            record, stat = self._read_record(appkey, key)
+            kept = remember(record, changes)
+            if kept == record:
+                return
+            data = record_json(kept).encode("utf-8")
+            try:
+                if stat is None:
+                    self._wait(self._client.create_async(path, data, makepath=True))
+                else:
+                    self._wait(self._client.set_async(path, data, stat.version))
+                return
+            except (BadVersionError, NodeExistsError, NoNodeError):   # someone wrote in between
+                continue
+        raise RegistryError(f"{path}: {_UPDATE_ATTEMPTS} concurrent writers in a row, giving up")
 
     def _put(self, path: str, data: bytes) -> None:
         """Write a persistent znode, creating it when missing."""
