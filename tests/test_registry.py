@@ -402,6 +402,33 @@ def test_zk_watching_an_appkey_creates_nothing_and_sees_its_first_provider(zooke
     run(scenario())
 
 
+def test_zk_two_operators_at_once_both_stay_in_the_operator_record(zookeeper_server):
+    """Both read the record before either writes it: the versioned write makes the
+    second read again, so the next registration keeps weight 0 and STOPPED."""
+    url = zookeeper_server.url(unique("record-race"))
+
+    async def scenario():
+        async with open_registry(url) as provider, open_registry(url) as a, \
+                open_registry(url) as b:
+            await provider.register(node(2000))
+            both_read = threading.Barrier(2, timeout=10)
+            for operator in (a, b):
+                first_read = operator._read_record
+
+                def read_then_wait(appkey, key, _read=first_read, _operator=operator):
+                    _operator._read_record = _read          # only the first read waits
+                    record = _read(appkey, key)
+                    both_read.wait()
+                    return record
+                operator._read_record = read_then_wait
+            await asyncio.gather(a.update(APPKEY, "127.0.0.1:2000", weight=0),
+                                 b.update(APPKEY, "127.0.0.1:2000", status=NodeStatus.STOPPED))
+            await provider.unregister(APPKEY, "127.0.0.1:2000")
+            back = await provider.register(node(2000))
+            assert (back.weight, back.status) == (0, NodeStatus.STOPPED)
+    run(scenario())
+
+
 def test_zk_ephemeral_node_goes_when_its_provider_is_killed(zookeeper_server):
     url = zookeeper_server.url(unique("kill"), timeout=2)
     process = start_provider(url, 2001)
