@@ -36,6 +36,12 @@ log = logging.getLogger("octo_core.server")
 
 UNKNOWN = "(unknown)"   # the metrics name of services and methods this server does not have
 
+# Enum members every call uses, read as globals: on Python 3.11 ``Status.SUCCESS``
+# and the like go through EnumType's __getattr__ hook, several times slower.
+_SUCCESS = Status.SUCCESS
+_ALIVE = NodeStatus.ALIVE
+_HEARTBEATS = (MessageType.NORMAL_HEARTBEAT, MessageType.SCANNER_HEARTBEAT)
+
 
 class _Service(NamedTuple):
     name: str
@@ -498,7 +504,7 @@ class Server:
             conn.reject(protocol.ProtocolError("a response frame was sent to the server"))
             return
         reply = _Reply(conn, frame.flags & protocol.MIRRORED_FLAGS, head.sequence_id, True)
-        if head.message_type in (MessageType.NORMAL_HEARTBEAT, MessageType.SCANNER_HEARTBEAT):
+        if head.message_type in _HEARTBEATS:
             self._heartbeat(reply, head.message_type)
             return
         service = self._services.get(head.service_name)
@@ -549,7 +555,7 @@ class Server:
     def _admission(self, service: _Service, name: str, reply: _Reply, head: Optional[_codec.Head],
                    body: Any) -> Optional[Tuple[int, str]]:
         """Why a request may not run now (status, message), or None to run it."""
-        if self.status != NodeStatus.ALIVE:
+        if self.status != _ALIVE:
             return Status.RPC_EXCEPTION, f"{self.appkey} is {self.status.name.lower()}"
         caller = (head.client_appkey or "") if head is not None else ""
         if self.auth is not None:
@@ -736,7 +742,7 @@ class Server:
                 reply.app_exception(name, seqid, TApplicationException.INTERNAL_ERROR,
                                     f"{name}: its result cannot be sent: {bad}")
                 return Status.APPLICATION_EXCEPTION
-        return Status.SUCCESS
+        return _SUCCESS
 
     def _heartbeat(self, reply: _Reply, message_type: int) -> None:
         uptime = max(time.monotonic() - self._started_at, 1e-3)

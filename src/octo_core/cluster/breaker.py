@@ -13,6 +13,11 @@ class BreakerState(enum.Enum):
     HALF_OPEN = "half-open"
 
 
+# The states as globals: on Python 3.11 ``BreakerState.CLOSED`` goes through
+# EnumType's __getattr__ hook, several times slower, and every call asks its breaker.
+_CLOSED, _OPEN, _HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
+
+
 class _Window:
     """Counts per one-second bucket over the last ``seconds`` seconds: O(1) to add to."""
 
@@ -62,7 +67,7 @@ class CircuitBreaker:
         self.backoff_max = backoff_max
         self._clock = clock
         self._on_change = on_change
-        self.state = BreakerState.CLOSED
+        self.state = _CLOSED
         self._streak = 0
         self._window = _Window(int(window), 2)     # [calls, failures] per second
         self._backoff = 0.0
@@ -71,32 +76,32 @@ class CircuitBreaker:
 
     def allows(self) -> bool:
         """May a call go through now? (Claims the half-open probe when it does.)"""
-        if self.state is BreakerState.CLOSED:
+        if self.state is _CLOSED:
             return True
-        if self.state is BreakerState.OPEN and self._clock() >= self._reopen_at:
-            self._set(BreakerState.HALF_OPEN)
-        if self.state is BreakerState.HALF_OPEN and not self._probing:
+        if self.state is _OPEN and self._clock() >= self._reopen_at:
+            self._set(_HALF_OPEN)
+        if self.state is _HALF_OPEN and not self._probing:
             self._probing = True
             return True
         return False
 
     def available(self) -> bool:
         """Would a call be allowed, without claiming the probe (for routing)?"""
-        if self.state is BreakerState.CLOSED:
+        if self.state is _CLOSED:
             return True
-        if self.state is BreakerState.OPEN:
+        if self.state is _OPEN:
             return self._clock() >= self._reopen_at
         return not self._probing
 
     def record(self, ok: bool) -> None:
         """The outcome of a call that went through."""
         now = self._clock()
-        if self.state is BreakerState.HALF_OPEN:
+        if self.state is _HALF_OPEN:
             self._probing = False
             if ok:
                 self._backoff = 0.0
                 self._reset_window()
-                self._set(BreakerState.CLOSED)
+                self._set(_CLOSED)
             else:
                 self._open(now)
             return
@@ -107,7 +112,7 @@ class CircuitBreaker:
             return       # a success never opens the breaker: nothing more to check
         bucket[1] += 1
         self._streak += 1
-        if self.state is not BreakerState.CLOSED:
+        if self.state is not _CLOSED:
             return
         if self._streak >= self.consecutive_failures:
             self._open(now)
@@ -120,7 +125,7 @@ class CircuitBreaker:
         self._backoff = min(self.backoff_max, max(self.backoff_min, self._backoff * 2))
         self._reopen_at = now + self._backoff * random.uniform(0.8, 1.2)
         self._reset_window()
-        self._set(BreakerState.OPEN)
+        self._set(_OPEN)
 
     def _reset_window(self) -> None:
         self._window.clear()
