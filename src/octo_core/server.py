@@ -267,7 +267,9 @@ class Server:
         self._connections: set = set()
         self._in_flight = 0
         self._in_flight_bytes = 0
-        self._idle: Optional[asyncio.Event] = None
+        # stop()'s wait for the calls in flight: made by stop(), set by the last answer
+        # (no event toggled by every call: an eager handler takes it 0 -> 1 -> 0)
+        self._drained: Optional[asyncio.Future] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[LoopThread] = None
 
@@ -309,8 +311,6 @@ class Server:
         if self._listener is not None:
             raise RuntimeError(f"{self.appkey} is already started on {self.address}")
         self._loop = asyncio.get_running_loop()
-        self._idle = asyncio.Event()
-        self._idle.set()
 
         def make_connection() -> ServerConnection:
             return ServerConnection(self._dispatch, self._connections, self.max_frame_size,
@@ -405,8 +405,10 @@ class Server:
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._in_flight:
+            if self._drained is None:
+                self._drained = self._loop.create_future()
             try:
-                await asyncio.wait_for(self._idle.wait(), grace)
+                await asyncio.wait_for(asyncio.shield(self._drained), grace)
             except asyncio.TimeoutError:
                 log.warning("%s: %d calls still running after %.1fs grace; cancelling the "
                             "coroutine handlers", self.appkey, self._in_flight, grace)
@@ -623,7 +625,6 @@ class Server:
         reply.conn.call_started(not is_coroutine, call.size)
         self._in_flight += 1
         self._in_flight_bytes += call.size
-        self._idle.clear()
         argv = [getattr(args, arg) for arg in method.arg_names]
         context = self._call_context(call, head)
         if is_coroutine:
@@ -687,8 +688,9 @@ class Server:
         call.reply.conn.call_finished(call.size)
         self._in_flight -= 1
         self._in_flight_bytes -= call.size
-        if not self._in_flight:
-            self._idle.set()
+        if not self._in_flight and self._drained is not None:
+            self._drained.set_result(None)
+            self._drained = None
         try:
             status = self._reply(call, value, exc)
         except Exception as bug:   # the answer itself failed: answer that, never leave the caller waiting
