@@ -252,10 +252,8 @@ class AsyncClient:
         key = getattr(request, self._hash_arg, None) if self._hash_arg else None
 
         span = child_span()
-
-        def send(node: Node, remaining: float) -> Awaitable[Any]:
-            return self._send(method, request, node, remaining, tags, span)
-
+        # the cluster calls send(node, remaining) per attempt (a partial: no closure frame)
+        send = functools.partial(self._send, method, request, tags, span)
         stats = self.metrics.started(self.service_name, method.name)
         ends = _span_started("client", self.service_name, method.name, span)
         started = time.monotonic()
@@ -330,8 +328,8 @@ class AsyncClient:
                 endpoint.close()
         return endpoint
 
-    def _send(self, method: idl.Method, request: Any, node: Node, timeout: float,
-              tags: Mapping[str, str], span: Span) -> Awaitable[Any]:
+    def _send(self, method: idl.Method, request: Any, tags: Mapping[str, str], span: Span,
+              node: Node, timeout: float) -> Awaitable[Any]:
         """One attempt on one node. With a connection ready the request is written
         now and the reply's future returned: the reply is decoded as it is read
         (``_result``), and the caller awaits no coroutine of ours."""
