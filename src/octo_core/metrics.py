@@ -64,7 +64,8 @@ class Metrics:
 
     def started(self, service: str, method: str) -> MethodStats:
         """A call began; returns the stats to pass to ``finished``."""
-        stats = self._stats(service, method)
+        # (``_stats`` only for a method's first call: this is every call's path, twice)
+        stats = self._methods.get((service, method)) or self._stats(service, method)
         stats.in_flight += 1
         return stats
 
@@ -72,15 +73,18 @@ class Metrics:
     def finished(stats: MethodStats, seconds: float, status: int = 0) -> None:
         """A call that ``started`` ended after ``seconds`` with OCTO ``status`` (0 = success)."""
         stats.in_flight -= 1
-        Metrics.record(stats, seconds, status)
-
-    @staticmethod
-    def record(stats: MethodStats, seconds: float, status: int = 0) -> None:
         stats.calls += 1
         if status:
             stats.errors[status] += 1
         stats.buckets[bisect.bisect_left(BOUNDS, seconds)] += 1
         stats.total_seconds += seconds
+
+    @staticmethod
+    def record(stats: MethodStats, seconds: float, status: int = 0) -> None:
+        """A call that did not go through ``started`` (a refusal): counted as one
+        that started and ended at once."""
+        stats.in_flight += 1
+        Metrics.finished(stats, seconds, status)
 
     def refused(self, service: str, method: str, status: int) -> None:
         """A call refused before it ran (no latency to speak of)."""
