@@ -153,12 +153,16 @@ def start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any],
     """
     if _EAGER_START:
         return asyncio.Task(coro, loop=loop, context=context, eager_start=True)
-    if asyncio.current_task(loop) is not None:   # <3.12 cannot nest tasks: start it normally
+    if _current_tasks.get(loop) is not None:   # <3.12 cannot nest tasks: start it normally
         return context.run(loop.create_task, coro)   # (the task copies ``context``)
     return _EagerTask(coro, loop, context)
 
 
 _EAGER_START = sys.version_info >= (3, 12)
+if not _EAGER_START:
+    # what asyncio.current_task(loop) reads, without its Python frame (every call's path)
+    _current_tasks = asyncio.tasks._current_tasks  # type: ignore[attr-defined]
+    _PENDING = asyncio.futures._PENDING  # type: ignore[attr-defined]
 
 
 class _EagerTask(asyncio.tasks._PyTask):  # type: ignore[name-defined,misc]
@@ -178,3 +182,10 @@ class _EagerTask(asyncio.tasks._PyTask):  # type: ignore[name-defined,misc]
         context.run(self._Task__step)
         if not self.done():       # it suspended: asyncio.all_tasks() should see it now
             asyncio.tasks._register_task(self)
+
+    def __del__(self) -> None:
+        # The inherited __del__ (Task's, then Future's through super()) logs only a
+        # task still pending or an exception never retrieved: this checks both
+        # without its two frames, as every handler's task ends here.
+        if self._state == _PENDING or self._Future__log_traceback:
+            super().__del__()
