@@ -21,7 +21,7 @@ from octo_core.cluster.invoker import Cluster
 from octo_core.cluster.routing import Caller, RouteRule, Router
 from octo_core.auth import Signer
 from octo_core.codec import Limits
-from octo_core.context import Span, _span_started, child_span, global_context
+from octo_core.context import _GLOBAL, _HOOKS, Span, _span_started, child_span
 from octo_core.metrics import Metrics
 from octo_core.errors import (ApplicationError, CallTimeout, DecodeError, DegradeError,
                               EncodeError, OctoError, ProtocolError, RemoteError, RpcError,
@@ -248,14 +248,14 @@ class AsyncClient:
             request = method.args_cls(*args, **kwargs)
         except TypeError as exc:
             raise TypeError(f"{method.name}: {exc}") from None
-        tags = global_context()
+        tags = _GLOBAL.get()     # global_context(), minus its frame
         key = getattr(request, self._hash_arg, None) if self._hash_arg else None
 
         span = child_span()
         # the cluster calls send(node, remaining) per attempt (a partial: no closure frame)
         send = functools.partial(self._send, method, request, tags, span)
         stats = self.metrics.started(self.service_name, method.name)
-        ends = _span_started("client", self.service_name, method.name, span)
+        ends = _span_started("client", self.service_name, method.name, span) if _HOOKS else None
         started = time.monotonic()
         status = _SUCCESS
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional
 
@@ -30,10 +31,9 @@ class Span(NamedTuple):
     parent_id: Optional[str] = None
 
 
-def _new_span(fields: tuple) -> Span:
-    """``Span(*fields)`` without the Python-level ``__new__`` NamedTuple generates
-    (it is a per-call cost on both sides)."""
-    return tuple.__new__(Span, fields)
+#: ``_new_span(fields)`` is ``Span(*fields)`` without the Python-level ``__new__``
+#: NamedTuple generates, and without a frame of its own: a per-call cost on both sides.
+_new_span: Callable[[tuple], Span] = functools.partial(tuple.__new__, Span)
 
 
 # hook(side, service, method, span) -> None or a function called with the OCTO status at the end
@@ -79,13 +79,13 @@ def add_span_hook(hook: SpanHook) -> Callable[[], None]:
     return lambda: _HOOKS.remove(hook)
 
 
-def _span_started(side: str, service: str, method: str, span: Span) -> Optional[List[Callable[[int], None]]]:
+def _span_started(side: str, service: str, method: str, span: Span) -> List[Callable[[int], None]]:
     """Tell the hooks a span began; returns the callbacks to give its status at the end.
 
     A hook that raises is logged and skipped: tracing must never break a call.
+    Callers check ``_HOOKS`` first: with none (the usual case) a call makes no
+    frame here.
     """
-    if not _HOOKS:
-        return None
     ends = []
     for hook in list(_HOOKS):
         try:

@@ -643,7 +643,9 @@ class Server:
         span = None
         if head is not None and head.trace_id:
             span = _context._new_span((head.trace_id, head.span_id or _codec.new_id(), None))
-            call.span_ends = _context._span_started("server", call.service.name, call.method.name, span)
+            if _context._HOOKS:
+                call.span_ends = _context._span_started("server", call.service.name,
+                                                        call.method.name, span)
         context = contextvars.copy_context()
         context.run(_context._enter, head.global_context if head is not None else None, span)
         return context
