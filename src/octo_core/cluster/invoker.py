@@ -160,8 +160,7 @@ class Cluster:
             self._degraded[node.key] = self._running_loop().time() + retry_in
 
     def _excluded(self, tried: Set[str]) -> Set[str]:
-        if not self._unhealthy and not self._degraded:
-            return tried
+        """``tried`` and the nodes health rules out now (some are unhealthy or degraded)."""
         excluded = set(tried)
         for key in self._unhealthy:
             breaker = self._breakers[key]
@@ -203,7 +202,8 @@ class Cluster:
         routed = self.router.route_for(tag_key)
         if not routed.nodes:
             raise NoRouteError("no node is available for this call")
-        excluded = self._excluded(tried)
+        # (no call at all while every node is healthy: this is every call's path)
+        excluded = self._excluded(tried) if self._unhealthy or self._degraded else tried
         balancer = self._balancer(tag_key, routed)
         node = balancer.select(key=key, exclude=excluded or None)
         if node is None:
@@ -288,7 +288,7 @@ class Cluster:
         remaining = deadline - self._loop.time()
         if remaining <= 0:    # the caller's deadline: no node to blame
             raise CallTimeout("the call's deadline passed before an attempt was sent")
-        breaker = self.breaker(node)
+        breaker = self._breakers.get(node.key) or self.breaker(node)   # (made at a first call)
         if not breaker.allows():
             raise DegradeError("circuit open", node=node.key)
         learns = balancer.learns
