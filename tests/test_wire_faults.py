@@ -25,8 +25,8 @@ from octo_core.errors import (ApplicationError, CallTimeout, EncodeError, OctoEr
                               RpcError, Status, TransportError)
 from octo_core.protocol import Header, NodeStatus
 
-from wire_helpers import (ECHO_IDL, LOCALHOST, Echo, EchoHandler, GoodCaller, async_client,
-                          decode_body, echo_services, framed_request, raw_connection,
+from wire_helpers import (ECHO_IDL, LOCALHOST, Echo, EchoHandler, GoodCaller, _build_server,
+                          async_client, decode_body, echo_services, framed_request, raw_connection,
                           refusing_port, run, serving, serving_in_thread, short_tmpdir, sync_client,
                           unified_request, wait_until, watchdog)  # noqa: F401  (fixture)
 
@@ -796,6 +796,36 @@ def test_a_handler_calling_sys_exit_fails_its_call_not_the_server():
             assert await client.echo("still serving") == "still serving"
 
     run(main())
+
+
+def test_a_server_restarted_on_a_new_loop_after_a_stop_that_timed_out_stops_cleanly():
+    """The first stop gives up on a plain handler that never returns, and its loop
+    closes; started again on a new loop, the server's next stop neither fails
+    (on the first stop's leftovers) nor counts the lost call as in flight."""
+    handler = EchoHandler()
+    server = _build_server(echo_services(handler), LOCALHOST, 0)
+
+    async def first():
+        await server.start()
+        async with async_client(Echo, server.address, timeout=20) as client:
+            blocked = asyncio.ensure_future(client.block("forever"))
+            await wait_until(lambda: handler.entered.qsize() == 1)
+            await server.stop(grace=0.1)
+            await asyncio.gather(blocked, return_exceptions=True)
+
+    async def second():
+        await server.start()
+        assert server._in_flight == 0
+        async with async_client(Echo, server.address, timeout=20) as client:
+            call = asyncio.ensure_future(client.slow("again", 100))
+            await wait_until(lambda: handler.slow_started == 1)
+            await asyncio.wait_for(server.stop(grace=10), 15)
+            assert await call == "again"
+        assert server._in_flight == 0
+
+    run(first())
+    handler.release.set()      # (its answer has no loop to go to)
+    run(second())
 
 
 def test_business_threads_cannot_keep_the_process_alive_after_a_stop():

@@ -310,7 +310,11 @@ class Server:
             raise RuntimeError("add_service() before start()")
         if self._listener is not None:
             raise RuntimeError(f"{self.appkey} is already started on {self.address}")
-        self._loop = asyncio.get_running_loop()
+        previous, self._loop = self._loop, asyncio.get_running_loop()
+        self._drained = None   # (a stop that timed out may have left one, maybe of another loop)
+        if previous is not None and previous.is_closed():
+            # calls still running when their loop closed can never be answered: none is in flight
+            self._in_flight = self._in_flight_bytes = 0
 
         def make_connection() -> ServerConnection:
             return ServerConnection(self._dispatch, self._connections, self.max_frame_size,
