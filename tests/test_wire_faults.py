@@ -12,6 +12,7 @@ import contextlib
 import os
 import struct
 import sys
+import threading
 import time
 import zlib
 from typing import AsyncIterator
@@ -640,6 +641,7 @@ async def _first_success(client, text: str = "back", patience: float = 10.0):
 
 DOOMED_SERVER = r"""
 import asyncio, os, sys, time
+
 import octo_core
 
 echo = octo_core.load_idl(sys.argv[1], module_name="doomed_echo_thrift")
@@ -798,10 +800,11 @@ def test_a_handler_calling_sys_exit_fails_its_call_not_the_server():
     run(main())
 
 
-def test_a_server_restarted_on_a_new_loop_after_a_stop_that_timed_out_stops_cleanly():
+def test_a_server_restarted_on_a_new_loop_after_a_stop_that_timed_out_stops_cleanly(caplog):
     """The first stop gives up on a plain handler that never returns, and its loop
-    closes; started again on a new loop, the server's next stop neither fails
-    (on the first stop's leftovers) nor counts the lost call as in flight."""
+    closes; the handler ends later, with no loop to answer on (and no error for
+    it); started again on a new loop, the server's next stop neither fails (on
+    the first stop's leftovers) nor counts the lost call as in flight."""
     handler = EchoHandler()
     server = _build_server(echo_services(handler), LOCALHOST, 0)
 
@@ -824,15 +827,42 @@ def test_a_server_restarted_on_a_new_loop_after_a_stop_that_timed_out_stops_clea
         assert server._in_flight == 0
 
     run(first())
+    business = [t for t in threading.enumerate() if t.name.startswith("octo-biz-")]
     handler.release.set()      # (its answer has no loop to go to)
+    for thread in business:
+        thread.join(5)
+    assert "Event loop is closed" not in caplog.text
     run(second())
+
+
+def test_a_handler_that_stops_its_own_server_gets_its_answer_out_and_the_stop_completes():
+    """An "admin shutdown" method: stop() cannot wait for the call it runs in, so
+    it starts the stop and returns; the caller gets the answer, then the server
+    stops whole (it waited out its grace and cancelled itself halfway)."""
+    class Stopping(EchoHandler):
+        server: octo_core.Server
+
+        async def slow(self, text: str, delay_ms: int) -> str:
+            await self.server.stop(grace=10)
+            return f"stopping: {text}"
+
+    handler = Stopping()
+
+    async def main():
+        async with serving(echo_services(handler)) as server, \
+                async_client(Echo, server.address, timeout=20) as client:
+            handler.server = server
+            assert await client.slow("bye", 0) == "stopping: bye"
+            await wait_until(lambda: server.status == NodeStatus.STOPPED,
+                             what="the stop the handler started to finish")
+            assert server._listener is None and not server._connections
+
+    run(main())
 
 
 def test_business_threads_cannot_keep_the_process_alive_after_a_stop():
     """A plain handler that never returns cannot be stopped; its thread is a
     daemon, so the process still exits once the server has stopped."""
-    import threading
-
     handler = EchoHandler()
 
     async def main():

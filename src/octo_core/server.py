@@ -6,6 +6,7 @@ import concurrent.futures
 import contextlib
 import contextvars
 import errno
+import functools
 import inspect
 import logging
 import os
@@ -270,6 +271,7 @@ class Server:
         # stop()'s wait for the calls in flight: made by stop(), set by the last answer
         # (no event toggled by every call: an eager handler takes it 0 -> 1 -> 0)
         self._drained: Optional[asyncio.Future] = None
+        self._stopping: Optional[asyncio.Task] = None   # a stop a handler started
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[LoopThread] = None
 
@@ -395,9 +397,14 @@ class Server:
         """Stop accepting, let in-flight calls finish within ``grace`` seconds, then close.
 
         Calls that arrive meanwhile are refused with status 3 so callers can go
-        elsewhere; none is dropped without an answer.
+        elsewhere; none is dropped without an answer. Called from a coroutine
+        handler of this server, it starts the stop and returns at once: it
+        cannot wait for the very call it runs in (whose answer still goes out).
         """
         if self._listener is None:
+            return
+        if self._runs_a_handler(asyncio.current_task()):
+            self._stopping = self._loop.create_task(self.stop(grace))
             return
         if self._node is not None:
             await self._unregister()
@@ -440,15 +447,22 @@ class Server:
             self._registry = self._node = None
         self.status = NodeStatus.STOPPED
 
+    def _runs_a_handler(self, task: Optional[asyncio.Task]) -> bool:
+        """Is ``task`` one of this server's coroutine handlers? (Read off its
+        coroutine: nothing is marked per call for the rare stop from a handler.)"""
+        frame = getattr(task.get_coro(), "cr_frame", None) if task is not None else None
+        return (frame is not None and frame.f_code is Server._run_coroutine.__code__
+                and frame.f_locals.get("self") is self)
+
     def serve_forever(self) -> None:
         """Run the server on a new event loop until SIGINT or SIGTERM, then stop it."""
         loop = new_event_loop()
 
         async def main() -> None:
-            await self.start()
             done = asyncio.Event()
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM):   # before start: it serves at once
                 loop.add_signal_handler(sig, done.set)
+            await self.start()
             await done.wait()
             await self.stop()
 
@@ -637,8 +651,14 @@ class Server:
             return
         self._business_pending += 1
         future = self._pool.submit(context.run, _run_sync, fn, argv, deadline)
-        future.add_done_callback(
-            lambda f: self._loop.call_soon_threadsafe(self._sync_done, call, f, context))
+        future.add_done_callback(functools.partial(self._hand_back, call, context))
+
+    def _hand_back(self, call: _Call, context: contextvars.Context,
+                   future: concurrent.futures.Future) -> None:
+        """(On the business thread.) The handler's outcome, to the loop to answer;
+        a handler that outlived the stop finds its loop closed: no one to answer."""
+        with contextlib.suppress(RuntimeError):   # (asyncio: "Event loop is closed")
+            self._loop.call_soon_threadsafe(self._sync_done, call, future, context)
 
     @staticmethod
     def _call_context(call: _Call, head: Optional[_codec.Head]) -> contextvars.Context:
