@@ -188,6 +188,22 @@ def test_async_close_while_connecting_fails_waiting_calls_at_once(monkeypatch):
     run(main())
 
 
+def test_close_in_the_loop_pass_a_first_connect_begins_fails_the_call_as_closed():
+    """The connect task is cancelled before its first step: the call gets "client
+    is closed", not a bare CancelledError from a task nobody cancelled."""
+    async def main():
+        async with serving(echo_services()) as server:
+            client = octo_core.AsyncClient(Echo, appkey=CLIENT_APPKEY, hosts=[server.address])
+            call = asyncio.ensure_future(client.echo("x"))
+            await asyncio.sleep(0)     # the call is waiting for its connect, not yet begun
+            await client.close()
+            with pytest.raises(TransportError) as closed:
+                await asyncio.wait_for(call, 5)
+            assert_closed_error(closed.value)
+
+    run(main())
+
+
 def test_a_call_racing_close_gets_client_is_closed(monkeypatch):
     """The caller passes the closed check, then close() runs to its end before the
     caller's submit lands: a typed error, no hang, no coroutine left unawaited."""

@@ -323,6 +323,13 @@ class Endpoint:
             if self.closed:   # each waiter its own error, not one shared by all
                 raise self._closed_error() from None
             raise
+        except asyncio.CancelledError:
+            # close() cancelled a connect before it began (so before _connect_slot
+            # could say so): its waiters fail as closed -- unless this caller was
+            # itself cancelled meanwhile, which stays a cancellation
+            if attempt.cancelled() and self.closed and not _cancelling(asyncio.current_task()):
+                raise self._closed_error() from None
+            raise
 
     def _closed_error(self) -> TransportError:
         return TransportError(self._closed_why, node=self.node, request_sent=False)
@@ -437,3 +444,10 @@ class Endpoint:
         """Closed, with no connection open and no connect under way."""
         return self.closed and not self._connecting and not any(
             conn is not None and not conn.closed for conn in self._conns)
+
+
+def _cancelling(task: Optional[asyncio.Task]) -> bool:
+    """Was ``task`` asked to cancel? (``Task.cancelling``, Python 3.11+; on 3.10
+    a cancellation that meets a close is taken for the close.)"""
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling and cancelling())
