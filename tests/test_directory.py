@@ -254,3 +254,22 @@ def test_an_unusable_snapshot_is_a_registry_error_and_leaves_no_watch(tmp_path, 
                 await Directory(registry, APPKEY, str(snapshot), refresh_interval=None).start()
             assert [watch.cancelled for watch in registry.watches] == [True]
     run(scenario())
+
+
+def test_close_during_start_leaves_no_refresher():
+    """A client closed while its first discovery waits for the registry: the start
+    that finishes afterwards makes no refresher (it polled a closed registry for
+    ever)."""
+    async def main():
+        registry = FlakyRegistry()
+        await registry.register(Node(APPKEY, "10.0.0.1", 1))
+        registry.gate = asyncio.Event()
+        directory = Directory(registry, APPKEY, refresh_interval=0.05)
+        starting = asyncio.ensure_future(directory.start())
+        await asyncio.sleep(0.01)          # start() waits for list()
+        await directory.close()
+        registry.gate.set()
+        await asyncio.wait_for(starting, 5)
+        assert directory._refresher is None
+
+    run(main())

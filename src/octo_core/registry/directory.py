@@ -68,6 +68,7 @@ class Directory:
         self._refresher: Optional[asyncio.Task] = None
         self._saver: Optional[asyncio.Task] = None
         self._save_pending = False
+        self._closed = False
 
     # --- state -------------------------------------------------------------------------
 
@@ -101,13 +102,15 @@ class Directory:
         snapshot, ``RegistryError``. A failed start stops its watch, and may be
         tried again.
         """
+        if self._closed:
+            return
         self._watch = self.registry.watch(self.appkey, self._on_watch)
         try:
             await self._load()
         except BaseException:
             self._watch.cancel()   # a failed start leaves nothing behind: start() may be retried
             raise
-        if self.refresh_interval:
+        if self.refresh_interval and not self._closed:   # (closed while it loaded: no refresher)
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_every())
 
     async def _load(self) -> None:
@@ -130,7 +133,9 @@ class Directory:
             return False
 
     async def close(self) -> None:
-        """Stop watching and refreshing; a pending snapshot write is finished first."""
+        """Stop watching and refreshing (a start still under way starts neither); a
+        pending snapshot write is finished first."""
+        self._closed = True
         if self._watch is not None:
             self._watch.cancel()
         if self._refresher is not None:
@@ -155,9 +160,10 @@ class Directory:
 
     async def _fetch(self) -> bool:
         deliveries = self._deliveries
-        nodes, rules = await asyncio.wait_for(
-            asyncio.gather(self.registry.list(self.appkey), self.registry.routes(self.appkey)),
-            self.timeout)
+        fetching = asyncio.gather(self.registry.list(self.appkey), self.registry.routes(self.appkey))
+        # cancelled (a close, the timeout), it may still end in an error no one reads
+        fetching.add_done_callback(lambda done: done.cancelled() or done.exception())
+        nodes, rules = await asyncio.wait_for(fetching, self.timeout)
         if self._deliveries != deliveries:   # the watch spoke meanwhile: it is at least as new
             return False
         return self._offer(nodes, rules, "refresh")
