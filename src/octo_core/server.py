@@ -719,7 +719,7 @@ class Server:
             self._drained = None
         try:
             status = self._reply(call, value, exc)
-        except Exception as bug:   # the answer itself failed: answer that, never leave the caller waiting
+        except Exception as bug:   # building the answer failed: answer that (no caller waits)
             status = self._reply(call, None, bug)
         self.metrics.finished(call.stats, time.monotonic() - call.started, status)
         for end in call.span_ends or ():

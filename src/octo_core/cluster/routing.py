@@ -128,7 +128,8 @@ class Router:
         if locality not in (None, "idc", "region"):
             raise ValueError("locality must be None, 'idc' or 'region'")
         if not 0.0 <= locality_threshold <= 1.0:
-            raise ValueError(f"locality_threshold must be within [0, 1], not {locality_threshold!r}")
+            raise ValueError(
+                f"locality_threshold must be within [0, 1], not {locality_threshold!r}")
         self.caller = caller
         self.locality = locality
         self.locality_threshold = locality_threshold

@@ -206,6 +206,7 @@ def remember(record: Mapping[str, float], changes: Mapping[str, float]) -> Dict[
 
 
 def record_json(record: Mapping[str, float]) -> str:
+    """An operator record as the JSON ``parse_record`` reads."""
     return json.dumps(dict(record), separators=(",", ":"), sort_keys=True)
 
 

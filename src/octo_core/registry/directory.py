@@ -160,7 +160,8 @@ class Directory:
 
     async def _fetch(self) -> bool:
         deliveries = self._deliveries
-        fetching = asyncio.gather(self.registry.list(self.appkey), self.registry.routes(self.appkey))
+        fetching = asyncio.gather(self.registry.list(self.appkey),
+                                  self.registry.routes(self.appkey))
         # cancelled (a close, the timeout), it may still end in an error no one reads
         fetching.add_done_callback(lambda done: done.cancelled() or done.exception())
         nodes, rules = await asyncio.wait_for(fetching, self.timeout)

@@ -263,7 +263,8 @@ class FileRegistry(Registry):
     def _register(self, node: Node) -> Node:
         path = self._node_path(node.appkey, node.key)
         with self._locked(node.appkey):
-            stored = registered(node, self._read_live(path), self._read_record(node.appkey, node.key))
+            record = self._read_record(node.appkey, node.key)
+            stored = registered(node, self._read_live(path), record)
             write_atomic(path, stored.to_json())
         return stored
 

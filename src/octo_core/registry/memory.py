@@ -92,8 +92,9 @@ class MemoryRegistry(Registry):
                 raise NotRegisteredError(f"{appkey} has no node {key}")
             stored = nodes[key] = stamped(dataclasses.replace(nodes[key], **changes))
             records = self._space.records.setdefault(where, {})
-            kept = remember(records.get(key, {}), changes)
-            if kept != records.get(key, {}):   # (as the other backends: no record of nothing)
+            record = records.get(key, {})
+            kept = remember(record, changes)
+            if kept != record:   # (as the other backends: no record of nothing)
                 records[key] = kept
         self._space.changed(where)
         return stored
