@@ -9,6 +9,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import math
 import os
 import queue
 import random
@@ -69,6 +70,9 @@ class ClashHandler:
     def callback(self):
         return "called back"
 
+    def timeout(self):
+        return "time's up"
+
     def echo(self, text):
         return text
 
@@ -83,7 +87,10 @@ def test_idl_methods_named_like_the_async_clients_own(proto):
             assert client.call.__func__ is octo_core.AsyncClient.call
             assert await client.call("close", "bye") == "closing: bye"
             assert await client.call("call", 21) == 42
-            assert await client.future() == "the future"
+            # one set of reserved names for both clients: `future` is Client's, still kept off
+            assert not hasattr(client, "future") and client.timeout == 1.0
+            assert await client.call("future") == "the future"
+            assert await client.call("timeout") == "time's up"
             assert await client.echo("plain") == "plain"
             await client.close()                     # the client's close: calls now fail
             with pytest.raises(TransportError):
@@ -98,6 +105,10 @@ def test_idl_methods_named_like_the_sync_clients_own():
             assert client.call("close", "bye") == "closing: bye"
             assert client.call("call", 4, timeout=2.0) == 8
             assert client.call("future") == "the future"
+            assert not hasattr(client, "timeout")   # reserved, as on AsyncClient
+            assert client.call("timeout") == "time's up"
+            assert not hasattr(client.future, "timeout")
+            assert client.future.call("timeout").result(5) == "time's up"
             assert client.future.call("close", "later").result(5) == "closing: later"
             assert client.future.call("call", 5).result(5) == 10
             assert client.future.echo("as future").result(5) == "as future"
@@ -384,6 +395,45 @@ def test_unknown_method(proto):
             assert info.value.method == "add"
             # whoami exists in both IDLs: the server answers it as Echo
             assert await client.whoami() == "Echo"
+            # counted, under a name that is not the wire's (native thrift names no service)
+            counted = "Echo.(unknown)" if proto == "octo" else "(unknown).(unknown)"
+            assert server.stats()[counted]["errors"] == {Status.APPLICATION_EXCEPTION: 1}
+
+    run(main())
+
+
+def test_a_native_oneway_call_to_a_missing_method_is_counted_and_logged(caplog, monkeypatch):
+    """Its caller reads no answer, so the server's log and metrics are its only trace."""
+    monkeypatch.setattr(octo_core.server, "_DROPPED", octo_core.server._Throttle(10.0))
+
+    async def main():
+        async with serving([(Calc, CalcHandler(), None)]) as server, \
+                async_client(Echo, server.address, protocol="thrift") as client:
+            with caplog.at_level(logging.WARNING, logger="octo_core.server"):
+                await client.notify("into the void")
+                await client.notify("again")
+                assert await client.whoami() == "Calc"   # answered after both were read
+            assert server.stats()["(unknown).(unknown)"]["errors"] == {Status.APPLICATION_EXCEPTION: 2}
+    run(main())
+    dropped = [r.getMessage() for r in caplog.records if "dropped unanswered" in r.getMessage()]
+    assert len(dropped) == 1 and "'notify' is not hosted here" in dropped[0]   # then throttled
+
+
+def test_a_reply_without_its_result_is_missing_result():
+    """A non-void method answered without ``success``: thriftpy2's MISSING_RESULT,
+    the node's own answer."""
+    class Nothing(EchoHandler):
+        def echo(self, text):
+            return None
+
+    async def main():
+        async with serving([(Echo, Nothing(), None)]) as server:
+            for proto in PROTOCOLS:
+                async with async_client(Echo, server.address, protocol=proto) as client:
+                    with pytest.raises(ApplicationError, match="MISSING_RESULT") as info:
+                        await client.echo("x")
+                    assert info.value.type == TApplicationException.MISSING_RESULT
+                    assert info.value.from_peer
 
     run(main())
 
@@ -414,10 +464,24 @@ def test_add_service_refuses_duplicates_and_incomplete_handlers():
 
 
 @pytest.mark.parametrize("option", ["timeout", "connect_timeout"])
-@pytest.mark.parametrize("value", [None, 0, -1.0, "1"])
+@pytest.mark.parametrize("value", [None, 0, -1.0, "1", True, math.nan, math.inf])
 def test_client_refuses_a_timeout_that_is_not_a_positive_number(option, value):
     with pytest.raises(ValueError, match=f"{option} must be a positive, finite number"):
         octo_core.AsyncClient(Echo, appkey="c", hosts=["127.0.0.1:1"], **{option: value})
+
+
+def test_a_by_name_timeout_is_checked_as_the_clients_is_before_anything_is_sent():
+    handler = EchoHandler()
+    with serving_in_thread([(Echo, handler, None)]) as server, \
+            sync_client(Echo, server.address, timeout=1e12) as client:
+        assert client.echo("a huge timeout") == "a huge timeout"   # waits, no overflow
+        for value in (0, -1, math.nan, math.inf, "2", True):
+            with pytest.raises(ValueError, match="timeout must be a positive, finite number"):
+                client.call("notify", "refused", timeout=value)
+            with pytest.raises(ValueError, match="timeout must be a positive, finite number"):
+                client.future.call("notify", "refused", timeout=value)
+        client.call("notify", "sent", timeout=1.0)
+        assert handler.notes.get(timeout=5) == "sent"   # the refused ones never left
 
 
 @pytest.mark.parametrize("options", [dict(business_threads=0), dict(business_queue=-1),

@@ -61,7 +61,8 @@ class AsyncClient:
     ``async with AsyncClient(echo_thrift.Echo, appkey="com.example.caller",
     remote_appkey="com.example.echo", hosts=["127.0.0.1:9001"]) as c:
     await c.echo("hi")``. Each IDL method becomes an attribute of the client,
-    except those whose names the client itself uses (``close``, ``call``, ...):
+    except those whose names the clients use themselves (``RESERVED_NAMES``:
+    ``close``, ``call``, ``timeout``, ...; the same for ``Client``):
     ``await c.call("close")`` calls those, and any other, by name.
     ``protocol="thrift"`` speaks native framed thrift instead of the unified
     protocol; ``framed=False`` leaves out the length prefix (a buffered
@@ -129,9 +130,7 @@ class AsyncClient:
         FrameDecoder(max_frame_size)   # the reader's own check: ValueError when too small
         for name, seconds in (("timeout", timeout), ("connect_timeout", connect_timeout),
                               ("heartbeat_interval", heartbeat_interval or 1.0)):  # 0/None: off
-            if not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
-                raise ValueError(f"{name} must be a positive, finite number of seconds, "
-                                 f"not {seconds!r}")
+            _check_seconds(name, seconds)
         self.service = service
         self.appkey = appkey
         self.remote_appkey = remote_appkey or ""
@@ -196,7 +195,7 @@ class AsyncClient:
         self._finishers = {name: functools.partial(self._result, method)
                            for name, method in self._methods.items()}
         for name, method in self._methods.items():
-            if not hasattr(self, name):   # `close`, `call`, ...: reached through call(name)
+            if _binds(self, name):
                 setattr(self, name, self._caller(method))
 
     def _method_names(self, option: str, names: Iterable[str]) -> Set[str]:
@@ -236,6 +235,8 @@ class AsyncClient:
         if method is None:
             raise AttributeError(f"{self.service.__name__} has no method {name!r}")
         timeout = None if "timeout" in method.arg_names else kwargs.pop("timeout", None)
+        if timeout is not None:
+            _check_seconds("timeout", timeout)
         return method, timeout
 
     async def _call(self, method: idl.Method, args: tuple, kwargs: dict,
@@ -433,9 +434,12 @@ class AsyncClient:
                 raise declared
         if not method.returns_value:
             return None
-        if result.success is None:
-            raise ApplicationError("the reply carries no result (MISSING_RESULT)",
-                                   method=method.name, node=node)
+        if result.success is None:   # the node's answer, as thriftpy2 and Apache read it
+            failure = ApplicationError("the reply carries no result (MISSING_RESULT)",
+                                       method=method.name, node=node)
+            failure.type = TApplicationException.MISSING_RESULT
+            failure.from_peer = True
+            raise failure
         return result.success
 
     async def close(self) -> None:
@@ -465,6 +469,26 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: Any) -> None:
         await AsyncClient.close(self)
+
+
+#: The names both clients keep for themselves (their public attributes): an IDL
+#: method so named is called by name, ``client.call("close")``. One set for both
+#: classes and every call mode, so a method is reached the same way everywhere.
+RESERVED_NAMES = frozenset({"call", "close", "future", "callback", "service", "service_name",
+                            "appkey", "remote_appkey", "timeout", "unified", "metrics"})
+
+
+def _binds(client: Any, name: str) -> bool:
+    """Does IDL method ``name`` become an attribute of ``client``? Not when reserved,
+    nor when it would hide one of the client's private attributes."""
+    return name not in RESERVED_NAMES and not hasattr(client, name)
+
+
+def _check_seconds(name: str, seconds: Any) -> None:
+    """``ValueError`` unless ``seconds`` is a positive, finite number."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
+            or not 0 < seconds < math.inf:
+        raise ValueError(f"{name} must be a positive, finite number of seconds, not {seconds!r}")
 
 
 def _declared(method: idl.Method, exc: BaseException) -> bool:
@@ -500,7 +524,7 @@ class _Mode:
         self._by_name = client._async._by_name
         self._wrap = wrap
         for name, method in client._async._methods.items():
-            if not hasattr(self, name):
+            if _binds(self, name):
                 setattr(self, name, wrap(method, None))
 
     def call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
@@ -515,8 +539,8 @@ class Client:
     answer; ``c.future.echo("hi")`` returns a ``concurrent.futures.Future``;
     ``c.callback.echo("hi", callback=fn)`` calls ``fn(result_or_exception)``.
     Oneway methods return once the request is written. A method whose name the
-    client uses itself (``close``, ``future``, ...) is called by name:
-    ``c.call("close")``, ``c.future.call("close")``. The methods pass every
+    clients use themselves (``RESERVED_NAMES``: ``close``, ``future``, ...) is
+    called by name: ``c.call("close")``, ``c.future.call("close")``. The methods pass every
     argument to the IDL method as given; in callback mode the keyword
     ``callback`` is the callback, so an IDL argument called ``callback`` is
     passed by position there.
@@ -546,7 +570,7 @@ class Client:
         self.future = _Mode(self, self._submitter)
         self.callback = _Mode(self, self._with_callback)
         for name, method in self._async._methods.items():
-            if not hasattr(self, name):
+            if _binds(self, name):
                 setattr(self, name, self._blocking(method))
 
     def call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
@@ -585,7 +609,7 @@ class Client:
     def _wait(self, future: concurrent.futures.Future, method: idl.Method, timeout: float) -> Any:
         """The call's outcome, waiting at most its ``timeout`` plus ``_LOOP_MARGIN``:
         a stuck I/O thread fails the call rather than hang its caller."""
-        bound = timeout + _LOOP_MARGIN
+        bound = min(timeout + _LOOP_MARGIN, threading.TIMEOUT_MAX)   # a huge timeout: no overflow
         try:
             return future.result(bound)
         except concurrent.futures.TimeoutError:

@@ -119,6 +119,8 @@ class _Reply:
         """Send a thrift message; ``EncodeError`` (nothing sent) when it cannot be
         encoded or would exceed the connection's max_frame_size."""
         if self.silent:
+            if msg_type == TMessageType.EXCEPTION:   # a refusal nobody will read: say it here
+                _DROPPED.warn("%s: a oneway call was dropped unanswered: %s", self.conn.peer, text)
             return
         limit = self.conn.max_frame_size
         if self.unified:
@@ -147,6 +149,30 @@ class _Reply:
             kind = (TApplicationException.PROTOCOL_ERROR if status == Status.PROTOCOL_EXCEPTION
                     else TApplicationException.INTERNAL_ERROR)
             self.app_exception(name, seqid, kind, text, status)
+
+
+class _Throttle:
+    """A warning at most every ``every`` seconds; those held back are counted in the next."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self._next = 0.0
+        self._held = 0
+
+    def warn(self, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return
+        if self._held:
+            message += f" (and {self._held} more in the last {self.every:.0f}s)"
+        log.warning(message, *args)
+        self._next, self._held = now + self.every, 0
+
+
+#: Refusals of native oneway calls (a peer calling a method this port lacks, or
+#: an overloaded server): their callers read no answer, so the log is the trace.
+_DROPPED = _Throttle(10.0)
 
 
 class Server:
@@ -557,8 +583,8 @@ class Server:
             # as serviceName does on the unified protocol; the reply names the method alone.
             service = self._services.get(service_name)
             if service is None:
-                reply.app_exception(method, seqid, TApplicationException.UNKNOWN_METHOD,
-                                    f"service {service_name!r} is not hosted by {self.appkey}")
+                self._unknown(reply, UNKNOWN, method, seqid,
+                              f"service {service_name!r} is not hosted by {self.appkey}")
                 return
             begin = (method, msg_type, seqid, offset)
         else:
@@ -566,11 +592,16 @@ class Server:
             if len(hosts) != 1:
                 why = ("is not hosted here" if not hosts else "is ambiguous: several services "
                        "have it (a multiplexed client's \"Service:method\" names one)")
-                reply.app_exception(name, seqid, TApplicationException.UNKNOWN_METHOD,
-                                    f"method {name!r} {why}")
+                self._unknown(reply, UNKNOWN, name, seqid, f"method {name!r} {why}")
                 return
             service = hosts[0]
         self._call(service, reply, frame.body, begin, None, None)
+
+    def _unknown(self, reply: _Reply, service: str, name: str, seqid: int, why: str) -> None:
+        """Answer a call to a method this port lacks with UNKNOWN_METHOD; it is
+        counted under ``(unknown)`` (names off the wire are not metric labels)."""
+        self.metrics.refused(service, UNKNOWN, Status.APPLICATION_EXCEPTION)
+        reply.app_exception(name, seqid, TApplicationException.UNKNOWN_METHOD, why)
 
     def _admission(self, service: _Service, name: str, reply: _Reply, head: Optional[_codec.Head],
                    body: Any) -> Optional[Tuple[int, str]]:
@@ -616,8 +647,8 @@ class Server:
             reply.refuse(*refusal, name, seqid)
             return
         if method is None:
-            reply.app_exception(name, seqid, TApplicationException.UNKNOWN_METHOD,
-                                f"service {service.name} has no method {name!r}")
+            self._unknown(reply, service.name, name, seqid,
+                          f"service {service.name} has no method {name!r}")
             return
         try:
             args = _codec.decode_body(method.args_cls, body, offset, self.limits)

@@ -5,5 +5,6 @@ service Clash {
   i32 call(1: i32 x),
   string future(),
   string callback(),
+  string timeout(),
   string echo(1: string text),
 }
