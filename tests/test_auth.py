@@ -954,6 +954,18 @@ def test_forgeries_from_invented_callers_do_not_grow_the_key_cache():
     assert len(auth._keys) == 1
 
 
+def test_the_key_cache_keeps_its_size_as_tokens_rotate(monkeypatch):
+    monkeypatch.setattr(octo_core.auth, "_SIGNING_KEYS_KEPT", 3)
+    auth = Authenticator(DerivedTokens("master"))
+    for i in range(5):   # five callers (or one caller's token rotated five times)
+        caller = f"caller.{i}"
+        signer = Signer(caller, DerivedTokens("master").token(caller), "srv")
+        auth.check(caller=caller, server_appkey="srv", service="Echo", method="echo",
+                   local_context=signer.headers("Echo", "echo"))
+    assert len(auth._keys) == 3   # the newest three: the first two went
+    assert set(auth._keys) == {DerivedTokens("master").token(f"caller.{i}") for i in (2, 3, 4)}
+
+
 def test_nonces_leave_the_cache_when_they_expire_whatever_order_they_came_in():
     """One request from a client whose clock runs ahead (within the skew) must not
     hold every later nonce in the cache past its own expiry."""

@@ -30,6 +30,10 @@ from octo_core.errors import SecurityError
 TS_KEY = "octo-auth-ts"
 NONCE_KEY = "octo-auth-nonce"
 SIGN_KEY = "octo-auth-sign"
+#: Signing keys an Authenticator keeps ready (one per token that has signed a
+#: good request): every caller of a large fleet, and rotated tokens, fit, yet
+#: tokens rotated for ever do not grow it without bound.
+_SIGNING_KEYS_KEPT = 16384
 
 
 # --- token stores ---------------------------------------------------------------------
@@ -229,7 +233,10 @@ class Authenticator:
             raise self._refuse("bad-signature", "the signature does not match")
         if not cached:
             # only callers that proved they hold the token: with derived tokens every
-            # invented appkey has one, and forgeries must not grow this cache
+            # invented appkey has one, and forgeries must not grow this cache; nor do
+            # rotated tokens, past its size (the oldest key goes first)
+            if len(self._keys) >= _SIGNING_KEYS_KEPT:
+                del self._keys[next(iter(self._keys))]
             self._keys[token] = key
         now = time.time() if now is None else now
         if not (ts.isascii() and ts.isdigit() and len(ts) <= 16):
