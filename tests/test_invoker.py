@@ -136,6 +136,32 @@ def test_failover_that_runs_out_of_nodes_raises_the_last_failure():
     run_virtual(main())
 
 
+def test_failover_walks_past_more_refusing_nodes_than_it_has_retries():
+    """A refused connect (the request never left) uses up no retry and no budget:
+    a call meeting more dead nodes than it has retries still reaches a live one."""
+    async def main():
+        cluster = make_cluster(5, retries=1, breaker=NO_BREAKER,
+                               budget=RetryBudget(ratio=0.0, min_per_second=0.0))
+        send = ScriptedSend(by_attempt=[fail(refused)] * 4 + [answer("live")])
+        assert await cluster.invoke(send, timeout=1.0) == "live"   # not idempotent either
+        assert len(send) == 5 and len(set(send.keys)) == 5
+    run_virtual(main())
+
+
+def test_refusals_by_nodes_already_known_dead_count():
+    """Once every node is degraded, trying them again is a last resort, and each
+    attempt counts: an outage costs a call its retries, not a walk over every node."""
+    async def main():
+        cluster = make_cluster(4, retries=1, breaker=NO_BREAKER)
+        send = ScriptedSend(default=fail(refused))
+        assert isinstance(await outcome(cluster.invoke(send, timeout=1.0)), TransportError)
+        assert len(send) == 4               # each refused once: all four degraded now
+        send = ScriptedSend(default=fail(refused))
+        assert isinstance(await outcome(cluster.invoke(send, timeout=1.0)), TransportError)
+        assert len(send) == 2               # 1 + retries
+    run_virtual(main())
+
+
 # (first failure, idempotent, attempts made; the second attempt succeeds)
 RETRY_CASES = [
     ("CallTimeout", lambda: CallTimeout("no reply within 1.0s"), False, 1),

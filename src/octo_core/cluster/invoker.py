@@ -5,6 +5,10 @@
 - ``failfast``: one attempt (the default, as in OCTO);
 - ``failover``: up to ``retries`` more attempts, each on a node not yet tried,
   only for idempotent methods or when the request provably was not executed;
+  an attempt whose request never left (the node refused the connection) is
+  not counted, and its retry draws no budget: it loaded no server, and a call
+  must not fail for meeting more dead nodes than it has retries while a live
+  one is listed (a node already known dead, tried when no other is left, counts);
 - ``failsafe``: one attempt; a failure is logged and the call returns ``None``;
 - ``forking``: ``forks`` attempts at once on different nodes, the first answer wins;
 - ``hedging``: a backup attempt on another node if no answer came within
@@ -71,6 +75,12 @@ def _connection_failed(exc: BaseException) -> bool:
     is not that, nor a transport status the node reported in a reply."""
     return (isinstance(exc, TransportError) and not isinstance(exc, CallTimeout)
             and not _from_peer(exc))
+
+
+def _never_left(exc: BaseException) -> bool:
+    """Did the request never leave this process, the node's fault (a refused
+    connect; not the caller's time running out)?"""
+    return _connection_failed(exc) and not getattr(exc, "request_sent", True)
 
 
 def not_executed(exc: BaseException) -> bool:
@@ -257,8 +267,10 @@ class Cluster:
         if idempotent and self.policy == "hedging":
             return await self._race(send, deadline, tags, key, 2, self.hedge_delay)
         attempts = self._attempts_in_turn
+        counted = 0                             # attempts that count against `attempts`
         tried: Set[str] = set()
         failure: Optional[Exception] = None     # the last attempt's, once a retry is wanted
+        free = False                            # ... and it never left (see the docstring)
         while True:
             try:
                 node, balancer = self.select(tags, key, tried)
@@ -269,17 +281,20 @@ class Cluster:
             if failure is not None:
                 # A retry that cannot go (no time left, circuit open) is not sent and
                 # costs no budget: the caller gets the real error.
-                if not self._sendable(node, deadline) or not self.budget.try_retry():
+                if not self._sendable(node, deadline) or not (free or self.budget.try_retry()):
                     raise failure
                 log.info("retrying on %s after: %s", node.key, failure)
             tried.add(node.key)
+            known_dead = node.key in self._degraded   # (select dropped the expired ones)
             try:
                 return await self._attempt(send, node, balancer, deadline)
             except Exception as exc:
                 if self.policy == "failsafe":
                     log.warning("failsafe call to %s failed: %s", node.key, exc)
                     return None
-                if not (len(tried) < attempts and node_failed(exc)
+                free = attempts > 1 and not known_dead and _never_left(exc)
+                counted += not free
+                if not (counted < attempts and node_failed(exc)
                         and (idempotent or not_executed(exc))):
                     raise
                 failure = exc
