@@ -7,6 +7,7 @@ No timing assertions: only what the commands print and return.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.metadata
 import os
 import signal
@@ -236,3 +237,20 @@ def test_echo_server_on_a_taken_port_says_so_in_one_line() -> None:
     assert proc.returncode == 1
     assert out == ""                                # never claimed to serve
     assert err == f"echo_server: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
+# --- python/cluster.py ------------------------------------------------------------------
+
+def test_cluster_example_routes_and_fails_over_as_it_says() -> None:
+    """Lanes, locality and failover past dead nodes, end to end (its own registry,
+    servers and client, in a temporary directory)."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "python", "cluster.py")],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    answered = [ast.literal_eval(line.split(":", 1)[1].strip())
+                for line in done.stdout.splitlines()]
+    assert len(answered) == 3 and all(sum(tally.values()) == 200 for tally in answered)
+    assert set(answered[0]) == {"bj-a", "bj-b"}   # bj1's: never the lane, nor the dead node
+    assert answered[1] == {"blue": 200}
+    assert answered[2] == {"sh-c": 200}            # every call failed over to the next IDC
+
