@@ -46,6 +46,8 @@ cdef extern from "Python.h":
     object PyNumber_Index(object o)
     bint PyNumber_Check(object o)
     PyObject* PyObject_GetAttr(object o, object name)
+    PyObject* _PyUnicode_DecodeUTF8 "PyUnicode_DecodeUTF8" (const char* s, Py_ssize_t size,
+                                                          const char* errors)
     int PyObject_SetAttr(object o, object name, PyObject* value) except -1
     int PyObject_GenericSetAttr(object o, object name, PyObject* value) except -1
     PyObject* PyErr_Occurred()
@@ -838,8 +840,20 @@ cdef inline int32_t _r_i32(_Reader* r) except? -1:
     return v
 
 
-cdef Py_ssize_t _r_length(_Reader* r, Py_ssize_t limit, Py_ssize_t unit, str what) except -1:
+cdef inline Py_ssize_t _r_length(_Reader* r, Py_ssize_t limit, Py_ssize_t unit,
+                                 str what) except -1:
     """Read an i32 length and check it against ``limit`` and the bytes left."""
+    cdef Py_ssize_t n
+    if r.end - r.pos >= 4:
+        n = <int32_t>_get_u32(r.buf + r.pos)
+        if 0 <= n <= limit and n * unit <= r.end - r.pos - 4:
+            r.pos += 4
+            return n
+    return _r_bad_length(r, limit, unit, what)
+
+
+cdef Py_ssize_t _r_bad_length(_Reader* r, Py_ssize_t limit, Py_ssize_t unit, str what) except -1:
+    """``_r_length`` out of line, for the lengths its fast path does not take: raises."""
     cdef Py_ssize_t at = r.pos
     cdef Py_ssize_t n = _r_i32(r)
     if n < 0:
@@ -872,6 +886,21 @@ cdef object _r_string(_Reader* r, int kind):
     r.pos += n
     if kind == T_BINARY:
         return PyBytes_FromStringAndSize(<const char*>r.buf + at, n)
+    # No try block here: Cython's saves the exception state on entry, a fifth of a
+    # short string's time. A failed decode goes the slow way, which decodes again.
+    cdef PyObject* text = _PyUnicode_DecodeUTF8(<const char*>r.buf + at, n, NULL)
+    if text == NULL:
+        if not PyErr_ExceptionMatches(UnicodeDecodeError):
+            raise_current()
+        PyErr_Clear()
+        return _r_not_utf8(r, at, n)
+    cdef object s = <object>text
+    Py_DECREF(s)   # the cast took a reference of its own
+    return s
+
+
+cdef object _r_not_utf8(_Reader* r, Py_ssize_t at, Py_ssize_t n):
+    """A string that is not UTF-8: an error (``strict_text``) or its bytes."""
     try:
         return PyUnicode_DecodeUTF8(<const char*>r.buf + at, n, NULL)
     except UnicodeDecodeError as e:
