@@ -48,6 +48,7 @@ cdef extern from "Python.h":
     PyObject* PyObject_GetAttr(object o, object name)
     PyObject* _PyUnicode_DecodeUTF8 "PyUnicode_DecodeUTF8" (const char* s, Py_ssize_t size,
                                                           const char* errors)
+    int _PyDict_SetItem "PyDict_SetItem" (object d, object k, object v)   # -1: error set
     int PyObject_SetAttr(object o, object name, PyObject* value) except -1
     int PyObject_GenericSetAttr(object o, object name, PyObject* value) except -1
     PyObject* PyErr_Occurred()
@@ -78,6 +79,17 @@ cdef extern from *:
     """
     bint _uses_generic_setattr(PyTypeObject* tp)
 
+cdef extern from *:
+    """
+    /* A dict with room for n entries (CPython's private call, as Cython's own code uses). */
+    #if defined(PYPY_VERSION) || defined(Py_LIMITED_API)
+    #define _octo_dict_presized(n) PyDict_New()
+    #else
+    #define _octo_dict_presized(n) ((n) <= 5 ? PyDict_New() : _PyDict_NewPresized(n))
+    #endif
+    """
+    dict _dict_presized "_octo_dict_presized" (Py_ssize_t n)
+
 # --- wire types (TType) ---------------------------------------------------------
 DEF T_STOP = 0
 DEF T_BOOL = 2
@@ -100,6 +112,7 @@ DEF VERSION_MASK = 0xffff0000
 
 DEF MAX_STACK_FIELDS = 16   # per nesting level on the C stack; wider structs use the heap
 DEF MAX_DEPTH_CAP = 1000     # ~450 bytes of C stack a level (setup.py): fits 512 KiB stacks
+DEF MAX_PRESIZE = 1 << 16   # entries a decoded dict is sized for before its first insert
 
 cdef dict _TYPE_NAMES = {
     T_BOOL: "bool", T_BYTE: "byte", T_DOUBLE: "double", T_I16: "i16", T_I32: "i32",
@@ -956,6 +969,13 @@ cdef object _r_value(_Reader* r, _TypeSpec t, int kind, int depth):
     return _r_map(r, t, depth + 1)
 
 
+cdef inline object _r_elem(_Reader* r, _TypeSpec t, int kind, int depth):
+    """A container element: a primitive read in line, anything else by ``_r_value``."""
+    if kind < T_STRUCT or kind == T_BINARY:
+        return _r_prim(r, kind)
+    return _r_value(r, t, kind, depth)
+
+
 cdef inline Py_ssize_t _unit(int wire) noexcept nogil:
     """Bytes per element to bound a container's count (1 for an invalid type: checked later)."""
     cdef Py_ssize_t size = _min_wire_size(wire)
@@ -982,9 +1002,8 @@ cdef object _r_list(_Reader* r, _TypeSpec t, int depth):
         _r_check_wire(r, wire, elem.wire, at, "list element")
     _charge(r, n, at)
     cdef list out = PyList_New(n)
-    cdef bint primitive = kind < T_STRUCT or kind == T_BINARY
     for i in range(n):
-        v = _r_prim(r, kind) if primitive else _r_value(r, elem, kind, depth)
+        v = _r_elem(r, elem, kind, depth)
         Py_INCREF(v)
         PyList_SET_ITEM(out, i, <PyObject*>v)
     if t.kind == T_SET and not t.set_as_list:
@@ -1007,8 +1026,19 @@ cdef object _hashable(object v):
     return v
 
 
+cdef int _r_unhashable(Py_ssize_t at, str what, str where) except -1:
+    """Raise the pending error of a dict or set insert; a TypeError (an unhashable
+    value) as a DecodeError: ``what`` at ``at`` cannot be ``where``."""
+    try:
+        raise_current()
+    except TypeError as e:
+        raise DecodeError(f"{what} at byte {at} cannot be {where}: {e}", offset=at) from None
+    return 0
+
+
 cdef object _r_map(_Reader* r, _TypeSpec t, int depth):
     cdef _TypeSpec kt = t.key, vt = t.elem
+    cdef int kk = kt.kind, vk = vt.kind
     cdef Py_ssize_t i, n, at = r.pos
     _need(r, 6, "map header")
     cdef int kw = r.buf[r.pos], vw = r.buf[r.pos + 1]
@@ -1018,18 +1048,17 @@ cdef object _r_map(_Reader* r, _TypeSpec t, int depth):
         _r_check_wire(r, kw, kt.wire, at, "map key")
         _r_check_wire(r, vw, vt.wire, at, "map value")
     _charge(r, 2 * n, at)
-    cdef dict out = {}
-    cdef bint freeze = kt.kind == T_LIST or kt.kind == T_SET
+    # Sized for n entries up front (no rehash on the way), but not past MAX_PRESIZE:
+    # n repeats of one key would otherwise buy a big empty table for a few bytes.
+    cdef dict out = _dict_presized(min(n, MAX_PRESIZE))
+    cdef bint freeze = kk == T_LIST or kk == T_SET
     for i in range(n):
-        k = _r_value(r, kt, kt.kind, depth)
+        k = _r_elem(r, kt, kk, depth)
         if freeze:
             k = _hashable(k)
-        v = _r_value(r, vt, vt.kind, depth)
-        try:
-            out[k] = v
-        except TypeError as e:
-            raise DecodeError(f"map key at byte {at} cannot be a Python dict key: {e}",
-                              offset=at) from None
+        v = _r_elem(r, vt, vk, depth)
+        if _PyDict_SetItem(out, k, v) < 0:   # no try block: it costs a save per entry
+            _r_unhashable(at, "map key", "a Python dict key")
     return out
 
 
