@@ -49,6 +49,7 @@ cdef extern from "Python.h":
     PyObject* _PyUnicode_DecodeUTF8 "PyUnicode_DecodeUTF8" (const char* s, Py_ssize_t size,
                                                           const char* errors)
     int _PyDict_SetItem "PyDict_SetItem" (object d, object k, object v)   # -1: error set
+    int _PySet_Add "PySet_Add" (object s, object k)                       # -1: error set
     int PyObject_SetAttr(object o, object name, PyObject* value) except -1
     int PyObject_GenericSetAttr(object o, object name, PyObject* value) except -1
     PyObject* PyErr_Occurred()
@@ -1001,17 +1002,18 @@ cdef object _r_list(_Reader* r, _TypeSpec t, int depth):
     if n and wire != elem.wire:   # an empty container may name any element type
         _r_check_wire(r, wire, elem.wire, at, "list element")
     _charge(r, n, at)
+    cdef set members
+    if t.kind == T_SET and not t.set_as_list:
+        members = set()   # filled directly: no list to build and copy
+        for i in range(n):
+            if _PySet_Add(members, _r_elem(r, elem, kind, depth)) < 0:
+                _r_unhashable(at, "set element", "held in a Python set")
+        return members
     cdef list out = PyList_New(n)
     for i in range(n):
         v = _r_elem(r, elem, kind, depth)
         Py_INCREF(v)
         PyList_SET_ITEM(out, i, <PyObject*>v)
-    if t.kind == T_SET and not t.set_as_list:
-        try:
-            return set(out)
-        except TypeError as e:
-            raise DecodeError(f"set element at byte {at} cannot be held in a Python set: {e}",
-                              offset=at) from None
     return out
 
 
