@@ -613,6 +613,13 @@ cdef int _w_value(_Writer* w, _TypeSpec t, int kind, object v, int depth) except
     raise TypeError(f"unsupported thrift type {kind}")
 
 
+cdef inline int _w_elem(_Writer* w, _TypeSpec t, int kind, object v, int depth) except -1:
+    """A container element: a primitive written in line, anything else by ``_w_value``."""
+    if kind < T_STRUCT or kind == T_BINARY:
+        return _w_prim(w, kind, v)
+    return _w_value(w, t, kind, v, depth)
+
+
 cdef int _w_list(_Writer* w, _TypeSpec elem, object v, int depth) except -1:
     cdef Py_ssize_t i, n
     cdef int kind = elem.kind
@@ -632,13 +639,9 @@ cdef int _w_list(_Writer* w, _TypeSpec elem, object v, int depth) except -1:
     _put_u32(w.data + w.len + 1, <uint32_t>n)
     w.len += 5
     cdef bint is_list = PyList_CheckExact(seq)
-    cdef bint primitive = kind < T_STRUCT or kind == T_BINARY
     for i in range(n):
         item = <object>(PyList_GET_ITEM(seq, i) if is_list else PyTuple_GET_ITEM(seq, i))
-        if primitive:
-            _w_prim(w, kind, item)
-        else:
-            _w_value(w, elem, kind, item, depth)
+        _w_elem(w, elem, kind, item, depth)
     return 0
 
 
@@ -647,6 +650,7 @@ cdef int _w_map(_Writer* w, _TypeSpec t, object v, int depth) except -1:
     cdef PyObject* k
     cdef PyObject* val
     cdef _TypeSpec kt = t.key, vt = t.elem
+    cdef int kk = kt.kind, vk = vt.kind
     if not PyDict_CheckExact(v):
         if not isinstance(v, dict):
             if not hasattr(v, "items"):
@@ -661,8 +665,8 @@ cdef int _w_map(_Writer* w, _TypeSpec t, object v, int depth) except -1:
     _put_u32(w.data + w.len + 2, <uint32_t>n)
     w.len += 6
     while PyDict_Next(v, &pos, &k, &val):
-        _w_value(w, kt, kt.kind, <object>k, depth)
-        _w_value(w, vt, vt.kind, <object>val, depth)
+        _w_elem(w, kt, kk, <object>k, depth)
+        _w_elem(w, vt, vk, <object>val, depth)
     return 0
 
 
