@@ -193,6 +193,36 @@ def test_number_likes_encode_as_their_values_do_in_thriftpy2(values):
     assert data == buf.getvalue()
 
 
+class _Meddler:
+    """A number whose ``__index__`` changes the container it is written from."""
+
+    def __init__(self, meddle) -> None:
+        self.meddle = meddle
+        self.container = None
+
+    def __index__(self) -> int:
+        self.meddle(self.container)
+        return 1
+
+
+@pytest.mark.parametrize("meddle", [list.clear, lambda c: c.append(2), lambda c: c.pop()],
+                         ids=["cleared", "grown", "shrunk"])
+def test_a_list_changed_while_written_is_an_encode_error_not_a_crash(meddle):
+    number = _Meddler(meddle)
+    number.container = ints = [number, 7, 8]
+    with pytest.raises(EncodeError, match="Containers.ints: the list changed size"):
+        encode(IDL.Containers(ints=ints))
+
+
+@pytest.mark.parametrize("meddle", [dict.clear, lambda c: c.update(b=2, c=3),
+                                    lambda c: c.pop("z")], ids=["cleared", "grown", "shrunk"])
+def test_a_dict_changed_while_written_is_an_encode_error_not_wrong_bytes(meddle):
+    number = _Meddler(meddle)
+    number.container = counts = {"a": number, "z": 9}
+    with pytest.raises(EncodeError, match="Containers.counts: the dict changed size"):
+        encode(IDL.Containers(counts=counts))
+
+
 @pytest.mark.parametrize("field,value", [("medium", 1.0), ("large", "7"), ("real", "2.5"),
                                          ("flag", "yes"), ("small", None.__class__)])
 def test_what_is_no_number_is_still_refused(field, value):

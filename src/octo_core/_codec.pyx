@@ -640,9 +640,21 @@ cdef int _w_list(_Writer* w, _TypeSpec elem, object v, int depth) except -1:
     w.len += 5
     cdef bint is_list = PyList_CheckExact(seq)
     for i in range(n):
-        item = <object>(PyList_GET_ITEM(seq, i) if is_list else PyTuple_GET_ITEM(seq, i))
+        if is_list:
+            if i >= PyList_GET_SIZE(seq):   # an element's own code (__index__...) shrank it
+                _changed_size("list")
+            item = <object>PyList_GET_ITEM(seq, i)   # owned while it is written
+        else:
+            item = <object>PyTuple_GET_ITEM(seq, i)
         _w_elem(w, elem, kind, item, depth)
+    if is_list and PyList_GET_SIZE(seq) != n:
+        _changed_size("list")
     return 0
+
+
+cdef int _changed_size(str what) except -1:
+    raise ValueError(f"the {what} changed size while it was written (the header has its "
+                     "length before)")
 
 
 cdef int _w_map(_Writer* w, _TypeSpec t, object v, int depth) except -1:
@@ -664,9 +676,15 @@ cdef int _w_map(_Writer* w, _TypeSpec t, object v, int depth) except -1:
     _put_u8(w.data + w.len + 1, <uint8_t>vt.wire)
     _put_u32(w.data + w.len + 2, <uint32_t>n)
     w.len += 6
-    while PyDict_Next(v, &pos, &k, &val):
-        _w_elem(w, kt, kk, <object>k, depth)
-        _w_elem(w, vt, vk, <object>val, depth)
+    cdef Py_ssize_t written = 0
+    while written < n and PyDict_Next(v, &pos, &k, &val):
+        key = <object>k         # both owned while they are written: an element's own
+        value = <object>val     # code (__index__...) may change the dict under us
+        _w_elem(w, kt, kk, key, depth)
+        _w_elem(w, vt, vk, value, depth)
+        written += 1
+    if written != n or len(v) != n:
+        _changed_size("dict")
     return 0
 
 
