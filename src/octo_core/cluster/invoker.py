@@ -285,7 +285,8 @@ class Cluster:
                     raise failure
                 log.info("retrying on %s after: %s", node.key, failure)
             tried.add(node.key)
-            known_dead = node.key in self._degraded   # (select dropped the expired ones)
+            # (select dropped the expired ones; none at all is every healthy call's case)
+            known_dead = node.key in self._degraded if self._degraded else False
             try:
                 return await self._attempt(send, node, balancer, deadline)
             except Exception as exc:
