@@ -589,9 +589,10 @@ class RecordingProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _handle(self, client_r, client_w) -> None:
+        self._writers.append(client_w)   # first: closed on exit even while still connecting on
         host, _, port = self.target.rpartition(":")
         server_r, server_w = await asyncio.open_connection(host, int(port))
-        self._writers += [client_w, server_w]
+        self._writers.append(server_w)
 
         async def pump(reader, writer, record: bool) -> None:
             with contextlib.suppress(Exception):
