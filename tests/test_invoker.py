@@ -140,11 +140,22 @@ def test_failover_walks_past_more_refusing_nodes_than_it_has_retries():
     """A refused connect (the request never left) uses up no retry and no budget:
     a call meeting more dead nodes than it has retries still reaches a live one."""
     async def main():
-        cluster = make_cluster(5, retries=1, breaker=NO_BREAKER,
+        cluster = make_cluster(5, retries=2, breaker=NO_BREAKER,
                                budget=RetryBudget(ratio=0.0, min_per_second=0.0))
-        send = ScriptedSend(by_attempt=[fail(refused)] * 4 + [answer("live")])
+        send = ScriptedSend(by_attempt=[fail(refused)] * 3 + [answer("live")])
         assert await cluster.invoke(send, timeout=1.0) == "live"   # not idempotent either
-        assert len(send) == 5 and len(set(send.keys)) == 5
+        assert len(send) == 4 and len(set(send.keys)) == 4
+    run_virtual(main())
+
+
+def test_a_call_gets_back_no_more_attempts_than_it_may_make():
+    """Every node refusing (an outage): a call walks 1 + retries nodes given back,
+    then 1 + retries that count -- not every node listed."""
+    async def main():
+        cluster = make_cluster(20, retries=1, breaker=NO_BREAKER)
+        send = ScriptedSend(default=fail(refused))
+        assert isinstance(await outcome(cluster.invoke(send, timeout=1.0)), TransportError)
+        assert len(send) == 4 and len(set(send.keys)) == 4
     run_virtual(main())
 
 
@@ -283,9 +294,22 @@ def test_forking_skips_failures_and_takes_the_first_answer():
     async def main():
         cluster = make_cluster(5, policy="forking", forks=3)
         send = ScriptedSend(by_attempt=[fail(overload, after=0.01), answer("late", after=0.2),
-                                        fail(refused, after=0.05)])
+                                        fail(overload, after=0.05)])
         assert await cluster.invoke(send, timeout=1.0, idempotent=True) == "late"
         assert len(send) == 3
+    run_virtual(main())
+
+
+@pytest.mark.parametrize("policy", ["forking", "hedging"])
+def test_forking_and_hedging_replace_a_copy_whose_request_never_left(policy):
+    """As failover gives back a refused connect: with no budget for an extra copy at
+    all, the refused first copy is still replaced, and the call reaches a live node."""
+    async def main():
+        cluster = make_cluster(4, policy=policy, breaker=NO_BREAKER,
+                               budget=RetryBudget(ratio=0.0, min_per_second=0.0))
+        send = ScriptedSend(by_attempt=[fail(refused), answer("live")])
+        assert await cluster.invoke(send, timeout=1.0, idempotent=True) == "live"
+        assert len(send) == 2 and len(set(send.keys)) == 2
     run_virtual(main())
 
 

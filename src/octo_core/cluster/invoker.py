@@ -6,9 +6,12 @@
 - ``failover``: up to ``retries`` more attempts, each on a node not yet tried,
   only for idempotent methods or when the request provably was not executed;
   an attempt whose request never left (the node refused the connection) is
-  not counted, and its retry draws no budget: it loaded no server, and a call
+  given back, and its retry draws no budget: it loaded no server, and a call
   must not fail for meeting more dead nodes than it has retries while a live
-  one is listed (a node already known dead, tried when no other is left, counts);
+  one is listed. A call gets back at most as many as it may make, and none on
+  a node already known dead (tried when no other is left): an outage costs a
+  call its retries, not a walk over every node. Forking and hedging give back
+  the same way;
 - ``failsafe``: one attempt; a failure is logged and the call returns ``None``;
 - ``forking``: ``forks`` attempts at once on different nodes, the first answer wins;
 - ``hedging``: a backup attempt on another node if no answer came within
@@ -77,10 +80,11 @@ def _connection_failed(exc: BaseException) -> bool:
             and not _from_peer(exc))
 
 
-def _never_left(exc: BaseException) -> bool:
-    """Did the request never leave this process, the node's fault (a refused
-    connect; not the caller's time running out)?"""
-    return _connection_failed(exc) and not getattr(exc, "request_sent", True)
+def _given_back(exc: BaseException, known_dead: bool) -> bool:
+    """Is a failed attempt given back to its call (module docstring)? When its request
+    never left, the node's fault (a refused connect, not the caller's time running
+    out), on a node not already known dead."""
+    return not known_dead and _connection_failed(exc) and not getattr(exc, "request_sent", True)
 
 
 def not_executed(exc: BaseException) -> bool:
@@ -248,6 +252,12 @@ class Cluster:
             tiers.append(self._balancer((tag_key, len(tiers)), routed))
         return tiers
 
+    def _known_dead(self, node: Node) -> bool:
+        """Is ``node`` degraded (its connect failed lately)? Asked before an attempt:
+        a refusal by a node already known dead is given back to no call."""
+        # (select dropped the expired ones; none at all is every healthy call's case)
+        return node.key in self._degraded if self._degraded else False
+
     def _sendable(self, node: Node, deadline: float) -> bool:
         """Could an attempt on ``node`` go now: is time left, would its breaker let it by?"""
         return deadline > self._loop.time() and self.breaker(node).available()
@@ -268,9 +278,10 @@ class Cluster:
             return await self._race(send, deadline, tags, key, 2, self.hedge_delay)
         attempts = self._attempts_in_turn
         counted = 0                             # attempts that count against `attempts`
+        spare = attempts if attempts > 1 else 0  # attempts it may give back (failfast: none)
         tried: Set[str] = set()
         failure: Optional[Exception] = None     # the last attempt's, once a retry is wanted
-        free = False                            # ... and it never left (see the docstring)
+        free = False                            # ... and it was given back: no budget
         while True:
             try:
                 node, balancer = self.select(tags, key, tried)
@@ -285,15 +296,15 @@ class Cluster:
                     raise failure
                 log.info("retrying on %s after: %s", node.key, failure)
             tried.add(node.key)
-            # (select dropped the expired ones; none at all is every healthy call's case)
-            known_dead = node.key in self._degraded if self._degraded else False
+            known_dead = self._known_dead(node)
             try:
                 return await self._attempt(send, node, balancer, deadline)
             except Exception as exc:
                 if self.policy == "failsafe":
                     log.warning("failsafe call to %s failed: %s", node.key, exc)
                     return None
-                free = attempts > 1 and not known_dead and _never_left(exc)
+                free = spare > 0 and _given_back(exc, known_dead)
+                spare -= free
                 counted += not free
                 if not (counted < attempts and node_failed(exc)
                         and (idempotent or not_executed(exc))):
@@ -346,44 +357,53 @@ class Cluster:
         node fault (gRPC A6 hedging)."""
         loop = self._loop
         tried: Set[str] = set()
-        running: Set[asyncio.Task] = set()
+        running: Dict[asyncio.Task, bool] = {}   # attempt -> its node was known dead
         last: Optional[BaseException] = None
+        counted = 0              # attempts that count against `width`
+        spare = width            # attempts it may give back (see the module docstring)
+        owed = 0                 # copies owed for attempts given back: no budget
 
         def launch(extra: bool) -> bool:
             """Start one more attempt; an extra one (a fork or hedge) only when it can
             go (time left, a node whose breaker lets it by), and then it pays from
-            the budget."""
-            nonlocal last
+            the budget, unless it replaces one given back."""
+            nonlocal last, counted, owed
             try:
                 node, balancer = self.select(tags, key, tried)
             except OctoError as exc:
                 last = last or exc
                 return False
-            if extra and not (self._sendable(node, deadline) and self.budget.try_retry()):
+            if extra and not (self._sendable(node, deadline)
+                              and (owed or self.budget.try_retry())):
                 return False
+            owed -= extra and owed > 0
             tried.add(node.key)
-            running.add(loop.create_task(self._attempt(send, node, balancer, deadline)))
+            counted += 1
+            task = loop.create_task(self._attempt(send, node, balancer, deadline))
+            running[task] = self._known_dead(node)
             return True
 
         launch(False)
         try:
             while running:
-                if len(tried) < width and not delay:     # forking: every fork at once
+                if counted < width and not delay:        # forking: every fork at once
                     if launch(True):
                         continue
-                    width = len(tried)                   # no fork to send: wait for what runs
-                wait = min(delay, deadline - loop.time()) if len(tried) < width else None
+                    width = counted                      # no fork to send: wait for what runs
+                wait = min(delay, deadline - loop.time()) if counted < width else None
                 done, _ = await asyncio.wait(running, timeout=wait,
                                              return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
-                    running.discard(task)
+                    known_dead = running.pop(task)
                     exc = task.exception()
                     if exc is None or not node_failed(exc):
                         return task.result()
                     last = exc
+                    if spare > 0 and _given_back(exc, known_dead):
+                        spare, counted, owed = spare - 1, counted - 1, owed + 1
                 # The hedge delay passed, or an attempt failed: the next copy goes now.
-                if len(tried) < width and not launch(True):
-                    width = len(tried)                   # no copy to send: wait for what runs
+                if counted < width and not launch(True):
+                    width = counted                      # no copy to send: wait for what runs
             raise last if last is not None else NoRouteError("no node to try")
         finally:
             for task in running:
