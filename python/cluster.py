@@ -7,8 +7,9 @@ registry has not noticed yet). A client in bj1 discovers them there and shows,
 with counts of which node answered:
 
 1. untagged calls stay in the caller's IDC and never reach a swimlane node;
-   those that pick the dead node fail over (idempotent calls, to a node not yet
-   tried), and the dead node gets weight 0 until it answers again;
+   those that pick the dead node fail over to a node not yet tried (its
+   connect was refused: the request never left, so any call may), and the dead
+   node is left out for 2 s at a time (OCTO's connection degrade);
 2. calls tagged with the swimlane go to its node (the tag travels in the
    header's globalContext, so a server's own outbound calls keep it);
 3. with no node left serving in bj1, calls go to the next IDC.
@@ -46,11 +47,12 @@ class NamedEcho:
         pass
 
 
-def closed_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (just bound and released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def refusing_port() -> socket.socket:
+    """A socket bound on 127.0.0.1 that never listens: connects to its port are
+    refused, and no other program can take the port while it is open."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    return sock
 
 
 async def tally(client: octo_core.AsyncClient, calls: int = 200) -> dict:
@@ -65,6 +67,7 @@ async def main() -> None:
         registry = f"file://{root}"
         servers: List[octo_core.Server] = []
         dead = open_registry(registry)   # registers the dead node, and keeps it listed
+        refusing = refusing_port()
         client = None
         try:
             for name, fields in NODES.items():
@@ -73,8 +76,8 @@ async def main() -> None:
                 server.add_service(echo_thrift.Echo, NamedEcho(name))
                 await server.start()
                 servers.append(server)
-            await dead.register(Node(appkey=APPKEY, ip="127.0.0.1", port=closed_port(),
-                                     idc="bj1", region="bj"))
+            await dead.register(Node(appkey=APPKEY, ip="127.0.0.1",
+                                     port=refusing.getsockname()[1], idc="bj1", region="bj"))
             client = octo_core.AsyncClient(
                 echo_thrift.Echo, appkey="com.example.caller", remote_appkey=APPKEY,
                 registry=registry, idc="bj1", region="bj", lb="roundrobin",
@@ -92,6 +95,7 @@ async def main() -> None:
             for server in servers:
                 await server.stop()
             await dead.close()
+            refusing.close()
 
 
 if __name__ == "__main__":

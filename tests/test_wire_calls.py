@@ -475,6 +475,7 @@ def test_a_by_name_timeout_is_checked_as_the_clients_is_before_anything_is_sent(
     with serving_in_thread([(Echo, handler, None)]) as server, \
             sync_client(Echo, server.address, timeout=1e12) as client:
         assert client.echo("a huge timeout") == "a huge timeout"   # waits, no overflow
+        assert client.call("echo", "the largest", timeout=sys.float_info.max) == "the largest"
         for value in (0, -1, math.nan, math.inf, "2", True):
             with pytest.raises(ValueError, match="timeout must be a positive, finite number"):
                 client.call("notify", "refused", timeout=value)

@@ -128,9 +128,9 @@ class AsyncClient:
         if compression not in _COMPRESSION_FLAGS:
             raise ValueError("compression must be None, 'gzip' or 'snappy'")
         FrameDecoder(max_frame_size)   # the reader's own check: ValueError when too small
-        for name, seconds in (("timeout", timeout), ("connect_timeout", connect_timeout),
-                              ("heartbeat_interval", heartbeat_interval or 1.0)):  # 0/None: off
-            _check_seconds(name, seconds)
+        timeout = _seconds("timeout", timeout)
+        connect_timeout = _seconds("connect_timeout", connect_timeout)
+        _seconds("heartbeat_interval", heartbeat_interval or 1.0)   # 0/None: off
         self.service = service
         self.appkey = appkey
         self.remote_appkey = remote_appkey or ""
@@ -235,9 +235,7 @@ class AsyncClient:
         if method is None:
             raise AttributeError(f"{self.service.__name__} has no method {name!r}")
         timeout = None if "timeout" in method.arg_names else kwargs.pop("timeout", None)
-        if timeout is not None:
-            _check_seconds("timeout", timeout)
-        return method, timeout
+        return method, None if timeout is None else _seconds("timeout", timeout)
 
     async def _call(self, method: idl.Method, args: tuple, kwargs: dict,
                     timeout: Optional[float] = None) -> Any:
@@ -423,11 +421,9 @@ class AsyncClient:
         if msg_type == TMessageType.EXCEPTION:
             error = _ERRORS_BY_STATUS.get(head.status if head is not None else None,
                                           ApplicationError)
-            failure = error(result.message or f"application exception type {result.type}",
-                            method=method.name, node=node)
-            failure.type = result.type
-            failure.from_peer = True
-            raise failure
+            raise _application_exception(
+                error, result.message or f"application exception type {result.type}",
+                result.type, method, node)
         for field, _ in method.exceptions:
             declared = getattr(result, field)
             if declared is not None:
@@ -435,11 +431,9 @@ class AsyncClient:
         if not method.returns_value:
             return None
         if result.success is None:   # the node's answer, as thriftpy2 and Apache read it
-            failure = ApplicationError("the reply carries no result (MISSING_RESULT)",
-                                       method=method.name, node=node)
-            failure.type = TApplicationException.MISSING_RESULT
-            failure.from_peer = True
-            raise failure
+            raise _application_exception(ApplicationError, "the reply carries no result "
+                                         "(MISSING_RESULT)", TApplicationException.MISSING_RESULT,
+                                         method, node)
         return result.success
 
     async def close(self) -> None:
@@ -484,11 +478,22 @@ def _binds(client: Any, name: str) -> bool:
     return name not in RESERVED_NAMES and not hasattr(client, name)
 
 
-def _check_seconds(name: str, seconds: Any) -> None:
-    """``ValueError`` unless ``seconds`` is a positive, finite number."""
+def _seconds(name: str, seconds: Any) -> float:
+    """``seconds``, at most the longest deadline the wire carries (about 24.8 days;
+    so no arithmetic on it overflows); ``ValueError`` unless a positive, finite number."""
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
             or not 0 < seconds < math.inf:
         raise ValueError(f"{name} must be a positive, finite number of seconds, not {seconds!r}")
+    return min(seconds, _MAX_TIMEOUT_MS / 1000)
+
+
+def _application_exception(error: type, text: str, kind: int, method: idl.Method,
+                           node: str) -> OctoError:
+    """The node's TApplicationException (``kind``: its type) as the caller's ``error``."""
+    failure = error(text, method=method.name, node=node)
+    failure.type = kind
+    failure.from_peer = True
+    return failure
 
 
 def _declared(method: idl.Method, exc: BaseException) -> bool:
@@ -609,7 +614,7 @@ class Client:
     def _wait(self, future: concurrent.futures.Future, method: idl.Method, timeout: float) -> Any:
         """The call's outcome, waiting at most its ``timeout`` plus ``_LOOP_MARGIN``:
         a stuck I/O thread fails the call rather than hang its caller."""
-        bound = min(timeout + _LOOP_MARGIN, threading.TIMEOUT_MAX)   # a huge timeout: no overflow
+        bound = timeout + _LOOP_MARGIN
         try:
             return future.result(bound)
         except concurrent.futures.TimeoutError:

@@ -165,7 +165,7 @@ class _Throttle:
             self._held += 1
             return
         if self._held:
-            message += f" (and {self._held} more in the last {self.every:.0f}s)"
+            message += f" (and {self._held} more since the last such warning)"
         log.warning(message, *args)
         self._next, self._held = now + self.every, 0
 
