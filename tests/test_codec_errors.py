@@ -223,6 +223,14 @@ def test_a_dict_changed_while_written_is_an_encode_error_not_wrong_bytes(meddle)
         encode(IDL.Containers(counts=counts))
 
 
+def test_a_dict_whose_len_lies_is_written_whole():
+    class Lying(dict):
+        def __len__(self) -> int:
+            return 1
+    data = encode(IDL.Containers(counts=Lying(a=1, b=2, z=3)))
+    assert decode(IDL.Containers, data).counts == {"a": 1, "b": 2, "z": 3}
+
+
 @pytest.mark.parametrize("field,value", [("medium", 1.0), ("large", "7"), ("real", "2.5"),
                                          ("flag", "yes"), ("small", None.__class__)])
 def test_what_is_no_number_is_still_refused(field, value):

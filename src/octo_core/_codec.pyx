@@ -83,10 +83,10 @@ cdef extern from *:
 cdef extern from *:
     """
     /* A dict with room for n entries (CPython's private call, as Cython's own code uses). */
-    #if defined(PYPY_VERSION) || defined(Py_LIMITED_API)
-    #define _octo_dict_presized(n) PyDict_New()
+    #if CYTHON_COMPILING_IN_CPYTHON && !defined(Py_LIMITED_API)
+    #define _octo_dict_presized(n) _PyDict_NewPresized(n)
     #else
-    #define _octo_dict_presized(n) ((n) <= 5 ? PyDict_New() : _PyDict_NewPresized(n))
+    #define _octo_dict_presized(n) PyDict_New()
     #endif
     """
     dict _dict_presized "_octo_dict_presized" (Py_ssize_t n)
@@ -668,7 +668,7 @@ cdef int _w_map(_Writer* w, _TypeSpec t, object v, int depth) except -1:
             if not hasattr(v, "items"):
                 raise TypeError(f"expected a dict, got {_tname(v)}")
             v = dict(v.items())
-    n = len(v)
+    n = PyDict_GET_SIZE(v)   # what PyDict_Next walks (a subclass's __len__ may say otherwise)
     if n > 2147483647:
         raise OverflowError("container longer than 2**31-1")
     _w_reserve(w, 6)
@@ -683,7 +683,7 @@ cdef int _w_map(_Writer* w, _TypeSpec t, object v, int depth) except -1:
         _w_elem(w, kt, kk, key, depth)
         _w_elem(w, vt, vk, value, depth)
         written += 1
-    if written != n or len(v) != n:
+    if written != n or PyDict_GET_SIZE(v) != n:
         _changed_size("dict")
     return 0
 
@@ -1074,7 +1074,9 @@ cdef object _r_map(_Reader* r, _TypeSpec t, int depth):
     _charge(r, 2 * n, at)
     # Sized for n entries up front (no rehash on the way), but not past MAX_PRESIZE:
     # n repeats of one key would otherwise buy a big empty table for a few bytes.
-    cdef dict out = _dict_presized(min(n, MAX_PRESIZE))
+    # Not for str keys: a presized table is a general one, and a dict of str keys
+    # made empty keeps CPython's compact str-key layout (less memory, faster lookups).
+    cdef dict out = {} if kk == T_STRING else _dict_presized(min(n, MAX_PRESIZE))
     cdef bint freeze = kk == T_LIST or kk == T_SET
     for i in range(n):
         k = _r_elem(r, kt, kk, depth)
