@@ -803,6 +803,19 @@ def feed_all(decoder: FrameDecoder, chunks) -> tuple:
     return frames, None
 
 
+# Old-header look-alikes: an empty name (a letter where its type byte goes), and a
+# name longer than the frame limit (read as a framed length, it is too large).
+HOSTILE_OLD_STARTS = [b"\x00\x00\x00\x00a", b"\x00\x10\x00\x00a"]
+
+
+@pytest.mark.parametrize("start", HOSTILE_OLD_STARTS)
+def test_four_bytes_then_the_rest_read_as_the_whole(start):
+    """Four bytes starting with 0 are a framed length or an old-header name length:
+    the fifth byte tells, so the reader waits for it."""
+    stream = start + b"\x00\x00\x00\x01\x00"
+    assert _feed_outcome([stream[:4], stream[4:]]) == _feed_outcome([stream])
+
+
 def _feed_outcome(chunks) -> tuple:
     decoder = FrameDecoder(max_frame_size=4096)
     frames, err = feed_all(decoder, chunks)
@@ -811,7 +824,8 @@ def _feed_outcome(chunks) -> tuple:
 
 @settings(max_examples=300, deadline=None)
 @given(st.sampled_from([b"\x80\x01\x00\x01\x00\x00\x00\x01m\x00\x00\x00\x01",
-                        b"\x00\x00\x00\x01m\x01\x00\x00\x00\x01"]),   # strict, old header
+                        b"\x00\x00\x00\x01m\x01\x00\x00\x00\x01",    # strict, old header
+                        *HOSTILE_OLD_STARTS]),
        st.binary(max_size=200), st.lists(st.integers(0, 220), max_size=8))
 def test_unframed_hostile_bytes_read_the_same_however_they_are_cut(start, tail, cuts):
     """Any bytes after an unframed message start give the same frames and the

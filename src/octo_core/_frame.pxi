@@ -175,11 +175,15 @@ cdef str _looks_like(const unsigned char* p, Py_ssize_t n):
     return ""
 
 
-cdef inline bint _old_style_unframed(const unsigned char* p, Py_ssize_t n) noexcept:
+cdef inline bint _old_style_unframed(const unsigned char* p, Py_ssize_t n,
+                                     Py_ssize_t max_frame_size) noexcept:
     """Whether ``p`` starts an unframed message with the old (non-strict) header:
     the method name's length, then the name. Framed thrift cannot start so: its
-    message, after the length, begins with 0x80 (strict) or 0x00 (old style)."""
-    if n < 5 or p[0] != 0:
+    message, after the length, begins with 0x80 (strict) or 0x00 (old style).
+    A name is never empty (with a length of 0 the fifth byte is no name's), and
+    one longer than a frame may be is read as the framed length it also is (too
+    large either way): so four bytes decide but for the fifth's letter."""
+    if n < 5 or p[0] != 0 or not 0 < _get_u32(p) < max_frame_size - 4:
         return False
     cdef unsigned char first = p[4]     # of the name: a thrift identifier's first character
     return first == 0x5F or 0x41 <= first <= 0x5A or 0x61 <= first <= 0x7A
@@ -314,7 +318,8 @@ cdef class FrameReader:
                     handed += self._unified(p + pos + PREFIX, total - 2 - trailer, flags,
                                             header_length, frames)
                 pos += total + 8
-            elif (p[pos] == 0x80 and p[pos + 1] == 0x01) or _old_style_unframed(p + pos, n - pos):
+            elif (p[pos] == 0x80 and p[pos + 1] == 0x01) or _old_style_unframed(p + pos, n - pos,
+                                                                            self.max_frame_size):
                 # Unframed (buffered-transport) binary thrift, thriftpy2's and Apache's
                 # default: no length prefix, the message says where it ends.
                 if not self._scanning:
@@ -336,6 +341,8 @@ cdef class FrameReader:
                 pos += total
             else:
                 total = <int32_t>_get_u32(p + pos)
+                if n - pos < 5 and p[pos] == 0 and 0 < total < self.max_frame_size - 4:
+                    break   # framed, or an old-style unframed name: the fifth byte tells
                 if total <= 0:
                     self._fail(f"framed thrift length {total} is not positive"
                                f"{_looks_like(p + pos, n - pos)}", pos)
