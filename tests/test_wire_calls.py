@@ -413,7 +413,8 @@ def test_a_native_oneway_call_to_a_missing_method_is_counted_and_logged(caplog, 
                 await client.notify("into the void")
                 await client.notify("again")
                 assert await client.whoami() == "Calc"   # answered after both were read
-            assert server.stats()["(unknown).(unknown)"]["errors"] == {Status.APPLICATION_EXCEPTION: 2}
+            errors = server.stats()["(unknown).(unknown)"]["errors"]
+            assert errors == {Status.APPLICATION_EXCEPTION: 2}
     run(main())
     dropped = [r.getMessage() for r in caplog.records if "dropped unanswered" in r.getMessage()]
     assert len(dropped) == 1 and "'notify' is not hosted here" in dropped[0]   # then throttled
