@@ -26,9 +26,10 @@ at a time, and another node only when the request provably was not executed
 Every retry, fork and hedge draws on the ``RetryBudget``, and only when it is
 really sent (not one that replaces an attempt given back). The deadline is
 fixed when the call starts; each attempt gets only the time that is left, and
-none is sent once it has passed: the caller gets the last real failure. Breakers and degraded connections exclude nodes per
-call, so the routing cache survives their flips; when they leave no node of the
-preferred routing tier, the call goes to the next one (``Weighted.fallback``).
+none is sent once it has passed: the caller gets the last real failure.
+Breakers and degraded connections exclude nodes per call, so the routing cache
+survives their flips; when they leave no node of the preferred routing tier,
+the call goes to the next one (``Weighted.fallback``).
 Only node faults count against a node (``node_failed``): never the caller's own
 mistakes, such as a request the server refused as malformed.
 """
