@@ -15,6 +15,8 @@ import sys
 import textwrap
 import tracemalloc
 
+from typing import Optional
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,6 +24,7 @@ from thriftpy2.protocol import TBinaryProtocolFactory
 from thriftpy2.protocol.binary import TBinaryProtocol as PureBinaryProtocol
 from thriftpy2.thrift import TMessageType
 from thriftpy2.transport import TMemoryBuffer
+from thriftpy2.utils import serialize
 
 import octo_core
 from octo_core.codec import Limits, decode, decode_message, encode, encode_message
@@ -229,6 +232,80 @@ def test_a_dict_whose_len_lies_is_written_whole():
             return 1
     data = encode(IDL.Containers(counts=Lying(a=1, b=2, z=3)))
     assert decode(IDL.Containers, data).counts == {"a": 1, "b": 2, "z": 3}
+
+
+def _payload_class(name: str, spec: dict, namespace: Optional[dict] = None) -> type:
+    """A struct class as thriftpy2 makes them, from ``spec`` ({fid: (ttype, name, required)})."""
+    from thriftpy2.thrift import TPayload
+    namespace = dict(namespace or {})
+    namespace.update(thrift_spec=spec, default_spec=[(v[1], None) for v in spec.values()])
+    cls = type(name, (TPayload,), namespace)
+
+    def __init__(self, **values):
+        for field in cls.thrift_spec.values():
+            setattr(self, field[1], values.get(field[1]))
+    cls.__init__ = __init__
+    return cls
+
+
+def test_a_class_rebuilt_from_an_encoded_ones_dict_is_compiled_for_itself():
+    """A decorator that rebuilds a class copies its dict, the encoder's cached spec
+    with it: that spec is the old class's, and the new one is compiled afresh."""
+    from thriftpy2.thrift import TType
+    old = _payload_class("A", {1: (TType.I32, "a", False)})
+    encode(old(a=1))
+    copied = {k: v for k, v in old.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    new = _payload_class("A", {1: (TType.I32, "a", False), 2: (TType.I32, "b", False)}, copied)
+    assert encode(new(a=1, b=2)) == serialize(new(a=1, b=2))
+    bogus = _payload_class("B", {1: (TType.I32, "a", False)}, {"__octo_codec_spec__": 7})
+    assert encode(bogus(a=1)) == serialize(bogus(a=1))   # not trusted: no crash
+
+
+def test_a_struct_that_refers_to_one_that_failed_to_compile_is_an_encode_error():
+    """Recursive structs resolve to a spec registered before its fields are compiled;
+    when that compile fails, the structs holding it refuse, rather than write it empty."""
+    from thriftpy2.thrift import TType
+    a = _payload_class("A", {})
+    b = _payload_class("B", {1: (TType.STRUCT, "a", a, False)})
+    a.thrift_spec = {1: (TType.STRUCT, "b", b, False), 70000: (TType.I32, "x", False)}
+    with pytest.raises(EncodeError, match="field id 70000"):
+        encode(a(b=None, x=1))
+    with pytest.raises(EncodeError, match="B.a: struct A could not be compiled"):
+        encode(b(a=a(b=None, x=5)))
+
+
+class _Raising:
+    def __index__(self) -> int:
+        raise ZeroDivisionError("from __index__")
+
+
+class _Unreadable:
+    """A struct whose ``ints`` field raises when it is read."""
+
+    def __getattribute__(self, name):
+        if name == "ints":
+            raise KeyError("no ints here")
+        return object.__getattribute__(self, name)
+
+
+@pytest.mark.parametrize("make,words", [
+    (lambda: IDL.Containers(ints=[_Raising()]), "Containers.ints: ZeroDivisionError: from __index__"),
+    (lambda: IDL.Containers(ints=(i if i < 2 else {}["mid"] for i in range(3))),
+     "Containers.ints: KeyError: 'mid'"),
+    (lambda: type("U", (_Unreadable, IDL.Containers), {})(),
+     "U.ints: reading it raised KeyError"),   # (a twin: named by its own class)
+], ids=["__index__", "generator", "getattr"])
+def test_what_a_values_own_code_raises_is_an_encode_error_naming_the_field(make, words):
+    with pytest.raises(EncodeError, match=re.escape(words)):
+        encode(make())
+
+
+def test_a_dict_subclass_is_written_by_its_own_items():
+    class Filtered(dict):
+        def items(self):
+            return [(k, v) for k, v in super().items() if not k.startswith("_")]
+    data = encode(IDL.Containers(counts=Filtered(a=1, _hidden=2)))
+    assert decode(IDL.Containers, data).counts == {"a": 1}
 
 
 @pytest.mark.parametrize("field,value", [("medium", 1.0), ("large", "7"), ("real", "2.5"),

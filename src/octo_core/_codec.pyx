@@ -12,6 +12,7 @@ left and against the caller's ``Limits`` before it allocates anything, and
 builds objects without calling the generated ``__init__``.
 """
 from cpython.object cimport PyObject, PyTypeObject
+from cpython.type cimport PyType_Check
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE
 from cpython.unicode cimport PyUnicode_DecodeUTF8
@@ -234,6 +235,7 @@ cdef class _StructSpec:
     cdef tuple types
     cdef Py_ssize_t size_hint
     cdef bint generic_setattr   # no __setattr__ override: skip PyObject_SetAttr's dispatch
+    cdef bint ready             # its fields compiled (a failed compile leaves it False)
 
     def __dealloc__(self):
         PyMem_Free(self.fields)
@@ -306,10 +308,14 @@ cdef _TypeSpec _type_from_spec(object spec):
 
 
 cdef _StructSpec _spec_for(object cls):
-    """The compiled spec of a thriftpy2 struct class, built on first use."""
+    """The compiled spec of a thriftpy2 struct class, built on first use. Only a
+    spec made for this very class is taken from its dict: a class built from
+    another's dict (a decorator rebuilding it) carries that one's spec."""
+    if not PyType_Check(cls):
+        raise TypeError(f"{cls!r} is not a thriftpy2 struct class")
     cdef PyTypeObject* tp = <PyTypeObject*>cls
     cdef object cached = (<object>tp.tp_dict).get(_SPEC_ATTR) if tp.tp_dict != NULL else None
-    if cached is not None:
+    if type(cached) is _StructSpec and (<_StructSpec>cached).cls is cls:
         return <_StructSpec>cached
     return _compile(cls)
 
@@ -329,8 +335,9 @@ cdef _StructSpec _compile(object cls):
     try:
         _compile_fields(s, thrift_spec, getattr(cls, "default_spec", None) or ())
     except BaseException:
-        type.__delattr__(cls, _SPEC_ATTR)
+        type.__delattr__(cls, _SPEC_ATTR)   # (the structs that refer to s see it not ready)
         raise
+    s.ready = True
     return s
 
 
@@ -480,6 +487,8 @@ cdef inline int _w_u32(_Writer* w, uint32_t v) except -1:
 
 
 cdef inline int _w_raw(_Writer* w, const char* p, Py_ssize_t n) except -1:
+    if n > 2147483647:
+        raise OverflowError("string or binary longer than 2**31-1 bytes")
     _w_reserve(w, 4 + n)
     _put_u32(w.data + w.len, <uint32_t>n)
     memcpy(w.data + w.len + 4, p, n)
@@ -664,10 +673,9 @@ cdef int _w_map(_Writer* w, _TypeSpec t, object v, int depth) except -1:
     cdef _TypeSpec kt = t.key, vt = t.elem
     cdef int kk = kt.kind, vk = vt.kind
     if not PyDict_CheckExact(v):
-        if not isinstance(v, dict):
-            if not hasattr(v, "items"):
-                raise TypeError(f"expected a dict, got {_tname(v)}")
-            v = dict(v.items())
+        if not isinstance(v, dict) and not hasattr(v, "items"):
+            raise TypeError(f"expected a dict, got {_tname(v)}")
+        v = dict(v.items())   # a subclass's own items(), as thriftpy2 writes it
     n = PyDict_GET_SIZE(v)   # what PyDict_Next walks (a subclass's __len__ may say otherwise)
     if n > 2147483647:
         raise OverflowError("container longer than 2**31-1")
@@ -725,12 +733,14 @@ cdef int _w_struct(_Writer* w, _StructSpec s, object obj, int depth) except -1:
     cdef PyObject* v
     if Py_TYPE(obj) != s.tp and not isinstance(obj, s.cls):
         s = _twin_spec(s, type(obj))
+    if not s.ready:
+        _not_ready(s)
     for i in range(s.n):
         f = &s.fields[i]
         v = PyObject_GetAttr(obj, <object>f.name)
         if v == NULL:
             if not PyErr_ExceptionMatches(AttributeError):
-                raise_current()
+                _field_failed(s, f)
             PyErr_Clear()
             continue
         if v == Py_None:
@@ -750,14 +760,38 @@ cdef int _w_struct(_Writer* w, _StructSpec s, object obj, int depth) except -1:
             # Cython's int conversion past 64 bits says nothing of the IDL type; add it
             raise EncodeError(f"{s.name}.{<object>f.name}: {e} "
                               f"(field type {_describe(<_TypeSpec>f.type)})") from e
-        except (TypeError, ValueError, UnicodeError) as e:
-            raise EncodeError(f"{s.name}.{<object>f.name}: {e}") from e
+        except (MemoryError, RecursionError):
+            raise
+        except Exception as e:   # the value's own code too (__index__, __iter__, items())
+            raise EncodeError(f"{s.name}.{<object>f.name}: {_describe_error(e)}") from e
         finally:
             Py_DECREF(<object>v)
     _w_reserve(w, 1)
     _put_u8(w.data + w.len, T_STOP)
     w.len += 1
     return 0
+
+
+cdef str _describe_error(BaseException e):
+    """``e``'s message; an exception other than the encoder's own says its type."""
+    return str(e) if type(e) in (TypeError, ValueError, UnicodeEncodeError) \
+        else f"{type(e).__name__}: {e}"
+
+
+cdef int _field_failed(_StructSpec s, _Field* f) except -1:
+    """Reading field ``f`` raised (not AttributeError): an EncodeError naming it."""
+    try:
+        raise_current()
+    except (MemoryError, RecursionError):
+        raise
+    except Exception as e:
+        raise EncodeError(f"{s.name}.{<object>f.name}: reading it raised "
+                          f"{type(e).__name__}: {e}") from e
+    return 0
+
+
+cdef int _not_ready(_StructSpec s) except -1:
+    raise TypeError(f"struct {s.name} could not be compiled (its thrift_spec is bad)")
 
 
 cdef int raise_current() except -1:
@@ -777,8 +811,10 @@ cdef int _w_message_begin(_Writer* w, object name, object msg_type, object seqid
     try:
         sid = _as_int(seqid, -2147483648, 2147483647, T_I32)
         p = PyUnicode_AsUTF8AndSize(name, &n)
-    except (TypeError, OverflowError, UnicodeError) as e:
-        raise EncodeError(f"message header: {e}") from e
+    except (MemoryError, RecursionError):
+        raise
+    except Exception as e:
+        raise EncodeError(f"message header: {_describe_error(e)}") from e
     _w_reserve(w, n + 12)
     _put_u32(w.data + w.len, <uint32_t>(VERSION_1 | msg_type))
     _put_u32(w.data + w.len + 4, <uint32_t>n)
@@ -793,6 +829,8 @@ cdef _StructSpec _encode_spec(object obj):
         return _spec_for(type(obj))
     except TypeError as e:
         raise EncodeError(f"cannot encode {_tname(obj)}: not a thriftpy2 struct") from e
+    except ValueError as e:   # a thrift_spec the encoder cannot write (a field id past i16)
+        raise EncodeError(f"cannot encode {_tname(obj)}: {e}") from e
 
 
 cdef int _w_top(_Writer* w, _StructSpec s, object obj) except -1:
@@ -1161,6 +1199,8 @@ cdef object _r_struct(_Reader* r, _StructSpec s, int depth):
     cdef _Field* f
     cdef PyObject* pv
     cdef object obj
+    if not s.ready:
+        _not_ready(s)
     _charge(r, 1 + s.n, r.pos)
     if s.n > MAX_STACK_FIELDS:
         vals = <PyObject**>PyMem_Malloc(s.n * sizeof(PyObject*))
