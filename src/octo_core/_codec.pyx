@@ -607,9 +607,14 @@ cdef inline int _w_prim(_Writer* w, int kind, object v) except -1:
     raise TypeError(f"unsupported thrift type {kind}")
 
 
+cdef inline bint _is_primitive(int kind) noexcept nogil:
+    """A kind written and read in line (numbers, bool, string, binary), no spec needed."""
+    return kind < T_STRUCT or kind == T_BINARY
+
+
 cdef int _w_value(_Writer* w, _TypeSpec t, int kind, object v, int depth) except -1:
     """Write one value of type ``t`` (``kind`` is ``t.kind``; passed so primitives need no ``t``)."""
-    if kind < T_STRUCT or kind == T_BINARY:
+    if _is_primitive(kind):
         return _w_prim(w, kind, v)
     if depth >= w.max_depth:
         raise ValueError(f"nesting deeper than {w.max_depth} (a cycle?)")
@@ -624,7 +629,7 @@ cdef int _w_value(_Writer* w, _TypeSpec t, int kind, object v, int depth) except
 
 cdef inline int _w_elem(_Writer* w, _TypeSpec t, int kind, object v, int depth) except -1:
     """A container element: a primitive written in line, anything else by ``_w_value``."""
-    if kind < T_STRUCT or kind == T_BINARY:
+    if _is_primitive(kind):
         return _w_prim(w, kind, v)
     return _w_value(w, t, kind, v, depth)
 
@@ -760,7 +765,7 @@ cdef int _w_struct(_Writer* w, _StructSpec s, object obj, int depth) except -1:
             # Cython's int conversion past 64 bits says nothing of the IDL type; add it
             raise EncodeError(f"{s.name}.{<object>f.name}: {e} "
                               f"(field type {_describe(<_TypeSpec>f.type)})") from e
-        except (MemoryError, RecursionError):
+        except _NOT_THE_VALUES:
             raise
         except Exception as e:   # the value's own code too (__index__, __iter__, items())
             raise EncodeError(f"{s.name}.{<object>f.name}: {_describe_error(e)}") from e
@@ -770,6 +775,11 @@ cdef int _w_struct(_Writer* w, _StructSpec s, object obj, int depth) except -1:
     _put_u8(w.data + w.len, T_STOP)
     w.len += 1
     return 0
+
+
+#: Raised while a value is written, yet not the value's fault: they pass through,
+#: where anything else its own code raises becomes an EncodeError naming the field.
+_NOT_THE_VALUES = (MemoryError, RecursionError)
 
 
 cdef str _describe_error(BaseException e):
@@ -782,7 +792,7 @@ cdef int _field_failed(_StructSpec s, _Field* f) except -1:
     """Reading field ``f`` raised (not AttributeError): an EncodeError naming it."""
     try:
         raise_current()
-    except (MemoryError, RecursionError):
+    except _NOT_THE_VALUES:
         raise
     except Exception as e:
         raise EncodeError(f"{s.name}.{<object>f.name}: reading it raised "
@@ -811,7 +821,7 @@ cdef int _w_message_begin(_Writer* w, object name, object msg_type, object seqid
     try:
         sid = _as_int(seqid, -2147483648, 2147483647, T_I32)
         p = PyUnicode_AsUTF8AndSize(name, &n)
-    except (MemoryError, RecursionError):
+    except _NOT_THE_VALUES:
         raise
     except Exception as e:
         raise EncodeError(f"message header: {_describe_error(e)}") from e
@@ -1019,7 +1029,7 @@ cdef inline object _r_prim(_Reader* r, int kind):
 
 
 cdef object _r_value(_Reader* r, _TypeSpec t, int kind, int depth):
-    if kind < T_STRUCT or kind == T_BINARY:
+    if _is_primitive(kind):
         return _r_prim(r, kind)
     if depth >= r.max_depth:
         raise DecodeError(f"nesting deeper than {r.max_depth} at byte {r.pos}", offset=r.pos)
@@ -1032,7 +1042,7 @@ cdef object _r_value(_Reader* r, _TypeSpec t, int kind, int depth):
 
 cdef inline object _r_elem(_Reader* r, _TypeSpec t, int kind, int depth):
     """A container element: a primitive read in line, anything else by ``_r_value``."""
-    if kind < T_STRUCT or kind == T_BINARY:
+    if _is_primitive(kind):
         return _r_prim(r, kind)
     return _r_value(r, t, kind, depth)
 
