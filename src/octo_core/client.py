@@ -11,7 +11,8 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Any, Awaitable, Callable, Dict, Iterable, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import (Any, Awaitable, Callable, Dict, Iterable, List, Mapping, Optional, Sequence,
+                    Set, Tuple, Union)
 
 from thriftpy2.thrift import TApplicationException, TMessageType
 
@@ -30,7 +31,7 @@ from octo_core.protocol import CallType, Frame, FrameDecoder, MessageType
 from octo_core.registry import Directory, Node, Registry, open_registry
 from octo_core.transport.address import default_route_ip, parse_address
 from octo_core.transport.client import ClientConnection, Endpoint
-from octo_core.transport.loop import LoopThread
+from octo_core.transport.loop import LoopThread, tell_forked_children
 
 _ERRORS_BY_STATUS = {
     Status.APPLICATION_EXCEPTION: ApplicationError,
@@ -150,6 +151,7 @@ class AsyncClient:
         self._retired: Set[Endpoint] = set()            # of nodes that left, calls still on them
         self._listed: Optional[Set[str]] = None         # node addresses, from a registry
         self._closed = False
+        self._inherited = False   # this is a forked child's copy (see _inherited_by_fork)
         # The loop of the first call, and the thread running it: every call compares
         # its thread (cheap), a closed client or another loop take the slow path.
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -197,6 +199,7 @@ class AsyncClient:
         for name, method in self._methods.items():
             if _binds(self, name):
                 setattr(self, name, self._caller(method))
+        tell_forked_children(self)
 
     def _method_names(self, option: str, names: Iterable[str]) -> Set[str]:
         """``names`` as a set of this service's method names (a typo is an error,
@@ -279,6 +282,11 @@ class AsyncClient:
         the same loop now run by another thread)."""
         if self._closed:
             raise _closed_error(method.name)
+        if self._inherited:
+            raise TransportError("this client was made before os.fork(): its connections are "
+                                 "the parent process's; make an AsyncClient in this process "
+                                 "(a blocking Client opens its own here by itself)",
+                                 method=method.name, request_sent=False)
         running = asyncio.get_running_loop()
         if self._loop is not None and self._loop is not running:
             why = ("its event loop (that of its first call) is closed" if self._loop.is_closed()
@@ -443,11 +451,19 @@ class AsyncClient:
         there), and is left to that loop's own closing if not."""
         self._closed = True
         self._loop_thread = None     # every call now takes the slow path, which refuses it
+        if self._inherited:          # the connections, and the loop they live on, are the parent's
+            return
         loop = self._loop
         if loop is None or loop is asyncio.get_running_loop():
             await self._shutdown()
         elif loop.is_running():
             asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
+
+    def _inherited_by_fork(self) -> None:
+        """In a child of ``os.fork()``: every call is refused, and nothing of the
+        parent's (its connections, registry session, loop) is written to or closed."""
+        self._inherited = True
+        self._loop_thread = None     # every call takes the slow path, which refuses it
 
     async def _shutdown(self) -> None:
         for endpoint in [*self._endpoints.values(), *self._retired]:
@@ -559,24 +575,58 @@ class Client:
     still connecting or racing ``close()`` too -- fails with
     ``TransportError("client is closed")``, and every callback is called
     exactly once.
+
+    A client made before ``os.fork()`` works in the child (``multiprocessing``'s
+    fork workers, a pre-forking server's): the child's first call opens the
+    child's own I/O thread and connections from the same arguments, leaving the
+    parent's alone. A ``registry`` given as an object goes across as it is (give
+    a URL and the child opens its own session).
     """
 
     def __init__(self, service: Any, **options: Any) -> None:
-        self._thread = LoopThread("octo-client", stopped_error=_cut_short)
+        self._service, self._options = service, options
         self._closed = False
+        self._inherited = False   # a forked child's copy, until its first call reopens it
+        self._reopening = threading.Lock()
+        self._open()
+        self.future = _Mode(self, self._submitter)
+        self.callback = _Mode(self, self._with_callback)
+        for name, method in self._async._methods.items():
+            if _binds(self, name):
+                setattr(self, name, self._blocking(method))
+        tell_forked_children(self)
+
+    def _open(self) -> None:
+        """Start the I/O thread and make the ``AsyncClient`` that runs on it."""
+        self._thread = LoopThread("octo-client", stopped_error=_cut_short)
         try:
-            self._async = self._thread.run(_make_async(service, options))
+            self._async = self._thread.run(_make_async(self._service, self._options))
         except BaseException:   # a bad option: no thread (nor its loop's fds) left behind
             self._thread.stop()
             raise
         # Collected unclosed: its thread, loop and connections would outlive it.
         self._collected = weakref.finalize(self, _close_collected, self._thread, self._async)
         self._collected.atexit = False   # at exit the daemon thread just ends
-        self.future = _Mode(self, self._submitter)
-        self.callback = _Mode(self, self._with_callback)
-        for name, method in self._async._methods.items():
-            if _binds(self, name):
-                setattr(self, name, self._blocking(method))
+
+    def _inherited_by_fork(self) -> None:
+        """In a child of ``os.fork()``: no thread runs the inherited loop, and its
+        connections are the parent's. They are kept, untouched, for the life of
+        the child (collected, they would close sockets the child may have reused
+        the numbers of); the first call opens the child's own."""
+        self._collected.detach()
+        _LEFT_BY_FORK.append((self._thread, self._async))
+        self._inherited = True
+        self._reopening = threading.Lock()   # a lock held at the fork would never be let go
+
+    def _reopen(self, method: idl.Method) -> None:
+        """A call's slow path: refuse it on a closed client; in a forked child,
+        open the child's own thread and connections (once, whichever thread asks first)."""
+        with self._reopening:
+            if self._inherited and not self._closed:
+                self._open()
+                self._inherited = False
+        if self._closed:
+            raise _closed_error(method.name)
 
     def call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
         """Call IDL method ``name`` and wait; ``timeout`` as in ``AsyncClient.call``."""
@@ -585,23 +635,22 @@ class Client:
 
     def _submitter(self, method: idl.Method,
                    timeout: Optional[float] = None) -> Callable[..., concurrent.futures.Future]:
-        # The client's own _call, not call(): every argument is the IDL method's.
-        call = self._async._call
-
         def submit(*args: Any, **kwargs: Any) -> concurrent.futures.Future:
-            if self._closed:
-                raise _closed_error(method.name)
-            return self._thread.submit(call(method, args, kwargs, timeout))
+            if self._closed or self._inherited:
+                self._reopen(method)
+            # the client's own _call, not call(): every argument is the IDL method's
+            return self._thread.submit(self._async._call(method, args, kwargs, timeout))
         submit.__name__ = method.name
         return submit
 
     def _blocking(self, method: idl.Method,
                   timeout: Optional[float] = None) -> Callable[..., Any]:
         submit = self._submitter(method, timeout)
-        loop_thread = self._thread.ident
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            if threading.get_ident() == loop_thread:
+            if self._inherited:   # first: a thread of the child may have the dead I/O thread's ident
+                self._reopen(method)
+            if threading.get_ident() == self._thread.ident:
                 raise TransportError("a blocking call from a callback (on the client's own I/O "
                                      "thread) would wait for itself forever; call through "
                                      "client.future or client.callback there",
@@ -641,9 +690,12 @@ class Client:
 
     def close(self) -> None:
         """Close the connections and stop the loop thread (see the class docstring)."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._reopening:
+            if self._closed:
+                return
+            self._closed = True
+            if self._inherited:   # a forked child's copy never reopened: nothing of its own
+                return
         self._collected.detach()
         if threading.get_ident() == self._thread.ident:   # from a callback: cannot wait for itself
             _close_soon(self._thread, self._async)
@@ -660,6 +712,8 @@ class Client:
         Client.close(self)
 
 
+#: What forked children inherited of their blocking clients (see _inherited_by_fork).
+_LEFT_BY_FORK: List[Tuple[LoopThread, AsyncClient]] = []
 #: Seconds a blocking call waits beyond its timeout (for a first call's registry
 #: discovery, or a busy loop) before it gives up on the I/O thread.
 _LOOP_MARGIN = 10.0

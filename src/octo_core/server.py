@@ -29,7 +29,7 @@ from octo_core.protocol import Frame, MessageType, NodeStatus
 from octo_core.registry import HeartbeatSupport, Node, Registry, open_registry
 from octo_core.transport.address import default_route_ip, parse_address
 from octo_core.transport.http import bound_port, serve_metrics
-from octo_core.transport.loop import LoopThread, new_event_loop, start_task
+from octo_core.transport.loop import LoopThread, new_event_loop, start_task, tell_forked_children
 from octo_core.transport.server import ServerConnection
 from octo_core.transport.stream import CLOSE_LINGER
 
@@ -298,6 +298,8 @@ class Server:
         # (no event toggled by every call: an eager handler takes it 0 -> 1 -> 0)
         self._drained: Optional[asyncio.Future] = None
         self._stopping: Optional[asyncio.Task] = None   # a stop a handler started
+        self._inherited = False   # a forked child's copy of a started server
+        tell_forked_children(self)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[LoopThread] = None
 
@@ -426,8 +428,10 @@ class Server:
         elsewhere; none is dropped without an answer. Called from a coroutine
         handler of this server, it starts the stop and returns at once: it
         cannot wait for the very call it runs in (whose answer still goes out).
+        In a child of ``os.fork()``, a server the parent started is the
+        parent's: stopping it there (or leaving ``with server``) does nothing.
         """
-        if self._listener is None:
+        if self._listener is None or self._inherited:
             return
         if self._runs_a_handler(asyncio.current_task()):
             self._stopping = self._loop.create_task(self.stop(grace))
@@ -473,6 +477,12 @@ class Server:
             self._registry = self._node = None
         self.status = NodeStatus.STOPPED
 
+    def _inherited_by_fork(self) -> None:
+        """In a child of ``os.fork()``, a server the parent started is the parent's:
+        stopping it there would shut the parent's connections, unlink its socket
+        path and unregister its node. ``stop()`` leaves it all alone."""
+        self._inherited = self._listener is not None
+
     def _runs_a_handler(self, task: Optional[asyncio.Task]) -> bool:
         """Is ``task`` one of this server's coroutine handlers? (Read off its
         coroutine: nothing is marked per call for the rare stop from a handler.)"""
@@ -507,6 +517,8 @@ class Server:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self._inherited:   # a forked child's: its I/O thread and all it serves are the parent's
+            return
         try:
             # bounded: a loop that died cannot hold the exit (stop takes its grace
             # of 5 s, a linger, and a margin)

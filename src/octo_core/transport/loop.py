@@ -5,8 +5,10 @@ import asyncio
 import concurrent.futures
 import contextvars
 import functools
+import os
 import sys
 import threading
+import weakref
 from typing import Any, Callable, Coroutine, Optional, Set
 
 
@@ -17,6 +19,30 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def tell_forked_children(obj: Any) -> None:
+    """Have ``obj._inherited_by_fork()`` called in each child that ``os.fork()``
+    makes while ``obj`` lives (the child's copy, before any other code runs there).
+
+    A child inherits the copy of every loop, connection and pending call, but no
+    thread runs those loops there, and its sockets are the parent's own: written
+    to from the child, they interleave frames with the parent's and one process
+    reads the other's answers. The hook lets an object refuse, or start afresh.
+    """
+    _TOLD_AT_FORK.add(obj)
+
+
+_TOLD_AT_FORK: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for obj in list(_TOLD_AT_FORK):
+        obj._inherited_by_fork()
+
+
+if hasattr(os, "register_at_fork"):    # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 #: Seconds a stopping loop gives its cancelled tasks to finish before it closes.
