@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import threading
 import warnings
 from typing import Any, Callable, Tuple
@@ -25,9 +28,9 @@ import octo_core
 from octo_core.errors import TransportError
 from octo_core.transport.loop import new_event_loop
 
-from wire_helpers import (CLIENT_APPKEY, SERVER_APPKEY, Echo, EchoHandler,  # noqa: F401
-                          echo_services, serving_in_thread, short_tmpdir, sync_client,
-                          watchdog)
+from wire_helpers import (CLIENT_APPKEY, LOCALHOST, SERVER_APPKEY, Echo,  # noqa: F401
+                          EchoHandler, echo_services, serving_in_thread, short_tmpdir,
+                          sync_client, wait_until_sync, watchdog)
 
 pytestmark = [pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork"),
               pytest.mark.usefixtures("watchdog")]
@@ -183,3 +186,78 @@ def test_a_server_stopped_in_the_child_goes_on_serving_in_the_parent():
             with octo_core.Client(Echo, appkey=CLIENT_APPKEY, registry=registry,
                                   remote_appkey=SERVER_APPKEY, timeout=2.0) as discovering:
                 assert discovering.echo("found") == "found"
+
+
+#: A process that serves on a host and dials a node by name, then forks; the child
+#: ends as programs do (interpreter shutdown, not os._exit). uvloop would have looked
+#: both up on libuv's thread pool, whose exit hook crashes a forked child (SIGSEGV)
+#: unless the child started a pool of its own.
+_SERVE_DIAL_FORK = """
+import os, sys
+sys.path.insert(0, {tests!r})
+import octo_core
+from wire_helpers import CLIENT_APPKEY, SERVER_APPKEY, Echo, EchoHandler
+server = octo_core.Server(SERVER_APPKEY, host="127.0.0.1")
+server.add_service(Echo, EchoHandler())
+with server, octo_core.Client(Echo, appkey=CLIENT_APPKEY, timeout=2.0,
+                              hosts=["localhost:%d" % server.port]) as client:
+    assert client.echo("parent") == "parent"
+    pid = os.fork()
+    if pid == 0:
+        import signal; signal.alarm(30)
+        sys.exit(0)
+    _, status = os.waitpid(pid, 0)
+    print("child", "signal %d" % os.WTERMSIG(status) if os.WIFSIGNALED(status)
+          else "exit %d" % os.WEXITSTATUS(status))
+"""
+
+
+def test_a_child_that_ends_normally_is_not_killed_by_the_event_loop_s_thread_pool():
+    script = _SERVE_DIAL_FORK.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", "-c", script],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["child", "exit", "0"]
+
+
+def test_while_a_child_lives_the_parent_s_closes_and_stops_still_close():
+    """The child's copies of the parent's sockets are closed at the fork: the parent's
+    close reaches the server, its stop closes the port, and the port can serve again."""
+    with serving_in_thread(echo_services()) as server:
+        client = octo_core.Client(Echo, appkey=CLIENT_APPKEY, hosts=[server.address], timeout=2.0)
+        client.echo("parent")
+        inner = octo_core.Server(SERVER_APPKEY, host=LOCALHOST)
+        inner.add_service(Echo, EchoHandler())
+        serving_inner = contextlib.ExitStack()
+        serving_inner.enter_context(inner)
+        port = inner.port
+        go_on, hold = os.pipe()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
+        if pid == 0:   # lives, doing nothing, until the parent is done
+            try:
+                os.close(hold)
+                signal.alarm(CHILD_SECONDS)
+                os.read(go_on, 1)
+            finally:
+                os._exit(0)
+        os.close(go_on)
+        try:
+            client.close()
+            wait_until_sync(lambda: not server._connections)
+            serving_inner.close()
+            with pytest.raises(TransportError, match="cannot connect"):
+                with octo_core.Client(Echo, appkey=CLIENT_APPKEY, hosts=[f"{LOCALHOST}:{port}"],
+                                      timeout=2.0) as late:
+                    late.echo("refused, not left to time out")
+            again = octo_core.Server(SERVER_APPKEY, host=LOCALHOST, port=port)
+            again.add_service(Echo, EchoHandler())
+            with again, octo_core.Client(Echo, appkey=CLIENT_APPKEY, hosts=[again.address],
+                                         timeout=2.0) as fresh:
+                assert fresh.echo("served again") == "served again"
+        finally:
+            client.close()
+            serving_inner.close()
+            os.close(hold)
+            os.waitpid(pid, 0)

@@ -610,9 +610,9 @@ class Client:
 
     def _inherited_by_fork(self) -> None:
         """In a child of ``os.fork()``: no thread runs the inherited loop, and its
-        connections are the parent's. They are kept, untouched, for the life of
-        the child (collected, they would close sockets the child may have reused
-        the numbers of); the first call opens the child's own."""
+        connections are the parent's (the child's copies of their sockets close
+        now: see ``FramedProtocol``). Loop and connections are kept, never run
+        nor torn down, for the life of the child; the first call opens its own."""
         self._collected.detach()
         _LEFT_BY_FORK.append((self._thread, self._async))
         self._inherited = True

@@ -36,7 +36,7 @@ from octo_core.protocol import FrameDecoder, NodeStatus, encode_unified, scanner
 from octo_core.registry.base import (NotRegisteredError, Registry, RegistryError, check_name,
                                      open_registry)
 from octo_core.registry.node import HeartbeatSupport, Node
-from octo_core.transport.address import parse_address
+from octo_core.transport.address import connect, parse_address
 from octo_core.transport.loop import new_event_loop
 
 log = logging.getLogger("octo_core.health")
@@ -250,7 +250,7 @@ async def _open(node: Node) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]
         raise _BadAddress(str(exc)) from None
     if address.path is not None:
         return await asyncio.open_unix_connection(address.path)
-    return await asyncio.open_connection(address.host, address.port)
+    return await connect(asyncio.open_connection, address.host, address.port)
 
 
 def _heartbeat_status(header: object, appkey: str) -> int:

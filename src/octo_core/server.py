@@ -27,9 +27,10 @@ from octo_core.errors import DecodeError, EncodeError, SecurityError, Status
 from octo_core.metrics import Metrics, MethodStats, prometheus_text
 from octo_core.protocol import Frame, MessageType, NodeStatus
 from octo_core.registry import HeartbeatSupport, Node, Registry, open_registry
-from octo_core.transport.address import default_route_ip, parse_address
+from octo_core.transport.address import Listeners, default_route_ip, listen, parse_address
 from octo_core.transport.http import bound_port, serve_metrics
-from octo_core.transport.loop import LoopThread, new_event_loop, start_task, tell_forked_children
+from octo_core.transport.loop import (LoopThread, new_event_loop, release_in_child, start_task,
+                                     tell_forked_children)
 from octo_core.transport.server import ServerConnection
 from octo_core.transport.stream import CLOSE_LINGER
 
@@ -275,7 +276,7 @@ class Server:
         self._node: Optional[Node] = None
         self.unregister_delay = unregister_delay
         self.metrics_port = metrics_port
-        self._metrics_http: Optional[asyncio.AbstractServer] = None
+        self._metrics_http: Optional[Listeners] = None
         self.status = NodeStatus.STARTING
         self._started_at = time.monotonic()
         self._services: Dict[str, _Service] = {}
@@ -289,7 +290,7 @@ class Server:
         self._pool: Optional[BusinessPool] = None
         self._unix_inode = 0
         self._handlers: Set[asyncio.Future] = set()   # coroutine handlers that suspended
-        self._listener: Optional[asyncio.AbstractServer] = None
+        self._listener: Optional[Union[asyncio.AbstractServer, Listeners]] = None
         self._sweeper: Optional[asyncio.Task] = None
         self._connections: set = set()
         self._in_flight = 0
@@ -360,8 +361,9 @@ class Server:
                 make_connection, self.unix_path, **tls)
             self._unix_inode = os.stat(self.unix_path).st_ino
         else:
-            self._listener = await self._loop.create_server(
-                make_connection, self.host, self.port, reuse_address=True, **tls)
+            self._listener = await listen(
+                functools.partial(self._loop.create_server, make_connection, **tls),
+                self.host, self.port)
             self.port = self._listener.sockets[0].getsockname()[1]
         # (before the loop runs again: the first connection may come at once)
         self._pool = BusinessPool(self._business_threads, f"octo-biz-{self.appkey}")
@@ -480,8 +482,14 @@ class Server:
     def _inherited_by_fork(self) -> None:
         """In a child of ``os.fork()``, a server the parent started is the parent's:
         stopping it there would shut the parent's connections, unlink its socket
-        path and unregister its node. ``stop()`` leaves it all alone."""
+        path and unregister its node. ``stop()`` leaves it all alone; the child's
+        copies of its listening sockets close now (each connection closes its own),
+        so the port closes when the parent stops."""
         self._inherited = self._listener is not None
+        if self._inherited:
+            listening = [*self._listener.sockets,
+                         *(self._metrics_http.sockets if self._metrics_http else ())]
+            release_in_child(sock.fileno() for sock in listening)
 
     def _runs_a_handler(self, task: Optional[asyncio.Task]) -> bool:
         """Is ``task`` one of this server's coroutine handlers? (Read off its

@@ -1,8 +1,19 @@
-"""Node addresses: ``host:port``, ``[v6]:port`` or ``unix:///path``."""
+"""Node addresses (``host:port``, ``[v6]:port`` or ``unix:///path``), their lookup, and binding.
+
+Names are looked up and listening sockets bound by Python, never by the event
+loop: uvloop resolves on libuv's thread pool (``create_server`` for any host,
+``create_connection`` for a name), and once that pool has started, every child
+forked from the process crashes (SIGSEGV) as it exits, libuv's exit hook
+joining pool threads the child does not have. The loop is handed bound sockets
+and numeric addresses only.
+"""
 from __future__ import annotations
 
+import asyncio
 import socket
-from typing import NamedTuple, Optional
+from typing import Any, Awaitable, Callable, List, NamedTuple, Optional, Tuple, TypeVar
+
+T = TypeVar("T")
 
 
 class Address(NamedTuple):
@@ -47,3 +58,83 @@ def default_route_ip(ipv6: bool = False) -> Optional[str]:
             return udp.getsockname()[0]
     except OSError:
         return None
+
+
+async def resolve(host: Optional[str], port: int, *, passive: bool = False) -> List[Tuple[int, Any]]:
+    """The ``(family, sockaddr)`` pairs to reach (or, ``passive``, to listen on) TCP
+    ``host``:``port``, in getaddrinfo's order: a numeric host, or none (every
+    interface), is read at once; a name is looked up on an executor thread."""
+    flags = socket.AI_PASSIVE if passive else 0
+    try:
+        infos = socket.getaddrinfo(host or None, port, 0, socket.SOCK_STREAM, 0,
+                                   flags | socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        if not host:
+            raise
+        infos = await asyncio.get_running_loop().run_in_executor(
+            None, socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM, 0, flags)
+    found: List[Tuple[int, Any]] = []
+    for family, _, _, _, sockaddr in infos:
+        if (family, sockaddr) not in found:
+            found.append((family, sockaddr))
+    return found
+
+
+async def connect(open_to: Callable[..., Awaitable[T]], host: Optional[str], port: int,
+                  **options: Any) -> T:
+    """``open_to(ip, port, **options)`` for each address ``host`` resolves to, in
+    turn: the first that connects (the last failure if none does)."""
+    failure: Optional[OSError] = None
+    for _, sockaddr in await resolve(host, port):
+        try:
+            return await open_to(sockaddr[0], sockaddr[1], **options)
+        except OSError as exc:
+            failure = exc
+    raise failure or OSError(f"{host} resolves to no address")
+
+
+class Listeners:
+    """The servers listening on one address: one per address it resolves to."""
+
+    def __init__(self, servers: List[asyncio.AbstractServer]) -> None:
+        self.servers = servers
+
+    @property
+    def sockets(self) -> List[Any]:
+        return [sock for server in self.servers for sock in server.sockets]
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+
+async def listen(serve: Callable[..., Awaitable[asyncio.AbstractServer]], host: Optional[str],
+                 port: int) -> Listeners:
+    """Bind every address ``host``:``port`` resolves to (port 0: one free port, the
+    same for all), then ``serve(sock=...)`` on each socket, as asyncio's
+    ``create_server(host, port)`` would (address reuse on, IPv6 sockets IPv6 only)."""
+    bound: List[socket.socket] = []
+    servers: List[asyncio.AbstractServer] = []
+    try:
+        for family, sockaddr in await resolve(host, port, passive=True):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            bound.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(bound) > 1:
+                sockaddr = (sockaddr[0], bound[0].getsockname()[1], *sockaddr[2:])
+            try:
+                sock.bind(sockaddr)
+            except OSError as exc:
+                raise OSError(exc.errno, f"error while attempting to bind on address "
+                                         f"{sockaddr!r}: {exc.strerror}") from None
+        for sock in bound:
+            servers.append(await serve(sock=sock))
+    except BaseException:
+        for server in servers:
+            server.close()
+        for sock in bound:
+            sock.close()
+        raise
+    return Listeners(servers)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import itertools
 import ssl as _ssl
@@ -13,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from octo_core import _codec, protocol
 from octo_core.errors import CallTimeout, ProtocolError, TransportError
 from octo_core.protocol import Frame, MessageType
-from octo_core.transport.address import Address, parse_address
+from octo_core.transport.address import Address, connect, parse_address
 from octo_core.transport.stream import FramedProtocol, log
 
 
@@ -370,8 +371,9 @@ class Endpoint:
                 factory, self.address.path, ssl=self.ssl,
                 server_hostname="localhost" if self.ssl else None)
         else:
-            opening = loop.create_connection(factory, self.address.host, self.address.port,
-                                             ssl=self.ssl)
+            opening = connect(functools.partial(loop.create_connection, factory),
+                              self.address.host, self.address.port, ssl=self.ssl,
+                              server_hostname=self.address.host if self.ssl else None)
         try:
             _, conn = await asyncio.wait_for(opening, self.connect_timeout)
         except asyncio.TimeoutError:

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Callable, Optional
+
+from octo_core.transport.address import Listeners, listen
 
 log = logging.getLogger("octo_core.transport")
 
@@ -52,7 +55,7 @@ def _response(head: bytes, render: Callable[[], str]) -> bytes:
 
 
 async def serve_metrics(render: Callable[[], str], host: str = "127.0.0.1",
-                        port: int = 0) -> asyncio.AbstractServer:
+                        port: int = 0) -> Listeners:
     """Serve ``render()`` as Prometheus text at ``http://host:port/metrics``.
 
     Each connection gets one answer and is closed; a request head over 8 KiB or
@@ -82,9 +85,10 @@ async def serve_metrics(render: Callable[[], str], host: str = "127.0.0.1",
             active -= 1
             writer.close()
 
-    return await asyncio.start_server(answer, host, port, limit=MAX_REQUEST_HEAD)
+    return await listen(functools.partial(asyncio.start_server, answer, limit=MAX_REQUEST_HEAD),
+                        host, port)
 
 
-def bound_port(server: asyncio.AbstractServer) -> Optional[int]:
+def bound_port(server: Listeners) -> Optional[int]:
     """The port a started server listens on."""
     return server.sockets[0].getsockname()[1] if server.sockets else None

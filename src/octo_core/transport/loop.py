@@ -9,7 +9,7 @@ import os
 import sys
 import threading
 import weakref
-from typing import Any, Callable, Coroutine, Optional, Set
+from typing import Any, Callable, Coroutine, Iterable, Optional, Set
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -34,6 +34,21 @@ def tell_forked_children(obj: Any) -> None:
 
 
 _TOLD_AT_FORK: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def release_in_child(fds: Iterable[int]) -> None:
+    """In a forked child: close the child's copies of the parent's sockets ``fds``
+    (the parent's own stay open). Until then the child holds them open too: a
+    listener the parent closed would still take connections, a connection the
+    parent closed would never end at the peer. Each number stays taken (by
+    /dev/null), so what still holds it closes /dev/null, never a newer socket."""
+    placeholder = os.open(os.devnull, os.O_RDWR)
+    try:
+        for fd in fds:
+            if fd >= 0 and fd != placeholder:
+                os.dup2(placeholder, fd)
+    finally:
+        os.close(placeholder)
 
 
 def _after_fork_in_child() -> None:

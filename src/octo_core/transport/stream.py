@@ -7,6 +7,7 @@ from typing import List, Optional
 
 from octo_core.errors import ProtocolError
 from octo_core.protocol import DEFAULT_MAX_FRAME_SIZE, Frame, FrameDecoder
+from octo_core.transport.loop import release_in_child, tell_forked_children
 
 log = logging.getLogger("octo_core.transport")
 
@@ -51,6 +52,7 @@ class FramedProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        tell_forked_children(self)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = f"{peer[0]}:{peer[1]}"
@@ -97,6 +99,14 @@ class FramedProtocol(asyncio.Protocol):
             if not decoder.more or self.closed or not self.accepting_frames():
                 return handed
             data = b""
+
+    def _inherited_by_fork(self) -> None:
+        """In a forked child: the socket is the parent's. Close the child's copy;
+        nothing is written from here."""
+        self.closed = True
+        sock = self.transport.get_extra_info("socket") if self.transport is not None else None
+        if sock is not None:
+            release_in_child([sock.fileno()])
 
     def accepting_frames(self) -> bool:
         """Whether to decode more of what was read now (flow control says no)."""
