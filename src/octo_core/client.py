@@ -669,6 +669,9 @@ class Client:
         except concurrent.futures.TimeoutError:
             if future.done():   # the call's own outcome
                 raise
+        except BaseException:   # its own outcome, or the caller interrupted (Ctrl-C): then
+            future.cancel()     # no one waits for the answer, and the call is let go
+            raise
         future.cancel()
         raise CallTimeout(f"the client's I/O thread gave no answer within {bound:.3g}s",
                           method=method.name)

@@ -430,10 +430,15 @@ class Server:
         elsewhere; none is dropped without an answer. Called from a coroutine
         handler of this server, it starts the stop and returns at once: it
         cannot wait for the very call it runs in (whose answer still goes out).
-        In a child of ``os.fork()``, a server the parent started is the
+        Awaited on another loop while the server's own runs (``with server``),
+        the stop runs on the server's loop. In a child of ``os.fork()``, a server the parent started is the
         parent's: stopping it there (or leaving ``with server``) does nothing.
         """
         if self._listener is None or self._inherited:
+            return
+        if self._loop is not asyncio.get_running_loop() and self._loop.is_running():
+            # its loop runs on another thread (``with server``): the stop runs there
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.stop(grace), self._loop))
             return
         if self._runs_a_handler(asyncio.current_task()):
             self._stopping = self._loop.create_task(self.stop(grace))
@@ -499,7 +504,8 @@ class Server:
                 and frame.f_locals.get("self") is self)
 
     def serve_forever(self) -> None:
-        """Run the server on a new event loop until SIGINT or SIGTERM, then stop it."""
+        """Run the server on a new event loop until SIGINT or SIGTERM, then stop it
+        (from the main thread: only it receives signals)."""
         loop = new_event_loop()
 
         async def main() -> None:
@@ -516,12 +522,13 @@ class Server:
             loop.close()
 
     def __enter__(self) -> "Server":
-        self._thread = LoopThread(f"octo-server-{self.appkey}")
+        thread = LoopThread(f"octo-server-{self.appkey}")
         try:
-            self._thread.run(self.start())
-        except BaseException:
-            self._thread.stop()
+            thread.run(self.start())
+        except BaseException:   # (already started, say: the running one keeps its thread)
+            thread.stop()
             raise
+        self._thread = thread
         return self
 
     def __exit__(self, *exc: Any) -> None:
