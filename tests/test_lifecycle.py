@@ -3,7 +3,11 @@ or dropped without being closed."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
 import signal
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -13,7 +17,8 @@ from octo_core.errors import TransportError
 from octo_core.server import NodeStatus
 
 from wire_helpers import (CLIENT_APPKEY, LOCALHOST, SERVER_APPKEY, Echo,  # noqa: F401
-                          EchoHandler, sync_client, wait_until_sync, watchdog)
+                          EchoHandler, run, sync_client, wait_until, wait_until_sync,
+                          watchdog)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
@@ -82,3 +87,76 @@ def test_a_blocking_call_interrupted_by_a_signal_is_let_go():
             handler.release.set()
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_an_async_client_collected_unclosed_closes_its_connections_and_warns():
+    async def main() -> None:
+        server = echo_server()
+        await server.start()
+        try:
+            client = octo_core.AsyncClient(Echo, appkey=CLIENT_APPKEY, hosts=[server.address])
+            assert await client.echo("x") == "x"
+            assert len(server._connections) == 1
+            with pytest.warns(ResourceWarning, match="AsyncClient was collected"):
+                del client
+                gc.collect()
+            await wait_until(lambda: not server._connections)
+        finally:
+            await server.stop()
+
+    run(main())
+
+
+def test_a_server_collected_while_started_ends_its_business_threads_and_warns():
+    appkey = "com.example.forgotten"
+
+    async def start_and_forget() -> None:
+        server = octo_core.Server(appkey, host=LOCALHOST)
+        server.add_service(Echo, EchoHandler())
+        await server.start()    # and no stop(): the loop ends under it
+
+    asyncio.run(start_and_forget())
+    with pytest.warns(ResourceWarning, match="collected while started"):
+        gc.collect()
+    wait_until_sync(lambda: not [t for t in threading.enumerate()
+                                 if t.name.startswith(f"octo-biz-{appkey}")])
+
+
+#: The main thread returns while a non-daemon thread serves with a file registry.
+#: The interpreter's shutdown has then begun: every concurrent.futures executor
+#: (asyncio's default one too) refuses work, yet the server goes on serving.
+_SERVES_PAST_MAIN = """
+import concurrent.futures.thread, os, sys, threading, time
+sys.path.insert(0, {tests!r})
+import octo_core
+from wire_helpers import CLIENT_APPKEY, SERVER_APPKEY, Echo, EchoHandler
+registry = "file://{root}?ttl=1"
+ready = threading.Event()
+
+def serve():
+    server = octo_core.Server(SERVER_APPKEY, host="127.0.0.1", registry=registry)
+    server.add_service(Echo, EchoHandler())
+    with server:
+        ready.set()
+        while not concurrent.futures.thread._shutdown:   # the main thread has returned
+            time.sleep(0.01)
+        time.sleep(2.5)   # more than the ttl: the node must have been renewed meanwhile
+        with octo_core.Client(Echo, appkey=CLIENT_APPKEY, registry=registry,
+                              remote_appkey=SERVER_APPKEY, timeout=2.0) as client:
+            print(client.echo("discovered"))
+    providers = [name for _, _, names in os.walk({root!r}) for name in names
+                 if name.endswith(".json")]
+    print("left in the registry:", len(providers))
+
+threading.Thread(target=serve).start()
+ready.wait(10)
+"""
+
+
+def test_a_server_outliving_the_main_thread_keeps_its_registry_entry_and_removes_it(tmp_path):
+    script = _SERVES_PAST_MAIN.format(tests=os.path.dirname(os.path.abspath(__file__)),
+                                      root=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == ["discovered", "left in the registry: 0"], done.stderr[-2000:]

@@ -152,6 +152,7 @@ class AsyncClient:
         self._listed: Optional[Set[str]] = None         # node addresses, from a registry
         self._closed = False
         self._inherited = False   # this is a forked child's copy (see _inherited_by_fork)
+        self._collected: Optional[weakref.finalize] = None   # set with the client's loop
         # The loop of the first call, and the thread running it: every call compares
         # its thread (cheap), a closed client or another loop take the slow path.
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -295,6 +296,11 @@ class AsyncClient:
                                  "a client per event loop, or share a Client between threads",
                                  method=method.name, request_sent=False)
         self._loop, self._loop_thread = running, threading.get_ident()
+        if self._collected is None:
+            # Collected unclosed, its connections would stay open as long as the loop.
+            self._collected = weakref.finalize(self, _close_collected_async, running,
+                                               self._endpoints, self._retired)
+            self._collected.atexit = False
 
     async def _discover(self) -> None:
         """Start discovery: concurrent first calls share one attempt, and a failed
@@ -451,6 +457,8 @@ class AsyncClient:
         there), and is left to that loop's own closing if not."""
         self._closed = True
         self._loop_thread = None     # every call now takes the slow path, which refuses it
+        if self._collected is not None:
+            self._collected.detach()
         if self._inherited:          # the connections, and the loop they live on, are the parent's
             return
         loop = self._loop
@@ -464,6 +472,8 @@ class AsyncClient:
         parent's (its connections, registry session, loop) is written to or closed."""
         self._inherited = True
         self._loop_thread = None     # every call takes the slow path, which refuses it
+        if self._collected is not None:   # nothing of the parent's is closed from here
+            self._collected.detach()
 
     async def _shutdown(self) -> None:
         for endpoint in [*self._endpoints.values(), *self._retired]:
@@ -745,6 +755,23 @@ def _close_collected(thread: LoopThread, client: AsyncClient) -> None:
     _close_soon(thread, client)   # first: a warnings filter may turn the warning into an error
     warnings.warn("an octo_core Client was collected without close(): it is being closed",
                   ResourceWarning)
+
+
+def _close_collected_async(loop: asyncio.AbstractEventLoop, endpoints: Dict[str, Endpoint],
+                           retired: Set[Endpoint]) -> None:
+    """An ``AsyncClient`` collected without ``close()``: close its connections on its
+    loop (the collector may run on any thread), and say so."""
+    def close_all() -> None:
+        for endpoint in [*endpoints.values(), *retired]:
+            endpoint.close()
+    if not endpoints and not retired:
+        return
+    try:
+        loop.call_soon_threadsafe(close_all)
+    except RuntimeError:   # the loop is closed: so are its connections
+        return
+    warnings.warn("an octo_core AsyncClient was collected without close(): its connections "
+                  "are being closed", ResourceWarning)
 
 
 def _closed_error(method: Optional[str] = None) -> TransportError:

@@ -14,6 +14,8 @@ import signal
 import socket
 import ssl as _ssl
 import time
+import warnings
+import weakref
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Set, Tuple, Union
 
 from thriftpy2.thrift import TApplicationException, TMessageType
@@ -175,6 +177,13 @@ class _Throttle:
 #: an overloaded server): their callers read no answer, so the log is the trace.
 _DROPPED = _Throttle(10.0)
 
+
+
+def _collected_started(pool: BusinessPool, appkey: str) -> None:
+    """A started ``Server`` collected without ``stop()``: end its business threads, and say so."""
+    pool.shutdown()
+    warnings.warn(f"an octo_core Server ({appkey}) was collected while started, without stop()",
+                  ResourceWarning)
 
 class Server:
     """Hosts thrift services on one TCP port or unix socket.
@@ -367,6 +376,10 @@ class Server:
             self.port = self._listener.sockets[0].getsockname()[1]
         # (before the loop runs again: the first connection may come at once)
         self._pool = BusinessPool(self._business_threads, f"octo-biz-{self.appkey}")
+        # Collected while started (its loop ended without stop()): its business threads
+        # would wait for work for ever.
+        self._collected = weakref.finalize(self, _collected_started, self._pool, self.appkey)
+        self._collected.atexit = False   # at exit the daemon threads just end
         if self.idle_timeout or self.read_timeout:
             self._sweeper = self._loop.create_task(self._sweep())
         self._started_at = time.monotonic()
@@ -472,6 +485,7 @@ class Server:
         for conn in list(self._connections):
             conn.abort()
         await asyncio.sleep(0)
+        self._collected.detach()
         self._pool.shutdown()
         self._listener = None
         if self.unix_path is not None:
@@ -492,6 +506,7 @@ class Server:
         so the port closes when the parent stops."""
         self._inherited = self._listener is not None
         if self._inherited:
+            self._collected.detach()
             listening = [*self._listener.sockets,
                          *(self._metrics_http.sockets if self._metrics_http else ())]
             release_in_child(sock.fileno() for sock in listening)

@@ -22,7 +22,6 @@ nodes, keeping the operator changes it saw before the loss.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import dataclasses
 import logging
@@ -34,6 +33,8 @@ from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, N
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import EventType, KazooState, WatchedEvent, ZnodeStat
 
+from octo_core.blocking import off_loop
+from octo_core.business import BusinessPool
 from octo_core.registry.base import (NotRegisteredError, Registry, RegistryError, Snapshot, Watch,
                                      WatchCallback, check_name, node_name, operator_changes,
                                      parse_record, parse_rule, record_json, registered, remember,
@@ -212,7 +213,8 @@ class ZooKeeperRegistry(Registry):
         self._base = f"{chroot}{ROOT}/{Env.NAMES[env]}"
         self._client = KazooClient(hosts=hosts, timeout=session_timeout,
                                    connection_retry=dict(_CONNECTION_RETRY))
-        self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="octo-zk")
+        # one daemon thread, in order (see octo_core.blocking for why not an executor)
+        self._worker = BusinessPool(1, "octo-zk")
         self._registered: Dict[str, Node] = {}   # path -> the node as this process registered it
         self._seen: Dict[str, Node] = {}         # path -> its latest data (operator changes)
         self._trees: Dict[str, _AppkeyTree] = {}
@@ -242,8 +244,7 @@ class ZooKeeperRegistry(Registry):
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run blocking kazoo work off the loop; kazoo failures become ``RegistryError``."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, self._when_connected,
-                                                                    fn, *args)
+            return await off_loop(self._when_connected, fn, *args)
         except _FAILURES as exc:
             raise RegistryError(f"ZooKeeper {type(exc).__name__}: {exc or 'no detail'}") from exc
 
@@ -489,7 +490,7 @@ class ZooKeeperRegistry(Registry):
         self._registered.clear()
         try:
             # Closing the session removes its ephemeral nodes at once.
-            await asyncio.get_running_loop().run_in_executor(None, self._client.stop)
+            await off_loop(self._client.stop)
         finally:
             self._client.close()
-            self._worker.shutdown(wait=False, cancel_futures=True)
+            self._worker.shutdown()

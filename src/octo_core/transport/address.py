@@ -13,6 +13,8 @@ import asyncio
 import socket
 from typing import Any, Awaitable, Callable, List, NamedTuple, Optional, Tuple, TypeVar
 
+from octo_core.blocking import off_loop
+
 T = TypeVar("T")
 
 
@@ -63,7 +65,7 @@ def default_route_ip(ipv6: bool = False) -> Optional[str]:
 async def resolve(host: Optional[str], port: int, *, passive: bool = False) -> List[Tuple[int, Any]]:
     """The ``(family, sockaddr)`` pairs to reach (or, ``passive``, to listen on) TCP
     ``host``:``port``, in getaddrinfo's order: a numeric host, or none (every
-    interface), is read at once; a name is looked up on an executor thread."""
+    interface), is read at once; a name is looked up off the loop (``octo_core.blocking``)."""
     flags = socket.AI_PASSIVE if passive else 0
     try:
         infos = socket.getaddrinfo(host or None, port, 0, socket.SOCK_STREAM, 0,
@@ -71,8 +73,7 @@ async def resolve(host: Optional[str], port: int, *, passive: bool = False) -> L
     except socket.gaierror:
         if not host:
             raise
-        infos = await asyncio.get_running_loop().run_in_executor(
-            None, socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM, 0, flags)
+        infos = await off_loop(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM, 0, flags)
     found: List[Tuple[int, Any]] = []
     for family, _, _, _, sockaddr in infos:
         if (family, sockaddr) not in found:
