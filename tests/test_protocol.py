@@ -609,9 +609,19 @@ def test_max_frame_size_boundary():
     assert len(fits) == limit
     assert only_frame(fits, limit).header.requestInfo.serviceName == "S"
     feed_error(raw_unified(0x01, len(head), head + b"x" * (limit - 9 - len(head))), limit)
-    body = b"\x00" * (limit - 4)    # (a letter first would start an unframed old-style message)
+    # framed thrift: the length itself is held to the limit, as PROTOCOL.md section 4
+    # says and TFramedTransport's peers do
+    body = b"\x00" * limit    # (a letter first would start an unframed old-style message)
     assert bytes(only_frame(raw_framed(body), limit).body) == body
     feed_error(raw_framed(body + b"y"), limit)
+
+
+@pytest.mark.parametrize("total_length", [0, 1, -1])
+def test_a_unified_frame_too_short_to_hold_a_header_length_is_refused_at_once(total_length):
+    # the whole frame is these 8 bytes (or 9): nothing more is coming to wait for
+    whole = b"\xab\xba\x00\x01" + struct.pack("!i", total_length) + b"\x00" * max(0, total_length)
+    with pytest.raises(ProtocolError, match="too small"):
+        FrameDecoder(1024).feed(whole)
 
 
 def test_max_frame_size_applies_after_decompression_too():

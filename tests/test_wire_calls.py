@@ -25,6 +25,7 @@ from octo_core.codec import Limits
 from octo_core.errors import (ApplicationError, CallTimeout, EncodeError, OctoError, ProtocolError,
                               RpcError, ServiceError, Status, TransportError)
 from octo_core.protocol import MessageType, NodeStatus
+from octo_core.registry.memory import MemoryRegistry
 
 from wire_helpers import (SERVER_APPKEY, Calc, CalcHandler, Echo, EchoError, EchoHandler,
                           async_client, decode_body, echo_services, have_snappy, raw_connection,
@@ -861,6 +862,26 @@ def test_heartbeat_reports_stopping_during_graceful_stop():
             assert decode_body(drained, Echo)[3].success == "drain"
             await asyncio.wait_for(stopping, 5)
             assert await raw.closed_by_peer()
+
+    run(main())
+
+
+def test_heartbeat_reports_stopping_from_the_moment_the_node_unregisters():
+    # the unregister delay gives callers time to see the change; a heartbeat is one
+    # way they see it, and it must not report ALIVE meanwhile (calls are still served)
+    registry = MemoryRegistry("heartbeat-while-unregistering")
+
+    async def main():
+        async with serving(echo_services(), registry=registry, unregister_delay=1.0) as server, \
+                raw_connection(server.address) as raw:
+            assert len(await registry.list(SERVER_APPKEY)) == 1
+            stopping = asyncio.ensure_future(server.stop(grace=5))
+            await wait_until(lambda: not registry._space.nodes.get(registry._where(SERVER_APPKEY)),
+                             what="the node to unregister")
+            await raw.send(protocol.encode_unified(protocol.scanner_heartbeat_request(), b""))
+            [beat] = await raw.read_frames(1)
+            assert beat.header.heartbeatInfo.status == NodeStatus.STOPPING
+            await asyncio.wait_for(stopping, 10)
 
     run(main())
 

@@ -282,7 +282,7 @@ cdef class FrameReader:
             raise
 
     cdef Py_ssize_t _parse(self, const unsigned char* p, Py_ssize_t n, list frames) except -1:
-        cdef Py_ssize_t pos = 0, total, header_length, trailer, handed = 0
+        cdef Py_ssize_t pos = 0, total = 0, header_length, trailer, handed = 0
         cdef int flags
         cdef uint32_t want
         while n - pos >= 4:
@@ -290,7 +290,7 @@ cdef class FrameReader:
                 self.more = True
                 break
             if p[pos] == MAGIC_0 and p[pos + 1] == MAGIC_1:
-                if n - pos < PREFIX:
+                if n - pos < 8:   # judged by its total_length, not left waiting for a 10th byte
                     break
                 flags = p[pos + 3]
                 total = <int32_t>_get_u32(p + pos + 4)
@@ -341,13 +341,13 @@ cdef class FrameReader:
                 pos += total
             else:
                 total = <int32_t>_get_u32(p + pos)
-                if n - pos < 5 and p[pos] == 0 and 0 < total < self.max_frame_size - 4:
+                if n - pos < 5 and p[pos] == 0 and 0 < total <= self.max_frame_size:
                     break   # framed, or an old-style unframed name: the fifth byte tells
                 if total <= 0:
                     self._fail(f"framed thrift length {total} is not positive"
                                f"{_looks_like(p + pos, n - pos)}", pos)
-                if total + 4 > self.max_frame_size:
-                    self._fail(f"framed thrift frame of {total + 4} bytes exceeds "
+                if total > self.max_frame_size:   # the length itself, as TFramedTransport's peers
+                    self._fail(f"framed thrift length {total} exceeds "
                                f"max_frame_size {self.max_frame_size}"
                                f"{_looks_like(p + pos, n - pos)}", pos)
                 if n - pos < total + 4:

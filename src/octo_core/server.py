@@ -23,6 +23,7 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 from octo_core import _codec, idl, protocol
 from octo_core import context as _context
 from octo_core.auth import Authenticator
+from octo_core.blocking import off_loop
 from octo_core.business import BusinessPool
 from octo_core.codec import Limits
 from octo_core.errors import DecodeError, EncodeError, SecurityError, Status
@@ -287,6 +288,8 @@ class Server:
         self.metrics_port = metrics_port
         self._metrics_http: Optional[Listeners] = None
         self.status = NodeStatus.STARTING
+        # stopping, and saying so (registry, heartbeats) while calls are still served
+        self._leaving = False
         self._started_at = time.monotonic()
         self._services: Dict[str, _Service] = {}
         self._by_method: Dict[str, List[_Service]] = {}
@@ -383,6 +386,7 @@ class Server:
         if self.idle_timeout or self.read_timeout:
             self._sweeper = self._loop.create_task(self._sweep())
         self._started_at = time.monotonic()
+        self._leaving = False
         self.status = NodeStatus.ALIVE
         try:
             if self.metrics_port is not None:
@@ -411,7 +415,7 @@ class Server:
         self._registry = open_registry(registry) if isinstance(registry, str) else registry
         ip, port = (self.address, 0) if self.unix_path is not None else (self.host, self.port)
         if ip in _EVERY_INTERFACE and "ip" not in self._node_fields:   # callers cannot dial 0.0.0.0
-            ip = await asyncio.get_running_loop().run_in_executor(None, _reachable_ip, ip)
+            ip = await off_loop(_reachable_ip, ip)
         fields = dict(appkey=self.appkey, ip=ip, port=port, env=self._registry.env,
                       startTime=int(time.time()), heartbeatSupport=HeartbeatSupport.BOTH,
                       serviceInfo={name: {"unifiedProto": 1} for name in self._services})
@@ -444,8 +448,9 @@ class Server:
         handler of this server, it starts the stop and returns at once: it
         cannot wait for the very call it runs in (whose answer still goes out).
         Awaited on another loop while the server's own runs (``with server``),
-        the stop runs on the server's loop. In a child of ``os.fork()``, a server the parent started is the
-        parent's: stopping it there (or leaving ``with server``) does nothing.
+        the stop runs on the server's loop. In a child of ``os.fork()``, a
+        server the parent started is the parent's: stopping it there (or leaving
+        ``with server``) does nothing.
         """
         if self._listener is None or self._inherited:
             return
@@ -456,6 +461,7 @@ class Server:
         if self._runs_a_handler(asyncio.current_task()):
             self._stopping = self._loop.create_task(self.stop(grace))
             return
+        self._leaving = True
         if self._node is not None:
             await self._unregister()
         self.status = NodeStatus.STOPPING
@@ -496,6 +502,7 @@ class Server:
             if isinstance(self._registry_spec, str):    # we opened it, we close it
                 await self._registry.close()
             self._registry = self._node = None
+        self._leaving = False
         self.status = NodeStatus.STOPPED
 
     def _inherited_by_fork(self) -> None:
@@ -850,7 +857,8 @@ class Server:
         load = protocol.LoadInfo(queueSize=self._business_pending, threadNum=self._business_threads,
                                  methodQpsMap=self.metrics.qps_by_method(uptime))
         beat = protocol.HeartbeatInfo(appkey=self.appkey, sendTime=int(time.time() * 1000),
-                                      loadInfo=load, status=int(self.status))
+                                      loadInfo=load,
+                                      status=int(NodeStatus.STOPPING if self._leaving else self.status))
         header = protocol.response_header(reply.sequence_id, 0, message_type=message_type,
                                           heartbeat=beat)
         reply.conn.send(protocol.encode_unified(header, b"", reply.flags))
