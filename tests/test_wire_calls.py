@@ -13,6 +13,7 @@ import math
 import os
 import queue
 import random
+import socket
 import sys
 import traceback
 
@@ -525,7 +526,27 @@ def test_many_services_on_one_port():
     run(main())
 
 
-# --- unix sockets ------------------------------------------------------------------
+# --- addresses: IPv6, unix sockets ---------------------------------------------------
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="no IPv6 loopback")
+def test_an_ipv6_server_gives_a_bracketed_address_its_clients_reach():
+    async def main():
+        async with serving(echo_services(), host="::1") as server:
+            assert server.address == f"[::1]:{server.port}"
+            async with async_client(Echo, server.address) as client:
+                assert await client.echo("over v6") == "over v6"
+
+    run(main())
+
 
 def test_a_unix_socket_path_in_use_is_refused_and_a_stale_one_reused():
     """A second server on a live path fails to start (it would silently take the

@@ -30,7 +30,8 @@ from octo_core.errors import DecodeError, EncodeError, SecurityError, Status
 from octo_core.metrics import Metrics, MethodStats, prometheus_text
 from octo_core.protocol import Frame, MessageType, NodeStatus
 from octo_core.registry import HeartbeatSupport, Node, Registry, open_registry
-from octo_core.transport.address import Listeners, default_route_ip, listen, parse_address
+from octo_core.transport.address import (Address, Listeners, default_route_ip, listen,
+                                        parse_address)
 from octo_core.transport.http import bound_port, serve_metrics
 from octo_core.transport.loop import (LoopThread, new_event_loop, release_in_child, start_task,
                                      tell_forked_children)
@@ -435,10 +436,8 @@ class Server:
 
     @property
     def address(self) -> str:
-        """Where clients reach this server: ``host:port`` or ``unix:///path``."""
-        if self.unix_path is not None:
-            return f"unix://{self.unix_path}"
-        return f"{self.host}:{self.port}"
+        """Where clients reach this server: ``host:port``, ``[v6]:port`` or ``unix:///path``."""
+        return str(Address(self.host, self.port, self.unix_path))
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop accepting, let in-flight calls finish within ``grace`` seconds, then close.
