@@ -13,6 +13,7 @@ import threading
 import pytest
 
 import octo_core
+from octo_core import blocking
 from octo_core.errors import TransportError
 from octo_core.server import NodeStatus
 
@@ -136,14 +137,14 @@ ready = threading.Event()
 def serve():
     server = octo_core.Server(SERVER_APPKEY, host="127.0.0.1", registry=registry)
     server.add_service(Echo, EchoHandler())
-    with server:
+    # (made now: from 3.12 no thread starts once the interpreter shuts down)
+    with server, octo_core.Client(Echo, appkey=CLIENT_APPKEY, registry=registry,
+                                  remote_appkey=SERVER_APPKEY, timeout=2.0) as client:
         ready.set()
         while not concurrent.futures.thread._shutdown:   # the main thread has returned
             time.sleep(0.01)
         time.sleep(2.5)   # more than the ttl: the node must have been renewed meanwhile
-        with octo_core.Client(Echo, appkey=CLIENT_APPKEY, registry=registry,
-                              remote_appkey=SERVER_APPKEY, timeout=2.0) as client:
-            print(client.echo("discovered"))
+        print(client.echo("discovered"))
     providers = [name for _, _, names in os.walk({root!r}) for name in names
                  if name.endswith(".json")]
     print("left in the registry:", len(providers))
@@ -160,3 +161,12 @@ def test_a_server_outliving_the_main_thread_keeps_its_registry_entry_and_removes
                           timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["discovered", "left in the registry: 0"], done.stderr[-2000:]
+
+
+def test_blocking_work_runs_in_place_when_no_thread_may_start(monkeypatch):
+    def no_threads(*args):   # what Python 3.12+ says once the interpreter shuts down
+        raise RuntimeError("can't create new thread at interpreter shutdown")
+
+    monkeypatch.setattr(blocking, "_pool", None)
+    monkeypatch.setattr(blocking, "BusinessPool", no_threads)
+    assert run(blocking.off_loop(lambda x: x * 2, 21)) == 42

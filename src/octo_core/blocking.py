@@ -32,7 +32,10 @@ async def off_loop(fn: Callable[..., T], *args: Any) -> T:
     if _pool is None:
         with _starting:
             if _pool is None:
-                _pool = BusinessPool(THREADS, "octo-blocking")
+                try:
+                    _pool = BusinessPool(THREADS, "octo-blocking")
+                except RuntimeError:   # 3.12+ starts no thread once the interpreter shuts down:
+                    return fn(*args)   # then the work, short, runs here
     return await asyncio.wrap_future(_pool.submit(fn, *args))
 
 
