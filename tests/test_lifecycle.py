@@ -15,6 +15,7 @@ import pytest
 import octo_core
 from octo_core import blocking
 from octo_core.errors import TransportError
+from octo_core.registry.memory import MemoryRegistry
 from octo_core.server import NodeStatus
 
 from wire_helpers import (CLIENT_APPKEY, LOCALHOST, SERVER_APPKEY, Echo,  # noqa: F401
@@ -24,8 +25,8 @@ from wire_helpers import (CLIENT_APPKEY, LOCALHOST, SERVER_APPKEY, Echo,  # noqa
 pytestmark = pytest.mark.usefixtures("watchdog")
 
 
-def echo_server(handler: EchoHandler = None) -> octo_core.Server:
-    server = octo_core.Server(SERVER_APPKEY, host=LOCALHOST)
+def echo_server(handler: EchoHandler = None, **options) -> octo_core.Server:
+    server = octo_core.Server(SERVER_APPKEY, host=LOCALHOST, **options)
     server.add_service(Echo, handler or EchoHandler())
     return server
 
@@ -90,18 +91,25 @@ def test_a_blocking_call_interrupted_by_a_signal_is_let_go():
         signal.signal(signal.SIGUSR1, previous)
 
 
-def test_an_async_client_collected_unclosed_closes_its_connections_and_warns():
+@pytest.mark.parametrize("discovery", ["hosts", "registry"])
+def test_an_async_client_collected_unclosed_closes_what_it_holds_and_warns(discovery):
+    registry = MemoryRegistry(f"collected-{discovery}")
+
     async def main() -> None:
-        server = echo_server()
+        server = echo_server(registry=registry if discovery == "registry" else None)
         await server.start()
         try:
-            client = octo_core.AsyncClient(Echo, appkey=CLIENT_APPKEY, hosts=[server.address])
+            found = (dict(registry=registry, remote_appkey=SERVER_APPKEY)
+                     if discovery == "registry" else dict(hosts=[server.address]))
+            client = octo_core.AsyncClient(Echo, appkey=CLIENT_APPKEY, **found)
             assert await client.echo("x") == "x"
             assert len(server._connections) == 1
-            with pytest.warns(ResourceWarning, match="AsyncClient was collected"):
+            with pytest.warns(ResourceWarning, match="AsyncClient was collected without close"):
                 del client
                 gc.collect()
             await wait_until(lambda: not server._connections)
+            # and its directory no longer watches the registry
+            await wait_until(lambda: not registry._space.watches.get(registry._where(SERVER_APPKEY)))
         finally:
             await server.stop()
 
@@ -167,6 +175,20 @@ def test_blocking_work_runs_in_place_when_no_thread_may_start(monkeypatch):
     def no_threads(*args):   # what Python 3.12+ says once the interpreter shuts down
         raise RuntimeError("can't create new thread at interpreter shutdown")
 
-    monkeypatch.setattr(blocking, "_pool", None)
     monkeypatch.setattr(blocking, "BusinessPool", no_threads)
-    assert run(blocking.off_loop(lambda x: x * 2, 21)) == 42
+    assert run(blocking.Pool("octo-test-no-threads", 1).run(lambda x: x * 2, 21)) == 42
+
+
+def test_name_lookups_that_hang_do_not_hold_up_registry_files():
+    stuck = threading.Event()
+
+    async def main() -> None:
+        hung = [asyncio.ensure_future(blocking.LOOKUPS.run(stuck.wait))
+                for _ in range(blocking.LOOKUPS.threads + 1)]
+        try:
+            assert await asyncio.wait_for(blocking.FILES.run(lambda: "renewed"), 10) == "renewed"
+        finally:
+            stuck.set()
+            await asyncio.gather(*hung)
+
+    run(main())

@@ -4,45 +4,72 @@ Not ``asyncio.to_thread``: the default executor, like every
 ``concurrent.futures.ThreadPoolExecutor``, refuses new work once the interpreter
 starts shutting down, that is as soon as the main thread returns, while a
 non-daemon thread may go on serving for long after, renewing, reading and
-unregistering its registry entries. These are daemon threads, started at first
-use (again in a forked child, which has none of its parent's threads).
+unregistering its registry entries.
+
+Each kind of work has a pool of its own, so one cannot hold up another: a
+resolver that does not answer, or a ZooKeeper call waiting for its session,
+never delays the renewal that keeps a serving node listed.
 """
 from __future__ import annotations
 
 import asyncio
 import os
 import threading
+import weakref
 from typing import Any, Callable, Optional, TypeVar
 
 from octo_core.business import BusinessPool
 
 T = TypeVar("T")
 
-#: Threads for blocking work. Registry file I/O is short, but a ZooKeeper call may
-#: wait for its session (up to its op_timeout) and a name lookup for DNS.
-THREADS = 8
 
-_pool: Optional[BusinessPool] = None
-_starting = threading.Lock()
+class Pool:
+    """Daemon threads for one kind of blocking work, started at first use (again
+    in a forked child, which has none of its parent's threads)."""
+
+    def __init__(self, name: str, threads: int) -> None:
+        self.name = name
+        self.threads = threads
+        self._pool: Optional[BusinessPool] = None
+        self._starting = threading.Lock()
+        _POOLS.add(self)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on one of this pool's threads."""
+        pool = self._pool
+        if pool is None:
+            with self._starting:
+                if self._pool is None:
+                    try:
+                        self._pool = BusinessPool(self.threads, self.name)
+                    except RuntimeError:   # 3.12+ starts no thread once the interpreter
+                        return fn(*args)   # shuts down: then the work, short, runs here
+                pool = self._pool
+        return await asyncio.wrap_future(pool.submit(fn, *args))
+
+    def shutdown(self) -> None:
+        """End the threads once their work is done (the pool starts anew if used again)."""
+        with self._starting:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown()
+
+    def _forget_the_parent_s(self) -> None:
+        self._pool, self._starting = None, threading.Lock()
 
 
-async def off_loop(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` on one of octo_core's blocking-work threads."""
-    global _pool
-    if _pool is None:
-        with _starting:
-            if _pool is None:
-                try:
-                    _pool = BusinessPool(THREADS, "octo-blocking")
-                except RuntimeError:   # 3.12+ starts no thread once the interpreter shuts down:
-                    return fn(*args)   # then the work, short, runs here
-    return await asyncio.wrap_future(_pool.submit(fn, *args))
+_POOLS: "weakref.WeakSet[Pool]" = weakref.WeakSet()
 
 
-def _forget_the_parent_s_pool() -> None:
-    global _pool, _starting
-    _pool, _starting = None, threading.Lock()
+def _after_fork_in_child() -> None:
+    for pool in list(_POOLS):
+        pool._forget_the_parent_s()
 
 
 if hasattr(os, "register_at_fork"):    # not on Windows, which has no fork
-    os.register_at_fork(after_in_child=_forget_the_parent_s_pool)
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+#: Name lookups (a resolver that does not answer holds only these).
+LOOKUPS = Pool("octo-lookup", 4)
+#: Registry files and directory snapshots: short, and renewals must not wait.
+FILES = Pool("octo-files", 4)

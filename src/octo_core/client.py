@@ -188,7 +188,8 @@ class AsyncClient:
             self._owns_registry = isinstance(registry, str)
             self._directory = Directory(open_registry(registry) if self._owns_registry else registry,
                                         remote_appkey, snapshot_path)
-            self._directory.subscribe(self._discovered)
+            # weakly: a client dropped unclosed is collected (and closed) all the same
+            self._directory.subscribe(_weak_method(self._discovered))
         else:
             nodes = [static_node(self.remote_appkey, host) for host in hosts]
             if not nodes:
@@ -299,7 +300,7 @@ class AsyncClient:
         if self._collected is None:
             # Collected unclosed, its connections would stay open as long as the loop.
             self._collected = weakref.finalize(self, _close_collected_async, running,
-                                               self._endpoints, self._retired)
+                                               *self._parts())
             self._collected.atexit = False
 
     async def _discover(self) -> None:
@@ -318,7 +319,7 @@ class AsyncClient:
         nodes = [node for node in nodes if node.serves(self._named_service, self.unified)]
         self._cluster.update(nodes, rules)
         self._listed = {node.address for node in nodes}
-        self._retired = {endpoint for endpoint in self._retired if not endpoint.finished}
+        self._retired.difference_update([e for e in self._retired if e.finished])
         for address in [address for address in self._endpoints if address not in self._listed]:
             endpoint = self._endpoints.pop(address)
             endpoint.retire()
@@ -475,14 +476,15 @@ class AsyncClient:
         if self._collected is not None:   # nothing of the parent's is closed from here
             self._collected.detach()
 
+    def _parts(self) -> Tuple[Dict[str, Endpoint], Set[Endpoint], Optional[Directory],
+                              Optional[Registry]]:
+        """What closing the client closes (none of it refers back to the client)."""
+        owned = self._directory is not None and self._owns_registry
+        return (self._endpoints, self._retired, self._directory,
+                self._directory.registry if owned else None)
+
     async def _shutdown(self) -> None:
-        for endpoint in [*self._endpoints.values(), *self._retired]:
-            endpoint.close()
-        if self._directory is not None:
-            await self._directory.close()
-            if self._owns_registry:
-                await self._directory.registry.close()
-        await asyncio.sleep(0)
+        await _close_parts(*self._parts())
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -757,21 +759,39 @@ def _close_collected(thread: LoopThread, client: AsyncClient) -> None:
                   ResourceWarning)
 
 
-def _close_collected_async(loop: asyncio.AbstractEventLoop, endpoints: Dict[str, Endpoint],
-                           retired: Set[Endpoint]) -> None:
-    """An ``AsyncClient`` collected without ``close()``: close its connections on its
+async def _close_parts(endpoints: Dict[str, Endpoint], retired: Set[Endpoint],
+                       directory: Optional[Directory], registry: Optional[Registry]) -> None:
+    """Close an ``AsyncClient``'s connections, its directory and the registry it opened."""
+    for endpoint in [*endpoints.values(), *retired]:
+        endpoint.close()
+    if directory is not None:
+        await directory.close()
+    if registry is not None:
+        await registry.close()
+    await asyncio.sleep(0)
+
+
+def _close_collected_async(loop: asyncio.AbstractEventLoop, *parts: Any) -> None:
+    """An ``AsyncClient`` collected without ``close()``: close what it holds on its
     loop (the collector may run on any thread), and say so."""
-    def close_all() -> None:
-        for endpoint in [*endpoints.values(), *retired]:
-            endpoint.close()
-    if not endpoints and not retired:
-        return
     try:
-        loop.call_soon_threadsafe(close_all)
+        loop.call_soon_threadsafe(lambda: loop.create_task(_close_parts(*parts)))
     except RuntimeError:   # the loop is closed: so are its connections
         return
-    warnings.warn("an octo_core AsyncClient was collected without close(): its connections "
-                  "are being closed", ResourceWarning)
+    warnings.warn("an octo_core AsyncClient was collected without close(): it is being closed",
+                  ResourceWarning)
+
+
+def _weak_method(method: Callable[..., None]) -> Callable[..., None]:
+    """``method``, called only while its object lives (a subscription that keeps
+    nothing alive)."""
+    ref = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> None:
+        bound = ref()
+        if bound is not None:
+            bound(*args)
+    return call
 
 
 def _closed_error(method: Optional[str] = None) -> TransportError:

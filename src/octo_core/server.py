@@ -23,7 +23,7 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 from octo_core import _codec, idl, protocol
 from octo_core import context as _context
 from octo_core.auth import Authenticator
-from octo_core.blocking import off_loop
+from octo_core.blocking import LOOKUPS
 from octo_core.business import BusinessPool
 from octo_core.codec import Limits
 from octo_core.errors import DecodeError, EncodeError, SecurityError, Status
@@ -416,7 +416,7 @@ class Server:
         self._registry = open_registry(registry) if isinstance(registry, str) else registry
         ip, port = (self.address, 0) if self.unix_path is not None else (self.host, self.port)
         if ip in _EVERY_INTERFACE and "ip" not in self._node_fields:   # callers cannot dial 0.0.0.0
-            ip = await off_loop(_reachable_ip, ip)
+            ip = await LOOKUPS.run(_reachable_ip, ip)
         fields = dict(appkey=self.appkey, ip=ip, port=port, env=self._registry.env,
                       startTime=int(time.time()), heartbeatSupport=HeartbeatSupport.BOTH,
                       serviceInfo={name: {"unifiedProto": 1} for name in self._services})

@@ -21,7 +21,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
-from octo_core.blocking import off_loop
+from octo_core.blocking import FILES
 from octo_core.registry.base import Registry, RegistryError, Watch, parse_rule, snapshot_of
 from octo_core.registry.file import write_atomic
 from octo_core.registry.node import Node
@@ -211,7 +211,7 @@ class Directory:
         while self._save_pending:
             self._save_pending = False
             try:
-                await off_loop(_write_snapshot, self.snapshot_path, self.appkey,
+                await FILES.run(_write_snapshot, self.snapshot_path, self.appkey,
                                         self._nodes, self._rules)
             except OSError as exc:
                 log.warning("%s: cannot write the snapshot %s: %s",
@@ -221,7 +221,7 @@ class Directory:
         if self.snapshot_path is None:
             return False
         try:
-            nodes, rules = await off_loop(_read_snapshot, self.snapshot_path, self.appkey)
+            nodes, rules = await FILES.run(_read_snapshot, self.snapshot_path, self.appkey)
         except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             log.warning("%s: the registry failed (%r) and the snapshot %s is unusable: %s",
                         self.appkey, why, self.snapshot_path, exc)

@@ -32,7 +32,7 @@ import tempfile
 import time
 from typing import TYPE_CHECKING, Callable, Dict, Generic, Iterator, List, Optional, Set, Tuple, TypeVar
 
-from octo_core.blocking import off_loop
+from octo_core.blocking import FILES
 from octo_core.registry.base import (NotRegisteredError, Registry, Snapshot, Watch, WatchCallback,
                                      check_name, node_name, operator_changes, parse_record,
                                      parse_rule, record_json, registered, remember, snapshot_of,
@@ -187,7 +187,7 @@ class _Poller:
             try:
                 stale = [d for d in (self.providers, self.routes) if d.stale(now)]
                 changed = bool(stale) and any(
-                    await off_loop(lambda: [d.rescan(now) for d in stale]))
+                    await FILES.run(lambda: [d.rescan(now) for d in stale]))
                 if changed or self.snapshot is None:   # the first poll is news, even if empty
                     self.snapshot = snapshot_of(list(self.providers.items.values()),
                                                 list(self.routes.items.values()))
@@ -309,7 +309,7 @@ class FileRegistry(Registry):
 
     async def register(self, node: Node) -> Node:
         self._check_node(node)
-        stored = await off_loop(self._register, node)
+        stored = await FILES.run(self._register, node)
         self._owned.add(self._node_path(node.appkey, node.key))
         if self._keep_alive is None:
             self._keep_alive = asyncio.get_running_loop().create_task(self._renew())
@@ -319,7 +319,7 @@ class FileRegistry(Registry):
         while True:
             await asyncio.sleep(self.ttl / 3)
             try:
-                gone = await off_loop(self._touch, list(self._owned))
+                gone = await FILES.run(self._touch, list(self._owned))
             except OSError as exc:
                 log.warning("renewing node files under %s failed: %s", self.root, exc)
                 continue
@@ -330,7 +330,7 @@ class FileRegistry(Registry):
     async def unregister(self, appkey: str, key: str) -> None:
         path = self._node_path(appkey, key)
         self._owned.discard(path)
-        await off_loop(self._unlink, appkey, path)
+        await FILES.run(self._unlink, appkey, path)
 
     def _unlink(self, appkey: str, path: str) -> None:
         # under the appkey lock, so a concurrent update cannot write the node back
@@ -342,14 +342,14 @@ class FileRegistry(Registry):
                      role: Optional[int] = None, warmup: Optional[int] = None) -> Node:
         changes = operator_changes(weight=weight, fweight=fweight, status=status, role=role,
                                    warmup=warmup)
-        return await off_loop(self._update, appkey, key, changes)
+        return await FILES.run(self._update, appkey, key, changes)
 
     async def list(self, appkey: str) -> List[Node]:
-        nodes = await off_loop(_read_now, self._providers(appkey))
+        nodes = await FILES.run(_read_now, self._providers(appkey))
         return sorted(nodes, key=lambda node: node.key)
 
     async def routes(self, appkey: str) -> List[RouteRule]:
-        rules = await off_loop(_read_now, self._routes(appkey))
+        rules = await FILES.run(_read_now, self._routes(appkey))
         return sorted(rules, key=lambda rule: rule.id)
 
     def watch(self, appkey: str, callback: WatchCallback) -> Watch:
@@ -373,11 +373,11 @@ class FileRegistry(Registry):
             del self._pollers[appkey]
 
     async def set_route(self, appkey: str, rule: RouteRule) -> None:
-        await off_loop(write_atomic, self._route_path(appkey, rule.id), rule.to_json())
+        await FILES.run(write_atomic, self._route_path(appkey, rule.id), rule.to_json())
 
     async def remove_route(self, appkey: str, rule_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            await off_loop(os.unlink, self._route_path(appkey, rule_id))
+            await FILES.run(os.unlink, self._route_path(appkey, rule_id))
 
     async def close(self) -> None:
         for poller in list(self._pollers.values()):
@@ -389,4 +389,4 @@ class FileRegistry(Registry):
         owned, self._owned = list(self._owned), set()
         for path in owned:
             with contextlib.suppress(FileNotFoundError):
-                await off_loop(os.unlink, path)
+                await FILES.run(os.unlink, path)

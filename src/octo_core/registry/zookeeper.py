@@ -33,7 +33,7 @@ from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, N
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import EventType, KazooState, WatchedEvent, ZnodeStat
 
-from octo_core.blocking import off_loop
+from octo_core.blocking import Pool
 from octo_core.business import BusinessPool
 from octo_core.registry.base import (NotRegisteredError, Registry, RegistryError, Snapshot, Watch,
                                      WatchCallback, check_name, node_name, operator_changes,
@@ -215,6 +215,8 @@ class ZooKeeperRegistry(Registry):
                                    connection_retry=dict(_CONNECTION_RETRY))
         # one daemon thread, in order (see octo_core.blocking for why not an executor)
         self._worker = BusinessPool(1, "octo-zk")
+        # its calls, which may wait up to op_timeout for a session: a pool of its own
+        self._calls = Pool("octo-zk-call", 4)
         self._registered: Dict[str, Node] = {}   # path -> the node as this process registered it
         self._seen: Dict[str, Node] = {}         # path -> its latest data (operator changes)
         self._trees: Dict[str, _AppkeyTree] = {}
@@ -244,7 +246,7 @@ class ZooKeeperRegistry(Registry):
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run blocking kazoo work off the loop; kazoo failures become ``RegistryError``."""
         try:
-            return await off_loop(self._when_connected, fn, *args)
+            return await self._calls.run(self._when_connected, fn, *args)
         except _FAILURES as exc:
             raise RegistryError(f"ZooKeeper {type(exc).__name__}: {exc or 'no detail'}") from exc
 
@@ -490,7 +492,8 @@ class ZooKeeperRegistry(Registry):
         self._registered.clear()
         try:
             # Closing the session removes its ephemeral nodes at once.
-            await off_loop(self._client.stop)
+            await self._calls.run(self._client.stop)
         finally:
             self._client.close()
             self._worker.shutdown()
+            self._calls.shutdown()

@@ -13,7 +13,7 @@ import asyncio
 import socket
 from typing import Any, Awaitable, Callable, List, NamedTuple, Optional, Tuple, TypeVar
 
-from octo_core.blocking import off_loop
+from octo_core.blocking import LOOKUPS
 
 T = TypeVar("T")
 
@@ -73,7 +73,7 @@ async def resolve(host: Optional[str], port: int, *, passive: bool = False) -> L
     except socket.gaierror:
         if not host:
             raise
-        infos = await off_loop(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM, 0, flags)
+        infos = await LOOKUPS.run(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM, 0, flags)
     found: List[Tuple[int, Any]] = []
     for family, _, _, _, sockaddr in infos:
         if (family, sockaddr) not in found:
