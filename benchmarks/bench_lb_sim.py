@@ -59,7 +59,7 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
-from cluster_helpers import CALLEE, VirtualTimeLoop  # noqa: E402
+from cluster_helpers import CALLEE, VirtualTimeLoop, run_on  # noqa: E402
 
 from octo_core.cluster import invoker as invoker_module  # noqa: E402
 from octo_core.cluster.balancer import make_balancer  # noqa: E402
@@ -262,13 +262,15 @@ async def _simulate(sc: Scenario, lb: str, policy: str) -> Dict[str, Any]:
 
 def simulate(sc: Scenario, lb: str, policy: str) -> Dict[str, Any]:
     """One row: ``lb`` under ``policy`` on a fresh virtual-time loop."""
+    async def on_virtual_time() -> Dict[str, Any]:
+        invoker_module.time = _VirtualPerfCounter(asyncio.get_running_loop())
+        invoker_module.make_balancer = _balancer_or_yardstick
+        return await _simulate(sc, lb, policy)
+
     saved = invoker_module.time
     started = time.perf_counter()
     try:
-        with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
-            invoker_module.time = _VirtualPerfCounter(runner.get_loop())
-            invoker_module.make_balancer = _balancer_or_yardstick
-            row = runner.run(_simulate(sc, lb, policy))
+        row = run_on(VirtualTimeLoop, on_virtual_time())
     finally:
         invoker_module.time = saved
         invoker_module.make_balancer = make_balancer

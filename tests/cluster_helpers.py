@@ -129,23 +129,34 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         return self._now
 
 
+def run_on(loop_factory: Callable[[], asyncio.AbstractEventLoop], coro: Awaitable[Any]) -> Any:
+    """Run ``coro`` on a new loop from ``loop_factory``, then cancel what is left and
+    close the loop: ``asyncio.Runner``'s job, which Python 3.10 (our floor) lacks."""
+    loop = loop_factory()
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        try:
+            left = asyncio.all_tasks(loop)
+            for task in left:
+                task.cancel()
+            if left:   # (gather of nothing would make its future on another loop)
+                loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+        finally:
+            loop.close()
+
+
 def run_virtual(coro: Awaitable[Any], limit: float = 3600.0) -> Any:
     """Run ``coro`` on a fresh ``VirtualTimeLoop``; fail if it takes more than ``limit``
     virtual seconds (the virtual equivalent of a watchdog)."""
-    async def bounded() -> Any:
-        return await asyncio.wait_for(coro, limit)
-
-    with asyncio.Runner(loop_factory=VirtualTimeLoop) as runner:
-        return runner.run(bounded())
+    return run_on(VirtualTimeLoop, asyncio.wait_for(coro, limit))
 
 
 def run(coro: Awaitable[Any], timeout: float = 20.0) -> Any:
     """Run ``coro`` on a fresh uvloop (real time), bounded by ``timeout`` seconds."""
-    async def bounded() -> Any:
-        return await asyncio.wait_for(coro, timeout)
-
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(bounded())
+    return run_on(new_event_loop, asyncio.wait_for(coro, timeout))
 
 
 async def settle(rounds: int = 5) -> None:

@@ -33,6 +33,8 @@ from octo_core import codec, protocol
 from octo_core.protocol import Frame, FrameDecoder
 from octo_core.transport.loop import LoopThread, new_event_loop
 
+from cluster_helpers import run_on
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ECHO_IDL = os.path.join(HERE, "idl", "echo.thrift")
 echo_thrift = octo_core.load_idl(ECHO_IDL, module_name="octo_wire_echo_thrift")
@@ -154,11 +156,7 @@ class CalcHandler:
 
 def run(coro, timeout: float = 30.0) -> Any:
     """Run ``coro`` on a fresh uvloop (the loop octo_core uses), bounded by ``timeout``."""
-    async def bounded():
-        return await asyncio.wait_for(coro, timeout)
-
-    with asyncio.Runner(loop_factory=new_event_loop) as runner:
-        return runner.run(bounded())
+    return run_on(new_event_loop, asyncio.wait_for(coro, timeout))
 
 
 async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0,

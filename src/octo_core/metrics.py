@@ -124,7 +124,8 @@ def prometheus_text(*registries: Metrics) -> str:
               "# TYPE octo_errors_total counter"]
     for side, (service, method), stats in rows:
         for status, count in sorted(stats.errors.items()):
-            labels = _labels(side=side, service=service, method=method, status=str(status))
+            # the code's digits (str() of an IntEnum member is its name before 3.11)
+            labels = _labels(side=side, service=service, method=method, status=str(int(status)))
             lines.append(f"octo_errors_total{labels} {count}")
     lines += ["# HELP octo_in_flight Calls running now.", "# TYPE octo_in_flight gauge"]
     for side, (service, method), stats in rows:
