@@ -628,6 +628,38 @@ def test_e2e_good_calls_pass():
     run(main())
 
 
+def test_authenticator_takes_a_plain_mapping_and_refuses_what_is_no_token_store():
+    auth = Authenticator({CLIENT_APPKEY: TOKEN})
+    check(auth, Signer(CLIENT_APPKEY, TOKEN, SERVER_APPKEY).headers("Echo", "echo"))
+    with pytest.raises(TypeError, match="token store"):
+        Authenticator([(CLIENT_APPKEY, TOKEN)])
+
+
+def test_a_token_without_the_server_appkey_it_signs_for_is_refused_at_once():
+    with pytest.raises(ValueError, match="remote_appkey"):
+        octo_core.AsyncClient(Echo, appkey=CLIENT_APPKEY, hosts=["127.0.0.1:9"], token=TOKEN)
+
+
+class BrokenTokens:
+    """A token store whose backend fails (a KMS outage, a bug)."""
+
+    def token(self, appkey: str) -> Optional[str]:
+        raise ConnectionError("the token service is unreachable")
+
+
+def test_e2e_a_failing_token_store_refuses_the_call_and_keeps_the_connection():
+    async def main():
+        async with serving(echo_services(), auth=Authenticator(BrokenTokens())) as server, \
+                signed_client(server.address) as client:
+            for _ in range(2):   # the second call: on the same connection, refused alike
+                refused = await expect_status_7(client.echo("x"))
+                assert "could not check" in str(refused)
+            [endpoint] = client._endpoints.values()
+            assert endpoint.connected
+
+    run(main())
+
+
 def test_e2e_derived_tokens():
     async def main():
         store = DerivedTokens(MASTER)

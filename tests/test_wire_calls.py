@@ -23,8 +23,8 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 import octo_core
 from octo_core import protocol
 from octo_core.codec import Limits
-from octo_core.errors import (ApplicationError, CallTimeout, EncodeError, OctoError, ProtocolError,
-                              RpcError, ServiceError, Status, TransportError)
+from octo_core.errors import (ApplicationError, CallTimeout, DecodeError, EncodeError, OctoError,
+                              ProtocolError, RpcError, ServiceError, Status, TransportError)
 from octo_core.protocol import MessageType, NodeStatus
 from octo_core.registry.memory import MemoryRegistry
 
@@ -1053,7 +1053,7 @@ def test_decode_limits_on_both_sides(proto):
         async with serving(echo_services()) as server:
             async with async_client(Echo, server.address, protocol=proto,
                                     limits=Limits(max_string_length=8)) as client:
-                with pytest.raises(ProtocolError, match="bad reply"):
+                with pytest.raises(DecodeError, match="bad reply"):
                     await client.echo("nine char")
                 assert await client.echo("8 chars!") == "8 chars!"
 

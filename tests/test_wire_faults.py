@@ -22,7 +22,7 @@ from thriftpy2.thrift import TMessageType
 
 import octo_core
 from octo_core import codec, protocol
-from octo_core.errors import (ApplicationError, CallTimeout, EncodeError, OctoError, ProtocolError,
+from octo_core.errors import (ApplicationError, CallTimeout, DecodeError, EncodeError, OctoError,
                               RpcError, Status, TransportError)
 from octo_core.protocol import Header, NodeStatus
 
@@ -264,7 +264,7 @@ def test_a_reply_with_a_bad_body_fails_only_its_own_call():
     async def main():
         async with fake_server(handle) as address, \
                 async_client(Echo, address, timeout=5) as client:
-            with pytest.raises(ProtocolError, match="bad reply") as info:
+            with pytest.raises(DecodeError, match="bad reply") as info:
                 await client.echo("first")
             assert info.value.status == Status.PROTOCOL_EXCEPTION
             assert info.value.method == "echo"
@@ -289,7 +289,7 @@ def test_a_reply_that_is_not_the_answer_to_its_call_fails_that_call(wrong):
     async def main():
         async with fake_server(handle) as address, \
                 async_client(Echo, address, timeout=5) as client:
-            with pytest.raises(ProtocolError, match="bad reply") as info:
+            with pytest.raises(DecodeError, match="bad reply") as info:
                 await client.echo("first")
             assert ("seqid" if wrong == "seqid" else "message type 1") in str(info.value)
             assert await client.echo("second") == "second"

@@ -147,6 +147,8 @@ def _network(rule: str) -> Union[ipaddress.IPv4Network, ipaddress.IPv6Network]:
 class Authenticator:
     """The server's security filter.
 
+    ``tokens``: a token store (``StaticTokens``, ``DerivedTokens``, or anything with
+    ``token(appkey) -> Optional[str]``), or a plain ``{appkey: token}`` mapping.
     ``allow``/``deny``: peer IPs or CIDRs (deny wins; with an allow list, only it
     passes). ``acl``: ``{caller appkey pattern: ["Service.method" patterns]}``
     with ``fnmatch`` wildcards; ``None`` lets every authenticated caller in.
@@ -161,9 +163,15 @@ class Authenticator:
     raises it or narrows ``skew``.
     """
 
-    def __init__(self, tokens: TokenStore, *, acl: Optional[Mapping[str, Iterable[str]]] = None,
+    def __init__(self, tokens: Union[TokenStore, Mapping[str, str]], *,
+                 acl: Optional[Mapping[str, Iterable[str]]] = None,
                  allow: Sequence[str] = (), deny: Sequence[str] = (), skew: float = 60.0,
                  sign_body: bool = False, nonce_capacity: int = 1_000_000) -> None:
+        if isinstance(tokens, Mapping):
+            tokens = StaticTokens(tokens)
+        elif not callable(getattr(tokens, "token", None)):
+            raise TypeError(f"tokens is a token store (with token(appkey)) or a mapping "
+                            f"{{appkey: token}}, not {type(tokens).__name__}")
         self.tokens = tokens
         self.acl = None if acl is None else {k: tuple(v) for k, v in acl.items()}
         self.allow = [_network(a) for a in allow]

@@ -140,6 +140,9 @@ class AsyncClient:
         self._framed = framed
         self.service_name = service_name or service.__name__
         self._flags = (protocol_flags(checksum) | _COMPRESSION_FLAGS[compression])
+        if token is not None and not remote_appkey:
+            raise ValueError("token= needs remote_appkey=: the signature covers the appkey of "
+                             "the server it is for")
         self._signer = (Signer(appkey, token, self.remote_appkey, sign_body=sign_body)
                         if token is not None else None)
         self.metrics = Metrics("client")
@@ -432,7 +435,8 @@ class AsyncClient:
                 method.result_cls, TApplicationException, frame.body, self._limits,
                 -1 if head is None else head.sequence_id)
         except DecodeError as exc:
-            raise ProtocolError(f"bad reply: {exc}", method=method.name, node=node) from None
+            raise DecodeError(f"bad reply: {exc}", offset=exc.offset, method=method.name,
+                              node=node) from None
         if msg_type == TMessageType.EXCEPTION:
             error = _ERRORS_BY_STATUS.get(head.status if head is not None else None,
                                           ApplicationError)

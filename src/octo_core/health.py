@@ -287,19 +287,19 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="APPKEY", type=_option(lambda text: check_name(text, "appkey")),
                         help="an appkey to scan (repeat for more)")
     seconds = _option(lambda text: _seconds("it", float(text)))
-    parser.add_argument("--interval", type=seconds, default=5.0, help="seconds between rounds")
-    parser.add_argument("--timeout", type=seconds, default=1.0, help="seconds per probe")
+    parser.add_argument("--interval", type=seconds, default=5.0, help="seconds between rounds (default %(default)s)")
+    parser.add_argument("--timeout", type=seconds, default=1.0, help="seconds per probe (default %(default)s)")
     parser.add_argument("--confirm-delay", default=0.5,
                         type=_option(lambda text: _seconds("it", float(text), zero_ok=True)),
-                        help="seconds before a failed node is probed again")
+                        help="seconds before a failed node is probed again (default %(default)s)")
     parser.add_argument("--mass-failure-ratio", default=0.5,
                         type=_option(lambda text: _ratio("it", float(text))),
                         help="above this share (0 to 1) of serving nodes failing at once in "
-                             "one appkey, mark none dead")
+                             "one appkey, mark none dead (default %(default)s)")
     parser.add_argument("--mass-failure-min-nodes", default=2,
                         type=_option(lambda text: _count("it", int(text))),
                         help="the guard applies to appkeys with at least this many "
-                             "serving nodes")
+                             "serving nodes (default %(default)s)")
     parser.add_argument("--once", action="store_true", help="run one round and exit")
     return parser
 

@@ -178,6 +178,9 @@ class _Throttle:
 #: Refusals of native oneway calls (a peer calling a method this port lacks, or
 #: an overloaded server): their callers read no answer, so the log is the trace.
 _DROPPED = _Throttle(10.0)
+#: Authentication that raised something other than a refusal (a token store's
+#: fault): each such call is refused, and the log says why.
+_AUTH_BROKEN = _Throttle(10.0)
 
 
 
@@ -668,6 +671,10 @@ class Server:
                                 body=bytes(body) if self.auth.sign_body else None)
             except SecurityError as refused:
                 return Status.SECURITY_EXCEPTION, str(refused)
+            except Exception as broken:   # the token store's fault: this call is refused, no more
+                _AUTH_BROKEN.warn("%s: checking a request from %s failed: %r",
+                                  self.appkey, caller or "(anonymous)", broken)
+                return Status.SECURITY_EXCEPTION, "the server could not check this request"
         if self.max_in_flight is not None and self._in_flight >= self.max_in_flight:
             return Status.RPC_EXCEPTION, f"{self.appkey} is overloaded: {self._in_flight} calls in flight"
         bytes_limit = self.max_in_flight_bytes
