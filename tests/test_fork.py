@@ -25,11 +25,12 @@ from typing import Any, Callable, Tuple
 import pytest
 
 import octo_core
+from octo_core import blocking
 from octo_core.errors import TransportError
 from octo_core.transport.loop import new_event_loop
 
 from wire_helpers import (CLIENT_APPKEY, LOCALHOST, SERVER_APPKEY, Echo,  # noqa: F401
-                          EchoHandler, echo_services, serving_in_thread, short_tmpdir,
+                          EchoHandler, echo_services, run, serving_in_thread, short_tmpdir,
                           sync_client, wait_until_sync, watchdog)
 
 pytestmark = [pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork"),
@@ -261,3 +262,12 @@ def test_while_a_child_lives_the_parent_s_closes_and_stops_still_close():
             serving_inner.close()
             os.close(hold)
             os.waitpid(pid, 0)
+
+
+def test_blocking_work_pools_start_their_own_threads_in_the_child():
+    assert run(blocking.FILES.run(lambda: "parent")) == "parent"   # its threads now run here
+
+    def child() -> Any:   # the parent's threads are not in the child: new ones must start
+        return run(blocking.FILES.run(lambda: "child"), timeout=10)
+
+    assert in_child(child) == ("ok", "child")

@@ -13,11 +13,10 @@ never delays the renewal that keeps a serving node listed.
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
-import weakref
 from typing import Any, Callable, Optional, TypeVar
 
+from octo_core.afterfork import tell_forked_children
 from octo_core.business import BusinessPool
 
 T = TypeVar("T")
@@ -32,7 +31,7 @@ class Pool:
         self.threads = threads
         self._pool: Optional[BusinessPool] = None
         self._starting = threading.Lock()
-        _POOLS.add(self)
+        tell_forked_children(self)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on one of this pool's threads."""
@@ -54,20 +53,10 @@ class Pool:
         if pool is not None:
             pool.shutdown()
 
-    def _forget_the_parent_s(self) -> None:
+    def _inherited_by_fork(self) -> None:
+        """In a forked child: the threads are the parent's; the next use starts new ones."""
         self._pool, self._starting = None, threading.Lock()
 
-
-_POOLS: "weakref.WeakSet[Pool]" = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for pool in list(_POOLS):
-        pool._forget_the_parent_s()
-
-
-if hasattr(os, "register_at_fork"):    # not on Windows, which has no fork
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 #: Name lookups (a resolver that does not answer holds only these).
 LOOKUPS = Pool("octo-lookup", 4)

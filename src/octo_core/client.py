@@ -20,6 +20,7 @@ from octo_core import _codec, idl, protocol
 from octo_core.cluster.breaker import RetryBudget
 from octo_core.cluster.invoker import Cluster
 from octo_core.cluster.routing import Caller, RouteRule, Router
+from octo_core.afterfork import tell_forked_children
 from octo_core.auth import Signer
 from octo_core.codec import Limits
 from octo_core.context import _GLOBAL, _HOOKS, Span, _span_started, child_span
@@ -31,7 +32,7 @@ from octo_core.protocol import CallType, Frame, FrameDecoder, MessageType
 from octo_core.registry import Directory, Node, Registry, open_registry
 from octo_core.transport.address import default_route_ip, parse_address
 from octo_core.transport.client import ClientConnection, Endpoint
-from octo_core.transport.loop import LoopThread, tell_forked_children
+from octo_core.transport.loop import LoopThread
 
 _ERRORS_BY_STATUS = {
     Status.APPLICATION_EXCEPTION: ApplicationError,

@@ -22,6 +22,7 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 
 from octo_core import _codec, idl, protocol
 from octo_core import context as _context
+from octo_core.afterfork import release_in_child, tell_forked_children
 from octo_core.auth import Authenticator
 from octo_core.blocking import LOOKUPS
 from octo_core.business import BusinessPool
@@ -33,8 +34,7 @@ from octo_core.registry import HeartbeatSupport, Node, Registry, open_registry
 from octo_core.transport.address import (Address, Listeners, default_route_ip, listen,
                                         parse_address)
 from octo_core.transport.http import bound_port, serve_metrics
-from octo_core.transport.loop import (LoopThread, new_event_loop, release_in_child, start_task,
-                                     tell_forked_children)
+from octo_core.transport.loop import LoopThread, new_event_loop, start_task
 from octo_core.transport.server import ServerConnection
 from octo_core.transport.stream import CLOSE_LINGER
 

@@ -5,11 +5,9 @@ import asyncio
 import concurrent.futures
 import contextvars
 import functools
-import os
 import sys
 import threading
-import weakref
-from typing import Any, Callable, Coroutine, Iterable, Optional, Set
+from typing import Any, Callable, Coroutine, Optional, Set
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -19,45 +17,6 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
-
-
-def tell_forked_children(obj: Any) -> None:
-    """Have ``obj._inherited_by_fork()`` called in each child that ``os.fork()``
-    makes while ``obj`` lives (the child's copy, before any other code runs there).
-
-    A child inherits the copy of every loop, connection and pending call, but no
-    thread runs those loops there, and its sockets are the parent's own: written
-    to from the child, they interleave frames with the parent's and one process
-    reads the other's answers. The hook lets an object refuse, or start afresh.
-    """
-    _TOLD_AT_FORK.add(obj)
-
-
-_TOLD_AT_FORK: "weakref.WeakSet[Any]" = weakref.WeakSet()
-
-
-def release_in_child(fds: Iterable[int]) -> None:
-    """In a forked child: close the child's copies of the parent's sockets ``fds``
-    (the parent's own stay open). Until then the child holds them open too: a
-    listener the parent closed would still take connections, a connection the
-    parent closed would never end at the peer. Each number stays taken (by
-    /dev/null), so what still holds it closes /dev/null, never a newer socket."""
-    placeholder = os.open(os.devnull, os.O_RDWR)
-    try:
-        for fd in fds:
-            if fd >= 0 and fd != placeholder:
-                os.dup2(placeholder, fd)
-    finally:
-        os.close(placeholder)
-
-
-def _after_fork_in_child() -> None:
-    for obj in list(_TOLD_AT_FORK):
-        obj._inherited_by_fork()
-
-
-if hasattr(os, "register_at_fork"):    # not on Windows, which has no fork
-    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 #: Seconds a stopping loop gives its cancelled tasks to finish before it closes.

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 from octo_core.errors import ProtocolError
 from octo_core.protocol import DEFAULT_MAX_FRAME_SIZE, Frame, FrameDecoder
-from octo_core.transport.loop import release_in_child, tell_forked_children
+from octo_core.afterfork import release_in_child, tell_forked_children
 
 log = logging.getLogger("octo_core.transport")
 
