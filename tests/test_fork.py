@@ -271,3 +271,31 @@ def test_blocking_work_pools_start_their_own_threads_in_the_child():
         return run(blocking.FILES.run(lambda: "child"), timeout=10)
 
     assert in_child(child) == ("ok", "child")
+
+
+#: The client a multiprocessing worker inherits (set by the test, read in the workers).
+_POOL_CLIENT: Any = None
+
+
+def _echo_in_a_worker(text: str) -> Tuple[str, int]:
+    return _POOL_CLIENT.echo(text), os.getpid()
+
+
+def test_a_module_level_client_serves_multiprocessing_fork_workers():
+    global _POOL_CLIENT
+    import multiprocessing
+
+    with serving_in_thread(echo_services()) as server, sync_client(Echo, server.address) as client:
+        client.echo("parent")       # its connection is open before the workers fork
+        _POOL_CLIENT = client
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                with multiprocessing.get_context("fork").Pool(3) as pool:
+                    answers = pool.map(_echo_in_a_worker, [f"w{n}" for n in range(30)],
+                                       chunksize=1)
+        finally:
+            _POOL_CLIENT = None
+        assert [text for text, _ in answers] == [f"w{n}" for n in range(30)]
+        assert os.getpid() not in {pid for _, pid in answers}
+        assert client.echo("parent again") == "parent again"
