@@ -142,6 +142,11 @@ def run_on(loop_factory: Callable[[], asyncio.AbstractEventLoop], coro: Awaitabl
                 task.cancel()
             if left:   # (gather of nothing would make its future on another loop)
                 loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            for task in left:   # one that failed as it was cancelled is reported, as asyncio.run does
+                if not task.cancelled() and task.exception() is not None:
+                    loop.call_exception_handler({
+                        "message": "a task left running failed as the loop closed",
+                        "exception": task.exception(), "task": task})
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.run_until_complete(loop.shutdown_default_executor())
         finally:

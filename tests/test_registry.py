@@ -525,3 +525,27 @@ def test_zk_outage_directory_keeps_last_known_good(zookeeper_server, tmp_path):
             finally:
                 await directory.close()
     run(scenario(), timeout=55)
+
+
+def test_zk_calls_racing_close_or_after_it_fail_as_registry_errors_and_leave_no_threads():
+    from octo_core.registry.zookeeper import ZooKeeperRegistry
+
+    def call_threads() -> List[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("octo-zk-call")]
+
+    async def main():
+        # nothing listens here: every call waits op_timeout for a session, as in an outage
+        registry = ZooKeeperRegistry("127.0.0.1:9", op_timeout=0.5)
+        waiting = [asyncio.ensure_future(registry.list("com.a")) for _ in range(4)]
+        await asyncio.sleep(0.1)   # (the calls hold the pool's threads: none is needed for this)
+        closing = asyncio.ensure_future(registry.close())
+        await asyncio.sleep(0)
+        racing = [asyncio.ensure_future(registry.list("com.a")) for _ in range(8)]
+        outcomes = await asyncio.gather(*waiting, *racing, return_exceptions=True)
+        await closing
+        assert all(isinstance(outcome, RegistryError) for outcome in outcomes), outcomes
+        with pytest.raises(RegistryError, match="closed"):
+            await registry.list("com.a")
+        await wait_until(lambda: not call_threads(), what="the call pool's threads to end")
+
+    run(main())

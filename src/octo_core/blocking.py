@@ -30,14 +30,17 @@ class Pool:
         self.name = name
         self.threads = threads
         self._pool: Optional[BusinessPool] = None
+        self._shut = False
         self._starting = threading.Lock()
         tell_forked_children(self)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` on one of this pool's threads."""
+        """``fn(*args)`` on one of this pool's threads (``RuntimeError`` once it is shut down)."""
         pool = self._pool
         if pool is None:
             with self._starting:
+                if self._shut:
+                    raise RuntimeError(f"the {self.name} pool is shut down")
                 if self._pool is None:
                     try:
                         self._pool = BusinessPool(self.threads, self.name)
@@ -47,11 +50,11 @@ class Pool:
         return await asyncio.wrap_future(pool.submit(fn, *args))
 
     def shutdown(self) -> None:
-        """End the threads once their work is done (the pool starts anew if used again)."""
+        """Take no more work; the threads end once the work already given is done."""
         with self._starting:
-            pool, self._pool = self._pool, None
+            pool, self._pool, self._shut = self._pool, None, True
         if pool is not None:
-            pool.shutdown()
+            pool.shutdown(cancel_pending=False)
 
     def _inherited_by_fork(self) -> None:
         """In a forked child: the threads are the parent's; the next use starts new ones."""

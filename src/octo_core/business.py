@@ -51,11 +51,12 @@ class BusinessPool:
                 else:
                     future.set_result(result)
 
-    def shutdown(self) -> None:
-        """Cancel the work not started; idle threads end, busy ones when their work ends."""
+    def shutdown(self, cancel_pending: bool = True) -> None:
+        """Take no more work, and cancel the work not started (or, without
+        ``cancel_pending``, let it run); each thread ends when it finds no work left."""
         with self._lock:
             self._closed = True
-            while True:
+            while cancel_pending:
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:

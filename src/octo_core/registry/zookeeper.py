@@ -245,10 +245,16 @@ class ZooKeeperRegistry(Registry):
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run blocking kazoo work off the loop; kazoo failures become ``RegistryError``."""
+        if self._closed:
+            raise RegistryError(f"the ZooKeeper registry {self.hosts} is closed")
         try:
             return await self._calls.run(self._when_connected, fn, *args)
         except _FAILURES as exc:
             raise RegistryError(f"ZooKeeper {type(exc).__name__}: {exc or 'no detail'}") from exc
+        except RuntimeError:   # its pool shut down by a close() under way
+            if not self._closed:
+                raise
+            raise RegistryError(f"the ZooKeeper registry {self.hosts} is closed") from None
 
     def _when_connected(self, fn: Callable[..., Any], *args: Any) -> Any:
         # Fail while ZooKeeper is away rather than queue a write that lands much later.
