@@ -299,3 +299,27 @@ def test_a_module_level_client_serves_multiprocessing_fork_workers():
         assert [text for text, _ in answers] == [f"w{n}" for n in range(30)]
         assert os.getpid() not in {pid for _, pid in answers}
         assert client.echo("parent again") == "parent again"
+
+
+class _Told:
+    """Says, in the child, whether it was told of the fork (or fails when told)."""
+
+    def __init__(self, fails: bool) -> None:
+        self.fails = fails
+        self.told = False
+
+    def _inherited_by_fork(self) -> None:
+        if self.fails:
+            raise OSError("no file descriptor left")
+        self.told = True
+
+
+def test_one_object_failing_in_the_child_does_not_keep_the_others_from_being_told():
+    from octo_core import afterfork
+
+    # every good one is told, wherever the failing ones fall in the set's order
+    told = [_Told(fails=number % 2 == 0) for number in range(40)]
+    for obj in told:
+        afterfork.tell_forked_children(obj)
+    assert in_child(lambda: [obj.told for obj in told]) == (
+        "ok", [number % 2 == 1 for number in range(40)])

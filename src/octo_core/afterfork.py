@@ -10,9 +10,12 @@ or to start afresh.
 """
 from __future__ import annotations
 
+import logging
 import os
 import weakref
 from typing import Any, Iterable
+
+log = logging.getLogger("octo_core")
 
 
 def tell_forked_children(obj: Any) -> None:
@@ -41,7 +44,10 @@ def release_in_child(fds: Iterable[int]) -> None:
 
 def _after_fork_in_child() -> None:
     for obj in list(_TOLD_AT_FORK):
-        obj._inherited_by_fork()
+        try:
+            obj._inherited_by_fork()
+        except Exception:   # one that fails must not leave the others as they were
+            log.exception("after os.fork(): %r could not let go of its parent's", obj)
 
 
 if hasattr(os, "register_at_fork"):    # not on Windows, which has no fork
