@@ -287,8 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
                         metavar="APPKEY", type=_option(lambda text: check_name(text, "appkey")),
                         help="an appkey to scan (repeat for more)")
     seconds = _option(lambda text: _seconds("it", float(text)))
-    parser.add_argument("--interval", type=seconds, default=5.0, help="seconds between rounds (default %(default)s)")
-    parser.add_argument("--timeout", type=seconds, default=1.0, help="seconds per probe (default %(default)s)")
+    parser.add_argument("--interval", type=seconds, default=5.0,
+                        help="seconds between rounds (default %(default)s)")
+    parser.add_argument("--timeout", type=seconds, default=1.0,
+                        help="seconds per probe (default %(default)s)")
     parser.add_argument("--confirm-delay", default=0.5,
                         type=_option(lambda text: _seconds("it", float(text), zero_ok=True)),
                         help="seconds before a failed node is probed again (default %(default)s)")
