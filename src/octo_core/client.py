@@ -101,6 +101,16 @@ class AsyncClient:
     anything is sent. ``close()`` works from anywhere.
     """
 
+    # The client's own state in slots: read on every call, it stays a fixed-offset
+    # load however many IDL methods the instance dict holds (CPython keeps a dict
+    # in its compact shared-keys form only up to 30 attributes).
+    __slots__ = ("service", "appkey", "remote_appkey", "timeout", "unified", "service_name",
+                 "metrics", "_framed", "_flags", "_signer", "_limits", "_endpoint_options",
+                 "_endpoints", "_retired", "_listed", "_closed", "_inherited", "_collected",
+                 "_loop", "_loop_thread", "_methods", "_named_service", "_wire_names",
+                 "_idempotent", "_hash_arg", "_cluster", "_directory", "_discovery",
+                 "_owns_registry", "_finishers", "__dict__", "__weakref__")
+
     def __init__(self, service: Any, *, appkey: str, hosts: Optional[Iterable[str]] = None,
                  registry: Optional[Union[str, Registry]] = None,
                  snapshot_path: Optional[str] = None,
@@ -507,8 +517,10 @@ RESERVED_NAMES = frozenset({"call", "close", "future", "callback", "service", "s
 
 def _binds(client: Any, name: str) -> bool:
     """Does IDL method ``name`` become an attribute of ``client``? Not when reserved,
-    nor when it would hide one of the client's private attributes."""
-    return name not in RESERVED_NAMES and not hasattr(client, name)
+    nor when it would hide one of the client's private attributes (a slot not yet
+    set is one too)."""
+    return name not in RESERVED_NAMES and not hasattr(client, name) \
+        and not hasattr(type(client), name)
 
 
 def _seconds(name: str, seconds: Any) -> float:
