@@ -211,14 +211,14 @@ def test_a_call_racing_close_gets_client_is_closed(monkeypatch):
         client = octo_core.Client(Echo, appkey=CLIENT_APPKEY, hosts=[server.address])
         assert client.echo("warm") == "warm"
         checked, closed = threading.Event(), threading.Event()
-        submit = client._thread.submit
+        schedule = client._thread._schedule
 
-        def late_submit(coro: Any) -> concurrent.futures.Future:
+        def late_schedule(coro: Any, future: Any) -> None:
             if threading.current_thread().name == "racer":   # close() itself is not delayed
                 checked.set()
                 closed.wait(10)
-            return submit(coro)
-        monkeypatch.setattr(client._thread, "submit", late_submit)
+            schedule(coro, future)
+        monkeypatch.setattr(client._thread, "_schedule", late_schedule)
         outcome = outcome_in_thread(lambda: client.echo("racing"), name="racer")
         assert checked.wait(5)
         client.close()
@@ -262,6 +262,48 @@ def test_cancelling_a_submitted_future_cancels_its_coroutine():
                         what="the cancelled coroutine to end")
     finally:
         thread.stop()
+
+
+async def answer(value: Any) -> Any:
+    await asyncio.sleep(0)
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
+def test_a_blocking_call_on_the_loop_thread_gets_its_coroutines_value_or_exception():
+    thread = LoopThread("test-loop")
+    try:
+        assert thread.call(answer(42), 5, TimeoutError) == 42
+        refused = ValueError("refused")
+        with pytest.raises(ValueError) as raised:
+            thread.call(answer(refused), 5, TimeoutError)
+        assert raised.value is refused
+    finally:
+        thread.stop()
+
+
+def test_a_blocking_call_that_outlives_its_wait_is_cancelled_with_the_callers_error():
+    thread = LoopThread("test-loop")
+    try:
+        started = threading.Event()
+        with pytest.raises(TransportError, match="no outcome"):
+            thread.call(wait_forever(started), 0.2, lambda: TransportError("no outcome"))
+        assert started.is_set()
+        wait_until_sync(lambda: not thread.run(all_other_tasks(), timeout=5),
+                        what="the abandoned coroutine to be cancelled")
+    finally:
+        thread.stop()
+
+
+def test_a_blocking_call_waiting_when_its_loop_thread_stops_gets_the_stopped_error():
+    thread = LoopThread("test-loop", stopped_error=lambda: TransportError("gone"))
+    started = threading.Event()
+    outcome = outcome_in_thread(lambda: thread.call(wait_forever(started), 30, TimeoutError))
+    assert started.wait(5)
+    thread.stop()
+    error = outcome.result(10)
+    assert isinstance(error, TransportError) and error.message == "gone"
 
 
 async def all_other_tasks() -> set:

@@ -11,8 +11,8 @@ import threading
 import time
 import warnings
 import weakref
-from typing import (Any, Awaitable, Callable, Dict, Iterable, List, Mapping, Optional, Sequence,
-                    Set, Tuple, Union)
+from typing import (Any, Awaitable, Callable, Coroutine, Dict, Iterable, List, Mapping, Optional,
+                    Sequence, Set, Tuple, Union)
 
 from thriftpy2.thrift import TApplicationException, TMessageType
 
@@ -662,20 +662,25 @@ class Client:
         method, timeout = self._async._by_name(name, kwargs)
         return self._blocking(method, timeout)(*args, **kwargs)
 
+    def _coroutine(self, method: idl.Method, args: tuple, kwargs: dict,
+                   timeout: Optional[float]) -> Coroutine[Any, Any, Any]:
+        """One call of ``method``, to run on the I/O thread (a closed client
+        refuses it; a forked child's opens its own thread first)."""
+        if self._closed or self._inherited:
+            self._reopen(method)
+        # the client's own _call, not call(): every argument is the IDL method's
+        return self._async._call(method, args, kwargs, timeout)
+
     def _submitter(self, method: idl.Method,
                    timeout: Optional[float] = None) -> Callable[..., concurrent.futures.Future]:
         def submit(*args: Any, **kwargs: Any) -> concurrent.futures.Future:
-            if self._closed or self._inherited:
-                self._reopen(method)
-            # the client's own _call, not call(): every argument is the IDL method's
-            return self._thread.submit(self._async._call(method, args, kwargs, timeout))
+            coro = self._coroutine(method, args, kwargs, timeout)
+            return self._thread.submit(coro)   # (the thread _coroutine may have reopened)
         submit.__name__ = method.name
         return submit
 
     def _blocking(self, method: idl.Method,
                   timeout: Optional[float] = None) -> Callable[..., Any]:
-        submit = self._submitter(method, timeout)
-
         def call(*args: Any, **kwargs: Any) -> Any:
             if self._inherited:   # first: a thread of the child may have the dead I/O thread's ident
                 self._reopen(method)
@@ -684,26 +689,14 @@ class Client:
                                      "thread) would wait for itself forever; call through "
                                      "client.future or client.callback there",
                                      method=method.name, request_sent=False)
-            return self._wait(submit(*args, **kwargs), method,
-                              self._async.timeout if timeout is None else timeout)
+            coro = self._coroutine(method, args, kwargs, timeout)
+            # Waits at most the call's timeout plus _LOOP_MARGIN: a stuck I/O thread
+            # fails the call rather than hang its caller.
+            bound = (self._async.timeout if timeout is None else timeout) + _LOOP_MARGIN
+            return self._thread.call(coro, bound, lambda: CallTimeout(
+                f"the client's I/O thread gave no answer within {bound:.3g}s", method=method.name))
         call.__name__ = method.name
         return call
-
-    def _wait(self, future: concurrent.futures.Future, method: idl.Method, timeout: float) -> Any:
-        """The call's outcome, waiting at most its ``timeout`` plus ``_LOOP_MARGIN``:
-        a stuck I/O thread fails the call rather than hang its caller."""
-        bound = timeout + _LOOP_MARGIN
-        try:
-            return future.result(bound)
-        except concurrent.futures.TimeoutError:
-            if future.done():   # the call's own outcome
-                raise
-        except BaseException:   # its own outcome, or the caller interrupted (Ctrl-C): then
-            future.cancel()     # no one waits for the answer, and the call is let go
-            raise
-        future.cancel()
-        raise CallTimeout(f"the client's I/O thread gave no answer within {bound:.3g}s",
-                          method=method.name)
 
     def _with_callback(self, method: idl.Method,
                        timeout: Optional[float] = None) -> Callable[..., concurrent.futures.Future]:
