@@ -114,10 +114,11 @@ def test_octo_cells_find_their_server_through_the_embedded_registry(tmp_path) ->
             finally:
                 await registry.close()
         assert asyncio.run(listed()) == [server.port]
-        driver = rpc._OctoDriver(0, rpc.make_message(10), 1, url)   # no port: the registry's
-        driver.open()
-        try:
-            assert driver.phase(0.1)[0]
-        finally:
-            driver.close()
-    assert rpc.DISCOVERING == (rpc.OCTO, rpc.OCTO_THRIFT)
+        for kind in (rpc._OctoDriver, rpc._OctoSyncDriver):
+            driver = kind(0, rpc.make_message(10), 2, url)   # no port: the registry's
+            driver.open()
+            try:
+                assert driver.phase(0.1)[0]
+            finally:
+                driver.close()
+    assert rpc.DISCOVERING == (rpc.OCTO, rpc.OCTO_THRIFT, rpc.OCTO_SYNC)

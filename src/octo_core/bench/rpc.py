@@ -26,6 +26,9 @@ comparison is between libraries, not event loops):
   per cell) and the client discovers it there, as on one machine in use.
 * ``octo-thrift``: the same client with ``protocol="thrift"`` (framed thrift)
   against the same server; one multiplexed connection.
+* ``octo-sync``: the blocking ``octo_core.Client`` (unified protocol) against the
+  same server, shared by N threads, each with one call outstanding; its I/O runs
+  on the client's own loop thread, over one multiplexed connection.
 * ``thriftpy2-sync``: ``thriftpy2.rpc.make_server`` (a thread per connection)
   and ``make_client``, framed transport, cybin protocol. N in flight = N
   threads, each with its own client and connection (a thriftpy2 sync client
@@ -91,15 +94,18 @@ PAYLOAD_THRIFT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "paylo
 
 OCTO = "octo"
 OCTO_THRIFT = "octo-thrift"
+OCTO_SYNC = "octo-sync"
 TP2_SYNC = "thriftpy2-sync"
 TP2_AIO = "thriftpy2-aio"
 GRPC = "grpc-aio"
 CODEC_ONLY = "codec-only"
 RAW = "raw-uvloop"
 #: Every system, in table order.
-SYSTEMS: Tuple[str, ...] = (OCTO, OCTO_THRIFT, TP2_SYNC, TP2_AIO, GRPC, CODEC_ONLY, RAW)
+SYSTEMS: Tuple[str, ...] = (OCTO, OCTO_THRIFT, OCTO_SYNC, TP2_SYNC, TP2_AIO, GRPC, CODEC_ONLY,
+                            RAW)
 #: The server each system's client talks to (the ``--serve`` kind of the child).
-SERVER_KIND: Dict[str, str] = {OCTO: "octo", OCTO_THRIFT: "octo", TP2_SYNC: "thriftpy2-sync",
+SERVER_KIND: Dict[str, str] = {OCTO: "octo", OCTO_THRIFT: "octo", OCTO_SYNC: "octo",
+                               TP2_SYNC: "thriftpy2-sync",
                                TP2_AIO: "thriftpy2-aio", GRPC: "grpc", CODEC_ONLY: "codec",
                                RAW: "raw"}
 SERVER_KINDS: Tuple[str, ...] = ("octo", "thriftpy2-sync", "thriftpy2-aio", "grpc", "codec",
@@ -107,7 +113,7 @@ SERVER_KINDS: Tuple[str, ...] = ("octo", "thriftpy2-sync", "thriftpy2-aio", "grp
 #: Systems whose client finds the server as a deployment does: the server registers
 #: in the embedded default registry (``file://``, a directory per cell), the client
 #: discovers it there. (The registry is off the per-call path: calls cost the same.)
-DISCOVERING: Tuple[str, ...] = (OCTO, OCTO_THRIFT)
+DISCOVERING: Tuple[str, ...] = (OCTO, OCTO_THRIFT, OCTO_SYNC)
 
 #: Payload name -> size in bytes of the echoed string.
 PAYLOADS: Dict[str, int] = {"10B": 10, "1KB": 1024}
@@ -927,29 +933,22 @@ class _CodecDriver(_RawDriver):
         self.calls = [call] * self.concurrency
 
 
-class _Tp2SyncDriver(_Driver):
-    """thriftpy2 sync: N threads, each with its own client (its own connection)."""
+class _ThreadedDriver(_Driver):
+    """A blocking client: N threads, each with one call outstanding at a time
+    (``echoes``: each thread's ``echo`` function)."""
 
-    def open(self) -> None:
-        from thriftpy2.rpc import make_client
-        from thriftpy2.transport import TCyFramedTransportFactory
+    echoes: List[Callable[[str], str]]
 
-        service = payload_module().Echo
-        self.clients = []
-        for _ in range(self.concurrency):
-            self.clients.append(make_client(
-                service, "127.0.0.1", self.port, trans_factory=TCyFramedTransportFactory(),
-                timeout=int(CALL_TIMEOUT_S * 1000)))
-        self.connections = len(self.clients)
-        for client in self.clients:
-            if client.echo(self.message) != self.message:
+    def _check(self) -> None:
+        for echo in set(self.echoes):
+            if echo(self.message) != self.message:
                 raise AssertionError("echo returned something else than the message")
 
     def phase(self, seconds: float) -> Phase:
         clock = time.perf_counter_ns
-        lists: List[List[int]] = [[] for _ in self.clients]
+        lists: List[List[int]] = [[] for _ in self.echoes]
         errors: List[BaseException] = []
-        budget = max(1, MAX_CALLS_PER_PHASE // len(self.clients))
+        budget = max(1, MAX_CALLS_PER_PHASE // len(self.echoes))
         message = self.message
         start = clock()
         deadline = start + int(seconds * 1e9)
@@ -966,8 +965,8 @@ class _Tp2SyncDriver(_Driver):
             except BaseException as exc:  # reported by phase()
                 errors.append(exc)
 
-        threads = [threading.Thread(target=worker, args=(c.echo, lst), daemon=True)
-                   for c, lst in zip(self.clients, lists)]
+        threads = [threading.Thread(target=worker, args=(echo, lst), daemon=True)
+                   for echo, lst in zip(self.echoes, lists)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -976,16 +975,55 @@ class _Tp2SyncDriver(_Driver):
         if errors:
             raise errors[0]
         if any(t.is_alive() for t in threads):
-            raise RuntimeError("thriftpy2-sync worker threads did not finish")
+            raise RuntimeError(f"{type(self).__name__}: worker threads did not finish")
         return [ns for lst in lists for ns in lst], elapsed
+
+
+class _Tp2SyncDriver(_ThreadedDriver):
+    """thriftpy2 sync: N threads, each with its own client (its own connection)."""
+
+    def open(self) -> None:
+        from thriftpy2.rpc import make_client
+        from thriftpy2.transport import TCyFramedTransportFactory
+
+        service = payload_module().Echo
+        self.clients = []
+        for _ in range(self.concurrency):
+            self.clients.append(make_client(
+                service, "127.0.0.1", self.port, trans_factory=TCyFramedTransportFactory(),
+                timeout=int(CALL_TIMEOUT_S * 1000)))
+        self.connections = len(self.clients)
+        self.echoes = [client.echo for client in self.clients]
+        self._check()
 
     def close(self) -> None:
         for client in getattr(self, "clients", ()):
             client.close()
 
 
+class _OctoSyncDriver(_ThreadedDriver):
+    """``octo_core.Client``: N threads share the one blocking client (one connection)."""
+
+    def open(self) -> None:
+        import octo_core
+
+        nodes = (dict(registry=self.registry) if self.registry
+                 else dict(hosts=[f"127.0.0.1:{self.port}"]))
+        self.client = octo_core.Client(
+            payload_module().Echo, appkey="com.octo.bench.client",
+            remote_appkey="com.octo.bench.echo", timeout=CALL_TIMEOUT_S, **nodes)
+        self.echoes = [self.client.echo] * self.concurrency
+        self._check()
+
+    def close(self) -> None:
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.close()
+
+
 _DRIVERS: Dict[str, type] = {
-    OCTO: _OctoDriver, OCTO_THRIFT: _OctoThriftDriver, TP2_SYNC: _Tp2SyncDriver,
+    OCTO: _OctoDriver, OCTO_THRIFT: _OctoThriftDriver, OCTO_SYNC: _OctoSyncDriver,
+    TP2_SYNC: _Tp2SyncDriver,
     TP2_AIO: _Tp2AioDriver, GRPC: _GrpcDriver, CODEC_ONLY: _CodecDriver, RAW: _RawDriver,
 }
 
