@@ -23,13 +23,14 @@ from thriftpy2.thrift import TMessageType
 import octo_core
 from octo_core import codec, protocol
 from octo_core.errors import (ApplicationError, CallTimeout, DecodeError, EncodeError, OctoError,
-                              RpcError, Status, TransportError)
+                              RemoteError, RpcError, Status, TransportError)
 from octo_core.protocol import Header, NodeStatus
 
-from wire_helpers import (ECHO_IDL, LOCALHOST, Echo, EchoHandler, GoodCaller, _build_server,
-                          async_client, decode_body, echo_services, framed_request, raw_connection,
-                          refusing_port, run, serving, serving_in_thread, short_tmpdir, sync_client,
-                          unified_request, wait_until, watchdog)  # noqa: F401  (fixture)
+from wire_helpers import (ECHO_IDL, LOCALHOST, Echo, EchoError, EchoHandler, GoodCaller,
+                          _build_server, async_client, decode_body, echo_services, framed_request,
+                          raw_connection, refusing_port, run, serving, serving_in_thread,
+                          short_tmpdir, sync_client, unified_request, wait_until,
+                          watchdog)  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
@@ -233,9 +234,10 @@ def test_bytes_a_server_must_not_send_fail_the_pending_calls(sent, why):
     run(main())
 
 
-def _first_reply_then_echo(first_body):
+def _first_reply_then_echo(first_body, first_status: int = 0):
     """A fake server's handler: the first call's reply carries the body
-    ``first_body(name, seqid)`` makes; the second is echoed properly."""
+    ``first_body(name, seqid)`` makes (and ``first_status`` in its header); the
+    second is echoed properly."""
     async def handle(reader, writer):
         decoder = protocol.FrameDecoder()
         answered = 0
@@ -247,8 +249,8 @@ def _first_reply_then_echo(first_body):
                 name, _, seqid, args = decode_body(frame, Echo)
                 body = (first_body(name, seqid) if answered == 0 else
                         codec.encode_message(name, 2, seqid, Echo.echo_result(success=args.text)))
-                writer.write(protocol.encode_unified(
-                    protocol.response_header(frame.head.sequence_id), body))
+                writer.write(protocol.encode_unified(protocol.response_header(
+                    frame.head.sequence_id, first_status if answered == 0 else 0), body))
                 answered += 1
         await writer.drain()
         await asyncio.sleep(1)
@@ -292,6 +294,38 @@ def test_a_reply_that_is_not_the_answer_to_its_call_fails_that_call(wrong):
             with pytest.raises(DecodeError, match="bad reply") as info:
                 await client.echo("first")
             assert ("seqid" if wrong == "seqid" else "message type 1") in str(info.value)
+            assert await client.echo("second") == "second"
+
+    run(main())
+
+
+def test_a_result_carrying_both_success_and_an_exception_is_read_as_success():
+    """thriftpy2's and Apache's clients look at ``success`` first; so does ours."""
+    handle = _first_reply_then_echo(lambda name, seqid: codec.encode_message(
+        name, 2, seqid, Echo.fail_result(success="ok", err=EchoError(message="also set"))))
+
+    async def main():
+        async with fake_server(handle) as address, \
+                async_client(Echo, address, timeout=5) as client:
+            assert await client.fail("declared") == "ok"
+            assert await client.echo("second") == "second"
+
+    run(main())
+
+
+@pytest.mark.parametrize("status", [10, 42, -1, -128])
+def test_a_status_outside_octos_is_a_remote_error_naming_it(status):
+    """§2 defines statuses 0-9; any other is the peer's fault, reported as
+    REMOTE_EXCEPTION (a status every reader of errors and metrics knows) that
+    names the value. The connection carries on."""
+    handle = _first_reply_then_echo(lambda name, seqid: b"", first_status=status)
+
+    async def main():
+        async with fake_server(handle) as address, \
+                async_client(Echo, address, timeout=5) as client:
+            with pytest.raises(RemoteError, match=f"undefined status {status}") as info:
+                await client.echo("first")
+            assert info.value.status == Status.REMOTE_EXCEPTION
             assert await client.echo("second") == "second"
 
     run(main())

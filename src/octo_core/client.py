@@ -45,6 +45,8 @@ _ERRORS_BY_STATUS = {
     Status.SERVICE_EXCEPTION: ServiceError,
 }
 
+_STATUSES = frozenset(Status)
+
 _COMPRESSION_FLAGS = {None: 0, "gzip": protocol.FLAG_GZIP, "snappy": protocol.FLAG_SNAPPY}
 
 #: RequestInfo.timeout is an i32 of milliseconds: a longer deadline is sent as the longest.
@@ -436,9 +438,11 @@ class AsyncClient:
     def _result(self, method: idl.Method, frame: Frame, node: str) -> Any:
         head = frame.head
         if head is not None and head.status != _SUCCESS and not frame.body:
-            error = _ERRORS_BY_STATUS.get(head.status, RemoteError)
-            refusal = error(head.message or f"status {head.status}", status=head.status,
-                            method=method.name, node=node)
+            status, text = head.status, head.message or f"status {head.status}"
+            if status not in _STATUSES:   # not an OCTO status (§2): the peer's fault, said as such
+                status, text = Status.REMOTE_EXCEPTION, f"{text} (undefined status {status})"
+            error = _ERRORS_BY_STATUS.get(status, RemoteError)
+            refusal = error(text, status=status, method=method.name, node=node)
             refusal.from_peer = True     # the node's verdict (status 5: on the request)
             raise refusal
         try:
@@ -454,17 +458,20 @@ class AsyncClient:
             raise _application_exception(
                 error, result.message or f"application exception type {result.type}",
                 result.type, method, node)
+        # success first, then the declared exceptions: the order in which thriftpy2's
+        # and Apache's clients read a result (a result may carry both)
+        if method.returns_value and result.success is not None:
+            return result.success
         for field, _ in method.exceptions:
             declared = getattr(result, field)
             if declared is not None:
                 raise declared
         if not method.returns_value:
             return None
-        if result.success is None:   # the node's answer, as thriftpy2 and Apache read it
-            raise _application_exception(ApplicationError, "the reply carries no result "
-                                         "(MISSING_RESULT)", TApplicationException.MISSING_RESULT,
-                                         method, node)
-        return result.success
+        # the node's answer, as thriftpy2 and Apache read it
+        raise _application_exception(ApplicationError, "the reply carries no result "
+                                     "(MISSING_RESULT)", TApplicationException.MISSING_RESULT,
+                                     method, node)
 
     async def close(self) -> None:
         """Close every connection; calls still waiting (connecting too) fail with
