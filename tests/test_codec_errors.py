@@ -562,6 +562,18 @@ def test_huge_container_count(cls, prefix, count, limits):
     assert_fails_small(lambda: decode(STRUCTS[cls], data, limits), data)
 
 
+@pytest.mark.parametrize("cls,prefix,kind", [
+    ("Containers", field(T_LIST, 1) + bytes([T_I32]), "list"),
+    ("Containers", field(T_SET, 2) + bytes([T_STRING]), "set"),
+    ("Empty", field(T_SET, 1) + bytes([T_I64]), "set"),              # skipped
+    ("Empty", field(T_LIST, 1) + bytes([T_I64]), "list"),            # skipped
+])
+def test_a_container_count_error_names_the_containers_kind(cls, prefix, kind):
+    data = prefix + i32(2 ** 30) + b"\x00" * 16
+    err = decode_error(decode, STRUCTS[cls], data, data=data)
+    assert f"{kind} length" in str(err), str(err)
+
+
 @pytest.mark.parametrize("prefix", [field(T_STRING, 8), field(T_LIST, 1) + bytes([T_I32]),
                                     field(T_MAP, 3) + bytes([T_STRING, T_I64])])
 @pytest.mark.parametrize("n", [-1, -(2 ** 31), -100])

@@ -1065,12 +1065,13 @@ cdef object _r_list(_Reader* r, _TypeSpec t, int depth):
     cdef _TypeSpec elem = t.elem
     cdef int kind = elem.kind
     cdef Py_ssize_t i, n, at = r.pos
-    _need(r, 5, "list header")
+    cdef bint is_set = t.kind == T_SET   # (error messages name the IDL's kind)
+    _need(r, 5, "set header" if is_set else "list header")
     cdef int wire = r.buf[r.pos]
     r.pos += 1
-    n = _r_length(r, r.max_container, _unit(wire), "list")
+    n = _r_length(r, r.max_container, _unit(wire), "set" if is_set else "list")
     if n and wire != elem.wire:   # an empty container may name any element type
-        _r_check_wire(r, wire, elem.wire, at, "list element")
+        _r_check_wire(r, wire, elem.wire, at, "set element" if is_set else "list element")
     _charge(r, n, at)
     cdef set members
     if t.kind == T_SET and not t.set_as_list:
@@ -1162,10 +1163,10 @@ cdef int _skip(_Reader* r, int wire, int depth) except -1:
             r.pos += 2
             _skip(r, ew, depth + 1)
     elif wire == T_LIST or wire == T_SET:
-        _need(r, 5, "list header")
+        _need(r, 5, "set header" if wire == T_SET else "list header")
         ew = r.buf[r.pos]
         r.pos += 1
-        n = _r_length(r, r.max_container, _unit(ew), "list")
+        n = _r_length(r, r.max_container, _unit(ew), "set" if wire == T_SET else "list")
         if n == 0:
             pass
         elif _fixed_size(ew):
