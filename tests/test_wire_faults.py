@@ -208,6 +208,28 @@ def test_a_server_that_reads_nothing_makes_calls_wait_not_pile_up():
     run(main())
 
 
+def test_a_burst_of_calls_to_a_server_that_reads_nothing_does_not_pile_up_either():
+    """Calls made together (one loop pass: their writes are joined) meet the same
+    back-pressure as calls made one by one: most wait and fail unsent; the write
+    buffer holds a few requests, not the burst (here 300 x 128 KiB = 37.5 MiB)."""
+    async def handle(reader, writer):
+        await asyncio.sleep(30)          # accept, never read
+
+    async def main():
+        async with fake_server(handle) as address, \
+                async_client(Echo, address, timeout=0.3,
+                             breaker={"consecutive_failures": 10 ** 9, "min_calls": 10 ** 9}) as client:
+            big = "x" * (128 << 10)
+            outcomes = await asyncio.gather(*(client.echo(big) for _ in range(300)),
+                                            return_exceptions=True)
+            assert all(isinstance(o, CallTimeout) for o in outcomes)
+            assert sum(not o.request_sent for o in outcomes) > 150
+            (endpoint,) = client._endpoints.values()
+            assert endpoint._conns[0].transport.get_write_buffer_size() < 8 << 20
+
+    run(main())
+
+
 @pytest.mark.parametrize("sent,why", [
     (b"\x00\x00\x00\x00 this is not a frame", "not positive"),
     (unified_request("echo", Echo.echo_args(text="x"), 0), "request frame"),

@@ -201,20 +201,22 @@ class ClientConnection(FramedProtocol):
     async def drained(self, timeout: float, method: str = "") -> None:
         """Wait while the server reads nothing of what was sent; ``CallTimeout``
         (with nothing sent) if it still does not after ``timeout`` seconds."""
-        if not self.write_paused:
-            return
-        waiter = self.loop.create_future()
-        self._drain_waiters.append(waiter)
-        try:
-            await asyncio.wait_for(waiter, timeout)
-        except asyncio.TimeoutError:
-            raise CallTimeout(f"the server read none of the requests already sent within "
-                              f"{timeout:.3g}s", method=method or None, node=self.node,
-                              request_sent=False) from None
-        finally:
-            if waiter.cancelled():   # timed out or the caller gave up: not kept till a wake-up
-                with contextlib.suppress(ValueError):
-                    self._drain_waiters.remove(waiter)
+        deadline = self.loop.time() + timeout
+        # A resume wakes every waiter; the first ones' requests may pause the
+        # writes again, and then the others wait on (not all write at once).
+        while self.write_paused and not self.closed:
+            waiter = self.loop.create_future()
+            self._drain_waiters.append(waiter)
+            try:
+                await asyncio.wait_for(waiter, max(0.0, deadline - self.loop.time()))
+            except asyncio.TimeoutError:
+                raise CallTimeout(f"the server read none of the requests already sent within "
+                                  f"{timeout:.3g}s", method=method or None, node=self.node,
+                                  request_sent=False) from None
+            finally:
+                if waiter.cancelled():   # timed out or the caller gave up: not kept till a wake-up
+                    with contextlib.suppress(ValueError):
+                        self._drain_waiters.remove(waiter)
 
     def _fail_pending(self, why: str) -> None:
         """Every call still waiting fails with its own ``TransportError``."""

@@ -15,6 +15,11 @@ log = logging.getLogger("octo_core.transport")
 #: full of small compressed frames inflates no further before flow control sees it.
 READ_BATCH = 4 * 1024 * 1024
 
+#: Bytes of writes held for the end of a loop iteration before they go out at
+#: once: the transport's back-pressure (pause_writing, at its 64 KiB high-water
+#: mark by default) must see a burst of calls while it is being made, not after.
+WRITE_BATCH = 64 * 1024
+
 #: Seconds a closed connection may take to hand its last bytes to a peer that
 #: reads nothing before it is aborted: a close must not hold a socket forever.
 CLOSE_LINGER = 2.0
@@ -37,6 +42,7 @@ class FramedProtocol(asyncio.Protocol):
         self._decoder = FrameDecoder(max_frame_size, max_batch=READ_BATCH)
         self.max_frame_size = max_frame_size   # what it reads, and so, by agreement, sends
         self._out: List[bytes] = []
+        self._out_bytes = 0    # in _out
         self._flush_scheduled = False
         # A burst of writes follows a read (the replies it wakes, the calls
         # they make): its first frame leaves at once, the rest together.
@@ -127,22 +133,31 @@ class FramedProtocol(asyncio.Protocol):
         if self.closed:
             return
         if self._flush_scheduled:
-            self._out.append(data)
+            pass
         elif self._wrote_since_read:
             self._flush_scheduled = True
-            self._out.append(data)
             self.loop.call_soon(self._flush)
         else:
             self._wrote_since_read = True
             self.transport.write(data)
+            return
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if self._out_bytes >= WRITE_BATCH:
+            self._write_out()   # (the flush still scheduled finds less, or nothing, to do)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self.closed or not self._out:
-            self._out.clear()
+        self._write_out()
+
+    def _write_out(self) -> None:
+        out = self._out
+        self._out_bytes = 0
+        if self.closed or not out:
+            out.clear()
             return
-        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
-        self._out.clear()
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
         self.transport.write(data)
 
     @property
@@ -170,5 +185,6 @@ class FramedProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         self.closed = True
         self._out.clear()
+        self._out_bytes = 0
         if self._linger is not None:
             self._linger.cancel()
