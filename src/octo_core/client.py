@@ -57,6 +57,8 @@ _MAX_TIMEOUT_MS = 2**31 - 1
 _SUCCESS = Status.SUCCESS
 _NORMAL = MessageType.NORMAL
 _REPLY, _NO_REPLY = CallType.REPLY, CallType.NO_REPLY
+# The same for thriftpy2's message types: a class attribute is a slow read too.
+_CALL, _EXCEPTION = TMessageType.CALL, TMessageType.EXCEPTION
 
 
 class AsyncClient:
@@ -279,7 +281,7 @@ class AsyncClient:
         started = time.monotonic()
         status = _SUCCESS
         try:
-            return await self._cluster.invoke(
+            return await self._cluster.begin(   # (invoke, minus a coroutine: see begin)
                 send, timeout=self.timeout if timeout is None else timeout,
                 idempotent=method.name in self._idempotent, tags=tags,
                 key=None if key is None else str(key))
@@ -363,7 +365,8 @@ class AsyncClient:
         """One attempt on one node. With a connection ready the request is written
         now and the reply's future returned: the reply is decoded as it is read
         (``_result``), and the caller awaits no coroutine of ours."""
-        endpoint = self._endpoint(node)
+        # (_endpoint only for a node's first call: this is every call's path)
+        endpoint = self._endpoints.get(node.address) or self._endpoint(node)
         conn = endpoint.ready()
         if conn is None or conn.write_paused:
             return self._send_when_ready(endpoint, conn, method, request, timeout, tags, span)
@@ -425,8 +428,8 @@ class AsyncClient:
             return _codec.encode_request(
                 self._flags, _NORMAL, self.service_name, seq, call_type, timeout_ms,
                 self.appkey, span.trace_id, span.span_id, context, None,
-                method.name, TMessageType.CALL, seq, request)
-        body = _codec.encode_message(method.name, TMessageType.CALL, seq, request,
+                method.name, _CALL, seq, request)
+        body = _codec.encode_message(method.name, _CALL, seq, request,
                                      check_required=True)
         signature = (self._signer.headers(self.service_name, method.name, body)
                      if self._signer is not None else None)
@@ -452,7 +455,7 @@ class AsyncClient:
         except DecodeError as exc:
             raise DecodeError(f"bad reply: {exc}", offset=exc.offset, method=method.name,
                               node=node) from None
-        if msg_type == TMessageType.EXCEPTION:
+        if msg_type == _EXCEPTION:
             error = _ERRORS_BY_STATUS.get(head.status if head is not None else None,
                                           ApplicationError)
             raise _application_exception(

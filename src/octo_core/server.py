@@ -16,7 +16,7 @@ import ssl as _ssl
 import time
 import warnings
 import weakref
-from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 from thriftpy2.thrift import TApplicationException, TMessageType
 
@@ -47,13 +47,21 @@ UNKNOWN = "(unknown)"   # the metrics name of services and methods this server d
 _SUCCESS = Status.SUCCESS
 _ALIVE = NodeStatus.ALIVE
 _HEARTBEATS = (MessageType.NORMAL_HEARTBEAT, MessageType.SCANNER_HEARTBEAT)
+_REPLY_MESSAGE = TMessageType.REPLY    # (thriftpy2's: a class attribute, as slow to read)
 
 
-class _Service(NamedTuple):
-    name: str
-    service: Any
-    methods: Dict[str, idl.Method]
-    handlers: Dict[str, Tuple[Callable[..., Any], bool]]   # name -> (function, is coroutine)
+class _Service:
+    """One hosted service. (Slots, not a NamedTuple: every request reads these, and
+    CPython 3.11 reads a slot faster than a NamedTuple field.)"""
+
+    __slots__ = ("name", "service", "methods", "handlers")
+
+    def __init__(self, name: str, service: Any, methods: Dict[str, idl.Method],
+                 handlers: Dict[str, Tuple[Callable[..., Any], bool]]) -> None:
+        self.name = name
+        self.service = service
+        self.methods = methods
+        self.handlers = handlers   # name -> (function, is coroutine)
 
 
 _EVERY_INTERFACE = ("", "0.0.0.0", "::")
@@ -850,7 +858,7 @@ class Server:
             result.success = value
         if send:
             try:
-                reply.message(name, TMessageType.REPLY, seqid, result)
+                reply.message(name, _REPLY_MESSAGE, seqid, result)
             except EncodeError as bad:   # the handler's value does not fit the IDL: its bug
                 log.error("%s.%s: its result cannot be sent: %s", call.service.name, name, bad)
                 reply.app_exception(name, seqid, TApplicationException.INTERNAL_ERROR,

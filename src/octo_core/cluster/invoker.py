@@ -53,6 +53,9 @@ POLICIES = ("failfast", "failover", "failsafe", "forking", "hedging")
 
 Send = Callable[[Node, float], Awaitable[Any]]
 
+#: No node tried yet (``select``'s ``tried`` for a call's only attempt; never added to).
+_NONE_TRIED: frozenset = frozenset()
+
 
 def node_failed(exc: BaseException) -> bool:
     """Does ``exc`` say something about the node's health (not the business logic,
@@ -114,6 +117,8 @@ class Cluster:
         # hedging would send of a method that may not run twice.
         self._attempts_in_turn = {"failover": 1 + self.retries, "forking": self.forks,
                                   "hedging": 2}.get(policy, 1)
+        # One attempt, and its failure is the call's (failfast; failover with no retries ...)
+        self._one_attempt = self._attempts_in_turn == 1 and policy != "failsafe"
         self.budget = budget or RetryBudget()
         self._lb = lb
         self._lb_options = dict(lb_options or {})
@@ -268,15 +273,34 @@ class Cluster:
     async def invoke(self, send: Send, *, timeout: float, idempotent: bool = False,
                      tags: Mapping[str, str] = {}, key: Any = None) -> Any:  # noqa: B006
         """Run ``send(node, remaining_seconds)`` under the cluster's policy."""
+        return await self.begin(send, timeout=timeout, idempotent=idempotent, tags=tags, key=key)
+
+    def begin(self, send: Send, *, timeout: float, idempotent: bool = False,
+              tags: Mapping[str, str] = {}, key: Any = None) -> Awaitable[Any]:  # noqa: B006
+        """``invoke``, begun now (from a running loop): the deadline is fixed and,
+        for a call of one attempt, its node chosen (``NoRouteError`` at once);
+        returns the coroutine to await for the outcome. That coroutine is the
+        attempt itself when one attempt is all the policy makes: no coroutine of
+        the cluster's own to make and to resume through, on every call's path."""
         deadline = self._running_loop().time() + timeout
         self.budget.record_request()
         # Parallel copies only of what may run twice; the rest goes one copy at a time,
         # to another node only for a node fault, and once sent only if idempotent.
-        # (Inline, not a helper coroutine: this is every call's path.)
         if idempotent and self.policy == "forking":
-            return await self._race(send, deadline, tags, key, self.forks, 0.0)
+            return self._race(send, deadline, tags, key, self.forks, 0.0)
         if idempotent and self.policy == "hedging":
-            return await self._race(send, deadline, tags, key, 2, self.hedge_delay)
+            return self._race(send, deadline, tags, key, 2, self.hedge_delay)
+        if self._one_attempt:
+            # What _in_turn does with one attempt, minus the bookkeeping for retries
+            # (tried nodes, attempts given back) that only a second attempt reads.
+            node, balancer = self.select(tags, key, _NONE_TRIED)
+            return self._attempt(send, node, balancer, deadline)
+        return self._in_turn(send, deadline, idempotent, tags, key)
+
+    async def _in_turn(self, send: Send, deadline: float, idempotent: bool,
+                       tags: Mapping[str, str], key: Any) -> Any:
+        """One attempt after the other (failover, failsafe, forking and hedging for
+        a method that may not run twice)."""
         attempts = self._attempts_in_turn
         counted = 0                             # attempts that count against `attempts`
         spare = attempts if attempts > 1 else 0  # attempts it may give back (failfast: none)

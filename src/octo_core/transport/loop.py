@@ -276,7 +276,8 @@ class _EagerTask(asyncio.tasks._PyTask):  # type: ignore[name-defined,misc]
         self._coro = coro
         self._context = context
         context.run(self._Task__step)
-        if not self.done():       # it suspended: asyncio.all_tasks() should see it now
+        # (done() without its frame) it suspended: asyncio.all_tasks() should see it now
+        if self._state == _PENDING:
             asyncio.tasks._register_task(self)
 
     def __del__(self) -> None:
