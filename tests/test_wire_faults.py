@@ -230,6 +230,40 @@ def test_a_burst_of_calls_to_a_server_that_reads_nothing_does_not_pile_up_either
     run(main())
 
 
+@pytest.mark.parametrize("proto", ["octo", "thrift"])
+def test_a_reply_that_stops_partway_does_not_hold_its_connection_for_good(proto):
+    """The first connection gets all but the last bytes of a reply, then silence
+    (TCP open): that call times out, and as nothing more was read for as long as
+    it waited, the connection is dropped; the next call reconnects and is answered."""
+    connections = []
+
+    async def handle(reader, writer):
+        connections.append(writer)
+        decoder = protocol.FrameDecoder()
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                return
+            for frame in decoder.feed(data):
+                name, _, seqid, args = decode_body(frame, Echo)
+                result = Echo.echo_result(success=args.text)
+                reply = (protocol.encode_unified(protocol.response_header(frame.head.sequence_id),
+                                                 codec.encode_message(name, 2, seqid, result))
+                         if frame.head is not None
+                         else protocol.encode_framed_message(name, 2, seqid, result))
+                writer.write(reply[:-3] if len(connections) == 1 else reply)
+
+    async def main():
+        async with fake_server(handle) as address, \
+                async_client(Echo, address, timeout=0.3, protocol=proto) as client:
+            with pytest.raises(CallTimeout):
+                await client.echo("first")
+            assert await client.echo("second") == "second"
+            assert len(connections) == 2
+
+    run(main())
+
+
 @pytest.mark.parametrize("sent,why", [
     (b"\x00\x00\x00\x00 this is not a frame", "not positive"),
     (unified_request("echo", Echo.echo_args(text="x"), 0), "request frame"),

@@ -98,6 +98,7 @@ class ClientConnection(FramedProtocol):
             self._prune_deadlines()
         deadlines, pending = self._deadlines, self._pending
         now = self.loop.time()
+        waited = 0.0    # the longest timeout that ran out now
         while deadlines:
             when, seq, timeout, method = deadlines[0]
             entry = pending.get(seq)
@@ -110,9 +111,16 @@ class ClientConnection(FramedProtocol):
                 if not future.done():
                     future.set_exception(CallTimeout(f"no reply within {timeout:.3g}s",
                                                      method=method, node=self.node))
+                    waited = max(waited, timeout)
             else:
                 self._arm(when)
                 break
+        if waited and self.frame_started is not None and now - self.last_read >= waited:
+            # A reply stopped partway, and nothing came for as long as a call waits:
+            # every reply behind it is stuck too. Let the next call reconnect.
+            self.abort(TransportError(f"a reply stalled partway: nothing read for "
+                                      f"{now - self.last_read:.3g}s", node=self.node))
+            return
         if self._close_when_idle:
             self._close_if_idle()
 

@@ -49,7 +49,7 @@ class FramedProtocol(asyncio.Protocol):
         self._wrote_since_read = False
         self.closed = False
         self.loop = asyncio.get_event_loop()
-        self.last_activity = self.loop.time()
+        self.last_activity = self.last_read = self.loop.time()
         # since when the frame being read has been arriving (None between frames)
         self.frame_started: Optional[float] = None
         self._linger: Optional[asyncio.TimerHandle] = None
@@ -71,7 +71,7 @@ class FramedProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.discarding:
             return
-        now = self.last_activity = self.loop.time()
+        now = self.last_activity = self.last_read = self.loop.time()
         self._wrote_since_read = False
         if self._read(data) or self.frame_started is None:
             self.frame_started = now if self._decoder.buffered else None
