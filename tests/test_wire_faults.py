@@ -264,6 +264,29 @@ def test_a_reply_that_stops_partway_does_not_hold_its_connection_for_good(proto)
     run(main())
 
 
+def test_a_node_that_accepts_and_drops_is_not_redialled_for_every_call():
+    """A connection closed with not a byte from the node is redialled once; again
+    and again, it counts as a failed connect (backoff, calls fail fast unsent),
+    not a new connection per call."""
+    accepted = []
+
+    async def handle(reader, writer):
+        accepted.append(writer)
+        writer.close()
+
+    async def main():
+        async with fake_server(handle) as address, \
+                async_client(Echo, address, timeout=1,
+                             breaker={"consecutive_failures": 10 ** 9, "min_calls": 10 ** 9}) as client:
+            for _ in range(50):
+                with pytest.raises(TransportError) as info:
+                    await client.echo("x")
+                assert not isinstance(info.value, CallTimeout)
+            assert len(accepted) < 15
+
+    run(main())
+
+
 @pytest.mark.parametrize("sent,why", [
     (b"\x00\x00\x00\x00 this is not a frame", "not positive"),
     (unified_request("echo", Echo.echo_args(text="x"), 0), "request frame"),

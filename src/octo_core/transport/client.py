@@ -115,9 +115,10 @@ class ClientConnection(FramedProtocol):
             else:
                 self._arm(when)
                 break
-        if waited and self.frame_started is not None and now - self.last_read >= waited:
-            # A reply stopped partway, and nothing came for as long as a call waits:
-            # every reply behind it is stuck too. Let the next call reconnect.
+        if waited and self.frame_started is not None and now - self.last_read >= waited / 2:
+            # A reply stopped partway: a call timed out, and nothing came for half as
+            # long as it waited (a slow reply still arriving would have sent more).
+            # Every reply behind it is stuck too: let the next call reconnect.
             self.abort(TransportError(f"a reply stalled partway: nothing read for "
                                       f"{now - self.last_read:.3g}s", node=self.node))
             return
@@ -147,6 +148,11 @@ class ClientConnection(FramedProtocol):
         """Calls waiting for their reply."""
         self._drop_given_up()
         return len(self._pending)
+
+    @property
+    def heard_from(self) -> bool:
+        """Whether the node has sent anything on this connection (see Endpoint._open)."""
+        return bool(self._decoder.consumed or self._decoder.buffered)
 
     def frames_received(self, frames: List[Frame]) -> None:
         for frame in frames:
@@ -279,6 +285,7 @@ class Endpoint:
         self._backoff_max = backoff_max
         self._backoff = 0.0
         self._retry_at = 0.0
+        self._unheard = 0   # connections in a row that closed with not a byte from the node
         self._heartbeat_interval = heartbeat_interval
         self._heartbeat_task: Optional[asyncio.Task] = None
         self.ssl = ssl
@@ -314,6 +321,18 @@ class Endpoint:
             raise self._closed_error()
         attempt = self._connecting.get(slot)
         if attempt is None:
+            gone = self._conns[slot]
+            if gone is not None:
+                self._conns[slot] = None
+                if gone.heard_from:
+                    self._backoff, self._unheard = 0.0, 0
+                else:
+                    # Closed with not a byte from the node. Once (it refused an
+                    # oversized request, say), redial; again and again (it accepts
+                    # and drops), as a failed connect: not a new connection per call.
+                    self._unheard += 1
+                    if self._unheard > 1:
+                        self._connect_failed()
             now = time.monotonic()
             if now < self._retry_at:
                 raise TransportError(f"connect failed recently; retrying in "
@@ -354,15 +373,14 @@ class Endpoint:
                 raise
             raise self._closed_error() from None   # close() cancelled it: no backoff
         except TransportError:
-            self._backoff = min(self._backoff_max, max(self._backoff_min, self._backoff * 2))
-            self._retry_at = time.monotonic() + self._backoff * random.uniform(0.8, 1.2)
+            self._connect_failed()
             raise
         finally:
             del self._connecting[slot]
         if self.closed and not self._retired:
             conn.close()
             raise self._closed_error()
-        self._backoff = 0.0
+        # (the backoff goes back to nothing once the node is heard from on it)
         self._conns[slot] = conn
         if self._retired:
             # The node left while this connect was under way: the calls waiting for it
@@ -371,6 +389,11 @@ class Endpoint:
         elif self._heartbeat_interval and self._heartbeat_task is None:
             self._heartbeat_task = loop.create_task(self._heartbeats())
         return conn
+
+    def _connect_failed(self) -> None:
+        """No redial before a backoff that doubles with each failure in a row."""
+        self._backoff = min(self._backoff_max, max(self._backoff_min, self._backoff * 2))
+        self._retry_at = time.monotonic() + self._backoff * random.uniform(0.8, 1.2)
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> ClientConnection:
         def factory() -> ClientConnection:
