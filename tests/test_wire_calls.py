@@ -1060,6 +1060,40 @@ def test_decode_limits_on_both_sides(proto):
     run(main())
 
 
+class _Walker(_PartialResults):
+    async def walk(self, root, depth):
+        return [root]
+
+
+def _node_chain(length: int) -> Any:
+    node = EVERYTHING.Node(value=0)
+    for value in range(1, length):
+        node = EVERYTHING.Node(value=value, sibling=node)
+    return node
+
+
+@pytest.mark.parametrize("proto", PROTOCOLS)
+def test_what_limits_let_a_side_read_it_may_also_write(proto):
+    """``Limits.max_depth`` is the nesting a server or client reads, and so the
+    nesting it writes: with a deeper limit on both sides a value deeper than the
+    default 64 goes there and back; with the default, the client refuses to send
+    it (EncodeError, as thriftpy2 and fastbinary refuse past 64)."""
+    service, deep = EVERYTHING.EverythingService, _node_chain(100)
+    roomy = Limits(max_depth=300)
+
+    async def main():
+        async with serving([(service, _Walker(), None)], limits=roomy) as server:
+            async with async_client(service, server.address, protocol=proto,
+                                    limits=roomy) as client:
+                (back,) = await client.walk(deep)
+                assert back == deep
+            async with async_client(service, server.address, protocol=proto) as client:
+                with pytest.raises(EncodeError, match="nesting deeper than 64"):
+                    await client.walk(deep)
+
+    run(main())
+
+
 @pytest.mark.parametrize("proto", PROTOCOLS)
 def test_frames_over_max_frame_size(proto):
     async def main():

@@ -417,14 +417,17 @@ cdef struct _Writer:
     bint check_required   # an unset required field: an EncodeError (else left out)
 
 
-cdef int _w_init(_Writer* w, Py_ssize_t cap, bint check_required=False) except -1:
+cdef int _w_init(_Writer* w, Py_ssize_t cap, bint check_required=False,
+                 int max_depth=64) except -1:
+    if not 1 <= max_depth <= MAX_DEPTH_CAP:
+        raise ValueError(f"max_depth must be between 1 and {MAX_DEPTH_CAP}")
     cdef object b = PyBytes_FromStringAndSize(NULL, cap)
     Py_INCREF(b)
     w.buf = <PyObject*>b
     w.data = PyBytes_AS_STRING(b)
     w.len = 0
     w.cap = cap
-    w.max_depth = 64
+    w.max_depth = max_depth
     w.check_required = check_required
     return 0
 
@@ -865,15 +868,17 @@ def encode(obj):
     return _w_finish(&w)
 
 
-def encode_message(name, msg_type, seqid, obj, *, bint check_required=False):
+def encode_message(name, msg_type, seqid, obj, *, bint check_required=False, int max_depth=64):
     """A whole strict TBinaryProtocol message: header, then ``obj`` (the args/result struct).
 
     An unset required field is left out, as thriftpy2 and Apache write it, or,
     with ``check_required``, an ``EncodeError`` (as Java writes it; the RPC
-    paths do so, since a reader may refuse the message)."""
+    paths do so, since a reader may refuse the message). Nesting deeper than
+    ``max_depth`` (64, as thriftpy2 and fastbinary; the RPC paths use their
+    ``Limits.max_depth``: what they would read) is an ``EncodeError``."""
     cdef _StructSpec s = _encode_spec(obj)
     cdef _Writer w
-    _w_init(&w, s.size_hint + 64, check_required)
+    _w_init(&w, s.size_hint + 64, check_required, max_depth)
     try:
         _w_message_begin(&w, name, msg_type, seqid)
         _w_top(&w, s, obj)

@@ -76,11 +76,11 @@ def encode_framed(body) -> bytes:
     return out
 
 
-def encode_framed_message(name, msg_type, seqid, obj) -> bytes:
-    """``encode_framed(encode_message(..., check_required=True))`` in one pass."""
+def encode_framed_message(name, msg_type, seqid, obj, *, int max_depth=64) -> bytes:
+    """``encode_framed(encode_message(..., check_required=True, max_depth=...))`` in one pass."""
     cdef _StructSpec s = _encode_spec(obj)
     cdef _Writer w
-    _w_init(&w, s.size_hint + 64, True)
+    _w_init(&w, s.size_hint + 64, True, max_depth)
     try:
         w.len = 4
         _w_message_begin(&w, name, msg_type, seqid)

@@ -144,14 +144,15 @@ def response_header_bytes(int message_type, int64_t sequence_id, int status,
 
 def encode_request(int flags, int message_type, service_name, int64_t sequence_id,
                    int call_type, int32_t timeout, client_appkey, trace_id, span_id,
-                   global_context, local_context, name, msg_type, seqid, obj) -> bytes:
+                   global_context, local_context, name, msg_type, seqid, obj,
+                   int max_depth=64) -> bytes:
     """A whole uncompressed unified request frame in one pass: the header from
     its fields (as ``request_header_bytes``), then the message ``(name, msg_type,
-    seqid, obj)``."""
+    seqid, obj)``, nested at most ``max_depth`` deep (see ``encode_message``)."""
     _check_plain_flags(flags)
     cdef _StructSpec s = _encode_spec(obj)
     cdef _Writer w
-    _w_init(&w, s.size_hint + 160, True)   # a call's message: its required fields set
+    _w_init(&w, s.size_hint + 160, True, max_depth)   # a call's message: its required fields set
     try:
         w.len = PREFIX
         _w_request_header(&w, message_type, service_name, sequence_id, call_type, timeout,
@@ -166,12 +167,13 @@ def encode_request(int flags, int message_type, service_name, int64_t sequence_i
 
 
 def encode_response(int flags, int64_t sequence_id, int status, message, name, msg_type,
-                    seqid, obj) -> bytes:
-    """A whole uncompressed unified reply frame in one pass (a normal message type)."""
+                    seqid, obj, int max_depth=64) -> bytes:
+    """A whole uncompressed unified reply frame in one pass (a normal message
+    type), nested at most ``max_depth`` deep (see ``encode_message``)."""
     _check_plain_flags(flags)
     cdef _StructSpec s = _encode_spec(obj)
     cdef _Writer w
-    _w_init(&w, s.size_hint + 96, True)    # a reply's message: its required fields set
+    _w_init(&w, s.size_hint + 96, True, max_depth)    # a reply's message: its required fields set
     try:
         w.len = PREFIX
         _w_response_header(&w, 0, sequence_id, status, message)

@@ -28,7 +28,7 @@ from octo_core.metrics import Metrics
 from octo_core.errors import (ApplicationError, CallTimeout, DecodeError, DegradeError,
                               EncodeError, OctoError, ProtocolError, RemoteError, RpcError,
                               RuntimeFailure, SecurityError, ServiceError, Status, TransportError)
-from octo_core.protocol import CallType, Frame, FrameDecoder, MessageType
+from octo_core.protocol import DEFAULT_MAX_DEPTH, CallType, Frame, FrameDecoder, MessageType
 from octo_core.registry import Directory, Node, Registry, open_registry
 from octo_core.transport.address import default_route_ip, parse_address
 from octo_core.transport.client import ClientConnection, Endpoint
@@ -109,7 +109,8 @@ class AsyncClient:
     # load however many IDL methods the instance dict holds (CPython keeps a dict
     # in its compact shared-keys form only up to 30 attributes).
     __slots__ = ("service", "appkey", "remote_appkey", "timeout", "unified", "service_name",
-                 "metrics", "_framed", "_flags", "_signer", "_limits", "_endpoint_options",
+                 "metrics", "_framed", "_flags", "_signer", "_limits", "_max_depth",
+                 "_endpoint_options",
                  "_endpoints", "_retired", "_listed", "_closed", "_inherited", "_collected",
                  "_loop", "_loop_thread", "_methods", "_named_service", "_wire_names",
                  "_idempotent", "_hash_arg", "_cluster", "_directory", "_discovery",
@@ -162,6 +163,8 @@ class AsyncClient:
                         if token is not None else None)
         self.metrics = Metrics("client")
         self._limits = limits
+        # what the client nests in a request: what it would read itself
+        self._max_depth = limits.max_depth if limits is not None else DEFAULT_MAX_DEPTH
         self._endpoint_options = dict(pool_size=pool_size, connect_timeout=connect_timeout,
                                       max_frame_size=max_frame_size, ssl=ssl,
                                       heartbeat_interval=heartbeat_interval if self.unified else None)
@@ -398,9 +401,11 @@ class AsyncClient:
             else:
                 msg_type = TMessageType.ONEWAY if method.oneway else TMessageType.CALL
                 name = self._wire_names[method.name]
-                data = (protocol.encode_framed_message(name, msg_type, seq, request) if self._framed
+                data = (protocol.encode_framed_message(name, msg_type, seq, request,
+                                                       max_depth=self._max_depth)
+                        if self._framed
                         else _codec.encode_message(name, msg_type, seq, request,
-                                                   check_required=True))
+                                                   check_required=True, max_depth=self._max_depth))
             if len(data) > limit:
                 raise protocol.frame_too_large(len(data), limit, "request")
         except EncodeError as exc:     # the caller's values: nothing was sent
@@ -428,9 +433,9 @@ class AsyncClient:
             return _codec.encode_request(
                 self._flags, _NORMAL, self.service_name, seq, call_type, timeout_ms,
                 self.appkey, span.trace_id, span.span_id, context, None,
-                method.name, _CALL, seq, request)
+                method.name, _CALL, seq, request, self._max_depth)
         body = _codec.encode_message(method.name, _CALL, seq, request,
-                                     check_required=True)
+                                     check_required=True, max_depth=self._max_depth)
         signature = (self._signer.headers(self.service_name, method.name, body)
                      if self._signer is not None else None)
         head = _codec.request_header_bytes(

@@ -39,6 +39,8 @@ COMPRESSED = FLAG_GZIP | FLAG_SNAPPY
 MIRRORED_FLAGS = FLAG_CHECKSUM | COMPRESSED | SERIALIZER_MASK
 MAX_HEADER_LENGTH = 32767
 DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
+#: The nesting a connection writes by default: what ``Limits()`` lets it read.
+DEFAULT_MAX_DEPTH = Limits().max_depth
 
 SCANNER_HEARTBEAT_SERVICE = "ScannerHeartbeat"
 
@@ -183,15 +185,18 @@ def encode_unified_message(flags: int, header: Any, name: str, msg_type: int, se
 
 
 def encode_response(flags: int, sequence_id: int, status: int, text: Optional[str], name: str,
-                    msg_type: int, seqid: int, obj: Any, limit: Optional[int] = None) -> bytes:
+                    msg_type: int, seqid: int, obj: Any, limit: Optional[int] = None,
+                    max_depth: int = DEFAULT_MAX_DEPTH) -> bytes:
     """A reply frame: a response header ``(sequence_id, status, text)`` and the
     message; the header is written from its fields, no ``Header`` object.
-    ``limit`` as for ``frame_unified``."""
+    ``limit`` as for ``frame_unified``; ``max_depth`` as for ``_codec.encode_message``."""
     if flags & COMPRESSED:
         return frame_unified(_codec.response_header_bytes(MessageType.NORMAL, sequence_id, status, text),
-                             _codec.encode_message(name, msg_type, seqid, obj, check_required=True),
+                             _codec.encode_message(name, msg_type, seqid, obj, check_required=True,
+                                                   max_depth=max_depth),
                              flags, limit)
-    return _codec.encode_response(flags, sequence_id, status, text, name, msg_type, seqid, obj)
+    return _codec.encode_response(flags, sequence_id, status, text, name, msg_type, seqid, obj,
+                                  max_depth)
 
 
 def encode_refusal(flags: int, sequence_id: int, status: int, text: str) -> bytes:

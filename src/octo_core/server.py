@@ -135,17 +135,19 @@ class _Reply:
             if msg_type == TMessageType.EXCEPTION:   # a refusal nobody will read: say it here
                 _DROPPED.warn("%s: a oneway call was dropped unanswered: %s", self.conn.peer, text)
             return
-        limit = self.conn.max_frame_size
+        conn = self.conn
+        limit, depth = conn.max_frame_size, conn.max_depth
         if self.unified:
             data = protocol.encode_response(self.flags, self.sequence_id, status, text,
-                                            name, msg_type, seqid, obj, limit)
+                                            name, msg_type, seqid, obj, limit, depth)
         elif self.flags == protocol.UNFRAMED:     # a buffered-transport peer
-            data = _codec.encode_message(name, msg_type, seqid, obj, check_required=True)
+            data = _codec.encode_message(name, msg_type, seqid, obj, check_required=True,
+                                         max_depth=depth)
         else:
-            data = protocol.encode_framed_message(name, msg_type, seqid, obj)
+            data = protocol.encode_framed_message(name, msg_type, seqid, obj, max_depth=depth)
         if len(data) > limit:
             raise protocol.frame_too_large(len(data), limit, "reply")
-        self.conn.send(data)
+        conn.send(data)
 
     def app_exception(self, name: str, seqid: int, kind: int, text: str,
                       status: int = Status.APPLICATION_EXCEPTION) -> None:
@@ -374,7 +376,9 @@ class Server:
         def make_connection() -> ServerConnection:
             return ServerConnection(self._dispatch, self._connections, self.max_frame_size,
                                     self.max_connections, self.pause_reading_at,
-                                    self.pause_reading_bytes, admit=self._admit_peer)
+                                    self.pause_reading_bytes, admit=self._admit_peer,
+                                    max_depth=self.limits.max_depth if self.limits
+                                    else protocol.DEFAULT_MAX_DEPTH)
 
         # A TLS handshake comes before any frame and any of the limits on frames:
         # a peer that stalls it may hold its socket this long, no longer.

@@ -4,7 +4,7 @@ from __future__ import annotations
 import collections
 from typing import Callable, Deque, List, Optional, Set
 
-from octo_core.protocol import Frame
+from octo_core.protocol import DEFAULT_MAX_DEPTH, Frame
 from octo_core.transport.stream import FramedProtocol, log
 
 
@@ -34,8 +34,9 @@ class ServerConnection(FramedProtocol):
                  connections: Set["ServerConnection"], max_frame_size: int,
                  max_connections: Optional[int] = None, pause_reading_at: int = 1024,
                  pause_reading_bytes: int = 64 * 1024 * 1024,
-                 admit: Optional[Callable[[Optional[str]], Optional[str]]] = None) -> None:
-        super().__init__(max_frame_size)
+                 admit: Optional[Callable[[Optional[str]], Optional[str]]] = None,
+                 max_depth: int = DEFAULT_MAX_DEPTH) -> None:
+        super().__init__(max_frame_size, max_depth)
         self._dispatch = dispatch
         self._admit = admit    # peer IP -> why it may not connect, or None
         self._connections = connections

@@ -6,7 +6,7 @@ import logging
 from typing import List, Optional
 
 from octo_core.errors import ProtocolError
-from octo_core.protocol import DEFAULT_MAX_FRAME_SIZE, Frame, FrameDecoder
+from octo_core.protocol import DEFAULT_MAX_DEPTH, DEFAULT_MAX_FRAME_SIZE, Frame, FrameDecoder
 from octo_core.afterfork import release_in_child, tell_forked_children
 
 log = logging.getLogger("octo_core.transport")
@@ -35,12 +35,22 @@ class FramedProtocol(asyncio.Protocol):
     message limit must not refuse the appkeys and trace ids every call carries.
     """
 
-    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE) -> None:
+    # Slots: every call reads and writes these, and a slot stays a fixed-offset
+    # access however many attributes a subclass adds (CPython's compact
+    # instance dicts stop at 30 keys).
+    __slots__ = ("transport", "peer", "peer_ip", "_decoder", "max_frame_size", "max_depth",
+                 "_out", "_out_bytes", "_flush_scheduled", "_wrote_since_read", "closed",
+                 "loop", "last_activity", "last_read", "frame_started", "_linger",
+                 "discarding", "__weakref__", "__dict__")
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+                 max_depth: int = DEFAULT_MAX_DEPTH) -> None:
         self.transport: Optional[asyncio.Transport] = None
         self.peer = "?"
         self.peer_ip: Optional[str] = None
         self._decoder = FrameDecoder(max_frame_size, max_batch=READ_BATCH)
         self.max_frame_size = max_frame_size   # what it reads, and so, by agreement, sends
+        self.max_depth = max_depth   # the nesting of the messages it reads, and so sends
         self._out: List[bytes] = []
         self._out_bytes = 0    # in _out
         self._flush_scheduled = False
