@@ -283,6 +283,20 @@ def test_a_blocking_call_on_the_loop_thread_gets_its_coroutines_value_or_excepti
         thread.stop()
 
 
+async def cancel_itself() -> None:
+    raise asyncio.CancelledError()
+
+
+def test_a_blocking_call_whose_coroutine_cancels_itself_is_told_at_once():
+    """As ``submit(...).result()`` is: CancelledError, not a wait for the bound."""
+    thread = LoopThread("test-loop")
+    try:
+        with pytest.raises(concurrent.futures.CancelledError):
+            thread.call(cancel_itself(), 30, TimeoutError)
+    finally:
+        thread.stop()
+
+
 def test_a_blocking_call_that_outlives_its_wait_is_cancelled_with_the_callers_error():
     thread = LoopThread("test-loop")
     try:

@@ -264,6 +264,52 @@ def test_a_reply_that_stops_partway_does_not_hold_its_connection_for_good(proto)
     run(main())
 
 
+def test_a_reply_that_only_pauses_is_not_cut_off_by_another_calls_timeout():
+    """A's large reply pauses midway (a retransmit, a busy server) while B, on the
+    same connection, times out: B gets its CallTimeout, A its answer. (New calls
+    would go to a new connection meanwhile; this one is not torn down.)"""
+    big = "x" * 200_000
+
+    async def handle(reader, writer):
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                size = struct.unpack("!i", await reader.readexactly(4))[0]
+                name, _, seqid, _ = codec.decode_message_begin(await reader.readexactly(size))
+                if name != "echo":
+                    continue                     # B's call: never answered
+                reply = protocol.encode_framed_message(
+                    "echo", TMessageType.REPLY, seqid, Echo.echo_result(success=big))
+                writer.write(reply[:len(reply) // 2])
+                await asyncio.sleep(0.6)         # the pause midway
+                writer.write(reply[len(reply) // 2:])
+
+    async def main():
+        async with fake_server(handle) as address, \
+                async_client(Echo, address, protocol="thrift", timeout=5) as client:
+            a = asyncio.ensure_future(client.echo(big))
+            await asyncio.sleep(0.05)
+            b = asyncio.ensure_future(client.call("slow", "b", 0, timeout=0.3))
+            got_a, got_b = await asyncio.gather(a, b, return_exceptions=True)
+            assert got_a == big
+            assert isinstance(got_b, CallTimeout)
+
+    run(main())
+
+
+@pytest.mark.parametrize("proto", ["octo", "thrift"])
+def test_oneway_calls_after_idle_closes_are_all_sent(proto):
+    """A oneway-only connection hears nothing from the node; closed as idle by the
+    server, it is no 'dropped unheard' connection: each next call reconnects."""
+    async def main():
+        async with serving(echo_services(), idle_timeout=0.3) as server, \
+                async_client(Echo, server.address, protocol=proto) as client:
+            for i in range(3):
+                await client.notify(f"n{i}")
+                await asyncio.sleep(0.8)         # past the idle timeout: the server closed it
+
+    run(main())
+
+
 def test_a_node_that_accepts_and_drops_is_not_redialled_for_every_call():
     """A connection closed with not a byte from the node is redialled once; again
     and again, it counts as a failed connect (backoff, calls fail fast unsent),

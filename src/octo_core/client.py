@@ -109,8 +109,7 @@ class AsyncClient:
     # load however many IDL methods the instance dict holds (CPython keeps a dict
     # in its compact shared-keys form only up to 30 attributes).
     __slots__ = ("service", "appkey", "remote_appkey", "timeout", "unified", "service_name",
-                 "metrics", "_framed", "_flags", "_signer", "_limits", "_max_depth",
-                 "_endpoint_options",
+                 "metrics", "_framed", "_flags", "_signer", "_limits", "_endpoint_options",
                  "_endpoints", "_retired", "_listed", "_closed", "_inherited", "_collected",
                  "_loop", "_loop_thread", "_methods", "_named_service", "_wire_names",
                  "_idempotent", "_hash_arg", "_cluster", "_directory", "_discovery",
@@ -163,10 +162,10 @@ class AsyncClient:
                         if token is not None else None)
         self.metrics = Metrics("client")
         self._limits = limits
-        # what the client nests in a request: what it would read itself
-        self._max_depth = limits.max_depth if limits is not None else DEFAULT_MAX_DEPTH
         self._endpoint_options = dict(pool_size=pool_size, connect_timeout=connect_timeout,
                                       max_frame_size=max_frame_size, ssl=ssl,
+                                      # what it nests in a request: what it would read
+                                      max_depth=limits.max_depth if limits else DEFAULT_MAX_DEPTH,
                                       heartbeat_interval=heartbeat_interval if self.unified else None)
         self._endpoints: Dict[str, Endpoint] = {}
         self._retired: Set[Endpoint] = set()            # of nodes that left, calls still on them
@@ -394,18 +393,18 @@ class AsyncClient:
     def _start(self, conn: ClientConnection, method: idl.Method, request: Any, timeout: float,
                tags: Mapping[str, str], span: Span) -> "asyncio.Future[Any]":
         seq = conn.next_sequence()
-        limit = conn.max_frame_size
+        limit, depth = conn.max_frame_size, conn.max_depth
         try:
             if self.unified:
-                data = self._request_frame(method, request, seq, timeout, tags, span, limit)
+                data = self._request_frame(method, request, seq, timeout, tags, span, limit, depth)
             else:
                 msg_type = TMessageType.ONEWAY if method.oneway else TMessageType.CALL
                 name = self._wire_names[method.name]
                 data = (protocol.encode_framed_message(name, msg_type, seq, request,
-                                                       max_depth=self._max_depth)
+                                                       max_depth=depth)
                         if self._framed
                         else _codec.encode_message(name, msg_type, seq, request,
-                                                   check_required=True, max_depth=self._max_depth))
+                                                   check_required=True, max_depth=depth))
             if len(data) > limit:
                 raise protocol.frame_too_large(len(data), limit, "request")
         except EncodeError as exc:     # the caller's values: nothing was sent
@@ -424,7 +423,7 @@ class AsyncClient:
         return reply
 
     def _request_frame(self, method: idl.Method, request: Any, seq: int, timeout: float,
-                       tags: Mapping[str, str], span: Span, limit: int) -> bytes:
+                       tags: Mapping[str, str], span: Span, limit: int, depth: int) -> bytes:
         """The unified request frame; its header is written from these fields."""
         call_type = _NO_REPLY if method.oneway else _REPLY
         timeout_ms = min(max(1, int(timeout * 1000)), _MAX_TIMEOUT_MS)
@@ -433,9 +432,9 @@ class AsyncClient:
             return _codec.encode_request(
                 self._flags, _NORMAL, self.service_name, seq, call_type, timeout_ms,
                 self.appkey, span.trace_id, span.span_id, context, None,
-                method.name, _CALL, seq, request, self._max_depth)
+                method.name, _CALL, seq, request, depth)
         body = _codec.encode_message(method.name, _CALL, seq, request,
-                                     check_required=True, max_depth=self._max_depth)
+                                     check_required=True, max_depth=depth)
         signature = (self._signer.headers(self.service_name, method.name, body)
                      if self._signer is not None else None)
         head = _codec.request_header_bytes(

@@ -970,7 +970,7 @@ class _ThreadedDriver(_Driver):
         for thread in threads:
             thread.start()
         for thread in threads:
-            thread.join(seconds + CALL_TIMEOUT_S + 5.0)
+            thread.join(seconds + CALL_TIMEOUT_S + 15.0)   # (Client waits its timeout + 10 s)
         elapsed = (clock() - start) / 1e9
         if errors:
             raise errors[0]

@@ -9,6 +9,7 @@ import itertools
 import ssl as _ssl
 import random
 import time
+import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from octo_core import _codec, protocol
@@ -17,6 +18,9 @@ from octo_core.protocol import Frame, MessageType
 from octo_core.transport.address import Address, connect, parse_address
 from octo_core.transport.stream import FramedProtocol, log
 
+
+#: Seconds within which a connection that closes unheard was dropped "at once".
+DROPPED_AT_ONCE = 0.1
 
 #: Seconds a connection that completes after its node left stays open for the
 #: calls that waited for it to be sent (they go within a few loop passes).
@@ -34,8 +38,9 @@ class ClientConnection(FramedProtocol):
     # seq -> (future, finish, method): see expect()
     _Pending = Tuple[asyncio.Future, Optional[Callable[[Frame, str], Any]], str]
 
-    def __init__(self, node: str, max_frame_size: int) -> None:
-        super().__init__(max_frame_size)
+    def __init__(self, node: str, max_frame_size: int,
+                 max_depth: int = protocol.DEFAULT_MAX_DEPTH) -> None:
+        super().__init__(max_frame_size, max_depth)
         self.node = node
         self._pending: Dict[int, ClientConnection._Pending] = {}
         self._sequence = itertools.count()
@@ -51,7 +56,10 @@ class ClientConnection(FramedProtocol):
         # high-water mark): new requests wait in drained() rather than pile up.
         self.write_paused = False
         self._drain_waiters: List[asyncio.Future] = []
-        self._close_when_idle = False
+        self.retiring = False   # closes once idle; new calls go elsewhere (close_when_idle)
+        # It closed with not a byte from the node, on calls waiting for replies or
+        # at once (see Endpoint._open): not an idle close of a oneway-only one.
+        self.dropped_unheard = False
 
     def next_sequence(self) -> int:
         """Unique per connection, starting at 0; kept within i32 for the thrift seqid."""
@@ -117,12 +125,14 @@ class ClientConnection(FramedProtocol):
                 break
         if waited and self.frame_started is not None and now - self.last_read >= waited / 2:
             # A reply stopped partway: a call timed out, and nothing came for half as
-            # long as it waited (a slow reply still arriving would have sent more).
-            # Every reply behind it is stuck too: let the next call reconnect.
-            self.abort(TransportError(f"a reply stalled partway: nothing read for "
-                                      f"{now - self.last_read:.3g}s", node=self.node))
+            # long as it waited. Every reply behind it waits too, so new calls go to
+            # a new connection; this one closes once its calls have their answers
+            # or their timeouts (a reply that was only slow still arrives).
+            log.warning("a reply from %s stopped partway (nothing read for %.3gs); new calls "
+                        "go to a new connection", self.node, now - self.last_read)
+            self.close_when_idle()
             return
-        if self._close_when_idle:
+        if self.retiring:
             self._close_if_idle()
 
     def _prune_deadlines(self) -> None:
@@ -140,7 +150,7 @@ class ClientConnection(FramedProtocol):
 
     def forget(self, seq: int) -> None:
         self._pending.pop(seq, None)
-        if self._close_when_idle:
+        if self.retiring:
             self._close_if_idle()
 
     @property
@@ -183,12 +193,13 @@ class ClientConnection(FramedProtocol):
                 future.set_exception(exc)
             else:
                 future.set_result(answer)
-        if self._close_when_idle:
+        if self.retiring:
             self._close_if_idle()
 
     def close_when_idle(self) -> None:
-        """Close once every call on the connection has its answer (or its timeout)."""
-        self._close_when_idle = True
+        """Close once every call on the connection has its answer (or its timeout);
+        the endpoint hands it to no new call."""
+        self.retiring = True
         self._close_if_idle()
 
     def _close_if_idle(self) -> None:
@@ -224,8 +235,9 @@ class ClientConnection(FramedProtocol):
             try:
                 await asyncio.wait_for(waiter, max(0.0, deadline - self.loop.time()))
             except asyncio.TimeoutError:
-                raise CallTimeout(f"the server read none of the requests already sent within "
-                                  f"{timeout:.3g}s", method=method or None, node=self.node,
+                raise CallTimeout(f"the server did not read enough of the requests already "
+                                  f"sent to take this one within {timeout:.3g}s",
+                                  method=method or None, node=self.node,
                                   request_sent=False) from None
             finally:
                 if waiter.cancelled():   # timed out or the caller gave up: not kept till a wake-up
@@ -240,6 +252,9 @@ class ClientConnection(FramedProtocol):
         self._deadlines = []
         self._wake_drain_waiters()        # they find the connection closed
         pending, self._pending = self._pending, {}
+        # (never read from, its last_read is still when it was made)
+        self.dropped_unheard = not self.heard_from and (
+            bool(pending) or self.loop.time() - self.last_read < DROPPED_AT_ONCE)
         for future, _, method in pending.values():
             if not future.done():
                 future.set_exception(TransportError(why, method=method or None, node=self.node))
@@ -270,6 +285,7 @@ class Endpoint:
 
     def __init__(self, node: str, *, pool_size: int = 1, connect_timeout: float = 1.0,
                  max_frame_size: int = protocol.DEFAULT_MAX_FRAME_SIZE,
+                 max_depth: int = protocol.DEFAULT_MAX_DEPTH,
                  backoff_min: float = 0.1, backoff_max: float = 2.0,
                  heartbeat_interval: Optional[float] = None,
                  ssl: Optional["_ssl.SSLContext"] = None) -> None:
@@ -278,6 +294,7 @@ class Endpoint:
         self.pool_size = max(1, pool_size)
         self.connect_timeout = connect_timeout
         self.max_frame_size = max_frame_size
+        self.max_depth = max_depth     # of the messages its connections read and write
         self._conns: List[Optional[ClientConnection]] = [None] * self.pool_size
         self._connecting: Dict[int, asyncio.Future] = {}
         self._next = 0
@@ -285,7 +302,9 @@ class Endpoint:
         self._backoff_max = backoff_max
         self._backoff = 0.0
         self._retry_at = 0.0
-        self._unheard = 0   # connections in a row that closed with not a byte from the node
+        self._unheard = 0   # connections in a row dropped unheard (ClientConnection.dropped_unheard)
+        # connections taken out of the pool that close once idle (a stalled reply)
+        self._retiring: "weakref.WeakSet[ClientConnection]" = weakref.WeakSet()
         self._heartbeat_interval = heartbeat_interval
         self._heartbeat_task: Optional[asyncio.Task] = None
         self.ssl = ssl
@@ -297,7 +316,7 @@ class Endpoint:
         """The next live connection of the pool without waiting, or None (then ``connection()``)."""
         slot = self._next
         conn = self._conns[slot]
-        if conn is not None and not conn.closed:
+        if conn is not None and not conn.closed and not conn.retiring:
             self._next = (slot + 1) % self.pool_size
             return conn
         return None
@@ -312,7 +331,7 @@ class Endpoint:
         slot = self._next
         self._next = (slot + 1) % self.pool_size
         conn = self._conns[slot]
-        if conn is not None and not conn.closed:
+        if conn is not None and not conn.closed and not conn.retiring:
             return conn
         return await self._open(slot, timeout)
 
@@ -324,12 +343,15 @@ class Endpoint:
             gone = self._conns[slot]
             if gone is not None:
                 self._conns[slot] = None
-                if gone.heard_from:
+                if not gone.closed:    # retiring: closed by its last call, or by close()
+                    self._retiring.add(gone)
+                if not gone.dropped_unheard:
                     self._backoff, self._unheard = 0.0, 0
                 else:
-                    # Closed with not a byte from the node. Once (it refused an
-                    # oversized request, say), redial; again and again (it accepts
-                    # and drops), as a failed connect: not a new connection per call.
+                    # It closed on calls waiting for replies, with not a byte from the
+                    # node. Once (it refused an oversized request, say), redial; again
+                    # and again (it accepts and drops), as a failed connect: not a new
+                    # connection per call.
                     self._unheard += 1
                     if self._unheard > 1:
                         self._connect_failed()
@@ -380,7 +402,7 @@ class Endpoint:
         if self.closed and not self._retired:
             conn.close()
             raise self._closed_error()
-        # (the backoff goes back to nothing once the node is heard from on it)
+        # (the backoff goes back to nothing once a connection ends otherwise than dropped unheard)
         self._conns[slot] = conn
         if self._retired:
             # The node left while this connect was under way: the calls waiting for it
@@ -397,7 +419,7 @@ class Endpoint:
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> ClientConnection:
         def factory() -> ClientConnection:
-            return ClientConnection(self.node, self.max_frame_size)
+            return ClientConnection(self.node, self.max_frame_size, self.max_depth)
 
         if self.address.path is not None:
             opening = loop.create_unix_connection(
@@ -423,7 +445,7 @@ class Endpoint:
 
     @property
     def in_flight(self) -> int:
-        return sum(c.in_flight for c in self._conns if c is not None)
+        return sum(c.in_flight for c in [*self._conns, *self._retiring] if c is not None)
 
     async def _heartbeats(self) -> None:
         """Send a NormalHeartbeat on connections idle for a heartbeat interval."""
@@ -454,7 +476,7 @@ class Endpoint:
         self._end()
         for attempt in self._connecting.values():
             attempt.cancel()
-        for conn in self._conns:
+        for conn in [*self._conns, *self._retiring]:
             if conn is not None:
                 conn.close()
 

@@ -167,9 +167,9 @@ class _Handoff:
 
     def __init__(self) -> None:
         self._settled = threading.Lock()
-        self._settled.acquire()          # released once, with the outcome in place
+        self._settled.acquire()          # released once: the outcome is in place, or cancelled
         self._lock = threading.Lock()    # orders cancel() against the loop's settling
-        self._state = _PENDING
+        self._state = _UNSETTLED
         self._value: Any = None
         self._error: Optional[BaseException] = None
         self._on_cancel: Optional[Callable[["_Handoff"], None]] = None
@@ -186,10 +186,11 @@ class _Handoff:
 
     def cancel(self) -> bool:
         with self._lock:
-            if self._state is not _PENDING:
+            if self._state is not _UNSETTLED:
                 return self._state is _CANCELLED
             self._state = _CANCELLED
             on_cancel = self._on_cancel
+        self._settled.release()   # a waiter still there (the loop cancelled it) wakes to that
         if on_cancel is not None:
             on_cancel(self)
         return True
@@ -220,13 +221,15 @@ class _Handoff:
             if self.cancel():
                 raise no_outcome()
             self._settled.acquire()   # the loop is settling it at this moment
+        if self._state is _CANCELLED:   # by the loop: the coroutine cancelled itself
+            raise concurrent.futures.CancelledError()
         error, self._error = self._error, None   # (no cycle through the traceback)
         if error is not None:
             raise error
         return self._value
 
 
-_PENDING, _SETTLING, _CANCELLED = "pending", "settling", "cancelled"
+_UNSETTLED, _SETTLING, _CANCELLED = "unsettled", "settling", "cancelled"   # (_Handoff's)
 
 
 async def _cancel_rest() -> None:
