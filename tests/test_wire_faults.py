@@ -257,7 +257,7 @@ def test_a_reply_that_stops_partway_does_not_hold_its_connection_for_good(proto)
 
     async def main():
         async with fake_server(handle) as address, \
-                async_client(Echo, address, timeout=0.3, protocol=proto) as client:
+                async_client(Echo, address, timeout=1, protocol=proto) as client:
             with pytest.raises(CallTimeout):
                 await client.echo("first")
             assert await client.echo("second") == "second"
