@@ -348,10 +348,10 @@ class Endpoint:
                 if not gone.dropped_unheard:
                     self._backoff, self._unheard = 0.0, 0
                 else:
-                    # It closed on calls waiting for replies, with not a byte from the
-                    # node. Once (it refused an oversized request, say), redial; again
-                    # and again (it accepts and drops), as a failed connect: not a new
-                    # connection per call.
+                    # It closed with not a byte from the node (on calls waiting for
+                    # replies, or at once). Once (it refused an oversized request, say),
+                    # redial; again and again (it accepts and drops), as a failed
+                    # connect: not a new connection per call.
                     self._unheard += 1
                     if self._unheard > 1:
                         self._connect_failed()
