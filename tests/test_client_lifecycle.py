@@ -432,8 +432,9 @@ def test_nonsense_seconds_are_refused_when_the_client_is_made(option, value):
     (dict(idempotent="echo"), TypeError, r"idempotent=\['echo'\]"),
     (dict(idempotent=["echo", "ecko"]), ValueError, "Echo has no method 'ecko'"),
     (dict(hash_arg="nosuch"), ValueError, "'nosuch' is no argument"),
+    (dict(hash_arg="text", hash_header="uid"), ValueError, "not both"),
 ], ids=["unknown lb", "hosts a string", "idempotent a string", "idempotent a typo",
-        "hash_arg no argument"])
+        "hash_arg no argument", "two hash keys"])
 def test_misread_options_are_refused_when_the_client_is_made(options, error, says):
     """Each of these was taken quietly: a string's characters as host names or
     method names (hedging then never applied), an unknown balancer refused only

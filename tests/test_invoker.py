@@ -271,6 +271,32 @@ def test_failsafe_returns_none_and_logs(caplog):
     run_virtual(main())
 
 
+@pytest.mark.parametrize("error", [lambda: EchoError(message="declared", code=1),
+                                   lambda: ApplicationError("the handler raised"),
+                                   lambda: EncodeError("not a string"), malformed],
+                         ids=["declared", "handler's error", "caller's encode error", "malformed"])
+def test_failsafe_hides_failures_on_the_way_not_answers_nor_the_callers_mistakes(error):
+    """A declared exception or the handler's own error is the node's answer, an
+    EncodeError or a request the node refused as malformed the caller's mistake:
+    raised as under failfast."""
+    async def main():
+        cluster = make_cluster(3, policy="failsafe")
+        send = ScriptedSend(default=fail(error))
+        with pytest.raises(type(error())):
+            await cluster.invoke(send, timeout=1.0)
+        assert len(send) == 1
+    run_virtual(main())
+
+
+def test_failsafe_with_no_node_to_call_returns_none(caplog):
+    async def main():
+        cluster = make_cluster(0, policy="failsafe")
+        with caplog.at_level(logging.WARNING, logger="octo_core.cluster"):
+            assert await cluster.invoke(ScriptedSend(), timeout=1.0) is None
+        assert "found no node" in caplog.text
+    run_virtual(main())
+
+
 # --- forking and hedging ----------------------------------------------------------------------
 
 def test_forking_runs_n_in_parallel_first_success_wins_rest_cancelled():
@@ -1130,6 +1156,24 @@ def test_e2e_consistent_hash_sends_the_same_key_to_the_same_server():
                         assert home.setdefault(k, server) == server, (k, round_)
                 assert len(set(home.values())) >= 2
                 assert sum(h.calls for h in handlers) == 90
+    run(main(), timeout=30)
+
+
+def test_e2e_consistent_hash_keyed_by_a_header_value_keeps_a_key_on_one_server():
+    """``hash_header``: the key is a globalContext value the caller sets (a user
+    id, say), whatever the arguments."""
+    async def main():
+        handlers = [NamedEcho(f"s{i}") for i in range(3)]
+        async with echo_servers(handlers) as servers:
+            async with AsyncClient(Echo, appkey=CALLER, hosts=[s.address for s in servers],
+                                   lb="consistenthash", hash_header="uid", timeout=2.0) as client:
+                home = {}
+                for user in range(20):
+                    for call in range(3):
+                        with octo_core.context.use(uid=f"user-{user}"):
+                            server = (await client.echo(f"call {call}")).split(":")[0]
+                        assert home.setdefault(user, server) == server, (user, call)
+                assert len(set(home.values())) >= 2
     run(main(), timeout=30)
 
 

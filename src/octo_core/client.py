@@ -79,7 +79,8 @@ class AsyncClient:
     (``pool_size`` for more).
 
     Cluster options: ``lb`` (``random``, ``roundrobin``, ``leastrequest``,
-    ``lalb``, ``consistenthash`` with ``hash_arg`` naming the argument to hash),
+    ``lalb``, ``consistenthash`` with ``hash_arg`` naming the argument to hash, or
+    ``hash_header`` the ``globalContext`` key whose value is hashed),
     ``cluster`` (``failfast``, ``failover``, ``failsafe``, ``forking``,
     ``hedging``), ``retries``, ``forks``, ``hedge_delay``, ``idempotent`` (True,
     or the method names that may be retried after they were sent; forking and
@@ -112,7 +113,7 @@ class AsyncClient:
                  "metrics", "_framed", "_flags", "_signer", "_limits", "_endpoint_options",
                  "_endpoints", "_retired", "_listed", "_closed", "_inherited", "_collected",
                  "_loop", "_loop_thread", "_methods", "_named_service", "_wire_names",
-                 "_idempotent", "_hash_arg", "_cluster", "_directory", "_discovery",
+                 "_idempotent", "_hash_arg", "_hash_header", "_cluster", "_directory", "_discovery",
                  "_owns_registry", "_finishers", "__dict__", "__weakref__")
 
     def __init__(self, service: Any, *, appkey: str, hosts: Optional[Iterable[str]] = None,
@@ -129,6 +130,7 @@ class AsyncClient:
                  lb: str = "random", cluster: str = "failfast", retries: int = 2,
                  forks: int = 2, hedge_delay: float = 0.05,
                  idempotent: Union[bool, Iterable[str]] = False, hash_arg: Optional[str] = None,
+                 hash_header: Optional[str] = None,
                  cell: str = "", set_routing: bool = False, idc: str = "", region: str = "",
                  locality: Optional[str] = None, locality_threshold: float = 0.5,
                  caller_ip: str = "",
@@ -188,7 +190,10 @@ class AsyncClient:
         if hash_arg is not None and not any(hash_arg in m.arg_names for m in self._methods.values()):
             raise ValueError(f"hash_arg {hash_arg!r} is no argument of any method of "
                              f"{service.__name__}")
+        if hash_arg is not None and hash_header is not None:
+            raise ValueError("give hash_arg or hash_header, not both: one key per call")
         self._hash_arg = hash_arg
+        self._hash_header = hash_header
         caller_ip = caller_ip or default_route_ip() or default_route_ip(ipv6=True) or ""
         caller = Caller(appkey=appkey, ip=caller_ip, cell=cell,
                         set_routing=set_routing, idc=idc, region=region)
@@ -273,7 +278,8 @@ class AsyncClient:
         except TypeError as exc:
             raise TypeError(f"{method.name}: {exc}") from None
         tags = _GLOBAL.get()     # global_context(), minus its frame
-        key = getattr(request, self._hash_arg, None) if self._hash_arg else None
+        key = (getattr(request, self._hash_arg, None) if self._hash_arg
+               else tags.get(self._hash_header) if self._hash_header else None)
 
         span = child_span()
         # the cluster calls send(node, remaining) per attempt (a partial: no closure frame)

@@ -12,7 +12,10 @@
   a node already known dead (tried when no other is left): an outage costs a
   call its retries, not a walk over every node. Forking and hedging give back
   the same way;
-- ``failsafe``: one attempt; a failure is logged and the call returns ``None``;
+- ``failsafe``: one attempt; a failure on the way (a node's fault, or no node
+  to call: ``node_failed``) is logged and the call returns ``None``; an answer
+  (a declared exception, the handler's own error) and the caller's own mistakes
+  are raised, as under failfast;
 - ``forking``: ``forks`` attempts at once on different nodes, the first answer wins;
 - ``hedging``: a backup attempt on another node if no answer came within
   ``hedge_delay``, or at once when the first attempt fails (gRPC A6, brpc's
@@ -310,9 +313,12 @@ class Cluster:
         while True:
             try:
                 node, balancer = self.select(tags, key, tried)
-            except NoRouteError:
+            except NoRouteError as exc:
                 if failure is not None:
                     raise failure from None       # out of nodes: the real error, not routing's
+                if self.policy == "failsafe":
+                    log.warning("failsafe call found no node: %s", exc)
+                    return None
                 raise
             if failure is not None:
                 # A retry that cannot go (no time left, circuit open) is not sent and
@@ -325,7 +331,7 @@ class Cluster:
             try:
                 return await self._attempt(send, node, balancer, deadline)
             except Exception as exc:
-                if self.policy == "failsafe":
+                if self.policy == "failsafe" and node_failed(exc):
                     log.warning("failsafe call to %s failed: %s", node.key, exc)
                     return None
                 free = spare > 0 and _given_back(exc, known_dead)

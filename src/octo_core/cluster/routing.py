@@ -300,7 +300,11 @@ class Router:
         if self.locality == "region":
             return [near]
         if self._enough_alive(same_idc):
-            return [same_idc, same_region, far]
+            # the region beyond the IDC is a tier of its own only if healthy enough,
+            # else its nodes go with the rest (as an unhealthy IDC goes with its region)
+            if self._enough_alive(same_region):
+                return [same_idc, same_region, far]
+            return [same_idc, same_region + far]
         if self._enough_alive(near):
             return [near, far]
         return [nodes]
