@@ -256,6 +256,23 @@ def test_an_unusable_snapshot_is_a_registry_error_and_leaves_no_watch(tmp_path, 
     run(scenario())
 
 
+def test_start_ends_at_the_watchs_first_word_when_it_beats_the_registrys_answer():
+    """A large appkey: the watch has read it all while ``list`` is still reading it
+    again. The start ends with the watch's state; it does not wait for (or time out
+    on) the second read."""
+    async def main():
+        async with FlakyRegistry() as registry:
+            await registry.register(node(2000))
+            registry.gate = asyncio.Event()    # list() answers only once this opens: never
+            directory = Directory(registry, APPKEY, timeout=30, refresh_interval=None)
+            await asyncio.wait_for(directory.start(), 5)
+            try:
+                assert keys(directory) == ["127.0.0.1:2000"]
+            finally:
+                await directory.close()
+    run(main())
+
+
 def test_close_during_start_leaves_no_refresher():
     """A client closed while its first discovery waits for the registry: the start
     that finishes afterwards makes no refresher (it polled a closed registry for
@@ -264,6 +281,7 @@ def test_close_during_start_leaves_no_refresher():
         registry = FlakyRegistry()
         await registry.register(Node(APPKEY, "10.0.0.1", 1))
         registry.gate = asyncio.Event()
+        registry.silent = True             # (else start() ends at the watch's first word)
         directory = Directory(registry, APPKEY, refresh_interval=0.05)
         starting = asyncio.ensure_future(directory.start())
         await asyncio.sleep(0.01)          # start() waits for list()

@@ -66,6 +66,7 @@ class Directory:
         self._subscribers: Set[Subscription] = set()
         self._watch: Optional[Watch] = None
         self._deliveries = 0          # watch callbacks so far: a newer word than a slow fetch
+        self._first_delivery: Optional[asyncio.Future] = None   # start() waits for it too
         self._refresher: Optional[asyncio.Task] = None
         self._saver: Optional[asyncio.Task] = None
         self._save_pending = False
@@ -115,9 +116,23 @@ class Directory:
             self._refresher = asyncio.get_running_loop().create_task(self._refresh_every())
 
     async def _load(self) -> None:
-        """The current state from the registry, else (the watch silent too) from the snapshot."""
+        """The current state: the registry's answer or its watch's first delivery,
+        whichever comes first (a large appkey need not be read twice before a
+        start ends); else, the watch silent too, the snapshot."""
+        fetching = asyncio.ensure_future(self._fetch())
+        if not self._deliveries:
+            self._first_delivery = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait({fetching, self._first_delivery},
+                                   return_when=asyncio.FIRST_COMPLETED)
+            except BaseException:
+                fetching.cancel()
+                raise
+        if self._deliveries:
+            fetching.cancel()   # (it may still end in an error that nobody needs: see _fetch)
+            return
         try:
-            await self._fetch()
+            await fetching
         except Exception as exc:  # noqa: BLE001 - any registry failure: fall back
             if not self._deliveries and not await self._load_snapshot(exc):
                 raise RegistryError(f"cannot discover {self.appkey}: the registry failed ({exc!r}) "
@@ -157,6 +172,8 @@ class Directory:
 
     def _on_watch(self, nodes: List[Node], rules: List[RouteRule]) -> None:
         self._deliveries += 1
+        if self._first_delivery is not None and not self._first_delivery.done():
+            self._first_delivery.set_result(None)
         self._offer(nodes, rules, "watch")
 
     async def _fetch(self) -> bool:
