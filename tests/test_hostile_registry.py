@@ -93,6 +93,8 @@ BAD_FILES: Dict[str, Callable[[str], None]] = {
     "symlink_loop": lambda path: os.symlink(path, path),
     "fifo": os.mkfifo,
     "huge": _huge,
+    # a well-formed copy of another node (the registered one) under this name
+    "copy": _write(json.dumps({"appkey": APPKEY, "ip": "127.0.0.1", "port": 2000})),
 }
 
 
@@ -156,6 +158,7 @@ BAD_ZNODES: Dict[str, bytes] = {
     "list": b"[]", "null": b"null", "empty": b"", "deep": DEEP.encode(),
     "port_inf": BAD_NODE_JSON["port_inf"].encode(),
     "weight_str": BAD_NODE_JSON["weight_str"].encode(), "not_utf8": b'{"appkey": "\xff"}',
+    "copy": json.dumps({"appkey": APPKEY, "ip": "127.0.0.1", "port": 2000}).encode(),
 }
 
 

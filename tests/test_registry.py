@@ -273,6 +273,10 @@ def test_open_registry_rejects_bad_urls(tmp_path):
                 "memory://x?ttl=1", "memory://x?env=qa"):
         with pytest.raises(ValueError):
             open_registry(bad)
+    # ZooKeeper credentials: refused, never used anonymously in silence, never echoed
+    with pytest.raises(ValueError, match="credentials") as refused:
+        open_registry("zk://octo:s3cret@127.0.0.1:2181")
+    assert "s3cret" not in str(refused.value)
     registry = open_registry(f"memory://{unique('env')}?env=test")
     assert registry.env == Env.TEST and isinstance(registry, Registry)
 
@@ -479,6 +483,84 @@ def test_zk_session_expiry_reregisters_and_keeps_operator_changes(zookeeper_serv
             new_session = provider._client.client_id
             assert new_session[0] != old_session[0]
     run(scenario(), timeout=50)
+
+
+def test_zk_reregistration_applies_the_operator_record_written_while_cut_off(zookeeper_server):
+    """An operator stopped the node while its provider was cut off: the change to the
+    node went with the expired session, unseen, but its operator record stays and
+    the re-created node is STOPPED at weight 0 (not ALIVE, taking traffic)."""
+    url = zookeeper_server.url(unique("record"), timeout=4)
+
+    async def scenario():
+        async with open_registry(url) as provider, open_registry(url) as operator:
+            await provider.register(node(2000))
+            seen = Seen()
+            operator.watch(APPKEY, seen)
+            await wait_until(lambda: len(seen.nodes) == 1, 10, "the node")
+            raw = KazooClient(hosts=zookeeper_server.hosts)
+            await asyncio.to_thread(raw.start, 10)
+            try:   # the record an operator's update(status=STOPPED, weight=0) leaves
+                record = provider._record_path(APPKEY, "127.0.0.1:2000")
+                await asyncio.to_thread(raw.create, record, b'{"status":4,"weight":0}',
+                                        makepath=True)
+            finally:
+                await asyncio.to_thread(raw.stop)
+                raw.close()
+            await asyncio.to_thread(expire_session, zookeeper_server, provider._client.client_id)
+            await wait_until(lambda: any(not nodes for nodes, _ in seen.states), 20,
+                             "the expired session's node to go")
+            await wait_until(lambda: len(seen.nodes) == 1, 20, "the provider to re-register")
+            assert (seen.nodes[0].status, seen.nodes[0].weight) == (NodeStatus.STOPPED, 0)
+    run(scenario(), timeout=50)
+
+
+def test_zk_recovery_that_fails_while_connected_is_tried_again(zookeeper_server):
+    """Re-creating the node after a lost session fails once (a stall past op_timeout
+    with the connection up): no reconnection comes to retry it, so the registry
+    tries again by itself; the node is back."""
+    from kazoo.handlers.threading import KazooTimeoutError
+    url = zookeeper_server.url(unique("retry"), timeout=4)
+
+    async def scenario():
+        async with open_registry(url) as provider, open_registry(url) as operator:
+            await provider.register(node(2000))
+            seen = Seen()
+            operator.watch(APPKEY, seen)
+            await wait_until(lambda: len(seen.nodes) == 1, 10, "the node")
+            reregister, failures = provider._reregister, []
+
+            def stalls_once(*args):   # private: the first re-creation times out
+                if not failures:
+                    failures.append(args)
+                    raise KazooTimeoutError()
+                return reregister(*args)
+
+            provider._reregister = stalls_once
+            await asyncio.to_thread(expire_session, zookeeper_server, provider._client.client_id)
+            await wait_until(lambda: failures, 20, "the failed re-registration")
+            await wait_until(lambda: len(seen.nodes) == 1, 20, "the registry to try again")
+            assert provider._client.state == "CONNECTED"
+    run(scenario(), timeout=50)
+
+
+def test_zk_watching_again_and_again_leaves_one_kazoo_watcher_a_path(zookeeper_server):
+    """kazoo keeps a watcher until its znode changes: watches made and cancelled on a
+    stable appkey (short-lived clients on a shared registry) must not pile up."""
+    url = zookeeper_server.url(unique("rewatch"))
+
+    async def scenario():
+        async with open_registry(url) as provider, open_registry(url) as consumer:
+            for port in (2000, 2001, 2002):
+                await provider.register(node(port))
+            for _ in range(20):
+                seen = Seen()
+                watch = consumer.watch(APPKEY, seen)
+                await wait_until(lambda: len(seen.nodes) == 3, 10, "the nodes")
+                watch.cancel()
+            client = consumer._client   # private: kazoo's watcher sets, path -> callbacks
+            assert {len(w) for w in client._data_watchers.values()} == {1}
+            assert {len(w) for w in client._child_watchers.values()} == {1}
+    run(scenario())
 
 
 def test_zk_outage_directory_keeps_last_known_good(zookeeper_server, tmp_path):

@@ -240,7 +240,7 @@ class Server:
     thrift, which cannot carry a signature, is then refused. ``ssl`` serves TLS.
 
     Naming: with ``registry`` (a URL such as ``file:///var/lib/octo`` or
-    ``zk://host:2181/octo``, or a ``Registry``) the server registers itself on
+    ``zk://host:2181``, or a ``Registry``) the server registers itself on
     start (``node`` sets ``Node`` fields: weight, warmup, cell, swimlane, idc,
     region...; a server on every interface, ``0.0.0.0`` or ``::``, registers
     the address its default route uses, unless ``node`` gives ``ip``), and on

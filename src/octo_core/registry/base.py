@@ -183,6 +183,17 @@ def node_name(key: str) -> str:
     return urllib.parse.quote(key, safe=":[]")
 
 
+def provider_entry(name: str, text: "str | bytes") -> Node:
+    """The node a provider entry named ``name`` holds (its znode or file name, as
+    ``node_name`` writes it); ``ValueError`` when it is not one, or is another
+    node's: a copy under another name would list that node twice, and updates
+    would go to an entry that does not hold it."""
+    node = Node.from_json(text)
+    if node_name(node.key) != name:
+        raise ValueError(f"it holds node {node.key}, not {name}")
+    return node
+
+
 def stamped(node: Node) -> Node:
     """``node`` with ``lastUpdateTime`` set to now (seconds). A node without
     ``startTime`` (a Java provider's) warms up from its ``lastUpdateTime``: that
@@ -273,8 +284,11 @@ def open_registry(url: str) -> Registry:
     * ``memory://name``: in this process, shared by every registry of that name;
     * ``file:///dir``: one machine, many processes (``?ttl=10&interval=0.2``:
       seconds until a silent provider's nodes expire, seconds between polls);
-    * ``zk://host:port[,host:port]/chroot``: ZooKeeper (``?timeout=10``: the
-      session timeout, ``&op_timeout=5``: the bound on one operation, seconds).
+    * ``zk://host:port[,host:port][/chroot]``: ZooKeeper, the tree at
+      ``[/chroot]/octo/nameservice`` (``?timeout=10``: the session timeout,
+      ``&op_timeout=5``: the bound on one operation, seconds). Credentials in
+      the URL are refused: ZooKeeper ACLs are not supported, nodes are written
+      open to all.
 
     Every scheme takes ``?env=prod|stage|test`` (default prod).
     """
@@ -309,7 +323,10 @@ def open_registry(url: str) -> Registry:
         return FileRegistry(parts.path, env=env, ttl=number("ttl", 10.0),
                             interval=number("interval", 0.2))
     if not parts.netloc:
-        raise ValueError(f"{url}: a ZooKeeper URL is zk://host:port[,host:port]/chroot")
+        raise ValueError(f"{url}: a ZooKeeper URL is zk://host:port[,host:port][/chroot]")
+    if "@" in parts.netloc:   # silently connecting anonymously would be worse
+        raise ValueError(f"{parts.scheme}://...@{parts.netloc.rsplit('@', 1)[1]}: credentials "
+                         "in a ZooKeeper URL are not supported (no ZooKeeper auth)")
     try:
         from octo_core.registry.zookeeper import ZooKeeperRegistry
     except ImportError as exc:

@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Callable, Dict, Generic, Iterator, List, Optio
 from octo_core.blocking import FILES
 from octo_core.registry.base import (NotRegisteredError, Registry, Snapshot, Watch, WatchCallback,
                                      check_name, node_name, operator_changes, parse_record,
-                                     parse_rule, record_json, registered, remember, snapshot_of,
-                                     stamped)
+                                     parse_rule, provider_entry, record_json, registered,
+                                     remember, snapshot_of, stamped)
 from octo_core.registry.node import Env, Node
 
 if TYPE_CHECKING:  # cluster.routing imports registry.node: import it lazily
@@ -70,14 +70,18 @@ def read_small_file(path: str) -> Tuple[float, str]:
     return st.st_mtime, data.decode("utf-8")
 
 
-def _load(path: str, parse: Callable[[str], T], max_age: Optional[float] = None) -> Optional[T]:
+#: Reads an entry: its name (the file's, less ``.json``) and its text.
+_Parser = Callable[[str, str], T]
+
+
+def _load(path: str, parse: _Parser[T], max_age: Optional[float] = None) -> Optional[T]:
     """What ``parse`` makes of the file at ``path``; ``None`` when the file is missing,
     older than ``max_age`` seconds, or not a registry file (a warning says why)."""
     try:
         mtime, text = read_small_file(path)
         if max_age is not None and time.time() - mtime > max_age:
             return None
-        return parse(text)
+        return parse(os.path.basename(path)[:-len(".json")], text)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:   # this entry alone is unusable
@@ -85,10 +89,14 @@ def _load(path: str, parse: Callable[[str], T], max_age: Optional[float] = None)
         return None
 
 
+def _rule(name: str, text: str) -> RouteRule:
+    return parse_rule(text)
+
+
 class _JsonDir(Generic[T]):
     """The JSON files of one directory, parsed; a rescan re-reads only changed files."""
 
-    def __init__(self, path: str, parse: Callable[[str], T], ttl: Optional[float] = None) -> None:
+    def __init__(self, path: str, parse: _Parser[T], ttl: Optional[float] = None) -> None:
         self.path = path
         self._parse = parse
         self._ttl = ttl
@@ -228,10 +236,10 @@ class FileRegistry(Registry):
         return os.path.join(self._appkey_dir(appkey), "route", check_name(rule_id, "route id") + ".json")
 
     def _providers(self, appkey: str) -> _JsonDir[Node]:
-        return _JsonDir(os.path.join(self._appkey_dir(appkey), "provider"), Node.from_json, self.ttl)
+        return _JsonDir(os.path.join(self._appkey_dir(appkey), "provider"), provider_entry, self.ttl)
 
     def _routes(self, appkey: str) -> _JsonDir[RouteRule]:
-        return _JsonDir(os.path.join(self._appkey_dir(appkey), "route"), parse_rule)
+        return _JsonDir(os.path.join(self._appkey_dir(appkey), "route"), _rule)
 
     # --- blocking work (runs on a worker thread) --------------------------------------
 
@@ -248,7 +256,7 @@ class FileRegistry(Registry):
 
     def _read_live(self, path: str) -> Optional[Node]:
         """The node stored at ``path`` unless it is missing, expired or malformed."""
-        return _load(path, Node.from_json, self.ttl)
+        return _load(path, provider_entry, self.ttl)
 
     def _read_record(self, appkey: str, key: str) -> Dict[str, float]:
         path = self._record_path(appkey, key)

@@ -17,7 +17,9 @@ the data changes that arrive meanwhile are read as one batch), then wakes the
 ``Watch`` handles, which call back on their loops.
 Sessions: after every reconnection the worker re-reads the watched appkeys;
 after a lost (expired) session it first re-creates this process's ephemeral
-nodes, keeping the operator changes it saw before the loss.
+nodes, keeping the operator changes it saw before the loss and those in their
+operator records. Work that fails while the session lasts is tried again after
+a pause (no reconnection may come to retry it).
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from kazoo.client import KazooClient
-from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError
+from kazoo.exceptions import (BadVersionError, KazooException, NoAuthError, NodeExistsError,
+                              NoNodeError)
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.protocol.states import EventType, KazooState, WatchedEvent, ZnodeStat
 
@@ -37,8 +40,8 @@ from octo_core.blocking import Pool
 from octo_core.business import BusinessPool
 from octo_core.registry.base import (NotRegisteredError, Registry, RegistryError, Snapshot, Watch,
                                      WatchCallback, check_name, node_name, operator_changes,
-                                     parse_record, parse_rule, record_json, registered, remember,
-                                     snapshot_of, stamped)
+                                     parse_record, parse_rule, provider_entry, record_json,
+                                     registered, remember, snapshot_of, stamped)
 from octo_core.registry.node import Env, Node
 
 if TYPE_CHECKING:  # cluster.routing imports registry.node: import it lazily
@@ -52,20 +55,37 @@ _FAILURES = (KazooException, KazooTimeoutError)
 # Reconnect quickly after an outage (kazoo's default backoff grows to an hour).
 _CONNECTION_RETRY = dict(max_tries=-1, delay=0.1, backoff=1.5, max_delay=2.0)
 _UPDATE_ATTEMPTS = 10
+# Seconds before recovery work that failed while the session lasted is tried
+# again (no reconnection may come to retry it), doubling up to the last.
+_RETRY_FIRST, _RETRY_LAST = 0.5, 8.0
 
 
-def _parse(parse: Callable[[Optional[bytes]], Any], path: str, data: Optional[bytes]) -> Any:
-    """``parse(data)``, or ``None`` (and a warning) when the znode holds something else."""
+#: Reads a znode: its name and its data (``None`` when written without data).
+_Parser = Callable[[str, Optional[bytes]], Any]
+
+
+def _parse(parse: _Parser, path: str, data: Optional[bytes]) -> Any:
+    """``parse(name, data)``, or ``None`` (and a warning) when the znode holds something else."""
     try:
-        return parse(data)
+        return parse(path.rsplit("/", 1)[1], data)
     except ValueError as exc:   # the parsers refuse bad data so: this znode alone is skipped
         log.warning("ignoring malformed znode %s: %s", path, exc)
         return None
 
 
-def _node(data: Optional[bytes]) -> Node:
-    # a znode written without data holds None
-    return Node.from_json((data or b"").decode("utf-8"))
+def _detail(exc: BaseException) -> str:
+    """A kazoo failure for a message (most have an empty ``str``)."""
+    if isinstance(exc, NoAuthError):
+        return "NoAuthError: not allowed by the znode's ACL"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _node(name: str, data: Optional[bytes]) -> Node:
+    return provider_entry(name, data or b"")
+
+
+def _rule(name: str, data: Optional[bytes]) -> "RouteRule":
+    return parse_rule(data or b"")
 
 
 class _ZnodeDir:
@@ -75,7 +95,7 @@ class _ZnodeDir:
     """
 
     def __init__(self, registry: "ZooKeeperRegistry", path: str,
-                 parse: Callable[[bytes], Any], on_change: Callable[[], None]) -> None:
+                 parse: _Parser, on_change: Callable[[], None]) -> None:
         self._registry = registry
         self.path = path
         self._parse = parse
@@ -99,16 +119,17 @@ class _ZnodeDir:
         """The children's names, watched; none while the znode does not exist (its
         creation is watched instead: a consumer creates nothing in the tree)."""
         registry, client = self._registry, self._registry._client
+        watcher = registry._children_event
         while True:
             try:
-                return registry._wait(client.get_children_async(self.path, self._children_event))
+                return registry._wait(client.get_children_async(self.path, watcher))
             except NoNodeError:
-                if registry._wait(client.exists_async(self.path, self._children_event)) is None:
+                if registry._wait(client.exists_async(self.path, watcher)) is None:
                     return []
 
     def _fetch(self, names: Iterable[str]) -> Dict[str, Any]:
         client = self._registry._client
-        pending = [(name, client.get_async(f"{self.path}/{name}", self._child_event))
+        pending = [(name, client.get_async(f"{self.path}/{name}", self._registry._child_event))
                    for name in names]
         items = {}
         for name, result in pending:
@@ -145,12 +166,12 @@ class _ZnodeDir:
                 self.items.pop(name, None)
         self._on_change()
 
-    # kazoo's thread: hand the event to the worker.
-    def _children_event(self, event: WatchedEvent) -> None:
+    # kazoo's thread (through the registry's watchers): hand the event to the worker.
+    def children_event(self, event: WatchedEvent) -> None:
         if not self.stopped and event.type != EventType.NONE:
             self._registry._submit(self._children_changed)
 
-    def _child_event(self, event: WatchedEvent) -> None:
+    def child_event(self, event: WatchedEvent) -> None:
         if not self.stopped and event.type != EventType.NONE:
             with self._changed_lock:
                 first = not self._changed
@@ -165,7 +186,7 @@ class _AppkeyTree:
     def __init__(self, registry: "ZooKeeperRegistry", appkey: str) -> None:
         base = registry._appkey_path(appkey)
         self.providers = _ZnodeDir(registry, f"{base}/provider", _node, self._changed)
-        self.routes = _ZnodeDir(registry, f"{base}/route", parse_rule, self._changed)
+        self.routes = _ZnodeDir(registry, f"{base}/route", _rule, self._changed)
         self.snapshot: Optional[Snapshot] = None
         self._lock = threading.Lock()
         self._watches: Set[Watch] = set()
@@ -183,6 +204,10 @@ class _AppkeyTree:
         with self._lock:
             self._watches.discard(watch)
             return not self._watches
+
+    @property
+    def dirs(self) -> Tuple[_ZnodeDir, _ZnodeDir]:
+        return self.providers, self.routes
 
     def stop(self) -> None:
         self.providers.stopped = self.routes.stopped = True
@@ -220,6 +245,13 @@ class ZooKeeperRegistry(Registry):
         self._registered: Dict[str, Node] = {}   # path -> the node as this process registered it
         self._seen: Dict[str, Node] = {}         # path -> its latest data (operator changes)
         self._trees: Dict[str, _AppkeyTree] = {}
+        # path -> the watched directory there: kazoo keeps a watcher until its znode
+        # changes, so the watchers are this registry's own methods (one entry per
+        # path in kazoo's sets), which find the directory watched now, if any
+        self._dirs: Dict[str, _ZnodeDir] = {}
+        self._retry: Optional[threading.Timer] = None
+        self._retry_delay = _RETRY_FIRST
+        self._retry_lost = False   # the retry has nodes to re-create
         self._session_lost = False
         self._closed = False
         self._client.add_listener(self._on_state)
@@ -250,7 +282,7 @@ class ZooKeeperRegistry(Registry):
         try:
             return await self._calls.run(self._when_connected, fn, *args)
         except _FAILURES as exc:
-            raise RegistryError(f"ZooKeeper {type(exc).__name__}: {exc or 'no detail'}") from exc
+            raise RegistryError(f"ZooKeeper {_detail(exc)}") from exc
         except RuntimeError:   # its pool shut down by a close() under way
             if not self._closed:
                 raise
@@ -273,9 +305,10 @@ class ZooKeeperRegistry(Registry):
     def _logged(self, fn: Callable[..., None], *args: Any) -> None:
         try:
             fn(*args)
-        except _FAILURES as exc:   # the next reconnection re-reads everything
+        except _FAILURES as exc:   # everything is read again, after a pause or a reconnection
             if not self._closed:
-                log.info("ZooKeeper watch work deferred until reconnection: %r", exc)
+                log.info("ZooKeeper watch work failed (%s); reading again", _detail(exc))
+                self._recover_later(False)
         except Exception:
             log.exception("ZooKeeper watch work failed")
 
@@ -291,20 +324,57 @@ class ZooKeeperRegistry(Registry):
 
     def _recover(self, lost: bool) -> None:
         """After a reconnection: re-create our ephemeral nodes if the session was lost,
-        follow them again, and re-read every watched appkey."""
+        follow them again, and re-read every watched appkey. What fails is tried again
+        after a pause, or at the next reconnection, whichever comes first."""
+        failed = False
         for path, node in list(self._registered.items()):
             try:
                 if lost:
-                    stored = stamped(node.reregistered(self._seen.get(path)))
-                    self._store(path, stored, self._wait(self._client.exists_async(path)))
-                    self._seen[path] = stored
-                    log.info("re-registered %s after the ZooKeeper session was lost", path)
+                    self._reregister(path, node)
                 self._follow(path)
             except _FAILURES as exc:
-                log.warning("re-registering %s failed (%s); retrying on reconnection", path, exc)
+                log.warning("re-registering %s failed (%s); trying again", path, _detail(exc))
                 self._session_lost = self._session_lost or lost
+                failed = True
         for tree in list(self._trees.values()):
-            self._logged(tree.refresh)
+            try:
+                tree.refresh()
+            except _FAILURES as exc:
+                log.info("re-reading a watched appkey failed (%s); trying again", _detail(exc))
+                failed = True
+        if failed:
+            self._recover_later(lost)
+        else:
+            self._retry_delay = _RETRY_FIRST
+
+    def _reregister(self, path: str, node: Node) -> None:
+        """Re-create our node after a lost session, keeping what operators set: on the
+        node as last seen, and in its operator record (set while we were cut off, the
+        change to the node itself went with the session)."""
+        record = self._read_record(node.appkey, node.key)[0]
+        previous = self._seen.get(path)
+        if record:
+            previous = dataclasses.replace(previous or node, **record)
+        stored = stamped(node.reregistered(previous))
+        self._store(path, stored, self._wait(self._client.exists_async(path)))
+        self._seen[path] = stored
+        log.info("re-registered %s after the ZooKeeper session was lost", path)
+
+    def _recover_later(self, lost: bool) -> None:
+        """Run ``_recover`` again after a pause that doubles each time; one at a time
+        (the worker thread, as everything that calls this)."""
+        self._retry_lost = self._retry_lost or lost
+        if self._closed or (self._retry is not None and self._retry.is_alive()):
+            return
+        delay, self._retry_delay = self._retry_delay, min(2 * self._retry_delay, _RETRY_LAST)
+        self._retry = threading.Timer(delay, self._submit, (self._retry_recovery,))
+        self._retry.daemon = True
+        self._retry.start()
+
+    def _retry_recovery(self) -> None:
+        lost, self._retry_lost = self._retry_lost, False
+        if self._connected.is_set():   # (else the reconnection recovers: see _on_state)
+            self._recover(lost)
 
     def _session_id(self) -> Optional[int]:
         client_id = self._client.client_id
@@ -338,6 +408,16 @@ class ZooKeeperRegistry(Registry):
     def _own_event(self, event: WatchedEvent) -> None:
         if event.type == EventType.CHANGED:
             self._submit(self._follow, event.path)
+
+    def _children_event(self, event: WatchedEvent) -> None:
+        directory = self._dirs.get(event.path)
+        if directory is not None:
+            directory.children_event(event)
+
+    def _child_event(self, event: WatchedEvent) -> None:
+        directory = self._dirs.get(event.path.rsplit("/", 1)[0])
+        if directory is not None:
+            directory.child_event(event)
 
     # --- blocking operations (executor threads) -----------------------------------------
 
@@ -382,7 +462,7 @@ class ZooKeeperRegistry(Registry):
         with contextlib.suppress(NoNodeError):
             self._wait(self._client.delete_async(path))
 
-    def _read(self, directory: str, parse: Callable[[bytes], Any]) -> List[Any]:
+    def _read(self, directory: str, parse: _Parser) -> List[Any]:
         try:
             names = self._wait(self._client.get_children_async(directory))
         except NoNodeError:
@@ -462,7 +542,7 @@ class ZooKeeperRegistry(Registry):
         return sorted(nodes, key=lambda node: node.key)
 
     async def routes(self, appkey: str) -> List[RouteRule]:
-        rules = await self._call(self._read, f"{self._appkey_path(appkey)}/route", parse_rule)
+        rules = await self._call(self._read, f"{self._appkey_path(appkey)}/route", _rule)
         return sorted(rules, key=lambda rule: rule.id)
 
     async def set_route(self, appkey: str, rule: RouteRule) -> None:
@@ -476,6 +556,8 @@ class ZooKeeperRegistry(Registry):
         tree = self._trees.get(appkey)
         if tree is None:
             tree = self._trees[appkey] = _AppkeyTree(self, appkey)
+            for directory in tree.dirs:
+                self._dirs[directory.path] = directory
             self._submit(tree.refresh)
         watch = Watch(asyncio.get_running_loop(), callback, lambda: tree.snapshot,
                       lambda w: self._unwatch(appkey, w))
@@ -488,11 +570,16 @@ class ZooKeeperRegistry(Registry):
         if tree is not None and tree.remove(watch):
             tree.stop()
             del self._trees[appkey]
+            for directory in tree.dirs:
+                if self._dirs.get(directory.path) is directory:
+                    del self._dirs[directory.path]
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._retry is not None:
+            self._retry.cancel()
         for tree in list(self._trees.values()):
             tree.cancel_watches()
         self._registered.clear()
