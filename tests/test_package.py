@@ -64,6 +64,8 @@ def test_public_names():
     for name in ("encode", "decode", "encode_message", "decode_message", "Limits"):
         assert name in codec.__all__
     assert isinstance(octo_core.__version__, str)
+    # the distribution's version is read from it: one place to change
+    assert metadata.version("octo_core") == octo_core.__version__
 
 
 def test_error_hierarchy_and_statuses():
@@ -120,7 +122,8 @@ SDIST_NEEDS = [
     "tests/strategies.py", "tests/lb_reference.py", "tests/naming_provider.py", "tests/zk.py",
     "tests/idl/everything.thrift", "tests/idl/echo.thrift", "tests/idl/clash.thrift",
     "src/octo_core/_codec.pyx", "src/octo_core/_frame.pxi", "src/octo_core/_lb.pyx",
-    "src/octo_core/_lb.pxd", "src/octo_core/_codec.pyi", "src/octo_core/_sha256.h",
+    "src/octo_core/_lb.pxd", "src/octo_core/_codec.pyi", "src/octo_core/_lb.pyi",
+    "src/octo_core/_sha256.h",
     "src/octo_core/octo.thrift",
     "src/octo_core/bench/payload.thrift", "src/octo_core/py.typed",
 ]
@@ -170,7 +173,8 @@ def test_installed_package_holds_no_sources_and_carries_the_license():
         pytest.skip("octo_core is imported from the source tree, not from a wheel")
     names = {os.path.relpath(os.path.join(d, f), pkg).replace(os.sep, "/")
              for d, _, fs in os.walk(pkg) for f in fs}
-    for needed in ("_lb.pxd", "_codec.pyi", "octo.thrift", "bench/payload.thrift", "py.typed"):
+    for needed in ("_lb.pxd", "_codec.pyi", "_lb.pyi", "octo.thrift", "bench/payload.thrift",
+                   "py.typed"):
         assert needed in names, needed
     sources = [n for n in names if n.endswith((".c", ".pyx", ".pxi", ".h"))]
     assert not sources, sources

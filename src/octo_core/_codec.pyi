@@ -77,9 +77,10 @@ class Head:
 def read_head(flags: int, header_length: int, payload: Buffer,
               limits: Optional[Limits] = ...) -> Tuple[Head, bytes]: ...
 def request_header_bytes(message_type: int, service_name: str, sequence_id: int, call_type: int,
-                         timeout: int, client_appkey: Optional[str], trace_id: Optional[str],
-                         span_id: Optional[str], global_context: Optional[Mapping[str, str]],
-                         local_context: Optional[Mapping[str, str]]) -> bytes: ...
+                         timeout: int, client_appkey: Optional[str] = ...,
+                         trace_id: Optional[str] = ..., span_id: Optional[str] = ...,
+                         global_context: Optional[Mapping[str, str]] = ...,
+                         local_context: Optional[Mapping[str, str]] = ...) -> bytes: ...
 def response_header_bytes(message_type: int, sequence_id: int, status: int,
                           message: Optional[str] = ...) -> bytes: ...
 def encode_request(flags: int, message_type: int, service_name: str, sequence_id: int,

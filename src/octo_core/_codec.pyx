@@ -22,6 +22,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.ref cimport Py_INCREF, Py_DECREF, Py_XDECREF
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport INT64_MAX, INT64_MIN
 from libc.string cimport memcpy
 
 from copy import deepcopy
@@ -564,7 +565,7 @@ cdef inline int _w_prim(_Writer* w, int kind, object v) except -1:
         w.len += 4
         return 0
     if kind == T_I64:
-        x = _as_int(v, -9223372036854775807 - 1, 9223372036854775807, kind)
+        x = _as_int(v, INT64_MIN, INT64_MAX, kind)
         _w_reserve(w, 8)
         _put_u64(w.data + w.len, <uint64_t>x)
         w.len += 8
