@@ -227,6 +227,47 @@ def test_a_call_racing_close_gets_client_is_closed(monkeypatch):
         assert isinstance(error, TransportError) and error.message == "client is closed"
 
 
+class InterruptedLoop:
+    """A client's loop whose ``call_soon_threadsafe``, on the thread named ``racer``,
+    first runs ``interrupt`` (once): as a signal handler does that lands while that
+    thread hands a call over to the I/O thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interrupt: Any) -> None:
+        self._loop, self._interrupt = loop, interrupt
+
+    def call_soon_threadsafe(self, *args: Any) -> Any:
+        if threading.current_thread().name == "racer" and self._interrupt is not None:
+            interrupt, self._interrupt = self._interrupt, None
+            interrupt()
+        return self._loop.call_soon_threadsafe(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loop, name)
+
+
+@pytest.mark.parametrize("handler_does", ["close", "call"])
+def test_a_signal_handler_closing_or_calling_in_the_middle_of_a_call_does_not_deadlock(
+        handler_does, monkeypatch):
+    """A SIGTERM handler's close(), or a call, must not wait for the very call it
+    interrupted (on its own thread): the interrupted call fails as closed, or goes on."""
+    with serving_in_thread(echo_services()) as server:
+        client = octo_core.Client(Echo, appkey=CLIENT_APPKEY, hosts=[server.address])
+        assert client.echo("warm") == "warm"
+        handled: List[Any] = []
+        interrupt = (client.close if handler_does == "close"
+                     else lambda: handled.append(client.echo("from the handler")))
+        monkeypatch.setattr(client._thread, "loop", InterruptedLoop(client._thread.loop, interrupt))
+        outcome = outcome_in_thread(lambda: client.echo("interrupted"), name="racer")
+        if handler_does == "close":
+            error = outcome.result(5)
+            assert isinstance(error, TransportError) and error.message == "client is closed"
+            wait_until_sync(lambda: not client._thread._thread.is_alive(),
+                            what="the closed client's loop thread to end")
+        else:
+            assert outcome.result(5) == "interrupted" and handled == ["from the handler"]
+            client.close()
+
+
 # --- the loop thread ------------------------------------------------------------------
 
 async def wait_forever(started: threading.Event) -> None:

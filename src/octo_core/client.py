@@ -635,8 +635,11 @@ class Client:
     def __init__(self, service: Any, **options: Any) -> None:
         self._service, self._options = service, options
         self._closed = False
+        self._closing = threading.Lock()   # taken by the first close(), never let go
         self._inherited = False   # a forked child's copy, until its first call reopens it
-        self._reopening = threading.Lock()
+        # Re-entrant: a signal handler's close() or call must not wait for the very
+        # thread it interrupted (nor may close(): see there).
+        self._reopening = threading.RLock()
         self._open()
         self.future = _Mode(self, self._submitter)
         self.callback = _Mode(self, self._with_callback)
@@ -665,7 +668,8 @@ class Client:
         self._collected.detach()
         _LEFT_BY_FORK.append((self._thread, self._async))
         self._inherited = True
-        self._reopening = threading.Lock()   # a lock held at the fork would never be let go
+        # locks held at the fork would never be let go
+        self._closing, self._reopening = threading.Lock(), threading.RLock()
 
     def _reopen(self, method: idl.Method) -> None:
         """A call's slow path: refuse it on a closed client; in a forked child,
@@ -735,9 +739,11 @@ class Client:
 
     def close(self) -> None:
         """Close the connections and stop the loop thread (see the class docstring)."""
-        with self._reopening:
-            if self._closed:
-                return
+        # Once, never waiting: from a signal handler that interrupted a close(), a call
+        # or a reopening on its thread, it returns (that close() goes on) or closes.
+        if not self._closing.acquire(blocking=False):
+            return
+        with self._reopening:   # (after another thread's reopening)
             self._closed = True
             if self._inherited:   # a forked child's copy never reopened: nothing of its own
                 return

@@ -7,7 +7,7 @@ import contextvars
 import functools
 import sys
 import threading
-from typing import Any, Callable, Coroutine, Optional, Set
+from typing import Any, Callable, Coroutine, Dict, Optional, Set
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -39,8 +39,13 @@ class LoopThread:
         self.loop = new_event_loop()
         self._stopped_error = stopped_error or (
             lambda: RuntimeError(f"the {name} loop thread is stopped"))
+        # No lock orders submit() against stop(): a signal handler may call either
+        # while its thread is in the other (see _schedule and _run).
         self._stopping = False
-        self._lock = threading.Lock()   # orders submit() against stop()
+        self._stop_once = threading.Lock()   # taken by the first stop(), never let go
+        # Submitted coroutines not started yet, by their futures: whoever pops one (the
+        # loop starting it, the stopping thread, its interrupted caller) settles it.
+        self._queued: Dict[Any, Coroutine[Any, Any, Any]] = {}
         self._tasks: Set[asyncio.Task] = set()   # the submitted coroutines still running
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -59,8 +64,12 @@ class LoopThread:
             self.loop.run_forever()
             self.loop.run_until_complete(_cancel_rest())
         finally:
-            with self._lock:      # however the loop ended, submit() now refuses work
-                self._stopping = True
+            # However the loop ended, submit() now refuses work, and what was queued
+            # never starts. A submit() that queues after this snapshot reads
+            # _stopping after it is set: it takes its coroutine back itself.
+            self._stopping = True
+            for future in list(self._queued):
+                self._refuse(future)
             self.loop.close()
 
     def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future:
@@ -83,24 +92,46 @@ class LoopThread:
 
     def _schedule(self, coro: Coroutine[Any, Any, Any],
                   future: "concurrent.futures.Future | _Handoff") -> None:
-        with self._lock:
-            if self._stopping:
-                coro.close()      # never started: no "coroutine was never awaited"
+        try:
+            self._queued[future] = coro
+            if self._stopping:   # (read after queuing: see _run)
                 raise self._stopped_error()
-            # queued before stop()'s loop.stop: it runs, or is cancelled with the rest
-            self.loop.call_soon_threadsafe(self._start, coro, future)
+            try:
+                # queued before stop()'s loop.stop: it runs, or is refused by _start
+                self.loop.call_soon_threadsafe(self._start, future)
+            except RuntimeError:   # the loop closed meanwhile
+                raise self._stopped_error() from None
+        except BaseException:   # refused, or its caller interrupted (Ctrl-C): it never starts
+            self._refuse(future)
+            raise
 
-    def _start(self, coro: Coroutine[Any, Any, Any],
-               future: "concurrent.futures.Future | _Handoff") -> None:
-        """On the loop: run ``coro`` as a task whose outcome goes to ``future``."""
-        if future.cancelled():    # by its caller, before it started
-            future.set_running_or_notify_cancel()
-            coro.close()
+    def _start(self, future: "concurrent.futures.Future | _Handoff") -> None:
+        """On the loop: run the coroutine queued for ``future`` as a task whose
+        outcome goes to ``future``."""
+        coro = self._queued.pop(future, None)
+        if coro is None:          # refused meanwhile
+            return
+        if self._stopping or future.cancelled():   # (a task now would miss _cancel_rest)
+            self._never_started(future, coro)
             return
         task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(functools.partial(self._settle, future))
         future.add_done_callback(functools.partial(self._cancel_if_cancelled, task))
+
+    def _refuse(self, future: "concurrent.futures.Future | _Handoff") -> None:
+        """``future``'s coroutine, if still queued, never starts (see ``_never_started``)."""
+        coro = self._queued.pop(future, None)
+        if coro is not None:
+            self._never_started(future, coro)
+
+    def _never_started(self, future: "concurrent.futures.Future | _Handoff",
+                       coro: Coroutine[Any, Any, Any]) -> None:
+        """Close ``coro`` (no "coroutine was never awaited"); ``future``, unless its
+        caller cancelled it, fails with ``stopped_error()``."""
+        coro.close()
+        if future.set_running_or_notify_cancel():
+            future.set_exception(self._stopped_error())
 
     def _settle(self, future: "concurrent.futures.Future | _Handoff", task: asyncio.Task) -> None:
         """Hand the task's outcome to ``future``; cancelled by stop(): ``stopped_error()``."""
@@ -122,9 +153,10 @@ class LoopThread:
                              future: "concurrent.futures.Future | _Handoff") -> None:
         """The caller cancelled ``future``: cancel the task running its coroutine."""
         if future.cancelled():
-            with self._lock:      # once stopping, the loop cancels the task itself
-                if not self._stopping:
-                    self.loop.call_soon_threadsafe(task.cancel)
+            try:
+                self.loop.call_soon_threadsafe(task.cancel)
+            except RuntimeError:   # the loop is closed: it cancelled the task itself
+                pass
 
     async def settle(self, timeout: float) -> None:
         """Wait (on the loop), up to ``timeout`` seconds, for the submitted
@@ -142,10 +174,12 @@ class LoopThread:
 
         From another thread this waits (up to ``timeout`` seconds) for the thread
         to end; from the loop thread itself (a callback) it returns at once."""
-        with self._lock:
-            if not self._stopping:
-                self._stopping = True
+        if self._stop_once.acquire(blocking=False):   # (never waits: see __init__)
+            self._stopping = True
+            try:
                 self.loop.call_soon_threadsafe(self.loop.stop)
+            except RuntimeError:   # the loop ended on its own, and is closed
+                pass
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
