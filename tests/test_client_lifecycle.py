@@ -398,6 +398,30 @@ def test_a_client_collected_unclosed_warns_and_leaves_no_thread_or_connection(wa
         wait_until_sync(lambda: not server._connections, what="its connection to close")
 
 
+def test_a_client_dropped_with_calls_pending_is_closed_only_once_they_settle():
+    handler = EchoHandler()
+    with serving_in_thread(echo_services(handler)) as server:
+        client = octo_core.Client(Echo, appkey=CLIENT_APPKEY, hosts=[server.address], timeout=5)
+        called: "concurrent.futures.Future[Any]" = concurrent.futures.Future()
+        future = client.future.block("future")
+        client.callback.block("callback", callback=called.set_result)
+        assert {handler.entered.get(timeout=5), handler.entered.get(timeout=5)} == {
+            "future", "callback"}
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always", ResourceWarning)
+            del client
+            gc.collect()
+            assert not seen            # the pending calls keep their client
+            handler.release.set()
+            assert future.result(5) == "future" and called.result(5) == "callback"
+
+            def collected() -> bool:
+                gc.collect()
+                return len(seen) == 1
+            wait_until_sync(collected, what="the client to be collected once its calls settled")
+        assert "collected without close()" in str(seen[0].message)
+
+
 # --- one client, one event loop -------------------------------------------------------
 
 def test_a_call_from_another_event_loop_fails_before_anything_is_sent():

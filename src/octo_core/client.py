@@ -699,7 +699,10 @@ class Client:
                    timeout: Optional[float] = None) -> Callable[..., concurrent.futures.Future]:
         def submit(*args: Any, **kwargs: Any) -> concurrent.futures.Future:
             coro = self._coroutine(method, args, kwargs, timeout)
-            return self._thread.submit(coro)   # (the thread _coroutine may have reopened)
+            future = self._thread.submit(coro)   # (the thread _coroutine may have reopened)
+            _KEPT_ALIVE[future] = self
+            future.add_done_callback(_KEPT_ALIVE.pop)
+            return future
         submit.__name__ = method.name
         return submit
 
@@ -765,6 +768,9 @@ class Client:
 
 #: What forked children inherited of their blocking clients (see _inherited_by_fork).
 _LEFT_BY_FORK: List[Tuple[LoopThread, AsyncClient]] = []
+#: The blocking clients of the futures still pending: a client dropped meanwhile
+#: is collected (and closed, cutting them short) only once they settle.
+_KEPT_ALIVE: Dict[concurrent.futures.Future, "Client"] = {}
 #: Seconds a blocking call waits beyond its timeout (for a first call's registry
 #: discovery, or a busy loop) before it gives up on the I/O thread.
 _LOOP_MARGIN = 10.0
