@@ -268,6 +268,26 @@ def test_a_signal_handler_closing_or_calling_in_the_middle_of_a_call_does_not_de
             client.close()
 
 
+@pytest.mark.parametrize("mode", ["blocking", "future"])
+def test_an_interrupt_before_the_hand_over_leaves_no_coroutine_never_awaited(mode,
+                                                                             monkeypatch):
+    """Ctrl-C landing after a call began but before the I/O thread has it."""
+    def interrupted(*args: Any) -> None:
+        raise KeyboardInterrupt
+    with serving_in_thread(echo_services()) as server, \
+            sync_client(Echo, server.address) as client, \
+            monkeypatch.context() as patched:     # (undone before close() submits)
+        patched.setattr(client._thread, "call" if mode == "blocking" else "submit", interrupted)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            try:
+                client.echo("x") if mode == "blocking" else client.future.echo("x")
+            except KeyboardInterrupt:
+                pass
+            gc.collect()
+        assert [str(w.message) for w in seen] == []
+
+
 # --- the loop thread ------------------------------------------------------------------
 
 async def wait_forever(started: threading.Event) -> None:

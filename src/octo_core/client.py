@@ -686,20 +686,21 @@ class Client:
         method, timeout = self._async._by_name(name, kwargs)
         return self._blocking(method, timeout)(*args, **kwargs)
 
-    def _coroutine(self, method: idl.Method, args: tuple, kwargs: dict,
-                   timeout: Optional[float]) -> Coroutine[Any, Any, Any]:
-        """One call of ``method``, to run on the I/O thread (a closed client
-        refuses it; a forked child's opens its own thread first)."""
+    def _maker(self, method: idl.Method, args: tuple, kwargs: dict,
+                   timeout: Optional[float]) -> Callable[[], Coroutine[Any, Any, Any]]:
+        """What makes one call of ``method``'s coroutine on the I/O thread (made there,
+        none is left "never awaited" by a caller interrupted while handing it over).
+        A closed client refuses the call; a forked child's opens its own thread first."""
         if self._closed or self._inherited:
             self._reopen(method)
         # the client's own _call, not call(): every argument is the IDL method's
-        return self._async._call(method, args, kwargs, timeout)
+        return functools.partial(self._async._call, method, args, kwargs, timeout)
 
     def _submitter(self, method: idl.Method,
                    timeout: Optional[float] = None) -> Callable[..., concurrent.futures.Future]:
         def submit(*args: Any, **kwargs: Any) -> concurrent.futures.Future:
-            coro = self._coroutine(method, args, kwargs, timeout)
-            future = self._thread.submit(coro)   # (the thread _coroutine may have reopened)
+            make = self._maker(method, args, kwargs, timeout)
+            future = self._thread.submit(make)   # (the thread _maker may have reopened)
             _KEPT_ALIVE[future] = self
             future.add_done_callback(_KEPT_ALIVE.pop)
             return future
@@ -716,11 +717,11 @@ class Client:
                                      "thread) would wait for itself forever; call through "
                                      "client.future or client.callback there",
                                      method=method.name, request_sent=False)
-            coro = self._coroutine(method, args, kwargs, timeout)
+            make = self._maker(method, args, kwargs, timeout)
             # Waits at most the call's timeout plus _LOOP_MARGIN: a stuck I/O thread
             # fails the call rather than hang its caller.
             bound = (self._async.timeout if timeout is None else timeout) + _LOOP_MARGIN
-            return self._thread.call(coro, bound, lambda: CallTimeout(
+            return self._thread.call(make, bound, lambda: CallTimeout(
                 f"the client's I/O thread gave no answer within {bound:.3g}s", method=method.name))
         call.__name__ = method.name
         return call

@@ -7,7 +7,7 @@ import contextvars
 import functools
 import sys
 import threading
-from typing import Any, Callable, Coroutine, Dict, Optional, Set
+from typing import Any, Callable, Coroutine, Dict, Optional, Set, Union
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -43,9 +43,10 @@ class LoopThread:
         # while its thread is in the other (see _schedule and _run).
         self._stopping = False
         self._stop_once = threading.Lock()   # taken by the first stop(), never let go
-        # Submitted coroutines not started yet, by their futures: whoever pops one (the
-        # loop starting it, the stopping thread, its interrupted caller) settles it.
-        self._queued: Dict[Any, Coroutine[Any, Any, Any]] = {}
+        # What makes each submitted coroutine not started yet, by its future: whoever
+        # pops one (the loop starting it, the stopping thread, its interrupted caller)
+        # settles it.
+        self._queued: Dict[Any, Callable[[], Coroutine[Any, Any, Any]]] = {}
         self._tasks: Set[asyncio.Task] = set()   # the submitted coroutines still running
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -72,14 +73,18 @@ class LoopThread:
                 self._refuse(future)
             self.loop.close()
 
-    def submit(self, coro: Coroutine[Any, Any, Any]) -> concurrent.futures.Future:
+    def submit(self, coro: "Startable") -> concurrent.futures.Future:
         """Schedule ``coro`` on the loop; returns a ``concurrent.futures.Future``
-        (cancelling it cancels the coroutine)."""
+        (cancelling it cancels the coroutine).
+
+        ``coro`` is a coroutine, or a function that makes one: made on the loop, a
+        coroutine is never left "never awaited" by a caller interrupted (Ctrl-C)
+        while handing it over. The same for ``call`` and ``run``."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         self._schedule(coro, future)
         return future
 
-    def call(self, coro: Coroutine[Any, Any, Any], timeout: float,
+    def call(self, coro: "Startable", timeout: float,
              no_outcome: Callable[[], BaseException]) -> Any:
         """Run ``coro`` on the loop and wait for its outcome: what
         ``submit(coro).result(timeout)`` gives, for a blocking caller, handed
@@ -90,10 +95,10 @@ class LoopThread:
         self._schedule(coro, handoff)
         return handoff.wait(timeout, no_outcome)
 
-    def _schedule(self, coro: Coroutine[Any, Any, Any],
+    def _schedule(self, coro: "Startable",
                   future: "concurrent.futures.Future | _Handoff") -> None:
         try:
-            self._queued[future] = coro
+            self._queued[future] = coro if callable(coro) else functools.partial(_given, coro)
             if self._stopping:   # (read after queuing: see _run)
                 raise self._stopped_error()
             try:
@@ -108,28 +113,28 @@ class LoopThread:
     def _start(self, future: "concurrent.futures.Future | _Handoff") -> None:
         """On the loop: run the coroutine queued for ``future`` as a task whose
         outcome goes to ``future``."""
-        coro = self._queued.pop(future, None)
-        if coro is None:          # refused meanwhile
+        make = self._queued.pop(future, None)
+        if make is None:          # refused meanwhile
             return
         if self._stopping or future.cancelled():   # (a task now would miss _cancel_rest)
-            self._never_started(future, coro)
+            self._never_started(future, make)
             return
-        task = self.loop.create_task(coro)
+        task = self.loop.create_task(make())
         self._tasks.add(task)
         task.add_done_callback(functools.partial(self._settle, future))
         future.add_done_callback(functools.partial(self._cancel_if_cancelled, task))
 
     def _refuse(self, future: "concurrent.futures.Future | _Handoff") -> None:
         """``future``'s coroutine, if still queued, never starts (see ``_never_started``)."""
-        coro = self._queued.pop(future, None)
-        if coro is not None:
-            self._never_started(future, coro)
+        make = self._queued.pop(future, None)
+        if make is not None:
+            self._never_started(future, make)
 
     def _never_started(self, future: "concurrent.futures.Future | _Handoff",
-                       coro: Coroutine[Any, Any, Any]) -> None:
-        """Close ``coro`` (no "coroutine was never awaited"); ``future``, unless its
-        caller cancelled it, fails with ``stopped_error()``."""
-        coro.close()
+                       make: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        """Close the coroutine (no "coroutine was never awaited"); ``future``, unless
+        its caller cancelled it, fails with ``stopped_error()``."""
+        make().close()
         if future.set_running_or_notify_cancel():
             future.set_exception(self._stopped_error())
 
@@ -165,7 +170,7 @@ class LoopThread:
         if running:
             await asyncio.wait(running, timeout=timeout)
 
-    def run(self, coro: Coroutine[Any, Any, Any], timeout: Optional[float] = None) -> Any:
+    def run(self, coro: "Startable", timeout: Optional[float] = None) -> Any:
         """Run ``coro`` on the loop and wait for its result."""
         return self.submit(coro).result(timeout)
 
@@ -264,6 +269,13 @@ class _Handoff:
 
 
 _UNSETTLED, _SETTLING, _CANCELLED = "unsettled", "settling", "cancelled"   # (_Handoff's)
+
+#: What ``LoopThread.submit`` starts: a coroutine, or a function that makes one.
+Startable = Union[Coroutine[Any, Any, Any], Callable[[], Coroutine[Any, Any, Any]]]
+
+
+def _given(coro: Coroutine[Any, Any, Any]) -> Coroutine[Any, Any, Any]:
+    return coro
 
 
 async def _cancel_rest() -> None:
