@@ -83,6 +83,33 @@ def test_a_blocking_call_in_a_callback_fails_at_once_and_the_client_goes_on():
         assert client.echo("after") == "after"
 
 
+class NestingHandler(EchoHandler):
+    """``slow`` (a coroutine handler, run on the server's loop) makes a blocking call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner: Any = None
+
+    async def slow(self, text: str, delay_ms: int) -> str:
+        try:
+            return self.inner.echo(text)
+        except TransportError as exc:   # the outcome under test
+            return f"refused: {exc}"
+
+
+def test_a_blocking_call_on_a_servers_event_loop_is_refused_at_once():
+    handler = NestingHandler()
+    with serving_in_thread(echo_services(handler)) as server, \
+            sync_client(Echo, server.address, timeout=30) as client, \
+            sync_client(Echo, server.address) as handler.inner:
+        assert client.slow("nested", 0).startswith(
+            "refused: a blocking call on an octo_core Server's event loop")
+
+        async def on_another_loop() -> str:   # (as in Jupyter): no server to stop there
+            return handler.inner.echo("not refused")
+        assert asyncio.run(on_another_loop()) == "not refused"
+
+
 def test_a_callback_chains_calls_through_callback_mode():
     with serving_in_thread(echo_services()) as server, \
             sync_client(Echo, server.address) as client:

@@ -32,7 +32,7 @@ from octo_core.protocol import DEFAULT_MAX_DEPTH, CallType, Frame, FrameDecoder,
 from octo_core.registry import Directory, Node, Registry, open_registry
 from octo_core.transport.address import default_route_ip, parse_address
 from octo_core.transport.client import ClientConnection, Endpoint
-from octo_core.transport.loop import LoopThread
+from octo_core.transport.loop import SERVING_LOOPS, LoopThread
 
 _ERRORS_BY_STATUS = {
     Status.APPLICATION_EXCEPTION: ApplicationError,
@@ -619,11 +619,12 @@ class Client:
     keep them short. They may start calls in future or callback mode, and may
     ``close()`` the client (it then closes without waiting), but a blocking call
     there raises ``TransportError`` at once: it would wait for the very thread
-    it blocks. A blocking call waits at most its timeout plus a margin
-    (``CallTimeout`` if the I/O thread is stuck). Once closed, every call -- one
-    still connecting or racing ``close()`` too -- fails with
-    ``TransportError("client is closed")``, and every callback is called
-    exactly once.
+    it blocks. So does one on an octo_core ``Server``'s event loop (in a
+    coroutine handler), which it would stop meanwhile. A blocking call waits at
+    most its timeout plus a margin (``CallTimeout`` if the I/O thread is stuck).
+    Once closed, every call -- one still connecting or racing ``close()`` too --
+    fails with ``TransportError("client is closed")``, and every callback is
+    called exactly once.
 
     A client made before ``os.fork()`` works in the child (``multiprocessing``'s
     fork workers, a pre-forking server's): the child's first call opens the
@@ -716,6 +717,13 @@ class Client:
                 raise TransportError("a blocking call from a callback (on the client's own I/O "
                                      "thread) would wait for itself forever; call through "
                                      "client.future or client.callback there",
+                                     method=method.name, request_sent=False)
+            running = asyncio._get_running_loop()   # (None, at no cost, for most callers)
+            if running is not None and running in SERVING_LOOPS:
+                raise TransportError("a blocking call on an octo_core Server's event loop (in "
+                                     "a coroutine handler) would stop that server, answers "
+                                     "to this call included, for as long as it waits; await "
+                                     "an AsyncClient there",
                                      method=method.name, request_sent=False)
             make = self._maker(method, args, kwargs, timeout)
             # Waits at most the call's timeout plus _LOOP_MARGIN: a stuck I/O thread

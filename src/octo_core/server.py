@@ -34,7 +34,7 @@ from octo_core.registry import HeartbeatSupport, Node, Registry, open_registry
 from octo_core.transport.address import (Address, Listeners, default_route_ip, listen,
                                         parse_address)
 from octo_core.transport.http import bound_port, serve_metrics
-from octo_core.transport.loop import LoopThread, new_event_loop, start_task
+from octo_core.transport.loop import SERVING_LOOPS, LoopThread, new_event_loop, start_task
 from octo_core.transport.server import ServerConnection
 from octo_core.transport.stream import CLOSE_LINGER
 
@@ -368,6 +368,7 @@ class Server:
         if self._listener is not None:
             raise RuntimeError(f"{self.appkey} is already started on {self.address}")
         previous, self._loop = self._loop, asyncio.get_running_loop()
+        SERVING_LOOPS.add(self._loop)
         self._drained = None   # (a stop that timed out may have left one, maybe of another loop)
         if previous is not None and previous.is_closed():
             # calls still running when their loop closed can never be answered: none is in flight

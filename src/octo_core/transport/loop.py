@@ -7,6 +7,7 @@ import contextvars
 import functools
 import sys
 import threading
+import weakref
 from typing import Any, Callable, Coroutine, Dict, Optional, Set, Union
 
 
@@ -18,6 +19,10 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
 
+
+#: The event loops octo_core Servers run on: a blocking call made on one of them
+#: (from a coroutine handler) is refused, as it would stop the server it runs in.
+SERVING_LOOPS: "weakref.WeakSet[asyncio.AbstractEventLoop]" = weakref.WeakSet()
 
 #: Seconds a stopping loop gives its cancelled tasks to finish before it closes.
 _STOP_GRACE = 5.0
