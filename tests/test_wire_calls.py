@@ -107,7 +107,7 @@ def test_idl_methods_named_like_the_sync_clients_own():
             assert client.call("close", "bye") == "closing: bye"
             assert client.call("call", 4, timeout=2.0) == 8
             assert client.call("future") == "the future"
-            assert not hasattr(client, "timeout")   # reserved, as on AsyncClient
+            assert client.timeout == 1.0   # the client's own, as on AsyncClient
             assert client.call("timeout") == "time's up"
             assert not hasattr(client.future, "timeout")
             assert client.future.call("timeout").result(5) == "time's up"
@@ -124,6 +124,23 @@ def test_idl_methods_named_like_the_sync_clients_own():
             client.close()                           # the client's close, not the IDL's
         with pytest.raises(TransportError):
             client.echo("after close")
+
+
+def test_the_sync_client_shows_the_async_clients_public_attributes_read_only():
+    with serving_in_thread(echo_services()) as server:
+        with octo_core.Client(Echo, appkey="c", hosts=[server.address], timeout=2.5,
+                              remote_appkey=SERVER_APPKEY) as client:
+            assert client.echo("counted") == "counted"
+            own = client._async
+            for name in octo_core.client.RESERVED_NAMES - {"call", "close", "future",
+                                                           "callback"}:
+                assert getattr(client, name) is getattr(own, name), name
+                with pytest.raises(AttributeError):
+                    setattr(client, name, None)
+            assert (client.timeout, client.appkey, client.remote_appkey) == (
+                2.5, "c", SERVER_APPKEY)
+            assert client.service is Echo and client.unified
+            assert client.metrics.stats()["Echo.echo"]["calls"] == 1
 
 
 # --- handlers that are not plain `async def` methods ------------------------------------

@@ -5,6 +5,7 @@ import asyncio
 import concurrent.futures
 import functools
 import math
+import operator
 import ssl as _ssl
 import sys
 import threading
@@ -528,11 +529,13 @@ class AsyncClient:
         await AsyncClient.close(self)
 
 
+#: The public attributes of an ``AsyncClient`` that a ``Client`` shows, read-only.
+_SHARED_ATTRIBUTES = frozenset({"service", "service_name", "appkey", "remote_appkey", "timeout",
+                                "unified", "metrics"})
 #: The names both clients keep for themselves (their public attributes): an IDL
 #: method so named is called by name, ``client.call("close")``. One set for both
 #: classes and every call mode, so a method is reached the same way everywhere.
-RESERVED_NAMES = frozenset({"call", "close", "future", "callback", "service", "service_name",
-                            "appkey", "remote_appkey", "timeout", "unified", "metrics"})
+RESERVED_NAMES = frozenset({"call", "close", "future", "callback"}) | _SHARED_ATTRIBUTES
 
 
 def _binds(client: Any, name: str) -> bool:
@@ -605,7 +608,8 @@ class _Mode:
 class Client:
     """A blocking client; the I/O runs on its own event-loop thread. Thread-safe.
 
-    Takes the same arguments as ``AsyncClient``. ``c.echo("hi")`` waits for the
+    Takes the same arguments as ``AsyncClient``, and shows its public attributes
+    (``timeout``, ``metrics``, ...), read-only. ``c.echo("hi")`` waits for the
     answer; ``c.future.echo("hi")`` returns a ``concurrent.futures.Future``;
     ``c.callback.echo("hi", callback=fn)`` calls ``fn(result_or_exception)``.
     Oneway methods return once the request is written. A method whose name the
@@ -774,6 +778,11 @@ class Client:
     def __exit__(self, *exc: Any) -> None:
         Client.close(self)
 
+
+for _name in _SHARED_ATTRIBUTES:   # (a forked child's reopened client: its new AsyncClient's)
+    setattr(Client, _name, property(operator.attrgetter(f"_async.{_name}"),
+                                    doc=f"The ``AsyncClient``'s ``{_name}`` (read-only)."))
+del _name
 
 #: What forked children inherited of their blocking clients (see _inherited_by_fork).
 _LEFT_BY_FORK: List[Tuple[LoopThread, AsyncClient]] = []
