@@ -160,6 +160,26 @@ def test_a_blocking_call_gives_up_on_a_stuck_io_thread(monkeypatch):
             release.set()
 
 
+def test_close_gives_up_on_a_stuck_io_thread_without_waiting_twice(monkeypatch):
+    monkeypatch.setattr(client_module, "_CLOSE_WAIT", 0.1)
+    release = threading.Event()
+    with serving_in_thread(echo_services()) as server:
+        client = octo_core.Client(Echo, appkey=CLIENT_APPKEY, hosts=[server.address])
+        try:
+            entered = threading.Event()
+            client.callback.echo("x", callback=lambda _: (entered.set(), release.wait(10)))
+            assert entered.wait(5)
+            with pytest.raises(TransportError, match=f"I/O thread .*ident {client._thread.ident}"):
+                client.close()
+            # it raised while the thread is still held: no wait for it to end either
+            assert client._thread._thread.is_alive()
+        finally:
+            release.set()
+        wait_until_sync(lambda: not client._thread._thread.is_alive(),
+                        what="the freed I/O thread to close the client and end")
+        wait_until_sync(lambda: not server._connections, what="its connection to close")
+
+
 # --- close() while calls are connecting ----------------------------------------------
 
 def test_sync_close_while_connecting_fails_every_caller_with_client_is_closed(monkeypatch):

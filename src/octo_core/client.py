@@ -655,7 +655,7 @@ class Client:
 
     def _open(self) -> None:
         """Start the I/O thread and make the ``AsyncClient`` that runs on it."""
-        self._thread = LoopThread("octo-client", stopped_error=_cut_short)
+        self._thread = LoopThread(_IO_THREAD, stopped_error=_cut_short)
         try:
             self._async = self._thread.run(_make_async(self._service, self._options))
         except BaseException:   # a bad option: no thread (nor its loop's fds) left behind
@@ -767,10 +767,19 @@ class Client:
         if threading.get_ident() == self._thread.ident:   # from a callback: cannot wait for itself
             _close_soon(self._thread, self._async)
             return
+        closing = self._thread.submit(_close_on_loop(self._thread, self._async))
         try:
-            self._thread.run(_close_on_loop(self._thread, self._async), timeout=_CLOSE_GRACE + 5)
+            if not concurrent.futures.wait([closing], _CLOSE_WAIT).done:
+                raise TransportError(
+                    f"close(): the client's I/O thread ({_IO_THREAD}, ident "
+                    f"{self._thread.ident}) is stuck (in a callback?): it did not close the "
+                    f"client within {_CLOSE_WAIT:.3g}s; it closes it, and ends, once free")
+            closing.result()
         finally:
-            self._thread.stop()
+            if closing.done():
+                self._thread.stop()
+            else:   # no second wait for a stuck thread: its stop comes after the closing
+                self._thread.stop(timeout=0)
 
     def __enter__(self) -> "Client":
         return self
@@ -794,6 +803,11 @@ _KEPT_ALIVE: Dict[concurrent.futures.Future, "Client"] = {}
 _LOOP_MARGIN = 10.0
 #: Seconds Client.close() gives the calls still running to end with their own errors.
 _CLOSE_GRACE = 1.0
+#: Seconds Client.close() waits for its I/O thread to close the client (and those
+#: calls): beyond that, the thread is stuck.
+_CLOSE_WAIT = _CLOSE_GRACE + 5.0
+#: The name of every blocking client's I/O thread.
+_IO_THREAD = "octo-client"
 
 
 async def _close_on_loop(thread: LoopThread, client: AsyncClient) -> None:
