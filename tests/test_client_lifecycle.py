@@ -205,6 +205,21 @@ def test_sync_close_while_connecting_fails_every_caller_with_client_is_closed(mo
     assert calls == [1] and connects.cancelled == 1
 
 
+def test_calls_waiting_for_their_replies_at_close_fail_with_client_is_closed():
+    handler = EchoHandler()
+    with serving_in_thread(echo_services(handler)) as server:
+        client = octo_core.Client(Echo, appkey=CLIENT_APPKEY, hosts=[server.address], timeout=30)
+        try:
+            future = client.future.block("sent")
+            assert handler.entered.get(timeout=5) == "sent"
+            client.close()
+            error = future.exception(5)
+            assert isinstance(error, TransportError), repr(error)
+            assert error.message == "client is closed" and error.request_sent is True
+        finally:
+            handler.release.set()
+
+
 def outcome_in_thread(call: Any, name: str = "caller") -> "concurrent.futures.Future[Any]":
     """Run ``call`` on a thread of its own; the future holds what it returned or raised."""
     outcome: "concurrent.futures.Future[Any]" = concurrent.futures.Future()

@@ -626,9 +626,10 @@ class Client:
     it blocks. So does one on an octo_core ``Server``'s event loop (in a
     coroutine handler), which it would stop meanwhile. A blocking call waits at
     most its timeout plus a margin (``CallTimeout`` if the I/O thread is stuck).
-    Once closed, every call -- one still connecting or racing ``close()`` too --
-    fails with ``TransportError("client is closed")``, and every callback is
-    called exactly once.
+    Once closed, every call -- one still connecting, waiting for its reply or
+    racing ``close()`` too -- fails with ``TransportError("client is closed")``
+    (``request_sent`` True if its request may have gone out), and every callback
+    is called exactly once.
 
     A client made before ``os.fork()`` works in the child (``multiprocessing``'s
     fork workers, a pre-forking server's): the child's first call opens the

@@ -259,6 +259,14 @@ class ClientConnection(FramedProtocol):
             if not future.done():
                 future.set_exception(TransportError(why, method=method or None, node=self.node))
 
+    def close(self, why: str = "") -> None:
+        """Close (see ``FramedProtocol.close``); with ``why``, the calls still waiting
+        fail at once with ``TransportError(why)`` (their requests were sent), not
+        with "connection closed" once it is."""
+        if why:
+            self._fail_pending(why)
+        FramedProtocol.close(self)
+
     def abort(self, exc: Optional[BaseException] = None) -> None:
         super().abort(exc)
         self._fail_pending(f"connection aborted: {exc}")
@@ -471,14 +479,16 @@ class Endpoint:
                     conn.abort(TransportError("heartbeat timed out", node=self.node))
 
     def close(self) -> None:
-        """Close the connections; connects under way are cancelled, and the calls
-        waiting for them fail at once with ``TransportError`` (nothing was sent)."""
+        """The client is closed: close the connections; connects under way are
+        cancelled. Every call waiting fails at once with ``TransportError("client is
+        closed")``, those waiting for a connect with ``request_sent`` False."""
+        self._closed_why = "client is closed"   # (a retired node's too: the client closed)
         self._end()
         for attempt in self._connecting.values():
             attempt.cancel()
         for conn in [*self._conns, *self._retiring]:
             if conn is not None:
-                conn.close()
+                conn.close(self._closed_why)
 
     def retire(self) -> None:
         """The node left the cluster: no new connects; each connection closes once
