@@ -220,6 +220,21 @@ def test_calls_waiting_for_their_replies_at_close_fail_with_client_is_closed():
             handler.release.set()
 
 
+def test_every_mode_refuses_a_call_on_a_closed_client_at_the_call_site():
+    """As ``Executor.submit`` after ``shutdown()`` (the documented contract): no
+    future, so a callback-mode call calls no callback."""
+    with serving_in_thread(echo_services()) as server:
+        client = octo_core.Client(Echo, appkey=CLIENT_APPKEY, hosts=[server.address])
+        client.close()
+        called: List[Any] = []
+        for call in (lambda: client.echo("x"), lambda: client.future.echo("x"),
+                     lambda: client.callback.echo("x", callback=called.append)):
+            with pytest.raises(TransportError) as refused:
+                call()
+            assert_closed_error(refused.value)
+        assert called == []
+
+
 def outcome_in_thread(call: Any, name: str = "caller") -> "concurrent.futures.Future[Any]":
     """Run ``call`` on a thread of its own; the future holds what it returned or raised."""
     outcome: "concurrent.futures.Future[Any]" = concurrent.futures.Future()

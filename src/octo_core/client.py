@@ -628,8 +628,11 @@ class Client:
     most its timeout plus a margin (``CallTimeout`` if the I/O thread is stuck).
     Once closed, every call -- one still connecting, waiting for its reply or
     racing ``close()`` too -- fails with ``TransportError("client is closed")``
-    (``request_sent`` True if its request may have gone out), and every callback
-    is called exactly once.
+    (``request_sent`` True if its request may have gone out). A call the closed
+    client refuses raises it at the call site, in every mode (as
+    ``Executor.submit`` after ``shutdown()``): a callback-mode call then calls
+    no callback. Every call that returned its future has its callback called
+    exactly once.
 
     A client made before ``os.fork()`` works in the child (``multiprocessing``'s
     fork workers, a pre-forking server's): the child's first call opens the
