@@ -7,6 +7,7 @@ asserts how long something took.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import List, Tuple
+from typing import AsyncIterator, List, Tuple
 
 import pytest
 from kazoo.client import KazooClient
@@ -461,27 +462,39 @@ def expire_session(server: ZooKeeper, session: Tuple[int, bytes]) -> None:
     client.close()
 
 
+@contextlib.asynccontextmanager
+async def provider_watched(url: str) -> AsyncIterator[Tuple[Registry, Registry, "Seen"]]:
+    """A provider registry holding node(2000), and an operator's registry whose
+    watch (``Seen``) has seen it."""
+    async with open_registry(url) as provider, open_registry(url) as operator:
+        await provider.register(node(2000))
+        seen = Seen()
+        operator.watch(APPKEY, seen)
+        await wait_until(lambda: len(seen.nodes) == 1, 10, "the node")
+        yield provider, operator, seen
+
+
+async def expire_and_come_back(server: ZooKeeper, provider: Registry, seen: "Seen") -> None:
+    """Expire ``provider``'s session; wait for its node to go, then to be back."""
+    await asyncio.to_thread(expire_session, server, provider._client.client_id)
+    await wait_until(lambda: any(not nodes for nodes, _ in seen.states), 20,
+                     "the expired session's node to go")
+    await wait_until(lambda: len(seen.nodes) == 1, 20, "the provider to re-register")
+
+
 def test_zk_session_expiry_reregisters_and_keeps_operator_changes(zookeeper_server):
     url = zookeeper_server.url(unique("expiry"), timeout=4)
 
     async def scenario():
-        async with open_registry(url) as provider, open_registry(url) as operator:
-            await provider.register(node(2000))
+        async with provider_watched(url) as (provider, operator, seen):
             await operator.update(APPKEY, "127.0.0.1:2000", weight=3)
             # Private: wait until the provider has seen the operator's change.
             path = provider._node_path(APPKEY, "127.0.0.1:2000")
             await wait_until(lambda: provider._seen[path].weight == 3, 10, "the provider to follow")
-            seen = Seen()
-            operator.watch(APPKEY, seen)
-            await wait_until(lambda: len(seen.nodes) == 1, 10, "the node")
             old_session = provider._client.client_id
-            await asyncio.to_thread(expire_session, zookeeper_server, old_session)
-            await wait_until(lambda: any(not nodes for nodes, _ in seen.states), 20,
-                             "the expired session's node to go")
-            await wait_until(lambda: len(seen.nodes) == 1, 20, "the provider to re-register")
+            await expire_and_come_back(zookeeper_server, provider, seen)
             assert seen.nodes[0].weight == 3 and seen.nodes[0].status == NodeStatus.ALIVE
-            new_session = provider._client.client_id
-            assert new_session[0] != old_session[0]
+            assert provider._client.client_id[0] != old_session[0]
     run(scenario(), timeout=50)
 
 
@@ -492,11 +505,7 @@ def test_zk_reregistration_applies_the_operator_record_written_while_cut_off(zoo
     url = zookeeper_server.url(unique("record"), timeout=4)
 
     async def scenario():
-        async with open_registry(url) as provider, open_registry(url) as operator:
-            await provider.register(node(2000))
-            seen = Seen()
-            operator.watch(APPKEY, seen)
-            await wait_until(lambda: len(seen.nodes) == 1, 10, "the node")
+        async with provider_watched(url) as (provider, _, seen):
             raw = KazooClient(hosts=zookeeper_server.hosts)
             await asyncio.to_thread(raw.start, 10)
             try:   # the record an operator's update(status=STOPPED, weight=0) leaves
@@ -506,10 +515,7 @@ def test_zk_reregistration_applies_the_operator_record_written_while_cut_off(zoo
             finally:
                 await asyncio.to_thread(raw.stop)
                 raw.close()
-            await asyncio.to_thread(expire_session, zookeeper_server, provider._client.client_id)
-            await wait_until(lambda: any(not nodes for nodes, _ in seen.states), 20,
-                             "the expired session's node to go")
-            await wait_until(lambda: len(seen.nodes) == 1, 20, "the provider to re-register")
+            await expire_and_come_back(zookeeper_server, provider, seen)
             assert (seen.nodes[0].status, seen.nodes[0].weight) == (NodeStatus.STOPPED, 0)
     run(scenario(), timeout=50)
 
@@ -522,11 +528,7 @@ def test_zk_recovery_that_fails_while_connected_is_tried_again(zookeeper_server)
     url = zookeeper_server.url(unique("retry"), timeout=4)
 
     async def scenario():
-        async with open_registry(url) as provider, open_registry(url) as operator:
-            await provider.register(node(2000))
-            seen = Seen()
-            operator.watch(APPKEY, seen)
-            await wait_until(lambda: len(seen.nodes) == 1, 10, "the node")
+        async with provider_watched(url) as (provider, _, seen):
             reregister, failures = provider._reregister, []
 
             def stalls_once(*args):   # private: the first re-creation times out
@@ -536,10 +538,8 @@ def test_zk_recovery_that_fails_while_connected_is_tried_again(zookeeper_server)
                 return reregister(*args)
 
             provider._reregister = stalls_once
-            await asyncio.to_thread(expire_session, zookeeper_server, provider._client.client_id)
-            await wait_until(lambda: failures, 20, "the failed re-registration")
-            await wait_until(lambda: len(seen.nodes) == 1, 20, "the registry to try again")
-            assert provider._client.state == "CONNECTED"
+            await expire_and_come_back(zookeeper_server, provider, seen)
+            assert failures and provider._client.state == "CONNECTED"
     run(scenario(), timeout=50)
 
 
