@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import datetime
 import ipaddress
+import logging
 import ssl
 import time
 from typing import Dict, List
@@ -23,6 +24,7 @@ import pytest
 import octo_core
 
 from octo_core.auth import Authenticator, StaticTokens
+from octo_core.transport import server as server_conn
 from octo_core.errors import (CallTimeout, DegradeError, OctoError, RpcError, Status,
                               TransportError)
 
@@ -125,6 +127,36 @@ def test_client_refused_by_max_connections_fails_fast_not_by_timeout():
             assert await first.echo("still") == "still"
 
     run(main())
+
+
+def test_refused_connections_are_logged_a_line_at_a_time_with_a_count(caplog, monkeypatch):
+    # A peer redialling in a loop is refused every time: one warning per refusal
+    # would let it fill the log at will. One is logged; the next counts the rest.
+    monkeypatch.setattr(server_conn._REFUSED, "_next", 0.0)   # (earlier tests' refusals)
+    monkeypatch.setattr(server_conn._REFUSED, "_held", 0)
+    caplog.set_level(logging.WARNING, logger="octo_core")
+
+    def refusals() -> List[str]:
+        return [r.getMessage() for r in caplog.records if "refusing connection" in r.getMessage()]
+
+    async def refused(address: str) -> None:
+        async with raw_connection(address) as extra:
+            assert await extra.closed_by_peer()
+
+    async def main():
+        async with serving(echo_services(), max_connections=1) as server, \
+                echo_client(server.address) as first:
+            assert await first.echo("in") == "in"
+            for _ in range(5):
+                await refused(server.address)
+            assert len(refusals()) == 1
+            server_conn._REFUSED._next = 0.0      # the quiet interval is over
+            await refused(server.address)
+            assert await first.echo("still") == "still"
+
+    run(main())
+    assert len(refusals()) == 2
+    assert refusals()[1].endswith("(and 4 more since the last such warning)")
 
 
 # --- in-flight limits --------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import struct
 import sys
@@ -25,6 +26,7 @@ from octo_core import codec, protocol
 from octo_core.errors import (ApplicationError, CallTimeout, DecodeError, EncodeError, OctoError,
                               RemoteError, RpcError, Status, TransportError)
 from octo_core.protocol import Header, NodeStatus
+from octo_core.transport import stream
 
 from wire_helpers import (ECHO_IDL, LOCALHOST, Echo, EchoError, EchoHandler, GoodCaller,
                           _build_server, async_client, decode_body, echo_services, framed_request,
@@ -105,6 +107,33 @@ def test_bad_bytes_close_only_that_connection(name):
             await hammer.finish()
 
     run(main())
+
+
+def test_connections_closed_for_bad_bytes_are_logged_a_line_at_a_time(caplog, monkeypatch):
+    """A peer that sends garbage on connection after connection gets one warning,
+    then a count of the rest in the next: it cannot fill the log at will."""
+    monkeypatch.setattr(stream.BROKEN, "_next", 0.0)     # (earlier tests' bad bytes)
+    monkeypatch.setattr(stream.BROKEN, "_held", 0)
+    caplog.set_level(logging.WARNING, logger="octo_core")
+
+    def closings() -> list:
+        return [r.getMessage() for r in caplog.records if "closing connection" in r.getMessage()]
+
+    async def main():
+        async with serving(echo_services()) as server:
+            for data in BAD_BYTES.values():
+                async with raw_connection(server.address) as raw:
+                    await raw.send(data)
+                    assert await raw.closed_by_peer()
+            assert len(closings()) == 1
+            stream.BROKEN._next = 0.0      # the quiet interval is over
+            async with raw_connection(server.address) as raw:
+                await raw.send(BAD_BYTES["random-garbage"])
+                assert await raw.closed_by_peer()
+
+    run(main())
+    assert len(closings()) == 2
+    assert closings()[1].endswith(f"(and {len(BAD_BYTES) - 1} more since the last such warning)")
 
 
 def test_all_bad_connections_at_once_while_good_clients_call():

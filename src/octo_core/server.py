@@ -36,7 +36,7 @@ from octo_core.transport.address import (Address, Listeners, default_route_ip, l
 from octo_core.transport.http import bound_port, serve_metrics
 from octo_core.transport.loop import SERVING_LOOPS, LoopThread, new_event_loop, start_task
 from octo_core.transport.server import ServerConnection
-from octo_core.transport.stream import CLOSE_LINGER
+from octo_core.transport.stream import CLOSE_LINGER, Throttle
 
 log = logging.getLogger("octo_core.server")
 
@@ -166,31 +166,12 @@ class _Reply:
             self.app_exception(name, seqid, kind, text, status)
 
 
-class _Throttle:
-    """A warning at most every ``every`` seconds; those held back are counted in the next."""
-
-    def __init__(self, every: float) -> None:
-        self.every = every
-        self._next = 0.0
-        self._held = 0
-
-    def warn(self, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now < self._next:
-            self._held += 1
-            return
-        if self._held:
-            message += f" (and {self._held} more since the last such warning)"
-        log.warning(message, *args)
-        self._next, self._held = now + self.every, 0
-
-
 #: Refusals of native oneway calls (a peer calling a method this port lacks, or
 #: an overloaded server): their callers read no answer, so the log is the trace.
-_DROPPED = _Throttle(10.0)
+_DROPPED = Throttle(10.0, log)
 #: Authentication that raised something other than a refusal (a token store's
 #: fault): each such call is refused, and the log says why.
-_AUTH_BROKEN = _Throttle(10.0)
+_AUTH_BROKEN = Throttle(10.0, log)
 
 
 

@@ -5,11 +5,14 @@ import collections
 from typing import Callable, Deque, List, Optional, Set
 
 from octo_core.protocol import DEFAULT_MAX_DEPTH, Frame
-from octo_core.transport.stream import FramedProtocol, log
+from octo_core.transport.stream import BROKEN, FramedProtocol, Throttle, log
 
 
 _REPLIES_UNREAD = 1     # why reading is paused: the peer leaves its replies unread,
 _BUSY = 2               # or too many of its calls are running
+
+#: Connections refused at ``max_connections``: a peer redialling in a loop makes one each.
+_REFUSED = Throttle(10.0, log)
 
 
 class ServerConnection(FramedProtocol):
@@ -84,7 +87,7 @@ class ServerConnection(FramedProtocol):
 
     def protocol_error(self, exc) -> None:
         """The peer broke the framing: read no more, answer what it sent before, close."""
-        log.warning("closing connection %s: %s", self.peer, exc)
+        BROKEN.warn("closing connection %s: %s", self.peer, exc)
         self._input_ended = True
         if self.transport is not None and not self.closed:
             self.transport.pause_reading()
@@ -133,8 +136,8 @@ class ServerConnection(FramedProtocol):
             self.abort()
             return
         if self._max_connections is not None and len(self._connections) >= self._max_connections:
-            log.warning("refusing connection from %s: %d connections open (max %d)",
-                        self.peer, len(self._connections), self._max_connections)
+            _REFUSED.warn("refusing connection from %s: %d connections open (max %d)",
+                          self.peer, len(self._connections), self._max_connections)
             self.abort()
             return
         self._connections.add(self)

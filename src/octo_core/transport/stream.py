@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import List, Optional
+import time
+from typing import Any, List, Optional
 
 from octo_core.errors import ProtocolError
 from octo_core.protocol import DEFAULT_MAX_DEPTH, DEFAULT_MAX_FRAME_SIZE, Frame, FrameDecoder
@@ -23,6 +24,31 @@ WRITE_BATCH = 64 * 1024
 #: Seconds a closed connection may take to hand its last bytes to a peer that
 #: reads nothing before it is aborted: a close must not hold a socket forever.
 CLOSE_LINGER = 2.0
+
+
+class Throttle:
+    """A warning at most every ``every`` seconds; those held back are counted in the next.
+    For what a peer can make happen at will: one line per event would let it flood the log."""
+
+    def __init__(self, every: float, logger: logging.Logger) -> None:
+        self.every = every
+        self.log = logger
+        self._next = 0.0
+        self._held = 0
+
+    def warn(self, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._held += 1
+            return
+        if self._held:
+            message += f" (and {self._held} more since the last such warning)"
+        self.log.warning(message, *args)
+        self._next, self._held = now + self.every, 0
+
+
+#: Connections closed for bytes that break the framing (either side).
+BROKEN = Throttle(10.0, log)
 
 
 class FramedProtocol(asyncio.Protocol):
@@ -133,7 +159,7 @@ class FramedProtocol(asyncio.Protocol):
 
     def protocol_error(self, exc: ProtocolError) -> None:
         """The peer broke the framing: drop this connection, nothing else."""
-        log.warning("closing connection %s: %s", self.peer, exc)
+        BROKEN.warn("closing connection %s: %s", self.peer, exc)
         self.abort(exc)
 
     def send(self, data: bytes) -> None:
