@@ -129,6 +129,27 @@ def test_client_refused_by_max_connections_fails_fast_not_by_timeout():
     run(main())
 
 
+def test_max_connections_defaults_to_below_the_open_file_limit(monkeypatch):
+    # Without a cap, peers holding connections run the process out of descriptors:
+    # then it cannot even accept a connection to refuse it. A soft limit of 32
+    # (too small to leave 128 descriptors spare) gives half of it to connections.
+    import resource
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (32, 4096))
+
+    async def main():
+        async with serving(echo_services()) as server, contextlib.AsyncExitStack() as stack:
+            held = [await stack.enter_async_context(raw_connection(server.address))
+                    for _ in range(16)]
+            for seq, raw in enumerate(held):
+                assert await echo_on(raw, seq) == "ok"
+            async with raw_connection(server.address) as extra:
+                await extra.send(good_request(99))
+                assert await extra.closed_by_peer()
+            assert await echo_on(held[0], 100) == "ok"
+
+    run(main())
+
+
 def test_refused_connections_are_logged_a_line_at_a_time_with_a_count(caplog, monkeypatch):
     # A peer redialling in a loop is refused every time: one warning per refusal
     # would let it fill the log at will. One is logged; the next counts the rest.

@@ -67,6 +67,27 @@ class _Service:
 _EVERY_INTERFACE = ("", "0.0.0.0", "::")
 
 
+#: Descriptors ``max_connections`` leaves free by default, at least: asyncio
+#: accepts up to its listen backlog (100) connections in one loop pass before
+#: any is refused, and the process has other files (its clients, registry, logs).
+_SPARE_FDS = 128
+
+
+def _fd_connections() -> Optional[int]:
+    """``max_connections`` by default: the open-file soft limit (RLIMIT_NOFILE) less
+    an eighth of it, or less ``_SPARE_FDS``, whichever leaves more, but at least
+    half of it; None where there is no such limit. A server that runs out of
+    descriptors cannot refuse anyone: the loop fails to accept, over and over."""
+    try:
+        import resource
+    except ImportError:    # (not on Windows)
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(soft // 2, soft - max(soft // 8, _SPARE_FDS))
+
+
 def _reachable_ip(wildcard: str) -> str:
     """This machine's address for others to call: the source address of its
     default route (a UDP "connect" sends nothing), else its host name's, else
@@ -202,7 +223,9 @@ class Server:
     Protection: ``max_frame_size``, and ``limits`` (``octo_core.codec.Limits``:
     string and container lengths, nesting, objects per decode) for the thrift
     messages, bound what one request may cost; ``max_connections`` (more are
-    closed on accept),
+    closed on accept; by default the open-file limit, RLIMIT_NOFILE, at ``start``,
+    less an eighth or 128, whichever is more, but at most half: a server out of
+    descriptors cannot even accept a connection to refuse it),
     ``max_in_flight`` and ``max_in_flight_per_connection`` (status 3 past them),
     ``max_in_flight_bytes`` (request bytes, as decoded, of every call running
     on the server, 256 MiB by default, None for no limit: status 3 past it,
@@ -355,9 +378,13 @@ class Server:
             # calls still running when their loop closed can never be answered: none is in flight
             self._in_flight = self._in_flight_bytes = 0
 
+        max_connections = self.max_connections
+        if max_connections is None:
+            max_connections = _fd_connections()
+
         def make_connection() -> ServerConnection:
             return ServerConnection(self._dispatch, self._connections, self.max_frame_size,
-                                    self.max_connections, self.pause_reading_at,
+                                    max_connections, self.pause_reading_at,
                                     self.pause_reading_bytes, admit=self._admit_peer,
                                     max_depth=self.limits.max_depth if self.limits
                                     else protocol.DEFAULT_MAX_DEPTH)
