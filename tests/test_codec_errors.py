@@ -7,6 +7,7 @@ are enforced and configurable; unknown and retyped fields are skipped.
 """
 from __future__ import annotations
 
+import gc
 import os
 import re
 import struct
@@ -809,6 +810,34 @@ def test_one_byte_structs_cannot_amplify_a_frame_into_gigabytes():
         < 8 << 20
     err = decode_error(decode, IDL.Containers, lone_stop_structs(3 * 2 ** 20))   # default limits
     assert "max_items" in str(err)
+
+
+def test_a_big_decode_sets_off_no_garbage_collection_and_leaves_the_collector_as_it_was():
+    """What a decode makes is all alive, so the collections its allocations would
+    set off (over and over, rescanning everything) are waste: a big decode pauses
+    the collector, and leaves it enabled or disabled as it found it, error or not."""
+    data = encode(IDL.Containers(oopses=[IDL.Oops()] * 200_000))
+    collections = []
+
+    def count(phase, info):
+        if phase == "start":
+            collections.append(info["generation"])
+
+    gc.callbacks.append(count)
+    try:
+        assert gc.isenabled()
+        assert len(decode(IDL.Containers, data).oopses) == 200_000
+        assert collections == [] and gc.isenabled()
+        decode_error(decode, IDL.Containers, data[:-1], data=data[:-1])
+        assert gc.isenabled()
+        gc.disable()
+        try:
+            decode(IDL.Containers, data)
+            assert not gc.isenabled()
+        finally:
+            gc.enable()
+    finally:
+        gc.callbacks.remove(count)
 
 
 def test_idl_container_defaults_count_against_max_items():
