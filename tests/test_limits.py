@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import ipaddress
 import logging
+import os
 import ssl
 import time
 from typing import Dict, List
@@ -23,6 +24,7 @@ import pytest
 
 import octo_core
 
+from octo_core import server as server_module
 from octo_core.auth import Authenticator, StaticTokens
 from octo_core.transport import server as server_conn
 from octo_core.errors import (CallTimeout, DegradeError, OctoError, RpcError, Status,
@@ -812,6 +814,71 @@ def test_stop_does_not_wait_forever_for_a_peer_that_reads_nothing():
             await asyncio.wait_for(server.stop(grace=0.2), 15)
             assert not server._connections and conn.closed
             assert await raw.closed_by_peer(timeout=5)
+
+    run(main())
+
+
+EVERYTHING = octo_core.load_idl(os.path.join(os.path.dirname(os.path.abspath(__file__)), "idl",
+                                             "everything.thrift"))
+
+
+class GatedSorter:
+    """EverythingService whose ``classify`` waits at a gate the test opens."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.running = 0
+
+    async def classify(self, items):
+        self.running += 1
+        await asyncio.wait_for(self.gate.wait(), 10)
+        return {}
+
+    # the service's other methods (not called here)
+    def ping(self):
+        pass
+
+    def add(self, a, b):
+        return a + b
+
+    def echo(self, payload):
+        return payload
+
+    def notify(self, event, attrs):
+        pass
+
+    def walk(self, root, depth):
+        return []
+
+    def checksum(self, data, algorithms):
+        return b""
+
+
+def test_the_objects_a_request_decodes_to_count_in_flow_control_and_in_flight_bytes():
+    """A byte of request can decode to a whole struct: a call holds
+    ``OBJECT_BYTES`` per object of its arguments on top of its request bytes, for
+    its connection's flow control and for the server's ``max_in_flight_bytes``."""
+    service, sorter = EVERYTHING.EverythingService, GatedSorter()
+    items = [EVERYTHING.Inner()] * 20_000      # a STOP byte each, 3 objects each
+    request = unified_request("classify", service.classify_args(items=items), 1,
+                              service="EverythingService")
+
+    async def main():
+        async with serving([(service, sorter, None)] + echo_services(),
+                           pause_reading_bytes=1 << 20, max_in_flight_bytes=1 << 20) as server, \
+                raw_connection(server.address) as raw, echo_client(server.address) as other:
+            await raw.send(request)
+            await wait_until(lambda: sorter.running, what="the call to run")
+            assert len(request) < 30_000
+            assert server._in_flight_bytes >= len(items) * 3 * server_module.OBJECT_BYTES
+            (conn,) = server._connections
+            assert conn.reading_paused
+            with pytest.raises(RpcError, match="bytes of requests in flight"):
+                await other.echo("no room")
+            sorter.gate.set()
+            assert (await raw.read_frame()).head.status == 0
+            assert await other.echo("room again") == "room again"
+            assert server._in_flight_bytes == 0 and not conn.reading_paused
 
     run(main())
 

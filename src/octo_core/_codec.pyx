@@ -1308,31 +1308,38 @@ cdef Py_ssize_t GC_PAUSE_BYTES = 64 * 1024
 
 
 cdef object _decode_at(_StructSpec s, const unsigned char* buf, Py_ssize_t start, Py_ssize_t end,
-                       Limits limits, bint whole, bint strict_text=False):
+                       Limits limits, bint whole, bint strict_text=False,
+                       Py_ssize_t* items=NULL):
+    """The struct at ``buf[start:end]``; ``items``, when given, gets the objects
+    it made, as ``Limits.max_items`` counts them."""
     if end - start >= GC_PAUSE_BYTES:
-        return _decode_gc_paused(s, buf, start, end, limits, whole, strict_text)
-    return _decode_span(s, buf, start, end, limits, whole, strict_text)
+        return _decode_gc_paused(s, buf, start, end, limits, whole, strict_text, items)
+    return _decode_span(s, buf, start, end, limits, whole, strict_text, items)
 
 
 cdef object _decode_gc_paused(_StructSpec s, const unsigned char* buf, Py_ssize_t start,
-                              Py_ssize_t end, Limits limits, bint whole, bint strict_text):
+                              Py_ssize_t end, Limits limits, bint whole, bint strict_text,
+                              Py_ssize_t* items):
     """``_decode_span`` with the collector paused, then as it was (see GC_PAUSE_BYTES)."""
     cdef int was_enabled = PyGC_Disable()
     try:
-        return _decode_span(s, buf, start, end, limits, whole, strict_text)
+        return _decode_span(s, buf, start, end, limits, whole, strict_text, items)
     finally:
         if was_enabled:
             PyGC_Enable()
 
 
 cdef inline object _decode_span(_StructSpec s, const unsigned char* buf, Py_ssize_t start,
-                                Py_ssize_t end, Limits limits, bint whole, bint strict_text):
+                                Py_ssize_t end, Limits limits, bint whole, bint strict_text,
+                                Py_ssize_t* items):
     cdef _Reader r
     _r_init(&r, buf, start, end, limits, strict_text)
     obj = _r_struct(&r, s, 1)
     if whole and r.pos != end:
         raise DecodeError(f"{end - r.pos} unexpected bytes after the struct at byte {r.pos}",
                           offset=r.pos)
+    if items != NULL:
+        items[0] = limits.max_items - r.items_left
     return obj
 
 
@@ -1403,13 +1410,26 @@ def decode_message_begin(data, Limits limits=None):
 
 def decode_body(cls, data, Py_ssize_t offset, Limits limits=None):
     """The struct ``cls`` that fills ``data`` from ``offset`` to its end."""
+    return _decode_body(cls, data, offset, limits, NULL)
+
+
+def decode_body_counted(cls, data, Py_ssize_t offset, Limits limits=None):
+    """``(decode_body(cls, data, offset, limits), objects)``: the objects the decode
+    made, as ``Limits.max_items`` counts them (a measure of the memory it holds)."""
+    cdef Py_ssize_t items = 0
+    obj = _decode_body(cls, data, offset, limits, &items)
+    return obj, items
+
+
+cdef object _decode_body(cls, data, Py_ssize_t offset, Limits limits, Py_ssize_t* items):
     cdef _StructSpec s = _decode_spec(cls)
     if limits is None:
         limits = DEFAULT_LIMITS
     cdef _Input inp = _Input(data)
     if offset < 0 or offset > inp.view.len:
         raise ValueError(f"offset {offset} outside the {inp.view.len}-byte input")
-    return _decode_at(s, <const unsigned char*>inp.view.buf, offset, inp.view.len, limits, True)
+    return _decode_at(s, <const unsigned char*>inp.view.buf, offset, inp.view.len, limits, True,
+                      False, items)
 
 
 def decode_reply(result_cls, exception_cls, data, Limits limits=None, int64_t seqid=-1):

@@ -49,6 +49,13 @@ _ALIVE = NodeStatus.ALIVE
 _HEARTBEATS = (MessageType.NORMAL_HEARTBEAT, MessageType.SCANNER_HEARTBEAT)
 _REPLY_MESSAGE = TMessageType.REPLY    # (thriftpy2's: a class attribute, as slow to read)
 
+#: Bytes a call is charged per object its decoded arguments are made of (as
+#: ``Limits.max_items`` counts them), on top of its request's: the dearest
+#: measured (a one-byte exception: 72; a plain struct or list element: about 40).
+#: Without it a small request that inflates to many objects would be counted as
+#: a fraction of the memory it holds.
+OBJECT_BYTES = 72
+
 
 class _Service:
     """One hosted service. (Slots, not a NamedTuple: every request reads these, and
@@ -115,7 +122,7 @@ class _Call:
 
     def __init__(self, service: _Service, method: idl.Method, reply: "_Reply", seqid: int,
                  stats: MethodStats, started: float, size: int) -> None:
-        self.size = size    # request bytes it holds (flow control)
+        self.size = size    # request bytes it holds, its arguments' objects too (flow control)
         self.service = service
         self.method = method
         self.reply = reply
@@ -228,13 +235,14 @@ class Server:
     descriptors cannot even accept a connection to refuse it),
     ``max_in_flight`` and ``max_in_flight_per_connection`` (status 3 past them),
     ``max_in_flight_bytes`` (request bytes, as decoded, of every call running
-    on the server, 256 MiB by default, None for no limit: status 3 past it,
+    on the server, and 72 bytes, ``octo_core.server.OBJECT_BYTES``, per object
+    its arguments decoded to, 256 MiB by default, None for no limit: status 3 past it,
     unless nothing else runs; many peers each under their own flow control
     cannot add up to more),
     ``pause_reading_at`` and ``pause_reading_bytes`` (calls running on one
-    connection, and request bytes they hold, at which the server stops reading
-    it until both are down to half: flow control, no refusal; reading also
-    stops while a peer leaves its replies unread),
+    connection, and request bytes they hold, counted so, at which the server
+    stops reading it until both are down to half: flow control, no refusal;
+    reading also stops while a peer leaves its replies unread),
     ``quotas`` (``{caller appkey or "*": calls per second}``, token buckets;
     status 6 past them). A connection idle for ``idle_timeout`` seconds is
     closed, and so is one whose frame takes over ``read_timeout`` seconds to
@@ -727,7 +735,8 @@ class Server:
                           f"service {service.name} has no method {name!r}")
             return
         try:
-            args = _codec.decode_body(method.args_cls, body, offset, self.limits)
+            args, objects = _codec.decode_body_counted(method.args_cls, body, offset,
+                                                       self.limits)
         except DecodeError as exc:
             self.metrics.refused(service.name, name, Status.PROTOCOL_EXCEPTION)
             reply.refuse(Status.PROTOCOL_EXCEPTION, f"{service.name}.{name}: bad arguments: {exc}",
@@ -745,8 +754,8 @@ class Server:
                 self.metrics.refused(service.name, name, Status.RPC_EXCEPTION)
                 reply.refuse(Status.RPC_EXCEPTION, why, name, seqid)
                 return
-        call = _Call(service, method, reply, seqid,
-                     self.metrics.started(service.name, name), time.monotonic(), len(body))
+        call = _Call(service, method, reply, seqid, self.metrics.started(service.name, name),
+                     time.monotonic(), len(body) + objects * OBJECT_BYTES)
         reply.conn.call_started(not is_coroutine, call.size)
         self._in_flight += 1
         self._in_flight_bytes += call.size

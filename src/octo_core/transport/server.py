@@ -23,7 +23,8 @@ class ServerConnection(FramedProtocol):
     its high-water mark), and stops reading and dispatching while
     ``pause_reading_at`` of its calls run, or while its running calls hold
     ``pause_reading_bytes`` of requests (as decoded: compressed frames count
-    inflated), until both are down to half. What it holds back waits in the
+    inflated, and the objects their arguments make count too: the dispatcher
+    gives each call's ``size``), until both are down to half. What it holds back waits in the
     socket, in the frame decoder (still compressed), or, for the rest of the
     batch that made it busy, in a backlog; nothing is refused for it.
 
