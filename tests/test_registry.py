@@ -222,6 +222,23 @@ def test_watch_sees_every_change_on_the_loop(url):
     run(scenario())
 
 
+def test_a_watchs_first_state_is_whole(url):
+    """The first delivery holds every node and every route rule: a consumer starts
+    from it (ZooKeeper's delivered the providers before reading the rules)."""
+    async def scenario():
+        async with open_registry(url) as registry:
+            for port in range(2000, 2030):
+                await registry.register(node(port))
+            await registry.set_route(APPKEY, RouteRule(id="r1", providers=("127.0.0.1:*",)))
+            seen = Seen()
+            watch = registry.watch(APPKEY, seen)
+            await wait_until(lambda: seen.states, 10, "the first state")
+            watch.cancel()
+            nodes, rules = seen.states[0]
+            assert len(nodes) == 30 and [rule.id for rule in rules] == ["r1"]
+    run(scenario())
+
+
 def test_registries_of_one_url_share_state_and_close_withdraws(url):
     async def scenario():
         async with open_registry(url) as consumer:
@@ -520,6 +537,32 @@ def test_zk_reregistration_applies_the_operator_record_written_while_cut_off(zoo
     run(scenario(), timeout=50)
 
 
+def test_zk_reregistration_keeps_a_weight_written_to_the_node_after_the_record(zookeeper_server):
+    """An operator record is older than what an admin tool wrote to the node since
+    (straight into the znode, as Java's tools do): the re-created node keeps the
+    newer weight, 7, not the record's 3."""
+    url = zookeeper_server.url(unique("newer"), timeout=4)
+
+    async def scenario():
+        async with provider_watched(url) as (provider, operator, seen):
+            await operator.update(APPKEY, "127.0.0.1:2000", weight=3)
+            path = provider._node_path(APPKEY, "127.0.0.1:2000")
+            raw = KazooClient(hosts=zookeeper_server.hosts)
+            await asyncio.to_thread(raw.start, 10)
+            try:
+                data, _ = await asyncio.to_thread(raw.get, path)
+                admin = dict(json.loads(data), weight=7)
+                await asyncio.to_thread(raw.set, path, json.dumps(admin).encode())
+            finally:
+                await asyncio.to_thread(raw.stop)
+                raw.close()
+            # Private: wait until the provider has seen the admin's write.
+            await wait_until(lambda: provider._seen[path].weight == 7, 10, "the provider to follow")
+            await expire_and_come_back(zookeeper_server, provider, seen)
+            assert seen.nodes[0].weight == 7
+    run(scenario(), timeout=50)
+
+
 def test_zk_recovery_that_fails_while_connected_is_tried_again(zookeeper_server):
     """Re-creating the node after a lost session fails once (a stall past op_timeout
     with the connection up): no reconnection comes to retry it, so the registry
@@ -529,15 +572,15 @@ def test_zk_recovery_that_fails_while_connected_is_tried_again(zookeeper_server)
 
     async def scenario():
         async with provider_watched(url) as (provider, _, seen):
-            reregister, failures = provider._reregister, []
+            store, failures = provider._store, []
 
             def stalls_once(*args):   # private: the first re-creation times out
                 if not failures:
                     failures.append(args)
                     raise KazooTimeoutError()
-                return reregister(*args)
+                return store(*args)
 
-            provider._reregister = stalls_once
+            provider._store = stalls_once
             await expire_and_come_back(zookeeper_server, provider, seen)
             assert failures and provider._client.state == "CONNECTED"
     run(scenario(), timeout=50)

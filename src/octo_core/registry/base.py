@@ -183,12 +183,12 @@ def node_name(key: str) -> str:
     return urllib.parse.quote(key, safe=":[]")
 
 
-def provider_entry(name: str, text: "str | bytes") -> Node:
+def provider_entry(name: str, text: "str | bytes | None") -> Node:
     """The node a provider entry named ``name`` holds (its znode or file name, as
     ``node_name`` writes it); ``ValueError`` when it is not one, or is another
     node's: a copy under another name would list that node twice, and updates
-    would go to an entry that does not hold it."""
-    node = Node.from_json(text)
+    would go to an entry that does not hold it. (``None``: a znode without data.)"""
+    node = Node.from_json(text or b"")
     if node_name(node.key) != name:
         raise ValueError(f"it holds node {node.key}, not {name}")
     return node
@@ -257,6 +257,12 @@ def parse_rule(data: "str | bytes | Mapping[str, Any]") -> "RouteRule":
     from octo_core.cluster.routing import RouteRule
     return RouteRule.from_dict(schema.loads(data, "route rule") if isinstance(data, (str, bytes))
                                else data)
+
+
+def rule_entry(name: str, text: "str | bytes | None") -> "RouteRule":
+    """The route rule an entry named ``name`` holds (its id need not be the name);
+    ``ValueError`` when it is not one."""
+    return parse_rule(text or b"")
 
 
 def snapshot_of(nodes: Sequence[Node], rules: Sequence[RouteRule]) -> Snapshot:

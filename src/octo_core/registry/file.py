@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Callable, Dict, Generic, Iterator, List, Optio
 from octo_core.blocking import FILES
 from octo_core.registry.base import (NotRegisteredError, Registry, Snapshot, Watch, WatchCallback,
                                      check_name, node_name, operator_changes, parse_record,
-                                     parse_rule, provider_entry, record_json, registered,
-                                     remember, snapshot_of, stamped)
+                                     provider_entry, record_json, registered, remember,
+                                     rule_entry, snapshot_of, stamped)
 from octo_core.registry.node import Env, Node
 
 if TYPE_CHECKING:  # cluster.routing imports registry.node: import it lazily
@@ -87,10 +87,6 @@ def _load(path: str, parse: _Parser[T], max_age: Optional[float] = None) -> Opti
     except (OSError, ValueError) as exc:   # this entry alone is unusable
         log.warning("ignoring malformed registry file %s: %s", path, exc)
         return None
-
-
-def _rule(name: str, text: str) -> RouteRule:
-    return parse_rule(text)
 
 
 class _JsonDir(Generic[T]):
@@ -236,10 +232,11 @@ class FileRegistry(Registry):
         return os.path.join(self._appkey_dir(appkey), "route", check_name(rule_id, "route id") + ".json")
 
     def _providers(self, appkey: str) -> _JsonDir[Node]:
-        return _JsonDir(os.path.join(self._appkey_dir(appkey), "provider"), provider_entry, self.ttl)
+        directory = os.path.join(self._appkey_dir(appkey), "provider")
+        return _JsonDir(directory, provider_entry, self.ttl)
 
     def _routes(self, appkey: str) -> _JsonDir[RouteRule]:
-        return _JsonDir(os.path.join(self._appkey_dir(appkey), "route"), _rule)
+        return _JsonDir(os.path.join(self._appkey_dir(appkey), "route"), rule_entry)
 
     # --- blocking work (runs on a worker thread) --------------------------------------
 

@@ -40,8 +40,8 @@ from octo_core.blocking import Pool
 from octo_core.business import BusinessPool
 from octo_core.registry.base import (NotRegisteredError, Registry, RegistryError, Snapshot, Watch,
                                      WatchCallback, check_name, node_name, operator_changes,
-                                     parse_record, parse_rule, provider_entry, record_json,
-                                     registered, remember, snapshot_of, stamped)
+                                     parse_record, provider_entry, record_json, registered,
+                                     remember, rule_entry, snapshot_of, stamped)
 from octo_core.registry.node import Env, Node
 
 if TYPE_CHECKING:  # cluster.routing imports registry.node: import it lazily
@@ -80,14 +80,6 @@ def _detail(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-def _node(name: str, data: Optional[bytes]) -> Node:
-    return provider_entry(name, data or b"")
-
-
-def _rule(name: str, data: Optional[bytes]) -> "RouteRule":
-    return parse_rule(data or b"")
-
-
 class _ZnodeDir:
     """The children of one znode and their parsed data, kept current by watches.
 
@@ -108,12 +100,11 @@ class _ZnodeDir:
         self._changed: Set[str] = set()
         self._changed_lock = threading.Lock()
 
-    def refresh(self) -> None:
-        """Read every child again (a new watch, a reconnection)."""
+    def reread(self) -> None:
+        """Read every child again (a new watch, a reconnection); the caller tells."""
         names = self._children()
         self.names = set(names)
         self.items = self._fetch(names)
-        self._on_change()
 
     def _children(self) -> List[str]:
         """The children's names, watched; none while the znode does not exist (its
@@ -185,15 +176,20 @@ class _AppkeyTree:
 
     def __init__(self, registry: "ZooKeeperRegistry", appkey: str) -> None:
         base = registry._appkey_path(appkey)
-        self.providers = _ZnodeDir(registry, f"{base}/provider", _node, self._changed)
-        self.routes = _ZnodeDir(registry, f"{base}/route", _rule, self._changed)
+        self.providers = _ZnodeDir(registry, f"{base}/provider", provider_entry, self._changed)
+        self.routes = _ZnodeDir(registry, f"{base}/route", rule_entry, self._changed)
         self.snapshot: Optional[Snapshot] = None
+        self._read = False   # both directories once: nothing is delivered before
         self._lock = threading.Lock()
         self._watches: Set[Watch] = set()
 
     def refresh(self) -> None:
-        self.providers.refresh()
-        self.routes.refresh()
+        """Read both directories again, then deliver once: a first delivery of the
+        providers alone would start a consumer without its route rules."""
+        self.providers.reread()
+        self.routes.reread()
+        self._read = True
+        self._changed()
 
     def add(self, watch: Watch) -> None:
         with self._lock:
@@ -219,6 +215,8 @@ class _AppkeyTree:
             watch.cancel()
 
     def _changed(self) -> None:
+        if not self._read:
+            return
         self.snapshot = snapshot_of(list(self.providers.items.values()),
                                     list(self.routes.items.values()))
         with self._lock:
@@ -244,6 +242,9 @@ class ZooKeeperRegistry(Registry):
         self._calls = Pool("octo-zk-call", 4)
         self._registered: Dict[str, Node] = {}   # path -> the node as this process registered it
         self._seen: Dict[str, Node] = {}         # path -> its latest data (operator changes)
+        # path -> when ZooKeeper wrote the data seen (ms, its clock), 0 for our own
+        # writes: an operator record written after it is newer (see _reregister)
+        self._seen_at: Dict[str, int] = {}
         self._trees: Dict[str, _AppkeyTree] = {}
         # path -> the watched directory there: kazoo keeps a watcher until its znode
         # changes, so the watchers are this registry's own methods (one entry per
@@ -351,13 +352,14 @@ class ZooKeeperRegistry(Registry):
         """Re-create our node after a lost session, keeping what operators set: on the
         node as last seen, and in its operator record (set while we were cut off, the
         change to the node itself went with the session)."""
-        record = self._read_record(node.appkey, node.key)[0]
+        record, written = self._read_record(node.appkey, node.key)
         previous = self._seen.get(path)
-        if record:
+        if written is not None and record and (
+                previous is None or written.mtime >= self._seen_at.get(path, 0)):
             previous = dataclasses.replace(previous or node, **record)
         stored = stamped(node.reregistered(previous))
         self._store(path, stored, self._wait(self._client.exists_async(path)))
-        self._seen[path] = stored
+        self._saw(path, stored)
         log.info("re-registered %s after the ZooKeeper session was lost", path)
 
     def _recover_later(self, lost: bool) -> None:
@@ -398,12 +400,17 @@ class ZooKeeperRegistry(Registry):
         if path not in self._registered:
             return
         try:
-            data, _ = self._wait(self._client.get_async(path, self._own_event))
+            data, stat = self._wait(self._client.get_async(path, self._own_event))
         except NoNodeError:
             return
-        node = _parse(_node, path, data)
+        node = _parse(provider_entry, path, data)
         if node is not None:
-            self._seen[path] = node
+            self._saw(path, node, stat.mtime)
+
+    def _saw(self, path: str, node: Node, written: int = 0) -> None:
+        """``node`` is now at ``path``, written at ``written`` (0: by us)."""
+        self._seen[path] = node
+        self._seen_at[path] = written
 
     def _own_event(self, event: WatchedEvent) -> None:
         if event.type == EventType.CHANGED:
@@ -425,13 +432,13 @@ class ZooKeeperRegistry(Registry):
         path = self._node_path(node.appkey, node.key)
         try:
             data, stat = self._wait(self._client.get_async(path))
-            previous = _parse(_node, path, data)
+            previous = _parse(provider_entry, path, data)
         except NoNodeError:
             previous, stat = None, None
         stored = registered(node, previous, self._read_record(node.appkey, node.key)[0])
         self._store(path, stored, stat)
         self._registered[path] = node
-        self._seen[path] = stored
+        self._saw(path, stored)
         self._submit(self._follow, path)
         return stored
 
@@ -442,7 +449,7 @@ class ZooKeeperRegistry(Registry):
                 data, stat = self._wait(self._client.get_async(path))
             except NoNodeError:
                 raise NotRegisteredError(f"{appkey} has no node {key}") from None
-            current = _parse(_node, path, data)
+            current = _parse(provider_entry, path, data)
             if current is None:
                 raise RegistryError(f"{path} does not hold a node")
             stored = stamped(dataclasses.replace(current, **changes))
@@ -453,7 +460,7 @@ class ZooKeeperRegistry(Registry):
                 continue
             if path in self._registered:   # our own node: a re-creation must keep this
                 self._registered[path] = dataclasses.replace(self._registered[path], **changes)
-                self._seen[path] = stored
+                self._saw(path, stored)
             self._remember(appkey, key, changes)
             return stored
         raise RegistryError(f"{path}: {_UPDATE_ATTEMPTS} concurrent writers in a row, giving up")
@@ -528,6 +535,7 @@ class ZooKeeperRegistry(Registry):
         path = self._node_path(appkey, key)
         self._registered.pop(path, None)
         self._seen.pop(path, None)
+        self._seen_at.pop(path, None)
         await self._call(self._delete, path)
 
     async def update(self, appkey: str, key: str, *, weight: Optional[int] = None,
@@ -538,11 +546,12 @@ class ZooKeeperRegistry(Registry):
         return await self._call(self._update, appkey, key, changes)
 
     async def list(self, appkey: str) -> List[Node]:
-        nodes = await self._call(self._read, f"{self._appkey_path(appkey)}/provider", _node)
+        directory = f"{self._appkey_path(appkey)}/provider"
+        nodes = await self._call(self._read, directory, provider_entry)
         return sorted(nodes, key=lambda node: node.key)
 
     async def routes(self, appkey: str) -> List[RouteRule]:
-        rules = await self._call(self._read, f"{self._appkey_path(appkey)}/route", _rule)
+        rules = await self._call(self._read, f"{self._appkey_path(appkey)}/route", rule_entry)
         return sorted(rules, key=lambda rule: rule.id)
 
     async def set_route(self, appkey: str, rule: RouteRule) -> None:
