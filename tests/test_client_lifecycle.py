@@ -15,7 +15,7 @@ import re
 import sys
 import threading
 import warnings
-from typing import Any, List
+from typing import Any, List, Tuple
 
 import pytest
 
@@ -110,6 +110,23 @@ def test_a_blocking_call_on_a_servers_event_loop_is_refused_at_once():
         assert asyncio.run(on_another_loop()) == "not refused"
 
 
+def test_a_loop_whose_servers_stopped_takes_blocking_calls_again():
+    with serving_in_thread(echo_services()) as server, \
+            sync_client(Echo, server.address) as client:
+        async def around_a_server() -> Tuple[str, str]:
+            local = octo_core.Server(appkey="com.example.local", host="127.0.0.1", port=0)
+            local.add_service(Echo, EchoHandler())
+            await local.start()
+            try:
+                client.echo("serving")
+            except TransportError as exc:
+                during = str(exc)
+            await local.stop(grace=0)
+            return during, client.echo("stopped")
+        during, after = asyncio.run(around_a_server())
+        assert "octo_core Server's event loop" in during and after == "stopped"
+
+
 def test_a_callback_chains_calls_through_callback_mode():
     with serving_in_thread(echo_services()) as server, \
             sync_client(Echo, server.address) as client:
@@ -178,6 +195,7 @@ def test_close_gives_up_on_a_stuck_io_thread_without_waiting_twice(monkeypatch):
         wait_until_sync(lambda: not client._thread._thread.is_alive(),
                         what="the freed I/O thread to close the client and end")
         wait_until_sync(lambda: not server._connections, what="its connection to close")
+        assert client._async._closed   # closed by its own close(), not torn down with the loop
 
 
 # --- close() while calls are connecting ----------------------------------------------

@@ -221,6 +221,25 @@ async def never_reads(reader, writer) -> None:
     await asyncio.sleep(30)
 
 
+def test_calls_held_by_back_pressure_at_close_hear_client_is_closed():
+    """At close, the calls waiting for the server to read (nothing sent) fail as
+    the calls waiting for their replies do: "client is closed"."""
+    async def main():
+        async with fake_server(never_reads) as address, \
+                async_client(Echo, address, timeout=30) as client:
+            big = "x" * (1 << 20)
+            calls = [asyncio.ensure_future(client.echo(big)) for _ in range(16)]
+            await wait_until(lambda: any(conn is not None and conn.write_paused
+                                         for endpoint in client._endpoints.values()
+                                         for conn in endpoint._conns), what="the writes to pause")
+            await client.close()
+            errors = await asyncio.gather(*calls, return_exceptions=True)
+            assert {str(error).split(" (")[0] for error in errors} == {"client is closed"}
+            assert any(not error.request_sent for error in errors)   # (some were held)
+
+    run(main())
+
+
 def test_a_server_that_reads_nothing_makes_calls_wait_not_pile_up():
     """While the server reads nothing of what was sent, further calls wait for it
     and time out with nothing sent, instead of piling their requests up in the

@@ -12,8 +12,8 @@ import threading
 import time
 import warnings
 import weakref
-from typing import (Any, Awaitable, Callable, Coroutine, Dict, Iterable, List, Mapping, Optional,
-                    Sequence, Set, Tuple, Union)
+from typing import (TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, Dict, Iterable, List,
+                    Mapping, Optional, Sequence, Set, Tuple, Union)
 
 from thriftpy2.thrift import TApplicationException, TMessageType
 
@@ -641,6 +641,15 @@ class Client:
     a URL and the child opens its own session).
     """
 
+    if TYPE_CHECKING:   # read-only properties, made below from _SHARED_ATTRIBUTES
+        service: Any
+        service_name: str
+        appkey: str
+        remote_appkey: str
+        timeout: float
+        unified: bool
+        metrics: Metrics
+
     def __init__(self, service: Any, **options: Any) -> None:
         self._service, self._options = service, options
         self._closed = False
@@ -696,7 +705,7 @@ class Client:
         return self._blocking(method, timeout)(*args, **kwargs)
 
     def _maker(self, method: idl.Method, args: tuple, kwargs: dict,
-                   timeout: Optional[float]) -> Callable[[], Coroutine[Any, Any, Any]]:
+               timeout: Optional[float]) -> Callable[[], Coroutine[Any, Any, Any]]:
         """What makes one call of ``method``'s coroutine on the I/O thread (made there,
         none is left "never awaited" by a caller interrupted while handing it over).
         A closed client refuses the call; a forked child's opens its own thread first."""
@@ -727,7 +736,7 @@ class Client:
                                      "client.future or client.callback there",
                                      method=method.name, request_sent=False)
             running = asyncio._get_running_loop()   # (None, at no cost, for most callers)
-            if running is not None and running in SERVING_LOOPS:
+            if running is not None and SERVING_LOOPS.get(running):
                 raise TransportError("a blocking call on an octo_core Server's event loop (in "
                                      "a coroutine handler) would stop that server, answers "
                                      "to this call included, for as long as it waits; await "
@@ -782,8 +791,9 @@ class Client:
         finally:
             if closing.done():
                 self._thread.stop()
-            else:   # no second wait for a stuck thread: its stop comes after the closing
-                self._thread.stop(timeout=0)
+            else:   # no second wait for a stuck thread: it stops once it has closed the
+                # client (a stop now would refuse the closing still queued)
+                closing.add_done_callback(lambda _: self._thread.stop())
 
     def __enter__(self) -> "Client":
         return self

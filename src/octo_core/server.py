@@ -380,7 +380,6 @@ class Server:
         if self._listener is not None:
             raise RuntimeError(f"{self.appkey} is already started on {self.address}")
         previous, self._loop = self._loop, asyncio.get_running_loop()
-        SERVING_LOOPS.add(self._loop)
         self._drained = None   # (a stop that timed out may have left one, maybe of another loop)
         if previous is not None and previous.is_closed():
             # calls still running when their loop closed can never be answered: none is in flight
@@ -410,6 +409,7 @@ class Server:
                 functools.partial(self._loop.create_server, make_connection, **tls),
                 self.host, self.port)
             self.port = self._listener.sockets[0].getsockname()[1]
+        SERVING_LOOPS.setdefault(self._loop, weakref.WeakSet()).add(self)
         # (before the loop runs again: the first connection may come at once)
         self._pool = BusinessPool(self._business_threads, f"octo-biz-{self.appkey}")
         # Collected while started (its loop ended without stop()): its business threads
@@ -525,6 +525,7 @@ class Server:
         self._collected.detach()
         self._pool.shutdown()
         self._listener = None
+        SERVING_LOOPS[self._loop].discard(self)
         if self.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 if os.stat(self.unix_path).st_ino == self._unix_inode:   # still ours

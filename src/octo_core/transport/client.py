@@ -60,6 +60,7 @@ class ClientConnection(FramedProtocol):
         # It closed with not a byte from the node, on calls waiting for replies or
         # at once (see Endpoint._open): not an idle close of a oneway-only one.
         self.dropped_unheard = False
+        self._closed_why = ""   # what close(why) said: the calls that come after hear it too
 
     def next_sequence(self) -> int:
         """Unique per connection, starting at 0; kept within i32 for the thrift seqid."""
@@ -77,8 +78,8 @@ class ClientConnection(FramedProtocol):
         forgotten: a late reply is dropped. ``method`` names the call in errors.
         """
         if self.closed:
-            raise TransportError("connection closed before the request was sent",
-                                 method=method or None, node=self.node, request_sent=False)
+            why = self._closed_why or "connection closed before the request was sent"
+            raise TransportError(why, method=method or None, node=self.node, request_sent=False)
         future = self.loop.create_future()
         self._pending[seq] = (future, finish, method)
         if timeout is not None:
@@ -264,6 +265,7 @@ class ClientConnection(FramedProtocol):
         fail at once with ``TransportError(why)`` (their requests were sent), not
         with "connection closed" once it is."""
         if why:
+            self._closed_why = why
             self._fail_pending(why)
         FramedProtocol.close(self)
 

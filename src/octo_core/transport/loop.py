@@ -20,9 +20,11 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-#: The event loops octo_core Servers run on: a blocking call made on one of them
-#: (from a coroutine handler) is refused, as it would stop the server it runs in.
-SERVING_LOOPS: "weakref.WeakSet[asyncio.AbstractEventLoop]" = weakref.WeakSet()
+#: The event loops octo_core Servers run on, each with its servers: a blocking call
+#: made on one that serves (from a coroutine handler) is refused, as it would stop
+#: the servers it runs in.
+SERVING_LOOPS: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, weakref.WeakSet[Any]]" = \
+    weakref.WeakKeyDictionary()
 
 #: Seconds a stopping loop gives its cancelled tasks to finish before it closes.
 _STOP_GRACE = 5.0
