@@ -31,8 +31,8 @@ from octo_core.errors import (CallTimeout, DegradeError, OctoError, RpcError, St
                               TransportError)
 
 from wire_helpers import (CLIENT_APPKEY, LOCALHOST, SERVER_APPKEY, Echo, EchoHandler,
-                          async_client, decode_body, echo_services, raw_connection, run, serving,
-                          unified_request, wait_until, watchdog)  # noqa: F401  (fixture)
+                          async_client, decode_body, echo_services, framed_request, raw_connection,
+                          run, serving, unified_request, wait_until, watchdog)  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
@@ -933,5 +933,57 @@ def test_a_connection_whose_whole_frames_waited_in_the_reader_is_not_taken_for_a
                 for seq in range(8)))
             frames = await raw.read_frames(8, timeout=20)
             assert sorted(f.head.sequence_id for f in frames) == list(range(8))
+
+    run(main())
+
+
+def test_partial_frames_across_connections_meet_a_server_wide_limit():
+    """Peers each holding most of a frame (within max_frame_size) add up past
+    max_partial_bytes: the one that crosses it stops being read, so the server holds
+    not much more; when the others leave, it reads on and is answered."""
+    big = framed_request("echo", Echo.echo_args(text="x" * 300_000), 7)
+
+    async def main():
+        async with serving(echo_services(), max_frame_size=1 << 20, max_partial_bytes=1 << 20,
+                           read_timeout=None) as server, \
+                raw_connection(server.address) as hoarder, \
+                raw_connection(server.address) as late:
+            # 900 KB of a frame declared 1,000,000 bytes long, never finished
+            await hoarder.send((1_000_000).to_bytes(4, "big") + b"\x80\x01\x00\x01"
+                               + b"\x00" * 900_000)
+            await wait_until(lambda: server_partial(server) >= 900_000, what="the hoarder's bytes")
+            await late.send(big[:-1])     # all but its last byte
+            await wait_until(lambda: any(c.reading_paused for c in server._connections),
+                             what="the connection that crossed the limit to wait")
+            (conn_of_late,) = [c for c in server._connections if c.reading_paused]
+            assert server_partial(server) < (1 << 20) + 300_000   # the rest waits in the socket
+            await hoarder.aclose()
+            await wait_until(lambda: not conn_of_late.reading_paused, what="room again")
+            await late.send(big[-1:])
+            name, _, seqid, result = decode_body(await late.read_frame(), Echo)
+            assert (name, seqid, result.success) == ("echo", 7, "x" * 300_000)
+
+    def server_partial(server: octo_core.Server) -> int:
+        return sum(conn._decoder.buffered for conn in server._connections)
+
+    run(main())
+
+
+def test_a_peer_waiting_for_partial_frame_room_still_meets_its_read_timeout():
+    """The pause for the server-wide limit is for the others: the read timeout goes
+    on for the peer that waits, so peers that never finish a frame cannot hold the
+    room, and everyone's frames, for ever."""
+    head = (1_000_000).to_bytes(4, "big") + b"\x80\x01\x00\x01"
+
+    async def main():
+        async with serving(echo_services(), max_frame_size=1 << 20, max_partial_bytes=1 << 19,
+                           read_timeout=0.5) as server, \
+                raw_connection(server.address) as first, \
+                raw_connection(server.address) as second:
+            await first.send(head + b"\x00" * 600_000)
+            await wait_until(lambda: any(c.reading_paused for c in server._connections),
+                             what="the connection over the limit to wait")
+            await second.send(head + b"\x00" * 600_000)
+            assert await first.closed_by_peer() and await second.closed_by_peer()
 
     run(main())

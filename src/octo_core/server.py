@@ -35,7 +35,7 @@ from octo_core.transport.address import (Address, Listeners, default_route_ip, l
                                         parse_address)
 from octo_core.transport.http import bound_port, serve_metrics
 from octo_core.transport.loop import SERVING_LOOPS, LoopThread, new_event_loop, start_task
-from octo_core.transport.server import ServerConnection
+from octo_core.transport.server import PartialFrames, ServerConnection
 from octo_core.transport.stream import CLOSE_LINGER, Throttle
 
 log = logging.getLogger("octo_core.server")
@@ -243,6 +243,10 @@ class Server:
     connection, and request bytes they hold, counted so, at which the server
     stops reading it until both are down to half: flow control, no refusal;
     reading also stops while a peer leaves its replies unread),
+    ``max_partial_bytes`` (what all connections hold of frames partly read, 256
+    MiB by default, None for no limit: past it a connection holding part of a
+    frame stops reading until the sum is down to half, its read timeout still
+    running: many peers each within ``max_frame_size`` cannot add up to more),
     ``quotas`` (``{caller appkey or "*": calls per second}``, token buckets;
     status 6 past them). A connection idle for ``idle_timeout`` seconds is
     closed, and so is one whose frame takes over ``read_timeout`` seconds to
@@ -274,6 +278,7 @@ class Server:
                  max_in_flight_per_connection: Optional[int] = None,
                  max_in_flight_bytes: Optional[int] = 256 * 1024 * 1024,
                  pause_reading_at: int = 1024, pause_reading_bytes: int = 64 * 1024 * 1024,
+                 max_partial_bytes: Optional[int] = 256 * 1024 * 1024,
                  quotas: Optional[Mapping[str, float]] = None,
                  auth: Optional[Authenticator] = None,
                  ssl: Optional["_ssl.SSLContext"] = None,
@@ -283,10 +288,11 @@ class Server:
                  metrics_port: Optional[int] = None) -> None:
         if business_threads < 1 or business_queue < 0 or pause_reading_at < 2 \
                 or pause_reading_bytes < 1 \
-                or (max_in_flight_bytes is not None and max_in_flight_bytes < 1):
+                or (max_in_flight_bytes is not None and max_in_flight_bytes < 1) \
+                or (max_partial_bytes is not None and max_partial_bytes < 1):
             raise ValueError("business_threads must be at least 1, business_queue at least 0, "
-                             "pause_reading_at at least 2, and pause_reading_bytes and "
-                             "max_in_flight_bytes at least 1")
+                             "pause_reading_at at least 2, and pause_reading_bytes, "
+                             "max_in_flight_bytes and max_partial_bytes at least 1")
         protocol.FrameDecoder(max_frame_size)   # the reader's own check: ValueError when too small
         self.appkey = appkey
         self.host = host
@@ -300,6 +306,7 @@ class Server:
         self.max_in_flight = max_in_flight
         self.max_in_flight_per_connection = max_in_flight_per_connection
         self.max_in_flight_bytes = max_in_flight_bytes
+        self.max_partial_bytes = max_partial_bytes
         self.pause_reading_at = pause_reading_at
         self.pause_reading_bytes = pause_reading_bytes
         self.quotas = Quotas(quotas) if quotas else None
@@ -389,12 +396,15 @@ class Server:
         if max_connections is None:
             max_connections = _fd_connections()
 
+        partial = (None if self.max_partial_bytes is None
+                   else PartialFrames(self.max_partial_bytes))
+
         def make_connection() -> ServerConnection:
             return ServerConnection(self._dispatch, self._connections, self.max_frame_size,
                                     max_connections, self.pause_reading_at,
                                     self.pause_reading_bytes, admit=self._admit_peer,
                                     max_depth=self.limits.max_depth if self.limits
-                                    else protocol.DEFAULT_MAX_DEPTH)
+                                    else protocol.DEFAULT_MAX_DEPTH, partial=partial)
 
         # A TLS handshake comes before any frame and any of the limits on frames:
         # a peer that stalls it may hold its socket this long, no longer.
@@ -613,7 +623,7 @@ class Server:
                 quiet = now - conn.last_activity
                 reading = None if conn.frame_started is None else now - conn.frame_started
                 if self.read_timeout and reading is not None and reading > self.read_timeout \
-                        and not conn.reading_paused:   # our pause, not the peer's stall
+                        and not conn.paused_for_itself:   # our pause, not the peer's stall
                     log.info("closing %s: a frame still incomplete after %.0fs", conn.peer, reading)
                     conn.abort()
                 elif self.idle_timeout and quiet > self.idle_timeout and not conn.in_flight:

@@ -9,10 +9,39 @@ from octo_core.transport.stream import BROKEN, FramedProtocol, Throttle, log
 
 
 _REPLIES_UNREAD = 1     # why reading is paused: the peer leaves its replies unread,
-_BUSY = 2               # or too many of its calls are running
+_BUSY = 2               # or too many of its calls are running,
+_CROWDED = 4            # or the server's connections hold too much of frames partly read
 
 #: Connections refused at ``max_connections``: a peer redialling in a loop makes one each.
 _REFUSED = Throttle(10.0, log)
+
+
+class PartialFrames:
+    """The bytes a server's connections hold of frames partly read (and read, not
+    decoded yet), summed. Past ``limit``, a connection that holds part of a frame
+    stops reading until the sum is down to half: many peers, each within
+    ``max_frame_size``, cannot add up to connections x max_frame_size. Its read
+    timeout goes on (the pause is for the others): the peers that hold part of a
+    frame longest are closed first, and the room they leave lets the others on."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.total = 0
+        self._waiting: Set["ServerConnection"] = set()
+
+    def add(self, conn: "ServerConnection", change: int, holds: int) -> bool:
+        """``conn`` holds ``change`` bytes more (``holds`` in all); True when it must
+        wait. Room again: the connections that waited go on."""
+        self.total += change
+        if self.total > self.limit and holds:
+            self._waiting.add(conn)
+            return True
+        self._waiting.discard(conn)
+        if self._waiting and self.total <= self.limit // 2:
+            waiting, self._waiting = self._waiting, set()
+            for other in waiting:
+                other.room()
+        return False
 
 
 class ServerConnection(FramedProtocol):
@@ -39,9 +68,12 @@ class ServerConnection(FramedProtocol):
                  max_connections: Optional[int] = None, pause_reading_at: int = 1024,
                  pause_reading_bytes: int = 64 * 1024 * 1024,
                  admit: Optional[Callable[[Optional[str]], Optional[str]]] = None,
-                 max_depth: int = DEFAULT_MAX_DEPTH) -> None:
+                 max_depth: int = DEFAULT_MAX_DEPTH,
+                 partial: Optional[PartialFrames] = None) -> None:
         super().__init__(max_frame_size, max_depth)
         self._dispatch = dispatch
+        self._partial = partial
+        self._partial_held = 0   # what the decoder held when last counted in _partial
         self._admit = admit    # peer IP -> why it may not connect, or None
         self._connections = connections
         self._max_connections = max_connections
@@ -58,6 +90,29 @@ class ServerConnection(FramedProtocol):
     @property
     def reading_paused(self) -> bool:
         return bool(self._paused)
+
+    @property
+    def paused_for_itself(self) -> bool:
+        """Paused for what this connection does (its calls, its unread replies): the
+        wait is ours, its read timeout does not run (see PartialFrames for the other)."""
+        return bool(self._paused & ~_CROWDED)
+
+    def _read(self, data: bytes = b"") -> bool:
+        handed = super()._read(data)
+        if self._partial is not None:
+            self._count_partial()
+        return handed
+
+    def _count_partial(self) -> None:
+        holds = 0 if self.closed else self._decoder.buffered
+        if holds != self._partial_held:
+            change, self._partial_held = holds - self._partial_held, holds
+            if self._partial.add(self, change, holds):
+                self._pause(_CROWDED)
+
+    def room(self) -> None:
+        """The server's connections hold less of partial frames again: read on."""
+        self._resume(_CROWDED)
 
     def call_started(self, pooled: bool, size: int) -> None:
         """A call of ``size`` request bytes runs (``pooled``: on the business pool)."""
@@ -194,3 +249,5 @@ class ServerConnection(FramedProtocol):
         super().connection_lost(exc)
         self._backlog.clear()
         self._connections.discard(self)
+        if self._partial is not None:
+            self._count_partial()   # (closed: it holds nothing now)
