@@ -64,8 +64,15 @@ def test_public_names():
     for name in ("encode", "decode", "encode_message", "decode_message", "Limits"):
         assert name in codec.__all__
     assert isinstance(octo_core.__version__, str)
-    # the distribution's version is read from it: one place to change
-    assert metadata.version("octo_core") == octo_core.__version__
+
+
+def test_the_version_is_written_in_one_place():
+    """pyproject.toml reads the distribution's version from octo_core.__version__."""
+    tomllib = pytest.importorskip("tomllib")   # (Python 3.11+)
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        pyproject = tomllib.load(f)
+    assert "version" not in pyproject["project"] and "version" in pyproject["project"]["dynamic"]
+    assert pyproject["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "octo_core.__version__"}
 
 
 def test_error_hierarchy_and_statuses():
