@@ -937,34 +937,64 @@ def test_a_connection_whose_whole_frames_waited_in_the_reader_is_not_taken_for_a
     run(main())
 
 
+HOARD = (1_000_000).to_bytes(4, "big") + b"\x80\x01\x00\x01"   # a framed call, never ended
+
+
+def partial_held(server: octo_core.Server) -> int:
+    return sum(conn._decoder.buffered for conn in server._connections)
+
+
 def test_partial_frames_across_connections_meet_a_server_wide_limit():
-    """Peers each holding most of a frame (within max_frame_size) add up past
-    max_partial_bytes: the one that crosses it stops being read, so the server holds
-    not much more; when the others leave, it reads on and is answered."""
+    """Peers each holding much of a frame (within max_frame_size) add up past
+    max_partial_bytes: one reads on, the others stop being read, and the server
+    holds not much more than the limit; when the hoarders leave, they read on."""
     big = framed_request("echo", Echo.echo_args(text="x" * 300_000), 7)
 
     async def main():
         async with serving(echo_services(), max_frame_size=1 << 20, max_partial_bytes=1 << 20,
                            read_timeout=None) as server, \
-                raw_connection(server.address) as hoarder, \
+                raw_connection(server.address) as first, \
+                raw_connection(server.address) as second, \
                 raw_connection(server.address) as late:
-            # 900 KB of a frame declared 1,000,000 bytes long, never finished
-            await hoarder.send((1_000_000).to_bytes(4, "big") + b"\x80\x01\x00\x01"
-                               + b"\x00" * 900_000)
-            await wait_until(lambda: server_partial(server) >= 900_000, what="the hoarder's bytes")
-            await late.send(big[:-1])     # all but its last byte
+            await first.send(HOARD + b"\x00" * 900_000)
+            await wait_until(lambda: partial_held(server) >= 900_000, what="the first's bytes")
+            await second.send(HOARD + b"\x00" * 300_000)   # past the limit: it reads on
+            await wait_until(lambda: partial_held(server) >= 1_200_000, what="the second's")
+            await late.send(big[:-1])                      # past it too: it waits
             await wait_until(lambda: any(c.reading_paused for c in server._connections),
-                             what="the connection that crossed the limit to wait")
-            (conn_of_late,) = [c for c in server._connections if c.reading_paused]
-            assert server_partial(server) < (1 << 20) + 300_000   # the rest waits in the socket
-            await hoarder.aclose()
-            await wait_until(lambda: not conn_of_late.reading_paused, what="room again")
+                             what="the late connection to wait")
+            assert partial_held(server) < 1_200_000 + 300_000   # the rest waits in the socket
+            await first.aclose()
+            await second.aclose()
             await late.send(big[-1:])
             name, _, seqid, result = decode_body(await late.read_frame(), Echo)
             assert (name, seqid, result.success) == ("echo", 7, "x" * 300_000)
+            await wait_until(lambda: partial_held(server) == 0, what="nothing held")
 
-    def server_partial(server: octo_core.Server) -> int:
-        return sum(conn._decoder.buffered for conn in server._connections)
+    run(main())
+
+
+def test_large_requests_at_once_past_the_partial_frame_limit_are_all_answered():
+    """Legitimate requests, together past max_partial_bytes, each sent but for its
+    last byte: one reads on past the limit, then the next, so every one is
+    answered (none waits for room that only its own end would make)."""
+    requests = [framed_request("echo", Echo.echo_args(text=str(i) * 600_000), i)
+                for i in range(3)]
+
+    async def main():
+        async with serving(echo_services(), max_frame_size=1 << 20, max_partial_bytes=1 << 20,
+                           read_timeout=None) as server, contextlib.AsyncExitStack() as peers:
+            connections = [await peers.enter_async_context(raw_connection(server.address))
+                           for _ in requests]
+            for peer, request in zip(connections, requests):
+                await peer.send(request[:-1])
+            await wait_until(lambda: any(c.reading_paused for c in server._connections),
+                             what="a connection to wait")
+            for peer, request in zip(connections, requests):
+                await peer.send(request[-1:])
+            for i, peer in enumerate(connections):
+                _, _, seqid, result = decode_body(await peer.read_frame(), Echo)
+                assert (seqid, result.success) == (i, str(i) * 600_000)
 
     run(main())
 
@@ -973,17 +1003,16 @@ def test_a_peer_waiting_for_partial_frame_room_still_meets_its_read_timeout():
     """The pause for the server-wide limit is for the others: the read timeout goes
     on for the peer that waits, so peers that never finish a frame cannot hold the
     room, and everyone's frames, for ever."""
-    head = (1_000_000).to_bytes(4, "big") + b"\x80\x01\x00\x01"
-
     async def main():
         async with serving(echo_services(), max_frame_size=1 << 20, max_partial_bytes=1 << 19,
                            read_timeout=0.5) as server, \
                 raw_connection(server.address) as first, \
                 raw_connection(server.address) as second:
-            await first.send(head + b"\x00" * 600_000)
+            await first.send(HOARD + b"\x00" * 600_000)   # past the limit: it reads on
+            await wait_until(lambda: partial_held(server) >= 600_000, what="the first's bytes")
+            await second.send(HOARD + b"\x00" * 600_000)
             await wait_until(lambda: any(c.reading_paused for c in server._connections),
-                             what="the connection over the limit to wait")
-            await second.send(head + b"\x00" * 600_000)
+                             what="the second connection to wait")
             assert await first.closed_by_peer() and await second.closed_by_peer()
 
     run(main())

@@ -1303,7 +1303,8 @@ cdef inline void _r_init(_Reader* r, const unsigned char* buf, Py_ssize_t start,
 #: garbage, nor a cycle), and the collections those allocations set off would scan
 #: them all, and the older heap, over and over: 500,000 objects decoded in 0.4 s
 #: instead of 0.1 s. Smaller decodes, most calls, set off few collections: they
-#: skip the switch.
+#: skip the switch. (The switch is the process's: a gc.disable() another thread
+#: makes during such a decode is undone at its end.)
 cdef Py_ssize_t GC_PAUSE_BYTES = 64 * 1024
 
 

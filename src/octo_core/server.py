@@ -232,7 +232,9 @@ class Server:
     messages, bound what one request may cost; ``max_connections`` (more are
     closed on accept; by default the open-file limit, RLIMIT_NOFILE, at ``start``,
     less an eighth or 128, whichever is more, but at most half: a server out of
-    descriptors cannot even accept a connection to refuse it),
+    descriptors cannot even accept a connection to refuse it; the default is
+    each server's and counts connections once their TLS handshake is done, so
+    give it yourself for several servers in one process),
     ``max_in_flight`` and ``max_in_flight_per_connection`` (status 3 past them),
     ``max_in_flight_bytes`` (request bytes, as decoded, of every call running
     on the server, and 72 bytes, ``octo_core.server.OBJECT_BYTES``, per object
@@ -246,7 +248,9 @@ class Server:
     ``max_partial_bytes`` (what all connections hold of frames partly read, 256
     MiB by default, None for no limit: past it a connection holding part of a
     frame stops reading until the sum is down to half, its read timeout still
-    running: many peers each within ``max_frame_size`` cannot add up to more),
+    running, but for one at a time that reads on to its frame's end; so peers
+    each within ``max_frame_size`` add up to the limit, a frame, and a read of
+    each connection, not connections x ``max_frame_size``),
     ``quotas`` (``{caller appkey or "*": calls per second}``, token buckets;
     status 6 past them). A connection idle for ``idle_timeout`` seconds is
     closed, and so is one whose frame takes over ``read_timeout`` seconds to

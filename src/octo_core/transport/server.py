@@ -19,29 +19,47 @@ _REFUSED = Throttle(10.0, log)
 class PartialFrames:
     """The bytes a server's connections hold of frames partly read (and read, not
     decoded yet), summed. Past ``limit``, a connection that holds part of a frame
-    stops reading until the sum is down to half: many peers, each within
-    ``max_frame_size``, cannot add up to connections x max_frame_size. Its read
-    timeout goes on (the pause is for the others): the peers that hold part of a
-    frame longest are closed first, and the room they leave lets the others on."""
+    stops reading until the sum is down to half, but for one at a time, which
+    reads on to its frame's end, then lets the next on (the one holding most): a
+    frame never waits for ever, however large. So many peers, each within
+    ``max_frame_size``, add up to the limit, one frame and one read each (the
+    read that found the limit passed), not to connections x max_frame_size.
+    The read timeout goes on for a waiting connection (the pause is for the
+    others): a peer that never ends its frame is cut, and leaves its room."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.total = 0
         self._waiting: Set["ServerConnection"] = set()
+        self._through: Optional["ServerConnection"] = None   # reads on past the limit
 
     def add(self, conn: "ServerConnection", change: int, holds: int) -> bool:
         """``conn`` holds ``change`` bytes more (``holds`` in all); True when it must
-        wait. Room again: the connections that waited go on."""
+        wait. A frame ended or a connection gone: the ones that wait go on."""
         self.total += change
-        if self.total > self.limit and holds:
+        if holds and self.total > self.limit:
+            if self._through is None or self._through is conn:
+                self._through = conn
+                return False
             self._waiting.add(conn)
             return True
-        self._waiting.discard(conn)
-        if self._waiting and self.total <= self.limit // 2:
-            waiting, self._waiting = self._waiting, set()
-            for other in waiting:
-                other.room()
+        if not holds:
+            self._waiting.discard(conn)
+            if self._through is conn:
+                self._through = None
+        if self._waiting:
+            self._let_on()
         return False
+
+    def _let_on(self) -> None:
+        if self.total <= self.limit // 2:
+            waiting, self._waiting = self._waiting, set()
+            for conn in waiting:
+                conn.room()
+        elif self._through is None:   # the one nearest its frame's end, likely
+            self._through = max(self._waiting, key=lambda conn: conn.partial_held)
+            self._waiting.discard(self._through)
+            self._through.room()
 
 
 class ServerConnection(FramedProtocol):
@@ -73,7 +91,7 @@ class ServerConnection(FramedProtocol):
         super().__init__(max_frame_size, max_depth)
         self._dispatch = dispatch
         self._partial = partial
-        self._partial_held = 0   # what the decoder held when last counted in _partial
+        self.partial_held = 0   # what the decoder held when last counted in _partial
         self._admit = admit    # peer IP -> why it may not connect, or None
         self._connections = connections
         self._max_connections = max_connections
@@ -105,8 +123,8 @@ class ServerConnection(FramedProtocol):
 
     def _count_partial(self) -> None:
         holds = 0 if self.closed else self._decoder.buffered
-        if holds != self._partial_held:
-            change, self._partial_held = holds - self._partial_held, holds
+        if holds != self.partial_held:
+            change, self.partial_held = holds - self.partial_held, holds
             if self._partial.add(self, change, holds):
                 self._pause(_CROWDED)
 
