@@ -15,7 +15,6 @@ import contextlib
 import datetime
 import ipaddress
 import logging
-import os
 import ssl
 import time
 from typing import Dict, List
@@ -30,8 +29,8 @@ from octo_core.transport import server as server_conn
 from octo_core.errors import (CallTimeout, DegradeError, OctoError, RpcError, Status,
                               TransportError)
 
-from wire_helpers import (CLIENT_APPKEY, LOCALHOST, SERVER_APPKEY, Echo, EchoHandler,
-                          async_client, decode_body, echo_services, framed_request, raw_connection,
+from wire_helpers import (CLIENT_APPKEY, EVERYTHING, LOCALHOST, SERVER_APPKEY, Echo, EchoHandler,
+                          EverythingStubs, async_client, decode_body, echo_services, framed_request, raw_connection,
                           run, serving, unified_request, wait_until, watchdog)  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
@@ -818,11 +817,7 @@ def test_stop_does_not_wait_forever_for_a_peer_that_reads_nothing():
     run(main())
 
 
-EVERYTHING = octo_core.load_idl(os.path.join(os.path.dirname(os.path.abspath(__file__)), "idl",
-                                             "everything.thrift"))
-
-
-class GatedSorter:
+class GatedSorter(EverythingStubs):
     """EverythingService whose ``classify`` waits at a gate the test opens."""
 
     def __init__(self) -> None:
@@ -833,25 +828,6 @@ class GatedSorter:
         self.running += 1
         await asyncio.wait_for(self.gate.wait(), 10)
         return {}
-
-    # the service's other methods (not called here)
-    def ping(self):
-        pass
-
-    def add(self, a, b):
-        return a + b
-
-    def echo(self, payload):
-        return payload
-
-    def notify(self, event, attrs):
-        pass
-
-    def walk(self, root, depth):
-        return []
-
-    def checksum(self, data, algorithms):
-        return b""
 
 
 def test_the_objects_a_request_decodes_to_count_in_flow_control_and_in_flight_bytes():

@@ -16,6 +16,7 @@ import random
 import socket
 import sys
 import traceback
+from typing import Any
 
 import pytest
 from thriftpy2.thrift import TApplicationException, TMessageType
@@ -28,8 +29,8 @@ from octo_core.errors import (ApplicationError, CallTimeout, DecodeError, Encode
 from octo_core.protocol import MessageType, NodeStatus
 from octo_core.registry.memory import MemoryRegistry
 
-from wire_helpers import (SERVER_APPKEY, Calc, CalcHandler, Echo, EchoError, EchoHandler,
-                          async_client, decode_body, echo_services, have_snappy, raw_connection,
+from wire_helpers import (EVERYTHING, SERVER_APPKEY, Calc, CalcHandler, Echo, EchoError,
+                          EchoHandler, EverythingStubs, async_client, decode_body, echo_services, have_snappy, raw_connection,
                           run, serving, serving_in_thread, short_tmpdir, sync_client,
                           unified_request, wait_until, watchdog)  # noqa: F401  (fixture)
 
@@ -271,34 +272,11 @@ def test_async_client_declared_and_undeclared_exceptions(proto, wire_warnings):
         "Echo.fail raised Unprintable (its message cannot be formatted)"
 
 
-EVERYTHING = octo_core.load_idl(os.path.join(os.path.dirname(os.path.abspath(__file__)), "idl",
-                                             "everything.thrift"))
-
-
-class _PartialResults:
+class _PartialResults(EverythingStubs):
     """Answers structs whose required fields are unset (a bug in the handler)."""
 
     async def echo(self, payload):
         return EVERYTHING.Everything(requiredness=EVERYTHING.Requiredness(req_struct=None))
-
-    # the service's other methods (not called here)
-    def ping(self):
-        pass
-
-    def add(self, a, b):
-        return a + b
-
-    def notify(self, event, attrs):
-        pass
-
-    def walk(self, root, depth):
-        return []
-
-    def checksum(self, data, algorithms):
-        return b""
-
-    def classify(self, items):
-        return {}
 
 
 @pytest.mark.parametrize("proto", PROTOCOLS)

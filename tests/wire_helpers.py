@@ -41,6 +41,33 @@ echo_thrift = octo_core.load_idl(ECHO_IDL, module_name="octo_wire_echo_thrift")
 Echo = echo_thrift.Echo
 Calc = echo_thrift.Calc
 EchoError = echo_thrift.EchoError
+EVERYTHING = octo_core.load_idl(os.path.join(HERE, "idl", "everything.thrift"))
+
+
+class EverythingStubs:
+    """EverythingService's methods, each with a plain answer: a test's handler
+    overrides the ones it calls."""
+
+    def ping(self):
+        pass
+
+    def add(self, a, b):
+        return a + b
+
+    def echo(self, payload):
+        return payload
+
+    def notify(self, event, attrs):
+        pass
+
+    def walk(self, root, depth):
+        return []
+
+    def checksum(self, data, algorithms):
+        return b""
+
+    def classify(self, items):
+        return {}
 
 SERVER_APPKEY = "com.example.wire.server"
 CLIENT_APPKEY = "com.example.wire.client"
