@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import gc
 import math
 import re
@@ -435,6 +436,11 @@ def test_a_blocking_call_on_the_loop_thread_gets_its_coroutines_value_or_excepti
         with pytest.raises(ValueError) as raised:
             thread.call(answer(refused), 5, TimeoutError)
         assert raised.value is refused
+        # given the function that makes the coroutine, the same; and what that
+        # function raises is the call's outcome (not an error logged on the loop)
+        assert thread.call(functools.partial(answer, 7), 5, TimeoutError) == 7
+        with pytest.raises(TypeError):
+            thread.submit(functools.partial(answer, 1, 2, 3)).result(5)
     finally:
         thread.stop()
 

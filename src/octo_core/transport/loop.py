@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import contextvars
 import functools
 import sys
@@ -126,7 +127,13 @@ class LoopThread:
         if self._stopping or future.cancelled():   # (a task now would miss _cancel_rest)
             self._never_started(future, make)
             return
-        task = self.loop.create_task(make())
+        try:
+            coro = make()
+        except Exception as exc:   # (the function that makes it failed): the caller's outcome
+            if future.set_running_or_notify_cancel():
+                future.set_exception(exc)
+            return
+        task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(functools.partial(self._settle, future))
         future.add_done_callback(functools.partial(self._cancel_if_cancelled, task))
@@ -141,7 +148,8 @@ class LoopThread:
                        make: Callable[[], Coroutine[Any, Any, Any]]) -> None:
         """Close the coroutine (no "coroutine was never awaited"); ``future``, unless
         its caller cancelled it, fails with ``stopped_error()``."""
-        make().close()
+        with contextlib.suppress(Exception):   # (one that cannot be made was never made)
+            make().close()
         if future.set_running_or_notify_cancel():
             future.set_exception(self._stopped_error())
 
