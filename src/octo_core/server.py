@@ -231,7 +231,7 @@ class Server:
     string and container lengths, nesting, objects per decode) for the thrift
     messages, bound what one request may cost; ``max_connections`` (more are
     closed on accept; by default the open-file limit, RLIMIT_NOFILE, at ``start``,
-    less an eighth or 128, whichever is more, but at most half: a server out of
+    less an eighth or 128, whichever is more, never below half: a server out of
     descriptors cannot even accept a connection to refuse it; the default is
     each server's and counts connections once their TLS handshake is done, so
     give it yourself for several servers in one process),
