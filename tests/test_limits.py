@@ -178,7 +178,34 @@ def test_refused_connections_are_logged_a_line_at_a_time_with_a_count(caplog, mo
 
     run(main())
     assert len(refusals()) == 2
-    assert refusals()[1].endswith("(and 4 more since the last such warning)")
+    assert refusals()[1].endswith("(and 4 more since the last such message)")
+
+
+def test_denied_peers_are_logged_a_line_at_a_time_with_a_count(caplog, monkeypatch):
+    # A peer on the deny list redialling in a loop must not fill the log either.
+    monkeypatch.setattr(server_conn, "_DENIED", server_conn.Throttle(10.0, server_conn.log,
+                                                                      logging.INFO))
+    caplog.set_level(logging.INFO, logger="octo_core")
+
+    def refusals() -> List[str]:
+        return [r.getMessage() for r in caplog.records if "refusing connection" in r.getMessage()]
+
+    async def main():
+        auth = Authenticator(StaticTokens({}), deny=["127.0.0.0/8"])
+        async with serving(echo_services(), auth=auth) as server:
+            for _ in range(5):
+                async with raw_connection(server.address) as denied:
+                    assert await denied.closed_by_peer()
+            assert len(refusals()) == 1 and "deny" in refusals()[0]
+            server_conn._DENIED._next = 0.0      # the quiet interval is over
+            async with raw_connection(server.address) as denied:
+                assert await denied.closed_by_peer()
+
+    run(main())
+    assert len(refusals()) == 2
+    assert refusals()[1].endswith("(and 4 more since the last such message)")
+    assert {r.levelno for r in caplog.records if "refusing connection" in r.getMessage()} \
+        == {logging.INFO}
 
 
 # --- in-flight limits --------------------------------------------------------------

@@ -133,7 +133,7 @@ def test_connections_closed_for_bad_bytes_are_logged_a_line_at_a_time(caplog, mo
 
     run(main())
     assert len(closings()) == 2
-    assert closings()[1].endswith(f"(and {len(BAD_BYTES) - 1} more since the last such warning)")
+    assert closings()[1].endswith(f"(and {len(BAD_BYTES) - 1} more since the last such message)")
 
 
 def test_all_bad_connections_at_once_while_good_clients_call():

@@ -161,7 +161,7 @@ class _Reply:
         encoded or would exceed the connection's max_frame_size."""
         if self.silent:
             if msg_type == TMessageType.EXCEPTION:   # a refusal nobody will read: say it here
-                _DROPPED.warn("%s: a oneway call was dropped unanswered: %s", self.conn.peer, text)
+                _DROPPED.log("%s: a oneway call was dropped unanswered: %s", self.conn.peer, text)
             return
         conn = self.conn
         limit, depth = conn.max_frame_size, conn.max_depth
@@ -716,7 +716,7 @@ class Server:
             except SecurityError as refused:
                 return Status.SECURITY_EXCEPTION, str(refused)
             except Exception as broken:   # the token store's fault: this call is refused, no more
-                _AUTH_BROKEN.warn("%s: checking a request from %s failed: %r",
+                _AUTH_BROKEN.log("%s: checking a request from %s failed: %r",
                                   self.appkey, caller or "(anonymous)", broken)
                 return Status.SECURITY_EXCEPTION, "the server could not check this request"
         if self.max_in_flight is not None and self._in_flight >= self.max_in_flight:

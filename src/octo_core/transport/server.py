@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 from typing import Callable, Deque, List, Optional, Set
 
 from octo_core.protocol import DEFAULT_MAX_DEPTH, Frame
@@ -14,6 +15,8 @@ _CROWDED = 4            # or the server's connections hold too much of frames pa
 
 #: Connections refused at ``max_connections``: a peer redialling in a loop makes one each.
 _REFUSED = Throttle(10.0, log)
+#: Peers on the deny list: expected traffic, logged at INFO, as sparingly.
+_DENIED = Throttle(10.0, log, logging.INFO)
 
 
 class PartialFrames:
@@ -161,7 +164,7 @@ class ServerConnection(FramedProtocol):
 
     def protocol_error(self, exc) -> None:
         """The peer broke the framing: read no more, answer what it sent before, close."""
-        BROKEN.warn("closing connection %s: %s", self.peer, exc)
+        BROKEN.log("closing connection %s: %s", self.peer, exc)
         self._input_ended = True
         if self.transport is not None and not self.closed:
             self.transport.pause_reading()
@@ -206,11 +209,11 @@ class ServerConnection(FramedProtocol):
         super().connection_made(transport)
         refused = self._admit(self.peer_ip) if self._admit is not None else None
         if refused:   # before it can hold a connection slot, a heartbeat or an answer
-            log.info("refusing connection from %s: %s", self.peer, refused)
+            _DENIED.log("refusing connection from %s: %s", self.peer, refused)
             self.abort()
             return
         if self._max_connections is not None and len(self._connections) >= self._max_connections:
-            _REFUSED.warn("refusing connection from %s: %d connections open (max %d)",
+            _REFUSED.log("refusing connection from %s: %d connections open (max %d)",
                           self.peer, len(self._connections), self._max_connections)
             self.abort()
             return

@@ -27,23 +27,25 @@ CLOSE_LINGER = 2.0
 
 
 class Throttle:
-    """A warning at most every ``every`` seconds; those held back are counted in the next.
-    For what a peer can make happen at will: one line per event would let it flood the log."""
+    """A log line (a warning, or ``level``) at most every ``every`` seconds; those
+    held back are counted in the next. For what a peer can make happen at will:
+    one line per event would let it flood the log."""
 
-    def __init__(self, every: float, logger: logging.Logger) -> None:
+    def __init__(self, every: float, logger: logging.Logger, level: int = logging.WARNING) -> None:
         self.every = every
-        self.log = logger
+        self.logger = logger
+        self.level = level
         self._next = 0.0
         self._held = 0
 
-    def warn(self, message: str, *args: Any) -> None:
+    def log(self, message: str, *args: Any) -> None:
         now = time.monotonic()
         if now < self._next:
             self._held += 1
             return
         if self._held:
-            message += f" (and {self._held} more since the last such warning)"
-        self.log.warning(message, *args)
+            message += f" (and {self._held} more since the last such message)"
+        self.logger.log(self.level, message, *args)
         self._next, self._held = now + self.every, 0
 
 
@@ -159,7 +161,7 @@ class FramedProtocol(asyncio.Protocol):
 
     def protocol_error(self, exc: ProtocolError) -> None:
         """The peer broke the framing: drop this connection, nothing else."""
-        BROKEN.warn("closing connection %s: %s", self.peer, exc)
+        BROKEN.log("closing connection %s: %s", self.peer, exc)
         self.abort(exc)
 
     def send(self, data: bytes) -> None:
