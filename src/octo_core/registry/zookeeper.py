@@ -252,8 +252,10 @@ class ZooKeeperRegistry(Registry):
         self._dirs: Dict[str, _ZnodeDir] = {}
         self._retry: Optional[threading.Timer] = None
         self._retry_delay = _RETRY_FIRST
-        self._retry_lost = False   # the retry has nodes to re-create
-        self._session_lost = False
+        # Sessions lost (kazoo's thread counts them), and how many of those our nodes
+        # were last re-created after (the worker's): they differ while nodes are owed.
+        self._sessions_lost = 0
+        self._reregistered_after = 0
         self._closed = False
         self._client.add_listener(self._on_state)
         self._connected = self._client.start_async()   # set while a session is live
@@ -309,7 +311,7 @@ class ZooKeeperRegistry(Registry):
         except _FAILURES as exc:   # everything is read again, after a pause or a reconnection
             if not self._closed:
                 log.info("ZooKeeper watch work failed (%s); reading again", _detail(exc))
-                self._recover_later(False)
+                self._recover_later()
         except Exception:
             log.exception("ZooKeeper watch work failed")
 
@@ -318,25 +320,28 @@ class ZooKeeperRegistry(Registry):
     def _on_state(self, state: str) -> None:
         # kazoo's connection thread: never block here.
         if state == KazooState.LOST:
-            self._session_lost = True
+            self._sessions_lost += 1
         elif state == KazooState.CONNECTED:
-            lost, self._session_lost = self._session_lost, False
-            self._submit(self._recover, lost)
+            self._submit(self._recover)
 
-    def _recover(self, lost: bool) -> None:
-        """After a reconnection: re-create our ephemeral nodes if the session was lost,
-        follow them again, and re-read every watched appkey. What fails is tried again
-        after a pause, or at the next reconnection, whichever comes first."""
+    def _recover(self) -> None:
+        """After a reconnection: re-create our ephemeral nodes if a session was lost
+        since they were last made, follow them again, and re-read every watched
+        appkey. What fails is tried again after a pause, or at the next
+        reconnection, whichever comes first."""
+        lost = self._sessions_lost       # (read once: a loss from now on is recovered next)
+        reregister = lost != self._reregistered_after
         failed = False
         for path, node in list(self._registered.items()):
             try:
-                if lost:
+                if reregister:
                     self._reregister(path, node)
                 self._follow(path)
             except _FAILURES as exc:
                 log.warning("re-registering %s failed (%s); trying again", path, _detail(exc))
-                self._session_lost = self._session_lost or lost
                 failed = True
+        if not failed:
+            self._reregistered_after = lost
         for tree in list(self._trees.values()):
             try:
                 tree.refresh()
@@ -344,7 +349,7 @@ class ZooKeeperRegistry(Registry):
                 log.info("re-reading a watched appkey failed (%s); trying again", _detail(exc))
                 failed = True
         if failed:
-            self._recover_later(lost)
+            self._recover_later()
         else:
             self._retry_delay = _RETRY_FIRST
 
@@ -362,10 +367,9 @@ class ZooKeeperRegistry(Registry):
         self._saw(path, stored)
         log.info("re-registered %s after the ZooKeeper session was lost", path)
 
-    def _recover_later(self, lost: bool) -> None:
+    def _recover_later(self) -> None:
         """Run ``_recover`` again after a pause that doubles each time; one at a time
         (the worker thread, as everything that calls this)."""
-        self._retry_lost = self._retry_lost or lost
         if self._closed or (self._retry is not None and self._retry.is_alive()):
             return
         delay, self._retry_delay = self._retry_delay, min(2 * self._retry_delay, _RETRY_LAST)
@@ -374,9 +378,8 @@ class ZooKeeperRegistry(Registry):
         self._retry.start()
 
     def _retry_recovery(self) -> None:
-        lost, self._retry_lost = self._retry_lost, False
         if self._connected.is_set():   # (else the reconnection recovers: see _on_state)
-            self._recover(lost)
+            self._recover()
 
     def _session_id(self) -> Optional[int]:
         client_id = self._client.client_id
