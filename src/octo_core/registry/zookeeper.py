@@ -119,19 +119,9 @@ class _ZnodeDir:
                     return []
 
     def _fetch(self, names: Iterable[str]) -> Dict[str, Any]:
-        client = self._registry._client
-        pending = [(name, client.get_async(f"{self.path}/{name}", self._registry._child_event))
-                   for name in names]
-        items = {}
-        for name, result in pending:
-            try:
-                data, _ = self._registry._wait(result)
-            except NoNodeError:
-                self.names.discard(name)
-                continue
-            item = _parse(self._parse, f"{self.path}/{name}", data)
-            if item is not None:
-                items[name] = item
+        items, gone = self._registry._get_parsed(self.path, names, self._parse,
+                                                 self._registry._child_event)
+        self.names -= gone
         return items
 
     def _children_changed(self) -> None:
@@ -477,18 +467,27 @@ class ZooKeeperRegistry(Registry):
             names = self._wait(self._client.get_children_async(directory))
         except NoNodeError:
             return []
-        pending = [(f"{directory}/{name}", self._client.get_async(f"{directory}/{name}"))
+        return list(self._get_parsed(directory, names, parse)[0].values())
+
+    def _get_parsed(self, directory: str, names: Iterable[str], parse: _Parser,
+                    watch: Optional[Callable[[WatchedEvent], None]] = None
+                    ) -> Tuple[Dict[str, Any], Set[str]]:
+        """The children ``names`` of ``directory``, read at once (the requests
+        pipelined) and parsed: the items by name (those that do not parse are
+        left out), and the names found gone."""
+        pending = [(name, self._client.get_async(f"{directory}/{name}", watch))
                    for name in names]
-        items = []
-        for path, result in pending:
+        items, gone = {}, set()
+        for name, result in pending:
             try:
                 data, _ = self._wait(result)
             except NoNodeError:
+                gone.add(name)
                 continue
-            item = _parse(parse, path, data)
+            item = _parse(parse, f"{directory}/{name}", data)
             if item is not None:
-                items.append(item)
-        return items
+                items[name] = item
+        return items, gone
 
     def _read_record(self, appkey: str, key: str) -> Tuple[Dict[str, float], Optional[ZnodeStat]]:
         path = self._record_path(appkey, key)
