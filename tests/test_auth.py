@@ -1010,3 +1010,11 @@ def test_nonces_leave_the_cache_when_they_expire_whatever_order_they_came_in():
     later = t0 + 6        # the nine expired at t0 + 5; the one ahead lives to t0 + 9
     check(auth, signed_context(TOKEN, CLIENT_APPKEY, ts=str(int(later * 1000))), now=later)
     assert len(auth._nonces._seen) == 2
+
+
+@pytest.mark.parametrize("options", [dict(acl={CLIENT_APPKEY: "Echo.*"}), dict(allow="10.0.0.0/8"),
+                                     dict(deny="10.0.0.1")])
+def test_a_pattern_list_given_as_one_string_is_refused(options):
+    # read as its characters, the grant "Echo.*" held the pattern "*": every method of every service
+    with pytest.raises(TypeError, match="not one string"):
+        make_auth(**options)

@@ -144,6 +144,14 @@ def _network(rule: str) -> Union[ipaddress.IPv4Network, ipaddress.IPv6Network]:
     return net
 
 
+def _rules(what: str, rules: Iterable[str]) -> Tuple[str, ...]:
+    """A list of patterns; one string is refused, not read as its characters (the
+    grant "Echo.*" would have become "E", "c", ..., "*": every method)."""
+    if isinstance(rules, (str, bytes)):
+        raise TypeError(f"{what} is a list of patterns, not one string: [{rules!r}]")
+    return tuple(rules)
+
+
 class Authenticator:
     """The server's security filter.
 
@@ -173,9 +181,9 @@ class Authenticator:
             raise TypeError(f"tokens is a token store (with token(appkey)) or a mapping "
                             f"{{appkey: token}}, not {type(tokens).__name__}")
         self.tokens = tokens
-        self.acl = None if acl is None else {k: tuple(v) for k, v in acl.items()}
-        self.allow = [_network(a) for a in allow]
-        self.deny = [_network(d) for d in deny]
+        self.acl = None if acl is None else {k: _rules(f"acl[{k!r}]", v) for k, v in acl.items()}
+        self.allow = [_network(a) for a in _rules("allow", allow)]
+        self.deny = [_network(d) for d in _rules("deny", deny)]
         self.skew = skew
         self.sign_body = sign_body
         self._nonces = _NonceCache(nonce_capacity)
