@@ -191,6 +191,15 @@ def test_static_tokens_from_lines_file(tmp_path):
     assert store.token("#") is None and store.token("") is None
 
 
+def test_static_tokens_from_lines_file_keep_a_hash_inside_a_token(tmp_path):
+    # a '#' within a token once cut it short, silently: "s3cr#et" served as "s3cr"
+    path = tmp_path / "tokens.txt"
+    path.write_text(f"{CLIENT_APPKEY} s3cr#et-{TOKEN} #the client\n{OTHER_APPKEY} {OTHER_TOKEN}#\n")
+    store = StaticTokens.from_file(str(path))
+    assert store.token(CLIENT_APPKEY) == f"s3cr#et-{TOKEN}"
+    assert store.token(OTHER_APPKEY) == f"{OTHER_TOKEN}#"
+
+
 def test_static_tokens_bad_line_names_the_line_not_the_secret(tmp_path):
     path = tmp_path / "tokens.txt"
     path.write_text(f"{CLIENT_APPKEY} {TOKEN}\nonly-one-field-{OTHER_TOKEN}\n")

@@ -18,6 +18,7 @@ import collections
 import fnmatch
 import heapq
 import ipaddress
+import itertools
 import json
 import os
 import threading
@@ -49,17 +50,17 @@ class StaticTokens:
 
     @classmethod
     def from_file(cls, path: str) -> "StaticTokens":
-        """A JSON object ``{appkey: token}``, or lines ``appkey token`` (``#`` comments)."""
+        """A JSON object ``{appkey: token}``, or lines ``appkey token`` (a ``#`` that
+        starts a word starts a comment; one inside a token is part of it)."""
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
         if text.lstrip().startswith("{"):
             return cls(json.loads(text))
         tokens = {}
         for number, line in enumerate(text.splitlines(), 1):
-            line = line.split("#", 1)[0].strip()
-            if not line:
+            parts = list(itertools.takewhile(lambda word: not word.startswith("#"), line.split()))
+            if not parts:
                 continue
-            parts = line.split()
             if len(parts) != 2:
                 raise ValueError(f"{path}:{number}: expected 'appkey token'")
             tokens[parts[0]] = parts[1]
