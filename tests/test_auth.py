@@ -1027,3 +1027,18 @@ def test_a_pattern_list_given_as_one_string_is_refused(options):
     # read as its characters, the grant "Echo.*" held the pattern "*": every method of every service
     with pytest.raises(TypeError, match="not one string"):
         make_auth(**options)
+
+
+def test_an_empty_token_signs_nothing_and_passes_nothing():
+    # the HMAC under the empty key is anyone's to make: an empty token (a blank
+    # line in a config, an unset variable) must not let forgeries in
+    for tokens in ({CLIENT_APPKEY: ""}, {CLIENT_APPKEY: b""}):
+        auth = make_auth(tokens=tokens)
+        with pytest.raises(SecurityError, match="bad-signature"):
+            check(auth, signed_context(b"", CLIENT_APPKEY))
+        assert auth.rejections == {"unknown-caller": 1}
+    for empty in ("", b""):
+        with pytest.raises(ValueError, match="empty"):
+            DerivedTokens(empty)
+        with pytest.raises(ValueError, match="empty"):
+            Signer(CLIENT_APPKEY, empty, SERVER_APPKEY)

@@ -39,8 +39,16 @@ _SIGNING_KEYS_KEPT = 16384
 
 # --- token stores ---------------------------------------------------------------------
 
+def _secret(what: str, secret: Union[str, bytes]) -> Union[str, bytes]:
+    """``secret``, unless it is empty: an HMAC under the empty key anyone can make."""
+    if not secret:
+        raise ValueError(f"{what} is empty: anyone could sign with it")
+    return secret
+
+
 class StaticTokens:
-    """Tokens given explicitly: ``{appkey: token}``."""
+    """Tokens given explicitly: ``{appkey: token}``. An appkey whose token is
+    empty has none (its requests are refused)."""
 
     def __init__(self, tokens: Mapping[str, str]) -> None:
         self._tokens = dict(tokens)
@@ -71,7 +79,7 @@ class DerivedTokens:
     """KMS-style tokens: ``HMAC-SHA256(master_secret, appkey)`` (32 bytes) for any appkey."""
 
     def __init__(self, master_secret: Union[str, bytes]) -> None:
-        self._master = SigningKey(master_secret)
+        self._master = SigningKey(_secret("the master secret", master_secret))
 
     def token(self, appkey: str) -> Optional[bytes]:
         return self._master.digest(appkey.encode())
@@ -90,7 +98,7 @@ class Signer:
         self.appkey = appkey
         self.server_appkey = server_appkey
         self.sign_body = sign_body
-        self._key = SigningKey(token)
+        self._key = SigningKey(_secret("the token", token))
 
     def headers(self, service: str, method: str, body: Optional[bytes] = None) -> Dict[str, str]:
         ts = str(int(time.time() * 1000))
@@ -238,7 +246,7 @@ class Authenticator:
         if not caller or not ts or not nonce or not signature:
             raise self._refuse("unsigned", "the request carries no signature")
         token = self.tokens.token(caller)
-        if token is None:   # told as a bad signature: which appkeys have tokens is no one's business
+        if not token:   # told as a bad signature: which appkeys have tokens is no one's business
             raise self._refuse("unknown-caller", f"no token for appkey {caller!r}",
                                told="bad-signature: the signature does not match")
         key = self._keys.get(token)
