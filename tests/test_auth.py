@@ -1042,3 +1042,15 @@ def test_an_empty_token_signs_nothing_and_passes_nothing():
             DerivedTokens(empty)
         with pytest.raises(ValueError, match="empty"):
             Signer(CLIENT_APPKEY, empty, SERVER_APPKEY)
+
+
+@pytest.mark.parametrize("skew", [float("nan"), float("inf"), 0, -1.0])
+def test_a_skew_that_bounds_nothing_is_refused(skew):
+    # with NaN every age compared "within the window": a ten-year-old request passed
+    with pytest.raises(ValueError, match="skew"):
+        make_auth(skew=skew)
+
+
+def test_a_nonce_cache_that_holds_nothing_is_refused():
+    with pytest.raises(ValueError, match="nonce_capacity"):
+        make_auth(nonce_capacity=0)

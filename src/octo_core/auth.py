@@ -20,6 +20,7 @@ import heapq
 import ipaddress
 import itertools
 import json
+import math
 import os
 import threading
 import time
@@ -189,6 +190,11 @@ class Authenticator:
         elif not callable(getattr(tokens, "token", None)):
             raise TypeError(f"tokens is a token store (with token(appkey)) or a mapping "
                             f"{{appkey: token}}, not {type(tokens).__name__}")
+        if not (isinstance(skew, (int, float)) and 0 < skew < math.inf):
+            # NaN compared false and let any old request in; infinity kept every nonce for ever
+            raise ValueError(f"skew is a finite number of seconds above 0, not {skew!r}")
+        if nonce_capacity < 1:
+            raise ValueError(f"nonce_capacity is at least 1, not {nonce_capacity!r}")
         self.tokens = tokens
         self.acl = None if acl is None else {k: _rules(f"acl[{k!r}]", v) for k, v in acl.items()}
         self.allow = [_network(a) for a in _rules("allow", allow)]
