@@ -166,7 +166,9 @@ class Authenticator:
     """The server's security filter.
 
     ``tokens``: a token store (``StaticTokens``, ``DerivedTokens``, or anything with
-    ``token(appkey) -> Optional[str]``), or a plain ``{appkey: token}`` mapping.
+    ``token(appkey) -> Optional[str]``), or a plain ``{appkey: token}`` mapping;
+    ``token`` is called on the server's loop for every call, so it answers from
+    memory (a store backed by a KMS keeps a cache, refreshed off the loop).
     ``allow``/``deny``: peer IPs or CIDRs (deny wins; with an allow list, only it
     passes). ``acl``: ``{caller appkey pattern: ["Service.method" patterns]}``
     with ``fnmatch`` wildcards; ``None`` lets every authenticated caller in.
