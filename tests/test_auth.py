@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import logging
 import os
 import time
 from typing import AsyncIterator, Callable, List, Optional, Union
@@ -818,6 +819,35 @@ def test_e2e_ungranted_caller_and_method_are_refused():
             assert "may not call Echo.ping" in str(error)
             await expect_status_7(other.echo("x"))
             assert auth.rejections["not-granted"] == 2
+
+    run(main())
+
+
+def test_e2e_a_token_store_that_fails_refuses_that_call_and_no_more(caplog, monkeypatch):
+    """A store that raises (a KMS down) refuses the call it was asked for with status
+    7, tells the caller nothing of why, and the server goes on; its log names the
+    caller as a repr (the name is the peer's: a line break must not forge a line)."""
+    monkeypatch.setattr(octo_core.server, "_AUTH_BROKEN",
+                        octo_core.server.Throttle(10.0, octo_core.server.log))
+
+    class Flaky(StaticTokens):
+        def token(self, appkey: str) -> Optional[str]:
+            if appkey.startswith(OTHER_APPKEY):
+                raise ConnectionError("the KMS is down")
+            return super().token(appkey)
+
+    async def main():
+        auth = server_auth(tokens=Flaky({CLIENT_APPKEY: TOKEN, OTHER_APPKEY: OTHER_TOKEN}))
+        async with serving(echo_services(), auth=auth) as server, \
+                signed_client(server.address) as good, \
+                signed_client(server.address, appkey=OTHER_APPKEY + "\nforged",
+                              token=OTHER_TOKEN) as broken:
+            with caplog.at_level(logging.WARNING, logger="octo_core.server"):
+                error = await expect_status_7(broken.echo("x"))
+            assert "could not check" in str(error) and "KMS" not in str(error)
+            assert await good.echo("still") == "still"
+        lines = [r.getMessage() for r in caplog.records if "checking a request" in r.getMessage()]
+        assert len(lines) == 1 and "\n" not in lines[0] and "KMS is down" in lines[0]
 
     run(main())
 

@@ -716,8 +716,10 @@ class Server:
             except SecurityError as refused:
                 return Status.SECURITY_EXCEPTION, str(refused)
             except Exception as broken:   # the token store's fault: this call is refused, no more
-                _AUTH_BROKEN.log("%s: checking a request from %s failed: %r",
-                                  self.appkey, caller or "(anonymous)", broken)
+                # (the caller's name as a repr: it is the peer's, unchecked, and could
+                # carry a line break to forge log lines)
+                _AUTH_BROKEN.log("%s: checking a request from %r failed: %r",
+                                 self.appkey, caller, broken)
                 return Status.SECURITY_EXCEPTION, "the server could not check this request"
         if self.max_in_flight is not None and self._in_flight >= self.max_in_flight:
             return Status.RPC_EXCEPTION, f"{self.appkey} is overloaded: {self._in_flight} calls in flight"
