@@ -317,16 +317,14 @@ def test_unknown_caller_is_refused_and_told_as_a_bad_signature():
 
 
 def test_a_request_refused_for_its_grants_keeps_no_nonce():
-    """A caller the ACL grants nothing could otherwise fill the nonce cache and
-    lock every other caller out ("nonce-cache-full")."""
+    """A caller the ACL grants nothing takes no room in the nonce cache (it would
+    narrow the replay window for everyone)."""
     auth = make_auth(acl={CLIENT_APPKEY: ["Echo.echo"]}, nonce_capacity=4)
     for _ in range(10):
         assert_refused(lambda: check(auth, signed_context(TOKEN, CLIENT_APPKEY, method="ping"),
                                      method="ping"), "not-granted", auth)
-    for _ in range(4):
-        check(auth, signed_context(TOKEN, CLIENT_APPKEY))
-    assert_refused(lambda: check(auth, signed_context(TOKEN, CLIENT_APPKEY)), "nonce-cache-full",
-                   auth)
+    assert not auth._nonces._seen
+    check(auth, signed_context(TOKEN, CLIENT_APPKEY))
 
 
 @pytest.mark.parametrize("offset", [-61.0, 61.0, -3600.0, 86400.0 * 365])
@@ -475,7 +473,7 @@ def test_rejection_counters_per_reason():
     assert dict(auth.rejections) == {reason: len(v) for reason, v in attempts.items()}
 
 
-def test_a_full_nonce_cache_refuses_new_nonces_and_forgets_none_early():
+def test_a_full_nonce_cache_forgets_its_oldest_and_lets_no_replay_through():
     capacity = 256
     auth = make_auth(nonce_capacity=capacity, skew=5.0)
     t0 = time.time()
@@ -483,14 +481,39 @@ def test_a_full_nonce_cache_refuses_new_nonces_and_forgets_none_early():
     for context in signed:
         check(auth, context, now=t0)
     assert len(auth._nonces._seen) == capacity
-    fresh = signed_context(TOKEN, CLIENT_APPKEY, ts=str(int(t0 * 1000)))
-    assert_refused(lambda: check(auth, dict(fresh), now=t0 + 1), "nonce-cache-full", auth)
-    # evicting the oldest to make room would have let it be replayed
-    assert_refused(lambda: check(auth, dict(signed[0]), now=t0 + 1), "replayed", auth)
+    # as old as the oldest remembered: it would be the one forgotten
+    assert_refused(lambda: check(auth, signed_context(TOKEN, CLIENT_APPKEY,
+                                                      ts=str(int(t0 * 1000))), now=t0 + 1),
+                   "nonce-cache-full", auth)
+    # signed later: taken, and one of the oldest forgotten for it ...
+    check(auth, signed_context(TOKEN, CLIENT_APPKEY, ts=str(int((t0 + 1) * 1000))), now=t0 + 1)
+    assert len(auth._nonces._seen) == capacity
+    # ... yet none of them passes again: what was signed as early as it is refused
+    for context in signed:
+        with pytest.raises(SecurityError):
+            check(auth, dict(context), now=t0 + 1)
+    assert auth.rejections["replayed"] == capacity - 1
     # once their timestamps leave the window, the nonces go and new ones are taken
-    later = t0 + 6
+    later = t0 + 7
     check(auth, signed_context(TOKEN, CLIENT_APPKEY, ts=str(int(later * 1000))), now=later)
     assert len(auth._nonces._seen) == 1
+
+
+def test_a_caller_flooding_the_nonce_cache_locks_no_one_out():
+    """One caller signing far more than the cache holds narrows the replay window
+    to its last requests; another caller's request, signed now, still passes."""
+    auth = make_auth(nonce_capacity=100, skew=60.0)
+    t0 = time.time()
+    for i in range(1000):     # a thousand requests, a millisecond apart
+        check(auth, signed_context(OTHER_TOKEN, OTHER_APPKEY, ts=str(int(t0 * 1000) + i)),
+              caller=OTHER_APPKEY, now=t0 + i / 1000)
+    assert len(auth._nonces._seen) == 100
+    now = t0 + 1
+    check(auth, signed_context(TOKEN, CLIENT_APPKEY, ts=str(int(now * 1000))), now=now)
+    # one signed before the flood's last hundred is refused, not let through unremembered
+    assert_refused(lambda: check(auth, signed_context(TOKEN, CLIENT_APPKEY,
+                                                      ts=str(int(t0 * 1000) + 500)), now=now),
+                   "nonce-cache-full", auth)
 
 
 @pytest.mark.parametrize("ts, nonce, reason", [

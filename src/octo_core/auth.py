@@ -115,14 +115,17 @@ class _NonceCache:
     """Nonces whose requests could still pass the skew check, at most ``capacity``.
 
     A request signed at ``ts`` is accepted until ``ts + skew``; its nonce is kept
-    that long. Forgetting a nonce sooner would let its request be replayed, so a
-    cache full of live nonces refuses new ones (fails closed) until some expire.
+    that long. Full, the cache forgets its oldest nonce to take a newer one, and
+    from then on refuses every request signed as early as the one forgotten (the
+    ``floor``): the window a replay could use narrows, no replay gets through,
+    and no caller, however many requests it sends, locks fresh ones out.
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._seen: Dict[str, float] = {}                 # nonce -> when it expires
         self._expiries: List[Tuple[float, str]] = []      # a heap of (expires, nonce)
+        self._floor = -math.inf     # the latest expiry forgotten early: none at or before it passes
         self._lock = threading.Lock()
 
     def first_use(self, nonce: str, now: float, expires: float) -> Optional[str]:
@@ -133,8 +136,14 @@ class _NonceCache:
                 del seen[heapq.heappop(expiries)[1]]
             if nonce in seen:
                 return "replayed"
-            if len(seen) >= self.capacity:
+            if expires <= self._floor:
                 return "nonce-cache-full"
+            if len(seen) >= self.capacity:
+                oldest = expiries[0][0]
+                if expires <= oldest:      # it would be the one to forget
+                    return "nonce-cache-full"
+                del seen[heapq.heappop(expiries)[1]]
+                self._floor = oldest
             seen[nonce] = expires
             heapq.heappush(expiries, (expires, nonce))
             return None
@@ -177,10 +186,11 @@ class Authenticator:
 
     Replay protection keeps each nonce until its timestamp leaves the skew
     window; ``nonce_capacity`` bounds that memory (about 300 bytes a nonce).
-    Past it new requests are refused ("nonce-cache-full") rather than old
-    nonces forgotten early, so the default of one million sustains about
-    ``nonce_capacity / skew`` (16,000) signed calls a second; a busier server
-    raises it or narrows ``skew``.
+    Past it the oldest nonce is forgotten for a new one, and requests signed no
+    later than the one forgotten are refused ("nonce-cache-full"): beyond
+    ``nonce_capacity / skew`` (with the defaults, about 16,000) signed calls a
+    second the window narrows to the last ``nonce_capacity`` calls, so callers
+    whose clocks lag the server's by more than that are refused first.
     """
 
     def __init__(self, tokens: Union[TokenStore, Mapping[str, str]], *,
@@ -285,8 +295,8 @@ class Authenticator:
         if refused == "replayed":
             raise self._refuse(refused, "this nonce was already used")
         if refused is not None:
-            raise self._refuse(refused, f"{self._nonces.capacity} nonces are in the replay "
-                                        "window already: new ones wait until the oldest expire")
+            raise self._refuse(refused, f"signed earlier than the {self._nonces.capacity} "
+                                        "nonces the server remembers: sign it anew")
 
     def _granted(self, caller: str, target: str) -> bool:
         for who, grants in self.acl.items():
