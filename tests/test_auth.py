@@ -32,7 +32,7 @@ from octo_core import codec, protocol
 from octo_core._codec import SigningKey, sha256_hex
 from octo_core.auth import (NONCE_KEY, SIGN_KEY, TS_KEY, Authenticator, DerivedTokens, Signer,
                             StaticTokens)
-from octo_core.errors import OctoError, SecurityError, Status, TransportError
+from octo_core.errors import OctoError, SecurityError, ServiceError, Status, TransportError
 
 from wire_helpers import (CLIENT_APPKEY, LOCALHOST, SERVER_APPKEY, Echo, EchoHandler,
                           async_client, decode_body, echo_services, raw_connection, run, serving,
@@ -871,6 +871,21 @@ def test_e2e_a_token_store_that_fails_refuses_that_call_and_no_more(caplog, monk
             assert await good.echo("still") == "still"
         lines = [r.getMessage() for r in caplog.records if "checking a request" in r.getMessage()]
         assert len(lines) == 1 and "\n" not in lines[0] and "KMS is down" in lines[0]
+
+    run(main())
+
+
+def test_e2e_only_an_authenticated_caller_learns_which_services_are_not_hosted():
+    """Status 8 ("not hosted") to anyone would let an unsigned peer map the port's
+    services by name; it gets status 7, as for a hosted one."""
+    async def main():
+        async with serving(echo_services(), auth=server_auth()) as server:
+            async with signed_client(server.address, token=None, service_name="Admin") as anon:
+                error = await expect_status_7(anon.echo("x"))
+                assert "not hosted" not in str(error)
+            async with signed_client(server.address, service_name="Admin") as signed:
+                with pytest.raises(ServiceError, match="not hosted"):
+                    await signed.echo("x")
 
     run(main())
 

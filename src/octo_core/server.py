@@ -650,10 +650,10 @@ class Server:
             return
         service = self._services.get(head.service_name)
         if service is None:
+            status, text = self._unhosted(reply, head, frame.body)
             # names off the wire are not metric labels: one series for all unknown services
-            self.metrics.refused(UNKNOWN, UNKNOWN, Status.SERVICE_EXCEPTION)
-            reply.refuse(Status.SERVICE_EXCEPTION,
-                         f"service {head.service_name!r} is not hosted by {self.appkey}")
+            self.metrics.refused(UNKNOWN, UNKNOWN, status)
+            reply.refuse(status, text)
             return
         try:
             begin = _codec.decode_message_begin(frame.body, self.limits)
@@ -698,29 +698,52 @@ class Server:
         self.metrics.refused(service, UNKNOWN, Status.APPLICATION_EXCEPTION)
         reply.app_exception(name, seqid, TApplicationException.UNKNOWN_METHOD, why)
 
+    def _unhosted(self, reply: _Reply, head: _codec.Head, body: Any) -> Tuple[int, str]:
+        """Why a call to a service this port lacks is refused: with ``auth``, only a
+        caller that passes it learns that the service is not here (status 8)."""
+        if self.auth is not None:
+            try:
+                method = _codec.decode_message_begin(body, self.limits)[0]
+            except DecodeError:
+                method = ""      # (signed for no method, it fails the signature)
+            refusal = self._authenticate(head.service_name, method, reply, head, body)
+            if refusal is not None:
+                return refusal
+        return Status.SERVICE_EXCEPTION, f"service {head.service_name!r} is not hosted by {self.appkey}"
+
+    def _authenticate(self, service: str, name: str, reply: _Reply, head: Optional[_codec.Head],
+                      body: Any) -> Optional[Tuple[int, str]]:
+        """Why ``auth`` refuses this request (status 7, message), or None."""
+        assert self.auth is not None
+        if head is None:
+            return (Status.SECURITY_EXCEPTION,
+                    "authentication is required: native thrift cannot be signed")
+        caller = head.client_appkey or ""
+        try:
+            self.auth.check_peer(reply.conn.peer_ip)
+            self.auth.check(caller=caller, server_appkey=self.appkey, service=service,
+                            method=name, local_context=head.local_context,
+                            body=bytes(body) if self.auth.sign_body else None)
+        except SecurityError as refused:
+            return Status.SECURITY_EXCEPTION, str(refused)
+        except Exception as broken:   # the token store's fault: this call is refused, no more
+            # (the caller's name as a repr: it is the peer's, unchecked, and could
+            # carry a line break to forge log lines)
+            _AUTH_BROKEN.log("%s: checking a request from %r failed: %r",
+                             self.appkey, caller, broken)
+            return Status.SECURITY_EXCEPTION, "the server could not check this request"
+        return None
+
     def _admission(self, service: _Service, name: str, reply: _Reply, head: Optional[_codec.Head],
                    body: Any) -> Optional[Tuple[int, str]]:
         """Why a request may not run now (status, message), or None to run it."""
         if self.status != _ALIVE:
             return Status.RPC_EXCEPTION, f"{self.appkey} is {self.status.name.lower()}"
-        caller = (head.client_appkey or "") if head is not None else ""
         if self.auth is not None:
-            if head is None:
-                return (Status.SECURITY_EXCEPTION,
-                        "authentication is required: native thrift cannot be signed")
-            try:
-                self.auth.check_peer(reply.conn.peer_ip)
-                self.auth.check(caller=caller, server_appkey=self.appkey, service=service.name,
-                                method=name, local_context=head.local_context,
-                                body=bytes(body) if self.auth.sign_body else None)
-            except SecurityError as refused:
-                return Status.SECURITY_EXCEPTION, str(refused)
-            except Exception as broken:   # the token store's fault: this call is refused, no more
-                # (the caller's name as a repr: it is the peer's, unchecked, and could
-                # carry a line break to forge log lines)
-                _AUTH_BROKEN.log("%s: checking a request from %r failed: %r",
-                                 self.appkey, caller, broken)
-                return Status.SECURITY_EXCEPTION, "the server could not check this request"
+            refused = self._authenticate(service.name, name, reply, head, body)
+            if refused is not None:
+                return refused
+        caller = (head.client_appkey or "") if head is not None else ""
         if self.max_in_flight is not None and self._in_flight >= self.max_in_flight:
             return Status.RPC_EXCEPTION, f"{self.appkey} is overloaded: {self._in_flight} calls in flight"
         bytes_limit = self.max_in_flight_bytes
