@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Install everything the tests need, then run them all. CI runs exactly this (.ci/run).
 # System packages come from Debian (thrift-compiler generates Apache Thrift classes
-# for the differential tests; zookeeper backs the zk:// registry tests, which start
-# and stop their own server); Python packages from PyPI.
+# for the differential tests; g++, libthrift-dev and the Boost headers libthrift's
+# include build the C++ peers of the interop tests; zookeeper backs the zk://
+# registry tests, which start and stop their own server); Python packages from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
 command -v thrift >/dev/null 2>&1 || need_apt+=(thrift-compiler)
+command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
+[ -d /usr/include/thrift ] || need_apt+=(libthrift-dev)
+[ -d /usr/include/boost ] || need_apt+=(libboost-dev)
 [ -d /usr/share/zookeeper ] || need_apt+=(zookeeper)
 command -v java >/dev/null 2>&1 || need_apt+=(default-jre-headless)
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -55,10 +55,9 @@ def pytest_report_header(config):
     return f"thrift compiler: {compiler} ({version})"
 
 
-def apache_generate(idl_path: str, out: str, *modules: str) -> list:
-    """``idl_path`` compiled by Apache's ``thrift --gen py`` into ``out``; returns the
-    named generated ``modules``, imported. Skips the test (reason printed) when the
-    compiler is not installed; CI installs it."""
+def thrift_compiler_or_skip() -> str:
+    """The path of Apache's ``thrift`` compiler; skips the test (reason printed) when
+    it is not installed (CI installs it)."""
     compiler = _thrift_compiler()
     if compiler is None:
         reason = (f"Apache Thrift compiler not found ({THRIFT_COMPILER} or `thrift` on PATH); "
@@ -66,6 +65,14 @@ def apache_generate(idl_path: str, out: str, *modules: str) -> list:
                   "tests against Apache Thrift")
         print(f"\nSKIP: {reason}", file=sys.stderr)
         pytest.skip(reason)
+    return compiler
+
+
+def apache_generate(idl_path: str, out: str, *modules: str) -> list:
+    """``idl_path`` compiled by Apache's ``thrift --gen py`` into ``out``; returns the
+    named generated ``modules``, imported. Skips the test when the compiler is not
+    installed."""
+    compiler = thrift_compiler_or_skip()
     # --allow-neg-keys: keep explicit negative field ids (everything.thrift has some).
     proc = subprocess.run([compiler, "--allow-neg-keys", "--gen", "py", "-out", out, idl_path],
                           capture_output=True, text=True)

@@ -1,0 +1,409 @@
+"""Interop with Apache Thrift's C++ library (Debian's ``libthrift-dev``), a Thrift
+implementation that shares no code with octo_core, thriftpy2 or Apache's Python:
+
+* our ``protocol="thrift"`` AsyncClient and blocking Client against a C++
+  ``TThreadedServer``, framed and buffered, plain and through a
+  ``TMultiplexedProcessor``;
+* the C++ generated client against our Server, framed, buffered and through a
+  ``TMultiplexedProtocol``, all on one port.
+
+Both directions carry every thrift type (``tests/idl/interop.thrift``), declared
+exceptions, undeclared failures, unknown methods and oneway calls. The C++ peers
+(``tests/cpp/``) are built once per session (``cpp_peers.build_peers``); the
+tests skip, saying what is missing, without g++, the thrift compiler or the C++
+headers (``scripts/test.sh`` installs them).
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import itertools
+import math
+from typing import Any, Awaitable, Callable
+
+import pytest
+from thriftpy2.thrift import TApplicationException
+
+from octo_core.errors import ApplicationError, CallTimeout
+
+from cpp_peers import INTEROP, Peers, build_peers, cpp_client, cpp_server
+from strategies import canonical
+from wire_helpers import (async_client, run, serving, serving_in_thread, sync_client,
+                          watchdog)  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("watchdog")
+
+Interop, Sign = INTEROP.Interop, INTEROP.Sign
+Scalars, Inner, Variant, Node = INTEROP.Scalars, INTEROP.Inner, INTEROP.Variant, INTEROP.Node
+Containers, Defaults, Everything = INTEROP.Containers, INTEROP.Defaults, INTEROP.Everything
+
+Call = Callable[..., Awaitable[Any]]   # (method, *args) -> the result
+
+
+@pytest.fixture(scope="session")
+def peers(tmp_path_factory) -> Peers:
+    return build_peers(str(tmp_path_factory.mktemp("cpp_interop")))
+
+
+# --- values ---------------------------------------------------------------------------
+
+EVERY_BYTE = bytes(range(256))
+
+SCALARS = [
+    Scalars(flag=True, tiny=-128, small=-32768, medium=-2**31, large=-2**63, real=-0.0,
+            text="", blob=b"", sign=Sign.FLOOR),
+    Scalars(flag=False, tiny=127, small=32767, medium=2**31 - 1, large=2**63 - 1,
+            real=math.inf, text="ünï ✓ 𝄞 中文", blob=EVERY_BYTE, sign=Sign.CEILING),
+    Scalars(flag=True, tiny=0, small=-1, medium=0, large=1, real=math.nan, text="nul\x00inside",
+            blob=b"\x00", sign=Sign.MINUS_ONE),
+    Scalars(flag=False, tiny=-1, small=0, medium=-1, large=0, real=-math.inf, text=" ",
+            blob=b"\xff", sign=Sign.ZERO),
+    Scalars(flag=True, tiny=1, small=1, medium=1, large=-1, real=5e-324, text="x" * 70_000,
+            blob=EVERY_BYTE * 300, sign=12345),   # an enum value the IDL does not name
+    Scalars(flag=False, tiny=2, small=2, medium=2, large=2, real=1.7976931348623157e308,
+            text="\U0010ffff", blob=b"", sign=Sign.ZERO),
+]
+
+VARIANTS = [
+    Variant(number=-2**63),
+    Variant(text="ünï"),
+    Variant(text=""),
+    Variant(text=b"\xff\xfe not UTF-8"),     # read as bytes, written as they came
+    Variant(inner=Inner(name="in a union", count=3, weight=-1)),
+    Variant(reals=[math.nan, -0.0, math.inf, -math.inf]),
+    Variant(reals=[]),
+]
+
+CONTAINERS = Containers(
+    ints=[-2**31, 0, 2**31 - 1],
+    tags={"", "a", "ünï"},
+    counts={"": -2**63, "max": 2**63 - 1},
+    matrix=[[], [-32768, 32767], [0]],
+    by_sign={Sign.FLOOR: [Inner(name="f", count=1, weight=2)], Sign.CEILING: [], 7: []},
+    nested={-1: {"every byte": EVERY_BYTE, "": b""}, 0: {}},
+    set_list=[set(), {-2**63, 2**63 - 1}],
+    # no NaN in a set: C++'s std::set<double> takes NaN as equal to everything
+    real_set={-1.5, 0.0, math.inf, -math.inf, 1e-300},
+    by_blob={EVERY_BYTE: True, b"": False, b"\xff": True},
+    deep=[{"x": {-128, 127}, "": set()}, {}],
+    signs={Sign.FLOOR, Sign.ZERO, Sign.CEILING},
+    bools=[True, False, True],
+    variants=VARIANTS,
+)
+
+EMPTY_CONTAINERS = Containers(ints=[], tags=set(), counts={}, matrix=[], by_sign={}, nested={},
+                              set_list=[], real_set=set(), by_blob={}, deep=[], signs=set(),
+                              bools=[], variants=[])
+
+TREE = Node(value=1, children=[Node(value=2, children=[]),
+                               Node(value=-3, children=[Node(value=4, children=[])])])
+
+
+def everything(scalars: Any) -> Any:
+    return Everything(scalars=scalars, containers=CONTAINERS, defaults=Defaults(),
+                      variant=Variant(inner=Inner(name="top")), tree=TREE,
+                      inners=[Inner(name="", count=-2**63, weight=-2**31), Inner(name="n")])
+
+
+PAYLOADS = [everything(scalars) for scalars in SCALARS] + [
+    # empty containers and strings; the optional variant and tree left out
+    Everything(scalars=SCALARS[0], containers=EMPTY_CONTAINERS,
+               defaults=Defaults(must="", primes=[], ages={}, greeting=""),
+               inners=[]),
+]
+
+
+# --- what every pairing checks ----------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Expect:
+    """How the calling side reports a failure the IDL does not declare."""
+    app_error: type           # the exception it raises
+    undeclared_type: int      # that TApplicationException type the server sends
+
+
+# The C++ processor answers any std::exception with TApplicationException(what()):
+# type UNKNOWN. Ours answers INTERNAL_ERROR.
+FROM_CPP = Expect(ApplicationError, TApplicationException.UNKNOWN)
+FROM_OURS = Expect(TApplicationException, TApplicationException.INTERNAL_ERROR)
+
+_events = itertools.count()
+
+
+async def exercise(call: Call, expect: Expect) -> None:
+    """The calls every client and server pairing makes, and what they must give."""
+    assert await call("ping") is None
+    for payload in PAYLOADS:
+        assert canonical(await call("echo", payload)) == canonical(payload)
+    for value in VARIANTS:
+        assert canonical(await call("echo_variant", value)) == canonical(value)
+
+    assert await call("fail", "fine") == "fine"
+    with pytest.raises(INTEROP.Oops) as oops:
+        await call("fail", "oops")
+    assert (oops.value.message, oops.value.code) == ("refused on purpose", 42)
+    with pytest.raises(INTEROP.Fatal) as fatal:
+        await call("fail", "fatal")
+    assert (fatal.value.reason, fatal.value.trace) == ("fatal", ["a", "b"])
+    with pytest.raises(expect.app_error) as undeclared:
+        await call("fail", "undeclared")
+    assert undeclared.value.type == expect.undeclared_type
+    assert "boom" in str(undeclared.value)
+
+    event = f"event {next(_events)} ünï"
+    assert await call("notify", event) is None
+    for _ in range(500):          # a oneway call has no reply to wait for
+        notes = await call("notes")
+        if event in notes:
+            break
+        await asyncio.sleep(0.01)
+    assert event in notes
+    assert await call("slow", "after all that", 1) == "after all that"
+
+
+def in_thread(blocking: Callable[..., Any]) -> Call:
+    """A blocking ``call(method, *args)`` as a coroutine (off the event loop)."""
+    async def call(method: str, *args: Any) -> Any:
+        return await asyncio.to_thread(blocking, method, *args)
+    return call
+
+
+class InteropHandler:
+    """Interop for our Server: behaves as the C++ server's Handler (tests/cpp/)."""
+
+    def __init__(self) -> None:
+        self.events: list = []
+
+    def ping(self) -> None:
+        pass
+
+    def echo(self, payload: Any) -> Any:
+        return payload
+
+    def echo_variant(self, value: Any) -> Any:
+        return value
+
+    def fail(self, kind: str) -> str:
+        if kind == "oops":
+            raise INTEROP.Oops(message="refused on purpose", code=42)
+        if kind == "fatal":
+            raise INTEROP.Fatal(reason="fatal", trace=["a", "b"])
+        if kind == "undeclared":
+            raise ValueError("boom")
+        return kind
+
+    def notify(self, event: str) -> None:
+        self.events.append(event)
+
+    def notes(self) -> list:
+        return list(self.events)
+
+    async def slow(self, text: str, delay_ms: int) -> str:
+        await asyncio.sleep(delay_ms / 1000)
+        return text
+
+
+# --- our clients against the C++ server -----------------------------------------------
+
+# (C++ server transport, its multiplexed service names) -> our client's options
+CPP_SERVERS = {
+    "framed": (("framed",), {}),
+    "buffered": (("buffered",), {"framed": False}),
+    "framed, multiplexed": (("framed", "Interop"), {"multiplexed": True}),
+    "buffered, multiplexed": (("buffered", "Interop"), {"multiplexed": True, "framed": False}),
+}
+
+
+@pytest.mark.parametrize("kind", list(CPP_SERVERS))
+def test_our_async_client_against_the_cpp_server(peers, kind):
+    server_args, options = CPP_SERVERS[kind]
+
+    async def main(address: str) -> None:
+        async with async_client(Interop, address, protocol="thrift", **options) as client:
+            await exercise(client.call, FROM_CPP)
+
+    with cpp_server(peers, *server_args) as address:
+        run(main(address))
+
+
+def test_our_sync_client_against_the_cpp_server(peers):
+    with cpp_server(peers, "framed") as address, \
+            sync_client(Interop, address, protocol="thrift") as client:
+        run(exercise(in_thread(client.call), FROM_CPP))
+        assert canonical(client.future.echo(PAYLOADS[1]).result(5)) == canonical(PAYLOADS[1])
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            texts = [f"thread {i}" for i in range(64)]
+            assert list(pool.map(client.fail, texts)) == texts
+
+
+def test_many_calls_in_flight_on_one_connection_to_the_cpp_server(peers):
+    """The C++ server answers one connection's calls in turn; each of ours, all
+    sent at once on the one connection, gets its own answer."""
+    async def main(address: str) -> None:
+        async with async_client(Interop, address, protocol="thrift", pool_size=1,
+                                timeout=10.0) as client:
+            texts = [f"call {i}" for i in range(300)]
+            payloads = PAYLOADS * 10
+            answers = await asyncio.gather(*(client.slow(text, i % 2)
+                                             for i, text in enumerate(texts)),
+                                           *(client.echo(payload) for payload in payloads))
+            assert answers[:len(texts)] == texts
+            assert [canonical(a) for a in answers[len(texts):]] == \
+                [canonical(p) for p in payloads]
+
+    with cpp_server(peers, "framed") as address:
+        run(main(address))
+
+
+def test_our_client_drops_a_late_reply_of_the_cpp_server(peers):
+    async def main(address: str) -> None:
+        async with async_client(Interop, address, protocol="thrift", timeout=5.0) as client:
+            with pytest.raises(CallTimeout):
+                await client.call("slow", "late", 300, timeout=0.05)
+            assert await client.fail("answered after it") == "answered after it"
+
+    with cpp_server(peers, "framed") as address:
+        run(main(address))
+
+
+def test_our_multiplexed_client_names_the_service_for_the_cpp_server(peers):
+    """``service_name`` is the name the C++ TMultiplexedProcessor registered; one it
+    did not is refused (PROTOCOL_ERROR, then the C++ server drops the connection),
+    and the client's next call reconnects."""
+    async def main(address: str) -> None:
+        async with async_client(Interop, address, protocol="thrift", multiplexed=True,
+                                service_name="com.example.Interop") as named:
+            assert await named.fail("by its registered name") == "by its registered name"
+        async with async_client(Interop, address, protocol="thrift", multiplexed=True,
+                                service_name="Nope") as unknown:
+            with pytest.raises(ApplicationError) as refused:
+                await unknown.ping()
+            assert refused.value.type == TApplicationException.PROTOCOL_ERROR
+            assert "Unknown service: Nope" in str(refused.value)
+        async with async_client(Interop, address, protocol="thrift", multiplexed=True) as client:
+            assert await client.echo_variant(VARIANTS[0]) == VARIANTS[0]
+
+    with cpp_server(peers, "framed", "Interop", "com.example.Interop") as address:
+        run(main(address))
+
+
+@pytest.mark.parametrize("kind", ["framed", "framed, multiplexed"])
+def test_an_unknown_method_on_the_cpp_server(peers, kind):
+    server_args, options = CPP_SERVERS[kind]
+    if options.get("multiplexed"):
+        options = dict(options, service_name="Interop")   # Unserved's methods, under Interop
+
+    async def main(address: str) -> None:
+        async with async_client(INTEROP.Unserved, address, protocol="thrift",
+                                **options) as client:
+            with pytest.raises(ApplicationError) as unknown:
+                await client.ghost()
+            assert unknown.value.type == TApplicationException.UNKNOWN_METHOD
+            assert "ghost" in str(unknown.value)
+            with pytest.raises(ApplicationError):       # the connection still serves
+                await client.ghost()
+
+    with cpp_server(peers, *server_args) as address:
+        run(main(address))
+
+
+def test_fields_left_out_come_back_as_the_cpp_server_holds_them(peers):
+    """C++ holds every field by value: one we leave out comes back as its zero or
+    IDL default, except optional ones and union members, which stay out. (An
+    optional field with a default the C++ side leaves out reads as that default,
+    as thriftpy2's and Apache Python's generated classes fill it in.)"""
+    async def main(address: str) -> None:
+        async with async_client(Interop, address, protocol="thrift") as client:
+            back = await client.echo(Everything(scalars=Scalars(), defaults=Defaults(
+                answer=None, greeting=None, ratio=None, enabled=None, primes=None, ages=None,
+                sign=None, offset=None)))
+            assert back.scalars == Scalars(flag=False, tiny=0, small=0, medium=0, large=0,
+                                           real=0.0, text="", blob=b"", sign=0)
+            assert back.containers == EMPTY_CONTAINERS
+            assert back.defaults == Defaults()    # the IDL's defaults
+            assert (back.variant, back.tree, back.inners) == (None, None, [])
+            assert await client.echo_variant(Variant()) == Variant()
+
+    with cpp_server(peers, "framed") as address:
+        run(main(address))
+
+
+# --- the C++ client against our server ---------------------------------------------------
+
+# (C++ client transport, its TMultiplexedProtocol service name)
+CPP_CLIENTS = {
+    "framed": ("framed", None),
+    "buffered": ("buffered", None),
+    "framed, multiplexed": ("framed", "Interop"),
+    "buffered, multiplexed": ("buffered", "Interop"),
+}
+
+
+def test_cpp_clients_against_our_server_on_one_port(peers):
+    handler = InteropHandler()
+    with serving_in_thread([(Interop, handler, None)]) as server:
+        for transport, service_name in CPP_CLIENTS.values():
+            with cpp_client(peers, server.address, transport, service_name) as client:
+                run(exercise(in_thread(client.call), FROM_OURS))
+                with pytest.raises(TApplicationException) as unknown:
+                    client.call("ghost")
+                assert unknown.value.type == TApplicationException.UNKNOWN_METHOD
+                assert client.call("fail", "still served") == "still served"
+        # and the unified protocol on the same port
+        with sync_client(Interop, server.address) as unified:
+            assert canonical(unified.echo(PAYLOADS[0])) == canonical(PAYLOADS[0])
+
+
+class ReversingHandler(InteropHandler):
+    """Answers a burst of ``count`` slow() calls ("burst 0", "burst 1", ...) last
+    first: each waits until the one after it is answered, so all are in flight."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.answered = [asyncio.Event() for _ in range(count)]
+        self.order: list = []
+
+    async def slow(self, text: str, delay_ms: int) -> str:
+        index = int(text.split()[1])
+        if index + 1 < len(self.answered):
+            await self.answered[index + 1].wait()
+        self.order.append(index)
+        self.answered[index].set()
+        return text
+
+
+@pytest.mark.parametrize("transport", ["framed", "buffered"])
+def test_cpp_pipelining_client_against_our_server_answering_out_of_order(peers, transport):
+    """Apache's generated concurrent client sends every call before reading a
+    reply and matches replies by sequence id: ours, written last call first, each
+    reach their caller."""
+    count = 16
+    handler = ReversingHandler(count)
+    with serving_in_thread([(Interop, handler, None)]) as server, \
+            cpp_client(peers, server.address, transport) as client:
+        assert client.burst(count) == [f"burst {i}" for i in range(count)]
+    assert handler.order == list(reversed(range(count)))
+
+
+def test_cpp_multiplexed_client_naming_a_service_our_server_lacks(peers):
+    with serving_in_thread([(Interop, InteropHandler(), None)]) as server, \
+            cpp_client(peers, server.address, "framed", "Nope") as client:
+        with pytest.raises(TApplicationException) as unknown:
+            client.call("ping")
+        assert unknown.value.type == TApplicationException.UNKNOWN_METHOD
+        assert "Nope" in unknown.value.message
+
+
+def test_cpp_client_against_our_async_server(peers):
+    """Our server on the test's own loop (the C++ client's calls off it)."""
+    async def main() -> None:
+        async with serving([(Interop, InteropHandler(), "com.example.Interop")]) as server:
+            for transport, service_name in (("framed", None),
+                                            ("buffered", "com.example.Interop")):
+                with cpp_client(peers, server.address, transport, service_name) as client:
+                    call = in_thread(client.call)
+                    texts = [f"{transport} {i}" for i in range(20)]
+                    assert [await call("slow", text, 0) for text in texts] == texts
+
+    run(main())
