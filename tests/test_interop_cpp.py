@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable
 import pytest
 from thriftpy2.thrift import TApplicationException
 
-from octo_core.errors import ApplicationError, CallTimeout
+from octo_core.errors import ApplicationError, CallTimeout, EncodeError
 
 from cpp_peers import INTEROP, Peers, build_peers, cpp_client, cpp_server
 from strategies import canonical
@@ -262,6 +262,21 @@ def test_our_client_drops_a_late_reply_of_the_cpp_server(peers):
             with pytest.raises(CallTimeout):
                 await client.call("slow", "late", 300, timeout=0.05)
             assert await client.fail("answered after it") == "answered after it"
+
+    with cpp_server(peers, "framed") as address:
+        run(main(address))
+
+
+def test_a_request_past_apaches_frame_limit_is_refused_before_it_is_sent(peers):
+    """Apache Thrift reads frames of at most 16,384,000 bytes: a bigger request
+    would only have its connection dropped by the peer ("Broken pipe"), so our
+    client refuses it first, naming the size, and the connection goes on."""
+    async def main(address: str) -> None:
+        async with async_client(Interop, address, protocol="thrift", timeout=5.0) as client:
+            with pytest.raises(EncodeError, match="max_frame_size"):
+                await client.slow("x" * 16_384_000, 0)
+            big = "y" * 16_000_000        # under the limit: it goes, and comes back
+            assert await client.slow(big, 0) == big
 
     with cpp_server(peers, "framed") as address:
         run(main(address))

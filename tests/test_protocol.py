@@ -758,7 +758,7 @@ def test_bad_or_oversized_unframed_messages_are_protocol_errors():
     deep = begin + b"\x0c\x00\x01" * 1000                   # finding the end nests 1000 deep
     assert "nesting deeper than 1000" in str(feed_error(deep))   # at most (Limits decide later)
     lies = begin + b"\x0f\x00\x01\x0c" + struct.pack("!i", 2 ** 31 - 1)  # 2^31 structs
-    assert "over 16777216 bytes" in str(feed_error(lies))
+    assert f"over {protocol.DEFAULT_MAX_FRAME_SIZE} bytes" in str(feed_error(lies))
 
 
 def test_large_unframed_messages_trickled_byte_by_byte_cost_linear_time():

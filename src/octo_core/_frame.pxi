@@ -227,7 +227,8 @@ cdef class FrameReader:
     cdef _Scan _scan         # of an unframed message not yet whole
     cdef bint _scanning
 
-    def __init__(self, Py_ssize_t max_frame_size=16 * 1024 * 1024, frame_cls=None,
+    # max_frame_size: protocol.DEFAULT_MAX_FRAME_SIZE (Apache Thrift's)
+    def __init__(self, Py_ssize_t max_frame_size=16_384_000, frame_cls=None,
                  decompress=None, Limits limits=None, Py_ssize_t max_batch=PY_SSIZE_T_MAX):
         if max_frame_size < 16:
             raise ValueError("max_frame_size must be at least 16 bytes")

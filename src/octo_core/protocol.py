@@ -38,7 +38,9 @@ COMPRESSED = FLAG_GZIP | FLAG_SNAPPY
 #: the bits a response mirrors (§1); the others mean nothing to us, so are not claimed back
 MIRRORED_FLAGS = FLAG_CHECKSUM | COMPRESSED | SERIALIZER_MASK
 MAX_HEADER_LENGTH = 32767
-DEFAULT_MAX_FRAME_SIZE = 16 * 1024 * 1024
+#: Apache Thrift's default, the same in all its libraries (C++, Java, Go, ...): a
+#: frame we send is one they read, and a peer of theirs is read as far as they write.
+DEFAULT_MAX_FRAME_SIZE = 16_384_000
 #: The nesting a connection writes by default: what ``Limits()`` lets it read.
 DEFAULT_MAX_DEPTH = Limits().max_depth
 
