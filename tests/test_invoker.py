@@ -801,6 +801,41 @@ def test_connection_degrade_excludes_a_node_for_a_while():
     run_virtual(main())
 
 
+def test_a_degraded_node_is_retried_by_one_call_at_a_time():
+    """When a degrade is over, one call tries the node's connect again while the node
+    keeps weight 0 for the others: a connect that hangs (a machine that went away
+    without refusing) must not draw every concurrent call onto itself and fail them."""
+    async def main():
+        nodes = numbered_nodes(2)
+        down = nodes[0].key
+        cluster = make_cluster(policy="failfast", nodes=nodes, lb="random", breaker=NO_BREAKER)
+        cluster.degrade(nodes[0])
+        await asyncio.sleep(2.5)                 # the degrade (2 s) is over
+        send = ScriptedSend({down: fail(refused, after=0.5)})
+        outcomes = await asyncio.gather(*(outcome(cluster.invoke(send, timeout=1.0))
+                                          for _ in range(40)))
+        assert send.keys.count(down) == 1
+        assert sum(isinstance(o, TransportError) for o in outcomes) == 1
+        del send.attempts[:]                     # degraded again: no call for 2 s
+        for _ in range(20):
+            await cluster.invoke(send, timeout=1.0)
+        assert down not in send.keys
+    run_virtual(main())
+
+
+def test_a_degraded_node_whose_connect_works_again_takes_calls_again():
+    async def main():
+        nodes = numbered_nodes(2)
+        cluster = make_cluster(policy="failfast", nodes=nodes, lb="random", breaker=NO_BREAKER)
+        cluster.degrade(nodes[0])
+        await asyncio.sleep(2.5)
+        send = ScriptedSend(default=answer(after=0.1))
+        await asyncio.gather(*(cluster.invoke(send, timeout=1.0) for _ in range(40)))
+        await asyncio.gather(*(cluster.invoke(send, timeout=1.0) for _ in range(40)))
+        assert send.keys.count(nodes[0].key) > 10 and not cluster._degraded
+    run_virtual(main())
+
+
 def test_failover_degrades_a_refusing_node_and_retries_elsewhere():
     async def main():
         nodes = numbered_nodes(3)

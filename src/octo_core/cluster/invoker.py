@@ -131,6 +131,7 @@ class Cluster:
         self._breakers: Dict[str, CircuitBreaker] = {}
         self._unhealthy: Set[str] = set()          # breaker not closed
         self._degraded: Dict[str, float] = {}      # connect failed: key -> retry time
+        self._reconnecting: Set[str] = set()       # degraded, one call trying it again now
         self._listed: Set[str] = set()             # keys of the nodes discovery gave
         self._loop: Optional[asyncio.AbstractEventLoop] = None
 
@@ -146,6 +147,7 @@ class Cluster:
         self._unhealthy &= listed
         for key in [key for key in self._degraded if key not in listed]:
             del self._degraded[key]
+        self._reconnecting &= listed
         for key in [key for key in self._balancers if not self.router.routable(
                 key[0] if isinstance(key[1], int) else key)]:
             del self._balancers[key]
@@ -178,7 +180,9 @@ class Cluster:
             self._unhealthy.add(key)
 
     def degrade(self, node: Node, retry_in: float = 2.0) -> None:
-        """OCTO's connection degrade: no calls to ``node`` for ``retry_in`` seconds."""
+        """OCTO's connection degrade: no calls to ``node`` for ``retry_in`` seconds;
+        then one call at a time tries it (the others keep away until one gets a
+        connection), so a connect that hangs holds up one call, not all of them."""
         if node.key in self._listed:
             self._degraded[node.key] = self._running_loop().time() + retry_in
 
@@ -191,10 +195,8 @@ class Cluster:
                 excluded.add(key)
         if self._degraded:
             now = self._running_loop().time()
-            for key, until in list(self._degraded.items()):
-                if until <= now:
-                    del self._degraded[key]
-                else:
+            for key, until in self._degraded.items():
+                if until > now or key in self._reconnecting:
                     excluded.add(key)
         return excluded
 
@@ -263,9 +265,12 @@ class Cluster:
 
     def _known_dead(self, node: Node) -> bool:
         """Is ``node`` degraded (its connect failed lately)? Asked before an attempt:
-        a refusal by a node already known dead is given back to no call."""
-        # (select dropped the expired ones; none at all is every healthy call's case)
-        return node.key in self._degraded if self._degraded else False
+        a refusal by a node already known dead is given back to no call (one that
+        tries it again once its degrade is over is given back, as before it)."""
+        if not self._degraded:    # every healthy call's case
+            return False
+        until = self._degraded.get(node.key)
+        return until is not None and until > self._loop.time()
 
     def _sendable(self, node: Node, deadline: float) -> bool:
         """Could an attempt on ``node`` go now: is time left, would its breaker let it by?"""
@@ -355,10 +360,16 @@ class Cluster:
             started = time.perf_counter()   # loop.time() is too coarse under uvloop for LALB
         served = True                   # for the balancer: did the node serve this call?
         health: Optional[bool] = True   # for the breaker; None when it is not its business
+        # A degraded node's retry: this call tries the connect, the others keep away.
+        reconnect = bool(self._degraded) and node.key in self._degraded \
+            and node.key not in self._reconnecting
+        if reconnect:
+            self._reconnecting.add(node.key)
+        settled: Optional[bool] = True  # for a retry: did it tell whether the node connects?
         try:
             return await send(node, remaining)
         except asyncio.CancelledError:
-            health = None               # a lost race (hedge, fork) says nothing of the node
+            health = settled = None     # a lost race (hedge, fork) says nothing of the node
             raise
         except Exception as exc:
             served = health = not node_failed(exc)
@@ -371,9 +382,15 @@ class Cluster:
             elif isinstance(exc, CallTimeout) and not getattr(exc, "request_sent", True):
                 # The caller's time ran out before its request could go (waiting for a
                 # connect many calls share): the connect judges the node, not each of them.
-                health = None
+                health = settled = None
             raise
         finally:
+            if reconnect:
+                self._reconnecting.discard(node.key)
+                if settled:     # answered, or failed to connect (and is degraded anew)
+                    until = self._degraded.get(node.key)
+                    if until is not None and until <= self._loop.time():
+                        del self._degraded[node.key]
             if health is not None:
                 breaker.record(health)
             elif breaker.state is BreakerState.HALF_OPEN:
