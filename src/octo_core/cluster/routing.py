@@ -210,7 +210,7 @@ class Router:
         nodes = self._route_rules(list(self._nodes), weights)
         tiers = [tier for group in self._cells(nodes, liteset)
                  for sub in self._swimlane(group, lane)
-                 for tier in self._locality(sub)]
+                 for tier in self._locality(sub, weights)]
         return self._chain(tiers, weights)
 
     @staticmethod
@@ -277,10 +277,11 @@ class Router:
             return [[n for n in nodes if n.swimlane == lane], trunk]
         return [trunk]
 
-    def _locality(self, nodes: List[Node]) -> List[List[Node]]:
+    def _locality(self, nodes: List[Node], weights: Dict[str, float]) -> List[List[Node]]:
         """The locality tiers of ``nodes``, nearest first. Automatically: the same
         IDC, the rest of the region, the rest -- from the first tier (the IDC, or
-        IDC + region together) with enough ALIVE nodes; else all of them as one."""
+        IDC + region together) with enough serving nodes (ALIVE, weight > 0: a
+        node an operator drained is no capacity); else all of them as one."""
         caller = self.caller
         if not caller.idc and not caller.region:
             return [nodes]
@@ -299,16 +300,18 @@ class Router:
             return [same_idc]
         if self.locality == "region":
             return [near]
-        if self._enough_alive(same_idc):
+        if self._enough_serving(same_idc, weights):
             # the region beyond the IDC is a tier of its own only if healthy enough,
             # else its nodes go with the rest (as an unhealthy IDC goes with its region)
-            if self._enough_alive(same_region):
+            if self._enough_serving(same_region, weights):
                 return [same_idc, same_region, far]
             return [same_idc, same_region + far]
-        if self._enough_alive(near):
+        if self._enough_serving(near, weights):
             return [near, far]
         return [nodes]
 
-    def _enough_alive(self, tier: List[Node]) -> bool:
-        """Is the share of ALIVE nodes in ``tier`` at least the locality threshold?"""
-        return bool(tier) and sum(n.alive for n in tier) / len(tier) >= self.locality_threshold
+    def _enough_serving(self, tier: List[Node], weights: Dict[str, float]) -> bool:
+        """Is the share of ``tier``'s nodes that can take calls (ALIVE, weight > 0) at
+        least the locality threshold?"""
+        serving = sum(n.alive and weights[n.key] > 0 for n in tier)
+        return bool(tier) and serving / len(tier) >= self.locality_threshold
