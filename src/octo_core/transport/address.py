@@ -9,9 +9,9 @@ and numeric addresses only.
 """
 from __future__ import annotations
 
-import asyncio
 import socket
-from typing import Any, Awaitable, Callable, List, NamedTuple, Optional, Tuple, TypeVar
+from typing import (Any, Awaitable, Callable, List, NamedTuple, Optional, Protocol, Sequence, Tuple,
+                    TypeVar)
 
 from octo_core.blocking import LOOKUPS
 
@@ -94,14 +94,24 @@ async def connect(open_to: Callable[..., Awaitable[T]], host: Optional[str], por
     raise failure or OSError(f"{host} resolves to no address")
 
 
+class Listening(Protocol):
+    """A listening server as this package uses one: asyncio's ``Server`` and uvloop's
+    both have ``sockets``, which ``asyncio.AbstractServer`` (uvloop's stubs) does not declare."""
+
+    @property
+    def sockets(self) -> Sequence[socket.socket]: ...
+
+    def close(self) -> None: ...
+
+
 class Listeners:
     """The servers listening on one address: one per address it resolves to."""
 
-    def __init__(self, servers: List[asyncio.AbstractServer]) -> None:
+    def __init__(self, servers: List[Listening]) -> None:
         self.servers = servers
 
     @property
-    def sockets(self) -> List[Any]:
+    def sockets(self) -> List[socket.socket]:
         return [sock for server in self.servers for sock in server.sockets]
 
     def close(self) -> None:
@@ -109,13 +119,13 @@ class Listeners:
             server.close()
 
 
-async def listen(serve: Callable[..., Awaitable[asyncio.AbstractServer]], host: Optional[str],
+async def listen(serve: Callable[..., Awaitable[Listening]], host: Optional[str],
                  port: int) -> Listeners:
     """Bind every address ``host``:``port`` resolves to (port 0: one free port, the
     same for all), then ``serve(sock=...)`` on each socket, as asyncio's
     ``create_server(host, port)`` would (address reuse on, IPv6 sockets IPv6 only)."""
     bound: List[socket.socket] = []
-    servers: List[asyncio.AbstractServer] = []
+    servers: List[Listening] = []
     try:
         for family, sockaddr in await resolve(host, port, passive=True):
             sock = socket.socket(family, socket.SOCK_STREAM)

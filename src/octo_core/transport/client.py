@@ -436,6 +436,7 @@ class Endpoint:
                 factory, self.address.path, ssl=self.ssl,
                 server_hostname="localhost" if self.ssl else None)
         else:
+            assert self.address.port is not None   # parse_address: no path, a port
             opening = connect(functools.partial(loop.create_connection, factory),
                               self.address.host, self.address.port, ssl=self.ssl,
                               server_hostname=self.address.host if self.ssl else None)
@@ -460,6 +461,7 @@ class Endpoint:
     async def _heartbeats(self) -> None:
         """Send a NormalHeartbeat on connections idle for a heartbeat interval."""
         interval = self._heartbeat_interval
+        assert interval is not None   # started only with a heartbeat interval
         while not self.closed:
             await asyncio.sleep(interval)
             for conn in self._conns:

@@ -9,7 +9,7 @@ import functools
 import sys
 import threading
 import weakref
-from typing import Any, Callable, Coroutine, Dict, Optional, Set, Union
+from typing import Any, Callable, Coroutine, Dict, List, Optional, Set, Union
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
@@ -312,7 +312,8 @@ def start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any],
     current task throughout, so ``asyncio.timeout`` and friends work).
     """
     if _EAGER_START:
-        return asyncio.Task(coro, loop=loop, context=context, eager_start=True)
+        return asyncio.Task(coro, loop=loop, context=context,  # type: ignore[call-arg]  # 3.12+
+                            eager_start=True)
     if _current_tasks.get(loop) is not None:   # <3.12 cannot nest tasks: start it normally
         return context.run(loop.create_task, coro)   # (the task copies ``context``)
     return _EagerTask(coro, loop, context)
@@ -332,7 +333,7 @@ class _EagerTask(asyncio.tasks._PyTask):  # type: ignore[name-defined,misc]
     def __init__(self, coro: Coroutine[Any, Any, Any], loop: asyncio.AbstractEventLoop,
                  context: contextvars.Context) -> None:
         self._loop = loop           # what _PyFuture.__init__ sets, minus its debug lookup
-        self._callbacks = []
+        self._callbacks: List[Any] = []
         self._name = "octo-handler"
         self._num_cancels_requested = 0
         self._must_cancel = False

@@ -121,14 +121,14 @@ class ServerConnection(FramedProtocol):
     def _read(self, data: bytes = b"") -> bool:
         handed = super()._read(data)
         if self._partial is not None:
-            self._count_partial()
+            self._count_partial(self._partial)
         return handed
 
-    def _count_partial(self) -> None:
+    def _count_partial(self, partial: PartialFrames) -> None:
         holds = 0 if self.closed else self._decoder.buffered
         if holds != self.partial_held:
             change, self.partial_held = holds - self.partial_held, holds
-            if self._partial.add(self, change, holds):
+            if partial.add(self, change, holds):
                 self._pause(_CROWDED)
 
     def room(self) -> None:
@@ -271,4 +271,4 @@ class ServerConnection(FramedProtocol):
         self._backlog.clear()
         self._connections.discard(self)
         if self._partial is not None:
-            self._count_partial()   # (closed: it holds nothing now)
+            self._count_partial(self._partial)   # (closed: it holds nothing now)

@@ -177,7 +177,7 @@ class FramedProtocol(asyncio.Protocol):
             self.loop.call_soon(self._flush)
         else:
             self._wrote_since_read = True
-            self.transport.write(data)
+            self.transport.write(data)  # type: ignore[union-attr]  # only sent to once connected
             return
         self._out.append(data)
         self._out_bytes += len(data)
@@ -196,7 +196,7 @@ class FramedProtocol(asyncio.Protocol):
             return
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
-        self.transport.write(data)
+        self.transport.write(data)  # type: ignore[union-attr]  # (as in send)
 
     @property
     def buffered_input(self) -> int:
