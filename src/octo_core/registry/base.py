@@ -24,12 +24,12 @@ import math
 import threading
 import time
 import urllib.parse
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Iterable, List, Mapping, Optional, Tuple, cast
 
 from octo_core.errors import OctoError
 from octo_core.registry import schema
 from octo_core.protocol import NodeStatus
-from octo_core.registry.node import Env, Node
+from octo_core.registry.node import Env, Node, OperatorFields
 
 if TYPE_CHECKING:  # cluster.routing imports registry.node: load it only when needed
     from octo_core.cluster.routing import RouteRule
@@ -201,13 +201,14 @@ def stamped(node: Node) -> Node:
     return dataclasses.replace(node, lastUpdateTime=int(time.time()), startTime=node.started)
 
 
-def remember(record: Mapping[str, float], changes: Mapping[str, float]) -> Dict[str, float]:
+def remember(record: OperatorFields, changes: OperatorFields) -> OperatorFields:
     """The operator record of a node after ``update(**changes)``: what its next
     registration keeps though the node was gone in between (PROTOCOL.md §5:
     STOPPED survives re-registration). Weight, fweight, role and warmup as last
     set; STOPPED until someone sets ALIVE again (STOPPING and DEAD are the
     server's and the scanner's words, not an operator's: they leave it)."""
-    kept = {**record, **{name: value for name, value in changes.items() if name != "status"}}
+    kept = cast(OperatorFields, {**record, **{name: value for name, value in changes.items()
+                                              if name != "status"}})
     status = changes.get("status")
     if status == NodeStatus.STOPPED:
         kept["status"] = status
@@ -216,25 +217,27 @@ def remember(record: Mapping[str, float], changes: Mapping[str, float]) -> Dict[
     return kept
 
 
-def record_json(record: Mapping[str, float]) -> str:
+def record_json(record: OperatorFields) -> str:
     """An operator record as the JSON ``parse_record`` reads."""
     return json.dumps(dict(record), separators=(",", ":"), sort_keys=True)
 
 
-def parse_record(data: "str | bytes | None", where: str) -> Dict[str, float]:
+def parse_record(data: "str | bytes | None", where: str) -> OperatorFields:
     """An operator record from its JSON; ``{}`` (and a warning) when it is not one."""
     try:
         record = schema.require_object(schema.loads(data or b"{}", "operator record"),
                                        "operator record")
-        return {name: (schema.require_float(name, record[name]) if name == "fweight"
-                       else schema.require_int(name, record[name]))
-                for name in OPERATOR_FIELDS if name in record}
+        # (mypy cannot type a comprehension as a TypedDict: fweight alone is a float)
+        return cast(OperatorFields, {name: (schema.require_float(name, record[name])
+                                            if name == "fweight"
+                                            else schema.require_int(name, record[name]))
+                                     for name in OPERATOR_FIELDS if name in record})
     except ValueError as exc:
         log.warning("ignoring malformed operator record %s: %s", where, exc)
         return {}
 
 
-def registered(node: Node, previous: Optional[Node], record: Mapping[str, float]) -> Node:
+def registered(node: Node, previous: Optional[Node], record: OperatorFields) -> Node:
     """What ``register(node)`` stores: ``node`` keeping what an operator set on
     ``previous`` (the entry still there), else on its ``record``; stamped."""
     if previous is None and record:
@@ -242,13 +245,14 @@ def registered(node: Node, previous: Optional[Node], record: Mapping[str, float]
     return stamped(node.reregistered(previous))
 
 
-def operator_changes(**fields: Optional[float]) -> Dict[str, float]:
+def operator_changes(**fields: Optional[float]) -> OperatorFields:
     """The ``update`` keywords that were given, as plain numbers; at least one is needed."""
     changes = {name: value for name, value in fields.items() if value is not None}
     if not changes:
         raise ValueError(f"update needs at least one of {', '.join(OPERATOR_FIELDS)}")
-    return {name: (float(value) if name == "fweight" else int(value))
-            for name, value in changes.items()}
+    # (the names are update's keywords, so OPERATOR_FIELDS; fweight alone is a float)
+    return cast(OperatorFields, {name: (float(value) if name == "fweight" else int(value))
+                                 for name, value in changes.items()})
 
 
 def parse_rule(data: "str | bytes | Mapping[str, Any]") -> "RouteRule":
@@ -265,7 +269,7 @@ def rule_entry(name: str, text: "str | bytes | None") -> "RouteRule":
     return parse_rule(text or b"")
 
 
-def snapshot_of(nodes: Sequence[Node], rules: Sequence[RouteRule]) -> Snapshot:
+def snapshot_of(nodes: Iterable[Node], rules: Iterable[RouteRule]) -> Snapshot:
     """The canonical (sorted, immutable) form of a state, as watches compare it."""
     return (tuple(sorted(nodes, key=lambda n: n.key)), tuple(sorted(rules, key=lambda r: r.id)))
 

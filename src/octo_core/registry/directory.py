@@ -189,7 +189,7 @@ class Directory:
 
     async def _refresh_every(self) -> None:
         while True:
-            await asyncio.sleep(self.refresh_interval)
+            await asyncio.sleep(self.refresh_interval)  # type: ignore[arg-type]  # started with one
             await self.refresh()
 
     def _offer(self, nodes: Sequence[Node], rules: Sequence[RouteRule], origin: str) -> bool:

@@ -37,7 +37,7 @@ from octo_core.registry.base import (NotRegisteredError, Registry, Snapshot, Wat
                                      check_name, node_name, operator_changes, parse_record,
                                      provider_entry, record_json, registered, remember,
                                      rule_entry, snapshot_of, stamped)
-from octo_core.registry.node import Env, Node
+from octo_core.registry.node import Env, Node, OperatorFields
 
 if TYPE_CHECKING:  # cluster.routing imports registry.node: import it lazily
     from octo_core.cluster.routing import RouteRule
@@ -255,7 +255,7 @@ class FileRegistry(Registry):
         """The node stored at ``path`` unless it is missing, expired or malformed."""
         return _load(path, provider_entry, self.ttl)
 
-    def _read_record(self, appkey: str, key: str) -> Dict[str, float]:
+    def _read_record(self, appkey: str, key: str) -> OperatorFields:
         path = self._record_path(appkey, key)
         try:
             text = read_small_file(path)[1]
@@ -274,7 +274,7 @@ class FileRegistry(Registry):
             write_atomic(path, stored.to_json())
         return stored
 
-    def _update(self, appkey: str, key: str, changes: Dict[str, float]) -> Node:
+    def _update(self, appkey: str, key: str, changes: OperatorFields) -> Node:
         path = self._node_path(appkey, key)
         with self._locked(appkey):
             current = self._read_live(path)

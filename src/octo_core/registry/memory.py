@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Set, Tuple
 from octo_core.registry.base import (NotRegisteredError, Registry, Snapshot, Watch, WatchCallback,
                                      check_name, operator_changes, registered, remember,
                                      snapshot_of, stamped)
-from octo_core.registry.node import Env, Node
+from octo_core.registry.node import Env, Node, OperatorFields
 
 if TYPE_CHECKING:  # cluster.routing imports registry.node: import it lazily
     from octo_core.cluster.routing import RouteRule
@@ -28,7 +28,7 @@ class _Space:
         self.lock = threading.Lock()
         self.nodes: Dict[_Where, Dict[str, Node]] = {}
         self.rules: Dict[_Where, Dict[str, RouteRule]] = {}
-        self.records: Dict[_Where, Dict[str, Dict[str, float]]] = {}   # operator records
+        self.records: Dict[_Where, Dict[str, OperatorFields]] = {}   # operator records
         self.watches: Dict[_Where, Set[Watch]] = {}
 
     def snapshot(self, where: _Where) -> Snapshot:

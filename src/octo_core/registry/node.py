@@ -9,7 +9,7 @@ import dataclasses
 import functools
 import json
 import time
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, TypedDict
 
 from octo_core.protocol import NodeStatus
 from octo_core.registry import schema
@@ -32,6 +32,16 @@ class HeartbeatSupport:
     P2P = 1
     SCANNER = 2
     BOTH = 3
+
+
+class OperatorFields(TypedDict, total=False):
+    """What an operator sets on a node (``Registry.update``): the changes, and the
+    operator record a registry keeps of them."""
+    weight: int
+    fweight: float
+    status: int
+    role: int
+    warmup: int
 
 
 @dataclasses.dataclass
@@ -156,8 +166,8 @@ class Node:
         """
         if previous is None:
             return self
-        kept = dict(weight=previous.weight, fweight=previous.fweight, role=previous.role,
-                    warmup=previous.warmup)
+        kept: OperatorFields = dict(weight=previous.weight, fweight=previous.fweight,
+                                    role=previous.role, warmup=previous.warmup)
         if previous.status in (NodeStatus.STOPPED, NodeStatus.STARTING):
             kept["status"] = previous.status
         return dataclasses.replace(self, **kept)

@@ -42,7 +42,7 @@ from octo_core.registry.base import (NotRegisteredError, Registry, RegistryError
                                      WatchCallback, check_name, node_name, operator_changes,
                                      parse_record, provider_entry, record_json, registered,
                                      remember, rule_entry, snapshot_of, stamped)
-from octo_core.registry.node import Env, Node
+from octo_core.registry.node import Env, Node, OperatorFields
 
 if TYPE_CHECKING:  # cluster.routing imports registry.node: import it lazily
     from octo_core.cluster.routing import RouteRule
@@ -435,7 +435,7 @@ class ZooKeeperRegistry(Registry):
         self._submit(self._follow, path)
         return stored
 
-    def _update(self, appkey: str, key: str, changes: Dict[str, float]) -> Node:
+    def _update(self, appkey: str, key: str, changes: OperatorFields) -> Node:
         path = self._node_path(appkey, key)
         for _ in range(_UPDATE_ATTEMPTS):
             try:
@@ -489,7 +489,7 @@ class ZooKeeperRegistry(Registry):
                 items[name] = item
         return items, gone
 
-    def _read_record(self, appkey: str, key: str) -> Tuple[Dict[str, float], Optional[ZnodeStat]]:
+    def _read_record(self, appkey: str, key: str) -> Tuple[OperatorFields, Optional[ZnodeStat]]:
         path = self._record_path(appkey, key)
         try:
             data, stat = self._wait(self._client.get_async(path))
@@ -497,7 +497,7 @@ class ZooKeeperRegistry(Registry):
             return {}, None
         return parse_record(data, path), stat
 
-    def _remember(self, appkey: str, key: str, changes: Dict[str, float]) -> None:
+    def _remember(self, appkey: str, key: str, changes: OperatorFields) -> None:
         """Add ``changes`` to the node's operator record; versioned like the node's
         own write: two operators at once both get theirs kept."""
         path = self._record_path(appkey, key)
