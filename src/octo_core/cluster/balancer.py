@@ -41,8 +41,9 @@ class Balancer:
         self.select: Callable[..., Optional[Node]] = impl.select
         self.learns: bool = name in _LEARNING
         if self.learns:
-            self.on_start: Callable[[Node], None] = impl.start
-            self.on_finish: Callable[[Node, float, bool], None] = impl.finish
+            # (the C balancer's own methods, in place of the no-op ones: no Python frame)
+            self.on_start: Callable[[Node], None] = impl.start  # type: ignore[method-assign]
+            self.on_finish: Callable[[Node, float, bool], None] = impl.finish  # type: ignore[method-assign]
         self._nodes: List[Node] = []
         self._index: Dict[str, int] = {}
 

@@ -41,7 +41,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import (AbstractSet, Any, Awaitable, Callable, Dict, FrozenSet, List, Mapping, Optional,
+                    Sequence, Set, Tuple)
 
 from octo_core.cluster.balancer import make_balancer
 from octo_core.cluster.breaker import BreakerState, CircuitBreaker, RetryBudget
@@ -57,7 +58,7 @@ POLICIES = ("failfast", "failover", "failsafe", "forking", "hedging")
 Send = Callable[[Node, float], Awaitable[Any]]
 
 #: No node tried yet (``select``'s ``tried`` for a call's only attempt; never added to).
-_NONE_TRIED: frozenset = frozenset()
+_NONE_TRIED: FrozenSet[str] = frozenset()
 
 
 def node_failed(exc: BaseException) -> bool:
@@ -148,9 +149,9 @@ class Cluster:
         for key in [key for key in self._degraded if key not in listed]:
             del self._degraded[key]
         self._reconnecting &= listed
-        for key in [key for key in self._balancers if not self.router.routable(
+        for tier_key in [key for key in self._balancers if not self.router.routable(
                 key[0] if isinstance(key[1], int) else key)]:
-            del self._balancers[key]
+            del self._balancers[tier_key]
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         """The loop the calls run on, looked up once: on CPython 3.11 every
@@ -165,7 +166,8 @@ class Cluster:
     def breaker(self, node: Node) -> CircuitBreaker:
         breaker = self._breakers.get(node.key)
         if breaker is None:
-            breaker = CircuitBreaker(on_change=lambda b, key=node.key: self._breaker_changed(key, b),
+            key = node.key
+            breaker = CircuitBreaker(on_change=lambda b: self._breaker_changed(key, b),
                                      **self._breaker_options)
             if node.key in self._listed:   # (not one that left as its attempt was chosen)
                 self._breakers[node.key] = breaker
@@ -186,7 +188,7 @@ class Cluster:
         if node.key in self._listed:
             self._degraded[node.key] = self._running_loop().time() + retry_in
 
-    def _excluded(self, tried: Set[str]) -> Set[str]:
+    def _excluded(self, tried: AbstractSet[str]) -> Set[str]:
         """``tried`` and the nodes health rules out now (some are unhealthy or degraded)."""
         excluded = set(tried)
         for key in self._unhealthy:
@@ -221,7 +223,8 @@ class Cluster:
             entry[0] = routed
         return entry[1]
 
-    def select(self, tags: Mapping[str, str], key: Any, tried: Set[str]) -> Tuple[Node, Any]:
+    def select(self, tags: Mapping[str, str], key: Any,
+               tried: AbstractSet[str]) -> Tuple[Node, Any]:
         """A node for the next attempt, and the balancer that chose it."""
         tag_key = self.router.tag_key(tags)
         routed = self.router.route_for(tag_key)
@@ -236,7 +239,7 @@ class Cluster:
         return node, balancer
 
     def _select_further(self, tag_key: Tuple[str, str], routed: Weighted, key: Any,
-                        tried: Set[str], excluded: Set[str]) -> Tuple[Node, Any]:
+                        tried: AbstractSet[str], excluded: AbstractSet[str]) -> Tuple[Node, Any]:
         """No node of the first routing tier can take the attempt (breakers open,
         connections degraded, every one tried): the next tiers take it, as in
         Envoy's locality failover (IDC, region, anywhere; lane, trunk; cell, center)."""
@@ -274,7 +277,8 @@ class Cluster:
 
     def _sendable(self, node: Node, deadline: float) -> bool:
         """Could an attempt on ``node`` go now: is time left, would its breaker let it by?"""
-        return deadline > self._loop.time() and self.breaker(node).available()
+        return (deadline > self._loop.time()  # type: ignore[union-attr]  # begin() looked it up
+                and self.breaker(node).available())
 
     # --- invocation --------------------------------------------------------------------
 
@@ -348,7 +352,7 @@ class Cluster:
                 failure = exc
 
     async def _attempt(self, send: Send, node: Node, balancer: Any, deadline: float) -> Any:
-        remaining = deadline - self._loop.time()
+        remaining = deadline - self._loop.time()  # type: ignore[union-attr]  # begin() looked it up
         if remaining <= 0:    # the caller's deadline: no node to blame
             raise CallTimeout("the call's deadline passed before an attempt was sent")
         breaker = self._breakers.get(node.key) or self.breaker(node)   # (made at a first call)
@@ -404,6 +408,7 @@ class Cluster:
         wins. A hedge goes after ``delay``, or at once when an attempt fails with a
         node fault (gRPC A6 hedging)."""
         loop = self._loop
+        assert loop is not None   # begin() looked it up
         tried: Set[str] = set()
         running: Dict[asyncio.Task, bool] = {}   # attempt -> its node was known dead
         last: Optional[BaseException] = None
