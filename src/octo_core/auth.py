@@ -214,7 +214,7 @@ class Authenticator:
         self.skew = skew
         self.sign_body = sign_body
         self._nonces = _NonceCache(nonce_capacity)
-        self._keys: Dict[str, SigningKey] = {}
+        self._keys: Dict[Union[str, bytes], SigningKey] = {}   # by token
         self.rejections: Dict[str, int] = collections.Counter()
 
     def _refuse(self, reason: str, detail: str, told: Optional[str] = None) -> SecurityError:
@@ -243,7 +243,7 @@ class Authenticator:
             address = ipaddress.ip_address(ip or "")
         except ValueError:
             return None
-        if getattr(address, "ipv4_mapped", None) is not None:
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped   # ::ffff:10.0.0.1 is 10.0.0.1 to the rules
         if any(address in net for net in self.deny):
             raise self._refuse("ip-denied", f"{address} is on the deny list")
@@ -269,9 +269,9 @@ class Authenticator:
                                told="bad-signature: the signature does not match")
         key = self._keys.get(token)
         cached = key is not None
-        if not cached:
+        if key is None:
             key = SigningKey(token)
-        digest = sha256_hex(body) if self.sign_body else None
+        digest = sha256_hex(body) if self.sign_body else None  # type: ignore[arg-type]  # see report
         if not key.verify(signature, caller, server_appkey, service, method, ts, nonce, digest):
             raise self._refuse("bad-signature", "the signature does not match")
         if not cached:
@@ -299,7 +299,7 @@ class Authenticator:
                                         "nonces the server remembers: sign it anew")
 
     def _granted(self, caller: str, target: str) -> bool:
-        for who, grants in self.acl.items():
+        for who, grants in self.acl.items():  # type: ignore[union-attr]  # asked only with one
             if fnmatch.fnmatchcase(caller, who) and any(fnmatch.fnmatchcase(target, g) for g in grants):
                 return True
         return False

@@ -250,6 +250,7 @@ async def _open(node: Node) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]
         raise _BadAddress(str(exc)) from None
     if address.path is not None:
         return await asyncio.open_unix_connection(address.path)
+    assert address.port is not None   # parse_address: no path, a port
     return await connect(asyncio.open_connection, address.host, address.port)
 
 
