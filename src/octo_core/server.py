@@ -31,7 +31,7 @@ from octo_core.errors import DecodeError, EncodeError, SecurityError, Status
 from octo_core.metrics import Metrics, MethodStats, prometheus_text
 from octo_core.protocol import Frame, MessageType, NodeStatus
 from octo_core.registry import HeartbeatSupport, Node, Registry, open_registry
-from octo_core.transport.address import (Address, Listeners, default_route_ip, listen,
+from octo_core.transport.address import (Address, Listeners, Listening, default_route_ip, listen,
                                         parse_address)
 from octo_core.transport.http import bound_port, serve_metrics
 from octo_core.transport.loop import SERVING_LOOPS, LoopThread, new_event_loop, start_task
@@ -300,7 +300,7 @@ class Server:
         protocol.FrameDecoder(max_frame_size)   # the reader's own check: ValueError when too small
         self.appkey = appkey
         self.host = host
-        self.port: Optional[int] = port
+        self.port = port
         self.unix_path = parse_address(host).path if host.startswith("unix://") else None
         self.max_frame_size = max_frame_size
         self.limits = limits
@@ -339,7 +339,7 @@ class Server:
         self._pool: Optional[BusinessPool] = None
         self._unix_inode = 0
         self._handlers: Set[asyncio.Future] = set()   # coroutine handlers that suspended
-        self._listener: Optional[Union[asyncio.AbstractServer, Listeners]] = None
+        self._listener: Optional[Listening] = None
         self._sweeper: Optional[asyncio.Task] = None
         self._connections: set = set()
         self._in_flight = 0
@@ -412,7 +412,8 @@ class Server:
 
         # A TLS handshake comes before any frame and any of the limits on frames:
         # a peer that stalls it may hold its socket this long, no longer.
-        tls = dict(ssl=self.ssl, ssl_handshake_timeout=_TLS_HANDSHAKE_TIMEOUT) if self.ssl else {}
+        tls: Dict[str, Any] = (dict(ssl=self.ssl, ssl_handshake_timeout=_TLS_HANDSHAKE_TIMEOUT)
+                               if self.ssl else {})
         if self.unix_path is not None:
             await _refuse_a_live_socket(self.unix_path)
             self._listener = await self._loop.create_unix_server(
@@ -458,20 +459,23 @@ class Server:
         return None
 
     async def _register(self) -> None:
-        registry = self._registry_spec
-        self._registry = open_registry(registry) if isinstance(registry, str) else registry
+        spec = self._registry_spec
+        assert spec is not None   # start() registers only with one
+        registry = self._registry = open_registry(spec) if isinstance(spec, str) else spec
         ip, port = (self.address, 0) if self.unix_path is not None else (self.host, self.port)
         if ip in _EVERY_INTERFACE and "ip" not in self._node_fields:   # callers cannot dial 0.0.0.0
             ip = await LOOKUPS.run(_reachable_ip, ip)
-        fields = dict(appkey=self.appkey, ip=ip, port=port, env=self._registry.env,
-                      startTime=int(time.time()), heartbeatSupport=HeartbeatSupport.BOTH,
-                      serviceInfo={name: {"unifiedProto": 1} for name in self._services})
+        fields: Dict[str, Any] = dict(
+            appkey=self.appkey, ip=ip, port=port, env=registry.env, startTime=int(time.time()),
+            heartbeatSupport=HeartbeatSupport.BOTH,
+            serviceInfo={name: {"unifiedProto": 1} for name in self._services})
         fields.update(self._node_fields)
-        self._node = await self._registry.register(Node(**fields))
+        self._node = await registry.register(Node(**fields))
 
     async def _unregister(self) -> None:
         """Tell callers first: STOPPING, then gone; calls keep being served meanwhile."""
         node, registry = self._node, self._registry
+        assert node is not None and registry is not None   # stop() asks only when registered
         try:
             await registry.update(node.appkey, node.key, status=NodeStatus.STOPPING)
             await registry.unregister(node.appkey, node.key)
@@ -499,6 +503,7 @@ class Server:
         """
         if self._listener is None or self._inherited:
             return
+        assert self._loop is not None   # start() set it before the listener
         if self._loop is not asyncio.get_running_loop() and self._loop.is_running():
             # its loop runs on another thread (``with server``): the stop runs there
             await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.stop(grace), self._loop))
@@ -537,7 +542,7 @@ class Server:
             conn.abort()
         await asyncio.sleep(0)
         self._collected.detach()
-        self._pool.shutdown()
+        self._pool.shutdown()  # type: ignore[union-attr]  # see report
         self._listener = None
         SERVING_LOOPS[self._loop].discard(self)
         if self.unix_path is not None:
@@ -557,10 +562,11 @@ class Server:
         path and unregister its node. ``stop()`` leaves it all alone; the child's
         copies of its listening sockets close now (each connection closes its own),
         so the port closes when the parent stops."""
-        self._inherited = self._listener is not None
-        if self._inherited:
+        listener = self._listener
+        self._inherited = listener is not None
+        if listener is not None:
             self._collected.detach()
-            listening = [*self._listener.sockets,
+            listening = [*listener.sockets,
                          *(self._metrics_http.sockets if self._metrics_http else ())]
             release_in_child(sock.fileno() for sock in listening)
 
@@ -602,6 +608,7 @@ class Server:
     def __exit__(self, *exc: Any) -> None:
         if self._inherited:   # a forked child's: its I/O thread and all it serves are the parent's
             return
+        assert self._thread is not None   # __enter__ set it
         try:
             # bounded: a loop that died cannot hold the exit (stop takes its grace
             # of 5 s, a linger, and a margin)
@@ -620,6 +627,7 @@ class Server:
         """Close connections idle too long, or stuck on a partial frame too long."""
         limits = [t for t in (self.idle_timeout, self.read_timeout) if t]
         period = min(min(limits) / 2, 5.0)
+        assert self._loop is not None   # start() set it before starting this
         while True:
             await asyncio.sleep(period)
             now = self._loop.time()
@@ -648,7 +656,7 @@ class Server:
         if head.message_type in _HEARTBEATS:
             self._heartbeat(reply, head.message_type)
             return
-        service = self._services.get(head.service_name)
+        service = self._services.get(head.service_name)  # type: ignore[arg-type]  # None: no service
         if service is None:
             status, text = self._unhosted(reply, head, frame.body)
             # names off the wire are not metric labels: one series for all unknown services
@@ -802,11 +810,12 @@ class Server:
         argv = [getattr(args, arg) for arg in method.arg_names]
         context = self._call_context(call, head)
         if is_coroutine:
-            self._track(start_task(self._loop, self._run_coroutine(call, fn, argv, deadline),
-                                   context))
+            self._track(start_task(self._loop,  # type: ignore[arg-type]  # started: start() set it
+                                   self._run_coroutine(call, fn, argv, deadline), context))
             return
         self._business_pending += 1
-        future = self._pool.submit(context.run, _run_sync, fn, argv, deadline)
+        future = self._pool.submit(  # type: ignore[union-attr]  # started: start() made it
+            context.run, _run_sync, fn, argv, deadline)
         future.add_done_callback(functools.partial(self._hand_back, call, context))
 
     def _hand_back(self, call: _Call, context: contextvars.Context,
@@ -814,7 +823,8 @@ class Server:
         """(On the business thread.) The handler's outcome, to the loop to answer;
         a handler that outlived the stop finds its loop closed: no one to answer."""
         with contextlib.suppress(RuntimeError):   # (asyncio: "Event loop is closed")
-            self._loop.call_soon_threadsafe(self._sync_done, call, future, context)
+            self._loop.call_soon_threadsafe(  # type: ignore[union-attr]  # started: start() set it
+                self._sync_done, call, future, context)
 
     @staticmethod
     def _call_context(call: _Call, head: Optional[_codec.Head]) -> contextvars.Context:
@@ -855,8 +865,8 @@ class Server:
         if inspect.isawaitable(value):
             # A plain function that returned a coroutine (an async handler behind a
             # plain decorator): its answer is what the coroutine gives, on the loop.
-            self._track(start_task(self._loop, self._run_coroutine(call, lambda: value, [], None),
-                                   context))
+            self._track(start_task(self._loop,  # type: ignore[arg-type]  # started: start() set it
+                                   self._run_coroutine(call, lambda: value, [], None), context))
             return
         self._answer(call, value, exc)
 
