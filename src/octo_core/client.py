@@ -7,13 +7,12 @@ import functools
 import math
 import operator
 import ssl as _ssl
-import sys
 import threading
 import time
 import warnings
 import weakref
 from typing import (TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, Dict, Iterable, List,
-                    Mapping, Optional, Sequence, Set, Tuple, Union)
+                    Mapping, Optional, Sequence, Set, Tuple, Type, Union)
 
 from thriftpy2.thrift import TApplicationException, TMessageType
 
@@ -35,7 +34,8 @@ from octo_core.transport.address import default_route_ip, parse_address
 from octo_core.transport.client import ClientConnection, Endpoint
 from octo_core.transport.loop import SERVING_LOOPS, LoopThread
 
-_ERRORS_BY_STATUS = {
+# (looked up by a reply header's status: an int, or None without a header)
+_ERRORS_BY_STATUS: Dict[Optional[int], Type[OctoError]] = {
     Status.APPLICATION_EXCEPTION: ApplicationError,
     Status.RUNTIME_EXCEPTION: RuntimeFailure,
     Status.RPC_EXCEPTION: RpcError,
@@ -165,11 +165,12 @@ class AsyncClient:
                         if token is not None else None)
         self.metrics = Metrics("client")
         self._limits = limits
-        self._endpoint_options = dict(pool_size=pool_size, connect_timeout=connect_timeout,
-                                      max_frame_size=max_frame_size, ssl=ssl,
-                                      # what it nests in a request: what it would read
-                                      max_depth=limits.max_depth if limits else DEFAULT_MAX_DEPTH,
-                                      heartbeat_interval=heartbeat_interval if self.unified else None)
+        self._endpoint_options: Dict[str, Any] = dict(
+            pool_size=pool_size, connect_timeout=connect_timeout, max_frame_size=max_frame_size,
+            ssl=ssl,
+            # what it nests in a request: what it would read
+            max_depth=limits.max_depth if limits else DEFAULT_MAX_DEPTH,
+            heartbeat_interval=heartbeat_interval if self.unified else None)
         self._endpoints: Dict[str, Endpoint] = {}
         self._retired: Set[Endpoint] = set()            # of nodes that left, calls still on them
         self._listed: Optional[Set[str]] = None         # node addresses, from a registry
@@ -212,11 +213,12 @@ class AsyncClient:
             if not remote_appkey:
                 raise ValueError("registry discovery needs remote_appkey")
             self._owns_registry = isinstance(registry, str)
-            self._directory = Directory(open_registry(registry) if self._owns_registry else registry,
-                                        remote_appkey, snapshot_path)
+            self._directory = Directory(open_registry(registry) if isinstance(registry, str)
+                                        else registry, remote_appkey, snapshot_path)
             # weakly: a client dropped unclosed is collected (and closed) all the same
             self._directory.subscribe(_weak_method(self._discovered))
         else:
+            assert hosts is not None   # (checked above: hosts or registry)
             nodes = [static_node(self.remote_appkey, host) for host in hosts]
             if not nodes:
                 raise ValueError("hosts must name at least one node")
@@ -270,7 +272,8 @@ class AsyncClient:
 
     async def _call(self, method: idl.Method, args: tuple, kwargs: dict,
                     timeout: Optional[float] = None) -> Any:
-        if threading.get_ident() != self._loop_thread or self._loop.is_closed():
+        if (threading.get_ident() != self._loop_thread
+                or self._loop.is_closed()):  # type: ignore[union-attr]  # set with _loop_thread
             self._check_caller(method)
         if self._directory is not None and self._directory.version == 0:
             await self._discover()
@@ -288,7 +291,7 @@ class AsyncClient:
         stats = self.metrics.started(self.service_name, method.name)
         ends = _span_started("client", self.service_name, method.name, span) if _HOOKS else None
         started = time.monotonic()
-        status = _SUCCESS
+        status: int = _SUCCESS
         try:
             return await self._cluster.begin(   # (invoke, minus a coroutine: see begin)
                 send, timeout=self.timeout if timeout is None else timeout,
@@ -297,8 +300,8 @@ class AsyncClient:
         except OctoError as exc:
             status = exc.status
             raise
-        except Exception:
-            status = Status.SUCCESS if _declared(method, sys.exc_info()[1]) else Status.REMOTE_EXCEPTION
+        except Exception as exc:
+            status = Status.SUCCESS if _declared(method, exc) else Status.REMOTE_EXCEPTION
             raise
         finally:
             self.metrics.finished(stats, time.monotonic() - started, status)
@@ -333,11 +336,13 @@ class AsyncClient:
     async def _discover(self) -> None:
         """Start discovery: concurrent first calls share one attempt, and a failed
         attempt is forgotten, so a call after a registry outage tries again."""
+        directory = self._directory
+        assert directory is not None   # (a call discovers only with a registry)
         if self._discovery is None:
-            self._discovery = asyncio.get_running_loop().create_task(self._directory.start())
+            self._discovery = asyncio.get_running_loop().create_task(directory.start())
             self._discovery.add_done_callback(self._discovery_done)
         await asyncio.shield(self._discovery)
-        self._discovered(self._directory.nodes, self._directory.rules)
+        self._discovered(directory.nodes, directory.rules)
 
     def _discovered(self, nodes: Sequence[Node], rules: Sequence[RouteRule]) -> None:
         """A new node list: routing takes those that serve this client's service,
@@ -515,9 +520,9 @@ class AsyncClient:
     def _parts(self) -> Tuple[Dict[str, Endpoint], Set[Endpoint], Optional[Directory],
                               Optional[Registry]]:
         """What closing the client closes (none of it refers back to the client)."""
-        owned = self._directory is not None and self._owns_registry
-        return (self._endpoints, self._retired, self._directory,
-                self._directory.registry if owned else None)
+        directory = self._directory
+        return (self._endpoints, self._retired, directory,
+                directory.registry if directory is not None and self._owns_registry else None)
 
     async def _shutdown(self) -> None:
         await _close_parts(*self._parts())
@@ -574,6 +579,7 @@ def static_node(appkey: str, host: str) -> Node:
     address = parse_address(host)
     if address.path is not None:
         return Node(appkey=appkey, ip=host, port=0)
+    assert address.host is not None and address.port is not None   # parse_address: no path
     return Node(appkey=appkey, ip=address.host, port=address.port)
 
 
