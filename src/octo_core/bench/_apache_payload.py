@@ -14,11 +14,13 @@ Importing this module requires the ``thrift`` (Apache) package.
 from thrift.Thrift import TType
 from thrift.TRecursive import fix_spec
 
-all_structs = []
+all_structs: list = []
 
 
 class _Struct(object):
     """The ``__repr__``/``__eq__``/``__ne__`` the compiler writes into every class."""
+
+    thrift_spec: tuple   # each class's, set after it as the compiler does
 
     def __repr__(self):
         L = ['%s=%r' % (key, value)

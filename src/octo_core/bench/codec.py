@@ -287,7 +287,8 @@ class ApachePeer(Peer):
 
 def _make_cybin() -> Peer:
     try:
-        from thriftpy2.protocol.cybin import TCyBinaryProtocolFactory
+        # (cybin is compiled, without a stub: mypy cannot see what it defines)
+        from thriftpy2.protocol.cybin import TCyBinaryProtocolFactory  # type: ignore[attr-defined]
         from thriftpy2.transport import TCyMemoryBuffer
         from thriftpy2.transport.memory import TMemoryBuffer as PyMemoryBuffer
     except ImportError as exc:

@@ -259,7 +259,8 @@ class _RawEchoServer(asyncio.Protocol):
                 break
             end = frame_end
         if end:
-            self._transport.write(data if end == size else data[:end])
+            self._transport.write(  # type: ignore[union-attr]  # data comes once connected
+                data if end == size else data[:end])
         if end < size:
             buf += data[end:]
 
@@ -290,7 +291,7 @@ class _CodecEchoServer(asyncio.Protocol):
                 frame.flags, frame.head.sequence_id, 0, None, name, _REPLY, seqid,
                 echo.echo_result(success=args.message)))
         if replies:
-            self._transport.write(b"".join(replies))
+            self._transport.write(b"".join(replies))  # type: ignore[union-attr]  # (connected)
 
 
 class _Serving:
@@ -365,12 +366,13 @@ def _serve_thriftpy2_sync(host: str, port: int) -> _Serving:
     # make_server refuses port 0, so build it on a placeholder port and bind port 0
     # ourselves; serve() would bind again, so its listen() becomes a no-op.
     server = make_server(payload_module().Echo, _EchoHandler(), host, port or 1,
-                         trans_factory=TCyFramedTransportFactory(), client_timeout=None)
+                         trans_factory=TCyFramedTransportFactory(),
+                         client_timeout=None)  # type: ignore[arg-type]  # None: no timeout
     server.daemon = True          # connection threads must not keep the child alive
     server.trans.port = port
     server.trans.listen()
     bound = server.trans.sock.getsockname()[1]
-    server.trans.listen = lambda: None
+    server.trans.listen = lambda: None  # type: ignore[method-assign]  # bound above
     thread = threading.Thread(target=server.serve, name="thriftpy2-sync-server", daemon=True)
     thread.start()
 
@@ -436,7 +438,7 @@ def _serve_protocol(factory: Callable[[], asyncio.Protocol],
     return serve
 
 
-_SERVERS: Dict[str, Callable[[str, int], _Serving]] = {
+_SERVERS: Dict[str, Callable[..., _Serving]] = {   # (host, port), octo's also a registry
     "octo": _serve_octo,
     "thriftpy2-sync": _serve_thriftpy2_sync,
     "thriftpy2-aio": _serve_thriftpy2_aio,
@@ -481,7 +483,8 @@ def wait_for_quiet(max_wait: float, sample: float = 0.5) -> Optional[float]:
         t0 = time.monotonic()
         time.sleep(sample)
         after = _machine_busy()
-        pct = (after - before) * 100.0 / (time.monotonic() - t0)
+        pct = ((after - before)  # type: ignore[operator]  # /proc/stat was read just now
+               * 100.0 / (time.monotonic() - t0))
         if pct < QUIET_PCT or time.monotonic() >= deadline:
             return pct
 
@@ -722,7 +725,7 @@ class _OctoDriver(_AsyncDriver):
             payload_module().Echo, appkey="com.octo.bench.client",
             remote_appkey="com.octo.bench.echo", protocol=self.protocol,
             timeout=CALL_TIMEOUT_S, **nodes)
-        echo, message = self.client.echo, self.message
+        echo, message = self.client.echo, self.message  # type: ignore[attr-defined]  # IDL's
         call = lambda: echo(message)  # noqa: E731
         await self._check(call, message)
         self.calls = [call] * self.concurrency
@@ -751,7 +754,8 @@ class _Tp2AioDriver(_AsyncDriver):
                 service, "127.0.0.1", self.port, trans_factory=TAsyncFramedTransportFactory(),
                 timeout=int(CALL_TIMEOUT_S * 1000)))
         self.connections = len(self.clients)
-        self.calls = [(lambda echo=c.echo: echo(message)) for c in self.clients]
+        self.calls = [(lambda echo=c.echo: echo(message))  # type: ignore[misc]  # (a default)
+                      for c in self.clients]
         for call in self.calls:
             await self._check(call, message)
 
@@ -902,13 +906,16 @@ class _CodecEchoClient(_PipelinedClient):
 class _RawDriver(_AsyncDriver):
     """The raw uvloop echo: 4-byte length prefix + the message bytes, no serialization."""
 
+    proto: _PipelinedClient   # the connection's echo client (the codec driver's is another)
+
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
-        self.transport, self.proto = await loop.create_connection(
+        self.transport, proto = await loop.create_connection(
             _RawEchoClient, "127.0.0.1", self.port)
+        self.proto = proto
         data = self.message.encode()
         frame = len(data).to_bytes(4, "big") + data
-        send = self.proto.call
+        send = proto.call
         call = lambda: send(frame)  # noqa: E731
         await self._check(call, data)
         self.calls = [call] * self.concurrency
@@ -925,9 +932,10 @@ class _CodecDriver(_RawDriver):
 
     async def _open(self) -> None:
         loop = asyncio.get_running_loop()
-        self.transport, self.proto = await loop.create_connection(
+        self.transport, proto = await loop.create_connection(
             _CodecEchoClient, "127.0.0.1", self.port)
-        send, message = self.proto.call, self.message
+        self.proto = proto
+        send, message = proto.call, self.message
         call = lambda: send(message)  # noqa: E731
         await self._check(call, message)
         self.calls = [call] * self.concurrency
@@ -1012,7 +1020,7 @@ class _OctoSyncDriver(_ThreadedDriver):
         self.client = octo_core.Client(
             payload_module().Echo, appkey="com.octo.bench.client",
             remote_appkey="com.octo.bench.echo", timeout=CALL_TIMEOUT_S, **nodes)
-        self.echoes = [self.client.echo] * self.concurrency
+        self.echoes = [self.client.echo] * self.concurrency  # type: ignore[attr-defined]  # IDL's
         self._check()
 
     def close(self) -> None:
@@ -1198,7 +1206,7 @@ def octo_vs_tp2_aio(results: Sequence[Result], payload: str,
 
 def check_targets(results: Sequence[Result]) -> List[TargetCheck]:
     """The three targets, per payload, at the lowest (1) and highest concurrency measured."""
-    checks = []
+    checks: List[TargetCheck] = []
     payloads = list(dict.fromkeys(r.payload for r in results))
     concurrencies = sorted({r.concurrency for r in results})
     if not concurrencies:
@@ -1213,7 +1221,8 @@ def check_targets(results: Sequence[Result]) -> List[TargetCheck]:
             octo = _find(results, OCTO, payload, top)
             raw = _find(results, RAW, payload, top)
             tp2 = _find(results, TP2_AIO, payload, top)
-            ratio = vs_raw(results, octo)[1] if octo is not None and vs_raw(results, octo) else None
+            ratio = (vs_raw(results, octo)[1]  # type: ignore[index]  # (not None: just asked)
+                     if octo is not None and vs_raw(results, octo) else None)
             checks.append(TargetCheck(f"octo calls/s ÷ raw uvloop, {top} in flight", payload,
                                       ratio, TARGET_VS_RAW_THROUGHPUT, True,
                                       noisy=noisy(octo, raw)))
@@ -1223,7 +1232,8 @@ def check_targets(results: Sequence[Result]) -> List[TargetCheck]:
         if 1 in concurrencies:
             octo = _find(results, OCTO, payload, 1)
             raw = _find(results, RAW, payload, 1)
-            ratio = vs_raw(results, octo)[1] if octo is not None and vs_raw(results, octo) else None
+            ratio = (vs_raw(results, octo)[1]  # type: ignore[index]  # (not None: just asked)
+                     if octo is not None and vs_raw(results, octo) else None)
             checks.append(TargetCheck("octo p50 ÷ raw uvloop p50, 1 in flight", payload,
                                       ratio, TARGET_VS_RAW_P50, False, noisy=noisy(octo, raw)))
     for check in checks:
@@ -1300,9 +1310,9 @@ def format_report(results: Sequence[Result], seconds: Optional[float] = None,
                  "competed for the two cores and its numbers are not comparable")
     ratios = []
     for payload, concurrency in dict.fromkeys((r.payload, r.concurrency) for r in results):
-        ratio = octo_vs_tp2_aio(results, payload, concurrency)
-        if ratio is not None:
-            ratios.append(f"  {payload:>4}, {concurrency:>3} in flight: {ratio:.2f}×")
+        speedup = octo_vs_tp2_aio(results, payload, concurrency)
+        if speedup is not None:
+            ratios.append(f"  {payload:>4}, {concurrency:>3} in flight: {speedup:.2f}×")
     if ratios:   # a heading over nothing when octo or thriftpy2-aio was not run
         lines += ["", "octo ÷ thriftpy2-aio, calls/s:", *ratios]
     checks = check_targets(results)
