@@ -714,7 +714,7 @@ class Server:
                 method = _codec.decode_message_begin(body, self.limits)[0]
             except DecodeError:
                 method = ""      # (signed for no method, it fails the signature)
-            refusal = self._authenticate(head.service_name, method, reply, head, body)
+            refusal = self._authenticate(head.service_name or "", method, reply, head, body)
             if refusal is not None:
                 return refusal
         return Status.SERVICE_EXCEPTION, f"service {head.service_name!r} is not hosted by {self.appkey}"

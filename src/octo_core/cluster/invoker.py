@@ -273,7 +273,7 @@ class Cluster:
         if not self._degraded:    # every healthy call's case
             return False
         until = self._degraded.get(node.key)
-        return until is not None and until > self._loop.time()
+        return until is not None and until > self._running_loop().time()
 
     def _sendable(self, node: Node, deadline: float) -> bool:
         """Could an attempt on ``node`` go now: is time left, would its breaker let it by?"""
@@ -393,7 +393,7 @@ class Cluster:
                 self._reconnecting.discard(node.key)
                 if settled:     # answered, or failed to connect (and is degraded anew)
                     until = self._degraded.get(node.key)
-                    if until is not None and until <= self._loop.time():
+                    if until is not None and until <= self._running_loop().time():
                         del self._degraded[node.key]
             if health is not None:
                 breaker.record(health)
