@@ -599,6 +599,41 @@ def test_a_start_that_fails_leaves_nothing_behind_and_a_second_start_is_refused(
     run(main())
 
 
+def test_a_start_whose_business_threads_cannot_start_leaves_no_socket(monkeypatch):
+    """Out of threads ("can't start new thread") at the third business thread: the
+    start fails, no port listens, the two threads started end, and once threads
+    can be made again the same server starts."""
+    import threading
+    real_start, starts = threading.Thread.start, []
+
+    def third_fails(thread: threading.Thread) -> None:
+        if thread.name.startswith("octo-biz-"):
+            starts.append(thread)
+            if len(starts) == 3:
+                raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    async def main():
+        server = octo_core.Server("com.example.threadless", port=0, business_threads=4)
+        server.add_service(Echo, EchoHandler())
+        monkeypatch.setattr(threading.Thread, "start", third_fails)
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            await server.start()
+        monkeypatch.undo()
+        assert server.port == 0      # nothing was bound
+        for thread in starts[:2]:
+            thread.join(5)
+            assert not thread.is_alive()
+        await server.start()
+        try:
+            async with async_client(Echo, server.address) as client:
+                assert await client.echo("started") == "started"
+        finally:
+            await server.stop()
+
+    run(main())
+
+
 @pytest.mark.parametrize("proto", PROTOCOLS)
 def test_unix_socket_server(proto):
     handler = EchoHandler()

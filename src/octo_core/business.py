@@ -12,7 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import queue
 import threading
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 _Work = Tuple[concurrent.futures.Future, Callable[..., Any], Tuple[Any, ...]]
 
@@ -21,12 +21,18 @@ class BusinessPool:
     """``threads`` daemon threads taking work from one queue."""
 
     def __init__(self, threads: int, name: str) -> None:
-        self._threads = threads
         self._queue: "queue.SimpleQueue[Optional[_Work]]" = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
-        for number in range(threads):
-            threading.Thread(target=self._work, name=f"{name}-{number}", daemon=True).start()
+        self._workers: List[threading.Thread] = []
+        try:
+            for number in range(threads):
+                worker = threading.Thread(target=self._work, name=f"{name}-{number}", daemon=True)
+                worker.start()
+                self._workers.append(worker)
+        except BaseException:   # (can't start new thread): those started end, none is left waiting
+            self.abandon()
+            raise
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
         """Run ``fn(*args)`` on a business thread; its outcome lands in the future."""
@@ -63,5 +69,12 @@ class BusinessPool:
                     break
                 if item is not None:
                     item[0].cancel()
-            for _ in range(self._threads):
+            for _ in self._workers:
                 self._queue.put(None)
+
+    def abandon(self) -> None:
+        """Shut down a pool that was never given work, and wait for its threads to
+        end (at once: each finds it has nothing to do)."""
+        self.shutdown()
+        for worker in self._workers:
+            worker.join()

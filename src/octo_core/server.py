@@ -414,19 +414,25 @@ class Server:
         # a peer that stalls it may hold its socket this long, no longer.
         tls: Dict[str, Any] = (dict(ssl=self.ssl, ssl_handshake_timeout=_TLS_HANDSHAKE_TIMEOUT)
                                if self.ssl else {})
-        if self.unix_path is not None:
-            await _refuse_a_live_socket(self.unix_path)
-            self._listener = await self._loop.create_unix_server(
-                make_connection, self.unix_path, **tls)
-            self._unix_inode = os.stat(self.unix_path).st_ino
-        else:
-            self._listener = await listen(
-                functools.partial(self._loop.create_server, make_connection, **tls),
-                self.host, self.port)
-            self.port = self._listener.sockets[0].getsockname()[1]
+        # The pool first: one that cannot start its threads leaves no socket behind,
+        # and it is there when the first connection comes (at once, maybe).
+        pool = BusinessPool(self._business_threads, f"octo-biz-{self.appkey}")
+        try:
+            if self.unix_path is not None:
+                await _refuse_a_live_socket(self.unix_path)
+                self._listener = await self._loop.create_unix_server(
+                    make_connection, self.unix_path, **tls)
+                self._unix_inode = os.stat(self.unix_path).st_ino
+            else:
+                self._listener = await listen(
+                    functools.partial(self._loop.create_server, make_connection, **tls),
+                    self.host, self.port)
+                self.port = self._listener.sockets[0].getsockname()[1]
+        except BaseException:
+            pool.abandon()
+            raise
+        self._pool = pool
         SERVING_LOOPS.setdefault(self._loop, weakref.WeakSet()).add(self)
-        # (before the loop runs again: the first connection may come at once)
-        self._pool = BusinessPool(self._business_threads, f"octo-biz-{self.appkey}")
         # Collected while started (its loop ended without stop()): its business threads
         # would wait for work for ever.
         self._collected = weakref.finalize(self, _collected_started, self._pool, self.appkey)
@@ -542,7 +548,8 @@ class Server:
             conn.abort()
         await asyncio.sleep(0)
         self._collected.detach()
-        self._pool.shutdown()  # type: ignore[union-attr]  # see report
+        assert self._pool is not None   # start() made it before the listener
+        self._pool.shutdown()
         self._listener = None
         SERVING_LOOPS[self._loop].discard(self)
         if self.unix_path is not None:
