@@ -316,6 +316,12 @@ def test_unknown_caller_is_refused_and_told_as_a_bad_signature():
     assert auth.rejections == {"unknown-caller": 1}
 
 
+def test_checking_without_the_body_an_authenticator_signs_says_so():
+    auth = make_auth(sign_body=True)
+    with pytest.raises(TypeError, match="pass the request's body"):
+        check(auth, signed_context(TOKEN, CLIENT_APPKEY, body=b"x"))
+
+
 def test_a_request_refused_for_its_grants_keeps_no_nonce():
     """A caller the ACL grants nothing takes no room in the nonce cache (it would
     narrow the replay window for everyone)."""
