@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence, Set
 
 import pytest
 
@@ -576,6 +576,36 @@ def test_a_retry_refused_by_an_open_circuit_spends_nothing_and_raises_the_real_e
     run_virtual(main())
 
 
+def test_open_breakers_in_the_callers_idc_spill_its_calls_into_the_region():
+    """The registry still lists two crashed IDC nodes ALIVE; once their breakers
+    open, the IDC is below the locality threshold and the region shares its calls
+    (not the one survivor taking them all); closed again, the calls come back."""
+    async def main():
+        caller = Caller(appkey=CALLER, idc="gz1", region="south")
+        idc = [node(f"10.1.0.{i}", idc="gz1", region="south") for i in range(3)]
+        region = [node(f"10.2.0.{i}", idc="gz2", region="south") for i in range(2)]
+        clock = FakeClock()
+        cluster = make_cluster(nodes=idc + region, router=Router(caller), policy="failfast",
+                               breaker=dict(consecutive_failures=1, backoff_min=60.0,
+                                            backoff_max=60.0, clock=clock))
+        for crashed in idc[1:]:
+            cluster.breaker(crashed).record(False)
+
+        async def spread() -> Set[str]:
+            send = ScriptedSend()
+            for _ in range(50):
+                await cluster.invoke(send, timeout=1.0)
+            return set(send.keys)
+
+        assert await spread() == {idc[0].key} | {n.key for n in region}
+        clock.advance(120.0)                          # past the jittered backoff
+        for crashed in idc[1:]:                       # each probe succeeds: closed again
+            assert cluster.breaker(crashed).allows()
+            cluster.breaker(crashed).record(True)
+        assert await spread() <= {n.key for n in idc}
+    run_virtual(main())
+
+
 def test_hedge_backup_gets_only_what_is_left():
     async def main():
         cluster = make_cluster(3, policy="hedging", hedge_delay=0.2)
@@ -895,7 +925,8 @@ def _tiered(policy: str = "failfast", **breaker: Any) -> Any:
 @pytest.mark.parametrize("policy", ["failfast", "failover"])
 def test_a_tier_whose_circuits_are_open_fails_over_to_the_next_and_back(policy):
     """Envoy's locality failover: while the local node's breaker is open the region
-    serves, and once a probe closes it the calls come home (the routing cache stays)."""
+    serves, and once a probe closes it the calls come home (the tiers stay: a tier
+    all down is passed over call by call)."""
     async def main():
         clock = FakeClock()
         cluster, nodes = _tiered(policy, consecutive_failures=2, backoff_min=1.0, clock=clock)
@@ -913,7 +944,7 @@ def test_a_tier_whose_circuits_are_open_fails_over_to_the_next_and_back(policy):
         send.behaviours.clear()
         for _ in range(5):
             assert await cluster.invoke(send, timeout=1.0) == f"ok from {local}"
-        assert cluster.router.route() is routed
+        assert cluster.router.route() == routed     # the same tiers throughout
     run_virtual(main())
 
 

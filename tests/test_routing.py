@@ -235,6 +235,25 @@ def test_locality_applies_inside_the_lane():
     assert names(route(nodes, HERE)) == {"i1"}
 
 
+def test_nodes_the_caller_knows_are_down_count_out_of_the_locality_share():
+    """Two of the IDC's three nodes crashed and the registry has not heard yet: the
+    caller's breakers know, and the IDC spills into the region as if they were DEAD
+    (not the one survivor taking the whole IDC's calls); when they recover, back."""
+    nodes = [dc("i1", "gz1", "south"), dc("i2", "gz1", "south"), dc("i3", "gz1", "south"),
+             dc("r1", "gz2", "south"), dc("r2", "gz2", "south")]
+    router = Router(HERE)
+    router.update(nodes)
+    assert names(router.route()) == {"i1", "i2", "i3"}
+    router.set_down({nodes[1].key, nodes[2].key})
+    assert names(router.route()) == {"i1", "i2", "i3", "r1", "r2"}
+    router.set_down(set())
+    assert names(router.route()) == {"i1", "i2", "i3"}
+    restricted = Router(HERE, locality="idc")      # no shares: nothing to redo
+    restricted.update(nodes)
+    restricted.set_down({nodes[1].key, nodes[2].key})
+    assert names(restricted.route()) == {"i1", "i2", "i3"}
+
+
 def tiers(routed: Weighted) -> List[Set[str]]:
     """The names of each tier of the answer, most preferred first."""
     chain = []

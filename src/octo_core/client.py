@@ -87,8 +87,9 @@ class AsyncClient:
     or the method names that may be retried after they were sent; forking and
     hedging send extra copies of these only); routing:
     ``cell``/``set_routing``, ``idc``/``region``/``locality``
-    (``locality_threshold``: the share of serving nodes, ALIVE with weight > 0,
-    a nearer tier needs to be used alone, 0.5 by default), ``caller_ip``
+    (``locality_threshold``: the share of serving nodes -- ALIVE, weight > 0,
+    circuit closed, connects working -- a nearer tier needs to be used alone,
+    0.5 by default), ``caller_ip``
     (what route rules match consumer IPs against; by default the address of
     this machine's default route).
     Nodes come from ``hosts`` (addresses) or from a ``registry`` (URL or

@@ -180,6 +180,7 @@ class Cluster:
             self._unhealthy.discard(key)
         else:
             self._unhealthy.add(key)
+        self._tell_router()
 
     def degrade(self, node: Node, retry_in: float = 2.0) -> None:
         """OCTO's connection degrade: no calls to ``node`` for ``retry_in`` seconds;
@@ -187,6 +188,14 @@ class Cluster:
         connection), so a connect that hangs holds up one call, not all of them."""
         if node.key in self._listed:
             self._degraded[node.key] = self._running_loop().time() + retry_in
+            self._tell_router()
+
+    def _tell_router(self) -> None:
+        """What this client knows of nodes that cannot take calls (breaker not
+        closed, connect failing) goes into the router's locality shares: an IDC
+        whose nodes crashed before the registry heard of it spills over as one
+        the registry marks DEAD does."""
+        self.router.set_down(self._unhealthy.union(self._degraded))
 
     def _excluded(self, tried: AbstractSet[str]) -> Set[str]:
         """``tried`` and the nodes health rules out now (some are unhealthy or degraded)."""
@@ -395,6 +404,7 @@ class Cluster:
                     until = self._degraded.get(node.key)
                     if until is not None and until <= self._running_loop().time():
                         del self._degraded[node.key]
+                        self._tell_router()
             if health is not None:
                 breaker.record(health)
             elif breaker.state is BreakerState.HALF_OPEN:

@@ -24,7 +24,7 @@ import dataclasses
 import fnmatch
 import json
 import time
-from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import AbstractSet, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from octo_core.errors import RpcError
 from octo_core.registry import schema
@@ -138,6 +138,7 @@ class Router:
         self._cache: Dict[tuple, Weighted] = {}
         self._known_cells: frozenset = frozenset()
         self._known_lanes: frozenset = frozenset()
+        self._down: frozenset = frozenset()   # see set_down
         self._tick = 0
         self._warm_until = 0.0
 
@@ -154,6 +155,20 @@ class Router:
         self._warm_until = max((n.started + n.warmup for n in self._nodes if n.warmup), default=0)
         if self._warm_until <= now:
             self._warm_until = 0.0
+
+    def set_down(self, keys: AbstractSet[str]) -> None:
+        """The nodes the caller knows cannot take calls now (open breakers, failed
+        connects), though the registry lists them ALIVE: the locality shares count
+        them out. The answers are redone only if the set changed and shares matter."""
+        down = frozenset(keys)
+        if down != self._down:
+            self._down = down
+            if self._shares_matter():
+                self._cache.clear()
+
+    def _shares_matter(self) -> bool:
+        """Whether the locality tiers depend on how many nodes are serving."""
+        return self.locality is None and bool(self.caller.idc or self.caller.region)
 
     @property
     def nodes(self) -> Tuple[Node, ...]:
@@ -311,7 +326,10 @@ class Router:
         return [nodes]
 
     def _enough_serving(self, tier: List[Node], weights: Dict[str, float]) -> bool:
-        """Is the share of ``tier``'s nodes that can take calls (ALIVE, weight > 0) at
-        least the locality threshold?"""
-        serving = sum(n.alive and weights[n.key] > 0 for n in tier)
+        """Is the share of ``tier``'s nodes that can take calls (ALIVE, weight > 0,
+        not known down: ``set_down``) at least the locality threshold? A tier whose
+        every such node is known down stays a tier: each call passes it over, and
+        its nodes' probes find it first when they recover (``Cluster.select``)."""
+        listed = [n for n in tier if n.alive and weights[n.key] > 0]
+        serving = sum(n.key not in self._down for n in listed) or len(listed)
         return bool(tier) and serving / len(tier) >= self.locality_threshold
