@@ -974,6 +974,42 @@ def test_heartbeat_interval_with_a_busy_connection_is_harmless():
     run(main())
 
 
+
+def test_heartbeats_reach_a_connection_that_is_written_to_but_never_answers(caplog):
+    # Regression: a connection counted as idle only when nothing was read *or
+    # written* for a heartbeat interval, so a caller calling more often than that
+    # kept a dead connection (requests go out, nothing ever comes back: a route
+    # that drops packets, a peer gone without a FIN) from ever being checked, and
+    # every call timed out on it for good. Only what the node sends counts.
+    accepted = []
+
+    async def deaf(reader, writer):      # reads everything, answers nothing
+        accepted.append(writer)
+        while await reader.read(65536):
+            pass
+        writer.close()
+
+    async def main():
+        listener = await asyncio.start_server(deaf, "127.0.0.1", 0)
+        address = f"127.0.0.1:{listener.sockets[0].getsockname()[1]}"
+        never_opens = {"consecutive_failures": 10**9, "min_calls": 10**9}
+        try:
+            async with async_client(Echo, address, timeout=0.1, heartbeat_interval=0.2,
+                                    breaker=never_opens) as client:
+                async def call_until_redialled():
+                    while len(accepted) < 2:   # each call goes out well within an interval
+                        with pytest.raises(TransportError):
+                            await client.echo("anyone there?")
+                await asyncio.wait_for(call_until_redialled(), 10)
+        finally:
+            listener.close()
+
+    with caplog.at_level(logging.WARNING, logger="octo_core.transport"):
+        run(main())
+    assert any("heartbeat" in r.getMessage() and "unanswered" in r.getMessage()
+               for r in caplog.records)
+
+
 # --- handler and caller edge cases -----------------------------------------------------
 
 class _OddHandler(EchoHandler):

@@ -207,10 +207,6 @@ class ClientConnection(FramedProtocol):
         if not self.in_flight:
             self.close()
 
-    def send(self, data: bytes) -> None:
-        self.last_activity = self.loop.time()
-        FramedProtocol.send(self, data)   # (not super(): an object and a lookup per call)
-
     def pause_writing(self) -> None:
         self.write_paused = True
 
@@ -459,13 +455,17 @@ class Endpoint:
         return sum(c.in_flight for c in [*self._conns, *self._retiring] if c is not None)
 
     async def _heartbeats(self) -> None:
-        """Send a NormalHeartbeat on connections idle for a heartbeat interval."""
+        """Send a NormalHeartbeat on connections the node has sent nothing on for a
+        heartbeat interval. Only reads count: requests written to a node that is
+        gone (a dropped route, a peer that stopped without a FIN) are no sign of
+        life, and a caller calling more often than the interval must not keep
+        the check away from the very connection that needs it."""
         interval = self._heartbeat_interval
         assert interval is not None   # started only with a heartbeat interval
         while not self.closed:
             await asyncio.sleep(interval)
             for conn in self._conns:
-                if conn is None or conn.closed or conn.loop.time() - conn.last_activity < interval:
+                if conn is None or conn.closed or conn.loop.time() - conn.last_read < interval:
                     continue
                 seq = conn.next_sequence()
                 header = protocol.request_header(
