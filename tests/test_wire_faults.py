@@ -27,6 +27,9 @@ from octo_core.errors import (ApplicationError, CallTimeout, DecodeError, Encode
                               RemoteError, RpcError, Status, TransportError)
 from octo_core.protocol import Header, NodeStatus
 from octo_core.transport import stream
+from octo_core.transport.loop import new_event_loop
+
+from cluster_helpers import run_on
 
 from wire_helpers import (ECHO_IDL, LOCALHOST, Echo, EchoError, EchoHandler, GoodCaller,
                           _build_server, async_client, decode_body, echo_services, framed_request,
@@ -1086,3 +1089,50 @@ def test_business_threads_cannot_keep_the_process_alive_after_a_stop():
         handler.release.set()
 
     run(main())
+
+
+class _GatedHandler(EchoHandler):
+    """``slow`` waits for ``gate``: the calls held there all answer in one loop pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate: asyncio.Event = asyncio.Event()
+
+    async def slow(self, text: str, delay_ms: int) -> str:
+        self.slow_started += 1
+        await self.gate.wait()
+        self.slow_finished += 1
+        return text
+
+
+@pytest.mark.parametrize("loop_factory", [new_event_loop, asyncio.new_event_loop],
+                         ids=["uvloop", "asyncio"])
+def test_a_peer_gone_before_its_big_answers_costs_no_log_line_per_answer(loop_factory, caplog):
+    # Regression: a peer that sent calls and then went away (its FIN reads as a
+    # half-close, which still gets its answers) made the server write every
+    # answer finishing in the same loop pass to a socket that had already
+    # failed, and asyncio's own loop logged "socket.send() raised exception."
+    # for each one past its fifth: a peer could make the server log at will.
+    handler = _GatedHandler()
+    calls, big = 40, "x" * 100_000
+
+    async def main():
+        async with serving(echo_services(handler)) as server:
+            host, port = server.address.rsplit(":", 1)
+            _, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"".join(unified_request("slow", Echo.slow_args(text=big, delay_ms=0), seq)
+                                  for seq in range(calls)))
+            await writer.drain()
+            await wait_until(lambda: handler.slow_started == calls, timeout=10,
+                             what="every call to start")
+            writer.close()       # gone: the answers meet a closed socket
+            [conn] = server._connections
+            await wait_until(lambda: conn._input_ended, timeout=10, what="the server to read its FIN")
+            handler.gate.set()   # every answer in one loop pass
+            await wait_until(lambda: not server._connections, timeout=10,
+                             what="the server to drop the connection")
+            assert handler.slow_finished == calls
+
+    with caplog.at_level(logging.WARNING):
+        run_on(loop_factory, asyncio.wait_for(main(), 30))
+    assert not [r for r in caplog.records if "socket.send() raised exception" in r.getMessage()]

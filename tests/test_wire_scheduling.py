@@ -265,6 +265,9 @@ class _RecordingTransport(asyncio.Transport):
     def get_extra_info(self, name, default=None):
         return default
 
+    def is_closing(self) -> bool:
+        return False
+
 
 def test_writes_leave_at_once_then_coalesce_until_the_next_read():
     from octo_core.transport.stream import FramedProtocol

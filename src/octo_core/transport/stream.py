@@ -191,7 +191,10 @@ class FramedProtocol(asyncio.Protocol):
     def _write_out(self) -> None:
         out = self._out
         self._out_bytes = 0
-        if self.closed or not out:
+        # A write that failed (the peer is gone) closes the transport at once but
+        # tells connection_lost only on the next loop pass: the answers finishing
+        # meanwhile are dropped here, not each logged by asyncio's transport.
+        if self.closed or not out or self.transport.is_closing():  # type: ignore[union-attr]
             out.clear()
             return
         data = out[0] if len(out) == 1 else b"".join(out)
