@@ -904,10 +904,12 @@ def test_heartbeat_reports_stopping_during_graceful_stop():
             await wait_until(lambda: server.status == NodeStatus.STOPPING)
             await raw.send(protocol.encode_unified(protocol.scanner_heartbeat_request(), b""))
             await raw.send(unified_request("echo", Echo.echo_args(text="too late"), 2))
-            frames = await raw.read_frames(3)
+            frames = await raw.read_frames(4)
             by_seq = {(f.header.messageType, f.header.responseInfo.sequenceId): f for f in frames}
             beat = by_seq[(MessageType.SCANNER_HEARTBEAT, 1)]
             assert beat.header.heartbeatInfo.status == NodeStatus.STOPPING == 3
+            notice = by_seq[(MessageType.NORMAL_HEARTBEAT, protocol.STOP_NOTICE_SEQUENCE)]
+            assert notice.header.heartbeatInfo.status == NodeStatus.STOPPING
             refused = by_seq[(MessageType.NORMAL, 2)]
             assert refused.header.responseInfo.status == Status.RPC_EXCEPTION
             drained = by_seq[(MessageType.NORMAL, 1)]

@@ -522,6 +522,7 @@ class Server:
             await self._unregister()
         self.status = NodeStatus.STOPPING
         self._listener.close()
+        notified = self._notify_stopping()
         if self._metrics_http is not None:
             self._metrics_http.close()
             self._metrics_http = None
@@ -538,6 +539,13 @@ class Server:
                 for task in list(self._handlers):
                     task.cancel()           # each answers its caller with an error
                 await asyncio.sleep(0)
+        # Requests a notified peer sent before it read the notice are still read and
+        # refused (status 3) rather than dropped unread at the close: until it has
+        # closed the connection (an octo_core client closes one it was told of
+        # once its calls are answered), for at most STOP_NOTICE.
+        notice_until = self._loop.time() + min(grace, STOP_NOTICE)
+        while self._connections.intersection(notified) and self._loop.time() < notice_until:
+            await asyncio.sleep(0.01)
         for conn in list(self._connections):
             conn.shutdown()
         # what is written goes out, but a peer that reads nothing does not hold the stop
@@ -562,6 +570,24 @@ class Server:
             self._registry = self._node = None
         self._leaving = False
         self.status = NodeStatus.STOPPED
+
+    def _notify_stopping(self) -> List[ServerConnection]:
+        """Tell every peer that speaks the unified protocol that this node is
+        stopping (PROTOCOL.md §3: a heartbeat reply with sequenceId -1, status
+        STOPPING), so it sends no more calls on the connection; returns those told.
+        Native thrift has no such message: its peers learn of the stop at the close."""
+        header = protocol.response_header(protocol.STOP_NOTICE_SEQUENCE, 0,
+                                          message_type=MessageType.NORMAL_HEARTBEAT,
+                                          heartbeat=protocol.HeartbeatInfo(
+                                              appkey=self.appkey,
+                                              sendTime=int(time.time() * 1000),
+                                              status=int(NodeStatus.STOPPING)))
+        notice = protocol.encode_unified(header, b"")
+        told = [conn for conn in self._connections
+                if conn.unified_peer and not conn.closed]
+        for conn in told:
+            conn.send(notice)
+        return told
 
     def _inherited_by_fork(self) -> None:
         """In a child of ``os.fork()``, a server the parent started is the parent's:
@@ -659,6 +685,7 @@ class Server:
         if not head.is_request:
             conn.reject(protocol.ProtocolError("a response frame was sent to the server"))
             return
+        conn.unified_peer = True     # (told of a stop: see _notify_stopping)
         reply = _Reply(conn, frame.flags & protocol.MIRRORED_FLAGS, head.sequence_id, True)
         if head.message_type in _HEARTBEATS:
             self._heartbeat(reply, head.message_type)
@@ -1008,6 +1035,9 @@ MAX_ERROR_TEXT = 4096
 
 #: Seconds a TLS client may take over its handshake (ms on any network that works).
 _TLS_HANDSHAKE_TIMEOUT = 10.0
+#: Seconds a stop waits, at most, for peers told of it to close their connections
+#: (within its grace) before it shuts them: what they sent meanwhile is refused.
+STOP_NOTICE = 0.5
 
 
 async def _refuse_a_live_socket(path: str) -> None:

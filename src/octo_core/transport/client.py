@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from octo_core import _codec, protocol
 from octo_core.errors import CallTimeout, ProtocolError, TransportError
-from octo_core.protocol import Frame, MessageType
+from octo_core.protocol import STOP_NOTICE_SEQUENCE, Frame, Header, MessageType, NodeStatus
 from octo_core.transport.address import Address, connect, parse_address
 from octo_core.transport.stream import FramedProtocol, log
 
@@ -173,6 +173,9 @@ class ClientConnection(FramedProtocol):
                     self.protocol_error(ProtocolError("the server sent a request frame"))
                     return
                 seq = head.sequence_id
+                if seq == STOP_NOTICE_SEQUENCE:
+                    self._stop_notice(frame)
+                    continue
             else:
                 try:
                     seq = _codec.decode_message_begin(frame.body)[2]
@@ -196,6 +199,15 @@ class ClientConnection(FramedProtocol):
                 future.set_result(answer)
         if self.retiring:
             self._close_if_idle()
+
+    def _stop_notice(self, frame: Frame) -> None:
+        """The node says it is stopping (PROTOCOL.md §3): no new call goes on this
+        connection (what it sent after the node stopped taking calls would be
+        refused, or dropped at its close); the calls on it keep their answers."""
+        beat = frame.head.full(Header).heartbeatInfo   # type: ignore[union-attr]  # (a unified frame)
+        if beat is not None and beat.status == NodeStatus.STOPPING:
+            log.info("%s is stopping: its connection takes no new calls", self.node)
+            self.close_when_idle()
 
     def close_when_idle(self) -> None:
         """Close once every call on the connection has its answer (or its timeout);
