@@ -13,7 +13,9 @@ from typing import Any, Dict, List, Mapping, Sequence, Set, Union
 
 import pytest
 
+from octo_core._lb import MAX_WEIGHT
 from octo_core.cluster import routing
+from octo_core.cluster.balancer import BALANCERS, make_balancer
 from octo_core.cluster.routing import (LITESET_KEY, OTHERS_WEIGHT_FACTOR, SWIMLANE_KEY, Caller,
                                        NoRouteError, RouteRule, Router, Weighted)
 from octo_core.errors import RpcError
@@ -429,6 +431,16 @@ def test_only_nodes_of_positive_weight_are_routed():
     routed = route([node("a", weight=5), node("zero", weight=0), node("f", weight=0, fweight=2.5),
                     node("neg", weight=-3)])
     assert weights_by_name(routed) == {"a": 5.0, "f": 2.5}
+
+
+def test_a_weight_beyond_what_balancers_take_counts_as_the_largest_they_take():
+    # Registries hold any int64 weight and any finite fweight; a balancer refuses a
+    # weight over MAX_WEIGHT, and with it every call of the client.
+    routed = route([node("big", weight=2_000_000), node("huge", weight=0, fweight=1e308),
+                    node("a", weight=5)])
+    assert weights_by_name(routed) == {"big": MAX_WEIGHT, "huge": MAX_WEIGHT, "a": 5.0}
+    for name in BALANCERS:
+        make_balancer(name).update(routed.nodes, routed.weights)   # accepted
 
 
 def test_no_alive_node_at_all_routes_to_nothing():

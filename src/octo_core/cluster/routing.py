@@ -5,7 +5,7 @@
 3. Set: a caller in a Set goes to its cell (no silent fallback)
 4. swimlane: a tagged request goes to its lane, else the trunk
 5. locality: same IDC, then same region, then anywhere
-6. only ALIVE nodes with weight > 0
+6. only ALIVE nodes with weight > 0 (at most ``_lb.MAX_WEIGHT``: more counts as that)
 
 The answer is a chain of tiers, most preferred first (``Weighted.fallback``):
 the LiteSet's cell before the center, the lane before the trunk, and within
@@ -26,6 +26,7 @@ import json
 import time
 from typing import AbstractSet, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
+from octo_core._lb import MAX_WEIGHT
 from octo_core.errors import RpcError
 from octo_core.registry import schema
 from octo_core.registry.node import Node
@@ -221,7 +222,10 @@ class Router:
         return hit
 
     def _route(self, liteset: str, lane: str) -> Weighted:
-        weights = {n.key: n.effective_weight() for n in self._nodes}
+        # A registry may hold any weight (an operator's typo, a hostile entry); beyond
+        # what the balancers take it counts as the largest they take: refused, it would
+        # fail every call of the client.
+        weights = {n.key: min(n.effective_weight(), MAX_WEIGHT) for n in self._nodes}
         nodes = self._route_rules(list(self._nodes), weights)
         tiers = [tier for group in self._cells(nodes, liteset)
                  for sub in self._swimlane(group, lane)
