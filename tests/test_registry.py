@@ -112,6 +112,23 @@ def test_update_operator_fields(url):
     run(scenario())
 
 
+@pytest.mark.parametrize("change", [dict(fweight=float("nan")), dict(fweight=float("inf")),
+                                    dict(fweight=-1.0), dict(weight=10 ** 30), dict(weight=-1),
+                                    dict(weight=2.7), dict(weight="5"), dict(weight=True),
+                                    dict(status=42), dict(status=-1), dict(role=9),
+                                    dict(warmup=-5)], ids=repr)
+def test_update_refuses_a_value_out_of_range_and_writes_nothing(url, change):
+    # NaN or a weight past int64 would be written and then refused by every reader:
+    # the node would drop out of discovery while its provider runs.
+    async def scenario():
+        async with open_registry(url) as registry:
+            stored = await registry.register(node(2000, weight=7))
+            with pytest.raises(ValueError, match=next(iter(change))):
+                await registry.update(APPKEY, "127.0.0.1:2000", **change)
+            assert await registry.list(APPKEY) == [stored]
+    run(scenario())
+
+
 def test_what_an_operator_set_survives_the_node_going_and_coming_back(url):
     """PROTOCOL.md §5: STOPPED survives re-registration, also after a clean stop
     (unregister) or a crash took the node away in between; STOPPING (the

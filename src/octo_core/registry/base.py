@@ -24,7 +24,7 @@ import math
 import threading
 import time
 import urllib.parse
-from typing import TYPE_CHECKING, Any, Callable, Iterable, List, Mapping, Optional, Tuple, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, cast
 
 from octo_core.errors import OctoError
 from octo_core.registry import schema
@@ -245,14 +245,33 @@ def registered(node: Node, previous: Optional[Node], record: OperatorFields) -> 
     return stamped(node.reregistered(previous))
 
 
+#: What ``update`` may set each integer field to: a status or role of PROTOCOL.md §5,
+#: a weight or warm-up of 0 or more that fits the readers' int64.
+_OPERATOR_RANGES = {"weight": (0, schema.INT_RANGE[1]), "warmup": (0, schema.INT_RANGE[1]),
+                    "status": (min(NodeStatus), max(NodeStatus)), "role": (0, 1)}
+
+
 def operator_changes(**fields: Optional[float]) -> OperatorFields:
-    """The ``update`` keywords that were given, as plain numbers; at least one is needed."""
+    """The ``update`` keywords that were given, as plain numbers; at least one is needed.
+
+    ``ValueError`` for a value out of range or of the wrong type (``fweight`` a
+    finite number of 0 or more, the others integers): written, a value the
+    readers refuse (NaN, a weight past int64) would take the node out of
+    discovery while its provider runs, and a float weight would be truncated.
+    """
     changes = {name: value for name, value in fields.items() if value is not None}
     if not changes:
         raise ValueError(f"update needs at least one of {', '.join(OPERATOR_FIELDS)}")
+    checked: Dict[str, float] = {}
+    for name, value in changes.items():
+        if name == "fweight":
+            checked[name] = schema.require_float(name, value)
+            if checked[name] < 0:
+                raise ValueError(f"fweight must be 0 or more, not {value!r}")
+        else:
+            checked[name] = int(schema.require_int(name, value, _OPERATOR_RANGES[name]))
     # (the names are update's keywords, so OPERATOR_FIELDS; fweight alone is a float)
-    return cast(OperatorFields, {name: (float(value) if name == "fweight" else int(value))
-                                 for name, value in changes.items()})
+    return cast(OperatorFields, checked)
 
 
 def parse_rule(data: "str | bytes | Mapping[str, Any]") -> "RouteRule":
