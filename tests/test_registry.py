@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -386,6 +387,37 @@ def test_file_live_provider_outlives_its_ttl_and_crashed_one_expires(tmp_path):
     finally:
         process.kill()
         process.communicate(timeout=10)
+
+
+@pytest.mark.parametrize("lose", ["removed", "moved away"])
+def test_file_provider_registers_again_when_the_registry_directory_goes(tmp_path, lose):
+    # Losing the directory is the registry losing its state, as a ZooKeeper session
+    # loss: an unregistration removes a file only, and the provider used to stop
+    # renewing for good, its node gone for every client once the directory was back.
+    root = tmp_path / "registry"
+    url = f"file://{root}?ttl=1&interval=0.05"
+
+    async def scenario():
+        # two providers (processes, each with its own renewals) and an operator
+        async with open_registry(url) as one, open_registry(url) as two, \
+                open_registry(url) as other:
+            first = await one.register(node(2000, startTime=1_700_000_000))
+            await two.register(node(2001))
+            seen = Seen()
+            other.watch(APPKEY, seen)
+            await wait_until(lambda: len(seen.nodes) == 2, 10, "both nodes")
+            if lose == "removed":
+                shutil.rmtree(root)
+            else:
+                os.rename(root, tmp_path / "aside")
+            await wait_until(lambda: not seen.nodes, 10, "the nodes to go with the directory")
+            await wait_until(lambda: len(seen.nodes) == 2, 10, "the provider to register again")
+            assert [n for n in seen.nodes if n.key == first.key][0].startTime == first.startTime
+            # someone else's unregistration still ends the renewals
+            await other.unregister(APPKEY, "127.0.0.1:2001")
+            await asyncio.sleep(1.5)   # longer than the TTL
+            assert [n.key for n in await other.list(APPKEY)] == ["127.0.0.1:2000"]
+    run(scenario())
 
 
 # --- zk:// --------------------------------------------------------------------------------

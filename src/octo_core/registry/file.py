@@ -6,6 +6,7 @@ The layout mirrors the MNS tree::
     dir/{prod|stage|test}/{appkey}/route/{id}.json            a route rule
     dir/{prod|stage|test}/{appkey}/operator/{ip}:{port}.json  what operators set on a node
     dir/{prod|stage|test}/{appkey}/.lock                      serializes read-modify-write
+    dir/{prod|stage|test}/{appkey}/.epoch                     a random id, made with the directory
 
 Writes are atomic (a temporary file, then ``os.replace``): readers never see
 half a file. Liveness is a TTL on a node file's mtime: the process that
@@ -13,6 +14,13 @@ registered a node touches its file every ``ttl / 3``, and a file older than
 ``ttl`` is a node that is gone, so a crashed provider disappears by itself (its
 file stays, ignored, until that ``ip:port`` registers again). Any write renews
 the TTL, so an operator's update keeps a dead provider's node one TTL longer.
+A node file removed by someone else is an unregistration: its process stops
+renewing it. An appkey directory removed or moved away (or one above it) is the
+registry losing its state: the process registers its nodes again, as a
+ZooKeeper provider does after its session is lost. ``.epoch`` tells the two
+apart: a node file gone from the directory it was registered in is an
+unregistration, from a directory made since (its epoch differs; inode numbers
+are reused at once) a loss.
 
 Watches poll: one ``stat`` per directory and interval (``os.replace`` and
 ``unlink`` change the directory's mtime); a directory is rescanned only when
@@ -30,7 +38,9 @@ import os
 import stat
 import tempfile
 import time
-from typing import TYPE_CHECKING, Callable, Dict, Generic, Iterator, List, Optional, Set, Tuple, TypeVar
+import uuid
+from typing import (TYPE_CHECKING, Callable, Dict, Generic, Iterator, List, NamedTuple, Optional,
+                    Set, Tuple, TypeVar)
 
 from octo_core.blocking import FILES
 from octo_core.registry.base import (NotRegisteredError, Registry, Snapshot, Watch, WatchCallback,
@@ -204,6 +214,13 @@ class _Poller:
             await asyncio.sleep(interval)
 
 
+class _Owned(NamedTuple):
+    """A node this process registered: as it was given, and the epoch of its appkey
+    directory then."""
+    node: Node
+    epoch: str
+
+
 class FileRegistry(Registry):
     """Nodes and route rules as JSON files under ``root`` (see the module docstring)."""
 
@@ -213,7 +230,7 @@ class FileRegistry(Registry):
         self.root = os.path.abspath(root)
         self.ttl = ttl
         self.interval = interval
-        self._owned: Set[str] = set()          # node files registered here
+        self._owned: Dict[str, _Owned] = {}    # node files registered here
         self._keep_alive: Optional[asyncio.Task] = None
         self._pollers: Dict[str, _Poller] = {}
 
@@ -251,6 +268,16 @@ class FileRegistry(Registry):
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
+    def _epoch_path(self, appkey: str) -> str:
+        return os.path.join(self._appkey_dir(appkey), ".epoch")
+
+    def _read_epoch(self, appkey: str) -> Optional[str]:
+        """The appkey directory's epoch; None when there is none (or it is unreadable)."""
+        try:
+            return read_small_file(self._epoch_path(appkey))[1]
+        except (OSError, ValueError):
+            return None
+
     def _read_live(self, path: str) -> Optional[Node]:
         """The node stored at ``path`` unless it is missing, expired or malformed."""
         return _load(path, provider_entry, self.ttl)
@@ -266,13 +293,18 @@ class FileRegistry(Registry):
             return {}
         return parse_record(text, path)
 
-    def _register(self, node: Node) -> Node:
+    def _register(self, node: Node) -> Tuple[Node, str]:
+        """Store ``node``; returns what was stored and the epoch of its appkey directory."""
         path = self._node_path(node.appkey, node.key)
         with self._locked(node.appkey):
+            epoch = self._read_epoch(node.appkey)
+            if epoch is None:   # (a directory made now; an old one from before epochs)
+                epoch = uuid.uuid4().hex
+                write_atomic(self._epoch_path(node.appkey), epoch)
             record = self._read_record(node.appkey, node.key)
             stored = registered(node, self._read_live(path), record)
             write_atomic(path, stored.to_json())
-        return stored
+        return stored, epoch
 
     def _update(self, appkey: str, key: str, changes: OperatorFields) -> Node:
         path = self._node_path(appkey, key)
@@ -288,34 +320,41 @@ class FileRegistry(Registry):
                 write_atomic(self._record_path(appkey, key), record_json(kept))
         return stored
 
-    def _touch(self, paths: List[str]) -> List[str]:
-        """Renew the TTL of ``paths``; returns those that someone else unregistered.
+    def _touch(self, owned: Dict[str, _Owned]) -> Tuple[List[str], Dict[str, _Owned]]:
+        """Renew the TTL of the ``owned`` node files; returns those that someone else
+        unregistered, and those registered again (with their new epoch).
 
         A file that already expired (this process was paused past the TTL) is
         rewritten instead: watchers dropped it and only notice changes to the
-        directory, which a new mtime on the file does not make.
+        directory, which a new mtime on the file does not make. A file whose
+        directory was lost is registered again (see the module docstring).
         """
-        gone = []
+        gone, again = [], {}
         now = time.time()
-        for path in paths:
+        for path, (node, epoch) in owned.items():
             try:
                 if now - os.stat(path).st_mtime >= self.ttl:
                     write_atomic(path, read_small_file(path)[1])
                 else:
                     os.utime(path)
             except FileNotFoundError:
-                gone.append(path)
+                if self._read_epoch(node.appkey) == epoch:
+                    gone.append(path)
+                else:
+                    log.warning("%s: the registry directory it was in is gone; registering "
+                                "it again", path)
+                    again[path] = _Owned(node, self._register(node)[1])
             except ValueError as exc:   # replaced by something that is no node of ours
                 log.warning("%s: %s", path, exc)
                 gone.append(path)
-        return gone
+        return gone, again
 
     # --- the Registry API -------------------------------------------------------------
 
     async def register(self, node: Node) -> Node:
         self._check_node(node)
-        stored = await FILES.run(self._register, node)
-        self._owned.add(self._node_path(node.appkey, node.key))
+        stored, epoch = await FILES.run(self._register, node)
+        self._owned[self._node_path(node.appkey, node.key)] = _Owned(node, epoch)
         if self._keep_alive is None:
             self._keep_alive = asyncio.get_running_loop().create_task(self._renew())
         return stored
@@ -324,17 +363,20 @@ class FileRegistry(Registry):
         while True:
             await asyncio.sleep(self.ttl / 3)
             try:
-                gone = await FILES.run(self._touch, list(self._owned))
+                gone, again = await FILES.run(self._touch, dict(self._owned))
             except OSError as exc:
                 log.warning("renewing node files under %s failed: %s", self.root, exc)
                 continue
             for path in gone:
                 log.info("%s was unregistered by someone else; no longer renewing it", path)
-                self._owned.discard(path)
+                self._owned.pop(path, None)
+            for path, owned in again.items():
+                if path in self._owned:   # (not unregistered meanwhile)
+                    self._owned[path] = owned
 
     async def unregister(self, appkey: str, key: str) -> None:
         path = self._node_path(appkey, key)
-        self._owned.discard(path)
+        self._owned.pop(path, None)
         await FILES.run(self._unlink, appkey, path)
 
     def _unlink(self, appkey: str, path: str) -> None:
@@ -391,7 +433,7 @@ class FileRegistry(Registry):
         if self._keep_alive is not None:
             self._keep_alive.cancel()
             self._keep_alive = None
-        owned, self._owned = list(self._owned), set()
+        owned, self._owned = list(self._owned), {}
         for path in owned:
             with contextlib.suppress(FileNotFoundError):
                 await FILES.run(os.unlink, path)
