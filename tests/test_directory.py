@@ -189,6 +189,35 @@ def test_snapshot_lets_a_client_start_while_the_registry_is_down(tmp_path, caplo
     run(scenario())
 
 
+def test_a_start_to_an_empty_list_takes_the_snapshots_nodes(tmp_path, caplog):
+    # A file registry whose directory is gone, or whose files are all unreadable,
+    # lists nothing without failing: at start too, an empty list is no news.
+    snapshot = str(tmp_path / "snapshot.json")
+    rule = RouteRule(id="r1", providers=("127.0.0.1:*",), consumer_appkeys=("com.a",))
+
+    async def scenario():
+        async with FlakyRegistry() as registry:
+            await registry.register(node(2000))
+            async with Directory(registry, APPKEY, snapshot, refresh_interval=None) as directory:
+                first = directory.nodes
+            await registry.unregister(APPKEY, "127.0.0.1:2000")
+            await registry.set_route(APPKEY, rule)
+            async with Directory(registry, APPKEY, snapshot, refresh_interval=None) as late:
+                assert late.nodes == first
+                assert late.rules == (rule,)   # the registry's, as later
+                assert "lists no nodes; starting from the 1 of the snapshot" in caplog.text
+                await registry.register(node(2001))
+                await wait_until(lambda: keys(late) == ["127.0.0.1:2001"], what="a real node")
+            caplog.clear()
+            await registry.unregister(APPKEY, "127.0.0.1:2001")   # no snapshot: empty, quietly
+            async with Directory(registry, APPKEY, str(tmp_path / "none.json"),
+                                 refresh_interval=None) as bare:
+                assert bare.nodes == ()
+            assert "snapshot" not in caplog.text
+    with caplog.at_level(logging.WARNING, "octo_core.registry.directory"):
+        run(scenario())
+
+
 def test_snapshot_follows_every_accepted_change(tmp_path):
     snapshot = str(tmp_path / "deep" / "snapshot.json")
 

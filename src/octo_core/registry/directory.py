@@ -11,7 +11,9 @@ down with it:
 
 Each refusal logs a warning. With ``snapshot_path`` every accepted state is
 also saved to that JSON file, and ``start`` falls back to it when the registry
-cannot answer, so a client can start during a registry outage.
+cannot answer, so a client can start during a registry outage; until the
+registry lists a node, the snapshot's are the last known (a file registry
+whose directory is gone, or whose files are all unreadable, lists none).
 """
 from __future__ import annotations
 
@@ -61,6 +63,7 @@ class Directory:
         self.timeout = timeout
         self.refresh_interval = refresh_interval
         self._nodes: Tuple[Node, ...] = ()
+        self._saved_nodes: Tuple[Node, ...] = ()   # the snapshot's, until nodes are known
         self._rules: Tuple[RouteRule, ...] = ()
         self._version = 0
         self._subscribers: Set[Subscription] = set()
@@ -106,6 +109,12 @@ class Directory:
         """
         if self._closed:
             return
+        if self.snapshot_path is not None and not self._nodes:
+            try:
+                self._saved_nodes = tuple((await FILES.run(_read_snapshot, self.snapshot_path,
+                                                           self.appkey))[0])
+            except _UNUSABLE:   # (said when it is needed: the registry failed)
+                pass
         self._watch = self.registry.watch(self.appkey, self._on_watch)
         try:
             await self._load()
@@ -199,6 +208,11 @@ class Directory:
             log.warning("%s: the registry (%s) lists no nodes; keeping the last %d known",
                         self.appkey, origin, len(self._nodes))
             new_nodes = self._nodes
+        elif not new_nodes and self._saved_nodes:
+            log.warning("%s: the registry (%s) lists no nodes; starting from the %d of the "
+                        "snapshot %s", self.appkey, origin, len(self._saved_nodes),
+                        self.snapshot_path)
+            new_nodes = snapshot_of(self._saved_nodes, ())[0]
         if new_nodes == self._nodes and new_rules == self._rules:
             return False
         self._accept(new_nodes, new_rules)
@@ -207,6 +221,8 @@ class Directory:
 
     def _accept(self, nodes: Tuple[Node, ...], rules: Tuple[RouteRule, ...]) -> None:
         self._nodes, self._rules = nodes, rules
+        if nodes:
+            self._saved_nodes = ()
         self._version += 1
         for subscription in list(self._subscribers):
             try:
@@ -239,7 +255,7 @@ class Directory:
             return False
         try:
             nodes, rules = await FILES.run(_read_snapshot, self.snapshot_path, self.appkey)
-        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        except _UNUSABLE as exc:
             log.warning("%s: the registry failed (%r) and the snapshot %s is unusable: %s",
                         self.appkey, why, self.snapshot_path, exc)
             return False
@@ -247,6 +263,10 @@ class Directory:
                     self.appkey, why, self.snapshot_path, len(nodes))
         self._accept(*snapshot_of(nodes, rules))
         return True
+
+
+#: What reading a snapshot that is missing or is not one raises.
+_UNUSABLE = (OSError, ValueError, KeyError, TypeError, RecursionError)
 
 
 def _write_snapshot(path: str, appkey: str, nodes: Sequence[Node],
