@@ -306,7 +306,7 @@ def test_env_and_names_are_checked(url):
 
 
 def test_open_registry_rejects_bad_urls(tmp_path):
-    for bad in ("redis://x", f"file://{tmp_path}?ttl=0", "file://relative/dir", "zk:///chroot",
+    for bad in ("redis://x", f"file://{tmp_path}?ttl=0", "file://relative/dir", "file:relative/dir", "file:", "zk:///chroot",
                 "memory://x?ttl=1", "memory://x?env=qa"):
         with pytest.raises(ValueError):
             open_registry(bad)

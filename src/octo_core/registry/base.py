@@ -346,7 +346,7 @@ def open_registry(url: str) -> Registry:
         from octo_core.registry.memory import MemoryRegistry
         return MemoryRegistry(parts.netloc + parts.path, env=env)
     if parts.scheme == "file":
-        if parts.netloc or not parts.path:
+        if parts.netloc or not parts.path.startswith("/"):   # (file:dir would follow the cwd)
             raise ValueError(f"{url}: a file registry URL is file:///absolute/dir")
         from octo_core.registry.file import FileRegistry
         return FileRegistry(parts.path, env=env, ttl=number("ttl", 10.0),
