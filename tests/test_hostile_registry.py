@@ -48,6 +48,10 @@ BAD_NODE_JSON: Dict[str, str] = {
     "service_info": json.dumps(dict(GOOD, serviceInfo={"Echo": "yes"})),
     "missing_port": json.dumps({"appkey": APPKEY, "ip": "10.9.9.9"}),
     "null_port": json.dumps(dict(GOOD, port=None)),
+    # no caller can dial these: every call routed there failed with a ValueError
+    "ip_empty": json.dumps(dict(GOOD, ip="")),
+    "tcp_port_0": json.dumps(dict(GOOD, port=0)),
+    "unix_without_path": json.dumps(dict(GOOD, ip="unix://", port=0)),
 }
 
 
@@ -55,6 +59,11 @@ BAD_NODE_JSON: Dict[str, str] = {
 def test_node_json_of_the_wrong_shape_is_a_value_error(text):
     with pytest.raises(ValueError):
         Node.from_json(text)
+
+
+def test_a_unix_socket_node_has_port_0():
+    node = Node.from_json(json.dumps(dict(GOOD, ip="unix:///run/echo.sock", port=0)))
+    assert node.address == "unix:///run/echo.sock"
 
 
 def test_node_json_round_trips_and_takes_integral_fweight():

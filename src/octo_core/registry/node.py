@@ -13,6 +13,7 @@ from typing import Any, Dict, Mapping, Optional, TypedDict
 
 from octo_core.protocol import NodeStatus
 from octo_core.registry import schema
+from octo_core.transport.address import parse_address
 
 
 class Role:
@@ -141,8 +142,10 @@ class Node:
         A JSON ``null`` counts as missing: Java providers serialised by Jackson
         write their unset fields (``version``, ``protocol``...) as ``null``.
         ``ValueError`` when ``data`` is not an object, lacks ``appkey``, ``ip`` or
-        ``port``, or holds a value of the wrong type or out of range: a node that
-        would break every call routed to it is refused here instead.
+        ``port``, holds a value of the wrong type or out of range, or an ``ip``
+        and ``port`` no caller can dial (an empty ip, port 0 but for a unix
+        socket): a node that would break every call routed to it is refused
+        here instead.
         """
         data = schema.require_object(data, "node")
         present = {name: value for name, value in data.items() if value is not None}
@@ -151,7 +154,9 @@ class Node:
             raise ValueError(f"node JSON lacks {', '.join(missing)}")
         values = {name: _check_field(name, kind, present[name])
                   for name, kind in _FIELD_KINDS.items() if name in present}
-        return cls(**values)
+        node = cls(**values)
+        _check_address(node)
+        return node
 
     @classmethod
     def from_json(cls, text: "str | bytes") -> "Node":
@@ -189,6 +194,17 @@ def _check_field(name: str, kind: str, value: Any) -> Any:
     if kind == "float":
         return schema.require_float(name, value)
     return _service_info(value)
+
+
+def _check_address(node: Node) -> None:
+    """``ValueError`` unless a caller can dial ``node``: its calls would fail with a
+    bad address, not a failed connect, so nothing would take it out of rotation."""
+    try:
+        tcp = parse_address(node.address).path is None
+    except ValueError as exc:
+        raise ValueError(f"ip {node.ip!r} and port {node.port} are no address: {exc}") from None
+    if tcp and node.port == 0:
+        raise ValueError(f"port 0 is no TCP port (node {node.key}; only a unix socket has none)")
 
 
 def _service_info(value: Any) -> Dict[str, Dict[str, int]]:
