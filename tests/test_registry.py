@@ -23,6 +23,7 @@ import pytest
 from kazoo.client import KazooClient
 from kazoo.protocol.states import KazooState
 
+from octo_core import cli
 from octo_core.cluster.routing import RouteRule
 from octo_core.protocol import NodeStatus
 from octo_core.registry.file import write_atomic
@@ -303,6 +304,15 @@ def test_env_and_names_are_checked(url):
             with pytest.raises(ValueError, match="route id"):
                 await registry.set_route(APPKEY, RouteRule(id="../x", providers=()))
     run(scenario())
+
+
+def test_a_file_url_names_its_directory_percent_encoded(tmp_path):
+    directory = tmp_path / "octo registry"
+    registry = open_registry(directory.as_uri())   # file:///.../octo%20registry
+    assert registry.root == str(directory)
+    directory.mkdir()   # and the scanner command finds it there
+    assert cli.main(["scanner", "--registry", directory.as_uri(), "--appkey", APPKEY, "--once",
+                     "--timeout", "0.5"]) == 0
 
 
 def test_open_registry_rejects_bad_urls(tmp_path):

@@ -151,7 +151,7 @@ def _registry_problem(url: str, once: bool) -> Optional[str]:
     if parts.scheme == "memory":
         return (f"{url}: a memory registry lives in one process, so the scanner's own "
                 "never holds a node; use file:///dir or zk://")
-    if parts.scheme == "file" and once and not os.path.isdir(parts.path):
+    if parts.scheme == "file" and once and not os.path.isdir(urllib.parse.unquote(parts.path)):
         # (a long-running scanner may start before the first provider makes the directory)
         return f"{url}: no such directory"
     return None

@@ -349,7 +349,8 @@ def open_registry(url: str) -> Registry:
         if parts.netloc or not parts.path.startswith("/"):   # (file:dir would follow the cwd)
             raise ValueError(f"{url}: a file registry URL is file:///absolute/dir")
         from octo_core.registry.file import FileRegistry
-        return FileRegistry(parts.path, env=env, ttl=number("ttl", 10.0),
+        # percent-decoded, as every file URL (pathlib's as_uri() writes a space as %20)
+        return FileRegistry(urllib.parse.unquote(parts.path), env=env, ttl=number("ttl", 10.0),
                             interval=number("interval", 0.2))
     if not parts.netloc:
         raise ValueError(f"{url}: a ZooKeeper URL is zk://host:port[,host:port][/chroot]")
