@@ -16,7 +16,7 @@ import random
 import socket
 import sys
 import traceback
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 from thriftpy2.thrift import TApplicationException, TMessageType
@@ -29,7 +29,7 @@ from octo_core.errors import (ApplicationError, CallTimeout, DecodeError, Encode
 from octo_core.protocol import MessageType, NodeStatus
 from octo_core.registry.memory import MemoryRegistry
 
-from wire_helpers import (EVERYTHING, SERVER_APPKEY, Calc, CalcHandler, Echo, EchoError,
+from wire_helpers import (CLIENT_APPKEY, EVERYTHING, SERVER_APPKEY, Calc, CalcHandler, Echo, EchoError,
                           EchoHandler, EverythingStubs, async_client, decode_body, echo_services, have_snappy, raw_connection,
                           run, serving, serving_in_thread, short_tmpdir, sync_client,
                           unified_request, wait_until, watchdog)  # noqa: F401  (fixture)
@@ -1010,6 +1010,20 @@ def test_heartbeats_reach_a_connection_that_is_written_to_but_never_answers(capl
         run(main())
     assert any("heartbeat" in r.getMessage() and "unanswered" in r.getMessage()
                for r in caplog.records)
+
+
+def test_unified_connections_are_heartbeated_by_default():
+    """A node gone without a FIN leaves calls only timing out, and a timeout alone
+    keeps the connection (the node may be slow): the default heartbeat is what
+    finds it out. Native thrift has no heartbeat; 0 turns it off."""
+    def interval(**options) -> Optional[float]:
+        client = octo_core.AsyncClient(Echo, appkey=CLIENT_APPKEY, hosts=["127.0.0.1:9"],
+                                       **options)
+        return client._endpoint_options["heartbeat_interval"]
+
+    assert interval() == octo_core.client.DEFAULT_HEARTBEAT_INTERVAL == 30.0
+    assert interval(protocol="thrift") is None
+    assert not interval(heartbeat_interval=0)
 
 
 # --- handler and caller edge cases -----------------------------------------------------

@@ -62,6 +62,10 @@ _REPLY, _NO_REPLY = CallType.REPLY, CallType.NO_REPLY
 _CALL, _EXCEPTION = TMessageType.CALL, TMessageType.EXCEPTION
 
 
+#: Seconds of silence from a node before a unified connection is sent a heartbeat.
+DEFAULT_HEARTBEAT_INTERVAL = 30.0
+
+
 class AsyncClient:
     """Calls the methods of a thriftpy2 service as coroutines.
 
@@ -103,6 +107,13 @@ class AsyncClient:
     was sent, new calls wait for it (within their deadline) rather than pile
     their requests up in memory.
 
+    ``heartbeat_interval`` (unified protocol; 30 s by default, 0 or None: off):
+    a connection the node has sent nothing on for that long gets a
+    NormalHeartbeat, and one left unanswered for as long is closed. It is how a
+    connection whose node went away silently (no FIN: a route that drops
+    packets, a host powered off) is left: calls on it only time out, and a
+    timeout alone never closes a connection (the node may just be slow).
+
     A client belongs to the event loop of its first call (its connections live
     there): a call from any other loop fails with ``TransportError``, before
     anything is sent. ``close()`` works from anywhere.
@@ -126,7 +137,7 @@ class AsyncClient:
                  framed: bool = True, multiplexed: bool = False,
                  pool_size: int = 1, connect_timeout: float = 1.0, checksum: bool = False,
                  compression: Optional[str] = None,
-                 heartbeat_interval: Optional[float] = None,
+                 heartbeat_interval: Optional[float] = DEFAULT_HEARTBEAT_INTERVAL,
                  max_frame_size: int = protocol.DEFAULT_MAX_FRAME_SIZE,
                  limits: Optional[Limits] = None,
                  lb: str = "random", cluster: str = "failfast", retries: int = 2,
