@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -428,6 +429,35 @@ def test_file_provider_registers_again_when_the_registry_directory_goes(tmp_path
             await asyncio.sleep(1.5)   # longer than the TTL
             assert [n.key for n in await other.list(APPKEY)] == ["127.0.0.1:2000"]
     run(scenario())
+
+
+def test_file_polling_that_fails_says_so_once_until_it_works_again(tmp_path, caplog):
+    """An outage of the registry directory must not log a line every poll (five a
+    second, for each appkey watched): once when it fails, once when it is back."""
+    root = tmp_path / "registry"
+    url = f"file://{root}?ttl=1&interval=0.05"
+
+    def said(what: str) -> int:
+        return sum(r.getMessage().startswith("polling ") and what in r.getMessage()
+                   for r in caplog.records)
+
+    async def scenario():
+        async with open_registry(url) as provider, open_registry(url) as consumer:
+            await provider.register(node(2000))
+            seen = Seen()
+            consumer.watch(APPKEY, seen)
+            await wait_until(lambda: len(seen.nodes) == 1, 10, "the node")
+            os.rename(root, tmp_path / "aside")
+            root.write_text("not a directory")           # every poll fails now
+            await wait_until(lambda: said("failed") >= 1, 10, "the failure to be said")
+            await asyncio.sleep(0.5)                     # ten polls more
+            assert said("failed") == 1
+            root.unlink()
+            os.rename(tmp_path / "aside", root)
+            await wait_until(lambda: said("works again") == 1, 10, "the recovery to be said")
+
+    with caplog.at_level(logging.WARNING, logger="octo_core.registry"):
+        run(scenario())
 
 
 # --- zk:// --------------------------------------------------------------------------------

@@ -193,6 +193,7 @@ class _Poller:
         self.routes = routes
         self.watches: Set[Watch] = set()
         self.snapshot: Optional[Snapshot] = None
+        self._failing = False   # the last poll failed (said once, not at every poll)
         self.task = asyncio.get_running_loop().create_task(self._run(interval))
 
     async def _run(self, interval: float) -> None:
@@ -208,9 +209,16 @@ class _Poller:
                     for watch in list(self.watches):
                         watch.changed()
             except OSError as exc:
-                log.warning("polling %s failed: %s", self.providers.path, exc)
+                if not self._failing:   # (an outage would log one line a poll, 5 a second)
+                    log.warning("polling %s failed: %s (said once until it works again)",
+                                self.providers.path, exc)
+                self._failing = True
             except Exception:  # a bug must not end discovery: the next poll tries again
                 log.exception("polling %s failed", self.providers.path)
+            else:
+                if self._failing:
+                    log.warning("polling %s works again", self.providers.path)
+                    self._failing = False
             await asyncio.sleep(interval)
 
 
