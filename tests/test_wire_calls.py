@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import math
@@ -16,7 +17,7 @@ import random
 import socket
 import sys
 import traceback
-from typing import Any, Optional
+from typing import Any, AsyncIterator, List, Optional
 
 import pytest
 from thriftpy2.thrift import TApplicationException, TMessageType
@@ -977,34 +978,42 @@ def test_heartbeat_interval_with_a_busy_connection_is_harmless():
 
 
 
+@contextlib.asynccontextmanager
+async def deaf_server(accepted: Optional[List[Any]] = None) -> AsyncIterator[str]:
+    """A TCP server that reads everything and answers nothing (each connection's
+    writer goes into ``accepted``); yields its address."""
+    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if accepted is not None:
+            accepted.append(writer)
+        while await reader.read(65536):
+            pass
+        writer.close()
+
+    listener = await asyncio.start_server(deaf, "127.0.0.1", 0)
+    try:
+        yield f"127.0.0.1:{listener.sockets[0].getsockname()[1]}"
+    finally:
+        listener.close()
+
+
 def test_heartbeats_reach_a_connection_that_is_written_to_but_never_answers(caplog):
     # Regression: a connection counted as idle only when nothing was read *or
     # written* for a heartbeat interval, so a caller calling more often than that
     # kept a dead connection (requests go out, nothing ever comes back: a route
     # that drops packets, a peer gone without a FIN) from ever being checked, and
     # every call timed out on it for good. Only what the node sends counts.
-    accepted = []
-
-    async def deaf(reader, writer):      # reads everything, answers nothing
-        accepted.append(writer)
-        while await reader.read(65536):
-            pass
-        writer.close()
+    accepted: List[Any] = []
 
     async def main():
-        listener = await asyncio.start_server(deaf, "127.0.0.1", 0)
-        address = f"127.0.0.1:{listener.sockets[0].getsockname()[1]}"
         never_opens = {"consecutive_failures": 10**9, "min_calls": 10**9}
-        try:
-            async with async_client(Echo, address, timeout=0.1, heartbeat_interval=0.2,
-                                    breaker=never_opens) as client:
-                async def call_until_redialled():
-                    while len(accepted) < 2:   # each call goes out well within an interval
-                        with pytest.raises(TransportError):
-                            await client.echo("anyone there?")
-                await asyncio.wait_for(call_until_redialled(), 10)
-        finally:
-            listener.close()
+        async with deaf_server(accepted) as address, \
+                async_client(Echo, address, timeout=0.1, heartbeat_interval=0.2,
+                             breaker=never_opens) as client:
+            async def call_until_redialled():
+                while len(accepted) < 2:   # each call goes out well within an interval
+                    with pytest.raises(TransportError):
+                        await client.echo("anyone there?")
+            await asyncio.wait_for(call_until_redialled(), 10)
 
     with caplog.at_level(logging.WARNING, logger="octo_core.transport"):
         run(main())
@@ -1078,24 +1087,14 @@ def test_cancelled_call_forgets_its_sequence_id():
     # not leave its entry in the connection's pending table: against a peer that
     # never answers, the table (and Endpoint.in_flight) would grow forever
     # (regression, found at a7c1348).
-    async def silent(reader, writer):
-        while await reader.read(65536):
-            pass
-        writer.close()
-
     async def main():
-        listener = await asyncio.start_server(silent, "127.0.0.1", 0)
-        address = f"127.0.0.1:{listener.sockets[0].getsockname()[1]}"
-        try:
-            async with async_client(Echo, address, timeout=5) as client:
-                await client.notify("connect first")    # oneway: no reply needed
-                for i in range(50):
-                    with pytest.raises(asyncio.TimeoutError):
-                        await asyncio.wait_for(client.echo(f"c{i}"), 0.001)
-                [conn] = client_conns(client)
-                assert conn.in_flight == 0, f"{conn.in_flight} cancelled calls still pending"
-        finally:
-            listener.close()
+        async with deaf_server() as address, async_client(Echo, address, timeout=5) as client:
+            await client.notify("connect first")    # oneway: no reply needed
+            for i in range(50):
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(client.echo(f"c{i}"), 0.001)
+            [conn] = client_conns(client)
+            assert conn.in_flight == 0, f"{conn.in_flight} cancelled calls still pending"
 
     run(main())
 
