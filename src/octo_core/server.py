@@ -573,8 +573,10 @@ class Server:
 
     def _notify_stopping(self) -> List[ServerConnection]:
         """Tell every peer that speaks the unified protocol that this node is
-        stopping (PROTOCOL.md §3: a heartbeat reply with sequenceId -1, status
-        STOPPING), so it sends no more calls on the connection; returns those told.
+        stopping (octo_core's stop notice, on PROTOCOL.md §3's heartbeats: a reply
+        with sequenceId -1, status STOPPING, which a client that does not know it
+        drops as a reply to nothing), so it sends no more calls on the connection;
+        returns those told.
         Native thrift has no such message: its peers learn of the stop at the close."""
         header = protocol.response_header(protocol.STOP_NOTICE_SEQUENCE, 0,
                                           message_type=MessageType.NORMAL_HEARTBEAT,

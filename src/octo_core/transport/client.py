@@ -201,7 +201,7 @@ class ClientConnection(FramedProtocol):
             self._close_if_idle()
 
     def _stop_notice(self, frame: Frame) -> None:
-        """The node says it is stopping (PROTOCOL.md §3): no new call goes on this
+        """The node says it is stopping (``Server``'s stop notice): no new call goes on this
         connection (what it sent after the node stopped taking calls would be
         refused, or dropped at its close); the calls on it keep their answers."""
         beat = frame.head.full(Header).heartbeatInfo   # type: ignore[union-attr]  # (a unified frame)
