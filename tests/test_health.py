@@ -168,6 +168,32 @@ def test_stopped_nodes_are_never_probed_or_touched():
     run(scenario())
 
 
+def test_an_operators_stop_during_a_round_is_not_undone():
+    """The operator stops a node after the scanner has listed it (as DEAD) and
+    before it writes what it found (ALIVE): the scanner's write is a compare-and-set
+    on the status it saw, so the node stays STOPPED, and its operator record too."""
+    async def scenario():
+        name = f"health-{uuid.uuid4().hex}"
+        registry = MemoryRegistry(name)
+        async with servers(1) as (server,):
+            await registry.register(node(server.port, heartbeat=False, status=NodeStatus.DEAD))
+
+            class OperatorMidRound(MemoryRegistry):
+                async def list(self, appkey: str) -> List[Node]:
+                    listed = await super().list(appkey)
+                    await registry.update(APPKEY, listed[0].key, status=NodeStatus.STOPPED)
+                    return listed
+
+            scanning = OperatorMidRound(name)
+            report = (await Scanner(scanning, [APPKEY], **FAST).run_once())[APPKEY]
+            assert report.changes == {}
+            assert await statuses(registry) == {server.port: NodeStatus.STOPPED}
+            # the record outlives the provider: re-registered, the node is STOPPED still
+            await registry.register(node(server.port, heartbeat=False))
+            assert await statuses(registry) == {server.port: NodeStatus.STOPPED}
+    run(scenario())
+
+
 def test_mass_failure_marks_nobody_and_is_reported():
     async def scenario():
         registry = new_registry()

@@ -29,7 +29,7 @@ from octo_core.cluster.routing import RouteRule
 from octo_core.protocol import NodeStatus
 from octo_core.registry.file import write_atomic
 from octo_core.registry import (Directory, Env, Node, NotRegisteredError, Registry, RegistryError,
-                                open_registry)
+                                StatusChanged, open_registry)
 
 from wire_helpers import run, wait_until, watchdog  # noqa: F401  (fixture)
 from zk import ZooKeeper, zookeeper_server  # noqa: F401  (fixture)
@@ -112,6 +112,22 @@ def test_update_operator_fields(url):
                 await registry.update(APPKEY, "127.0.0.1:9", weight=1)
             with pytest.raises(ValueError):
                 await registry.update(APPKEY, "127.0.0.1:2000")
+    run(scenario())
+
+
+def test_update_if_status_is_a_compare_and_set(url):
+    """What the scanner writes with: a status found changed since it looked
+    (an operator's STOPPED) is left as it is."""
+    async def scenario():
+        async with open_registry(url) as registry:
+            stored = await registry.register(node(2000))
+            with pytest.raises(StatusChanged):
+                await registry.update(APPKEY, "127.0.0.1:2000", status=NodeStatus.DEAD,
+                                      if_status=NodeStatus.STOPPED)
+            assert await registry.list(APPKEY) == [stored]
+            updated = await registry.update(APPKEY, "127.0.0.1:2000", status=NodeStatus.DEAD,
+                                            if_status=NodeStatus.ALIVE)
+            assert updated.status == NodeStatus.DEAD
     run(scenario())
 
 

@@ -33,8 +33,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from octo_core.errors import OctoError
 from octo_core.protocol import FrameDecoder, NodeStatus, encode_unified, scanner_heartbeat_request
-from octo_core.registry.base import (NotRegisteredError, Registry, RegistryError, check_name,
-                                     open_registry)
+from octo_core.registry.base import (NotRegisteredError, Registry, RegistryError, StatusChanged,
+                                     check_name, open_registry)
 from octo_core.registry.node import HeartbeatSupport, Node
 from octo_core.transport.address import connect, parse_address
 from octo_core.transport.loop import new_event_loop
@@ -196,8 +196,10 @@ class Scanner:
 
     async def _write(self, appkey: str, node: Node, status: int, report: AppkeyReport) -> None:
         try:
-            await self.registry.update(appkey, node.key, status=status)
-        except NotRegisteredError:   # it unregistered during the round
+            # only from the status it saw: an operator's STOPPED (or a provider's own
+            # change) that came during the round is theirs to keep
+            await self.registry.update(appkey, node.key, status=status, if_status=node.status)
+        except (NotRegisteredError, StatusChanged):   # unregistered, or changed, during the round
             return
         except Exception as exc:  # noqa: BLE001 - the next round tries again
             log.warning("%s: cannot mark %s %s: %r", appkey, node.key,

@@ -52,6 +52,18 @@ class NotRegisteredError(RegistryError, LookupError):
     """``update`` named a node the registry does not hold."""
 
 
+class StatusChanged(RegistryError):
+    """``update(if_status=...)`` found the node in another status: nothing was written."""
+
+
+def check_status(current: Node, if_status: Optional[int], appkey: str) -> None:
+    """``StatusChanged`` unless ``if_status`` is None or ``current``'s status (what
+    ``update``'s compare-and-set compares, under each backend's own lock or version)."""
+    if if_status is not None and current.status != if_status:
+        raise StatusChanged(f"{appkey} node {current.key} has status {current.status}, "
+                            f"not {if_status}: left as it is")
+
+
 class Watch:
     """The handle ``Registry.watch`` returns: ``cancel()`` stops the callbacks.
 
@@ -123,10 +135,14 @@ class Registry(abc.ABC):
     @abc.abstractmethod
     async def update(self, appkey: str, key: str, *, weight: Optional[int] = None,
                      fweight: Optional[float] = None, status: Optional[int] = None,
-                     role: Optional[int] = None, warmup: Optional[int] = None) -> Node:
+                     role: Optional[int] = None, warmup: Optional[int] = None,
+                     if_status: Optional[int] = None) -> Node:
         """Change operator fields of a registered node; returns the stored node.
 
-        Raises ``NotRegisteredError`` when the node is not registered.
+        Raises ``NotRegisteredError`` when the node is not registered. With
+        ``if_status``, only a node in that status now is changed (a compare-and-set:
+        the scanner must not undo an operator's STOPPED that came after its look),
+        else ``StatusChanged``.
         """
 
     @abc.abstractmethod

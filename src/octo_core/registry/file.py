@@ -44,9 +44,9 @@ from typing import (TYPE_CHECKING, Callable, Dict, Generic, Iterator, List, Name
 
 from octo_core.blocking import FILES
 from octo_core.registry.base import (NotRegisteredError, Registry, Snapshot, Watch, WatchCallback,
-                                     check_name, node_name, operator_changes, parse_record,
-                                     provider_entry, record_json, registered, remember,
-                                     rule_entry, snapshot_of, stamped)
+                                     check_name, check_status, node_name, operator_changes,
+                                     parse_record, provider_entry, record_json, registered,
+                                     remember, rule_entry, snapshot_of, stamped)
 from octo_core.registry.node import Env, Node, OperatorFields
 
 if TYPE_CHECKING:  # cluster.routing imports registry.node: import it lazily
@@ -314,12 +314,14 @@ class FileRegistry(Registry):
             write_atomic(path, stored.to_json())
         return stored, epoch
 
-    def _update(self, appkey: str, key: str, changes: OperatorFields) -> Node:
+    def _update(self, appkey: str, key: str, changes: OperatorFields,
+                if_status: Optional[int]) -> Node:
         path = self._node_path(appkey, key)
         with self._locked(appkey):
             current = self._read_live(path)
             if current is None:
                 raise NotRegisteredError(f"{appkey} has no node {key}")
+            check_status(current, if_status, appkey)
             stored = stamped(dataclasses.replace(current, **changes))
             write_atomic(path, stored.to_json())
             record = self._read_record(appkey, key)
@@ -394,10 +396,11 @@ class FileRegistry(Registry):
 
     async def update(self, appkey: str, key: str, *, weight: Optional[int] = None,
                      fweight: Optional[float] = None, status: Optional[int] = None,
-                     role: Optional[int] = None, warmup: Optional[int] = None) -> Node:
+                     role: Optional[int] = None, warmup: Optional[int] = None,
+                     if_status: Optional[int] = None) -> Node:
         changes = operator_changes(weight=weight, fweight=fweight, status=status, role=role,
                                    warmup=warmup)
-        return await FILES.run(self._update, appkey, key, changes)
+        return await FILES.run(self._update, appkey, key, changes, if_status)
 
     async def list(self, appkey: str) -> List[Node]:
         nodes = await FILES.run(_read_now, self._providers(appkey))

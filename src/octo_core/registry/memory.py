@@ -11,7 +11,7 @@ import threading
 from typing import TYPE_CHECKING, Dict, List, Optional, Set, Tuple
 
 from octo_core.registry.base import (NotRegisteredError, Registry, Snapshot, Watch, WatchCallback,
-                                     check_name, operator_changes, registered, remember,
+                                     check_name, check_status, operator_changes, registered, remember,
                                      snapshot_of, stamped)
 from octo_core.registry.node import Env, Node, OperatorFields
 
@@ -82,7 +82,8 @@ class MemoryRegistry(Registry):
 
     async def update(self, appkey: str, key: str, *, weight: Optional[int] = None,
                      fweight: Optional[float] = None, status: Optional[int] = None,
-                     role: Optional[int] = None, warmup: Optional[int] = None) -> Node:
+                     role: Optional[int] = None, warmup: Optional[int] = None,
+                     if_status: Optional[int] = None) -> Node:
         changes = operator_changes(weight=weight, fweight=fweight, status=status, role=role,
                                    warmup=warmup)
         where = self._where(appkey)
@@ -90,6 +91,7 @@ class MemoryRegistry(Registry):
             nodes = self._space.nodes.get(where, {})
             if key not in nodes:
                 raise NotRegisteredError(f"{appkey} has no node {key}")
+            check_status(nodes[key], if_status, appkey)
             stored = nodes[key] = stamped(dataclasses.replace(nodes[key], **changes))
             records = self._space.records.setdefault(where, {})
             record = records.get(key, {})

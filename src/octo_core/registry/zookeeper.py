@@ -39,9 +39,9 @@ from kazoo.protocol.states import EventType, KazooState, WatchedEvent, ZnodeStat
 from octo_core.blocking import Pool
 from octo_core.business import BusinessPool
 from octo_core.registry.base import (NotRegisteredError, Registry, RegistryError, Snapshot, Watch,
-                                     WatchCallback, check_name, node_name, operator_changes,
-                                     parse_record, provider_entry, record_json, registered,
-                                     remember, rule_entry, snapshot_of, stamped)
+                                     WatchCallback, check_name, check_status, node_name,
+                                     operator_changes, parse_record, provider_entry, record_json,
+                                     registered, remember, rule_entry, snapshot_of, stamped)
 from octo_core.registry.node import Env, Node, OperatorFields
 
 if TYPE_CHECKING:  # cluster.routing imports registry.node: import it lazily
@@ -435,7 +435,8 @@ class ZooKeeperRegistry(Registry):
         self._submit(self._follow, path)
         return stored
 
-    def _update(self, appkey: str, key: str, changes: OperatorFields) -> Node:
+    def _update(self, appkey: str, key: str, changes: OperatorFields,
+                if_status: Optional[int]) -> Node:
         path = self._node_path(appkey, key)
         for _ in range(_UPDATE_ATTEMPTS):
             try:
@@ -445,6 +446,7 @@ class ZooKeeperRegistry(Registry):
             current = _parse(provider_entry, path, data)
             if current is None:
                 raise RegistryError(f"{path} does not hold a node")
+            check_status(current, if_status, appkey)   # (the versioned set below makes it a CAS)
             stored = stamped(dataclasses.replace(current, **changes))
             try:
                 self._wait(self._client.set_async(path, stored.to_json().encode("utf-8"),
@@ -542,10 +544,11 @@ class ZooKeeperRegistry(Registry):
 
     async def update(self, appkey: str, key: str, *, weight: Optional[int] = None,
                      fweight: Optional[float] = None, status: Optional[int] = None,
-                     role: Optional[int] = None, warmup: Optional[int] = None) -> Node:
+                     role: Optional[int] = None, warmup: Optional[int] = None,
+                     if_status: Optional[int] = None) -> Node:
         changes = operator_changes(weight=weight, fweight=fweight, status=status, role=role,
                                    warmup=warmup)
-        return await self._call(self._update, appkey, key, changes)
+        return await self._call(self._update, appkey, key, changes, if_status)
 
     async def list(self, appkey: str) -> List[Node]:
         directory = f"{self._appkey_path(appkey)}/provider"
