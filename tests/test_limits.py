@@ -23,7 +23,8 @@ import pytest
 
 import octo_core
 
-from octo_core import server as server_module
+from octo_core import protocol, server as server_module
+from octo_core.protocol import NodeStatus
 from octo_core.auth import Authenticator, StaticTokens
 from octo_core.transport import server as server_conn
 from octo_core.errors import (CallTimeout, DegradeError, OctoError, RpcError, Status,
@@ -533,6 +534,31 @@ def test_idle_connection_is_closed_after_idle_timeout():
             # the server still accepts new connections
             async with raw_connection(server.address) as fresh:
                 assert await echo_on(fresh, 1, "new") == "new"
+
+    run(main())
+
+
+def test_an_idle_unified_peer_is_told_before_the_close_and_its_late_call_is_served():
+    """Closing an idle connection while its peer sends a call would lose the call
+    unrun (its caller told it was sent). A unified peer is told first (the close
+    notice, with the node's status, ALIVE) and may still call until it leaves or
+    the server closes after CLOSE_NOTICE; an octo_core client leaves at once and
+    calls on a new connection."""
+    async def main():
+        async with serving(echo_services(), idle_timeout=0.3, read_timeout=None) as server, \
+                raw_connection(server.address) as unaware:
+            assert await echo_on(unaware, 1) == "ok"
+            notice = await unaware.read_frame(timeout=5)
+            assert notice.header.responseInfo.sequenceId == protocol.CLOSE_NOTICE_SEQUENCE
+            assert notice.header.heartbeatInfo.status == NodeStatus.ALIVE
+            assert await echo_on(unaware, 2, "sent as it heard") == "sent as it heard"
+            assert await unaware.closed_by_peer(timeout=5)
+
+            async with echo_client(server.address, timeout=5) as client:
+                assert await client.echo("first") == "first"
+                [conn] = server._connections
+                await wait_until(lambda: conn.closed, 5, "the client to leave the idle connection")
+                assert await client.echo("then") == "then"       # on a new connection
 
     run(main())
 

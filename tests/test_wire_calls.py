@@ -909,7 +909,7 @@ def test_heartbeat_reports_stopping_during_graceful_stop():
             by_seq = {(f.header.messageType, f.header.responseInfo.sequenceId): f for f in frames}
             beat = by_seq[(MessageType.SCANNER_HEARTBEAT, 1)]
             assert beat.header.heartbeatInfo.status == NodeStatus.STOPPING == 3
-            notice = by_seq[(MessageType.NORMAL_HEARTBEAT, protocol.STOP_NOTICE_SEQUENCE)]
+            notice = by_seq[(MessageType.NORMAL_HEARTBEAT, protocol.CLOSE_NOTICE_SEQUENCE)]
             assert notice.header.heartbeatInfo.status == NodeStatus.STOPPING
             refused = by_seq[(MessageType.NORMAL, 2)]
             assert refused.header.responseInfo.status == Status.RPC_EXCEPTION

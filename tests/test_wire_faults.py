@@ -708,7 +708,7 @@ def test_a_stop_notice_leaves_no_call_sent_in_the_closing_window():
                 await wait_until(lambda: calls > 200, 10, "calls on both nodes")
                 stopping = asyncio.ensure_future(leaving.stop(grace=5))
                 notice = await unaware.read_frame()
-                assert notice.header.responseInfo.sequenceId == protocol.STOP_NOTICE_SEQUENCE
+                assert notice.header.responseInfo.sequenceId == protocol.CLOSE_NOTICE_SEQUENCE
                 assert notice.header.heartbeatInfo.status == NodeStatus.STOPPING
                 await unaware.send(unified_request("echo", Echo.echo_args(text="late"), 7))
                 refusal = await unaware.read_frame()

@@ -38,10 +38,11 @@ COMPRESSED = FLAG_GZIP | FLAG_SNAPPY
 #: the bits a response mirrors (§1); the others mean nothing to us, so are not claimed back
 MIRRORED_FLAGS = FLAG_CHECKSUM | COMPRESSED | SERIALIZER_MASK
 MAX_HEADER_LENGTH = 32767
-#: The sequenceId of an octo_core server's stop notice (an addition to §3's
-#: heartbeats, not in the contract): a NormalHeartbeat reply no call
-#: asked for, its status STOPPING. No call's sequence id is negative.
-STOP_NOTICE_SEQUENCE = -1
+#: The sequenceId of an octo_core server's close notice (an addition to §3's
+#: heartbeats, not in the contract): a NormalHeartbeat reply no call asked for,
+#: sent before the server closes a connection (at a stop, status STOPPING; when
+#: it is idle, the node's status). No call's sequence id is negative.
+CLOSE_NOTICE_SEQUENCE = -1
 #: Apache Thrift's default, the same in all its libraries (C++, Java, Go, ...): a
 #: frame we send is one they read, and a peer of theirs is read as far as they write.
 DEFAULT_MAX_FRAME_SIZE = 16_384_000

@@ -253,7 +253,9 @@ class Server:
     each connection, not connections x ``max_frame_size``),
     ``quotas`` (``{caller appkey or "*": calls per second}``, token buckets;
     status 6 past them). A connection idle for ``idle_timeout`` seconds is
-    closed, and so is one whose frame takes over ``read_timeout`` seconds to
+    closed (a unified peer is told first, as at a stop, and given half a second
+    to leave: a call it sends meanwhile is served, not lost in the close), and
+    so is one whose frame takes over ``read_timeout`` seconds to
     arrive however it trickles in (a slow-loris peer holds no buffer for long).
     ``auth`` (an
     ``octo_core.auth.Authenticator``) requires signed, granted requests; native
@@ -522,7 +524,8 @@ class Server:
             await self._unregister()
         self.status = NodeStatus.STOPPING
         self._listener.close()
-        notified = self._notify_stopping()
+        notified = self._notify_closing(
+            [conn for conn in self._connections if conn.unified_peer and not conn.closed])
         if self._metrics_http is not None:
             self._metrics_http.close()
             self._metrics_http = None
@@ -542,8 +545,8 @@ class Server:
         # Requests a notified peer sent before it read the notice are still read and
         # refused (status 3) rather than dropped unread at the close: until it has
         # closed the connection (an octo_core client closes one it was told of
-        # once its calls are answered), for at most STOP_NOTICE.
-        notice_until = self._loop.time() + min(grace, STOP_NOTICE)
+        # once its calls are answered), for at most CLOSE_NOTICE.
+        notice_until = self._loop.time() + min(grace, CLOSE_NOTICE)
         while self._connections.intersection(notified) and self._loop.time() < notice_until:
             await asyncio.sleep(0.01)
         for conn in list(self._connections):
@@ -571,25 +574,23 @@ class Server:
         self._leaving = False
         self.status = NodeStatus.STOPPED
 
-    def _notify_stopping(self) -> List[ServerConnection]:
-        """Tell every peer that speaks the unified protocol that this node is
-        stopping (octo_core's stop notice, on PROTOCOL.md §3's heartbeats: a reply
-        with sequenceId -1, status STOPPING, which a client that does not know it
-        drops as a reply to nothing), so it sends no more calls on the connection;
-        returns those told.
-        Native thrift has no such message: its peers learn of the stop at the close."""
-        header = protocol.response_header(protocol.STOP_NOTICE_SEQUENCE, 0,
+    def _notify_closing(self, conns: List[ServerConnection]) -> List[ServerConnection]:
+        """Tell the peers of ``conns`` (unified ones: native thrift has no such
+        message) that their connection is about to close, so they send no more
+        calls on it: octo_core's close notice, on PROTOCOL.md §3's heartbeats, a
+        reply with sequenceId -1 and this node's status (STOPPING at a stop), which
+        a client that does not know it drops as a reply to nothing. Returns ``conns``."""
+        status = NodeStatus.STOPPING if self._leaving else self.status
+        header = protocol.response_header(protocol.CLOSE_NOTICE_SEQUENCE, 0,
                                           message_type=MessageType.NORMAL_HEARTBEAT,
                                           heartbeat=protocol.HeartbeatInfo(
                                               appkey=self.appkey,
                                               sendTime=int(time.time() * 1000),
-                                              status=int(NodeStatus.STOPPING)))
+                                              status=int(status)))
         notice = protocol.encode_unified(header, b"")
-        told = [conn for conn in self._connections
-                if conn.unified_peer and not conn.closed]
-        for conn in told:
+        for conn in conns:
             conn.send(notice)
-        return told
+        return conns
 
     def _inherited_by_fork(self) -> None:
         """In a child of ``os.fork()``, a server the parent started is the parent's:
@@ -667,15 +668,30 @@ class Server:
             await asyncio.sleep(period)
             now = self._loop.time()
             for conn in list(self._connections):
-                quiet = now - conn.last_activity
+                quiet = now - conn.last_read
                 reading = None if conn.frame_started is None else now - conn.frame_started
                 if self.read_timeout and reading is not None and reading > self.read_timeout \
                         and not conn.paused_for_itself:   # our pause, not the peer's stall
                     log.info("closing %s: a frame still incomplete after %.0fs", conn.peer, reading)
                     conn.abort()
                 elif self.idle_timeout and quiet > self.idle_timeout and not conn.in_flight:
-                    log.info("closing idle connection %s", conn.peer)
-                    conn.close()
+                    self._close_idle(conn, now)
+                else:
+                    conn.told_idle_at = None   # (busy again: a later idle spell tells it anew)
+
+    def _close_idle(self, conn: ServerConnection, now: float) -> None:
+        """Close an idle connection; a unified peer is told first (``_notify_closing``)
+        and given CLOSE_NOTICE to close it itself: a call it sent before it heard
+        is served, not lost in the close."""
+        if conn.unified_peer:
+            if conn.told_idle_at is None:
+                conn.told_idle_at = now
+                self._notify_closing([conn])
+                return
+            if now - conn.told_idle_at < CLOSE_NOTICE:
+                return
+        log.info("closing idle connection %s", conn.peer)
+        conn.close()
 
     # --- dispatch ------------------------------------------------------------------
 
@@ -687,7 +703,7 @@ class Server:
         if not head.is_request:
             conn.reject(protocol.ProtocolError("a response frame was sent to the server"))
             return
-        conn.unified_peer = True     # (told of a stop: see _notify_stopping)
+        conn.unified_peer = True     # (told before a close: see _notify_closing)
         reply = _Reply(conn, frame.flags & protocol.MIRRORED_FLAGS, head.sequence_id, True)
         if head.message_type in _HEARTBEATS:
             self._heartbeat(reply, head.message_type)
@@ -1037,9 +1053,10 @@ MAX_ERROR_TEXT = 4096
 
 #: Seconds a TLS client may take over its handshake (ms on any network that works).
 _TLS_HANDSHAKE_TIMEOUT = 10.0
-#: Seconds a stop waits, at most, for peers told of it to close their connections
-#: (within its grace) before it shuts them: what they sent meanwhile is refused.
-STOP_NOTICE = 0.5
+#: Seconds the server waits, at most, for peers told of a close to close their
+#: connections themselves (a stop waits within its grace): what they sent
+#: meanwhile is refused (at a stop) or served (an idle connection).
+CLOSE_NOTICE = 0.5
 
 
 async def _refuse_a_live_socket(path: str) -> None:

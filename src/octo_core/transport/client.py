@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from octo_core import _codec, protocol
 from octo_core.errors import CallTimeout, ProtocolError, TransportError
-from octo_core.protocol import STOP_NOTICE_SEQUENCE, Frame, Header, MessageType, NodeStatus
+from octo_core.protocol import CLOSE_NOTICE_SEQUENCE, Frame, Header, MessageType, NodeStatus
 from octo_core.transport.address import Address, connect, parse_address
 from octo_core.transport.stream import FramedProtocol, log
 
@@ -173,8 +173,8 @@ class ClientConnection(FramedProtocol):
                     self.protocol_error(ProtocolError("the server sent a request frame"))
                     return
                 seq = head.sequence_id
-                if seq == STOP_NOTICE_SEQUENCE:
-                    self._stop_notice(frame)
+                if seq == CLOSE_NOTICE_SEQUENCE:
+                    self._close_notice(frame)
                     continue
             else:
                 try:
@@ -200,13 +200,15 @@ class ClientConnection(FramedProtocol):
         if self.retiring:
             self._close_if_idle()
 
-    def _stop_notice(self, frame: Frame) -> None:
-        """The node says it is stopping (``Server``'s stop notice): no new call goes on this
-        connection (what it sent after the node stopped taking calls would be
-        refused, or dropped at its close); the calls on it keep their answers."""
+    def _close_notice(self, frame: Frame) -> None:
+        """The node is about to close this connection (``Server``'s close notice: it
+        is stopping, or the connection is idle): no new call goes on it (one sent
+        into the close would be lost unrun), the calls on it keep their answers,
+        and it closes once they have them."""
         beat = frame.head.full(Header).heartbeatInfo   # type: ignore[union-attr]  # (a unified frame)
-        if beat is not None and beat.status == NodeStatus.STOPPING:
-            log.info("%s is stopping: its connection takes no new calls", self.node)
+        if beat is not None:
+            why = "is stopping" if beat.status == NodeStatus.STOPPING else "closes an idle connection"
+            log.info("%s %s: the connection takes no new calls", self.node, why)
             self.close_when_idle()
 
     def close_when_idle(self) -> None:

@@ -107,7 +107,8 @@ class ServerConnection(FramedProtocol):
         self.pooled = 0     # calls of this connection holding a business-pool slot
         self._input_ended = False
         self._rejected = False   # a bad frame was dispatched: nothing after it is served
-        self.unified_peer = False   # it sent a unified frame (it can be told of a stop)
+        self.unified_peer = False   # it sent a unified frame (it can be told of a close)
+        self.told_idle_at: Optional[float] = None   # when it was told of an idle close
 
     @property
     def reading_paused(self) -> bool:

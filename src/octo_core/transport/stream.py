@@ -68,7 +68,7 @@ class FramedProtocol(asyncio.Protocol):
     # instance dicts stop at 30 keys).
     __slots__ = ("transport", "peer", "peer_ip", "_decoder", "max_frame_size", "max_depth",
                  "_out", "_out_bytes", "_flush_scheduled", "_wrote_since_read", "closed",
-                 "loop", "last_activity", "last_read", "frame_started", "_linger",
+                 "loop", "last_read", "frame_started", "_linger",
                  "discarding", "__weakref__", "__dict__")
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
@@ -87,7 +87,7 @@ class FramedProtocol(asyncio.Protocol):
         self._wrote_since_read = False
         self.closed = False
         self.loop = asyncio.get_event_loop()
-        self.last_activity = self.last_read = self.loop.time()
+        self.last_read = self.loop.time()
         # since when the frame being read has been arriving (None between frames)
         self.frame_started: Optional[float] = None
         self._linger: Optional[asyncio.TimerHandle] = None
@@ -109,7 +109,7 @@ class FramedProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.discarding:
             return
-        now = self.last_activity = self.last_read = self.loop.time()
+        now = self.last_read = self.loop.time()
         self._wrote_since_read = False
         if self._read(data) or self.frame_started is None:
             self.frame_started = now if self._decoder.buffered else None
