@@ -19,9 +19,8 @@ from octo_core.registry import Node, RegistryError, Watch
 from octo_core.registry.base import WatchCallback
 from octo_core.registry.memory import MemoryRegistry
 
-from wire_helpers import (Echo, EchoHandler, LOCALHOST, echo_services, run, serving,  # noqa: F401
-                          wait_until,
-                          watchdog)
+from wire_helpers import (Echo, EchoHandler, LOCALHOST, deaf, echo_services,  # noqa: F401
+                          fake_server, run, serving, wait_until, watchdog)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
@@ -194,14 +193,9 @@ def test_close_reaches_the_calls_on_a_node_that_left():
 def test_a_node_that_hangs_and_leaves_is_let_go_with_its_heartbeat_unanswered():
     """A node usually leaves because it hangs: the heartbeat it never answers must
     not keep its connection open for ever."""
-    async def hang(reader, writer):
-        while await reader.read(65536):
-            pass                          # reads every request, answers none
-
     async def main():
-        hung = await asyncio.start_server(hang, LOCALHOST, 0)
-        port = hung.sockets[0].getsockname()[1]
-        try:
+        async with fake_server(deaf) as hung_address:   # reads every request, answers none
+            port = int(hung_address.rsplit(":", 1)[1])
             async with serving(echo_services()) as other, OutageRegistry() as registry:
                 registry.down = False
                 node = await registry.register(Node(APPKEY, LOCALHOST, port))
@@ -215,8 +209,6 @@ def test_a_node_that_hangs_and_leaves_is_let_go_with_its_heartbeat_unanswered():
                     await registry.register(Node(APPKEY, LOCALHOST, other.port))
                     await registry.unregister(APPKEY, node.key)
                     await wait_until(lambda: conn.closed)
-        finally:
-            hung.close()
     run(main())
 
 

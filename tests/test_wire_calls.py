@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import functools
 import logging
 import math
@@ -17,7 +16,7 @@ import random
 import socket
 import sys
 import traceback
-from typing import Any, AsyncIterator, List, Optional
+from typing import Any, List, Optional
 
 import pytest
 from thriftpy2.thrift import TApplicationException, TMessageType
@@ -31,7 +30,8 @@ from octo_core.protocol import MessageType, NodeStatus
 from octo_core.registry.memory import MemoryRegistry
 
 from wire_helpers import (CLIENT_APPKEY, EVERYTHING, SERVER_APPKEY, Calc, CalcHandler, Echo, EchoError,
-                          EchoHandler, EverythingStubs, async_client, decode_body, echo_services, have_snappy, raw_connection,
+                          EchoHandler, EverythingStubs, async_client, deaf, decode_body, echo_services,
+                          fake_server, have_snappy, raw_connection,
                           run, serving, serving_in_thread, short_tmpdir, sync_client,
                           unified_request, wait_until, watchdog)  # noqa: F401  (fixture)
 
@@ -978,24 +978,6 @@ def test_heartbeat_interval_with_a_busy_connection_is_harmless():
 
 
 
-@contextlib.asynccontextmanager
-async def deaf_server(accepted: Optional[List[Any]] = None) -> AsyncIterator[str]:
-    """A TCP server that reads everything and answers nothing (each connection's
-    writer goes into ``accepted``); yields its address."""
-    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if accepted is not None:
-            accepted.append(writer)
-        while await reader.read(65536):
-            pass
-        writer.close()
-
-    listener = await asyncio.start_server(deaf, "127.0.0.1", 0)
-    try:
-        yield f"127.0.0.1:{listener.sockets[0].getsockname()[1]}"
-    finally:
-        listener.close()
-
-
 def test_heartbeats_reach_a_connection_that_is_written_to_but_never_answers(caplog):
     # Regression: a connection counted as idle only when nothing was read *or
     # written* for a heartbeat interval, so a caller calling more often than that
@@ -1004,9 +986,13 @@ def test_heartbeats_reach_a_connection_that_is_written_to_but_never_answers(capl
     # every call timed out on it for good. Only what the node sends counts.
     accepted: List[Any] = []
 
+    async def counted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        await deaf(reader, writer)
+
     async def main():
         never_opens = {"consecutive_failures": 10**9, "min_calls": 10**9}
-        async with deaf_server(accepted) as address, \
+        async with fake_server(counted) as address, \
                 async_client(Echo, address, timeout=0.1, heartbeat_interval=0.2,
                              breaker=never_opens) as client:
             async def call_until_redialled():
@@ -1088,7 +1074,7 @@ def test_cancelled_call_forgets_its_sequence_id():
     # never answers, the table (and Endpoint.in_flight) would grow forever
     # (regression, found at a7c1348).
     async def main():
-        async with deaf_server() as address, async_client(Echo, address, timeout=5) as client:
+        async with fake_server(deaf) as address, async_client(Echo, address, timeout=5) as client:
             await client.notify("connect first")    # oneway: no reply needed
             for i in range(50):
                 with pytest.raises(asyncio.TimeoutError):

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import zlib
-from typing import AsyncIterator, List
+from typing import List
 
 import pytest
 from thriftpy2.thrift import TMessageType
@@ -32,7 +32,8 @@ from octo_core.transport.loop import new_event_loop
 from cluster_helpers import run_on
 
 from wire_helpers import (CLIENT_APPKEY, ECHO_IDL, LOCALHOST, Echo, EchoError, EchoHandler, GoodCaller,
-                          _build_server, async_client, decode_body, echo_services, framed_request,
+                          _build_server, async_client, decode_body, echo_services, fake_server,
+                          framed_request,
                           raw_connection, refusing_port, run, serving, serving_in_thread,
                           short_tmpdir, sync_client, unified_request, wait_until,
                           watchdog)  # noqa: F401  (fixture)
@@ -202,17 +203,6 @@ def test_bad_message_body_gets_status_5_and_keeps_the_connection():
             assert decode_body(await raw.read_frame(), Echo)[3].success == "ok"
 
     run(main())
-
-
-@contextlib.asynccontextmanager
-async def fake_server(handle) -> AsyncIterator[str]:
-    """A hand-written server on a free port (``handle(reader, writer)`` per connection);
-    yields its address."""
-    listener = await asyncio.start_server(handle, LOCALHOST, 0)
-    try:
-        yield f"{LOCALHOST}:{listener.sockets[0].getsockname()[1]}"
-    finally:
-        listener.close()
 
 
 #: These tests look at one node's connection: the circuit breaker stays out of it.

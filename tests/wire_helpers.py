@@ -430,6 +430,34 @@ class RawConnection:
 
 
 @contextlib.asynccontextmanager
+async def fake_server(handle: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]
+                      ) -> AsyncIterator[str]:
+    """A hand-written server on a free port (``handle(reader, writer)`` per connection);
+    yields its address. Its connections close with it: a writer left open warns
+    ("loop is closed") when it is collected after its loop closed, in whatever
+    later test happens to collect it."""
+    writers: List[asyncio.StreamWriter] = []
+
+    async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await handle(reader, writer)
+
+    listener = await asyncio.start_server(tracked, LOCALHOST, 0)
+    try:
+        yield f"{LOCALHOST}:{listener.sockets[0].getsockname()[1]}"
+    finally:
+        listener.close()
+        for writer in writers:
+            writer.close()
+
+
+async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A ``fake_server`` handler that reads everything and answers nothing."""
+    while await reader.read(65536):
+        pass
+
+
+@contextlib.asynccontextmanager
 async def raw_connection(address: str) -> AsyncIterator[RawConnection]:
     conn = await RawConnection.open(address)
     try:
