@@ -580,14 +580,8 @@ class Server:
         calls on it: octo_core's close notice, on PROTOCOL.md §3's heartbeats, a
         reply with sequenceId -1 and this node's status (STOPPING at a stop), which
         a client that does not know it drops as a reply to nothing. Returns ``conns``."""
-        status = NodeStatus.STOPPING if self._leaving else self.status
-        header = protocol.response_header(protocol.CLOSE_NOTICE_SEQUENCE, 0,
-                                          message_type=MessageType.NORMAL_HEARTBEAT,
-                                          heartbeat=protocol.HeartbeatInfo(
-                                              appkey=self.appkey,
-                                              sendTime=int(time.time() * 1000),
-                                              status=int(status)))
-        notice = protocol.encode_unified(header, b"")
+        notice = self._heartbeat_frame(protocol.CLOSE_NOTICE_SEQUENCE,
+                                       MessageType.NORMAL_HEARTBEAT)
         for conn in conns:
             conn.send(notice)
         return conns
@@ -994,12 +988,18 @@ class Server:
         uptime = max(time.monotonic() - self._started_at, 1e-3)
         load = protocol.LoadInfo(queueSize=self._business_pending, threadNum=self._business_threads,
                                  methodQpsMap=self.metrics.qps_by_method(uptime))
+        reply.conn.send(self._heartbeat_frame(reply.sequence_id, message_type, reply.flags, load))
+
+    def _heartbeat_frame(self, sequence_id: int, message_type: int,
+                         flags: int = protocol.DEFAULT_FLAGS, load: Optional[Any] = None) -> bytes:
+        """A heartbeat reply frame (PROTOCOL.md §3) with this node's status: STOPPING
+        from the moment it starts to leave."""
         beat = protocol.HeartbeatInfo(appkey=self.appkey, sendTime=int(time.time() * 1000),
                                       loadInfo=load,
                                       status=int(NodeStatus.STOPPING if self._leaving else self.status))
-        header = protocol.response_header(reply.sequence_id, 0, message_type=message_type,
+        header = protocol.response_header(sequence_id, 0, message_type=message_type,
                                           heartbeat=beat)
-        reply.conn.send(protocol.encode_unified(header, b"", reply.flags))
+        return protocol.encode_unified(header, b"", flags)
 
 
 class Quotas:
