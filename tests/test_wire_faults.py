@@ -590,6 +590,29 @@ def test_an_oversized_reply_becomes_an_error_for_its_own_call(proto):
     run(main())
 
 
+@pytest.mark.parametrize("framed", [True, False])
+def test_a_native_message_of_exactly_max_frame_size_goes_both_ways(framed):
+    """Framed, max_frame_size holds the length a frame starts with (not its own 4
+    bytes), as the reader and Apache's TFramedTransport do; unframed, the message:
+    a request and a reply of exactly the limit are sent and read (a framed one
+    within 4 bytes of it was refused, though any peer would read it), one byte
+    more is refused before it is sent."""
+    empty = codec.encode_message("echo", TMessageType.CALL, 1, Echo.echo_args(text=""))
+
+    def text_of(size: int) -> str:     # an echo request (and reply) of ``size`` bytes
+        return "t" * (size - len(empty))
+
+    async def main():
+        async with serving(echo_services(), max_frame_size=LIMIT) as server, \
+                async_client(Echo, server.address, timeout=5, protocol="thrift",
+                             framed=framed, max_frame_size=LIMIT) as client:
+            assert await client.echo(text_of(LIMIT)) == text_of(LIMIT)
+            with pytest.raises(EncodeError, match=f"request of {LIMIT + 1} bytes exceeds"):
+                await client.echo(text_of(LIMIT + 1))
+
+    run(main())
+
+
 @pytest.mark.parametrize("proto", ["octo", "thrift"])
 def test_a_reply_over_the_clients_own_limit_closes_its_connection(proto):
     """A server with a larger limit than the client's can send a reply the client

@@ -429,8 +429,9 @@ class AsyncClient:
                         if self._framed
                         else _codec.encode_message(name, msg_type, seq, request,
                                                    check_required=True, max_depth=depth))
-            if len(data) > limit:
-                raise protocol.frame_too_large(len(data), limit, "request")
+            size = protocol.frame_size(data, not self.unified and self._framed)
+            if size > limit:
+                raise protocol.frame_too_large(size, limit, "request")
         except EncodeError as exc:     # the caller's values: nothing was sent
             exc.method, exc.node = method.name, conn.node
             raise

@@ -163,6 +163,13 @@ def frame_too_large(size: int, limit: int, what: str) -> EncodeError:
     return EncodeError(f"{what} of {size} bytes exceeds max_frame_size {limit}")
 
 
+def frame_size(data: bytes, native_framed: bool) -> int:
+    """What max_frame_size holds ``data`` to: all of a unified frame or an unframed
+    message, but of native framed thrift only the length, not its own 4 bytes
+    (PROTOCOL.md §4; Apache's TFramedTransport reads a length up to the limit)."""
+    return len(data) - 4 if native_framed else len(data)
+
+
 def frame_unified(head: bytes, body: bytes, flags: int = DEFAULT_FLAGS,
                   limit: Optional[int] = None) -> bytes:
     """A whole unified frame from an encoded header and a thrift ``body``
