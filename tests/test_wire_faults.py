@@ -19,7 +19,7 @@ import zlib
 from typing import List
 
 import pytest
-from thriftpy2.thrift import TMessageType
+from thriftpy2.thrift import TApplicationException, TMessageType
 
 import octo_core
 from octo_core import codec, protocol
@@ -302,6 +302,42 @@ def test_a_reply_that_stops_partway_does_not_hold_its_connection_for_good(proto)
             with pytest.raises(CallTimeout):
                 await client.echo("first")
             assert await client.echo("second") == "second"
+            assert len(connections) == 2
+
+    run(main())
+
+
+def test_a_native_servers_protocol_error_moves_new_calls_to_a_new_connection():
+    """A native server that answers PROTOCOL_ERROR could not read a request, and
+    may have lost its place in the stream: Java's TThreadPoolServer reads on from
+    inside that request's frame and answers nothing more on the connection (as
+    this one does). The call gets its ApplicationError; the next goes out on a new
+    connection and is answered (on the old one it timed out, as every later one did)."""
+    connections = []
+
+    async def handle(reader, writer):
+        connections.append(writer)
+        lost_its_place = len(connections) == 1
+        decoder = protocol.FrameDecoder()
+        while data := await reader.read(65536):
+            for frame in decoder.feed(data):
+                name, _, seqid, args = decode_body(frame, Echo)
+                if not lost_its_place:
+                    writer.write(protocol.encode_framed_message(
+                        name, TMessageType.REPLY, seqid, Echo.echo_result(success=args.text)))
+                elif args.text == "unreadable":
+                    writer.write(protocol.encode_framed_message(
+                        name, TMessageType.EXCEPTION, seqid, TApplicationException(
+                            TApplicationException.PROTOCOL_ERROR, "Unrecognized type 0")))
+
+    async def main():
+        async with fake_server(handle) as address, \
+                async_client(Echo, address, protocol="thrift", pool_size=1,
+                             timeout=1) as client:
+            with pytest.raises(ApplicationError, match="Unrecognized type 0") as refused:
+                await client.echo("unreadable")
+            assert refused.value.type == TApplicationException.PROTOCOL_ERROR
+            assert await client.echo("next") == "next"
             assert len(connections) == 2
 
     run(main())

@@ -12,6 +12,8 @@ import time
 import weakref
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from thriftpy2.thrift import TApplicationException
+
 from octo_core import _codec, protocol
 from octo_core.errors import CallTimeout, ProtocolError, TransportError
 from octo_core.protocol import CLOSE_NOTICE_SEQUENCE, Frame, Header, MessageType, NodeStatus
@@ -194,6 +196,8 @@ class ClientConnection(FramedProtocol):
             try:
                 answer = finish(frame, self.node)
             except Exception as exc:   # the call's error (declared, remote, bad reply): the caller's
+                if head is None and _request_unread(exc):
+                    self._stream_in_doubt()
                 future.set_exception(exc)
             else:
                 future.set_result(answer)
@@ -210,6 +214,18 @@ class ClientConnection(FramedProtocol):
             why = "is stopping" if beat.status == NodeStatus.STOPPING else "closes an idle connection"
             log.info("%s %s: the connection takes no new calls", self.node, why)
             self.close_when_idle()
+
+    def _stream_in_doubt(self) -> None:
+        """A native thrift server could not read a request (PROTOCOL_ERROR) and may
+        have lost its place in the stream: Apache's C++ server and Java's
+        TThreadedSelectorServer close the connection, Java's TThreadPoolServer
+        reads the next request from inside the bad one's frame and waits for bytes
+        that never come (every later call on it timed out). New calls go to a new
+        connection; this one closes once its calls have their answers or timeouts."""
+        if not self.retiring:
+            log.warning("%s could not read a request (PROTOCOL_ERROR); new calls go to a "
+                        "new connection", self.node)
+        self.close_when_idle()
 
     def close_when_idle(self) -> None:
         """Close once every call on the connection has its answer (or its timeout);
@@ -286,6 +302,13 @@ class ClientConnection(FramedProtocol):
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         super().connection_lost(exc)
         self._fail_pending(f"connection closed{': ' + str(exc) if exc else ''}")
+
+
+def _request_unread(exc: BaseException) -> bool:
+    """Is ``exc`` the peer's TApplicationException PROTOCOL_ERROR (it could not read
+    the request)?"""
+    return (getattr(exc, "from_peer", False)
+            and getattr(exc, "type", None) == TApplicationException.PROTOCOL_ERROR)
 
 
 def _outcome_seen(task: asyncio.Task) -> None:
