@@ -1,6 +1,7 @@
-// Every thrift type, for the interop tests against Apache Thrift's C++ library
-// (tests/test_interop_cpp.py; its peers, tests/cpp/, are built from this IDL by
-// `thrift --gen cpp` at test time).
+// Every thrift type, for the interop tests against Apache Thrift's C++ and Java
+// libraries (tests/test_interop_cpp.py, tests/test_interop_java.py; their peers,
+// tests/cpp/ and tests/java/, are built from this IDL by `thrift --gen cpp` and
+// `thrift --gen java` at test time; Java's classes are in the default package).
 //
 // everything.thrift cannot be compiled as C++: its Node holds a Node by value.
 // Here recursion goes through a list only, and fields are declared in id order.
