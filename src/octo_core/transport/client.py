@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from thriftpy2.thrift import TApplicationException
 
 from octo_core import _codec, protocol
-from octo_core.errors import CallTimeout, ProtocolError, TransportError
+from octo_core.errors import CallTimeout, DecodeError, ProtocolError, TransportError
 from octo_core.protocol import CLOSE_NOTICE_SEQUENCE, Frame, Header, MessageType, NodeStatus
 from octo_core.transport.address import Address, connect, parse_address
 from octo_core.transport.stream import FramedProtocol, log
@@ -176,7 +176,8 @@ class ClientConnection(FramedProtocol):
                     return
                 seq = head.sequence_id
                 if seq == CLOSE_NOTICE_SEQUENCE:
-                    self._close_notice(frame)
+                    if not self._close_notice(frame):
+                        return
                     continue
             else:
                 try:
@@ -204,16 +205,23 @@ class ClientConnection(FramedProtocol):
         if self.retiring:
             self._close_if_idle()
 
-    def _close_notice(self, frame: Frame) -> None:
+    def _close_notice(self, frame: Frame) -> bool:
         """The node is about to close this connection (``Server``'s close notice: it
         is stopping, or the connection is idle): no new call goes on it (one sent
         into the close would be lost unrun), the calls on it keep their answers,
-        and it closes once they have them."""
-        beat = frame.head.full(Header).heartbeatInfo   # type: ignore[union-attr]  # (a unified frame)
+        and it closes once they have them. Returns False when the notice's header
+        does not decode: the connection is then dropped as for any bad header."""
+        try:
+            # (the C reader skips heartbeatInfo: it is first decoded here)
+            beat = frame.head.full(Header).heartbeatInfo   # type: ignore[union-attr]  # (unified)
+        except DecodeError as exc:
+            self.protocol_error(ProtocolError(f"bad unified header: {exc}"))
+            return False
         if beat is not None:
             why = "is stopping" if beat.status == NodeStatus.STOPPING else "closes an idle connection"
             log.info("%s %s: the connection takes no new calls", self.node, why)
             self.close_when_idle()
+        return True
 
     def _stream_in_doubt(self) -> None:
         """A native thrift server could not read a request (PROTOCOL_ERROR) and may

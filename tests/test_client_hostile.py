@@ -1,0 +1,91 @@
+"""The client against broken or hostile servers: what a node sends can fail the
+calls on its connection, with typed errors, but never break the client (an
+unhandled exception, a log it floods) nor keep it off the node once it serves again.
+
+(test_wire_faults.py has the older cases: garbage, request frames, bad bodies,
+replies that stop partway, servers that read nothing.)
+"""
+from __future__ import annotations
+
+import logging
+import struct
+
+import pytest
+
+from octo_core import _codec, protocol
+from octo_core.errors import CallTimeout, TransportError
+
+from wire_helpers import (Echo, async_client, decode_body, fake_server, run,
+                          watchdog)  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("watchdog")
+
+#: These tests look at one node's connections: the circuit breaker stays out of it.
+NO_BREAKER = {"consecutive_failures": 10 ** 9, "min_calls": 10 ** 9}
+
+
+def _echo_reply(frame: protocol.Frame, text: str) -> bytes:
+    """The reply to an echo call ``frame`` (unified or framed), answering ``text``."""
+    name, _, seqid, _ = decode_body(frame, Echo)
+    body = _codec.encode_message(name, 2, seqid, Echo.echo_result(success=text))
+    if frame.head is None:
+        return protocol.encode_framed(body)
+    return protocol.encode_unified(protocol.response_header(frame.head.sequence_id), body)
+
+
+def _calls(answer):
+    """A fake server's handler: each call frame (heartbeats aside) is answered with
+    ``answer(frame, writer, connection_number)`` (a coroutine), in turn."""
+    connections = 0
+
+    async def handle(reader, writer):
+        nonlocal connections
+        connections += 1
+        number = connections
+        decoder = protocol.FrameDecoder()
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                return
+            for frame in decoder.feed(data):
+                if frame.head is None or frame.head.message_type == protocol.MessageType.NORMAL:
+                    await answer(frame, writer, number)
+    return handle
+
+
+def _close_notice(heartbeat: bytes) -> bytes:
+    """A close notice (a reply with sequenceId -1) whose heartbeatInfo is the raw
+    struct ``heartbeat`` (with its stop byte)."""
+    response_info = b"\x0a\x00\x01" + struct.pack("!q", -1) + b"\x03\x00\x02\x00\x00"
+    head = (b"\x03\x00\x01\x01" + b"\x0c\x00\x03" + response_info
+            + b"\x0c\x00\x07" + heartbeat + b"\x00")
+    return _codec.encode_frame(protocol.DEFAULT_FLAGS, len(head), head)
+
+
+@pytest.mark.parametrize("heartbeat", [
+    b"\x00",                                                               # no status (required)
+    b"\x0b\x00\x01" + struct.pack("!i", 2) + b"\xff\xfe"
+    + b"\x08\x00\x04" + struct.pack("!i", 3) + b"\x00",                    # appkey not UTF-8
+], ids=["status-missing", "appkey-not-utf8"])
+def test_a_close_notice_that_does_not_decode_drops_the_connection_as_a_bad_header(
+        heartbeat, caplog):
+    """The header reader skips heartbeatInfo; a notice whose heartbeatInfo does not
+    decode escaped frames_received (asyncio logged 'Fatal error on transport' with
+    the traceback). It is a bad header: the call waiting on the connection fails
+    with a TransportError saying so, and the next call reconnects."""
+    async def answer(frame, writer, number):
+        writer.write((_close_notice(heartbeat) if number == 1 else b"")
+                     + _echo_reply(frame, "answer"))
+
+    async def main():
+        async with fake_server(_calls(answer)) as address, \
+                async_client(Echo, address, timeout=5, breaker=NO_BREAKER) as client:
+            with pytest.raises(TransportError, match="bad unified header") as info:
+                await client.echo("first")
+            assert not isinstance(info.value, CallTimeout)
+            assert (info.value.method, info.value.node) == ("echo", address)
+            assert await client.echo("second") == "answer"
+
+    with caplog.at_level(logging.WARNING):
+        run(main())
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
