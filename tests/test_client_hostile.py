@@ -14,6 +14,7 @@ import pytest
 
 from octo_core import _codec, protocol
 from octo_core.errors import CallTimeout, TransportError
+from octo_core.protocol import HeartbeatInfo, NodeStatus
 
 from wire_helpers import (Echo, async_client, decode_body, fake_server, run,
                           watchdog)  # noqa: F401  (fixture)
@@ -89,3 +90,23 @@ def test_a_close_notice_that_does_not_decode_drops_the_connection_as_a_bad_heade
     with caplog.at_level(logging.WARNING):
         run(main())
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_a_close_notice_repeated_is_logged_once(caplog):
+    """A node may send the notice as often as it likes: one log line per connection,
+    not one per notice (a few kilobytes made thousands of lines)."""
+    notice = protocol.encode_unified(protocol.response_header(
+        protocol.CLOSE_NOTICE_SEQUENCE, message_type=protocol.MessageType.NORMAL_HEARTBEAT,
+        heartbeat=HeartbeatInfo(status=NodeStatus.STOPPING)), b"")
+
+    async def answer(frame, writer, number):
+        writer.write(notice * 1000 + _echo_reply(frame, "answer"))
+
+    async def main():
+        async with fake_server(_calls(answer)) as address, \
+                async_client(Echo, address, timeout=5) as client:
+            assert await client.echo("x") == "answer"
+
+    with caplog.at_level(logging.INFO, logger="octo_core"):
+        run(main())
+    assert sum("takes no new calls" in r.getMessage() for r in caplog.records) == 1

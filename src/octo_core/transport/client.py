@@ -217,7 +217,7 @@ class ClientConnection(FramedProtocol):
         except DecodeError as exc:
             self.protocol_error(ProtocolError(f"bad unified header: {exc}"))
             return False
-        if beat is not None:
+        if beat is not None and not self.retiring:   # (once: a peer may repeat it at will)
             why = "is stopping" if beat.status == NodeStatus.STOPPING else "closes an idle connection"
             log.info("%s %s: the connection takes no new calls", self.node, why)
             self.close_when_idle()
