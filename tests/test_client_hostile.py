@@ -16,7 +16,7 @@ from octo_core import _codec, protocol
 from octo_core.errors import CallTimeout, TransportError
 from octo_core.protocol import HeartbeatInfo, NodeStatus
 
-from wire_helpers import (Echo, async_client, decode_body, fake_server, run,
+from wire_helpers import (Echo, async_client, decode_body, fake_server, run, wait_until,
                           watchdog)  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
@@ -110,3 +110,31 @@ def test_a_close_notice_repeated_is_logged_once(caplog):
     with caplog.at_level(logging.INFO, logger="octo_core"):
         run(main())
     assert sum("takes no new calls" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_closing_the_client_while_a_heartbeat_waits_says_nothing_of_the_node(caplog):
+    """The heartbeat's reply fails as the client closes: no warning that the node
+    left it unanswered."""
+    heard = []
+
+    async def handle(reader, writer):
+        decoder = protocol.FrameDecoder()
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                return
+            for frame in decoder.feed(data):
+                if frame.head.message_type == protocol.MessageType.NORMAL:
+                    writer.write(_echo_reply(frame, "answer"))
+                else:
+                    heard.append(frame)       # a heartbeat: never answered
+
+    async def main():
+        async with fake_server(handle) as address:
+            async with async_client(Echo, address, heartbeat_interval=0.1) as client:
+                assert await client.echo("x") == "answer"
+                await wait_until(lambda: heard, what="a heartbeat")
+
+    with caplog.at_level(logging.WARNING, logger="octo_core"):
+        run(main())
+    assert "unanswered" not in caplog.text

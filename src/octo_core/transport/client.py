@@ -524,6 +524,8 @@ class Endpoint:
                     raise
                 except (asyncio.TimeoutError, TransportError):
                     conn.forget(seq)
+                    if self.closed:   # the reply failed as the client closed: not the node's doing
+                        return
                     log.warning("heartbeat to %s unanswered; closing the connection", self.node)
                     conn.abort(TransportError("heartbeat timed out", node=self.node))
 
