@@ -7,6 +7,7 @@ replies that stop partway, servers that read nothing.)
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import struct
 
@@ -138,3 +139,30 @@ def test_closing_the_client_while_a_heartbeat_waits_says_nothing_of_the_node(cap
     with caplog.at_level(logging.WARNING, logger="octo_core"):
         run(main())
     assert "unanswered" not in caplog.text
+
+
+@pytest.mark.parametrize("proto", ["octo", "thrift"])
+def test_a_reply_trickling_in_does_not_hold_its_connection_for_good(proto):
+    """The first connection sends its reply a byte at a time, each well within half
+    a call's timeout: the check for a reply that stopped partway (nothing read for
+    that long) never fires, nor do heartbeats (something is read). The call times
+    out, and as the reply had been arriving for all of its wait, new calls go to a
+    new connection, and are answered."""
+    async def answer(frame, writer, number):
+        reply = _echo_reply(frame, "x" * 1000)
+        if number > 1:
+            writer.write(reply)
+            return
+        for byte in reply:           # ~100 s at this pace
+            writer.write(bytes([byte]))
+            await asyncio.sleep(0.1)
+
+    async def main():
+        async with fake_server(_calls(answer)) as address, \
+                async_client(Echo, address, timeout=0.5, protocol=proto,
+                             breaker=NO_BREAKER) as client:
+            with pytest.raises(CallTimeout):
+                await client.echo("first")
+            assert await client.echo("second") == "x" * 1000
+
+    run(main())

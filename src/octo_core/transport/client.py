@@ -126,17 +126,30 @@ class ClientConnection(FramedProtocol):
             else:
                 self._arm(when)
                 break
-        if waited and self.frame_started is not None and now - self.last_read >= waited / 2:
-            # A reply stopped partway: a call timed out, and nothing came for half as
-            # long as it waited. Every reply behind it waits too, so new calls go to
-            # a new connection; this one closes once its calls have their answers
-            # or their timeouts (a reply that was only slow still arrives).
-            log.warning("a reply from %s stopped partway (nothing read for %.3gs); new calls "
-                        "go to a new connection", self.node, now - self.last_read)
-            self.close_when_idle()
-            return
+        if waited and not self.retiring:
+            stuck = self._stuck(now, waited)
+            if stuck:
+                # Every reply behind it waits too, so new calls go to a new connection;
+                # this one closes once its calls have their answers or their timeouts
+                # (a reply that was only slow still arrives).
+                log.warning("%s; new calls go to a new connection", stuck)
+                self.close_when_idle()
+                return
         if self.retiring:
             self._close_if_idle()
+
+    def _stuck(self, now: float, waited: float) -> str:
+        """Why replies no longer seem to come on this connection, now that calls
+        waited ``waited`` seconds for theirs in vain ("" if they still may): a
+        reply has been arriving for half as long as they waited. It stopped
+        partway, or trickles in (a byte now and then would keep the time since
+        the last read short, and heartbeats away).
+        """
+        quiet = now - self.last_read
+        if self.frame_started is not None and now - self.frame_started >= waited / 2:
+            return (f"a reply from {self.node} is still incomplete after "
+                    f"{now - self.frame_started:.3g}s (nothing read for {quiet:.3g}s)")
+        return ""
 
     def _prune_deadlines(self) -> None:
         """Drop answered calls' deadlines: the heap stays proportional to the calls in flight."""
