@@ -17,7 +17,8 @@ from octo_core import _codec, protocol
 from octo_core.errors import CallTimeout, TransportError
 from octo_core.protocol import HeartbeatInfo, NodeStatus
 
-from wire_helpers import (Echo, async_client, decode_body, fake_server, run, wait_until,
+from wire_helpers import (Echo, SyncEchoHandler, async_client, decode_body, fake_server, run,
+                          thriftpy2_server, wait_until,
                           watchdog)  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
@@ -166,3 +167,27 @@ def test_a_reply_trickling_in_does_not_hold_its_connection_for_good(proto):
             assert await client.echo("second") == "x" * 1000
 
     run(main())
+
+
+def test_a_native_thrift_connection_stuck_behind_one_call_is_left():
+    """Apache's and thriftpy2's threaded servers answer a connection's calls one at
+    a time: one handler stuck, every later call on that connection waits behind it.
+    Native thrift has no heartbeat: a second call in a row timing out with nothing
+    read sends new calls to a new connection (a new server thread), and they are
+    answered. (One timeout alone keeps the connection: a call may just be slow.)"""
+    handler = SyncEchoHandler()
+    with thriftpy2_server(Echo, handler) as (host, port):
+        async def main():
+            async with async_client(Echo, f"{host}:{port}", timeout=0.3, protocol="thrift",
+                                    breaker=NO_BREAKER) as client:
+                assert await client.echo("warm") == "warm"
+                with pytest.raises(CallTimeout):
+                    await client.block("stuck")
+                with pytest.raises(CallTimeout):
+                    await client.echo("behind it")
+                assert await client.echo("elsewhere") == "elsewhere"
+
+        try:
+            run(main())
+        finally:
+            handler.release.set()

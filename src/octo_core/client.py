@@ -113,6 +113,10 @@ class AsyncClient:
     connection whose node went away silently (no FIN: a route that drops
     packets, a host powered off) is left: calls on it only time out, and a
     timeout alone never closes a connection (the node may just be slow).
+    Without heartbeats (native thrift, or turned off), new calls go to a new
+    connection once a second call in a row times out on one the node has sent
+    nothing on meanwhile (Apache's and thriftpy2's threaded servers answer a
+    connection's calls one at a time: one stuck handler holds up all behind it).
 
     A client belongs to the event loop of its first call (its connections live
     there): a call from any other loop fails with ``TransportError``, before

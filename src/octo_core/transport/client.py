@@ -41,9 +41,13 @@ class ClientConnection(FramedProtocol):
     _Pending = Tuple[asyncio.Future, Optional[Callable[[Frame, str], Any]], str]
 
     def __init__(self, node: str, max_frame_size: int,
-                 max_depth: int = protocol.DEFAULT_MAX_DEPTH) -> None:
+                 max_depth: int = protocol.DEFAULT_MAX_DEPTH, heartbeats: bool = False) -> None:
         super().__init__(max_frame_size, max_depth)
         self.node = node
+        # The endpoint heartbeats it when silent (see _stuck); last_read when calls
+        # last timed out (None before any did).
+        self.heartbeats = heartbeats
+        self._read_at_timeout: Optional[float] = None
         self._pending: Dict[int, ClientConnection._Pending] = {}
         self._sequence = itertools.count()
         # Call deadlines: a heap of (when, seq, timeout, method) served by one
@@ -128,6 +132,7 @@ class ClientConnection(FramedProtocol):
                 break
         if waited and not self.retiring:
             stuck = self._stuck(now, waited)
+            self._read_at_timeout = self.last_read
             if stuck:
                 # Every reply behind it waits too, so new calls go to a new connection;
                 # this one closes once its calls have their answers or their timeouts
@@ -140,15 +145,24 @@ class ClientConnection(FramedProtocol):
 
     def _stuck(self, now: float, waited: float) -> str:
         """Why replies no longer seem to come on this connection, now that calls
-        waited ``waited`` seconds for theirs in vain ("" if they still may): a
-        reply has been arriving for half as long as they waited. It stopped
-        partway, or trickles in (a byte now and then would keep the time since
-        the last read short, and heartbeats away).
+        waited ``waited`` seconds for theirs in vain ("" if they still may):
+
+        - a reply has been arriving for half as long as they waited: it stopped
+          partway, or trickles in (a byte now and then would keep the time since
+          the last read short, and heartbeats away);
+        - without heartbeats (native thrift), nothing came since calls timed out
+          before, nor for all of this wait: a peer gone without a FIN, or a server
+          that answers a connection's calls one at a time (Apache's and
+          thriftpy2's threaded servers) stuck on one. A single slow call is not
+          that: it takes a second timeout in a row with nothing read.
         """
         quiet = now - self.last_read
-        if self.frame_started is not None and now - self.frame_started >= waited / 2:
-            return (f"a reply from {self.node} is still incomplete after "
-                    f"{now - self.frame_started:.3g}s (nothing read for {quiet:.3g}s)")
+        if self.frame_started is not None:
+            if now - self.frame_started >= waited / 2:
+                return (f"a reply from {self.node} is still incomplete after "
+                        f"{now - self.frame_started:.3g}s (nothing read for {quiet:.3g}s)")
+        elif not self.heartbeats and quiet >= waited and self.last_read == self._read_at_timeout:
+            return f"nothing came from {self.node} for {quiet:.3g}s, calls timing out"
         return ""
 
     def _prune_deadlines(self) -> None:
@@ -483,7 +497,8 @@ class Endpoint:
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> ClientConnection:
         def factory() -> ClientConnection:
-            return ClientConnection(self.node, self.max_frame_size, self.max_depth)
+            return ClientConnection(self.node, self.max_frame_size, self.max_depth,
+                                    heartbeats=bool(self._heartbeat_interval))
 
         if self.address.path is not None:
             opening = loop.create_unix_connection(
