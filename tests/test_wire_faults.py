@@ -478,16 +478,19 @@ def test_a_reply_with_a_bad_body_fails_only_its_own_call():
     run(main())
 
 
-@pytest.mark.parametrize("wrong", ["seqid", "call"])
-def test_a_reply_that_is_not_the_answer_to_its_call_fails_that_call(wrong):
+@pytest.mark.parametrize("wrong,said", [("seqid", "seqid"), ("call", "message type 1"),
+                                        ("name", "is to method 'whoami'")])
+def test_a_reply_that_is_not_the_answer_to_its_call_fails_that_call(wrong, said):
     """§3: the body's seqid repeats the header's; a REPLY with another seqid, or a
     message that is no reply at all, is refused (Apache's clients refuse both),
-    not returned as the call's result. The next call on the connection works."""
+    not returned as the call's result; so is a REPLY to another method (Apache's
+    Go and C++ clients refuse it: its result struct would be read as this
+    method's, whoami's string as echo's). The next call on the connection works."""
     def impostor(name: str, seqid: int) -> bytes:
-        if wrong == "seqid":
-            return codec.encode_message("whoami", 2, seqid + 999,
-                                        Echo.whoami_result(success="impostor"))
-        return codec.encode_message(name, 1, seqid, Echo.echo_args(text="impostor"))
+        if wrong == "call":
+            return codec.encode_message(name, 1, seqid, Echo.echo_args(text="impostor"))
+        return codec.encode_message("whoami", 2, seqid + 999 if wrong == "seqid" else seqid,
+                                    Echo.whoami_result(success="impostor"))
 
     handle = _first_reply_then_echo(impostor)
 
@@ -496,8 +499,22 @@ def test_a_reply_that_is_not_the_answer_to_its_call_fails_that_call(wrong):
                 async_client(Echo, address, timeout=5) as client:
             with pytest.raises(DecodeError, match="bad reply") as info:
                 await client.echo("first")
-            assert ("seqid" if wrong == "seqid" else "message type 1") in str(info.value)
+            assert said in str(info.value)
             assert await client.echo("second") == "second"
+
+    run(main())
+
+
+def test_a_reply_naming_its_method_as_a_multiplexed_call_does_is_read():
+    """Servers answer a multiplexed call ("Echo:echo") under the method's own name
+    (Apache's, thriftpy2's and ours do); one that repeats the call's name is read too."""
+    handle = _first_reply_then_echo(lambda name, seqid: codec.encode_message(
+        "Echo:echo", 2, seqid, Echo.echo_result(success="multiplexed")))
+
+    async def main():
+        async with fake_server(handle) as address, \
+                async_client(Echo, address, timeout=5) as client:
+            assert await client.echo("first") == "multiplexed"
 
     run(main())
 

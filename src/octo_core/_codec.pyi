@@ -32,7 +32,8 @@ def decode_body(cls: Callable[..., _T], data: Buffer, offset: int,
 def decode_body_counted(cls: Callable[..., _T], data: Buffer, offset: int,
                         limits: Optional[Limits] = ...) -> Tuple[_T, int]: ...
 def decode_reply(result_cls: type, exception_cls: type, data: Buffer,
-                 limits: Optional[Limits] = ..., seqid: int = ...) -> Tuple[int, Any]: ...
+                 limits: Optional[Limits] = ..., seqid: int = ...,
+                 name: Optional[str] = ...) -> Tuple[int, Any]: ...
 
 # --- frames ----------------------------------------------------------------------------
 

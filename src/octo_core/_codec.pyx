@@ -1433,26 +1433,32 @@ cdef object _decode_body(cls, data, Py_ssize_t offset, Limits limits, Py_ssize_t
                       False, items)
 
 
-def decode_reply(result_cls, exception_cls, data, Limits limits=None, int64_t seqid=-1):
+def decode_reply(result_cls, exception_cls, data, Limits limits=None, int64_t seqid=-1,
+                 str name=None):
     """``(msg_type, struct)`` of a whole reply message: an ``exception_cls``
     (``TApplicationException``) when its type is EXCEPTION, else a ``result_cls``.
 
     A message that is not a reply or an exception is a ``DecodeError``, and so
     is a REPLY whose seqid is not ``seqid`` (when given: the unified header's
-    sequence id, which §3 says the body repeats). EXCEPTION replies are taken
-    whatever their seqid, as Apache's clients do: a server that could not read
-    the request may not know it."""
+    sequence id, which §3 says the body repeats), or that names another method
+    than ``name`` (when given; ``"Service:name"`` too, as a multiplexed call
+    names it: ``result_cls`` would read another method's result as this one's).
+    EXCEPTION replies are taken whatever their seqid and name, as Apache's
+    clients do: a server that could not read the request may not know them."""
     if limits is None:
         limits = DEFAULT_LIMITS
     cdef _Input inp = _Input(data)
     cdef _Reader r
     _r_init(&r, <const unsigned char*>inp.view.buf, 0, inp.view.len, limits)
-    _, msg_type, body_seqid = _r_message_begin(&r)
+    named, msg_type, body_seqid = _r_message_begin(&r)
     if msg_type != 2 and msg_type != 3:
         raise DecodeError(f"message type {msg_type} where a reply (2) or exception (3) belongs",
                           offset=0)
     if msg_type == 2 and seqid >= 0 and body_seqid != seqid:
         raise DecodeError(f"the reply's seqid {body_seqid} is not the call's {seqid}", offset=0)
+    if msg_type == 2 and name is not None and named != name \
+            and named.rpartition(":")[2] != name:
+        raise DecodeError(f"the reply is to method {named!r}, not the call's {name!r}", offset=0)
     cdef _StructSpec s = _decode_spec(exception_cls if msg_type == 3 else result_cls)
     return msg_type, _decode_at(s, <const unsigned char*>inp.view.buf, r.pos, inp.view.len,
                                 limits, True)

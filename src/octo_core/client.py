@@ -484,7 +484,7 @@ class AsyncClient:
         try:
             msg_type, result = _codec.decode_reply(
                 method.result_cls, TApplicationException, frame.body, self._limits,
-                -1 if head is None else head.sequence_id)
+                -1 if head is None else head.sequence_id, method.name)
         except DecodeError as exc:
             raise DecodeError(f"bad reply: {exc}", offset=exc.offset, method=method.name,
                               node=node) from None
