@@ -621,6 +621,24 @@ def test_zk_session_expiry_reregisters_and_keeps_operator_changes(zookeeper_serv
     run(scenario(), timeout=50)
 
 
+def test_zk_a_watchers_session_loss_breaks_nothing_in_kazoos_threads(zookeeper_server, caplog):
+    """At a session loss (a dropped connection too) kazoo calls every watcher with an
+    event that has no path: the watch takes it quietly (an AttributeError in kazoo's
+    thread was logged for each provider node watched) and goes on after the recovery."""
+    url = zookeeper_server.url(unique("watcher-lost"), timeout=4)
+
+    async def scenario():
+        async with provider_watched(url) as (provider, operator, seen):
+            await asyncio.to_thread(expire_session, zookeeper_server, operator._client.client_id)
+            await wait_until(lambda: operator._sessions_lost > 0, 20, "the session loss")
+            await provider.update(APPKEY, "127.0.0.1:2000", weight=5)
+            await wait_until(lambda: seen.nodes and seen.nodes[0].weight == 5, 20,
+                             "the watch to go on")
+    with caplog.at_level(logging.ERROR):
+        run(scenario(), timeout=50)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
 def test_zk_reregistration_applies_the_operator_record_written_while_cut_off(zookeeper_server):
     """An operator stopped the node while its provider was cut off: the change to the
     node went with the expired session, unseen, but its operator record stays and

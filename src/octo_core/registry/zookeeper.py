@@ -415,6 +415,8 @@ class ZooKeeperRegistry(Registry):
             directory.children_event(event)
 
     def _child_event(self, event: WatchedEvent) -> None:
+        if event.path is None:   # kazoo drops every watch at a connection loss: _recover re-reads
+            return
         directory = self._dirs.get(event.path.rsplit("/", 1)[0])
         if directory is not None:
             directory.child_event(event)
