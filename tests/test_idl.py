@@ -97,3 +97,55 @@ def test_a_declared_exception_raised_from_its_include_loaded_on_its_own_is_decla
             with pytest.raises(ApplicationError):   # undeclared: no twin among the declared
                 await client.go(0)
     run(main())
+
+
+def test_a_void_methods_exception_named_success_or_with_id_0_is_raised(tmp_path):
+    """A void method has no result value: a declared exception named ``success``
+    (or with field id 0) is an exception like any other, raised to the caller, as
+    Apache's generated clients raise it (it was taken for the return value: the
+    client returned it, and a handler's ignored return value became an
+    INTERNAL_ERROR; one with id 0 was not declared at all)."""
+    from octo_core.idl import methods
+    from wire_helpers import run, serving
+
+    (tmp_path / "void_success.thrift").write_text(
+        "exception Refused { 1: string why }\n"
+        "service Svc {\n"
+        "  void named(1: i32 how) throws (1: Refused success),\n"
+        "  void zero(1: i32 how) throws (0: Refused refused),\n"
+        "  Refused value(),\n"
+        "}\n")
+    module = octo_core.load_idl(str(tmp_path / "void_success.thrift"))
+    table = methods(module.Svc)
+    assert not table["named"].returns_value and not table["zero"].returns_value
+    assert table["named"].exceptions == (("success", module.Refused),)
+    assert table["zero"].exceptions == (("refused", module.Refused),)
+    assert table["value"].returns_value and table["value"].exceptions == ()
+
+    class Handler:
+        async def named(self, how: int) -> str:
+            if how:
+                raise module.Refused(why="named")
+            return "ignored: the method is void"
+
+        async def zero(self, how: int) -> None:
+            if how:
+                raise module.Refused(why="zero")
+
+        async def value(self):
+            return module.Refused(why="returned")
+
+    async def main():
+        async with serving([(module.Svc, Handler(), None)]) as server:
+            for protocol in ("octo", "thrift"):
+                async with octo_core.AsyncClient(module.Svc, appkey="com.example.caller",
+                                                 hosts=[server.address], timeout=5,
+                                                 protocol=protocol) as client:
+                    for method in ("named", "zero"):
+                        with pytest.raises(module.Refused) as raised:
+                            await client.call(method, 1)
+                        assert raised.value.why == method
+                        assert await client.call(method, 0) is None
+                    returned = await client.value()
+                    assert isinstance(returned, module.Refused) and returned.why == "returned"
+    run(main())

@@ -66,12 +66,15 @@ def methods(service: Any) -> Dict[str, Method]:
     for name in service.thrift_services:
         args_cls = getattr(service, name + "_args")
         result_cls = getattr(service, name + "_result")
-        result_fields = [spec[1] for spec in result_cls.thrift_spec.values()]
-        exceptions = tuple((spec[1], spec[2]) for fid, spec in result_cls.thrift_spec.items()
-                           if fid != 0 and spec[0] == TType.STRUCT)
+        spec = result_cls.thrift_spec
+        # The value is field 0 named success (thriftpy2 adds it for a non-void
+        # method); a void method's exception may be named success, or have id 0.
+        returns_value = spec.get(0, (None, None))[1] == "success"
+        exceptions = tuple((field[1], field[2]) for fid, field in spec.items()
+                           if not (fid == 0 and returns_value) and field[0] == TType.STRUCT)
         table[name] = Method(
             name=name, args_cls=args_cls, result_cls=result_cls,
             oneway=bool(getattr(result_cls, "oneway", False)),
-            arg_names=tuple(spec[1] for spec in args_cls.thrift_spec.values()),
-            exceptions=exceptions, returns_value="success" in result_fields)
+            arg_names=tuple(field[1] for field in args_cls.thrift_spec.values()),
+            exceptions=exceptions, returns_value=returns_value)
     return table
