@@ -117,6 +117,36 @@ def test_thriftpy2_asyncio_client_with_its_defaults_against_our_server():
     run(main())
 
 
+def test_a_handlers_application_exception_is_answered_in_thriftpy2s_bytes():
+    """A TApplicationException a handler raises goes back as thriftpy2's server
+    sends it, byte for byte: without a message it has no message field (an empty
+    one was written, which its caller read as ``""``, not None)."""
+    class Handler(EchoHandler):
+        def fail(self, kind: str) -> str:
+            message = None if kind == "bare" else kind
+            raise TApplicationException(TApplicationException.INVALID_MESSAGE_TYPE, message)
+
+    def reply(address, request: bytes) -> bytes:
+        with socket.create_connection(address, timeout=5) as sock:
+            sock.sendall(request)
+            data = b""
+            while len(data) < 4 or len(data) < 4 + struct.unpack("!i", data[:4])[0]:
+                chunk = sock.recv(65536)
+                assert chunk, "the server closed the connection"
+                data += chunk
+            return data
+
+    with serving_in_thread([(Echo, Handler(), None)]) as server, \
+            thriftpy2_server(Echo, Handler()) as theirs:
+        for kind in ("bare", "with a message"):
+            request = framed_request("fail", Echo.fail_args(kind=kind), 7)
+            assert reply(host_port(server.address), request) == reply(theirs, request)
+        with sync_client(Echo, server.address) as client:
+            with pytest.raises(ApplicationError) as raised:
+                client.fail("bare")
+            assert raised.value.type == TApplicationException.INVALID_MESSAGE_TYPE
+
+
 def test_thriftpy2_client_unknown_and_ambiguous_methods():
     services = [(Echo, EchoHandler(), None), (Calc, CalcHandler(), None)]
     with serving_in_thread(services) as server:

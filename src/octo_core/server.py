@@ -178,9 +178,11 @@ class _Reply:
             raise protocol.frame_too_large(size, limit, "reply")
         conn.send(data)
 
-    def app_exception(self, name: str, seqid: int, kind: int, text: str,
+    def app_exception(self, name: str, seqid: int, kind: int, text: Optional[str],
                       status: int = Status.APPLICATION_EXCEPTION) -> None:
-        text = _clip(text)
+        """A TApplicationException; ``text`` None: one without a message (as a
+        handler raised it: thriftpy2 and Apache send it so, with no message field)."""
+        text = None if text is None else _clip(text)
         self.message(name, TMessageType.EXCEPTION, seqid,
                      TApplicationException(kind, text), status, text)
 
@@ -962,7 +964,7 @@ class Server:
                 # the handler's own protocol-level answer: sent as it is, as
                 # thriftpy2's and Apache's processors send it
                 if send:
-                    reply.app_exception(name, seqid, exc.type, exc.message or "")
+                    reply.app_exception(name, seqid, exc.type, exc.message)
                 return Status.APPLICATION_EXCEPTION
             if field is None:
                 # a bug in the handler: the server's log keeps its traceback (the
