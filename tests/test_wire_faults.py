@@ -402,11 +402,16 @@ def test_a_node_that_accepts_and_drops_is_not_redialled_for_every_call():
     async def main():
         async with fake_server(handle) as address, \
                 async_client(Echo, address, timeout=1, breaker=NO_BREAKER) as client:
+            said = set()
             for _ in range(50):
                 with pytest.raises(TransportError) as info:
                     await client.echo("x")
                 assert not isinstance(info.value, CallTimeout)
+                said.add(str(info.value).split(";")[0])
             assert len(accepted) < 15
+            # every connect worked: the calls refused meanwhile are told what did not
+            assert "the node closed the last 2 connections without answering" in said
+            assert not any("connect failed" in text for text in said)
 
     run(main())
 

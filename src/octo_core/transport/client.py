@@ -380,6 +380,7 @@ class Endpoint:
         self._backoff_max = backoff_max
         self._backoff = 0.0
         self._retry_at = 0.0
+        self._backoff_why = ""   # why _retry_at was set (see _connect_failed)
         self._unheard = 0   # connections in a row dropped unheard (ClientConnection.dropped_unheard)
         # connections taken out of the pool that close once idle (a stalled reply)
         self._retiring: "weakref.WeakSet[ClientConnection]" = weakref.WeakSet()
@@ -432,10 +433,11 @@ class Endpoint:
                     # connect: not a new connection per call.
                     self._unheard += 1
                     if self._unheard > 1:
-                        self._connect_failed()
+                        self._connect_failed(f"the node closed the last {self._unheard} "
+                                             "connections without answering")
             now = time.monotonic()
             if now < self._retry_at:
-                raise TransportError(f"connect failed recently; retrying in "
+                raise TransportError(f"{self._backoff_why}; retrying in "
                                      f"{self._retry_at - now:.2f}s", node=self.node,
                                      request_sent=False)
             # The connect runs as its own task: a caller that gives up (cancelled,
@@ -490,10 +492,12 @@ class Endpoint:
             self._heartbeat_task = loop.create_task(self._heartbeats())
         return conn
 
-    def _connect_failed(self) -> None:
-        """No redial before a backoff that doubles with each failure in a row."""
+    def _connect_failed(self, why: str = "connect failed recently") -> None:
+        """No redial before a backoff that doubles with each failure in a row;
+        ``why`` is what the calls refused meanwhile are told."""
         self._backoff = min(self._backoff_max, max(self._backoff_min, self._backoff * 2))
         self._retry_at = time.monotonic() + self._backoff * random.uniform(0.8, 1.2)
+        self._backoff_why = why
 
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> ClientConnection:
         def factory() -> ClientConnection:
