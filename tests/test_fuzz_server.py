@@ -242,6 +242,7 @@ def server_process(tmp_path, protected: bool = False) -> Iterator[Tuple[subproce
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+        proc.stdout.close()
 
 
 def _readline_with_timeout(proc: subprocess.Popen, timeout: float) -> str:
@@ -380,7 +381,8 @@ def test_fuzz_many_connections_while_a_good_client_calls(tmp_path, protected):
     assert sum(a.replies for a in attackers) > 0, "no fuzzed frame was ever answered"
     growth = rss_after - rss_before
     assert growth < RSS_GROWTH_LIMIT, f"server RSS grew {growth / 1e6:.1f} MB in round 2"
-    log = open(log_path, encoding="utf-8", errors="replace").read()
+    with open(log_path, encoding="utf-8", errors="replace") as server_log:
+        log = server_log.read()
     # (a handler that fails on fuzzed arguments is logged with its traceback, on purpose)
     log = HANDLER_ERROR.sub("", log)
     assert "Traceback" not in log, "the server had an unhandled exception:\n" + \
