@@ -302,3 +302,27 @@ def test_writes_leave_at_once_then_coalesce_until_the_next_read():
         assert len(transport.writes) == 5
 
     run(scenario())
+
+
+def test_the_reply_to_a_lone_frame_leaves_while_it_is_handled():
+    """One call in flight: its reply is written as it is sent, not held until the
+    handling (the server's bookkeeping after an eager handler's answer) is over."""
+    from octo_core.transport.stream import FramedProtocol
+
+    left_by_then = []
+
+    class Conn(FramedProtocol):
+        def frames_received(self, frames):
+            for frame in frames:
+                self.send(b"reply:" + bytes(frame.body))
+            left_by_then.append(list(transport.writes))   # the rest of the handling
+
+    async def scenario():
+        conn = Conn()
+        conn.connection_made(transport)
+        conn.data_received(b"\x00\x00\x00\x05\x80\x01\x00\x01x")
+        assert left_by_then == [[b"reply:\x80\x01\x00\x01x"]]
+        assert transport.writes == [b"reply:\x80\x01\x00\x01x"]
+
+    transport = _RecordingTransport()
+    run(scenario())

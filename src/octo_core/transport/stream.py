@@ -128,15 +128,21 @@ class FramedProtocol(asyncio.Protocol):
                 return handed
             if frames:
                 handed = True
-                # What is sent while these frames are handled (eager handlers'
-                # replies) leaves in one write when they are done.
-                flush_pending = self._flush_scheduled
-                self._flush_scheduled = True
-                try:
+                if len(frames) == 1:
+                    # One frame: its reply (an eager handler's) leaves as it is sent,
+                    # ahead of the call's own bookkeeping: one call in flight waits
+                    # for nothing else.
                     self.frames_received(frames)
-                finally:
-                    if not flush_pending:
-                        self._flush()
+                else:
+                    # What is sent while these frames are handled (eager handlers'
+                    # replies) leaves in one write when they are done.
+                    flush_pending = self._flush_scheduled
+                    self._flush_scheduled = True
+                    try:
+                        self.frames_received(frames)
+                    finally:
+                        if not flush_pending:
+                            self._flush()
             if decoder.error is not None:
                 self.protocol_error(decoder.error)
                 return handed
