@@ -121,17 +121,17 @@ class ServerConnection(FramedProtocol):
         return bool(self._paused & ~_CROWDED)
 
     def _read(self, data: bytes = b"") -> bool:
-        handed = super()._read(data)
-        if self._partial is not None:
-            self._count_partial(self._partial)
+        handed = FramedProtocol._read(self, data)   # (not super(): every read's path)
+        holds = 0 if self.closed else self._decoder.buffered
+        if holds != self.partial_held and self._partial is not None:   # (a whole frame: no)
+            self._count_partial(self._partial, holds)
         return handed
 
-    def _count_partial(self, partial: PartialFrames) -> None:
-        holds = 0 if self.closed else self._decoder.buffered
-        if holds != self.partial_held:
-            change, self.partial_held = holds - self.partial_held, holds
-            if partial.add(self, change, holds):
-                self._pause(_CROWDED)
+    def _count_partial(self, partial: PartialFrames, holds: int) -> None:
+        """It holds ``holds`` bytes of a frame partly read now, not ``partial_held``."""
+        change, self.partial_held = holds - self.partial_held, holds
+        if partial.add(self, change, holds):
+            self._pause(_CROWDED)
 
     def room(self) -> None:
         """The server's connections hold less of partial frames again: read on."""
@@ -272,5 +272,5 @@ class ServerConnection(FramedProtocol):
         super().connection_lost(exc)
         self._backlog.clear()
         self._connections.discard(self)
-        if self._partial is not None:
-            self._count_partial(self._partial)   # (closed: it holds nothing now)
+        if self._partial is not None and self.partial_held:
+            self._count_partial(self._partial, 0)   # (closed: it holds nothing now)
