@@ -17,8 +17,10 @@ import pytest
 from thriftpy2.thrift import TApplicationException
 
 import octo_core
+from octo_core.errors import ApplicationError, CallTimeout
 
 from strategies import canonical
+from wire_helpers import async_client
 
 INTEROP_IDL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "idl", "interop.thrift")
 INTEROP = octo_core.load_idl(INTEROP_IDL, module_name="octo_interop_thrift")
@@ -190,3 +192,41 @@ class InteropHandler:
     async def slow(self, text: str, delay_ms: int) -> str:
         await asyncio.sleep(delay_ms / 1000)
         return text
+
+
+async def many_calls_on_one_connection(address: str, payloads: list,
+                                       held: Callable[[Any], Any] = lambda value: value) -> None:
+    """300 slow calls and ``payloads``' echoes, all sent at once on one native
+    connection to a peer's server that answers a connection's calls in turn: each
+    gets its own answer (``held``: a payload as the peer gives it back)."""
+    async with async_client(Interop, address, protocol="thrift", pool_size=1,
+                            timeout=10.0) as client:
+        texts = [f"call {i}" for i in range(300)]
+        answers = await asyncio.gather(*(client.slow(text, i % 2) for i, text in enumerate(texts)),
+                                       *(client.echo(payload) for payload in payloads))
+        assert answers[:len(texts)] == texts
+        assert [canonical(a) for a in answers[len(texts):]] == \
+            [canonical(held(p)) for p in payloads]
+
+
+async def late_reply_is_dropped(address: str) -> None:
+    """A call that timed out on a peer's server: its late reply is dropped, and the
+    next call on the connection gets its own answer."""
+    async with async_client(Interop, address, protocol="thrift", timeout=5.0) as client:
+        with pytest.raises(CallTimeout):
+            await client.call("slow", "late", 300, timeout=0.05)
+        assert await client.fail("answered after it") == "answered after it"
+
+
+async def unknown_method_is_refused(address: str, options: dict) -> None:
+    """A method a peer's server lacks (``Unserved``'s, under ``Interop`` when
+    multiplexed): UNKNOWN_METHOD naming it, and the connection still serves."""
+    if options.get("multiplexed"):
+        options = dict(options, service_name="Interop")
+    async with async_client(INTEROP.Unserved, address, protocol="thrift", **options) as client:
+        with pytest.raises(ApplicationError) as unknown:
+            await client.ghost()
+        assert unknown.value.type == TApplicationException.UNKNOWN_METHOD
+        assert "ghost" in str(unknown.value)
+        with pytest.raises(ApplicationError):
+            await client.ghost()

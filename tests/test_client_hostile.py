@@ -17,7 +17,8 @@ from octo_core import _codec, protocol
 from octo_core.errors import CallTimeout, TransportError
 from octo_core.protocol import HeartbeatInfo, NodeStatus
 
-from wire_helpers import (Echo, SyncEchoHandler, async_client, decode_body, fake_server, run,
+from wire_helpers import (Echo, SyncEchoHandler, async_client, decode_body, fake_server,
+                          frames_read, run,
                           thriftpy2_server, wait_until,
                           watchdog)  # noqa: F401  (fixture)
 
@@ -45,14 +46,9 @@ def _calls(answer):
         nonlocal connections
         connections += 1
         number = connections
-        decoder = protocol.FrameDecoder()
-        while True:
-            data = await reader.read(65536)
-            if not data:
-                return
-            for frame in decoder.feed(data):
-                if frame.head is None or frame.head.message_type == protocol.MessageType.NORMAL:
-                    await answer(frame, writer, number)
+        async for frame in frames_read(reader):
+            if frame.head is None or frame.head.message_type == protocol.MessageType.NORMAL:
+                await answer(frame, writer, number)
     return handle
 
 
@@ -120,16 +116,11 @@ def test_closing_the_client_while_a_heartbeat_waits_says_nothing_of_the_node(cap
     heard = []
 
     async def handle(reader, writer):
-        decoder = protocol.FrameDecoder()
-        while True:
-            data = await reader.read(65536)
-            if not data:
-                return
-            for frame in decoder.feed(data):
-                if frame.head.message_type == protocol.MessageType.NORMAL:
-                    writer.write(_echo_reply(frame, "answer"))
-                else:
-                    heard.append(frame)       # a heartbeat: never answered
+        async for frame in frames_read(reader):
+            if frame.head.message_type == protocol.MessageType.NORMAL:
+                writer.write(_echo_reply(frame, "answer"))
+            else:
+                heard.append(frame)       # a heartbeat: never answered
 
     async def main():
         async with fake_server(handle) as address:

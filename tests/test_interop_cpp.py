@@ -22,12 +22,13 @@ import concurrent.futures
 import pytest
 from thriftpy2.thrift import TApplicationException
 
-from octo_core.errors import ApplicationError, CallTimeout, EncodeError
+from octo_core.errors import ApplicationError, EncodeError
 
 from cpp_peers import Peers, build_peers, cpp_client, cpp_server
-from interop_cases import (EMPTY_CONTAINERS, FROM_OURS, INTEROP, PAYLOADS, VARIANTS, Defaults,
+from interop_cases import (EMPTY_CONTAINERS, FROM_OURS, PAYLOADS, VARIANTS, Defaults,
                            Everything, Expect, Interop, InteropHandler, Scalars, Variant,
-                           exercise, in_thread)
+                           exercise, in_thread, late_reply_is_dropped,
+                           many_calls_on_one_connection, unknown_method_is_refused)
 from strategies import canonical
 from wire_helpers import (async_client, run, serving, serving_in_thread, sync_client,
                           watchdog)  # noqa: F401  (fixture)
@@ -81,31 +82,13 @@ def test_our_sync_client_against_the_cpp_server(peers):
 def test_many_calls_in_flight_on_one_connection_to_the_cpp_server(peers):
     """The C++ server answers one connection's calls in turn; each of ours, all
     sent at once on the one connection, gets its own answer."""
-    async def main(address: str) -> None:
-        async with async_client(Interop, address, protocol="thrift", pool_size=1,
-                                timeout=10.0) as client:
-            texts = [f"call {i}" for i in range(300)]
-            payloads = PAYLOADS * 10
-            answers = await asyncio.gather(*(client.slow(text, i % 2)
-                                             for i, text in enumerate(texts)),
-                                           *(client.echo(payload) for payload in payloads))
-            assert answers[:len(texts)] == texts
-            assert [canonical(a) for a in answers[len(texts):]] == \
-                [canonical(p) for p in payloads]
-
     with cpp_server(peers, "framed") as address:
-        run(main(address))
+        run(many_calls_on_one_connection(address, PAYLOADS * 10))
 
 
 def test_our_client_drops_a_late_reply_of_the_cpp_server(peers):
-    async def main(address: str) -> None:
-        async with async_client(Interop, address, protocol="thrift", timeout=5.0) as client:
-            with pytest.raises(CallTimeout):
-                await client.call("slow", "late", 300, timeout=0.05)
-            assert await client.fail("answered after it") == "answered after it"
-
     with cpp_server(peers, "framed") as address:
-        run(main(address))
+        run(late_reply_is_dropped(address))
 
 
 def test_a_request_past_apaches_frame_limit_is_refused_before_it_is_sent(peers):
@@ -147,21 +130,8 @@ def test_our_multiplexed_client_names_the_service_for_the_cpp_server(peers):
 @pytest.mark.parametrize("kind", ["framed", "framed, multiplexed"])
 def test_an_unknown_method_on_the_cpp_server(peers, kind):
     server_args, options = CPP_SERVERS[kind]
-    if options.get("multiplexed"):
-        options = dict(options, service_name="Interop")   # Unserved's methods, under Interop
-
-    async def main(address: str) -> None:
-        async with async_client(INTEROP.Unserved, address, protocol="thrift",
-                                **options) as client:
-            with pytest.raises(ApplicationError) as unknown:
-                await client.ghost()
-            assert unknown.value.type == TApplicationException.UNKNOWN_METHOD
-            assert "ghost" in str(unknown.value)
-            with pytest.raises(ApplicationError):       # the connection still serves
-                await client.ghost()
-
     with cpp_server(peers, *server_args) as address:
-        run(main(address))
+        run(unknown_method_is_refused(address, options))
 
 
 def test_fields_left_out_come_back_as_the_cpp_server_holds_them(peers):

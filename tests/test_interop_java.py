@@ -19,7 +19,6 @@ what is missing, without javac, the thrift compiler or the library
 """
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import dataclasses
 from typing import Any, Iterator
@@ -30,9 +29,10 @@ from thriftpy2.thrift import TApplicationException, TType
 from octo_core import protocol
 from octo_core.errors import ApplicationError, CallTimeout, EncodeError, TransportError
 
-from interop_cases import (FROM_OURS, INTEROP, PAYLOADS, VARIANTS, Containers, Defaults,
+from interop_cases import (FROM_OURS, PAYLOADS, VARIANTS, Containers, Defaults,
                            Everything, Expect, Interop, InteropHandler, Scalars, Sign,
-                           Variant, exercise, in_thread)
+                           Variant, exercise, in_thread, late_reply_is_dropped,
+                           many_calls_on_one_connection, unknown_method_is_refused)
 from interop_peers import PeerCallError
 from java_peers import Peers, build_peers, java_client, java_server
 from strategies import canonical, fields, is_enum, split
@@ -145,31 +145,12 @@ def test_our_sync_client_against_the_java_server(selector):
 def test_many_calls_in_flight_on_one_connection_to_the_java_server(request, server):
     """The Java servers read a connection's next call once the last is answered;
     each of ours, all sent at once on the one connection, gets its own answer."""
-    address = request.getfixturevalue(server)
-
-    async def main() -> None:
-        async with async_client(Interop, address, protocol="thrift", pool_size=1,
-                                timeout=10.0) as client:
-            texts = [f"call {i}" for i in range(300)]
-            payloads = PAYLOADS * 5
-            answers = await asyncio.gather(*(client.slow(text, i % 2)
-                                             for i, text in enumerate(texts)),
-                                           *(client.echo(payload) for payload in payloads))
-            assert answers[:len(texts)] == texts
-            assert [canonical(a) for a in answers[len(texts):]] == \
-                [canonical(as_java_holds(p)) for p in payloads]
-
-    run(main())
+    run(many_calls_on_one_connection(request.getfixturevalue(server), PAYLOADS * 5,
+                                     as_java_holds))
 
 
 def test_our_client_drops_a_late_reply_of_the_java_server(selector):
-    async def main() -> None:
-        async with async_client(Interop, selector, protocol="thrift", timeout=5.0) as client:
-            with pytest.raises(CallTimeout):
-                await client.call("slow", "late", 300, timeout=0.05)
-            assert await client.fail("answered after it") == "answered after it"
-
-    run(main())
+    run(late_reply_is_dropped(selector))
 
 
 def variant_of_frame_length(length: int) -> Any:
@@ -255,21 +236,7 @@ def test_an_empty_union_java_cannot_read_costs_only_its_call(request, server):
 @pytest.mark.parametrize("kind", list(JAVA_SERVERS))
 def test_an_unknown_method_on_the_java_server(request, kind):
     server, options = JAVA_SERVERS[kind]
-    if options.get("multiplexed"):
-        options = dict(options, service_name="Interop")   # Unserved's methods, under Interop
-    address = request.getfixturevalue(server)
-
-    async def main() -> None:
-        async with async_client(INTEROP.Unserved, address, protocol="thrift",
-                                **options) as client:
-            with pytest.raises(ApplicationError) as unknown:
-                await client.ghost()
-            assert unknown.value.type == TApplicationException.UNKNOWN_METHOD
-            assert "ghost" in str(unknown.value)
-            with pytest.raises(ApplicationError):       # the connection still serves
-                await client.ghost()
-
-    run(main())
+    run(unknown_method_is_refused(request.getfixturevalue(server), options))
 
 
 # --- the Java client against our server ---------------------------------------------------

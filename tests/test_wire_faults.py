@@ -33,7 +33,7 @@ from cluster_helpers import run_on
 
 from wire_helpers import (CLIENT_APPKEY, ECHO_IDL, LOCALHOST, Echo, EchoError, EchoHandler, GoodCaller,
                           _build_server, async_client, decode_body, echo_services, fake_server,
-                          framed_request,
+                          frames_read, framed_request,
                           raw_connection, refusing_port, run, serving, serving_in_thread,
                           short_tmpdir, sync_client, unified_request, wait_until,
                           watchdog)  # noqa: F401  (fixture)
@@ -282,19 +282,14 @@ def test_a_reply_that_stops_partway_does_not_hold_its_connection_for_good(proto)
 
     async def handle(reader, writer):
         connections.append(writer)
-        decoder = protocol.FrameDecoder()
-        while True:
-            data = await reader.read(65536)
-            if not data:
-                return
-            for frame in decoder.feed(data):
-                name, _, seqid, args = decode_body(frame, Echo)
-                result = Echo.echo_result(success=args.text)
-                reply = (protocol.encode_unified(protocol.response_header(frame.head.sequence_id),
-                                                 codec.encode_message(name, 2, seqid, result))
-                         if frame.head is not None
-                         else protocol.encode_framed_message(name, 2, seqid, result))
-                writer.write(reply[:-3] if len(connections) == 1 else reply)
+        async for frame in frames_read(reader):
+            name, _, seqid, args = decode_body(frame, Echo)
+            result = Echo.echo_result(success=args.text)
+            reply = (protocol.encode_unified(protocol.response_header(frame.head.sequence_id),
+                                             codec.encode_message(name, 2, seqid, result))
+                     if frame.head is not None
+                     else protocol.encode_framed_message(name, 2, seqid, result))
+            writer.write(reply[:-3] if len(connections) == 1 else reply)
 
     async def main():
         async with fake_server(handle) as address, \
@@ -318,17 +313,15 @@ def test_a_native_servers_protocol_error_moves_new_calls_to_a_new_connection():
     async def handle(reader, writer):
         connections.append(writer)
         lost_its_place = len(connections) == 1
-        decoder = protocol.FrameDecoder()
-        while data := await reader.read(65536):
-            for frame in decoder.feed(data):
-                name, _, seqid, args = decode_body(frame, Echo)
-                if not lost_its_place:
-                    writer.write(protocol.encode_framed_message(
-                        name, TMessageType.REPLY, seqid, Echo.echo_result(success=args.text)))
-                elif args.text == "unreadable":
-                    writer.write(protocol.encode_framed_message(
-                        name, TMessageType.EXCEPTION, seqid, TApplicationException(
-                            TApplicationException.PROTOCOL_ERROR, "Unrecognized type 0")))
+        async for frame in frames_read(reader):
+            name, _, seqid, args = decode_body(frame, Echo)
+            if not lost_its_place:
+                writer.write(protocol.encode_framed_message(
+                    name, TMessageType.REPLY, seqid, Echo.echo_result(success=args.text)))
+            elif args.text == "unreadable":
+                writer.write(protocol.encode_framed_message(
+                    name, TMessageType.EXCEPTION, seqid, TApplicationException(
+                        TApplicationException.PROTOCOL_ERROR, "Unrecognized type 0")))
 
     async def main():
         async with fake_server(handle) as address, \

@@ -451,6 +451,15 @@ async def fake_server(handle: Callable[[asyncio.StreamReader, asyncio.StreamWrit
             writer.close()
 
 
+async def frames_read(reader: asyncio.StreamReader) -> AsyncIterator[Frame]:
+    """A ``fake_server`` handler's view of its connection: the frames the client
+    sends, as they arrive, until it closes."""
+    decoder = FrameDecoder()
+    while data := await reader.read(65536):
+        for frame in decoder.feed(data):
+            yield frame
+
+
 async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     """A ``fake_server`` handler that reads everything and answers nothing."""
     while await reader.read(65536):
