@@ -6,6 +6,7 @@ import contextlib
 import functools
 import heapq
 import itertools
+import logging
 import ssl as _ssl
 import random
 import time
@@ -134,11 +135,9 @@ class ClientConnection(FramedProtocol):
             stuck = self._stuck(now, waited)
             self._read_at_timeout = self.last_read
             if stuck:
-                # Every reply behind it waits too, so new calls go to a new connection;
-                # this one closes once its calls have their answers or their timeouts
-                # (a reply that was only slow still arrives).
-                log.warning("%s; new calls go to a new connection", stuck)
-                self.close_when_idle()
+                # Every reply behind it waits too (a reply that was only slow still
+                # arrives on the connection left behind).
+                self._leave(logging.WARNING, "%s; new calls go to a new connection", stuck)
                 return
         if self.retiring:
             self._close_if_idle()
@@ -244,10 +243,9 @@ class ClientConnection(FramedProtocol):
         except DecodeError as exc:
             self.protocol_error(ProtocolError(f"bad unified header: {exc}"))
             return False
-        if beat is not None and not self.retiring:   # (once: a peer may repeat it at will)
+        if beat is not None:
             why = "is stopping" if beat.status == NodeStatus.STOPPING else "closes an idle connection"
-            log.info("%s %s: the connection takes no new calls", self.node, why)
-            self.close_when_idle()
+            self._leave(logging.INFO, "%s %s: the connection takes no new calls", self.node, why)
         return True
 
     def _stream_in_doubt(self) -> None:
@@ -256,10 +254,16 @@ class ClientConnection(FramedProtocol):
         TThreadedSelectorServer close the connection, Java's TThreadPoolServer
         reads the next request from inside the bad one's frame and waits for bytes
         that never come (every later call on it timed out). New calls go to a new
-        connection; this one closes once its calls have their answers or timeouts."""
+        connection."""
+        self._leave(logging.WARNING, "%s could not read a request (PROTOCOL_ERROR); new calls "
+                    "go to a new connection", self.node)
+
+    def _leave(self, level: int, message: str, *args: Any) -> None:
+        """No new call goes on this connection, which closes once its calls have their
+        answers or timeouts; ``message % args`` is logged for the first reason only
+        (a peer may repeat what makes it leave at will)."""
         if not self.retiring:
-            log.warning("%s could not read a request (PROTOCOL_ERROR); new calls go to a "
-                        "new connection", self.node)
+            log.log(level, message, *args)
         self.close_when_idle()
 
     def close_when_idle(self) -> None:
