@@ -433,9 +433,7 @@ class AsyncClient:
                         if self._framed
                         else _codec.encode_message(name, msg_type, seq, request,
                                                    check_required=True, max_depth=depth))
-            size = protocol.frame_size(data, not self.unified and self._framed)
-            if size > limit:
-                raise protocol.frame_too_large(size, limit, "request")
+            protocol.check_frame_size(data, not self.unified and self._framed, limit, "request")
         except EncodeError as exc:     # the caller's values: nothing was sent
             exc.method, exc.node = method.name, conn.node
             raise

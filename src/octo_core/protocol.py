@@ -163,11 +163,14 @@ def frame_too_large(size: int, limit: int, what: str) -> EncodeError:
     return EncodeError(f"{what} of {size} bytes exceeds max_frame_size {limit}")
 
 
-def frame_size(data: bytes, native_framed: bool) -> int:
-    """What max_frame_size holds ``data`` to: all of a unified frame or an unframed
-    message, but of native framed thrift only the length, not its own 4 bytes
-    (PROTOCOL.md §4; Apache's TFramedTransport reads a length up to the limit)."""
-    return len(data) - 4 if native_framed else len(data)
+def check_frame_size(data: bytes, native_framed: bool, limit: int, what: str) -> None:
+    """``EncodeError`` when ``data`` (a whole frame, about to be sent) exceeds
+    ``limit``: all of a unified frame or an unframed message counts, but of native
+    framed thrift only the length, not its own 4 bytes (PROTOCOL.md §4; Apache's
+    TFramedTransport reads a length up to the limit)."""
+    size = len(data) - 4 if native_framed else len(data)
+    if size > limit:
+        raise frame_too_large(size, limit, what)
 
 
 def frame_unified(head: bytes, body: bytes, flags: int = DEFAULT_FLAGS,

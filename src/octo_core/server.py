@@ -173,9 +173,8 @@ class _Reply:
                                          max_depth=depth)
         else:
             data = protocol.encode_framed_message(name, msg_type, seqid, obj, max_depth=depth)
-        size = protocol.frame_size(data, not self.unified and self.flags != protocol.UNFRAMED)
-        if size > limit:
-            raise protocol.frame_too_large(size, limit, "reply")
+        protocol.check_frame_size(data, not self.unified and self.flags != protocol.UNFRAMED,
+                                  limit, "reply")
         conn.send(data)
 
     def app_exception(self, name: str, seqid: int, kind: int, text: Optional[str],
