@@ -63,9 +63,14 @@ def thrift_compiler_or_skip() -> str:
         reason = (f"Apache Thrift compiler not found ({THRIFT_COMPILER} or `thrift` on PATH); "
                   "install it (Debian: apt-get install thrift-compiler) to run the "
                   "tests against Apache Thrift")
-        print(f"\nSKIP: {reason}", file=sys.stderr)
-        pytest.skip(reason)
+        skip(reason)
     return compiler
+
+
+def skip(reason: str) -> None:
+    """Skip the test, the reason printed (pytest -q shows none otherwise)."""
+    print(f"\nSKIP: {reason}", file=sys.stderr)
+    pytest.skip(reason)
 
 
 def apache_generate(idl_path: str, out: str, *modules: str) -> list:

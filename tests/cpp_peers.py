@@ -21,9 +21,9 @@ import subprocess
 import time
 from typing import Iterator, Optional
 
-from conftest import thrift_compiler_or_skip
+from conftest import skip, thrift_compiler_or_skip
 from interop_cases import INTEROP_IDL
-from interop_peers import TIMEOUT, PeerClient, peer_client, peer_server, run_step, skip
+from interop_peers import TIMEOUT, PeerClient, peer_client, peer_server, run_step
 
 CPP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpp")
 

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import subprocess
-import sys
 import tempfile
 from typing import Any, Iterator, List
 
-import pytest
 from thriftpy2.thrift import TApplicationException
 
 from octo_core import codec
@@ -23,12 +21,6 @@ from interop_cases import INTEROP
 from wire_helpers import LOCALHOST
 
 TIMEOUT = 300.0     # for a build step
-
-
-def skip(reason: str) -> None:
-    """Skip the test, the reason printed (pytest -q shows none otherwise)."""
-    print(f"\nSKIP: {reason}", file=sys.stderr)
-    pytest.skip(reason)
 
 
 def run_step(command: List[str]) -> None:

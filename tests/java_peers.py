@@ -20,9 +20,9 @@ import shutil
 import time
 from typing import Iterator, List, Optional
 
-from conftest import thrift_compiler_or_skip
+from conftest import skip, thrift_compiler_or_skip
 from interop_cases import INTEROP_IDL
-from interop_peers import PeerClient, peer_client, peer_server, run_step, skip
+from interop_peers import PeerClient, peer_client, peer_server, run_step
 
 JAVA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "java")
 # Where Debian's libthrift-java and libslf4j-java (which it depends on) put their jars.
