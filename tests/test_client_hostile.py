@@ -17,8 +17,8 @@ from octo_core import _codec, protocol
 from octo_core.errors import CallTimeout, TransportError
 from octo_core.protocol import HeartbeatInfo, NodeStatus
 
-from wire_helpers import (Echo, SyncEchoHandler, async_client, decode_body, fake_server,
-                          frames_read, run,
+from wire_helpers import (Echo, SyncEchoHandler, async_client, echo_reply,
+                          fake_server, frames_read, run,
                           thriftpy2_server, wait_until,
                           watchdog)  # noqa: F401  (fixture)
 
@@ -26,15 +26,6 @@ pytestmark = pytest.mark.usefixtures("watchdog")
 
 #: These tests look at one node's connections: the circuit breaker stays out of it.
 NO_BREAKER = {"consecutive_failures": 10 ** 9, "min_calls": 10 ** 9}
-
-
-def _echo_reply(frame: protocol.Frame, text: str) -> bytes:
-    """The reply to an echo call ``frame`` (unified or framed), answering ``text``."""
-    name, _, seqid, _ = decode_body(frame, Echo)
-    body = _codec.encode_message(name, 2, seqid, Echo.echo_result(success=text))
-    if frame.head is None:
-        return protocol.encode_framed(body)
-    return protocol.encode_unified(protocol.response_header(frame.head.sequence_id), body)
 
 
 def _calls(answer):
@@ -74,7 +65,7 @@ def test_a_close_notice_that_does_not_decode_drops_the_connection_as_a_bad_heade
     with a TransportError saying so, and the next call reconnects."""
     async def answer(frame, writer, number):
         writer.write((_close_notice(heartbeat) if number == 1 else b"")
-                     + _echo_reply(frame, "answer"))
+                     + echo_reply(frame, "answer"))
 
     async def main():
         async with fake_server(_calls(answer)) as address, \
@@ -98,7 +89,7 @@ def test_a_close_notice_repeated_is_logged_once(caplog):
         heartbeat=HeartbeatInfo(status=NodeStatus.STOPPING)), b"")
 
     async def answer(frame, writer, number):
-        writer.write(notice * 1000 + _echo_reply(frame, "answer"))
+        writer.write(notice * 1000 + echo_reply(frame, "answer"))
 
     async def main():
         async with fake_server(_calls(answer)) as address, \
@@ -118,7 +109,7 @@ def test_closing_the_client_while_a_heartbeat_waits_says_nothing_of_the_node(cap
     async def handle(reader, writer):
         async for frame in frames_read(reader):
             if frame.head.message_type == protocol.MessageType.NORMAL:
-                writer.write(_echo_reply(frame, "answer"))
+                writer.write(echo_reply(frame, "answer"))
             else:
                 heard.append(frame)       # a heartbeat: never answered
 
@@ -141,7 +132,7 @@ def test_a_reply_trickling_in_does_not_hold_its_connection_for_good(proto):
     out, and as the reply had been arriving for all of its wait, new calls go to a
     new connection, and are answered."""
     async def answer(frame, writer, number):
-        reply = _echo_reply(frame, "x" * 1000)
+        reply = echo_reply(frame, "x" * 1000)
         if number > 1:
             writer.write(reply)
             return

@@ -33,7 +33,7 @@ from cluster_helpers import run_on
 
 from wire_helpers import (CLIENT_APPKEY, ECHO_IDL, LOCALHOST, Echo, EchoError, EchoHandler, GoodCaller,
                           _build_server, async_client, decode_body, echo_services, fake_server,
-                          frames_read, framed_request,
+                          echo_reply, frames_read, framed_request,
                           raw_connection, refusing_port, run, serving, serving_in_thread,
                           short_tmpdir, sync_client, unified_request, wait_until,
                           watchdog)  # noqa: F401  (fixture)
@@ -283,12 +283,7 @@ def test_a_reply_that_stops_partway_does_not_hold_its_connection_for_good(proto)
     async def handle(reader, writer):
         connections.append(writer)
         async for frame in frames_read(reader):
-            name, _, seqid, args = decode_body(frame, Echo)
-            result = Echo.echo_result(success=args.text)
-            reply = (protocol.encode_unified(protocol.response_header(frame.head.sequence_id),
-                                             codec.encode_message(name, 2, seqid, result))
-                     if frame.head is not None
-                     else protocol.encode_framed_message(name, 2, seqid, result))
+            reply = echo_reply(frame, decode_body(frame, Echo)[3].text)
             writer.write(reply[:-3] if len(connections) == 1 else reply)
 
     async def main():

@@ -341,6 +341,15 @@ def refusing_port() -> Iterator[int]:
 
 # --- building and reading raw frames ----------------------------------------------
 
+def echo_reply(frame: Frame, text: str) -> bytes:
+    """The reply to an echo call ``frame`` (unified or framed), answering ``text``."""
+    name, _, seqid, _ = decode_body(frame, Echo)
+    body = codec.encode_message(name, 2, seqid, Echo.echo_result(success=text))
+    if frame.head is None:
+        return protocol.encode_framed(body)
+    return protocol.encode_unified(protocol.response_header(frame.head.sequence_id), body)
+
+
 def unified_request(method: str, args: Any, seq: int, *, service: str = "Echo",
                     flags: int = protocol.DEFAULT_FLAGS, timeout_ms: int = 2000,
                     call_type: int = protocol.CallType.REPLY) -> bytes:
