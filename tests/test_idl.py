@@ -1,9 +1,13 @@
 """``load_idl``: one module per IDL file, whatever the file is called."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import octo_core
+
+from wire_helpers import CLIENT_APPKEY, SERVER_APPKEY, EchoHandler, echo_thrift
 
 
 def test_two_idl_files_of_one_name_are_two_modules(tmp_path):
@@ -149,3 +153,18 @@ def test_a_void_methods_exception_named_success_or_with_id_0_is_raised(tmp_path)
                     returned = await client.value()
                     assert isinstance(returned, module.Refused) and returned.why == "returned"
     run(main())
+
+
+@pytest.mark.parametrize("given, says", [
+    (echo_thrift, "octo_wire_echo_thrift is the IDL's module; give one of its services: "
+                  "octo_wire_echo_thrift.Calc, octo_wire_echo_thrift.Echo"),
+    (EchoHandler(), "expected a thriftpy2 service class"),
+    ("Echo", "not 'Echo'"),
+], ids=["the module", "a handler", "a name"])
+def test_what_is_no_service_class_is_refused_saying_what_to_give(given, says):
+    """Each went on to an AttributeError from inside (``thrift_services``,
+    ``__name__``) that did not say what was wrong."""
+    with pytest.raises(TypeError, match=re.escape(says)):
+        octo_core.AsyncClient(given, appkey=CLIENT_APPKEY, hosts=["127.0.0.1:1"])
+    with pytest.raises(TypeError, match=re.escape(says)):
+        octo_core.Server(SERVER_APPKEY).add_service(given, EchoHandler())

@@ -18,7 +18,7 @@ from octo_core.errors import TransportError
 from octo_core.registry.memory import MemoryRegistry
 from octo_core.server import NodeStatus
 
-from wire_helpers import (CLIENT_APPKEY, LOCALHOST, SERVER_APPKEY, Echo,  # noqa: F401
+from wire_helpers import (CLIENT_APPKEY, LOCALHOST, SERVER_APPKEY, Calc, Echo,  # noqa: F401
                           EchoHandler, run, sync_client, wait_until, wait_until_sync,
                           watchdog)
 
@@ -192,3 +192,22 @@ def test_name_lookups_that_hang_do_not_hold_up_registry_files():
             await asyncio.gather(*hung)
 
     run(main())
+
+
+def test_a_handler_class_given_for_an_instance_is_refused_when_added():
+    """Taken, each call failed in the handler (its method called unbound, the
+    request's first argument as self) with an ApplicationError at the caller."""
+    server = octo_core.Server(SERVER_APPKEY)
+    with pytest.raises(TypeError, match=r"handler EchoHandler is a class.*EchoHandler\(\)"):
+        server.add_service(Echo, EchoHandler)
+
+    class Static:   # a class whose methods need no instance serves as it is
+        @staticmethod
+        def add(a, b):
+            return a + b
+
+        @classmethod
+        def whoami(cls):
+            return cls.__name__
+
+    server.add_service(Calc, Static)

@@ -166,6 +166,7 @@ class AsyncClient:
         timeout = _seconds("timeout", timeout)
         connect_timeout = _seconds("connect_timeout", connect_timeout)
         _seconds("heartbeat_interval", heartbeat_interval or 1.0)   # 0/None: off
+        self._methods = idl.methods(service)   # (first: TypeError for what is no service)
         self.service = service
         self.appkey = appkey
         self.remote_appkey = remote_appkey or ""
@@ -197,7 +198,6 @@ class AsyncClient:
         # its thread (cheap), a closed client or another loop take the slow path.
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._loop_thread: Optional[int] = None
-        self._methods = idl.methods(service)
         # the service name the server dispatches by, if the wire carries one
         self._named_service = self.service_name if self.unified or multiplexed else None
         # the message name native thrift sends for each method

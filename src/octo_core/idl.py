@@ -60,8 +60,25 @@ class Method(NamedTuple):
     returns_value: bool                        # the result struct has `success`
 
 
+def check_service(service: Any) -> None:
+    """``TypeError`` unless ``service`` is a thriftpy2 service class (``echo_thrift.Echo``):
+    the module ``load_idl`` returns, a handler or a name are common slips."""
+    if isinstance(service, type) and hasattr(service, "thrift_services"):
+        return
+    if isinstance(service, ModuleType):
+        inside = sorted(name for name, value in vars(service).items()
+                        if isinstance(value, type) and hasattr(value, "thrift_services"))
+        raise TypeError(f"{service.__name__} is the IDL's module; give one of its services: "
+                        + (", ".join(f"{service.__name__}.{name}" for name in inside)
+                           or "(it declares none)"))
+    raise TypeError(f"expected a thriftpy2 service class (a service of the module load_idl "
+                    f"returns, such as echo_thrift.Echo), not {service!r}")
+
+
 def methods(service: Any) -> Dict[str, Method]:
-    """The method table of a thriftpy2 service class, by method name."""
+    """The method table of a thriftpy2 service class, by method name (``TypeError``
+    for anything else: see ``check_service``)."""
+    check_service(service)
     table = {}
     for name in service.thrift_services:
         args_cls = getattr(service, name + "_args")

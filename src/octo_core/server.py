@@ -360,18 +360,23 @@ class Server:
     # --- configuration -------------------------------------------------------------
 
     def add_service(self, service: Any, handler: Any, name: Optional[str] = None) -> None:
-        """Host ``service`` (a thriftpy2 service class) with ``handler``'s methods.
+        """Host ``service`` (a thriftpy2 service class, ``echo_thrift.Echo``) with the
+        methods of ``handler`` (an object, ``EchoHandler()``: each call calls its method).
 
         ``name`` is the unified protocol's ``serviceName``; it defaults to the
         IDL service name (``Echo``); set it to match a Java peer's class name.
         """
+        methods = idl.methods(service)   # (first: TypeError for what is no service)
         name = name or service.__name__
         if name in self._services:
             raise ValueError(f"a service named {name!r} is already added")
-        methods = idl.methods(service)
         missing = [m for m in methods if not callable(getattr(handler, m, None))]
         if missing:
             raise TypeError(f"handler for {name} lacks methods: {', '.join(missing)}")
+        if isinstance(handler, type) and any(
+                inspect.isfunction(inspect.getattr_static(handler, m)) for m in methods):
+            raise TypeError(f"handler {handler.__name__} is a class, whose methods need an "
+                            f"instance: add_service(..., {handler.__name__}())")
         handlers = {}
         for method in methods:
             fn = getattr(handler, method)
