@@ -6,6 +6,7 @@ import asyncio
 import gc
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -211,3 +212,32 @@ def test_a_handler_class_given_for_an_instance_is_refused_when_added():
             return cls.__name__
 
     server.add_service(Calc, Static)
+
+
+@pytest.mark.parametrize("host, port, error, says", [
+    (LOCALHOST, 70000, ValueError, "port 70000 is out of range"),
+    (LOCALHOST, -1, ValueError, "port -1 is out of range"),
+    (LOCALHOST, "9001", TypeError, "port is an int"),
+    ("127.0.0.1:9001", 0, ValueError, r"'127.0.0.1:9001' is not a host name.*port="),
+    ("[::1]", 0, ValueError, "without brackets"),
+    (None, 0, TypeError, "host is a string"),
+], ids=["port past 65535", "negative port", "port a string", "host with its port",
+        "bracketed IPv6", "no host"])
+def test_a_host_or_port_no_server_can_listen_on_is_refused_when_made(host, port, error, says):
+    """Port 70000 was bound as 4464 (modulo 65536), and "ip:port" was looked up as a
+    host name at start, failing with the resolver's "Name or service not known"."""
+    with pytest.raises(error, match=says):
+        octo_core.Server(SERVER_APPKEY, host=host, port=port)
+    octo_core.Server(SERVER_APPKEY, host="::1", port=65535)     # IPv6, as it is listened on
+    octo_core.Server(SERVER_APPKEY, host="unix:///tmp/octo.sock")
+
+
+def test_a_host_name_that_does_not_resolve_is_named_in_the_error(monkeypatch):
+    def unknown(host, *args):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unknown)
+    server = octo_core.Server(SERVER_APPKEY, host="no-such-host.invalid")
+    server.add_service(Echo, EchoHandler())
+    with pytest.raises(socket.gaierror, match="cannot resolve 'no-such-host.invalid'"):
+        run(server.start())

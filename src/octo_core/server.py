@@ -8,6 +8,7 @@ import contextvars
 import errno
 import functools
 import inspect
+import ipaddress
 import logging
 import os
 import signal
@@ -93,6 +94,25 @@ def _fd_connections() -> Optional[int]:
     if soft == resource.RLIM_INFINITY:
         return None
     return max(soft // 2, soft - max(soft // 8, _SPARE_FDS))
+
+
+def _check_listen_address(host: Any, port: Any) -> None:
+    """``TypeError`` or ``ValueError`` for a ``host`` or ``port`` a server cannot listen
+    on as meant: a port past 65535 would be bound modulo 65536, and ``"ip:port"``
+    looked up as a host name."""
+    if not isinstance(host, str):
+        raise TypeError(f"host is a string (a name, an IP address or unix:///path), not {host!r}")
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise TypeError(f"port is an int (0: a free port, chosen at start), not {port!r}")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range (0 to 65535; 0: a free port, chosen at "
+                         "start)")
+    if ":" in host and not host.startswith("unix://"):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"host {host!r} is not a host name or IP address (the port "
+                             "goes in port=; an IPv6 address, without brackets)") from None
 
 
 def _reachable_ip(wildcard: str) -> str:
@@ -215,7 +235,8 @@ class Server:
     """Hosts thrift services on one TCP port or unix socket.
 
     ``Server(appkey="com.example.echo", host="127.0.0.1", port=0)``; ``host`` may
-    also be ``"unix:///path/to.sock"``. The port speaks the unified protocol
+    also be ``"unix:///path/to.sock"``. Port 0 is a free port, picked by ``start()``:
+    ``port`` and ``address`` say which once it has run. The port speaks the unified protocol
     (the header's serviceName picks the service) and native thrift, framed or
     unframed: a method name is enough when one service has it, and
     ``"Service:method"`` (a multiplexed client's) picks the service by the name
@@ -302,6 +323,7 @@ class Server:
                              "pause_reading_at at least 2, and pause_reading_bytes, "
                              "max_in_flight_bytes and max_partial_bytes at least 1")
         protocol.FrameDecoder(max_frame_size)   # the reader's own check: ValueError when too small
+        _check_listen_address(host, port)
         self.appkey = appkey
         self.host = host
         self.port = port

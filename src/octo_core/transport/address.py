@@ -73,7 +73,11 @@ async def resolve(host: Optional[str], port: int, *, passive: bool = False) -> L
     except socket.gaierror:
         if not host:
             raise
-        infos = await LOOKUPS.run(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM, 0, flags)
+        try:
+            infos = await LOOKUPS.run(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM, 0,
+                                      flags)
+        except socket.gaierror as exc:   # the system's text does not say which name
+            raise socket.gaierror(exc.errno, f"cannot resolve {host!r}: {exc.strerror}") from None
     found: List[Tuple[int, Any]] = []
     for family, _, _, _, sockaddr in infos:
         if (family, sockaddr) not in found:
