@@ -590,11 +590,21 @@ def _declared(method: idl.Method, exc: BaseException) -> bool:
 
 
 def static_node(appkey: str, host: str) -> Node:
-    """A ``Node`` for an address given by hand (``host:port`` or ``unix:///path``)."""
+    """A ``Node`` for an address given by hand (``host:port`` or ``unix:///path``);
+    ``TypeError`` or ``ValueError`` for what no server can be at."""
+    if not isinstance(host, str):
+        raise TypeError(f"hosts holds addresses as strings, 'host:port' or 'unix:///path', "
+                        f"not {host!r}")
     address = parse_address(host)
     if address.path is not None:
         return Node(appkey=appkey, ip=host, port=0)
     assert address.host is not None and address.port is not None   # parse_address: no path
+    if "/" in address.host:   # "http://host:port": it would be looked up as a host name
+        raise ValueError(f"address {host!r} is not host:port or unix:///path")
+    if address.port == 0:
+        raise ValueError(f"address {host!r} has port 0, where no server listens: a "
+                         "Server(port=0) has its port once started (read server.address "
+                         "after await server.start(), or inside `with server`)")
     return Node(appkey=appkey, ip=address.host, port=address.port)
 
 
