@@ -110,3 +110,43 @@ def test_callback_methods_pass_every_argument_to_the_idl_method(client):
     assert client.cb(callback="by keyword") == "callback='by keyword'"
     with pytest.raises(TypeError, match="callback must be callable"):
         client.callback.cb(callback="not a function")
+
+
+def test_a_method_the_service_lacks_is_said_so_with_those_it_has(client):
+    """It was Python's bare "'Client' object has no attribute 'fnd'" ('_Mode' object
+    for client.future), which did not say the service has no such method."""
+    for owner in (client, client.future, client.callback):
+        with pytest.raises(AttributeError, match=r"object has no attribute 'fnd': Search has "
+                                                 r"no method 'fnd' \(its methods: find, cb, nap\)"):
+            owner.fnd("bob")
+        with pytest.raises(AttributeError) as private:   # no IDL method is meant there
+            owner._fnd
+        assert "Search" not in str(private.value)
+    assert not hasattr(client, "fnd") and hasattr(client, "find")
+
+
+@pytest.mark.parametrize("call, says", [
+    (lambda c: c.nap("a", "b"), r"^nap\(name\) takes 1 argument, 2 were given$"),
+    (lambda c: c.nap(nmae="a"), r"^nap\(name\) has no argument 'nmae'$"),
+    (lambda c: c.nap("a", timeout=1),
+     r"^nap\(name\) has no argument 'timeout'; a call's own deadline is "
+     r"client.call\('nap', \.\.\., timeout=seconds\)$"),
+    (lambda c: c.nap("a", name="b"), r"^nap\(name\): .*multiple values for argument 'name'"),
+], ids=["too many", "a misspelt keyword", "timeout", "twice"])
+def test_arguments_the_method_does_not_take_are_told_in_its_terms(client, call, says):
+    """The argument struct's own message named __init__() and counted its self
+    ("takes from 1 to 2 positional arguments but 3 were given")."""
+    with pytest.raises(TypeError, match=says):
+        call(client)
+
+    async def main():   # (refused before any connect: no server needed)
+        async with octo_core.AsyncClient(Search, appkey="c", hosts=["127.0.0.1:1"]) as c:
+            await call(c)
+    with pytest.raises(TypeError, match=says):
+        run(main())
+
+
+def test_a_callback_mode_call_without_its_callback_names_the_method(client):
+    with pytest.raises(TypeError, match=r"^Search.find\(\) missing 1 required keyword-only "
+                                        r"argument: 'callback'$"):
+        client.callback.find("bob")

@@ -296,7 +296,7 @@ class AsyncClient:
         try:
             request = method.args_cls(*args, **kwargs)
         except TypeError as exc:
-            raise TypeError(f"{method.name}: {exc}") from None
+            raise TypeError(_argument_error(method, args, kwargs, exc)) from None
         tags = _GLOBAL.get()     # global_context(), minus its frame
         key = (getattr(request, self._hash_arg, None) if self._hash_arg
                else tags.get(self._hash_header) if self._hash_header else None)
@@ -542,6 +542,11 @@ class AsyncClient:
     async def _shutdown(self) -> None:
         await _close_parts(*self._parts())
 
+    if not TYPE_CHECKING:   # (to mypy a name the class lacks stays an error)
+        def __getattr__(self, name: str) -> Any:
+            """Only for a name nothing else has: a method the IDL lacks is said so."""
+            raise _no_attribute(self, name, None if _own_name(name) else self)
+
     async def __aenter__(self) -> "AsyncClient":
         return self
 
@@ -566,6 +571,21 @@ def _binds(client: Any, name: str) -> bool:
         and not hasattr(type(client), name)
 
 
+def _own_name(name: str) -> bool:
+    """Is ``name`` one a client keeps for itself (private, or ``RESERVED_NAMES``)?"""
+    return name.startswith("_") or name in RESERVED_NAMES
+
+
+def _no_attribute(owner: Any, name: str, client: Optional[AsyncClient]) -> AttributeError:
+    """The error for ``owner.name`` that nothing has; with ``client``, it names the
+    methods of its service (an IDL method's name misspelt, most likely)."""
+    text = f"{type(owner).__name__!r} object has no attribute {name!r}"
+    if client is not None:
+        text += (f": {client.service.__name__} has no method {name!r} (its methods: "
+                 f"{', '.join(client._methods)})")
+    return AttributeError(text, name=name, obj=owner)
+
+
 def _seconds(name: str, seconds: Any) -> float:
     """``seconds``, at most the longest deadline the wire carries (about 24.8 days;
     so no arithmetic on it overflows); ``ValueError`` unless a positive, finite number."""
@@ -573,6 +593,23 @@ def _seconds(name: str, seconds: Any) -> float:
             or not 0 < seconds < math.inf:
         raise ValueError(f"{name} must be a positive, finite number of seconds, not {seconds!r}")
     return min(seconds, _MAX_TIMEOUT_MS / 1000)
+
+
+def _argument_error(method: idl.Method, args: tuple, kwargs: Dict[str, Any],
+                    exc: TypeError) -> str:
+    """What a call's arguments got wrong, said of the IDL method (the argument struct's
+    own message names ``__init__`` and counts its ``self`` among the arguments)."""
+    signature = f"{method.name}({', '.join(method.arg_names)})"
+    if len(args) > len(method.arg_names):
+        count = len(method.arg_names)
+        return f"{signature} takes {count} argument{'s' * (count != 1)}, {len(args)} were given"
+    unknown = [name for name in kwargs if name not in method.arg_names]
+    if unknown == ["timeout"]:
+        return (f"{signature} has no argument 'timeout'; a call's own deadline is "
+                f"client.call({method.name!r}, ..., timeout=seconds)")
+    if unknown:
+        return f"{signature} has no argument {', '.join(map(repr, unknown))}"
+    return f"{signature}: {exc}"
 
 
 def _application_exception(error: type, text: str, kind: int, method: idl.Method,
@@ -625,6 +662,7 @@ class _Mode:
     """
 
     def __init__(self, client: "Client", wrap: _Wrap) -> None:
+        self._async = client._async
         self._by_name = client._async._by_name
         self._wrap = wrap
         for name, method in client._async._methods.items():
@@ -634,6 +672,11 @@ class _Mode:
     def call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
         method, timeout = self._by_name(name, kwargs)
         return self._wrap(method, timeout)(*args, **kwargs)
+
+    if not TYPE_CHECKING:
+        def __getattr__(self, name: str) -> Any:
+            """Only for a name nothing else has: a method the IDL lacks is said so."""
+            raise _no_attribute(self, name, None if _own_name(name) else self._async)
 
 
 class Client:
@@ -795,6 +838,8 @@ class Client:
             future.add_done_callback(lambda f: callback(_outcome(f)))
             return future
         call.__name__ = method.name
+        # what a call without callback= is told it misses
+        call.__qualname__ = f"{self.service.__name__}.{method.name}"
         return call
 
     def close(self) -> None:
@@ -825,6 +870,11 @@ class Client:
             else:   # no second wait for a stuck thread: it stops once it has closed the
                 # client (a stop now would refuse the closing still queued)
                 closing.add_done_callback(lambda _: self._thread.stop())
+
+    if not TYPE_CHECKING:
+        def __getattr__(self, name: str) -> Any:
+            """Only for a name nothing else has: a method the IDL lacks is said so."""
+            raise _no_attribute(self, name, None if _own_name(name) else self._async)
 
     def __enter__(self) -> "Client":
         return self
