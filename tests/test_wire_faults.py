@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import struct
@@ -852,6 +853,21 @@ def test_connect_failure_names_the_method_and_node():
                 assert info.value.method == method, f"{info.value!r} has method {info.value.method!r}"
 
         run(main())
+
+
+@pytest.mark.parametrize("make_loop", [asyncio.new_event_loop, new_event_loop],
+                         ids=["asyncio", "uvloop"])
+def test_a_refused_connect_says_why_in_the_systems_words(make_loop):
+    """On asyncio's own loop (asyncio.run, as in the README's tour) the reason was
+    asyncio's text, which names only the address: "Connect call failed ('127.0.0.1', 41234)"."""
+    with refusing_port() as sock:
+        async def main():
+            async with async_client(Echo, f"{LOCALHOST}:{sock.getsockname()[1]}") as client:
+                with pytest.raises(TransportError) as refused:
+                    await client.echo("x")
+            return refused.value
+        error = run_on(make_loop, main())
+    assert error.message == f"cannot connect: {os.strerror(errno.ECONNREFUSED)}"
 
 
 def test_cancelling_a_call_while_it_connects_does_not_poison_the_endpoint():

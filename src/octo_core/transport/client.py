@@ -7,6 +7,7 @@ import functools
 import heapq
 import itertools
 import logging
+import os
 import ssl as _ssl
 import random
 import time
@@ -357,6 +358,14 @@ def _outcome_seen(task: asyncio.Task) -> None:
         task.exception()
 
 
+def _why(exc: OSError) -> str:
+    """Why a connect failed, in the system's words ("Connection refused"): asyncio's
+    own text ("Connect call failed ('127.0.0.1', 9001)") names only the address."""
+    if exc.errno and (type(exc) is OSError or isinstance(exc, ConnectionError)):
+        return os.strerror(exc.errno)   # (not a lookup's or TLS's: their codes are their own)
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
 class Endpoint:
     """The connections to one node: opens them on demand, reconnects with backoff.
 
@@ -523,8 +532,8 @@ class Endpoint:
             raise TransportError(f"connect timed out after {self.connect_timeout:.3g}s",
                                  node=self.node, request_sent=False) from None
         except OSError as exc:
-            raise TransportError(f"cannot connect: {exc.strerror or exc or type(exc).__name__}",
-                                 node=self.node, request_sent=False) from None
+            raise TransportError(f"cannot connect: {_why(exc)}", node=self.node,
+                                 request_sent=False) from None
         return conn
 
     @property
