@@ -13,7 +13,7 @@ from typing import Any, AsyncIterator, List
 import pytest
 
 import octo_core
-from octo_core.cluster.routing import RouteRule
+from octo_core.cluster.routing import NoRouteError, RouteRule
 from octo_core.errors import TransportError
 from octo_core.registry import Node, RegistryError, Watch
 from octo_core.registry.base import WatchCallback
@@ -258,4 +258,21 @@ def test_nodes_that_do_not_serve_the_service_are_not_called():
                                                  timeout=2, **options) as client:
                     assert await client.echo("x") == "x"
                     assert {n.key for n in client._cluster.router.nodes} == reachable
+    run(main())
+
+
+def test_a_registry_listing_no_node_of_the_callee_says_so_and_names_the_method():
+    """It said only "no node is available for this call": neither the method (every
+    error names it) nor the appkey looked for, misspelt most often."""
+    async def main():
+        async with OutageRegistry() as registry:
+            registry.down = False
+            await registry.register(Node(APPKEY, "127.0.0.2", 1,
+                                         serviceInfo={"Calc": {"unifiedProto": 1}}))
+            async with octo_core.AsyncClient(Echo, appkey="com.example.caller",
+                                             remote_appkey=APPKEY, registry=registry) as client:
+                with pytest.raises(NoRouteError) as refused:
+                    await client.echo("x")
+        assert str(refused.value) == ("no node is available for this call: the registry lists "
+                                      f"no node of {APPKEY!r} serving Echo (method echo)")
     run(main())

@@ -19,7 +19,7 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 from octo_core import _codec, idl, protocol
 from octo_core.cluster.breaker import RetryBudget
 from octo_core.cluster.invoker import Cluster
-from octo_core.cluster.routing import Caller, RouteRule, Router
+from octo_core.cluster.routing import Caller, NoRouteError, RouteRule, Router
 from octo_core.afterfork import tell_forked_children
 from octo_core.auth import Signer
 from octo_core.codec import Limits
@@ -315,6 +315,10 @@ class AsyncClient:
                 key=None if key is None else str(key))
         except OctoError as exc:
             status = exc.status
+            exc.method = exc.method or method.name   # (a NoRouteError knows no method)
+            if isinstance(exc, NoRouteError) and self._listed == set():   # a misspelt appkey?
+                exc.message += (f": the registry lists no node of {self.remote_appkey!r} "
+                                f"serving {self.service_name}")
             raise
         except Exception as exc:
             status = Status.SUCCESS if _declared(method, exc) else Status.REMOTE_EXCEPTION
