@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 import uuid
 from typing import AsyncIterator, List
 
 import pytest
 
-from octo_core import health, protocol
+from octo_core import cli, health, protocol
 from octo_core.health import Scanner
 from octo_core.protocol import FrameDecoder, HeartbeatInfo, MessageType, NodeStatus
 from octo_core.registry import HeartbeatSupport, Node
@@ -341,3 +342,12 @@ def test_main_refuses_bad_arguments_with_a_usage_error(argv, capsys):
         health.main(["--registry", "memory://x", "--appkey", APPKEY, "--once", *argv])
     assert exc.value.code == 2
     assert argv[0] in capsys.readouterr().err   # the message names the option
+
+
+def test_the_scanner_help_offers_only_registries_it_can_scan():
+    """It offered memory://name, which ``octo scanner`` refuses: a memory registry
+    lives in one process, and the scanner's own would hold no node."""
+    registry = next(action for action in health.build_parser()._actions
+                    if action.dest == "registry")
+    assert re.findall(r"\w+://", registry.help.split(" (")[0]) == ["file://", "zk://"]
+    assert cli._registry_problem("memory://x", once=False)

@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="octo scanner",
         description="Probe provider nodes and write their status back to the registry.")
     parser.add_argument("--registry", required=True, metavar="URL",
-                        help="memory://name, file:///dir or zk://host:port[,host:port]/chroot")
+                        help="file:///dir or zk://host:port[,host:port][/chroot] (a memory:// "
+                             "registry lives in one process: the scanner's would be empty)")
     parser.add_argument("--appkey", action="append", required=True, dest="appkeys",
                         metavar="APPKEY", type=_option(lambda text: check_name(text, "appkey")),
                         help="an appkey to scan (repeat for more)")
