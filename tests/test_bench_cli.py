@@ -98,6 +98,8 @@ def test_bench_target_help_lists_its_options(target: str, options: List[str],
         assert f"  {option} " in out, option
     if target == "rpc":          # the rpc benchmark's server-child options stay hidden
         assert "--serve" not in out
+    else:                        # (its --rounds said what it is to rpc too)
+        assert "rpc" not in out
 
 
 def test_octo_bench_rpc_and_the_rpc_module_list_the_same_options(

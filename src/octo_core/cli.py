@@ -55,18 +55,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _timing_options() -> argparse.ArgumentParser:
-    """``--seconds`` and ``--rounds``: ``octo bench``'s, and the codec benchmark's."""
+#: What ``--rounds`` is to each benchmark (``octo bench``, before a target, says both).
+_CODEC_ROUNDS = ("interleaved rounds per row, the best is kept (default: one per 20 ms of "
+                 "--seconds, at least 5)")
+_RPC_ROUNDS = "measurements of the whole matrix, the median is kept (default: 1)"
+
+
+def _timing_options(rounds: str = f"codec: {_CODEC_ROUNDS}; rpc: {_RPC_ROUNDS}"
+                    ) -> argparse.ArgumentParser:
+    """``--seconds`` and ``--rounds`` (its help: ``rounds``): ``octo bench``'s, and the
+    codec benchmark's."""
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--seconds", type=_positive_float, default=DEFAULT_SECONDS, metavar="S",
                         help=f"timing budget per measured row, in seconds "
                              f"(default: {DEFAULT_SECONDS:g})")
-    parser.add_argument("--rounds", type=_positive_int, default=None, metavar="N",
-                        help="codec: interleaved rounds per row, the best is kept "
-                             "(default: one per 20 ms of --seconds, at least 5); rpc: "
-                             "measurements of the whole matrix, the median is kept "
-                             "(default: 1)")
+    parser.add_argument("--rounds", type=_positive_int, default=None, metavar="N", help=rounds)
     return parser
+
+
+def _codec_options() -> argparse.ArgumentParser:
+    return _timing_options(_CODEC_ROUNDS)
 
 
 def _rpc_options() -> argparse.ArgumentParser:
@@ -101,7 +109,7 @@ class Benchmark(NamedTuple):
 
 BENCHMARKS: Dict[str, Benchmark] = {
     "codec": Benchmark("thrift binary encode/decode: octo_core vs thriftpy2 and Apache "
-                       "fastbinary", _bench_codec, _timing_options),
+                       "fastbinary", _bench_codec, _codec_options),
     "rpc": Benchmark("echo calls on loopback, server in its own process: octo_core vs "
                      "thriftpy2, grpcio and a raw uvloop echo", _bench_rpc, _rpc_options),
 }
