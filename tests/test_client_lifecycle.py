@@ -622,16 +622,18 @@ def test_nonsense_seconds_are_refused_when_the_client_is_made(option, value):
     (dict(hosts=[("127.0.0.1", 1)]), TypeError, "hosts holds addresses as strings"),
     (dict(hosts=["http://127.0.0.1:1"]), ValueError, "not host:port"),
     (dict(hosts=["127.0.0.1:0"]), ValueError, r"port 0.*await server.start\(\)"),
+    (dict(limits={"max_depth": 8}), TypeError, "limits is an octo_core.codec.Limits"),
 ], ids=["unknown lb", "hosts a string", "idempotent a string", "idempotent a typo",
         "hash_arg no argument", "two hash keys", "hosts a tuple", "hosts a URL",
-        "hosts port 0"])
+        "hosts port 0", "limits a dict"])
 def test_misread_options_are_refused_when_the_client_is_made(options, error, says):
     """Each of these was taken quietly: a string's characters as host names or
     method names (hedging then never applied), an unknown balancer refused only
     at the first call, a hash argument that no call has. An address as a tuple
     failed deep inside ('tuple' object has no attribute 'startswith'), a URL's
     scheme was looked up as part of a host name, and port 0 (a Server(port=0)'s
-    address read before its start) failed each call to connect."""
+    address read before its start) failed each call to connect. A dict for limits
+    failed inside ('dict' object has no attribute 'max_depth')."""
     arguments = dict(appkey="com.example.caller", hosts=["127.0.0.1:1"])
     arguments.update(options)
     with pytest.raises(error, match=says):

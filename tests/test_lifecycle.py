@@ -241,3 +241,19 @@ def test_a_host_name_that_does_not_resolve_is_named_in_the_error(monkeypatch):
     server.add_service(Echo, EchoHandler())
     with pytest.raises(socket.gaierror, match="cannot resolve 'no-such-host.invalid'"):
         run(server.start())
+
+
+@pytest.mark.parametrize("options, error, says", [
+    (dict(auth={CLIENT_APPKEY: "token"}), TypeError, r"auth is an octo_core.auth.Authenticator"),
+    (dict(limits={"max_depth": 8}), TypeError, r"limits is an octo_core.codec.Limits"),
+    (dict(quotas={"*": 0}), ValueError, r"quotas\['\*'\] must be a positive"),
+    (dict(quotas={CLIENT_APPKEY: -1}), ValueError, "must be a positive"),
+    (dict(quotas={"*": float("nan")}), ValueError, "must be a positive"),
+], ids=["auth a token dict", "limits a dict", "quota 0", "quota negative", "quota NaN"])
+def test_server_options_of_the_wrong_kind_are_refused_when_made(options, error, says):
+    """A token dict for auth failed every connection as it was made (an
+    AttributeError logged by the loop, the call refused with status 7); a dict for
+    limits closed every connection unanswered; a quota of 0 or less let one call
+    through, then none."""
+    with pytest.raises(error, match=says):
+        octo_core.Server(SERVER_APPKEY, **options)

@@ -22,7 +22,7 @@ from octo_core.cluster.invoker import Cluster
 from octo_core.cluster.routing import Caller, NoRouteError, RouteRule, Router
 from octo_core.afterfork import tell_forked_children
 from octo_core.auth import Signer
-from octo_core.codec import Limits
+from octo_core.codec import Limits, _check_limits
 from octo_core.context import _GLOBAL, _HOOKS, Span, _span_started, child_span
 from octo_core.metrics import Metrics
 from octo_core.errors import (ApplicationError, CallTimeout, DecodeError, DegradeError,
@@ -163,6 +163,7 @@ class AsyncClient:
         if compression not in _COMPRESSION_FLAGS:
             raise ValueError("compression must be None, 'gzip' or 'snappy'")
         FrameDecoder(max_frame_size)   # the reader's own check: ValueError when too small
+        _check_limits(limits)
         timeout = _seconds("timeout", timeout)
         connect_timeout = _seconds("connect_timeout", connect_timeout)
         _seconds("heartbeat_interval", heartbeat_interval or 1.0)   # 0/None: off

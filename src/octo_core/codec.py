@@ -22,6 +22,13 @@ __all__ = ["Limits", "TMessageType", "encode", "decode", "encode_message", "deco
            "message_class"]
 
 
+def _check_limits(limits: Any) -> None:
+    """``TypeError`` unless ``limits`` is None or a ``Limits`` (a ``Server``'s or a
+    client's option: a dict of them failed only once a connection read with them)."""
+    if limits is not None and not isinstance(limits, Limits):
+        raise TypeError(f"limits is an octo_core.codec.Limits(max_depth=..., ...), not {limits!r}")
+
+
 def message_class(service: Any, name: str, msg_type: int) -> type:
     """The struct class a ``msg_type`` message for method ``name`` of ``service`` carries.
 

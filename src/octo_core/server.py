@@ -10,6 +10,7 @@ import functools
 import inspect
 import ipaddress
 import logging
+import math
 import os
 import signal
 import socket
@@ -27,7 +28,7 @@ from octo_core.afterfork import release_in_child, tell_forked_children
 from octo_core.auth import Authenticator
 from octo_core.blocking import LOOKUPS
 from octo_core.business import BusinessPool
-from octo_core.codec import Limits
+from octo_core.codec import Limits, _check_limits
 from octo_core.errors import DecodeError, EncodeError, SecurityError, Status
 from octo_core.metrics import Metrics, MethodStats, prometheus_text
 from octo_core.protocol import Frame, MessageType, NodeStatus
@@ -324,6 +325,9 @@ class Server:
                              "max_in_flight_bytes and max_partial_bytes at least 1")
         protocol.FrameDecoder(max_frame_size)   # the reader's own check: ValueError when too small
         _check_listen_address(host, port)
+        _check_limits(limits)
+        if auth is not None and not isinstance(auth, Authenticator):   # (a token dict, say)
+            raise TypeError(f"auth is an octo_core.auth.Authenticator(tokens, ...), not {auth!r}")
         self.appkey = appkey
         self.host = host
         self.port = port
@@ -1041,6 +1045,11 @@ class Quotas:
     """
 
     def __init__(self, rates: Mapping[str, float], max_callers: int = 100_000) -> None:
+        for caller, rate in rates.items():   # (0 or less let one call through, then none)
+            if isinstance(rate, bool) or not isinstance(rate, (int, float)) \
+                    or not 0 < rate < math.inf:
+                raise ValueError(f"quotas[{caller!r}] must be a positive, finite number of "
+                                 f"calls per second, not {rate!r}")
         self.rates = dict(rates)
         self.max_callers = max_callers
         self._buckets: Dict[str, List[float]] = {}   # appkey -> [tokens, last refill]
