@@ -15,6 +15,7 @@ import pytest
 import thriftpy2
 
 import octo_core
+from octo_core.client import AsyncClient
 from octo_core.errors import CallTimeout
 
 from wire_helpers import run, serving, serving_in_thread, watchdog  # noqa: F401  (fixture)
@@ -123,6 +124,9 @@ def test_a_method_the_service_lacks_is_said_so_with_those_it_has(client):
             owner._fnd
         assert "Search" not in str(private.value)
     assert not hasattr(client, "fnd") and hasattr(client, "find")
+    # one not made through __init__ (its service unset) names what was asked for
+    with pytest.raises(AttributeError, match=r"^'AsyncClient' object has no attribute 'fnd'$"):
+        object.__new__(AsyncClient).fnd
 
 
 @pytest.mark.parametrize("call, says", [

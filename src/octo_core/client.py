@@ -586,8 +586,13 @@ def _no_attribute(owner: Any, name: str, client: Optional[AsyncClient]) -> Attri
     methods of its service (an IDL method's name misspelt, most likely)."""
     text = f"{type(owner).__name__!r} object has no attribute {name!r}"
     if client is not None:
-        text += (f": {client.service.__name__} has no method {name!r} (its methods: "
-                 f"{', '.join(client._methods)})")
+        try:   # (not client.service: on a client half made, that would come back here)
+            service = object.__getattribute__(client, "service")
+            methods = object.__getattribute__(client, "_methods")
+        except AttributeError:
+            return AttributeError(text, name=name, obj=owner)
+        text += (f": {service.__name__} has no method {name!r} (its methods: "
+                 f"{', '.join(methods)})")
     return AttributeError(text, name=name, obj=owner)
 
 
