@@ -1,4 +1,4 @@
-"""Request signing and access control (shared/PROTOCOL.md §6).
+"""Request signing and access control (PROTOCOL.md §6).
 
 Unit level: every signature octo_core makes equals Python's ``hmac`` over the
 exact §6 string; token stores; ``Authenticator.check`` accepts a good request

@@ -1,4 +1,4 @@
-"""The unified frame and native framed thrift, sans-IO (shared/PROTOCOL.md §1–§4).
+"""The unified frame and native framed thrift, sans-IO (PROTOCOL.md §1–§4).
 
 Bytes are checked against independent oracles: the layout written out by hand
 with ``struct``, ``zlib.adler32`` for the checksum, Python's ``gzip`` module,

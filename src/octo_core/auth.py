@@ -1,4 +1,4 @@
-"""Signed requests and access control (shared/PROTOCOL.md §6).
+"""Signed requests and access control (PROTOCOL.md §6).
 
 Clients sign with their appkey's token (``Signer``); servers check a request in
 the order of OCTO's SecurityFilter — restrict (peer IP), authenticate

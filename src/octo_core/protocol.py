@@ -1,4 +1,4 @@
-"""The OCTO unified protocol and native framed thrift, sans-IO (shared/PROTOCOL.md).
+"""The OCTO unified protocol and native framed thrift, sans-IO (PROTOCOL.md).
 
 Bytes in, ``Frame`` objects out, and back: no sockets, no asyncio. The framing
 and the header codec are C (``_codec``); this module adds the header objects,

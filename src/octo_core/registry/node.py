@@ -1,6 +1,6 @@
 """``Node``: one provider ``ip:port`` of an appkey, as the OCTO naming service describes it.
 
-JSON keys are those of the reference ZooKeeper layout (shared/PROTOCOL.md §5),
+JSON keys are those of the reference ZooKeeper layout (PROTOCOL.md §5),
 plus octo_core's ``cell``, ``swimlane``, ``idc`` and ``region``.
 """
 from __future__ import annotations
