@@ -1,21 +1,24 @@
 """CPU instructions per RPC call, counted by valgrind's callgrind.
 
-Run with (about a minute per setting; needs ``valgrind``)::
+Run with (about two minutes per setting; needs ``valgrind``)::
 
     python benchmarks/bench_instructions.py                 # 64 calls in flight
     python benchmarks/bench_instructions.py --in-flight 1
     python benchmarks/bench_instructions.py --system octo --system codec-only
 
 Wall-clock figures on a shared VM move by tens of percent between runs; an
-instruction count does not (the same binary and inputs give the same total), so
-this is the yardstick for comparing two versions of octo_core's own call path.
+instruction count barely moves (below), so this is the yardstick for comparing two versions of octo_core's own call path.
 It is not a comparison with the peers (``bench_rpc.py`` is): client and server
 share one process and one uvloop loop, and the count includes both sides.
 
 Method: the same echo workload (``octo_core.bench.rpc``'s ``Echo`` and
 coroutine handler, a 10-byte message) runs once with one measured round and once
-with two; the difference, divided by the calls in a round, is the cost of one
-call with start-up, warm-up and shutdown cancelled out.
+with ``--rounds`` (default 5); the difference, divided by the calls in the extra
+rounds, is the cost of one call with start-up, warm-up and shutdown cancelled
+out. Not 1 and 2 rounds: on a loaded machine two runs of the same tree differed
+by up to ten million instructions (presumably what timers find to do, as load
+stretches a run's wall-clock time), which over one round's 3,200 calls moved
+the figure by up to 3,000; four extra rounds divide that by four.
 """
 from __future__ import annotations
 
@@ -99,10 +102,14 @@ def main(argv=None) -> int:
     parser.add_argument("--system", choices=list(SYSTEMS), action="append",
                         help="octo (default) and/or codec-only (bench_rpc's floor: the "
                              "protocol with nothing but the C codec); may be repeated")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="measured rounds of the longer run (default 5; at least 2)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not 1 <= args.in_flight <= CALLS_PER_ROUND:
         parser.error(f"--in-flight must be between 1 and {CALLS_PER_ROUND}")
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2")
     if args.child is not None:
         from octo_core.transport.loop import new_event_loop
 
@@ -115,9 +122,9 @@ def main(argv=None) -> int:
     calls = (CALLS_PER_ROUND // args.in_flight) * args.in_flight
     for system in args.system or ["octo"]:
         one = _instructions(system, 1, args.in_flight)
-        two = _instructions(system, 2, args.in_flight)
+        more = _instructions(system, args.rounds, args.in_flight)
         print(f"{system} echo, {args.in_flight} in flight, client and server in one process: "
-              f"{(two - one) / calls:,.0f} instructions per call (both sides)")
+              f"{(more - one) / ((args.rounds - 1) * calls):,.0f} instructions per call (both sides)")
     return 0
 
 
