@@ -460,6 +460,21 @@ def test_retry_budget_ratio_and_floor():
     assert sum(budget.try_retry() for _ in range(50)) == 20
 
 
+def test_retry_budget_window_moves_on_second_by_second():
+    """Requests count in the second they came in, and leave the window with it,
+    however the clock moves within and across seconds."""
+    clock = FakeClock(1000.25)
+    budget = RetryBudget(ratio=1.0, min_per_second=0, window=3, clock=clock)
+    for step in (0.0, 0.5, 0.25, 0.5, 1.75):         # seconds 1000, 1000, 1001, 1001, 1003
+        clock.advance(step)
+        for _ in range(10):
+            budget.record_request()
+    clock.advance(0.5)                                 # 1003.75: 1001 and 1003 are in the window
+    assert sum(budget.try_retry() for _ in range(50)) == 30
+    clock.advance(1.0)                                 # 1004.75: only 1003 is left
+    assert sum(budget.try_retry() for _ in range(50)) == 0   # its 10 requests, 30 retries
+
+
 def test_retry_budget_keeps_a_total_outage_from_multiplying_calls():
     async def main():
         clock = FakeClock()

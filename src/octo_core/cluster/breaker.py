@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import random
 import time
 from typing import Callable, Optional
@@ -21,22 +22,32 @@ _CLOSED, _OPEN, _HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerStat
 class _Window:
     """Counts per one-second bucket over the last ``seconds`` seconds: O(1) to add to."""
 
-    __slots__ = ("size", "buckets", "second")
+    __slots__ = ("size", "buckets", "second", "_current", "_start", "_end")
 
     def __init__(self, seconds: int, fields: int) -> None:
         self.size = max(1, seconds)
         self.buckets = [[0] * fields for _ in range(self.size)]
         self.second = 0
+        # the current second's bucket, and when that second starts and ends (as floats:
+        # a float compares with a float faster than with an int)
+        self._current = self.buckets[0]
+        self._start, self._end = 0.0, 1.0
 
     def slot(self, now: float) -> list:
-        second = int(now)
+        # Within the current second, two float compares: every call's path counts here
+        # twice (budget, breaker), and int(now) and the modulo cost more than the rest.
+        if self._start <= now < self._end:
+            return self._current
+        second = math.floor(now)   # (floor, not int: each bucket is one second, 0 too)
         if second != self.second:
             for past in range(max(self.second + 1, second - self.size + 1), second + 1):
                 bucket = self.buckets[past % self.size]
                 for i in range(len(bucket)):
                     bucket[i] = 0
             self.second = second
-        return self.buckets[second % self.size]
+        self._current = self.buckets[second % self.size]
+        self._start, self._end = float(second), second + 1.0
+        return self._current
 
     def total(self, field: int) -> int:
         return sum(bucket[field] for bucket in self.buckets)
