@@ -46,7 +46,7 @@ from typing import (AbstractSet, Any, Awaitable, Callable, Dict, FrozenSet, List
 
 from octo_core.cluster.balancer import make_balancer
 from octo_core.cluster.breaker import BreakerState, CircuitBreaker, RetryBudget
-from octo_core.cluster.routing import NoRouteError, RouteRule, Router, Weighted
+from octo_core.cluster.routing import _NO_TAGS, NoRouteError, RouteRule, Router, Weighted
 from octo_core.errors import (CallTimeout, DegradeError, EncodeError, OctoError, ProtocolError,
                               RpcError, ServiceError, TransportError)
 from octo_core.registry.node import Node
@@ -235,14 +235,17 @@ class Cluster:
     def select(self, tags: Mapping[str, str], key: Any,
                tried: AbstractSet[str]) -> Tuple[Node, Any]:
         """A node for the next attempt, and the balancer that chose it."""
-        tag_key = self.router.tag_key(tags)
-        routed = self.router.route_for(tag_key)
+        router = self.router
+        tag_key = router.tag_key(tags) if tags else _NO_TAGS   # (most calls carry no tags)
+        routed = router.route_for(tag_key)
         if not routed.nodes:
             raise NoRouteError("no node is available for this call")
         # (no call at all while every node is healthy: this is every call's path)
         excluded = self._excluded(tried) if self._unhealthy or self._degraded else tried
-        balancer = self._balancer(tag_key, routed)
-        node = balancer.select(key=key, exclude=excluded or None)
+        entry = self._balancers.get(tag_key)
+        balancer = (entry[1] if entry is not None and entry[0] is routed   # (as _balancer: the
+                    else self._balancer(tag_key, routed))                  # usual case inline)
+        node = balancer.select(key, excluded or None)
         if node is None:
             return self._select_further(tag_key, routed, key, tried, excluded)
         return node, balancer

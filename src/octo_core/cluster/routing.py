@@ -206,7 +206,6 @@ class Router:
 
     def route_for(self, tag_key: Tuple[str, str]) -> Weighted:
         """``route`` for tags already reduced by ``tag_key``."""
-        liteset, lane = tag_key
         # While a node warms up its weight changes: the answers are redone each second.
         if self._warm_until:
             tick = int(time.time())
@@ -215,10 +214,9 @@ class Router:
             if tick != self._tick:
                 self._tick = tick
                 self._cache.clear()
-        key = tag_key
-        hit = self._cache.get(key)
+        hit = self._cache.get(tag_key)
         if hit is None:
-            hit = self._cache[key] = self._route(liteset, lane)
+            hit = self._cache[tag_key] = self._route(*tag_key)
         return hit
 
     def _route(self, liteset: str, lane: str) -> Weighted:
