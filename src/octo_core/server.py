@@ -154,23 +154,6 @@ class _DeadlinePassed(Exception):
     """The caller's deadline passed before the handler could start."""
 
 
-class _Call:
-    """One accepted request on its way through the server."""
-
-    __slots__ = ("method", "service", "reply", "seqid", "stats", "started", "span_ends", "size")
-
-    def __init__(self, service: _Service, method: idl.Method, reply: "_Reply", seqid: int,
-                 stats: MethodStats, started: float, size: int) -> None:
-        self.size = size    # request bytes it holds, its arguments' objects too (flow control)
-        self.service = service
-        self.method = method
-        self.reply = reply
-        self.seqid = seqid
-        self.stats = stats
-        self.started = started
-        self.span_ends: Optional[list] = None
-
-
 def _describe(exc: BaseException) -> str:
     """``"Type: message"``; only the type when the exception's ``__str__`` itself fails."""
     try:
@@ -233,6 +216,24 @@ class _Reply:
             kind = (TApplicationException.PROTOCOL_ERROR if status == Status.PROTOCOL_EXCEPTION
                     else TApplicationException.INTERNAL_ERROR)
             self.app_exception(name, seqid, kind, text, status)
+
+
+class _Call(_Reply):
+    """A request from its frame to its answer: how to answer it, and once it is
+    admitted, what it runs and holds. (One object per request, made as its frame
+    is dispatched, the call's fields set by ``admit``: every call's path.)"""
+
+    __slots__ = ("method", "service", "seqid", "stats", "started", "span_ends", "size")
+
+    def admit(self, service: _Service, method: idl.Method, seqid: int, stats: MethodStats,
+              started: float, size: int) -> None:
+        self.size = size    # request bytes it holds, its arguments' objects too (flow control)
+        self.service = service
+        self.method = method
+        self.seqid = seqid
+        self.stats = stats
+        self.started = started
+        self.span_ends: Optional[list] = None
 
 
 #: Refusals of native oneway calls (a peer calling a method this port lacks, or
@@ -749,7 +750,7 @@ class Server:
             conn.reject(protocol.ProtocolError("a response frame was sent to the server"))
             return
         conn.unified_peer = True     # (told before a close: see _notify_closing)
-        reply = _Reply(conn, frame.flags & protocol.MIRRORED_FLAGS, head.sequence_id, True)
+        reply = _Call(conn, frame.flags & protocol.MIRRORED_FLAGS, head.sequence_id, True)
         if head.message_type in _HEARTBEATS:
             self._heartbeat(reply, head.message_type)
             return
@@ -769,7 +770,7 @@ class Server:
         self._call(service, reply, frame.body, begin, deadline, head)
 
     def _native(self, conn: ServerConnection, frame: Frame) -> None:
-        reply = _Reply(conn, frame.flags, 0, False)   # flags: framed (0) or UNFRAMED
+        reply = _Call(conn, frame.flags, 0, False)   # flags: framed (0) or UNFRAMED
         try:
             begin = _codec.decode_message_begin(frame.body, self.limits)
         except DecodeError as exc:   # no header to answer by: this stream cannot be trusted
@@ -863,20 +864,20 @@ class Server:
             return Status.DEGRADE_EXCEPTION, f"quota exceeded for caller {caller or '(anonymous)'}"
         return None
 
-    def _call(self, service: _Service, reply: _Reply, body: Any, begin: tuple,
+    def _call(self, service: _Service, call: _Call, body: Any, begin: tuple,
               deadline: Optional[float], head: Optional[_codec.Head]) -> None:
         """Admit, decode and start one request; ``begin`` is its decoded message header."""
         name, _, seqid, offset = begin
         method = service.methods.get(name)
-        if method is not None and method.oneway and not reply.unified:
-            reply.silent = True   # (thriftpy2 sends oneway calls as CALL): no reply, even a refusal
-        refusal = self._admission(service, name, reply, head, body)
+        if method is not None and method.oneway and not call.unified:
+            call.silent = True   # (thriftpy2 sends oneway calls as CALL): no reply, even a refusal
+        refusal = self._admission(service, name, call, head, body)
         if refusal is not None:
             self.metrics.refused(service.name, name if method is not None else UNKNOWN, refusal[0])
-            reply.refuse(*refusal, name, seqid)
+            call.refuse(*refusal, name, seqid)
             return
         if method is None:
-            self._unknown(reply, service.name, name, seqid,
+            self._unknown(call, service.name, name, seqid,
                           f"service {service.name} has no method {name!r}")
             return
         try:
@@ -884,24 +885,24 @@ class Server:
                                                        self.limits)
         except DecodeError as exc:
             self.metrics.refused(service.name, name, Status.PROTOCOL_EXCEPTION)
-            reply.refuse(Status.PROTOCOL_EXCEPTION, f"{service.name}.{name}: bad arguments: {exc}",
-                         name, seqid)
+            call.refuse(Status.PROTOCOL_EXCEPTION, f"{service.name}.{name}: bad arguments: {exc}",
+                        name, seqid)
             return
         fn, is_coroutine, argv_of = service.handlers[name]
         if not is_coroutine:
             why = None
             if self._business_pending >= self._business_limit:
                 why = f"{self.appkey} is overloaded: business queue full"
-            elif reply.conn.pooled >= self._business_share:
+            elif call.conn.pooled >= self._business_share:
                 why = (f"{self.appkey} is overloaded: this connection holds its share of the "
                        f"business queue ({self._business_share} calls)")
             if why is not None:
                 self.metrics.refused(service.name, name, Status.RPC_EXCEPTION)
-                reply.refuse(Status.RPC_EXCEPTION, why, name, seqid)
+                call.refuse(Status.RPC_EXCEPTION, why, name, seqid)
                 return
-        call = _Call(service, method, reply, seqid, self.metrics.started(service.name, name),
-                     time.monotonic(), len(body) + objects * OBJECT_BYTES)
-        reply.conn.call_started(not is_coroutine, call.size)
+        call.admit(service, method, seqid, self.metrics.started(service.name, name),
+                   time.monotonic(), len(body) + objects * OBJECT_BYTES)
+        call.conn.call_started(not is_coroutine, call.size)
         self._in_flight += 1
         self._in_flight_bytes += call.size
         argv = argv_of(args)
@@ -953,7 +954,7 @@ class Server:
     def _sync_done(self, call: _Call, future: concurrent.futures.Future,
                    context: contextvars.Context) -> None:
         self._business_pending -= 1
-        call.reply.conn.pool_released()
+        call.conn.pool_released()
         if future.cancelled():
             self._answer(call, None, _DeadlinePassed())
             return
@@ -974,7 +975,7 @@ class Server:
             task.add_done_callback(self._handlers.discard)
 
     def _answer(self, call: _Call, value: Any, exc: Optional[BaseException]) -> None:
-        call.reply.conn.call_finished(call.size)
+        call.conn.call_finished(call.size)
         self._in_flight -= 1
         self._in_flight_bytes -= call.size
         if not self._in_flight and self._drained is not None:
@@ -990,7 +991,7 @@ class Server:
 
     def _reply(self, call: _Call, value: Any, exc: Optional[BaseException]) -> int:
         """Send the answer (if one is owed); returns the OCTO status of the call."""
-        reply, method, name, seqid = call.reply, call.method, call.method.name, call.seqid
+        reply, method, name, seqid = call, call.method, call.method.name, call.seqid
         send = not reply.silent and not reply.conn.closed and not reply.conn.discarding
         if isinstance(exc, asyncio.CancelledError):
             if send:
