@@ -52,6 +52,9 @@ class Metrics:
     def __init__(self, side: str) -> None:
         self.side = side
         self._methods: Dict[Tuple[str, str], MethodStats] = {}
+        # the same stats by service, then method: what ``started`` looks up
+        # without making and hashing a key tuple (every call's path, twice)
+        self._by_name: Dict[str, Dict[str, MethodStats]] = {}
         self._lock = threading.Lock()
 
     def _stats(self, service: str, method: str) -> MethodStats:
@@ -60,12 +63,15 @@ class Metrics:
         if stats is None:
             with self._lock:
                 stats = self._methods.setdefault(key, MethodStats())
+                self._by_name.setdefault(service, {})[method] = stats
         return stats
 
     def started(self, service: str, method: str) -> MethodStats:
         """A call began; returns the stats to pass to ``finished``."""
-        # (``_stats`` only for a method's first call: this is every call's path, twice)
-        stats = self._methods.get((service, method)) or self._stats(service, method)
+        try:
+            stats = self._by_name[service][method]
+        except KeyError:   # (a method's first call)
+            stats = self._stats(service, method)
         stats.in_flight += 1
         return stats
 
