@@ -18,14 +18,19 @@ BOUNDS: Tuple[float, ...] = tuple(1e-6 * 2 ** (i / 4) for i in range(0, 4 * 26 +
 class MethodStats:
     """The metrics of one method on one side (``server`` or ``client``)."""
 
-    __slots__ = ("calls", "errors", "in_flight", "buckets", "total_seconds")
+    __slots__ = ("errors", "in_flight", "buckets", "total_seconds")
 
     def __init__(self) -> None:
-        self.calls = 0
         self.errors: Dict[int, int] = collections.Counter()
         self.in_flight = 0
         self.buckets = [0] * (len(BOUNDS) + 1)
         self.total_seconds = 0.0
+
+    @property
+    def calls(self) -> int:
+        """Calls finished: each is counted in one bucket (so ``finished`` counts no
+        more: every call's path, both sides)."""
+        return sum(self.buckets)
 
     def percentile(self, q: float) -> Optional[float]:
         """The latency below which a share ``q`` (0..1) of calls finished; None if no calls."""
@@ -79,7 +84,6 @@ class Metrics:
     def finished(stats: MethodStats, seconds: float, status: int = 0) -> None:
         """A call that ``started`` ended after ``seconds`` with OCTO ``status`` (0 = success)."""
         stats.in_flight -= 1
-        stats.calls += 1
         if status:
             stats.errors[status] += 1
         stats.buckets[bisect.bisect_left(BOUNDS, seconds)] += 1
