@@ -185,8 +185,22 @@ class _Reply:
             if msg_type == TMessageType.EXCEPTION:   # a refusal nobody will read: say it here
                 _DROPPED.log("%s: a oneway call was dropped unanswered: %s", self.conn.peer, text)
             return
-        conn = self.conn
-        limit, depth = conn.max_frame_size, conn.max_depth
+        conn, flags = self.conn, self.flags
+        if self.unified and not flags & protocol.COMPRESSED:
+            # The usual reply: protocol.encode_response's C half and check_frame_size's
+            # test, without their two frames (every call's path).
+            data = _codec.encode_response(flags, self.sequence_id, status, text, name, msg_type,
+                                          seqid, obj, conn.max_depth)
+            if len(data) > conn.max_frame_size:
+                raise protocol.frame_too_large(len(data), conn.max_frame_size, "reply")
+        else:
+            data = self._encode(name, msg_type, seqid, obj, status, text)
+        conn.send(data)
+
+    def _encode(self, name: str, msg_type: int, seqid: int, obj: Any, status: int,
+                text: Optional[str]) -> bytes:
+        """The reply frame in this request's protocol; ``EncodeError`` as for ``message``."""
+        limit, depth = self.conn.max_frame_size, self.conn.max_depth
         if self.unified:
             data = protocol.encode_response(self.flags, self.sequence_id, status, text,
                                             name, msg_type, seqid, obj, limit, depth)
@@ -197,7 +211,7 @@ class _Reply:
             data = protocol.encode_framed_message(name, msg_type, seqid, obj, max_depth=depth)
         protocol.check_frame_size(data, not self.unified and self.flags != protocol.UNFRAMED,
                                   limit, "reply")
-        conn.send(data)
+        return data
 
     def app_exception(self, name: str, seqid: int, kind: int, text: Optional[str],
                       status: int = Status.APPLICATION_EXCEPTION) -> None:
