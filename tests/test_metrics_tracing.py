@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import math
 import re
@@ -29,8 +30,8 @@ from octo_core.transport import http
 from octo_core.transport.http import serve_metrics
 
 from wire_helpers import (CLIENT_APPKEY, SERVER_APPKEY, Echo, EchoError, EchoHandler,
-                          async_client, echo_services, raw_connection, run, serving,
-                          unified_request, wait_until, watchdog)  # noqa: F401  (fixture)
+                          async_client, decode_body, echo_services, raw_connection, run,
+                          serving, unified_request, wait_until, watchdog)  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
@@ -442,6 +443,26 @@ def test_trace_and_global_context_cross_two_hops():
         assert len(records) == 8
 
     run(main())
+
+
+def test_a_call_without_context_runs_without_the_serving_loops():
+    """A handler's context is a copy of the one the server's loop runs in, holding
+    the caller's globalContext and span: a call that sends neither sees none, not
+    what that context itself holds."""
+    async def main() -> Dict[str, Any]:
+        async with serving(echo_services(SpanEcho())) as server, \
+                raw_connection(server.address) as conn:
+            await conn.send(unified_request("echo", Echo.echo_args(text="bare"), 1))
+            reply = decode_body(await conn.read_frame(), Echo)[3]
+        return json.loads(reply.success)
+
+    def in_a_traced_context() -> Dict[str, Any]:
+        context._SPAN.set(Span("0" * 16, "1" * 16))   # (no public setter: a server sets spans)
+        with context.use({"loop": "tag"}):
+            return run(main())
+
+    seen = contextvars.copy_context().run(in_a_traced_context)
+    assert seen == {"text": "bare", "span": None, "ctx": {}}
 
 
 def test_concurrent_traces_do_not_mix():

@@ -107,8 +107,16 @@ def _guarded(end: Callable[[int], None], service: str, method: str) -> Callable[
     return finish
 
 
-def _enter(values: Optional[Mapping[str, str]], span: Optional[Span]) -> None:
-    """Server side: set the caller's context and trace (in the handler's own
-    context copy, see ``Server._call_context``)."""
-    _GLOBAL.set(values or {})
-    _SPAN.set(span)
+def _handler_context(values: Optional[Mapping[str, str]],
+                     span: Optional[Span]) -> contextvars.Context:
+    """Server side: a copy of the current context holding the caller's
+    ``globalContext`` and trace, for a handler to run in. A variable that holds
+    what it must already (no globalContext sent, and an empty one here, which the
+    handler then reads, read-only as ever) is not set again: a set makes a new
+    mapping and a token (every call's path)."""
+    context = contextvars.copy_context()
+    if values or _GLOBAL.get():
+        context.run(_GLOBAL.set, values or {})
+    if span is not None or _SPAN.get() is not None:
+        context.run(_SPAN.set, span)
+    return context

@@ -948,9 +948,7 @@ class Server:
             if _context._HOOKS:
                 call.span_ends = _context._span_started("server", call.service.name,
                                                         call.method.name, span)
-        context = contextvars.copy_context()
-        context.run(_context._enter, head.global_context if head is not None else None, span)
-        return context
+        return _context._handler_context(head.global_context if head is not None else None, span)
 
     async def _run_coroutine(self, call: _Call, fn: Callable[..., Any], argv: Tuple[Any, ...],
                              deadline: Optional[float]) -> None:
