@@ -922,8 +922,10 @@ class Server:
         argv = argv_of(args)
         context = self._call_context(call, head)
         if is_coroutine:
-            self._track(start_task(self._loop,  # type: ignore[arg-type]  # started: start() set it
-                                   self._run_coroutine(call, fn, argv, deadline), context))
+            task = start_task(self._loop,  # type: ignore[arg-type]  # started: start() set it
+                              self._run_coroutine(call, fn, argv, deadline), context)
+            if not task.done():   # (checked here: most answer at once, every call's path)
+                self._track(task)
             return
         self._business_pending += 1
         future = self._pool.submit(  # type: ignore[union-attr]  # started: start() made it
@@ -975,16 +977,17 @@ class Server:
         if inspect.isawaitable(value):
             # A plain function that returned a coroutine (an async handler behind a
             # plain decorator): its answer is what the coroutine gives, on the loop.
-            self._track(start_task(self._loop,  # type: ignore[arg-type]  # started: start() set it
-                                   self._run_coroutine(call, lambda: value, (), None), context))
+            task = start_task(self._loop,  # type: ignore[arg-type]  # started: start() set it
+                              self._run_coroutine(call, lambda: value, (), None), context)
+            if not task.done():
+                self._track(task)
             return
         self._answer(call, value, exc)
 
     def _track(self, task: asyncio.Future) -> None:
         """Keep a handler that suspended, for stop() to cancel past its grace."""
-        if not task.done():
-            self._handlers.add(task)
-            task.add_done_callback(self._handlers.discard)
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
 
     def _answer(self, call: _Call, value: Any, exc: Optional[BaseException]) -> None:
         call.conn.call_finished(call.size)
