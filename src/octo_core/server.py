@@ -1008,18 +1008,21 @@ class Server:
         """Send the answer (if one is owed); returns the OCTO status of the call."""
         reply, method, name, seqid = call, call.method, call.method.name, call.seqid
         send = not reply.silent and not reply.conn.closed and not reply.conn.discarding
-        if isinstance(exc, asyncio.CancelledError):
+        result = method.result_cls()
+        if exc is None:   # (first: every call's path)
+            if method.returns_value:
+                result.success = value
+        elif isinstance(exc, asyncio.CancelledError):
             if send:
                 reply.app_exception(name, seqid, TApplicationException.INTERNAL_ERROR,
                                     f"{name}: the handler was cancelled (the server is stopping)")
             return Status.APPLICATION_EXCEPTION
-        if isinstance(exc, _DeadlinePassed):
+        elif isinstance(exc, _DeadlinePassed):
             if send:
                 reply.refuse(Status.TRANSPORT_EXCEPTION,
                              f"{name}: the caller's deadline passed before the handler ran", name, seqid)
             return Status.TRANSPORT_EXCEPTION
-        result = method.result_cls()
-        if exc is not None:
+        else:
             field = next((f for f, cls in method.exceptions if isinstance(exc, cls)), None)
             if field is None:   # raised from another load of the IDL that declares it
                 field = next((f for f, cls in method.exceptions
@@ -1039,8 +1042,6 @@ class Server:
                     reply.app_exception(name, seqid, TApplicationException.INTERNAL_ERROR, text)
                 return Status.APPLICATION_EXCEPTION
             setattr(result, field, exc)
-        elif method.returns_value:
-            result.success = value
         if send:
             try:
                 reply.message(name, _REPLY_MESSAGE, seqid, result)
