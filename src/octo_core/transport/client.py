@@ -92,10 +92,7 @@ class ClientConnection(FramedProtocol):
         self._pending[seq] = (future, finish, method)
         if timeout is not None:
             when = self.loop.time() + timeout
-            deadlines = self._deadlines
-            heapq.heappush(deadlines, (when, seq, timeout, method))
-            if len(deadlines) > 2 * len(self._pending) + 1024:
-                self._prune_deadlines()
+            heapq.heappush(self._deadlines, (when, seq, timeout, method))
             if self._timer is None or when < self._timer_at:
                 self._arm(when)
         return future
@@ -165,6 +162,13 @@ class ClientConnection(FramedProtocol):
             return f"nothing came from {self.node} for {quiet:.3g}s, calls timing out"
         return ""
 
+    def _bound_deadlines(self) -> None:
+        """Prune once the deadlines outnumber the calls waiting twice over (plus 1024).
+        Checked where calls stop waiting: expect, on every call's path, adds one
+        deadline and one waiting call, and that never tips the balance."""
+        if len(self._deadlines) > 2 * len(self._pending) + 1024:
+            self._prune_deadlines()
+
     def _prune_deadlines(self) -> None:
         """Drop answered calls' deadlines: the heap stays proportional to the calls in flight."""
         self._drop_given_up()
@@ -180,6 +184,7 @@ class ClientConnection(FramedProtocol):
 
     def forget(self, seq: int) -> None:
         self._pending.pop(seq, None)
+        self._bound_deadlines()
         if self.retiring:
             self._close_if_idle()
 
@@ -229,6 +234,7 @@ class ClientConnection(FramedProtocol):
                 future.set_exception(exc)
             else:
                 future.set_result(answer)
+        self._bound_deadlines()   # (once a batch of answers: see there)
         if self.retiring:
             self._close_if_idle()
 
