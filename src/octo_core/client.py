@@ -303,15 +303,14 @@ class AsyncClient:
                else tags.get(self._hash_header) if self._hash_header else None)
 
         span = child_span()
-        # the cluster calls send(node, remaining) per attempt (a partial: no closure frame)
-        send = functools.partial(self._send, method, request, tags, span)
         stats = self.metrics.started(self.service_name, method.name)
         ends = _span_started("client", self.service_name, method.name, span) if _HOOKS else None
         started = time.monotonic()
         status: int = _SUCCESS
         try:
             return await self._cluster.begin(   # (invoke, minus a coroutine: see begin)
-                send, timeout=self.timeout if timeout is None else timeout,
+                self._send, (method, request, tags, span),   # _send(node, remaining, call)
+                timeout=self.timeout if timeout is None else timeout,
                 idempotent=method.name in self._idempotent, tags=tags,
                 key=None if key is None else str(key))
         except OctoError as exc:
@@ -395,11 +394,13 @@ class AsyncClient:
                 endpoint.close()
         return endpoint
 
-    def _send(self, method: idl.Method, request: Any, tags: Mapping[str, str], span: Span,
-              node: Node, timeout: float) -> Awaitable[Any]:
-        """One attempt on one node. With a connection ready the request is written
-        now and the reply's future returned: the reply is decoded as it is read
-        (``_result``), and the caller awaits no coroutine of ours."""
+    def _send(self, node: Node, timeout: float,
+              call: Tuple[idl.Method, Any, Mapping[str, str], Span]) -> Awaitable[Any]:
+        """One attempt on one node of ``call`` (method, request, tags, span). With a
+        connection ready the request is written now and the reply's future
+        returned: the reply is decoded as it is read (``_result``), and the caller
+        awaits no coroutine of ours."""
+        method, request, tags, span = call
         # (_endpoint only for a node's first call: this is every call's path)
         endpoint = self._endpoints.get(node.address) or self._endpoint(node)
         conn = endpoint.ready()

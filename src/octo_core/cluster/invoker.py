@@ -56,9 +56,17 @@ log = logging.getLogger("octo_core.cluster")
 POLICIES = ("failfast", "failover", "failsafe", "forking", "hedging")
 
 Send = Callable[[Node, float], Awaitable[Any]]
+#: ``begin``'s send: ``send(node, remaining_seconds, request)``, the call's own ``request``
+#: handed to every attempt (a caller needs no callable of its own made per call).
+SendRequest = Callable[[Node, float, Any], Awaitable[Any]]
 
 #: No node tried yet (``select``'s ``tried`` for a call's only attempt; never added to).
 _NONE_TRIED: FrozenSet[str] = frozenset()
+
+
+def _send_alone(node: Node, remaining: float, send: Send) -> Awaitable[Any]:
+    """``invoke``'s attempt: its ``send`` takes no request (``begin`` hands it over as one)."""
+    return send(node, remaining)
 
 
 def node_failed(exc: BaseException) -> bool:
@@ -297,11 +305,14 @@ class Cluster:
     async def invoke(self, send: Send, *, timeout: float, idempotent: bool = False,
                      tags: Mapping[str, str] = {}, key: Any = None) -> Any:  # noqa: B006
         """Run ``send(node, remaining_seconds)`` under the cluster's policy."""
-        return await self.begin(send, timeout=timeout, idempotent=idempotent, tags=tags, key=key)
+        return await self.begin(_send_alone, send, timeout=timeout, idempotent=idempotent,
+                                tags=tags, key=key)
 
-    def begin(self, send: Send, *, timeout: float, idempotent: bool = False,
-              tags: Mapping[str, str] = {}, key: Any = None) -> Awaitable[Any]:  # noqa: B006
-        """``invoke``, begun now (from a running loop): the deadline is fixed and,
+    def begin(self, send: SendRequest, request: Any, *, timeout: float,
+              idempotent: bool = False, tags: Mapping[str, str] = {},  # noqa: B006
+              key: Any = None) -> Awaitable[Any]:
+        """``invoke``, begun now (from a running loop), where each attempt is
+        ``send(node, remaining_seconds, request)``: the deadline is fixed and,
         for a call of one attempt, its node chosen (``NoRouteError`` at once);
         returns the coroutine to await for the outcome. That coroutine is the
         attempt itself when one attempt is all the policy makes: no coroutine of
@@ -311,17 +322,17 @@ class Cluster:
         # Parallel copies only of what may run twice; the rest goes one copy at a time,
         # to another node only for a node fault, and once sent only if idempotent.
         if idempotent and self.policy == "forking":
-            return self._race(send, deadline, tags, key, self.forks, 0.0)
+            return self._race(send, request, deadline, tags, key, self.forks, 0.0)
         if idempotent and self.policy == "hedging":
-            return self._race(send, deadline, tags, key, 2, self.hedge_delay)
+            return self._race(send, request, deadline, tags, key, 2, self.hedge_delay)
         if self._one_attempt:
             # What _in_turn does with one attempt, minus the bookkeeping for retries
             # (tried nodes, attempts given back) that only a second attempt reads.
             node, balancer = self.select(tags, key, _NONE_TRIED)
-            return self._attempt(send, node, balancer, deadline)
-        return self._in_turn(send, deadline, idempotent, tags, key)
+            return self._attempt(send, request, node, balancer, deadline)
+        return self._in_turn(send, request, deadline, idempotent, tags, key)
 
-    async def _in_turn(self, send: Send, deadline: float, idempotent: bool,
+    async def _in_turn(self, send: SendRequest, request: Any, deadline: float, idempotent: bool,
                        tags: Mapping[str, str], key: Any) -> Any:
         """One attempt after the other (failover, failsafe, forking and hedging for
         a method that may not run twice)."""
@@ -350,7 +361,7 @@ class Cluster:
             tried.add(node.key)
             known_dead = self._known_dead(node)
             try:
-                return await self._attempt(send, node, balancer, deadline)
+                return await self._attempt(send, request, node, balancer, deadline)
             except Exception as exc:
                 if self.policy == "failsafe" and node_failed(exc):
                     log.warning("failsafe call to %s failed: %s", node.key, exc)
@@ -363,7 +374,8 @@ class Cluster:
                     raise
                 failure = exc
 
-    async def _attempt(self, send: Send, node: Node, balancer: Any, deadline: float) -> Any:
+    async def _attempt(self, send: SendRequest, request: Any, node: Node, balancer: Any,
+                       deadline: float) -> Any:
         remaining = deadline - self._loop.time()  # type: ignore[union-attr]  # begin() looked it up
         if remaining <= 0:    # the caller's deadline: no node to blame
             raise CallTimeout("the call's deadline passed before an attempt was sent")
@@ -383,7 +395,7 @@ class Cluster:
             self._reconnecting.add(node.key)
         settled: Optional[bool] = True  # for a retry: did it tell whether the node connects?
         try:
-            return await send(node, remaining)
+            return await send(node, remaining, request)
         except asyncio.CancelledError:
             health = settled = None     # a lost race (hedge, fork) says nothing of the node
             raise
@@ -415,8 +427,8 @@ class Cluster:
             if learns:
                 balancer.on_finish(node, time.perf_counter() - started, served)
 
-    async def _race(self, send: Send, deadline: float, tags: Mapping[str, str], key: Any,
-                    width: int, delay: float) -> Any:
+    async def _race(self, send: SendRequest, request: Any, deadline: float,
+                    tags: Mapping[str, str], key: Any, width: int, delay: float) -> Any:
         """Forking (``delay`` 0) and hedging: up to ``width`` attempts, first answer
         wins. A hedge goes after ``delay``, or at once when an attempt fails with a
         node fault (gRPC A6 hedging)."""
@@ -445,7 +457,7 @@ class Cluster:
             owed -= extra and owed > 0
             tried.add(node.key)
             counted += 1
-            task = loop.create_task(self._attempt(send, node, balancer, deadline))
+            task = loop.create_task(self._attempt(send, request, node, balancer, deadline))
             running[task] = self._known_dead(node)
             return True
 
