@@ -459,7 +459,9 @@ class AsyncClient:
                        tags: Mapping[str, str], span: Span, limit: int, depth: int) -> bytes:
         """The unified request frame; its header is written from these fields."""
         call_type = _NO_REPLY if method.oneway else _REPLY
-        timeout_ms = min(max(1, int(timeout * 1000)), _MAX_TIMEOUT_MS)
+        ms = timeout * 1000
+        # min(max(1, int(ms)), _MAX_TIMEOUT_MS), with no call but int's on the usual path
+        timeout_ms = int(ms) if 1.0 <= ms < _MAX_TIMEOUT_MS else 1 if ms < 1.0 else _MAX_TIMEOUT_MS
         context = tags if type(tags) is dict else dict(tags)
         if self._signer is None and not self._flags & protocol.COMPRESSED:
             return _codec.encode_request(
