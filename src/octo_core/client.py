@@ -439,7 +439,9 @@ class AsyncClient:
                         if self._framed
                         else _codec.encode_message(name, msg_type, seq, request,
                                                    check_required=True, max_depth=depth))
-            protocol.check_frame_size(data, not self.unified and self._framed, limit, "request")
+            if len(data) > limit:   # (the size check's own call only when it may refuse)
+                protocol.check_frame_size(data, not self.unified and self._framed, limit,
+                                          "request")
         except EncodeError as exc:     # the caller's values: nothing was sent
             exc.method, exc.node = method.name, conn.node
             raise
