@@ -45,7 +45,7 @@ from typing import (AbstractSet, Any, Awaitable, Callable, Dict, FrozenSet, List
                     Sequence, Set, Tuple)
 
 from octo_core.cluster.balancer import make_balancer
-from octo_core.cluster.breaker import BreakerState, CircuitBreaker, RetryBudget
+from octo_core.cluster.breaker import _CLOSED, BreakerState, CircuitBreaker, RetryBudget
 from octo_core.cluster.routing import _NO_TAGS, NoRouteError, RouteRule, Router, Weighted
 from octo_core.errors import (CallTimeout, DegradeError, EncodeError, OctoError, ProtocolError,
                               RpcError, ServiceError, TransportError)
@@ -380,7 +380,7 @@ class Cluster:
         if remaining <= 0:    # the caller's deadline: no node to blame
             raise CallTimeout("the call's deadline passed before an attempt was sent")
         breaker = self._breakers.get(node.key) or self.breaker(node)   # (made at a first call)
-        if not breaker.allows():
+        if breaker.state is not _CLOSED and not breaker.allows():   # (closed: it allows)
             raise DegradeError("circuit open", node=node.key)
         learns = balancer.learns
         if learns:
