@@ -329,7 +329,7 @@ class Cluster:
             # What _in_turn does with one attempt, minus the bookkeeping for retries
             # (tried nodes, attempts given back) that only a second attempt reads.
             node, balancer = self.select(tags, key, _NONE_TRIED)
-            return self._attempt(send, request, node, balancer, deadline)
+            return self._attempt(send, request, node, balancer, deadline, timeout)
         return self._in_turn(send, request, deadline, idempotent, tags, key)
 
     async def _in_turn(self, send: SendRequest, request: Any, deadline: float, idempotent: bool,
@@ -375,8 +375,11 @@ class Cluster:
                 failure = exc
 
     async def _attempt(self, send: SendRequest, request: Any, node: Node, balancer: Any,
-                       deadline: float) -> Any:
-        remaining = deadline - self._loop.time()  # type: ignore[union-attr]  # begin() looked it up
+                       deadline: float, remaining: Optional[float] = None) -> Any:
+        if remaining is None:   # (begin's attempt has all of the call's time: no clock read)
+            loop = self._loop
+            assert loop is not None   # begin() looked it up
+            remaining = deadline - loop.time()
         if remaining <= 0:    # the caller's deadline: no node to blame
             raise CallTimeout("the call's deadline passed before an attempt was sent")
         breaker = self._breakers.get(node.key) or self.breaker(node)   # (made at a first call)
