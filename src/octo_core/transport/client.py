@@ -234,7 +234,8 @@ class ClientConnection(FramedProtocol):
                 future.set_exception(exc)
             else:
                 future.set_result(answer)
-        self._bound_deadlines()   # (once a batch of answers: see there)
+        if len(self._deadlines) > 1024:   # (else within bounds: the one len per batch)
+            self._bound_deadlines()
         if self.retiring:
             self._close_if_idle()
 
