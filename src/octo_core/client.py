@@ -552,11 +552,6 @@ class AsyncClient:
     async def _shutdown(self) -> None:
         await _close_parts(*self._parts())
 
-    if not TYPE_CHECKING:   # (to mypy a name the class lacks stays an error)
-        def __getattr__(self, name: str) -> Any:
-            """Only for a name nothing else has: a method the IDL lacks is said so."""
-            raise _no_attribute(self, name, None if _own_name(name) else self)
-
     async def __aenter__(self) -> "AsyncClient":
         return self
 
@@ -579,26 +574,6 @@ def _binds(client: Any, name: str) -> bool:
     set is one too)."""
     return name not in RESERVED_NAMES and not hasattr(client, name) \
         and not hasattr(type(client), name)
-
-
-def _own_name(name: str) -> bool:
-    """Is ``name`` one a client keeps for itself (private, or ``RESERVED_NAMES``)?"""
-    return name.startswith("_") or name in RESERVED_NAMES
-
-
-def _no_attribute(owner: Any, name: str, client: Optional[AsyncClient]) -> AttributeError:
-    """The error for ``owner.name`` that nothing has; with ``client``, it names the
-    methods of its service (an IDL method's name misspelt, most likely)."""
-    text = f"{type(owner).__name__!r} object has no attribute {name!r}"
-    if client is not None:
-        try:   # (not client.service: on a client half made, that would come back here)
-            service = object.__getattribute__(client, "service")
-            methods = object.__getattribute__(client, "_methods")
-        except AttributeError:
-            return AttributeError(text, name=name, obj=owner)
-        text += (f": {service.__name__} has no method {name!r} (its methods: "
-                 f"{', '.join(methods)})")
-    return AttributeError(text, name=name, obj=owner)
 
 
 def _seconds(name: str, seconds: Any) -> float:
@@ -677,7 +652,6 @@ class _Mode:
     """
 
     def __init__(self, client: "Client", wrap: _Wrap) -> None:
-        self._async = client._async
         self._by_name = client._async._by_name
         self._wrap = wrap
         for name, method in client._async._methods.items():
@@ -687,11 +661,6 @@ class _Mode:
     def call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
         method, timeout = self._by_name(name, kwargs)
         return self._wrap(method, timeout)(*args, **kwargs)
-
-    if not TYPE_CHECKING:
-        def __getattr__(self, name: str) -> Any:
-            """Only for a name nothing else has: a method the IDL lacks is said so."""
-            raise _no_attribute(self, name, None if _own_name(name) else self._async)
 
 
 class Client:
@@ -885,11 +854,6 @@ class Client:
             else:   # no second wait for a stuck thread: it stops once it has closed the
                 # client (a stop now would refuse the closing still queued)
                 closing.add_done_callback(lambda _: self._thread.stop())
-
-    if not TYPE_CHECKING:
-        def __getattr__(self, name: str) -> Any:
-            """Only for a name nothing else has: a method the IDL lacks is said so."""
-            raise _no_attribute(self, name, None if _own_name(name) else self._async)
 
     def __enter__(self) -> "Client":
         return self
