@@ -15,10 +15,10 @@ Method: the same echo workload (``octo_core.bench.rpc``'s ``Echo`` and
 coroutine handler, a 10-byte message) runs once with one measured round and once
 with ``--rounds`` (default 5); the difference, divided by the calls in the extra
 rounds, is the cost of one call with start-up, warm-up and shutdown cancelled
-out. Not 1 and 2 rounds: on a loaded machine two runs of the same tree differed
-by up to ten million instructions (presumably what timers find to do, as load
-stretches a run's wall-clock time), which over one round's 3,200 calls moved
-the figure by up to 3,000; four extra rounds divide that by four.
+out. Not 1 and 2 rounds: the client's deadline timer (1 s calls) fires on
+wall-clock time, which valgrind and the machine's load stretch, so what it finds
+to do varies between runs; a 1-and-2 difference of one tree moved by up to ~800
+per call on a loaded machine, and four extra rounds divide that by four.
 """
 from __future__ import annotations
 
