@@ -6,6 +6,10 @@ Run with (about two minutes per setting; needs ``valgrind``)::
     python benchmarks/bench_instructions.py --in-flight 1
     python benchmarks/bench_instructions.py --system octo --system codec-only
 
+It measures the octo_core that ``import octo_core`` finds: to measure a source
+tree (a worktree, say) rather than the installed one, run it from that tree with
+``PYTHONPATH=src``.
+
 Wall-clock figures on a shared VM move by tens of percent between runs; an
 instruction count barely moves (below), so this is the yardstick for comparing two versions of octo_core's own call path.
 It is not a comparison with the peers (``bench_rpc.py`` is): client and server
