@@ -34,7 +34,7 @@ class MethodStats:
 
     def percentile(self, q: float) -> Optional[float]:
         """The latency below which a share ``q`` (0..1) of calls finished; None if no calls."""
-        done = sum(self.buckets)
+        done = self.calls
         if not done:
             return None
         rank = q * done
@@ -151,5 +151,5 @@ def prometheus_text(*registries: Metrics) -> str:
                 lines.append(f"octo_latency_seconds_bucket{labels} {cumulative}")
         labels = _labels(side=side, service=service, method=method)
         lines.append(f"octo_latency_seconds_sum{labels} {stats.total_seconds:.9g}")
-        lines.append(f"octo_latency_seconds_count{labels} {sum(stats.buckets)}")
+        lines.append(f"octo_latency_seconds_count{labels} {stats.calls}")
     return "\n".join(lines) + "\n"
