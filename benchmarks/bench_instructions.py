@@ -4,7 +4,7 @@ Run with (about two minutes per setting; needs ``valgrind``)::
 
     python benchmarks/bench_instructions.py                 # 64 calls in flight
     python benchmarks/bench_instructions.py --in-flight 1
-    python benchmarks/bench_instructions.py --system octo --system codec-only
+    python benchmarks/bench_instructions.py --system octo --system codec-only --system raw
 
 It measures the octo_core that ``import octo_core`` finds: to measure a source
 tree (a worktree, say) rather than the installed one, run it from that tree with
@@ -53,23 +53,39 @@ async def _open_octo(message: str):
     return (lambda: client.echo(message)), close
 
 
-async def _open_codec_only(message: str):
-    """``bench_rpc``'s codec-only floor: the protocol with nothing but the C codec."""
-    from octo_core.bench.rpc import _CodecEchoClient, _CodecEchoServer
-
+async def _connect(server_factory, client_factory):
+    """A bare asyncio server and a client connected to it; returns (client, close)."""
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(_CodecEchoServer, "127.0.0.1", 0)
+    server = await loop.create_server(server_factory, "127.0.0.1", 0)
     transport, client = await loop.create_connection(
-        _CodecEchoClient, "127.0.0.1", server.sockets[0].getsockname()[1])
+        client_factory, "127.0.0.1", server.sockets[0].getsockname()[1])
 
     async def close() -> None:
         transport.close()
         server.close()
         await server.wait_closed()
+    return client, close
+
+
+async def _open_codec_only(message: str):
+    """``bench_rpc``'s codec-only floor: the protocol with nothing but the C codec."""
+    from octo_core.bench.rpc import _CodecEchoClient, _CodecEchoServer
+
+    client, close = await _connect(_CodecEchoServer, _CodecEchoClient)
     return (lambda: client.call(message)), close
 
 
-SYSTEMS = {"octo": _open_octo, "codec-only": _open_codec_only}
+async def _open_raw(message: str):
+    """``bench_rpc``'s raw uvloop echo: length-prefixed frames, no serialization."""
+    from octo_core.bench.rpc import _RawEchoClient, _RawEchoServer
+
+    client, close = await _connect(_RawEchoServer, _RawEchoClient)
+    data = message.encode()
+    frame = len(data).to_bytes(4, "big") + data
+    return (lambda: client.call(frame)), close
+
+
+SYSTEMS = {"octo": _open_octo, "codec-only": _open_codec_only, "raw": _open_raw}
 
 
 async def _workload(system: str, rounds: int, in_flight: int) -> None:
@@ -104,8 +120,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--in-flight", type=int, default=64, help="calls in flight (default 64)")
     parser.add_argument("--system", choices=list(SYSTEMS), action="append",
-                        help="octo (default) and/or codec-only (bench_rpc's floor: the "
-                             "protocol with nothing but the C codec); may be repeated")
+                        help="octo (default), codec-only (bench_rpc's floor: the protocol "
+                             "with nothing but the C codec) and/or raw (bench_rpc's raw uvloop "
+                             "echo, no serialization); may be repeated")
     parser.add_argument("--rounds", type=int, default=5,
                         help="measured rounds of the longer run (default 5; at least 2)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
