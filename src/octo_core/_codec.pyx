@@ -48,6 +48,7 @@ cdef extern from "Python.h":
     object PyNumber_Index(object o)
     bint PyNumber_Check(object o)
     PyObject* PyObject_GetAttr(object o, object name)
+    PyObject* PyDict_GetItemWithError(object d, object key)   # borrowed; NULL: absent or error
     PyObject* _PyUnicode_DecodeUTF8 "PyUnicode_DecodeUTF8" (const char* s, Py_ssize_t size,
                                                           const char* errors)
     int _PyDict_SetItem "PyDict_SetItem" (object d, object k, object v)   # -1: error set
@@ -317,9 +318,14 @@ cdef _StructSpec _spec_for(object cls):
     if not PyType_Check(cls):
         raise TypeError(f"{cls!r} is not a thriftpy2 struct class")
     cdef PyTypeObject* tp = <PyTypeObject*>cls
-    cdef object cached = (<object>tp.tp_dict).get(_SPEC_ATTR) if tp.tp_dict != NULL else None
-    if type(cached) is _StructSpec and (<_StructSpec>cached).cls is cls:
+    # (the C lookup: a method call of dict.get would cost more than the rest of a small decode)
+    cdef PyObject* cached = (PyDict_GetItemWithError(<object>tp.tp_dict, _SPEC_ATTR)
+                             if tp.tp_dict != NULL else NULL)
+    if cached != NULL and Py_TYPE(<object>cached) == <PyTypeObject*>_StructSpec \
+            and (<_StructSpec>cached).cls is cls:
         return <_StructSpec>cached
+    if PyErr_Occurred() != NULL:
+        raise_current()
     return _compile(cls)
 
 
@@ -1272,18 +1278,33 @@ cdef object _r_struct(_Reader* r, _StructSpec s, int depth):
             PyMem_Free(vals)
 
 
-cdef class _Input:
-    """A read-only view of bytes, bytearray or memoryview for the reader."""
-    cdef Py_buffer view
-    cdef bint held
+cdef struct _View:
+    # The bytes of a bytes, bytearray or memoryview argument, read in place
+    const unsigned char* buf
+    Py_ssize_t len
+    Py_buffer buffer     # held (to be released) when the argument is not bytes
+    bint held
 
-    def __cinit__(self, object data):
-        PyObject_GetBuffer(data, &self.view, PyBUF_SIMPLE)
-        self.held = True
 
-    def __dealloc__(self):
-        if self.held:
-            PyBuffer_Release(&self.view)
+cdef inline int _view_open(_View* v, object data) except -1:
+    """Point ``v`` at the bytes of ``data``; ``_view_close`` ends it. On the
+    stack, not an object: most calls pass bytes, read with no buffer export."""
+    if PyBytes_Check(data):
+        v.buf = <const unsigned char*>PyBytes_AS_STRING(data)
+        v.len = PyBytes_GET_SIZE(data)
+        v.held = False
+        return 0
+    PyObject_GetBuffer(data, &v.buffer, PyBUF_SIMPLE)
+    v.buf = <const unsigned char*>v.buffer.buf
+    v.len = v.buffer.len
+    v.held = True
+    return 0
+
+
+cdef inline void _view_close(_View* v) noexcept:
+    if v.held:
+        v.held = False
+        PyBuffer_Release(&v.buffer)
 
 
 cdef inline void _r_init(_Reader* r, const unsigned char* buf, Py_ssize_t start, Py_ssize_t end,
@@ -1359,11 +1380,12 @@ def decode(cls, data, Limits limits=None):
     cdef _StructSpec s = _decode_spec(cls)
     if limits is None:
         limits = DEFAULT_LIMITS
-    if PyBytes_Check(data):
-        return _decode_at(s, <const unsigned char*>PyBytes_AS_STRING(data), 0,
-                          PyBytes_GET_SIZE(data), limits, True)
-    cdef _Input inp = _Input(data)
-    return _decode_at(s, <const unsigned char*>inp.view.buf, 0, inp.view.len, limits, True)
+    cdef _View v
+    _view_open(&v, data)
+    try:
+        return _decode_at(s, v.buf, 0, v.len, limits, True)
+    finally:
+        _view_close(&v)
 
 
 cdef tuple _r_message_begin(_Reader* r):
@@ -1402,10 +1424,14 @@ def decode_message_begin(data, Limits limits=None):
     """``(name, msg_type, seqid, body_offset)`` of a message in ``data``."""
     if limits is None:
         limits = DEFAULT_LIMITS
-    cdef _Input inp = _Input(data)
+    cdef _View v
     cdef _Reader r
-    _r_init(&r, <const unsigned char*>inp.view.buf, 0, inp.view.len, limits)
-    name, msg_type, seqid = _r_message_begin(&r)
+    _view_open(&v, data)
+    try:
+        _r_init(&r, v.buf, 0, v.len, limits)
+        name, msg_type, seqid = _r_message_begin(&r)
+    finally:
+        _view_close(&v)
     return name, msg_type, seqid, r.pos
 
 
@@ -1426,11 +1452,14 @@ cdef object _decode_body(cls, data, Py_ssize_t offset, Limits limits, Py_ssize_t
     cdef _StructSpec s = _decode_spec(cls)
     if limits is None:
         limits = DEFAULT_LIMITS
-    cdef _Input inp = _Input(data)
-    if offset < 0 or offset > inp.view.len:
-        raise ValueError(f"offset {offset} outside the {inp.view.len}-byte input")
-    return _decode_at(s, <const unsigned char*>inp.view.buf, offset, inp.view.len, limits, True,
-                      False, items)
+    cdef _View v
+    _view_open(&v, data)
+    try:
+        if offset < 0 or offset > v.len:
+            raise ValueError(f"offset {offset} outside the {v.len}-byte input")
+        return _decode_at(s, v.buf, offset, v.len, limits, True, False, items)
+    finally:
+        _view_close(&v)
 
 
 def decode_reply(result_cls, exception_cls, data, Limits limits=None, int64_t seqid=-1,
@@ -1447,9 +1476,18 @@ def decode_reply(result_cls, exception_cls, data, Limits limits=None, int64_t se
     clients do: a server that could not read the request may not know them."""
     if limits is None:
         limits = DEFAULT_LIMITS
-    cdef _Input inp = _Input(data)
+    cdef _View v
+    _view_open(&v, data)
+    try:
+        return _decode_reply(result_cls, exception_cls, &v, limits, seqid, name)
+    finally:
+        _view_close(&v)
+
+
+cdef tuple _decode_reply(result_cls, exception_cls, _View* v, Limits limits, int64_t seqid,
+                         str name):
     cdef _Reader r
-    _r_init(&r, <const unsigned char*>inp.view.buf, 0, inp.view.len, limits)
+    _r_init(&r, v.buf, 0, v.len, limits)
     named, msg_type, body_seqid = _r_message_begin(&r)
     if msg_type != 2 and msg_type != 3:
         raise DecodeError(f"message type {msg_type} where a reply (2) or exception (3) belongs",
@@ -1460,8 +1498,7 @@ def decode_reply(result_cls, exception_cls, data, Limits limits=None, int64_t se
             and named.rpartition(":")[2] != name:
         raise DecodeError(f"the reply is to method {named!r}, not the call's {name!r}", offset=0)
     cdef _StructSpec s = _decode_spec(exception_cls if msg_type == 3 else result_cls)
-    return msg_type, _decode_at(s, <const unsigned char*>inp.view.buf, r.pos, inp.view.len,
-                                limits, True)
+    return msg_type, _decode_at(s, v.buf, r.pos, v.len, limits, True)
 
 
 cdef _PRIMITIVE_KINDS = (T_BOOL, T_BYTE, T_DOUBLE, T_I16, T_I32, T_I64, T_STRING, T_BINARY)

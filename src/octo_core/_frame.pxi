@@ -29,8 +29,12 @@ cdef uint32_t _adler32(const unsigned char* p, Py_ssize_t n) noexcept nogil:
 
 def adler32(data) -> int:
     """Adler-32 of ``data`` (equal to ``zlib.adler32(data)``)."""
-    cdef _Input inp = _Input(data)
-    return _adler32(<const unsigned char*>inp.view.buf, inp.view.len)
+    cdef _View v
+    _view_open(&v, data)
+    try:
+        return _adler32(v.buf, v.len)
+    finally:
+        _view_close(&v)
 
 
 def encode_frame(int flags, Py_ssize_t header_length, payload, tail=b""):
@@ -39,9 +43,20 @@ def encode_frame(int flags, Py_ssize_t header_length, payload, tail=b""):
     With ``flags & 0x80`` the Adler-32 trailer is appended. ``payload`` and ``tail``
     are written once each (no intermediate concatenation).
     """
-    cdef _Input a = _Input(payload)
-    cdef _Input b = _Input(tail)
-    cdef Py_ssize_t n = a.view.len + b.view.len
+    cdef _View a, b
+    _view_open(&a, payload)
+    try:
+        _view_open(&b, tail)
+        try:
+            return _frame_parts(flags, header_length, &a, &b)
+        finally:
+            _view_close(&b)
+    finally:
+        _view_close(&a)
+
+
+cdef bytes _frame_parts(int flags, Py_ssize_t header_length, _View* a, _View* b):
+    cdef Py_ssize_t n = a.len + b.len
     cdef Py_ssize_t trailer = 4 if flags & FLAG_CHECKSUM else 0
     if not 0 <= header_length <= 32767:
         raise EncodeError(f"header of {header_length} bytes cannot be framed (max 32767)")
@@ -57,8 +72,8 @@ def encode_frame(int flags, Py_ssize_t header_length, payload, tail=b""):
     p[3] = <char>flags
     _put_u32(p + 4, <uint32_t>(2 + n + trailer))
     _put_u16(p + 8, <uint16_t>header_length)
-    memcpy(p + PREFIX, a.view.buf, a.view.len)
-    memcpy(p + PREFIX + a.view.len, b.view.buf, b.view.len)
+    memcpy(p + PREFIX, a.buf, a.len)
+    memcpy(p + PREFIX + a.len, b.buf, b.len)
     if trailer:
         _put_u32(p + PREFIX + n, _adler32(<const unsigned char*>p, PREFIX + n))
     return out
@@ -66,14 +81,19 @@ def encode_frame(int flags, Py_ssize_t header_length, payload, tail=b""):
 
 def encode_framed(body) -> bytes:
     """Native TFramedTransport framing: an i32 length, then ``body``."""
-    cdef _Input a = _Input(body)
-    if a.view.len > 2147483647:
-        raise EncodeError(f"frame of {a.view.len} bytes is too large")
-    out = PyBytes_FromStringAndSize(NULL, 4 + a.view.len)
-    cdef char* p = PyBytes_AS_STRING(out)
-    _put_u32(p, <uint32_t>a.view.len)
-    memcpy(p + 4, a.view.buf, a.view.len)
-    return out
+    cdef _View a
+    cdef char* p
+    _view_open(&a, body)
+    try:
+        if a.len > 2147483647:
+            raise EncodeError(f"frame of {a.len} bytes is too large")
+        out = PyBytes_FromStringAndSize(NULL, 4 + a.len)
+        p = PyBytes_AS_STRING(out)
+        _put_u32(p, <uint32_t>a.len)
+        memcpy(p + 4, a.buf, a.len)
+        return out
+    finally:
+        _view_close(&a)
 
 
 def encode_framed_message(name, msg_type, seqid, obj, *, int max_depth=64) -> bytes:
@@ -255,23 +275,26 @@ cdef class FrameReader:
         if self._broken:
             raise ProtocolError(f"the stream already failed ({self.error}); open a new connection")
         cdef list frames = []
-        cdef _Input inp
+        cdef _View v
         cdef Py_ssize_t used
         self.more = False
         try:
             if not self._buf:
                 # Common case: parse straight from ``data`` and keep only the tail.
-                inp = _Input(data)
-                used = self._parse(<const unsigned char*>inp.view.buf, inp.view.len, frames)
-                if used < inp.view.len:
-                    self._buf += (<const char*>inp.view.buf)[used:inp.view.len]
+                _view_open(&v, data)
+                try:
+                    used = self._parse(v.buf, v.len, frames)
+                    if used < v.len:
+                        self._buf += (<const char*>v.buf)[used:v.len]
+                finally:
+                    _view_close(&v)
                 return frames
             self._buf += data
-            inp = _Input(self._buf)
+            _view_open(&v, self._buf)
             try:
-                used = self._parse(<const unsigned char*>inp.view.buf, inp.view.len, frames)
+                used = self._parse(v.buf, v.len, frames)
             finally:
-                inp = None   # release the export before resizing the bytearray
+                _view_close(&v)   # release the export before resizing the bytearray
             del self._buf[:used]
             return frames
         except ProtocolError as exc:
@@ -367,12 +390,18 @@ cdef class FrameReader:
                              Py_ssize_t header_length, list frames) except -1:
         """Append the finished unified frame of payload ``p[:n]``; returns its size
         as read (inflated)."""
-        cdef _Input inp
+        cdef _View v
         if flags & 0x60:
-            inp = _Input(self._decompress(
-                flags, PyBytes_FromStringAndSize(<const char*>p, n), self.max_frame_size))
-            p, n = <const unsigned char*>inp.view.buf, inp.view.len
-        head, body = _head_and_body(p, n, flags, header_length, self._limits)
+            inflated = self._decompress(
+                flags, PyBytes_FromStringAndSize(<const char*>p, n), self.max_frame_size)
+            _view_open(&v, inflated)
+            try:
+                head, body = _head_and_body(v.buf, v.len, flags, header_length, self._limits)
+            finally:
+                _view_close(&v)
+            n = v.len
+        else:
+            head, body = _head_and_body(p, n, flags, header_length, self._limits)
         frames.append(tuple.__new__(self._frame_cls, (flags, head, body)))
         return n
 

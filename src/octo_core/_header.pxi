@@ -417,6 +417,10 @@ cdef tuple _head_and_body(const unsigned char* p, Py_ssize_t n, int flags,
 def read_head(int flags, Py_ssize_t header_length, payload, Limits limits=None):
     """``(head, body)`` of a decompressed unified payload: the ``Head`` read in
     C, and the body bytes after it (§1–§2 checks included)."""
-    cdef _Input inp = _Input(payload)
-    return _head_and_body(<const unsigned char*>inp.view.buf, inp.view.len, flags, header_length,
-                          DEFAULT_LIMITS if limits is None else limits)
+    cdef _View v
+    _view_open(&v, payload)
+    try:
+        return _head_and_body(v.buf, v.len, flags, header_length,
+                              DEFAULT_LIMITS if limits is None else limits)
+    finally:
+        _view_close(&v)

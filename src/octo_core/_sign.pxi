@@ -40,12 +40,16 @@ cdef const unsigned char* _utf8(object text, size_t* n) except NULL:
 
 def sha256_hex(data) -> str:
     """Lowercase hex SHA-256 of ``data`` (bytes-like)."""
-    cdef _Input inp = _Input(data)
+    cdef _View v
     cdef octo_sha256 s
     cdef unsigned char digest[32]
-    octo_sha256_init(&s)
-    octo_sha256_update(&s, <const unsigned char*>inp.view.buf, inp.view.len)
-    octo_sha256_final(&s, digest)
+    _view_open(&v, data)
+    try:
+        octo_sha256_init(&s)
+        octo_sha256_update(&s, v.buf, v.len)
+        octo_sha256_final(&s, digest)
+    finally:
+        _view_close(&v)
     return _hex(digest, 32)
 
 
@@ -60,18 +64,26 @@ cdef class SigningKey:
     def __init__(self, key):
         if isinstance(key, str):
             key = key.encode()
-        cdef _Input inp = _Input(key)
-        octo_hmac_key_init(&self._key, <const unsigned char*>inp.view.buf, inp.view.len)
+        cdef _View v
+        _view_open(&v, key)
+        try:
+            octo_hmac_key_init(&self._key, v.buf, v.len)
+        finally:
+            _view_close(&v)
 
     def digest(self, data) -> bytes:
         """HMAC-SHA256 of ``data`` (bytes-like) under this key, raw 32 bytes."""
-        cdef _Input inp = _Input(data)
+        cdef _View v
         cdef const unsigned char* parts[1]
         cdef size_t lengths[1]
         cdef unsigned char out[32]
-        parts[0] = <const unsigned char*>inp.view.buf
-        lengths[0] = inp.view.len
-        octo_hmac_parts(&self._key, parts, lengths, 1, -1, out)
+        _view_open(&v, data)
+        try:
+            parts[0] = v.buf
+            lengths[0] = v.len
+            octo_hmac_parts(&self._key, parts, lengths, 1, -1, out)
+        finally:
+            _view_close(&v)
         return out[:32]
 
     cdef void _sign(self, tuple fields, unsigned char* out) except *:
