@@ -304,6 +304,40 @@ def test_writes_leave_at_once_then_coalesce_until_the_next_read():
     run(scenario())
 
 
+def test_a_long_burst_leaves_in_batches_so_the_peer_starts_on_it_early():
+    """Calls or replies made in one burst go out WRITE_BATCH_FRAMES at a time as
+    they are made, not all at the burst's end: the peer works on the first while
+    the rest are being made."""
+    from octo_core.transport.stream import WRITE_BATCH_FRAMES, FramedProtocol
+
+    class Conn(FramedProtocol):
+        def frames_received(self, frames):
+            for frame in frames:
+                self.send(bytes(frame.body))
+
+    batch = WRITE_BATCH_FRAMES
+    bodies = [b"\x80\x01\x00\x01" + bytes([i]) for i in range(2 * batch + 1)]
+
+    async def scenario():
+        conn = Conn()
+        transport = _RecordingTransport()
+        conn.connection_made(transport)
+        conn.send(b"first")                          # the burst's first: at once
+        for body in bodies:
+            conn.send(body)
+        assert transport.writes == [b"first", b"".join(bodies[:batch]),
+                                    b"".join(bodies[batch:2 * batch])]
+        await asyncio.sleep(0)                       # the rest at the iteration's end
+        assert transport.writes[3:] == [bodies[-1]]
+        # the replies to a read of many calls, likewise
+        transport.writes.clear()
+        conn.data_received(b"".join(len(body).to_bytes(4, "big") + body for body in bodies))
+        assert transport.writes == [b"".join(bodies[:batch]),
+                                    b"".join(bodies[batch:2 * batch]), bodies[-1]]
+
+    run(scenario())
+
+
 def test_the_reply_to_a_lone_frame_leaves_while_it_is_handled():
     """One call in flight: its reply is written as it is sent, not held until the
     handling (the server's bookkeeping after an eager handler's answer) is over."""

@@ -49,9 +49,11 @@ comparison is between libraries, not event loops):
   ``octo`` against it is what the framework itself costs per call.
 * ``raw-uvloop``: a uvloop server that echoes 4-byte-length-prefixed frames and
   a uvloop client with N frames in flight on one connection (a future per
-  frame, replies matched in order, writes made in one loop iteration
-  coalesced into one ``write``, as octo_core does). No serialization: the
-  ceiling for any Python protocol on this machine.
+  frame, replies matched in order, the frames written in one loop iteration
+  sent together, ``WRITE_BATCH_FRAMES`` to a ``write``, as octo_core does; the
+  server echoes each read's whole frames in one ``write``, having nothing to
+  make while the first leave). No serialization: the ceiling for any Python
+  protocol on this machine.
 
 The thrift systems call ``Echo.echo(message)`` of ``payload.thrift`` with a
 string of the payload's size; grpc and raw echo the same bytes.
@@ -88,6 +90,7 @@ from typing import (Any, Awaitable, Callable, Deque, Dict, List, Optional, Seque
 
 from octo_core.cli import _non_negative_float, _positive_float, _positive_int
 from octo_core.idl import load_idl
+from octo_core.transport.stream import WRITE_BATCH_FRAMES
 from octo_core.transport.loop import new_event_loop
 
 PAYLOAD_THRIFT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "payload.thrift")
@@ -267,7 +270,8 @@ class _RawEchoServer(asyncio.Protocol):
 
 class _CodecEchoServer(asyncio.Protocol):
     """The codec-only server: each unified request frame read and its echo
-    reply written with ``_codec`` alone; one ``write`` per read."""
+    reply written with ``_codec`` alone; the replies to a read leave
+    ``WRITE_BATCH_FRAMES`` at a time, as octo_core's server sends them."""
 
     def __init__(self) -> None:
         from octo_core import _codec
@@ -290,8 +294,11 @@ class _CodecEchoServer(asyncio.Protocol):
             replies.append(codec.encode_response(
                 frame.flags, frame.head.sequence_id, 0, None, name, _REPLY, seqid,
                 echo.echo_result(success=args.message)))
+            if len(replies) == WRITE_BATCH_FRAMES:
+                self._transport.write(b"".join(replies))  # type: ignore[union-attr]  # (connected)
+                replies.clear()
         if replies:
-            self._transport.write(b"".join(replies))  # type: ignore[union-attr]  # (connected)
+            self._transport.write(b"".join(replies))  # type: ignore[union-attr]
 
 
 class _Serving:
@@ -787,20 +794,33 @@ class _GrpcDriver(_AsyncDriver):
 
 class _PipelinedClient(asyncio.Protocol):
     """N requests in flight on one connection, a future each; the requests
-    written during one loop iteration go out in one ``write``. Each subclass's
-    ``call`` queues its frame in ``_out`` itself (no helper call on the raw
-    ceiling's per-call path)."""
+    written during one loop iteration go out together, ``WRITE_BATCH_FRAMES``
+    at a time, as octo_core's connections write them."""
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._out: List[bytes] = []
+        self._flush_scheduled = False
         self._transport: Optional[asyncio.Transport] = None
         self.lost: Optional[BaseException] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
 
+    def _queue(self, frame: bytes) -> None:
+        """Send ``frame`` with the others of this loop iteration."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+        self._out.append(frame)
+        if len(self._out) >= WRITE_BATCH_FRAMES:
+            self._write_out()
+
     def _flush(self) -> None:
+        self._flush_scheduled = False
+        self._write_out()
+
+    def _write_out(self) -> None:
         out = self._out
         if out and self._transport is not None:
             self._transport.write(out[0] if len(out) == 1 else b"".join(out))
@@ -830,9 +850,7 @@ class _RawEchoClient(_PipelinedClient):
             raise ConnectionError(f"raw echo connection lost: {self.lost}")
         future = self._loop.create_future()
         self._waiters.append(future)
-        if not self._out:
-            self._loop.call_soon(self._flush)
-        self._out.append(frame)
+        self._queue(frame)
         return future
 
     def data_received(self, data: bytes) -> None:
@@ -887,9 +905,7 @@ class _CodecEchoClient(_PipelinedClient):
             codec.new_id(), codec.new_id(), {}, None, "echo", _CALL, seq,
             self._echo.echo_args(message))
         future = self._waiters[seq] = self._loop.create_future()
-        if not self._out:
-            self._loop.call_soon(self._flush)
-        self._out.append(frame)
+        self._queue(frame)
         return future
 
     def data_received(self, data: bytes) -> None:

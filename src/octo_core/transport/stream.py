@@ -21,6 +21,13 @@ READ_BATCH = 4 * 1024 * 1024
 #: mark by default) must see a burst of calls while it is being made, not after.
 WRITE_BATCH = 64 * 1024
 
+#: Frames held for the end of a loop iteration before they go out at once. A
+#: burst's frames (the replies to a read of many calls, or the calls their
+#: answers set off) leave this many at a time, so the peer starts on the first
+#: while the rest are being made: with both ends busy (many calls in flight),
+#: each works while the other does, instead of waiting for its whole burst.
+WRITE_BATCH_FRAMES = 8
+
 #: Seconds a closed connection may take to hand its last bytes to a peer that
 #: reads nothing before it is aborted: a close must not hold a socket forever.
 CLOSE_LINGER = 2.0
@@ -56,7 +63,7 @@ BROKEN = Throttle(10.0, log)
 class FramedProtocol(asyncio.Protocol):
     """Base of the server and client connections.
 
-    Writes made during one loop iteration go out in one ``transport.write``;
+    Writes made during one loop iteration go out together (see ``send``);
     bad bytes close this connection only (``frames_received`` never sees them).
     Unified headers are read under the default ``Limits`` whatever a server or
     client sets for its messages: a header is at most 32 KiB, and a tight
@@ -135,7 +142,7 @@ class FramedProtocol(asyncio.Protocol):
                     self.frames_received(frames)
                 else:
                     # What is sent while these frames are handled (eager handlers'
-                    # replies) leaves in one write when they are done.
+                    # replies) leaves in batches (see send), the rest when they are done.
                     flush_pending = self._flush_scheduled
                     self._flush_scheduled = True
                     try:
@@ -173,7 +180,8 @@ class FramedProtocol(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         """Write ``data``: the first frame since the last read goes out at once (no
         added latency, no extra loop pass); later ones are joined into one write
-        at the end of the loop iteration."""
+        at the end of the loop iteration, or sooner, ``WRITE_BATCH_FRAMES`` (or
+        ``WRITE_BATCH`` bytes) at a time."""
         if self.closed:
             return
         if self._flush_scheduled:
@@ -187,7 +195,7 @@ class FramedProtocol(asyncio.Protocol):
             return
         self._out.append(data)
         self._out_bytes += len(data)
-        if self._out_bytes >= WRITE_BATCH:
+        if self._out_bytes >= WRITE_BATCH or len(self._out) >= WRITE_BATCH_FRAMES:
             self._write_out()   # (the flush still scheduled finds less, or nothing, to do)
 
     def _flush(self) -> None:
