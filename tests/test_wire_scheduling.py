@@ -304,19 +304,28 @@ def test_writes_leave_at_once_then_coalesce_until_the_next_read():
     run(scenario())
 
 
-def test_a_long_burst_leaves_in_batches_so_the_peer_starts_on_it_early():
-    """Calls or replies made in one burst go out WRITE_BATCH_FRAMES at a time as
-    they are made, not all at the burst's end: the peer works on the first while
-    the rest are being made."""
-    from octo_core.transport.stream import WRITE_BATCH_FRAMES, FramedProtocol
+def test_a_long_burst_leaves_in_growing_batches_so_the_peer_starts_on_it_early():
+    """Calls or replies made in one burst go out as they are made, in batches of
+    FIRST_BATCH_FRAMES, then twice as many each time up to WRITE_BATCH_FRAMES,
+    not all at the burst's end: the peer works on the first while the rest are
+    being made, and a long burst takes few writes. A read starts a new burst."""
+    from octo_core.transport.stream import (FIRST_BATCH_FRAMES, WRITE_BATCH_FRAMES,
+                                            FramedProtocol)
 
     class Conn(FramedProtocol):
         def frames_received(self, frames):
             for frame in frames:
                 self.send(bytes(frame.body))
 
-    batch = WRITE_BATCH_FRAMES
-    bodies = [b"\x80\x01\x00\x01" + bytes([i]) for i in range(2 * batch + 1)]
+    sizes, size = [], FIRST_BATCH_FRAMES
+    while sum(sizes) < 3 * WRITE_BATCH_FRAMES:
+        sizes.append(size)
+        size = min(2 * size, WRITE_BATCH_FRAMES)
+    bodies = [b"\x80\x01\x00\x01" + i.to_bytes(2, "big") for i in range(sum(sizes) + 1)]
+    batches, at = [], 0
+    for size in sizes:
+        batches.append(b"".join(bodies[at:at + size]))
+        at += size
 
     async def scenario():
         conn = Conn()
@@ -325,15 +334,14 @@ def test_a_long_burst_leaves_in_batches_so_the_peer_starts_on_it_early():
         conn.send(b"first")                          # the burst's first: at once
         for body in bodies:
             conn.send(body)
-        assert transport.writes == [b"first", b"".join(bodies[:batch]),
-                                    b"".join(bodies[batch:2 * batch])]
+        assert transport.writes == [b"first", *batches]
+        assert sizes[-1] == sizes[-2] == WRITE_BATCH_FRAMES    # (the growth stopped)
         await asyncio.sleep(0)                       # the rest at the iteration's end
-        assert transport.writes[3:] == [bodies[-1]]
-        # the replies to a read of many calls, likewise
+        assert transport.writes[1 + len(batches):] == [bodies[-1]]
+        # the replies to a read of many calls: a new burst, in the same batches
         transport.writes.clear()
         conn.data_received(b"".join(len(body).to_bytes(4, "big") + body for body in bodies))
-        assert transport.writes == [b"".join(bodies[:batch]),
-                                    b"".join(bodies[batch:2 * batch]), bodies[-1]]
+        assert transport.writes == [*batches, bodies[-1]]
 
     run(scenario())
 

@@ -50,7 +50,7 @@ comparison is between libraries, not event loops):
 * ``raw-uvloop``: a uvloop server that echoes 4-byte-length-prefixed frames and
   a uvloop client with N frames in flight on one connection (a future per
   frame, replies matched in order, the frames written in one loop iteration
-  sent together, ``WRITE_BATCH_FRAMES`` to a ``write``, as octo_core does; the
+  sent together, in batches that grow after each read as octo_core's do; the
   server echoes each read's whole frames in one ``write``, having nothing to
   make while the first leave). No serialization: the ceiling for any Python
   protocol on this machine.
@@ -90,7 +90,7 @@ from typing import (Any, Awaitable, Callable, Deque, Dict, List, Optional, Seque
 
 from octo_core.cli import _non_negative_float, _positive_float, _positive_int
 from octo_core.idl import load_idl
-from octo_core.transport.stream import WRITE_BATCH_FRAMES
+from octo_core.transport.stream import FIRST_BATCH_FRAMES, WRITE_BATCH_FRAMES
 from octo_core.transport.loop import new_event_loop
 
 PAYLOAD_THRIFT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "payload.thrift")
@@ -270,8 +270,8 @@ class _RawEchoServer(asyncio.Protocol):
 
 class _CodecEchoServer(asyncio.Protocol):
     """The codec-only server: each unified request frame read and its echo
-    reply written with ``_codec`` alone; the replies to a read leave
-    ``WRITE_BATCH_FRAMES`` at a time, as octo_core's server sends them."""
+    reply written with ``_codec`` alone; the replies to a read leave in
+    growing batches, as octo_core's server sends them."""
 
     def __init__(self) -> None:
         from octo_core import _codec
@@ -288,15 +288,17 @@ class _CodecEchoServer(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         codec, echo = self._codec, self._echo
         replies = []
+        batch = FIRST_BATCH_FRAMES
         for frame in self._feed(data):
             name, _, seqid, offset = codec.decode_message_begin(frame.body)
             args = codec.decode_body(echo.echo_args, frame.body, offset)
             replies.append(codec.encode_response(
                 frame.flags, frame.head.sequence_id, 0, None, name, _REPLY, seqid,
                 echo.echo_result(success=args.message)))
-            if len(replies) == WRITE_BATCH_FRAMES:
+            if len(replies) == batch:
                 self._transport.write(b"".join(replies))  # type: ignore[union-attr]  # (connected)
                 replies.clear()
+                batch = min(2 * batch, WRITE_BATCH_FRAMES)
         if replies:
             self._transport.write(b"".join(replies))  # type: ignore[union-attr]
 
@@ -794,13 +796,15 @@ class _GrpcDriver(_AsyncDriver):
 
 class _PipelinedClient(asyncio.Protocol):
     """N requests in flight on one connection, a future each; the requests
-    written during one loop iteration go out together, ``WRITE_BATCH_FRAMES``
-    at a time, as octo_core's connections write them."""
+    written during one loop iteration go out together, in batches that grow
+    after each read (octo_core's ``FramedProtocol.send``, minus its first frame
+    sent alone)."""
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._out: List[bytes] = []
         self._flush_scheduled = False
+        self._batch_frames = FIRST_BATCH_FRAMES
         self._transport: Optional[asyncio.Transport] = None
         self.lost: Optional[BaseException] = None
 
@@ -813,8 +817,17 @@ class _PipelinedClient(asyncio.Protocol):
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
         self._out.append(frame)
-        if len(self._out) >= WRITE_BATCH_FRAMES:
+        if len(self._out) >= self._batch_frames:
+            self._batch_frames = min(2 * self._batch_frames, WRITE_BATCH_FRAMES)
             self._write_out()
+
+    def data_received(self, data: bytes) -> None:
+        self._batch_frames = FIRST_BATCH_FRAMES   # the calls this read sets off: a new burst
+        self._replies(data)
+
+    def _replies(self, data: bytes) -> None:
+        """Resolve the futures of the replies in ``data``."""
+        raise NotImplementedError
 
     def _flush(self) -> None:
         self._flush_scheduled = False
@@ -853,7 +866,7 @@ class _RawEchoClient(_PipelinedClient):
         self._queue(frame)
         return future
 
-    def data_received(self, data: bytes) -> None:
+    def _replies(self, data: bytes) -> None:
         buf = self._buf
         if buf:
             buf += data
@@ -908,7 +921,7 @@ class _CodecEchoClient(_PipelinedClient):
         self._queue(frame)
         return future
 
-    def data_received(self, data: bytes) -> None:
+    def _replies(self, data: bytes) -> None:
         decode_reply, result_cls = self._codec.decode_reply, self._echo.echo_result
         for frame in self._feed(data):
             _, result = decode_reply(result_cls, self._app_exception, frame.body)

@@ -23,10 +23,14 @@ WRITE_BATCH = 64 * 1024
 
 #: Frames held for the end of a loop iteration before they go out at once. A
 #: burst's frames (the replies to a read of many calls, or the calls their
-#: answers set off) leave this many at a time, so the peer starts on the first
-#: while the rest are being made: with both ends busy (many calls in flight),
-#: each works while the other does, instead of waiting for its whole burst.
-WRITE_BATCH_FRAMES = 8
+#: answers set off) leave in batches as they are made, so the peer starts on
+#: the first while the rest are being made: with both ends busy (many calls in
+#: flight), each works while the other does, instead of waiting for the other's
+#: whole burst. The first frame after a read leaves alone, then batches of
+#: FIRST_BATCH_FRAMES, each twice the last up to WRITE_BATCH_FRAMES: an idle
+#: peer gets work at once, and a long burst costs few writes.
+FIRST_BATCH_FRAMES = 4
+WRITE_BATCH_FRAMES = 64
 
 #: Seconds a closed connection may take to hand its last bytes to a peer that
 #: reads nothing before it is aborted: a close must not hold a socket forever.
@@ -74,7 +78,8 @@ class FramedProtocol(asyncio.Protocol):
     # access however many attributes a subclass adds (CPython's compact
     # instance dicts stop at 30 keys).
     __slots__ = ("transport", "peer", "peer_ip", "_decoder", "max_frame_size", "max_depth",
-                 "_out", "_out_bytes", "_flush_scheduled", "_wrote_since_read", "closed",
+                 "_out", "_out_bytes", "_batch_frames", "_flush_scheduled",
+                 "_wrote_since_read", "closed",
                  "loop", "last_read", "frame_started", "_linger",
                  "discarding", "__weakref__", "__dict__")
 
@@ -88,6 +93,7 @@ class FramedProtocol(asyncio.Protocol):
         self.max_depth = max_depth   # the nesting of the messages it reads, and so sends
         self._out: List[bytes] = []
         self._out_bytes = 0    # in _out
+        self._batch_frames = FIRST_BATCH_FRAMES   # frames in _out that go out at once
         self._flush_scheduled = False
         # A burst of writes follows a read (the replies it wakes, the calls
         # they make): its first frame leaves at once, the rest together.
@@ -118,6 +124,7 @@ class FramedProtocol(asyncio.Protocol):
             return
         now = self.last_read = self.loop.time()
         self._wrote_since_read = False
+        self._batch_frames = FIRST_BATCH_FRAMES
         if self._read(data) or self.frame_started is None:
             self.frame_started = now if self._decoder.buffered else None
 
@@ -180,8 +187,8 @@ class FramedProtocol(asyncio.Protocol):
     def send(self, data: bytes) -> None:
         """Write ``data``: the first frame since the last read goes out at once (no
         added latency, no extra loop pass); later ones are joined into one write
-        at the end of the loop iteration, or sooner, ``WRITE_BATCH_FRAMES`` (or
-        ``WRITE_BATCH`` bytes) at a time."""
+        at the end of the loop iteration, or sooner in growing batches (see
+        ``FIRST_BATCH_FRAMES``; at most ``WRITE_BATCH`` bytes)."""
         if self.closed:
             return
         if self._flush_scheduled:
@@ -195,7 +202,8 @@ class FramedProtocol(asyncio.Protocol):
             return
         self._out.append(data)
         self._out_bytes += len(data)
-        if self._out_bytes >= WRITE_BATCH or len(self._out) >= WRITE_BATCH_FRAMES:
+        if len(self._out) >= self._batch_frames or self._out_bytes >= WRITE_BATCH:
+            self._batch_frames = min(2 * self._batch_frames, WRITE_BATCH_FRAMES)
             self._write_out()   # (the flush still scheduled finds less, or nothing, to do)
 
     def _flush(self) -> None:
