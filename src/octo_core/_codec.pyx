@@ -119,6 +119,7 @@ DEF VERSION_MASK = 0xffff0000
 DEF MAX_STACK_FIELDS = 16   # per nesting level on the C stack; wider structs use the heap
 DEF MAX_DEPTH_CAP = 1000     # ~450 bytes of C stack a level (setup.py): fits 512 KiB stacks
 DEF MAX_PRESIZE = 1 << 16   # entries a decoded dict is sized for before its first insert
+DEF MAX_SHARED_HASH = 16   # distinct keys of one map (elements of one set) with one hash
 
 cdef dict _TYPE_NAMES = {
     T_BOOL: "bool", T_BYTE: "byte", T_DOUBLE: "double", T_I16: "i16", T_I32: "i32",
@@ -1088,11 +1089,18 @@ cdef object _r_list(_Reader* r, _TypeSpec t, int depth):
         _r_check_wire(r, wire, elem.wire, at, "set element" if is_set else "list element")
     _charge(r, n, at)
     cdef set members
+    cdef dict hashes
+    cdef Py_ssize_t before
     if t.kind == T_SET and not t.set_as_list:
         members = set()   # filled directly: no list to build and copy
+        hashes = {} if _floodable(kind) else None
         for i in range(n):
-            if _PySet_Add(members, _r_elem(r, elem, kind, depth)) < 0:
+            v = _r_elem(r, elem, kind, depth)
+            before = len(members)
+            if _PySet_Add(members, v) < 0:
                 _r_unhashable(at, "set element", "held in a Python set")
+            if hashes is not None and len(members) > before:   # (a repeat adds nothing)
+                _count_hash(hashes, v, at, "set elements")
         return members
     cdef list out = PyList_New(n)
     for i in range(n):
@@ -1100,6 +1108,30 @@ cdef object _r_list(_Reader* r, _TypeSpec t, int depth):
         Py_INCREF(v)
         PyList_SET_ITEM(out, i, <PyObject*>v)
     return out
+
+
+cdef inline bint _floodable(int kind) noexcept nogil:
+    """Whether map keys or set elements of this kind hash by values the sender
+    picks, with no per-process salt (str and bytes have one): tuples and
+    frozensets of numbers, and thriftpy2 structs, which hash their fields'
+    values so. A sender can make n of them share one hash, and a dict or set of
+    them then costs n² comparisons to build: 20,000 keys, half a megabyte, held
+    the event loop 4 s, a 16 MB frame would hold it for an hour."""
+    return kind == T_LIST or kind == T_SET or kind == T_STRUCT
+
+
+cdef int _count_hash(dict hashes, object key, Py_ssize_t at, str what) except -1:
+    """Count ``key``, just added to a dict or set, under its hash in ``hashes``; a
+    ``DecodeError`` once more than MAX_SHARED_HASH keys share one hash (see
+    ``_floodable``). Keys that share a hash by chance come a few at a time
+    (-1 and -2 do, and so do tuples of them)."""
+    h = hash(key)
+    cdef Py_ssize_t c = hashes.get(h, 0) + 1
+    if c > MAX_SHARED_HASH:
+        raise DecodeError(f"{what} at byte {at}: more than {MAX_SHARED_HASH} share one hash "
+                          f"(an input made to slow the decoder down)", offset=at)
+    hashes[h] = c
+    return 0
 
 
 cdef object _hashable(object v):
@@ -1141,13 +1173,18 @@ cdef object _r_map(_Reader* r, _TypeSpec t, int depth):
     # made empty keeps CPython's compact str-key layout (less memory, faster lookups).
     cdef dict out = {} if kk == T_STRING else _dict_presized(min(n, MAX_PRESIZE))
     cdef bint freeze = kk == T_LIST or kk == T_SET
+    cdef dict hashes = {} if _floodable(kk) else None
+    cdef Py_ssize_t before
     for i in range(n):
         k = _r_elem(r, kt, kk, depth)
         if freeze:
             k = _hashable(k)
         v = _r_elem(r, vt, vk, depth)
+        before = PyDict_GET_SIZE(out)
         if _PyDict_SetItem(out, k, v) < 0:   # no try block: it costs a save per entry
             _r_unhashable(at, "map key", "a Python dict key")
+        if hashes is not None and PyDict_GET_SIZE(out) > before:   # (a repeat adds nothing)
+            _count_hash(hashes, k, at, "map keys")
     return out
 
 

@@ -1,0 +1,213 @@
+"""Inputs the other tests did not think of: an outside checker's findings.
+
+Each test here began as a reproducer of a bug found by feeding octo_core IDLs
+it had not seen (``idl/adversarial.thrift``), other Thrift implementations'
+bytes and hostile bytes, and stays as its regression test.
+
+* Hash flooding: map keys and set elements whose Python hash the sender picks
+  (container keys, decoded as tuples and frozensets; thriftpy2 structs, which
+  hash their fields' values) can be made to share one hash, and a dict or set
+  of n of them costs n² comparisons to build, on the event loop: half a
+  megabyte held a server 4 s. A decode now refuses more than a few distinct
+  keys with one hash (``DecodeError``; a server answers PROTOCOL_EXCEPTION).
+"""
+from __future__ import annotations
+
+import os
+import random
+import struct
+from typing import List, Tuple
+
+import pytest
+
+import octo_core
+from octo_core.codec import decode, encode
+from octo_core.errors import ApplicationError, DecodeError, ProtocolError
+
+from wire_helpers import async_client, run, serving, watchdog  # noqa: F401  (fixture)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ADV = octo_core.load_idl(os.path.join(HERE, "idl", "adversarial.thrift"))
+
+# --- hash collisions, made as an attacker would -------------------------------------------
+# CPython's hashes of ints, tuples and frozensets have no per-process salt (str and
+# bytes do): these invert them. Every helper checks its own output, so a CPython
+# whose hashing differs fails the test here instead of passing it vacuously.
+
+_M = (1 << 64) - 1
+_P1, _P2, _P5 = 11400714785074694791, 14029467366897019727, 2870177450012600261
+
+
+def _rotl(x: int) -> int:
+    return ((x << 31) | (x >> 33)) & _M
+
+
+def _rotr(x: int) -> int:
+    return ((x >> 31) | (x << 33)) & _M
+
+
+def _int_with_hash(h: int):
+    """An i64 whose Python hash is ``h`` (unsigned 64-bit), or None."""
+    value = h - (1 << 64) if h >> 63 else h
+    if -(2 ** 61 - 1) < value < 2 ** 61 - 1 and value != -1 and hash(value) == value:
+        return value
+    return None
+
+
+def colliding_pairs(n: int, seed: int = 7) -> List[Tuple[int, int]]:
+    """``n`` distinct pairs of i64 whose tuples share one hash."""
+    target, rng, out = 0x0123456789ABCDEF, random.Random(seed), []
+    while len(out) < n:
+        a = rng.randrange(-(2 ** 60), 2 ** 60)
+        after_a = _rotl((_P5 + (hash(a) & _M) * _P2) & _M) * _P1 & _M
+        lane = (_rotr(target * pow(_P1, -1, 1 << 64) & _M) - after_a) * pow(_P2, -1, 1 << 64) & _M
+        b = _int_with_hash(lane)
+        if b is not None:
+            out.append((a, b))
+    assert len(set(out)) == n and len({hash(p) for p in out}) == 1
+    return out
+
+
+def _shuffle(h: int) -> int:   # setobject.c's _shuffle_bits
+    return ((h ^ 89869747) ^ (h << 16)) * 3644798167 & _M
+
+
+def _unshuffle(y: int) -> int:
+    g = (y * pow(3644798167, -1, 1 << 64) & _M) ^ 89869747
+    return (g ^ (g << 16) ^ (g << 32) ^ (g << 48)) & _M
+
+
+def colliding_int_sets(n: int, seed: int = 11) -> List[frozenset]:
+    """``n`` distinct two-element sets of i64 that share one hash."""
+    target, rng, out = 0xFEDCBA9876543210, random.Random(seed), []
+    while len(out) < n:
+        a = rng.randrange(2, 2 ** 60)
+        b = _int_with_hash(_unshuffle(target ^ _shuffle(hash(a) & _M)))
+        if b is not None and b != a:
+            out.append(frozenset((a, b)))
+    assert len(set(out)) == n and len({hash(s) for s in out}) == 1
+    return out
+
+
+# --- wire builders: the bytes a peer could send --------------------------------------------
+
+T_I32, T_I64, T_STRING, T_STRUCT, T_MAP, T_SET, T_LIST = 8, 10, 11, 12, 13, 14, 15
+
+
+def _i64_list(values) -> bytes:
+    return struct.pack("!bi", T_I64, len(values)) + b"".join(struct.pack("!q", v) for v in values)
+
+
+def _path(values) -> bytes:
+    """A ``Path`` struct: field 1, list<i64>."""
+    return struct.pack("!bh", T_LIST, 1) + _i64_list(values) + b"\x00"
+
+
+def keyed_by_list(keys) -> bytes:
+    """``Keyed`` with field 1, map<list<i64>, i32>, holding ``keys``."""
+    entries = b"".join(_i64_list(k) + struct.pack("!i", 0) for k in keys)
+    return struct.pack("!bhbbi", T_MAP, 1, T_LIST, T_I32, len(keys)) + entries + b"\x00"
+
+
+def keyed_by_set(keys) -> bytes:
+    """``Keyed`` with field 2, map<set<i64>, i32>."""
+    entries = b"".join(_i64_list(sorted(k)) + struct.pack("!i", 0) for k in keys)
+    return struct.pack("!bhbbi", T_MAP, 2, T_SET, T_I32, len(keys)) + entries + b"\x00"
+
+
+def keyed_paths(keys) -> bytes:
+    """``Keyed`` with field 3, set<Path>."""
+    return (struct.pack("!bhbi", T_SET, 3, T_STRUCT, len(keys))
+            + b"".join(_path(k) for k in keys) + b"\x00")
+
+
+def keyed_by_path(keys) -> bytes:
+    """``Keyed`` with field 4, map<Path, string>."""
+    entries = b"".join(_path(k) + struct.pack("!i", 0) for k in keys)
+    return struct.pack("!bhbbi", T_MAP, 4, T_STRUCT, T_STRING, len(keys)) + entries + b"\x00"
+
+
+FLOODS = {
+    "map<list<i64>,_>": (keyed_by_list, colliding_pairs),
+    "map<set<i64>,_>": (keyed_by_set, colliding_int_sets),
+    "set<Path>": (keyed_paths, colliding_pairs),
+    "map<Path,_>": (keyed_by_path, colliding_pairs),
+}
+
+
+# --- hash flooding -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", sorted(FLOODS))
+def test_keys_made_to_share_one_hash_are_refused(shape):
+    build, collide = FLOODS[shape]
+    with pytest.raises(DecodeError, match="share one hash"):
+        decode(ADV.Keyed, build(collide(64)))
+
+
+@pytest.mark.parametrize("shape", sorted(FLOODS))
+def test_a_few_keys_that_share_a_hash_still_decode(shape):
+    build, collide = FLOODS[shape]
+    keys = collide(16)
+    keyed = decode(ADV.Keyed, build(keys))
+    held = [keyed.by_list, keyed.by_set, keyed.paths, keyed.by_path]
+    assert sum(len(x or ()) for x in held) == 16
+
+
+def test_keys_that_share_a_hash_by_nature_and_repeats_decode():
+    # hash(-1) == hash(-2): CPython's own collisions come a few at a time
+    chance = [(-1,), (-2,), (-1, -1), (-2, -2), (-1, -2), (-2, -1)]
+    plenty = [(i, -i) for i in range(5000)]
+    repeated = [colliding_pairs(1)[0]] * 100    # one key, many times: no flood
+    keyed = decode(ADV.Keyed, keyed_by_list(chance + plenty + repeated))
+    assert set(keyed.by_list) == set(chance) | set(plenty) | set(repeated)
+    paths = decode(ADV.Keyed, keyed_paths([[i, 1] for i in range(2000)] + [[5, 1]] * 50))
+    assert len(paths.paths) == 2000
+
+
+def test_what_octo_core_writes_it_reads_back():
+    keyed = ADV.Keyed(by_list={(1, 2): 3, (): 4}, by_set={frozenset({1, 2}): 5},
+                      paths={ADV.Path([1, 2]), ADV.Path([])},
+                      by_path={ADV.Path([3]): "x"}, by_leaf={ADV.Leaf(1, "a"): 1},
+                      leaves={ADV.Leaf(2, "b")}, blobs={b"\xff", b""}, by_real={-0.0: "z"})
+    back = decode(ADV.Keyed, encode(keyed))
+    assert back.by_list == keyed.by_list and back.by_set == keyed.by_set
+    assert back.paths == keyed.paths and back.by_path == keyed.by_path
+    assert back.by_leaf == keyed.by_leaf and back.leaves == keyed.leaves
+    assert back.blobs == keyed.blobs and back.by_real == keyed.by_real
+
+
+class Picker:
+    def ping(self):
+        pass
+
+    def add(self, a, b):
+        return a + b
+
+    def fire(self, what):
+        pass
+
+    def pick(self, c, k):
+        return c
+
+    def levels(self, ls):
+        return sorted(ls)
+
+
+# the refusal as each protocol says it: a status 5 header, or a PROTOCOL_ERROR exception
+REFUSED = {"octo": ProtocolError, "thrift": ApplicationError}
+
+
+@pytest.mark.parametrize("proto", sorted(REFUSED))
+def test_a_flooding_request_is_refused_and_the_client_calls_on(proto):
+    flood = ADV.Keyed(by_list={pair: 0 for pair in colliding_pairs(64)})
+
+    async def main():
+        async with serving([(ADV.Derived, Picker(), None)]) as server, \
+                async_client(ADV.Derived, server.address, protocol=proto) as client:
+            with pytest.raises(REFUSED[proto], match="share one hash"):
+                await client.pick(ADV.Choice(number=1), flood)
+            assert await client.pick(ADV.Choice(number=2), ADV.Keyed()) == ADV.Choice(number=2)
+
+    run(main())
+
