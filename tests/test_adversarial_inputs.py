@@ -10,6 +10,9 @@ bytes and hostile bytes, and stays as its regression test.
   of n of them costs n² comparisons to build, on the event loop: half a
   megabyte held a server 4 s. A decode now refuses more than a few distinct
   keys with one hash (``DecodeError``; a server answers PROTOCOL_EXCEPTION).
+* A TApplicationException whose message is not UTF-8 (a C++ server's text in
+  GBK, say) reached the caller as an error whose ``message`` was bytes, and whose
+  ``str()`` read ``b'\\xc4...'``: it is text now, its stray bytes escaped.
 """
 from __future__ import annotations
 
@@ -19,12 +22,15 @@ import struct
 from typing import List, Tuple
 
 import pytest
+from thriftpy2.thrift import TApplicationException, TMessageType
 
 import octo_core
 from octo_core.codec import decode, encode
 from octo_core.errors import ApplicationError, DecodeError, ProtocolError
 
-from wire_helpers import async_client, run, serving, watchdog  # noqa: F401  (fixture)
+from octo_core import codec, protocol
+from wire_helpers import (Echo, async_client, fake_server, frames_read, run, serving,
+                          watchdog)  # noqa: F401  (fixture)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ADV = octo_core.load_idl(os.path.join(HERE, "idl", "adversarial.thrift"))
@@ -211,3 +217,37 @@ def test_a_flooding_request_is_refused_and_the_client_calls_on(proto):
 
     run(main())
 
+
+# --- what a server sends back --------------------------------------------------------------
+
+GBK_TEXT = "\u4f60\u597d".encode("gbk") + b" failed"   # "hello" in GBK: not UTF-8
+
+
+def _answer_with_application_exception(status: int):
+    """A fake server's handler: every call is answered with a TApplicationException
+    whose message is ``GBK_TEXT`` (with ``status`` in a unified reply's header)."""
+    async def handle(reader, writer):
+        async for frame in frames_read(reader):
+            name, _, seqid, _ = codec.decode_message_begin(frame.body)
+            body = codec.encode_message(name, TMessageType.EXCEPTION, seqid, TApplicationException(
+                TApplicationException.INTERNAL_ERROR, GBK_TEXT))
+            writer.write(protocol.encode_framed(body) if frame.head is None else
+                         protocol.encode_unified(
+                             protocol.response_header(frame.head.sequence_id, status), body))
+    return handle
+
+
+@pytest.mark.parametrize("proto", ["octo", "thrift"])
+def test_an_application_exception_whose_message_is_not_utf8_is_text(proto):
+    async def main():
+        async with fake_server(_answer_with_application_exception(1)) as address, \
+                async_client(Echo, address, protocol=proto) as client:
+            with pytest.raises(ApplicationError) as info:
+                await client.echo("hi")
+        error = info.value
+        assert isinstance(error.message, str)
+        assert error.message == GBK_TEXT.decode("utf-8", "backslashreplace")
+        assert str(error).startswith(error.message)
+        assert error.type == TApplicationException.INTERNAL_ERROR
+
+    run(main())

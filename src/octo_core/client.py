@@ -500,7 +500,7 @@ class AsyncClient:
             error = _ERRORS_BY_STATUS.get(head.status if head is not None else None,
                                           ApplicationError)
             raise _application_exception(
-                error, result.message or f"application exception type {result.type}",
+                error, _text(result.message) or f"application exception type {result.type}",
                 result.type, method, node)
         # success first, then the declared exceptions: the order in which thriftpy2's
         # and Apache's clients read a result (a result may carry both)
@@ -600,6 +600,14 @@ def _argument_error(method: idl.Method, args: tuple, kwargs: Dict[str, Any],
     if unknown:
         return f"{signature} has no argument {', '.join(map(repr, unknown))}"
     return f"{signature}: {exc}"
+
+
+def _text(message: Any) -> Optional[str]:
+    """A TApplicationException's message as text: one that is not UTF-8 (a C++
+    server's, in GBK say) decodes to its bytes, which are shown escaped."""
+    if isinstance(message, bytes):
+        return message.decode("utf-8", "backslashreplace")
+    return message
 
 
 def _application_exception(error: type, text: str, kind: int, method: idl.Method,
