@@ -13,6 +13,9 @@ bytes and hostile bytes, and stays as its regression test.
 * A TApplicationException whose message is not UTF-8 (a C++ server's text in
   GBK, say) reached the caller as an error whose ``message`` was bytes, and whose
   ``str()`` read ``b'\\xc4...'``: it is text now, its stray bytes escaped.
+* A service with a field id past i16 (thriftpy2 loads it, no peer can write it)
+  was added, then each request to it raised ValueError out of the connection's
+  ``data_received``, dropping it: ``add_service`` refuses such a service.
 """
 from __future__ import annotations
 
@@ -251,3 +254,35 @@ def test_an_application_exception_whose_message_is_not_utf8_is_text(proto):
         assert error.type == TApplicationException.INTERNAL_ERROR
 
     run(main())
+
+
+# --- IDLs the codec cannot speak -----------------------------------------------------------
+
+
+def test_a_service_whose_structs_the_codec_cannot_compile_is_refused_when_added(tmp_path):
+    """thriftpy2 loads field ids past i16, which no thrift binary peer can write.
+    Such a service was added, and each request to it raised ValueError out of the
+    connection's data_received (asyncio logged a fatal error and dropped the
+    connection, every call on it with it). It is refused at add_service."""
+    path = tmp_path / "bad_ids.thrift"
+    path.write_text("struct Wide { 40000: i32 x }\n"
+                    "service Bad { i32 ok(1: i32 a), i32 nested(1: Wide w) }\n"
+                    "service Worse { i32 direct(70000: i32 y) }\n")
+    bad = octo_core.load_idl(str(path))
+
+    class Handler:
+        def ok(self, a):
+            return a
+
+        def nested(self, w):
+            return 0
+
+        def direct(self, y):
+            return y
+
+    server = octo_core.Server(appkey="adv.server", host="127.0.0.1", port=0)
+    for service, words in ((bad.Bad, "Bad.nested.*Wide: field id 40000"),
+                           (bad.Worse, "Worse.direct.*direct_args: field id 70000")):
+        with pytest.raises(ValueError, match=words):
+            server.add_service(service, Handler())
+    assert server.stats() == {}

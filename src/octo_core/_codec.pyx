@@ -733,6 +733,14 @@ cdef _StructSpec _twin_spec(_StructSpec s, object cls):
                     f"{cls.__name__}: another struct of that name, with other fields")
 
 
+def check_struct(object cls) -> None:
+    """Compile thriftpy2 struct class ``cls`` for the codec now (it is compiled on
+    first use otherwise), with the structs its fields refer to: ``ValueError``
+    or ``TypeError`` for one the codec cannot write or read, such as a field id
+    past i16, which thriftpy2 loads but no thrift binary peer can write."""
+    _spec_for(cls)
+
+
 def is_twin(object cls, object of) -> bool:
     """Whether struct class ``cls`` is ``of`` or its twin from another load of the
     IDL (an include loaded on its own too): the encoder writes one as the other."""

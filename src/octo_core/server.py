@@ -100,6 +100,18 @@ _EVERY_INTERFACE = ("", "0.0.0.0", "::")
 _SPARE_FDS = 128
 
 
+def _check_structs(service: str, method: idl.Method) -> None:
+    """``ValueError`` when the codec cannot read ``method``'s arguments or write
+    its result (an IDL thriftpy2 loads, but no thrift binary peer speaks): found
+    here, not by each of its requests."""
+    for cls in (method.args_cls, method.result_cls):
+        try:
+            _codec.check_struct(cls)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{service}.{method.name}: octo_core cannot read or write "
+                             f"{cls.__name__}: {exc}") from None
+
+
 def _fd_connections() -> Optional[int]:
     """``max_connections`` by default: the open-file soft limit (RLIMIT_NOFILE) less
     an eighth of it, or less ``_SPARE_FDS``, whichever leaves more, but at least
@@ -436,6 +448,8 @@ class Server:
                 inspect.isfunction(inspect.getattr_static(handler, m)) for m in methods):
             raise TypeError(f"handler {handler.__name__} is a class, whose methods need an "
                             f"instance: add_service(..., {handler.__name__}())")
+        for declared in methods.values():
+            _check_structs(name, declared)
         handlers = {}
         for method in methods:
             fn = getattr(handler, method)
