@@ -16,6 +16,9 @@ bytes and hostile bytes, and stays as its regression test.
 * A service with a field id past i16 (thriftpy2 loads it, no peer can write it)
   was added, then each request to it raised ValueError out of the connection's
   ``data_received``, dropping it: ``add_service`` refuses such a service.
+* A handler's error text with a lone surrogate (a file name os.fsdecode made)
+  could not be written: the caller got an EncodeError's text instead, and the
+  server logged that the handler raised it. Such text is sent escaped.
 """
 from __future__ import annotations
 
@@ -286,3 +289,37 @@ def test_a_service_whose_structs_the_codec_cannot_compile_is_refused_when_added(
         with pytest.raises(ValueError, match=words):
             server.add_service(service, Handler())
     assert server.stats() == {}
+
+
+
+# --- what a handler raises -----------------------------------------------------------------
+
+#: A file name that is not UTF-8, as os.fsdecode gives it (a lone surrogate per stray byte).
+UNDECODABLE = os.fsdecode(b"caf\xe9.txt")
+
+
+class Failing(Picker):
+    def ping(self):
+        raise OSError(f"cannot open {UNDECODABLE}")
+
+    async def add(self, a, b):
+        raise TApplicationException(TApplicationException.INTERNAL_ERROR, f"cannot add {UNDECODABLE}")
+
+
+@pytest.mark.parametrize("proto", ["octo", "thrift"])
+def test_an_error_text_utf8_cannot_carry_reaches_the_caller_escaped(proto, caplog):
+    """A handler's error whose text holds a lone surrogate (a file name os.fsdecode
+    made) could not be written: the caller got an error about that EncodeError,
+    not the handler's, and the server logged that the handler raised it."""
+    async def main():
+        async with serving([(ADV.Derived, Failing(), None)]) as server, \
+                async_client(ADV.Derived, server.address, protocol=proto) as client:
+            with pytest.raises(ApplicationError) as info:
+                await client.ping()
+            assert info.value.message == "OSError: cannot open caf\\udce9.txt"
+            with pytest.raises(ApplicationError) as info:
+                await client.add(1, 2)
+            assert info.value.message == "cannot add caf\\udce9.txt"
+
+    run(main())
+    assert "EncodeError" not in caplog.text

@@ -1161,6 +1161,11 @@ async def _refuse_a_live_socket(path: str) -> None:
 
 
 def _clip(text: str) -> str:
+    """``text`` cut to MAX_ERROR_TEXT characters, and writable: a lone surrogate
+    (os.fsdecode makes them of a file name that is not UTF-8) is escaped, since
+    UTF-8 cannot carry it and the caller would get an EncodeError instead."""
+    if isinstance(text, str) and not text.isascii():   # (a handler's TApplicationException
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")   # may hold bytes)
     if len(text) <= MAX_ERROR_TEXT:
         return text
     return f"{text[:MAX_ERROR_TEXT]}... ({len(text) - MAX_ERROR_TEXT} more characters)"
