@@ -1101,7 +1101,7 @@ cdef object _r_list(_Reader* r, _TypeSpec t, int depth):
     cdef Py_ssize_t before
     if t.kind == T_SET and not t.set_as_list:
         members = set()   # filled directly: no list to build and copy
-        hashes = {} if _floodable(kind) else None
+        hashes = {} if n > MAX_SHARED_HASH and _floodable(kind) else None
         for i in range(n):
             v = _r_elem(r, elem, kind, depth)
             before = len(members)
@@ -1124,7 +1124,9 @@ cdef inline bint _floodable(int kind) noexcept nogil:
     frozensets of numbers, and thriftpy2 structs, which hash their fields'
     values so. A sender can make n of them share one hash, and a dict or set of
     them then costs n² comparisons to build: 20,000 keys, half a megabyte, held
-    the event loop 4 s, a 16 MB frame would hold it for an hour."""
+    the event loop 4 s, a 16 MB frame would hold it for an hour. (Counting them
+    costs a second hash of each, so only containers that can hold more than
+    MAX_SHARED_HASH count.)"""
     return kind == T_LIST or kind == T_SET or kind == T_STRUCT
 
 
@@ -1181,7 +1183,7 @@ cdef object _r_map(_Reader* r, _TypeSpec t, int depth):
     # made empty keeps CPython's compact str-key layout (less memory, faster lookups).
     cdef dict out = {} if kk == T_STRING else _dict_presized(min(n, MAX_PRESIZE))
     cdef bint freeze = kk == T_LIST or kk == T_SET
-    cdef dict hashes = {} if _floodable(kk) else None
+    cdef dict hashes = {} if n > MAX_SHARED_HASH and _floodable(kk) else None
     cdef Py_ssize_t before
     for i in range(n):
         k = _r_elem(r, kt, kk, depth)
