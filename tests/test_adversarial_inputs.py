@@ -10,6 +10,8 @@ bytes and hostile bytes, and stays as its regression test.
   of n of them costs n² comparisons to build, on the event loop: half a
   megabyte held a server 4 s. A decode now refuses more than a few distinct
   keys with one hash (``DecodeError``; a server answers PROTOCOL_EXCEPTION).
+  A struct key nested deeper than Python's stack can hash (Limits allow 1000)
+  raised RecursionError out of the decode: a ``DecodeError`` too.
 * A TApplicationException whose message is not UTF-8 (a C++ server's text in
   GBK, say) reached the caller as an error whose ``message`` was bytes, and whose
   ``str()`` read ``b'\\xc4...'``: it is text now, its stray bytes escaped.
@@ -323,3 +325,24 @@ def test_an_error_text_utf8_cannot_carry_reaches_the_caller_escaped(proto, caplo
 
     run(main())
     assert "EncodeError" not in caplog.text
+
+
+def _chain(depth: int) -> bytes:
+    """A ``Chain`` nested ``depth`` deep (each level a struct in field 1)."""
+    return b"\x0c\x00\x01" * (depth - 1) + b"\x00" * depth
+
+
+@pytest.mark.parametrize("field", [
+    lambda chain: struct.pack("!bhbi", T_SET, 9, T_STRUCT, 1) + chain,
+    lambda chain: struct.pack("!bhbbi", T_MAP, 10, T_STRUCT, T_I32, 1) + chain + b"\x00" * 4,
+], ids=["set<Chain>", "map<Chain,_>"])
+def test_a_key_too_deep_for_python_to_hash_is_a_decode_error(field):
+    """thriftpy2 hashes a struct in Python, several frames a level: a key nested
+    as deep as Limits allows (up to 1000) raised RecursionError out of the decode,
+    and out of a server connection's data_received."""
+    deep = field(_chain(400)) + b"\x00"
+    with pytest.raises(DecodeError, match="too deep"):
+        decode(ADV.Keyed, deep, codec.Limits(max_depth=1000))
+    shallow = field(_chain(60)) + b"\x00"    # as deep as the default Limits read
+    decoded = decode(ADV.Keyed, shallow)
+    assert len(decoded.chains or decoded.by_chain) == 1

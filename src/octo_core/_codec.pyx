@@ -1157,11 +1157,16 @@ cdef object _hashable(object v):
 
 cdef int _r_unhashable(Py_ssize_t at, str what, str where) except -1:
     """Raise the pending error of a dict or set insert; a TypeError (an unhashable
-    value) as a DecodeError: ``what`` at ``at`` cannot be ``where``."""
+    value) as a DecodeError: ``what`` at ``at`` cannot be ``where``. So is a
+    RecursionError: thriftpy2 hashes a struct in Python, a few frames a level, and
+    Limits let a key nest deeper (up to 1000) than Python's stack lets it hash."""
     try:
         raise_current()
     except TypeError as e:
         raise DecodeError(f"{what} at byte {at} cannot be {where}: {e}", offset=at) from None
+    except RecursionError:
+        raise DecodeError(f"{what} at byte {at} cannot be {where}: it nests too deep for "
+                          f"Python to hash", offset=at) from None
     return 0
 
 

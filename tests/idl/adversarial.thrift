@@ -22,6 +22,13 @@ union Choice {
   4: list<Choice> many,
 }
 
+// Recursive, as a set element and a map key: thriftpy2 hashes it in Python,
+// a few frames a level.
+struct Chain {
+  1: optional Chain link,
+  2: i32 v,
+}
+
 struct Keyed {
   1: map<list<i64>, i32> by_list,
   2: map<set<i64>, i32> by_set,
@@ -31,6 +38,8 @@ struct Keyed {
   6: set<Leaf> leaves,
   7: set<binary> blobs,
   8: map<double, string> by_real,
+  9: set<Chain> chains,
+  10: map<Chain, i32> by_chain,
 }
 
 exception E1 {
