@@ -33,12 +33,14 @@ import pytest
 from thriftpy2.thrift import TApplicationException, TMessageType
 
 import octo_core
+from octo_core import codec, protocol
 from octo_core.codec import decode, encode
 from octo_core.errors import ApplicationError, DecodeError, ProtocolError
 
-from octo_core import codec, protocol
 from wire_helpers import (Echo, async_client, fake_server, frames_read, run, serving,
                           watchdog)  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("watchdog")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ADV = octo_core.load_idl(os.path.join(HERE, "idl", "adversarial.thrift"))
@@ -305,7 +307,8 @@ class Failing(Picker):
         raise OSError(f"cannot open {UNDECODABLE}")
 
     async def add(self, a, b):
-        raise TApplicationException(TApplicationException.INTERNAL_ERROR, f"cannot add {UNDECODABLE}")
+        raise TApplicationException(TApplicationException.INTERNAL_ERROR,
+                                    f"cannot add {UNDECODABLE}")
 
 
 @pytest.mark.parametrize("proto", ["octo", "thrift"])
