@@ -994,7 +994,7 @@ cdef object _r_string(_Reader* r, int kind):
     if kind == T_BINARY:
         return PyBytes_FromStringAndSize(<const char*>r.buf + at, n)
     # No try block here: Cython's saves the exception state on entry, a fifth of a
-    # short string's time. A failed decode goes the slow way, which decodes again.
+    # short string's time. A failed decode goes the slow way.
     cdef PyObject* text = _PyUnicode_DecodeUTF8(<const char*>r.buf + at, n, NULL)
     if text == NULL:
         if not PyErr_ExceptionMatches(UnicodeDecodeError):
@@ -1007,11 +1007,13 @@ cdef object _r_string(_Reader* r, int kind):
 
 
 cdef object _r_not_utf8(_Reader* r, Py_ssize_t at, Py_ssize_t n):
-    """A string that is not UTF-8: an error (``strict_text``) or its bytes."""
-    try:
-        return PyUnicode_DecodeUTF8(<const char*>r.buf + at, n, NULL)
-    except UnicodeDecodeError as e:
-        if r.strict_text:
+    """A string that is not UTF-8: an error (``strict_text``; decoded again, for
+    where it goes wrong) or its bytes (at once: a list of short strings that are
+    not UTF-8 would otherwise pay for a second failed decode each)."""
+    if r.strict_text:
+        try:
+            PyUnicode_DecodeUTF8(<const char*>r.buf + at, n, NULL)
+        except UnicodeDecodeError as e:
             raise DecodeError(f"invalid UTF-8 in string at byte {at + e.start}",
                               offset=at + e.start) from None
     # As thriftpy2 reads it: the bytes, for the application to decode (C++, Go and
