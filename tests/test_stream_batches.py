@@ -14,7 +14,8 @@ import pytest
 from octo_core.errors import OctoError
 from octo_core.transport.stream import WRITE_BATCH, FramedProtocol
 
-from wire_helpers import Echo, EchoHandler, async_client, echo_services, run, serving
+from wire_helpers import (Echo, EchoHandler, RawConnection, async_client, decode_body,
+                          echo_services, run, serving, unified_request, wait_until)
 
 
 class _Transport(asyncio.Transport):
@@ -239,5 +240,38 @@ def test_a_server_stopping_mid_burst_answers_or_fails_each_call_with_a_typed_err
         assert len(replies) >= 100
         assert all(r == f"call-{i}" + "y" * (i % 50) * 100 for i, r in replies)
         assert all(isinstance(r, (str, OctoError)) for r in results)
+
+    run(main())
+
+
+def test_replies_to_a_peer_that_reads_slowly_come_in_the_order_of_its_calls():
+    """A peer sends thousands of calls at once and reads slowly: the server's
+    writes pause it (reading stops, the decoder and backlog hold the rest, read
+    on later in batches), and the replies still come out whole, one per call,
+    in the calls' order (eager replies are sent as their calls are handled)."""
+    count = 3000
+    calls = b"".join(unified_request("echo", Echo.echo_args(text=f"{i}:" + "z" * (i % 7) * 900), i)
+                     for i in range(count))
+
+    async def main():
+        async with serving(echo_services(_EagerEcho())) as server:
+            raw = await RawConnection.open(server.address)
+            try:
+                raw.writer.transport.set_write_buffer_limits(high=4 * len(calls))
+                raw.writer.transport.pause_reading()    # replies unread: the server pauses
+                raw.writer.write(calls)
+                await wait_until(lambda: any(c.reading_paused for c in server._connections),
+                                 what="the server's writes to pause")
+                raw.writer.transport.resume_reading()
+                frames = []
+                while len(frames) < count:
+                    frames.extend(await raw.read_frames(min(97, count - len(frames)), timeout=20))
+                    await asyncio.sleep(0.001)        # a slow reader: the server's writes pause
+            finally:
+                raw.writer.close()
+        seqs = [frame.head.sequence_id for frame in frames]
+        assert seqs == list(range(count))
+        texts = [decode_body(frame, Echo)[3].success for frame in frames]
+        assert texts == [f"{i}:" + "z" * (i % 7) * 900 for i in range(count)]
 
     run(main())
