@@ -269,7 +269,7 @@ class _RecordingTransport(asyncio.Transport):
         return False
 
 
-def test_writes_leave_at_once_then_coalesce_until_the_next_read():
+def test_writes_leave_at_once_then_in_growing_batches_until_the_next_read():
     from octo_core.transport.stream import FramedProtocol
 
     class Conn(FramedProtocol):
@@ -283,23 +283,30 @@ def test_writes_leave_at_once_then_coalesce_until_the_next_read():
         conn.connection_made(transport)
         conn.send(b"a")                      # the first write since a read: at once
         assert transport.writes == [b"a"]
-        conn.send(b"b")                      # the rest of the burst: one write, a pass later
+        conn.send(b"b")                      # then batches of 1, 2, 4, ...
         conn.send(b"c")
-        assert transport.writes == [b"a"]
+        assert transport.writes == [b"a", b"b"]
+        conn.send(b"d")
+        assert transport.writes == [b"a", b"b", b"cd"]
+        conn.send(b"e")                      # a batch not full: at the iteration's end
+        assert len(transport.writes) == 3
         await asyncio.sleep(0)
-        assert transport.writes == [b"a", b"bc"]
-        conn.send(b"d")                      # still no read since: coalesced again
+        assert transport.writes[3:] == [b"e"]
+        conn.send(b"f")                      # still no read since: held again
+        assert len(transport.writes) == 4
         await asyncio.sleep(0)
-        assert transport.writes == [b"a", b"bc", b"d"]
-        # replies sent while a read is handled leave together at its end
+        assert transport.writes[4:] == [b"f"]
+        # the replies to a read of many frames: a new burst, its first alone
         framed = b"".join(len(body).to_bytes(4, "big") + body
-                          for body in (b"\x80\x01\x00\x01x", b"\x80\x01\x00\x01y"))
+                          for body in (b"\x80\x01\x00\x01x", b"\x80\x01\x00\x01y",
+                                       b"\x80\x01\x00\x01z"))
         conn.data_received(framed)
-        assert transport.writes[3:] == [b"reply:\x80\x01\x00\x01x" + b"reply:\x80\x01\x00\x01y"]
-        conn.send(b"e")                      # a read happened: the next write is at once
-        assert transport.writes[4:] == [b"e"]
+        assert transport.writes[5:] == [b"reply:\x80\x01\x00\x01x",
+                                        b"reply:\x80\x01\x00\x01y" + b"reply:\x80\x01\x00\x01z"]
+        conn.send(b"g")                      # a read happened: the next write is at once
+        assert transport.writes[7:] == [b"g"]
         await asyncio.sleep(0)
-        assert len(transport.writes) == 5
+        assert len(transport.writes) == 8
 
     run(scenario())
 

@@ -26,11 +26,10 @@ WRITE_BATCH = 64 * 1024
 #: answers set off) leave in batches as they are made, so the peer starts on
 #: the first while the rest are being made: with both ends busy (many calls in
 #: flight), each works while the other does, instead of waiting for the other's
-#: whole burst. Batches of FIRST_BATCH_FRAMES, then each twice the last up to
+#: whole burst. A batch of FIRST_BATCH_FRAMES, then each twice the last up to
 #: WRITE_BATCH_FRAMES, the count starting anew at each read: an idle peer gets
-#: work at once, and a long burst costs few writes. (What a read of a single
-#: frame sets off leaves its first frame alone: see ``send``.)
-FIRST_BATCH_FRAMES = 4
+#: work at once, and a long burst costs few writes (a burst of 64: 7 writes).
+FIRST_BATCH_FRAMES = 1
 WRITE_BATCH_FRAMES = 64
 
 #: Seconds a closed connection may take to hand its last bytes to a peer that
@@ -187,10 +186,9 @@ class FramedProtocol(asyncio.Protocol):
 
     def send(self, data: bytes) -> None:
         """Write ``data``: the first frame since the last read goes out at once (no
-        added latency, no extra loop pass), unless the read held many frames,
-        whose replies are batched from the first; later ones are joined into one
-        write at the end of the loop iteration, or sooner in growing batches
-        (see ``FIRST_BATCH_FRAMES``; at most ``WRITE_BATCH`` bytes)."""
+        added latency, no extra loop pass); later ones go out in growing batches
+        as they come (see ``FIRST_BATCH_FRAMES``; at most ``WRITE_BATCH`` bytes),
+        what is left at the end of the loop iteration."""
         if self.closed:
             return
         if self._flush_scheduled:
