@@ -21,14 +21,14 @@ READ_BATCH = 4 * 1024 * 1024
 #: mark by default) must see a burst of calls while it is being made, not after.
 WRITE_BATCH = 64 * 1024
 
-#: Frames held for the end of a loop iteration before they go out at once. A
-#: burst's frames (the replies to a read of many calls, or the calls their
-#: answers set off) leave in batches as they are made, so the peer starts on
-#: the first while the rest are being made: with both ends busy (many calls in
-#: flight), each works while the other does, instead of waiting for the other's
-#: whole burst. A batch of FIRST_BATCH_FRAMES, then each twice the last up to
-#: WRITE_BATCH_FRAMES, the count starting anew at each read: an idle peer gets
-#: work at once, and a long burst costs few writes (a burst of 64: 7 writes).
+#: How many of a burst's frames go out in one write. A burst's frames (the
+#: replies to a read of many calls, or the calls their answers set off) leave
+#: in batches as they are made, so the peer starts on the first while the rest
+#: are being made: with both ends busy (many calls in flight), each works while
+#: the other does, instead of waiting for the other's whole burst. A batch of
+#: FIRST_BATCH_FRAMES, then each twice the last up to WRITE_BATCH_FRAMES, the
+#: count starting anew at each read: an idle peer gets work at once, and a long
+#: burst costs few writes (a burst of 64: 7 writes).
 FIRST_BATCH_FRAMES = 1
 WRITE_BATCH_FRAMES = 64
 
@@ -96,7 +96,7 @@ class FramedProtocol(asyncio.Protocol):
         self._batch_frames = FIRST_BATCH_FRAMES   # frames in _out that go out at once
         self._flush_scheduled = False
         # A burst of writes follows a read (the replies it wakes, the calls
-        # they make): its first frame leaves at once, the rest together.
+        # they make): its first frame leaves at once, the rest in batches.
         self._wrote_since_read = False
         self.closed = False
         self.loop = asyncio.get_event_loop()
