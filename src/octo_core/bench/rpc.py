@@ -90,8 +90,8 @@ from typing import (Any, Awaitable, Callable, Deque, Dict, List, Optional, Seque
 
 from octo_core.cli import _non_negative_float, _positive_float, _positive_int
 from octo_core.idl import load_idl
-from octo_core.transport.stream import FIRST_BATCH_FRAMES, WRITE_BATCH_FRAMES
 from octo_core.transport.loop import new_event_loop
+from octo_core.transport.stream import FIRST_BATCH_FRAMES, WRITE_BATCH_FRAMES
 
 PAYLOAD_THRIFT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "payload.thrift")
 
@@ -796,9 +796,8 @@ class _GrpcDriver(_AsyncDriver):
 
 class _PipelinedClient(asyncio.Protocol):
     """N requests in flight on one connection, a future each; the requests
-    written during one loop iteration go out together, in batches that grow
-    after each read (octo_core's ``FramedProtocol.send``, minus its first frame
-    sent alone)."""
+    written during one loop iteration go out in batches that grow after each
+    read, as octo_core's ``FramedProtocol.send`` sends them."""
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -812,7 +811,7 @@ class _PipelinedClient(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
 
     def _queue(self, frame: bytes) -> None:
-        """Send ``frame`` with the others of this loop iteration."""
+        """Send ``frame`` when its batch is full, or at the end of the loop iteration."""
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
