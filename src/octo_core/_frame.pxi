@@ -391,17 +391,16 @@ cdef class FrameReader:
         """Append the finished unified frame of payload ``p[:n]``; returns its size
         as read (inflated)."""
         cdef _View v
+        v.held = False
         if flags & 0x60:
             inflated = self._decompress(
                 flags, PyBytes_FromStringAndSize(<const char*>p, n), self.max_frame_size)
             _view_open(&v, inflated)
-            try:
-                head, body = _head_and_body(v.buf, v.len, flags, header_length, self._limits)
-            finally:
-                _view_close(&v)
-            n = v.len
-        else:
+            p, n = v.buf, v.len
+        try:
             head, body = _head_and_body(p, n, flags, header_length, self._limits)
+        finally:
+            _view_close(&v)
         frames.append(tuple.__new__(self._frame_cls, (flags, head, body)))
         return n
 
