@@ -5,6 +5,7 @@ Run with (about two minutes per setting; needs ``valgrind``)::
     python benchmarks/bench_instructions.py                 # 64 calls in flight
     python benchmarks/bench_instructions.py --in-flight 1
     python benchmarks/bench_instructions.py --system octo --system codec-only --system raw
+    python benchmarks/bench_instructions.py --system octo-client --system octo-server
 
 It measures the octo_core that ``import octo_core`` finds: to measure a source
 tree (a worktree, say) rather than the installed one, run it from that tree with
@@ -35,22 +36,65 @@ import sys
 CALLS_PER_ROUND = 3200
 
 
-async def _open_octo(message: str):
-    """octo_core's server and client; returns (call, close)."""
+async def _octo_server():
+    """octo_core's server of the echo (``bench_rpc``'s coroutine handler), started."""
     import octo_core
     from octo_core.bench.rpc import _AsyncEchoHandler, payload_module
 
-    echo = payload_module().Echo
     server = octo_core.Server(appkey="com.octo.bench.echo", port=0)
-    server.add_service(echo, _AsyncEchoHandler())
+    server.add_service(payload_module().Echo, _AsyncEchoHandler())
     await server.start()
-    client = octo_core.AsyncClient(echo, appkey="com.octo.bench.client",
-                                   remote_appkey="com.octo.bench.echo", hosts=[server.address])
+    return server
+
+
+def _octo_client(address: str):
+    """octo_core's client of the echo at ``address``."""
+    import octo_core
+    from octo_core.bench.rpc import payload_module
+
+    return octo_core.AsyncClient(payload_module().Echo, appkey="com.octo.bench.client",
+                                 remote_appkey="com.octo.bench.echo", hosts=[address])
+
+
+async def _open_octo(message: str):
+    """octo_core's server and client; returns (call, close)."""
+    server = await _octo_server()
+    client = _octo_client(server.address)
 
     async def close() -> None:
         await client.close()
         await server.stop()
     return (lambda: client.echo(message)), close
+
+
+async def _open_octo_client(message: str):
+    """octo_core's client calling the codec-only server: less the codec-only
+    floor, what octo_core's client side costs."""
+    from octo_core.bench.rpc import _CodecEchoServer
+
+    server = await asyncio.get_running_loop().create_server(_CodecEchoServer, "127.0.0.1", 0)
+    client = _octo_client("127.0.0.1:%d" % server.sockets[0].getsockname()[1])
+
+    async def close() -> None:
+        await client.close()
+        server.close()
+        await server.wait_closed()
+    return (lambda: client.echo(message)), close
+
+
+async def _open_octo_server(message: str):
+    """The codec-only client calling octo_core's server: less the codec-only
+    floor, what octo_core's server side costs."""
+    from octo_core.bench.rpc import _CodecEchoClient
+
+    server = await _octo_server()
+    transport, client = await asyncio.get_running_loop().create_connection(
+        _CodecEchoClient, "127.0.0.1", server.port)
+
+    async def close() -> None:
+        transport.close()
+        await server.stop()
+    return (lambda: client.call(message)), close
 
 
 async def _connect(server_factory, client_factory):
@@ -85,7 +129,8 @@ async def _open_raw(message: str):
     return (lambda: client.call(frame)), close
 
 
-SYSTEMS = {"octo": _open_octo, "codec-only": _open_codec_only, "raw": _open_raw}
+SYSTEMS = {"octo": _open_octo, "octo-client": _open_octo_client,
+           "octo-server": _open_octo_server, "codec-only": _open_codec_only, "raw": _open_raw}
 
 
 async def _workload(system: str, rounds: int, in_flight: int) -> None:
@@ -121,8 +166,10 @@ def main(argv=None) -> int:
     parser.add_argument("--in-flight", type=int, default=64, help="calls in flight (default 64)")
     parser.add_argument("--system", choices=list(SYSTEMS), action="append",
                         help="octo (default), codec-only (bench_rpc's floor: the protocol "
-                             "with nothing but the C codec) and/or raw (bench_rpc's raw uvloop "
-                             "echo, no serialization); may be repeated")
+                             "with nothing but the C codec), octo-client / octo-server "
+                             "(octo_core's client, resp. server, with the floor's other side: "
+                             "less the floor, what that side costs) and/or raw (bench_rpc's "
+                             "raw uvloop echo, no serialization); may be repeated")
     parser.add_argument("--rounds", type=int, default=5,
                         help="measured rounds of the longer run (default 5; at least 2)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
