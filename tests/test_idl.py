@@ -47,6 +47,31 @@ def test_the_includes_of_two_idl_files_of_one_name_stay_apart_too(tmp_path):
     assert pickle.loads(pickle.dumps(item)) == item
 
 
+def test_two_services_each_with_its_own_include_of_one_name_keep_their_own(tmp_path):
+    """A client of two services, each shipping its own ``common.thrift`` beside
+    its IDL: thriftpy2 names an include by its relative path and caches it by
+    that name, so the second service would get the first one's ``Item``
+    (silently wrong types on the wire). Each must see its own; and two IDLs of
+    one directory still share the one include (its classes are the same)."""
+    for side, field in (("a", "string name"), ("b", "i64 id")):
+        (tmp_path / side).mkdir()
+        (tmp_path / side / "stray_common.thrift").write_text(f"struct Item {{ 1: {field} }}\n")
+        (tmp_path / side / f"stray_{side}.thrift").write_text(
+            'include "stray_common.thrift"\nservice S { stray_common.Item get() }\n')
+    (tmp_path / "b" / "stray_b2.thrift").write_text(
+        'include "stray_common.thrift"\nservice S2 { stray_common.Item get() }\n')
+    first = octo_core.load_idl(str(tmp_path / "a" / "stray_a.thrift"))
+    second = octo_core.load_idl(str(tmp_path / "b" / "stray_b.thrift"))
+    assert first.stray_common.Item.thrift_spec[1][1] == "name"
+    assert second.stray_common.Item.thrift_spec[1][1] == "id"
+    third = octo_core.load_idl(str(tmp_path / "b" / "stray_b2.thrift"))
+    assert third.stray_common is second.stray_common
+    assert octo_core.load_idl(str(tmp_path / "b" / "stray_b.thrift")) is second
+    import pickle
+    item = second.stray_common.Item(id=7)
+    assert pickle.loads(pickle.dumps(item)) == item
+
+
 def test_the_same_idl_is_the_same_module_after_a_chdir(tmp_path, monkeypatch):
     (tmp_path / "idl").mkdir()
     (tmp_path / "elsewhere").mkdir()

@@ -10,6 +10,7 @@ from types import ModuleType
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import thriftpy2
+import thriftpy2.parser
 from thriftpy2.thrift import TType
 
 
@@ -18,14 +19,20 @@ def load_idl(path: str, module_name: Optional[str] = None) -> ModuleType:
 
     ``module_name`` must end in ``_thrift`` (thriftpy2's rule); by default it is
     the file's stem plus ``_thrift``, or, when a module of that name came from
-    another file (two ``echo.thrift`` in different directories), that name
-    under a package named by a digest of the path (``_1a2b3c4d.echo_thrift``),
-    so that its includes get names of their own too. Loading the same file
-    twice gives the same module, so classes compare equal across calls. A
-    ``module_name`` given that another file's module already has is a
+    another file (two ``echo.thrift`` in different directories), or one of its
+    includes would get the module of another directory's include of that name
+    (two services, each with its own ``common.thrift``), that name under a
+    package named by a digest of the file's directory
+    (``_1a2b3c4d.echo_thrift``), so that its includes get names of their own
+    too. Loading the same file twice gives the same module, so classes compare
+    equal across calls. A ``module_name`` given that another file's module
+    already has, or under which an include would be another file's, is a
     ``ValueError`` (thriftpy2 would hand back that other module).
     """
     real = os.path.realpath(path)    # to compare files
+    # absolute, as given (not resolved): includes are found beside a symlink, and
+    # the file is the same one after a chdir
+    absolute = os.path.abspath(path)
     stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
     name = module_name or stem + "_thrift"
     holder = _loaded_from(name)
@@ -33,13 +40,65 @@ def load_idl(path: str, module_name: Optional[str] = None) -> ModuleType:
         if module_name is not None:
             raise ValueError(f"module name {module_name!r} is taken by the IDL {holder}; "
                              "give this one another name")
-        package = f"_{hashlib.sha1(real.encode()).hexdigest()[:8]}"
-        # an importable (empty) package, so that pickle finds "<package>.<name>"
-        sys.modules.setdefault(package, types.ModuleType(package)).__path__ = []
-        name = f"{package}.{name}"
-    # absolute, as given (not resolved): includes are found beside a symlink, and
-    # the file is the same one after a chdir
-    return thriftpy2.load(os.path.abspath(path), module_name=name)
+        name = _private_name(os.path.dirname(absolute), name)
+    elif holder is None:
+        stray = _stray_include(absolute, name)
+        if stray is not None and module_name is not None:
+            raise ValueError(f"{path}: under module name {module_name!r}, its include "
+                             f"{stray[0]} would be the module of {stray[1]}, another file "
+                             "of that name loaded before; load it without module_name")
+        if stray is not None:
+            name = _private_name(os.path.dirname(absolute), name)
+    return thriftpy2.load(absolute, module_name=name)
+
+
+def _private_name(directory: str, name: str) -> str:
+    """``name`` under a package named by a digest of the IDL's ``directory``,
+    where its includes are found: the module and its includes get names no
+    other directory's modules have, and the IDLs of one directory share their
+    includes."""
+    package = f"_{hashlib.sha1(os.path.realpath(directory).encode()).hexdigest()[:8]}"
+    # an importable (empty) package, so that pickle finds "<package>.<name>"
+    sys.modules.setdefault(package, types.ModuleType(package)).__path__ = []
+    return f"{package}.{name}"
+
+
+def _stray_include(path: str, name: str) -> Optional[Tuple[str, str]]:
+    """An include of the IDL at ``path``, loaded as ``name``, at any depth, that
+    thriftpy2 would take from its cache although it is another file's, as (its
+    module name, that other file); None if there is none.
+
+    thriftpy2 names an include by the including module's name prefix and the
+    path from the including file's directory (``common.thrift`` beside the IDL:
+    ``common_thrift``), and caches modules by name: two services that each ship
+    their own ``common.thrift`` would share the first one loaded, types and all.
+    """
+    # (the IDL itself is not cached: a parse under this name must not be found
+    # for another file of the same name)
+    todo, seen = [thriftpy2.parser.parse(path, module_name=name, enable_cache=False)], set()
+    while todo:
+        parent = todo.pop()
+        if id(parent) in seen:
+            continue
+        seen.add(id(parent))
+        name = getattr(parent, "__thrift_module_name__", parent.__name__)
+        own = _include_name(os.path.basename(parent.__thrift_file__))
+        prefix = name[:-len(own)] if name.endswith(own) else ""
+        directory = os.path.dirname(parent.__thrift_file__)
+        # (a module that declares nothing has no meta: thriftpy2's own load checks too)
+        for child in getattr(parent, "__thrift_meta__", {}).get("includes", ()):
+            # the name the include was given, and the one the file it got would have
+            meant = child.__thrift_module_name__[len(prefix):]
+            if meant != _include_name(os.path.relpath(child.__thrift_file__, directory)):
+                return child.__thrift_module_name__, child.__thrift_file__
+            todo.append(child)
+    return None
+
+
+def _include_name(relative_path: str) -> str:
+    """thriftpy2's module name for an include at ``relative_path`` (prefix left out)."""
+    dotted = relative_path.replace(os.sep, ".")
+    return dotted[:-len(".thrift")] + "_thrift" if dotted.endswith(".thrift") else dotted
 
 
 def _loaded_from(module_name: str) -> Optional[str]:
