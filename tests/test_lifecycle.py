@@ -249,11 +249,18 @@ def test_a_host_name_that_does_not_resolve_is_named_in_the_error(monkeypatch):
     (dict(quotas={"*": 0}), ValueError, r"quotas\['\*'\] must be a positive"),
     (dict(quotas={CLIENT_APPKEY: -1}), ValueError, "must be a positive"),
     (dict(quotas={"*": float("nan")}), ValueError, "must be a positive"),
-], ids=["auth a token dict", "limits a dict", "quota 0", "quota negative", "quota NaN"])
+    (dict(idle_timeout=-1), ValueError, r"idle_timeout must be None \(off\) or a positive"),
+    (dict(read_timeout=-1), ValueError, r"read_timeout must be None \(off\) or a positive"),
+    (dict(read_timeout=float("nan")), ValueError, "read_timeout must be None"),
+    (dict(idle_timeout="600"), ValueError, "idle_timeout must be None"),
+], ids=["auth a token dict", "limits a dict", "quota 0", "quota negative", "quota NaN",
+        "idle_timeout negative", "read_timeout negative", "read_timeout NaN",
+        "idle_timeout a string"])
 def test_server_options_of_the_wrong_kind_are_refused_when_made(options, error, says):
     """A token dict for auth failed every connection as it was made (an
     AttributeError logged by the loop, the call refused with status 7); a dict for
     limits closed every connection unanswered; a quota of 0 or less let one call
-    through, then none."""
+    through, then none; a negative idle_timeout or read_timeout ("-1: off") made
+    the sweeper sleep a negative time, so the server's loop spun at 100% CPU."""
     with pytest.raises(error, match=says):
         octo_core.Server(SERVER_APPKEY, **options)

@@ -146,6 +146,18 @@ def _check_listen_address(host: Any, port: Any) -> None:
                              "goes in port=; an IPv6 address, without brackets)") from None
 
 
+def _check_timeout(name: str, seconds: Any) -> None:
+    """``ValueError`` unless ``seconds`` is None or 0 (off) or a positive, finite
+    number: a negative one ("-1: off", as elsewhere) had the sweeper sleep a
+    negative time, which spun the server's loop."""
+    if seconds is None or (seconds == 0 and not isinstance(seconds, bool)):
+        return
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
+            or not 0 < seconds < math.inf:
+        raise ValueError(f"{name} must be None (off) or a positive, finite number of "
+                         f"seconds, not {seconds!r}")
+
+
 def _reachable_ip(wildcard: str) -> str:
     """This machine's address for others to call: the source address of its
     default route (a UDP "connect" sends nothing), else its host name's, else
@@ -325,7 +337,8 @@ class Server:
     closed (a unified peer is told first, as at a stop, and given half a second
     to leave: a call it sends meanwhile is served, not lost in the close), and
     so is one whose frame takes over ``read_timeout`` seconds to
-    arrive however it trickles in (a slow-loris peer holds no buffer for long).
+    arrive however it trickles in (a slow-loris peer holds no buffer for long);
+    None (or 0) turns either off.
     ``auth`` (an
     ``octo_core.auth.Authenticator``) requires signed, granted requests; native
     thrift, which cannot carry a signature, is then refused. ``ssl`` serves TLS.
@@ -370,6 +383,8 @@ class Server:
                              "max_in_flight_bytes and max_partial_bytes at least 1")
         protocol.FrameDecoder(max_frame_size)   # the reader's own check: ValueError when too small
         _check_listen_address(host, port)
+        _check_timeout("idle_timeout", idle_timeout)
+        _check_timeout("read_timeout", read_timeout)
         _check_limits(limits)
         if auth is not None and not isinstance(auth, Authenticator):   # (a token dict, say)
             raise TypeError(f"auth is an octo_core.auth.Authenticator(tokens, ...), not {auth!r}")
