@@ -133,6 +133,10 @@ class AsyncClient:
                  "_idempotent", "_hash_arg", "_hash_header", "_cluster", "_directory", "_discovery",
                  "_owns_registry", "_finishers", "__dict__", "__weakref__")
 
+    if TYPE_CHECKING:
+        def __getattr__(self, name: str) -> Any:
+            """The IDL methods, attributes made at run time: to a type checker, Any."""
+
     def __init__(self, service: Any, *, appkey: str, hosts: Optional[Iterable[str]] = None,
                  registry: Optional[Union[str, Registry]] = None,
                  snapshot_path: Optional[str] = None,
@@ -659,6 +663,10 @@ class _Mode:
     included), ``timeout`` as in ``AsyncClient.call``.
     """
 
+    if TYPE_CHECKING:
+        def __getattr__(self, name: str) -> Any:
+            """The IDL methods, attributes made at run time: to a type checker, Any."""
+
     def __init__(self, client: "Client", wrap: _Wrap) -> None:
         self._by_name = client._async._by_name
         self._wrap = wrap
@@ -715,6 +723,9 @@ class Client:
         timeout: float
         unified: bool
         metrics: Metrics
+
+        def __getattr__(self, name: str) -> Any:
+            """The IDL methods, attributes made at run time: to a type checker, Any."""
 
     def __init__(self, service: Any, **options: Any) -> None:
         self._service, self._options = service, options
