@@ -14,6 +14,7 @@ stopped) and a real ``AsyncClient`` on uvloop, each bounded by a timeout.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import uuid
 from typing import Any, Callable, List, Optional, Sequence, Set
@@ -396,6 +397,33 @@ def test_forking_when_every_fork_fails_raises_a_failure():
         error = await outcome(cluster.invoke(send, timeout=1.0, idempotent=True))
         assert isinstance(error, RpcError)
         assert len(send) == 3
+    run_virtual(main())
+
+
+@pytest.mark.parametrize("policy", ["forking", "hedging"])
+def test_a_losing_copy_that_ends_in_an_error_once_cancelled_leaves_none_unretrieved(policy):
+    """The race cancels the copies still running when one answers; a copy may end
+    with an error all the same (a closing client turns the cancel into
+    TransportError). Nobody read it: asyncio logged "Task exception was never
+    retrieved", with its traceback, at ERROR."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        unretrieved: List[str] = []
+        loop.set_exception_handler(lambda _, context: unretrieved.append(context["message"]))
+        cluster = make_cluster(3, policy=policy, forks=2, hedge_delay=0.001)
+
+        async def closing(node: Any, remaining: float) -> Any:
+            try:
+                await asyncio.sleep(1.0)
+            except asyncio.CancelledError:
+                raise TransportError("client is closed") from None
+
+        send = ScriptedSend(by_attempt=[closing, answer("first", after=0.01)])
+        assert await cluster.invoke(send, timeout=1.0, idempotent=True) == "first"
+        await settle()
+        assert [a.outcome for a in send.attempts] == ["error", "ok"]
+        gc.collect()
+        assert unretrieved == []
     run_virtual(main())
 
 

@@ -89,6 +89,12 @@ def _from_peer(exc: BaseException) -> bool:
     return getattr(exc, "from_peer", False)
 
 
+def _read_outcome(task: asyncio.Future) -> None:
+    """Mark the outcome of an attempt nobody waits for any more as read."""
+    if not task.cancelled():
+        task.exception()
+
+
 def _connection_failed(exc: BaseException) -> bool:
     """Did the connection fail (refused, or lost with every call on it)? A timeout
     is not that, nor a transport status the node reported in a reply."""
@@ -489,3 +495,6 @@ class Cluster:
         finally:
             for task in running:
                 task.cancel()
+                # a copy may end in an error all the same (a closing client turns the
+                # cancel into TransportError): read it, or asyncio logs it as unretrieved
+                task.add_done_callback(_read_outcome)
