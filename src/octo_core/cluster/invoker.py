@@ -50,6 +50,7 @@ from octo_core.cluster.routing import _NO_TAGS, NoRouteError, RouteRule, Router,
 from octo_core.errors import (CallTimeout, DegradeError, EncodeError, OctoError, ProtocolError,
                               RpcError, ServiceError, TransportError)
 from octo_core.registry.node import Node
+from octo_core.transport.loop import outcome_seen
 
 log = logging.getLogger("octo_core.cluster")
 
@@ -87,12 +88,6 @@ def _from_peer(exc: BaseException) -> bool:
     """Is ``exc`` the status the node put in its reply, rather than something this
     process saw? (Set by the client on the errors it makes from a reply's status.)"""
     return getattr(exc, "from_peer", False)
-
-
-def _read_outcome(task: asyncio.Future) -> None:
-    """Mark the outcome of an attempt nobody waits for any more as read."""
-    if not task.cancelled():
-        task.exception()
 
 
 def _connection_failed(exc: BaseException) -> bool:
@@ -497,4 +492,4 @@ class Cluster:
                 task.cancel()
                 # a copy may end in an error all the same (a closing client turns the
                 # cancel into TransportError): read it, or asyncio logs it as unretrieved
-                task.add_done_callback(_read_outcome)
+                task.add_done_callback(outcome_seen)

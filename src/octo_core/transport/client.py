@@ -20,6 +20,7 @@ from octo_core import _codec, protocol
 from octo_core.errors import CallTimeout, DecodeError, ProtocolError, TransportError
 from octo_core.protocol import CLOSE_NOTICE_SEQUENCE, Frame, Header, MessageType, NodeStatus
 from octo_core.transport.address import Address, connect, parse_address
+from octo_core.transport.loop import outcome_seen
 from octo_core.transport.stream import FramedProtocol, log
 
 
@@ -358,13 +359,6 @@ def _request_unread(exc: BaseException) -> bool:
             and getattr(exc, "type", None) == TApplicationException.PROTOCOL_ERROR)
 
 
-def _outcome_seen(task: asyncio.Task) -> None:
-    """Mark a shared connect's failure as seen: the callers who waited got it, and
-    when none is left waiting it is no 'exception never retrieved'."""
-    if not task.cancelled():
-        task.exception()
-
-
 def _why(exc: OSError) -> str:
     """Why a connect failed, in the system's words ("Connection refused"): asyncio's
     own text ("Connect call failed ('127.0.0.1', 9001)") names only the address."""
@@ -464,7 +458,7 @@ class Endpoint:
             # timed out) neither aborts it for the others nor counts as a failure.
             attempt = asyncio.get_running_loop().create_task(self._connect_slot(slot))
             # its outcome is seen even when every caller gave up waiting for it
-            attempt.add_done_callback(_outcome_seen)
+            attempt.add_done_callback(outcome_seen)
             self._connecting[slot] = attempt
         try:
             return await asyncio.wait_for(asyncio.shield(attempt), timeout)
