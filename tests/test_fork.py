@@ -90,6 +90,23 @@ def test_a_blocking_client_works_in_the_child_on_connections_of_its_own():
         assert [client.echo(f"parent {n}") for n in range(3)] == [f"parent {n}" for n in range(3)]
 
 
+def test_a_client_given_its_hosts_as_a_generator_works_in_the_child_too():
+    """The child's client is made anew from the parent's arguments: hosts (and
+    idempotent) given as a generator were used up by the parent's, and the
+    child's first call failed with "hosts must name at least one node"."""
+    with serving_in_thread(echo_services()) as server, \
+            octo_core.Client(Echo, appkey=CLIENT_APPKEY, hosts=(a for a in [server.address]),
+                             idempotent=(m for m in ["echo"]), timeout=5) as client:
+        assert client.echo("parent") == "parent"
+
+        def child() -> Any:
+            answer = client.echo("child")
+            client.close()
+            return answer
+
+        assert in_child(child) == ("ok", "child")
+
+
 def test_threads_of_the_child_racing_its_first_calls_open_one_client():
     with serving_in_thread(echo_services()) as server, sync_client(Echo, server.address) as client:
         client.echo("parent")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import concurrent.futures
 import functools
 import math
@@ -728,7 +729,7 @@ class Client:
             """The IDL methods, attributes made at run time: to a type checker, Any."""
 
     def __init__(self, service: Any, **options: Any) -> None:
-        self._service, self._options = service, options
+        self._service, self._options = service, _kept(options)
         self._closed = False
         self._closing = threading.Lock()   # taken by the first close(), never let go
         self._inherited = False   # a forked child's copy, until its first call reopens it
@@ -879,6 +880,18 @@ class Client:
 
     def __exit__(self, *exc: Any) -> None:
         Client.close(self)
+
+
+def _kept(options: Dict[str, Any]) -> Dict[str, Any]:
+    """``options`` with the one-shot iterators of names a ``Client`` gets
+    (``hosts``, ``idempotent``: a generator, say) as tuples: a forked child
+    makes its client anew from them, and what the parent's used up would give
+    it none."""
+    kept = dict(options)
+    for name in ("hosts", "idempotent"):
+        if isinstance(kept.get(name), collections.abc.Iterator):
+            kept[name] = tuple(kept[name])
+    return kept
 
 
 for _name in _SHARED_ATTRIBUTES:   # (a forked child's reopened client: its new AsyncClient's)
