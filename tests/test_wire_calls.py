@@ -470,6 +470,14 @@ def test_client_refuses_a_timeout_that_is_not_a_positive_number(option, value):
         octo_core.AsyncClient(Echo, appkey="c", hosts=["127.0.0.1:1"], **{option: value})
 
 
+@pytest.mark.parametrize("value", [2.0, "2", True, None])
+def test_client_refuses_a_pool_size_that_is_not_a_whole_number(value):
+    """pool_size=2.0 (read from a config file, say) was taken, and then every
+    call failed with "can't multiply sequence by non-int of type 'float'"."""
+    with pytest.raises(TypeError, match="pool_size is a whole number of connections"):
+        octo_core.AsyncClient(Echo, appkey="c", hosts=["127.0.0.1:1"], pool_size=value)
+
+
 def test_a_by_name_timeout_is_checked_as_the_clients_is_before_anything_is_sent():
     handler = EchoHandler()
     with serving_in_thread([(Echo, handler, None)]) as server, \

@@ -172,6 +172,9 @@ class AsyncClient:
         timeout = _seconds("timeout", timeout)
         connect_timeout = _seconds("connect_timeout", connect_timeout)
         _seconds("heartbeat_interval", heartbeat_interval or 1.0)   # 0/None: off
+        if isinstance(pool_size, bool) or not isinstance(pool_size, int):
+            raise TypeError(f"pool_size is a whole number of connections per node, "
+                            f"not {pool_size!r}")
         self._methods = idl.methods(service)   # (first: TypeError for what is no service)
         self.service = service
         self.appkey = appkey
