@@ -81,9 +81,9 @@ def _stray_include(path: str, name: str) -> Optional[Tuple[str, str]]:
         if id(parent) in seen:
             continue
         seen.add(id(parent))
-        name = getattr(parent, "__thrift_module_name__", parent.__name__)
+        parent_name = getattr(parent, "__thrift_module_name__", parent.__name__)
         own = _include_name(os.path.basename(parent.__thrift_file__))
-        prefix = name[:-len(own)] if name.endswith(own) else ""
+        prefix = parent_name[:-len(own)] if parent_name.endswith(own) else ""
         directory = os.path.dirname(parent.__thrift_file__)
         # (a module that declares nothing has no meta: thriftpy2's own load checks too)
         for child in getattr(parent, "__thrift_meta__", {}).get("includes", ()):
