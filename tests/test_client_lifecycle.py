@@ -22,7 +22,7 @@ import pytest
 
 import octo_core
 from octo_core import client as client_module
-from octo_core.errors import CallTimeout, TransportError
+from octo_core.errors import CallTimeout, ClientClosed, TransportError
 from octo_core.transport.client import Endpoint
 from octo_core.transport.loop import LoopThread
 
@@ -54,7 +54,7 @@ class HungConnects:
 
 
 def assert_closed_error(error: BaseException) -> None:
-    assert isinstance(error, TransportError), repr(error)
+    assert isinstance(error, ClientClosed), repr(error)
     assert error.message == "client is closed" and error.request_sent is False
 
 
@@ -224,16 +224,20 @@ def test_sync_close_while_connecting_fails_every_caller_with_client_is_closed(mo
     assert calls == [1] and connects.cancelled == 1
 
 
-def test_calls_waiting_for_their_replies_at_close_fail_with_client_is_closed():
+@pytest.mark.parametrize("cluster", ["failfast", "failsafe"])
+def test_calls_waiting_for_their_replies_at_close_fail_with_client_is_closed(cluster):
+    """Under failsafe too: a call the client itself cut short is no node's
+    failure to hide behind None."""
     handler = EchoHandler()
     with serving_in_thread(echo_services(handler)) as server:
-        client = octo_core.Client(Echo, appkey=CLIENT_APPKEY, hosts=[server.address], timeout=30)
+        client = octo_core.Client(Echo, appkey=CLIENT_APPKEY, hosts=[server.address], timeout=30,
+                                  cluster=cluster)
         try:
             future = client.future.block("sent")
             assert handler.entered.get(timeout=5) == "sent"
             client.close()
             error = future.exception(5)
-            assert isinstance(error, TransportError), repr(error)
+            assert isinstance(error, ClientClosed), repr(error)
             assert error.message == "client is closed" and error.request_sent is True
         finally:
             handler.release.set()

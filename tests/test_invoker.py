@@ -27,9 +27,9 @@ from octo_core.cluster.breaker import BreakerState, CircuitBreaker, RetryBudget
 from octo_core.cluster.invoker import POLICIES, Cluster, node_failed, not_executed
 from octo_core.cluster.routing import (LITESET_KEY, SWIMLANE_KEY, Caller, NoRouteError,
                                        RouteRule, Router)
-from octo_core.errors import (ApplicationError, CallTimeout, DegradeError, EncodeError,
-                              ProtocolError, RemoteError, RpcError, RuntimeFailure, SecurityError,
-                              ServiceError, Status, TransportError)
+from octo_core.errors import (ApplicationError, CallTimeout, ClientClosed, DegradeError,
+                              EncodeError, ProtocolError, RemoteError, RpcError, RuntimeFailure,
+                              SecurityError, ServiceError, Status, TransportError)
 from octo_core.registry.node import Node
 from octo_core.transport.address import default_route_ip
 
@@ -255,6 +255,48 @@ def test_a_request_the_server_refused_as_malformed_is_the_callers_mistake(policy
             assert len(send) == 1, send.keys
         assert all(cluster.breaker(n).state is BreakerState.CLOSED for n in cluster.router.nodes)
         assert (await cluster.invoke(ScriptedSend(), timeout=1.0)).startswith("ok from")
+    run_virtual(main())
+
+
+def over_quota() -> DegradeError:
+    """What the client makes of a node's status-6 refusal: this caller is past its quota."""
+    error = DegradeError("quota exceeded for caller com.example.caller")
+    error.from_peer = True
+    return error
+
+
+def test_quota_refusals_do_not_open_the_nodes_breaker():
+    """A node that refuses a caller past its quota answered: it is up. Counted as
+    failures, its refusals would open the breaker, and the caller would get
+    local "circuit open" errors for calls the node would take a moment later."""
+    async def main():
+        cluster = make_cluster(1, policy="failfast",
+                               breaker=dict(consecutive_failures=2, clock=FakeClock()))
+        for _ in range(10):
+            error = await outcome(cluster.invoke(ScriptedSend(default=fail(over_quota)),
+                                                 timeout=1.0))
+            assert isinstance(error, DegradeError) and error.from_peer, error
+        (only,) = cluster.router.nodes
+        assert cluster.breaker(only).state is BreakerState.CLOSED
+        assert (await cluster.invoke(ScriptedSend(), timeout=1.0)).startswith("ok from")
+    run_virtual(main())
+
+
+@pytest.mark.parametrize("policy", ["failfast", "failover", "failsafe", "hedging"])
+def test_a_closed_client_is_no_nodes_failure(policy):
+    """``ClientClosed`` is the caller's side cutting its call short: raised under
+    every policy (failsafe too: no None for a call the client dropped), never
+    retried elsewhere, and no breaker counts it."""
+    async def main():
+        cluster = make_cluster(3, policy=policy, hedge_delay=0.5,
+                               breaker=dict(consecutive_failures=1, clock=FakeClock()))
+        send = ScriptedSend(default=fail(ClientClosed, after=0.01))
+        with pytest.raises(ClientClosed):
+            await cluster.invoke(send, timeout=1.0, idempotent=True)
+        await settle()
+        assert len(send) == 1, send.keys
+        assert all(cluster.breaker(n).state is BreakerState.CLOSED for n in cluster.router.nodes)
+    assert not node_failed(ClientClosed())
     run_virtual(main())
 
 

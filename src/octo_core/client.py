@@ -26,8 +26,9 @@ from octo_core.auth import Signer
 from octo_core.codec import Limits, _check_limits
 from octo_core.context import _GLOBAL, _HOOKS, Span, _span_started, child_span
 from octo_core.metrics import Metrics
-from octo_core.errors import (ApplicationError, CallTimeout, DecodeError, DegradeError,
-                              EncodeError, OctoError, ProtocolError, RemoteError, RpcError,
+from octo_core.errors import (ApplicationError, CallTimeout, ClientClosed, DecodeError,
+                              DegradeError, EncodeError, OctoError, ProtocolError, RemoteError,
+                              RpcError,
                               RuntimeFailure, SecurityError, ServiceError, Status, TransportError)
 from octo_core.protocol import DEFAULT_MAX_DEPTH, CallType, Frame, FrameDecoder, MessageType
 from octo_core.registry import Directory, Node, Registry, open_registry
@@ -705,8 +706,9 @@ class Client:
     coroutine handler), which it would stop meanwhile. A blocking call waits at
     most its timeout plus a margin (``CallTimeout`` if the I/O thread is stuck).
     Once closed, every call -- one still connecting, waiting for its reply or
-    racing ``close()`` too -- fails with ``TransportError("client is closed")``
-    (``request_sent`` True if its request may have gone out). A call the closed
+    racing ``close()`` too -- fails with ``ClientClosed``, a ``TransportError``
+    ("client is closed"; ``request_sent`` True if its request may have gone
+    out), under every ``cluster`` policy, failsafe too. A call the closed
     client refuses raises it at the call site, in every mode (as
     ``Executor.submit`` after ``shutdown()``): a callback-mode call then calls
     no callback. Every call that returned its future has its callback called
@@ -978,12 +980,12 @@ def _weak_method(method: Callable[..., None]) -> Callable[..., None]:
 
 
 def _closed_error(method: Optional[str] = None) -> TransportError:
-    return TransportError("client is closed", method=method, request_sent=False)
+    return ClientClosed(method=method, request_sent=False)
 
 
 def _cut_short() -> TransportError:
     """A call the closing client's loop stopped under: it may have been sent."""
-    return TransportError("client is closed")
+    return ClientClosed()
 
 
 def _outcome(future: concurrent.futures.Future) -> Any:

@@ -85,6 +85,15 @@ class CallTimeout(TransportError):
     """No reply arrived within the call's timeout."""
 
 
+class ClientClosed(TransportError):
+    """The client was closed: the call was refused, or cut short, by the caller's
+    own side, not by anything the node did (failsafe does not swallow it, and
+    no breaker counts it)."""
+
+    def __init__(self, message: str = "client is closed", **kw) -> None:
+        super().__init__(message, **kw)
+
+
 class ProtocolError(OctoError):
     """Bytes that do not follow the protocol, or values that cannot be framed."""
     status = Status.PROTOCOL_EXCEPTION

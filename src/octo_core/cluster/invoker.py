@@ -47,8 +47,8 @@ from typing import (AbstractSet, Any, Awaitable, Callable, Dict, FrozenSet, List
 from octo_core.cluster.balancer import make_balancer
 from octo_core.cluster.breaker import _CLOSED, BreakerState, CircuitBreaker, RetryBudget
 from octo_core.cluster.routing import _NO_TAGS, NoRouteError, RouteRule, Router, Weighted
-from octo_core.errors import (CallTimeout, DegradeError, EncodeError, OctoError, ProtocolError,
-                              RpcError, ServiceError, TransportError)
+from octo_core.errors import (CallTimeout, ClientClosed, DegradeError, EncodeError, OctoError,
+                              ProtocolError, RpcError, ServiceError, TransportError)
 from octo_core.registry.node import Node
 from octo_core.transport.loop import outcome_seen
 
@@ -77,11 +77,13 @@ def node_failed(exc: BaseException) -> bool:
     A ``ProtocolError`` counts when this client could not read the node's reply
     (the node sent garbage); not for an ``EncodeError`` (raised before anything
     is sent), nor when the node itself reported status 5 (``from_peer``): it
-    refused the request as malformed, which is the caller's mistake.
+    refused the request as malformed, which is the caller's mistake. Nor does
+    ``ClientClosed``: the caller's own side cut the call short.
     """
     if isinstance(exc, ProtocolError):
         return not (isinstance(exc, EncodeError) or _from_peer(exc))
-    return isinstance(exc, (TransportError, RpcError, ServiceError, DegradeError))
+    return (isinstance(exc, (TransportError, RpcError, ServiceError, DegradeError))
+            and not isinstance(exc, ClientClosed))
 
 
 def _from_peer(exc: BaseException) -> bool:
@@ -405,7 +407,14 @@ class Cluster:
             raise
         except Exception as exc:
             served = health = not node_failed(exc)
-            if _connection_failed(exc):
+            if isinstance(exc, DegradeError) and _from_peer(exc):
+                # The node refused this caller past its quota (status 6): it answered,
+                # so it is up; as a failure it would open the breaker on a node that
+                # serves this caller again within the second.
+                health = True
+            elif isinstance(exc, ClientClosed):
+                health = settled = None   # the client closed: nothing the node did
+            elif _connection_failed(exc):
                 # The connection failed (refused, or lost with every call on it): the
                 # node is degraded for a while -- one event, not N breaker failures.
                 # Breakers judge how the node answers: timeouts, overload, bad replies.

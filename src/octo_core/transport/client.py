@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from thriftpy2.thrift import TApplicationException
 
 from octo_core import _codec, protocol
-from octo_core.errors import CallTimeout, DecodeError, ProtocolError, TransportError
+from octo_core.errors import CallTimeout, ClientClosed, DecodeError, ProtocolError, TransportError
 from octo_core.protocol import CLOSE_NOTICE_SEQUENCE, Frame, Header, MessageType, NodeStatus
 from octo_core.transport.address import Address, connect, parse_address
 from octo_core.transport.loop import outcome_seen
@@ -88,7 +88,7 @@ class ClientConnection(FramedProtocol):
         """
         if self.closed:
             why = self._closed_why or "connection closed before the request was sent"
-            raise TransportError(why, method=method or None, node=self.node, request_sent=False)
+            raise closed_error(why, method=method or None, node=self.node, request_sent=False)
         future = self.loop.create_future()
         self._pending[seq] = (future, finish, method)
         if timeout is not None:
@@ -332,7 +332,7 @@ class ClientConnection(FramedProtocol):
             bool(pending) or self.loop.time() - self.last_read < DROPPED_AT_ONCE)
         for future, _, method in pending.values():
             if not future.done():
-                future.set_exception(TransportError(why, method=method or None, node=self.node))
+                future.set_exception(closed_error(why, method=method or None, node=self.node))
 
     def close(self, why: str = "") -> None:
         """Close (see ``FramedProtocol.close``); with ``why``, the calls still waiting
@@ -350,6 +350,16 @@ class ClientConnection(FramedProtocol):
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         super().connection_lost(exc)
         self._fail_pending(f"connection closed{': ' + str(exc) if exc else ''}")
+
+
+#: Why calls fail once their client is closed (``ClientClosed``: not the node's doing).
+CLIENT_CLOSED = "client is closed"
+
+
+def closed_error(why: str, **kw: Any) -> TransportError:
+    """The error of a call on a closed connection or endpoint, ``why`` it closed:
+    ``ClientClosed`` when the client was closed."""
+    return ClientClosed(why, **kw) if why == CLIENT_CLOSED else TransportError(why, **kw)
 
 
 def _request_unread(exc: BaseException) -> bool:
@@ -403,7 +413,7 @@ class Endpoint:
         self.ssl = ssl
         self.closed = False
         self._retired = False
-        self._closed_why = "client is closed"
+        self._closed_why = CLIENT_CLOSED
 
     def ready(self) -> Optional[ClientConnection]:
         """The next live connection of the pool without waiting, or None (then ``connection()``)."""
@@ -478,7 +488,7 @@ class Endpoint:
             raise
 
     def _closed_error(self) -> TransportError:
-        return TransportError(self._closed_why, node=self.node, request_sent=False)
+        return closed_error(self._closed_why, node=self.node, request_sent=False)
 
     async def _connect_slot(self, slot: int) -> ClientConnection:
         loop = asyncio.get_running_loop()
@@ -579,7 +589,7 @@ class Endpoint:
         """The client is closed: close the connections; connects under way are
         cancelled. Every call waiting fails at once with ``TransportError("client is
         closed")``, those waiting for a connect with ``request_sent`` False."""
-        self._closed_why = "client is closed"   # (a retired node's too: the client closed)
+        self._closed_why = CLIENT_CLOSED   # (a retired node's too: the client closed)
         self._end()
         for attempt in self._connecting.values():
             attempt.cancel()
