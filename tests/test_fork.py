@@ -149,7 +149,7 @@ def test_a_client_closed_before_the_fork_stays_closed_in_the_child():
             client.echo("x")
 
         kind, (name, message) = in_child(child)
-        assert (kind, name) == ("error", "TransportError") and message.startswith("client is closed")
+        assert (kind, name) == ("error", "ClientClosed") and message.startswith("client is closed")
 
 
 def test_an_async_client_refuses_calls_in_the_child_and_the_parent_keeps_its_own_answers():
