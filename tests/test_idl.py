@@ -72,6 +72,26 @@ def test_two_services_each_with_its_own_include_of_one_name_keep_their_own(tmp_p
     assert pickle.loads(pickle.dumps(item)) == item
 
 
+def test_includes_are_found_in_include_dirs_as_thrift_dash_i_finds_them(tmp_path, monkeypatch):
+    """An IDL tree built for ``thrift -I common``: ``include "base/dirs_types.thrift"``
+    is not beside the service's file but under an include directory (given
+    relative to the current directory)."""
+    (tmp_path / "common" / "base").mkdir(parents=True)
+    (tmp_path / "svc").mkdir()
+    (tmp_path / "common" / "base" / "dirs_types.thrift").write_text(
+        "struct Money { 1: i64 cents, 2: string currency }\n")
+    (tmp_path / "svc" / "dirs_pay.thrift").write_text(
+        'include "base/dirs_types.thrift"\n'
+        "service Pay { dirs_types.Money charge(1: dirs_types.Money amount) }\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Exception, match="base/dirs_types.thrift"):
+        octo_core.load_idl("svc/dirs_pay.thrift")
+    module = octo_core.load_idl("svc/dirs_pay.thrift", include_dirs=["common"])
+    money = module.dirs_types.Money(cents=250, currency="EUR")
+    assert octo_core.codec.decode(type(money), octo_core.codec.encode(money)) == money
+    assert module.Pay.charge_args.thrift_spec[1][2] is module.dirs_types.Money
+
+
 def test_the_same_idl_is_the_same_module_after_a_chdir(tmp_path, monkeypatch):
     (tmp_path / "idl").mkdir()
     (tmp_path / "elsewhere").mkdir()

@@ -7,15 +7,20 @@ import re
 import sys
 import types
 from types import ModuleType
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import thriftpy2
 import thriftpy2.parser
 from thriftpy2.thrift import TType
 
 
-def load_idl(path: str, module_name: Optional[str] = None) -> ModuleType:
+def load_idl(path: str, module_name: Optional[str] = None,
+             include_dirs: Optional[Sequence[str]] = None) -> ModuleType:
     """Parse the ``.thrift`` file at ``path`` and return its thriftpy2 module.
+
+    An ``include`` is looked for beside the file that has it, then in
+    ``include_dirs`` (``thrift -I``'s directories, in order; by default the
+    current directory).
 
     ``module_name`` must end in ``_thrift`` (thriftpy2's rule); by default it is
     the file's stem plus ``_thrift``, or, when a module of that name came from
@@ -33,6 +38,7 @@ def load_idl(path: str, module_name: Optional[str] = None) -> ModuleType:
     # absolute, as given (not resolved): includes are found beside a symlink, and
     # the file is the same one after a chdir
     absolute = os.path.abspath(path)
+    dirs = None if include_dirs is None else [os.path.abspath(d) for d in include_dirs]
     stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
     name = module_name or stem + "_thrift"
     holder = _loaded_from(name)
@@ -42,14 +48,14 @@ def load_idl(path: str, module_name: Optional[str] = None) -> ModuleType:
                              "give this one another name")
         name = _private_name(os.path.dirname(absolute), name)
     elif holder is None:
-        stray = _stray_include(absolute, name)
+        stray = _stray_include(absolute, name, dirs)
         if stray is not None and module_name is not None:
             raise ValueError(f"{path}: under module name {module_name!r}, its include "
                              f"{stray[0]} would be the module of {stray[1]}, another file "
                              "of that name loaded before; load it without module_name")
         if stray is not None:
             name = _private_name(os.path.dirname(absolute), name)
-    return thriftpy2.load(absolute, module_name=name)
+    return thriftpy2.load(absolute, module_name=name, include_dirs=dirs)
 
 
 def _private_name(directory: str, name: str) -> str:
@@ -63,8 +69,10 @@ def _private_name(directory: str, name: str) -> str:
     return f"{package}.{name}"
 
 
-def _stray_include(path: str, name: str) -> Optional[Tuple[str, str]]:
-    """An include of the IDL at ``path``, loaded as ``name``, at any depth, that
+def _stray_include(path: str, name: str,
+                   include_dirs: Optional[List[str]]) -> Optional[Tuple[str, str]]:
+    """An include of the IDL at ``path``, loaded as ``name`` (its includes looked
+    for in ``include_dirs`` too), at any depth, that
     thriftpy2 would take from its cache although it is another file's, as (its
     module name, that other file); None if there is none.
 
@@ -75,7 +83,8 @@ def _stray_include(path: str, name: str) -> Optional[Tuple[str, str]]:
     """
     # (the IDL itself is not cached: a parse under this name must not be found
     # for another file of the same name)
-    todo, seen = [thriftpy2.parser.parse(path, module_name=name, enable_cache=False)], set()
+    todo, seen = [thriftpy2.parser.parse(path, module_name=name, enable_cache=False,
+                                         include_dirs=include_dirs)], set()
     while todo:
         parent = todo.pop()
         if id(parent) in seen:
