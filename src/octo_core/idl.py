@@ -7,15 +7,20 @@ import re
 import sys
 import types
 from types import ModuleType
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import thriftpy2
 import thriftpy2.parser
 from thriftpy2.thrift import TType
 
 
+#: Include directories as thriftpy2's parser takes them.
+_Dirs = List[Union[str, "os.PathLike[Any]"]]
+
+
 def load_idl(path: str, module_name: Optional[str] = None,
-             include_dirs: Optional[Sequence[str]] = None) -> ModuleType:
+             include_dirs: Optional[Sequence[Union[str, "os.PathLike[str]"]]] = None
+             ) -> ModuleType:
     """Parse the ``.thrift`` file at ``path`` and return its thriftpy2 module.
 
     An ``include`` is looked for beside the file that has it, then in
@@ -38,7 +43,8 @@ def load_idl(path: str, module_name: Optional[str] = None,
     # absolute, as given (not resolved): includes are found beside a symlink, and
     # the file is the same one after a chdir
     absolute = os.path.abspath(path)
-    dirs = None if include_dirs is None else [os.path.abspath(d) for d in include_dirs]
+    dirs: Optional[_Dirs] = (None if include_dirs is None
+                             else [os.path.abspath(d) for d in include_dirs])
     stem = re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
     name = module_name or stem + "_thrift"
     holder = _loaded_from(name)
@@ -70,7 +76,7 @@ def _private_name(directory: str, name: str) -> str:
 
 
 def _stray_include(path: str, name: str,
-                   include_dirs: Optional[List[str]]) -> Optional[Tuple[str, str]]:
+                   include_dirs: Optional[_Dirs]) -> Optional[Tuple[str, str]]:
     """An include of the IDL at ``path``, loaded as ``name`` (its includes looked
     for in ``include_dirs`` too), at any depth, that
     thriftpy2 would take from its cache although it is another file's, as (its
