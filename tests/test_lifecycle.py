@@ -253,14 +253,24 @@ def test_a_host_name_that_does_not_resolve_is_named_in_the_error(monkeypatch):
     (dict(read_timeout=-1), ValueError, r"read_timeout must be None \(off\) or a positive"),
     (dict(read_timeout=float("nan")), ValueError, "read_timeout must be None"),
     (dict(idle_timeout="600"), ValueError, "idle_timeout must be None"),
+    (dict(node={"weight": "5"}), ValueError, r"node\['weight'\]: weight must be an integer"),
+    (dict(node={"idc": 3}), ValueError, r"node\['idc'\]: idc must be a string"),
+    (dict(node={"cell": None}), ValueError, r"node\['cell'\]: cell must be a string"),
+    (dict(node={"weight": -1}), ValueError, r"node\['weight'\]: weight must be an integer in \[0,"),
+    (dict(node={"status": 9}), ValueError, r"node\['status'\]: status must be an integer in \[0, 5\]"),
+    (dict(node={"wieght": 5}), ValueError, r"node has no field 'wieght'"),
 ], ids=["auth a token dict", "limits a dict", "quota 0", "quota negative", "quota NaN",
         "idle_timeout negative", "read_timeout negative", "read_timeout NaN",
-        "idle_timeout a string"])
+        "idle_timeout a string", "node weight a string", "node idc a number", "node cell None",
+        "node weight negative", "node status unknown", "node field misspelt"])
 def test_server_options_of_the_wrong_kind_are_refused_when_made(options, error, says):
     """A token dict for auth failed every connection as it was made (an
     AttributeError logged by the loop, the call refused with status 7); a dict for
     limits closed every connection unanswered; a quota of 0 or less let one call
     through, then none; a negative idle_timeout or read_timeout ("-1: off") made
-    the sweeper sleep a negative time, so the server's loop spun at 100% CPU."""
+    the sweeper sleep a negative time, so the server's loop spun at 100% CPU. A
+    node field of the wrong type was registered as given: every reader skipped
+    the node as malformed, so the server ran and got no calls (and could not
+    unregister it); a misspelt one failed only at start, after binding."""
     with pytest.raises(error, match=says):
         octo_core.Server(SERVER_APPKEY, **options)

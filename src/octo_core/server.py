@@ -34,6 +34,7 @@ from octo_core.errors import DecodeError, EncodeError, SecurityError, Status
 from octo_core.metrics import Metrics, MethodStats, prometheus_text
 from octo_core.protocol import Frame, MessageType, NodeStatus
 from octo_core.registry import HeartbeatSupport, Node, Registry, open_registry
+from octo_core.registry.base import provider_fields
 from octo_core.transport.address import (Address, Listeners, Listening, default_route_ip, listen,
                                         parse_address)
 from octo_core.transport.http import bound_port, serve_metrics
@@ -409,7 +410,7 @@ class Server:
         self.metrics = Metrics("server")
         self._registry_spec = registry
         self._registry: Optional[Registry] = None
-        self._node_fields = dict(node or {})
+        self._node_fields = provider_fields(node or {})
         self._node: Optional[Node] = None
         self.unregister_delay = unregister_delay
         self.metrics_port = metrics_port

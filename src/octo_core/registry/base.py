@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, 
 from octo_core.errors import OctoError
 from octo_core.registry import schema
 from octo_core.protocol import NodeStatus
-from octo_core.registry.node import Env, Node, OperatorFields
+from octo_core.registry.node import Env, Node, OperatorFields, check_field
 
 if TYPE_CHECKING:  # cluster.routing imports registry.node: load it only when needed
     from octo_core.cluster.routing import RouteRule
@@ -288,6 +288,22 @@ def operator_changes(**fields: Optional[float]) -> OperatorFields:
             checked[name] = int(schema.require_int(name, value, _OPERATOR_RANGES[name]))
     # (the names are update's keywords, so OPERATOR_FIELDS; fweight alone is a float)
     return cast(OperatorFields, checked)
+
+
+def provider_fields(fields: Mapping[str, Any]) -> Dict[str, Any]:
+    """What a provider sets on its own node (``Server(node=...)``), checked as readers
+    check a node's JSON and, for the operator's fields, as ``update`` checks them:
+    registered unchecked, a value of the wrong type made every reader skip the node
+    (its server ran and got no calls). ``ValueError`` naming the key."""
+    checked = {}
+    for name, value in fields.items():
+        try:
+            checked[name] = check_field(name, value)
+            if name in OPERATOR_FIELDS:
+                operator_changes(**{name: value})
+        except ValueError as exc:
+            raise ValueError(f"node[{name!r}]: {exc}") from None
+    return checked
 
 
 def parse_rule(data: "str | bytes | Mapping[str, Any]") -> "RouteRule":

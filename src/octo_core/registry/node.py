@@ -182,6 +182,14 @@ _FIELD_KINDS: Dict[str, str] = {f.name: str(f.type) for f in dataclasses.fields(
 _PORT_RANGE = (0, 65535)
 
 
+def check_field(name: str, value: Any) -> Any:
+    """``value`` checked to be what node field ``name`` holds, as ``from_dict`` checks
+    it; ``ValueError`` if not, or if a node has no such field."""
+    if name not in _FIELD_KINDS:
+        raise ValueError(f"node has no field {name!r} (its fields: {', '.join(_FIELD_KINDS)})")
+    return _check_field(name, _FIELD_KINDS[name], value)
+
+
 def _check_field(name: str, kind: str, value: Any) -> Any:
     """``value`` checked to be what node field ``name`` holds (``ValueError`` if not)."""
     if name == "port":
