@@ -318,6 +318,20 @@ def test_unknown_locality_is_refused():
         Router(HERE, locality="city")
 
 
+@pytest.mark.parametrize("caller, locality", [
+    (Caller(), "idc"), (Caller(region="south"), "idc"),
+    (Caller(), "region"), (Caller(idc="gz1"), "region")],
+    ids=["idc, caller nowhere", "idc, caller with a region only",
+         "region, caller nowhere", "region, caller with an IDC only"])
+def test_a_hard_locality_without_the_callers_own_is_refused(caller, locality):
+    """locality='idc' for a caller without an idc limited nothing (every node was
+    routed) or, with a region, routed no call at all (each failed with "no node is
+    available"); the same for 'region' without a region: a configuration error
+    that showed up only as misrouted or failing calls."""
+    with pytest.raises(ValueError, match=f"locality={locality!r} needs the caller's {locality}"):
+        Router(caller, locality=locality)
+
+
 # --- route rules ------------------------------------------------------------------------
 
 CALLER_IP = "192.168.1.7"

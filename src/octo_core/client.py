@@ -92,8 +92,9 @@ class AsyncClient:
     ``hedging``), ``retries``, ``forks``, ``hedge_delay``, ``idempotent`` (True,
     or the method names that may be retried after they were sent; forking and
     hedging send extra copies of these only); routing:
-    ``cell``/``set_routing``, ``idc``/``region``/``locality``
-    (``locality_threshold``: the share of serving nodes -- ALIVE, weight > 0,
+    ``cell``/``set_routing``, ``idc``/``region``/``locality`` (``"idc"`` or
+    ``"region"``: only that of the caller, given by ``idc`` or ``region``;
+    ``locality_threshold``: the share of serving nodes -- ALIVE, weight > 0,
     circuit closed, connects working -- a nearer tier needs to be used alone,
     0.5 by default), ``caller_ip``
     (what route rules match consumer IPs against; by default the address of

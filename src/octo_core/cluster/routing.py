@@ -128,6 +128,10 @@ class Router:
                  locality_threshold: float = 0.5) -> None:
         if locality not in (None, "idc", "region"):
             raise ValueError("locality must be None, 'idc' or 'region'")
+        if locality is not None and not getattr(caller, locality):
+            # (without it the hard limit would route every call, or none)
+            raise ValueError(f"locality={locality!r} needs the caller's {locality} "
+                             f"({locality}=...)")
         if not 0.0 <= locality_threshold <= 1.0:
             raise ValueError(
                 f"locality_threshold must be within [0, 1], not {locality_threshold!r}")
