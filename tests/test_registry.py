@@ -484,6 +484,33 @@ def raw_client(server: ZooKeeper) -> KazooClient:
     return client
 
 
+@pytest.mark.parametrize("host, fields, warned", [
+    ("127.0.0.1", {}, True), ("localhost", {}, True), ("127.0.0.1", {"ip": "10.1.2.3"}, False)],
+    ids=["loopback", "localhost", "node ip given"])
+def test_a_loopback_address_registered_in_zookeeper_is_warned_of(zookeeper_server, tmp_path,
+                                                                 caplog, host, fields, warned):
+    """Server's default host, 127.0.0.1, was registered in ZooKeeper as it is: every
+    caller on another machine dialled its own loopback (refused, or its own copy of
+    the service on that port, past all routing), and nothing said so. A registry of
+    one machine (file://, memory://) reaches loopback from every caller: no warning."""
+    import octo_core   # (the wire helpers' Echo: a server to register)
+    from wire_helpers import Echo, EchoHandler
+
+    async def scenario(url: str) -> None:
+        server = octo_core.Server(APPKEY, host=host, registry=url, node=fields,
+                                  unregister_delay=0)
+        server.add_service(Echo, EchoHandler())
+        await server.start()
+        await server.stop()
+
+    said = "callers on other machines cannot reach"
+    with caplog.at_level(logging.WARNING, logger="octo_core.server"):
+        run(scenario(f"file://{tmp_path}/registry"))
+        assert not [r for r in caplog.records if said in r.getMessage()]
+        run(scenario(zookeeper_server.url(unique("loopback"))))
+    assert bool([r for r in caplog.records if said in r.getMessage()]) == warned
+
+
 def test_zk_json_is_the_node_json_at_the_mns_path(zookeeper_server):
     chroot = unique("layout")
 

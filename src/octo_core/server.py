@@ -175,6 +175,16 @@ def _reachable_ip(wildcard: str) -> str:
     return ip
 
 
+def _machine_local(ip: str) -> bool:
+    """Is ``ip`` (a registered node's) reachable from this machine only?"""
+    if ip.startswith("unix://") or ip == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:   # a host name: it may resolve to anything
+        return False
+
+
 class _DeadlinePassed(Exception):
     """The caller's deadline passed before the handler could start."""
 
@@ -348,7 +358,9 @@ class Server:
     ``zk://host:2181``, or a ``Registry``) the server registers itself on
     start (``node`` sets ``Node`` fields: weight, warmup, cell, swimlane, idc,
     region...; a server on every interface, ``0.0.0.0`` or ``::``, registers
-    the address its default route uses, unless ``node`` gives ``ip``), and on
+    the address its default route uses, unless ``node`` gives ``ip``; a loopback
+    address or unix socket registered where other machines look, ``zk://``, is
+    warned of: they cannot reach it), and on
     stop first marks itself STOPPING and unregisters, keeps serving for
     ``unregister_delay`` seconds while callers see the change, and only then
     refuses new calls and drains. With ``auth``, a peer on its deny list is
@@ -574,6 +586,11 @@ class Server:
             heartbeatSupport=HeartbeatSupport.BOTH,
             serviceInfo={name: {"unifiedProto": 1} for name in self._services})
         fields.update(self._node_fields)
+        if not registry.machine_local and _machine_local(fields["ip"]):
+            log.warning("%s: registering %s in a registry shared by machines: callers on "
+                        "other machines cannot reach a loopback address or a unix socket "
+                        "(listen on host='0.0.0.0', or give node={'ip': ...})",
+                        self.appkey, fields["ip"])
         self._node = await registry.register(Node(**fields))
 
     async def _unregister(self) -> None:

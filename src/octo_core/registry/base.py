@@ -119,6 +119,10 @@ class Watch:
 class Registry(abc.ABC):
     """Where providers register and consumers discover them (see the module docstring)."""
 
+    #: Whether every process using it runs on this machine (``memory://``, ``file://``),
+    #: so that a loopback address or a unix socket registered there reaches every caller.
+    machine_local = False
+
     def __init__(self, env: int = Env.PROD) -> None:
         if env not in Env.NAMES:
             raise ValueError(f"unknown env {env!r}: one of {sorted(Env.NAMES)}")

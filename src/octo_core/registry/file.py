@@ -232,6 +232,8 @@ class _Owned(NamedTuple):
 class FileRegistry(Registry):
     """Nodes and route rules as JSON files under ``root`` (see the module docstring)."""
 
+    machine_local = True
+
     def __init__(self, root: str, *, env: int = Env.PROD, ttl: float = 10.0,
                  interval: float = 0.2) -> None:
         super().__init__(env)

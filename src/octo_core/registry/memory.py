@@ -50,6 +50,8 @@ _SPACES_LOCK = threading.Lock()
 class MemoryRegistry(Registry):
     """An in-process registry; every ``MemoryRegistry(name)`` shares one state."""
 
+    machine_local = True
+
     def __init__(self, name: str = "", env: int = Env.PROD) -> None:
         super().__init__(env)
         with _SPACES_LOCK:
