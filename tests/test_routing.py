@@ -293,6 +293,19 @@ TIER_CASES = [
      [{"i1"}]),
     ("a Set is a hard limit",
      SET_CALLER, {}, [node("s1", cell="gz-set1"), node("c1")], {}, [{"s1"}]),
+    # PROTOCOL.md §5 role: a backup serves when no primary can (they took half the calls)
+    ("backup nodes (role 1) are the last tier",
+     PLAIN, {}, [node("p1"), node("p2"), node("b1", role=1)], {}, [{"p1", "p2"}, {"b1"}]),
+    ("backups come after every primary tier, nearest first",
+     HERE, {}, [dc("i1", "gz1", "south"), node("ib", idc="gz1", region="south", role=1),
+                dc("e1", "bj1", "north"), node("eb", idc="bj1", region="north", role=1)],
+     {}, [{"i1"}, {"e1"}, {"ib"}, {"eb"}]),
+    ("backups alone serve",
+     PLAIN, {}, [node("b1", role=1), node("b2", role=1)], {}, [{"b1", "b2"}]),
+    ("a primary that is not ALIVE leaves the calls to the backup",
+     PLAIN, {}, [node("p1", status=NodeStatus.DEAD), node("b1", role=1)], {}, [{"b1"}]),
+    ("a backup in the lane comes after the trunk's primaries",
+     PLAIN, BLUE, [node("bb", swimlane="blue", role=1), node("t1")], {}, [{"t1"}, {"bb"}]),
 ]
 
 

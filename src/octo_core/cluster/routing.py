@@ -6,6 +6,7 @@
 4. swimlane: a tagged request goes to its lane, else the trunk
 5. locality: same IDC, then same region, then anywhere
 6. only ALIVE nodes with weight > 0 (at most ``_lb.MAX_WEIGHT``: more counts as that)
+7. backups (``role`` 1) only when no primary can serve: after every tier of primaries
 
 The answer is a chain of tiers, most preferred first (``Weighted.fallback``):
 the LiteSet's cell before the center, the lane before the trunk, and within
@@ -29,7 +30,7 @@ from typing import AbstractSet, Dict, List, Mapping, NamedTuple, Optional, Seque
 from octo_core._lb import MAX_WEIGHT
 from octo_core.errors import RpcError
 from octo_core.registry import schema
-from octo_core.registry.node import Node
+from octo_core.registry.node import Node, Role
 
 # globalContext keys: they travel the whole call chain, so a handler's own
 # outbound calls stay in the lane / LiteSet its caller was in.
@@ -122,7 +123,7 @@ class Weighted(NamedTuple):
 
 
 class Router:
-    """Runs the six steps for one caller over one callee's nodes."""
+    """Runs the seven steps for one caller over one callee's nodes."""
 
     def __init__(self, caller: Caller = Caller(), *, locality: Optional[str] = None,
                  locality_threshold: float = 0.5) -> None:
@@ -232,7 +233,10 @@ class Router:
         tiers = [tier for group in self._cells(nodes, liteset)
                  for sub in self._swimlane(group, lane)
                  for tier in self._locality(sub, weights)]
-        return self._chain(tiers, weights)
+        # Backups (role 1) serve only when no primary can: after every primary tier.
+        return self._chain([[n for n in tier if n.role != Role.BACKUP] for tier in tiers]
+                           + [[n for n in tier if n.role == Role.BACKUP] for tier in tiers],
+                           weights)
 
     @staticmethod
     def _chain(tiers: List[List[Node]], weights: Dict[str, float]) -> Weighted:
