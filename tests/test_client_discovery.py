@@ -14,7 +14,7 @@ import pytest
 
 import octo_core
 from octo_core.cluster.routing import NoRouteError, RouteRule
-from octo_core.errors import TransportError
+from octo_core.errors import CallTimeout, TransportError
 from octo_core.registry import Node, RegistryError, Watch
 from octo_core.registry.base import WatchCallback
 from octo_core.registry.memory import MemoryRegistry
@@ -160,7 +160,7 @@ def test_a_call_waiting_for_a_connect_to_a_node_that_leaves_is_still_sent(passes
     closes; nothing is kept for the node."""
     async def main():
         async with Leaving.serving() as nodes, nodes.client() as client:
-            await client._discover()
+            await client._discover(5.0, "echo")
             call = asyncio.ensure_future(client.echo("on its way"))
             for _ in range(passes):
                 await asyncio.sleep(0)
@@ -275,4 +275,72 @@ def test_a_registry_listing_no_node_of_the_callee_says_so_and_names_the_method()
                     await client.echo("x")
         assert str(refused.value) == ("no node is available for this call: the registry lists "
                                       f"no node of {APPKEY!r} serving Echo (method echo)")
+    run(main())
+
+
+class SilentRegistry(OutageRegistry):
+    """A registry that, while ``down``, answers no question at all (a ZooKeeper
+    out of reach whose client waits for its session) rather than failing them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.back = asyncio.Event()
+
+    async def list(self, appkey: str) -> List[Node]:
+        await self.back.wait()
+        return await super().list(appkey)
+
+    async def routes(self, appkey: str) -> List[RouteRule]:
+        await self.back.wait()
+        return await super().routes(appkey)
+
+    def answer(self) -> None:
+        self.down = False
+        self.back.set()
+
+
+def test_a_first_call_waits_for_discovery_no_longer_than_its_own_timeout():
+    """A silent registry held a first call for the directory's own registry
+    timeout (5 s), past the call's 0.2 s. With no snapshot to start from, it
+    fails at its own deadline with a CallTimeout whose request never left;
+    discovery goes on, and a call made once the registry answers goes through."""
+    async def main():
+        async with serving(echo_services()) as server, SilentRegistry() as registry:
+            await registry.register(Node(APPKEY, LOCALHOST, server.port,
+                                         serviceInfo={"Echo": {"unifiedProto": 1}}))
+            async with octo_core.AsyncClient(Echo, appkey="com.example.caller",
+                                             remote_appkey=APPKEY, registry=registry,
+                                             timeout=0.2) as client:
+                with pytest.raises(CallTimeout) as waited:
+                    await client.echo("first")
+                assert waited.value.request_sent is False and waited.value.method == "echo"
+                assert "no node list" in str(waited.value)
+                registry.answer()
+                assert await client.call("echo", "after", timeout=5) == "after"
+    run(main())
+
+
+def test_a_first_call_starts_from_the_snapshot_within_its_own_timeout(tmp_path):
+    """With a snapshot, a first call gives the silent registry half its time, then
+    starts from the snapshot and is answered; the registry's answer, when it
+    comes, replaces the snapshot's nodes."""
+    from octo_core.registry.directory import _write_snapshot
+
+    async def main():
+        async with serving(echo_services()) as server, serving(echo_services()) as newer, \
+                SilentRegistry() as registry:
+            saved = Node(APPKEY, LOCALHOST, server.port, serviceInfo={"Echo": {"unifiedProto": 1}})
+            snapshot = str(tmp_path / "snapshot.json")
+            _write_snapshot(snapshot, APPKEY, [saved], [])
+            listed = Node(APPKEY, LOCALHOST, newer.port, serviceInfo={"Echo": {"unifiedProto": 1}})
+            await registry.register(listed)
+            async with octo_core.AsyncClient(Echo, appkey="com.example.caller",
+                                             remote_appkey=APPKEY, registry=registry,
+                                             snapshot_path=snapshot, timeout=1.0) as client:
+                assert await client.echo("from the snapshot") == "from the snapshot"
+                assert {n.key for n in client._cluster.router.nodes} == {saved.key}
+                registry.answer()
+                await wait_until(lambda: {n.key for n in client._cluster.router.nodes}
+                                 == {listed.key}, 10, "the registry's nodes")
+                assert await client.echo("from the registry") == "from the registry"
     run(main())

@@ -101,7 +101,8 @@ class AsyncClient:
     this machine's default route).
     Nodes come from ``hosts`` (addresses) or from a ``registry`` (URL or
     ``Registry``) for ``remote_appkey``; discovery follows changes and keeps the
-    last good list through registry outages (``snapshot_path`` persists it).
+    last good list through registry outages (``snapshot_path`` persists it; a
+    first call gives the registry half its timeout, then starts from it).
     Trust: ``token`` signs every unified request (PROTOCOL.md §6; ``sign_body``
     covers the body too); ``ssl`` connects over TLS. ``metrics`` counts calls.
     ``max_frame_size``, and ``limits`` (``octo_core.codec.Limits``) for the reply
@@ -303,7 +304,8 @@ class AsyncClient:
                 or self._loop.is_closed()):  # type: ignore[union-attr]  # set with _loop_thread
             self._check_caller(method)
         if self._directory is not None and self._directory.version == 0:
-            await self._discover()
+            timeout = await self._discover(self.timeout if timeout is None else timeout,
+                                           method.name)
         try:
             request = method.args_cls(*args, **kwargs)
         except TypeError as exc:
@@ -363,16 +365,34 @@ class AsyncClient:
                                                *self._parts())
             self._collected.atexit = False
 
-    async def _discover(self) -> None:
+    async def _discover(self, timeout: float, method: str) -> float:
         """Start discovery: concurrent first calls share one attempt, and a failed
-        attempt is forgotten, so a call after a registry outage tries again."""
+        attempt is forgotten, so a call after a registry outage tries again.
+
+        A call waits for it within its own ``timeout``: half of it for the
+        registry, then it starts from the snapshot (``snapshot_path``) if there
+        is one, else waits out the rest (``CallTimeout`` then: discovery goes on
+        for the calls after it). Returns the time the call has left."""
         directory = self._directory
         assert directory is not None   # (a call discovers only with a registry)
+        loop = asyncio.get_running_loop()
         if self._discovery is None:
-            self._discovery = asyncio.get_running_loop().create_task(directory.start())
+            self._discovery = loop.create_task(directory.start())
             self._discovery.add_done_callback(self._discovery_done)
-        await asyncio.shield(self._discovery)
+        began = loop.time()
+        for until in (began + timeout / 2, began + timeout):
+            try:
+                await asyncio.wait_for(asyncio.shield(self._discovery), until - loop.time())
+                break
+            except asyncio.TimeoutError:
+                if directory.start_from_snapshot():
+                    break
+        else:
+            raise CallTimeout(f"no node list of {self.remote_appkey} from the registry within "
+                              f"the call's {timeout:.3g}s (discovery goes on)",
+                              method=method, request_sent=False)
         self._discovered(directory.nodes, directory.rules)
+        return max(0.001, timeout - (loop.time() - began))
 
     def _discovered(self, nodes: Sequence[Node], rules: Sequence[RouteRule]) -> None:
         """A new node list: routing takes those that serve this client's service,

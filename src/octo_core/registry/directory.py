@@ -64,6 +64,7 @@ class Directory:
         self.refresh_interval = refresh_interval
         self._nodes: Tuple[Node, ...] = ()
         self._saved_nodes: Tuple[Node, ...] = ()   # the snapshot's, until nodes are known
+        self._saved_rules: Tuple[RouteRule, ...] = ()   # (and its rules)
         self._rules: Tuple[RouteRule, ...] = ()
         self._version = 0
         self._subscribers: Set[Subscription] = set()
@@ -111,8 +112,8 @@ class Directory:
             return
         if self.snapshot_path is not None and not self._nodes:
             try:
-                self._saved_nodes = tuple((await FILES.run(_read_snapshot, self.snapshot_path,
-                                                           self.appkey))[0])
+                nodes, rules = await FILES.run(_read_snapshot, self.snapshot_path, self.appkey)
+                self._saved_nodes, self._saved_rules = tuple(nodes), tuple(rules)
             except _UNUSABLE:   # (said when it is needed: the registry failed)
                 pass
         self._watch = self.registry.watch(self.appkey, self._on_watch)
@@ -143,9 +144,24 @@ class Directory:
         try:
             await fetching
         except Exception as exc:  # noqa: BLE001 - any registry failure: fall back
+            if self._version:   # started from the snapshot meanwhile (start_from_snapshot)
+                log.warning("%s: the registry failed (%r); going on from the snapshot",
+                            self.appkey, exc)
+                return
             if not self._deliveries and not await self._load_snapshot(exc):
                 raise RegistryError(f"cannot discover {self.appkey}: the registry failed ({exc!r}) "
                                     "and there is no snapshot to start from") from exc
+
+    def start_from_snapshot(self) -> bool:
+        """For a caller that cannot wait for the registry any longer: a start still
+        waiting for it takes the snapshot's nodes now (the start goes on, and the
+        registry's answer, when it comes, replaces them). Returns whether nodes
+        are known now (False: there is no usable snapshot)."""
+        if not self._version and self._saved_nodes:
+            log.warning("%s: the registry has not answered yet; starting from the snapshot "
+                        "%s (%d nodes)", self.appkey, self.snapshot_path, len(self._saved_nodes))
+            self._accept(*snapshot_of(self._saved_nodes, self._saved_rules))
+        return bool(self._version)
 
     async def refresh(self) -> bool:
         """Ask the registry now; True when that changed the state. Never raises for a
@@ -222,7 +238,7 @@ class Directory:
     def _accept(self, nodes: Tuple[Node, ...], rules: Tuple[RouteRule, ...]) -> None:
         self._nodes, self._rules = nodes, rules
         if nodes:
-            self._saved_nodes = ()
+            self._saved_nodes, self._saved_rules = (), ()
         self._version += 1
         for subscription in list(self._subscribers):
             try:
