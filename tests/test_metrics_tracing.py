@@ -457,7 +457,8 @@ def test_a_call_without_context_runs_without_the_serving_loops():
         return json.loads(reply.success)
 
     def in_a_traced_context() -> Dict[str, Any]:
-        context._SPAN.set(Span("0" * 16, "1" * 16))   # (no public setter: a server sets spans)
+        # (no public setter: a server sets spans)
+        context._CARRIED.set(({}, Span("0" * 16, "1" * 16)))
         with context.use({"loop": "tag"}):
             return run(main())
 

@@ -24,7 +24,7 @@ from octo_core.cluster.routing import Caller, NoRouteError, RouteRule, Router
 from octo_core.afterfork import tell_forked_children
 from octo_core.auth import Signer
 from octo_core.codec import Limits, _check_limits
-from octo_core.context import _GLOBAL, _HOOKS, Span, _span_started, child_span
+from octo_core.context import _HOOKS, Span, _carried, _child_of, _span_started
 from octo_core.metrics import Metrics
 from octo_core.errors import (ApplicationError, CallTimeout, ClientClosed, DecodeError,
                               DegradeError, EncodeError, OctoError, ProtocolError, RemoteError,
@@ -310,11 +310,11 @@ class AsyncClient:
             request = method.args_cls(*args, **kwargs)
         except TypeError as exc:
             raise TypeError(_argument_error(method, args, kwargs, exc)) from None
-        tags = _GLOBAL.get()     # global_context(), minus its frame
+        tags, parent = _carried()
         key = (getattr(request, self._hash_arg, None) if self._hash_arg
                else tags.get(self._hash_header) if self._hash_header else None)
 
-        span = child_span()
+        span = _child_of(parent)
         stats = self.metrics.started(self.service_name, method.name)
         ends = _span_started("client", self.service_name, method.name, span) if _HOOKS else None
         started = time.monotonic()

@@ -13,15 +13,11 @@ import contextlib
 import contextvars
 import functools
 import logging
-from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional
+from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 from octo_core import _codec
 
 log = logging.getLogger("octo_core.context")
-
-_GLOBAL: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
-    "octo_global_context", default={})
-_SPAN: contextvars.ContextVar[Optional["Span"]] = contextvars.ContextVar("octo_span", default=None)
 
 
 class Span(NamedTuple):
@@ -35,6 +31,27 @@ class Span(NamedTuple):
 #: NamedTuple generates, and without a frame of its own: a per-call cost on both sides.
 _new_span: Callable[[tuple], Span] = functools.partial(tuple.__new__, Span)
 
+#: What a call carries: the globalContext and the span (none yet: no trace).
+Carried = Tuple[Mapping[str, str], Optional[Span]]
+_NOTHING: Carried = ({}, None)
+
+#: What the current call carries. A server sets it to the incoming request's
+#: header, read only when asked (most handlers never ask: a Span and a context
+#: variable fewer per call); ``use()`` sets a ``Carried`` pair.
+_CARRIED: contextvars.ContextVar[Union[Carried, _codec.Head]] = contextvars.ContextVar(
+    "octo_carried", default=_NOTHING)
+
+
+def _carried() -> Carried:
+    """The current globalContext and span."""
+    value = _CARRIED.get()
+    if type(value) is tuple:
+        return value
+    head: _codec.Head = value   # type: ignore[assignment]  # (the only other kind)
+    # (a header with a trace id has a span id: see Server._call_context)
+    return (head.global_context or _NOTHING[0],
+            _new_span((head.trace_id, head.span_id, None)) if head.trace_id else None)
+
 
 # hook(side, service, method, span) -> None or a function called with the OCTO status at the end
 SpanHook = Callable[[str, str, str, Span], Optional[Callable[[int], None]]]
@@ -43,17 +60,21 @@ _HOOKS: List[SpanHook] = []
 
 def global_context() -> Mapping[str, str]:
     """The ``globalContext`` outbound calls will carry (read-only)."""
-    return _GLOBAL.get()
+    return _carried()[0]
 
 
 def current_span() -> Optional[Span]:
     """The span of the call being handled, if any."""
-    return _SPAN.get()
+    return _carried()[1]
 
 
 def child_span() -> Span:
     """A span for an outbound call: in the current trace, or the first of a new one."""
-    parent = _SPAN.get()
+    return _child_of(_carried()[1])
+
+
+def _child_of(parent: Optional[Span]) -> Span:
+    """A span for an outbound call made under ``parent`` (None: a new trace)."""
     if parent is None:
         return _new_span((_codec.new_id(), _codec.new_id(), None))
     return _new_span((parent.trace_id, _codec.new_id(), parent.span_id))
@@ -65,12 +86,13 @@ def use(values: Optional[Mapping[str, str]] = None, **more: str) -> Iterator[Dic
 
     ``with octo_core.context.use({"octo.swimlane": "lane-a"}): await client.echo("x")``
     """
-    merged = {**_GLOBAL.get(), **(values or {}), **more}
-    token = _GLOBAL.set(merged)
+    tags, span = _carried()
+    merged = {**tags, **(values or {}), **more}
+    token = _CARRIED.set((merged, span))
     try:
         yield merged
     finally:
-        _GLOBAL.reset(token)
+        _CARRIED.reset(token)
 
 
 def add_span_hook(hook: SpanHook) -> Callable[[], None]:
@@ -107,16 +129,12 @@ def _guarded(end: Callable[[int], None], service: str, method: str) -> Callable[
     return finish
 
 
-def _handler_context(values: Optional[Mapping[str, str]],
-                     span: Optional[Span]) -> contextvars.Context:
-    """Server side: a copy of the current context holding the caller's
-    ``globalContext`` and trace, for a handler to run in. A variable that holds
-    what it must already (no globalContext sent, and an empty one here, which the
-    handler then reads, read-only as ever) is not set again: a set makes a new
-    mapping and a token (every call's path)."""
+def _handler_context(carried: Union[Carried, _codec.Head, None]) -> contextvars.Context:
+    """Server side: a copy of the current context holding what the caller sent
+    (its request's header, or a ``Carried`` pair; None: nothing), for a handler
+    to run in. Nothing sent, and nothing carried here, it is not set again: a
+    set makes a new mapping and a token (every call's path)."""
     context = contextvars.copy_context()
-    if values or _GLOBAL.get():
-        context.run(_GLOBAL.set, values or {})
-    if span is not None or _SPAN.get() is not None:
-        context.run(_SPAN.set, span)
+    if carried is not None or _CARRIED.get() is not _NOTHING:
+        context.run(_CARRIED.set, _NOTHING if carried is None else carried)
     return context

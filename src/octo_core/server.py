@@ -990,14 +990,19 @@ class Server:
     @staticmethod
     def _call_context(call: _Call, head: Optional[_codec.Head]) -> contextvars.Context:
         """The context the handler runs in: a copy of this one holding the
-        caller's globalContext and trace."""
-        span = None
-        if head is not None and head.trace_id:
+        caller's globalContext and trace (the header itself, read when asked:
+        see ``context._carried``)."""
+        if head is None or not (head.trace_id or head.global_context):
+            return _context._handler_context(None)   # (native thrift: nothing sent)
+        if head.trace_id and (not head.span_id or _context._HOOKS):
+            # the span made now: a new id (the caller sent none) is one id, and a hook
+            # is told of it now
             span = _context._new_span((head.trace_id, head.span_id or _codec.new_id(), None))
             if _context._HOOKS:
                 call.span_ends = _context._span_started("server", call.service.name,
                                                         call.method.name, span)
-        return _context._handler_context(head.global_context if head is not None else None, span)
+            return _context._handler_context((head.global_context or {}, span))
+        return _context._handler_context(head)
 
     async def _run_coroutine(self, call: _Call, fn: Callable[..., Any], argv: Tuple[Any, ...],
                              deadline: Optional[float]) -> None:
