@@ -808,6 +808,32 @@ def test_stop_with_grace_shorter_than_a_call_fails_it_cleanly():
     run(main())
 
 
+def test_calls_still_queued_for_a_business_thread_past_the_grace_are_answered_and_never_run():
+    """Past the grace, plain-function calls still waiting for a business thread
+    are answered (the server is stopping) and never run: not left to see their
+    connection close as if they might have run, nor run after the stop."""
+    handler = EchoHandler()
+
+    async def main():
+        async with serving(echo_services(handler), business_threads=1) as server, \
+                async_client(Echo, server.address, timeout=20) as client:
+            blocked = asyncio.ensure_future(client.block("holds the only thread"))
+            await wait_until(lambda: handler.entered.qsize() == 1)
+            queued = [asyncio.ensure_future(client.nap(f"q{i}", 0)) for i in range(3)]
+            await wait_until(lambda: server.stats().get("Echo.nap", {}).get("in_flight") == 3,
+                             what="the naps to wait for the business thread")
+            await asyncio.wait_for(server.stop(grace=0.1), 10)
+            for call in queued:
+                with pytest.raises(ApplicationError, match="the server is stopping"):
+                    await asyncio.wait_for(call, 5)
+            handler.release.set()
+            with pytest.raises(TransportError):
+                await asyncio.wait_for(blocked, 5)
+        assert handler.naps_started == 0
+
+    run(main())
+
+
 def test_sync_server_context_manager_drains_and_stops():
     handler = EchoHandler()
     server = octo_core.Server("com.example.ctx", port=0)

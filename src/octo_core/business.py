@@ -57,18 +57,29 @@ class BusinessPool:
                 else:
                     future.set_result(result)
 
+    def cancel_pending(self) -> None:
+        """Cancel the work no thread has started (its futures say so); the pool
+        takes new work on."""
+        with self._lock:
+            if not self._closed:   # (once shut down, the queue holds the threads' stop marks)
+                self._cancel_queued()
+
+    def _cancel_queued(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                item[0].cancel()
+
     def shutdown(self, cancel_pending: bool = True) -> None:
         """Take no more work, and cancel the work not started (or, without
         ``cancel_pending``, let it run); each thread ends when it finds no work left."""
         with self._lock:
             self._closed = True
-            while cancel_pending:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    item[0].cancel()
+            if cancel_pending:
+                self._cancel_queued()
             for _ in self._workers:
                 self._queue.put(None)
 

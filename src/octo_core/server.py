@@ -614,7 +614,11 @@ class Server:
         """Stop accepting, let in-flight calls finish within ``grace`` seconds, then close.
 
         Calls that arrive meanwhile are refused with status 3 so callers can go
-        elsewhere; none is dropped without an answer. Called from a coroutine
+        elsewhere; none is dropped without an answer. Past the grace, coroutine
+        handlers are cancelled and plain-function calls no business thread has
+        started never run, their callers told the server is stopping; a plain
+        function already running cannot be stopped (its caller sees the
+        connection close). Called from a coroutine
         handler of this server, it starts the stop and returns at once: it
         cannot wait for the very call it runs in (whose answer still goes out).
         Awaited on another loop while the server's own runs (``with server``),
@@ -651,7 +655,10 @@ class Server:
                 await asyncio.wait_for(asyncio.shield(self._drained), grace)
             except asyncio.TimeoutError:
                 log.warning("%s: %d calls still running after %.1fs grace; cancelling the "
-                            "coroutine handlers", self.appkey, self._in_flight, grace)
+                            "coroutine handlers and the calls no business thread has started",
+                            self.appkey, self._in_flight, grace)
+                # (each answers its caller: cancelled, the server is stopping)
+                self._pool.cancel_pending()  # type: ignore[union-attr]  # started: start() made it
                 for task in list(self._handlers):
                     task.cancel()           # each answers its caller with an error
                 await asyncio.sleep(0)
@@ -1021,8 +1028,8 @@ class Server:
                    context: contextvars.Context) -> None:
         self._business_pending -= 1
         call.conn.pool_released()
-        if future.cancelled():
-            self._answer(call, None, _DeadlinePassed())
+        if future.cancelled():   # a stop cancelled it before it started
+            self._answer(call, None, asyncio.CancelledError())
             return
         exc = future.exception()
         value = None if exc else future.result()
