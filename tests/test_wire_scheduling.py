@@ -14,11 +14,11 @@ import pytest
 
 from octo_core import protocol
 from octo_core.errors import CallTimeout
-from octo_core.transport.client import ClientConnection
+from octo_core.transport.client import SWEEP_AT_LEAST, ClientConnection
 from octo_core.transport.loop import start_task
 
-from wire_helpers import (Echo, EchoHandler, async_client, echo_services, run, serving,
-                          watchdog)  # noqa: F401  (fixture)
+from wire_helpers import (Echo, EchoHandler, async_client, deaf, echo_services, fake_server,
+                          run, serving, watchdog)  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
@@ -375,3 +375,24 @@ def test_the_reply_to_a_lone_frame_leaves_while_it_is_handled():
 
     transport = _RecordingTransport()
     run(scenario())
+
+
+def test_callers_that_give_up_on_a_silent_node_leave_nothing_piling_up():
+    """Callers with wait_for()s of their own, on a node that reads and never
+    answers, under a 60 s client timeout: their entries and deadlines were kept
+    until a reply or the 60 s (about 400 B a call, at the rate callers give up).
+    They are swept as calls come: what is kept stays proportional to the calls
+    really waiting."""
+    async def main():
+        async with fake_server(deaf) as address, \
+                async_client(Echo, address, timeout=60.0) as client:
+            for _ in range(20):
+                await asyncio.gather(*(asyncio.wait_for(client.echo("x"), 0.001)
+                                       for _ in range(500)), return_exceptions=True)
+            (endpoint,) = client._endpoints.values()
+            conn = endpoint._conns[0]
+            # 10,000 calls given up: at most a sweep's worth is left
+            assert len(conn._pending) <= 2 * SWEEP_AT_LEAST
+            assert len(conn._deadlines) <= 2 * len(conn._pending) + 1024 + 1 + 500
+
+    run(main())

@@ -59,6 +59,9 @@ class ClientConnection(FramedProtocol):
         # holds no future, so an answer is not kept alive until its deadline.
         # (A seq comes back only after 2**31 calls, far beyond any timeout.)
         self._deadlines: List[Tuple[float, int, float, str]] = []
+        # Calls waiting at which the next expect() forgets those whose caller gave up
+        # (see _forget_given_up).
+        self._sweep_at = SWEEP_AT_LEAST
         self._timer: Optional[asyncio.TimerHandle] = None
         self._timer_at = 0.0
         # The server is not reading what was sent (the write buffer is over its
@@ -90,6 +93,8 @@ class ClientConnection(FramedProtocol):
             why = self._closed_why or "connection closed before the request was sent"
             raise closed_error(why, method=method or None, node=self.node, request_sent=False)
         future = self.loop.create_future()
+        if len(self._pending) >= self._sweep_at:   # (every call's path: one comparison)
+            self._forget_given_up()
         self._pending[seq] = (future, finish, method)
         if timeout is not None:
             when = self.loop.time() + timeout
@@ -176,6 +181,16 @@ class ClientConnection(FramedProtocol):
         pending = self._pending
         self._deadlines = [entry for entry in self._deadlines if entry[1] in pending]
         heapq.heapify(self._deadlines)
+
+    def _forget_given_up(self) -> None:
+        """A caller that gives up (a wait_for of its own, a hedge that lost) leaves
+        its entry until a reply or its deadline: with a node that answers nothing
+        and a long timeout, such entries would pile up at the rate callers give
+        up. Each sweep drops them, and the next comes once the calls waiting are
+        twice what this one left: the cost per call stays constant."""
+        self._drop_given_up()
+        self._bound_deadlines()
+        self._sweep_at = max(SWEEP_AT_LEAST, 2 * len(self._pending))
 
     def _drop_given_up(self) -> None:
         """Forget calls whose caller gave up (cancelled) before any reply came."""
@@ -351,6 +366,9 @@ class ClientConnection(FramedProtocol):
         super().connection_lost(exc)
         self._fail_pending(f"connection closed{': ' + str(exc) if exc else ''}")
 
+
+#: Calls waiting on a connection before the first sweep of those whose caller gave up.
+SWEEP_AT_LEAST = 1024
 
 #: Why calls fail once their client is closed (``ClientClosed``: not the node's doing).
 CLIENT_CLOSED = "client is closed"
