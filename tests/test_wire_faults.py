@@ -810,8 +810,9 @@ def test_stop_with_grace_shorter_than_a_call_fails_it_cleanly():
 
 def test_calls_still_queued_for_a_business_thread_past_the_grace_are_answered_and_never_run():
     """Past the grace, plain-function calls still waiting for a business thread
-    are answered (the server is stopping) and never run: not left to see their
-    connection close as if they might have run, nor run after the stop."""
+    are refused with status 3 (they never ran: a caller may retry them
+    elsewhere) and never run: not left to see their connection close as if
+    they might have run, nor run after the stop."""
     handler = EchoHandler()
 
     async def main():
@@ -824,7 +825,8 @@ def test_calls_still_queued_for_a_business_thread_past_the_grace_are_answered_an
                              what="the naps to wait for the business thread")
             await asyncio.wait_for(server.stop(grace=0.1), 10)
             for call in queued:
-                with pytest.raises(ApplicationError, match="the server is stopping"):
+                with pytest.raises(RpcError, match="the server stopped before a business "
+                                                   "thread could run it"):
                     await asyncio.wait_for(call, 5)
             handler.release.set()
             with pytest.raises(TransportError):

@@ -185,8 +185,20 @@ def _machine_local(ip: str) -> bool:
         return False
 
 
-class _DeadlinePassed(Exception):
-    """The caller's deadline passed before the handler could start."""
+class _Unrun(Exception):
+    """The call was refused before its handler started: answered with ``status``
+    and ``why``, a refusal its caller may retry elsewhere."""
+    status = Status.RPC_EXCEPTION
+    why = ""
+
+
+class _DeadlinePassed(_Unrun):
+    status = Status.TRANSPORT_EXCEPTION
+    why = "the caller's deadline passed before the handler ran"
+
+
+class _StoppedUnrun(_Unrun):
+    why = "the server stopped before a business thread could run it"
 
 
 def _describe(exc: BaseException) -> str:
@@ -615,10 +627,10 @@ class Server:
 
         Calls that arrive meanwhile are refused with status 3 so callers can go
         elsewhere; none is dropped without an answer. Past the grace, coroutine
-        handlers are cancelled and plain-function calls no business thread has
-        started never run, their callers told the server is stopping; a plain
-        function already running cannot be stopped (its caller sees the
-        connection close). Called from a coroutine
+        handlers are cancelled (their callers told so, status 1), and
+        plain-function calls no business thread has started never run (refused
+        with status 3: they may be retried elsewhere); a plain function already
+        running cannot be stopped (its caller sees the connection close). Called from a coroutine
         handler of this server, it starts the stop and returns at once: it
         cannot wait for the very call it runs in (whose answer still goes out).
         Awaited on another loop while the server's own runs (``with server``),
@@ -657,7 +669,7 @@ class Server:
                 log.warning("%s: %d calls still running after %.1fs grace; cancelling the "
                             "coroutine handlers and the calls no business thread has started",
                             self.appkey, self._in_flight, grace)
-                # (each answers its caller: cancelled, the server is stopping)
+                # (each refuses its caller: it never ran)
                 self._pool.cancel_pending()  # type: ignore[union-attr]  # started: start() made it
                 for task in list(self._handlers):
                     task.cancel()           # each answers its caller with an error
@@ -1029,7 +1041,7 @@ class Server:
         self._business_pending -= 1
         call.conn.pool_released()
         if future.cancelled():   # a stop cancelled it before it started
-            self._answer(call, None, asyncio.CancelledError())
+            self._answer(call, None, _StoppedUnrun())
             return
         exc = future.exception()
         value = None if exc else future.result()
@@ -1076,11 +1088,10 @@ class Server:
                 reply.app_exception(name, seqid, TApplicationException.INTERNAL_ERROR,
                                     f"{name}: the handler was cancelled (the server is stopping)")
             return Status.APPLICATION_EXCEPTION
-        elif isinstance(exc, _DeadlinePassed):
+        elif isinstance(exc, _Unrun):
             if send:
-                reply.refuse(Status.TRANSPORT_EXCEPTION,
-                             f"{name}: the caller's deadline passed before the handler ran", name, seqid)
-            return Status.TRANSPORT_EXCEPTION
+                reply.refuse(exc.status, f"{name}: {exc.why}", name, seqid)
+            return exc.status
         else:
             field = next((f for f, cls in method.exceptions if isinstance(exc, cls)), None)
             if field is None:   # raised from another load of the IDL that declares it
