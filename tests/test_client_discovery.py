@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from typing import Any, AsyncIterator, List
 
@@ -14,7 +15,7 @@ import pytest
 
 import octo_core
 from octo_core.cluster.routing import NoRouteError, RouteRule
-from octo_core.errors import CallTimeout, TransportError
+from octo_core.errors import CallTimeout, ClientClosed, TransportError
 from octo_core.registry import Node, RegistryError, Watch
 from octo_core.registry.base import WatchCallback
 from octo_core.registry.memory import MemoryRegistry
@@ -343,4 +344,50 @@ def test_a_first_call_starts_from_the_snapshot_within_its_own_timeout(tmp_path):
                 await wait_until(lambda: {n.key for n in client._cluster.router.nodes}
                                  == {listed.key}, 10, "the registry's nodes")
                 assert await client.echo("from the registry") == "from the registry"
+    run(main())
+
+
+def test_a_first_call_waiting_for_the_registry_fails_as_closed_when_the_client_closes():
+    """close() while a first call waits for a silent registry: the call fails at
+    once with ClientClosed (its request never left), as every call a closing
+    client cuts short; it waited out its timeout and raised CallTimeout ("discovery
+    goes on", for a client that was closed)."""
+    async def main():
+        async with SilentRegistry() as registry:
+            client = octo_core.AsyncClient(Echo, appkey="com.example.caller",
+                                           remote_appkey=APPKEY, registry=registry, timeout=60)
+            call = asyncio.ensure_future(client.echo("first"))
+            await wait_until(lambda: client._discovery is not None, 10, "discovery")
+            await client.close()
+            with pytest.raises(ClientClosed) as closed:
+                await asyncio.wait_for(call, 10)   # (a bound for the test: the call has 60 s)
+            assert closed.value.request_sent is False and closed.value.method == "echo"
+    run(main())
+
+
+def test_a_first_call_gets_the_registrys_error_when_discovery_fails_as_its_half_ends():
+    """The discovery attempt failing just as the call's half of its timeout ran
+    out (both due in one turn of the loop): the call read self._discovery again,
+    which the failure had just reset to None, and raised TypeError from
+    asyncio.shield. It gets the registry's error."""
+    async def main():
+        client = octo_core.AsyncClient(Echo, appkey="com.example.caller", remote_appkey=APPKEY,
+                                       registry=OutageRegistry(), timeout=0.2)
+
+        async def failing_start() -> None:
+            await asyncio.sleep(0.1005)   # just after the call's half
+            raise RegistryError("the registry is down")
+
+        async def hold_the_loop() -> None:
+            await asyncio.sleep(0.08)
+            time.sleep(0.05)              # both come due in one turn of the loop
+
+        client._directory.start = failing_start
+        holding = asyncio.ensure_future(hold_the_loop())
+        try:
+            with pytest.raises(RegistryError):
+                await client.echo("first")
+        finally:
+            await holding
+            await client.close()
     run(main())

@@ -376,17 +376,22 @@ class AsyncClient:
         directory = self._directory
         assert directory is not None   # (a call discovers only with a registry)
         loop = asyncio.get_running_loop()
-        if self._discovery is None:
-            self._discovery = loop.create_task(directory.start())
-            self._discovery.add_done_callback(self._discovery_done)
+        # (this call's attempt: a failed one leaves self._discovery to the next)
+        discovery = self._discovery
+        if discovery is None:
+            discovery = self._discovery = loop.create_task(directory.start())
+            discovery.add_done_callback(self._discovery_done)
         began = loop.time()
         for until in (began + timeout / 2, began + timeout):
-            try:
-                await asyncio.wait_for(asyncio.shield(self._discovery), until - loop.time())
+            # (wait, not wait_for: a timeout leaves the shared attempt be, at once)
+            await asyncio.wait((discovery,), timeout=until - loop.time())
+            if discovery.done():
+                if discovery.cancelled() and self._closed:   # close() stopped it
+                    raise _closed_error(method)
+                discovery.result()   # (the registry's error, when it failed)
                 break
-            except asyncio.TimeoutError:
-                if directory.start_from_snapshot():
-                    break
+            if directory.start_from_snapshot():
+                break
         else:
             raise CallTimeout(f"no node list of {self.remote_appkey} from the registry within "
                               f"the call's {timeout:.3g}s (discovery goes on)",
@@ -580,6 +585,8 @@ class AsyncClient:
                 directory.registry if directory is not None and self._owns_registry else None)
 
     async def _shutdown(self) -> None:
+        if self._discovery is not None:
+            self._discovery.cancel()   # the first calls waiting for it fail as closed
         await _close_parts(*self._parts())
 
     async def __aenter__(self) -> "AsyncClient":
