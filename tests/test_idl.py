@@ -72,6 +72,25 @@ def test_two_services_each_with_its_own_include_of_one_name_keep_their_own(tmp_p
     assert pickle.loads(pickle.dumps(item)) == item
 
 
+def test_an_include_that_does_not_start_its_line_is_checked_too(tmp_path):
+    """The check that skips the second parse of an IDL without includes looked
+    only for lines starting with ``include``: after a ``namespace`` on the same
+    line (or a comment), the include was missed, and the second service got the
+    first one's ``common`` types."""
+    for side, field in (("a", "string name"), ("b", "i64 id")):
+        (tmp_path / side).mkdir()
+        (tmp_path / side / "inline_common.thrift").write_text(f"struct Item {{ 1: {field} }}\n")
+    (tmp_path / "a" / "inline_a.thrift").write_text(
+        'include "inline_common.thrift"\nservice S { inline_common.Item get() }\n')
+    (tmp_path / "b" / "inline_b.thrift").write_text(
+        'namespace py inline_b; /* ours */ include "inline_common.thrift"\n'
+        "service S { inline_common.Item get() }\n")
+    first = octo_core.load_idl(str(tmp_path / "a" / "inline_a.thrift"))
+    second = octo_core.load_idl(str(tmp_path / "b" / "inline_b.thrift"))
+    assert first.inline_common.Item.thrift_spec[1][1] == "name"
+    assert second.inline_common.Item.thrift_spec[1][1] == "id"
+
+
 def test_includes_are_found_in_include_dirs_as_thrift_dash_i_finds_them(tmp_path, monkeypatch):
     """An IDL tree built for ``thrift -I common``: ``include "base/dirs_types.thrift"``
     is not beside the service's file but under an include directory (given

@@ -113,8 +113,9 @@ def _stray_include(path: str, name: str,
     return None
 
 
-#: An include statement (a commented-out one too: it costs only the check's parse).
-_INCLUDE = re.compile(rb"^\s*include\b", re.MULTILINE)
+#: An include statement, wherever on its line (``namespace py x; include "a.thrift"``;
+#: a commented-out one too: it costs only the check's parse).
+_INCLUDE = re.compile(rb"\binclude\s*[\"']")
 
 
 def _include_name(relative_path: str) -> str:
