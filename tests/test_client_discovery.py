@@ -391,3 +391,26 @@ def test_a_first_call_gets_the_registrys_error_when_discovery_fails_as_its_half_
             await holding
             await client.close()
     run(main())
+
+
+def test_first_calls_waiting_for_the_registry_go_once_another_starts_from_the_snapshot(tmp_path):
+    """Two first calls with a silent registry: the one with 1 s starts from the
+    snapshot at its half; the one with 60 s, made before it, waited for its own
+    half (30 s), while a call made after the snapshot went at once. Nodes known,
+    every waiting first call goes."""
+    from octo_core.registry.directory import _write_snapshot
+
+    async def main():
+        async with serving(echo_services()) as server, SilentRegistry() as registry:
+            saved = Node(APPKEY, LOCALHOST, server.port, serviceInfo={"Echo": {"unifiedProto": 1}})
+            snapshot = str(tmp_path / "snapshot.json")
+            _write_snapshot(snapshot, APPKEY, [saved], [])
+            async with octo_core.AsyncClient(Echo, appkey="com.example.caller",
+                                             remote_appkey=APPKEY, registry=registry,
+                                             snapshot_path=snapshot, timeout=60) as client:
+                client._directory.timeout = 60   # (the registry's own time is not what ends it)
+                patient = asyncio.ensure_future(client.call("echo", "patient", timeout=60))
+                assert await client.call("echo", "hurried", timeout=1.0) == "hurried"
+                await wait_until(patient.done, 10, "the patient call's answer")
+                assert patient.result() == "patient"
+    run(main())

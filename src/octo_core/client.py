@@ -372,7 +372,8 @@ class AsyncClient:
         A call waits for it within its own ``timeout``: half of it for the
         registry, then it starts from the snapshot (``snapshot_path``) if there
         is one, else waits out the rest (``CallTimeout`` then: discovery goes on
-        for the calls after it). Returns the time the call has left."""
+        for the calls after it); nodes known meanwhile (another call started
+        from the snapshot) end its wait. Returns the time the call has left."""
         directory = self._directory
         assert directory is not None   # (a call discovers only with a registry)
         loop = asyncio.get_running_loop()
@@ -382,20 +383,30 @@ class AsyncClient:
             discovery = self._discovery = loop.create_task(directory.start())
             discovery.add_done_callback(self._discovery_done)
         began = loop.time()
-        for until in (began + timeout / 2, began + timeout):
-            # (wait, not wait_for: a timeout leaves the shared attempt be, at once)
-            await asyncio.wait((discovery,), timeout=until - loop.time())
-            if discovery.done():
-                if discovery.cancelled() and self._closed:   # close() stopped it
-                    raise _closed_error(method)
-                discovery.result()   # (the registry's error, when it failed)
-                break
-            if directory.start_from_snapshot():
-                break
-        else:
-            raise CallTimeout(f"no node list of {self.remote_appkey} from the registry within "
-                              f"the call's {timeout:.3g}s (discovery goes on)",
-                              method=method, request_sent=False)
+        known: asyncio.Future = loop.create_future()   # nodes accepted meanwhile
+
+        def nodes_known(*_: Any) -> None:
+            if not known.done():
+                known.set_result(None)
+        subscription = directory.subscribe(nodes_known)
+        try:
+            for until in (began + timeout / 2, began + timeout):
+                # (wait, not wait_for: a timeout leaves the shared attempt be, at once)
+                await asyncio.wait((discovery, known), timeout=until - loop.time(),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if discovery.done():
+                    if discovery.cancelled() and self._closed:   # close() stopped it
+                        raise _closed_error(method)
+                    discovery.result()   # (the registry's error, when it failed)
+                    break
+                if directory.version or directory.start_from_snapshot():
+                    break
+            else:
+                raise CallTimeout(f"no node list of {self.remote_appkey} from the registry "
+                                  f"within the call's {timeout:.3g}s (discovery goes on)",
+                                  method=method, request_sent=False)
+        finally:
+            subscription.cancel()
         self._discovered(directory.nodes, directory.rules)
         return max(0.001, timeout - (loop.time() - began))
 
