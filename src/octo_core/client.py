@@ -28,8 +28,8 @@ from octo_core.context import _HOOKS, Span, _carried, _child_of, _span_started
 from octo_core.metrics import Metrics
 from octo_core.errors import (ApplicationError, CallTimeout, ClientClosed, DecodeError,
                               DegradeError, EncodeError, OctoError, ProtocolError, RemoteError,
-                              RpcError,
-                              RuntimeFailure, SecurityError, ServiceError, Status, TransportError)
+                              RpcError, RuntimeFailure, SecurityError, ServiceError, Status,
+                              TransportError)
 from octo_core.protocol import DEFAULT_MAX_DEPTH, CallType, Frame, FrameDecoder, MessageType
 from octo_core.registry import Directory, Node, Registry, open_registry
 from octo_core.transport.address import default_route_ip, parse_address

@@ -187,7 +187,7 @@ def _machine_local(ip: str) -> bool:
 
 class _Unrun(Exception):
     """The call was refused before its handler started: answered with ``status``
-    and ``why``, a refusal its caller may retry elsewhere."""
+    and ``why`` (the handler never ran)."""
     status = Status.RPC_EXCEPTION
     why = ""
 
@@ -630,7 +630,8 @@ class Server:
         handlers are cancelled (their callers told so, status 1), and
         plain-function calls no business thread has started never run (refused
         with status 3: they may be retried elsewhere); a plain function already
-        running cannot be stopped (its caller sees the connection close). Called from a coroutine
+        running cannot be stopped (its caller sees the connection close).
+        Called from a coroutine
         handler of this server, it starts the stop and returns at once: it
         cannot wait for the very call it runs in (whose answer still goes out).
         Awaited on another loop while the server's own runs (``with server``),
