@@ -188,8 +188,7 @@ class ClientConnection(FramedProtocol):
         and a long timeout, such entries would pile up at the rate callers give
         up. Each sweep drops them, and the next comes once the calls waiting are
         twice what this one left: the cost per call stays constant."""
-        self._drop_given_up()
-        self._bound_deadlines()
+        self._prune_deadlines()   # (their deadlines go too)
         self._sweep_at = max(SWEEP_AT_LEAST, 2 * len(self._pending))
 
     def _drop_given_up(self) -> None:
