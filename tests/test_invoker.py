@@ -1319,6 +1319,29 @@ def test_e2e_consistent_hash_sends_the_same_key_to_the_same_server(option, value
     run(main(), timeout=30)
 
 
+def test_a_node_that_says_it_is_stopping_gets_no_new_calls_from_static_hosts():
+    """A stopping server tells its unified peers (the close notice, status
+    STOPPING). A client of static ``hosts`` has no registry to learn it from:
+    it took the notice for its connection only, and its next call to the node
+    met the closed listener (failfast: a failed call). The node is now
+    degraded at the notice, and the calls go to the others."""
+    async def main():
+        handlers = [NamedEcho("s0"), NamedEcho("s1")]
+        async with echo_servers(handlers) as servers:
+            async with AsyncClient(Echo, appkey=CALLER, hosts=[s.address for s in servers],
+                                   lb="roundrobin", timeout=2.0) as client:
+                for i in range(4):   # a connection to each
+                    await client.echo(f"warm {i}")
+                stopping = servers[0]
+                await stopping.stop(grace=1.0)   # returns once its peers have left
+                (key,) = [n.key for n in client._cluster.router.nodes
+                          if n.address == stopping.address]
+                assert key in client._cluster._degraded
+                answers = [await client.echo(f"after {i}") for i in range(10)]
+                assert all(answer.startswith("s1:") for answer in answers), answers
+    run(main(), timeout=30)
+
+
 FRONT = "com.example.cluster.front"
 BACK = "com.example.cluster.back"
 PLACES = [("trunk", {}), ("blue", {"swimlane": "blue"}), ("lite", {"cell": "lite-a"})]

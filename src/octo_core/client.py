@@ -199,7 +199,8 @@ class AsyncClient:
             ssl=ssl,
             # what it nests in a request: what it would read
             max_depth=limits.max_depth if limits else DEFAULT_MAX_DEPTH,
-            heartbeat_interval=heartbeat_interval if self.unified else None)
+            heartbeat_interval=heartbeat_interval if self.unified else None,
+            on_stopping=_weak_method(self._node_stopping))
         self._endpoints: Dict[str, Endpoint] = {}
         self._retired: Set[Endpoint] = set()            # of nodes that left, calls still on them
         self._listed: Optional[Set[str]] = None         # node addresses, from a registry
@@ -426,6 +427,14 @@ class AsyncClient:
     def _discovery_done(self, attempt: asyncio.Task) -> None:
         if attempt.cancelled() or attempt.exception() is not None:
             self._discovery = None   # its callers have the error; the next call starts anew
+
+    def _node_stopping(self, address: str) -> None:
+        """The node at ``address`` said it is stopping: new calls keep away from it for
+        a while, as from a node whose connect failed (a registry tells only later,
+        and static ``hosts`` never)."""
+        for node in self._cluster.router.nodes:
+            if node.address == address:
+                self._cluster.degrade(node)
 
     def _endpoint(self, node: Node) -> Endpoint:
         endpoint = self._endpoints.get(node.address)

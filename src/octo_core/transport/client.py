@@ -44,9 +44,12 @@ class ClientConnection(FramedProtocol):
     _Pending = Tuple[asyncio.Future, Optional[Callable[[Frame, str], Any]], str]
 
     def __init__(self, node: str, max_frame_size: int,
-                 max_depth: int = protocol.DEFAULT_MAX_DEPTH, heartbeats: bool = False) -> None:
+                 max_depth: int = protocol.DEFAULT_MAX_DEPTH, heartbeats: bool = False,
+                 on_stopping: Optional[Callable[[], None]] = None) -> None:
         super().__init__(max_frame_size, max_depth)
         self.node = node
+        # told when the node says it is stopping (its close notice: see _close_notice)
+        self.on_stopping = on_stopping
         # The endpoint heartbeats it when silent (see _stuck); last_read when calls
         # last timed out (None before any did).
         self.heartbeats = heartbeats
@@ -267,8 +270,11 @@ class ClientConnection(FramedProtocol):
             self.protocol_error(ProtocolError(f"bad unified header: {exc}"))
             return False
         if beat is not None:
-            why = "is stopping" if beat.status == NodeStatus.STOPPING else "closes an idle connection"
+            stopping = beat.status == NodeStatus.STOPPING
+            why = "is stopping" if stopping else "closes an idle connection"
             self._leave(logging.INFO, "%s %s: the connection takes no new calls", self.node, why)
+            if stopping and self.on_stopping is not None:
+                self.on_stopping()
         return True
 
     def _stream_in_doubt(self) -> None:
@@ -407,8 +413,11 @@ class Endpoint:
                  max_depth: int = protocol.DEFAULT_MAX_DEPTH,
                  backoff_min: float = 0.1, backoff_max: float = 2.0,
                  heartbeat_interval: Optional[float] = None,
-                 ssl: Optional["_ssl.SSLContext"] = None) -> None:
+                 ssl: Optional["_ssl.SSLContext"] = None,
+                 on_stopping: Optional[Callable[[str], None]] = None) -> None:
         self.node = node
+        # on_stopping(node): the node's close notice said it is stopping
+        self.on_stopping = on_stopping
         self.address: Address = parse_address(node)
         self.pool_size = max(1, pool_size)
         self.connect_timeout = connect_timeout
@@ -540,10 +549,15 @@ class Endpoint:
         self._retry_at = time.monotonic() + self._backoff * random.uniform(0.8, 1.2)
         self._backoff_why = why
 
+    def _stopping(self) -> None:
+        if self.on_stopping is not None:
+            self.on_stopping(self.node)
+
     async def _connect(self, loop: asyncio.AbstractEventLoop) -> ClientConnection:
         def factory() -> ClientConnection:
             return ClientConnection(self.node, self.max_frame_size, self.max_depth,
-                                    heartbeats=bool(self._heartbeat_interval))
+                                    heartbeats=bool(self._heartbeat_interval),
+                                    on_stopping=self._stopping)
 
         if self.address.path is not None:
             opening = loop.create_unix_connection(
