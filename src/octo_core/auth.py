@@ -27,6 +27,7 @@ import time
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from octo_core._codec import SigningKey, sha256_hex
+from octo_core.checks import finite_number
 from octo_core.errors import SecurityError
 
 TS_KEY = "octo-auth-ts"
@@ -202,9 +203,8 @@ class Authenticator:
         elif not callable(getattr(tokens, "token", None)):
             raise TypeError(f"tokens is a token store (with token(appkey)) or a mapping "
                             f"{{appkey: token}}, not {type(tokens).__name__}")
-        if not (isinstance(skew, (int, float)) and 0 < skew < math.inf):
-            # NaN compared false and let any old request in; infinity kept every nonce for ever
-            raise ValueError(f"skew is a finite number of seconds above 0, not {skew!r}")
+        # NaN compared false and let any old request in; infinity kept every nonce for ever
+        finite_number("skew", skew)
         if nonce_capacity < 1:
             raise ValueError(f"nonce_capacity is at least 1, not {nonce_capacity!r}")
         self.tokens = tokens

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import math
 import os
 import signal
 import sys
 import urllib.parse
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+
+from octo_core.checks import is_finite_number
 
 #: ``octo bench``'s --seconds default, which every target's own --seconds defers to.
 DEFAULT_SECONDS = 1.0
@@ -33,7 +34,7 @@ SIGPIPE_STATUS = 128 + signal.SIGPIPE
 
 def _number(text: str, zero_ok: bool) -> float:
     value = float(text)
-    if not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
+    if not is_finite_number(value, zero_ok=zero_ok):
         # inf would overflow the round count or a timer; nan passes every comparison
         kind = "non-negative" if zero_ok else "positive"
         raise argparse.ArgumentTypeError(f"must be a finite {kind} number, got {text}")

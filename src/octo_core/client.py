@@ -5,7 +5,6 @@ import asyncio
 import collections.abc
 import concurrent.futures
 import functools
-import math
 import operator
 import ssl as _ssl
 import threading
@@ -23,6 +22,7 @@ from octo_core.cluster.invoker import Cluster
 from octo_core.cluster.routing import Caller, NoRouteError, RouteRule, Router
 from octo_core.afterfork import tell_forked_children
 from octo_core.auth import Signer
+from octo_core.checks import finite_number
 from octo_core.codec import Limits, _check_limits
 from octo_core.context import _HOOKS, Span, _carried, _child_of, _span_started
 from octo_core.metrics import Metrics
@@ -636,10 +636,7 @@ def _binds(client: Any, name: str) -> bool:
 def _seconds(name: str, seconds: Any) -> float:
     """``seconds``, at most the longest deadline the wire carries (about 24.8 days;
     so no arithmetic on it overflows); ``ValueError`` unless a positive, finite number."""
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
-            or not 0 < seconds < math.inf:
-        raise ValueError(f"{name} must be a positive, finite number of seconds, not {seconds!r}")
-    return min(seconds, _MAX_TIMEOUT_MS / 1000)
+    return min(finite_number(name, seconds), _MAX_TIMEOUT_MS / 1000)
 
 
 def _argument_error(method: idl.Method, args: tuple, kwargs: Dict[str, Any],

@@ -27,10 +27,10 @@ import argparse
 import asyncio
 import dataclasses
 import logging
-import math
 import signal
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from octo_core.checks import finite_number
 from octo_core.errors import OctoError
 from octo_core.protocol import FrameDecoder, NodeStatus, encode_unified, scanner_heartbeat_request
 from octo_core.registry.base import (NotRegisteredError, Registry, RegistryError, StatusChanged,
@@ -52,15 +52,6 @@ class _BadReply(Exception):
 
 class _BadAddress(Exception):
     """The node's registered address cannot be connected to (port 70000, say)."""
-
-
-def _seconds(name: str, value: float, *, zero_ok: bool = False) -> float:
-    """``value`` if it is a finite number of seconds above zero (or zero, with
-    ``zero_ok``); ``ValueError`` otherwise (NaN too: it compares false)."""
-    if not (math.isfinite(value) and (value >= 0 if zero_ok else value > 0)):
-        bound = "0 or more" if zero_ok else "above 0"
-        raise ValueError(f"{name} must be a finite number of seconds ({bound}), got {value!r}")
-    return value
 
 
 def _ratio(name: str, value: float) -> float:
@@ -111,9 +102,9 @@ class Scanner:
                  concurrency: int = 64) -> None:
         self.registry = registry
         self.appkeys = list(appkeys)
-        self.interval = _seconds("interval", interval)
-        self.timeout = _seconds("timeout", timeout)
-        self.confirm_delay = _seconds("confirm_delay", confirm_delay, zero_ok=True)
+        self.interval = finite_number("interval", interval)
+        self.timeout = finite_number("timeout", timeout)
+        self.confirm_delay = finite_number("confirm_delay", confirm_delay, zero_ok=True)
         self.mass_failure_ratio = _ratio("mass_failure_ratio", mass_failure_ratio)
         self.mass_failure_min_nodes = _count("mass_failure_min_nodes", mass_failure_min_nodes)
         self.last_report: Dict[str, AppkeyReport] = {}
@@ -290,13 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--appkey", action="append", required=True, dest="appkeys",
                         metavar="APPKEY", type=_option(lambda text: check_name(text, "appkey")),
                         help="an appkey to scan (repeat for more)")
-    seconds = _option(lambda text: _seconds("it", float(text)))
+    seconds = _option(lambda text: finite_number("it", float(text)))
     parser.add_argument("--interval", type=seconds, default=5.0,
                         help="seconds between rounds (default %(default)s)")
     parser.add_argument("--timeout", type=seconds, default=1.0,
                         help="seconds per probe (default %(default)s)")
     parser.add_argument("--confirm-delay", default=0.5,
-                        type=_option(lambda text: _seconds("it", float(text), zero_ok=True)),
+                        type=_option(lambda text: finite_number("it", float(text), zero_ok=True)),
                         help="seconds before a failed node is probed again (default %(default)s)")
     parser.add_argument("--mass-failure-ratio", default=0.5,
                         type=_option(lambda text: _ratio("it", float(text))),

@@ -10,7 +10,6 @@ import functools
 import inspect
 import ipaddress
 import logging
-import math
 import operator
 import os
 import signal
@@ -29,6 +28,7 @@ from octo_core.afterfork import release_in_child, tell_forked_children
 from octo_core.auth import Authenticator
 from octo_core.blocking import LOOKUPS
 from octo_core.business import BusinessPool
+from octo_core.checks import finite_number
 from octo_core.codec import Limits, _check_limits
 from octo_core.errors import DecodeError, EncodeError, SecurityError, Status
 from octo_core.metrics import Metrics, MethodStats, prometheus_text
@@ -153,10 +153,7 @@ def _check_timeout(name: str, seconds: Any) -> None:
     negative time, which spun the server's loop."""
     if seconds is None or (seconds == 0 and not isinstance(seconds, bool)):
         return
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) \
-            or not 0 < seconds < math.inf:
-        raise ValueError(f"{name} must be None (off) or a positive, finite number of "
-                         f"seconds, not {seconds!r}")
+    finite_number(name, seconds, off="None or 0 (off)")
 
 
 def _reachable_ip(wildcard: str) -> str:
@@ -1152,10 +1149,7 @@ class Quotas:
 
     def __init__(self, rates: Mapping[str, float], max_callers: int = 100_000) -> None:
         for caller, rate in rates.items():   # (0 or less let one call through, then none)
-            if isinstance(rate, bool) or not isinstance(rate, (int, float)) \
-                    or not 0 < rate < math.inf:
-                raise ValueError(f"quotas[{caller!r}] must be a positive, finite number of "
-                                 f"calls per second, not {rate!r}")
+            finite_number(f"quotas[{caller!r}]", rate, "calls per second")
         self.rates = dict(rates)
         self.max_callers = max_callers
         self._buckets: Dict[str, List[float]] = {}   # appkey -> [tokens, last refill]

@@ -26,6 +26,7 @@ import time
 import urllib.parse
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, cast
 
+from octo_core.checks import is_finite_number
 from octo_core.errors import OctoError
 from octo_core.registry import schema
 from octo_core.protocol import NodeStatus
@@ -373,7 +374,7 @@ def open_registry(url: str) -> Registry:
             value = default if text is None else float(text)
         except ValueError:
             value = math.nan   # refused just below, naming the option
-        if not (math.isfinite(value) and value > 0):
+        if not is_finite_number(value):
             raise ValueError(f"{url}: {name} must be a finite positive number of seconds, "
                              f"not {text!r}")
         return value

@@ -1,0 +1,36 @@
+"""The check of the numbers users give for times and rates, in one place.
+
+Every option that is a number of seconds (timeouts, intervals, the signing skew)
+or a rate (quotas) is checked here, so they accept the same values and refuse
+the rest in the same words: NaN (which compares false, so a bound check lets it
+through) and infinity (which overflows timers and counters) are refused, and so
+is a ``bool`` (an ``int`` to Python, never what was meant).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def is_finite_number(value: Any, *, zero_ok: bool = False) -> bool:
+    """Whether ``value`` is an int or float (not a bool), finite, and above 0
+    (or 0 as well, with ``zero_ok``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return (0 <= value if zero_ok else 0 < value) and value < math.inf
+
+
+def finite_number(name: str, value: Any, unit: str = "seconds", *, zero_ok: bool = False,
+                  off: str = "") -> Any:
+    """``value`` if :func:`is_finite_number`, else ``ValueError`` naming ``name``.
+
+    ``unit`` says what the number counts (``"calls per second"``); ``off`` names
+    the values the caller accepted before asking (``"None or 0 (off)"``), so the
+    message lists every value that would do.
+    """
+    if not is_finite_number(value, zero_ok=zero_ok):
+        bound = "0 or more" if zero_ok else "above 0"
+        alternative = f"{off}, or " if off else ""
+        raise ValueError(f"{name} must be {alternative}a finite number of {unit} ({bound}), "
+                         f"not {value!r}")
+    return value
