@@ -115,6 +115,22 @@ def test_update_operator_fields(url):
     run(scenario())
 
 
+def test_a_weight_update_is_the_weight_readers_use(url):
+    """Readers prefer a non-zero fweight, so weight=0 alone left a node with an
+    older fweight taking its full share: draining it did nothing."""
+    async def scenario():
+        async with open_registry(url) as registry:
+            await registry.register(node(2000, weight=10, fweight=10.0))
+            drained = await registry.update(APPKEY, "127.0.0.1:2000", weight=0)
+            assert (drained.weight, drained.fweight, drained.effective_weight()) == (0, 0.0, 0.0)
+            restored = await registry.update(APPKEY, "127.0.0.1:2000", weight=7)
+            assert (restored.weight, restored.fweight) == (7, 7.0)
+            fine = await registry.update(APPKEY, "127.0.0.1:2000", weight=7, fweight=6.5)
+            assert (fine.weight, fine.fweight, fine.effective_weight()) == (7, 6.5, 6.5)
+            assert (await registry.list(APPKEY)) == [fine]
+    run(scenario())
+
+
 def test_update_if_status_is_a_compare_and_set(url):
     """What the scanner writes with: a status found changed since it looked
     (an operator's STOPPED) is left as it is."""

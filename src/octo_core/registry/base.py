@@ -144,6 +144,11 @@ class Registry(abc.ABC):
                      if_status: Optional[int] = None) -> Node:
         """Change operator fields of a registered node; returns the stored node.
 
+        ``weight`` without ``fweight`` sets ``fweight`` to the same value: readers
+        prefer a non-zero ``fweight`` (PROTOCOL.md §5), so a weight change that
+        left an older ``fweight`` in place would not move traffic (``weight=0``
+        would not drain the node).
+
         Raises ``NotRegisteredError`` when the node is not registered. With
         ``if_status``, only a node in that status now is changed (a compare-and-set:
         the scanner must not undo an operator's STOPPED that came after its look),
@@ -291,6 +296,8 @@ def operator_changes(**fields: Optional[float]) -> OperatorFields:
                 raise ValueError(f"fweight must be 0 or more, not {value!r}")
         else:
             checked[name] = int(schema.require_int(name, value, _OPERATOR_RANGES[name]))
+    if "weight" in checked and "fweight" not in checked:   # (update's docstring says why)
+        checked["fweight"] = float(checked["weight"])
     # (the names are update's keywords, so OPERATOR_FIELDS; fweight alone is a float)
     return cast(OperatorFields, checked)
 
