@@ -248,6 +248,31 @@ def test_max_in_flight_refuses_with_status_3_and_recovers():
     run(main())
 
 
+def test_refusals_under_overload_do_not_pull_the_latency_percentiles_down():
+    """Overloaded, the server refuses most calls at once: they are calls, refusals
+    and errors (status 3), but p50 and p99 stay those of the calls that ran (with
+    the refusals counted at 0 s they fell, just when an operator reads them)."""
+    handler = GatedHandler()
+
+    async def main():
+        async with serving(echo_services(handler), max_in_flight=2) as server, \
+                echo_client(server.address, timeout=8) as client:
+            running = [asyncio.ensure_future(client.slow(f"s{i}", 0)) for i in range(2)]
+            await wait_until(lambda: handler.running == 2, what="two calls running")
+            for _ in range(20):
+                with pytest.raises(RpcError, match="overloaded"):
+                    await client.slow("refused", 0)
+            await asyncio.sleep(0.05)       # the two running calls take 50 ms at least
+            handler.gate.set()
+            assert await asyncio.gather(*running) == ["s0", "s1"]
+            row = server.stats()["Echo.slow"]
+            assert row["calls"] == 22 and row["refused"] == 20 and row["in_flight"] == 0
+            assert row["errors"] == {Status.RPC_EXCEPTION: 20}
+            assert row["p50"] >= 0.05 and row["p99"] >= 0.05
+
+    run(main())
+
+
 def test_max_in_flight_bytes_bounds_the_requests_all_connections_hold_together():
     """Each connection under its own flow control, but many of them: the server
     refuses (status 3) what would take the request bytes it holds past the limit,

@@ -138,7 +138,9 @@ def test_server_and_client_count_exactly_what_happened():
             await wait_until(lambda: server.stats()["Echo.slow"]["in_flight"] == 0)
 
             stats = server.stats()
+            # calls counts the refused ones too; refused says how many of them there were
             assert stats["Echo.echo"]["calls"] == n_ok + r_refused
+            assert stats["Echo.echo"]["refused"] == r_refused
             assert stats["Echo.echo"]["errors"] == {Status.SECURITY_EXCEPTION: r_refused}
             assert stats["Echo.fail"]["calls"] == m_declared + k_undeclared
             # a declared exception is a business answer, not an error
@@ -147,20 +149,26 @@ def test_server_and_client_count_exactly_what_happened():
             # a service name off the wire is not a label: every unknown service is one row
             assert not any(key.startswith("Nope") for key in stats)
             assert stats["(unknown).(unknown)"]["errors"] == {Status.SERVICE_EXCEPTION: u_unknown}
+            # only refusals: no call ran, so there is no latency to tell
+            unknown = stats.pop("(unknown).(unknown)")
+            assert unknown["calls"] == unknown["refused"] == u_unknown
+            assert unknown["p50"] is unknown["p90"] is unknown["p99"] is None
             for key, row in stats.items():
                 assert row["in_flight"] == 0, key
-                assert set(row) >= {"calls", "errors", "in_flight", "p50", "p90", "p99"}
+                assert set(row) >= {"calls", "refused", "errors", "in_flight", "p50", "p90", "p99"}
                 assert row["p50"] is not None and 0 <= row["p50"] <= row["p90"] <= row["p99"]
             # the slow handler ran ~300 ms: its percentile says so (within a bucket)
             assert stats["Echo.slow"]["p50"] >= 0.2
 
             good_stats = good.metrics.stats()
             assert good_stats["Echo.echo"] == {**good_stats["Echo.echo"], "calls": n_ok,
-                                               "errors": {}, "in_flight": 0}
+                                               "refused": 0, "errors": {}, "in_flight": 0}
             assert good_stats["Echo.fail"]["calls"] == m_declared + k_undeclared
             assert good_stats["Echo.fail"]["errors"] == {Status.APPLICATION_EXCEPTION: k_undeclared}
             bad_stats = bad.metrics.stats()
+            # a client counts each call it made as run: its caller waited the round trip
             assert bad_stats["Echo.echo"]["calls"] == r_refused
+            assert bad_stats["Echo.echo"]["refused"] == 0 and bad_stats["Echo.echo"]["p50"] > 0
             assert bad_stats["Echo.echo"]["errors"] == {Status.SECURITY_EXCEPTION: r_refused}
             lost_stats = lost.metrics.stats()
             assert lost_stats["Nope.echo"]["errors"] == {Status.SERVICE_EXCEPTION: u_unknown}
@@ -174,14 +182,20 @@ def test_server_and_client_count_exactly_what_happened():
             # the exposition of both sides parses and agrees with stats()
             text = prometheus_text(server.metrics, good.metrics)
             types, samples = parse_prometheus(text)
-            assert types == {"octo_calls_total": "counter", "octo_errors_total": "counter",
-                             "octo_in_flight": "gauge", "octo_latency_seconds": "histogram"}
+            assert types == {"octo_calls_total": "counter", "octo_refused_total": "counter",
+                             "octo_errors_total": "counter", "octo_in_flight": "gauge",
+                             "octo_latency_seconds": "histogram"}
             calls = {(l["side"], l["service"], l["method"]): v for name, l, v in samples
                      if name == "octo_calls_total"}
             assert calls[("server", "Echo", "echo")] == n_ok + r_refused
             assert calls[("server", "Echo", "fail")] == m_declared + k_undeclared
             assert calls[("client", "Echo", "echo")] == n_ok
             assert calls[("client", "Echo", "fail")] == m_declared + k_undeclared
+            refused = {(l["side"], l["service"], l["method"]): v for name, l, v in samples
+                       if name == "octo_refused_total"}
+            assert refused[("server", "Echo", "echo")] == r_refused
+            assert refused[("server", "(unknown)", "(unknown)")] == u_unknown
+            assert refused[("client", "Echo", "echo")] == 0
             errors = {(l["side"], l["method"], l["status"]): v for name, l, v in samples
                       if name == "octo_errors_total"}
             assert errors[("server", "echo", "7")] == r_refused
@@ -189,7 +203,10 @@ def test_server_and_client_count_exactly_what_happened():
             assert errors[("client", "fail", "1")] == k_undeclared
             series = check_histograms(samples)
             server_echo = (("method", "echo"), ("service", "Echo"), ("side", "server"))
-            assert series[server_echo]["count"] == n_ok + r_refused
+            # the histogram holds the calls that ran: the refused ones are not in it
+            assert series[server_echo]["count"] == n_ok
+            unknown_series = (("method", "(unknown)"), ("service", "(unknown)"), ("side", "server"))
+            assert series[unknown_series]["count"] == 0
             assert all(v == 0 for name, _, v in samples if name == "octo_in_flight")
 
     run(main())
@@ -212,25 +229,52 @@ def test_prometheus_text_of_hand_made_metrics():
     assert in_flights["running"] == 1 and in_flights["m"] == 0
     errors = {(l["method"], l["status"]): v for name, l, v in samples if name == "octo_errors_total"}
     assert errors == {("m", "4"): 2, ("refused", "3"): 1}
+    refused = {l["method"]: v for name, l, v in samples if name == "octo_refused_total"}
+    assert refused == {"m": 0, "refused": 1, "running": 0}
+    calls = {l["method"]: v for name, l, v in samples if name == "octo_calls_total"}
+    assert calls == {"m": 8, "refused": 1, "running": 0}
+    assert series[(("method", "refused"), ("service", "Svc"), ("side", "server"))]["count"] == 0
     # an empty registry is valid too
     parse_prometheus(prometheus_text(Metrics("client")))
     del in_flight
 
 
+def finish(metrics: Metrics, seconds: float, status: int = 0, method: str = "m") -> None:
+    """One call of ``S.method`` that ran for ``seconds``."""
+    Metrics.finished(metrics.started("S", method), seconds, status)
+
+
 def test_percentiles_track_the_latencies():
     metrics = Metrics("client")
-    stats = metrics.started("S", "m")
-    Metrics.finished(stats, 0.010)
+    finish(metrics, 0.010)
     for _ in range(98):
-        Metrics.record(stats, 0.001)
-    Metrics.record(stats, 1.0)
+        finish(metrics, 0.001)
+    finish(metrics, 1.0)
     row = metrics.stats()["S.m"]
-    assert row["calls"] == 100 and row["in_flight"] == 0
+    assert row["calls"] == 100 and row["in_flight"] == 0 and row["refused"] == 0
     assert 0.001 / 1.2 <= row["p50"] <= 0.001 * 1.2
     assert row["p50"] <= row["p90"] <= row["p99"]
     assert row["p99"] <= 0.010 * 1.2
     assert Metrics("x").stats() == {}
     assert BOUNDS == tuple(sorted(BOUNDS))
+
+
+def test_refusals_are_counted_but_kept_out_of_the_latencies():
+    # an overloaded server refuses most calls at once: they are calls (and errors by
+    # status), but p50/p99 stay those of the calls that ran, not fall towards 0 s
+    metrics = Metrics("server")
+    for _ in range(10):
+        finish(metrics, 0.100)
+    for _ in range(60):
+        metrics.refused("S", "m", Status.RPC_EXCEPTION)
+    for _ in range(30):   # admitted, then dropped unrun (deadline passed while queued)
+        Metrics.unrun(metrics.started("S", "m"), Status.TRANSPORT_EXCEPTION)
+    row = metrics.stats()["S.m"]
+    assert row["calls"] == 100 and row["refused"] == 90 and row["in_flight"] == 0
+    assert row["errors"] == {Status.RPC_EXCEPTION: 60, Status.TRANSPORT_EXCEPTION: 30}
+    assert 0.100 <= row["p50"] == row["p99"] <= 0.100 * 1.2
+    series = check_histograms(parse_prometheus(prometheus_text(metrics))[1])
+    assert series[(("method", "m"), ("service", "S"), ("side", "server"))]["count"] == 10
 
 
 def test_prometheus_text_survives_a_hostile_service_name():

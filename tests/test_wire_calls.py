@@ -1212,6 +1212,10 @@ def test_deadline_passed_reply_is_status_4():
             assert decode_body(by_seq[1], Echo)[3].success == "hold"
             assert by_seq[2].header.responseInfo.status == Status.TRANSPORT_EXCEPTION == 4
             assert handler.naps_started == 0
+            # refused unrun: counted by status, not as a latency (it waited 100 ms queued)
+            row = server.stats()["Echo.nap"]
+            assert row["calls"] == row["refused"] == 1 and row["in_flight"] == 0
+            assert row["errors"] == {Status.TRANSPORT_EXCEPTION: 1} and row["p50"] is None
 
     run(main())
 

@@ -1,4 +1,14 @@
-"""Per ``service.method`` call metrics: counts, errors by status, in-flight, latency.
+"""Per ``service.method`` call metrics: counts, refusals, errors by status, in-flight,
+latency.
+
+``calls`` counts every call that finished, ``refused`` those of them answered
+without running (the server refused them: overload, quota, auth, an unknown
+method, bad arguments, a deadline passed or a stop came before the handler
+began). The latency histogram and its percentiles describe only the calls that
+ran (answered or failed after running): refusals take no time, and counting them
+at 0 s would pull p50 and p99 *down* under overload, just when they are read.
+Every refusal is also in ``errors`` under its status. A client counts every call
+it made as run: the latency is what its caller waited.
 
 Latencies go into fixed log-spaced buckets (four per power of two, 1 µs to about
 1 min), so recording is a bisect and percentiles are read from the buckets
@@ -18,23 +28,29 @@ BOUNDS: Tuple[float, ...] = tuple(1e-6 * 2 ** (i / 4) for i in range(0, 4 * 26 +
 class MethodStats:
     """The metrics of one method on one side (``server`` or ``client``)."""
 
-    __slots__ = ("errors", "in_flight", "buckets", "total_seconds")
+    __slots__ = ("errors", "refused", "in_flight", "buckets", "total_seconds")
 
     def __init__(self) -> None:
         self.errors: Dict[int, int] = collections.Counter()
+        self.refused = 0
         self.in_flight = 0
         self.buckets = [0] * (len(BOUNDS) + 1)
         self.total_seconds = 0.0
 
     @property
-    def calls(self) -> int:
-        """Calls finished: each is counted in one bucket (so ``finished`` counts no
-        more: every call's path, both sides)."""
+    def ran(self) -> int:
+        """Calls that ran and finished: each is counted in one latency bucket."""
         return sum(self.buckets)
 
+    @property
+    def calls(self) -> int:
+        """Calls finished: those that ran and those refused without running."""
+        return self.ran + self.refused
+
     def percentile(self, q: float) -> Optional[float]:
-        """The latency below which a share ``q`` (0..1) of calls finished; None if no calls."""
-        done = self.calls
+        """The latency below which a share ``q`` (0..1) of the calls that ran
+        finished; None if none ran."""
+        done = self.ran
         if not done:
             return None
         rank = q * done
@@ -46,9 +62,10 @@ class MethodStats:
         return BOUNDS[-1]
 
     def snapshot(self) -> dict:
-        return {"calls": self.calls, "errors": dict(self.errors), "in_flight": self.in_flight,
-                "p50": self.percentile(0.50), "p90": self.percentile(0.90),
-                "p99": self.percentile(0.99)}
+        """This method's row of ``Metrics.stats``."""
+        return {"calls": self.calls, "refused": self.refused, "errors": dict(self.errors),
+                "in_flight": self.in_flight, "p50": self.percentile(0.50),
+                "p90": self.percentile(0.90), "p99": self.percentile(0.99)}
 
 
 class Metrics:
@@ -82,7 +99,8 @@ class Metrics:
 
     @staticmethod
     def finished(stats: MethodStats, seconds: float, status: int = 0) -> None:
-        """A call that ``started`` ended after ``seconds`` with OCTO ``status`` (0 = success)."""
+        """A call that ``started`` ran and ended after ``seconds`` with OCTO
+        ``status`` (0 = success)."""
         stats.in_flight -= 1
         if status:
             stats.errors[status] += 1
@@ -90,18 +108,27 @@ class Metrics:
         stats.total_seconds += seconds
 
     @staticmethod
-    def record(stats: MethodStats, seconds: float, status: int = 0) -> None:
-        """A call that did not go through ``started`` (a refusal): counted as one
-        that started and ended at once."""
-        stats.in_flight += 1
-        Metrics.finished(stats, seconds, status)
+    def unrun(stats: MethodStats, status: int) -> None:
+        """A call that ``started`` was refused with ``status`` before its handler
+        ran (its deadline passed, or the server stopped, while it waited)."""
+        stats.in_flight -= 1
+        Metrics._count_refusal(stats, status)
 
     def refused(self, service: str, method: str, status: int) -> None:
-        """A call refused before it ran (no latency to speak of)."""
-        self.record(self._stats(service, method), 0.0, status)
+        """A call refused with ``status`` before it started."""
+        self._count_refusal(self._stats(service, method), status)
+
+    @staticmethod
+    def _count_refusal(stats: MethodStats, status: int) -> None:
+        """A refusal: counted by status, kept out of the latency histogram."""
+        stats.refused += 1
+        stats.errors[status] += 1
 
     def stats(self) -> Dict[str, dict]:
-        """``{"Service.method": {calls, errors, in_flight, p50, p90, p99}}``."""
+        """``{"Service.method": {calls, refused, errors, in_flight, p50, p90, p99}}``:
+        ``calls`` counts the finished calls, ``refused`` included; ``errors``
+        counts the failed ones (refusals too) by status; the percentiles (seconds)
+        are those of the calls that ran, None if none did."""
         return {f"{s}.{m}": stats.snapshot() for (s, m), stats in sorted(self._methods.items())}
 
     def qps_by_method(self, seconds: float) -> Dict[str, float]:
@@ -122,15 +149,23 @@ def _labels(**values: str) -> str:
 
 
 def prometheus_text(*registries: Metrics) -> str:
-    """The Prometheus text exposition of these metrics."""
-    lines: List[str] = [
-        "# HELP octo_calls_total Calls finished, by side, service and method.",
-        "# TYPE octo_calls_total counter",
-    ]
+    """The Prometheus text exposition of these metrics: ``octo_calls_total``
+    (finished calls, refusals included), ``octo_refused_total`` (of them, those
+    refused before they ran), ``octo_errors_total`` (failed calls, refusals too,
+    by status), ``octo_in_flight``, and the ``octo_latency_seconds`` histogram of
+    the calls that ran (its ``_count`` is calls minus refused)."""
     rows = [(m.side, key, stats) for m in registries for key, stats in m.items()]
-    for side, (service, method), stats in rows:
-        lines.append(f"octo_calls_total{_labels(side=side, service=service, method=method)} {stats.calls}")
-    lines += ["# HELP octo_errors_total Failed calls by OCTO status code.",
+    lines: List[str] = []
+    for family, what, value in (
+            ("octo_calls_total", "Calls finished (refusals included), by side, service "
+             "and method.", "calls"),
+            ("octo_refused_total", "Calls refused before they ran (not in "
+             "octo_latency_seconds).", "refused")):
+        lines += [f"# HELP {family} {what}", f"# TYPE {family} counter"]
+        for side, (service, method), stats in rows:
+            labels = _labels(side=side, service=service, method=method)
+            lines.append(f"{family}{labels} {getattr(stats, value)}")
+    lines += ["# HELP octo_errors_total Failed calls (refusals included) by OCTO status code.",
               "# TYPE octo_errors_total counter"]
     for side, (service, method), stats in rows:
         for status, count in sorted(stats.errors.items()):
@@ -140,7 +175,8 @@ def prometheus_text(*registries: Metrics) -> str:
     lines += ["# HELP octo_in_flight Calls running now.", "# TYPE octo_in_flight gauge"]
     for side, (service, method), stats in rows:
         lines.append(f"octo_in_flight{_labels(side=side, service=service, method=method)} {stats.in_flight}")
-    lines += ["# HELP octo_latency_seconds Call latency.", "# TYPE octo_latency_seconds histogram"]
+    lines += ["# HELP octo_latency_seconds Latency of the calls that ran (refusals are not in it).",
+              "# TYPE octo_latency_seconds histogram"]
     for side, (service, method), stats in rows:
         cumulative = 0
         for bound, count in zip(BOUNDS + (float("inf"),), stats.buckets):
@@ -151,5 +187,5 @@ def prometheus_text(*registries: Metrics) -> str:
                 lines.append(f"octo_latency_seconds_bucket{labels} {cumulative}")
         labels = _labels(side=side, service=service, method=method)
         lines.append(f"octo_latency_seconds_sum{labels} {stats.total_seconds:.9g}")
-        lines.append(f"octo_latency_seconds_count{labels} {stats.calls}")
+        lines.append(f"octo_latency_seconds_count{labels} {cumulative}")
     return "\n".join(lines) + "\n"

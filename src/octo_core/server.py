@@ -1069,7 +1069,10 @@ class Server:
             status = self._reply(call, value, exc)
         except Exception as bug:   # building the answer failed: answer that (no caller waits)
             status = self._reply(call, None, bug)
-        self.metrics.finished(call.stats, time.monotonic() - call.started, status)
+        if exc is not None and isinstance(exc, _Unrun):
+            Metrics.unrun(call.stats, status)   # (no latency: the handler never ran)
+        else:
+            Metrics.finished(call.stats, time.monotonic() - call.started, status)
         for end in call.span_ends or ():
             end(status)
 
