@@ -14,17 +14,19 @@ import json
 import math
 import re
 import socket
+import time
+import types
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 
 import octo_core
-from octo_core import context, protocol
+from octo_core import context, protocol, server as server_module
 from octo_core.auth import Authenticator, StaticTokens
 from octo_core.context import Span, add_span_hook, current_span, global_context
 from octo_core.errors import (ApplicationError, CallTimeout, SecurityError, ServiceError,
                               Status)
-from octo_core.metrics import BOUNDS, Metrics, prometheus_text
+from octo_core.metrics import BOUNDS, Metrics, RecentRates, prometheus_text
 from octo_core.protocol import MessageType, NodeStatus
 from octo_core.transport import http
 from octo_core.transport.http import serve_metrics
@@ -277,6 +279,46 @@ def test_refusals_are_counted_but_kept_out_of_the_latencies():
     assert series[(("method", "m"), ("service", "S"), ("side", "server"))]["count"] == 10
 
 
+def test_recent_rates_follow_the_calls_of_the_last_window():
+    metrics = Metrics("server")
+    rates = RecentRates(metrics, now=1000.0, window=10.0)
+    assert rates.rates(1000.5) == {}
+    now = 1000.0
+    for _ in range(100):              # 10 calls/s for 10 s, the heartbeat asked each second
+        now += 0.1
+        finish(metrics, 0.001)
+        if round(now * 10) % 10 == 0:
+            rates.rates(now)
+    assert rates.rates(now)["S.m"] == pytest.approx(10.0)
+    metrics.refused("S", "other", Status.RPC_EXCEPTION)   # refusals are load too
+    for _ in range(10):               # then quiet, still asked each second
+        now += 1.0
+        rates.rates(now)
+    quiet = rates.rates(now + 1.0)
+    assert quiet == {"S.m": 0.0, "S.other": pytest.approx(1 / 11)}
+    assert rates.rates(now + 30.0) == {"S.m": 0.0, "S.other": 0.0}
+
+
+def test_recent_rates_read_rarely_average_since_the_last_reading():
+    metrics = Metrics("server")
+    rates = RecentRates(metrics, now=0.0, window=10.0)
+    for _ in range(3600):
+        finish(metrics, 0.001)
+    assert rates.rates(3600.0) == {"S.m": pytest.approx(1.0)}   # the first hour: 1/s
+    assert rates.rates(7200.0) == {"S.m": 0.0}                  # an idle hour: none
+
+
+def test_recent_rates_hold_a_few_samples_however_often_they_are_read():
+    metrics = Metrics("server")
+    rates = RecentRates(metrics, now=0.0, window=10.0)
+    for tick in range(1, 10_001):     # read 100 times a second for 100 s
+        if tick % 10 == 0:
+            finish(metrics, 0.001)
+        rates.rates(tick / 100.0)
+    assert len(rates._samples) <= 10
+    assert rates.rates(100.01) == {"S.m": pytest.approx(10.0, rel=0.05)}
+
+
 def test_prometheus_text_survives_a_hostile_service_name():
     # the service name of a refused request comes straight off the wire: a newline
     # or quote in it must not break (or forge lines in) the exposition
@@ -342,6 +384,37 @@ def test_scanner_heartbeat_carries_load_info_with_called_methods():
             assert all(isinstance(v, float) and v > 0 for v in qps.values())
             assert qps["Echo.echo"] > qps["Echo.ping"]        # 10 calls vs 1, same uptime
             assert qps["Echo.echo"] == pytest.approx(10 * qps["Echo.ping"])
+
+    run(main())
+
+
+def test_heartbeat_qps_is_the_recent_rate_not_a_lifetime_average(monkeypatch):
+    # busy at first, then quiet past the window: the heartbeat's methodQpsMap falls
+    # to 0 (an average since start would still report load); the server's clock is
+    # moved on, not slept through
+    skipped = [0.0]
+    clock = types.SimpleNamespace(monotonic=lambda: time.monotonic() + skipped[0],
+                                  time=time.time)
+    monkeypatch.setattr(server_module, "time", clock)
+
+    async def qps_map(server) -> Dict[str, float]:
+        async with raw_connection(server.address) as raw:
+            await raw.send(protocol.encode_unified(protocol.scanner_heartbeat_request(), b""))
+            return (await raw.read_frame()).header.heartbeatInfo.loadInfo.methodQpsMap
+
+    async def main():
+        async with serving(echo_services()) as server, \
+                async_client(Echo, server.address) as client:
+            for _ in range(10):
+                await client.echo("x")
+            assert (await qps_map(server))["Echo.echo"] > 0
+            skipped[0] += 15.0     # quiet for longer than the window (10 s), asked once
+            assert 0 < (await qps_map(server))["Echo.echo"] <= 10 / 15
+            skipped[0] += 15.0     # and again: nothing since the last reading
+            assert await qps_map(server) == {"Echo.echo": 0.0}
+            await client.echo("x")
+            skipped[0] += 15.0
+            assert await qps_map(server) == {"Echo.echo": pytest.approx(1 / 15, rel=0.01)}
 
     run(main())
 

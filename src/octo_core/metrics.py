@@ -1,5 +1,5 @@
 """Per ``service.method`` call metrics: counts, refusals, errors by status, in-flight,
-latency.
+latency, and recent calls per second.
 
 ``calls`` counts every call that finished, ``refused`` those of them answered
 without running (the server refused them: overload, quota, auth, an unknown
@@ -12,15 +12,16 @@ it made as run: the latency is what its caller waited.
 
 Latencies go into fixed log-spaced buckets (four per power of two, 1 µs to about
 1 min), so recording is a bisect and percentiles are read from the buckets
-(within one bucket's width, about 19 %). ``prometheus_text`` renders the
-Prometheus exposition format.
+(within one bucket's width, about 19 %). ``RecentRates`` turns the counts into
+calls per second over the last seconds (heartbeat load info). ``prometheus_text``
+renders the Prometheus exposition format.
 """
 from __future__ import annotations
 
 import bisect
 import collections
 import threading
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Deque, Dict, Iterable, List, Optional, Tuple
 
 BOUNDS: Tuple[float, ...] = tuple(1e-6 * 2 ** (i / 4) for i in range(0, 4 * 26 + 1))
 
@@ -131,12 +132,51 @@ class Metrics:
         are those of the calls that ran, None if none did."""
         return {f"{s}.{m}": stats.snapshot() for (s, m), stats in sorted(self._methods.items())}
 
-    def qps_by_method(self, seconds: float) -> Dict[str, float]:
-        """Calls per second over ``seconds``, from the counts (for heartbeat LoadInfo)."""
-        return {f"{s}.{m}": stats.calls / seconds for (s, m), stats in self._methods.items()}
+    def counts(self) -> Dict[str, int]:
+        """``{"Service.method": calls}``: the finished calls so far, ``refused``
+        included (what ``RecentRates`` differences)."""
+        return {f"{s}.{m}": stats.calls for (s, m), stats in self.items()}
 
     def items(self) -> Iterable[Tuple[Tuple[str, str], MethodStats]]:
         return list(self._methods.items())
+
+
+class RecentRates:
+    """Calls per second of each method of ``metrics`` over about the last
+    ``window`` seconds: heartbeat load info (``methodQpsMap``, PROTOCOL.md §3).
+
+    A call's path gains nothing: a reading samples the cumulative counts
+    (``Metrics.counts``) and takes the difference from the newest sample at
+    least ``window`` old, else the oldest kept (at first, the one taken at
+    creation). A sample within ``window / 8`` of the last kept one is not kept,
+    so a few samples at most are held, however often it is read. Read less often
+    than every ``window``, a rate is the average since the previous reading.
+    Times are the caller's clock (``time.monotonic()``; a test's own).
+    """
+
+    def __init__(self, metrics: Metrics, now: float, window: float = 10.0) -> None:
+        self.window = window
+        self._metrics = metrics
+        self._samples: Deque[Tuple[float, Dict[str, int]]] = collections.deque(
+            [(now, metrics.counts())])
+
+    def rates(self, now: float) -> Dict[str, float]:
+        """``{"Service.method": calls per second}`` of the recent window, finished
+        calls (refusals included) of every method called since the start."""
+        counts = self._metrics.counts()
+        since, base = self._base(now)
+        elapsed = max(now - since, 1e-3)
+        if now - self._samples[-1][0] >= self.window / 8:
+            self._samples.append((now, counts))
+        return {key: (count - base.get(key, 0)) / elapsed for key, count in counts.items()}
+
+    def _base(self, now: float) -> Tuple[float, Dict[str, int]]:
+        """The sample to count from: the newest at least ``window`` old (older
+        ones are dropped), else the oldest."""
+        samples = self._samples
+        while len(samples) > 1 and now - samples[1][0] >= self.window:
+            samples.popleft()
+        return samples[0]
 
 
 def _escape(value: str) -> str:

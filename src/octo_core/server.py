@@ -31,7 +31,7 @@ from octo_core.business import BusinessPool
 from octo_core.checks import finite_number
 from octo_core.codec import Limits, _check_limits
 from octo_core.errors import DecodeError, EncodeError, SecurityError, Status
-from octo_core.metrics import Metrics, MethodStats, prometheus_text
+from octo_core.metrics import Metrics, MethodStats, RecentRates, prometheus_text
 from octo_core.protocol import Frame, MessageType, NodeStatus
 from octo_core.registry import HeartbeatSupport, Node, Registry, open_registry
 from octo_core.registry.base import provider_fields
@@ -439,7 +439,8 @@ class Server:
         self.status = NodeStatus.STARTING
         # stopping, and saying so (registry, heartbeats) while calls are still served
         self._leaving = False
-        self._started_at = time.monotonic()
+        # heartbeat load info: calls per second lately (made anew at start())
+        self._rates = RecentRates(self.metrics, time.monotonic())
         self._services: Dict[str, _Service] = {}
         self._by_method: Dict[str, List[_Service]] = {}
         self._business_threads = business_threads
@@ -558,7 +559,7 @@ class Server:
         self._collected.atexit = False   # at exit the daemon threads just end
         if self.idle_timeout or self.read_timeout:
             self._sweeper = self._loop.create_task(self._sweep())
-        self._started_at = time.monotonic()
+        self._rates = RecentRates(self.metrics, time.monotonic())
         self._leaving = False
         self.status = NodeStatus.ALIVE
         try:
@@ -1124,9 +1125,8 @@ class Server:
         return _SUCCESS
 
     def _heartbeat(self, reply: _Reply, message_type: int) -> None:
-        uptime = max(time.monotonic() - self._started_at, 1e-3)
         load = protocol.LoadInfo(queueSize=self._business_pending, threadNum=self._business_threads,
-                                 methodQpsMap=self.metrics.qps_by_method(uptime))
+                                 methodQpsMap=self._rates.rates(time.monotonic()))
         reply.conn.send(self._heartbeat_frame(reply.sequence_id, message_type, reply.flags, load))
 
     def _heartbeat_frame(self, sequence_id: int, message_type: int,
