@@ -832,6 +832,10 @@ def test_calls_still_queued_for_a_business_thread_past_the_grace_are_answered_an
             with pytest.raises(TransportError):
                 await asyncio.wait_for(blocked, 5)
         assert handler.naps_started == 0
+        # refusals, not latencies: they waited the grace out, but never ran
+        row = server.stats()["Echo.nap"]
+        assert row["calls"] == row["refused"] == 3 and row["in_flight"] == 0
+        assert row["errors"] == {Status.RPC_EXCEPTION: 3} and row["p50"] is None
 
     run(main())
 
