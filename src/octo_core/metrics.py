@@ -90,7 +90,7 @@ class Metrics:
         return stats
 
     def started(self, service: str, method: str) -> MethodStats:
-        """A call began; returns the stats to pass to ``finished``."""
+        """A call began; returns the stats to pass to ``finished`` (or ``unrun``)."""
         try:
             stats = self._by_name[service][method]
         except KeyError:   # (a method's first call)
