@@ -35,6 +35,7 @@ from octo_core.metrics import Metrics, MethodStats, RecentRates, prometheus_text
 from octo_core.protocol import Frame, MessageType, NodeStatus
 from octo_core.registry import HeartbeatSupport, Node, Registry, open_registry
 from octo_core.registry.base import provider_fields
+from octo_core.registry.registration import Registration
 from octo_core.transport.address import (Address, Listeners, Listening, default_route_ip, listen,
                                         parse_address)
 from octo_core.transport.http import bound_port, serve_metrics
@@ -372,7 +373,14 @@ class Server:
     warned of: they cannot reach it), and on
     stop first marks itself STOPPING and unregisters, keeps serving for
     ``unregister_delay`` seconds while callers see the change, and only then
-    refuses new calls and drains. With ``auth``, a peer on its deny list is
+    refuses new calls and drains. A registry that cannot be reached at start
+    (ZooKeeper away: its attempt ends within the URL's ``op_timeout``) does
+    not stop the server: it serves, warns, and keeps registering in the
+    background (a doubling, jittered pause up to 30 s) until the registry
+    takes the node (``registered_node`` says when); a stop meanwhile ends the
+    attempts and unregisters only what was registered. With
+    ``require_registry=True`` such a start fails instead, leaving nothing
+    behind. With ``auth``, a peer on its deny list is
     refused when it connects.
 
     Sight: ``stats()``; with ``metrics_port`` (0 picks a free one) the metrics
@@ -395,6 +403,7 @@ class Server:
                  registry: Optional[Union[str, Registry]] = None,
                  node: Optional[Mapping[str, Any]] = None,
                  unregister_delay: float = 1.0,
+                 require_registry: bool = False,
                  metrics_port: Optional[int] = None) -> None:
         if business_threads < 1 or business_queue < 0 or pause_reading_at < 2 \
                 or pause_reading_bytes < 1 \
@@ -432,8 +441,9 @@ class Server:
         self._registry_spec = registry
         self._registry: Optional[Registry] = None
         self._node_fields = provider_fields(node or {})
-        self._node: Optional[Node] = None
+        self._registration: Optional[Registration] = None
         self.unregister_delay = unregister_delay
+        self.require_registry = require_registry
         self.metrics_port = metrics_port
         self._metrics_http: Optional[Listeners] = None
         self.status = NodeStatus.STARTING
@@ -601,19 +611,24 @@ class Server:
                         "other machines cannot reach a loopback address or a unix socket "
                         "(listen on host='0.0.0.0', or give node={'ip': ...})",
                         self.appkey, fields["ip"])
-        self._node = await registry.register(Node(**fields))
+        where = spec if isinstance(spec, str) else type(registry).__name__
+        self._registration = Registration(registry, Node(**fields), where)
+        await self._registration.start(required=self.require_registry)
 
     async def _unregister(self) -> None:
-        """Tell callers first: STOPPING, then gone; calls keep being served meanwhile."""
-        node, registry = self._node, self._registry
-        assert node is not None and registry is not None   # stop() asks only when registered
-        try:
-            await registry.update(node.appkey, node.key, status=NodeStatus.STOPPING)
-            await registry.unregister(node.appkey, node.key)
-        except Exception as exc:  # a registry outage must not block a stop
-            log.warning("%s: could not unregister %s: %s", self.appkey, node.key, exc)
-        if self.unregister_delay > 0:
+        """Tell callers first: STOPPING, then gone; calls keep being served meanwhile
+        (when the node was registered: else there is no one to tell)."""
+        assert self._registration is not None   # stop() asks only when it has one
+        registration, self._registration = self._registration, None
+        if await registration.withdraw() and self.unregister_delay > 0:
             await asyncio.sleep(self.unregister_delay)
+
+    @property
+    def registered_node(self) -> Optional[Node]:
+        """This server's node as its registry stored it; None without a registry,
+        while a registry that was away at start is still being retried, and once
+        stopping (a readiness check can wait for it)."""
+        return None if self._registration is None else self._registration.stored
 
     @property
     def address(self) -> str:
@@ -648,7 +663,7 @@ class Server:
             self._stopping = self._loop.create_task(self.stop(grace))
             return
         self._leaving = True
-        if self._node is not None:
+        if self._registration is not None:
             await self._unregister()
         self.status = NodeStatus.STOPPING
         self._listener.close()
@@ -701,7 +716,7 @@ class Server:
         if self._registry is not None:
             if isinstance(self._registry_spec, str):    # we opened it, we close it
                 await self._registry.close()
-            self._registry = self._node = None
+            self._registry = None
         self._leaving = False
         self.status = NodeStatus.STOPPED
 

@@ -1,0 +1,106 @@
+"""``Registration``: a provider's own node in a registry, kept trying while the registry is away.
+
+A provider that can serve should serve: its callers may still reach it from
+what they last discovered (a restart keeps its ``ip:port``). So a registry that
+does not answer at start costs the node its listing for a while, not the
+process: ``Registration`` tries once, and while that fails keeps trying in the
+background, with a capped, jittered backoff, until the registry stores the node.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Optional
+
+from octo_core.protocol import NodeStatus
+from octo_core.registry.base import Registry, RegistryError
+from octo_core.registry.node import Node
+
+log = logging.getLogger("octo_core.registry")
+
+#: Seconds before the first retry; each failure doubles it, up to the last.
+RETRY_FIRST, RETRY_LAST = 1.0, 30.0
+
+#: What a registry that cannot be reached raises (a file registry: ``OSError``).
+#: Anything else at start is a mistake to show at once (a node of another env, say).
+UNREACHABLE = (RegistryError, OSError)
+
+
+class Registration:
+    """``node`` in ``registry``, as its provider keeps it: ``start``, then ``withdraw``.
+
+    ``where`` names the registry in log messages (its URL).
+    """
+
+    def __init__(self, registry: Registry, node: Node, where: str) -> None:
+        self.registry = registry
+        self.node = node
+        self.where = where
+        #: What the registry stored, once it did; None before and after ``withdraw``.
+        self.stored: Optional[Node] = None
+        self._retrying: Optional[asyncio.Task] = None
+
+    async def start(self, required: bool) -> None:
+        """Register now. If the registry cannot be reached: with ``required`` raise
+        its error, else warn and go on trying in the background."""
+        try:
+            await self._attempt()
+        except UNREACHABLE as exc:
+            if required:
+                raise
+            log.warning("%s: cannot register %s in %s (%s): serving unregistered, callers "
+                        "reach it only from what they discovered before; registering in "
+                        "the background", self.node.appkey, self.node.key, self.where, exc)
+            self._retrying = asyncio.get_running_loop().create_task(self._retry())
+
+    async def withdraw(self) -> bool:
+        """Stop trying; mark the node STOPPING, then unregister it, if it was
+        registered (True then). A registry that fails is logged, never raised:
+        it must not hold up a stop."""
+        retrying, self._retrying = self._retrying, None
+        if retrying is not None:
+            retrying.cancel()
+            await asyncio.gather(retrying, return_exceptions=True)   # (it ends cancelled)
+        stored, self.stored = self.stored, None
+        if stored is None:
+            return False
+        node = self.node
+        try:
+            await self.registry.update(node.appkey, node.key, status=NodeStatus.STOPPING)
+            await self.registry.unregister(node.appkey, node.key)
+        except Exception as exc:  # a registry outage must not block a stop
+            log.warning("%s: could not unregister %s: %s", node.appkey, node.key, exc)
+        return True
+
+    async def _attempt(self) -> None:
+        """One ``register``. Cancelled meanwhile, it still waits for the registry's
+        answer (bounded by the registry's own time limit): a registration that
+        lands after the cancel is known, so ``withdraw`` takes it back."""
+        attempt = asyncio.ensure_future(self.registry.register(self.node))
+        try:
+            self.stored = await asyncio.shield(attempt)
+        except asyncio.CancelledError:
+            await asyncio.wait({attempt})
+            if not attempt.cancelled() and attempt.exception() is None:
+                self.stored = attempt.result()
+            raise
+
+    async def _retry(self) -> None:
+        """Try again after a doubling, jittered pause until the registry stores the node."""
+        delay, attempts = RETRY_FIRST, 1
+        while True:
+            # jittered: the providers that restarted in one outage do not all come back at once
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            attempts += 1
+            try:
+                await self._attempt()
+            except Exception as exc:   # whatever fails, the next attempt may work
+                delay = min(2 * delay, RETRY_LAST)
+                log.warning("%s: registering %s in %s failed again (attempt %d: %s); "
+                            "retrying within %.0fs", self.node.appkey, self.node.key,
+                            self.where, attempts, exc, delay)
+                continue
+            log.warning("%s: registered %s in %s after %d attempts (it served unregistered "
+                        "until now)", self.node.appkey, self.node.key, self.where, attempts)
+            return
