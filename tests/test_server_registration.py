@@ -1,0 +1,168 @@
+"""A server whose registry is away at start: it serves, and registers once the registry is back.
+
+A registry double that fails while ``down`` (and can hold an attempt in flight),
+and a real ZooKeeper stopped for the start. No timing is asserted: waits are
+hang guards.
+"""
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import uuid
+from typing import List, Tuple
+
+import pytest
+
+from octo_core.protocol import NodeStatus
+from octo_core.registry import Node, RegistryError, open_registry
+from octo_core.registry import registration
+from octo_core.registry.memory import MemoryRegistry
+
+from wire_helpers import (Echo, LOCALHOST, async_client, echo_services, run, serving,  # noqa: F401
+                          wait_until, watchdog)
+from zk import zookeeper_server  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("watchdog")
+
+APPKEY = "com.example.registration"
+
+
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch) -> None:
+    """Retries within milliseconds: the tests wait for them, not for a production backoff."""
+    monkeypatch.setattr(registration, "RETRY_FIRST", 0.01)
+    monkeypatch.setattr(registration, "RETRY_LAST", 0.05)
+
+
+class FlakyRegistry(MemoryRegistry):
+    """A memory registry whose ``register`` fails while ``down`` and, while ``hold``,
+    waits for ``release`` before it registers (an attempt in flight)."""
+
+    def __init__(self) -> None:
+        super().__init__(f"registration-{uuid.uuid4().hex}")
+        self.down = True
+        self.attempts = 0
+        self.hold = False
+        self.holding = False
+        self.release = asyncio.Event()
+        self.updates: List[Tuple[str, dict]] = []
+
+    async def register(self, node: Node) -> Node:
+        self.attempts += 1
+        if self.down:
+            raise RegistryError("the registry is down")
+        if self.hold:
+            self.holding = True
+            await self.release.wait()
+        return await super().register(node)
+
+    async def update(self, appkey: str, key: str, **changes) -> Node:
+        self.updates.append((key, changes))
+        return await super().update(appkey, key, **changes)
+
+
+def registration_tasks() -> List[asyncio.Task]:
+    return [task for task in asyncio.all_tasks()
+            if "Registration" in getattr(task.get_coro(), "__qualname__", "")]
+
+
+def test_a_server_whose_registry_is_down_serves_and_registers_once_it_is_back(caplog):
+    caplog.set_level(logging.INFO, "octo_core.registry")
+
+    async def scenario():
+        registry = FlakyRegistry()
+        async with serving(echo_services(), appkey=APPKEY, registry=registry,
+                           unregister_delay=0) as server:
+            assert server.registered_node is None
+            async with async_client(Echo, server.address) as client:   # hosts=: no registry
+                assert await client.echo("served unregistered") == "served unregistered"
+            await wait_until(lambda: registry.attempts >= 3, 10, "attempts while it is down")
+            assert await registry.list(APPKEY) == []
+            registry.down = False
+            await wait_until(lambda: server.registered_node is not None, 10, "the registration")
+            assert [node.key for node in await registry.list(APPKEY)] == [f"{LOCALHOST}:{server.port}"]
+            assert registration_tasks() == []
+        assert await registry.list(APPKEY) == []   # the stop unregistered it, STOPPING first
+        assert [changes for _, changes in registry.updates] == [{"status": NodeStatus.STOPPING}]
+
+    run(scenario())
+    said = " ".join(record.getMessage() for record in caplog.records)
+    assert "serving unregistered" in said and "registering in the background" in said
+    assert "registered 127.0.0.1:" in said and "(it served unregistered until now)" in said
+
+
+def test_require_registry_fails_the_start_and_leaves_nothing_behind():
+    async def scenario():
+        registry = FlakyRegistry()
+        with pytest.raises(RegistryError, match="the registry is down"):
+            async with serving(echo_services(), appkey=APPKEY, registry=registry,
+                               require_registry=True):
+                pass
+        assert registry.attempts == 1 and registration_tasks() == []
+
+    run(scenario())
+
+
+def test_stop_while_retrying_ends_the_attempts_cleanly(caplog):
+    caplog.set_level(logging.ERROR, "asyncio")
+
+    async def scenario():
+        registry = FlakyRegistry()
+        async with serving(echo_services(), appkey=APPKEY, registry=registry,
+                           unregister_delay=0) as server:
+            await wait_until(lambda: registry.attempts >= 2, 10, "a retry")
+        assert registration_tasks() == []
+        assert await registry.list(APPKEY) == [] and registry.updates == []
+        assert server.registered_node is None
+
+    run(scenario())
+    gc.collect()
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text
+
+
+def test_a_registration_landing_during_the_stop_is_taken_back():
+    async def scenario():
+        registry = FlakyRegistry()
+        async with serving(echo_services(), appkey=APPKEY, registry=registry,
+                           unregister_delay=0) as server:
+            registry.down, registry.hold = False, True
+            await wait_until(lambda: registry.holding, 10, "an attempt in flight")
+            stopping = asyncio.ensure_future(server.stop())
+            await wait_until(lambda: server._registration is None, 10, "the stop to begin")
+            registry.release.set()   # the registry stores the node after the stop began
+            await asyncio.wait_for(stopping, 10)
+            assert await registry.list(APPKEY) == []
+            assert [changes for _, changes in registry.updates] == [{"status": NodeStatus.STOPPING}]
+            assert registration_tasks() == []
+
+    run(scenario())
+
+
+def test_zk_a_server_started_while_zookeeper_is_down_registers_when_it_is_back(
+        zookeeper_server):  # noqa: F811
+    url = zookeeper_server.url(f"reg{uuid.uuid4().hex[:8]}", op_timeout=1, timeout=2)
+
+    async def scenario():
+        await asyncio.to_thread(zookeeper_server.stop)
+        down = True
+        try:
+            async with serving(echo_services(), appkey=APPKEY, registry=url,
+                               unregister_delay=0) as server:
+                assert server.registered_node is None
+                async with async_client(Echo, server.address) as client:
+                    assert await client.echo("zk is down") == "zk is down"
+                await asyncio.to_thread(zookeeper_server.start)
+                down = False
+                await wait_until(lambda: server.registered_node is not None, 30,
+                                 "the registration once ZooKeeper is back")
+                async with open_registry(url) as reader:
+                    assert [node.key for node in await reader.list(APPKEY)] == \
+                        [f"{LOCALHOST}:{server.port}"]
+            async with open_registry(url) as reader:
+                assert await reader.list(APPKEY) == []
+        finally:
+            if down:   # (the other tests of the session need it)
+                await asyncio.to_thread(zookeeper_server.start)
+
+    run(scenario(), timeout=50)
