@@ -354,13 +354,14 @@ def _loop_thread(start: Callable[[], Awaitable[Tuple[int, Callable[[], Awaitable
 
 
 def _serve_octo(host: str, port: int, registry: Optional[str] = None) -> _Serving:
-    """octo_core's server; with ``registry`` it registers there (and leaves at once
-    on stop: the cell is over, no caller is left)."""
+    """octo_core's server; with ``registry`` it registers there or fails to start
+    (the cell's client finds it only there), and leaves at once on stop: the cell
+    is over, no caller is left."""
     import octo_core
 
     async def start() -> Tuple[int, Callable[[], Awaitable[None]]]:
         server = octo_core.Server("com.octo.bench.echo", host, port, registry=registry,
-                                  unregister_delay=0.0)
+                                  unregister_delay=0.0, require_registry=True)
         server.add_service(payload_module().Echo, _AsyncEchoHandler())
         await server.start()
         return server.port, lambda: server.stop(grace=1.0)
