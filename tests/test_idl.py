@@ -1,6 +1,7 @@
 """``load_idl``: one module per IDL file, whatever the file is called."""
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -89,6 +90,27 @@ def test_an_include_that_does_not_start_its_line_is_checked_too(tmp_path):
     second = octo_core.load_idl(str(tmp_path / "b" / "inline_b.thrift"))
     assert first.inline_common.Item.thrift_spec[1][1] == "name"
     assert second.inline_common.Item.thrift_spec[1][1] == "id"
+
+
+def test_an_idl_with_includes_is_parsed_once(tmp_path, monkeypatch):
+    """The stray-include check parses the IDL; load then parsed it again, which
+    doubled a big IDL's load time. Each file is parsed once now."""
+    import thriftpy2.parser.parser as thrift_parser
+
+    parsed = []
+    parse_data = thrift_parser._parse_data
+
+    def counting(data, thrift, *args, **kwargs):
+        parsed.append(os.path.basename(thrift.__thrift_file__))
+        return parse_data(data, thrift, *args, **kwargs)
+
+    monkeypatch.setattr(thrift_parser, "_parse_data", counting)
+    (tmp_path / "once_common.thrift").write_text("struct Item { 1: string name }\n")
+    (tmp_path / "once.thrift").write_text(
+        'include "once_common.thrift"\nservice S { once_common.Item get() }\n')
+    module = octo_core.load_idl(str(tmp_path / "once.thrift"))
+    assert sorted(parsed) == ["once.thrift", "once_common.thrift"]
+    assert module.S.get_result.thrift_spec[0][2] is module.once_common.Item
 
 
 def test_includes_are_found_in_include_dirs_as_thrift_dash_i_finds_them(tmp_path, monkeypatch):

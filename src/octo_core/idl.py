@@ -54,13 +54,16 @@ def load_idl(path: str, module_name: Optional[str] = None,
                              "give this one another name")
         name = _private_name(os.path.dirname(absolute), name)
     elif holder is None:
-        stray = _stray_include(absolute, name, dirs)
+        parsed = _parse_if_it_includes(absolute, name, dirs)
+        stray = None if parsed is None else _stray_include(parsed)
         if stray is not None and module_name is not None:
             raise ValueError(f"{path}: under module name {module_name!r}, its include "
                              f"{stray[0]} would be the module of {stray[1]}, another file "
                              "of that name loaded before; load it without module_name")
         if stray is not None:
             name = _private_name(os.path.dirname(absolute), name)
+        elif parsed is not None:
+            _hand_to_load(name, parsed)
     return thriftpy2.load(absolute, module_name=name, include_dirs=dirs)
 
 
@@ -75,25 +78,31 @@ def _private_name(directory: str, name: str) -> str:
     return f"{package}.{name}"
 
 
-def _stray_include(path: str, name: str,
-                   include_dirs: Optional[_Dirs]) -> Optional[Tuple[str, str]]:
-    """An include of the IDL at ``path``, loaded as ``name`` (its includes looked
-    for in ``include_dirs`` too), at any depth, that
-    thriftpy2 would take from its cache although it is another file's, as (its
-    module name, that other file); None if there is none.
+def _parse_if_it_includes(path: str, name: str,
+                          include_dirs: Optional[_Dirs]) -> Optional[ModuleType]:
+    """The IDL at ``path`` parsed as ``name`` (its includes looked for in
+    ``include_dirs`` too), for ``_stray_include`` to check; None if it includes
+    nothing (then there is nothing to check)."""
+    with open(path, "rb") as f:
+        if not _INCLUDE.search(f.read()):
+            return None
+    # (not cached yet: if the check finds a stray include, this parse under this
+    # name must not be found for the file, which is loaded under another name)
+    return thriftpy2.parser.parse(path, module_name=name, enable_cache=False,
+                                  include_dirs=include_dirs)
+
+
+def _stray_include(root: ModuleType) -> Optional[Tuple[str, str]]:
+    """An include of the parsed IDL ``root``, at any depth, that thriftpy2 took
+    from its cache although it is another file's, as (its module name, that
+    other file); None if there is none.
 
     thriftpy2 names an include by the including module's name prefix and the
     path from the including file's directory (``common.thrift`` beside the IDL:
     ``common_thrift``), and caches modules by name: two services that each ship
     their own ``common.thrift`` would share the first one loaded, types and all.
     """
-    with open(path, "rb") as f:
-        if not _INCLUDE.search(f.read()):
-            return None   # (no include: no second parse, which doubled a big IDL's load time)
-    # (the IDL itself is not cached: a parse under this name must not be found
-    # for another file of the same name)
-    todo, seen = [thriftpy2.parser.parse(path, module_name=name, enable_cache=False,
-                                         include_dirs=include_dirs)], set()
+    todo, seen = [root], set()
     while todo:
         parent = todo.pop()
         if id(parent) in seen:
@@ -111,6 +120,17 @@ def _stray_include(path: str, name: str,
                 return child.__thrift_module_name__, child.__thrift_file__
             todo.append(child)
     return None
+
+
+def _hand_to_load(name: str, parsed: ModuleType) -> None:
+    """Let ``thriftpy2.load`` take ``parsed`` for ``name`` rather than parse the
+    file again (a big IDL's load time doubled): it is what load's own parse
+    would make, the same file under the same name with the same include
+    directories. thriftpy2 caches parses by name in its parser module; should
+    a thriftpy2 keep them elsewhere, load just parses again."""
+    cache = getattr(thriftpy2.parser.parser, "_thrift_cache", None)
+    if isinstance(cache, dict):
+        cache.setdefault(name, parsed)
 
 
 #: An include statement, wherever on its line (``namespace py x; include "a.thrift"``;
