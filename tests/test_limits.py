@@ -31,8 +31,9 @@ from octo_core.errors import (CallTimeout, DegradeError, OctoError, RpcError, St
                               TransportError)
 
 from wire_helpers import (CLIENT_APPKEY, EVERYTHING, LOCALHOST, SERVER_APPKEY, Echo, EchoHandler,
-                          EverythingStubs, async_client, decode_body, echo_services, framed_request, raw_connection,
-                          run, serving, unified_request, wait_until, watchdog)  # noqa: F401  (fixture)
+                          EverythingStubs, async_client, decode_body, echo_services, framed_request,
+                          fresh_throttle, raw_connection, run, serving, unified_request, wait_until,
+                          watchdog)  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
@@ -155,8 +156,7 @@ def test_max_connections_defaults_to_below_the_open_file_limit(monkeypatch):
 def test_refused_connections_are_logged_a_line_at_a_time_with_a_count(caplog, monkeypatch):
     # A peer redialling in a loop is refused every time: one warning per refusal
     # would let it fill the log at will. One is logged; the next counts the rest.
-    monkeypatch.setattr(server_conn._REFUSED, "_next", 0.0)   # (earlier tests' refusals)
-    monkeypatch.setattr(server_conn._REFUSED, "_held", 0)
+    period_over = fresh_throttle(monkeypatch, "_REFUSED", server_conn)
     caplog.set_level(logging.WARNING, logger="octo_core")
 
     def refusals() -> List[str]:
@@ -173,7 +173,7 @@ def test_refused_connections_are_logged_a_line_at_a_time_with_a_count(caplog, mo
             for _ in range(5):
                 await refused(server.address)
             assert len(refusals()) == 1
-            server_conn._REFUSED._next = 0.0      # the quiet interval is over
+            period_over()
             await refused(server.address)
             assert await first.echo("still") == "still"
 
@@ -184,8 +184,7 @@ def test_refused_connections_are_logged_a_line_at_a_time_with_a_count(caplog, mo
 
 def test_denied_peers_are_logged_a_line_at_a_time_with_a_count(caplog, monkeypatch):
     # A peer on the deny list redialling in a loop must not fill the log either.
-    monkeypatch.setattr(server_conn, "_DENIED", server_conn.Throttle(10.0, server_conn.log,
-                                                                      logging.INFO))
+    period_over = fresh_throttle(monkeypatch, "_DENIED", server_conn)
     caplog.set_level(logging.INFO, logger="octo_core")
 
     def refusals() -> List[str]:
@@ -198,7 +197,7 @@ def test_denied_peers_are_logged_a_line_at_a_time_with_a_count(caplog, monkeypat
                 async with raw_connection(server.address) as denied:
                     assert await denied.closed_by_peer()
             assert len(refusals()) == 1 and "deny" in refusals()[0]
-            server_conn._DENIED._next = 0.0      # the quiet interval is over
+            period_over()
             async with raw_connection(server.address) as denied:
                 assert await denied.closed_by_peer()
 

@@ -27,6 +27,7 @@ from octo_core import codec, protocol
 from octo_core.errors import (ApplicationError, CallTimeout, DecodeError, EncodeError, OctoError,
                               RemoteError, RpcError, Status, TransportError)
 from octo_core.protocol import Header, NodeStatus
+from octo_core.transport import server as server_conn
 from octo_core.transport import stream
 from octo_core.transport.loop import new_event_loop
 
@@ -34,7 +35,7 @@ from cluster_helpers import run_on
 
 from wire_helpers import (CLIENT_APPKEY, ECHO_IDL, LOCALHOST, Echo, EchoError, EchoHandler, GoodCaller,
                           _build_server, async_client, decode_body, echo_services, fake_server,
-                          echo_reply, frames_read, framed_request,
+                          echo_reply, frames_read, framed_request, fresh_throttle,
                           raw_connection, refusing_port, run, serving, serving_in_thread,
                           short_tmpdir, sync_client, unified_request, wait_until,
                           watchdog)  # noqa: F401  (fixture)
@@ -117,8 +118,7 @@ def test_bad_bytes_close_only_that_connection(name):
 def test_connections_closed_for_bad_bytes_are_logged_a_line_at_a_time(caplog, monkeypatch):
     """A peer that sends garbage on connection after connection gets one warning,
     then a count of the rest in the next: it cannot fill the log at will."""
-    monkeypatch.setattr(stream.BROKEN, "_next", 0.0)     # (earlier tests' bad bytes)
-    monkeypatch.setattr(stream.BROKEN, "_held", 0)
+    period_over = fresh_throttle(monkeypatch, "BROKEN", stream, server_conn)
     caplog.set_level(logging.WARNING, logger="octo_core")
 
     def closings() -> list:
@@ -131,7 +131,7 @@ def test_connections_closed_for_bad_bytes_are_logged_a_line_at_a_time(caplog, mo
                     await raw.send(data)
                     assert await raw.closed_by_peer()
             assert len(closings()) == 1
-            stream.BROKEN._next = 0.0      # the quiet interval is over
+            period_over()
             async with raw_connection(server.address) as raw:
                 await raw.send(BAD_BYTES["random-garbage"])
                 assert await raw.closed_by_peer()
@@ -139,6 +139,37 @@ def test_connections_closed_for_bad_bytes_are_logged_a_line_at_a_time(caplog, mo
     run(main())
     assert len(closings()) == 2
     assert closings()[1].endswith(f"(and {len(BAD_BYTES) - 1} more since the last such message)")
+
+
+def test_a_throttle_bounds_its_keys_and_throttles_those_past_them_together(caplog):
+    """A peer that makes up a new key per event (an exception type, a name) gets
+    no more records, nor memory, than ``max_keys`` keys and one more; each key's
+    first record carries the traceback, summaries none; nothing held back goes
+    untold."""
+    now = [0.0]
+    throttle = stream.Throttle(10.0, logging.getLogger("octo_core.test"), max_keys=2,
+                               clock=lambda: now[0])
+    caplog.set_level(logging.WARNING, logger="octo_core.test")
+    fault = ValueError("made up")
+
+    def log(kind: int) -> None:
+        throttle.log("kind %d", kind, key=kind, exc_info=fault)
+        assert len(throttle._keys) <= throttle.max_keys
+
+    for kind in range(1000):
+        log(kind)
+    now[0] += throttle.every
+    log(1000)    # the quiet keys go; the shared one tells its count first
+    log(1001)    # then a new key has room again
+    log(1001)
+    assert [(r.getMessage(), r.exc_info is not None) for r in caplog.records] == [
+        ("kind 0", True),
+        ("kind 1", True),
+        ("kind 2 (past 2 kinds of message: throttled together)", True),
+        ("kind 1000 (and 997 more since the last such message) "
+         "(past 2 kinds of message: throttled together)", False),
+        ("kind 1001", True),
+    ]
 
 
 def test_all_bad_connections_at_once_while_good_clients_call():

@@ -32,6 +32,7 @@ import octo_core
 from octo_core import codec, protocol
 from octo_core.protocol import Frame, FrameDecoder
 from octo_core.transport.loop import LoopThread, new_event_loop
+from octo_core.transport.stream import Throttle
 
 from cluster_helpers import run_on
 
@@ -257,6 +258,22 @@ def _build_server(services: Services, host: str, port: int, **options: Any) -> o
     for service, handler, name in services:
         server.add_service(service, handler, name=name)
     return server
+
+
+def fresh_throttle(monkeypatch: pytest.MonkeyPatch, name: str, *modules: Any) -> Callable[[], None]:
+    """Put a ``Throttle`` nothing was logged to yet (earlier tests' records held
+    nothing back) in place of ``modules``' ``name`` (each module that imported
+    it), on a clock the test moves: calling what is returned ends its quiet
+    period, and no test sleeps."""
+    now = [0.0]
+    old = getattr(modules[0], name)
+    throttle = Throttle(old.every, old.logger, old.level, clock=lambda: now[0])
+    for module in modules:
+        monkeypatch.setattr(module, name, throttle)
+
+    def period_over() -> None:
+        now[0] += throttle.every
+    return period_over
 
 
 @contextlib.asynccontextmanager
