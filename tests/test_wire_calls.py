@@ -273,6 +273,43 @@ def test_async_client_declared_and_undeclared_exceptions(proto, wire_warnings):
         "Echo.fail raised Unprintable (its message cannot be formatted)"
 
 
+def test_a_handler_failing_every_call_is_logged_once_per_period_per_exception_type(caplog):
+    """A caller can make a handler raise at will: the first of each service,
+    method and exception type is logged with its traceback, the rest summed up
+    in one record a period (no traceback), however many calls fail."""
+    now = [0.0]
+
+    async def main():
+        async with serving(echo_services()) as server, \
+                async_client(Echo, server.address) as client:
+            server._faults.clock = lambda: now[0]   # (its period passes when the test says)
+
+            async def fail(kind, times):
+                for _ in range(times):
+                    with pytest.raises(ApplicationError, match="Echo.fail|boom|Unprintable"):
+                        await client.fail(kind)
+
+            await fail("undeclared", 50)
+            await fail("unprintable", 3)         # another exception type: its own first record
+            now[0] += server._faults.every
+            await fail("undeclared", 2)          # the period is over: a summary, then held back
+            now[0] += server._faults.every
+            await fail("unprintable", 1)         # its two held back, told at last
+            assert server.stats()["Echo.fail"]["errors"] == {Status.APPLICATION_EXCEPTION: 56}
+
+    with caplog.at_level(logging.ERROR, logger="octo_core.server"):
+        run(main())
+    logged = [(r.getMessage(), r.exc_info is not None) for r in caplog.records
+              if r.name == "octo_core.server"]
+    assert logged == [
+        ("Echo.fail raised ValueError: boom", True),
+        ("Echo.fail raised Unprintable (its message cannot be formatted)", True),
+        ("Echo.fail raised ValueError: boom (and 49 more since the last such message)", False),
+        ("Echo.fail raised Unprintable (its message cannot be formatted) "
+         "(and 2 more since the last such message)", False),
+    ]
+
+
 class _PartialResults(EverythingStubs):
     """Answers structs whose required fields are unset (a bug in the handler)."""
 

@@ -301,6 +301,9 @@ _DROPPED = Throttle(10.0, log)
 #: Authentication that raised something other than a refusal (a token store's
 #: fault): each such call is refused, and the log says why.
 _AUTH_BROKEN = Throttle(10.0, log)
+#: Connections cut at ``read_timeout`` for a frame still incomplete: a
+#: slow-loris peer makes one per connection it opens.
+_STALLED = Throttle(10.0, log, logging.INFO)
 
 
 
@@ -471,6 +474,9 @@ class Server:
         # (no event toggled by every call: an eager handler takes it 0 -> 1 -> 0)
         self._drained: Optional[asyncio.Future] = None
         self._stopping: Optional[asyncio.Task] = None   # a stop a handler started
+        # Handlers' bugs, logged: a caller can set one off at will, every call
+        # (the first of each service, method and exception type with its traceback)
+        self._faults = Throttle(10.0, log, logging.ERROR)
         self._inherited = False   # a forked child's copy of a started server
         tell_forked_children(self)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -812,7 +818,8 @@ class Server:
                 reading = None if conn.frame_started is None else now - conn.frame_started
                 if self.read_timeout and reading is not None and reading > self.read_timeout \
                         and not conn.paused_for_itself:   # our pause, not the peer's stall
-                    log.info("closing %s: a frame still incomplete after %.0fs", conn.peer, reading)
+                    _STALLED.log("closing %s: a frame still incomplete after %.0fs",
+                                 conn.peer, reading)
                     conn.abort()
                 elif self.idle_timeout and quiet > self.idle_timeout and not conn.in_flight:
                     self._close_idle(conn, now)
@@ -1124,7 +1131,8 @@ class Server:
                 # a bug in the handler: the server's log keeps its traceback (the
                 # caller gets the message only, and a oneway caller nothing at all)
                 text = _describe(exc)
-                log.error("%s.%s raised %s", call.service.name, name, text, exc_info=exc)
+                self._faults.log("%s.%s raised %s", call.service.name, name, text,
+                                 key=(call.service.name, name, type(exc)), exc_info=exc)
                 if send:
                     reply.app_exception(name, seqid, TApplicationException.INTERNAL_ERROR, text)
                 return Status.APPLICATION_EXCEPTION
@@ -1133,7 +1141,8 @@ class Server:
             try:
                 reply.message(name, _REPLY_MESSAGE, seqid, result)
             except EncodeError as bad:   # the handler's value does not fit the IDL: its bug
-                log.error("%s.%s: its result cannot be sent: %s", call.service.name, name, bad)
+                self._faults.log("%s.%s: its result cannot be sent: %s", call.service.name,
+                                 name, bad, key=(call.service.name, name, "result"))
                 reply.app_exception(name, seqid, TApplicationException.INTERNAL_ERROR,
                                     f"{name}: its result cannot be sent: {bad}")
                 return Status.APPLICATION_EXCEPTION
