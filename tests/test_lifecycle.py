@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -15,13 +16,13 @@ import pytest
 
 import octo_core
 from octo_core import blocking
-from octo_core.errors import TransportError
+from octo_core.errors import ApplicationError, TransportError
 from octo_core.registry.memory import MemoryRegistry
 from octo_core.server import NodeStatus
 
 from wire_helpers import (CLIENT_APPKEY, LOCALHOST, SERVER_APPKEY, Calc, Echo,  # noqa: F401
-                          EchoHandler, run, sync_client, wait_until, wait_until_sync,
-                          watchdog)
+                          EchoHandler, async_client, run, sync_client, wait_until,
+                          wait_until_sync, watchdog)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
@@ -170,6 +171,98 @@ def test_a_server_outliving_the_main_thread_keeps_its_registry_entry_and_removes
                           timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines() == ["discovered", "left in the registry: 0"], done.stderr[-2000:]
+
+
+#: A server that runs a coroutine handler and a plain one that never end, until
+#: signalled: with ``serve_forever`` (a grace no test waits out) or ``with server``.
+_SERVES_UNTIL_SIGNALLED = """
+import asyncio, logging, sys, threading, time
+sys.path.insert(0, {tests!r})
+import octo_core
+from wire_helpers import SERVER_APPKEY, Echo, EchoHandler
+
+logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
+
+class Stuck(EchoHandler):
+    async def slow(self, text, delay_ms):
+        print("running", text, flush=True)
+        await asyncio.Event().wait()
+
+    def nap(self, text, delay_ms):
+        print("running", text, flush=True)
+        threading.Event().wait()
+
+server = octo_core.Server(SERVER_APPKEY, host="127.0.0.1")
+server.add_service(Echo, Stuck())
+if {how!r} == "serve_forever":
+    server.serve_forever(grace=3600)
+    print("serve_forever returned", flush=True)
+else:
+    try:
+        with server:
+            while True:
+                time.sleep(1)
+    finally:
+        print("left the with", server.status.name, flush=True)
+"""
+
+
+def _refuses_connections(port: int) -> bool:
+    try:
+        socket.create_connection((LOCALHOST, port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("how, exit_status", [("serve_forever", 0), ("with", -signal.SIGINT)])
+def test_a_second_ctrl_c_stops_the_server_at_once_and_its_callers_are_answered(how, exit_status):
+    """The first SIGINT starts the graceful stop (no new connections; the calls in
+    flight go on); a second cuts its grace short: the coroutine handler is
+    cancelled and its caller told so, the plain function's caller sees its
+    connection close, the stop runs to its end, and so does the process
+    (``serve_forever`` returns; out of ``with``, the KeyboardInterrupt goes on)."""
+    script = _SERVES_UNTIL_SIGNALLED.format(tests=os.path.dirname(os.path.abspath(__file__)),
+                                            how=how)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    lines: "queue.Queue[str]" = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout],
+                     daemon=True).start()
+    output: list = []
+
+    def line_with(text: str) -> str:
+        while not any(text in line for line in output):
+            output.append(lines.get(timeout=30))   # (a hang guard only)
+        return next(line for line in output if text in line)
+
+    async def main() -> None:
+        address = line_with(" serving Echo on ").split()[-1]
+        async with async_client(Echo, address, timeout=600.0) as client:
+            coroutine = asyncio.ensure_future(client.slow("a coroutine", 0))
+            plain = asyncio.ensure_future(client.nap("a plain function", 0))
+            await asyncio.to_thread(line_with, "running a coroutine")
+            await asyncio.to_thread(line_with, "running a plain function")
+            process.send_signal(signal.SIGINT)
+            port = int(address.rsplit(":", 1)[1])
+            await wait_until(lambda: _refuses_connections(port), what="the stop to begin")
+            assert not coroutine.done() and not plain.done()   # the grace goes on
+            process.send_signal(signal.SIGINT)
+            await asyncio.wait_for(asyncio.wait([coroutine, plain]), 30)   # (a hang guard only)
+            with pytest.raises(ApplicationError, match="handler was cancelled"):
+                coroutine.result()
+            with pytest.raises(TransportError):
+                plain.result()
+
+    try:
+        run(main())
+        assert process.wait(timeout=30) == exit_status, "".join(output)
+        line_with("calls still running when told to stop at once")
+        line_with("serve_forever returned" if how == "serve_forever" else "left the with STOPPED")
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
 
 
 def test_blocking_work_runs_in_place_when_no_thread_may_start(monkeypatch):

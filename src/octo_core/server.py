@@ -474,6 +474,7 @@ class Server:
         # (no event toggled by every call: an eager handler takes it 0 -> 1 -> 0)
         self._drained: Optional[asyncio.Future] = None
         self._stopping: Optional[asyncio.Task] = None   # a stop a handler started
+        self._hurry: Optional[asyncio.Future] = None   # done: the stop waits no more (``_stop_now``)
         # Handlers' bugs, logged: a caller can set one off at will, every call
         # (the first of each service, method and exception type with its traceback)
         self._faults = Throttle(10.0, log, logging.ERROR)
@@ -527,7 +528,8 @@ class Server:
         if self._listener is not None:
             raise RuntimeError(f"{self.appkey} is already started on {self.address}")
         previous, self._loop = self._loop, asyncio.get_running_loop()
-        self._drained = None   # (a stop that timed out may have left one, maybe of another loop)
+        # (a stop that timed out may have left these, maybe of another loop)
+        self._drained = self._hurry = None
         if previous is not None and previous.is_closed():
             # calls still running when their loop closed can never be answered: none is in flight
             self._in_flight = self._in_flight_bytes = 0
@@ -627,7 +629,7 @@ class Server:
         assert self._registration is not None   # stop() asks only when it has one
         registration, self._registration = self._registration, None
         if await registration.withdraw() and self.unregister_delay > 0:
-            await asyncio.sleep(self.unregister_delay)
+            await self._stop_waits(None, self.unregister_delay)
 
     @property
     def registered_node(self) -> Optional[Node]:
@@ -683,12 +685,13 @@ class Server:
         if self._in_flight:
             if self._drained is None:
                 self._drained = self._loop.create_future()
-            try:
-                await asyncio.wait_for(asyncio.shield(self._drained), grace)
-            except asyncio.TimeoutError:
-                log.warning("%s: %d calls still running after %.1fs grace; cancelling the "
-                            "coroutine handlers and the calls no business thread has started",
-                            self.appkey, self._in_flight, grace)
+            drained = self._drained
+            await self._stop_waits(drained, grace)
+            if not drained.done():
+                log.warning("%s: %d calls still running %s; cancelling the coroutine handlers "
+                            "and the calls no business thread has started", self.appkey,
+                            self._in_flight, "when told to stop at once" if self._hurried().done()
+                            else f"after {grace:.1f}s grace")
                 # (each refuses its caller: it never ran)
                 self._pool.cancel_pending()  # type: ignore[union-attr]  # started: start() made it
                 for task in list(self._handlers):
@@ -724,7 +727,29 @@ class Server:
                 await self._registry.close()
             self._registry = None
         self._leaving = False
+        self._hurry = None
         self.status = NodeStatus.STOPPED
+
+    def _hurried(self) -> asyncio.Future:
+        """The future whose result ends the stop's waits (made at its first use)."""
+        if self._hurry is None:
+            assert self._loop is not None   # started: start() set it
+            self._hurry = self._loop.create_future()
+        return self._hurry
+
+    async def _stop_waits(self, future: Optional[asyncio.Future], seconds: float) -> None:
+        """A stop's wait: for ``future`` (None: nothing), ``seconds`` at most, and
+        no longer once ``_stop_now`` is called."""
+        await asyncio.wait([f for f in (future, self._hurried()) if f is not None],
+                           timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+
+    def _stop_now(self) -> None:
+        """(On the server's loop.) Cut the stop under way, or the next one, short:
+        no more of ``unregister_delay`` or of the grace; the calls still running
+        are ended as when the grace runs out (a second Ctrl-C)."""
+        hurry = self._hurried()
+        if not hurry.done():
+            hurry.set_result(None)
 
     def _notify_closing(self, conns: List[ServerConnection]) -> List[ServerConnection]:
         """Tell the peers of ``conns`` (unified ones: native thrift has no such
@@ -759,18 +784,30 @@ class Server:
         return (frame is not None and frame.f_code is Server._run_coroutine.__code__
                 and frame.f_locals.get("self") is self)
 
-    def serve_forever(self) -> None:
+    def serve_forever(self, grace: float = 5.0) -> None:
         """Run the server on a new event loop until SIGINT or SIGTERM, then stop it
-        (from the main thread: only it receives signals)."""
+        (from the main thread: only it receives signals), giving the calls in
+        flight ``grace`` seconds (see ``stop``). A second signal stops it at once:
+        the rest of the grace, and of ``unregister_delay``, is not waited for (as
+        when the grace runs out, coroutine handlers are cancelled and their callers
+        told so, calls not started are refused, and the callers of plain functions
+        still running see their connection close)."""
         loop = new_event_loop()
 
         async def main() -> None:
-            done = asyncio.Event()
+            signalled = asyncio.Event()
+
+            def on_signal() -> None:
+                if signalled.is_set():
+                    log.warning("%s: signalled again: stopping at once", self.appkey)
+                    self._stop_now()
+                signalled.set()
+
             for sig in (signal.SIGINT, signal.SIGTERM):   # before start: it serves at once
-                loop.add_signal_handler(sig, done.set)
+                loop.add_signal_handler(sig, on_signal)
             await self.start()
-            await done.wait()
-            await self.stop()
+            await signalled.wait()
+            await self.stop(grace)
 
         try:
             loop.run_until_complete(main())
@@ -778,6 +815,8 @@ class Server:
             loop.close()
 
     def __enter__(self) -> "Server":
+        """Start the server on a loop thread of its own; leaving the ``with``
+        stops it (a Ctrl-C during that stop makes it at once: see ``serve_forever``)."""
         thread = LoopThread(f"octo-server-{self.appkey}")
         try:
             thread.run(self.start())
@@ -790,13 +829,21 @@ class Server:
     def __exit__(self, *exc: Any) -> None:
         if self._inherited:   # a forked child's: its I/O thread and all it serves are the parent's
             return
-        assert self._thread is not None   # __enter__ set it
+        thread = self._thread
+        assert thread is not None   # __enter__ set it
         try:
+            stopping = thread.submit(self.stop)
             # bounded: a loop that died cannot hold the exit (stop takes its grace
-            # of 5 s, a linger, and a margin)
-            self._thread.run(self.stop(), timeout=5.0 + CLOSE_LINGER + 5.0)
+            # of 5 s, a close notice, a linger, and a margin)
+            bound = CLOSE_NOTICE + CLOSE_LINGER + 5.0
+            try:
+                stopping.result(5.0 + bound)
+            except KeyboardInterrupt:   # Ctrl-C (again): stop at once, not half-way, then go on
+                thread.loop.call_soon_threadsafe(self._stop_now)
+                stopping.result(bound)
+                raise
         finally:
-            self._thread.stop()
+            thread.stop()
 
     async def __aenter__(self) -> "Server":
         await self.start()
