@@ -39,8 +39,13 @@ def serve(port: int) -> int:
         print(f"serving Echo on {server.address} (unified protocol and framed thrift)",
               flush=True)
         signal.sigwait(STOP_SIGNALS)
+        # A second Ctrl-C, during the stop, makes it at once (KeyboardInterrupt)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(serve(int(sys.argv[1]) if len(sys.argv) > 1 else 9001))
+    try:
+        sys.exit(serve(int(sys.argv[1]) if len(sys.argv) > 1 else 9001))
+    except KeyboardInterrupt:
+        sys.exit(128 + signal.SIGINT)

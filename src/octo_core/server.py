@@ -388,6 +388,10 @@ class Server:
 
     Sight: ``stats()``; with ``metrics_port`` (0 picks a free one) the metrics
     are also served as Prometheus text at ``http://host:metrics_port/metrics``.
+    A handler's undeclared exception is logged (``octo_core.server``, ERROR),
+    its traceback with the first of each service, method and exception type,
+    then a record every 10 s at most for each, counting those held back: a
+    caller can set one off every call.
     """
 
     def __init__(self, appkey: str, host: str = "127.0.0.1", port: int = 0, *,
