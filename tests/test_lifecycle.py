@@ -173,6 +173,31 @@ def test_a_server_outliving_the_main_thread_keeps_its_registry_entry_and_removes
     assert done.stdout.splitlines() == ["discovered", "left in the registry: 0"], done.stderr[-2000:]
 
 
+def test_a_stop_told_to_stop_at_once_waits_out_neither_unregister_delay_nor_grace():
+    """What a second signal does to a stop (``_stop_now``), without signals: the
+    node, unregistered, is not kept serving for the rest of ``unregister_delay``,
+    nor are its calls given the rest of the grace; its caller is told."""
+    registry = MemoryRegistry("stop-at-once")
+
+    async def main() -> None:
+        server = echo_server(registry=registry, unregister_delay=3600)
+        await server.start()
+        async with async_client(Echo, server.address, timeout=600.0) as client:
+            call = asyncio.ensure_future(client.slow("never done", 3_600_000))
+            await wait_until(lambda: server._in_flight == 1, what="the call to run")
+            stopping = asyncio.ensure_future(server.stop(grace=3600))
+            await wait_until(lambda: server._leaving, what="the stop to begin")
+            assert await registry.list(SERVER_APPKEY) == []   # gone, yet serving on
+            assert not stopping.done() and not call.done()
+            server._stop_now()
+            await asyncio.wait_for(stopping, 30)   # (a hang guard only)
+            assert server.status == NodeStatus.STOPPED
+            with pytest.raises(ApplicationError, match="handler was cancelled"):
+                await call
+
+    run(main())
+
+
 #: A server that runs a coroutine handler and a plain one that never end, until
 #: signalled: with ``serve_forever`` (a grace no test waits out) or ``with server``.
 _SERVES_UNTIL_SIGNALLED = """
@@ -208,9 +233,11 @@ else:
 
 
 def _refuses_connections(port: int) -> bool:
+    """Is nothing listening on ``port``? (Refused, or reset: taken into the backlog
+    as the listener closed.)"""
     try:
         socket.create_connection((LOCALHOST, port), timeout=5).close()
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
         return True
     return False
 
