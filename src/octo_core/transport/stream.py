@@ -48,8 +48,9 @@ class Throttle:
     record carries ``exc_info`` (its traceback); later ones, summaries, the
     message alone (a key quiet for a while may be dropped: its next record is
     a first again). The keys are bounded: past ``max_keys`` (once those quiet
-    for ``every`` with nothing held back are dropped) new keys share one, so a
-    peer that makes up keys gets no more records, nor memory, than one key.
+    for ``every`` with nothing held back are dropped) new keys share one, until
+    it has told its count, so a peer that makes up keys gets no more records,
+    nor memory, than ``max_keys`` and one more.
     ``clock`` (seconds, monotonic) is for tests, which must not sleep.
     """
 
