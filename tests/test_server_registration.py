@@ -15,7 +15,7 @@ from typing import List, Tuple
 import pytest
 
 from octo_core.protocol import NodeStatus
-from octo_core.registry import Node, RegistryError, open_registry
+from octo_core.registry import Node, Registry, RegistryError, open_registry
 from octo_core.registry import registration
 from octo_core.registry.memory import MemoryRegistry
 
@@ -62,6 +62,12 @@ class FlakyRegistry(MemoryRegistry):
         return await super().update(appkey, key, **changes)
 
 
+def serving_in(registry: Registry, **options):
+    """The echo server of ``APPKEY`` registering in ``registry`` (no unregister delay)."""
+    return serving(echo_services(), appkey=APPKEY, registry=registry, unregister_delay=0,
+                   **options)
+
+
 def registration_tasks() -> List[asyncio.Task]:
     return [task for task in asyncio.all_tasks()
             if "Registration" in getattr(task.get_coro(), "__qualname__", "")]
@@ -72,8 +78,7 @@ def test_a_server_whose_registry_is_down_serves_and_registers_once_it_is_back(ca
 
     async def scenario():
         registry = FlakyRegistry()
-        async with serving(echo_services(), appkey=APPKEY, registry=registry,
-                           unregister_delay=0) as server:
+        async with serving_in(registry) as server:
             assert server.registered_node is None
             async with async_client(Echo, server.address) as client:   # hosts=: no registry
                 assert await client.echo("served unregistered") == "served unregistered"
@@ -96,8 +101,7 @@ def test_require_registry_fails_the_start_and_leaves_nothing_behind():
     async def scenario():
         registry = FlakyRegistry()
         with pytest.raises(RegistryError, match="the registry is down"):
-            async with serving(echo_services(), appkey=APPKEY, registry=registry,
-                               require_registry=True):
+            async with serving_in(registry, require_registry=True):
                 pass
         assert registry.attempts == 1 and registration_tasks() == []
 
@@ -109,8 +113,7 @@ def test_stop_while_retrying_ends_the_attempts_cleanly(caplog):
 
     async def scenario():
         registry = FlakyRegistry()
-        async with serving(echo_services(), appkey=APPKEY, registry=registry,
-                           unregister_delay=0) as server:
+        async with serving_in(registry) as server:
             await wait_until(lambda: registry.attempts >= 2, 10, "a retry")
         assert registration_tasks() == []
         assert await registry.list(APPKEY) == [] and registry.updates == []
@@ -124,8 +127,7 @@ def test_stop_while_retrying_ends_the_attempts_cleanly(caplog):
 def test_a_registration_landing_during_the_stop_is_taken_back():
     async def scenario():
         registry = FlakyRegistry()
-        async with serving(echo_services(), appkey=APPKEY, registry=registry,
-                           unregister_delay=0) as server:
+        async with serving_in(registry) as server:
             registry.down, registry.hold = False, True
             await wait_until(lambda: registry.holding, 10, "an attempt in flight")
             stopping = asyncio.ensure_future(server.stop())
