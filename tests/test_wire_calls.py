@@ -59,6 +59,8 @@ def wire_warnings(caplog):
 
 CLASH = octo_core.load_idl(os.path.join(os.path.dirname(os.path.abspath(__file__)), "idl",
                                         "clash.thrift"), module_name="octo_clash_thrift").Clash
+MONITORED = octo_core.load_idl(os.path.join(os.path.dirname(os.path.abspath(__file__)), "idl",
+                                            "monitored.thrift"))
 
 
 class ClashHandler:
@@ -565,6 +567,43 @@ def test_many_services_on_one_port():
                 # echo is hosted twice (Echo and its copy): ambiguous as well
                 with pytest.raises(ApplicationError) as info:
                     await native_echo.echo("x")
+                assert info.value.type == TApplicationException.UNKNOWN_METHOD
+
+    run(main())
+
+
+class StoreHandler:
+    def status(self) -> str:
+        return "ALIVE"
+
+    def put(self, key: str) -> str:
+        return key
+
+
+def test_a_service_hosted_beside_the_one_it_extends_answers_native_calls_of_both():
+    """A server hosts ``Store`` and, for callers of the base service's name (a
+    monitoring client of an fb303-style base), ``Monitored`` too, with one
+    handler: a native call of the inherited ``status`` runs the same handler
+    function whichever service takes it, so it is answered, not refused as
+    ambiguous (the child's own native callers lost it). With two handlers
+    it is ambiguous still."""
+    store, monitored = MONITORED.Store, MONITORED.Monitored
+
+    async def main():
+        handler = StoreHandler()
+        async with serving([(store, handler, None), (monitored, handler, None)]) as server:
+            for protocol in ("octo", "thrift"):
+                async with async_client(store, server.address, protocol=protocol) as client:
+                    assert await client.status() == "ALIVE"
+                    assert await client.put("k") == "k"
+                async with async_client(monitored, server.address, protocol=protocol) as client:
+                    assert await client.status() == "ALIVE"
+        async with serving([(store, StoreHandler(), None),
+                            (monitored, StoreHandler(), None)]) as server:
+            async with async_client(store, server.address, protocol="thrift") as client:
+                assert await client.put("k") == "k"
+                with pytest.raises(ApplicationError, match="ambiguous") as info:
+                    await client.status()
                 assert info.value.type == TApplicationException.UNKNOWN_METHOD
 
     run(main())

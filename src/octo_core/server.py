@@ -93,6 +93,15 @@ class _Service:
         self.handlers = handlers
 
 
+def _runs_alike(one: _Service, other: _Service, method: str) -> bool:
+    """Do both services run ``method`` alike: the same IDL method (a service and
+    the one it extends share its args and result classes) by the same handler
+    function? Then a native call by the bare name means one thing, whichever runs it."""
+    mine, theirs = one.methods[method], other.methods[method]
+    return (mine.args_cls is theirs.args_cls and mine.result_cls is theirs.result_cls
+            and one.handlers[method][0] == other.handlers[method][0])
+
+
 _EVERY_INTERFACE = ("", "0.0.0.0", "::")
 
 
@@ -495,6 +504,9 @@ class Server:
 
         ``name`` is the unified protocol's ``serviceName``; it defaults to the
         IDL service name (``Echo``); set it to match a Java peer's class name.
+        Native thrift names no service (unless multiplexed): such a call to a
+        method two hosted services have is refused as ambiguous, unless both run
+        it alike (a service and the one it extends, added with one handler).
         """
         methods = idl.methods(service)   # (first: TypeError for what is no service)
         name = name or service.__name__
@@ -516,7 +528,11 @@ class Server:
         entry = _Service(name, service, methods, handlers)
         self._services[name] = entry
         for method in methods:
-            self._by_method.setdefault(method, []).append(entry)
+            hosts = self._by_method.setdefault(method, [])
+            # one more service that runs this method alike leaves a native call by
+            # its bare name unambiguous (a service hosted beside the one it extends)
+            if not any(_runs_alike(host, entry, method) for host in hosts):
+                hosts.append(entry)
 
     def stats(self) -> Dict[str, dict]:
         """Per ``service.method``: calls, errors by status, in-flight, p50/p90/p99 seconds."""
