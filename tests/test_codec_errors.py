@@ -1138,6 +1138,18 @@ def test_required_fields_present_decode():
     assert decode(IDL.Requiredness, encode(x)) == x
 
 
+def test_an_object_of_a_class_apache_thrift_generated_is_refused_saying_so(apache):
+    """Code moving from Apache Thrift's generated classes passes their objects
+    where the IDL's structs go: refused, in a field too, saying what it is (it
+    said "Expected dict, got tuple", of Apache's thrift_spec)."""
+    foreign = apache.ttypes.Scalars(medium=7, text="t")
+    with pytest.raises(EncodeError, match=r"^Everything\.scalars: .*Scalars'> is not a thriftpy2 "
+                                          r"struct class \(a class Apache Thrift generated\?"):
+        encode(IDL.Everything(scalars=foreign))
+    with pytest.raises(EncodeError, match="not a thriftpy2 struct"):
+        encode(foreign)
+
+
 def test_a_struct_from_another_load_of_the_idl_encodes_like_its_twin(tmp_path):
     """Two loads of one IDL make two classes per struct; thriftpy2 writes either
     where the other is declared, and so does octo_core. A different struct that

@@ -331,9 +331,13 @@ cdef _StructSpec _spec_for(object cls):
 
 
 cdef _StructSpec _compile(object cls):
-    cdef dict thrift_spec = getattr(cls, "thrift_spec", None)
-    if not isinstance(cls, type) or thrift_spec is None:
+    spec = getattr(cls, "thrift_spec", None)
+    if not isinstance(cls, type) or spec is None:
         raise TypeError(f"{cls!r} is not a thriftpy2 struct class (no thrift_spec)")
+    if not isinstance(spec, dict):   # (Apache Thrift's generated classes hold a tuple)
+        raise TypeError(f"{cls!r} is not a thriftpy2 struct class (a class Apache Thrift "
+                        f"generated? its thrift_spec is a {type(spec).__name__}, not a dict)")
+    cdef dict thrift_spec = spec
     cdef _StructSpec s = _StructSpec.__new__(_StructSpec)
     s.cls = cls
     s.tp = <PyTypeObject*>cls
