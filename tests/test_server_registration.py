@@ -9,11 +9,14 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import threading
 import uuid
 from typing import List, Tuple
 
 import pytest
 
+import octo_core
+from octo_core import server as server_module
 from octo_core.protocol import NodeStatus
 from octo_core.registry import Node, Registry, RegistryError, open_registry
 from octo_core.registry import registration
@@ -168,3 +171,70 @@ def test_zk_a_server_started_while_zookeeper_is_down_registers_when_it_is_back(
                 await asyncio.to_thread(zookeeper_server.start)
 
     run(scenario(), timeout=50)
+
+
+class LateRegistry(FlakyRegistry):
+    """A registry whose first ``register`` waits for ``release`` and only then
+    sees whether it is ``down`` (an attempt in flight at start, still undecided)."""
+
+    async def register(self, node: Node) -> Node:
+        self.attempts += 1
+        if self.attempts == 1:
+            self.holding = True
+            await self.release.wait()
+        if self.down:
+            raise RegistryError("the registry is down")
+        return await MemoryRegistry.register(self, node)
+
+
+def started_while(registry: Registry) -> octo_core.Server:
+    """The echo server of ``APPKEY`` registering in ``registry``, not started."""
+    server = octo_core.Server(APPKEY, LOCALHOST, 0, registry=registry, unregister_delay=0)
+    for service, handler, name in echo_services():
+        server.add_service(service, handler, name)
+    return server
+
+
+@pytest.mark.parametrize("lands", [True, False], ids=["lands", "fails"])
+def test_a_stop_during_the_starts_attempt_leaves_no_node_and_no_retries(lands):
+    async def scenario():
+        registry = LateRegistry()
+        registry.down = not lands
+        server = started_while(registry)
+        starting = asyncio.ensure_future(server.start())
+        await wait_until(lambda: registry.holding, 10, "the start's attempt in flight")
+        stopping = asyncio.ensure_future(server.stop())
+        await wait_until(lambda: server._registration is None, 10, "the stop to begin")
+        registry.release.set()   # the start's attempt ends once the stop has begun
+        await asyncio.wait_for(asyncio.gather(starting, stopping), 10)
+        assert await registry.list(APPKEY) == []   # taken back (or never stored)
+        assert registration_tasks() == [] and registry.attempts == 1
+
+    run(scenario())
+
+
+def test_a_stop_during_the_address_lookup_registers_nothing(monkeypatch):
+    looking, answer = threading.Event(), threading.Event()
+
+    def slow_lookup(wildcard: str) -> str:
+        looking.set()
+        answer.wait(10)
+        return LOCALHOST
+
+    # (the server listens on loopback; its registration looks its address up as for 0.0.0.0)
+    monkeypatch.setattr(server_module, "_EVERY_INTERFACE", (LOCALHOST,))
+    monkeypatch.setattr(server_module, "_reachable_ip", slow_lookup)
+
+    async def scenario():
+        registry = FlakyRegistry()
+        registry.down = False
+        server = started_while(registry)
+        starting = asyncio.ensure_future(server.start())
+        await wait_until(looking.is_set, 10, "the address lookup")
+        await asyncio.wait_for(server.stop(), 10)
+        answer.set()
+        await asyncio.wait_for(starting, 10)
+        assert await registry.list(APPKEY) == [] and registry.attempts == 0
+        assert registration_tasks() == []
+
+    run(scenario())

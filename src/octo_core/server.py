@@ -629,6 +629,8 @@ class Server:
         ip, port = (self.address, 0) if self.unix_path is not None else (self.host, self.port)
         if ip in _EVERY_INTERFACE and "ip" not in self._node_fields:   # callers cannot dial 0.0.0.0
             ip = await LOOKUPS.run(_reachable_ip, ip)
+            if self._leaving or self._listener is None:   # a stop came meanwhile: too late
+                return
         fields: Dict[str, Any] = dict(
             appkey=self.appkey, ip=ip, port=port, env=registry.env, startTime=int(time.time()),
             heartbeatSupport=HeartbeatSupport.BOTH,

@@ -37,9 +37,18 @@ class Registration:
         self.registry = registry
         self.node = node
         self.where = where
-        #: What the registry stored, once it did; None before and after ``withdraw``.
-        self.stored: Optional[Node] = None
+        # the latest ``register`` (maybe in flight): what the registry stored is its result
+        self._last: Optional[asyncio.Future] = None
         self._retrying: Optional[asyncio.Task] = None
+        self._withdrawn = False
+
+    @property
+    def stored(self) -> Optional[Node]:
+        """What the registry stored, once it did; None before and after ``withdraw``."""
+        last = self._last
+        if last is None or not last.done() or last.cancelled() or last.exception() is not None:
+            return None
+        return last.result()
 
     async def start(self, required: bool) -> None:
         """Register now. If the registry cannot be reached: with ``required`` raise
@@ -49,6 +58,8 @@ class Registration:
         except UNREACHABLE as exc:
             if required:
                 raise
+            if self._withdrawn:   # a stop came while it was tried: it is over
+                return
             log.warning("%s: cannot register %s in %s (%s): serving unregistered, callers "
                         "reach it only from what they discovered before; registering in "
                         "the background", self.node.appkey, self.node.key, self.where, exc)
@@ -56,13 +67,18 @@ class Registration:
 
     async def withdraw(self) -> bool:
         """Stop trying; mark the node STOPPING, then unregister it, if it was
-        registered (True then). A registry that fails is logged, never raised:
-        it must not hold up a stop."""
+        registered (True then), by an attempt that ended before or ends now (a
+        stop during the start's attempt waits for it). A registry that fails is
+        logged, never raised: it must not hold up a stop."""
+        self._withdrawn = True
         retrying, self._retrying = self._retrying, None
         if retrying is not None:
             retrying.cancel()
             await asyncio.gather(retrying, return_exceptions=True)   # (it ends cancelled)
-        stored, self.stored = self.stored, None
+        last = self._last
+        if last is not None:
+            await asyncio.wait({last})   # (bounded by the registry's own time limit)
+        stored, self._last = self.stored, None
         if stored is None:
             return False
         node = self.node
@@ -74,17 +90,10 @@ class Registration:
         return True
 
     async def _attempt(self) -> None:
-        """One ``register``. Cancelled meanwhile, it still waits for the registry's
-        answer (bounded by the registry's own time limit): a registration that
-        lands after the cancel is known, so ``withdraw`` takes it back."""
-        attempt = asyncio.ensure_future(self.registry.register(self.node))
-        try:
-            self.stored = await asyncio.shield(attempt)
-        except asyncio.CancelledError:
-            await asyncio.wait({attempt})
-            if not attempt.cancelled() and attempt.exception() is None:
-                self.stored = attempt.result()
-            raise
+        """One ``register``. Cancelled meanwhile, it leaves the attempt running:
+        ``withdraw`` waits for its answer and takes back a registration that lands."""
+        self._last = asyncio.ensure_future(self.registry.register(self.node))
+        await asyncio.shield(self._last)
 
     async def _retry(self) -> None:
         """Try again after a doubling, jittered pause until the registry stores the node."""
