@@ -172,6 +172,30 @@ def test_a_throttle_bounds_its_keys_and_throttles_those_past_them_together(caplo
     ]
 
 
+def test_a_throttle_gives_the_traceback_again_after_a_quiet_period(caplog):
+    """A record with none held back since the key's last (that key quiet for a
+    period: another bug of the same type, maybe) carries its traceback, as the
+    key's first did; only a summary of those held back goes without."""
+    now = [0.0]
+    throttle = stream.Throttle(10.0, logging.getLogger("octo_core.test"), clock=lambda: now[0])
+    caplog.set_level(logging.WARNING, logger="octo_core.test")
+
+    def log(text: str) -> None:
+        throttle.log(text, key="one kind", exc_info=ValueError(text))
+
+    log("first")
+    now[0] += throttle.every
+    log("again, after a quiet period")
+    log("held back")
+    now[0] += throttle.every
+    log("a summary")
+    assert [(r.getMessage(), r.exc_info is not None) for r in caplog.records] == [
+        ("first", True),
+        ("again, after a quiet period", True),
+        ("a summary (and 1 more since the last such message)", False),
+    ]
+
+
 def test_all_bad_connections_at_once_while_good_clients_call():
     async def main():
         async with serving(echo_services()) as server, \

@@ -398,9 +398,10 @@ class Server:
     Sight: ``stats()``; with ``metrics_port`` (0 picks a free one) the metrics
     are also served as Prometheus text at ``http://host:metrics_port/metrics``.
     A handler's undeclared exception is logged (``octo_core.server``, ERROR),
-    its traceback with the first of each service, method and exception type,
-    then a record every 10 s at most for each, counting those held back: a
-    caller can set one off every call.
+    its traceback with the first of each service, method and exception type
+    (and with one after 10 s without any), then a record every 10 s at most
+    for each, counting those held back (no traceback): a caller can set one
+    off every call.
     """
 
     def __init__(self, appkey: str, host: str = "127.0.0.1", port: int = 0, *,
@@ -489,7 +490,8 @@ class Server:
         self._stopping: Optional[asyncio.Task] = None   # a stop a handler started
         self._hurry: Optional[asyncio.Future] = None   # done: the stop waits no more (``_stop_now``)
         # Handlers' bugs, logged: a caller can set one off at will, every call
-        # (the first of each service, method and exception type with its traceback)
+        # (the first of each service, method and exception type with its traceback,
+        # and one after a quiet period)
         self._faults = Throttle(10.0, log, logging.ERROR)
         self._inherited = False   # a forked child's copy of a started server
         tell_forked_children(self)

@@ -44,10 +44,11 @@ class Throttle:
     traceback, spend the server's time formatting it). Those held back are
     counted in the key's next record.
 
-    ``key`` groups the records (the default, None: all of them). A key's first
-    record carries ``exc_info`` (its traceback); later ones, summaries, the
-    message alone (a key quiet for a while may be dropped: its next record is
-    a first again). The keys are bounded: past ``max_keys`` (once those quiet
+    ``key`` groups the records (the default, None: all of them). A record
+    that comes with none held back (a key's first, or one after a quiet period:
+    another bug, maybe, of the same kind) carries ``exc_info`` (its traceback);
+    a summary of those held back, the message alone (a key quiet for a while
+    may be dropped). The keys are bounded: past ``max_keys`` (once those quiet
     for ``every`` with nothing held back are dropped) new keys share one, until
     it has told its count, so a peer that makes up keys gets no more records,
     nor memory, than ``max_keys`` and one more.
@@ -75,9 +76,8 @@ class Throttle:
         if now < entry[0]:
             entry[1] += 1
             return
-        if entry[0] != -math.inf:
-            exc_info = None   # a summary: the traceback went with the key's first record
-        if entry[1]:
+        if entry[1]:   # a summary: the traceback went with the record before those held
+            exc_info = None
             message += f" (and {entry[1]} more since the last such message)"
         if entry is self._crowd:
             message += f" (past {self.max_keys} kinds of message: throttled together)"
