@@ -73,6 +73,31 @@ def test_two_services_each_with_its_own_include_of_one_name_keep_their_own(tmp_p
     assert pickle.loads(pickle.dumps(item)) == item
 
 
+def test_an_include_of_an_idl_loaded_privately_is_not_handed_to_another_file(tmp_path):
+    """The stray-include check parses the second service's IDL with its
+    includes under their plain names, and thriftpy2 caches those: a later IDL of
+    one of those names from a third directory (``own_only.thrift``) got the
+    second service's file's module, types and all, though nothing of that name
+    was loaded. It gets its own."""
+    for side, field in (("a", "string name"), ("b", "i64 id")):
+        (tmp_path / side).mkdir()
+        (tmp_path / side / "own_common.thrift").write_text(f"struct Item {{ 1: {field} }}\n")
+    (tmp_path / "a" / "own_a.thrift").write_text(
+        'include "own_common.thrift"\nservice S { own_common.Item get() }\n')
+    (tmp_path / "b" / "own_only.thrift").write_text("struct Only { 1: string of_b }\n")
+    (tmp_path / "b" / "own_b.thrift").write_text(
+        'include "own_common.thrift"\ninclude "own_only.thrift"\n'
+        "service S { own_common.Item get(1: own_only.Only only) }\n")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "own_only.thrift").write_text("struct Only { 1: i32 of_c }\n")
+    octo_core.load_idl(str(tmp_path / "a" / "own_a.thrift"))
+    second = octo_core.load_idl(str(tmp_path / "b" / "own_b.thrift"))
+    assert second.__name__ != "own_b_thrift"   # (its include was another file's: private)
+    third = octo_core.load_idl(str(tmp_path / "c" / "own_only.thrift"))
+    assert third.__thrift_file__ == str(tmp_path / "c" / "own_only.thrift")
+    assert third.Only.thrift_spec[1][1] == "of_c"
+    assert octo_core.load_idl(str(tmp_path / "c" / "own_only.thrift")) is third
+
 def test_an_include_that_does_not_start_its_line_is_checked_too(tmp_path):
     """The check that skips the second parse of an IDL without includes looked
     only for lines starting with ``include``: after a ``namespace`` on the same

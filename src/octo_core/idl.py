@@ -128,9 +128,14 @@ def _hand_to_load(name: str, parsed: ModuleType) -> None:
     would make, the same file under the same name with the same include
     directories. thriftpy2 caches parses by name in its parser module; should
     a thriftpy2 keep them elsewhere, load just parses again."""
+    _parse_cache().setdefault(name, parsed)
+
+
+def _parse_cache() -> Dict[str, ModuleType]:
+    """thriftpy2's cache of parses by module name, which ``thriftpy2.load``
+    hands back before it reads a file ({} for a thriftpy2 that keeps none there)."""
     cache = getattr(thriftpy2.parser.parser, "_thrift_cache", None)
-    if isinstance(cache, dict):
-        cache.setdefault(name, parsed)
+    return cache if isinstance(cache, dict) else {}
 
 
 #: An include statement, wherever on its line (``namespace py x; include "a.thrift"``;
@@ -145,8 +150,12 @@ def _include_name(relative_path: str) -> str:
 
 
 def _loaded_from(module_name: str) -> Optional[str]:
-    """The IDL file the loaded module ``module_name`` came from, if there is one."""
-    module = sys.modules.get(module_name)
+    """The IDL file the module ``module_name`` came from, if there is one: the
+    one thriftpy2 has parsed under that name (which its load would hand back,
+    whatever the file: the includes of an IDL loaded under a private name, say,
+    were parsed under their plain names by the stray-include check), else the
+    one loaded."""
+    module = _parse_cache().get(module_name) or sys.modules.get(module_name)
     source = getattr(module, "__thrift_file__", None)
     return os.path.realpath(source) if source else None
 
