@@ -76,8 +76,8 @@ class Registration:
             retrying.cancel()
             await asyncio.gather(retrying, return_exceptions=True)   # (it ends cancelled)
         last = self._last
-        if last is not None:
-            await asyncio.wait({last})   # (bounded by the registry's own time limit)
+        if last is not None and not last.done():   # (bounded by the registry's own time limit)
+            await asyncio.wait({last})
         stored, self._last = self.stored, None
         if stored is None:
             return False
