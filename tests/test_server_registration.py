@@ -134,7 +134,7 @@ def test_a_registration_landing_during_the_stop_is_taken_back():
             registry.down, registry.hold = False, True
             await wait_until(lambda: registry.holding, 10, "an attempt in flight")
             stopping = asyncio.ensure_future(server.stop())
-            await wait_until(lambda: server._registration is None, 10, "the stop to begin")
+            await wait_until(lambda: server._leaving, 10, "the stop to begin")
             registry.release.set()   # the registry stores the node after the stop began
             await asyncio.wait_for(stopping, 10)
             assert await registry.list(APPKEY) == []
@@ -204,7 +204,7 @@ def test_a_stop_during_the_starts_attempt_leaves_no_node_and_no_retries(lands):
         starting = asyncio.ensure_future(server.start())
         await wait_until(lambda: registry.holding, 10, "the start's attempt in flight")
         stopping = asyncio.ensure_future(server.stop())
-        await wait_until(lambda: server._registration is None, 10, "the stop to begin")
+        await wait_until(lambda: server._leaving, 10, "the stop to begin")
         registry.release.set()   # the start's attempt ends once the stop has begun
         await asyncio.wait_for(asyncio.gather(starting, stopping), 10)
         assert await registry.list(APPKEY) == []   # taken back (or never stored)
@@ -235,6 +235,28 @@ def test_a_stop_during_the_address_lookup_registers_nothing(monkeypatch):
         answer.set()
         await asyncio.wait_for(starting, 10)
         assert await registry.list(APPKEY) == [] and registry.attempts == 0
+        assert registration_tasks() == []
+
+    run(scenario())
+
+
+def test_a_stop_cancelled_while_it_withdraws_the_node_is_done_whole_by_the_next():
+    """A stop given up on (cancelled: a supervisor's bound) while the retry's
+    attempt is in flight, then a stop to the end: the registration that lands
+    meanwhile is taken back, not left listed for a server that is gone."""
+    async def scenario():
+        registry = FlakyRegistry()
+        async with serving_in(registry) as server:
+            registry.down, registry.hold = False, True
+            await wait_until(lambda: registry.holding, 10, "an attempt in flight")
+            stopping = asyncio.ensure_future(server.stop())
+            await wait_until(lambda: server._leaving, 10, "the stop to begin")
+            assert server.registered_node is None   # (stopping)
+            stopping.cancel()
+            await asyncio.gather(stopping, return_exceptions=True)
+            registry.release.set()   # the attempt lands after the stop was given up
+        # (serving_in's stop, to the end)
+        assert await registry.list(APPKEY) == []
         assert registration_tasks() == []
 
     run(scenario())

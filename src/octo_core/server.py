@@ -651,8 +651,10 @@ class Server:
         """Tell callers first: STOPPING, then gone; calls keep being served meanwhile
         (when the node was registered: else there is no one to tell)."""
         assert self._registration is not None   # stop() asks only when it has one
-        registration, self._registration = self._registration, None
-        if await registration.withdraw() and self.unregister_delay > 0:
+        # (forgotten once withdrawn: a stop cancelled before that withdraws it again)
+        withdrawn = await self._registration.withdraw()
+        self._registration = None
+        if withdrawn and self.unregister_delay > 0:
             await self._stop_waits(None, self.unregister_delay)
 
     @property
@@ -660,7 +662,8 @@ class Server:
         """This server's node as its registry stored it; None without a registry,
         while a registry that was away at start is still being retried, and once
         stopping (a readiness check can wait for it)."""
-        return None if self._registration is None else self._registration.stored
+        registration = self._registration
+        return None if registration is None or self._leaving else registration.stored
 
     @property
     def address(self) -> str:

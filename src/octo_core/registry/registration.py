@@ -69,7 +69,8 @@ class Registration:
         """Stop trying; mark the node STOPPING, then unregister it, if it was
         registered (True then), by an attempt that ended before or ends now (a
         stop during the start's attempt waits for it). A registry that fails is
-        logged, never raised: it must not hold up a stop."""
+        logged, never raised: it must not hold up a stop. Cancelled before it
+        is done, it may be called again: the node is still withdrawn whole."""
         self._withdrawn = True
         retrying, self._retrying = self._retrying, None
         if retrying is not None:
@@ -78,16 +79,16 @@ class Registration:
         last = self._last
         if last is not None and not last.done():   # (bounded by the registry's own time limit)
             await asyncio.wait({last})
-        stored, self._last = self.stored, None
-        if stored is None:
-            return False
-        node = self.node
-        try:
-            await self.registry.update(node.appkey, node.key, status=NodeStatus.STOPPING)
-            await self.registry.unregister(node.appkey, node.key)
-        except Exception as exc:  # a registry outage must not block a stop
-            log.warning("%s: could not unregister %s: %s", node.appkey, node.key, exc)
-        return True
+        stored = self.stored
+        if stored is not None:
+            node = self.node
+            try:
+                await self.registry.update(node.appkey, node.key, status=NodeStatus.STOPPING)
+                await self.registry.unregister(node.appkey, node.key)
+            except Exception as exc:  # a registry outage must not block a stop
+                log.warning("%s: could not unregister %s: %s", node.appkey, node.key, exc)
+        self._last = None   # (only now: a withdraw cancelled before this one is done again)
+        return stored is not None
 
     async def _attempt(self) -> None:
         """One ``register``. Cancelled meanwhile, it leaves the attempt running:
