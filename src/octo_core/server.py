@@ -630,8 +630,9 @@ class Server:
         registry = self._registry = open_registry(spec) if isinstance(spec, str) else spec
         ip, port = (self.address, 0) if self.unix_path is not None else (self.host, self.port)
         if ip in _EVERY_INTERFACE and "ip" not in self._node_fields:   # callers cannot dial 0.0.0.0
+            listener = self._listener
             ip = await LOOKUPS.run(_reachable_ip, ip)
-            if self._leaving or self._listener is None:   # a stop came meanwhile: too late
+            if self._leaving or self._listener is not listener:   # a stop came meanwhile
                 return
         fields: Dict[str, Any] = dict(
             appkey=self.appkey, ip=ip, port=port, env=registry.env, startTime=int(time.time()),
