@@ -313,6 +313,9 @@ _AUTH_BROKEN = Throttle(10.0, log)
 #: Connections cut at ``read_timeout`` for a frame still incomplete: a
 #: slow-loris peer makes one per connection it opens.
 _STALLED = Throttle(10.0, log, logging.INFO)
+#: What a stop's withdrawal of the node may take: an attempt in flight, STOPPING,
+#: unregister, each bounded by ZooKeeper's default ``op_timeout`` (5 s).
+_WITHDRAWAL_BOUND = 15.0
 
 
 
@@ -862,8 +865,11 @@ class Server:
         try:
             stopping = thread.submit(self.stop)
             # bounded: a loop that died cannot hold the exit (stop takes its grace
-            # of 5 s, a close notice, a linger, and a margin)
-            bound = CLOSE_NOTICE + CLOSE_LINGER + 5.0
+            # of 5 s, the node's withdrawal and unregister_delay, a close notice, a
+            # linger, and a margin)
+            withdrawal = 0.0 if self._registry_spec is None else \
+                _WITHDRAWAL_BOUND + self.unregister_delay
+            bound = withdrawal + CLOSE_NOTICE + CLOSE_LINGER + 5.0
             try:
                 stopping.result(5.0 + bound)
             except KeyboardInterrupt:   # Ctrl-C (again): stop at once, not half-way, then go on
