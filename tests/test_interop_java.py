@@ -233,6 +233,22 @@ def test_an_empty_union_java_cannot_read_costs_only_its_call(request, server):
     run(main())
 
 
+def test_a_union_with_two_members_is_refused_before_java_misreads_it(selector):
+    """Java reads a union with two members set as if it held the first, then
+    takes the second for a field of the struct around it: that struct comes
+    back without what followed (no error anywhere). So our writers refuse it,
+    as they refuse an unset required field; the next call goes on."""
+    async def main() -> None:
+        async with async_client(Interop, selector, protocol="thrift", pool_size=1) as client:
+            both = Everything(variant=Variant(number=1, text="two"), inners=[])
+            with pytest.raises(EncodeError, match="union Variant has 2 fields set; it holds "
+                                                  "one at most"):
+                await client.echo(both)
+            assert await client.echo_variant(Variant(text="one")) == Variant(text="one")
+
+    run(main())
+
+
 @pytest.mark.parametrize("kind", list(JAVA_SERVERS))
 def test_an_unknown_method_on_the_java_server(request, kind):
     server, options = JAVA_SERVERS[kind]

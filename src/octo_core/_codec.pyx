@@ -26,7 +26,7 @@ from libc.stdint cimport INT64_MAX, INT64_MIN
 from libc.string cimport memcpy
 
 from copy import deepcopy
-from sys import intern
+from sys import intern, modules
 
 from octo_core.errors import EncodeError, DecodeError, ProtocolError
 
@@ -241,6 +241,7 @@ cdef class _StructSpec:
     cdef Py_ssize_t size_hint
     cdef bint generic_setattr   # no __setattr__ override: skip PyObject_SetAttr's dispatch
     cdef bint ready             # its fields compiled (a failed compile leaves it False)
+    cdef bint union             # a thrift union: one field at most, where required is checked
 
     def __dealloc__(self):
         PyMem_Free(self.fields)
@@ -344,6 +345,7 @@ cdef _StructSpec _compile(object cls):
     s.name = cls.__name__
     s.size_hint = 64
     s.generic_setattr = _uses_generic_setattr(s.tp)
+    s.union = _is_union(cls)
     # Registered before the fields are compiled so that recursive structs resolve.
     type.__setattr__(cls, _SPEC_ATTR, s)
     try:
@@ -353,6 +355,13 @@ cdef _StructSpec _compile(object cls):
         raise
     s.ready = True
     return s
+
+
+def _is_union(cls) -> bool:
+    """Whether thriftpy2 parsed ``cls`` as a union: it says so only in the
+    ``__thrift_meta__`` of the class's module."""
+    meta = getattr(modules.get(getattr(cls, "__module__", None)), "__thrift_meta__", None)
+    return isinstance(meta, dict) and any(union is cls for union in meta.get("unions", ()))
 
 
 _IMMUTABLE = (type(None), bool, int, float, str, bytes, tuple, frozenset)
@@ -758,7 +767,7 @@ def is_twin(object cls, object of) -> bool:
 
 
 cdef int _w_struct(_Writer* w, _StructSpec s, object obj, int depth) except -1:
-    cdef Py_ssize_t i
+    cdef Py_ssize_t i, written = 0
     cdef _Field* f
     cdef PyObject* v
     if Py_TYPE(obj) != s.tp and not isinstance(obj, s.cls):
@@ -784,6 +793,7 @@ cdef int _w_struct(_Writer* w, _StructSpec s, object obj, int depth) except -1:
             _put_u16(w.data + w.len + 1, <uint16_t>f.fid)
             w.len += 3
             _w_value(w, <_TypeSpec>f.type, f.kind, <object>v, depth)
+            written += 1
         except EncodeError:
             raise
         except OverflowError as e:
@@ -796,6 +806,10 @@ cdef int _w_struct(_Writer* w, _StructSpec s, object obj, int depth) except -1:
             raise EncodeError(f"{s.name}.{<object>f.name}: {_describe_error(e)}") from e
         finally:
             Py_DECREF(<object>v)
+    if s.union and written > 1 and w.check_required:
+        # Java reads them as one member and loses what follows it, silently
+        # (none set, Java refuses loudly; C++ and Python take it, and so it goes)
+        raise EncodeError(f"union {s.name} has {written} fields set; it holds one at most")
     _w_reserve(w, 1)
     _put_u8(w.data + w.len, T_STOP)
     w.len += 1
@@ -895,7 +909,9 @@ def encode_message(name, msg_type, seqid, obj, *, bint check_required=False, int
 
     An unset required field is left out, as thriftpy2 and Apache write it, or,
     with ``check_required``, an ``EncodeError`` (as Java writes it; the RPC
-    paths do so, since a reader may refuse the message). Nesting deeper than
+    paths do so, since a reader may refuse the message); so is a union with
+    more than one field set (Java reads them as one, silently losing the rest
+    of the struct around it). Nesting deeper than
     ``max_depth`` (64, as thriftpy2 and fastbinary; the RPC paths use their
     ``Limits.max_depth``: what they would read) is an ``EncodeError``."""
     cdef _StructSpec s = _encode_spec(obj)
