@@ -71,6 +71,16 @@ def serving_in(registry: Registry, **options):
                    **options)
 
 
+async def stop_during_an_attempt(registry: "FlakyRegistry", server) -> asyncio.Future:
+    """Let ``registry`` answer but hold a registration attempt in flight, then
+    begin ``server``'s stop; returns the stop."""
+    registry.down, registry.hold = False, True
+    await wait_until(lambda: registry.holding, 10, "an attempt in flight")
+    stopping = asyncio.ensure_future(server.stop())
+    await wait_until(lambda: server._leaving, 10, "the stop to begin")
+    return stopping
+
+
 def registration_tasks() -> List[asyncio.Task]:
     return [task for task in asyncio.all_tasks()
             if "Registration" in getattr(task.get_coro(), "__qualname__", "")]
@@ -131,10 +141,7 @@ def test_a_registration_landing_during_the_stop_is_taken_back():
     async def scenario():
         registry = FlakyRegistry()
         async with serving_in(registry) as server:
-            registry.down, registry.hold = False, True
-            await wait_until(lambda: registry.holding, 10, "an attempt in flight")
-            stopping = asyncio.ensure_future(server.stop())
-            await wait_until(lambda: server._leaving, 10, "the stop to begin")
+            stopping = await stop_during_an_attempt(registry, server)
             registry.release.set()   # the registry stores the node after the stop began
             await asyncio.wait_for(stopping, 10)
             assert await registry.list(APPKEY) == []
@@ -247,10 +254,7 @@ def test_a_stop_cancelled_while_it_withdraws_the_node_is_done_whole_by_the_next(
     async def scenario():
         registry = FlakyRegistry()
         async with serving_in(registry) as server:
-            registry.down, registry.hold = False, True
-            await wait_until(lambda: registry.holding, 10, "an attempt in flight")
-            stopping = asyncio.ensure_future(server.stop())
-            await wait_until(lambda: server._leaving, 10, "the stop to begin")
+            stopping = await stop_during_an_attempt(registry, server)
             assert server.registered_node is None   # (stopping)
             stopping.cancel()
             await asyncio.gather(stopping, return_exceptions=True)
