@@ -664,6 +664,53 @@ def test_zk_session_expiry_reregisters_and_keeps_operator_changes(zookeeper_serv
     run(scenario(), timeout=50)
 
 
+def rebuild(server: ZooKeeper, chroot: str, transactions: int) -> None:
+    """Make ``transactions`` writes (under ``chroot``), then bring ``server`` back
+    without its data: its transaction ids start again below what clients have seen."""
+    writer = KazooClient(hosts=server.hosts)
+    writer.start(timeout=10)
+    try:
+        writer.ensure_path(f"/{chroot}/filler")
+        for result in [writer.create_async(f"/{chroot}/filler/{i}") for i in range(transactions)]:
+            result.get(timeout=10)
+    finally:
+        writer.stop()
+        writer.close()
+
+
+def wiped_restart(server: ZooKeeper) -> None:
+    with server.outage(wipe=True):
+        pass
+
+
+def test_zk_a_rebuilt_zookeeper_gets_its_nodes_and_watches_back(zookeeper_server):
+    """ZooKeeper back without its data (a rebuilt ensemble) refuses, for as long as
+    it has seen fewer transactions, every session that has seen more: the provider
+    and the watcher start new sessions, the node is registered again and the
+    watch follows changes again (they stayed cut off, the node unlisted)."""
+    chroot = unique("rebuilt")
+    url = zookeeper_server.url(chroot, timeout=2, op_timeout=2)
+
+    async def scenario():
+        async with provider_watched(url) as (provider, operator, seen):
+            await asyncio.to_thread(rebuild, zookeeper_server, chroot, 300)
+            # both sessions see the last of those transactions
+            await provider.update(APPKEY, "127.0.0.1:2000", weight=3)
+            await wait_until(lambda: seen.nodes[0].weight == 3, 10, "the watch to see it")
+            await asyncio.to_thread(wiped_restart, zookeeper_server)
+            await wait_until(lambda: provider._sessions_lost and operator._sessions_lost, 25,
+                             "new sessions")
+            listed: List[Node] = []
+            while not listed:   # (the run timeout bounds it)
+                with contextlib.suppress(RegistryError):
+                    listed = await provider.list(APPKEY)
+                await asyncio.sleep(0.1)
+            assert [(n.key, n.weight) for n in listed] == [("127.0.0.1:2000", 3)]   # as left
+            await provider.update(APPKEY, "127.0.0.1:2000", weight=5)
+            await wait_until(lambda: seen.nodes[0].weight == 5, 10, "the watch to follow again")
+    run(scenario(), timeout=55)
+
+
 def test_zk_a_watchers_session_loss_breaks_nothing_in_kazoos_threads(zookeeper_server, caplog):
     """At a session loss (a dropped connection too) kazoo calls every watcher with an
     event that has no path: the watch takes it quietly (an AttributeError in kazoo's

@@ -4,7 +4,8 @@
 127.0.0.1 port with a temporary data directory and always stops it (the whole
 process group is killed). ``zookeeper`` is its ``host:port``. ``outage()``
 stops the server for a while and starts it again on the same port and data,
-for the outage tests. Import into a test module with::
+for the outage tests (``outage(wipe=True)``: with its data gone, as a rebuilt
+ensemble). Import into a test module with::
 
     from zk import zookeeper, zookeeper_server  # noqa: F401  (fixtures)
 
@@ -118,12 +119,17 @@ class ZooKeeper:
         process.wait(10)
 
     @contextlib.contextmanager
-    def outage(self) -> Iterator[None]:
-        """ZooKeeper is down inside the block, back (same port and data) after it."""
+    def outage(self, wipe: bool = False) -> Iterator[None]:
+        """ZooKeeper is down inside the block, back on the same port after it: with
+        the same data, or with ``wipe`` none (its transaction ids start again)."""
         self.stop()
         try:
             yield
         finally:
+            if wipe:
+                data = os.path.join(self._workdir, "data")
+                shutil.rmtree(data)
+                os.makedirs(data)
             self.start()
 
     def _log_tail(self) -> str:

@@ -19,7 +19,13 @@ Sessions: after every reconnection the worker re-reads the watched appkeys;
 after a lost (expired) session it first re-creates this process's ephemeral
 nodes, keeping the operator changes it saw before the loss and those in their
 operator records. Work that fails while the session lasts is tried again after
-a pause (no reconnection may come to retry it).
+a pause (no reconnection may come to retry it). A session cut off for a
+session timeout is checked: if ZooKeeper gives a new session meanwhile, it is
+refusing ours (back without its data, a rebuilt ensemble, it refuses every
+client that has seen a newer transaction than it has, for as long as that
+lasts), so this registry drops it and starts a new one, which recovers as
+after a lost session. (A ZooKeeper that is merely down keeps the session: its
+nodes outlive the outage.)
 """
 from __future__ import annotations
 
@@ -58,6 +64,10 @@ _UPDATE_ATTEMPTS = 10
 # Seconds before recovery work that failed while the session lasted is tried
 # again (no reconnection may come to retry it), doubling up to the last.
 _RETRY_FIRST, _RETRY_LAST = 0.5, 8.0
+# The refused-session check's own kazoo client logs its failures here, quietly: a
+# ZooKeeper that is down is the registry's news, told by its session's client.
+_probe_log = logging.getLogger("octo_core.registry.zookeeper.probe")
+_probe_log.setLevel(logging.CRITICAL)
 
 
 #: Reads a znode: its name and its data (``None`` when written without data).
@@ -223,6 +233,7 @@ class ZooKeeperRegistry(Registry):
         super().__init__(env)
         self.hosts = hosts
         self.op_timeout = op_timeout
+        self.session_timeout = session_timeout
         self._base = f"{chroot}{ROOT}/{Env.NAMES[env]}"
         self._client = KazooClient(hosts=hosts, timeout=session_timeout,
                                    connection_retry=dict(_CONNECTION_RETRY))
@@ -242,6 +253,10 @@ class ZooKeeperRegistry(Registry):
         self._dirs: Dict[str, _ZnodeDir] = {}
         self._retry: Optional[threading.Timer] = None
         self._retry_delay = _RETRY_FIRST
+        self._refusal_check: Optional[threading.Timer] = None
+        # held to replace the session, and by close() to end it: a replacement never
+        # starts a session after close() ended the last one
+        self._session_lock = threading.Lock()
         # Sessions lost (kazoo's thread counts them), and how many of those our nodes
         # were last re-created after (the worker's): they differ while nodes are owed.
         self._sessions_lost = 0
@@ -313,6 +328,55 @@ class ZooKeeperRegistry(Registry):
             self._sessions_lost += 1
         elif state == KazooState.CONNECTED:
             self._submit(self._recover)
+        elif state == KazooState.SUSPENDED:
+            self._check_refusal_later()
+
+    def _check_refusal_later(self) -> None:
+        """Run ``_check_refusal`` once the session has been cut off for its timeout."""
+        if self._closed:
+            return
+        if self._refusal_check is not None:
+            self._refusal_check.cancel()
+        self._refusal_check = threading.Timer(self.session_timeout, self._submit,
+                                              (self._check_refusal,))
+        self._refusal_check.daemon = True
+        self._refusal_check.start()
+
+    def _check_refusal(self) -> None:
+        """Still cut off: if ZooKeeper gives a new session but not ours, start a new one
+        (the module docstring); else look again after another session timeout."""
+        if self._closed or self._connected.is_set():
+            return
+        # (ours gets its own chance too: kazoo retries every 2 s at most)
+        if not self._serves_new_sessions() or self._connected.wait(self.op_timeout):
+            if not self._connected.is_set():
+                self._check_refusal_later()
+            return
+        with self._session_lock:
+            if self._closed:
+                return
+            log.warning("ZooKeeper %s serves new sessions but refuses this one (back without "
+                        "its data? it refuses clients that have seen newer transactions): "
+                        "starting a new session, its nodes are registered again", self.hosts)
+            self._client.stop()          # (the session is LOST: _on_state counts it)
+            self._client.start_async()   # (sets the same event, self._connected, when connected)
+
+    def _end_session(self) -> None:
+        with self._session_lock:
+            self._client.stop()
+
+    def _serves_new_sessions(self) -> bool:
+        """Does ZooKeeper give a new session now (a session of its own, at once closed)?"""
+        probe = KazooClient(hosts=self.hosts, timeout=self.session_timeout,
+                            connection_retry=dict(max_tries=0), logger=_probe_log)
+        try:
+            probe.start(timeout=self.op_timeout)
+            return True
+        except Exception:  # noqa: BLE001 - whatever fails, ZooKeeper is not serving
+            return False
+        finally:
+            probe.stop()
+            probe.close()
 
     def _recover(self) -> None:
         """After a reconnection: re-create our ephemeral nodes if a session was lost
@@ -594,14 +658,15 @@ class ZooKeeperRegistry(Registry):
         if self._closed:
             return
         self._closed = True
-        if self._retry is not None:
-            self._retry.cancel()
+        for timer in (self._retry, self._refusal_check):
+            if timer is not None:
+                timer.cancel()
         for tree in list(self._trees.values()):
             tree.cancel_watches()
         self._registered.clear()
         try:
             # Closing the session removes its ephemeral nodes at once.
-            await self._calls.run(self._client.stop)
+            await self._calls.run(self._end_session)
         finally:
             self._client.close()
             self._worker.shutdown()
