@@ -62,6 +62,8 @@ class FlakyRegistry(MemoryRegistry):
 
     async def update(self, appkey: str, key: str, **changes) -> Node:
         self.updates.append((key, changes))
+        if self.down:
+            raise RegistryError("the registry is down")
         return await super().update(appkey, key, **changes)
 
 
@@ -264,3 +266,22 @@ def test_a_stop_cancelled_while_it_withdraws_the_node_is_done_whole_by_the_next(
         assert registration_tasks() == []
 
     run(scenario())
+
+
+def test_a_stop_the_registry_cannot_hear_waits_out_no_unregister_delay(caplog):
+    """The registry away at stop: the node cannot be marked STOPPING, so no caller
+    learns of the stop through it, and ``unregister_delay`` (here an hour: a
+    stop that waited it out would hang the test) is not waited for."""
+    caplog.set_level(logging.WARNING, "octo_core.registry")
+
+    async def scenario():
+        registry = FlakyRegistry()
+        registry.down = False
+        async with serving(echo_services(), appkey=APPKEY, registry=registry,
+                           unregister_delay=3600) as server:
+            await wait_until(lambda: server.registered_node is not None, 10, "the registration")
+            registry.down = True
+        assert [changes for _, changes in registry.updates] == [{"status": NodeStatus.STOPPING}]
+
+    run(scenario())
+    assert "could not unregister" in caplog.text

@@ -653,12 +653,12 @@ class Server:
 
     async def _unregister(self) -> None:
         """Tell callers first: STOPPING, then gone; calls keep being served meanwhile
-        (when the node was registered: else there is no one to tell)."""
+        (when the registry took the STOPPING mark: else no one is being told)."""
         assert self._registration is not None   # stop() asks only when it has one
         # (forgotten once withdrawn: a stop cancelled before that withdraws it again)
-        withdrawn = await self._registration.withdraw()
+        told = await self._registration.withdraw()
         self._registration = None
-        if withdrawn and self.unregister_delay > 0:
+        if told and self.unregister_delay > 0:
             await self._stop_waits(None, self.unregister_delay)
 
     @property

@@ -67,10 +67,12 @@ class Registration:
 
     async def withdraw(self) -> bool:
         """Stop trying; mark the node STOPPING, then unregister it, if it was
-        registered (True then), by an attempt that ended before or ends now (a
-        stop during the start's attempt waits for it). A registry that fails is
-        logged, never raised: it must not hold up a stop. Cancelled before it
-        is done, it may be called again: the node is still withdrawn whole."""
+        registered, by an attempt that ended before or ends now (a stop during
+        the start's attempt waits for it). True when the registry took the
+        STOPPING mark: callers are being told (a registry away tells no one,
+        so nothing is worth waiting for). A registry that fails is logged,
+        never raised: it must not hold up a stop. Cancelled before it is done,
+        it may be called again: the node is still withdrawn whole."""
         self._withdrawn = True
         retrying, self._retrying = self._retrying, None
         if retrying is not None:
@@ -79,16 +81,17 @@ class Registration:
         last = self._last
         if last is not None and not last.done():   # (bounded by the registry's own time limit)
             await asyncio.wait({last})
-        stored = self.stored
-        if stored is not None:
+        told = False
+        if self.stored is not None:
             node = self.node
             try:
                 await self.registry.update(node.appkey, node.key, status=NodeStatus.STOPPING)
+                told = True
                 await self.registry.unregister(node.appkey, node.key)
             except Exception as exc:  # a registry outage must not block a stop
                 log.warning("%s: could not unregister %s: %s", node.appkey, node.key, exc)
         self._last = None   # (only now: a withdraw cancelled before this one is done again)
-        return stored is not None
+        return told
 
     async def _attempt(self) -> None:
         """One ``register``. Cancelled meanwhile, it leaves the attempt running:
