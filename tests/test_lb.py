@@ -595,6 +595,44 @@ def test_bound_objects_must_match_the_indices(cls: Any) -> None:
     assert lb.select(exclude=["a", "b", "not bound"]) is None
 
 
+@pytest.mark.parametrize("cls", [_lb.WeightedRandom, _lb.RoundRobin, _lb.LeastRequest,
+                                 _lb.LocalityAware, _lb.ConsistentHash])
+def test_select_refuses_nodes_not_bound_to_the_indices(cls: Any) -> None:
+    # select reads the bound list unchecked at the picked index: after an update that
+    # grew the nodes it read past the list's end (ASan: heap-buffer-overflow)
+    hashing = cls is _lb.ConsistentHash
+    lb = cls(["a"]) if hashing else cls([1])
+    with pytest.raises(ValueError, match="0 nodes bound to 1 indices"):
+        lb.select()
+    lb.bind(["a"], {"a": 0})
+    assert lb.select() == "a"
+    keys = [f"n{i}" for i in range(64)]
+    if hashing:
+        lb.update(keys)
+    else:
+        lb.update([1] * 64)
+    with pytest.raises(ValueError, match="bind the nodes after each update"):
+        lb.select()
+    lb.bind(keys, {key: i for i, key in enumerate(keys)})
+    assert lb.select() in keys
+
+
+@pytest.mark.parametrize("cls", [_lb.LeastRequest, _lb.LocalityAware])
+def test_feedback_refuses_bound_indices_out_of_range(cls: Any) -> None:
+    # start/finish wrote the C arrays at whatever index the bound keys gave
+    # (ASan: heap-buffer-overflow in LeastRequest._on_start, LocalityAware._on_finish)
+    (node,) = make_nodes(1)
+    lb = cls([1])
+    lb.bind([node], {node.key: 5})
+    with pytest.raises(IndexError, match="node 5 out of range"):
+        lb.start(node)
+    with pytest.raises(IndexError, match="node 5 out of range"):
+        lb.finish(node, 0.01)
+    lb.bind([node], {node.key: 0})
+    lb.start(node)
+    assert lb.inflight(0) == 1
+
+
 def test_face_default_is_random_and_unknown_names_fail() -> None:
     assert make_balancer().name == "random"
     with pytest.raises(ValueError, match="unknown balancer"):

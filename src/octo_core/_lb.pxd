@@ -21,6 +21,8 @@ cdef class _Picker:
     cdef void _drop_exclude(self) noexcept
     cdef Py_ssize_t _pick(self, object exclude) except? -2
     cdef list _indices(self, object exclude)
+    cdef object _bound(self, Py_ssize_t i)
+    cdef Py_ssize_t _checked(self, Py_ssize_t i) except -1
     cdef int _on_start(self, Py_ssize_t i) except -1
     cdef int _on_finish(self, Py_ssize_t i, double latency_s, bint ok) except -1
 

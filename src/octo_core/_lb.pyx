@@ -203,15 +203,18 @@ cdef class _Picker:
 
     def on_start(self, Py_ssize_t i) -> None:
         """A call to node ``i`` is starting."""
-        if not 0 <= i < self._n:
-            raise IndexError(f"node {i} out of range")
-        self._on_start(i)
+        self._on_start(self._checked(i))
 
     def on_finish(self, Py_ssize_t i, double latency_s=0.0, bint ok=True) -> None:
         """A call to node ``i`` ended after ``latency_s`` seconds, successfully or not."""
+        self._on_finish(self._checked(i), latency_s, ok)
+
+    cdef Py_ssize_t _checked(self, Py_ssize_t i) except -1:
+        """``i``, or ``IndexError`` when it is not a node index (the feedback writes
+        the C arrays at ``i``: an index from outside must not reach them unchecked)."""
         if not 0 <= i < self._n:
             raise IndexError(f"node {i} out of range")
-        self._on_finish(i, latency_s, ok)
+        return i
 
     cdef int _on_start(self, Py_ssize_t i) except -1:
         return 0
@@ -233,7 +236,17 @@ cdef class _Picker:
         holds node keys (str) or objects with a ``key``; ``key`` is for hashing
         balancers only."""
         cdef Py_ssize_t i = self._pick(self._indices(exclude) if exclude else None)
-        return None if i < 0 else self._handout[i]
+        return None if i < 0 else self._bound(i)
+
+    cdef object _bound(self, Py_ssize_t i):
+        """The object bound to node ``i``: ``ValueError`` when the nodes bound are not
+        the nodes picked from (none bound, or an ``update`` since ``bind``), as the
+        list is read unchecked."""
+        cdef list handout = self._handout
+        if handout is None or len(handout) != self._n:
+            raise ValueError(f"{0 if handout is None else len(handout)} nodes bound to "
+                             f"{self._n} indices: bind the nodes after each update")
+        return handout[i]
 
     cdef list _indices(self, object exclude):
         cdef list out = []
@@ -248,13 +261,13 @@ cdef class _Picker:
         """``on_start`` for a bound node (one removed since it was selected: ignored)."""
         i = self._keys.get(node.key)
         if i is not None:
-            self._on_start(i)
+            self._on_start(self._checked(i))
 
     def finish(self, node, double latency_s, bint ok=True) -> None:
         """``on_finish`` for a bound node (one removed since it was selected: ignored)."""
         i = self._keys.get(node.key)
         if i is not None:
-            self._on_finish(i, latency_s, ok)
+            self._on_finish(self._checked(i), latency_s, ok)
 
 
 # --- weighted random -----------------------------------------------------------------
@@ -397,8 +410,7 @@ cdef class LeastRequest(WeightedRandom):
 
     def inflight(self, Py_ssize_t i) -> int:
         """Calls to node ``i`` started and not finished."""
-        if not 0 <= i < self._n:
-            raise IndexError(f"node {i} out of range")
+        self._checked(i)
         return self._inflight[i]
 
 
@@ -821,8 +833,7 @@ cdef class LocalityAware(_Picker):
 
     def weight(self, Py_ssize_t i) -> float:
         """Node ``i``'s weight as the next pick sees it (in-flight punishment applied)."""
-        if not 0 <= i < self._n:
-            raise IndexError(f"node {i} out of range")
+        self._checked(i)
         cdef double mean = self._mean()
         if self._nodes[i].measured and self._nodes[i].n_starts:
             self._punish(i, self._now(), mean)
@@ -831,8 +842,7 @@ cdef class LocalityAware(_Picker):
 
     def inflight(self, Py_ssize_t i) -> int:
         """Calls to node ``i`` started and not finished."""
-        if not 0 <= i < self._n:
-            raise IndexError(f"node {i} out of range")
+        self._checked(i)
         return self._nodes[i].n_starts
 
     cdef int64_t _now(self) except? -1:
@@ -1093,7 +1103,7 @@ cdef class ConsistentHash(_Picker):
             i = self._pick(excluded)
         else:
             i = self.pick_key(key if isinstance(key, (str, bytes)) else str(key), excluded)
-        return None if i < 0 else self._handout[i]
+        return None if i < 0 else self._bound(i)
 
     cdef Py_ssize_t _pick_hash(self, uint32_t h, object exclude) except? -2:
         cdef Py_ssize_t i
