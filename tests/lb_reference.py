@@ -296,7 +296,7 @@ class LocalityAwareRef:
         if not ok:
             if node.calls:
                 latency = max(latency, node.latency_sum // len(node.calls))
-            latency = int(latency * self.punish_error)
+            latency = int(min(latency * self.punish_error, 86400e9))
         node.calls.append((now, latency))
         count = len(node.calls)
         if count >= 2:

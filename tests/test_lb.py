@@ -8,6 +8,7 @@ No test measures time: LALB runs on a fake clock.
 from __future__ import annotations
 
 import collections
+import math
 import random
 from typing import Any, Callable, Dict, List, Sequence
 
@@ -551,6 +552,20 @@ def test_lalb_matches_reference() -> None:
                 clock.now += 0.05  # now and then a call looks stuck
         for i in range(len(nodes)):
             assert lb.weight(i) == pytest.approx(model.weight(i), rel=1e-12)
+
+
+def test_lalb_error_punishment_is_charged_a_day_at_most() -> None:
+    # latency * punish_error_ratio overflowed int64: the window's sum wrapped to 0,
+    # the weights went inf and NaN, and a pick descended into the tree's padding and
+    # read past the nodes (ASan: heap-buffer-overflow in LocalityAware._pick)
+    clock = FakeClock()
+    lb = lalb([1.0] * 3, clock, window=2, punish_error_ratio=1e300, quadratic_latency=False)
+    clock.now += 1.0
+    lb.on_finish(0, 0.2, False)
+    clock.now += 1.0
+    lb.on_finish(0, 0.001, False)
+    assert all(0 <= lb.pick() < 3 for _ in range(100))
+    assert all(math.isfinite(lb.weight(i)) and lb.weight(i) > 0 for i in range(3))
 
 
 def test_lalb_options_are_checked() -> None:

@@ -590,6 +590,10 @@ cdef class RoundRobin(_Picker):
 
 # --- locality-aware (LALB) -------------------------------------------------------------
 
+#: The longest latency a call is charged (a day, in ns): the window's sums stay in int64.
+cdef double _MAX_LATENCY_NS = 86400e9
+
+
 cdef void _free_nodes(LalbNode* nodes, Py_ssize_t n) noexcept:
     """Free the buffers of ``nodes[0:n]`` (moved-from nodes hold NULL) and the array."""
     cdef Py_ssize_t i
@@ -797,7 +801,8 @@ cdef class LocalityAware(_Picker):
         if not latency_s > 0.0:  # negative or NaN
             latency_s = 0.0
         # at least 1 µs, so 1 / latency stays finite; at most a day, so ns fit in int64
-        cdef int64_t latency = max(<int64_t>llround(min(latency_s, 86400.0) * 1e9), <int64_t>1000)
+        cdef int64_t latency = max(<int64_t>llround(min(latency_s * 1e9, _MAX_LATENCY_NS)),
+                                   <int64_t>1000)
         cdef Py_ssize_t w = self._window, oldest, newest
         cdef int64_t span
         cdef double avg, qps
@@ -805,7 +810,9 @@ cdef class LocalityAware(_Picker):
         if not ok:
             if node.count:
                 latency = max(latency, node.latency_sum // node.count)
-            latency = <int64_t>(latency * self._punish_error)
+            # a day at most here too: a large punish_error_ratio overflowed the int64
+            # sums, the weights went NaN and a pick left the tree for its padding
+            latency = <int64_t>min(latency * self._punish_error, _MAX_LATENCY_NS)
         if node.ends == NULL:
             node.ends = <int64_t*>_alloc(2 * w, sizeof(int64_t))
             node.latencies = node.ends + w
