@@ -540,7 +540,8 @@ class Server:
                 hosts.append(entry)
 
     def stats(self) -> Dict[str, dict]:
-        """Per ``service.method``: calls, errors by status, in-flight, p50/p90/p99 seconds."""
+        """Per ``service.method``: see ``Metrics.stats`` (calls, refused, errors by status,
+        in-flight, p50/p90/p99 seconds of the calls that ran)."""
         return self.metrics.stats()
 
     # --- life cycle ----------------------------------------------------------------
