@@ -33,9 +33,10 @@ from octo_core.errors import (ApplicationError, CallTimeout, ClientClosed, Degra
 from octo_core.registry.node import Node
 from octo_core.transport.address import default_route_ip
 
-from cluster_helpers import (CALLER, EchoError, Echo, FakeClock, NamedEcho, ScriptedSend, answer,
-                             doomed_server, echo_servers, fail, node, numbered_nodes, run,
+from cluster_helpers import (CALLEE, CALLER, EchoError, Echo, FakeClock, NamedEcho, ScriptedSend,
+                             answer, doomed_server, echo_servers, fail, node, numbered_nodes, run,
                              run_virtual, settle, use_up_time)
+from wire_helpers import refusing_port
 
 GENEROUS = dict(ratio=1.0, min_per_second=100_000.0)     # a budget that never says no
 NO_BREAKER = dict(consecutive_failures=10**9, min_calls=10**9)
@@ -993,6 +994,127 @@ def test_panic_mode_with_every_breaker_open_refuses_with_degrade_error():
         error = await outcome(cluster.invoke(send, timeout=1.0))
         assert isinstance(error, DegradeError) and len(send) == 0
     run_virtual(main())
+
+
+# --- probing degraded nodes in the background ----------------------------------------------------
+
+class ConnectProbe:
+    """A client's connect-only probe, scripted: connecting to a key in ``down`` fails."""
+
+    def __init__(self, down: Set[str]) -> None:
+        self.down = set(down)
+        self.probed: List[str] = []
+
+    async def __call__(self, node: Node) -> None:
+        self.probed.append(node.key)
+        await asyncio.sleep(0.01)
+        if node.key in self.down:
+            raise refused()
+
+
+def test_a_probed_node_gets_no_call_while_its_connect_fails():
+    """With a probe (a client's: a connect alone), a degraded node is tried in the
+    background every 2 s: a failfast caller loses the call that found it down and
+    none after; once the probe connects, the node takes its share again."""
+    async def main():
+        nodes = numbered_nodes(2)
+        down = nodes[0].key
+        probe = ConnectProbe({down})
+        cluster = make_cluster(policy="failfast", nodes=nodes, lb="roundrobin",
+                               breaker=NO_BREAKER, probe=probe)
+        send = ScriptedSend({down: fail(refused)})
+        outcomes = []
+        for _ in range(100):                     # ten (virtual) seconds of calls
+            outcomes.append(await outcome(cluster.invoke(send, timeout=1.0)))
+            await asyncio.sleep(0.1)
+        assert sum(isinstance(o, TransportError) for o in outcomes) == 1
+        assert send.keys.count(down) == 1
+        assert probe.probed in ([down] * 4, [down] * 5)    # every 2 s, the node only
+        probe.down.clear()
+        send.behaviours.clear()
+        await asyncio.sleep(2.5)                 # the next probe connects
+        assert not cluster._degraded
+        del send.attempts[:]
+        for _ in range(10):
+            await cluster.invoke(send, timeout=1.0)
+        assert send.keys.count(down) == 5
+    run_virtual(main())
+
+
+def test_probes_end_when_their_node_leaves_or_the_cluster_closes():
+    async def main():
+        nodes = numbered_nodes(3)
+        probe = ConnectProbe({n.key for n in nodes})
+        cluster = make_cluster(policy="failfast", nodes=nodes, probe=probe)
+        for n in nodes:
+            cluster.degrade(n)
+        await asyncio.sleep(3)
+        assert sorted(probe.probed) == sorted(n.key for n in nodes)
+        cluster.update(nodes[1:])                # nodes[0] left: its probe with it
+        del probe.probed[:]
+        await asyncio.sleep(4)                   # two more rounds of the others
+        assert sorted(probe.probed) == sorted([nodes[1].key, nodes[2].key] * 2)
+        cluster.close()
+        del probe.probed[:]
+        await asyncio.sleep(10)
+        assert probe.probed == [] and not cluster._probes
+        cluster.degrade(nodes[1])                # closed: no probe starts any more
+        assert not cluster._probes
+    run_virtual(main())
+
+
+def test_a_failfast_client_loses_one_call_to_a_static_host_that_is_down(monkeypatch):
+    """A node of static ``hosts`` that is down: the call that finds it down fails
+    (failfast), and no call after it: the client probes the node's connect in the
+    background (every DEGRADE_SECONDS), and once a server listens there again it
+    takes calls again, with no call failed on the way."""
+    from octo_core.cluster import invoker
+    monkeypatch.setattr(invoker, "DEGRADE_SECONDS", 0.1)
+
+    async def main():
+        with refusing_port() as dead:
+            port = dead.getsockname()[1]
+            async with echo_servers([NamedEcho("s0")]) as servers, \
+                    AsyncClient(Echo, appkey=CALLER, lb="roundrobin", timeout=2.0,
+                                hosts=[servers[0].address, f"127.0.0.1:{port}"]) as client:
+                outcomes = []
+                for i in range(40):
+                    outcomes.append(await outcome(client.echo(f"call {i}")))
+                    await asyncio.sleep(0.02)
+                failed = [o for o in outcomes if isinstance(o, Exception)]
+                assert len(failed) == 1 and isinstance(failed[0], TransportError), failed
+                dead.close()
+                revived = octo_core.Server(CALLEE, "127.0.0.1", port)
+                revived.add_service(Echo, NamedEcho("s1"))
+                await revived.start()
+                try:
+                    answers: List[str] = []
+                    while not any(a.startswith("s1:") for a in answers):
+                        answers.append(await client.echo("again"))   # (none may fail)
+                        await asyncio.sleep(0.02)
+                finally:
+                    await revived.stop(grace=1.0)
+    run(main(), timeout=30)
+
+
+def test_a_client_collected_unclosed_stops_probing(monkeypatch):
+    """The probe keeps no client alive, and a collected client's probes end with it."""
+    from octo_core.cluster import invoker
+    monkeypatch.setattr(invoker, "DEGRADE_SECONDS", 0.05)
+
+    async def main():
+        with refusing_port() as dead:
+            client = AsyncClient(Echo, appkey=CALLER, timeout=2.0,
+                                 hosts=[f"127.0.0.1:{dead.getsockname()[1]}"])
+            assert isinstance(await outcome(client.echo("x")), TransportError)
+            cluster = client._cluster
+            assert cluster._probes                   # probing the node
+            with pytest.warns(ResourceWarning):
+                del client
+                gc.collect()
+                await asyncio.sleep(0.2)
+            assert not cluster._probes
+    run(main(), timeout=30)
 
 
 # --- routing tiers and node health ------------------------------------------------------------

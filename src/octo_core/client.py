@@ -231,7 +231,7 @@ class AsyncClient:
         router = Router(caller, locality=locality, locality_threshold=locality_threshold)
         self._cluster = Cluster(router, lb=lb, policy=cluster, retries=retries, forks=forks,
                                 hedge_delay=hedge_delay, budget=retry_budget,
-                                breaker_options=breaker)
+                                breaker_options=breaker, probe=_weak_probe(self._connect_to))
         self._directory: Optional[Directory] = None
         self._discovery: Optional[asyncio.Task] = None
         if (hosts is None) == (registry is None):
@@ -449,6 +449,12 @@ class AsyncClient:
                 endpoint.close()
         return endpoint
 
+    async def _connect_to(self, node: Node) -> None:
+        """The cluster's probe of a node whose connect failed: a connection, opened
+        if need be (within ``connect_timeout``), and no call."""
+        endpoint = self._endpoints.get(node.address) or self._endpoint(node)
+        await endpoint.connection()
+
     def _send(self, node: Node, timeout: float,
               call: Tuple[idl.Method, Any, Mapping[str, str], Span]) -> Awaitable[Any]:
         """One attempt on one node of ``call`` (method, request, tags, span). With a
@@ -597,11 +603,11 @@ class AsyncClient:
         if self._collected is not None:   # nothing of the parent's is closed from here
             self._collected.detach()
 
-    def _parts(self) -> Tuple[Dict[str, Endpoint], Set[Endpoint], Optional[Directory],
+    def _parts(self) -> Tuple[Cluster, Dict[str, Endpoint], Set[Endpoint], Optional[Directory],
                               Optional[Registry]]:
         """What closing the client closes (none of it refers back to the client)."""
         directory = self._directory
-        return (self._endpoints, self._retired, directory,
+        return (self._cluster, self._endpoints, self._retired, directory,
                 directory.registry if directory is not None and self._owns_registry else None)
 
     async def _shutdown(self) -> None:
@@ -989,9 +995,11 @@ def _close_collected(thread: LoopThread, client: AsyncClient) -> None:
                   ResourceWarning)
 
 
-async def _close_parts(endpoints: Dict[str, Endpoint], retired: Set[Endpoint],
-                       directory: Optional[Directory], registry: Optional[Registry]) -> None:
-    """Close an ``AsyncClient``'s connections, its directory and the registry it opened."""
+async def _close_parts(cluster: Cluster, endpoints: Dict[str, Endpoint],
+                       retired: Set[Endpoint], directory: Optional[Directory], registry: Optional[Registry]) -> None:
+    """Close an ``AsyncClient``'s probes and connections, its directory and the
+    registry it opened."""
+    cluster.close()
     for endpoint in [*endpoints.values(), *retired]:
         endpoint.close()
     if directory is not None:
@@ -1022,6 +1030,19 @@ def _weak_method(method: Callable[..., None]) -> Callable[..., None]:
         if bound is not None:
             bound(*args)
     return call
+
+
+def _weak_probe(method: Callable[[Node], Awaitable[None]]) -> Callable[[Node], Awaitable[None]]:
+    """The client's probe, for its cluster: it keeps the client alive no more than
+    ``_weak_method`` does (a collected client closes its cluster, probes and all)."""
+    ref = weakref.WeakMethod(method)
+
+    def probe(node: Node) -> Awaitable[None]:
+        bound = ref()
+        if bound is None:
+            raise ClientClosed(node=node.key, request_sent=False)
+        return bound(node)
+    return probe
 
 
 def _closed_error(method: Optional[str] = None) -> TransportError:

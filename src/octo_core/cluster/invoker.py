@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import (AbstractSet, Any, Awaitable, Callable, Dict, FrozenSet, List, Mapping, Optional,
                     Sequence, Set, Tuple)
@@ -57,9 +58,14 @@ log = logging.getLogger("octo_core.cluster")
 POLICIES = ("failfast", "failover", "failsafe", "forking", "hedging")
 
 Send = Callable[[Node, float], Awaitable[Any]]
+#: A client's connect-only check of a node (``Cluster(probe=...)``): raises when it cannot connect.
+Probe = Callable[[Node], Awaitable[Any]]
 #: ``begin``'s send: ``send(node, remaining_seconds, request)``, the call's own ``request``
 #: handed to every attempt (a caller needs no callable of its own made per call).
 SendRequest = Callable[[Node, float, Any], Awaitable[Any]]
+
+#: Seconds a node whose connect failed is kept from calls before it is tried again (OCTO's 2 s).
+DEGRADE_SECONDS = 2.0
 
 #: No node tried yet (``select``'s ``tried`` for a call's only attempt; never added to).
 _NONE_TRIED: FrozenSet[str] = frozenset()
@@ -120,7 +126,8 @@ class Cluster:
                  lb_options: Optional[Mapping[str, Any]] = None, policy: str = "failfast",
                  retries: int = 2, forks: int = 2, hedge_delay: float = 0.05,
                  budget: Optional[RetryBudget] = None,
-                 breaker_options: Optional[Mapping[str, Any]] = None) -> None:
+                 breaker_options: Optional[Mapping[str, Any]] = None,
+                 probe: Optional[Probe] = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"cluster policy must be one of {', '.join(POLICIES)}")
         self.router = router
@@ -144,6 +151,9 @@ class Cluster:
         self._unhealthy: Set[str] = set()          # breaker not closed
         self._degraded: Dict[str, float] = {}      # connect failed: key -> retry time
         self._reconnecting: Set[str] = set()       # degraded, one call trying it again now
+        self._probe = probe
+        self._probes: Dict[str, Any] = {}          # degraded key -> its probe's timer or task
+        self._closed = False                       # no more probes
         self._listed: Set[str] = set()             # keys of the nodes discovery gave
         self._loop: Optional[asyncio.AbstractEventLoop] = None
 
@@ -160,6 +170,8 @@ class Cluster:
         for key in [key for key in self._degraded if key not in listed]:
             del self._degraded[key]
         self._reconnecting &= listed
+        for key in [key for key in self._probes if key not in listed]:
+            self._probes.pop(key).cancel()
         for tier_key in [key for key in self._balancers if not self.router.routable(
                 key[0] if isinstance(key[1], int) else key)]:
             del self._balancers[tier_key]
@@ -193,13 +205,53 @@ class Cluster:
             self._unhealthy.add(key)
         self._tell_router()
 
-    def degrade(self, node: Node, retry_in: float = 2.0) -> None:
-        """OCTO's connection degrade: no calls to ``node`` for ``retry_in`` seconds;
-        then one call at a time tries it (the others keep away until one gets a
-        connection), so a connect that hangs holds up one call, not all of them."""
-        if node.key in self._listed:
-            self._degraded[node.key] = self._running_loop().time() + retry_in
+    def degrade(self, node: Node, retry_in: Optional[float] = None) -> None:
+        """OCTO's connection degrade: no calls to ``node`` until it connects again.
+
+        With a ``probe`` (a client's: a connect alone) the node is tried every
+        ``retry_in`` seconds in the background and gets calls again once the
+        probe connects: no call is spent finding out that it is still down.
+        Without one, after ``retry_in`` seconds one call at a time tries it (the
+        others keep away until one gets a connection), so a connect that hangs
+        holds up one call, not all of them. ``retry_in`` defaults to ``DEGRADE_SECONDS``."""
+        key = node.key
+        if key not in self._listed:
+            return
+        if retry_in is None:
+            retry_in = DEGRADE_SECONDS
+        if self._probe is None:
+            self._degraded[key] = self._running_loop().time() + retry_in
+        elif key not in self._probes and not self._closed:   # (one probe a node at a time)
+            self._degraded[key] = math.inf
+            self._probes[key] = self._running_loop().call_later(
+                retry_in, self._start_probe, node, retry_in)
+        self._tell_router()
+
+    def _start_probe(self, node: Node, retry_in: float) -> None:
+        task = self._running_loop().create_task(self._probing(node, retry_in))
+        self._probes[node.key] = task
+
+    async def _probing(self, node: Node, retry_in: float) -> None:
+        """One probe of a degraded node: it takes calls again, or is degraded anew.
+        (Cancelled when the node leaves or the cluster closes.)"""
+        assert self._probe is not None   # (degrade() starts probes only then)
+        try:
+            await self._probe(node)
+        except Exception as exc:
+            del self._probes[node.key]
+            log.debug("%s still does not connect: %s", node.key, exc)
+            self.degrade(node, retry_in)
+            return
+        del self._probes[node.key]
+        if self._degraded.pop(node.key, None) is not None:
             self._tell_router()
+
+    def close(self) -> None:
+        """Stop probing degraded nodes (the client closes)."""
+        self._closed = True
+        for probe in self._probes.values():
+            probe.cancel()
+        self._probes.clear()
 
     def _tell_router(self) -> None:
         """What this client knows of nodes that cannot take calls (breaker not
