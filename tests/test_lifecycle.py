@@ -198,6 +198,43 @@ def test_a_stop_told_to_stop_at_once_waits_out_neither_unregister_delay_nor_grac
     run(main())
 
 
+class _Blocks(EchoHandler):
+    """``block`` runs until the test releases it, however long (no timeout of its own)."""
+
+    def block(self, text: str) -> str:
+        self.entered.put(text)
+        self.release.wait()
+        return text
+
+
+def test_a_stop_told_to_stop_at_once_does_not_linger_for_a_plain_function(monkeypatch):
+    """A plain function still running cannot be stopped; a hurried stop does not wait
+    for its connection (``CLOSE_LINGER``, here longer than any test) but closes it:
+    the stop ends with the function still running, and its caller sees the
+    connection close."""
+    monkeypatch.setattr(octo_core.server, "CLOSE_LINGER", 3600.0)
+    handler = _Blocks()
+
+    async def main() -> None:
+        server = echo_server(handler)
+        await server.start()
+        try:
+            async with async_client(Echo, server.address, timeout=600.0) as client:
+                call = asyncio.ensure_future(client.block("never answered"))
+                await asyncio.get_running_loop().run_in_executor(None, handler.entered.get, True, 10)
+                stopping = asyncio.ensure_future(server.stop(grace=3600))
+                await wait_until(lambda: server._leaving, what="the stop to begin")
+                server._stop_now()
+                await asyncio.wait_for(stopping, 30)   # (a hang guard only)
+                assert server.status == NodeStatus.STOPPED and not handler.release.is_set()
+                with pytest.raises(TransportError):
+                    await call
+        finally:
+            handler.release.set()
+
+    run(main())
+
+
 #: A server that runs a coroutine handler and a plain one that never end, until
 #: signalled: with ``serve_forever`` (a grace no test waits out) or ``with server``.
 _SERVES_UNTIL_SIGNALLED = """

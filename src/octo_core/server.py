@@ -733,15 +733,13 @@ class Server:
         # refused (status 3) rather than dropped unread at the close: until it has
         # closed the connection (an octo_core client closes one it was told of
         # once its calls are answered), for at most CLOSE_NOTICE.
-        notice_until = self._loop.time() + min(grace, CLOSE_NOTICE)
-        while self._connections.intersection(notified) and self._loop.time() < notice_until:
-            await asyncio.sleep(0.01)
+        await self._stop_waits_while(lambda: bool(self._connections.intersection(notified)),
+                                     min(grace, CLOSE_NOTICE))
         for conn in list(self._connections):
             conn.shutdown()
-        # what is written goes out, but a peer that reads nothing does not hold the stop
-        linger_until = self._loop.time() + CLOSE_LINGER
-        while self._connections and self._loop.time() < linger_until:
-            await asyncio.sleep(0.01)
+        # what is written goes out, but a peer that reads nothing (or a plain function
+        # still running on a connection) does not hold the stop
+        await self._stop_waits_while(lambda: bool(self._connections), CLOSE_LINGER)
         for conn in list(self._connections):
             conn.abort()
         await asyncio.sleep(0)
@@ -774,6 +772,15 @@ class Server:
         no longer once ``_stop_now`` is called."""
         await asyncio.wait([f for f in (future, self._hurried()) if f is not None],
                            timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+
+    async def _stop_waits_while(self, busy: Callable[[], bool], seconds: float) -> None:
+        """A stop's wait for connections to close: while ``busy()``, ``seconds`` at
+        most, and no longer once ``_stop_now`` is called (a hurried stop closes them)."""
+        loop, hurry = self._loop, self._hurried()
+        assert loop is not None   # started: start() set it
+        until = loop.time() + seconds
+        while busy() and not hurry.done() and loop.time() < until:
+            await asyncio.sleep(0.01)
 
     def _stop_now(self) -> None:
         """(On the server's loop.) Cut the stop under way, or the next one, short:
