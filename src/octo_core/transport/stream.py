@@ -259,10 +259,6 @@ class FramedProtocol(asyncio.Protocol):
         out.clear()
         self.transport.write(data)  # type: ignore[union-attr]  # (as in send)
 
-    @property
-    def buffered_input(self) -> int:
-        return self._decoder.buffered
-
     def close(self) -> None:
         """Flush what is queued, then close; abort if the peer has not taken
         what is left within ``CLOSE_LINGER`` seconds."""
