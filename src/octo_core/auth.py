@@ -56,6 +56,7 @@ class StaticTokens:
         self._tokens = dict(tokens)
 
     def token(self, appkey: str) -> Optional[str]:
+        """``appkey``'s token; None (or empty) when it has none."""
         return self._tokens.get(appkey)
 
     @classmethod
@@ -84,6 +85,7 @@ class DerivedTokens:
         self._master = SigningKey(_secret("the master secret", master_secret))
 
     def token(self, appkey: str) -> Optional[bytes]:
+        """``appkey``'s token, derived from the master secret (every appkey has one)."""
         return self._master.digest(appkey.encode())
 
 
@@ -103,6 +105,8 @@ class Signer:
         self._key = SigningKey(_secret("the token", token))
 
     def headers(self, service: str, method: str, body: Optional[bytes] = None) -> Dict[str, str]:
+        """The ``localContext`` entries that sign one call of ``service.method``
+        (timestamp, fresh nonce, signature; ``body`` is signed too with ``sign_body``)."""
         ts = str(int(time.time() * 1000))
         nonce = os.urandom(16).hex()
         digest = sha256_hex(body) if self.sign_body and body is not None else None

@@ -138,6 +138,7 @@ class Metrics:
         return {f"{s}.{m}": stats.calls for (s, m), stats in self.items()}
 
     def items(self) -> Iterable[Tuple[Tuple[str, str], MethodStats]]:
+        """``((service, method), stats)`` pairs, a copy: safe while calls add methods."""
         return list(self._methods.items())
 
 

@@ -89,6 +89,7 @@ class Frame(NamedTuple):
 
     @property
     def is_unified(self) -> bool:
+        """A unified-protocol frame (it has a header), not native thrift."""
         return self.head is not None
 
 

@@ -9,6 +9,8 @@ from typing import Callable, Optional
 
 
 class BreakerState(enum.Enum):
+    """A circuit breaker's state: calls pass (closed), are refused (open), or a
+    few probe the node (half-open)."""
     CLOSED = "closed"
     OPEN = "open"
     HALF_OPEN = "half-open"
@@ -162,6 +164,7 @@ class RetryBudget:
         self._window = _Window(int(window), 2)     # [requests, retries] per second
 
     def record_request(self) -> None:
+        """Count one request (a first attempt): the base the retries are a share of."""
         self._window.slot(self._clock())[0] += 1
 
     def try_retry(self) -> bool:

@@ -104,13 +104,17 @@ class RouteRule:
                    exclusive=flag("exclusive", False))
 
     def to_json(self) -> str:
+        """The rule as registry JSON (what ``from_dict`` reads back)."""
         return json.dumps(dataclasses.asdict(self))
 
     def matches_caller(self, caller: Caller) -> bool:
+        """Whether the rule applies to ``caller``: its IP matches a ``consumer_ips``
+        pattern, or its appkey is one of ``consumer_appkeys``."""
         return (any(fnmatch.fnmatchcase(caller.ip, p) for p in self.consumer_ips if caller.ip)
                 or caller.appkey in self.consumer_appkeys)
 
     def matches_provider(self, node: Node) -> bool:
+        """Whether ``node`` (by its ``ip:port`` key) matches a ``providers`` pattern."""
         return any(fnmatch.fnmatchcase(node.key, p) for p in self.providers)
 
 
@@ -178,6 +182,7 @@ class Router:
 
     @property
     def nodes(self) -> Tuple[Node, ...]:
+        """The nodes being routed among (as last updated)."""
         return self._nodes
 
     # --- routing ---------------------------------------------------------------------

@@ -45,6 +45,7 @@ class Subscription:
         subscribers.add(self)
 
     def cancel(self) -> None:
+        """Stop the callbacks (idempotent)."""
         self._subscribers.discard(self)
 
 

@@ -16,11 +16,13 @@ from octo_core.registry import schema
 
 
 class Role:
+    """``Node.role``: a backup node takes calls only when no primary can."""
     PRIMARY = 0
     BACKUP = 1
 
 
 class Env:
+    """``Node.env`` and a registry's environment; ``NAMES``: their path names."""
     TEST = 1
     STAGE = 2
     PROD = 3
@@ -28,6 +30,8 @@ class Env:
 
 
 class HeartbeatSupport:
+    """``Node.heartbeatSupport``: which heartbeats the node answers (peer to peer,
+    the scanner's, both)."""
     NONE = 0
     P2P = 1
     SCANNER = 2
@@ -85,6 +89,7 @@ class Node:
 
     @property
     def alive(self) -> bool:
+        """Whether the node's status is ALIVE."""
         return self.status == NodeStatus.ALIVE
 
     @property
@@ -129,9 +134,11 @@ class Node:
     # --- JSON (the reference layout's keys) ----------------------------------------
 
     def to_dict(self) -> Dict[str, Any]:
+        """The node's fields, by their reference JSON keys."""
         return dataclasses.asdict(self)
 
     def to_json(self) -> str:
+        """The node as reference JSON (what ``from_dict`` reads back)."""
         return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=False)
 
     @classmethod

@@ -39,12 +39,14 @@ def _wrong(key: str, expected: str, value: Any) -> ValueError:
 
 
 def require_str(key: str, value: Any) -> str:
+    """``value`` if it is a string, else ``ValueError`` naming ``key``."""
     if not isinstance(value, str):
         raise _wrong(key, "a string", value)
     return value
 
 
 def require_bool(key: str, value: Any) -> bool:
+    """``value`` if it is a JSON boolean, else ``ValueError`` naming ``key``."""
     if not isinstance(value, bool):
         raise _wrong(key, "true or false", value)
     return value

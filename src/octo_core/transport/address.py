@@ -19,6 +19,7 @@ T = TypeVar("T")
 
 
 class Address(NamedTuple):
+    """Where to connect or listen: ``host`` and ``port``, or a unix socket ``path``."""
     host: Optional[str]
     port: Optional[int]
     path: Optional[str] = None   # a unix socket path
@@ -116,9 +117,11 @@ class Listeners:
 
     @property
     def sockets(self) -> List[socket.socket]:
+        """Every listening socket, of all the servers."""
         return [sock for server in self.servers for sock in server.sockets]
 
     def close(self) -> None:
+        """Stop listening on all of them."""
         for server in self.servers:
             server.close()
 
