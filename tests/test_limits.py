@@ -814,7 +814,7 @@ def test_mutual_tls(certs):
 
 def test_quota_buckets_for_invented_callers_stay_bounded():
     # caller appkeys come off the wire: a "*" quota must not keep a bucket per name forever
-    from octo_core.server import Quotas
+    from octo_core.quotas import Quotas
     quotas = Quotas({"*": 5.0, "vip": 1.0}, max_callers=100)
     for i in range(5000):
         assert quotas.take(f"invented.{i}")          # a first call always has a token

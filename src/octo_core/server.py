@@ -33,6 +33,7 @@ from octo_core.codec import Limits, _check_limits
 from octo_core.errors import DecodeError, EncodeError, SecurityError, Status
 from octo_core.metrics import Metrics, MethodStats, RecentRates, prometheus_text
 from octo_core.protocol import Frame, MessageType, NodeStatus
+from octo_core.quotas import Quotas
 from octo_core.registry import HeartbeatSupport, Node, Registry, open_registry
 from octo_core.registry.base import provider_fields
 from octo_core.registry.registration import Registration
@@ -1252,52 +1253,6 @@ class Server:
         header = protocol.response_header(sequence_id, 0, message_type=message_type,
                                           heartbeat=beat)
         return protocol.encode_unified(header, b"", flags)
-
-
-class Quotas:
-    """Per-caller token buckets: ``{appkey or "*": calls per second}``.
-
-    A bucket holds one second's worth of calls, and at least one call, so a rate
-    below 1/s still admits a call every 1/rate seconds. Caller names come off the
-    wire, so the buckets are bounded: a bucket that has refilled is the same as
-    none and is dropped first; past ``max_callers`` the stalest go.
-    """
-
-    def __init__(self, rates: Mapping[str, float], max_callers: int = 100_000) -> None:
-        for caller, rate in rates.items():   # (0 or less let one call through, then none)
-            finite_number(f"quotas[{caller!r}]", rate, "calls per second")
-        self.rates = dict(rates)
-        self.max_callers = max_callers
-        self._buckets: Dict[str, List[float]] = {}   # appkey -> [tokens, last refill]
-
-    def take(self, caller: str) -> bool:
-        rate = self.rates.get(caller, self.rates.get("*"))
-        if rate is None:
-            return True
-        now = time.monotonic()
-        capacity = max(rate, 1.0)
-        bucket = self._buckets.get(caller)
-        if bucket is None:
-            if len(self._buckets) >= self.max_callers:
-                self._prune(now)
-            bucket = self._buckets[caller] = [capacity, now]
-        bucket[0] = min(capacity, bucket[0] + (now - bucket[1]) * rate)
-        bucket[1] = now
-        if bucket[0] < 1.0:
-            return False
-        bucket[0] -= 1.0
-        return True
-
-    def _prune(self, now: float) -> None:
-        def refilled(item) -> bool:
-            caller, (tokens, last) = item
-            rate = self.rates.get(caller, self.rates.get("*", 0.0))
-            return tokens + (now - last) * rate >= max(rate, 1.0)
-
-        self._buckets = {k: v for k, v in self._buckets.items() if not refilled((k, v))}
-        if len(self._buckets) >= self.max_callers:   # all busy: forget the stalest half
-            keep = sorted(self._buckets.items(), key=lambda kv: kv[1][1])[len(self._buckets) // 2:]
-            self._buckets = dict(keep)
 
 
 #: Error texts sent to callers are diagnostics: past this many characters they are
