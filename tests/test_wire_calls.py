@@ -441,8 +441,8 @@ def test_unknown_method(proto):
 
 def test_a_native_oneway_call_to_a_missing_method_is_counted_and_logged(caplog, monkeypatch):
     """Its caller reads no answer, so the server's log and metrics are its only trace."""
-    monkeypatch.setattr(octo_core.server, "_DROPPED",
-                        octo_core.server.Throttle(10.0, octo_core.server.log))
+    monkeypatch.setattr(octo_core.reply, "_DROPPED",
+                        octo_core.reply.Throttle(10.0, octo_core.reply.log))
 
     async def main():
         async with serving([(Calc, CalcHandler(), None)]) as server, \

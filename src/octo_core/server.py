@@ -34,6 +34,7 @@ from octo_core.errors import DecodeError, EncodeError, SecurityError, Status
 from octo_core.metrics import Metrics, MethodStats, RecentRates, prometheus_text
 from octo_core.protocol import Frame, MessageType, NodeStatus
 from octo_core.quotas import Quotas
+from octo_core.reply import Reply
 from octo_core.registry import HeartbeatSupport, Node, Registry, open_registry
 from octo_core.registry.base import provider_fields
 from octo_core.registry.registration import Registration
@@ -217,77 +218,7 @@ def _describe(exc: BaseException) -> str:
         return f"{type(exc).__name__} (its message cannot be formatted)"
 
 
-class _Reply:
-    """How to answer one request on its connection, in its protocol."""
-
-    __slots__ = ("conn", "flags", "sequence_id", "unified", "silent")
-
-    def __init__(self, conn: ServerConnection, flags: int, sequence_id: int, unified: bool) -> None:
-        self.conn = conn
-        self.flags = flags
-        self.sequence_id = sequence_id
-        self.unified = unified
-        # A oneway call on native thrift: its client reads no reply, so none is
-        # sent, not even a refusal (it would be read as the next call's answer).
-        # The unified protocol answers oneway calls (§3).
-        self.silent = False
-
-    def message(self, name: str, msg_type: int, seqid: int, obj: Any, status: int = 0,
-                text: Optional[str] = None) -> None:
-        """Send a thrift message; ``EncodeError`` (nothing sent) when it cannot be
-        encoded or would exceed the connection's max_frame_size."""
-        if self.silent:
-            if msg_type == TMessageType.EXCEPTION:   # a refusal nobody will read: say it here
-                _DROPPED.log("%s: a oneway call was dropped unanswered: %s", self.conn.peer, text)
-            return
-        conn, flags = self.conn, self.flags
-        if self.unified and not flags & protocol.COMPRESSED:
-            # The usual reply: protocol.encode_response's C half and check_frame_size's
-            # test, without their two frames (every call's path).
-            data = _codec.encode_response(flags, self.sequence_id, status, text, name, msg_type,
-                                          seqid, obj, conn.max_depth)
-            if len(data) > conn.max_frame_size:
-                raise protocol.frame_too_large(len(data), conn.max_frame_size, "reply")
-        else:
-            data = self._encode(name, msg_type, seqid, obj, status, text)
-        conn.send(data)
-
-    def _encode(self, name: str, msg_type: int, seqid: int, obj: Any, status: int,
-                text: Optional[str]) -> bytes:
-        """The reply frame in this request's protocol; ``EncodeError`` as for ``message``."""
-        limit, depth = self.conn.max_frame_size, self.conn.max_depth
-        if self.unified:
-            data = protocol.encode_response(self.flags, self.sequence_id, status, text,
-                                            name, msg_type, seqid, obj, limit, depth)
-        elif self.flags == protocol.UNFRAMED:     # a buffered-transport peer
-            data = _codec.encode_message(name, msg_type, seqid, obj, check_required=True,
-                                         max_depth=depth)
-        else:
-            data = protocol.encode_framed_message(name, msg_type, seqid, obj, max_depth=depth)
-        protocol.check_frame_size(data, not self.unified and self.flags != protocol.UNFRAMED,
-                                  limit, "reply")
-        return data
-
-    def app_exception(self, name: str, seqid: int, kind: int, text: Optional[str],
-                      status: int = Status.APPLICATION_EXCEPTION) -> None:
-        """A TApplicationException; ``text`` None: one without a message (as a
-        handler raised it: thriftpy2 and Apache send it so, with no message field)."""
-        text = None if text is None else _clip(text)
-        self.message(name, TMessageType.EXCEPTION, seqid,
-                     TApplicationException(kind, text), status, text)
-
-    def refuse(self, status: int, text: str, name: str = "", seqid: int = 0) -> None:
-        """A failure outside the handler: a status and message (§2), body-less on unified."""
-        text = _clip(text)
-        if self.unified:
-            self.conn.send(protocol.encode_refusal(self.flags, self.sequence_id, status, text))
-        else:
-            kind = (TApplicationException.PROTOCOL_ERROR if status == Status.PROTOCOL_EXCEPTION
-                    else TApplicationException.INTERNAL_ERROR)
-            self.app_exception(name, seqid, kind, text, status)
-
-
-class _Call(_Reply):
+class _Call(Reply):
     """A request from its frame to its answer: how to answer it, and once it is
     admitted, what it runs and holds. (One object per request, made as its frame
     is dispatched, the call's fields set by ``admit``: every call's path.)"""
@@ -305,9 +236,6 @@ class _Call(_Reply):
         self.span_ends: Optional[list] = None
 
 
-#: Refusals of native oneway calls (a peer calling a method this port lacks, or
-#: an overloaded server): their callers read no answer, so the log is the trace.
-_DROPPED = Throttle(10.0, log)
 #: Authentication that raised something other than a refusal (a token store's
 #: fault): each such call is refused, and the log says why.
 _AUTH_BROKEN = Throttle(10.0, log)
@@ -319,12 +247,12 @@ _STALLED = Throttle(10.0, log, logging.INFO)
 _WITHDRAWAL_BOUND = 15.0
 
 
-
 def _collected_started(pool: BusinessPool, appkey: str) -> None:
     """A started ``Server`` collected without ``stop()``: end its business threads, and say so."""
     pool.shutdown()
     warnings.warn(f"an octo_core Server ({appkey}) was collected while started, without stop()",
                   ResourceWarning)
+
 
 class Server:
     """Hosts thrift services on one TCP port or unix socket.
@@ -989,13 +917,13 @@ class Server:
             service = hosts[0]
         self._call(service, reply, frame.body, begin, None, None)
 
-    def _unknown(self, reply: _Reply, service: str, name: str, seqid: int, why: str) -> None:
+    def _unknown(self, reply: Reply, service: str, name: str, seqid: int, why: str) -> None:
         """Answer a call to a method this port lacks with UNKNOWN_METHOD; it is
         counted under ``(unknown)`` (names off the wire are not metric labels)."""
         self.metrics.refused(service, UNKNOWN, Status.APPLICATION_EXCEPTION)
         reply.app_exception(name, seqid, TApplicationException.UNKNOWN_METHOD, why)
 
-    def _unhosted(self, reply: _Reply, head: _codec.Head, body: Any) -> Tuple[int, str]:
+    def _unhosted(self, reply: Reply, head: _codec.Head, body: Any) -> Tuple[int, str]:
         """Why a call to a service this port lacks is refused: with ``auth``, only a
         caller that passes it learns that the service is not here (status 8)."""
         if self.auth is not None:
@@ -1008,7 +936,7 @@ class Server:
                 return refusal
         return Status.SERVICE_EXCEPTION, f"service {head.service_name!r} is not hosted by {self.appkey}"
 
-    def _authenticate(self, service: str, name: str, reply: _Reply, head: Optional[_codec.Head],
+    def _authenticate(self, service: str, name: str, reply: Reply, head: Optional[_codec.Head],
                       body: Any) -> Optional[Tuple[int, str]]:
         """Why ``auth`` refuses this request (status 7, message), or None."""
         assert self.auth is not None
@@ -1031,7 +959,7 @@ class Server:
             return Status.SECURITY_EXCEPTION, "the server could not check this request"
         return None
 
-    def _admission(self, service: _Service, name: str, reply: _Reply, head: Optional[_codec.Head],
+    def _admission(self, service: _Service, name: str, reply: Reply, head: Optional[_codec.Head],
                    body: Any) -> Optional[Tuple[int, str]]:
         """Why a request may not run now (status, message), or None to run it."""
         if self.status != _ALIVE:
@@ -1238,7 +1166,7 @@ class Server:
                 return Status.APPLICATION_EXCEPTION
         return _SUCCESS
 
-    def _heartbeat(self, reply: _Reply, message_type: int) -> None:
+    def _heartbeat(self, reply: Reply, message_type: int) -> None:
         load = protocol.LoadInfo(queueSize=self._business_pending, threadNum=self._business_threads,
                                  methodQpsMap=self._rates.rates(time.monotonic()))
         reply.conn.send(self._heartbeat_frame(reply.sequence_id, message_type, reply.flags, load))
@@ -1253,11 +1181,6 @@ class Server:
         header = protocol.response_header(sequence_id, 0, message_type=message_type,
                                           heartbeat=beat)
         return protocol.encode_unified(header, b"", flags)
-
-
-#: Error texts sent to callers are diagnostics: past this many characters they are
-#: cut, so an exception with a huge message still fits in a frame.
-MAX_ERROR_TEXT = 4096
 
 
 #: Seconds a TLS client may take over its handshake (ms on any network that works).
@@ -1280,17 +1203,6 @@ async def _refuse_a_live_socket(path: str) -> None:
         return
     writer.close()
     raise OSError(errno.EADDRINUSE, f"a server is already listening at unix://{path}")
-
-
-def _clip(text: str) -> str:
-    """``text`` cut to MAX_ERROR_TEXT characters, and writable: a lone surrogate
-    (os.fsdecode makes them of a file name that is not UTF-8) is escaped, since
-    UTF-8 cannot carry it and the caller would get an EncodeError instead."""
-    if isinstance(text, str) and not text.isascii():   # (a handler's TApplicationException
-        text = text.encode("utf-8", "backslashreplace").decode("utf-8")   # may hold bytes)
-    if len(text) <= MAX_ERROR_TEXT:
-        return text
-    return f"{text[:MAX_ERROR_TEXT]}... ({len(text) - MAX_ERROR_TEXT} more characters)"
 
 
 def _is_coroutine_function(fn: Callable[..., Any]) -> bool:
