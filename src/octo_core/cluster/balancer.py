@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from octo_core import _lb
 from octo_core.registry.node import Node
 
+
 class Balancer:
     """Chooses a node per call among the nodes given to ``update``.
 

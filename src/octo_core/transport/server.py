@@ -1,10 +1,12 @@
 """The server side of a connection: frames in, handed to a dispatcher."""
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 from typing import Callable, Deque, List, Optional, Set
 
+from octo_core.errors import ProtocolError
 from octo_core.protocol import DEFAULT_MAX_DEPTH, Frame
 from octo_core.transport.stream import BROKEN, FramedProtocol, Throttle, log
 
@@ -112,6 +114,7 @@ class ServerConnection(FramedProtocol):
 
     @property
     def reading_paused(self) -> bool:
+        """Whether reading is paused now, for any reason (flow control)."""
         return bool(self._paused)
 
     @property
@@ -146,6 +149,8 @@ class ServerConnection(FramedProtocol):
             self._pause(_BUSY)
 
     def call_finished(self, size: int) -> None:
+        """A call of ``size`` request bytes was answered: read on once below half the
+        pause marks; a half-closed peer's connection closes with its last answer."""
         self.in_flight -= 1
         self.held -= size
         if self._paused & _BUSY and self.in_flight <= self._pause_at // 2 \
@@ -164,7 +169,7 @@ class ServerConnection(FramedProtocol):
         if not self.in_flight and not self._backlog:
             self.close()
 
-    def protocol_error(self, exc) -> None:
+    def protocol_error(self, exc: ProtocolError) -> None:
         """The peer broke the framing: read no more, answer what it sent before, close."""
         BROKEN.log("closing connection %s: %s", self.peer, exc)
         self._input_ended = True
@@ -194,7 +199,7 @@ class ServerConnection(FramedProtocol):
             return
         self.transport.resume_reading()
 
-    def reject(self, exc) -> None:
+    def reject(self, exc: ProtocolError) -> None:
         """A frame the dispatcher cannot trust: drop what came after it, answer what
         came before, close."""
         self._rejected = True
@@ -205,9 +210,10 @@ class ServerConnection(FramedProtocol):
         return not (self._paused or self._backlog or self._input_ended or self.closed)
 
     def pool_released(self) -> None:
+        """One of its calls gave back its business-pool slot."""
         self.pooled -= 1
 
-    def connection_made(self, transport) -> None:
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         refused = self._admit(self.peer_ip) if self._admit is not None else None
         if refused:   # before it can hold a connection slot, a heartbeat or an answer
