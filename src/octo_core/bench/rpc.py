@@ -84,16 +84,13 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from types import ModuleType
 from typing import (Any, Awaitable, Callable, Deque, Dict, List, Optional, Sequence, TextIO,
                     Tuple)
 
+from octo_core.bench.codec import payload_module
 from octo_core.cli import _non_negative_float, _positive_float, _positive_int
-from octo_core.idl import load_idl
 from octo_core.transport.loop import new_event_loop
 from octo_core.transport.stream import FIRST_BATCH_FRAMES, WRITE_BATCH_FRAMES
-
-PAYLOAD_THRIFT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "payload.thrift")
 
 OCTO = "octo"
 OCTO_THRIFT = "octo-thrift"
@@ -150,11 +147,6 @@ _CALL, _REPLY = 1, 2
 
 
 # --- payloads ---------------------------------------------------------------------
-
-def payload_module() -> ModuleType:
-    """``payload.thrift`` loaded by thriftpy2 (through ``octo_core.load_idl``)."""
-    return load_idl(PAYLOAD_THRIFT)
-
 
 def make_message(size: int) -> str:
     """A deterministic ASCII string of ``size`` bytes (so its UTF-8 form is ``size`` bytes)."""
