@@ -172,9 +172,6 @@ class Providers:
     def __getitem__(self, name: str) -> Provider:
         return self.all[name]
 
-    def names_by_key(self) -> Dict[str, str]:
-        return {p.key: name for name, p in self.all.items()}
-
     def close(self) -> None:
         """SIGKILL every provider still running and reap them all."""
         for provider in self.all.values():
