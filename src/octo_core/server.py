@@ -63,6 +63,13 @@ _REPLY_MESSAGE = TMessageType.REPLY    # (thriftpy2's: a class attribute, as slo
 #: a fraction of the memory it holds.
 OBJECT_BYTES = 72
 
+#: Seconds a TLS client may take over its handshake (ms on any network that works).
+_TLS_HANDSHAKE_TIMEOUT = 10.0
+#: Seconds the server waits, at most, for peers told of a close to close their
+#: connections themselves (a stop waits within its grace): what they sent
+#: meanwhile is refused (at a stop) or served (an idle connection).
+CLOSE_NOTICE = 0.5
+
 
 _Argv = Callable[[Any], Tuple[Any, ...]]
 
@@ -1181,14 +1188,6 @@ class Server:
         header = protocol.response_header(sequence_id, 0, message_type=message_type,
                                           heartbeat=beat)
         return protocol.encode_unified(header, b"", flags)
-
-
-#: Seconds a TLS client may take over its handshake (ms on any network that works).
-_TLS_HANDSHAKE_TIMEOUT = 10.0
-#: Seconds the server waits, at most, for peers told of a close to close their
-#: connections themselves (a stop waits within its grace): what they sent
-#: meanwhile is refused (at a stop) or served (an idle connection).
-CLOSE_NOTICE = 0.5
 
 
 async def _refuse_a_live_socket(path: str) -> None:
