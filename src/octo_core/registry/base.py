@@ -137,7 +137,6 @@ class Registry(abc.ABC):
     async def unregister(self, appkey: str, key: str) -> None:
         """Remove the node ``key`` (``ip:port``) of ``appkey``; no error if it is absent."""
 
-    @abc.abstractmethod
     async def update(self, appkey: str, key: str, *, weight: Optional[int] = None,
                      fweight: Optional[float] = None, status: Optional[int] = None,
                      role: Optional[int] = None, warmup: Optional[int] = None,
@@ -154,6 +153,15 @@ class Registry(abc.ABC):
         the scanner must not undo an operator's STOPPED that came after its look),
         else ``StatusChanged``.
         """
+        changes = operator_changes(weight=weight, fweight=fweight, status=status, role=role,
+                                   warmup=warmup)
+        return await self._change(appkey, key, changes, if_status)
+
+    @abc.abstractmethod
+    async def _change(self, appkey: str, key: str, changes: OperatorFields,
+                      if_status: Optional[int]) -> Node:
+        """``update``'s backend half: store ``changes`` (checked, ``fweight`` filled
+        in) on the node, as ``update`` says."""
 
     @abc.abstractmethod
     async def list(self, appkey: str) -> List[Node]:

@@ -44,9 +44,9 @@ from typing import (TYPE_CHECKING, Callable, Dict, Generic, Iterator, List, Name
 
 from octo_core.blocking import FILES
 from octo_core.registry.base import (NotRegisteredError, Registry, Snapshot, Watch, WatchCallback,
-                                     check_name, check_status, node_name, operator_changes,
-                                     parse_record, provider_entry, record_json, registered,
-                                     remember, rule_entry, snapshot_of, stamped)
+                                     check_name, check_status, node_name, parse_record,
+                                     provider_entry, record_json, registered, remember, rule_entry,
+                                     snapshot_of, stamped)
 from octo_core.registry.node import Env, Node, OperatorFields
 
 if TYPE_CHECKING:  # cluster.routing imports registry.node: import it lazily
@@ -396,12 +396,8 @@ class FileRegistry(Registry):
         with self._locked(appkey), contextlib.suppress(FileNotFoundError):
             os.unlink(path)
 
-    async def update(self, appkey: str, key: str, *, weight: Optional[int] = None,
-                     fweight: Optional[float] = None, status: Optional[int] = None,
-                     role: Optional[int] = None, warmup: Optional[int] = None,
-                     if_status: Optional[int] = None) -> Node:
-        changes = operator_changes(weight=weight, fweight=fweight, status=status, role=role,
-                                   warmup=warmup)
+    async def _change(self, appkey: str, key: str, changes: OperatorFields,
+                      if_status: Optional[int]) -> Node:
         return await FILES.run(self._update, appkey, key, changes, if_status)
 
     async def list(self, appkey: str) -> List[Node]:

@@ -11,7 +11,7 @@ import threading
 from typing import TYPE_CHECKING, Dict, List, Optional, Set, Tuple
 
 from octo_core.registry.base import (NotRegisteredError, Registry, Snapshot, Watch, WatchCallback,
-                                     check_name, check_status, operator_changes, registered, remember,
+                                     check_name, check_status, registered, remember,
                                      snapshot_of, stamped)
 from octo_core.registry.node import Env, Node, OperatorFields
 
@@ -82,12 +82,8 @@ class MemoryRegistry(Registry):
         if removed is not None:
             self._space.changed(where)
 
-    async def update(self, appkey: str, key: str, *, weight: Optional[int] = None,
-                     fweight: Optional[float] = None, status: Optional[int] = None,
-                     role: Optional[int] = None, warmup: Optional[int] = None,
-                     if_status: Optional[int] = None) -> Node:
-        changes = operator_changes(weight=weight, fweight=fweight, status=status, role=role,
-                                   warmup=warmup)
+    async def _change(self, appkey: str, key: str, changes: OperatorFields,
+                      if_status: Optional[int]) -> Node:
         where = self._where(appkey)
         with self._space.lock:
             nodes = self._space.nodes.get(where, {})

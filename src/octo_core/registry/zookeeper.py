@@ -46,7 +46,7 @@ from octo_core.blocking import Pool
 from octo_core.business import BusinessPool
 from octo_core.registry.base import (NotRegisteredError, Registry, RegistryError, Snapshot, Watch,
                                      WatchCallback, check_name, check_status, node_name,
-                                     operator_changes, parse_record, provider_entry, record_json,
+                                     parse_record, provider_entry, record_json,
                                      registered, remember, rule_entry, snapshot_of, stamped)
 from octo_core.registry.node import Env, Node, OperatorFields
 
@@ -608,12 +608,8 @@ class ZooKeeperRegistry(Registry):
         self._seen_at.pop(path, None)
         await self._call(self._delete, path)
 
-    async def update(self, appkey: str, key: str, *, weight: Optional[int] = None,
-                     fweight: Optional[float] = None, status: Optional[int] = None,
-                     role: Optional[int] = None, warmup: Optional[int] = None,
-                     if_status: Optional[int] = None) -> Node:
-        changes = operator_changes(weight=weight, fweight=fweight, status=status, role=role,
-                                   warmup=warmup)
+    async def _change(self, appkey: str, key: str, changes: OperatorFields,
+                      if_status: Optional[int]) -> Node:
         return await self._call(self._update, appkey, key, changes, if_status)
 
     async def list(self, appkey: str) -> List[Node]:
