@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import time
-from typing import AsyncIterator, Callable, List, Optional, Union
+from typing import Any, AsyncIterator, Callable, List, Optional, Union
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -927,6 +927,29 @@ def test_e2e_a_peer_off_the_allow_list_may_not_call_but_gets_heartbeats():
                 await raw.send(protocol.encode_unified(protocol.scanner_heartbeat_request(), b""))
                 assert (await raw.read_frame()).header.responseInfo.status == 0
             assert auth.rejections["ip-denied"] == 1
+
+    run(main())
+
+
+def test_e2e_a_heartbeat_does_not_name_the_hosted_methods_when_auth_is_on():
+    """Heartbeats cannot be signed, and the plan says an unauthenticated peer learns
+    nothing, not even which services are hosted: with ``auth`` the heartbeat's
+    load info leaves out the per-method rates (``methodQpsMap``) it has without."""
+    async def heartbeat_load(server: octo_core.Server) -> Any:
+        async with raw_connection(server.address) as raw:
+            await raw.send(protocol.encode_unified(protocol.scanner_heartbeat_request(), b""))
+            return (await raw.read_frame()).header.heartbeatInfo.loadInfo
+
+    async def main():
+        async with serving(echo_services(), auth=server_auth()) as server:
+            async with signed_client(server.address) as client:
+                assert await client.echo("x") == "x"
+            load = await heartbeat_load(server)
+            assert load.methodQpsMap is None and load.threadNum > 0
+        async with serving(echo_services()) as server:
+            async with async_client(Echo, server.address) as client:
+                assert await client.echo("x") == "x"
+            assert "Echo.echo" in (await heartbeat_load(server)).methodQpsMap
 
     run(main())
 

@@ -1174,8 +1174,11 @@ class Server:
         return _SUCCESS
 
     def _heartbeat(self, reply: Reply, message_type: int) -> None:
+        # Heartbeats cannot be signed: with ``auth``, the per-method rates (which name
+        # the services and methods hosted) are not told to whoever asks.
+        rates = self._rates.rates(time.monotonic()) if self.auth is None else None
         load = protocol.LoadInfo(queueSize=self._business_pending, threadNum=self._business_threads,
-                                 methodQpsMap=self._rates.rates(time.monotonic()))
+                                 methodQpsMap=rates)
         reply.conn.send(self._heartbeat_frame(reply.sequence_id, message_type, reply.flags, load))
 
     def _heartbeat_frame(self, sequence_id: int, message_type: int,
