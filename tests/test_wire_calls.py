@@ -534,10 +534,16 @@ def test_a_by_name_timeout_is_checked_as_the_clients_is_before_anything_is_sent(
         assert handler.notes.get(timeout=5) == "sent"   # the refused ones never left
 
 
-@pytest.mark.parametrize("options", [dict(business_threads=0), dict(business_queue=-1),
-                                     dict(pause_reading_at=1), dict(max_frame_size=8)])
+@pytest.mark.parametrize("options", [
+    dict(business_threads=0), dict(business_threads=2.5), dict(business_queue=-1),
+    dict(pause_reading_at=1), dict(pause_reading_bytes=0), dict(max_connections=0),
+    dict(max_in_flight=0), dict(max_in_flight_per_connection=-1), dict(max_in_flight=True),
+    dict(max_partial_bytes=0), dict(max_frame_size=8)], ids=repr)
 def test_server_refuses_impossible_options_when_made(options):
-    with pytest.raises(ValueError):
+    """Each refused by name (a max_in_flight of 0 refused every call; a business_threads
+    of 2.5 failed only in start())."""
+    (name,) = options
+    with pytest.raises(ValueError, match=name):
         octo_core.Server(SERVER_APPKEY, **options)
     if "max_frame_size" in options:
         with pytest.raises(ValueError):

@@ -1,10 +1,11 @@
-"""The check of the numbers users give for times and rates, in one place.
+"""The check of the numbers users give for times, rates and counts, in one place.
 
 Every option that is a number of seconds (timeouts, intervals, the signing skew)
 or a rate (quotas) is checked here, so they accept the same values and refuse
 the rest in the same words: NaN (which compares false, so a bound check lets it
 through) and infinity (which overflows timers and counters) are refused, and so
-is a ``bool`` (an ``int`` to Python, never what was meant).
+is a ``bool`` (an ``int`` to Python, never what was meant). Counts (threads,
+connections, bytes) are whole numbers with a least value, checked by ``count``.
 """
 from __future__ import annotations
 
@@ -33,4 +34,15 @@ def finite_number(name: str, value: Any, unit: str = "seconds", *, zero_ok: bool
         alternative = f"{off}, or " if off else ""
         raise ValueError(f"{name} must be {alternative}a finite number of {unit} ({bound}), "
                          f"not {value!r}")
+    return value
+
+
+def count(name: str, value: Any, at_least: int = 1, *, none_ok: bool = False) -> Any:
+    """``value`` if it is an int (not a bool) of at least ``at_least`` (or None, with
+    ``none_ok``: no limit), else ``ValueError`` naming ``name``."""
+    if none_ok and value is None:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < at_least:
+        off = "None (no limit) or " if none_ok else ""
+        raise ValueError(f"{name} must be {off}an integer of at least {at_least}, not {value!r}")
     return value

@@ -30,7 +30,7 @@ import logging
 import signal
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from octo_core.checks import finite_number
+from octo_core.checks import count, finite_number
 from octo_core.errors import OctoError
 from octo_core.protocol import FrameDecoder, NodeStatus, encode_unified, scanner_heartbeat_request
 from octo_core.registry.base import (NotRegisteredError, Registry, RegistryError, StatusChanged,
@@ -58,13 +58,6 @@ def _ratio(name: str, value: float) -> float:
     """``value`` if it is a share between 0 and 1, else ``ValueError``."""
     if not 0 <= value <= 1:
         raise ValueError(f"{name} must be between 0 and 1, got {value!r}")
-    return value
-
-
-def _count(name: str, value: int) -> int:
-    """``value`` if it is an integer of at least 1, else ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer of at least 1, got {value!r}")
     return value
 
 
@@ -106,9 +99,9 @@ class Scanner:
         self.timeout = finite_number("timeout", timeout)
         self.confirm_delay = finite_number("confirm_delay", confirm_delay, zero_ok=True)
         self.mass_failure_ratio = _ratio("mass_failure_ratio", mass_failure_ratio)
-        self.mass_failure_min_nodes = _count("mass_failure_min_nodes", mass_failure_min_nodes)
+        self.mass_failure_min_nodes = count("mass_failure_min_nodes", mass_failure_min_nodes)
         self.last_report: Dict[str, AppkeyReport] = {}
-        self._limit = asyncio.Semaphore(_count("concurrency", concurrency))
+        self._limit = asyncio.Semaphore(count("concurrency", concurrency))
         self._stopped = asyncio.Event()
 
     async def run(self) -> None:
@@ -294,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="above this share (0 to 1) of serving nodes failing at once in "
                              "one appkey, mark none dead (default %(default)s)")
     parser.add_argument("--mass-failure-min-nodes", default=2,
-                        type=_option(lambda text: _count("it", int(text))),
+                        type=_option(lambda text: count("it", int(text))),
                         help="the guard applies to appkeys with at least this many "
                              "serving nodes (default %(default)s)")
     parser.add_argument("--once", action="store_true", help="run one round and exit")

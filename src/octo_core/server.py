@@ -28,7 +28,7 @@ from octo_core.afterfork import release_in_child, tell_forked_children
 from octo_core.auth import Authenticator
 from octo_core.blocking import LOOKUPS
 from octo_core.business import BusinessPool
-from octo_core.checks import finite_number
+from octo_core.checks import count, finite_number
 from octo_core.codec import Limits, _check_limits
 from octo_core.errors import DecodeError, EncodeError, SecurityError, Status
 from octo_core.metrics import Metrics, MethodStats, RecentRates, prometheus_text
@@ -361,13 +361,16 @@ class Server:
                  unregister_delay: float = 1.0,
                  require_registry: bool = False,
                  metrics_port: Optional[int] = None) -> None:
-        if business_threads < 1 or business_queue < 0 or pause_reading_at < 2 \
-                or pause_reading_bytes < 1 \
-                or (max_in_flight_bytes is not None and max_in_flight_bytes < 1) \
-                or (max_partial_bytes is not None and max_partial_bytes < 1):
-            raise ValueError("business_threads must be at least 1, business_queue at least 0, "
-                             "pause_reading_at at least 2, and pause_reading_bytes, "
-                             "max_in_flight_bytes and max_partial_bytes at least 1")
+        count("business_threads", business_threads)
+        count("business_queue", business_queue, 0)
+        count("pause_reading_at", pause_reading_at, 2)
+        count("pause_reading_bytes", pause_reading_bytes)
+        for name, limit in (("max_connections", max_connections),
+                            ("max_in_flight", max_in_flight),
+                            ("max_in_flight_per_connection", max_in_flight_per_connection),
+                            ("max_in_flight_bytes", max_in_flight_bytes),
+                            ("max_partial_bytes", max_partial_bytes)):
+            count(name, limit, none_ok=True)
         protocol.FrameDecoder(max_frame_size)   # the reader's own check: ValueError when too small
         _check_listen_address(host, port)
         _check_timeout("idle_timeout", idle_timeout)
