@@ -27,6 +27,7 @@ from octo_core import codec, protocol
 from octo_core.errors import (ApplicationError, CallTimeout, DecodeError, EncodeError, OctoError,
                               RemoteError, RpcError, Status, TransportError)
 from octo_core.protocol import Header, NodeStatus
+from octo_core.throttle import Throttle
 from octo_core.transport import server as server_conn
 from octo_core.transport import stream
 from octo_core.transport.loop import new_event_loop
@@ -147,7 +148,7 @@ def test_a_throttle_bounds_its_keys_and_throttles_those_past_them_together(caplo
     first record carries the traceback, summaries none; nothing held back goes
     untold."""
     now = [0.0]
-    throttle = stream.Throttle(10.0, logging.getLogger("octo_core.test"), max_keys=2,
+    throttle = Throttle(10.0, logging.getLogger("octo_core.test"), max_keys=2,
                                clock=lambda: now[0])
     caplog.set_level(logging.WARNING, logger="octo_core.test")
     fault = ValueError("made up")
@@ -177,7 +178,7 @@ def test_a_throttle_gives_the_traceback_again_after_a_quiet_period(caplog):
     period: another bug of the same type, maybe) carries its traceback, as the
     key's first did; only a summary of those held back goes without."""
     now = [0.0]
-    throttle = stream.Throttle(10.0, logging.getLogger("octo_core.test"), clock=lambda: now[0])
+    throttle = Throttle(10.0, logging.getLogger("octo_core.test"), clock=lambda: now[0])
     caplog.set_level(logging.WARNING, logger="octo_core.test")
 
     def log(text: str) -> None:

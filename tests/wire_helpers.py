@@ -32,7 +32,7 @@ import octo_core
 from octo_core import codec, protocol
 from octo_core.protocol import Frame, FrameDecoder
 from octo_core.transport.loop import LoopThread, new_event_loop
-from octo_core.transport.stream import Throttle
+from octo_core.throttle import Throttle
 
 from cluster_helpers import run_on
 

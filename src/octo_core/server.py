@@ -38,12 +38,13 @@ from octo_core.reply import Reply
 from octo_core.registry import HeartbeatSupport, Node, Registry, open_registry
 from octo_core.registry.base import provider_fields
 from octo_core.registry.registration import Registration
+from octo_core.throttle import Throttle
 from octo_core.transport.address import (Address, Listeners, Listening, default_route_ip, listen,
                                         parse_address)
 from octo_core.transport.http import bound_port, serve_metrics
 from octo_core.transport.loop import SERVING_LOOPS, LoopThread, new_event_loop, start_task
 from octo_core.transport.server import PartialFrames, ServerConnection
-from octo_core.transport.stream import CLOSE_LINGER, Throttle
+from octo_core.transport.stream import CLOSE_LINGER
 
 log = logging.getLogger("octo_core.server")
 

@@ -8,7 +8,8 @@ from typing import Callable, Deque, List, Optional, Set
 
 from octo_core.errors import ProtocolError
 from octo_core.protocol import DEFAULT_MAX_DEPTH, Frame
-from octo_core.transport.stream import BROKEN, FramedProtocol, Throttle, log
+from octo_core.throttle import Throttle
+from octo_core.transport.stream import BROKEN, FramedProtocol, log
 
 
 _REPLIES_UNREAD = 1     # why reading is paused: the peer leaves its replies unread,
