@@ -875,6 +875,60 @@ def test_zk_outage_directory_keeps_last_known_good(zookeeper_server, tmp_path):
     run(scenario(), timeout=55)
 
 
+def test_zk_an_outage_logs_kazoos_reconnection_messages_once_a_period(zookeeper_server, caplog):
+    """kazoo logs at every reconnection attempt (every 2 s at most: 2,400 lines an
+    hour): while ZooKeeper is away the first of each kind goes out, then one a
+    period counting those held back, and one line says when it is back; kazoo's
+    other messages pass as they were, and the next outage is told at once. The
+    throttle runs on the test's clock: nothing sleeps. (What is counted is said
+    while ZooKeeper is down: starting it, ``zk.py``'s own clients log too.)"""
+    from octo_core.registry.zookeeper import RECONNECT_LOG_EVERY
+    url = zookeeper_server.url(unique("reconnect-log"), timeout=4, op_timeout=1)
+    caplog.set_level(logging.INFO, logger="kazoo.client")
+    now = [0.0]
+
+    def said(text: str) -> List[str]:
+        return [r.getMessage() for r in caplog.records
+                if r.name == "kazoo.client" and text in r.getMessage()]
+
+    async def scenario():
+        async with open_registry(url) as registry:
+            await registry.list(APPKEY)   # connected
+            kazoo_log = registry._kazoo_log
+            kazoo_log.clock = lambda: now[0]
+            caplog.clear()
+            await asyncio.to_thread(zookeeper_server.stop)
+            try:
+                await wait_until(lambda: kazoo_log.failures >= 4, 20, "failed attempts")
+                assert len(said("Connection dropped")) == 1
+                assert len(said("Connecting to")) == 1
+                # kazoo's other messages pass unchanged (these come once an outage)
+                assert said("Transition to CONNECTING") == ["Transition to CONNECTING"]
+                assert said("Zookeeper connection lost") == ["Zookeeper connection lost"]
+                now[0] += RECONNECT_LOG_EVERY
+                await wait_until(lambda: len(said("Connection dropped")) == 2, 20, "a summary")
+                summary = said("Connection dropped")[1]
+            finally:
+                await asyncio.to_thread(zookeeper_server.start)
+            held = int(summary.split("(and ")[1].split(" more since the last such message)")[0])
+            assert held >= 3
+            await wait_until(lambda: said("again after"), 20, "the reconnection to be told")
+            back = said("again after")
+            assert len(back) == 1
+            assert int(back[0].split("again after ")[1].split()[0]) >= held + 2
+            await registry.list(APPKEY)
+            # the next outage's first message goes out at once (the clock has not moved)
+            caplog.clear()
+            await asyncio.to_thread(zookeeper_server.stop)
+            try:
+                await wait_until(lambda: said("Connection dropped"), 20, "the next outage")
+            finally:
+                await asyncio.to_thread(zookeeper_server.start)
+            await wait_until(lambda: said("again after"), 20, "the second reconnection")
+
+    run(scenario(), timeout=55)
+
+
 def test_zk_calls_racing_close_or_after_it_fail_as_registry_errors_and_leave_no_threads():
     from octo_core.registry.zookeeper import ZooKeeperRegistry
 

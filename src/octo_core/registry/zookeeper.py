@@ -15,6 +15,10 @@ creates nothing) and a data watch on every child. kazoo delivers events on its
 own thread; one worker thread applies them in order (reads are pipelined, and
 the data changes that arrive meanwhile are read as one batch), then wakes the
 ``Watch`` handles, which call back on their loops.
+Log: kazoo logs a few messages at every reconnection attempt (about 2,400 an
+hour during an outage); those go through a ``Throttle`` (the first of each
+kind, then one every ``RECONNECT_LOG_EVERY`` seconds counting those held back,
+and one line once connected again), kazoo's other messages pass unchanged.
 Sessions: after every reconnection the worker re-reads the watched appkeys;
 after a lost (expired) session it first re-creates this process's ephemeral
 nodes, keeping the operator changes it saw before the loss and those in their
@@ -34,6 +38,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from kazoo.client import KazooClient
@@ -49,6 +54,7 @@ from octo_core.registry.base import (NotRegisteredError, Registry, RegistryError
                                      parse_record, provider_entry, record_json,
                                      registered, remember, rule_entry, snapshot_of, stamped)
 from octo_core.registry.node import Env, Node, OperatorFields
+from octo_core.throttle import Throttle
 
 if TYPE_CHECKING:  # cluster.routing imports registry.node: import it lazily
     from octo_core.cluster.routing import RouteRule
@@ -69,6 +75,15 @@ _RETRY_FIRST, _RETRY_LAST = 0.5, 8.0
 _probe_log = logging.getLogger("octo_core.registry.zookeeper.probe")
 _probe_log.setLevel(logging.CRITICAL)
 
+#: Seconds between kazoo's records of one kind of reconnection message while
+#: ZooKeeper is away (it logs one per attempt, every 2 s at most).
+RECONNECT_LOG_EVERY = 60.0
+# What kazoo logs at each reconnection attempt (its format strings): the failures,
+_FAILED_ATTEMPTS = frozenset({"Connection dropped: %s", "Connection time-out: %s",
+                              "Cannot resolve %s: %s"})
+# and the attempts.
+_ATTEMPTS = frozenset({"Connecting to %s(%s):%s, use_ssl: %r"})
+
 
 #: Reads a znode: its name and its data (``None`` when written without data).
 _Parser = Callable[[str, Optional[bytes]], Any]
@@ -88,6 +103,59 @@ def _detail(exc: BaseException) -> str:
     if isinstance(exc, NoAuthError):
         return "NoAuthError: not allowed by the znode's ACL"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+class _KazooLog(logging.LoggerAdapter):
+    """kazoo's logger (``kazoo.client``) as one registry's client uses it: what
+    kazoo logs at each reconnection attempt goes through a ``Throttle`` per
+    level, keyed by message (the first of each kind, then one every
+    ``RECONNECT_LOG_EVERY`` seconds counting those held back); the rest passes
+    unchanged. ``connected()`` ends an outage: one line says how many
+    connection failures it saw, and the next outage's first messages go out
+    at once.
+
+    kazoo logs from its connection thread and calls the state listener that
+    calls ``connected()`` there too; a lock keeps the counts whole anyway.
+    ``clock`` (seconds, monotonic) is read at every use: tests replace it.
+    """
+
+    def __init__(self, hosts: str) -> None:
+        super().__init__(logging.getLogger("kazoo.client"), {})
+        self.hosts = hosts
+        self.clock: Callable[[], float] = time.monotonic
+        self.failures = 0   # connection failures since the last connection
+        self._lock = threading.Lock()
+        self._throttles = self._new_throttles()
+
+    def _new_throttles(self) -> Dict[int, Throttle]:
+        return {level: Throttle(RECONNECT_LOG_EVERY, self.logger, level,
+                                clock=lambda: self.clock())
+                for level in (logging.INFO, logging.WARNING)}
+
+    def process(self, msg: Any, kwargs: Any) -> Tuple[Any, Any]:
+        return msg, kwargs   # as kazoo gave them (the default replaces ``extra``)
+
+    def log(self, level: int, msg: Any, *args: Any, **kwargs: Any) -> None:
+        repeated = isinstance(msg, str) and (msg in _FAILED_ATTEMPTS or msg in _ATTEMPTS)
+        throttle = self._throttles.get(level) if repeated else None
+        if throttle is None:   # (the record names kazoo's line, not this one)
+            kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 1
+            super().log(level, msg, *args, **kwargs)
+            return
+        with self._lock:
+            if msg in _FAILED_ATTEMPTS:
+                self.failures += 1
+            throttle.log(msg, *args, key=msg)
+
+    def connected(self) -> None:
+        """The client is connected (again): say so if it was away, start the count anew."""
+        with self._lock:
+            failures, self.failures = self.failures, 0
+            self._throttles = self._new_throttles()
+        if failures:
+            self.logger.warning("connected to ZooKeeper %s again after %d connection failures "
+                                "(kazoo's messages about them: one per %gs at most)",
+                                self.hosts, failures, RECONNECT_LOG_EVERY)
 
 
 class _ZnodeDir:
@@ -235,8 +303,10 @@ class ZooKeeperRegistry(Registry):
         self.op_timeout = op_timeout
         self.session_timeout = session_timeout
         self._base = f"{chroot}{ROOT}/{Env.NAMES[env]}"
+        self._kazoo_log = _KazooLog(hosts)
         self._client = KazooClient(hosts=hosts, timeout=session_timeout,
-                                   connection_retry=dict(_CONNECTION_RETRY))
+                                   connection_retry=dict(_CONNECTION_RETRY),
+                                   logger=self._kazoo_log)
         # one daemon thread, in order (see octo_core.blocking for why not an executor)
         self._worker = BusinessPool(1, "octo-zk")
         # its calls, which may wait up to op_timeout for a session: a pool of its own
@@ -327,6 +397,7 @@ class ZooKeeperRegistry(Registry):
         if state == KazooState.LOST:
             self._sessions_lost += 1
         elif state == KazooState.CONNECTED:
+            self._kazoo_log.connected()
             self._submit(self._recover)
         elif state == KazooState.SUSPENDED:
             self._check_refusal_later()
