@@ -18,7 +18,7 @@ import pytest
 import octo_core
 from octo_core import server as server_module
 from octo_core.protocol import NodeStatus
-from octo_core.registry import Node, Registry, RegistryError, open_registry
+from octo_core.registry import Node, Registry, RegistryError, RegistryTimeout, open_registry
 from octo_core.registry import registration
 from octo_core.registry.memory import MemoryRegistry
 
@@ -286,3 +286,145 @@ def test_a_stop_the_registry_cannot_hear_waits_out_no_unregister_delay(caplog):
 
     run(scenario())
     assert "could not unregister" in caplog.text
+
+
+class SilentRegistry(FlakyRegistry):
+    """A registry that, while ``silent``, never answers ``register``, ``update`` or
+    ``unregister`` (a connection to it hangs), with a short ``op_timeout`` (the
+    bound the tests wait out, not a time they assert). ``pending``: its calls in
+    flight, which a cancellation ends."""
+
+    op_timeout = 0.05
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+        self.silent = True
+        self.pending = 0
+
+    async def _silence(self) -> None:
+        self.pending += 1
+        try:
+            await asyncio.Event().wait()   # never set
+        finally:
+            self.pending -= 1
+
+    async def register(self, node: Node) -> Node:
+        if self.silent:
+            self.attempts += 1
+            await self._silence()
+        return await super().register(node)
+
+    async def update(self, appkey: str, key: str, **changes) -> Node:
+        if self.silent:
+            self.updates.append((key, changes))
+            await self._silence()
+        return await super().update(appkey, key, **changes)
+
+    async def unregister(self, appkey: str, key: str) -> None:
+        if self.silent:
+            await self._silence()
+        await super().unregister(appkey, key)
+
+
+def test_a_registry_that_never_answers_does_not_hold_the_start(caplog):
+    """Its first attempt given up on at the registry's ``op_timeout``, the server
+    serves and registers in the background, each attempt bounded alike, until
+    the registry answers."""
+    caplog.set_level(logging.INFO, "octo_core.registry")
+
+    async def scenario():
+        registry = SilentRegistry()
+        async with serving_in(registry) as server:   # (its start is bounded: a hang fails it)
+            assert server.registered_node is None
+            async with async_client(Echo, server.address) as client:
+                assert await client.echo("served unregistered") == "served unregistered"
+            await wait_until(lambda: registry.attempts >= 3, 10, "attempts given up on")
+            assert await registry.list(APPKEY) == []
+            registry.silent = False
+            await wait_until(lambda: server.registered_node is not None, 10, "the registration")
+            await wait_until(lambda: registration_tasks() == [], 10, "the retries to end")
+            assert registry.pending == 0   # each attempt given up on was cancelled
+        assert await registry.list(APPKEY) == []
+        assert [changes for _, changes in registry.updates] == [{"status": NodeStatus.STOPPING}]
+
+    run(scenario())
+    said = " ".join(record.getMessage() for record in caplog.records)
+    assert "did not answer within 0.1s): serving unregistered" in said
+    assert "(it served unregistered until now)" in said
+
+
+def test_require_registry_fails_a_start_the_registry_never_answers():
+    async def scenario():
+        registry = SilentRegistry()
+        server = started_while(registry)
+        server.require_registry = True
+        with pytest.raises(RegistryTimeout, match="did not answer within 0.1s"):
+            await asyncio.wait_for(server.start(), 10)
+        assert server._listener is None and registration_tasks() == []
+        await wait_until(lambda: registry.pending == 0, 10, "the calls given up on to end")
+        assert registry.attempts == 1 and registry.updates == []
+
+    run(scenario())
+
+
+def test_a_stop_during_a_start_the_registry_never_answers_ends_and_retries_nothing(caplog):
+    """The stop waits for the start's attempt no longer than the registry's
+    ``op_timeout``, then unregisters what it may have stored (an unregister
+    the registry never answers either: given up on too, and said)."""
+    caplog.set_level(logging.WARNING, "octo_core.registry")
+
+    async def scenario():
+        registry = SilentRegistry()
+        server = started_while(registry)
+        starting = asyncio.ensure_future(server.start())
+        await wait_until(lambda: registry.pending == 1, 10, "the start's attempt in flight")
+        stopping = asyncio.ensure_future(server.stop())
+        await wait_until(lambda: server._leaving, 10, "the stop to begin")
+        await asyncio.wait_for(asyncio.gather(starting, stopping), 10)
+        assert registration_tasks() == [] and registry.attempts == 1
+        assert registry.updates == []   # never marked STOPPING: no attempt answered
+        await wait_until(lambda: registry.pending == 0, 10, "the calls given up on to end")
+
+    run(scenario())
+    assert "could not unregister" in caplog.text and "did not answer unregister" in caplog.text
+
+
+class LandingLateRegistry(FlakyRegistry):
+    """A registry whose first ``register`` stores the node only once ``release``
+    is set, even when the call was given up on meanwhile (the work goes on
+    elsewhere: a thread, a server); later attempts fail (``down``)."""
+
+    op_timeout = 0.05
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.landed = False
+
+    async def register(self, node: Node) -> Node:
+        self.attempts += 1
+        if self.attempts == 1:
+            return await asyncio.shield(self._store_when_released(node))
+        raise RegistryError("the registry is down")
+
+    async def _store_when_released(self, node: Node) -> Node:
+        await self.release.wait()
+        stored = await MemoryRegistry.register(self, node)
+        self.landed = True
+        return stored
+
+
+def test_a_registration_given_up_on_that_lands_later_is_taken_back_at_stop():
+    async def scenario():
+        registry = LandingLateRegistry()
+        async with serving_in(registry) as server:
+            await wait_until(lambda: registry.attempts >= 2, 10, "a retry after it was given up")
+            registry.release.set()
+            await wait_until(lambda: registry.landed, 10, "the late registration")
+            assert [node.key for node in await registry.list(APPKEY)] == \
+                [f"{LOCALHOST}:{server.port}"]
+            assert server.registered_node is None   # (its attempt was given up on)
+        assert await registry.list(APPKEY) == []
+        assert registry.updates == []   # (no one was told it was registered: no STOPPING)
+
+    run(scenario())

@@ -37,7 +37,7 @@ from octo_core.quotas import Quotas
 from octo_core.reply import Reply
 from octo_core.registry import HeartbeatSupport, Node, Registry, open_registry
 from octo_core.registry.base import provider_fields
-from octo_core.registry.registration import Registration
+from octo_core.registry.registration import Registration, call_timeout
 from octo_core.throttle import Throttle
 from octo_core.transport.address import (Address, Listeners, Listening, default_route_ip, listen,
                                         parse_address)
@@ -250,9 +250,9 @@ _AUTH_BROKEN = Throttle(10.0, log)
 #: Connections cut at ``read_timeout`` for a frame still incomplete: a
 #: slow-loris peer makes one per connection it opens.
 _STALLED = Throttle(10.0, log, logging.INFO)
-#: What a stop's withdrawal of the node may take: an attempt in flight, STOPPING,
-#: unregister, each bounded by ZooKeeper's default ``op_timeout`` (5 s).
-_WITHDRAWAL_BOUND = 15.0
+#: The registry calls a stop's withdrawal of the node may wait for: an attempt in
+#: flight, STOPPING, unregister, each bounded by ``registration.call_timeout``.
+_WITHDRAWAL_CALLS = 3
 
 
 def _collected_started(pool: BusinessPool, appkey: str) -> None:
@@ -326,14 +326,17 @@ class Server:
     stop first marks itself STOPPING and unregisters, keeps serving for
     ``unregister_delay`` seconds while callers see the change, and only then
     refuses new calls and drains. A registry that cannot be reached at start
-    (ZooKeeper away: its attempt ends within the URL's ``op_timeout``) does
-    not stop the server: it serves, warns, and keeps registering in the
-    background (a doubling, jittered pause up to 30 s) until the registry
-    takes the node (``registered_node`` says when); a stop meanwhile ends the
-    attempts and unregisters only what was registered. With
-    ``require_registry=True`` such a start fails instead, leaving nothing
-    behind. With ``auth``, a peer on its deny list is
-    refused when it connects.
+    (ZooKeeper away), or does not answer within twice its ``op_timeout``
+    (the ``Registry`` attribute: 5 s unless the registry sets its own,
+    ZooKeeper the URL's), does not stop the server: it serves, warns, and
+    keeps registering in the background (a doubling, jittered pause up to
+    30 s, each attempt bounded alike) until the registry takes the node
+    (``registered_node`` says when); a stop meanwhile ends the attempts and
+    unregisters only what was registered (or what an attempt given up on may
+    have), waiting for each registry call no longer either. With
+    ``require_registry=True`` such a start fails instead (``RegistryError``;
+    ``RegistryTimeout`` when no answer came), leaving nothing behind. With
+    ``auth``, a peer on its deny list is refused when it connects.
 
     Sight: ``stats()``; with ``metrics_port`` (0 picks a free one) the metrics
     are also served as Prometheus text at ``http://host:metrics_port/metrics``.
@@ -815,8 +818,9 @@ class Server:
             # bounded: a loop that died cannot hold the exit (stop takes its grace
             # of 5 s, the node's withdrawal and unregister_delay, a close notice, a
             # linger, and a margin)
-            withdrawal = 0.0 if self._registry_spec is None else \
-                _WITHDRAWAL_BOUND + self.unregister_delay
+            registry = self._registry
+            withdrawal = 0.0 if registry is None else \
+                _WITHDRAWAL_CALLS * call_timeout(registry) + self.unregister_delay
             bound = withdrawal + CLOSE_NOTICE + CLOSE_LINGER + 5.0
             try:
                 stopping.result(5.0 + bound)

@@ -1,9 +1,9 @@
 """Naming: provider nodes and the registries that hold them."""
-from octo_core.registry.base import (NotRegisteredError, Registry, RegistryError, StatusChanged,
-                                     Watch, open_registry)
+from octo_core.registry.base import (NotRegisteredError, Registry, RegistryError, RegistryTimeout,
+                                     StatusChanged, Watch, open_registry)
 from octo_core.registry.directory import Directory, Subscription
 from octo_core.registry.node import Env, HeartbeatSupport, Node, Role
 
 __all__ = ["Node", "Env", "Role", "HeartbeatSupport", "Registry", "RegistryError",
-           "NotRegisteredError", "StatusChanged", "Watch", "open_registry", "Directory",
-           "Subscription"]
+           "RegistryTimeout", "NotRegisteredError", "StatusChanged", "Watch", "open_registry",
+           "Directory", "Subscription"]

@@ -49,6 +49,11 @@ class RegistryError(OctoError):
     """The registry could not be reached or refused an operation."""
 
 
+class RegistryTimeout(RegistryError):
+    """The registry did not answer within its ``op_timeout``: the operation was
+    given up on (it may still take effect)."""
+
+
 class NotRegisteredError(RegistryError, LookupError):
     """``update`` named a node the registry does not hold."""
 
@@ -123,6 +128,13 @@ class Registry(abc.ABC):
     #: Whether every process using it runs on this machine (``memory://``, ``file://``),
     #: so that a loopback address or a unix socket registered there reaches every caller.
     machine_local = False
+
+    #: Seconds within which an operation is expected to answer. A provider's
+    #: registration gives up on a call after twice this (``RegistryTimeout``):
+    #: its attempts (a server's start waits no longer for its first) and, at
+    #: stop, the STOPPING mark and the unregistration. ZooKeeper's is the URL's
+    #: ``op_timeout``, which bounds its own waits (for a session, for an answer).
+    op_timeout: float = 5.0
 
     def __init__(self, env: int = Env.PROD) -> None:
         if env not in Env.NAMES:
