@@ -123,9 +123,9 @@ class Registration:
         return told
 
     async def _attempt(self) -> None:
-        """One ``register``, given up on past ``timeout`` (``RegistryTimeout``). Cancelled meanwhile, it leaves the attempt
-        running: ``withdraw`` waits for its answer and takes back a
-        registration that lands."""
+        """One ``register``, given up on past ``timeout`` (``RegistryTimeout``).
+        Cancelled meanwhile, it leaves the attempt running: ``withdraw`` waits
+        for its answer and takes back a registration that lands."""
         last = self._last = asyncio.ensure_future(self.registry.register(self.node))
         if not await self._answered(last) or last.cancelled():   # (or a withdraw gave up)
             self._abandon(last)
