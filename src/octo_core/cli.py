@@ -8,17 +8,26 @@ parser, so ``octo bench TARGET --help`` lists them).
 ``octo scanner --registry URL --appkey A ...`` runs the health scanner
 (``octo_core.health``).
 
+``octo call IDL [SERVICE.]METHOD [JSON] --host HOST:PORT`` (or ``--registry URL
+--remote-appkey APPKEY``) calls one method, its arguments a JSON object by name,
+and prints the answer as JSON (``octo_core.jsonvalue`` says how thrift values
+are written); a declared exception is printed as ``{"ExceptionName": {...}}``
+with exit status 1, as is any other failure of the call (on stderr).
+
 ``octo --version`` prints the installed version.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.metadata
+import json
 import os
 import signal
 import sys
 import urllib.parse
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+from types import ModuleType
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from octo_core.checks import is_finite_number
 
@@ -131,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("scanner", add_help=False,
                         help="probe a registry's nodes and write their health back "
                              "(octo scanner --help)")
+    commands.add_parser("call", add_help=False,
+                        help="call one method of a service, arguments and answer in JSON "
+                             "(octo call --help)")
     bench = commands.add_parser(
         "bench", parents=[_timing_options()], help="run benchmarks",
         description="Run octo_core's benchmarks; with no TARGET, every one of them "
@@ -179,6 +191,115 @@ def _scanner(argv: List[str]) -> int:
     return health.main(argv)
 
 
+def call_parser() -> argparse.ArgumentParser:
+    """``octo call``'s argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="octo call", description="Call one method of a service: its arguments a JSON "
+        "object by name, its answer printed as JSON. Binary is base64 text, an enum its "
+        "name, a set an array, a map an object (or an array of [key, value] pairs). A "
+        "declared exception is printed as {\"Name\": {...}}; then, as for any other "
+        "failure, the exit status is 1.")
+    parser.add_argument("idl", help="the service's .thrift file")
+    parser.add_argument("method", metavar="[SERVICE.]METHOD",
+                        help="the method; SERVICE may be left out when one service of the "
+                             "IDL has the method")
+    parser.add_argument("arguments", metavar="JSON", nargs="?", default="{}",
+                        help="the arguments, a JSON object by name ('-': read from stdin; "
+                             "default {})")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--host", action="append", metavar="HOST:PORT",
+                       help="a node to call (unix:///path too); may be repeated")
+    where.add_argument("--registry", metavar="URL", help="find the nodes in this registry "
+                       "(file:///dir, zk://host:2181); needs --remote-appkey")
+    parser.add_argument("--remote-appkey", default=None, help="the callee's appkey")
+    parser.add_argument("--appkey", default="com.octo.cli", help="this caller's appkey "
+                        "(default com.octo.cli)")
+    parser.add_argument("--protocol", choices=("octo", "thrift"), default="octo",
+                        help="the OCTO unified protocol (default) or framed thrift")
+    parser.add_argument("--service-name", help="the service's name on the wire (default: "
+                        "its IDL name)")
+    parser.add_argument("--timeout", type=_positive_float, default=5.0, metavar="S",
+                        help="seconds the call may take (default 5)")
+    parser.add_argument("--token", help="sign the request with this token (a server with auth=)")
+    return parser
+
+
+def _method_of(module: ModuleType, name: str) -> Tuple[Any, str]:
+    """(service, method) that ``[SERVICE.]METHOD`` names in the IDL ``module``;
+    ``ValueError`` saying what the IDL has instead."""
+    services = {attr: value for attr, value in vars(module).items()
+                if isinstance(getattr(value, "thrift_services", None), list)}
+    service_name, _, method = name.rpartition(".")
+    if service_name:
+        if service_name not in services:
+            raise ValueError(f"the IDL has no service {service_name!r} (it has: "
+                             f"{', '.join(services) or 'none'})")
+        having = [service_name] if method in services[service_name].thrift_services else []
+    else:
+        having = [s for s, service in services.items() if method in service.thrift_services]
+    if len(having) != 1:
+        offered = sorted(f"{s}.{m}" for s, service in services.items()
+                         for m in service.thrift_services)
+        why = "no method" if not having else f"{len(having)} services with a method"
+        raise ValueError(f"the IDL has {why} {name!r}; it has: {', '.join(offered) or 'none'}"
+                         + ("" if not having else " (name the service)"))
+    return services[having[0]], method
+
+
+def _call(argv: List[str]) -> int:
+    """``octo call``: parse, call, print; usage errors exit 2, a failed call 1."""
+    from octo_core import jsonvalue
+    from octo_core.client import AsyncClient
+    from octo_core.errors import OctoError
+    from octo_core.idl import load_idl
+    from octo_core.transport.loop import new_event_loop
+
+    parser = call_parser()
+    args = parser.parse_args(argv)
+    if args.registry and not args.remote_appkey:
+        parser.error("--registry needs --remote-appkey")
+    try:
+        module = load_idl(args.idl)
+        service, method = _method_of(module, args.method)
+        text = sys.stdin.read() if args.arguments == "-" else args.arguments
+        arguments = jsonvalue.args_from_json(getattr(service, f"{method}_args"), json.loads(text))
+    except (OSError, ValueError) as exc:   # (json's JSONDecodeError is a ValueError)
+        parser.error(str(exc))
+    where: Dict[str, Any] = ({"hosts": args.host} if args.host else
+                             {"registry": args.registry})
+    options = {key: value for key, value in (("service_name", args.service_name),
+                                             ("token", args.token),
+                                             ("remote_appkey", args.remote_appkey))
+               if value is not None}
+
+    async def call() -> Any:
+        async with AsyncClient(service, appkey=args.appkey, timeout=args.timeout,
+                               protocol=args.protocol, **where, **options) as client:
+            return await client.call(method, **arguments)
+
+    result_cls = getattr(service, f"{method}_result", None)   # (none for oneway)
+    outcomes = jsonvalue.fields(result_cls) if result_cls is not None else {}
+    success_type, success_spec = outcomes.get("success", (0, None))   # (void: None answers)
+    loop = new_event_loop()
+    try:
+        answer = jsonvalue.to_json(success_type, success_spec, loop.run_until_complete(call()))
+    except OctoError as exc:
+        print(f"octo call: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:   # a declared exception: the service's answer, printed
+        declared = [name for name, (_, spec) in outcomes.items() if name != "success"
+                    and isinstance(spec, type) and isinstance(exc, spec)]
+        if not declared:
+            raise
+        print(json.dumps({type(exc).__name__: jsonvalue.struct_to_json(exc)},
+                         ensure_ascii=False, indent=2))
+        return 1
+    finally:
+        loop.close()
+    print(json.dumps(answer, ensure_ascii=False, indent=2))
+    return 0
+
+
 def _bench(parser: argparse.ArgumentParser, argv: List[str]) -> int:
     args = parser.parse_args(argv)
     if args.command != "bench":
@@ -208,6 +329,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if argv[:1] == ["scanner"]:   # its own parser lives with the scanner
             status = _scanner(argv[1:])
+        elif argv[:1] == ["call"]:
+            status = _call(argv[1:])
         else:
             status = _bench(build_parser(), argv)
         sys.stdout.flush()   # a closed pipe shows here, not at exit
