@@ -1,6 +1,6 @@
 """Routing: which nodes a call may use (the OCTO order, one small router per step).
 
-1. route rules (traffic splitting, exclusive groups)   ``RouteRules``
+1. route rules (traffic splitting, exclusive groups)   ``RouteRule``
 2. LiteSet: a tagged request goes to its cell, else the center
 3. Set: a caller in a Set goes to its cell (no silent fallback)
 4. swimlane: a tagged request goes to its lane, else the trunk
@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import json
 import time
 from typing import AbstractSet, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from octo_core._lb import MAX_WEIGHT
 from octo_core.errors import RpcError
-from octo_core.registry import schema
 from octo_core.registry.node import Node, Role
+# "as": a typed re-export, so "from octo_core.cluster.routing import RouteRule" still holds
+from octo_core.registry.route import RouteRule as RouteRule
 
 # globalContext keys: they travel the whole call chain, so a handler's own
 # outbound calls stay in the lane / LiteSet its caller was in.
@@ -59,63 +59,16 @@ class Caller:
     region: str = ""
 
 
-@dataclasses.dataclass(frozen=True)
-class RouteRule:
-    """One traffic-splitting rule (the registry's ``.../route/{id}`` JSON).
+def _matches_caller(rule: RouteRule, caller: Caller) -> bool:
+    """Whether ``rule`` applies to ``caller``: its IP matches a ``consumer_ips``
+    pattern, or its appkey is one of ``consumer_appkeys``."""
+    return (any(fnmatch.fnmatchcase(caller.ip, p) for p in rule.consumer_ips if caller.ip)
+            or caller.appkey in rule.consumer_appkeys)
 
-    Callers match by IP pattern (``*`` wildcards) or appkey; the rule's
-    providers match ``ip:port`` patterns. ``limit``: only those providers;
-    otherwise the others stay, down-weighted. ``exclusive``: those providers
-    serve the matching callers only.
-    """
-    id: str
-    providers: Tuple[str, ...]
-    consumer_ips: Tuple[str, ...] = ()
-    consumer_appkeys: Tuple[str, ...] = ()
-    priority: int = 0
-    enabled: bool = True
-    limit: bool = False
-    exclusive: bool = False
-    name: str = ""
 
-    @classmethod
-    def from_dict(cls, data: Mapping) -> "RouteRule":
-        """A rule from its registry JSON; ``ValueError`` when a value has the wrong type
-        (a string where a list belongs would match single characters, ``"false"``
-        would enable the rule): the registry then skips the rule as malformed."""
-        data = schema.require_object(data, "route rule")
-        if "id" not in data:
-            raise ValueError("route rule JSON lacks id")
-        rule_id = data["id"]
-        if not isinstance(rule_id, str):   # a numeric id is kept, as its text
-            rule_id = str(schema.require_int("id", rule_id))
-
-        def strings(key: str) -> Tuple[str, ...]:
-            return schema.require_str_list(key, data.get(key, ()))
-
-        def flag(key: str, default: bool) -> bool:
-            return schema.require_bool(key, data.get(key, default))
-
-        return cls(id=rule_id, name=schema.require_str("name", data.get("name", "")),
-                   providers=strings("providers"), consumer_ips=strings("consumer_ips"),
-                   consumer_appkeys=strings("consumer_appkeys"),
-                   priority=schema.require_int("priority", data.get("priority", 0)),
-                   enabled=flag("enabled", True), limit=flag("limit", False),
-                   exclusive=flag("exclusive", False))
-
-    def to_json(self) -> str:
-        """The rule as registry JSON (what ``from_dict`` reads back)."""
-        return json.dumps(dataclasses.asdict(self))
-
-    def matches_caller(self, caller: Caller) -> bool:
-        """Whether the rule applies to ``caller``: its IP matches a ``consumer_ips``
-        pattern, or its appkey is one of ``consumer_appkeys``."""
-        return (any(fnmatch.fnmatchcase(caller.ip, p) for p in self.consumer_ips if caller.ip)
-                or caller.appkey in self.consumer_appkeys)
-
-    def matches_provider(self, node: Node) -> bool:
-        """Whether ``node`` (by its ``ip:port`` key) matches a ``providers`` pattern."""
-        return any(fnmatch.fnmatchcase(node.key, p) for p in self.providers)
+def _matches_provider(rule: RouteRule, node: Node) -> bool:
+    """Whether ``node`` (by its ``ip:port`` key) matches a ``providers`` pattern of ``rule``."""
+    return any(fnmatch.fnmatchcase(node.key, p) for p in rule.providers)
 
 
 class Weighted(NamedTuple):
@@ -256,18 +209,18 @@ class Router:
 
     def _route_rules(self, nodes: List[Node], weights: Dict[str, float]) -> List[Node]:
         caller = self.caller
-        rule = next((r for r in self._rules if r.matches_caller(caller)), None)
+        rule = next((r for r in self._rules if _matches_caller(r, caller)), None)
         # An exclusive group serves the callers its rule matches, and no one else.
         for other in self._rules:
-            if other.exclusive and not other.matches_caller(caller):
-                nodes = [n for n in nodes if not other.matches_provider(n)]
+            if other.exclusive and not _matches_caller(other, caller):
+                nodes = [n for n in nodes if not _matches_provider(other, n)]
         if rule is None:
             return nodes
-        group = [n for n in nodes if rule.matches_provider(n)]
+        group = [n for n in nodes if _matches_provider(rule, n)]
         if rule.limit:
             return group
         for node in nodes:
-            if not rule.matches_provider(node):
+            if not _matches_provider(rule, node):
                 weights[node.key] *= OTHERS_WEIGHT_FACTOR
         return nodes
 
