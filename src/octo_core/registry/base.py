@@ -24,22 +24,20 @@ import math
 import threading
 import time
 import urllib.parse
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, cast
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, cast
 
 from octo_core.checks import is_finite_number
 from octo_core.errors import OctoError
 from octo_core.registry import schema
 from octo_core.protocol import NodeStatus
 from octo_core.registry.node import Env, Node, OperatorFields, check_field
-
-if TYPE_CHECKING:  # cluster.routing imports registry.node: load it only when needed
-    from octo_core.cluster.routing import RouteRule
+from octo_core.registry.route import RouteRule
 
 log = logging.getLogger("octo_core.registry")
 
 #: What a watch delivers: every node (sorted by key) and every route rule (by id).
-Snapshot = Tuple[Tuple[Node, ...], Tuple["RouteRule", ...]]
-WatchCallback = Callable[[List[Node], List["RouteRule"]], None]
+Snapshot = Tuple[Tuple[Node, ...], Tuple[RouteRule, ...]]
+WatchCallback = Callable[[List[Node], List[RouteRule]], None]
 
 #: The node fields an operator (or the scanner) may change with ``update``.
 OPERATOR_FIELDS = ("weight", "fweight", "status", "role", "warmup")
@@ -338,15 +336,14 @@ def provider_fields(fields: Mapping[str, Any]) -> Dict[str, Any]:
     return checked
 
 
-def parse_rule(data: "str | bytes | Mapping[str, Any]") -> "RouteRule":
+def parse_rule(data: "str | bytes | Mapping[str, Any]") -> RouteRule:
     """A route rule from its registry JSON (text, or already decoded); ``ValueError``
     when it is not one."""
-    from octo_core.cluster.routing import RouteRule
     return RouteRule.from_dict(schema.loads(data, "route rule") if isinstance(data, (str, bytes))
                                else data)
 
 
-def rule_entry(name: str, text: "str | bytes | None") -> "RouteRule":
+def rule_entry(name: str, text: "str | bytes | None") -> RouteRule:
     """The route rule an entry named ``name`` holds (its id need not be the name);
     ``ValueError`` when it is not one."""
     return parse_rule(text or b"")

@@ -21,19 +21,17 @@ import asyncio
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from octo_core.blocking import FILES
 from octo_core.registry.base import Registry, RegistryError, Watch, parse_rule, snapshot_of
 from octo_core.registry.file import write_atomic
 from octo_core.registry.node import Node
-
-if TYPE_CHECKING:  # cluster.routing imports registry.node: import it lazily
-    from octo_core.cluster.routing import RouteRule
+from octo_core.registry.route import RouteRule
 
 log = logging.getLogger("octo_core.registry.directory")
 
-Subscriber = Callable[[List[Node], List["RouteRule"]], None]
+Subscriber = Callable[[List[Node], List[RouteRule]], None]
 
 
 class Subscription:

@@ -39,7 +39,7 @@ import stat
 import tempfile
 import time
 import uuid
-from typing import (TYPE_CHECKING, Callable, Dict, Generic, Iterator, List, NamedTuple, Optional,
+from typing import (Callable, Dict, Generic, Iterator, List, NamedTuple, Optional,
                     Set, Tuple, TypeVar)
 
 from octo_core.blocking import FILES
@@ -48,9 +48,7 @@ from octo_core.registry.base import (NotRegisteredError, Registry, Snapshot, Wat
                                      provider_entry, record_json, registered, remember, rule_entry,
                                      snapshot_of, stamped)
 from octo_core.registry.node import Env, Node, OperatorFields
-
-if TYPE_CHECKING:  # cluster.routing imports registry.node: import it lazily
-    from octo_core.cluster.routing import RouteRule
+from octo_core.registry.route import RouteRule
 
 log = logging.getLogger("octo_core.registry.file")
 

@@ -8,15 +8,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from typing import TYPE_CHECKING, Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 from octo_core.registry.base import (NotRegisteredError, Registry, Snapshot, Watch, WatchCallback,
                                      check_name, check_status, registered, remember,
                                      snapshot_of, stamped)
 from octo_core.registry.node import Env, Node, OperatorFields
-
-if TYPE_CHECKING:  # cluster.routing imports registry.node: import it lazily
-    from octo_core.cluster.routing import RouteRule
+from octo_core.registry.route import RouteRule
 
 _Where = Tuple[int, str]   # (env, appkey)
 

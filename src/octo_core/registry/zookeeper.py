@@ -39,7 +39,7 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import (BadVersionError, KazooException, NoAuthError, NodeExistsError,
@@ -54,10 +54,8 @@ from octo_core.registry.base import (NotRegisteredError, Registry, RegistryError
                                      parse_record, provider_entry, record_json,
                                      registered, remember, rule_entry, snapshot_of, stamped)
 from octo_core.registry.node import Env, Node, OperatorFields
+from octo_core.registry.route import RouteRule
 from octo_core.throttle import Throttle
-
-if TYPE_CHECKING:  # cluster.routing imports registry.node: import it lazily
-    from octo_core.cluster.routing import RouteRule
 
 log = logging.getLogger("octo_core.registry.zookeeper")
 
