@@ -8,6 +8,10 @@ parser, so ``octo bench TARGET --help`` lists them).
 ``octo scanner --registry URL --appkey A ...`` runs the health scanner
 (``octo_core.health``).
 
+``octo nodes --registry URL APPKEY`` lists an appkey's nodes (``--json``: as the
+registry stores them); ``--set IP:PORT --status/--weight/--role/--warmup``
+changes one as an operator does (``Registry.update``).
+
 ``octo call IDL [SERVICE.]METHOD [JSON] --host HOST:PORT`` (or ``--registry URL
 --remote-appkey APPKEY``) calls one method, its arguments a JSON object by name,
 and prints the answer as JSON (``octo_core.jsonvalue`` says how thrift values
@@ -140,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("scanner", add_help=False,
                         help="probe a registry's nodes and write their health back "
                              "(octo scanner --help)")
+    commands.add_parser("nodes", add_help=False,
+                        help="list an appkey's nodes in a registry, or change one "
+                             "(octo nodes --help)")
     commands.add_parser("call", add_help=False,
                         help="call one method of a service, arguments and answer in JSON "
                              "(octo call --help)")
@@ -167,10 +174,11 @@ def _defer_to_bench(target: argparse.ArgumentParser) -> None:
 
 
 def _registry_problem(url: str, once: bool) -> Optional[str]:
-    """Why the scanner, a process of its own, could not find a node in ``url``, if so."""
+    """Why a command (the scanner, ``octo nodes``), a process of its own, could not
+    find a node in ``url``, if so (``once``: it looks once, now)."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme == "memory":
-        return (f"{url}: a memory registry lives in one process, so the scanner's own "
+        return (f"{url}: a memory registry lives in one process, so this command's own "
                 "never holds a node; use file:///dir or zk://")
     if parts.scheme == "file" and once and not os.path.isdir(urllib.parse.unquote(parts.path)):
         # (a long-running scanner may start before the first provider makes the directory)
@@ -189,6 +197,92 @@ def _scanner(argv: List[str]) -> int:
     if problem:
         parser.error(f"argument --registry: {problem}")
     return health.main(argv)
+
+
+def nodes_parser() -> argparse.ArgumentParser:
+    """``octo nodes``'s argument parser."""
+    from octo_core.protocol import NodeStatus
+
+    parser = argparse.ArgumentParser(
+        prog="octo nodes", description="List an appkey's nodes in a registry; with --set, "
+        "change one as an operator does (what the scanner and the provider leave alone).")
+    parser.add_argument("appkey", help="the provider's appkey")
+    parser.add_argument("--registry", required=True, metavar="URL",
+                        help="file:///dir or zk://host:2181 (with ?env=... as elsewhere)")
+    parser.add_argument("--json", action="store_true", help="print the nodes as JSON")
+    parser.add_argument("--set", metavar="IP:PORT", help="the node to change")
+    parser.add_argument("--status", choices=[s.name.lower() for s in NodeStatus],
+                        help="its status (stopped: no calls; alive: calls again)")
+    parser.add_argument("--weight", type=int, metavar="N", help="its weight (0: no calls)")
+    parser.add_argument("--role", choices=("primary", "backup"), help="backup nodes serve "
+                        "only when no primary can")
+    parser.add_argument("--warmup", type=int, metavar="S", help="its warm-up, in seconds")
+    return parser
+
+
+def _nodes(argv: List[str]) -> int:
+    """``octo nodes``: list, or change one node; a registry that fails exits 1."""
+    from octo_core.errors import OctoError
+    from octo_core.protocol import NodeStatus
+    from octo_core.registry import open_registry
+    from octo_core.registry.node import Role
+    from octo_core.transport.loop import new_event_loop
+
+    parser = nodes_parser()
+    args = parser.parse_args(argv)
+    changes = {name: value for name, value in (
+        ("status", None if args.status is None else NodeStatus[args.status.upper()]),
+        ("weight", args.weight),
+        ("role", {"primary": Role.PRIMARY, "backup": Role.BACKUP}.get(args.role or "")),
+        ("warmup", args.warmup)) if value is not None}
+    if bool(changes) != bool(args.set):
+        parser.error("--set IP:PORT goes with at least one of --status, --weight, --role, "
+                     "--warmup, and they with it")
+    problem = _registry_problem(args.registry, once=True)
+    if problem:
+        parser.error(f"argument --registry: {problem}")
+    try:
+        registry = open_registry(args.registry)
+    except ValueError as exc:
+        parser.error(f"argument --registry: {exc}")
+
+    async def run() -> Any:
+        try:
+            if args.set:
+                return [await registry.update(args.appkey, args.set, **changes)]
+            return await registry.list(args.appkey)
+        finally:
+            await registry.close()
+
+    loop = new_event_loop()
+    try:
+        nodes = loop.run_until_complete(run())
+    except (OctoError, OSError, ValueError) as exc:
+        print(f"octo nodes: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        loop.close()
+    if args.json:
+        print(json.dumps([node.to_dict() for node in nodes], indent=2))
+    else:
+        _print_nodes(nodes)
+    return 0
+
+
+def _print_nodes(nodes: Sequence[Any]) -> None:
+    """The nodes as a table, a row each, sorted by address."""
+    from octo_core.protocol import NodeStatus
+
+    rows = [("NODE", "STATUS", "WEIGHT", "ROLE", "VERSION", "CELL", "SWIMLANE", "IDC", "REGION")]
+    for node in sorted(nodes, key=lambda n: n.key):
+        status = NodeStatus(node.status).name if node.status in NodeStatus._value2member_map_ \
+            else str(node.status)
+        rows.append((node.key, status, f"{node.base_weight():g}",
+                     "backup" if node.role else "primary", node.version, node.cell,
+                     node.swimlane, node.idc, node.region))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 def call_parser() -> argparse.ArgumentParser:
@@ -331,6 +425,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             status = _scanner(argv[1:])
         elif argv[:1] == ["call"]:
             status = _call(argv[1:])
+        elif argv[:1] == ["nodes"]:
+            status = _nodes(argv[1:])
         else:
             status = _bench(build_parser(), argv)
         sys.stdout.flush()   # a closed pipe shows here, not at exit
