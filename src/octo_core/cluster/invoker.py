@@ -431,6 +431,11 @@ class Cluster:
 
     async def _attempt(self, send: SendRequest, request: Any, node: Node, balancer: Any,
                        deadline: float, remaining: Optional[float] = None) -> Any:
+        """One attempt of a call on ``node``, with the time left before ``deadline``
+        (``remaining``, when the caller knows it): refused at once past the deadline
+        or by an open breaker; its outcome then feeds the node's breaker, the
+        balancer's learning (latency, served or not) and, for a failed connect, the
+        node's degrade."""
         if remaining is None:   # (begin's attempt has all of the call's time: no clock read)
             loop = self._loop
             assert loop is not None   # begin() looked it up
