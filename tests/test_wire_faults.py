@@ -461,6 +461,26 @@ def test_a_node_that_accepts_and_drops_is_not_redialled_for_every_call():
     run(main())
 
 
+def test_connections_the_client_retires_itself_do_not_count_as_dropped_by_the_node():
+    """Native thrift calls timing out one after the other on a fresh connection
+    (a slow handler, nothing read yet) make the client leave it and close it once
+    idle: its own close, not the node dropping it unheard. Done again and again,
+    the calls still go to the node (and time out), never fail unsent as if the
+    node closed its connections without answering."""
+    async def main():
+        async with serving(echo_services()) as server, \
+                async_client(Echo, server.address, protocol="thrift", timeout=5,
+                             breaker=NO_BREAKER) as client:
+            for _ in range(3):
+                calls = [client.call("slow", "x", 300, timeout=t) for t in (0.02, 0.04)]
+                for outcome in await asyncio.gather(*calls, return_exceptions=True):
+                    assert isinstance(outcome, CallTimeout)
+                await asyncio.sleep(0.01)    # the connection left behind has closed
+            assert await client.echo("still served") == "still served"
+
+    run(main())
+
+
 @pytest.mark.parametrize("sent,why", [
     (b"\x00\x00\x00\x00 this is not a frame", "not positive"),
     (unified_request("echo", Echo.echo_args(text="x"), 0), "request frame"),

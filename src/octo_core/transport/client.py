@@ -75,6 +75,9 @@ class ClientConnection(FramedProtocol):
         # It closed with not a byte from the node, on calls waiting for replies or
         # at once (see Endpoint._open): not an idle close of a oneway-only one.
         self.dropped_unheard = False
+        # close() was called here (the client retired it, or is closing): a close that
+        # says nothing of the node, however young and unheard the connection
+        self._closed_here = False
         self._closed_why = ""   # what close(why) said: the calls that come after hear it too
 
     def next_sequence(self) -> int:
@@ -348,7 +351,7 @@ class ClientConnection(FramedProtocol):
         self._wake_drain_waiters()        # they find the connection closed
         pending, self._pending = self._pending, {}
         # (never read from, its last_read is still when it was made)
-        self.dropped_unheard = not self.heard_from and (
+        self.dropped_unheard = not self._closed_here and not self.heard_from and (
             bool(pending) or self.loop.time() - self.last_read < DROPPED_AT_ONCE)
         for future, _, method in pending.values():
             if not future.done():
@@ -358,6 +361,7 @@ class ClientConnection(FramedProtocol):
         """Close (see ``FramedProtocol.close``); with ``why``, the calls still waiting
         fail at once with ``TransportError(why)`` (their requests were sent), not
         with "connection closed" once it is."""
+        self._closed_here = True
         if why:
             self._closed_why = why
             self._fail_pending(why)
