@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import struct
 import sys
 import threading
@@ -30,6 +31,7 @@ from octo_core.protocol import Header, NodeStatus
 from octo_core.throttle import Throttle
 from octo_core.transport import server as server_conn
 from octo_core.transport import stream
+from octo_core.transport.client import Endpoint
 from octo_core.transport.loop import new_event_loop
 
 from cluster_helpers import run_on
@@ -457,6 +459,28 @@ def test_a_node_that_accepts_and_drops_is_not_redialled_for_every_call():
             # every connect worked: the calls refused meanwhile are told what did not
             assert "the node closed the last 2 connections without answering" in said
             assert not any("connect failed" in text for text in said)
+
+    run(main())
+
+
+def test_a_pools_connects_refused_at_one_moment_are_one_failure_in_a_row():
+    """The slots of a pool that dial a node at once and are all refused (it is
+    restarting, say) are one failure: the calls after them are told it is retried
+    after the first backoff, not after one doubled for every slot."""
+    async def main():
+        with refusing_port() as dead:
+            endpoint = Endpoint(f"{LOCALHOST}:{dead.getsockname()[1]}", pool_size=4,
+                                backoff_min=0.5, backoff_max=60.0)
+            try:
+                refused = await asyncio.gather(*[endpoint.connection() for _ in range(4)],
+                                               return_exceptions=True)
+                assert all(isinstance(exc, TransportError) for exc in refused)
+                with pytest.raises(TransportError, match="retrying in") as later:
+                    await endpoint.connection()
+                retry_in = float(re.search(r"retrying in ([\d.]+)s", str(later.value)).group(1))
+                assert retry_in <= 0.5 * 1.2     # backoff_min, jittered
+            finally:
+                endpoint.close()
 
     run(main())
 

@@ -529,7 +529,11 @@ class Endpoint:
                 raise
             raise self._closed_error() from None   # close() cancelled it: no backoff
         except TransportError:
-            self._connect_failed()
+            # The pool's other slots, dialling at the same moment, may have failed
+            # first: one outage is one failure in a row, not one per slot (a node
+            # down for a moment must not be kept away 2**pool_size times as long).
+            if time.monotonic() >= self._retry_at:
+                self._connect_failed()
             raise
         finally:
             del self._connecting[slot]
