@@ -20,6 +20,7 @@ import time
 from typing import Dict, List
 
 import pytest
+from thriftpy2.thrift import TApplicationException
 
 import octo_core
 
@@ -32,8 +33,8 @@ from octo_core.errors import (CallTimeout, DegradeError, OctoError, RpcError, St
 
 from wire_helpers import (CLIENT_APPKEY, EVERYTHING, LOCALHOST, SERVER_APPKEY, Echo, EchoHandler,
                           EverythingStubs, async_client, decode_body, echo_services, framed_request,
-                          fresh_throttle, raw_connection, run, serving, unified_request, wait_until,
-                          watchdog)  # noqa: F401  (fixture)
+                          fresh_throttle, raw_connection, run, serving, thriftpy2_client,
+                          unified_request, wait_until, watchdog)  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
@@ -268,6 +269,47 @@ def test_refusals_under_overload_do_not_pull_the_latency_percentiles_down():
             assert row["calls"] == 22 and row["refused"] == 20 and row["in_flight"] == 0
             assert row["errors"] == {Status.RPC_EXCEPTION: 20}
             assert row["p50"] >= 0.05 and row["p99"] >= 0.05
+
+    run(main())
+
+
+def test_a_native_thrift_refusal_says_the_call_did_not_run_so_failover_takes_it_elsewhere():
+    """Native thrift has no status: a call the server refused without running it
+    (here: max_in_flight) is a TApplicationException of type LOADSHEDDING
+    (fbthrift's), which octo_core's client reads as RpcError, status 3, as on the
+    unified protocol: failover tries another node even for a method that is not
+    idempotent. (Read as the handler's own error, it was tried nowhere else.) A
+    plain thriftpy2 client gets the type and the reason."""
+    full, spare = GatedHandler(), EchoHandler()
+
+    async def main():
+        async with serving(echo_services(full), max_in_flight=1) as busy, \
+                serving(echo_services(spare)) as free, \
+                echo_client(busy.address, timeout=8, protocol="thrift") as holder, \
+                echo_client(busy.address, timeout=8, protocol="thrift") as alone, \
+                octo_core.AsyncClient(Echo, appkey=CLIENT_APPKEY, timeout=8, protocol="thrift",
+                                      cluster="failover", lb="roundrobin", breaker=NO_BREAKER,
+                                      hosts=[busy.address, free.address]) as both:
+            held = asyncio.ensure_future(holder.slow("holds the only slot", 0))
+            await wait_until(lambda: full.running == 1, what="the slot taken")
+            with pytest.raises(RpcError, match="overloaded") as refused:
+                await alone.echo("refused")
+            assert refused.value.status == Status.RPC_EXCEPTION
+            answers = [await both.echo(f"call {i}") for i in range(6)]
+            assert answers == [f"call {i}" for i in range(6)]
+            assert busy.stats()["Echo.echo"]["refused"] >= 3   # tried there first, then elsewhere
+
+            loop = asyncio.get_running_loop()
+
+            def plain_call() -> Exception:
+                with thriftpy2_client(Echo, LOCALHOST, busy.port) as client:
+                    with pytest.raises(TApplicationException) as info:
+                        client.echo("refused")
+                    return info.value
+            plain = await loop.run_in_executor(None, plain_call)
+            assert plain.type == protocol.LOADSHEDDING == 11 and "overloaded" in plain.message
+            full.gate.set()
+            assert await held == "holds the only slot"
 
     run(main())
 

@@ -558,8 +558,9 @@ class AsyncClient:
             raise DecodeError(f"bad reply: {exc}", offset=exc.offset, method=method.name,
                               node=node) from None
         if msg_type == _EXCEPTION:
-            error = _ERRORS_BY_STATUS.get(head.status if head is not None else None,
-                                          ApplicationError)
+            error = (_ERRORS_BY_STATUS.get(head.status, ApplicationError) if head is not None
+                     else RpcError if result.type == protocol.LOADSHEDDING   # refused, not run
+                     else ApplicationError)
             raise _application_exception(
                 error, _text(result.message) or f"application exception type {result.type}",
                 result.type, method, node)

@@ -43,6 +43,12 @@ MAX_HEADER_LENGTH = 32767
 #: sent before the server closes a connection (at a stop, status STOPPING; when
 #: it is idle, the node's status). No call's sequence id is negative.
 CLOSE_NOTICE_SEQUENCE = -1
+#: The TApplicationException type of a native thrift request the server refused
+#: without running it (overload, stopping, a quota): fbthrift's LOADSHEDDING, an
+#: addition to the contract, where unified replies carry status 3 or 6 (§2).
+#: Native thrift has no status: without it a refusal read as the handler's own
+#: error, and an idempotent call was not tried on another node.
+LOADSHEDDING = 11
 #: Apache Thrift's default, the same in all its libraries (C++, Java, Go, ...): a
 #: frame we send is one they read, and a peer of theirs is read as far as they write.
 DEFAULT_MAX_FRAME_SIZE = 16_384_000

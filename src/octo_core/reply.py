@@ -5,14 +5,14 @@ before anything is sent."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from thriftpy2.thrift import TApplicationException, TMessageType
 
 from octo_core import _codec, protocol
 from octo_core.errors import Status
 from octo_core.transport.server import ServerConnection
-from octo_core.transport.stream import Throttle
+from octo_core.throttle import Throttle
 
 log = logging.getLogger("octo_core.server")   # (the server's records: one logger to filter)
 
@@ -23,6 +23,10 @@ MAX_ERROR_TEXT = 4096
 #: Refusals of native oneway calls (a peer calling a method this port lacks, or
 #: an overloaded server): their callers read no answer, so the log is the trace.
 _DROPPED = Throttle(10.0, log)
+#: The TApplicationException type of a native refusal, by the status a unified one has.
+_NATIVE_REFUSALS: Dict[int, int] = {Status.PROTOCOL_EXCEPTION: TApplicationException.PROTOCOL_ERROR,
+                                     Status.RPC_EXCEPTION: protocol.LOADSHEDDING,
+                                     Status.DEGRADE_EXCEPTION: protocol.LOADSHEDDING}
 
 
 class Reply:
@@ -90,8 +94,7 @@ class Reply:
         if self.unified:
             self.conn.send(protocol.encode_refusal(self.flags, self.sequence_id, status, text))
         else:
-            kind = (TApplicationException.PROTOCOL_ERROR if status == Status.PROTOCOL_EXCEPTION
-                    else TApplicationException.INTERNAL_ERROR)
+            kind = _NATIVE_REFUSALS.get(status, TApplicationException.INTERNAL_ERROR)
             self.app_exception(name, seqid, kind, text, status)
 
 
