@@ -309,6 +309,29 @@ def test_our_client_when_thriftpy2_server_drops_the_connection():
         run(main())
 
 
+def test_our_unified_client_against_a_thriftpy2_server_is_told_to_speak_native_thrift():
+    # A team migrating one service at a time calls a thriftpy2 server with the
+    # default protocol: the server drops the unified frames without a byte, and
+    # every error the calls see names the way out.
+    with thriftpy2_server(Echo, SyncEchoHandler()) as (host, port):
+        async def main():
+            async with async_client(Echo, f"{host}:{port}", timeout=5,
+                                    breaker={"consecutive_failures": 10 ** 9,
+                                             "min_calls": 10 ** 9}) as client:
+                said = []
+                for _ in range(4):
+                    with pytest.raises(TransportError) as info:
+                        await client.echo("x")
+                    said.append(str(info.value))
+                assert all('protocol="thrift"' in text for text in said), said
+                # the backoff's own message (connections dropped in a row) says it too
+                assert any("without answering" in text for text in said), said
+            async with async_client(Echo, f"{host}:{port}", protocol="thrift") as client:
+                assert await client.echo("native") == "native"
+
+        run(main())
+
+
 def test_our_sync_client_against_thriftpy2_server():
     handler = SyncEchoHandler()
     with thriftpy2_server(Echo, handler) as (host, port), \

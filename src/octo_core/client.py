@@ -64,6 +64,13 @@ _REPLY, _NO_REPLY = CallType.REPLY, CallType.NO_REPLY
 _CALL, _EXCEPTION = TMessageType.CALL, TMessageType.EXCEPTION
 
 
+#: What a unified client adds when a node closes its connections without a byte:
+#: servers that speak only native thrift (thriftpy2's, Apache's) do, so a team
+#: migrating from them meets this first.
+_UNIFIED_UNHEARD_HINT = ("(a server that speaks only native thrift, such as thriftpy2's "
+                         "or Apache Thrift's, closes a unified connection so: call it "
+                         "with protocol=\"thrift\")")
+
 #: Seconds of silence from a node before a unified connection is sent a heartbeat.
 DEFAULT_HEARTBEAT_INTERVAL = 30.0
 
@@ -200,7 +207,8 @@ class AsyncClient:
             # what it nests in a request: what it would read
             max_depth=limits.max_depth if limits else DEFAULT_MAX_DEPTH,
             heartbeat_interval=heartbeat_interval if self.unified else None,
-            on_stopping=_weak_method(self._node_stopping))
+            on_stopping=_weak_method(self._node_stopping),
+            unheard_hint=_UNIFIED_UNHEARD_HINT if self.unified else "")
         self._endpoints: Dict[str, Endpoint] = {}
         self._retired: Set[Endpoint] = set()            # of nodes that left, calls still on them
         self._listed: Optional[Set[str]] = None         # node addresses, from a registry

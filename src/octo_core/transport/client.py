@@ -45,9 +45,13 @@ class ClientConnection(FramedProtocol):
 
     def __init__(self, node: str, max_frame_size: int,
                  max_depth: int = protocol.DEFAULT_MAX_DEPTH, heartbeats: bool = False,
-                 on_stopping: Optional[Callable[[], None]] = None) -> None:
+                 on_stopping: Optional[Callable[[], None]] = None,
+                 unheard_hint: str = "") -> None:
         super().__init__(max_frame_size, max_depth)
         self.node = node
+        # added to what the waiting calls are told when the node closes the
+        # connection without a byte (see Endpoint's unheard_hint)
+        self.unheard_hint = unheard_hint
         # told when the node says it is stopping (its close notice: see _close_notice)
         self.on_stopping = on_stopping
         # The endpoint heartbeats it when silent (see _stuck); last_read when calls
@@ -353,6 +357,8 @@ class ClientConnection(FramedProtocol):
         # (never read from, its last_read is still when it was made)
         self.dropped_unheard = not self._closed_here and not self.heard_from and (
             bool(pending) or self.loop.time() - self.last_read < DROPPED_AT_ONCE)
+        if self.dropped_unheard and pending and self.unheard_hint:
+            why = f"{why} {self.unheard_hint}"
         for future, _, method in pending.values():
             if not future.done():
                 future.set_exception(closed_error(why, method=method or None, node=self.node))
@@ -418,8 +424,12 @@ class Endpoint:
                  backoff_min: float = 0.1, backoff_max: float = 2.0,
                  heartbeat_interval: Optional[float] = None,
                  ssl: Optional["_ssl.SSLContext"] = None,
-                 on_stopping: Optional[Callable[[str], None]] = None) -> None:
+                 on_stopping: Optional[Callable[[str], None]] = None,
+                 unheard_hint: str = "") -> None:
         self.node = node
+        # what a node that closes connections without a byte may mean (its
+        # protocol is another: the client's own guess), told to the calls
+        self.unheard_hint = unheard_hint
         # on_stopping(node): the node's close notice said it is stopping
         self.on_stopping = on_stopping
         self.address: Address = parse_address(node)
@@ -488,7 +498,9 @@ class Endpoint:
                     self._unheard += 1
                     if self._unheard > 1:
                         self._connect_failed(f"the node closed the last {self._unheard} "
-                                             "connections without answering")
+                                             "connections without answering"
+                                             + (f" {self.unheard_hint}" if self.unheard_hint
+                                                else ""))
             now = time.monotonic()
             if now < self._retry_at:
                 raise TransportError(f"{self._backoff_why}; retrying in "
@@ -565,7 +577,8 @@ class Endpoint:
         def factory() -> ClientConnection:
             return ClientConnection(self.node, self.max_frame_size, self.max_depth,
                                     heartbeats=bool(self._heartbeat_interval),
-                                    on_stopping=self._stopping)
+                                    on_stopping=self._stopping,
+                                    unheard_hint=self.unheard_hint)
 
         if self.address.path is not None:
             opening = loop.create_unix_connection(
