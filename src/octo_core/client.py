@@ -570,8 +570,8 @@ class AsyncClient:
                      else RpcError if result.type == protocol.LOADSHEDDING   # refused, not run
                      else ApplicationError)
             raise _application_exception(
-                error, _text(result.message) or f"application exception type {result.type}",
-                result.type, method, node)
+                error, _text(result.message) or _unexplained(result.type), result.type,
+                method, node)
         # success first, then the declared exceptions: the order in which thriftpy2's
         # and Apache's clients read a result (a result may carry both)
         if method.returns_value and result.success is not None:
@@ -677,6 +677,24 @@ def _text(message: Any) -> Optional[str]:
     if isinstance(message, bytes):
         return message.decode("utf-8", "backslashreplace")
     return message
+
+
+#: TApplicationException types by number (Apache Thrift's; thriftpy2 has the first eight).
+_APPLICATION_EXCEPTION_TYPES = (
+    "UNKNOWN", "UNKNOWN_METHOD", "INVALID_MESSAGE_TYPE", "WRONG_METHOD_NAME",
+    "BAD_SEQUENCE_ID", "MISSING_RESULT", "INTERNAL_ERROR", "PROTOCOL_ERROR",
+    "INVALID_TRANSFORM", "INVALID_PROTOCOL", "UNSUPPORTED_CLIENT_TYPE")
+
+
+def _unexplained(kind: Any) -> str:
+    """What a TApplicationException that came without a message is said as: its
+    type by name (thriftpy2's server sends UNKNOWN_METHOD so, for a method its
+    IDL, older than the caller's, lacks)."""
+    if kind == TApplicationException.UNKNOWN_METHOD:
+        return "the node has no such method (UNKNOWN_METHOD: its IDL may be older)"
+    if isinstance(kind, int) and 0 <= kind < len(_APPLICATION_EXCEPTION_TYPES):
+        return f"application exception {_APPLICATION_EXCEPTION_TYPES[kind]} (type {kind})"
+    return f"application exception type {kind}"
 
 
 def _application_exception(error: type, text: str, kind: int, method: idl.Method,
