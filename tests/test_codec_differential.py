@@ -474,9 +474,13 @@ def test_sets_decode_as_sets_and_unhashable_sets_as_lists():
     assert type(back.set_of_lists) is list and back.set_of_lists == [[1, 2], [3]]
     assert type(back.set_of_sets[0]) is set
     assert type(back.points) is set
-    c = decode(IDL.Containers, encode(IDL.Containers(tags={"a", "b"}, color_set={1})))
+    data = encode(IDL.Containers(tags={"a", "b"}, color_set={1}))
+    c = decode(IDL.Containers, data)
     assert type(c.tags) is set and c.tags == {"a", "b"}
     assert type(c.color_set) is set
+    # the difference the README and codec docs warn thriftpy2 users of
+    assert type(tp_decode(IDL.Containers, data).tags) is list
+    assert type(tp_decode(IDL.Containers, data, cy=True).tags) is list
 
 
 def test_encode_accepts_equivalent_python_containers():

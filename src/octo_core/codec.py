@@ -5,7 +5,10 @@ a whole strict TBinaryProtocol message (the old non-strict header is accepted
 on decode). Decoding enforces ``Limits``; every failure is an
 ``octo_core.errors.EncodeError`` or ``DecodeError``. A ``string`` that is not
 UTF-8 decodes to its bytes, as thriftpy2 reads it (C++, Go and older peers may
-put GBK and the like there); bytes are written as they are.
+put GBK and the like there); bytes are written as they are. A ``set<T>``
+decodes as a Python ``set`` (Apache's Python does so; thriftpy2 gives a
+``list``), or as a ``list`` when its elements are lists, sets or maps, which
+Python cannot hash.
 """
 from __future__ import annotations
 
