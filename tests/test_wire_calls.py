@@ -484,7 +484,9 @@ def test_service_name_override():
                                     service_name="com.example.EchoService") as named:
                 assert await named.echo("named") == "named"
             async with async_client(Echo, server.address) as default:
-                with pytest.raises(ServiceError):       # "Echo" is not hosted under that name
+                # "Echo" is not hosted under that name, and is told the one it has
+                with pytest.raises(ServiceError,
+                                   match="service_name='com.example.EchoService'"):
                     await default.echo("x")
             async with async_client(Echo, server.address, protocol="thrift") as native:
                 assert await native.echo("by method") == "by method"
@@ -604,6 +606,13 @@ def test_a_service_hosted_beside_the_one_it_extends_answers_native_calls_of_both
                     assert await client.put("k") == "k"
                 async with async_client(monitored, server.address, protocol=protocol) as client:
                     assert await client.status() == "ALIVE"
+        async with serving([(store, handler, None)]) as server:
+            # Store alone: a unified client of the base is told how to reach it
+            async with async_client(monitored, server.address) as client:
+                with pytest.raises(ServiceError, match="service_name='Store'"):
+                    await client.status()
+            async with async_client(monitored, server.address, service_name="Store") as client:
+                assert await client.status() == "ALIVE"
         async with serving([(store, StoreHandler(), None),
                             (monitored, StoreHandler(), None)]) as server:
             async with async_client(store, server.address, protocol="thrift") as client:

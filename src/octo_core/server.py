@@ -918,8 +918,7 @@ class Server:
             # as serviceName does on the unified protocol; the reply names the method alone.
             service = self._services.get(service_name)
             if service is None:
-                self._unknown(reply, UNKNOWN, method, seqid,
-                              f"service {service_name!r} is not hosted by {self.appkey}")
+                self._unknown(reply, UNKNOWN, method, seqid, self._not_hosted(service_name))
                 return
             begin = (method, msg_type, seqid, offset)
         else:
@@ -949,7 +948,21 @@ class Server:
             refusal = self._authenticate(head.service_name or "", method, reply, head, body)
             if refusal is not None:
                 return refusal
-        return Status.SERVICE_EXCEPTION, f"service {head.service_name!r} is not hosted by {self.appkey}"
+        return Status.SERVICE_EXCEPTION, self._not_hosted(head.service_name)
+
+    def _not_hosted(self, name: Optional[str]) -> str:
+        """Why a call to service ``name`` finds none. A client made from the IDL
+        of a service hosted under another name, or of one a hosted service
+        ``extends``, names that: it is told which hosted service has its methods."""
+        why = f"service {name!r} is not hosted by {self.appkey}"
+        if self.auth is not None:   # a native caller is refused unauthenticated: names stay in
+            return why
+        serving = [entry.name for entry in self._services.values()
+                   if any(cls.__name__ == name for cls in entry.service.__mro__)]
+        if serving:
+            why += (f", but its methods are, in {', '.join(map(repr, serving))}: call with "
+                    f"service_name={serving[0]!r} (or host {name!r} too, with the same handler)")
+        return why
 
     def _authenticate(self, service: str, name: str, reply: Reply, head: Optional[_codec.Head],
                       body: Any) -> Optional[Tuple[int, str]]:
