@@ -316,6 +316,14 @@ def test_what_is_no_number_is_still_refused(field, value):
         encode(IDL.Scalars(**{field: value}))
 
 
+def test_a_float_for_an_integer_field_is_refused_with_the_way_out():
+    # thriftpy2's default codec truncates it silently (time.time() * 1000 for an
+    # i64): the refusal says what to pass instead
+    with pytest.raises(EncodeError, match=r"^Scalars\.large: expected int for i64, got float "
+                                          r"1700000000000\.25 \(.*pass int\(\) or round\(\)"):
+        encode(IDL.Scalars(large=1700000000000.25))
+
+
 def test_encode_error_message_format():
     with pytest.raises(EncodeError, match=r"^Scalars\.medium: expected int for i32, got str$"):
         encode(IDL.Scalars(medium="x"))

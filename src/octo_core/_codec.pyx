@@ -527,6 +527,11 @@ cdef str _tname(object v):
 
 
 cdef int _int_type_error(object v, int kind) except -1:
+    if isinstance(v, float):
+        # time.time() * 1000 for an i64: thriftpy2's default (cybin) codec wrote it
+        # truncated, without a word, so code moved from it meets this first
+        raise TypeError(f"expected int for {_TYPE_NAMES[kind]}, got float {v!r} (thriftpy2's "
+                        f"default codec truncated it silently: pass int() or round() of it)")
     raise TypeError(f"expected int for {_TYPE_NAMES[kind]}, got {_tname(v)}")
 
 
