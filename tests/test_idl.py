@@ -5,6 +5,7 @@ import os
 import re
 
 import pytest
+import thriftpy2
 
 import octo_core
 
@@ -279,3 +280,18 @@ def test_what_is_no_service_class_is_refused_saying_what_to_give(given, says):
         octo_core.AsyncClient(given, appkey=CLIENT_APPKEY, hosts=["127.0.0.1:1"])
     with pytest.raises(TypeError, match=re.escape(says)):
         octo_core.Server(SERVER_APPKEY).add_service(given, EchoHandler())
+
+
+def test_an_idl_thriftpy2_loaded_already_is_that_very_module(tmp_path):
+    """A service moving from thriftpy2 keeps its ``thriftpy2.load`` (in a shared
+    models module, say) beside ``load_idl`` for a while: one file is one module,
+    so the structs and exceptions either side makes are the other's too."""
+    (tmp_path / "mig_common.thrift").write_text("exception Missing { 1: i64 id }\n")
+    path = tmp_path / "mig_users.thrift"
+    path.write_text('include "mig_common.thrift"\n'
+                    "service Users { void get(1: i64 id) throws (1: mig_common.Missing m) }\n")
+    theirs = thriftpy2.load(str(path), module_name="mig_users_thrift",
+                            include_dirs=[str(tmp_path)])
+    ours = octo_core.load_idl(str(path))
+    assert ours is theirs
+    assert ours.mig_common.Missing is theirs.mig_common.Missing
