@@ -357,8 +357,6 @@ class ClientConnection(FramedProtocol):
         # (never read from, its last_read is still when it was made)
         self.dropped_unheard = not self._closed_here and not self.heard_from and (
             bool(pending) or self.loop.time() - self.last_read < DROPPED_AT_ONCE)
-        if self.dropped_unheard and pending and self.unheard_hint:
-            why = f"{why} {self.unheard_hint}"
         for future, _, method in pending.values():
             if not future.done():
                 future.set_exception(closed_error(why, method=method or None, node=self.node))
@@ -379,7 +377,10 @@ class ClientConnection(FramedProtocol):
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         super().connection_lost(exc)
-        self._fail_pending(f"connection closed{': ' + str(exc) if exc else ''}")
+        why = f"connection closed{': ' + str(exc) if exc else ''}"
+        if self.unheard_hint and self._pending and not self.heard_from:
+            why = f"{why} {self.unheard_hint}"   # the node's doing: not the client's close
+        self._fail_pending(why)
 
 
 #: Calls waiting on a connection before the first sweep of those whose caller gave up.
