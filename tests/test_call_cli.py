@@ -13,7 +13,7 @@ import octo_core
 from octo_core import cli, jsonvalue
 
 import strategies
-from wire_helpers import ECHO_IDL, EchoHandler, echo_services, serving_in_thread
+from wire_helpers import ECHO_IDL, SERVER_APPKEY, EchoHandler, echo_services, serving_in_thread
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 everything = octo_core.load_idl(os.path.join(HERE, "idl", "everything.thrift"),
@@ -100,6 +100,13 @@ def test_octo_call_prints_the_answer_and_a_declared_exception_as_json(capsys, pr
         assert status == 1 and out == "" and "ValueError: boom" in err
 
 
+def test_octo_call_finds_the_nodes_in_a_registry(capsys, tmp_path):
+    url = f"file://{tmp_path}"
+    with serving_in_thread(echo_services(Answers()), registry=url, unregister_delay=0.0):
+        assert run_cli(capsys, ECHO_IDL, "echo", '{"text": "found"}', "--registry", url,
+                       "--remote-appkey", SERVER_APPKEY) == (0, '"FOUND"\n', "")
+
+
 def test_octo_call_reads_its_arguments_from_stdin(capsys, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO('{"text": "from stdin"}'))
     with serving_in_thread(echo_services(Answers())) as server:
@@ -121,10 +128,12 @@ def test_octo_call_says_why_a_call_could_not_be_made(capsys):
     ([ECHO_IDL, "echo", "{not json", "--host", "h:1"], "Expecting property name"),
     ([ECHO_IDL, "echo", '{"text": 1}', "--host", "h:1"], r"args\.text: expected a string"),
     ([ECHO_IDL, "echo", "--registry", "file:///tmp"], "--registry needs --remote-appkey"),
+    ([ECHO_IDL, "echo", "--registry", "memory://x", "--remote-appkey", "a"],
+     "a memory registry lives in one process"),
     (["/no/such.thrift", "echo", "--host", "h:1"], "No such file"),
     ([ECHO_IDL, "echo"], "one of the arguments --host --registry is required"),
 ], ids=["ambiguous", "no method", "no service", "bad json", "bad value", "no appkey",
-        "no idl", "no node"])
+        "memory registry", "no idl", "no node"])
 def test_octo_call_refuses_what_it_cannot_call_as_a_usage_error(capsys, argv, why):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["call", *argv])

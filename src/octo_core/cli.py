@@ -352,6 +352,9 @@ def _call(argv: List[str]) -> int:
     args = parser.parse_args(argv)
     if args.registry and not args.remote_appkey:
         parser.error("--registry needs --remote-appkey")
+    problem = args.registry and _registry_problem(args.registry, once=True)
+    if problem:
+        parser.error(f"argument --registry: {problem}")
     try:
         module = load_idl(args.idl)
         service, method = _method_of(module, args.method)
