@@ -1033,11 +1033,34 @@ def test_a_probed_node_gets_no_call_while_its_connect_fails():
         probe.down.clear()
         send.behaviours.clear()
         await asyncio.sleep(2.5)                 # the next probe connects
-        assert not cluster._degraded
         del send.attempts[:]
         for _ in range(10):
             await cluster.invoke(send, timeout=1.0)
         assert send.keys.count(down) == 5
+        assert not cluster._degraded             # (its first call answered)
+    run_virtual(main())
+
+
+def test_a_probed_node_that_connects_takes_one_call_before_the_others():
+    """A probe proves the connect, not the calls: once it connects, one call at a
+    time tries the node (as without a probe), so a node that accepts connections
+    and drops every call loses one call, not every call in flight meanwhile."""
+    async def main():
+        nodes = numbered_nodes(2)
+        down = nodes[0].key
+        probe = ConnectProbe(set())              # it connects ...
+        cluster = make_cluster(policy="failfast", nodes=nodes, lb="roundrobin",
+                               breaker=NO_BREAKER, probe=probe)
+        dropped = lambda: TransportError("connection closed", request_sent=True)  # noqa: E731
+        send = ScriptedSend({down: fail(dropped, after=0.05)})   # ... and drops the call
+        cluster.degrade(nodes[0])
+        await asyncio.sleep(2.5)                 # the probe connected
+        assert probe.probed == [down]
+        outcomes = await asyncio.gather(*(outcome(cluster.invoke(send, timeout=1.0))
+                                          for _ in range(10)))
+        assert send.keys.count(down) == 1
+        assert sum(isinstance(o, TransportError) for o in outcomes) == 1
+        assert down in cluster._probes           # degraded anew, probed again
     run_virtual(main())
 
 

@@ -209,11 +209,11 @@ class Cluster:
         """OCTO's connection degrade: no calls to ``node`` until it connects again.
 
         With a ``probe`` (a client's: a connect alone) the node is tried every
-        ``retry_in`` seconds in the background and gets calls again once the
-        probe connects: no call is spent finding out that it is still down.
-        Without one, after ``retry_in`` seconds one call at a time tries it (the
-        others keep away until one gets a connection), so a connect that hangs
-        holds up one call, not all of them. ``retry_in`` defaults to ``DEGRADE_SECONDS``."""
+        ``retry_in`` seconds in the background: no call is spent finding out that
+        it is still down. Without one, the degrade ends after ``retry_in`` seconds.
+        Once it ends, one call at a time tries the node (the others keep away
+        until one is answered), so a connect that hangs, or a node that accepts
+        and drops every call, holds up one call, not all of them. ``retry_in`` defaults to ``DEGRADE_SECONDS``."""
         key = node.key
         if key not in self._listed:
             return
@@ -243,8 +243,11 @@ class Cluster:
             self.degrade(node, retry_in)
             return
         del self._probes[node.key]
-        if self._degraded.pop(node.key, None) is not None:
-            self._tell_router()
+        if node.key in self._degraded:
+            # It connects, which says nothing of its answers: its degrade ends now, and
+            # one call at a time tries it until one is answered (see _attempt), so a node
+            # that accepts connections and drops every call loses one call, not all.
+            self._degraded[node.key] = self._running_loop().time()
 
     def close(self) -> None:
         """Stop probing degraded nodes (the client closes)."""
