@@ -132,8 +132,14 @@ def test_octo_call_says_why_a_call_could_not_be_made(capsys):
      "a memory registry lives in one process"),
     (["/no/such.thrift", "echo", "--host", "h:1"], "No such file"),
     ([ECHO_IDL, "echo"], "one of the arguments --host --registry is required"),
+    ([ECHO_IDL, "echo", "--host", "nonsense"], "address 'nonsense' is not host:port"),
+    ([ECHO_IDL, "echo", "--registry", "bogus://x", "--remote-appkey", "a.b"],
+     "unknown registry scheme"),
+    ([ECHO_IDL, "echo", "--host", "h:1", "--token", "t"], "token= needs remote_appkey="),
+    ([ECHO_IDL, "echo", "[" * 100_000, "--host", "h:1"], "recursion"),
 ], ids=["ambiguous", "no method", "no service", "bad json", "bad value", "no appkey",
-        "memory registry", "no idl", "no node"])
+        "memory registry", "no idl", "no node", "bad host", "bad registry", "token alone",
+        "deep json"])
 def test_octo_call_refuses_what_it_cannot_call_as_a_usage_error(capsys, argv, why):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["call", *argv])

@@ -360,18 +360,22 @@ def _call(argv: List[str]) -> int:
         service, method = _method_of(module, args.method)
         text = sys.stdin.read() if args.arguments == "-" else args.arguments
         arguments = jsonvalue.args_from_json(getattr(service, f"{method}_args"), json.loads(text))
-    except (OSError, ValueError) as exc:   # (json's JSONDecodeError is a ValueError)
-        parser.error(str(exc))
+    except (OSError, ValueError, RecursionError) as exc:   # (JSONDecodeError: a ValueError;
+        parser.error(str(exc))                             # JSON nested past Python's stack)
     where: Dict[str, Any] = ({"hosts": args.host} if args.host else
                              {"registry": args.registry})
     options = {key: value for key, value in (("service_name", args.service_name),
                                              ("token", args.token),
                                              ("remote_appkey", args.remote_appkey))
                if value is not None}
+    try:   # (made before its loop runs: it binds to the loop at its first call)
+        client = AsyncClient(service, appkey=args.appkey, timeout=args.timeout,
+                             protocol=args.protocol, **where, **options)
+    except ValueError as exc:   # a --host, --registry or --token no client can use
+        parser.error(str(exc))
 
     async def call() -> Any:
-        async with AsyncClient(service, appkey=args.appkey, timeout=args.timeout,
-                               protocol=args.protocol, **where, **options) as client:
+        async with client:
             return await client.call(method, **arguments)
 
     result_cls = getattr(service, f"{method}_result", None)   # (none for oneway)
