@@ -25,11 +25,12 @@ from thriftpy2.thrift import TApplicationException
 import octo_core
 
 from octo_core import protocol, server as server_module
+from octo_core.cluster.breaker import BreakerState
 from octo_core.protocol import NodeStatus
 from octo_core.auth import Authenticator, StaticTokens
 from octo_core.transport import server as server_conn
-from octo_core.errors import (CallTimeout, DegradeError, OctoError, RpcError, Status,
-                              TransportError)
+from octo_core.errors import (ApplicationError, CallTimeout, DegradeError, OctoError, RpcError,
+                              Status, TransportError)
 
 from wire_helpers import (CLIENT_APPKEY, EVERYTHING, LOCALHOST, SERVER_APPKEY, Echo, EchoHandler,
                           EverythingStubs, async_client, decode_body, echo_services, framed_request,
@@ -273,6 +274,33 @@ def test_refusals_under_overload_do_not_pull_the_latency_percentiles_down():
     run(main())
 
 
+def test_a_handler_that_ran_never_says_loadshedding_so_failover_does_not_repeat_it():
+    """LOADSHEDDING (type 11) on native thrift says the call did not run, and
+    failover repeats any method so told. A handler that raises it has run (a
+    proxy relaying its backend's, say): it goes out as INTERNAL_ERROR, with its
+    message, and a method that is not idempotent runs once."""
+    class Relaying(EchoHandler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ran = 0
+
+        async def echo(self, text: str) -> str:
+            self.ran += 1
+            raise TApplicationException(protocol.LOADSHEDDING, "the backend shed it")
+    first, second = Relaying(), Relaying()
+
+    async def main():
+        async with serving(echo_services(first)) as one, serving(echo_services(second)) as two, \
+                octo_core.AsyncClient(Echo, appkey=CLIENT_APPKEY, timeout=8, protocol="thrift",
+                                      cluster="failover", lb="roundrobin", breaker=NO_BREAKER,
+                                      hosts=[one.address, two.address]) as client:
+            with pytest.raises(ApplicationError, match="the backend shed it") as failed:
+                await client.echo("once")
+            assert failed.value.type == TApplicationException.INTERNAL_ERROR
+            assert first.ran + second.ran == 1
+    run(main())
+
+
 def test_a_native_thrift_refusal_says_the_call_did_not_run_so_failover_takes_it_elsewhere():
     """Native thrift has no status: a call the server refused without running it
     (here: max_in_flight) is a TApplicationException of type LOADSHEDDING
@@ -455,6 +483,24 @@ def test_quota_applies_to_native_thrift_callers_as_anonymous():
             assert all(isinstance(r, OctoError) for r in results if isinstance(r, BaseException))
             # a named caller is not covered by the "" quota
             assert len(await asyncio.gather(*(unified.echo("u") for _ in range(10)))) == 10
+
+    run(main())
+
+
+def test_a_native_quota_refusal_does_not_open_the_callers_breaker():
+    """A quota refusal proves the node up (it serves others): on native thrift too it
+    never counts against the node in the caller's breaker, as status 6 does not on
+    the unified protocol. (Overload refusals, LOADSHEDDING, do count.)"""
+    async def main():
+        async with serving(echo_services(), quotas={"": 1}) as server, \
+                async_client(Echo, server.address, protocol="thrift",
+                             breaker=dict(consecutive_failures=2)) as native:
+            results = await asyncio.gather(*(native.echo("n") for _ in range(10)),
+                                           return_exceptions=True)
+            refused = [r for r in results if isinstance(r, BaseException)]
+            assert len(refused) >= 5 and all("quota" in str(r) for r in refused), refused
+            (node,) = native._cluster.router.nodes
+            assert native._cluster.breaker(node).state is BreakerState.CLOSED
 
     run(main())
 

@@ -44,8 +44,8 @@ MAX_HEADER_LENGTH = 32767
 #: it is idle, the node's status). No call's sequence id is negative.
 CLOSE_NOTICE_SEQUENCE = -1
 #: The TApplicationException type of a native thrift request the server refused
-#: without running it (overload, stopping, a quota): fbthrift's LOADSHEDDING, an
-#: addition to the contract, where unified replies carry status 3 or 6 (§2).
+#: without running it (overload, stopping): fbthrift's LOADSHEDDING, an addition
+#: to the contract, where unified replies carry status 3 (§2).
 #: Native thrift has no status: without it a refusal read as the handler's own
 #: error, and an idempotent call was not tried on another node.
 LOADSHEDDING = 11

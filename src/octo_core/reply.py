@@ -23,10 +23,12 @@ MAX_ERROR_TEXT = 4096
 #: Refusals of native oneway calls (a peer calling a method this port lacks, or
 #: an overloaded server): their callers read no answer, so the log is the trace.
 _DROPPED = Throttle(10.0, log)
-#: The TApplicationException type of a native refusal, by the status a unified one has.
+#: The TApplicationException type of a native refusal, by the status a unified one
+#: has. A quota's (status 6) stays INTERNAL_ERROR: as LOADSHEDDING it would count
+#: against the node in the caller's breaker, as an overload does, though the node
+#: is up and serves others (a unified client tells the two apart by the status).
 _NATIVE_REFUSALS: Dict[int, int] = {Status.PROTOCOL_EXCEPTION: TApplicationException.PROTOCOL_ERROR,
-                                     Status.RPC_EXCEPTION: protocol.LOADSHEDDING,
-                                     Status.DEGRADE_EXCEPTION: protocol.LOADSHEDDING}
+                                     Status.RPC_EXCEPTION: protocol.LOADSHEDDING}
 
 
 class Reply:

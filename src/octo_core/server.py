@@ -1169,9 +1169,12 @@ class Server:
                               if _codec.is_twin(type(exc), cls)), None)
             if field is None and isinstance(exc, TApplicationException):
                 # the handler's own protocol-level answer: sent as it is, as
-                # thriftpy2's and Apache's processors send it
+                # thriftpy2's and Apache's processors send it -- but for LOADSHEDDING,
+                # which says the call did not run (failover may repeat it): this one did
                 if send:
-                    reply.app_exception(name, seqid, exc.type, exc.message)
+                    kind = (TApplicationException.INTERNAL_ERROR
+                            if exc.type == protocol.LOADSHEDDING else exc.type)
+                    reply.app_exception(name, seqid, kind, exc.message)
                 return Status.APPLICATION_EXCEPTION
             if field is None:
                 # a bug in the handler: the server's log keeps its traceback (the
