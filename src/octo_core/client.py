@@ -611,6 +611,7 @@ class AsyncClient:
         self._loop_thread = None     # every call takes the slow path, which refuses it
         if self._collected is not None:   # nothing of the parent's is closed from here
             self._collected.detach()
+        self._cluster.close()        # nor does a probe of the parent's dial from the child
 
     def _parts(self) -> Tuple[Cluster, Dict[str, Endpoint], Set[Endpoint], Optional[Directory],
                               Optional[Registry]]:
