@@ -205,7 +205,11 @@ def test_a_node_that_hangs_and_leaves_is_let_go_with_its_heartbeat_unanswered():
                                                  heartbeat_interval=0.5) as client:
                     with pytest.raises(TransportError):           # a timeout: still connected
                         await client.echo("no answer")
-                    (conn,) = [c for c in client._endpoints[f"{LOCALHOST}:{port}"]._conns if c]
+                    # (on a loaded machine the 50 ms may run out before the connect ends;
+                    # the connect goes on, and the heartbeat follows once it is made)
+                    endpoint = client._endpoints[f"{LOCALHOST}:{port}"]
+                    await wait_until(lambda: any(endpoint._conns), what="the connection")
+                    (conn,) = [c for c in endpoint._conns if c]
                     await wait_until(lambda: conn.in_flight == 1)  # the heartbeat, waiting
                     await registry.register(Node(APPKEY, LOCALHOST, other.port))
                     await registry.unregister(APPKEY, node.key)
