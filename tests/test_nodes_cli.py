@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 
 import pytest
 
@@ -67,3 +68,14 @@ def test_octo_nodes_refuses_what_it_cannot_do_as_a_usage_error(capsys, argv, why
     with pytest.raises(SystemExit) as exit_:
         cli.main(["nodes", APPKEY, *argv])
     assert exit_.value.code == 2 and why in capsys.readouterr().err
+
+
+def test_octo_nodes_without_kazoo_says_which_extra_to_install(capsys, monkeypatch):
+    """It printed open_registry's traceback, where ``octo scanner`` and ``octo call``
+    say in one line to install the zookeeper extra."""
+    monkeypatch.setitem(sys.modules, "octo_core.registry.zookeeper", None)   # an ImportError
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["nodes", APPKEY, "--registry", "zk://127.0.0.1:1"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "pip install octo_core[zookeeper]" in err
+    assert "Traceback" not in err

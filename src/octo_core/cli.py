@@ -224,7 +224,7 @@ def _nodes(argv: List[str]) -> int:
     """``octo nodes``: list, or change one node; a registry that fails exits 1."""
     from octo_core.errors import OctoError
     from octo_core.protocol import NodeStatus
-    from octo_core.registry import open_registry
+    from octo_core.registry import RegistryError, open_registry
     from octo_core.registry.node import Role
     from octo_core.transport.loop import new_event_loop
 
@@ -243,7 +243,7 @@ def _nodes(argv: List[str]) -> int:
         parser.error(f"argument --registry: {problem}")
     try:
         registry = open_registry(args.registry)
-    except ValueError as exc:
+    except (ValueError, RegistryError) as exc:   # (zk:// without kazoo: as the scanner says it)
         parser.error(f"argument --registry: {exc}")
 
     async def run() -> Any:
