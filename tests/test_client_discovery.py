@@ -16,6 +16,7 @@ import pytest
 import octo_core
 from octo_core.cluster.routing import NoRouteError, RouteRule
 from octo_core.errors import CallTimeout, ClientClosed, TransportError
+from octo_core.protocol import NodeStatus
 from octo_core.registry import Node, RegistryError, Watch
 from octo_core.registry.base import WatchCallback
 from octo_core.registry.memory import MemoryRegistry
@@ -282,6 +283,25 @@ def test_a_registry_listing_no_node_of_the_callee_says_so_and_names_the_method()
                                       f"no node of {APPKEY!r} serving Echo (method echo)")
     run(main())
 
+
+
+def test_a_registry_listing_only_nodes_not_alive_says_their_statuses():
+    """With the one node the scanner marked DEAD, it said only "no node is available
+    for this call (method echo)": nothing to tell it from a router or breaker refusal."""
+    async def main():
+        async with OutageRegistry() as registry:
+            registry.down = False
+            for host, status in [("127.0.0.2", NodeStatus.DEAD), ("127.0.0.3", NodeStatus.DEAD),
+                                 ("127.0.0.4", NodeStatus.STOPPED)]:
+                await registry.register(Node(APPKEY, host, 1, status=status))
+            async with octo_core.AsyncClient(Echo, appkey="com.example.caller",
+                                             remote_appkey=APPKEY, registry=registry) as client:
+                with pytest.raises(NoRouteError) as refused:
+                    await client.echo("x")
+        assert str(refused.value) == (
+            "no node is available for this call: the registry lists 3 node(s) of "
+            f"{APPKEY!r} serving Echo, none ALIVE (2 DEAD, 1 STOPPED) (method echo)")
+    run(main())
 
 class SilentRegistry(OutageRegistry):
     """A registry that, while ``down``, answers no question at all (a ZooKeeper

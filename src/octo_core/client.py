@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import collections.abc
 import concurrent.futures
 import functools
@@ -211,7 +212,7 @@ class AsyncClient:
             unheard_hint=_UNIFIED_UNHEARD_HINT if self.unified else "")
         self._endpoints: Dict[str, Endpoint] = {}
         self._retired: Set[Endpoint] = set()            # of nodes that left, calls still on them
-        self._listed: Optional[Set[str]] = None         # node addresses, from a registry
+        self._listed: Optional[Dict[str, int]] = None   # node address: status, from a registry
         self._closed = False
         self._inherited = False   # this is a forked child's copy (see _inherited_by_fork)
         self._collected: Optional[weakref.finalize] = None   # set with the client's loop
@@ -337,9 +338,8 @@ class AsyncClient:
         except OctoError as exc:
             status = exc.status
             exc.method = exc.method or method.name   # (a NoRouteError knows no method)
-            if isinstance(exc, NoRouteError) and self._listed == set():   # a misspelt appkey?
-                exc.message += (f": the registry lists no node of {self.remote_appkey!r} "
-                                f"serving {self.service_name}")
+            if isinstance(exc, NoRouteError) and self._listed is not None:
+                exc.message += self._why_no_node()
             raise
         except Exception as exc:
             status = Status.SUCCESS if _declared(method, exc) else Status.REMOTE_EXCEPTION
@@ -348,6 +348,20 @@ class AsyncClient:
             self.metrics.finished(stats, time.monotonic() - started, status)
             for end in ends or ():
                 end(status)
+
+    def _why_no_node(self) -> str:
+        """What the registry said, when no node could take a call: none listed (a
+        misspelt appkey?) or none ALIVE (the scanner marked them DEAD, an operator
+        STOPPED them), else nothing (their circuits or connects failed)."""
+        listed = self._listed or {}
+        where = f"of {self.remote_appkey!r} serving {self.service_name}"
+        if not listed:
+            return f": the registry lists no node {where}"
+        if protocol.NodeStatus.ALIVE in listed.values():
+            return ""
+        statuses = collections.Counter(_status_name(status) for status in listed.values())
+        counts = ", ".join(f"{count} {name}" for name, count in sorted(statuses.items()))
+        return f": the registry lists {len(listed)} node(s) {where}, none ALIVE ({counts})"
 
     def _check_caller(self, method: idl.Method) -> None:
         """A call's slow path: refuse it on a closed client or from a loop other than
@@ -425,7 +439,7 @@ class AsyncClient:
         already on them are answered)."""
         nodes = [node for node in nodes if node.serves(self._named_service, self.unified)]
         self._cluster.update(nodes, rules)
-        self._listed = {node.address for node in nodes}
+        self._listed = {node.address: node.status for node in nodes}
         self._retired.difference_update([e for e in self._retired if e.finished])
         for address in [address for address in self._endpoints if address not in self._listed]:
             endpoint = self._endpoints.pop(address)
@@ -653,6 +667,14 @@ def _seconds(name: str, seconds: Any) -> float:
     """``seconds``, at most the longest deadline the wire carries (about 24.8 days;
     so no arithmetic on it overflows); ``ValueError`` unless a positive, finite number."""
     return min(finite_number(name, seconds), _MAX_TIMEOUT_MS / 1000)
+
+
+def _status_name(status: int) -> str:
+    """A node status's name (a registry may hold a number no NodeStatus has)."""
+    try:
+        return protocol.NodeStatus(status).name
+    except ValueError:
+        return f"status {status}"
 
 
 def _argument_error(method: idl.Method, args: tuple, kwargs: Dict[str, Any],
