@@ -137,9 +137,13 @@ def test_octo_call_says_why_a_call_could_not_be_made(capsys):
      "unknown registry scheme"),
     ([ECHO_IDL, "echo", "--host", "h:1", "--token", "t"], "token= needs remote_appkey="),
     ([ECHO_IDL, "echo", "[" * 100_000, "--host", "h:1"], "recursion"),
+    ([ECHO_IDL, "echo", "--registry", "file://tmp/x", "--remote-appkey", "a"],
+     "a file registry URL is file:///absolute/dir"),
+    ([ECHO_IDL, "echo", "--registry", "file:///no/such/dir", "--remote-appkey", "a"],
+     "no such directory"),
 ], ids=["ambiguous", "no method", "no service", "bad json", "bad value", "no appkey",
         "memory registry", "no idl", "no node", "bad host", "bad registry", "token alone",
-        "deep json"])
+        "deep json", "bad registry URL", "no registry dir"])
 def test_octo_call_refuses_what_it_cannot_call_as_a_usage_error(capsys, argv, why):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["call", *argv])

@@ -59,6 +59,7 @@ def test_octo_nodes_lists_and_changes_the_nodes_a_provider_registered(tmp_path, 
 @pytest.mark.parametrize("argv, why", [
     (["--registry", "memory://x"], "a memory registry lives in one process"),
     (["--registry", "file:///no/such/dir"], "no such directory"),
+    (["--registry", "file://tmp/x"], "a file registry URL is file:///absolute/dir"),
     (["--registry", "ftp://x"], "unknown registry scheme"),
     (["--registry", "file:///tmp", "--weight", "3"], "--set IP:PORT goes with"),
     (["--registry", "file:///tmp", "--set", "1.2.3.4:5"], "--set IP:PORT goes with"),

@@ -180,7 +180,8 @@ def _registry_problem(url: str, once: bool) -> Optional[str]:
     if parts.scheme == "memory":
         return (f"{url}: a memory registry lives in one process, so this command's own "
                 "never holds a node; use file:///dir or zk://")
-    if parts.scheme == "file" and once and not os.path.isdir(urllib.parse.unquote(parts.path)):
+    if (parts.scheme == "file" and once and not parts.netloc   # (file://dir: open_registry's)
+            and not os.path.isdir(urllib.parse.unquote(parts.path))):
         # (a long-running scanner may start before the first provider makes the directory)
         return f"{url}: no such directory"
     return None
@@ -371,7 +372,7 @@ def _call(argv: List[str]) -> int:
     try:   # (made before its loop runs: it binds to the loop at its first call)
         client = AsyncClient(service, appkey=args.appkey, timeout=args.timeout,
                              protocol=args.protocol, **where, **options)
-    except ValueError as exc:   # a --host, --registry or --token no client can use
+    except (ValueError, OctoError) as exc:   # a --host, --registry or --token no client can use
         parser.error(str(exc))
 
     async def call() -> Any:
