@@ -53,6 +53,12 @@ def test_octo_nodes_lists_and_changes_the_nodes_a_provider_registered(tmp_path, 
             status, out, err = await nodes_cli("--set", "10.0.0.9:1", "--weight", "3")
             assert status == 1 and out == "" and "has no node 10.0.0.9:1" in err
 
+            status = await asyncio.get_running_loop().run_in_executor(
+                None, cli.main, ["nodes", "com.example.misspelt", "--registry", url, "--json"])
+            out, err = capsys.readouterr()
+            assert (status, json.loads(out)) == (0, [])
+            assert "lists no node of 'com.example.misspelt'" in err
+
     asyncio.run(main())
 
 

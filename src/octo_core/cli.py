@@ -267,6 +267,8 @@ def _nodes(argv: List[str]) -> int:
         print(json.dumps([node.to_dict() for node in nodes], indent=2))
     else:
         _print_nodes(nodes)
+    if not nodes:   # (a misspelt appkey, or another env: say so, beside the empty list)
+        print(f"octo nodes: {args.registry} lists no node of {args.appkey!r}", file=sys.stderr)
     return 0
 
 
