@@ -213,7 +213,8 @@ class Cluster:
         it is still down. Without one, the degrade ends after ``retry_in`` seconds.
         Once it ends, one call at a time tries the node (the others keep away
         until one is answered), so a connect that hangs, or a node that accepts
-        and drops every call, holds up one call, not all of them. ``retry_in`` defaults to ``DEGRADE_SECONDS``."""
+        and drops every call, holds up one call, not all of them. ``retry_in``
+        defaults to ``DEGRADE_SECONDS``."""
         key = node.key
         if key not in self._listed:
             return
@@ -235,15 +236,16 @@ class Cluster:
         """One probe of a degraded node: it takes calls again, or is degraded anew.
         (Cancelled when the node leaves or the cluster closes.)"""
         assert self._probe is not None   # (degrade() starts probes only then)
+        failure: Optional[Exception] = None
         try:
             await self._probe(node)
         except Exception as exc:
-            del self._probes[node.key]
-            log.debug("%s still does not connect: %s", node.key, exc)
+            failure = exc
+        del self._probes[node.key]   # (not when cancelled: whoever cancelled it took it out)
+        if failure is not None:
+            log.debug("%s still does not connect: %s", node.key, failure)
             self.degrade(node, retry_in)
-            return
-        del self._probes[node.key]
-        if node.key in self._degraded:
+        elif node.key in self._degraded:
             # It connects, which says nothing of its answers: its degrade ends now, and
             # one call at a time tries it until one is answered (see _attempt), so a node
             # that accepts connections and drops every call loses one call, not all.
