@@ -702,11 +702,12 @@ def _text(message: Any) -> Optional[str]:
     return message
 
 
-#: TApplicationException types by number (Apache Thrift's; thriftpy2 has the first eight).
+#: TApplicationException types by number (Apache Thrift's, thriftpy2 has the first
+#: eight; then fbthrift's LOADSHEDDING, ``protocol.LOADSHEDDING``).
 _APPLICATION_EXCEPTION_TYPES = (
     "UNKNOWN", "UNKNOWN_METHOD", "INVALID_MESSAGE_TYPE", "WRONG_METHOD_NAME",
     "BAD_SEQUENCE_ID", "MISSING_RESULT", "INTERNAL_ERROR", "PROTOCOL_ERROR",
-    "INVALID_TRANSFORM", "INVALID_PROTOCOL", "UNSUPPORTED_CLIENT_TYPE")
+    "INVALID_TRANSFORM", "INVALID_PROTOCOL", "UNSUPPORTED_CLIENT_TYPE", "LOADSHEDDING")
 
 
 def _unexplained(kind: Any) -> str:
@@ -1045,8 +1046,8 @@ def _close_collected(thread: LoopThread, client: AsyncClient) -> None:
                   ResourceWarning)
 
 
-async def _close_parts(cluster: Cluster, endpoints: Dict[str, Endpoint],
-                       retired: Set[Endpoint], directory: Optional[Directory], registry: Optional[Registry]) -> None:
+async def _close_parts(cluster: Cluster, endpoints: Dict[str, Endpoint], retired: Set[Endpoint],
+                       directory: Optional[Directory], registry: Optional[Registry]) -> None:
     """Close an ``AsyncClient``'s probes and connections, its directory and the
     registry it opened."""
     cluster.close()
