@@ -30,6 +30,7 @@ from octo_core.errors import (ApplicationError, CallTimeout, DecodeError, Encode
 from octo_core.protocol import Header, NodeStatus
 from octo_core.throttle import Throttle
 from octo_core.transport import server as server_conn
+from octo_core.transport import client as client_conn
 from octo_core.transport import stream
 from octo_core.transport.client import Endpoint
 from octo_core.transport.loop import new_event_loop
@@ -460,6 +461,34 @@ def test_a_node_that_accepts_and_drops_is_not_redialled_for_every_call():
             assert any(text.startswith("the node closed the last 2 connections without "
                                        "answering") for text in said), said
             assert not any("connect failed" in text for text in said)
+
+    run(main())
+
+
+def test_a_node_that_closes_connections_before_any_call_is_not_blamed_on_the_protocol(
+        monkeypatch):
+    """A server that closes each connection at once, before a request is on it (an
+    octo_core server at its max_connections, one refusing the peer), has read no
+    unified frame: the backoff's message says the connections closed unanswered,
+    without the hint that the node may speak only native thrift."""
+    monkeypatch.setattr(client_conn, "DROPPED_AT_ONCE", 60.0)   # "at once" whatever the load
+
+    async def handle(reader, writer):
+        writer.close()
+
+    async def main():
+        async with fake_server(handle) as address:
+            endpoint = Endpoint(address, unheard_hint="(the protocol hint)")
+            try:
+                for _ in range(2):   # connections alone, as the cluster's probe opens them
+                    conn = await endpoint.connection()
+                    await wait_until(lambda: conn.closed)
+                with pytest.raises(TransportError) as info:
+                    await endpoint.connection()
+            finally:
+                endpoint.close()
+            assert "the node closed the last 2 connections without answering" in str(info.value)
+            assert "protocol hint" not in str(info.value)
 
     run(main())
 

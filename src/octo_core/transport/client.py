@@ -79,6 +79,9 @@ class ClientConnection(FramedProtocol):
         # It closed with not a byte from the node, on calls waiting for replies or
         # at once (see Endpoint._open): not an idle close of a oneway-only one.
         self.dropped_unheard = False
+        # ... with calls sent on it: what a native-thrift-only server does with a
+        # unified request (a server refusing the connection itself does it at once)
+        self.dropped_on_calls = False
         # close() was called here (the client retired it, or is closing): a close that
         # says nothing of the node, however young and unheard the connection
         self._closed_here = False
@@ -357,6 +360,7 @@ class ClientConnection(FramedProtocol):
         # (never read from, its last_read is still when it was made)
         self.dropped_unheard = not self._closed_here and not self.heard_from and (
             bool(pending) or self.loop.time() - self.last_read < DROPPED_AT_ONCE)
+        self.dropped_on_calls = self.dropped_unheard and bool(pending)
         for future, _, method in pending.values():
             if not future.done():
                 future.set_exception(closed_error(why, method=method or None, node=self.node))
@@ -500,8 +504,7 @@ class Endpoint:
                     if self._unheard > 1:
                         self._connect_failed(f"the node closed the last {self._unheard} "
                                              "connections without answering"
-                                             + (f" {self.unheard_hint}" if self.unheard_hint
-                                                else ""))
+                                             + self._unheard_hint(gone))
             now = time.monotonic()
             if now < self._retry_at:
                 raise TransportError(f"{self._backoff_why}; retrying in "
@@ -529,6 +532,13 @@ class Endpoint:
             if attempt.cancelled() and self.closed and not _cancelling(asyncio.current_task()):
                 raise self._closed_error() from None
             raise
+
+    def _unheard_hint(self, gone: ClientConnection) -> str:
+        """``unheard_hint`` for the backoff's message, when ``gone`` closed unheard
+        on calls sent to the node: a server that closes every connection at once
+        (at its max_connections, or refusing the peer) has read no request, so it
+        says nothing of the protocol."""
+        return f" {self.unheard_hint}" if self.unheard_hint and gone.dropped_on_calls else ""
 
     def _closed_error(self) -> TransportError:
         return closed_error(self._closed_why, node=self.node, request_sent=False)
