@@ -746,6 +746,22 @@ def test_an_oversized_request_fails_alone_before_it_is_sent(proto, compression):
     run(main())
 
 
+def test_a_request_over_the_servers_smaller_max_frame_size_is_named_as_a_cause():
+    """A server whose max_frame_size is below the client's closes the connection on
+    a request over it, without a byte, as a native thrift server closes a unified
+    one: the call is told both causes, not only protocol="thrift"."""
+    async def main():
+        async with serving(echo_services(), max_frame_size=4096) as server, \
+                async_client(Echo, server.address, timeout=5, breaker=NO_BREAKER) as client:
+            with pytest.raises(TransportError) as info:
+                await client.echo("x" * 10000)
+            assert 'protocol="thrift"' in str(info.value)
+            assert "over its max_frame_size" in str(info.value)
+            assert await client.echo("after") == "after"
+
+    run(main())
+
+
 @pytest.mark.parametrize("proto", ["octo", "thrift"])
 def test_an_oversized_reply_becomes_an_error_for_its_own_call(proto):
     """A result too big for max_frame_size is not sent (the client would close the

@@ -65,12 +65,16 @@ _REPLY, _NO_REPLY = CallType.REPLY, CallType.NO_REPLY
 _CALL, _EXCEPTION = TMessageType.CALL, TMessageType.EXCEPTION
 
 
-#: What a unified client adds when a node closes its connections without a byte:
-#: servers that speak only native thrift (thriftpy2's, Apache's) do, so a team
-#: migrating from them meets this first.
+#: What a unified client adds when a node closes its connections on calls without a
+#: byte: servers that speak only native thrift (thriftpy2's, Apache's) do, so a team
+#: migrating from them meets this first. A TLS server does so with a plaintext
+#: client (``_TLS_UNHEARD_HINT``), and an octo_core server with a frame over its
+#: max_frame_size: neither is helped by protocol="thrift".
 _UNIFIED_UNHEARD_HINT = ("(a server that speaks only native thrift, such as thriftpy2's "
                          "or Apache Thrift's, closes a unified connection so: call it "
-                         "with protocol=\"thrift\")")
+                         "with protocol=\"thrift\"{tls}; an octo_core server does so only "
+                         "with a request over its max_frame_size)")
+_TLS_UNHEARD_HINT = "; a TLS server closes a plaintext one so: pass ssl="
 
 #: Seconds of silence from a node before a unified connection is sent a heartbeat.
 DEFAULT_HEARTBEAT_INTERVAL = 30.0
@@ -209,7 +213,7 @@ class AsyncClient:
             max_depth=limits.max_depth if limits else DEFAULT_MAX_DEPTH,
             heartbeat_interval=heartbeat_interval if self.unified else None,
             on_stopping=_weak_method(self._node_stopping),
-            unheard_hint=_UNIFIED_UNHEARD_HINT if self.unified else "")
+            unheard_hint=_unheard_hint(self.unified, ssl))
         self._endpoints: Dict[str, Endpoint] = {}
         self._retired: Set[Endpoint] = set()            # of nodes that left, calls still on them
         self._listed: Optional[Dict[str, int]] = None   # node address: status, from a registry
@@ -667,6 +671,14 @@ def _seconds(name: str, seconds: Any) -> float:
     """``seconds``, at most the longest deadline the wire carries (about 24.8 days;
     so no arithmetic on it overflows); ``ValueError`` unless a positive, finite number."""
     return min(finite_number(name, seconds), _MAX_TIMEOUT_MS / 1000)
+
+
+def _unheard_hint(unified: bool, ssl: Optional["_ssl.SSLContext"]) -> str:
+    """What calls are told when a node closes their connection without a byte
+    (``Endpoint``'s ``unheard_hint``): a native thrift client has nothing to add."""
+    if not unified:
+        return ""
+    return _UNIFIED_UNHEARD_HINT.format(tls="" if ssl is not None else _TLS_UNHEARD_HINT)
 
 
 def _status_name(status: int) -> str:
