@@ -490,6 +490,12 @@ def test_service_name_override():
                     await default.echo("x")
             async with async_client(Echo, server.address, protocol="thrift") as native:
                 assert await native.echo("by method") == "by method"
+            # every service class's last base is object: no service of that name is
+            # told to use one of the hosted services
+            async with async_client(Echo, server.address, service_name="object") as other:
+                with pytest.raises(ServiceError) as info:
+                    await other.echo("x")
+                assert "its methods are" not in str(info.value)
 
     run(main())
 

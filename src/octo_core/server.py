@@ -958,7 +958,8 @@ class Server:
         if self.auth is not None:   # a native caller is refused unauthenticated: names stay in
             return why
         serving = [entry.name for entry in self._services.values()
-                   if any(cls.__name__ == name for cls in entry.service.__mro__)]
+                   if any(cls.__name__ == name for cls in entry.service.__mro__
+                          if cls is not object)]   # (every class's last base: no service)
         if serving:
             why += (f", but its methods are, in {', '.join(map(repr, serving))}: call with "
                     f"service_name={serving[0]!r} (or host {name!r} too, with the same handler)")
