@@ -324,6 +324,13 @@ def test_a_float_for_an_integer_field_is_refused_with_the_way_out():
         encode(IDL.Scalars(large=1700000000000.25))
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_float_no_int_can_hold_is_refused_without_the_int_advice(value):
+    # int() of it raises: the refusal names the type alone
+    with pytest.raises(EncodeError, match=r"^Scalars\.large: expected int for i64, got float$"):
+        encode(IDL.Scalars(large=value))
+
+
 def test_encode_error_message_format():
     with pytest.raises(EncodeError, match=r"^Scalars\.medium: expected int for i32, got str$"):
         encode(IDL.Scalars(medium="x"))

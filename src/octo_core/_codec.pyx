@@ -26,6 +26,7 @@ from libc.stdint cimport INT64_MAX, INT64_MIN
 from libc.string cimport memcpy
 
 from copy import deepcopy
+from math import isfinite
 from sys import intern, modules
 
 from octo_core.errors import EncodeError, DecodeError, ProtocolError
@@ -527,7 +528,7 @@ cdef str _tname(object v):
 
 
 cdef int _int_type_error(object v, int kind) except -1:
-    if isinstance(v, float):
+    if isinstance(v, float) and isfinite(v):   # (int() of nan or inf fails: no way out there)
         # time.time() * 1000 for an i64: thriftpy2's default (cybin) codec wrote it
         # truncated, without a word, so code moved from it meets this first
         raise TypeError(f"expected int for {_TYPE_NAMES[kind]}, got float {v!r} (thriftpy2's "
