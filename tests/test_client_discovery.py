@@ -303,6 +303,24 @@ def test_a_registry_listing_only_nodes_not_alive_says_their_statuses():
             f"{APPKEY!r} serving Echo, none ALIVE (2 DEAD, 1 STOPPED) (method echo)")
     run(main())
 
+def test_a_registry_listing_only_nodes_of_weight_0_says_so():
+    """ALIVE but all of weight 0 (an operator took them out of rotation): the call's
+    error says so, rather than only "no node is available"."""
+    async def main():
+        async with OutageRegistry() as registry:
+            registry.down = False
+            for host in ("127.0.0.2", "127.0.0.3"):
+                await registry.register(Node(APPKEY, host, 1, weight=0))
+            async with octo_core.AsyncClient(Echo, appkey="com.example.caller",
+                                             remote_appkey=APPKEY, registry=registry) as client:
+                with pytest.raises(NoRouteError) as refused:
+                    await client.echo("x")
+        assert str(refused.value) == (
+            "no node is available for this call: the registry lists 2 ALIVE node(s) of "
+            f"{APPKEY!r} serving Echo, every one of weight 0 (method echo)")
+    run(main())
+
+
 class SilentRegistry(OutageRegistry):
     """A registry that, while ``down``, answers no question at all (a ZooKeeper
     out of reach whose client waits for its session) rather than failing them."""

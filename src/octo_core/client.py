@@ -216,7 +216,7 @@ class AsyncClient:
             unheard_hint=_unheard_hint(self.unified, ssl))
         self._endpoints: Dict[str, Endpoint] = {}
         self._retired: Set[Endpoint] = set()            # of nodes that left, calls still on them
-        self._listed: Optional[Dict[str, int]] = None   # node address: status, from a registry
+        self._listed: Optional[Dict[str, Node]] = None  # by address, from a registry
         self._closed = False
         self._inherited = False   # this is a forked child's copy (see _inherited_by_fork)
         self._collected: Optional[weakref.finalize] = None   # set with the client's loop
@@ -355,17 +355,22 @@ class AsyncClient:
 
     def _why_no_node(self) -> str:
         """What the registry said, when no node could take a call: none listed (a
-        misspelt appkey?) or none ALIVE (the scanner marked them DEAD, an operator
-        STOPPED them), else nothing (their circuits or connects failed)."""
-        listed = self._listed or {}
+        misspelt appkey?), none ALIVE (the scanner marked them DEAD, an operator
+        STOPPED them) or the ALIVE ones all of weight 0 (an operator's), else
+        nothing (their circuits or connects failed)."""
+        nodes = list((self._listed or {}).values())
         where = f"of {self.remote_appkey!r} serving {self.service_name}"
-        if not listed:
+        if not nodes:
             return f": the registry lists no node {where}"
-        if protocol.NodeStatus.ALIVE in listed.values():
-            return ""
-        statuses = collections.Counter(_status_name(status) for status in listed.values())
-        counts = ", ".join(f"{count} {name}" for name, count in sorted(statuses.items()))
-        return f": the registry lists {len(listed)} node(s) {where}, none ALIVE ({counts})"
+        alive = [node for node in nodes if node.status == protocol.NodeStatus.ALIVE]
+        if not alive:
+            statuses = collections.Counter(_status_name(node.status) for node in nodes)
+            counts = ", ".join(f"{count} {name}" for name, count in sorted(statuses.items()))
+            return f": the registry lists {len(nodes)} node(s) {where}, none ALIVE ({counts})"
+        if all(node.base_weight() <= 0 for node in alive):
+            return (f": the registry lists {len(alive)} ALIVE node(s) {where}, "
+                    "every one of weight 0")
+        return ""
 
     def _check_caller(self, method: idl.Method) -> None:
         """A call's slow path: refuse it on a closed client or from a loop other than
@@ -443,7 +448,7 @@ class AsyncClient:
         already on them are answered)."""
         nodes = [node for node in nodes if node.serves(self._named_service, self.unified)]
         self._cluster.update(nodes, rules)
-        self._listed = {node.address: node.status for node in nodes}
+        self._listed = {node.address: node for node in nodes}
         self._retired.difference_update([e for e in self._retired if e.finished])
         for address in [address for address in self._endpoints if address not in self._listed]:
             endpoint = self._endpoints.pop(address)
