@@ -70,6 +70,7 @@ def test_octo_nodes_lists_and_changes_the_nodes_a_provider_registered(tmp_path, 
     (["--registry", "file:///tmp", "--weight", "3"], "--set IP:PORT goes with"),
     (["--registry", "file:///tmp", "--set", "1.2.3.4:5"], "--set IP:PORT goes with"),
     (["--registry", "file:///tmp", "--set", "1.2.3.4:5", "--status", "gone"], "invalid choice"),
+    (["--registry", "file:///tmp", "--set", "1.2.3.4", "--weight", "3"], "argument --set: "),
 ])
 def test_octo_nodes_refuses_what_it_cannot_do_as_a_usage_error(capsys, argv, why):
     with pytest.raises(SystemExit) as exit_:

@@ -227,6 +227,7 @@ def _nodes(argv: List[str]) -> int:
     from octo_core.protocol import NodeStatus
     from octo_core.registry import RegistryError, open_registry
     from octo_core.registry.node import Role
+    from octo_core.transport.address import parse_address
     from octo_core.transport.loop import new_event_loop
 
     parser = nodes_parser()
@@ -239,6 +240,11 @@ def _nodes(argv: List[str]) -> int:
     if bool(changes) != bool(args.set):
         parser.error("--set IP:PORT goes with at least one of --status, --weight, --role, "
                      "--warmup, and they with it")
+    if args.set:
+        try:
+            parse_address(args.set)
+        except ValueError as exc:   # (no port: it would name no node, and say only that)
+            parser.error(f"argument --set: {exc}")
     problem = _registry_problem(args.registry, once=True)
     if problem:
         parser.error(f"argument --registry: {problem}")
