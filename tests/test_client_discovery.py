@@ -285,39 +285,27 @@ def test_a_registry_listing_no_node_of_the_callee_says_so_and_names_the_method()
 
 
 
-def test_a_registry_listing_only_nodes_not_alive_says_their_statuses():
-    """With the one node the scanner marked DEAD, it said only "no node is available
-    for this call (method echo)": nothing to tell it from a router or breaker refusal."""
+@pytest.mark.parametrize("listed, why", [
+    ([dict(status=NodeStatus.DEAD), dict(status=NodeStatus.DEAD), dict(status=NodeStatus.STOPPED)],
+     "the registry lists 3 node(s) of {appkey!r} serving Echo, none ALIVE (2 DEAD, 1 STOPPED)"),
+    ([dict(weight=0), dict(weight=0)],
+     "the registry lists 2 ALIVE node(s) of {appkey!r} serving Echo, every one of weight 0"),
+], ids=["none alive", "all of weight 0"])
+def test_a_registry_listing_no_node_that_can_serve_says_why(listed, why):
+    """With the nodes the scanner marked DEAD, or an operator took out of rotation
+    (weight 0), the call said only "no node is available for this call (method
+    echo)": nothing to tell it from a router or breaker refusal."""
     async def main():
         async with OutageRegistry() as registry:
             registry.down = False
-            for host, status in [("127.0.0.2", NodeStatus.DEAD), ("127.0.0.3", NodeStatus.DEAD),
-                                 ("127.0.0.4", NodeStatus.STOPPED)]:
-                await registry.register(Node(APPKEY, host, 1, status=status))
+            for i, fields in enumerate(listed):
+                await registry.register(Node(APPKEY, f"127.0.0.{i + 2}", 1, **fields))
             async with octo_core.AsyncClient(Echo, appkey="com.example.caller",
                                              remote_appkey=APPKEY, registry=registry) as client:
                 with pytest.raises(NoRouteError) as refused:
                     await client.echo("x")
         assert str(refused.value) == (
-            "no node is available for this call: the registry lists 3 node(s) of "
-            f"{APPKEY!r} serving Echo, none ALIVE (2 DEAD, 1 STOPPED) (method echo)")
-    run(main())
-
-def test_a_registry_listing_only_nodes_of_weight_0_says_so():
-    """ALIVE but all of weight 0 (an operator took them out of rotation): the call's
-    error says so, rather than only "no node is available"."""
-    async def main():
-        async with OutageRegistry() as registry:
-            registry.down = False
-            for host in ("127.0.0.2", "127.0.0.3"):
-                await registry.register(Node(APPKEY, host, 1, weight=0))
-            async with octo_core.AsyncClient(Echo, appkey="com.example.caller",
-                                             remote_appkey=APPKEY, registry=registry) as client:
-                with pytest.raises(NoRouteError) as refused:
-                    await client.echo("x")
-        assert str(refused.value) == (
-            "no node is available for this call: the registry lists 2 ALIVE node(s) of "
-            f"{APPKEY!r} serving Echo, every one of weight 0 (method echo)")
+            f"no node is available for this call: {why.format(appkey=APPKEY)} (method echo)")
     run(main())
 
 
