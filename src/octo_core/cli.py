@@ -23,7 +23,6 @@ with exit status 1, as is any other failure of the call (on stderr).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib.metadata
 import json
 import os
@@ -280,13 +279,11 @@ def _nodes(argv: List[str]) -> int:
 
 def _print_nodes(nodes: Sequence[Any]) -> None:
     """The nodes as a table, a row each, sorted by address."""
-    from octo_core.protocol import NodeStatus
+    from octo_core.protocol import status_name
 
     rows = [("NODE", "STATUS", "WEIGHT", "ROLE", "VERSION", "CELL", "SWIMLANE", "IDC", "REGION")]
     for node in sorted(nodes, key=lambda n: n.key):
-        status = NodeStatus(node.status).name if node.status in NodeStatus._value2member_map_ \
-            else str(node.status)
-        rows.append((node.key, status, f"{node.base_weight():g}",
+        rows.append((node.key, status_name(node.status), f"{node.base_weight():g}",
                      "backup" if node.role else "primary", node.version, node.cell,
                      node.swimlane, node.idc, node.region))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

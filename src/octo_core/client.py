@@ -244,7 +244,8 @@ class AsyncClient:
         router = Router(caller, locality=locality, locality_threshold=locality_threshold)
         self._cluster = Cluster(router, lb=lb, policy=cluster, retries=retries, forks=forks,
                                 hedge_delay=hedge_delay, budget=retry_budget,
-                                breaker_options=breaker, probe=_weak_probe(self._connect_to))
+                                breaker_options=breaker,
+                                probe=_weak_method(self._connect_to, _probe_of_a_closed_client))
         self._directory: Optional[Directory] = None
         self._discovery: Optional[asyncio.Task] = None
         if (hosts is None) == (registry is None):
@@ -364,7 +365,7 @@ class AsyncClient:
             return f": the registry lists no node {where}"
         alive = [node for node in nodes if node.status == protocol.NodeStatus.ALIVE]
         if not alive:
-            statuses = collections.Counter(_status_name(node.status) for node in nodes)
+            statuses = collections.Counter(protocol.status_name(node.status) for node in nodes)
             counts = ", ".join(f"{count} {name}" for name, count in sorted(statuses.items()))
             return f": the registry lists {len(nodes)} node(s) {where}, none ALIVE ({counts})"
         if all(node.base_weight() <= 0 for node in alive):
@@ -684,14 +685,6 @@ def _unheard_hint(unified: bool, ssl: Optional["_ssl.SSLContext"]) -> str:
     if not unified:
         return ""
     return _UNIFIED_UNHEARD_HINT.format(tls="" if ssl is not None else _TLS_UNHEARD_HINT)
-
-
-def _status_name(status: int) -> str:
-    """A node status's name (a registry may hold a number no NodeStatus has)."""
-    try:
-        return protocol.NodeStatus(status).name
-    except ValueError:
-        return f"status {status}"
 
 
 def _argument_error(method: idl.Method, args: tuple, kwargs: Dict[str, Any],
@@ -1088,29 +1081,22 @@ def _close_collected_async(loop: asyncio.AbstractEventLoop, *parts: Any) -> None
                   ResourceWarning)
 
 
-def _weak_method(method: Callable[..., None]) -> Callable[..., None]:
-    """``method``, called only while its object lives (a subscription that keeps
-    nothing alive)."""
+def _weak_method(method: Callable[..., Any],
+                 gone: Callable[..., Any] = lambda *args: None) -> Callable[..., Any]:
+    """``method``, called only while its object lives, else ``gone`` with the same
+    arguments (a subscription, a probe, that keeps nothing alive)."""
     ref = weakref.WeakMethod(method)
 
-    def call(*args: Any) -> None:
+    def call(*args: Any) -> Any:
         bound = ref()
-        if bound is not None:
-            bound(*args)
+        return gone(*args) if bound is None else bound(*args)
     return call
 
 
-def _weak_probe(method: Callable[[Node], Awaitable[None]]) -> Callable[[Node], Awaitable[None]]:
-    """The client's probe, for its cluster: it keeps the client alive no more than
-    ``_weak_method`` does (a collected client closes its cluster, probes and all)."""
-    ref = weakref.WeakMethod(method)
-
-    def probe(node: Node) -> Awaitable[None]:
-        bound = ref()
-        if bound is None:
-            raise ClientClosed(node=node.key, request_sent=False)
-        return bound(node)
-    return probe
+def _probe_of_a_closed_client(node: Node) -> Awaitable[None]:
+    """The cluster's probe once its client is collected (which closes the cluster
+    and its probes: a probe on its way meanwhile fails)."""
+    raise ClientClosed(node=node.key, request_sent=False)
 
 
 def _closed_error(method: Optional[str] = None) -> TransportError:

@@ -32,7 +32,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from octo_core.checks import count, finite_number
 from octo_core.errors import OctoError
-from octo_core.protocol import FrameDecoder, NodeStatus, encode_unified, scanner_heartbeat_request
+from octo_core.protocol import (FrameDecoder, NodeStatus, encode_unified, scanner_heartbeat_request,
+                               status_name)
 from octo_core.registry.base import (NotRegisteredError, Registry, RegistryError, StatusChanged,
                                      check_name, open_registry)
 from octo_core.registry.node import HeartbeatSupport, Node
@@ -190,7 +191,7 @@ class Scanner:
                         NodeStatus(status).name, exc)
             return
         report.changes[node.key] = int(status)
-        log.info("%s: %s %s -> %s", appkey, node.key, _name(node.status), _name(status))
+        log.info("%s: %s %s -> %s", appkey, node.key, status_name(node.status), status_name(status))
 
     # --- probes ----------------------------------------------------------------------
 
@@ -252,13 +253,6 @@ def _heartbeat_status(header: object, appkey: str) -> int:
         return NodeStatus(beat.status)
     except ValueError:
         raise _BadReply(f"unknown node status {beat.status}") from None
-
-
-def _name(status: int) -> str:
-    try:
-        return NodeStatus(status).name
-    except ValueError:
-        return str(status)
 
 
 # --- octo scanner ------------------------------------------------------------------------

@@ -81,6 +81,15 @@ class NodeStatus(enum.IntEnum):
     WARNING = 5
 
 
+def status_name(status: int) -> str:
+    """A node status's name, or ``status N`` for a number ``NodeStatus`` lacks (a
+    registry may hold any: a node written by another implementation)."""
+    try:
+        return NodeStatus(status).name
+    except ValueError:
+        return f"status {status}"
+
+
 class Frame(NamedTuple):
     """One decoded frame. ``head`` (the header fields calls use, read in C) is
     ``None`` for native framed thrift; ``header`` is the whole ``Header``."""
