@@ -1,4 +1,5 @@
-"""``BusinessPool``: the threads plain-function handlers run on.
+"""``BusinessPool``: the threads plain-function handlers run on; ``LoopInbox``:
+their outcomes, back to the event loop.
 
 OCTO keeps business work off the I/O threads. The pool is bounded by the
 server's admission checks (a full queue is refused with status 3 before it gets
@@ -6,22 +7,34 @@ here), so it holds no limit of its own. Its threads are daemon threads: a
 handler that never returns cannot keep the process alive after the server has
 stopped, which ``concurrent.futures.ThreadPoolExecutor`` (whose threads the
 interpreter joins at exit) would.
+
+A job is an object with ``run()`` and ``cancel()``, not a function and a
+``concurrent.futures.Future``: the future's condition variable and callbacks
+cost some microseconds on every call of a plain-function handler.
 """
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import queue
 import threading
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Protocol
 
-_Work = Tuple[concurrent.futures.Future, Callable[..., Any], Tuple[Any, ...]]
+
+class Job(Protocol):
+    """A piece of work for the pool: ``run()`` on a business thread, or
+    ``cancel()`` (on the thread that cancels) if no thread ever starts it."""
+
+    def run(self) -> None: ...
+
+    def cancel(self) -> None: ...
 
 
 class BusinessPool:
-    """``threads`` daemon threads taking work from one queue."""
+    """``threads`` daemon threads taking jobs from one queue."""
 
     def __init__(self, threads: int, name: str) -> None:
-        self._queue: "queue.SimpleQueue[Optional[_Work]]" = queue.SimpleQueue()
+        self._queue: "queue.SimpleQueue[Optional[Job]]" = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
         self._workers: List[threading.Thread] = []
@@ -34,32 +47,28 @@ class BusinessPool:
             self.abandon()
             raise
 
-    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
-        """Run ``fn(*args)`` on a business thread; its outcome lands in the future."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
+    def start(self, job: Job) -> None:
+        """Queue ``job``: a business thread runs it (``RuntimeError`` once shut down)."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("the business pool is shut down")
-            self._queue.put((future, fn, args))
-        return future
+            self._queue.put(job)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+        """Run ``fn(*args)`` on a business thread; its outcome lands in the future."""
+        job = _FutureJob(fn, args)
+        self.start(job)
+        return job.future
 
     def _work(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
+            job = self._queue.get()
+            if job is None:
                 return
-            future, fn, args = item
-            if future.set_running_or_notify_cancel():
-                try:
-                    result = fn(*args)
-                except BaseException as exc:  # noqa: B902 - the caller's future says what happened
-                    future.set_exception(exc)
-                else:
-                    future.set_result(result)
+            job.run()
 
     def cancel_pending(self) -> None:
-        """Cancel the work no thread has started (its futures say so); the pool
-        takes new work on."""
+        """Cancel the jobs no thread has started; the pool takes new work on."""
         with self._lock:
             if not self._closed:   # (once shut down, the queue holds the threads' stop marks)
                 self._cancel_queued()
@@ -67,15 +76,15 @@ class BusinessPool:
     def _cancel_queued(self) -> None:
         while True:
             try:
-                item = self._queue.get_nowait()
+                job = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if item is not None:
-                item[0].cancel()
+            if job is not None:
+                job.cancel()
 
     def shutdown(self, cancel_pending: bool = True) -> None:
-        """Take no more work, and cancel the work not started (or, without
-        ``cancel_pending``, let it run); each thread ends when it finds no work left."""
+        """Take no more work, and cancel the jobs not started (or, without
+        ``cancel_pending``, let them run); each thread ends when it finds no work left."""
         with self._lock:
             self._closed = True
             if cancel_pending:
@@ -89,3 +98,61 @@ class BusinessPool:
         self.shutdown()
         for worker in self._workers:
             worker.join()
+
+
+class _FutureJob:
+    """``fn(*args)``, its outcome in a ``concurrent.futures.Future``."""
+
+    __slots__ = ("future", "_fn", "_args")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple) -> None:
+        self.future: concurrent.futures.Future = concurrent.futures.Future()
+        self._fn, self._args = fn, args
+
+    def run(self) -> None:
+        if self.future.set_running_or_notify_cancel():
+            try:
+                result = self._fn(*self._args)
+            except BaseException as exc:  # noqa: B902 - the caller's future says what happened
+                self.future.set_exception(exc)
+            else:
+                self.future.set_result(result)
+
+    def cancel(self) -> None:
+        self.future.cancel()
+
+
+class LoopInbox:
+    """What other threads hand to an event loop, taken there in batches: one
+    wake-up of the loop (a ``call_soon_threadsafe``, a write to its self-pipe)
+    for all that arrived since it last looked, not one per item.
+
+    ``take(*item)`` is called on the loop for each item, in arrival order; an
+    exception it raises goes to the loop's exception handler, as a callback's
+    would, and the batch goes on."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, take: Callable[..., None]) -> None:
+        self._loop = loop
+        self._take = take
+        self._items: List[tuple] = []
+        self._lock = threading.Lock()
+
+    def put(self, *item: Any) -> None:
+        """(Any thread.) Hand ``item`` over; ``RuntimeError`` if the loop is closed."""
+        with self._lock:
+            items = self._items
+            items.append(item)
+            if len(items) > 1:   # a wake-up is on its way: it takes this one too
+                return
+        self._loop.call_soon_threadsafe(self._take_all)
+
+    def _take_all(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        take = self._take
+        for item in items:
+            try:
+                take(*item)
+            except Exception as exc:   # one item's failure is not the others'
+                self._loop.call_exception_handler({
+                    "message": f"{take!r} failed", "exception": exc})

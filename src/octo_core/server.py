@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import contextvars
 import errno
@@ -27,7 +26,7 @@ from octo_core import context as _context
 from octo_core.afterfork import release_in_child, tell_forked_children
 from octo_core.auth import Authenticator
 from octo_core.blocking import LOOKUPS
-from octo_core.business import BusinessPool
+from octo_core.business import BusinessPool, LoopInbox
 from octo_core.checks import count, finite_number
 from octo_core.codec import Limits, _check_limits
 from octo_core.errors import DecodeError, EncodeError, SecurityError, Status
@@ -423,6 +422,7 @@ class Server:
         self._business_share = max(business_threads + 1, self._business_limit // 2)
         self._business_pending = 0
         self._pool: Optional[BusinessPool] = None
+        self._outcomes: LoopInbox   # the pool's answers, to the loop (made by start())
         self._unix_inode = 0
         self._handlers: Set[asyncio.Future] = set()   # coroutine handlers that suspended
         self._listener: Optional[Listening] = None
@@ -539,6 +539,7 @@ class Server:
             pool.abandon()
             raise
         self._pool = pool
+        self._outcomes = LoopInbox(self._loop, self._sync_done)
         SERVING_LOOPS.setdefault(self._loop, weakref.WeakSet()).add(self)
         # Collected while started (its loop ended without stop()): its business threads
         # would wait for work for ever.
@@ -1062,17 +1063,8 @@ class Server:
                 self._track(task)
             return
         self._business_pending += 1
-        future = self._pool.submit(  # type: ignore[union-attr]  # started: start() made it
-            context.run, _run_sync, fn, argv, deadline)
-        future.add_done_callback(functools.partial(self._hand_back, call, context))
-
-    def _hand_back(self, call: _Call, context: contextvars.Context,
-                   future: concurrent.futures.Future) -> None:
-        """(On the business thread.) The handler's outcome, to the loop to answer;
-        a handler that outlived the stop finds its loop closed: no one to answer."""
-        with contextlib.suppress(RuntimeError):   # (asyncio: "Event loop is closed")
-            self._loop.call_soon_threadsafe(  # type: ignore[union-attr]  # started: start() set it
-                self._sync_done, call, future, context)
+        self._pool.start(  # type: ignore[union-attr]  # started: start() made it
+            _PooledCall(self._outcomes, call, context, fn, argv, deadline))
 
     @staticmethod
     def _call_context(call: _Call, head: Optional[_codec.Head]) -> contextvars.Context:
@@ -1104,16 +1096,12 @@ class Server:
         else:
             self._answer(call, value, None)
 
-    def _sync_done(self, call: _Call, future: concurrent.futures.Future,
-                   context: contextvars.Context) -> None:
+    def _sync_done(self, call: _Call, context: contextvars.Context, value: Any,
+                   exc: Optional[BaseException]) -> None:
+        """(On the loop, from ``_outcomes``.) A plain function's outcome, to answer."""
         self._business_pending -= 1
         call.conn.pool_released()
-        if future.cancelled():   # a stop cancelled it before it started
-            self._answer(call, None, _StoppedUnrun())
-            return
-        exc = future.exception()
-        value = None if exc else future.result()
-        if inspect.isawaitable(value):
+        if exc is None and inspect.isawaitable(value):
             # A plain function that returned a coroutine (an async handler behind a
             # plain decorator): its answer is what the coroutine gives, on the loop.
             task = start_task(self._loop,  # type: ignore[arg-type]  # started: start() set it
@@ -1239,8 +1227,34 @@ def _is_coroutine_function(fn: Callable[..., Any]) -> bool:
             or inspect.iscoroutinefunction(getattr(fn, "__call__", None)))
 
 
-def _run_sync(fn: Callable[..., Any], argv: Tuple[Any, ...], deadline: Optional[float]) -> Any:
-    """Runs on a business thread (in the call's context): skip work whose caller gave up."""
-    if deadline is not None and time.monotonic() > deadline:
-        raise _DeadlinePassed()
-    return fn(*argv)
+class _PooledCall:
+    """A call to a plain function, as a business-pool job: its outcome goes to
+    the server's loop through ``outcomes`` (``Server._sync_done``)."""
+
+    __slots__ = ("_outcomes", "_call", "_context", "_fn", "_argv", "_deadline")
+
+    def __init__(self, outcomes: LoopInbox, call: _Call, context: contextvars.Context,
+                 fn: Callable[..., Any], argv: Tuple[Any, ...], deadline: Optional[float]) -> None:
+        self._outcomes, self._call, self._context = outcomes, call, context
+        self._fn, self._argv, self._deadline = fn, argv, deadline
+
+    def run(self) -> None:
+        """(On a business thread.) Run the function in the call's context, unless
+        its caller gave up meanwhile."""
+        try:
+            if self._deadline is not None and time.monotonic() > self._deadline:
+                raise _DeadlinePassed()
+            value = self._context.run(self._fn, *self._argv)
+        except BaseException as exc:  # noqa: B902 - every failure becomes a reply
+            self._hand_back(None, exc)
+        else:
+            self._hand_back(value, None)
+
+    def cancel(self) -> None:
+        """A stop cancelled it before a thread started it: refused, not run."""
+        self._hand_back(None, _StoppedUnrun())
+
+    def _hand_back(self, value: Any, exc: Optional[BaseException]) -> None:
+        # a handler that outlived the stop finds its loop closed: no one to answer
+        with contextlib.suppress(RuntimeError):   # (asyncio: "Event loop is closed")
+            self._outcomes.put(self._call, self._context, value, exc)
