@@ -121,4 +121,5 @@ def test_octo_cells_find_their_server_through_the_embedded_registry(tmp_path) ->
                 assert driver.phase(0.1)[0]
             finally:
                 driver.close()
-    assert rpc.DISCOVERING == (rpc.OCTO, rpc.OCTO_THRIFT, rpc.OCTO_SYNC)
+    assert rpc.DISCOVERING == (rpc.OCTO, rpc.OCTO_THRIFT, rpc.OCTO_PLAIN, rpc.OCTO_INLINE,
+                               rpc.OCTO_SYNC)

@@ -26,6 +26,10 @@ comparison is between libraries, not event loops):
   per cell) and the client discovers it there, as on one machine in use.
 * ``octo-thrift``: the same client with ``protocol="thrift"`` (framed thrift)
   against the same server; one multiplexed connection.
+* ``octo-plain``: the same client against a server whose handler is a plain
+  function (as thriftpy2 handlers are), run on the business thread pool.
+* ``octo-inline``: the same, the plain function run on the server's event loop
+  (``add_service(..., inline=True)``).
 * ``octo-sync``: the blocking ``octo_core.Client`` (unified protocol) against the
   same server, shared by N threads, each with one call outstanding; its I/O runs
   on the client's own loop thread, over one multiplexed connection.
@@ -94,6 +98,8 @@ from octo_core.transport.stream import FIRST_BATCH_FRAMES, WRITE_BATCH_FRAMES
 
 OCTO = "octo"
 OCTO_THRIFT = "octo-thrift"
+OCTO_PLAIN = "octo-plain"
+OCTO_INLINE = "octo-inline"
 OCTO_SYNC = "octo-sync"
 TP2_SYNC = "thriftpy2-sync"
 TP2_AIO = "thriftpy2-aio"
@@ -101,19 +107,20 @@ GRPC = "grpc-aio"
 CODEC_ONLY = "codec-only"
 RAW = "raw-uvloop"
 #: Every system, in table order.
-SYSTEMS: Tuple[str, ...] = (OCTO, OCTO_THRIFT, OCTO_SYNC, TP2_SYNC, TP2_AIO, GRPC, CODEC_ONLY,
+SYSTEMS: Tuple[str, ...] = (OCTO, OCTO_THRIFT, OCTO_PLAIN, OCTO_INLINE, OCTO_SYNC, TP2_SYNC, TP2_AIO, GRPC, CODEC_ONLY,
                             RAW)
 #: The server each system's client talks to (the ``--serve`` kind of the child).
 SERVER_KIND: Dict[str, str] = {OCTO: "octo", OCTO_THRIFT: "octo", OCTO_SYNC: "octo",
+                               OCTO_PLAIN: "octo-plain", OCTO_INLINE: "octo-inline",
                                TP2_SYNC: "thriftpy2-sync",
                                TP2_AIO: "thriftpy2-aio", GRPC: "grpc", CODEC_ONLY: "codec",
                                RAW: "raw"}
-SERVER_KINDS: Tuple[str, ...] = ("octo", "thriftpy2-sync", "thriftpy2-aio", "grpc", "codec",
+SERVER_KINDS: Tuple[str, ...] = ("octo", "octo-plain", "octo-inline", "thriftpy2-sync", "thriftpy2-aio", "grpc", "codec",
                                  "raw")
 #: Systems whose client finds the server as a deployment does: the server registers
 #: in the embedded default registry (``file://``, a directory per cell), the client
 #: discovers it there. (The registry is off the per-call path: calls cost the same.)
-DISCOVERING: Tuple[str, ...] = (OCTO, OCTO_THRIFT, OCTO_SYNC)
+DISCOVERING: Tuple[str, ...] = (OCTO, OCTO_THRIFT, OCTO_PLAIN, OCTO_INLINE, OCTO_SYNC)
 
 #: Payload name -> size in bytes of the echoed string.
 PAYLOADS: Dict[str, int] = {"10B": 10, "1KB": 1024}
@@ -211,7 +218,7 @@ def _percentile(sorted_ns: Sequence[int], q: float) -> float:
 # --- server side (the child process) ---------------------------------------------
 
 class _EchoHandler:
-    """The thrift handler of the thread-based servers: returns what it is given."""
+    """The plain-function handler (thread-based servers, octo-plain, octo-inline): returns what it is given."""
 
     def echo(self, message: str) -> str:
         return message
@@ -345,20 +352,22 @@ def _loop_thread(start: Callable[[], Awaitable[Tuple[int, Callable[[], Awaitable
     return _Serving(port, stop)
 
 
-def _serve_octo(host: str, port: int, registry: Optional[str] = None) -> _Serving:
-    """octo_core's server; with ``registry`` it registers there or fails to start
-    (the cell's client finds it only there), and leaves at once on stop: the cell
-    is over, no caller is left."""
-    import octo_core
+def _serve_octo(handler: Any, inline: bool = False) -> Callable[..., _Serving]:
+    """A server kind: octo_core's server with ``handler``; with ``registry`` it
+    registers there or fails to start (the cell's client finds it only there),
+    and leaves at once on stop: the cell is over, no caller is left."""
+    def serve(host: str, port: int, registry: Optional[str] = None) -> _Serving:
+        import octo_core
 
-    async def start() -> Tuple[int, Callable[[], Awaitable[None]]]:
-        server = octo_core.Server("com.octo.bench.echo", host, port, registry=registry,
-                                  unregister_delay=0.0, require_registry=True)
-        server.add_service(payload_module().Echo, _AsyncEchoHandler())
-        await server.start()
-        return server.port, lambda: server.stop(grace=1.0)
+        async def start() -> Tuple[int, Callable[[], Awaitable[None]]]:
+            server = octo_core.Server("com.octo.bench.echo", host, port, registry=registry,
+                                      unregister_delay=0.0, require_registry=True)
+            server.add_service(payload_module().Echo, handler, inline=inline)
+            await server.start()
+            return server.port, lambda: server.stop(grace=1.0)
 
-    return _loop_thread(start, "octo-bench-server")
+        return _loop_thread(start, "octo-bench-server")
+    return serve
 
 
 def _serve_thriftpy2_sync(host: str, port: int) -> _Serving:
@@ -441,7 +450,9 @@ def _serve_protocol(factory: Callable[[], asyncio.Protocol],
 
 
 _SERVERS: Dict[str, Callable[..., _Serving]] = {   # (host, port), octo's also a registry
-    "octo": _serve_octo,
+    "octo": _serve_octo(_AsyncEchoHandler()),
+    "octo-plain": _serve_octo(_EchoHandler()),
+    "octo-inline": _serve_octo(_EchoHandler(), inline=True),
     "thriftpy2-sync": _serve_thriftpy2_sync,
     "thriftpy2-aio": _serve_thriftpy2_aio,
     "grpc": _serve_grpc,
@@ -1051,7 +1062,8 @@ class _OctoSyncDriver(_ThreadedDriver):
 
 
 _DRIVERS: Dict[str, type] = {
-    OCTO: _OctoDriver, OCTO_THRIFT: _OctoThriftDriver, OCTO_SYNC: _OctoSyncDriver,
+    OCTO: _OctoDriver, OCTO_THRIFT: _OctoThriftDriver, OCTO_PLAIN: _OctoDriver,
+    OCTO_INLINE: _OctoDriver, OCTO_SYNC: _OctoSyncDriver,
     TP2_SYNC: _Tp2SyncDriver,
     TP2_AIO: _Tp2AioDriver, GRPC: _GrpcDriver, CODEC_ONLY: _CodecDriver, RAW: _RawDriver,
 }
