@@ -17,7 +17,7 @@ import ssl as _ssl
 import time
 import warnings
 import weakref
-from typing import Any, Callable, Coroutine, Dict, List, Mapping, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 from thriftpy2.thrift import TApplicationException, TMessageType
 
@@ -1072,8 +1072,11 @@ class Server:
         self._in_flight_bytes += call.size
         argv = argv_of(args)
         context = self._call_context(call, head)
-        if runs is _COROUTINE:
-            self._start_coroutine(call, self._run_coroutine(call, fn, argv, deadline), context)
+        if runs is _COROUTINE:   # (written out, not _plain_done's helper: every call's path)
+            task = start_task(self._loop,  # type: ignore[arg-type]  # started: start() set it
+                              self._run_coroutine(call, fn, argv, deadline), context)
+            if not task.done():   # (checked here: most answer at once, every call's path)
+                self._track(task)
             return
         if runs is _INLINE:
             value, error = _run_plain(context, fn, argv, deadline)
@@ -1115,13 +1118,6 @@ class Server:
         else:
             self._answer(call, value, None)
 
-    def _start_coroutine(self, call: _Call, coro: Coroutine[Any, Any, None],
-                         context: contextvars.Context) -> None:
-        task = start_task(self._loop,  # type: ignore[arg-type]  # started: start() set it
-                          coro, context)
-        if not task.done():   # (checked here: most answer at once, every call's path)
-            self._track(task)
-
     def _pool_done(self, call: _Call, context: contextvars.Context, value: Any,
                    exc: Optional[BaseException]) -> None:
         """(On the loop, from ``_outcomes``.) A pooled plain function's outcome."""
@@ -1135,8 +1131,10 @@ class Server:
         if exc is None and inspect.isawaitable(value):
             # A plain function that returned a coroutine (an async handler behind a
             # plain decorator): its answer is what the coroutine gives, on the loop.
-            self._start_coroutine(call, self._run_coroutine(call, lambda: value, (), None),
-                                  context)
+            task = start_task(self._loop,  # type: ignore[arg-type]  # started: start() set it
+                              self._run_coroutine(call, lambda: value, (), None), context)
+            if not task.done():
+                self._track(task)
             return
         self._answer(call, value, exc)
 
