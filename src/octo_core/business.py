@@ -129,7 +129,9 @@ class LoopInbox:
 
     ``take(*item)`` is called on the loop for each item, in arrival order; an
     exception it raises goes to the loop's exception handler, as a callback's
-    would, and the batch goes on."""
+    would, and the batch goes on. A ``KeyboardInterrupt`` or ``SystemExit`` ends
+    the loop's run, as a callback's would; the rest of the batch is taken when
+    the loop runs again (as the callbacks it had ready would be)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, take: Callable[..., None]) -> None:
         self._loop = loop
@@ -138,21 +140,41 @@ class LoopInbox:
         self._lock = threading.Lock()
 
     def put(self, *item: Any) -> None:
-        """(Any thread.) Hand ``item`` over; ``RuntimeError`` if the loop is closed."""
+        """(Any thread.) Hand ``item`` over; ``RuntimeError`` if the loop is closed
+        (an item put while another thread finds it closed is dropped unseen)."""
         with self._lock:
             items = self._items
             items.append(item)
             if len(items) > 1:   # a wake-up is on its way: it takes this one too
                 return
-        self._loop.call_soon_threadsafe(self._take_all)
+        try:
+            self._loop.call_soon_threadsafe(self._take_all)
+        except RuntimeError:
+            # closed: nothing will take these; dropped, so that the next put is refused too
+            with self._lock:
+                self._items = []
+            raise
 
     def _take_all(self) -> None:
         with self._lock:
             items, self._items = self._items, []
         take = self._take
-        for item in items:
+        for index, item in enumerate(items):
             try:
                 take(*item)
             except Exception as exc:   # one item's failure is not the others'
                 self._loop.call_exception_handler({
                     "message": f"{take!r} failed", "exception": exc})
+            except BaseException:
+                self._put_back(items[index + 1:])
+                raise
+
+    def _put_back(self, rest: List[tuple]) -> None:
+        """(On the loop.) Items a batch left untaken, first in line for the next one."""
+        if not rest:
+            return
+        with self._lock:
+            self._items[:0] = rest
+            wake = len(self._items) == len(rest)   # none came since: no wake-up is on its way
+        if wake:
+            self._loop.call_soon(self._take_all)
