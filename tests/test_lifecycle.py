@@ -433,3 +433,33 @@ def test_server_options_of_the_wrong_kind_are_refused_when_made(options, error, 
     unregister it); a misspelt one failed only at start, after binding."""
     with pytest.raises(error, match=says):
         octo_core.Server(SERVER_APPKEY, **options)
+
+
+def test_a_plain_call_left_running_by_a_closed_loop_holds_no_queue_after_a_restart():
+    # its outcome can never come back (the loop it would answer on is closed): the
+    # server started again on a new loop must not count it in its business queue
+    handler = EchoHandler()
+    server = echo_server(handler, business_threads=1, business_queue=0)
+
+    async def leave_one_running() -> None:
+        await server.start()
+        async with async_client(Echo, server.address, timeout=10) as client:
+            left = asyncio.ensure_future(client.block("left running"))
+            await wait_until(lambda: handler.entered.qsize() == 1, what="block() to start")
+            await server.stop(grace=0)
+            with pytest.raises(octo_core.errors.OctoError):
+                await left
+
+    async def serve_again() -> str:
+        await server.start()
+        try:
+            async with async_client(Echo, server.address, timeout=5) as client:
+                return await client.echo("served")
+        finally:
+            await server.stop(grace=1)
+
+    run(leave_one_running())
+    old_threads = list(server._pool._workers)
+    handler.release.set()   # it returns to a closed loop
+    wait_until_sync(lambda: not any(thread.is_alive() for thread in old_threads))
+    assert run(serve_again()) == "served"

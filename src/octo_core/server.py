@@ -516,8 +516,9 @@ class Server:
         # (a stop that timed out may have left these, maybe of another loop)
         self._drained = self._hurry = None
         if previous is not None and previous.is_closed():
-            # calls still running when their loop closed can never be answered: none is in flight
-            self._in_flight = self._in_flight_bytes = 0
+            # calls still running when their loop closed can never be answered: none is in
+            # flight, and none holds the business queue (the new pool's threads are all free)
+            self._in_flight = self._in_flight_bytes = self._business_pending = 0
 
         max_connections = self.max_connections
         if max_connections is None:
@@ -1256,7 +1257,7 @@ def _is_coroutine_function(fn: Callable[..., Any]) -> bool:
 
 class _PooledCall:
     """A call to a plain function, as a business-pool job: its outcome goes to
-    the server's loop through ``outcomes`` (``Server._sync_done``)."""
+    the server's loop through ``outcomes`` (``Server._pool_done``)."""
 
     __slots__ = ("_outcomes", "_call", "_context", "_fn", "_argv", "_deadline")
 
