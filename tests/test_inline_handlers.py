@@ -12,7 +12,7 @@ import pytest
 
 import octo_core
 from octo_core.context import current_span, global_context
-from octo_core.errors import ApplicationError, RpcError, Status
+from octo_core.errors import ApplicationError, RpcError, Status, TransportError
 
 from wire_helpers import (Calc, CalcHandler, Echo, EchoError, EchoHandler, async_client, run,
                           wait_until)
@@ -123,3 +123,39 @@ def test_inline_calls_are_not_held_by_a_full_business_pool():
             await server.stop(grace=1)
 
     run(main())
+
+
+
+class NestingHandler(EchoHandler):
+    """``echo`` (a plain function) makes a blocking call of its own, to Calc."""
+
+    inner: octo_core.Client
+
+    def echo(self, text: str) -> str:
+        try:
+            return f"{text} {self.inner.add(1, 2)}"
+        except TransportError as exc:   # the outcome under test
+            return f"refused: {exc}"
+
+
+@pytest.mark.parametrize("inline", [POOLED, INLINE], ids=["pooled", "inline"])
+def test_a_blocking_call_from_a_plain_handler_is_refused_only_on_the_loop(inline):
+    # on the loop it would stall the server, its own answer included, for as long as it waits
+    handler = NestingHandler()
+
+    async def main():
+        server = await _serving_echo(handler, inline)
+        try:
+            with octo_core.Client(Calc, appkey="com.example.caller",
+                                  hosts=[server.address]) as handler.inner:
+                async with async_client(Echo, server.address, timeout=5) as client:
+                    return await client.echo("nested")
+        finally:
+            await server.stop(grace=1)
+
+    answer = run(main())
+    if inline:
+        assert answer.startswith("refused: a blocking call on an octo_core Server's event loop")
+        assert "inline" in answer
+    else:
+        assert answer == "nested 3"

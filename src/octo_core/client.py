@@ -933,9 +933,10 @@ class Client:
             running = asyncio._get_running_loop()   # (None, at no cost, for most callers)
             if running is not None and SERVING_LOOPS.get(running):
                 raise TransportError("a blocking call on an octo_core Server's event loop (in "
-                                     "a coroutine handler) would stop that server, answers "
-                                     "to this call included, for as long as it waits; await "
-                                     "an AsyncClient there",
+                                     "a coroutine handler, or a plain one added inline=True) "
+                                     "would stop that server, answers to this call included, "
+                                     "for as long as it waits; await an AsyncClient in a "
+                                     "coroutine handler, or add the service without inline",
                                      method=method.name, request_sent=False)
             make = self._maker(method, args, kwargs, timeout)
             # Waits at most the call's timeout plus _LOOP_MARGIN: a stuck I/O thread
