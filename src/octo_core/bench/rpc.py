@@ -107,16 +107,16 @@ GRPC = "grpc-aio"
 CODEC_ONLY = "codec-only"
 RAW = "raw-uvloop"
 #: Every system, in table order.
-SYSTEMS: Tuple[str, ...] = (OCTO, OCTO_THRIFT, OCTO_PLAIN, OCTO_INLINE, OCTO_SYNC, TP2_SYNC, TP2_AIO, GRPC, CODEC_ONLY,
-                            RAW)
+SYSTEMS: Tuple[str, ...] = (OCTO, OCTO_THRIFT, OCTO_PLAIN, OCTO_INLINE, OCTO_SYNC, TP2_SYNC,
+                            TP2_AIO, GRPC, CODEC_ONLY, RAW)
 #: The server each system's client talks to (the ``--serve`` kind of the child).
 SERVER_KIND: Dict[str, str] = {OCTO: "octo", OCTO_THRIFT: "octo", OCTO_SYNC: "octo",
                                OCTO_PLAIN: "octo-plain", OCTO_INLINE: "octo-inline",
                                TP2_SYNC: "thriftpy2-sync",
                                TP2_AIO: "thriftpy2-aio", GRPC: "grpc", CODEC_ONLY: "codec",
                                RAW: "raw"}
-SERVER_KINDS: Tuple[str, ...] = ("octo", "octo-plain", "octo-inline", "thriftpy2-sync", "thriftpy2-aio", "grpc", "codec",
-                                 "raw")
+SERVER_KINDS: Tuple[str, ...] = ("octo", "octo-plain", "octo-inline", "thriftpy2-sync",
+                                 "thriftpy2-aio", "grpc", "codec", "raw")
 #: Systems whose client finds the server as a deployment does: the server registers
 #: in the embedded default registry (``file://``, a directory per cell), the client
 #: discovers it there. (The registry is off the per-call path: calls cost the same.)
@@ -218,7 +218,8 @@ def _percentile(sorted_ns: Sequence[int], q: float) -> float:
 # --- server side (the child process) ---------------------------------------------
 
 class _EchoHandler:
-    """The plain-function handler (thread-based servers, octo-plain, octo-inline): returns what it is given."""
+    """The plain-function handler (thread-based servers, octo-plain, octo-inline):
+    returns what it is given."""
 
     def echo(self, message: str) -> str:
         return message
