@@ -159,3 +159,26 @@ def test_a_blocking_call_from_a_plain_handler_is_refused_only_on_the_loop(inline
         assert "inline" in answer
     else:
         assert answer == "nested 3"
+
+
+class Exiting(EchoHandler):
+    """``echo`` raises what its argument names, a BaseException that is no Exception."""
+
+    def echo(self, text: str) -> str:
+        raise {"SystemExit": SystemExit, "GeneratorExit": GeneratorExit}[text]()
+
+
+@pytest.mark.parametrize("inline", [POOLED, INLINE], ids=["pooled", "inline"])
+def test_a_plain_handler_raising_systemexit_or_generatorexit_answers_and_serves_on(inline):
+    async def main():
+        server = await _serving_echo(Exiting(), inline)
+        try:
+            async with async_client(Echo, server.address, timeout=5) as client:
+                for kind in ("SystemExit", "GeneratorExit"):
+                    with pytest.raises(ApplicationError, match=kind):
+                        await client.echo(kind)
+                assert await client.whoami() == "Echo"
+        finally:
+            await server.stop(grace=1)
+
+    run(main())
