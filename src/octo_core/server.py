@@ -466,7 +466,8 @@ class Server:
         dispatch): for handlers that never block (no I/O, no waiting, no long
         computation), it saves each call two thread hand-overs, about half of a
         lone call's time on the server. A handler that blocks there stalls every
-        connection of the loop for as long as it runs.
+        connection of the loop for as long as it runs. (A native call by the bare
+        name of a method two services run alike runs as the one added first does.)
         Native thrift names no service (unless multiplexed): such a call to a
         method two hosted services have is refused as ambiguous, unless both run
         it alike (a service and the one it extends, added with one handler).
