@@ -152,3 +152,27 @@ def test_a_callback_mode_call_without_its_callback_names_the_method(client):
     with pytest.raises(TypeError, match=r"^Search.find\(\) missing 1 required keyword-only "
                                         r"argument: 'callback'$"):
         client.callback.find("bob")
+
+
+@pytest.mark.parametrize("make", ["AsyncClient", "Client"])
+def test_a_timeout_that_reads_as_milliseconds_is_warned_of_once_at_the_callers_line(make):
+    """thriftpy2's timeouts are milliseconds: its timeout=3000 was taken as 50
+    minutes without a word. The warning points at the line that made the client
+    (a blocking Client makes its AsyncClient on its I/O thread: one warning, not two)."""
+    async def make_async(**options):
+        await octo_core.AsyncClient(Search, appkey="c", hosts=["127.0.0.1:1"], **options).close()
+
+    def made(**options):
+        if make == "Client":
+            octo_core.Client(Search, appkey="c", hosts=["127.0.0.1:1"], **options).close()
+        else:
+            run(make_async(**options))
+
+    with pytest.warns(UserWarning) as caught:
+        made(timeout=3000, connect_timeout=999)
+    assert [str(w.message) for w in caught] == [
+        "timeout=3000 is 50 minutes: octo_core's timeouts are in seconds (thriftpy2's are "
+        "in milliseconds; timeout=3 is 3 seconds)"]
+    assert {w.filename for w in caught} == {__file__}
+    with pytest.warns(UserWarning, match="connect_timeout=5000 is 83 minutes"):
+        made(connect_timeout=5000)

@@ -526,6 +526,7 @@ def test_client_refuses_a_pool_size_that_is_not_a_whole_number(value):
         octo_core.AsyncClient(Echo, appkey="c", hosts=["127.0.0.1:1"], pool_size=value)
 
 
+@pytest.mark.filterwarnings("ignore:timeout=1e\\+12 is")   # (read as milliseconds: told so)
 def test_a_by_name_timeout_is_checked_as_the_clients_is_before_anything_is_sent():
     handler = EchoHandler()
     with serving_in_thread([(Echo, handler, None)]) as server, \

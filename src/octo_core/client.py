@@ -5,6 +5,7 @@ import asyncio
 import collections
 import collections.abc
 import concurrent.futures
+import contextvars
 import functools
 import operator
 import ssl as _ssl
@@ -23,7 +24,7 @@ from octo_core.cluster.invoker import Cluster
 from octo_core.cluster.routing import Caller, NoRouteError, RouteRule, Router
 from octo_core.afterfork import tell_forked_children
 from octo_core.auth import Signer
-from octo_core.checks import finite_number
+from octo_core.checks import finite_number, is_finite_number
 from octo_core.codec import Limits, _check_limits
 from octo_core.context import _HOOKS, Span, _carried, _child_of, _span_started
 from octo_core.metrics import Metrics
@@ -184,6 +185,8 @@ class AsyncClient:
             raise ValueError("compression must be None, 'gzip' or 'snappy'")
         FrameDecoder(max_frame_size)   # the reader's own check: ValueError when too small
         _check_limits(limits)
+        if not _MADE_FOR_CLIENT.get():   # (a blocking Client warned its own caller)
+            _warn_if_milliseconds(dict(timeout=timeout, connect_timeout=connect_timeout))
         timeout = _seconds("timeout", timeout)
         connect_timeout = _seconds("connect_timeout", connect_timeout)
         _seconds("heartbeat_interval", heartbeat_interval or 1.0)   # 0/None: off
@@ -679,6 +682,23 @@ def _seconds(name: str, seconds: Any) -> float:
     return min(finite_number(name, seconds), _MAX_TIMEOUT_MS / 1000)
 
 
+#: A timeout of at least this many seconds was most likely meant in milliseconds.
+_LIKELY_MILLISECONDS = 1000.0
+
+
+def _warn_if_milliseconds(options: Mapping[str, Any]) -> None:
+    """Warn the caller of the client's maker of a ``timeout`` or ``connect_timeout``
+    that reads as milliseconds: thriftpy2's are, and its ``timeout=3000`` would be
+    50 minutes here."""
+    for name in ("timeout", "connect_timeout"):
+        value: Any = options.get(name)
+        if is_finite_number(value) and value >= _LIKELY_MILLISECONDS:
+            warnings.warn(f"{name}={value:g} is {value / 60:,.0f} minutes: octo_core's timeouts "
+                          f"are in seconds (thriftpy2's are in milliseconds; "
+                          f"{name}={value / 1000:g} is {value / 1000:g} seconds)", UserWarning,
+                          stacklevel=3)
+
+
 def _unheard_hint(unified: bool, ssl: Optional["_ssl.SSLContext"]) -> str:
     """What calls are told when a node closes their connection without a byte
     (``Endpoint``'s ``unheard_hint``): a native thrift client has nothing to add."""
@@ -847,6 +867,7 @@ class Client:
 
     def __init__(self, service: Any, **options: Any) -> None:
         self._service, self._options = service, _kept(options)
+        _warn_if_milliseconds(options)   # (here: the AsyncClient is made on the I/O thread)
         self._closed = False
         self._closing = threading.Lock()   # taken by the first close(), never let go
         self._inherited = False   # a forked child's copy, until its first call reopens it
@@ -1118,4 +1139,10 @@ def _outcome(future: concurrent.futures.Future) -> Any:
 
 
 async def _make_async(service: Any, options: Dict[str, Any]) -> AsyncClient:
+    _MADE_FOR_CLIENT.set(True)   # (in this task's context only)
     return AsyncClient(service, **options)
+
+
+#: Set while a blocking ``Client`` makes its ``AsyncClient``.
+_MADE_FOR_CLIENT: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "octo_client_made_for_client", default=False)
