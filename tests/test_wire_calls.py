@@ -1318,6 +1318,7 @@ def test_deadline_passed_reply_is_status_4():
     run(main())
 
 
+@pytest.mark.filterwarnings("ignore:timeout=1e\\+07 is")   # (read as milliseconds: told so)
 def test_a_deadline_longer_than_requestinfo_holds_is_sent_as_the_longest():
     """RequestInfo.timeout is an i32 of milliseconds (about 24.8 days)."""
     async def main():
