@@ -6,7 +6,9 @@ and the outcome a caller sees must not depend on it; only the thread differs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from typing import Any, AsyncContextManager, AsyncIterator, Optional, Tuple
 
 import pytest
 
@@ -44,12 +46,23 @@ class ThreadRecorder(EchoHandler):
         return f"{text} answered later"
 
 
-async def _serving_echo(handler: EchoHandler, inline: bool, **options):
+@contextlib.asynccontextmanager
+async def _serving(*services: Tuple[Any, Any, Optional[str], bool],
+                   **options: Any) -> AsyncIterator[octo_core.Server]:
+    """A server of ``services`` (service, handler, name, inline), started and always stopped."""
     server = octo_core.Server("com.example.inline", host="127.0.0.1", port=0, **options)
-    server.add_service(Echo, handler, inline=inline)
-    server.add_service(Calc, CalcHandler())
+    for service, handler, name, inline in services:
+        server.add_service(service, handler, name, inline=inline)
     await asyncio.wait_for(server.start(), 5)
-    return server
+    try:
+        yield server
+    finally:
+        await asyncio.wait_for(server.stop(grace=1), 6)
+
+
+def _serving_echo(handler: EchoHandler, inline: bool) -> AsyncContextManager[octo_core.Server]:
+    """Echo, ``inline`` or pooled, beside Calc."""
+    return _serving((Echo, handler, None, inline), (Calc, CalcHandler(), None, False))
 
 
 @pytest.mark.parametrize("inline", [POOLED, INLINE], ids=["pooled", "inline"])
@@ -57,16 +70,13 @@ def test_where_plain_functions_run_and_what_they_see(inline):
     handler = ThreadRecorder()
 
     async def main():
-        server = await _serving_echo(handler, inline)
-        try:
+        async with _serving_echo(handler, inline) as server:
             async with async_client(Echo, server.address, timeout=5) as client:
                 with octo_core.context.use({"octo.swimlane": "lane-a"}):
                     assert await client.echo("hi") == "hi"
                     results = await asyncio.gather(*(client.echo(f"m{i}") for i in range(50)))
                 assert results == [f"m{i}" for i in range(50)]
                 return threading.get_ident()
-        finally:
-            await server.stop(grace=1)
 
     loop_thread = run(main())
     on_loop = {ident == loop_thread for ident in handler.threads}
@@ -79,8 +89,7 @@ def test_where_plain_functions_run_and_what_they_see(inline):
 @pytest.mark.parametrize("inline", [POOLED, INLINE], ids=["pooled", "inline"])
 def test_outcomes_are_the_same_either_way(inline):
     async def main():
-        server = await _serving_echo(ThreadRecorder(), inline)
-        try:
+        async with _serving_echo(ThreadRecorder(), inline) as server:
             async with async_client(Echo, server.address, timeout=5) as client:
                 with pytest.raises(EchoError) as declared:
                     await client.fail("declared")
@@ -92,8 +101,6 @@ def test_outcomes_are_the_same_either_way(inline):
                 await client.notify("one way")
                 assert await client.echo("after all that") == "after all that"
             return server.stats()["Echo.fail"]
-        finally:
-            await server.stop(grace=1)
 
     stats = run(main())
     assert stats["calls"] == 3
@@ -103,24 +110,19 @@ def test_inline_calls_are_not_held_by_a_full_business_pool():
     handler = EchoHandler()
 
     async def main():
-        server = octo_core.Server("com.example.inline", host="127.0.0.1", port=0,
-                                  business_threads=1, business_queue=0)
-        server.add_service(Echo, handler)                       # pooled
-        server.add_service(Echo, EchoHandler(), name="EchoInline", inline=True)
-        await asyncio.wait_for(server.start(), 5)
-        try:
-            async with async_client(Echo, server.address, timeout=5) as pooled, \
-                    async_client(Echo, server.address, timeout=5,
-                                 service_name="EchoInline") as inline:
-                blocked = asyncio.ensure_future(pooled.block("b"))
-                await wait_until(lambda: handler.entered.qsize() == 1, what="block() to start")
-                with pytest.raises(RpcError):   # the pool's one thread is taken, no queue
-                    await pooled.echo("refused")
-                assert await inline.echo("runs on the loop") == "runs on the loop"
-                handler.release.set()
-                assert await blocked == "b"
-        finally:
-            await server.stop(grace=1)
+        async with _serving((Echo, handler, None, POOLED),
+                            (Echo, EchoHandler(), "EchoInline", INLINE),
+                            business_threads=1, business_queue=0) as server, \
+                async_client(Echo, server.address, timeout=5) as pooled, \
+                async_client(Echo, server.address, timeout=5,
+                             service_name="EchoInline") as inline:
+            blocked = asyncio.ensure_future(pooled.block("b"))
+            await wait_until(lambda: handler.entered.qsize() == 1, what="block() to start")
+            with pytest.raises(RpcError):   # the pool's one thread is taken, no queue
+                await pooled.echo("refused")
+            assert await inline.echo("runs on the loop") == "runs on the loop"
+            handler.release.set()
+            assert await blocked == "b"
 
     run(main())
 
@@ -144,14 +146,11 @@ def test_a_blocking_call_from_a_plain_handler_is_refused_only_on_the_loop(inline
     handler = NestingHandler()
 
     async def main():
-        server = await _serving_echo(handler, inline)
-        try:
+        async with _serving_echo(handler, inline) as server:
             with octo_core.Client(Calc, appkey="com.example.caller",
                                   hosts=[server.address]) as handler.inner:
                 async with async_client(Echo, server.address, timeout=5) as client:
                     return await client.echo("nested")
-        finally:
-            await server.stop(grace=1)
 
     answer = run(main())
     if inline:
@@ -171,14 +170,11 @@ class Exiting(EchoHandler):
 @pytest.mark.parametrize("inline", [POOLED, INLINE], ids=["pooled", "inline"])
 def test_a_plain_handler_raising_systemexit_or_generatorexit_answers_and_serves_on(inline):
     async def main():
-        server = await _serving_echo(Exiting(), inline)
-        try:
+        async with _serving_echo(Exiting(), inline) as server:
             async with async_client(Echo, server.address, timeout=5) as client:
                 for kind in ("SystemExit", "GeneratorExit"):
                     with pytest.raises(ApplicationError, match=kind):
                         await client.echo(kind)
                 assert await client.whoami() == "Echo"
-        finally:
-            await server.stop(grace=1)
 
     run(main())
