@@ -463,3 +463,5 @@ def test_a_plain_call_left_running_by_a_closed_loop_holds_no_queue_after_a_resta
     handler.release.set()   # it returns to a closed loop
     wait_until_sync(lambda: not any(thread.is_alive() for thread in old_threads))
     assert run(serve_again()) == "served"
+    # nor count it as running for ever (the in-flight gauge of stats() and /metrics)
+    assert all(row["in_flight"] == 0 for row in server.stats().values())

@@ -115,6 +115,12 @@ class Metrics:
         stats.in_flight -= 1
         Metrics._count_refusal(stats, status)
 
+    def forget_in_flight(self) -> None:
+        """Count no call as running: those that were can never finish (a server's
+        loop closed under them)."""
+        for _, stats in self.items():
+            stats.in_flight = 0
+
     def refused(self, service: str, method: str, status: int) -> None:
         """A call refused with ``status`` before it started."""
         self._count_refusal(self._stats(service, method), status)

@@ -520,6 +520,7 @@ class Server:
             # calls still running when their loop closed can never be answered: none is in
             # flight, and none holds the business queue (the new pool's threads are all free)
             self._in_flight = self._in_flight_bytes = self._business_pending = 0
+            self.metrics.forget_in_flight()
 
         max_connections = self.max_connections
         if max_connections is None:
