@@ -2,7 +2,8 @@
 
 Runs a tiny matrix (octo_core, the codec-only floor and the raw uvloop echo, 1 and 4 calls in
 flight, 0.2 s per cell) and checks that every cell produced calls and that
-every server child process is gone afterwards; runs ``octo bench rpc`` with its
+every server child process is gone afterwards; runs the thread-per-connection
+peers (Apache Thrift's and thriftpy2's) the same way; runs ``octo bench rpc`` with its
 own options; checks the report's sections. No timing assertions.
 """
 from __future__ import annotations
@@ -67,6 +68,18 @@ def test_runner_smoke() -> None:
     for system in SYSTEMS:
         assert system in report
     assert "targets:" in report
+
+
+@pytest.mark.parametrize("system", [rpc.APACHE_SYNC, rpc.TP2_SYNC])
+def test_a_threaded_peer_runs_a_client_per_thread_against_its_own_server(system: str) -> None:
+    results = rpc.run(0.2, systems=(system,), payloads=("10B",), concurrencies=(1, 3),
+                      warmup=0.05)
+    assert [(r.system, r.concurrency, r.connections) for r in results] == [
+        (system, 1, 1), (system, 3, 3)]
+    for r in results:
+        assert r.error is None and r.missing is None, (r.error, r.missing)
+        assert r.calls > 0 and 0 < r.p50_us <= r.p99_us, r
+    assert _server_children() == []
 
 
 def test_octo_bench_rpc_runs_the_asked_cells_and_writes_json(

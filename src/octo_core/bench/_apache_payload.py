@@ -1,17 +1,24 @@
 """Apache Thrift classes for ``payload.thrift``, written as ``thrift --gen py`` emits them.
 
-Only what ``thrift.protocol.fastbinary`` needs is kept: each class's
+Only what ``thrift.protocol.fastbinary`` needs is kept: each struct's
 ``__init__`` (every field defaults to ``None``), ``thrift_spec`` and
 ``__repr__``/``__eq__``/``__ne__`` (written once, in a shared base); the generated pure-Python ``read``/``write`` are left out
-because the benchmark calls ``fastbinary.encode_binary``/``decode_binary``
+because the codec benchmark calls ``fastbinary.encode_binary``/``decode_binary``
 directly. The ``thrift_spec`` tuples are those of the Thrift 0.17 compiler
 (``thrift --gen py payload.thrift``), including the ``[Class, None]`` struct
 references that ``fix_spec`` wires up, so the installed package needs no
 Thrift compiler.
 
+For the RPC benchmark, ``Echo.echo`` as the compiler's service module has it:
+its argument and result structs (read and written through the accelerated
+protocol's C calls, the generated code's fast path), ``EchoClient`` (send the
+call, read its reply) and ``EchoProcessor`` (read a call, run the handler,
+write the reply), each step what the generated ``Client`` and ``Processor``
+do for one method.
+
 Importing this module requires the ``thrift`` (Apache) package.
 """
-from thrift.Thrift import TType
+from thrift.Thrift import TApplicationException, TMessageType, TProcessor, TType
 from thrift.TRecursive import fix_spec
 
 all_structs: list = []
@@ -97,5 +104,129 @@ Payload.thrift_spec = (
     (8, TType.MAP, 'tags', (TType.STRING, 'UTF8', TType.STRING, 'UTF8', False), None, ),  # 8
     (9, TType.LIST, 'items', (TType.STRUCT, [Small, None], False), None, ),  # 9
 )
+
+
+class echo_args(_Struct):
+    """
+    Attributes:
+     - message
+
+    """
+
+    def __init__(self, message=None,):
+        self.message = message
+
+    def read(self, iprot):
+        iprot._fast_decode(self, iprot, [self.__class__, self.thrift_spec])
+
+    def write(self, oprot):
+        oprot.trans.write(oprot._fast_encode(self, [self.__class__, self.thrift_spec]))
+
+
+class echo_result(_Struct):
+    """
+    Attributes:
+     - success
+
+    """
+
+    def __init__(self, success=None,):
+        self.success = success
+
+    read = echo_args.read
+    write = echo_args.write
+
+
+all_structs.append(echo_args)
+echo_args.thrift_spec = (
+    None,  # 0
+    (1, TType.STRING, 'message', 'UTF8', None, ),  # 1
+)
+all_structs.append(echo_result)
+echo_result.thrift_spec = (
+    (0, TType.STRING, 'success', 'UTF8', None, ),  # 0
+)
 fix_spec(all_structs)
 del all_structs
+
+
+def require_accelerated(protocol):
+    """``protocol`` itself, if it reads and writes through ``fastbinary`` (the
+    only path these classes have); a clear error otherwise."""
+    if protocol._fast_decode is None or protocol._fast_encode is None:
+        raise RuntimeError("Apache Thrift's C extension (thrift.protocol.fastbinary) is not "
+                           "installed: the apache-sync benchmark needs the accelerated protocol")
+    return protocol
+
+
+class EchoClient(object):
+    """The generated ``Echo.Client``'s ``echo``: one call on a blocking transport."""
+
+    def __init__(self, iprot, oprot=None):
+        self._iprot = self._oprot = iprot
+        if oprot is not None:
+            self._oprot = oprot
+        self._seqid = 0
+
+    def echo(self, message):
+        oprot = self._oprot
+        oprot.writeMessageBegin('echo', TMessageType.CALL, self._seqid)
+        echo_args(message).write(oprot)
+        oprot.writeMessageEnd()
+        oprot.trans.flush()
+        iprot = self._iprot
+        _, mtype, _ = iprot.readMessageBegin()
+        if mtype == TMessageType.EXCEPTION:
+            error = TApplicationException()
+            error.read(iprot)
+            iprot.readMessageEnd()
+            raise error
+        result = echo_result()
+        result.read(iprot)
+        iprot.readMessageEnd()
+        if result.success is not None:
+            return result.success
+        raise TApplicationException(TApplicationException.MISSING_RESULT,
+                                    "echo failed: unknown result")
+
+
+class EchoProcessor(TProcessor):
+    """The generated ``Echo.Processor`` for ``echo``: a call read, the handler
+    run, its reply written (an unknown method gets UNKNOWN_METHOD, a handler's
+    error INTERNAL_ERROR, as there)."""
+
+    def __init__(self, handler):
+        self._handler = handler
+        self._process_map = {"echo": EchoProcessor.process_echo}
+
+    def process(self, iprot, oprot):
+        name, _, seqid = iprot.readMessageBegin()
+        process = self._process_map.get(name)
+        if process is None:
+            iprot.skip(TType.STRUCT)
+            iprot.readMessageEnd()
+            self._reply(oprot, name, TMessageType.EXCEPTION, seqid, TApplicationException(
+                TApplicationException.UNKNOWN_METHOD, 'Unknown function %s' % name))
+            return
+        process(self, seqid, iprot, oprot)
+        return True
+
+    def process_echo(self, seqid, iprot, oprot):
+        args = echo_args()
+        args.read(iprot)
+        iprot.readMessageEnd()
+        result = echo_result()
+        try:
+            result.success = self._handler.echo(args.message)
+            msg_type = TMessageType.REPLY
+        except Exception:
+            msg_type = TMessageType.EXCEPTION
+            result = TApplicationException(TApplicationException.INTERNAL_ERROR, 'Internal error')
+        self._reply(oprot, "echo", msg_type, seqid, result)
+
+    @staticmethod
+    def _reply(oprot, name, msg_type, seqid, result):
+        oprot.writeMessageBegin(name, msg_type, seqid)
+        result.write(oprot)
+        oprot.writeMessageEnd()
+        oprot.trans.flush()

@@ -41,6 +41,11 @@ comparison is between libraries, not event loops):
   framed transport. N in flight = N clients (N connections), each with one
   call outstanding: a thriftpy2 asyncio client cannot multiplex (it reads the
   reply right after writing the request, with no sequence-id matching).
+* ``apache-sync``: Apache Thrift (the ``thrift`` package): its ``TThreadedServer``
+  (a thread per connection) and a client per thread, framed transport, the
+  accelerated binary protocol (``fastbinary``, C), ``Echo`` as its compiler's
+  generated code has it (``octo_core.bench._apache_payload``). N in flight = N
+  threads, each with its own client and connection.
 * ``grpc-aio``: ``grpc.aio`` server and one channel; a raw-bytes unary echo
   method registered with ``grpc.method_handlers_generic_handler`` (no
   protobuf, no codegen: the minimum a grpc call costs). N concurrent unary
@@ -77,6 +82,7 @@ import argparse
 import asyncio
 import collections
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -103,20 +109,21 @@ OCTO_INLINE = "octo-inline"
 OCTO_SYNC = "octo-sync"
 TP2_SYNC = "thriftpy2-sync"
 TP2_AIO = "thriftpy2-aio"
+APACHE_SYNC = "apache-sync"
 GRPC = "grpc-aio"
 CODEC_ONLY = "codec-only"
 RAW = "raw-uvloop"
 #: Every system, in table order.
 SYSTEMS: Tuple[str, ...] = (OCTO, OCTO_THRIFT, OCTO_PLAIN, OCTO_INLINE, OCTO_SYNC, TP2_SYNC,
-                            TP2_AIO, GRPC, CODEC_ONLY, RAW)
+                            TP2_AIO, APACHE_SYNC, GRPC, CODEC_ONLY, RAW)
 #: The server each system's client talks to (the ``--serve`` kind of the child).
 SERVER_KIND: Dict[str, str] = {OCTO: "octo", OCTO_THRIFT: "octo", OCTO_SYNC: "octo",
                                OCTO_PLAIN: "octo-plain", OCTO_INLINE: "octo-inline",
                                TP2_SYNC: "thriftpy2-sync",
-                               TP2_AIO: "thriftpy2-aio", GRPC: "grpc", CODEC_ONLY: "codec",
-                               RAW: "raw"}
+                               TP2_AIO: "thriftpy2-aio", APACHE_SYNC: "apache-sync",
+                               GRPC: "grpc", CODEC_ONLY: "codec", RAW: "raw"}
 SERVER_KINDS: Tuple[str, ...] = ("octo", "octo-plain", "octo-inline", "thriftpy2-sync",
-                                 "thriftpy2-aio", "grpc", "codec", "raw")
+                                 "thriftpy2-aio", "apache-sync", "grpc", "codec", "raw")
 #: Systems whose client finds the server as a deployment does: the server registers
 #: in the embedded default registry (``file://``, a directory per cell), the client
 #: discovers it there. (The registry is off the per-call path: calls cost the same.)
@@ -413,6 +420,28 @@ def _serve_thriftpy2_aio(host: str, port: int) -> _Serving:
     return _loop_thread(start, "thriftpy2-aio-server")
 
 
+def _serve_apache_sync(host: str, port: int) -> _Serving:
+    from thrift.protocol.TBinaryProtocol import TBinaryProtocolAcceleratedFactory
+    from thrift.server.TServer import TThreadedServer
+    from thrift.transport.TSocket import TServerSocket
+    from thrift.transport.TTransport import TFramedTransportFactory
+
+    from octo_core.bench import _apache_payload
+
+    protocols = TBinaryProtocolAcceleratedFactory()
+    _apache_payload.require_accelerated(protocols.getProtocol(None))
+    listener = TServerSocket(host, port)
+    listener.listen()
+    bound = listener.handle.getsockname()[1]
+    listener.listen = lambda: None  # type: ignore[method-assign]  # bound above
+    server = TThreadedServer(_apache_payload.EchoProcessor(_EchoHandler()), listener,
+                             TFramedTransportFactory(), protocols, daemon=True)
+    # TThreadedServer cannot be stopped: its threads are daemons, and end with the child
+    # (it exits once the cell is over).
+    threading.Thread(target=server.serve, name="apache-sync-server", daemon=True).start()
+    return _Serving(bound, lambda: None)
+
+
 def _serve_grpc(host: str, port: int) -> _Serving:
     import grpc
     import grpc.aio
@@ -456,6 +485,7 @@ _SERVERS: Dict[str, Callable[..., _Serving]] = {   # (host, port), octo's also a
     "octo-inline": _serve_octo(_EchoHandler(), inline=True),
     "thriftpy2-sync": _serve_thriftpy2_sync,
     "thriftpy2-aio": _serve_thriftpy2_aio,
+    "apache-sync": _serve_apache_sync,
     "grpc": _serve_grpc,
     "codec": _serve_protocol(_CodecEchoServer, "codec-echo-server"),
     "raw": _serve_protocol(_RawEchoServer, "raw-echo-server"),
@@ -1042,6 +1072,34 @@ class _Tp2SyncDriver(_ThreadedDriver):
             client.close()
 
 
+class _ApacheSyncDriver(_ThreadedDriver):
+    """Apache Thrift sync: N threads, each with its own client (its own connection)."""
+
+    def open(self) -> None:
+        from thrift.protocol.TBinaryProtocol import TBinaryProtocolAccelerated
+        from thrift.transport.TSocket import TSocket
+        from thrift.transport.TTransport import TFramedTransport
+
+        from octo_core.bench import _apache_payload
+
+        self.transports = []
+        self.echoes = []
+        for _ in range(self.concurrency):
+            socket = TSocket("127.0.0.1", self.port)
+            socket.setTimeout(CALL_TIMEOUT_S * 1000)
+            transport = TFramedTransport(socket)
+            transport.open()
+            self.transports.append(transport)
+            protocol = _apache_payload.require_accelerated(TBinaryProtocolAccelerated(transport))
+            self.echoes.append(_apache_payload.EchoClient(protocol).echo)
+        self.connections = len(self.transports)
+        self._check()
+
+    def close(self) -> None:
+        for transport in getattr(self, "transports", ()):
+            transport.close()
+
+
 class _OctoSyncDriver(_ThreadedDriver):
     """``octo_core.Client``: N threads share the one blocking client (one connection)."""
 
@@ -1065,15 +1123,16 @@ class _OctoSyncDriver(_ThreadedDriver):
 _DRIVERS: Dict[str, type] = {
     OCTO: _OctoDriver, OCTO_THRIFT: _OctoThriftDriver, OCTO_PLAIN: _OctoDriver,
     OCTO_INLINE: _OctoDriver, OCTO_SYNC: _OctoSyncDriver,
-    TP2_SYNC: _Tp2SyncDriver,
-    TP2_AIO: _Tp2AioDriver, GRPC: _GrpcDriver, CODEC_ONLY: _CodecDriver, RAW: _RawDriver,
+    TP2_SYNC: _Tp2SyncDriver, TP2_AIO: _Tp2AioDriver, APACHE_SYNC: _ApacheSyncDriver,
+    GRPC: _GrpcDriver, CODEC_ONLY: _CodecDriver, RAW: _RawDriver,
 }
 
 
 def missing_reason(system: str) -> Optional[str]:
     """Why ``system`` cannot run here (a library is not installed), or None."""
     modules = {GRPC: ("grpc", "grpc.aio"), RAW: ("uvloop",),
-               TP2_SYNC: ("thriftpy2",), TP2_AIO: ("thriftpy2.contrib.aio",)}.get(system, ())
+               TP2_SYNC: ("thriftpy2",), TP2_AIO: ("thriftpy2.contrib.aio",),
+               APACHE_SYNC: ("thrift.protocol.fastbinary",)}.get(system, ())
     for name in modules:
         try:
             __import__(name)
@@ -1279,10 +1338,12 @@ def check_targets(results: Sequence[Result]) -> List[TargetCheck]:
 def environment() -> Dict[str, str]:
     """Where the numbers come from."""
     versions = {}
-    for name in ("octo_core", "thriftpy2", "uvloop", "grpc"):
+    for name, distribution in (("octo_core", "octo-core"), ("thriftpy2", "thriftpy2"),
+                               ("uvloop", "uvloop"), ("grpc", "grpcio"),
+                               ("thrift", "thrift")):
         try:
-            versions[name] = getattr(__import__(name), "__version__", "?")
-        except ImportError:
+            versions[name] = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
