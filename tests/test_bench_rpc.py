@@ -103,36 +103,14 @@ def _ok(system: str, concurrency: int, calls_per_s: float) -> rpc.Result:
                       calls_per_s=calls_per_s, p50_us=10.0, p99_us=20.0)
 
 
-def test_report_has_the_thriftpy2_aio_section_only_with_its_rows() -> None:
-    heading = f"octo ÷ {rpc.TP2_AIO}, calls/s:"
+def test_report_has_the_peer_ratios_only_with_their_rows() -> None:
+    heading = "octo calls/s ÷ each peer's"
     without = [_ok(rpc.OCTO, 64, 3000.0), _ok(rpc.RAW, 64, 6000.0)]
     assert heading not in rpc.format_report(without)
-    report = rpc.format_report(without + [_ok(rpc.TP2_AIO, 64, 1000.0)])
-    assert f"{heading}\n   10B,  64 in flight: 3.00×" in report
-
-
-def test_octo_cells_find_their_server_through_the_embedded_registry(tmp_path) -> None:
-    """The main job runs octo_core as it is deployed on one machine: the server
-    registers in a ``file://`` registry and the client discovers it there."""
-    import asyncio
-
-    from octo_core.registry import open_registry
-
-    url = f"file://{tmp_path}"
-    with rpc.ServerProcess("octo", registry=url) as server:
-        async def listed() -> List[int]:
-            registry = open_registry(url)
-            try:
-                return [node.port for node in await registry.list("com.octo.bench.echo")]
-            finally:
-                await registry.close()
-        assert asyncio.run(listed()) == [server.port]
-        for kind in (rpc._OctoDriver, rpc._OctoSyncDriver):
-            driver = kind(0, rpc.make_message(10), 2, url)   # no port: the registry's
-            driver.open()
-            try:
-                assert driver.phase(0.1)[0]
-            finally:
-                driver.close()
-    assert rpc.DISCOVERING == (rpc.OCTO, rpc.OCTO_THRIFT, rpc.OCTO_PLAIN, rpc.OCTO_INLINE,
-                               rpc.OCTO_SYNC)
+    report = rpc.format_report(without + [_ok(rpc.TP2_AIO, 64, 1000.0),
+                                          _ok(rpc.APACHE_SYNC, 64, 1500.0),
+                                          _ok(rpc.APACHE_SYNC, 1, 1500.0)])
+    table = report[report.index(heading):].splitlines()
+    assert table[1].split() == ["payload", "in-flight", rpc.TP2_AIO, rpc.APACHE_SYNC]
+    assert table[2].split() == ["10B", "64", "3.00×", "2.00×"]
+    assert len(table) == 3 or not table[3].strip()   # no row for the cell octo lacks

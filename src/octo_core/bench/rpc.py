@@ -113,6 +113,8 @@ APACHE_SYNC = "apache-sync"
 GRPC = "grpc-aio"
 CODEC_ONLY = "codec-only"
 RAW = "raw-uvloop"
+#: The other libraries' systems (what octo_core is compared with).
+PEERS: Tuple[str, ...] = (TP2_SYNC, TP2_AIO, APACHE_SYNC, GRPC)
 #: Every system, in table order.
 SYSTEMS: Tuple[str, ...] = (OCTO, OCTO_THRIFT, OCTO_PLAIN, OCTO_INLINE, OCTO_SYNC, TP2_SYNC,
                             TP2_AIO, APACHE_SYNC, GRPC, CODEC_ONLY, RAW)
@@ -1287,14 +1289,14 @@ def vs_raw(results: Sequence[Result], r: Result) -> Optional[Tuple[str, float]]:
     return ("calls/s", r.calls_per_s / raw.calls_per_s) if raw.calls_per_s else None
 
 
-def octo_vs_tp2_aio(results: Sequence[Result], payload: str,
-                    concurrency: int) -> Optional[float]:
-    """octo_core's calls/s ÷ thriftpy2 asyncio's, for one cell."""
+def octo_vs(results: Sequence[Result], peer: str, payload: str,
+            concurrency: int) -> Optional[float]:
+    """octo_core's calls/s ÷ system ``peer``'s, for one cell (None: one was not measured)."""
     octo = _find(results, OCTO, payload, concurrency)
-    tp2 = _find(results, TP2_AIO, payload, concurrency)
-    if octo is None or tp2 is None or not tp2.calls_per_s:
+    other = _find(results, peer, payload, concurrency)
+    if octo is None or other is None or not other.calls_per_s:
         return None
-    return octo.calls_per_s / tp2.calls_per_s
+    return octo.calls_per_s / other.calls_per_s
 
 
 def check_targets(results: Sequence[Result]) -> List[TargetCheck]:
@@ -1320,7 +1322,7 @@ def check_targets(results: Sequence[Result]) -> List[TargetCheck]:
                                       ratio, TARGET_VS_RAW_THROUGHPUT, True,
                                       noisy=noisy(octo, raw)))
             checks.append(TargetCheck(f"octo calls/s ÷ thriftpy2-aio, {top} in flight", payload,
-                                      octo_vs_tp2_aio(results, payload, top),
+                                      octo_vs(results, TP2_AIO, payload, top),
                                       TARGET_VS_TP2_AIO_THROUGHPUT, True, noisy=noisy(octo, tp2)))
         if 1 in concurrencies:
             octo = _find(results, OCTO, payload, 1)
@@ -1354,9 +1356,28 @@ def environment() -> Dict[str, str]:
     }
 
 
+def _peer_ratios(results: Sequence[Result]) -> List[str]:
+    """The lines of octo's calls/s ÷ each peer's, cell by cell (none when octo or
+    every peer is missing: no heading over nothing)."""
+    rows = []
+    peers = [p for p in PEERS if any(r.system == p and r.ok for r in results)]
+    for payload, concurrency in dict.fromkeys((r.payload, r.concurrency) for r in results):
+        ratios = [octo_vs(results, peer, payload, concurrency) for peer in peers]
+        if any(ratio is not None for ratio in ratios):
+            rows.append([payload, str(concurrency)]
+                        + ["-" if ratio is None else f"{ratio:.2f}×" for ratio in ratios])
+    if not rows:
+        return []
+    header = ["payload", "in-flight", *peers]
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    return ["", "octo calls/s ÷ each peer's, same cell (above 1×: octo_core answers more calls):",
+            *(" ".join(f"{cell:>{width}}" for cell, width in zip(row, widths))
+              for row in (header, *rows))]
+
+
 def format_report(results: Sequence[Result], seconds: Optional[float] = None,
                   warmup: Optional[float] = None, rounds: int = 1) -> str:
-    """The results table, the octo ÷ thriftpy2-aio ratios and the targets, as text."""
+    """The results table, octo's ratios to the peers and the targets, as text."""
     lines = []
     env = environment()
     lines.append(f"RPC echo benchmark, {env['date']}; {env['python']}; {env['machine']}")
@@ -1403,13 +1424,7 @@ def format_report(results: Sequence[Result], seconds: Optional[float] = None,
                  "core (from /proc/stat; kernel softirq work for loopback traffic counts here "
                  f"too); '!' marks a noisy cell (over {NOISY_PCT:g}%): other processes "
                  "competed for the two cores and its numbers are not comparable")
-    ratios = []
-    for payload, concurrency in dict.fromkeys((r.payload, r.concurrency) for r in results):
-        speedup = octo_vs_tp2_aio(results, payload, concurrency)
-        if speedup is not None:
-            ratios.append(f"  {payload:>4}, {concurrency:>3} in flight: {speedup:.2f}×")
-    if ratios:   # a heading over nothing when octo or thriftpy2-aio was not run
-        lines += ["", "octo ÷ thriftpy2-aio, calls/s:", *ratios]
+    lines += _peer_ratios(results)
     checks = check_targets(results)
     if checks:
         lines.append("")
