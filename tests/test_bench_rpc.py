@@ -3,13 +3,16 @@
 Runs a tiny matrix (octo_core, the codec-only floor and the raw uvloop echo, 1 and 4 calls in
 flight, 0.2 s per cell) and checks that every cell produced calls and that
 every server child process is gone afterwards; runs the thread-per-connection
-peers (Apache Thrift's and thriftpy2's) the same way; runs ``octo bench rpc`` with its
+peers (Apache Thrift's and thriftpy2's) the same way, and
+``benchmarks/bench_workers.py`` (blocking clients in worker processes); runs ``octo bench rpc`` with its
 own options; checks the report's sections. No timing assertions.
 """
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from typing import List
 
 import pytest
@@ -18,6 +21,7 @@ from octo_core import cli
 from octo_core.bench import rpc
 
 SYSTEMS = (rpc.OCTO, rpc.CODEC_ONLY, rpc.RAW)
+WORKER_SYSTEMS = (rpc.OCTO_SYNC, rpc.TP2_SYNC, rpc.APACHE_SYNC)   # bench_workers.py's
 CONCURRENCIES = (1, 4)
 
 
@@ -79,6 +83,23 @@ def test_a_threaded_peer_runs_a_client_per_thread_against_its_own_server(system:
     for r in results:
         assert r.error is None and r.missing is None, (r.error, r.missing)
         assert r.calls > 0 and 0 < r.p50_us <= r.p99_us, r
+    assert _server_children() == []
+
+
+def test_bench_workers_runs_each_system_with_worker_processes() -> None:
+    script = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "bench_workers.py")
+    done = subprocess.run(
+        [sys.executable, script, "--workers", "2", "--seconds", "0.2", "--warmup", "0.05",
+         "--rounds", "1", "--quiet-wait", "0"],
+        capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = [line.split() for line in done.stdout.splitlines()]
+    rows = {row[0]: row for row in table if row[:1] and row[0] in WORKER_SYSTEMS
+            and row[1].isdigit()}   # (not the ratio lines after the table)
+    assert set(rows) == set(WORKER_SYSTEMS), done.stdout
+    for row in rows.values():
+        assert row[1] == "2" and float(row[2].replace(",", "")) > 0, row   # workers, calls/s
+    assert "octo-sync ÷ thriftpy2-sync, 2 workers:" in done.stdout
     assert _server_children() == []
 
 
