@@ -96,6 +96,8 @@ def measure(system: str, workers: int, payload: str, seconds: float,
                 proc.wait()
         latencies = sorted(ns for path in files for ns in _read_latencies(path))
     calls = sum(r["calls"] for r in reports)
+    if not calls:
+        raise RuntimeError(f"{system}, {workers} workers: no call completed in {seconds}s")
     return {"calls_per_s": sum(r["calls"] / r["elapsed"] for r in reports),
             "p50_us": rpc._percentile(latencies, 0.50), "p99_us": rpc._percentile(latencies, 0.99),
             "client_cpu_us": sum(r["cpu"] for r in reports) * 1e6 / calls,
