@@ -30,6 +30,7 @@ import argparse
 import array
 import json
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -43,7 +44,8 @@ except ImportError:  # run from a source checkout without installing: use ../src
     from octo_core.bench import rpc
 
 SYSTEMS = (rpc.OCTO_SYNC, rpc.TP2_SYNC, rpc.APACHE_SYNC)
-#: Seconds a worker has to open its client and answer a first call.
+#: Seconds a worker has to open its client and answer a first call, and to report
+#: once its measured seconds are over.
 READY_TIMEOUT = 30.0
 
 
@@ -81,13 +83,13 @@ def measure(system: str, workers: int, payload: str, seconds: float,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for path in files]
         try:
             for proc in procs:
-                _expect(proc, "READY")
+                _expect(proc, "READY", READY_TIMEOUT)
             for proc in procs:
                 proc.stdin.write("GO\n")   # type: ignore[union-attr]  # (a pipe)
                 proc.stdin.flush()         # type: ignore[union-attr]
             time.sleep(warmup)   # the server's CPU over the measured seconds, as near as may be
             cpu0 = server.cpu()
-            reports = [json.loads(_expect(proc, "{")) for proc in procs]
+            reports = [json.loads(_expect(proc, "{", seconds + READY_TIMEOUT)) for proc in procs]
             server_cpu = server.cpu() - cpu0
         finally:
             for proc in procs:
@@ -104,9 +106,15 @@ def measure(system: str, workers: int, payload: str, seconds: float,
             "server_cpu_us": server_cpu * 1e6 / calls}
 
 
-def _expect(proc: "subprocess.Popen[str]", prefix: str) -> str:
-    """The worker's next line, which starts with ``prefix`` (else the worker failed)."""
-    line = proc.stdout.readline()   # type: ignore[union-attr]  # (a pipe)
+def _expect(proc: "subprocess.Popen[str]", prefix: str, timeout: float) -> str:
+    """The worker's next line, which starts with ``prefix`` within ``timeout``
+    seconds (else the worker failed or hangs). (A worker writes one line, then
+    waits or ends: none is left in the pipe's buffer for ``select`` to miss.)"""
+    stdout = proc.stdout
+    assert stdout is not None   # (a pipe)
+    if not select.select([stdout], [], [], timeout)[0]:
+        raise RuntimeError(f"a worker said nothing within {timeout:g}s, not {prefix}...")
+    line = stdout.readline()
     if not line.startswith(prefix):
         raise RuntimeError(f"a worker said {line!r} (exit {proc.poll()}), not {prefix}...")
     return line

@@ -4,8 +4,9 @@ Runs a tiny matrix (octo_core, the codec-only floor and the raw uvloop echo, 1 a
 flight, 0.2 s per cell) and checks that every cell produced calls and that
 every server child process is gone afterwards; runs the thread-per-connection
 peers (Apache Thrift's and thriftpy2's) the same way, and
-``benchmarks/bench_workers.py`` (blocking clients in worker processes); runs ``octo bench rpc`` with its
-own options; checks the report's sections. No timing assertions.
+``benchmarks/bench_workers.py`` (blocking clients in worker processes); runs
+``octo bench rpc`` with its own options; checks the report's sections. No
+timing assertions.
 """
 from __future__ import annotations
 
