@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 import uuid
 from typing import Any, Callable, List, Optional, Sequence, Set
 
@@ -767,6 +768,23 @@ def test_breaker_forgets_failures_outside_its_window():
         breaker.record(True)
     breaker.record(False)
     assert breaker.state is BreakerState.CLOSED            # 1 failure in the last 10 calls
+
+
+@pytest.mark.parametrize("options, error, words", [
+    ({"consecutive_failure": 3}, TypeError, "breaker has no option 'consecutive_failure'"),
+    ({"on_change": print}, TypeError, "breaker has no option 'on_change'"),
+    ({"consecutive_failures": 0}, ValueError, "consecutive_failures"),
+    ({"error_rate": 50}, ValueError, "error_rate is the share of calls failed"),
+    ({"error_rate": float("nan")}, ValueError, "error_rate"),
+    ({"min_calls": -1}, ValueError, "min_calls"),
+    ({"window": 0}, ValueError, "window"),
+    ({"backoff_min": 10.0, "backoff_max": 5.0}, ValueError, "backoff_max (5.0) is below"),
+])
+def test_breaker_options_are_refused_when_the_client_is_made(options, error, words):
+    """A misspelt or out-of-range ``breaker=`` option fails ``AsyncClient(...)``, not
+    the first call (which would fail every call, or never open a breaker)."""
+    with pytest.raises(error, match=re.escape(words)):
+        AsyncClient(Echo, appkey=CALLER, hosts=["127.0.0.1:1"], breaker=options)
 
 
 def test_cluster_breaker_excludes_a_failing_node_then_probes_and_closes():

@@ -104,7 +104,17 @@ class AsyncClient:
     ``cluster`` (``failfast``, ``failover``, ``failsafe``, ``forking``,
     ``hedging``), ``retries``, ``forks``, ``hedge_delay``, ``idempotent`` (True,
     or the method names that may be retried after they were sent; forking and
-    hedging send extra copies of these only); routing:
+    hedging send extra copies of these only); ``breaker``, the options of each
+    node's circuit breaker (``octo_core.cluster.breaker.CircuitBreaker``: it opens
+    after ``consecutive_failures``, 5, or at ``error_rate``, 0.5, of at least
+    ``min_calls``, 20, in ``window``, 10 s; a probe call after ``backoff_min``, 1 s,
+    doubling to ``backoff_max``, 30 s; an unknown option or a value out of range
+    is refused here). Only a node's faults fail over and count against it
+    (timeouts, lost connections, overload refusals; a quota refusal fails over
+    but opens no breaker): an answer, a declared exception or the handler's own
+    error (``ApplicationError``), never does, under any policy. ``retry_budget``
+    (a ``RetryBudget`` of the same module) bounds the retries, forks and hedges;
+    routing:
     ``cell``/``set_routing``, ``idc``/``region``/``locality`` (``"idc"`` or
     ``"region"``: only that of the caller, given by ``idc`` or ``region``;
     ``locality_threshold``: the share of serving nodes -- ALIVE, weight > 0,

@@ -5,7 +5,9 @@ import enum
 import math
 import random
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
+
+from octo_core.checks import count, finite_number, is_finite_number
 
 
 class BreakerState(enum.Enum):
@@ -67,12 +69,23 @@ class CircuitBreaker:
     While open no call passes; after a jittered backoff (doubling from
     ``backoff_min`` to ``backoff_max`` on each failed probe) one probe call is let
     through (half-open): its success closes the breaker, its failure reopens it.
+    ``ValueError`` for a setting out of range (an ``error_rate`` of 50 meant as
+    per cent would never open it).
     """
 
     def __init__(self, *, consecutive_failures: int = 5, error_rate: float = 0.5,
                  min_calls: int = 20, window: int = 10, backoff_min: float = 1.0,
                  backoff_max: float = 30.0, clock: Callable[[], float] = time.monotonic,
                  on_change: Optional[Callable[["CircuitBreaker"], None]] = None) -> None:
+        count("consecutive_failures", consecutive_failures)
+        count("min_calls", min_calls)
+        if not (is_finite_number(error_rate) and error_rate <= 1):
+            raise ValueError(f"error_rate is the share of calls failed, above 0 and at most 1, "
+                             f"not {error_rate!r}")
+        finite_number("window", window)
+        if finite_number("backoff_max", backoff_max) < finite_number("backoff_min", backoff_min):
+            raise ValueError(f"backoff_max ({backoff_max!r}) is below backoff_min "
+                             f"({backoff_min!r})")
         self.consecutive_failures = consecutive_failures
         self.error_rate = error_rate
         self.min_calls = min_calls
@@ -149,6 +162,25 @@ class CircuitBreaker:
             self.state = state
             if self._on_change is not None:
                 self._on_change(self)
+
+
+#: The options ``AsyncClient(breaker={...})`` may give each node's ``CircuitBreaker``
+#: (``on_change`` is the cluster's own).
+BREAKER_OPTIONS = ("consecutive_failures", "error_rate", "min_calls", "window", "backoff_min",
+                   "backoff_max", "clock")
+
+
+def breaker_options(options: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """``options`` for the breakers of a cluster, checked now rather than at the first
+    call that makes a breaker: ``TypeError`` naming an unknown one, ``ValueError`` for
+    a value out of range."""
+    checked = dict(options or {})
+    unknown = sorted(set(checked) - set(BREAKER_OPTIONS))
+    if unknown:
+        raise TypeError(f"breaker has no option {', '.join(map(repr, unknown))} "
+                        f"(its options: {', '.join(BREAKER_OPTIONS)})")
+    CircuitBreaker(**checked)
+    return checked
 
 
 class RetryBudget:

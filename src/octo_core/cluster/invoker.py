@@ -46,7 +46,8 @@ from typing import (AbstractSet, Any, Awaitable, Callable, Dict, FrozenSet, List
                     Sequence, Set, Tuple)
 
 from octo_core.cluster.balancer import make_balancer
-from octo_core.cluster.breaker import _CLOSED, BreakerState, CircuitBreaker, RetryBudget
+from octo_core.cluster.breaker import (_CLOSED, BreakerState, CircuitBreaker, RetryBudget,
+                                      breaker_options as _breaker_options)
 from octo_core.cluster.routing import _NO_TAGS, NoRouteError, RouteRule, Router, Weighted
 from octo_core.errors import (CallTimeout, ClientClosed, DegradeError, EncodeError, OctoError,
                               ProtocolError, RpcError, ServiceError, TransportError)
@@ -146,7 +147,7 @@ class Cluster:
         self._lb_options = dict(lb_options or {})
         make_balancer(lb, **self._lb_options)   # an unknown kind or option: now, not at a call
         self._balancers: Dict[tuple, list] = {}   # route tags (+ tier) -> [answer, balancer]
-        self._breaker_options = dict(breaker_options or {})
+        self._breaker_options = _breaker_options(breaker_options)   # now, not at a call
         self._breakers: Dict[str, CircuitBreaker] = {}
         self._unhealthy: Set[str] = set()          # breaker not closed
         self._degraded: Dict[str, float] = {}      # connect failed: key -> retry time
