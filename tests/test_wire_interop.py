@@ -334,6 +334,26 @@ def test_our_unified_client_against_a_thriftpy2_server_is_told_to_speak_native_t
         run(main())
 
 
+@pytest.mark.parametrize("framed", [True, False])
+def test_our_native_client_on_the_other_transport_is_told_to_switch(framed):
+    # A thriftpy2 server closes a connection whose transport it does not speak
+    # without a byte: a framed client of a buffered server (thriftpy2's default)
+    # is told to pass framed=False, an unframed one of a framed server framed=True.
+    stack = {} if not framed else UNFRAMED_STACKS["buffered (thriftpy2's default)"]
+    with thriftpy2_server(Echo, SyncEchoHandler(), **stack) as (host, port):
+        async def main():
+            async with async_client(Echo, f"{host}:{port}", protocol="thrift", framed=framed,
+                                    timeout=5) as client:
+                with pytest.raises(TransportError) as info:
+                    await client.echo("x")
+                assert f"call it with framed={not framed}" in str(info.value)
+            async with async_client(Echo, f"{host}:{port}", protocol="thrift",
+                                    framed=not framed) as client:
+                assert await client.echo("switched") == "switched"
+
+        run(main())
+
+
 def test_our_sync_client_against_thriftpy2_server():
     handler = SyncEchoHandler()
     with thriftpy2_server(Echo, handler) as (host, port), \

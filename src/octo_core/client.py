@@ -76,6 +76,17 @@ _UNIFIED_UNHEARD_HINT = ("(a server that speaks only native thrift, such as thri
                          "with protocol=\"thrift\"{tls}; an octo_core server does so only "
                          "with a request over its max_frame_size)")
 _TLS_UNHEARD_HINT = "; a TLS server closes a plaintext one so: pass ssl="
+#: What a native client adds, by ``framed``: a server on the other transport closes
+#: its connections so (thriftpy2's and Apache's are buffered unless told), and so
+#: does thriftpy2's on a handler's undeclared exception, on a connection's first call.
+_NATIVE_UNHEARD_HINTS = {
+    True: ("(a server on a buffered transport, thriftpy2's and Apache's default, closes "
+           "a framed connection so: call it with framed=False{tls}; thriftpy2's also "
+           "closes one when a handler raises an exception its IDL does not declare)"),
+    False: ("(a server on a framed transport closes an unframed connection so: call it "
+            "with framed=True{tls}; thriftpy2's also closes one when a handler raises an "
+            "exception its IDL does not declare)"),
+}
 
 #: Seconds of silence from a node before a unified connection is sent a heartbeat.
 DEFAULT_HEARTBEAT_INTERVAL = 30.0
@@ -226,7 +237,7 @@ class AsyncClient:
             max_depth=limits.max_depth if limits else DEFAULT_MAX_DEPTH,
             heartbeat_interval=heartbeat_interval if self.unified else None,
             on_stopping=_weak_method(self._node_stopping),
-            unheard_hint=_unheard_hint(self.unified, ssl))
+            unheard_hint=_unheard_hint(self.unified, framed, ssl))
         self._endpoints: Dict[str, Endpoint] = {}
         self._retired: Set[Endpoint] = set()            # of nodes that left, calls still on them
         self._listed: Optional[Dict[str, Node]] = None  # by address, from a registry
@@ -709,12 +720,11 @@ def _warn_if_milliseconds(options: Mapping[str, Any]) -> None:
                           stacklevel=3)
 
 
-def _unheard_hint(unified: bool, ssl: Optional["_ssl.SSLContext"]) -> str:
+def _unheard_hint(unified: bool, framed: bool, ssl: Optional["_ssl.SSLContext"]) -> str:
     """What calls are told when a node closes their connection without a byte
-    (``Endpoint``'s ``unheard_hint``): a native thrift client has nothing to add."""
-    if not unified:
-        return ""
-    return _UNIFIED_UNHEARD_HINT.format(tls="" if ssl is not None else _TLS_UNHEARD_HINT)
+    (``Endpoint``'s ``unheard_hint``): the protocol or transport it may want instead."""
+    hint = _UNIFIED_UNHEARD_HINT if unified else _NATIVE_UNHEARD_HINTS[bool(framed)]
+    return hint.format(tls="" if ssl is not None else _TLS_UNHEARD_HINT)
 
 
 def _argument_error(method: idl.Method, args: tuple, kwargs: Dict[str, Any],
