@@ -5,7 +5,7 @@ Callers catch by class; servers map a class to the status they send back.
 from __future__ import annotations
 
 import enum
-from typing import Optional
+from typing import Any, Optional
 
 
 class Status(enum.IntEnum):
@@ -76,7 +76,7 @@ class TransportError(OctoError):
     """
     status = Status.TRANSPORT_EXCEPTION
 
-    def __init__(self, message: str, *, request_sent: bool = True, **kw) -> None:
+    def __init__(self, message: str, *, request_sent: bool = True, **kw: Any) -> None:
         super().__init__(message, **kw)
         self.request_sent = request_sent
 
@@ -90,7 +90,7 @@ class ClientClosed(TransportError):
     own side, not by anything the node did (failsafe does not swallow it, and
     no breaker counts it)."""
 
-    def __init__(self, message: str = "client is closed", **kw) -> None:
+    def __init__(self, message: str = "client is closed", **kw: Any) -> None:
         super().__init__(message, **kw)
 
 
@@ -106,7 +106,7 @@ class EncodeError(ProtocolError):
 class DecodeError(ProtocolError):
     """Bytes cannot be decoded; ``offset`` is the byte where it went wrong."""
 
-    def __init__(self, message: str, *, offset: Optional[int] = None, **kw) -> None:
+    def __init__(self, message: str, *, offset: Optional[int] = None, **kw: Any) -> None:
         super().__init__(message, **kw)
         self.offset = offset
 
