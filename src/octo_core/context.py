@@ -96,7 +96,17 @@ def use(values: Optional[Mapping[str, str]] = None, **more: str) -> Iterator[Dic
 
 
 def add_span_hook(hook: SpanHook) -> Callable[[], None]:
-    """Call ``hook`` at the start of every span (both sides); returns its remover."""
+    """Call ``hook`` at the start of every span (both sides); returns its remover.
+
+    ``hook(side, service, method, span)``: ``side`` is ``"client"`` or ``"server"``,
+    ``span`` a ``Span``. It may return a function, called with the call's OCTO
+    status (``errors.Status``) when the span ends: a declared exception is
+    ``SUCCESS``, as on the wire. Both run on the event loop of the call (a
+    ``Client``'s I/O thread, a ``Server``'s loop): keep them short; one that
+    raises is logged and skipped. Client and server share a span (its
+    ``span_id``); the wire carries no parent, so a server's ``parent_id`` is
+    None (the client's span has it).
+    """
     _HOOKS.append(hook)
     return lambda: _HOOKS.remove(hook)
 
