@@ -135,7 +135,7 @@ def test_octo_call_says_why_a_call_could_not_be_made(capsys):
     ([ECHO_IDL, "echo", "--host", "nonsense"], "address 'nonsense' is not host:port"),
     ([ECHO_IDL, "echo", "--registry", "bogus://x", "--remote-appkey", "a.b"],
      "unknown registry scheme"),
-    ([ECHO_IDL, "echo", "--host", "h:1", "--token", "t"], "token= needs remote_appkey="),
+    ([ECHO_IDL, "echo", "--host", "h:1", "--token", "t"], "--token needs --remote-appkey"),
     ([ECHO_IDL, "echo", "[" * 100_000, "--host", "h:1"], "recursion"),
     ([ECHO_IDL, "echo", "--registry", "file://tmp/x", "--remote-appkey", "a"],
      "a file registry URL is file:///absolute/dir"),

@@ -320,7 +320,8 @@ def call_parser() -> argparse.ArgumentParser:
                         "its IDL name)")
     parser.add_argument("--timeout", type=_positive_float, default=5.0, metavar="S",
                         help="seconds the call may take (default 5)")
-    parser.add_argument("--token", help="sign the request with this token (a server with auth=)")
+    parser.add_argument("--token", help="sign the request with this token (a server with "
+                        "auth=); needs --remote-appkey")
     return parser
 
 
@@ -358,6 +359,8 @@ def _call(argv: List[str]) -> int:
     args = parser.parse_args(argv)
     if args.registry and not args.remote_appkey:
         parser.error("--registry needs --remote-appkey")
+    if args.token is not None and not args.remote_appkey:   # (said in this command's words)
+        parser.error("--token needs --remote-appkey: the signature covers the callee's appkey")
     problem = args.registry and _registry_problem(args.registry, once=True)
     if problem:
         parser.error(f"argument --registry: {problem}")
