@@ -6,6 +6,7 @@ import asyncio
 import gc
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -368,6 +369,36 @@ def test_a_handler_class_given_for_an_instance_is_refused_when_added():
         def whoami(cls):
             return cls.__name__
 
+    server.add_service(Calc, Static)
+
+
+def test_a_handler_method_that_cannot_take_the_idls_arguments_is_refused_when_added():
+    """Taken, each call of it failed in the handler (a TypeError) with an
+    ApplicationError at the caller; thriftpy2 says so only at the call too."""
+    class TooFew(EchoHandler):
+        def echo(self):   # type: ignore[override]
+            return "?"
+
+    class TooMany(EchoHandler):
+        async def echo(self, text, loud):   # type: ignore[override]
+            return text
+
+    server = octo_core.Server(SERVER_APPKEY)
+    with pytest.raises(TypeError, match=re.escape(
+            "handler for Echo cannot take the IDL's arguments: echo() for echo(text)")):
+        server.add_service(Echo, TooFew())
+    with pytest.raises(TypeError, match=re.escape("echo(text, loud) for echo(text)")):
+        server.add_service(Echo, TooMany())
+
+    class Flexible(EchoHandler):   # what a call by position can reach is taken
+        def echo(self, *args, loud=False):   # type: ignore[override]
+            return args[0]
+
+    class Static:
+        add = staticmethod(lambda a, b, c=0: a + b + c)
+        whoami = staticmethod(os.getcwd)   # a builtin, its signature read as well
+
+    server.add_service(Echo, Flexible())
     server.add_service(Calc, Static)
 
 

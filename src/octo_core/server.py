@@ -74,6 +74,20 @@ CLOSE_NOTICE = 0.5
 _Argv = Callable[[Any], Tuple[Any, ...]]
 
 
+def _takes_arguments(fn: Callable[..., Any], method: idl.Method) -> bool:
+    """Can ``fn`` be called with ``method``'s arguments by position, as calls call it?
+    (True when its signature cannot be read: a builtin's, say.)"""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return True
+    try:
+        signature.bind(*method.arg_names)
+    except TypeError:
+        return False
+    return True
+
+
 def _argv(method: idl.Method) -> _Argv:
     """``method``'s argument values, in order, from its decoded args struct: made
     once per method, a C getter where it can be (every call's path: a list
@@ -457,7 +471,9 @@ class Server:
     def add_service(self, service: Any, handler: Any, name: Optional[str] = None, *,
                     inline: bool = False) -> None:
         """Host ``service`` (a thriftpy2 service class, ``echo_thrift.Echo``) with the
-        methods of ``handler`` (an object, ``EchoHandler()``: each call calls its method).
+        methods of ``handler`` (an object, ``EchoHandler()``: each call calls its method
+        with the IDL's arguments, by position). ``TypeError`` names the methods the
+        handler lacks, or whose parameters cannot take those arguments.
 
         ``name`` is the unified protocol's ``serviceName``; it defaults to the
         IDL service name (``Echo``); set it to match a Java peer's class name.
@@ -483,6 +499,12 @@ class Server:
                 inspect.isfunction(inspect.getattr_static(handler, m)) for m in methods):
             raise TypeError(f"handler {handler.__name__} is a class, whose methods need an "
                             f"instance: add_service(..., {handler.__name__}())")
+        unfit = [m for m, declared in methods.items()
+                 if not _takes_arguments(getattr(handler, m), declared)]
+        if unfit:   # (else every call of them fails, as an ApplicationError at the caller)
+            raise TypeError(f"handler for {name} cannot take the IDL's arguments: " + "; ".join(
+                f"{m}{inspect.signature(getattr(handler, m))} for "
+                f"{m}({', '.join(methods[m].arg_names)})" for m in unfit))
         for declared in methods.values():
             _check_structs(name, declared)
         handlers = {}
