@@ -210,9 +210,29 @@ def test_static_tokens_bad_line_names_the_line_not_the_secret(tmp_path):
     assert OTHER_TOKEN not in str(info.value) and TOKEN not in str(info.value)
 
 
+@pytest.mark.parametrize("text, error, says", [
+    ('{"com.example.client": 12345}', TypeError, "not those of 'com.example.client'"),
+    ('{"com.example.client": "s3cret",}', ValueError, "not JSON"),
+])
+def test_static_tokens_from_a_bad_json_file_name_the_file_not_the_secret(tmp_path, text, error,
+                                                                          says):
+    """A token that is no text was taken, and each of that caller's calls then
+    failed at the server ("could not check this request"); a JSON error named no
+    file."""
+    path = tmp_path / "tokens.json"
+    path.write_text(text)
+    with pytest.raises(error) as info:
+        StaticTokens.from_file(str(path))
+    assert str(info.value).startswith(f"{path}: ") and says in str(info.value)
+    assert "12345" not in str(info.value) and "s3cret" not in str(info.value)
+
+
 def test_static_tokens_from_dict():
-    store = StaticTokens({"a": "ta"})
-    assert store.token("a") == "ta" and store.token("b") is None
+    store = StaticTokens({"a": "ta", "b": b"\x00raw", "none": None})
+    assert store.token("a") == "ta" and store.token("b") == b"\x00raw"
+    assert store.token("none") is None and store.token("c") is None
+    with pytest.raises(TypeError, match="not those of 'n'"):
+        Authenticator({"a": "ta", "n": 1.5})
 
 
 # --- Authenticator.check -------------------------------------------------------------

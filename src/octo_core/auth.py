@@ -49,13 +49,19 @@ def _secret(what: str, secret: Union[str, bytes]) -> Union[str, bytes]:
 
 
 class StaticTokens:
-    """Tokens given explicitly: ``{appkey: token}``. An appkey whose token is
-    empty has none (its requests are refused)."""
+    """Tokens given explicitly: ``{appkey: token}``, each text (or bytes). An
+    appkey whose token is empty (or None) has none (its requests are refused).
+    ``TypeError`` for any other value: it would fail each of that caller's calls
+    when checked."""
 
-    def __init__(self, tokens: Mapping[str, str]) -> None:
+    def __init__(self, tokens: Mapping[str, Union[str, bytes, None]]) -> None:
+        unfit = sorted(repr(appkey) for appkey, token in tokens.items()
+                       if token is not None and not isinstance(token, (str, bytes)))
+        if unfit:   # (the appkeys, never the values: they are secrets)
+            raise TypeError(f"a token is text or bytes: not those of {', '.join(unfit)}")
         self._tokens = dict(tokens)
 
-    def token(self, appkey: str) -> Optional[str]:
+    def token(self, appkey: str) -> Optional[Union[str, bytes]]:
         """``appkey``'s token; None (or empty) when it has none."""
         return self._tokens.get(appkey)
 
@@ -66,7 +72,14 @@ class StaticTokens:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
         if text.lstrip().startswith("{"):
-            return cls(json.loads(text))
+            try:
+                loaded = json.loads(text)
+            except ValueError as exc:   # (a JSON error names no file, and quotes none of it)
+                raise ValueError(f"{path}: not JSON: {exc}") from None
+            try:
+                return cls(loaded)
+            except TypeError as exc:
+                raise TypeError(f"{path}: {exc}") from None
         tokens = {}
         for number, line in enumerate(text.splitlines(), 1):
             parts = list(itertools.takewhile(lambda word: not word.startswith("#"), line.split()))
@@ -198,7 +211,7 @@ class Authenticator:
     whose clocks lag the server's by more than that are refused first.
     """
 
-    def __init__(self, tokens: Union[TokenStore, Mapping[str, str]], *,
+    def __init__(self, tokens: Union[TokenStore, Mapping[str, Union[str, bytes, None]]], *,
                  acl: Optional[Mapping[str, Iterable[str]]] = None,
                  allow: Sequence[str] = (), deny: Sequence[str] = (), skew: float = 60.0,
                  sign_body: bool = False, nonce_capacity: int = 1_000_000) -> None:
