@@ -3,6 +3,7 @@ or dropped without being closed."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import os
 import queue
@@ -398,7 +399,19 @@ def test_a_handler_method_that_cannot_take_the_idls_arguments_is_refused_when_ad
         add = staticmethod(lambda a, b, c=0: a + b + c)
         whoami = staticmethod(os.getcwd)   # a builtin, its signature read as well
 
+    def with_request_id(fn):   # a decorator that supplies an argument of its own
+        @functools.wraps(fn)
+        def wrapper(self, *args):
+            return fn(self, "req-1", *args)
+        return wrapper
+
+    class Decorated(EchoHandler):
+        @with_request_id
+        def echo(self, request_id, text):   # type: ignore[override]
+            return text
+
     server.add_service(Echo, Flexible())
+    server.add_service(Echo, Decorated(), name="Decorated")
     server.add_service(Calc, Static)
 
 

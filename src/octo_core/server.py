@@ -76,9 +76,11 @@ _Argv = Callable[[Any], Tuple[Any, ...]]
 
 def _takes_arguments(fn: Callable[..., Any], method: idl.Method) -> bool:
     """Can ``fn`` be called with ``method``'s arguments by position, as calls call it?
-    (True when its signature cannot be read: a builtin's, say.)"""
+    (True when its signature cannot be read: a builtin's, say.) A decorator's
+    wrapper is read as it is, not the function it wraps (``functools.wraps``):
+    one that supplies an argument of its own takes fewer than what it wraps."""
     try:
-        signature = inspect.signature(fn)
+        signature = inspect.signature(fn, follow_wrapped=False)
     except (TypeError, ValueError):
         return True
     try:
@@ -503,7 +505,7 @@ class Server:
                  if not _takes_arguments(getattr(handler, m), declared)]
         if unfit:   # (else every call of them fails, as an ApplicationError at the caller)
             raise TypeError(f"handler for {name} cannot take the IDL's arguments: " + "; ".join(
-                f"{m}{inspect.signature(getattr(handler, m))} for "
+                f"{m}{inspect.signature(getattr(handler, m), follow_wrapped=False)} for "
                 f"{m}({', '.join(methods[m].arg_names)})" for m in unfit))
         for declared in methods.values():
             _check_structs(name, declared)
