@@ -32,8 +32,9 @@ from octo_core.transport import http
 from octo_core.transport.http import serve_metrics
 
 from wire_helpers import (CLIENT_APPKEY, SERVER_APPKEY, Echo, EchoError, EchoHandler,
-                          async_client, decode_body, echo_services, raw_connection, run,
-                          serving, unified_request, wait_until, watchdog)  # noqa: F401  (fixture)
+                          async_client, decode_body, echo_services, framed_request,
+                          raw_connection, run, serving, unified_request, wait_until,
+                          watchdog)  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
@@ -581,6 +582,60 @@ def test_a_call_without_context_runs_without_the_serving_loops():
 
     seen = contextvars.copy_context().run(in_a_traced_context)
     assert seen == {"text": "bare", "span": None, "ctx": {}}
+
+
+class CallerEcho(EchoHandler):
+    """Echoes, keeping ``context.caller()`` as the handler (and a task it
+    starts, and a ``use()`` block in it) saw it."""
+
+    def __init__(self, plain: bool = False) -> None:
+        super().__init__()
+        self.seen: List[Any] = []
+        if plain:
+            self.echo = self._plain_echo   # type: ignore[method-assign]
+
+    def _plain_echo(self, text: str) -> str:
+        with context.use({"k": "v"}):
+            self.seen.append(("plain", context.caller()))
+        return text
+
+    async def echo(self, text: str) -> str:
+        async def in_a_task() -> Optional[context.Caller]:
+            return context.caller()
+        with context.use({"k": "v"}):
+            self.seen.append(("coroutine", context.caller()))
+        self.seen.append(("task", await asyncio.create_task(in_a_task())))
+        return text
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_a_handler_learns_who_called_and_when_they_stop_waiting(plain):
+    handler = CallerEcho(plain)
+
+    async def main() -> Tuple[str, str]:
+        async with serving(echo_services(handler)) as server:
+            async with async_client(Echo, server.address, timeout=3.0) as client:
+                await client.echo("unified")
+                local = next(iter(client._endpoints.values())).ready().transport \
+                    .get_extra_info("sockname")
+            async with raw_connection(server.address) as conn:   # native framed thrift
+                await conn.send(framed_request("echo", Echo.echo_args(text="native"), 1))
+                assert decode_body(await conn.read_frame(), Echo)[3].success == "native"
+                native_local = conn.writer.get_extra_info("sockname")
+        return f"{local[0]}:{local[1]}", f"{native_local[0]}:{native_local[1]}"
+
+    assert context.caller() is None          # outside a handler
+    octo_address, native_address = run(main())
+    kinds = ["plain"] if plain else ["coroutine", "task"]
+    unified, native = handler.seen[:len(kinds)], handler.seen[len(kinds):]
+    assert [kind for kind, _ in unified] == kinds == [kind for kind, _ in native]
+    for _, seen in unified:
+        assert (seen.appkey, seen.address) == (CLIENT_APPKEY, octo_address)
+        # the request's arrival plus the 3 s its header gave, never more
+        assert seen.deadline is not None and 0 < seen.time_left() <= 3.0
+    for _, seen in native:   # native thrift sends neither appkey nor timeout
+        assert seen == context.Caller("", native_address, None)
+        assert seen.time_left() is None
 
 
 def test_concurrent_traces_do_not_mix():

@@ -5,7 +5,8 @@ client call made inside that handler sends them on: swimlane and LiteSet tags
 stay on their lane across hops, and the handler's calls are child spans of the
 same trace. Callers at the edge set tags with ``use()``; a new trace starts
 wherever there is none. ``add_span_hook`` lets a tracing system (OpenTelemetry,
-say) observe every span.
+say) observe every span. In a handler, ``caller()`` tells who sent the call
+and when it stops waiting for the answer.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import contextlib
 import contextvars
 import functools
 import logging
-from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple, Union
+import time
+from typing import (Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Protocol,
+                    Tuple, Union)
 
 from octo_core import _codec
 
@@ -51,6 +54,44 @@ def _carried() -> Carried:
     # (a header with a trace id has a span id: see Server._call_context)
     return (head.global_context or _NOTHING[0],
             _new_span((head.trace_id, head.span_id, None)) if head.trace_id else None)
+
+
+class Caller(NamedTuple):
+    """Who sent the call being handled (``caller()``)."""
+    #: The unified header's ``clientAppkey``; "" when none was sent (native thrift).
+    appkey: str
+    #: The peer's ``"ip:port"`` ("" on a unix socket).
+    address: str
+    #: The ``time.monotonic()`` at which the caller stops waiting: the request's
+    #: arrival plus the timeout its header gave; None when it gave none (native thrift).
+    deadline: Optional[float]
+
+    def time_left(self) -> Optional[float]:
+        """Seconds until ``deadline`` (below 0 once it passed); None without one."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+
+class _Incoming(Protocol):
+    """A request a server is handling (its ``_Call``), as ``caller()`` asks it."""
+
+    def caller(self) -> Caller: ...
+
+
+#: The request being handled, server side: set with ``_CARRIED``, read when asked.
+_INCOMING: contextvars.ContextVar[Optional[_Incoming]] = contextvars.ContextVar(
+    "octo_incoming", default=None)
+
+
+def caller() -> Optional[Caller]:
+    """Who sent the call being handled: its appkey, address and deadline.
+
+    In a handler, and in what it runs (its tasks, its callbacks); None elsewhere.
+    The deadline is not passed on to the handler's own calls (a task it leaves
+    running would inherit it): a handler that should give up with its caller
+    bounds their ``timeout=`` by ``caller().time_left()``.
+    """
+    incoming = _INCOMING.get()
+    return None if incoming is None else incoming.caller()
 
 
 # hook(side, service, method, span) -> None or a function called with the OCTO status at the end
@@ -139,12 +180,21 @@ def _guarded(end: Callable[[int], None], service: str, method: str) -> Callable[
     return finish
 
 
-def _handler_context(carried: Union[Carried, _codec.Head, None]) -> contextvars.Context:
-    """Server side: a copy of the current context holding what the caller sent
-    (its request's header, or a ``Carried`` pair; None: nothing), for a handler
-    to run in. Nothing sent, and nothing carried here, it is not set again: a
-    set makes a new mapping and a token (every call's path)."""
+def _handler_context(carried: Union[Carried, _codec.Head, None],
+                     incoming: _Incoming) -> contextvars.Context:
+    """Server side: a copy of the current context holding the request being
+    handled and what its caller sent (its header, or a ``Carried`` pair; None:
+    nothing), for a handler to run in. Nothing sent, and nothing carried here,
+    ``_CARRIED`` is not set again: a set makes a new mapping and a token (every
+    call's path)."""
     context = contextvars.copy_context()
     if carried is not None or _CARRIED.get() is not _NOTHING:
-        context.run(_CARRIED.set, _NOTHING if carried is None else carried)
+        context.run(_enter, _NOTHING if carried is None else carried, incoming)
+    else:
+        context.run(_INCOMING.set, incoming)
     return context
+
+
+def _enter(carried: Union[Carried, _codec.Head], incoming: _Incoming) -> None:
+    _CARRIED.set(carried)
+    _INCOMING.set(incoming)

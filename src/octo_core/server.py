@@ -252,10 +252,12 @@ class _Call(Reply):
     admitted, what it runs and holds. (One object per request, made as its frame
     is dispatched, the call's fields set by ``admit``: every call's path.)"""
 
-    __slots__ = ("method", "service", "seqid", "stats", "started", "span_ends", "size")
+    __slots__ = ("method", "service", "seqid", "stats", "started", "span_ends", "size", "head",
+                 "deadline")
 
     def admit(self, service: _Service, method: idl.Method, seqid: int, stats: MethodStats,
-              started: float, size: int) -> None:
+              started: float, size: int, head: Optional[_codec.Head],
+              deadline: Optional[float]) -> None:
         self.size = size    # request bytes it holds, its arguments' objects too (flow control)
         self.service = service
         self.method = method
@@ -263,6 +265,14 @@ class _Call(Reply):
         self.stats = stats
         self.started = started
         self.span_ends: Optional[list] = None
+        self.head = head
+        self.deadline = deadline
+
+    def caller(self) -> _context.Caller:
+        """Who sent it (``octo_core.context.caller()``, in its handler)."""
+        head = self.head
+        return _context.Caller((head.client_appkey or "") if head is not None else "",
+                               self.conn.peer, self.deadline)
 
 
 #: Authentication that raised something other than a refusal (a token store's
@@ -1093,7 +1103,7 @@ class Server:
                 call.refuse(Status.RPC_EXCEPTION, why, name, seqid)
                 return
         call.admit(service, method, seqid, self.metrics.started(service.name, name),
-                   time.monotonic(), len(body) + objects * OBJECT_BYTES)
+                   time.monotonic(), len(body) + objects * OBJECT_BYTES, head, deadline)
         call.conn.call_started(runs is _POOLED, call.size)
         self._in_flight += 1
         self._in_flight_bytes += call.size
@@ -1117,11 +1127,11 @@ class Server:
 
     @staticmethod
     def _call_context(call: _Call, head: Optional[_codec.Head]) -> contextvars.Context:
-        """The context the handler runs in: a copy of this one holding the
-        caller's globalContext and trace (the header itself, read when asked:
-        see ``context._carried``)."""
+        """The context the handler runs in: a copy of this one holding the call
+        (``context.caller()``) and the caller's globalContext and trace (the
+        header itself, read when asked: see ``context._carried``)."""
         if head is None or not (head.trace_id or head.global_context):
-            return _context._handler_context(None)   # (native thrift: nothing sent)
+            return _context._handler_context(None, call)   # (native thrift: nothing sent)
         if head.trace_id and (not head.span_id or _context._HOOKS):
             # the span made now: a new id (the caller sent none) is one id, and a hook
             # is told of it now
@@ -1129,8 +1139,8 @@ class Server:
             if _context._HOOKS:
                 call.span_ends = _context._span_started("server", call.service.name,
                                                         call.method.name, span)
-            return _context._handler_context((head.global_context or {}, span))
-        return _context._handler_context(head)
+            return _context._handler_context((head.global_context or {}, span), call)
+        return _context._handler_context(head, call)
 
     async def _run_coroutine(self, call: _Call, fn: Callable[..., Any], argv: Tuple[Any, ...],
                              deadline: Optional[float]) -> None:
