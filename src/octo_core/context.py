@@ -38,24 +38,6 @@ _new_span: Callable[[tuple], Span] = functools.partial(tuple.__new__, Span)
 Carried = Tuple[Mapping[str, str], Optional[Span]]
 _NOTHING: Carried = ({}, None)
 
-#: What the current call carries. A server sets it to the incoming request's
-#: header, read only when asked (most handlers never ask: a Span and a context
-#: variable fewer per call); ``use()`` sets a ``Carried`` pair.
-_CARRIED: contextvars.ContextVar[Union[Carried, _codec.Head]] = contextvars.ContextVar(
-    "octo_carried", default=_NOTHING)
-
-
-def _carried() -> Carried:
-    """The current globalContext and span."""
-    value = _CARRIED.get()
-    if type(value) is tuple:
-        return value
-    head: _codec.Head = value   # type: ignore[assignment]  # (the only other kind)
-    # (a header with a trace id has a span id: see Server._call_context)
-    return (head.global_context or _NOTHING[0],
-            _new_span((head.trace_id, head.span_id, None)) if head.trace_id else None)
-
-
 class Caller(NamedTuple):
     """Who sent the call being handled (``caller()``)."""
     #: The unified header's ``clientAppkey``; "" when none was sent (native thrift).
@@ -72,14 +54,41 @@ class Caller(NamedTuple):
 
 
 class _Incoming(Protocol):
-    """A request a server is handling (its ``_Call``), as ``caller()`` asks it."""
+    """A request a server is handling (its ``_Call``): what it carries, who sent it."""
+
+    def carried(self) -> Carried: ...
 
     def caller(self) -> Caller: ...
 
 
-#: The request being handled, server side: set with ``_CARRIED``, read when asked.
-_INCOMING: contextvars.ContextVar[Optional[_Incoming]] = contextvars.ContextVar(
-    "octo_incoming", default=None)
+class _Within:
+    """``use()`` inside a handler: its own globalContext and span, the handler's caller."""
+
+    __slots__ = ("_carried", "_incoming")
+
+    def __init__(self, carried: Carried, incoming: _Incoming) -> None:
+        self._carried, self._incoming = carried, incoming
+
+    def carried(self) -> Carried:
+        return self._carried
+
+    def caller(self) -> Caller:
+        return self._incoming.caller()
+
+
+#: What the current call carries: a ``Carried`` pair (``use()``, or nothing), or,
+#: in a handler, the request being handled, whose header is read only when asked
+#: (most handlers never ask: a Span fewer per call).
+_CARRIED: contextvars.ContextVar[Union[Carried, _Incoming]] = contextvars.ContextVar(
+    "octo_carried", default=_NOTHING)
+
+
+def _carried() -> Carried:
+    """The current globalContext and span."""
+    value = _CARRIED.get()
+    if type(value) is tuple:
+        return value
+    return value.carried()   # type: ignore[union-attr]  # (the only other kind)
 
 
 def caller() -> Optional[Caller]:
@@ -90,8 +99,8 @@ def caller() -> Optional[Caller]:
     running would inherit it): a handler that should give up with its caller
     bounds their ``timeout=`` by ``caller().time_left()``.
     """
-    incoming = _INCOMING.get()
-    return None if incoming is None else incoming.caller()
+    value = _CARRIED.get()
+    return None if type(value) is tuple else value.caller()   # type: ignore[union-attr]
 
 
 # hook(side, service, method, span) -> None or a function called with the OCTO status at the end
@@ -127,9 +136,11 @@ def use(values: Optional[Mapping[str, str]] = None, **more: str) -> Iterator[Dic
 
     ``with octo_core.context.use({"octo.swimlane": "lane-a"}): await client.echo("x")``
     """
+    value = _CARRIED.get()
     tags, span = _carried()
     merged = {**tags, **(values or {}), **more}
-    token = _CARRIED.set((merged, span))
+    token = _CARRIED.set((merged, span) if type(value) is tuple
+                         else _Within((merged, span), value))  # type: ignore[arg-type]
     try:
         yield merged
     finally:
@@ -180,21 +191,9 @@ def _guarded(end: Callable[[int], None], service: str, method: str) -> Callable[
     return finish
 
 
-def _handler_context(carried: Union[Carried, _codec.Head, None],
-                     incoming: _Incoming) -> contextvars.Context:
+def _handler_context(incoming: _Incoming) -> contextvars.Context:
     """Server side: a copy of the current context holding the request being
-    handled and what its caller sent (its header, or a ``Carried`` pair; None:
-    nothing), for a handler to run in. Nothing sent, and nothing carried here,
-    ``_CARRIED`` is not set again: a set makes a new mapping and a token (every
-    call's path)."""
+    handled (what its caller sent, and who that is), for a handler to run in."""
     context = contextvars.copy_context()
-    if carried is not None or _CARRIED.get() is not _NOTHING:
-        context.run(_enter, _NOTHING if carried is None else carried, incoming)
-    else:
-        context.run(_INCOMING.set, incoming)
+    context.run(_CARRIED.set, incoming)
     return context
-
-
-def _enter(carried: Union[Carried, _codec.Head], incoming: _Incoming) -> None:
-    _CARRIED.set(carried)
-    _INCOMING.set(incoming)

@@ -253,7 +253,7 @@ class _Call(Reply):
     is dispatched, the call's fields set by ``admit``: every call's path.)"""
 
     __slots__ = ("method", "service", "seqid", "stats", "started", "span_ends", "size", "head",
-                 "deadline")
+                 "deadline", "trace")
 
     def admit(self, service: _Service, method: idl.Method, seqid: int, stats: MethodStats,
               started: float, size: int, head: Optional[_codec.Head],
@@ -267,6 +267,19 @@ class _Call(Reply):
         self.span_ends: Optional[list] = None
         self.head = head
         self.deadline = deadline
+        self.trace: Optional[_context.Carried] = None   # made at the start (_call_context)
+
+    def carried(self) -> _context.Carried:
+        """What its handler's own calls carry on: the caller's globalContext and trace
+        (``context._carried``; the header read now, when asked)."""
+        if self.trace is not None:
+            return self.trace
+        head = self.head
+        if head is None:
+            return _context._NOTHING   # (native thrift: nothing sent)
+        # (a header with a trace id has a span id: see Server._call_context)
+        return (head.global_context or _context._NOTHING[0],
+                _context._new_span((head.trace_id, head.span_id, None)) if head.trace_id else None)
 
     def caller(self) -> _context.Caller:
         """Who sent it (``octo_core.context.caller()``, in its handler)."""
@@ -1128,19 +1141,17 @@ class Server:
     @staticmethod
     def _call_context(call: _Call, head: Optional[_codec.Head]) -> contextvars.Context:
         """The context the handler runs in: a copy of this one holding the call
-        (``context.caller()``) and the caller's globalContext and trace (the
-        header itself, read when asked: see ``context._carried``)."""
-        if head is None or not (head.trace_id or head.global_context):
-            return _context._handler_context(None, call)   # (native thrift: nothing sent)
-        if head.trace_id and (not head.span_id or _context._HOOKS):
+        (``context.caller()``, and the caller's globalContext and trace: see
+        ``_Call.carried``)."""
+        if head is not None and head.trace_id and (not head.span_id or _context._HOOKS):
             # the span made now: a new id (the caller sent none) is one id, and a hook
             # is told of it now
             span = _context._new_span((head.trace_id, head.span_id or _codec.new_id(), None))
             if _context._HOOKS:
                 call.span_ends = _context._span_started("server", call.service.name,
                                                         call.method.name, span)
-            return _context._handler_context((head.global_context or {}, span), call)
-        return _context._handler_context(head, call)
+            call.trace = (head.global_context or {}, span)
+        return _context._handler_context(call)
 
     async def _run_coroutine(self, call: _Call, fn: Callable[..., Any], argv: Tuple[Any, ...],
                              deadline: Optional[float]) -> None:
