@@ -74,6 +74,23 @@ def test_the_json_forms_of_the_types_json_lacks():
             jsonvalue.from_json(*spec, value, "here")
 
 
+def test_map_keys_that_are_lists_or_sets_are_read_from_pairs():
+    """JSON arrays for keys of list or set type become the tuples and frozensets the
+    codec takes (a dict cannot hold lists): `octo call` crashed with a TypeError."""
+    keyed = octo_core.load_idl(os.path.join(HERE, "idl", "adversarial.thrift")).Keyed
+    given_json = {"by_list": [[[1, -2], 3], [[], 4]], "by_set": [[[5, 5, 6], 7]]}
+    made = jsonvalue.struct_from_json(keyed, given_json, "k")
+    assert made.by_list == {(1, -2): 3, (): 4}
+    assert made.by_set == {frozenset({5, 6}): 7}
+    assert jsonvalue.struct_to_json(made) == {"by_list": [[[1, -2], 3], [[], 4]],
+                                             "by_set": [[[5, 6], 7]]}
+    nested = ((15, (14, 8)), 11)   # map<list<set<i32>>, string>
+    assert jsonvalue.from_json(13, nested, [[[[2, 1], []], "x"]], "m") \
+        == {(frozenset({1, 2}), frozenset()): "x"}
+    with pytest.raises(ValueError, match=r"m key 0: a map cannot be a map key in Python"):
+        jsonvalue.from_json(13, ((13, (11, 8)), 11), [[{"a": 1}, "x"]], "m")
+
+
 class Answers(EchoHandler):
     def echo(self, text: str) -> str:
         return text.upper()

@@ -143,12 +143,23 @@ def _map(spec: Any, value: Any, where: str) -> Dict[Any, Any]:
                              "as an array of [key, value] pairs")
         pairs = [(_key_from_text(key, text, where), item) for text, item in value.items()]
     elif isinstance(value, list) and all(isinstance(p, list) and len(p) == 2 for p in value):
-        pairs = [(from_json(*key, k, f"{where} key {i}"), item)
+        pairs = [(_hashable(*key, from_json(*key, k, f"{where} key {i}"), f"{where} key {i}"), item)
                  for i, (k, item) in enumerate(value)]
     else:
         raise ValueError(f"{where}: expected {_NAMES[TType.MAP]}, got {_shown(value)}")
     return {k: from_json(*val, item, f"{where}[{json.dumps(to_json(*key, k))}]")
             for k, item in pairs}
+
+
+def _hashable(ttype: int, spec: Any, value: Any, where: str) -> Any:
+    """A map key of a container type as the codec takes and gives it: a list as a
+    tuple, a set as a frozenset (a Python dict cannot hold lists or sets as keys)."""
+    if value is None or ttype not in (TType.LIST, TType.SET, TType.MAP):
+        return value
+    if ttype == TType.MAP:
+        raise ValueError(f"{where}: a map cannot be a map key in Python")
+    items = (_hashable(*_element(spec), item, where) for item in value)
+    return tuple(items) if ttype == TType.LIST else frozenset(items)
 
 
 def _key_from_text(key: Tuple[int, Any], text: str, where: str) -> Any:
