@@ -1159,14 +1159,36 @@ def test_a_union_with_two_members_is_written_as_thriftpy2_writes_it_or_refused_o
     for choice in (none, two, adv.Choice(many=[two])):
         assert encode(choice) == thriftpy2_bytes(choice)
     for choice in (two, adv.Choice(many=[one, two])):
-        with pytest.raises(EncodeError, match=r"^union Choice has 2 fields set; it holds one "
-                                              r"at most$"):
+        with pytest.raises(EncodeError, match=r"^union Choice has 2 fields set \(number, text\); "
+                                              r"it holds one at most$"):
             encode_message("pick", TMessageType.CALL, 1, adv.Derived.pick_args(c=choice),
                            check_required=True)
     for choice in (none, adv.Choice(many=[one, none])):
         assert encode_message("pick", TMessageType.CALL, 1, adv.Derived.pick_args(c=choice),
                               check_required=True) == \
             encode_message("pick", TMessageType.CALL, 1, adv.Derived.pick_args(c=choice))
+
+
+def test_a_union_read_with_one_member_does_not_take_another_members_default(tmp_path):
+    """thriftpy2 gives every new union its members' IDL defaults, so a union read
+    with another member held two, which calls and results refuse to send: a server
+    could not send back the union it was sent. The member on the wire is the one
+    (as Java reads it); a union read with none takes the default. A union sent with
+    a default beside another member is refused saying so."""
+    idl = tmp_path / "defaulted_union.thrift"
+    idl.write_text("union U {\n  1: i32 a = 5,\n  2: string b,\n}\n"
+                   "service S {\n  U echo(1: U u),\n}\n")
+    mod = octo_core.load_idl(str(idl), module_name="defaulted_union_thrift")
+    decoded = decode(mod.U, encode(mod.U(a=None, b="x")))
+    assert (decoded.a, decoded.b) == (None, "x")
+    assert decode(mod.U, encode(mod.U(a=None))).a == 5
+    args = mod.S.echo_args(u=decoded)
+    sent = encode_message("echo", TMessageType.CALL, 1, args, check_required=True)
+    assert decode_message(sent, mod.S)[3] == args
+    with pytest.raises(EncodeError, match=r"^union U has 2 fields set \(a, b\); it holds one at "
+                                          r"most \(a: the IDL's default; set it to None\)$"):
+        encode_message("echo", TMessageType.CALL, 1, mod.S.echo_args(u=mod.U(b="x")),
+                       check_required=True)
 
 
 def test_required_fields_present_decode():

@@ -815,11 +815,23 @@ cdef int _w_struct(_Writer* w, _StructSpec s, object obj, int depth) except -1:
     if s.union and written > 1 and w.check_required:
         # Java reads them as one member and loses what follows it, silently
         # (none set, Java refuses loudly; C++ and Python take it, and so it goes)
-        raise EncodeError(f"union {s.name} has {written} fields set; it holds one at most")
+        raise EncodeError(_too_many_members(s, obj, written))
     _w_reserve(w, 1)
     _put_u8(w.data + w.len, T_STOP)
     w.len += 1
     return 0
+
+
+cdef str _too_many_members(_StructSpec s, object obj, Py_ssize_t written):
+    """What is wrong with union ``obj`` of ``written`` members: which are set, and
+    which of them hold the IDL's default (thriftpy2 sets it on every new union)."""
+    names = [name for name in s.names if getattr(obj, name, None) is not None]
+    text = f"union {s.name} has {written} fields set ({', '.join(names)}); it holds one at most"
+    defaulted = [name for name, default in zip(s.names, s.defaults)
+                 if default is not None and name in names and getattr(obj, name) == default]
+    if defaulted:
+        text += f" ({', '.join(defaulted)}: the IDL's default; set it to None)"
+    return text
 
 
 #: Raised while a value is written, yet not the value's fault: they pass through,
@@ -1304,6 +1316,7 @@ cdef object _r_struct(_Reader* r, _StructSpec s, int depth):
     cdef _Field* f
     cdef PyObject* pv
     cdef object obj
+    cdef bint got_member = False
     if not s.ready:
         _not_ready(s)
     _charge(r, 1 + s.n, r.pos)
@@ -1334,6 +1347,7 @@ cdef object _r_struct(_Reader* r, _StructSpec s, int depth):
             Py_XDECREF(vals[idx])   # a repeated field: the last one wins
             Py_INCREF(v)
             vals[idx] = <PyObject*>v
+            got_member = True
         obj = s.tp.tp_new(<type>s.cls, <PyObject*>_empty_tuple, NULL)
         for i in range(s.n):
             f = &s.fields[i]
@@ -1341,7 +1355,11 @@ cdef object _r_struct(_Reader* r, _StructSpec s, int depth):
             if pv == NULL:
                 if f.required:
                     _missing_required(r, s, f)
-                if f.mutable_default:   # never hand out the class's own default object
+                if s.union and got_member:
+                    # the wire named the union's one member: a default would make a
+                    # second, which calls and results refuse to send (Java reads one)
+                    pv = <PyObject*>None
+                elif f.mutable_default:   # never hand out the class's own default object
                     _charge(r, f.default_items, r.pos)
                     vals[i] = pv = _fresh_default(f)   # released with the decoded values
                 else:
