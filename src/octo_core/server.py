@@ -1217,7 +1217,9 @@ class Server:
         if exc is None:   # (first: every call's path)
             if method.returns_value:
                 result.success = value
-        elif isinstance(exc, asyncio.CancelledError):
+        elif isinstance(exc, asyncio.CancelledError) and self._leaving:
+            # (one a handler raised of its own accord, the server not stopping, is its
+            # fault: logged and answered below as any other)
             if send:
                 reply.app_exception(name, seqid, TApplicationException.INTERNAL_ERROR,
                                     f"{name}: the handler was cancelled (the server is stopping)")
