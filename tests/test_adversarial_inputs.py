@@ -8,8 +8,10 @@ bytes and hostile bytes, and stays as its regression test.
   (container keys, decoded as tuples and frozensets; thriftpy2 structs, which
   hash their fields' values) can be made to share one hash, and a dict or set
   of n of them costs n² comparisons to build, on the event loop: half a
-  megabyte held a server 4 s. A decode now refuses more than a few distinct
-  keys with one hash (``DecodeError``; a server answers PROTOCOL_EXCEPTION).
+  megabyte held a server 4 s. A decode now refuses a map or set whose keys
+  sharing hashes would cost more than 16 comparisons a key, plus 1024
+  (``DecodeError``; a server answers PROTOCOL_EXCEPTION); keys that share
+  hashes by nature (-1 and -2 do, and tuples of them) decode.
   A struct key nested deeper than Python's stack can hash (Limits allow 1000)
   raised RecursionError out of the decode: a ``DecodeError`` too.
 * A TApplicationException whose message is not UTF-8 (a C++ server's text in
@@ -24,6 +26,7 @@ bytes and hostile bytes, and stays as its regression test.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import struct
@@ -161,25 +164,37 @@ FLOODS = {
 # --- hash flooding -------------------------------------------------------------------------
 
 
+# Keys sharing a hash may cost a map or set of n keys 16 n + 1024 comparisons (each
+# key one with every earlier key of its hash): n keys of one hash, n (n - 1) / 2.
 @pytest.mark.parametrize("shape", sorted(FLOODS))
 def test_keys_made_to_share_one_hash_are_refused(shape):
     build, collide = FLOODS[shape]
-    with pytest.raises(DecodeError, match="more than 16 share one hash"):
-        decode(ADV.Keyed, build(collide(17)))
+    with pytest.raises(DecodeError, match="too many share a hash"):
+        decode(ADV.Keyed, build(collide(65)))    # 2080 comparisons > 16 * 65 + 1024
 
 
 @pytest.mark.parametrize("shape", sorted(FLOODS))
 def test_a_few_keys_that_share_a_hash_still_decode(shape):
     build, collide = FLOODS[shape]
-    keys = collide(16)
+    keys = collide(64)    # 2016 comparisons <= 16 * 64 + 1024
     keyed = decode(ADV.Keyed, build(keys))
     held = [keyed.by_list, keyed.by_set, keyed.paths, keyed.by_path]
-    assert sum(len(x or ()) for x in held) == 16
+    assert sum(len(x or ()) for x in held) == 64
+
+
+def test_what_keys_sharing_hashes_may_cost_grows_with_the_container():
+    shared = colliding_pairs(100)    # 4950 comparisons: too many for 100 keys ...
+    with pytest.raises(DecodeError, match="too many share a hash"):
+        decode(ADV.Keyed, keyed_by_list(shared))
+    plenty = [(i, -i) for i in range(300)]   # ... not for 400 (16 * 400 + 1024 = 7424)
+    keyed = decode(ADV.Keyed, keyed_by_list(shared + plenty))
+    assert set(keyed.by_list) == set(shared) | set(plenty)
 
 
 def test_keys_that_share_a_hash_by_nature_and_repeats_decode():
-    # hash(-1) == hash(-2): CPython's own collisions come a few at a time
-    chance = [(-1,), (-2,), (-1, -1), (-2, -2), (-1, -2), (-2, -1)]
+    # hash(-1) == hash(-2): the 32 tuples of five -1s and -2s share one hash
+    chance = list(itertools.product((-1, -2), repeat=5)) + [(-1,), (-2,), (-1, -1), (-2, -2)]
+    assert len({hash(key) for key in chance[:32]}) == 1
     plenty = [(i, -i) for i in range(5000)]
     repeated = [colliding_pairs(1)[0]] * 100    # one key, many times: no flood
     keyed = decode(ADV.Keyed, keyed_by_list(chance + plenty + repeated))
@@ -223,12 +238,12 @@ REFUSED = {"octo": ProtocolError, "thrift": ApplicationError}
 
 @pytest.mark.parametrize("proto", sorted(REFUSED))
 def test_a_flooding_request_is_refused_and_the_client_calls_on(proto):
-    flood = ADV.Keyed(by_list={pair: 0 for pair in colliding_pairs(64)})
+    flood = ADV.Keyed(by_list={pair: 0 for pair in colliding_pairs(100)})
 
     async def main():
         async with serving([(ADV.Derived, Picker(), None)]) as server, \
                 async_client(ADV.Derived, server.address, protocol=proto) as client:
-            with pytest.raises(REFUSED[proto], match="share one hash"):
+            with pytest.raises(REFUSED[proto], match="too many share a hash"):
                 await client.pick(ADV.Choice(number=1), flood)
             assert await client.pick(ADV.Choice(number=2), ADV.Keyed()) == ADV.Choice(number=2)
 

@@ -120,7 +120,10 @@ DEF VERSION_MASK = 0xffff0000
 DEF MAX_STACK_FIELDS = 16   # per nesting level on the C stack; wider structs use the heap
 DEF MAX_DEPTH_CAP = 1000     # ~450 bytes of C stack a level (setup.py): fits 512 KiB stacks
 DEF MAX_PRESIZE = 1 << 16   # entries a decoded dict is sized for before its first insert
-DEF MAX_SHARED_HASH = 16   # distinct keys of one map (elements of one set) with one hash
+# What keys sharing a hash may cost to put in one decoded map or set (see _floodable):
+# comparisons, at most HASH_SHARING_PER_KEY per key it holds plus HASH_SHARING_SLACK.
+DEF HASH_SHARING_PER_KEY = 16
+DEF HASH_SHARING_SLACK = 1024
 
 cdef dict _TYPE_NAMES = {
     T_BOOL: "bool", T_BYTE: "byte", T_DOUBLE: "double", T_I16: "i16", T_I32: "i32",
@@ -1138,17 +1141,17 @@ cdef object _r_list(_Reader* r, _TypeSpec t, int depth):
     _charge(r, n, at)
     cdef set members
     cdef dict hashes
-    cdef Py_ssize_t before
+    cdef Py_ssize_t before, budget = _hash_sharing_budget(n)
     if t.kind == T_SET and not t.set_as_list:
         members = set()   # filled directly: no list to build and copy
-        hashes = {} if n > MAX_SHARED_HASH and _floodable(kind) else None
+        hashes = {} if budget >= 0 and _floodable(kind) else None
         for i in range(n):
             v = _r_elem(r, elem, kind, depth)
             before = len(members)
             if _PySet_Add(members, v) < 0:
                 _r_unhashable(at, "set element", "held in a Python set")
             if hashes is not None and len(members) > before:   # (a repeat adds nothing)
-                _count_hash(hashes, v, at, "set elements")
+                _count_hash(hashes, v, &budget, at, "set elements")
         return members
     cdef list out = PyList_New(n)
     for i in range(n):
@@ -1164,23 +1167,35 @@ cdef inline bint _floodable(int kind) noexcept nogil:
     frozensets of numbers, and thriftpy2 structs, which hash their fields'
     values so. A sender can make n of them share one hash, and a dict or set of
     them then costs n² comparisons to build: 20,000 keys, half a megabyte, held
-    the event loop 4 s, a 16 MB frame would hold it for an hour. (Counting them
-    costs a second hash of each, so only containers that can hold more than
-    MAX_SHARED_HASH count.)"""
+    the event loop 4 s, a 16 MB frame would hold it for an hour.
+
+    A key put in costs a comparison with each key before it of the same hash, so
+    the reader bounds the sum (``_count_hash``), not the keys of one hash: keys
+    share hashes by nature too, in bigger groups than a fixed cap would take
+    (hash(-1) == hash(-2), so the 32 tuples of five -1s and -2s share one)."""
     return kind == T_LIST or kind == T_SET or kind == T_STRUCT
 
 
-cdef int _count_hash(dict hashes, object key, Py_ssize_t at, str what) except -1:
-    """Count ``key``, just added to a dict or set, under its hash in ``hashes``; a
-    ``DecodeError`` once more than MAX_SHARED_HASH keys share one hash (see
-    ``_floodable``). Keys that share a hash by chance come a few at a time
-    (-1 and -2 do, and so do tuples of them)."""
+cdef inline Py_ssize_t _hash_sharing_budget(Py_ssize_t n) noexcept nogil:
+    """The comparisons keys sharing hashes may cost a map or set of ``n`` keys;
+    -1 when n keys of one hash cost no more (its keys need not be counted)."""
+    cdef Py_ssize_t budget = HASH_SHARING_PER_KEY * n + HASH_SHARING_SLACK
+    return budget if n * (n - 1) // 2 > budget else -1
+
+
+cdef int _count_hash(dict hashes, object key, Py_ssize_t* budget, Py_ssize_t at,
+                     str what) except -1:
+    """Count ``key``, just added to a dict or set, under its hash in ``hashes``, and
+    take what adding it cost (a comparison with each earlier key of that hash)
+    from ``budget``: a ``DecodeError`` once that is spent (see ``_floodable``)."""
     h = hash(key)
-    cdef Py_ssize_t c = hashes.get(h, 0) + 1
-    if c > MAX_SHARED_HASH:
-        raise DecodeError(f"{what} at byte {at}: more than {MAX_SHARED_HASH} share one hash "
-                          f"(an input made to slow the decoder down)", offset=at)
-    hashes[h] = c
+    cdef Py_ssize_t c = hashes.get(h, 0)
+    budget[0] -= c
+    if budget[0] < 0:
+        raise DecodeError(f"{what} at byte {at}: too many share a hash (their comparisons "
+                          f"would cost more than {HASH_SHARING_PER_KEY} per key: an input "
+                          f"made to slow the decoder down)", offset=at)
+    hashes[h] = c + 1
     return 0
 
 
@@ -1228,8 +1243,8 @@ cdef object _r_map(_Reader* r, _TypeSpec t, int depth):
     # made empty keeps CPython's compact str-key layout (less memory, faster lookups).
     cdef dict out = {} if kk == T_STRING else _dict_presized(min(n, MAX_PRESIZE))
     cdef bint freeze = kk == T_LIST or kk == T_SET
-    cdef dict hashes = {} if n > MAX_SHARED_HASH and _floodable(kk) else None
-    cdef Py_ssize_t before
+    cdef Py_ssize_t before, budget = _hash_sharing_budget(n)
+    cdef dict hashes = {} if budget >= 0 and _floodable(kk) else None
     for i in range(n):
         k = _r_elem(r, kt, kk, depth)
         if freeze:
@@ -1239,7 +1254,7 @@ cdef object _r_map(_Reader* r, _TypeSpec t, int depth):
         if _PyDict_SetItem(out, k, v) < 0:   # no try block: it costs a save per entry
             _r_unhashable(at, "map key", "a Python dict key")
         if hashes is not None and PyDict_GET_SIZE(out) > before:   # (a repeat adds nothing)
-            _count_hash(hashes, k, at, "map keys")
+            _count_hash(hashes, k, &budget, at, "map keys")
     return out
 
 
