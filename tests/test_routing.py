@@ -201,6 +201,17 @@ LOCALITY_CASES = [
      HERE, [dc("i1", "gz1", "south", False), dc("r1", "gz2", "south", False),
             dc("r2", "gz2", "south"), dc("r3", "gz2", "south", False),
             dc("e1", "bj1", "north"), dc("e2", "bj1", "north")], {}, {"r2", "e1", "e2"}),
+    # The IDC's dead nodes must not count against the region: with them unlisted
+    # ("no node in the IDC") the calls stay in the region, so with them DEAD too.
+    ("an all-DEAD IDC is skipped for a region healthy on its own",
+     HERE, [dc("i1", "gz1", "south", False), dc("i2", "gz1", "south", False),
+            dc("i3", "gz1", "south", False), dc("r1", "gz2", "south"),
+            dc("r2", "gz2", "south", False), dc("e1", "bj1", "north")], {}, {"r1"}),
+    ("a half-dead IDC goes with a region healthy on its own",
+     HERE, [dc("i1", "gz1", "south"), dc("i2", "gz1", "south", False),
+            dc("i3", "gz1", "south", False), dc("i4", "gz1", "south", False),
+            dc("i5", "gz1", "south", False), dc("r1", "gz2", "south"),
+            dc("r2", "gz2", "south", False), dc("e1", "bj1", "north")], {}, {"i1", "r1"}),
     ("a higher threshold skips a half-dead IDC",
      HERE, [dc("i1", "gz1", "south"), dc("i2", "gz1", "south", False), dc("r1", "gz2", "south")],
      {"locality_threshold": 0.8}, {"i1", "r1"}),

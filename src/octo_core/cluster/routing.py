@@ -263,8 +263,9 @@ class Router:
     def _locality(self, nodes: List[Node], weights: Dict[str, float]) -> List[List[Node]]:
         """The locality tiers of ``nodes``, nearest first. Automatically: the same
         IDC, the rest of the region, the rest -- from the first tier (the IDC, or
-        IDC + region together) with enough serving nodes (ALIVE, weight > 0: a
-        node an operator drained is no capacity); else all of them as one."""
+        IDC + region together, which the rest of the region qualifies alone too)
+        with enough serving nodes (ALIVE, weight > 0: a node an operator drained
+        is no capacity); else all of them as one."""
         caller = self.caller
         if not caller.idc and not caller.region:
             return [nodes]
@@ -289,7 +290,9 @@ class Router:
             if self._enough_serving(same_region, weights):
                 return [same_idc, same_region, far]
             return [same_idc, same_region + far]
-        if self._enough_serving(near, weights):
+        # The region is a tier if healthy enough with the IDC's survivors or on its own:
+        # the IDC's dead nodes must not count against it (unlisted, they would not).
+        if self._enough_serving(near, weights) or self._enough_serving(same_region, weights):
             return [near, far]
         return [nodes]
 
