@@ -843,6 +843,51 @@ def test_cluster_breaker_failed_probe_reopens():
     run_virtual(main())
 
 
+def test_a_probe_that_loses_a_hedge_race_proves_nothing():
+    """The half-open probe went to the slow node and the hedge answered first: the
+    cancelled probe says nothing of the node, so the breaker neither reopens with
+    a doubled backoff (a node slower than the hedge would then stay out for good)
+    nor stays claimed: the next call probes."""
+    async def main():
+        clock = FakeClock()
+        nodes = numbered_nodes(2)
+        slow, fast = nodes[0].key, nodes[1].key
+        cluster = make_cluster(policy="hedging", nodes=nodes, hedge_delay=0.05, breaker=dict(
+            consecutive_failures=1, backoff_min=1.0, backoff_max=8.0, clock=clock))
+        breaker = cluster.breaker(nodes[0])
+        breaker.record(False)
+        clock.advance(1.3)                       # past the backoff: the next call probes
+        send = ScriptedSend({slow: answer("late", after=1.0)})
+        assert await cluster.invoke(send, timeout=2.0, idempotent=True) == f"ok from {fast}"
+        assert send.keys == [slow, fast]         # the probe, then the hedge that won
+        await settle()                           # the loser's cancellation runs
+        assert breaker.state is BreakerState.HALF_OPEN and breaker.available()
+        send.behaviours[slow] = answer("recovered")
+        del send.attempts[:]
+        answers = [await cluster.invoke(send, timeout=2.0, idempotent=True) for _ in range(4)]
+        assert "recovered" in answers and breaker.state is BreakerState.CLOSED
+    run_virtual(main())
+
+
+def test_a_probe_its_caller_cancels_proves_nothing():
+    async def main():
+        clock = FakeClock()
+        nodes = numbered_nodes(2)
+        cluster = make_cluster(policy="failfast", nodes=nodes, breaker=dict(
+            consecutive_failures=1, backoff_min=1.0, backoff_max=8.0, clock=clock))
+        breaker = cluster.breaker(nodes[0])
+        breaker.record(False)
+        clock.advance(1.3)
+        send = ScriptedSend({nodes[0].key: answer("late", after=1.0)})
+        probe = asyncio.ensure_future(cluster.invoke(send, timeout=2.0))
+        await asyncio.sleep(0.1)
+        assert send.keys == [nodes[0].key]       # the probe is out
+        probe.cancel()
+        await asyncio.wait([probe])
+        assert breaker.state is BreakerState.HALF_OPEN and breaker.available()
+    run_virtual(main())
+
+
 def test_timeouts_count_for_the_breaker_but_connect_failures_do_not():
     async def main():
         clock = FakeClock()

@@ -119,6 +119,12 @@ class CircuitBreaker:
             return self._clock() >= self._reopen_at
         return not self._probing
 
+    def release(self) -> None:
+        """The half-open probe ended proving nothing (cancelled: it lost a hedge or
+        fork race, its caller gave up): the breaker stays half-open and the next
+        call probes, with no backoff added."""
+        self._probing = False
+
     def record(self, ok: bool) -> None:
         """The outcome of a call that went through."""
         now = self._clock()

@@ -449,7 +449,8 @@ class Cluster:
         if remaining <= 0:    # the caller's deadline: no node to blame
             raise CallTimeout("the call's deadline passed before an attempt was sent")
         breaker = self._breakers.get(node.key) or self.breaker(node)   # (made at a first call)
-        if breaker.state is not _CLOSED and not breaker.allows():   # (closed: it allows)
+        probe = breaker.state is not _CLOSED    # (closed: it allows; else this claims the probe)
+        if probe and not breaker.allows():
             raise DegradeError("circuit open", node=node.key)
         learns = balancer.learns
         if learns:
@@ -498,8 +499,11 @@ class Cluster:
                         self._tell_router()
             if health is not None:
                 breaker.record(health)
+            elif settled is None:
+                if probe:
+                    breaker.release()   # the probe proved nothing: the next call probes
             elif breaker.state is BreakerState.HALF_OPEN:
-                breaker.record(False)   # the probe proved nothing; probe again later
+                breaker.record(False)   # its connect failed (now degraded): probe again later
             if learns:
                 balancer.on_finish(node, time.perf_counter() - started, served)
 
