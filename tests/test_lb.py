@@ -668,17 +668,43 @@ def test_face_checks_its_input() -> None:
 
 
 def test_face_consistent_hash_is_keyed_by_node_key() -> None:
-    nodes = make_nodes(6)
+    nodes = make_nodes(6)   # (of weight 10)
     balancer = make_balancer("consistenthash", replicas=100)
-    balancer.update(nodes, [1] * 6)
+    balancer.update(nodes, [10] * 6)
     model = ref.KetamaRef([n.key for n in nodes], replicas=100)
     for i in range(500):
         assert balancer.select(key=f"order-{i}") is nodes[model.pick_key(f"order-{i}")]
         assert balancer.select(key=i) is nodes[model.pick_key(str(i))]
     reordered = nodes[::-1]
-    balancer.update(reordered, [1] * 6)
+    balancer.update(reordered, [10] * 6)
     for i in range(500):
         assert balancer.select(key=f"order-{i}") is nodes[model.pick_key(f"order-{i}")]
+
+
+def test_face_consistent_hash_moves_only_the_keys_of_the_node_that_changed() -> None:
+    """Points are sized against the heaviest configured weight: a node warming up,
+    or one leaving, takes or gives its own keys; the others keep theirs (sized
+    against the mean, as libketama does, every node's points moved)."""
+    nodes = [Node(appkey="com.example.echo", ip=f"10.1.0.{i}", port=9000, weight=w)
+             for i, w in enumerate([10, 20, 30, 40, 10])]
+    balancer = make_balancer("consistenthash")
+    keys = random_keys(random.Random(9), 4000)
+
+    def owners() -> List[str]:
+        return [balancer.select(key=k).key for k in keys]
+
+    warming = nodes[4]
+    balancer.update(nodes, [10, 20, 30, 40, 1])        # nodes[4] warming up: 1 of 10
+    before = owners()
+    for weight in (3, 6, 10):
+        balancer.update(nodes, [10, 20, 30, 40, weight])
+        after = owners()
+        moved = [(old, new) for old, new in zip(before, after) if old != new]
+        assert moved and all(new == warming.key for _, new in moved)
+        before = after
+    balancer.update(nodes[1:], [20, 30, 40, 10])        # the lightest node leaves
+    after = owners()
+    assert {old for old, new in zip(before, after) if old != new} == {nodes[0].key}
 
 
 def test_face_feedback_follows_node_keys_across_updates() -> None:

@@ -21,7 +21,7 @@ state per balancer, seeded from ``os.urandom``; ``seed(n)`` makes picks repeatab
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from libc.math cimport fabs, floor, llround, sin
+from libc.math cimport INFINITY, fabs, floor, llround, sin
 from libc.stdint cimport INT64_MAX, int64_t, uint32_t, uint64_t
 from libc.stdio cimport snprintf
 from libc.stdlib cimport qsort
@@ -999,16 +999,19 @@ cdef int _cmp_point(const void* a, const void* b) noexcept nogil:
 cdef class ConsistentHash(_Picker):
     """Ketama consistent hashing (libketama's continuum).
 
-    Node ``i`` gets ``floor(w_i / mean weight * replicas / 4)`` digests (at least one
+    Node ``i`` gets ``floor(w_i / reference * replicas / 4)`` digests (at least one
     when its weight is positive), ``md5(b"<key>-<j>")`` for ``j = 0, 1, ...``; each
     digest gives 4 points, its four little-endian uint32s. A key hashes to the first
     4 bytes of ``md5(key)`` and goes to the first point at or after it, wrapping
     around; excluded nodes are skipped by walking on. Points hashed by two nodes go
     to the node whose key sorts first, independently of the order of the nodes.
 
-    With equal weights, removing a node moves only its own keys. With unequal ones
-    the mean weight moves too, and the other nodes gain or lose a digest or two
-    (as in libketama), which moves a few more keys.
+    The reference weight is the mean weight (libketama's rule) unless ``update``
+    is given one. With equal weights, removing a node moves only its own keys.
+    With unequal ones the mean moves too, and the other nodes gain or lose a digest
+    or two, which moves a few more keys; so does a node's weight changing (warm-up).
+    A fixed reference (the cluster gives the heaviest configured weight) keeps
+    every other node's points where they are.
     """
 
     def __init__(self, node_keys=(), weights=None, *, int replicas=160):
@@ -1022,14 +1025,24 @@ cdef class ConsistentHash(_Picker):
         PyMem_Free(self._owner)
         PyMem_Free(self._vnodes)
 
-    def update(self, node_keys, weights=None) -> None:
-        """Rebuild the ring for ``node_keys`` (str or bytes) and their weights (default 1)."""
+    def update(self, node_keys, weights=None, reference=None) -> None:
+        """Rebuild the ring for ``node_keys`` (str or bytes) and their weights (default
+        1); a node of weight ``reference`` (default: the mean weight) gets ``replicas``
+        points."""
         keys = [k.encode() if isinstance(k, str) else bytes(k) for k in node_keys]
         cdef Py_ssize_t n = len(keys)
         ws = _weights(n if weights is None else weights)
         if len(ws) != n:
             raise ValueError(f"{len(ws)} weights for {n} nodes")
-        cdef double total = sum(ws)
+        # digests: floor(w * per_node * scale / total), the mean weight (total / n) or
+        # the reference weight (total) getting per_node
+        cdef double scale = n, total
+        if reference is None:
+            total = sum(ws)
+        elif 0.0 < reference < INFINITY:   # (NaN fails it too)
+            scale, total = 1.0, reference
+        else:
+            raise ValueError(f"reference weight must be positive and finite, not {reference!r}")
         cdef Py_ssize_t i, j, k, h, size = 0, live = 0, per_node = self._replicas // 4
         cdef Py_ssize_t* vnodes = <Py_ssize_t*>_alloc(n, sizeof(Py_ssize_t))
         cdef Py_ssize_t* rank = NULL
@@ -1044,7 +1057,7 @@ cdef class ConsistentHash(_Picker):
             for i in range(n):
                 w = ws[i]
                 if w > 0.0:
-                    vnodes[i] = max(<Py_ssize_t>1, <Py_ssize_t>floor(w * per_node * n / total))
+                    vnodes[i] = max(<Py_ssize_t>1, <Py_ssize_t>floor(w * per_node * scale / total))
                     size += 4 * vnodes[i]
                     live += 1
             rank = <Py_ssize_t*>_alloc(n, sizeof(Py_ssize_t))

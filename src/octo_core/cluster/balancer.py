@@ -79,7 +79,12 @@ class Balancer:
                  previous: List[int]) -> None:
         impl = self._impl
         if self.name == "consistenthash":
-            impl.update([node.key for node in nodes], weights)
+            # A node of the heaviest configured weight gets ``replicas`` points, the
+            # others their share of that: a node warming up, reweighted or gone moves
+            # only its own keys (libketama's mean weight would move every node's).
+            heaviest = max([node.base_weight() for node in nodes], default=0.0)
+            impl.update([node.key for node in nodes], weights,
+                        heaviest if heaviest > 0 else None)
         elif self.name == "random":
             impl.update(weights)
         else:                       # per-node state, handed over to the same keys
