@@ -623,17 +623,22 @@ def test_nonsense_seconds_are_refused_when_the_client_is_made(option, value):
     (dict(idempotent=["echo", "ecko"]), ValueError, "Echo has no method 'ecko'"),
     (dict(hash_arg="nosuch"), ValueError, "'nosuch' is no argument"),
     (dict(hash_arg="text", hash_header="uid"), ValueError, "not both"),
+    (dict(lb="consistenthash"), ValueError, "give it hash_arg= .* or hash_header="),
+    (dict(hash_header="uid"), ValueError, "lb='consistenthash' hashes a key"),
     (dict(hosts=[("127.0.0.1", 1)]), TypeError, "hosts holds addresses as strings"),
     (dict(hosts=["http://127.0.0.1:1"]), ValueError, "not host:port"),
     (dict(hosts=["127.0.0.1:0"]), ValueError, r"port 0.*await server.start\(\)"),
     (dict(limits={"max_depth": 8}), TypeError, "limits is an octo_core.codec.Limits"),
 ], ids=["unknown lb", "hosts a string", "idempotent a string", "idempotent a typo",
-        "hash_arg no argument", "two hash keys", "hosts a tuple", "hosts a URL",
+        "hash_arg no argument", "two hash keys", "consistenthash without a key",
+        "a hash key without consistenthash", "hosts a tuple", "hosts a URL",
         "hosts port 0", "limits a dict"])
 def test_misread_options_are_refused_when_the_client_is_made(options, error, says):
     """Each of these was taken quietly: a string's characters as host names or
     method names (hedging then never applied), an unknown balancer refused only
-    at the first call, a hash argument that no call has. An address as a tuple
+    at the first call, a hash argument that no call has, a consistenthash
+    balancer with no key to hash or a key with no such balancer (each call
+    balanced at random). An address as a tuple
     failed deep inside ('tuple' object has no attribute 'startswith'), a URL's
     scheme was looked up as part of a host name, and port 0 (a Server(port=0)'s
     address read before its start) failed each call to connect. A dict for limits

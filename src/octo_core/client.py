@@ -260,6 +260,11 @@ class AsyncClient:
                              f"{service.__name__}")
         if hash_arg is not None and hash_header is not None:
             raise ValueError("give hash_arg or hash_header, not both: one key per call")
+        if (lb == "consistenthash") != (hash_arg is not None or hash_header is not None):
+            # (either way, each call would be balanced at random)
+            raise ValueError("lb='consistenthash' hashes a key of each call: give it hash_arg= "
+                             "(an argument's name) or hash_header= (a globalContext key), "
+                             "and give those with it only")
         self._hash_arg = hash_arg
         self._hash_header = hash_header
         caller_ip = caller_ip or default_route_ip() or default_route_ip(ipv6=True) or ""
