@@ -730,6 +730,48 @@ def test_prometheus_endpoint_serves_the_metrics_over_http():
     run(main())
 
 
+class HeldEcho(EchoHandler):
+    """``slow`` answers once the test lets it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go: Optional[asyncio.Event] = None
+
+    async def slow(self, text: str, delay_ms: int) -> str:
+        assert self.go is not None
+        await self.go.wait()
+        return text
+
+
+def test_health_endpoint_says_alive_then_stopping_from_the_moment_a_stop_begins():
+    handler = HeldEcho()
+
+    async def main():
+        handler.go = asyncio.Event()
+        async with serving(echo_services(handler), metrics_port=0) as server, \
+                async_client(Echo, server.address) as client:
+            async def get(path):
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.metrics_port)
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                data = await asyncio.wait_for(reader.read(), 5)
+                writer.close()
+                head, _, body = data.partition(b"\r\n\r\n")
+                return head.split(b"\r\n", 1)[0], body.decode()
+
+            assert await get("/health") == (b"HTTP/1.1 200 OK", "ALIVE\n")
+            held = asyncio.ensure_future(client.slow("held", 0))
+            await wait_until(lambda: server._in_flight == 1, 5, "the held call")
+            stopping = asyncio.ensure_future(server.stop(grace=10))
+            await wait_until(lambda: server._leaving, 5, "the stop")
+            # in-flight calls still finish: the probe tells the balancer in front to go
+            assert await get("/health") == (b"HTTP/1.1 503 Service Unavailable", "STOPPING\n")
+            handler.go.set()
+            assert await held == "held"
+            await stopping
+
+    run(main())
+
+
 # --- the metrics endpoint under hostile clients ------------------------------------------
 
 @contextlib.asynccontextmanager

@@ -385,7 +385,10 @@ class Server:
     ``auth``, a peer on its deny list is refused when it connects.
 
     Sight: ``stats()``; with ``metrics_port`` (0 picks a free one) the metrics
-    are also served as Prometheus text at ``http://host:metrics_port/metrics``.
+    are also served as Prometheus text at ``http://host:metrics_port/metrics``,
+    and the node's status at ``/health`` (a readiness probe's): ``ALIVE`` with
+    200, else with 503 (``STOPPING`` from the moment a stop begins: both stay
+    served until it ends).
     A handler's undeclared exception is logged (``octo_core.server``, ERROR),
     its traceback with the first of each service, method and exception type
     (and with one after 10 s without any), then a record every 10 s at most
@@ -620,7 +623,8 @@ class Server:
             if self.metrics_port is not None:
                 http_host = "127.0.0.1" if self.unix_path is not None else self.host
                 self._metrics_http = await serve_metrics(lambda: prometheus_text(self.metrics),
-                                                         http_host, self.metrics_port)
+                                                         http_host, self.metrics_port,
+                                                         self._health)
                 self.metrics_port = bound_port(self._metrics_http)
             if self._registry_spec is not None:
                 await self._register()
@@ -719,9 +723,6 @@ class Server:
         self._listener.close()
         notified = self._notify_closing(
             [conn for conn in self._connections if conn.unified_peer and not conn.closed])
-        if self._metrics_http is not None:
-            self._metrics_http.close()
-            self._metrics_http = None
         if self._sweeper is not None:
             self._sweeper.cancel()
         if self._in_flight:
@@ -753,6 +754,9 @@ class Server:
         for conn in list(self._connections):
             conn.abort()
         await asyncio.sleep(0)
+        if self._metrics_http is not None:   # last: /health said STOPPING all along
+            self._metrics_http.close()
+            self._metrics_http = None
         self._collected.detach()
         assert self._pool is not None   # start() made it before the listener
         self._pool.shutdown()
@@ -1262,6 +1266,11 @@ class Server:
                                     f"{name}: its result cannot be sent: {bad}")
                 return Status.APPLICATION_EXCEPTION
         return _SUCCESS
+
+    def _health(self) -> Tuple[bool, str]:
+        """What ``/health`` says: serving, and the status heartbeats tell."""
+        status = NodeStatus.STOPPING if self._leaving else NodeStatus(self.status)
+        return status == NodeStatus.ALIVE, status.name
 
     def _heartbeat(self, reply: Reply, message_type: int) -> None:
         # Heartbeats cannot be signed: with ``auth``, the per-method rates (which name

@@ -1,10 +1,11 @@
-"""A minimal HTTP endpoint for Prometheus to scrape: ``GET /metrics``, nothing else."""
+"""A minimal HTTP endpoint: ``GET /metrics`` for Prometheus to scrape, ``GET /health``
+for a readiness probe (a load balancer's, Kubernetes'), nothing else."""
 from __future__ import annotations
 
 import asyncio
 import functools
 import logging
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 from octo_core.transport.address import Listeners, listen
 
@@ -40,13 +41,22 @@ async def _read_head(reader: asyncio.StreamReader) -> bytes:
             raise _BadRequest(f"request head over {MAX_REQUEST_HEAD} bytes")
 
 
-def _response(head: bytes, render: Callable[[], str]) -> bytes:
+#: ``health()``: whether the process serves, and a word saying how it is ("ALIVE").
+Health = Callable[[], Tuple[bool, str]]
+
+
+def _response(head: bytes, render: Callable[[], str], health: Optional[Health]) -> bytes:
     """The whole HTTP response to the request ``head``."""
     parts = head.split(b"\n", 1)[0].split()
-    if len(parts) == 3 and parts[0] in (b"GET", b"HEAD") and \
-            parts[1].split(b"?", 1)[0] == b"/metrics":
+    path = parts[1].split(b"?", 1)[0] if len(parts) == 3 and parts[0] in (b"GET", b"HEAD") \
+        else None
+    if path == b"/metrics":
         body = render().encode()
         status, kind = b"200 OK", b"text/plain; version=0.0.4; charset=utf-8"
+    elif path == b"/health" and health is not None:
+        serving, word = health()
+        body, kind = word.encode() + b"\n", b"text/plain"
+        status = b"200 OK" if serving else b"503 Service Unavailable"
     else:
         body, status, kind = b"not found: try /metrics\n", b"404 Not Found", b"text/plain"
     return (b"HTTP/1.1 " + status + b"\r\nContent-Type: " + kind +
@@ -55,8 +65,10 @@ def _response(head: bytes, render: Callable[[], str]) -> bytes:
 
 
 async def serve_metrics(render: Callable[[], str], host: str = "127.0.0.1",
-                        port: int = 0) -> Listeners:
-    """Serve ``render()`` as Prometheus text at ``http://host:port/metrics``.
+                        port: int = 0, health: Optional[Health] = None) -> Listeners:
+    """Serve ``render()`` as Prometheus text at ``http://host:port/metrics``, and
+    with ``health``, its word at ``/health``: 200 while it says the process
+    serves, else 503.
 
     Each connection gets one answer and is closed; a request head over 8 KiB or
     slower than 5 s is dropped, and so is an answer the client does not take
@@ -76,7 +88,7 @@ async def serve_metrics(render: Callable[[], str], host: str = "127.0.0.1",
         writer.transport.set_write_buffer_limits(high=0)
         try:
             head = await asyncio.wait_for(_read_head(reader), READ_TIMEOUT)
-            writer.write(_response(head, render))
+            writer.write(_response(head, render, health))
             await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
         except (asyncio.TimeoutError, _BadRequest, ConnectionError) as exc:
             log.debug("metrics request dropped: %s", exc)
