@@ -1320,6 +1320,53 @@ def test_deadline_passed_reply_is_status_4():
     run(main())
 
 
+class StuckEcho(EchoHandler):
+    """``slow`` never answers by itself; it says whether it was cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started: "queue.Queue[str]" = queue.Queue()
+        self.cancelled: "queue.Queue[str]" = queue.Queue()
+
+    async def slow(self, text: str, delay_ms: int) -> str:
+        self.started.put(text)
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled.put(text)
+            raise
+        return text
+
+
+@pytest.mark.parametrize("cancel", [True, False])
+def test_a_coroutine_handler_past_its_callers_deadline_is_cancelled_when_asked(cancel, caplog):
+    handler = StuckEcho()
+
+    async def main():
+        async with serving(echo_services(handler), cancel_past_deadline=cancel) as server, \
+                async_client(Echo, server.address) as client:
+            # the client's own timeout, or (first, at times) the server's refusal: status 4
+            with pytest.raises(TransportError):
+                await client.call("slow", "stuck", 0, timeout=0.2)
+            await wait_until(lambda: handler.started.qsize() == 1, what="slow() to start")
+            if cancel:
+                await wait_until(lambda: handler.cancelled.qsize() == 1, what="the cancel")
+                await wait_until(lambda: server.stats()["Echo.slow"]["in_flight"] == 0,
+                                 what="the call's end")
+                row = server.stats()["Echo.slow"]   # it ran: a latency, status 4
+                assert row["calls"] == 1 and row["refused"] == 0
+                assert row["errors"] == {Status.TRANSPORT_EXCEPTION: 1}
+            else:   # it runs on; the stop cancels it past its grace
+                assert handler.cancelled.qsize() == 0
+                assert server.stats()["Echo.slow"]["in_flight"] == 1
+            assert await client.echo("next") == "next"   # the connection serves on
+            # a deadline's cancel is no fault of the handler's: nothing logged
+            assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert handler.cancelled.qsize() == 1
+
+    run(main())
+
+
 @pytest.mark.filterwarnings("ignore:timeout=1e\\+07 is")   # (read as milliseconds: told so)
 def test_a_deadline_longer_than_requestinfo_holds_is_sent_as_the_longest():
     """RequestInfo.timeout is an i32 of milliseconds (about 24.8 days)."""

@@ -253,7 +253,7 @@ class _Call(Reply):
     is dispatched, the call's fields set by ``admit``: every call's path.)"""
 
     __slots__ = ("method", "service", "seqid", "stats", "started", "span_ends", "size", "head",
-                 "deadline", "trace")
+                 "deadline", "trace", "late")
 
     def admit(self, service: _Service, method: idl.Method, seqid: int, stats: MethodStats,
               started: float, size: int, head: Optional[_codec.Head],
@@ -268,6 +268,7 @@ class _Call(Reply):
         self.head = head
         self.deadline = deadline
         self.trace: Optional[_context.Carried] = None   # made at the start (_call_context)
+        self.late = False   # cancelled as its deadline passed (cancel_past_deadline)
 
     def carried(self) -> _context.Carried:
         """What its handler's own calls carry on: the caller's globalContext and trace
@@ -357,7 +358,13 @@ class Server:
     to leave: a call it sends meanwhile is served, not lost in the close), and
     so is one whose frame takes over ``read_timeout`` seconds to
     arrive however it trickles in (a slow-loris peer holds no buffer for long);
-    None (or 0) turns either off.
+    None (or 0) turns either off. A request whose caller's deadline (the
+    unified header's timeout, from its arrival) has passed before its handler
+    starts is not run; with ``cancel_past_deadline=True`` a coroutine handler
+    still running when it passes is cancelled too (its caller has given up:
+    the answer would be dropped), the call counted as timed out (status 4).
+    That is off by default: a handler cancelled midway must leave things
+    consistent, as one a stop cancels past its grace must.
     ``auth`` (an
     ``octo_core.auth.Authenticator``) requires signed, granted requests; native
     thrift, which cannot carry a signature, is then refused. ``ssl`` serves TLS.
@@ -413,7 +420,8 @@ class Server:
                  node: Optional[Mapping[str, Any]] = None,
                  unregister_delay: float = 1.0,
                  require_registry: bool = False,
-                 metrics_port: Optional[int] = None) -> None:
+                 metrics_port: Optional[int] = None,
+                 cancel_past_deadline: bool = False) -> None:
         count("business_threads", business_threads)
         count("business_queue", business_queue, 0)
         count("pause_reading_at", pause_reading_at, 2)
@@ -457,6 +465,7 @@ class Server:
         self.unregister_delay = unregister_delay
         self.require_registry = require_registry
         self.metrics_port = metrics_port
+        self.cancel_past_deadline = cancel_past_deadline
         self._metrics_http: Optional[Listeners] = None
         self.status = NodeStatus.STARTING
         # stopping, and saying so (registry, heartbeats) while calls are still served
@@ -1131,6 +1140,8 @@ class Server:
                               self._run_coroutine(call, fn, argv, deadline), context)
             if not task.done():   # (checked here: most answer at once, every call's path)
                 self._track(task)
+                if deadline is not None and self.cancel_past_deadline:
+                    self._cancel_at(deadline, call, task)
             return
         if runs is _INLINE:
             value, error = _run_plain(context, fn, argv, deadline)
@@ -1190,6 +1201,16 @@ class Server:
             return
         self._answer(call, value, exc)
 
+    def _cancel_at(self, deadline: float, call: _Call, task: asyncio.Future) -> None:
+        """Cancel ``call``'s handler ``task`` if it still runs at ``deadline``."""
+        def cancel() -> None:
+            if not task.done():
+                call.late = True
+                task.cancel()
+        timer = self._loop.call_later(  # type: ignore[union-attr]  # started: start() set it
+            max(0.0, deadline - time.monotonic()), cancel)
+        task.add_done_callback(lambda _: timer.cancel())
+
     def _track(self, task: asyncio.Future) -> None:
         """Keep a handler that suspended, for stop() to cancel past its grace."""
         self._handlers.add(task)
@@ -1221,6 +1242,11 @@ class Server:
         if exc is None:   # (first: every call's path)
             if method.returns_value:
                 result.success = value
+        elif isinstance(exc, asyncio.CancelledError) and call.late:
+            if send:   # (the caller has given up: a refusal it drops, as a late answer)
+                reply.refuse(Status.TRANSPORT_EXCEPTION, f"{name}: cancelled: the caller's "
+                             "deadline passed while it ran", name, seqid)
+            return Status.TRANSPORT_EXCEPTION
         elif isinstance(exc, asyncio.CancelledError) and self._leaving:
             # (one a handler raised of its own accord, the server not stopping, is its
             # fault: logged and answered below as any other)
