@@ -538,6 +538,38 @@ def test_a_peer_that_never_reads_its_replies_is_not_read_either():
     run(main())
 
 
+def test_small_requests_for_big_replies_read_at_once_stop_at_the_full_write_buffer():
+    """Requests read in one go used to be dispatched to the end of the read even
+    once the write buffer was full: 75 KB of requests for 1 MB answers, never
+    read, held a gigabyte of replies. Answers made in the read stop the rest of
+    its calls at the high-water mark; the calls wait, and run once the peer reads."""
+    count, size = 400, 100_000
+
+    class BigAnswers(EchoHandler):
+        """Answers inside the read that brought the request, much bigger than it."""
+        async def slow(self, text: str, delay_ms: int) -> str:
+            self.slow_started += 1
+            return text * size
+
+    handler = BigAnswers()
+
+    async def main():
+        async with serving(echo_services(handler), read_timeout=None) as server, \
+                raw_connection(server.address) as raw:
+            raw.writer.write(b"".join(unified_request("slow", Echo.slow_args(text="x", delay_ms=0),
+                                                      seq) for seq in range(count)))
+            [conn] = server._connections
+            await wait_until(lambda: conn.transport.get_write_buffer_size() and conn.reading_paused,
+                             timeout=10, what="the server to stop at the full write buffer")
+            assert conn.transport.get_write_buffer_size() < 4 * size
+            assert handler.slow_started < count
+            frames = await raw.read_frames(count, timeout=60)
+            assert sorted(f.head.sequence_id for f in frames) == list(range(count))
+            assert handler.slow_started == count
+
+    run(main(), timeout=90)
+
+
 def test_too_many_calls_on_one_connection_pause_its_reading_not_refuse():
     """Past ``pause_reading_at`` running calls the server stops reading that
     connection (the rest wait in the socket, not in memory as tasks), resumes at

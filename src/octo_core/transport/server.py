@@ -15,6 +15,10 @@ from octo_core.transport.stream import BROKEN, FramedProtocol, log
 _REPLIES_UNREAD = 1     # why reading is paused: the peer leaves its replies unread,
 _BUSY = 2               # or too many of its calls are running,
 _CROWDED = 4            # or the server's connections hold too much of frames partly read
+#: The pauses that also hold back the calls of frames already read: an answer made
+#: in the read that brought its call (an eager handler's) fills the write buffer
+#: as the read's calls run, and each may be far bigger than its request.
+_HOLD_CALLS = _REPLIES_UNREAD | _BUSY
 
 #: Connections refused at ``max_connections``: a peer redialling in a loop makes one each.
 _REFUSED = Throttle(10.0, log)
@@ -72,14 +76,14 @@ class ServerConnection(FramedProtocol):
     """One accepted connection; every complete frame goes to ``dispatch(conn, frame)``.
 
     Flow control, so that one peer costs bounded memory: the connection stops
-    reading while the peer leaves its replies unread (the write buffer is over
-    its high-water mark), and stops reading and dispatching while
+    reading and dispatching while the peer leaves its replies unread (the write
+    buffer is over its high-water mark), and while
     ``pause_reading_at`` of its calls run, or while its running calls hold
     ``pause_reading_bytes`` of requests (as decoded: compressed frames count
     inflated, and the objects their arguments make count too: the dispatcher
     gives each call's ``size``), until both are down to half. What it holds back waits in the
     socket, in the frame decoder (still compressed), or, for the rest of the
-    batch that made it busy, in a backlog; nothing is refused for it.
+    batch that made it pause, in a backlog; nothing is refused for it.
 
     A peer that shuts its sending side (half-close, as ``nc -N`` and many
     scripted clients do) still gets the answers to what it sent: the
@@ -264,14 +268,14 @@ class ServerConnection(FramedProtocol):
             self.transport.resume_reading()
 
     def frames_received(self, frames: List[Frame]) -> None:
-        if self._backlog or self._paused & _BUSY:
+        if self._backlog or self._paused & _HOLD_CALLS:
             self._backlog.extend(frames)
             return
         for i, frame in enumerate(frames):
             if self.closed or self._rejected:
                 return
             self._dispatch(self, frame)
-            if self._paused & _BUSY:
+            if self._paused & _HOLD_CALLS:
                 self._backlog.extend(frames[i + 1:])
                 return
 
