@@ -1091,6 +1091,33 @@ def test_compressed_requests_count_inflated_in_flow_control():
     run(main())
 
 
+def test_a_compressed_request_behind_the_call_that_pauses_a_connection_waits_compressed():
+    """The calls of one read past ``pause_reading_at`` wait in the connection's
+    backlog; a gzip request among them used to wait there inflated, so that
+    each connection's few hundred bytes of calls and 15 KB of gzip held 16 MB
+    that no server-wide limit counted. It waits compressed, as it came."""
+    size, pause_at = 8 << 20, 4
+    handler = GatedHandler()
+
+    async def main():
+        async with serving(echo_services(handler), pause_reading_at=pause_at) as server, \
+                raw_connection(server.address) as raw:
+            gzip = protocol.DEFAULT_FLAGS | protocol.FLAG_GZIP
+            calls = [unified_request("slow", Echo.slow_args(text="", delay_ms=0), seq)
+                     for seq in range(pause_at)]
+            bomb = unified_request("echo", Echo.echo_args(text="x" * size), pause_at, flags=gzip)
+            raw.writer.write(b"".join(calls) + bomb)
+            [conn] = server._connections
+            await wait_until(lambda: conn.reading_paused and handler.running == pause_at)
+            assert sum(len(frame.body) for frame in conn._backlog) < size // 100
+            handler.gate.set()
+            frames = await raw.read_frames(pause_at + 1, timeout=30)
+            assert sorted(f.head.sequence_id for f in frames) == list(range(pause_at + 1))
+            assert all(f.head.status == 0 for f in frames)
+
+    run(main())
+
+
 def test_a_connection_whose_whole_frames_waited_in_the_reader_is_not_taken_for_a_stall():
     """Frames kept back compressed while the connection was busy are read when it
     frees up; nothing of a frame is then missing, so however long the calls run,

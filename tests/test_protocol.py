@@ -886,14 +886,41 @@ def test_one_feed_hands_out_about_max_batch_bytes_and_keeps_the_rest_compressed(
     body = b"\x00" * 100_000
     header = protocol.request_header("Echo", 1, 1000)
     frame = protocol.encode_unified(header, body, protocol.DEFAULT_FLAGS | protocol.FLAG_GZIP)
-    decoder = FrameDecoder(max_batch=150_000)
+    decoder = FrameDecoder(max_batch=250_000)
     stream = frame * 5
     frames = decoder.feed(stream)
-    assert len(frames) == 2 and decoder.more      # 2 x 100 kB inflated passes 150 kB
+    assert len(frames) == 2 and decoder.more      # 2 x 100 kB inflated fit 250 kB, a 3rd would not
     assert decoder.buffered == 3 * len(frame)     # the rest as it came, still compressed
     assert len(decoder.feed(b"")) == 2 and decoder.more
     assert len(decoder.feed(b"")) == 1 and not decoder.more
     assert decoder.feed(b"") == [] and not decoder.more and decoder.buffered == 0
+
+
+@pytest.mark.parametrize("flags", [FLAG_GZIP] + ([FLAG_SNAPPY] if SNAPPY else []))
+def test_a_compressed_frame_goes_first_in_a_batch_it_would_not_fit(flags):
+    """Behind other frames a compressed one is inflated only if what it says it
+    inflates to fits the batch: a batch its reader stops partway (flow control)
+    holds at most about ``max_batch`` inflated, not a bomb more."""
+    header = protocol.request_header("Echo", 1, 1000)
+    small = protocol.encode_unified(header, echo_body())
+    big = protocol.encode_unified(header, b"\x00" * 200_000, 0x01 | flags)
+    decoder = FrameDecoder(max_batch=100_000)
+    assert len(decoder.feed(small + big)) == 1 and decoder.more
+    assert decoder.buffered == len(big)           # as it came, compressed
+    [frame] = decoder.feed(b"")                   # the first of its batch: inflated
+    assert len(frame.body) == 200_000 and not decoder.more
+
+
+def test_a_gzip_frame_that_lies_about_its_size_breaks_the_stream():
+    header = protocol.request_header("Echo", 1, 1000)
+    small = protocol.encode_unified(header, echo_body())
+    head = codec.encode(header)
+    payload = bytearray(protocol.compress(FLAG_GZIP, head + b"\x00" * 200_000))
+    payload[-4:] = struct.pack("<I", 10)          # ISIZE: "10 bytes", to join the batch
+    liar = _codec.encode_frame(0x01 | FLAG_GZIP, len(head), bytes(payload))
+    decoder = FrameDecoder(max_batch=100_000)
+    assert len(decoder.feed(small + liar)) == 1
+    assert isinstance(decoder.error, ProtocolError) and "gzip" in str(decoder.error)
 
 
 # --- fuzz ---------------------------------------------------------------------------

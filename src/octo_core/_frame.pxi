@@ -209,6 +209,24 @@ cdef inline bint _old_style_unframed(const unsigned char* p, Py_ssize_t n,
     return first == 0x5F or 0x41 <= first <= 0x5A or 0x61 <= first <= 0x7A
 
 
+cdef Py_ssize_t _declared_inflated(const unsigned char* p, Py_ssize_t n, int flags) noexcept:
+    """The size compressed payload ``p[:n]`` says it inflates to: snappy's length
+    preamble, gzip's ISIZE trailer; PY_SSIZE_T_MAX if it has none to read. A lie
+    costs no memory: inflating checks both (zlib the ISIZE, ``decompress`` the
+    preamble) and breaks the stream."""
+    cdef Py_ssize_t size = 0
+    cdef int i
+    if flags & 0x20:          # snappy wins (§1)
+        for i in range(5 if n > 5 else n):
+            size |= <Py_ssize_t>(p[i] & 0x7F) << (7 * i)
+            if not p[i] & 0x80:
+                return size
+        return PY_SSIZE_T_MAX
+    if n < 18:                # shorter than any gzip member
+        return PY_SSIZE_T_MAX
+    return p[n - 4] | (p[n - 3] << 8) | (p[n - 2] << 16) | (<Py_ssize_t>p[n - 1] << 24)
+
+
 cdef class FrameReader:
     """Cuts a byte stream into frames, sans-IO: ``feed(data)`` returns the complete ones.
 
@@ -223,10 +241,12 @@ cdef class FrameReader:
     are handled (the next ``feed`` raises it).
 
     With ``max_batch``, one ``feed`` hands out frames totalling about that many
-    bytes (at least one frame) and keeps the rest of the stream, compressed as
-    it came, with ``more`` set; ``feed(b"")`` goes on. A read full of small
+    bytes (at least one frame; after the first, a compressed one only if what it
+    says it inflates to still fits) and keeps the rest of the stream, compressed
+    as it came, with ``more`` set; ``feed(b"")`` goes on. A read full of small
     compressed frames so never inflates into more memory than its reader is
-    ready for. Without it, every whole frame comes out at once.
+    ready for, nor does a batch whose reader stops partway (flow control) hold
+    more than that inflated. Without it, every whole frame comes out at once.
 
     With ``frame_cls`` the frames come out finished instead, as
     ``frame_cls(flags, head, body)`` tuples: a unified payload is decompressed
@@ -325,6 +345,12 @@ cdef class FrameReader:
                     self._fail(f"unified frame of {total + 8} bytes exceeds max_frame_size "
                                f"{self.max_frame_size}", pos)
                 if n - pos < total + 8:
+                    break
+                if frames and flags & 0x60 and self._frame_cls is not None and _declared_inflated(
+                        p + pos + PREFIX, total - 2 - trailer, flags) > self.max_batch - handed:
+                    # Inflated as the next batch's first frame instead: the rest of a
+                    # batch that flow control stops partway waits as it came, compressed.
+                    self.more = True
                     break
                 header_length = <int16_t>((p[pos + 8] << 8) | p[pos + 9])
                 if header_length < 0:
