@@ -372,6 +372,33 @@ def test_max_in_flight_bytes_bounds_the_requests_all_connections_hold_together()
         is None   # no limit
 
 
+def test_max_in_flight_bytes_charges_each_call_what_it_costs_the_server_whatever_its_request():
+    """A tiny request costs the server about 2 KB while its call runs (its record,
+    task, coroutine, header), twenty times its bytes: charged only those, 8 MB of
+    calls held 230 MB under a limit that counted 10. Each call is charged
+    ``CALL_BYTES`` on top, so the limit bounds what calls hold."""
+    handler = GatedHandler()
+    count, fits = 200, 50
+
+    async def main():
+        async with serving(echo_services(handler),
+                           max_in_flight_bytes=fits * server_module.CALL_BYTES) as server, \
+                raw_connection(server.address) as raw:
+            raw.writer.write(b"".join(unified_request("slow", Echo.slow_args(text="", delay_ms=0),
+                                                      seq) for seq in range(count)))
+            refused = await raw.read_frames(count - fits, timeout=10)   # before any answer
+            assert all(f.head.status == Status.RPC_EXCEPTION for f in refused)
+            assert "bytes of requests in flight" in refused[0].head.message
+            running = handler.running
+            assert 0 < running < fits
+            handler.gate.set()
+            rest = await raw.read_frames(fits, timeout=10)
+            assert sum(f.head.status == 0 for f in rest) == running
+            assert server._in_flight_bytes == 0
+
+    run(main())
+
+
 def test_max_in_flight_per_connection_limits_each_connection_alone():
     handler = GatedHandler()
 
