@@ -1150,8 +1150,8 @@ cdef object _r_list(_Reader* r, _TypeSpec t, int depth):
             before = len(members)
             if _PySet_Add(members, v) < 0:
                 _r_unhashable(at, "set element", "held in a Python set")
-            if hashes is not None and len(members) > before:   # (a repeat adds nothing)
-                _count_hash(hashes, v, &budget, at, "set elements")
+            if hashes is not None:
+                _count_hash(hashes, v, len(members) > before, &budget, at, "set elements")
         return members
     cdef list out = PyList_New(n)
     for i in range(n):
@@ -1183,11 +1183,14 @@ cdef inline Py_ssize_t _hash_sharing_budget(Py_ssize_t n) noexcept nogil:
     return budget if n * (n - 1) // 2 > budget else -1
 
 
-cdef int _count_hash(dict hashes, object key, Py_ssize_t* budget, Py_ssize_t at,
-                     str what) except -1:
-    """Count ``key``, just added to a dict or set, under its hash in ``hashes``, and
-    take what adding it cost (a comparison with each earlier key of that hash)
-    from ``budget``: a ``DecodeError`` once that is spent (see ``_floodable``)."""
+cdef int _count_hash(dict hashes, object key, bint added, Py_ssize_t* budget,
+                     Py_ssize_t at, str what) except -1:
+    """Take what putting ``key`` in a dict or set just cost (a comparison with each
+    key already there of its hash, at most) from ``budget``, and count it under its
+    hash in ``hashes`` when it was ``added``: a ``DecodeError`` once the budget is
+    spent (see ``_floodable``). A repeat adds nothing, yet is charged: finding its
+    equal costs as much, so repeats of a key that shares its hash with many would
+    otherwise cost the decoder as much as the flood the budget bounds."""
     h = hash(key)
     cdef Py_ssize_t c = hashes.get(h, 0)
     budget[0] -= c
@@ -1195,7 +1198,8 @@ cdef int _count_hash(dict hashes, object key, Py_ssize_t* budget, Py_ssize_t at,
         raise DecodeError(f"{what} at byte {at}: too many share a hash (their comparisons "
                           f"would cost more than {HASH_SHARING_PER_KEY} per key: an input "
                           f"made to slow the decoder down)", offset=at)
-    hashes[h] = c + 1
+    if added:
+        hashes[h] = c + 1
     return 0
 
 
@@ -1253,8 +1257,8 @@ cdef object _r_map(_Reader* r, _TypeSpec t, int depth):
         before = PyDict_GET_SIZE(out)
         if _PyDict_SetItem(out, k, v) < 0:   # no try block: it costs a save per entry
             _r_unhashable(at, "map key", "a Python dict key")
-        if hashes is not None and PyDict_GET_SIZE(out) > before:   # (a repeat adds nothing)
-            _count_hash(hashes, k, &budget, at, "map keys")
+        if hashes is not None:
+            _count_hash(hashes, k, PyDict_GET_SIZE(out) > before, &budget, at, "map keys")
     return out
 
 
