@@ -33,8 +33,8 @@ from octo_core.transport.http import serve_metrics
 
 from wire_helpers import (CLIENT_APPKEY, SERVER_APPKEY, Echo, EchoError, EchoHandler,
                           async_client, decode_body, echo_services, framed_request,
-                          raw_connection, run, serving, unified_request, wait_until,
-                          watchdog)  # noqa: F401  (fixture)
+                          raw_connection, run, serving, short_tmpdir, unified_request,
+                          wait_until, watchdog)  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
@@ -636,6 +636,22 @@ def test_a_handler_learns_who_called_and_when_they_stop_waiting(plain):
     for _, seen in native:   # native thrift sends neither appkey nor timeout
         assert seen == context.Caller("", native_address, None)
         assert seen.time_left() is None
+
+
+def test_a_caller_on_a_unix_socket_has_no_address():
+    """A unix socket's peer has no address: the connection's name for it is the
+    server's own socket path, which ``caller().address`` gave."""
+    handler = CallerEcho(plain=True)
+
+    async def main() -> None:
+        with short_tmpdir() as tmp:
+            async with serving(echo_services(handler), host=f"unix://{tmp}/s.sock") as server, \
+                    async_client(Echo, server.address) as client:
+                assert await client.echo("x") == "x"
+
+    run(main())
+    [(_, seen)] = handler.seen
+    assert (seen.appkey, seen.address) == (CLIENT_APPKEY, "")
 
 
 def test_concurrent_traces_do_not_mix():

@@ -289,9 +289,10 @@ class _Call(Reply):
 
     def caller(self) -> _context.Caller:
         """Who sent it (``octo_core.context.caller()``, in its handler)."""
-        head = self.head
+        head, conn = self.head, self.conn
+        # (on a unix socket ``peer`` names the server's own socket: no address of the peer)
         return _context.Caller((head.client_appkey or "") if head is not None else "",
-                               self.conn.peer, self.deadline)
+                               conn.peer if conn.peer_ip is not None else "", self.deadline)
 
 
 #: Authentication that raised something other than a refusal (a token store's
