@@ -69,12 +69,11 @@ _CALL, _EXCEPTION = TMessageType.CALL, TMessageType.EXCEPTION
 #: What a unified client adds when a node closes its connections on calls without a
 #: byte: servers that speak only native thrift (thriftpy2's, Apache's) do, so a team
 #: migrating from them meets this first. A TLS server does so with a plaintext
-#: client (``_TLS_UNHEARD_HINT``), and an octo_core server with a frame over its
-#: max_frame_size: neither is helped by protocol="thrift".
+#: client (``_TLS_UNHEARD_HINT``), and an octo_core server, whatever the protocol or
+#: transport, with a frame over its max_frame_size (``_OCTO_UNHEARD_HINT``).
 _UNIFIED_UNHEARD_HINT = ("(a server that speaks only native thrift, such as thriftpy2's "
                          "or Apache Thrift's, closes a unified connection so: call it "
-                         "with protocol=\"thrift\"{tls}; an octo_core server does so only "
-                         "with a request over its max_frame_size)")
+                         "with protocol=\"thrift\"{tls}")
 _TLS_UNHEARD_HINT = "; a TLS server closes a plaintext one so: pass ssl="
 #: What a native client adds, by ``framed``: a server on the other transport closes
 #: its connections so (thriftpy2's and Apache's are buffered unless told), and so
@@ -82,11 +81,12 @@ _TLS_UNHEARD_HINT = "; a TLS server closes a plaintext one so: pass ssl="
 _NATIVE_UNHEARD_HINTS = {
     True: ("(a server on a buffered transport, thriftpy2's and Apache's default, closes "
            "a framed connection so: call it with framed=False{tls}; thriftpy2's also "
-           "closes one when a handler raises an exception its IDL does not declare)"),
+           "closes one when a handler raises an exception its IDL does not declare"),
     False: ("(a server on a framed transport closes an unframed connection so: call it "
             "with framed=True{tls}; thriftpy2's also closes one when a handler raises an "
-            "exception its IDL does not declare)"),
+            "exception its IDL does not declare"),
 }
+_OCTO_UNHEARD_HINT = "; an octo_core server does so only with a request over its max_frame_size)"
 
 #: Seconds of silence from a node before a unified connection is sent a heartbeat.
 DEFAULT_HEARTBEAT_INTERVAL = 30.0
@@ -729,7 +729,7 @@ def _unheard_hint(unified: bool, framed: bool, ssl: Optional["_ssl.SSLContext"])
     """What calls are told when a node closes their connection without a byte
     (``Endpoint``'s ``unheard_hint``): the protocol or transport it may want instead."""
     hint = _UNIFIED_UNHEARD_HINT if unified else _NATIVE_UNHEARD_HINTS[bool(framed)]
-    return hint.format(tls="" if ssl is not None else _TLS_UNHEARD_HINT)
+    return hint.format(tls="" if ssl is not None else _TLS_UNHEARD_HINT) + _OCTO_UNHEARD_HINT
 
 
 def _argument_error(method: idl.Method, args: tuple, kwargs: Dict[str, Any],
