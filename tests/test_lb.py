@@ -707,6 +707,20 @@ def test_face_consistent_hash_moves_only_the_keys_of_the_node_that_changed() -> 
     assert {old for old, new in zip(before, after) if old != new} == {nodes[0].key}
 
 
+def test_face_consistent_hash_counts_a_configured_weight_past_the_largest_as_that() -> None:
+    """Routing gives a weight over _lb.MAX_WEIGHT as MAX_WEIGHT; sized against the
+    configured one, nodes all weighing 1e9 got one digest each (4 points, where
+    equal weights of 10 get 160) and balanced badly."""
+    def ring(fweight: float) -> List[str]:
+        nodes = [Node(appkey="com.example.echo", ip=f"10.1.0.{i}", port=9000, fweight=fweight)
+                 for i in range(5)]
+        balancer = make_balancer("consistenthash")
+        balancer.update(nodes, [min(fweight, _lb.MAX_WEIGHT)] * 5)
+        return [balancer.select(key=k).key for k in random_keys(random.Random(3), 2000)]
+
+    assert ring(1e9) == ring(10.0)
+
+
 def test_face_feedback_follows_node_keys_across_updates() -> None:
     clock = FakeClock()
     balancer = make_balancer("lalb", clock=clock)
