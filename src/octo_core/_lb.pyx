@@ -1010,8 +1010,9 @@ cdef class ConsistentHash(_Picker):
     is given one. With equal weights, removing a node moves only its own keys.
     With unequal ones the mean moves too, and the other nodes gain or lose a digest
     or two, which moves a few more keys; so does a node's weight changing (warm-up).
-    A fixed reference (the cluster gives the heaviest configured weight) keeps
-    every other node's points where they are.
+    A fixed reference keeps every other node's points where they are (the cluster
+    gives the heaviest configured weight, which moves when that node leaves or is
+    reweighted).
     """
 
     def __init__(self, node_keys=(), weights=None, *, int replicas=160):

@@ -81,7 +81,8 @@ class Balancer:
         if self.name == "consistenthash":
             # A node of the heaviest configured weight gets ``replicas`` points, the
             # others their share of that: a node warming up, reweighted or gone moves
-            # only its own keys (libketama's mean weight would move every node's). (A
+            # only its own keys (libketama's mean weight would move every node's), but
+            # for the heaviest, whose weight sizes the others' points too. (A
             # weight past _lb.MAX_WEIGHT counts as that, as the weights given do.)
             heaviest = min(max([node.base_weight() for node in nodes], default=0.0),
                            _lb.MAX_WEIGHT)
