@@ -193,7 +193,7 @@ class Authenticator:
     """The server's security filter.
 
     ``tokens``: a token store (``StaticTokens``, ``DerivedTokens``, or anything with
-    ``token(appkey) -> Optional[str]``), or a plain ``{appkey: token}`` mapping;
+    ``token(appkey)`` giving text, bytes or None), or a plain ``{appkey: token}`` mapping;
     ``token`` is called on the server's loop for every call, so it answers from
     memory (a store backed by a KMS keeps a cache, refreshed off the loop).
     ``allow``/``deny``: peer IPs or CIDRs (deny wins; with an allow list, only it
