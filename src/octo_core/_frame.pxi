@@ -346,8 +346,9 @@ cdef class FrameReader:
                                f"{self.max_frame_size}", pos)
                 if n - pos < total + 8:
                     break
-                if frames and flags & 0x60 and self._frame_cls is not None and _declared_inflated(
-                        p + pos + PREFIX, total - 2 - trailer, flags) > self.max_batch - handed:
+                if frames and flags & 0x60 and self._frame_cls is not None \
+                        and self.max_batch != PY_SSIZE_T_MAX and _declared_inflated(
+                            p + pos + PREFIX, total - 2 - trailer, flags) > self.max_batch - handed:
                     # Inflated as the next batch's first frame instead: the rest of a
                     # batch that flow control stops partway waits as it came, compressed.
                     self.more = True
