@@ -17,7 +17,7 @@ import ssl as _ssl
 import time
 import warnings
 import weakref
-from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from thriftpy2.thrift import TApplicationException, TMessageType
 
@@ -244,6 +244,10 @@ class _StoppedUnrun(_Unrun):
     why = "the server stopped before a business thread could run it"
 
 
+#: Who cancelled a call's coroutine handler (``_Call.cancelled_by``).
+_BY_STOP, _BY_DEADLINE = "stop", "deadline"
+
+
 def _describe(exc: BaseException) -> str:
     """``"Type: message"``; only the type when the exception's ``__str__`` itself fails."""
     try:
@@ -258,7 +262,7 @@ class _Call(Reply):
     is dispatched, the call's fields set by ``admit``: every call's path.)"""
 
     __slots__ = ("method", "service", "seqid", "stats", "started", "span_ends", "size", "head",
-                 "deadline", "trace", "late")
+                 "deadline", "trace", "cancelled_by")
 
     def admit(self, service: _Service, method: idl.Method, seqid: int, stats: MethodStats,
               started: float, size: int, head: Optional[_codec.Head],
@@ -273,7 +277,7 @@ class _Call(Reply):
         self.head = head
         self.deadline = deadline
         self.trace: Optional[_context.Carried] = None   # made at the start (_call_context)
-        self.late = False   # cancelled as its deadline passed (cancel_past_deadline)
+        self.cancelled_by: Optional[str] = None   # who cancelled its handler: a stop, its deadline
 
     def carried(self) -> _context.Carried:
         """What its handler's own calls carry on: the caller's globalContext and trace
@@ -489,7 +493,7 @@ class Server:
         self._pool: Optional[BusinessPool] = None
         self._outcomes: LoopInbox   # the pool's answers, to the loop (made by start())
         self._unix_inode = 0
-        self._handlers: Set[asyncio.Future] = set()   # coroutine handlers that suspended
+        self._handlers: Dict[asyncio.Future, _Call] = {}   # coroutine handlers that suspended
         self._listener: Optional[Listening] = None
         self._sweeper: Optional[asyncio.Task] = None
         self._connections: set = set()
@@ -752,7 +756,8 @@ class Server:
                             else f"after {grace:.1f}s grace")
                 # (each refuses its caller: it never ran)
                 self._pool.cancel_pending()  # type: ignore[union-attr]  # started: start() made it
-                for task in list(self._handlers):
+                for task, call in list(self._handlers.items()):
+                    call.cancelled_by = _BY_STOP
                     task.cancel()           # each answers its caller with an error
                 await asyncio.sleep(0)
         # Requests a notified peer sent before it read the notice are still read and
@@ -1146,7 +1151,7 @@ class Server:
             task = start_task(self._loop,  # type: ignore[arg-type]  # started: start() set it
                               self._run_coroutine(call, fn, argv, deadline), context)
             if not task.done():   # (checked here: most answer at once, every call's path)
-                self._track(task)
+                self._track(task, call)
                 if deadline is not None and self.cancel_past_deadline:
                     self._cancel_at(deadline, call, task)
             return
@@ -1204,7 +1209,7 @@ class Server:
             task = start_task(self._loop,  # type: ignore[arg-type]  # started: start() set it
                               self._run_coroutine(call, lambda: value, (), None), context)
             if not task.done():
-                self._track(task)
+                self._track(task, call)
             return
         self._answer(call, value, exc)
 
@@ -1212,16 +1217,19 @@ class Server:
         """Cancel ``call``'s handler ``task`` if it still runs at ``deadline``."""
         def cancel() -> None:
             if not task.done():
-                call.late = True
+                call.cancelled_by = _BY_DEADLINE
                 task.cancel()
         timer = self._loop.call_later(  # type: ignore[union-attr]  # started: start() set it
             max(0.0, deadline - time.monotonic()), cancel)
         task.add_done_callback(lambda _: timer.cancel())
 
-    def _track(self, task: asyncio.Future) -> None:
+    def _track(self, task: asyncio.Future, call: _Call) -> None:
         """Keep a handler that suspended, for stop() to cancel past its grace."""
-        self._handlers.add(task)
-        task.add_done_callback(self._handlers.discard)
+        self._handlers[task] = call
+        task.add_done_callback(self._untrack)
+
+    def _untrack(self, task: asyncio.Future) -> None:
+        del self._handlers[task]
 
     def _answer(self, call: _Call, value: Any, exc: Optional[BaseException]) -> None:
         call.conn.call_finished(call.size)
@@ -1249,14 +1257,14 @@ class Server:
         if exc is None:   # (first: every call's path)
             if method.returns_value:
                 result.success = value
-        elif isinstance(exc, asyncio.CancelledError) and call.late:
-            if send:   # (the caller has given up: a refusal it drops, as a late answer)
-                reply.refuse(Status.TRANSPORT_EXCEPTION, f"{name}: cancelled: the caller's "
-                             "deadline passed while it ran", name, seqid)
-            return Status.TRANSPORT_EXCEPTION
-        elif isinstance(exc, asyncio.CancelledError) and self._leaving:
-            # (one a handler raised of its own accord, the server not stopping, is its
-            # fault: logged and answered below as any other)
+        elif isinstance(exc, asyncio.CancelledError) and call.cancelled_by is not None:
+            # (one the handler raised of its own accord, or a cancel from elsewhere, is
+            # its fault: logged and answered below as any other)
+            if call.cancelled_by is _BY_DEADLINE:
+                if send:   # (the caller has given up: a refusal it drops, as a late answer)
+                    reply.refuse(Status.TRANSPORT_EXCEPTION, f"{name}: cancelled: the caller's "
+                                 "deadline passed while it ran", name, seqid)
+                return Status.TRANSPORT_EXCEPTION
             if send:
                 reply.app_exception(name, seqid, TApplicationException.INTERNAL_ERROR,
                                     f"{name}: the handler was cancelled (the server is stopping)")
