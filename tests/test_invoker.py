@@ -778,6 +778,7 @@ def test_breaker_forgets_failures_outside_its_window():
     ({"error_rate": float("nan")}, ValueError, "error_rate"),
     ({"min_calls": -1}, ValueError, "min_calls"),
     ({"window": 0}, ValueError, "window"),
+    ({"window": 2.5}, ValueError, "window must be a whole number of seconds"),
     ({"backoff_min": 10.0, "backoff_max": 5.0}, ValueError, "backoff_max (5.0) is below"),
 ])
 def test_breaker_options_are_refused_when_the_client_is_made(options, error, words):

@@ -370,6 +370,11 @@ def test_consistent_hash_refuses_other_key_types() -> None:
         _lb.ConsistentHash(["a:1"], replicas=2)
     with pytest.raises(ValueError):
         _lb.ConsistentHash(["a:1", "b:2"], [1.0])
+    ring = _lb.ConsistentHash(["a:1", "b:2"])
+    for reference in (0.0, -1.0, math.nan, math.inf, 1e-5):   # (1e-5: below a weight)
+        with pytest.raises(ValueError, match="reference weight"):
+            ring.update(["a:1", "b:2"], [1.0, 2.0], reference)
+    ring.update(["a:1", "b:2"], [1.0, 2.0], 2.0)
 
 
 # --- locality-aware (LALB) --------------------------------------------------------------

@@ -740,8 +740,8 @@ def test_prometheus_endpoint_serves_the_metrics_over_http():
             calls = {(labels["service"], labels["method"]): value for name, labels, value in samples
                      if name == "octo_calls_total"}
             assert calls[("Echo", "echo")] == 1
-            status, _ = await get("/other")
-            assert status == b"HTTP/1.1 404 Not Found"
+            assert await get("/other") == (b"HTTP/1.1 404 Not Found",
+                                           "not found: try /metrics or /health\n")
 
     run(main())
 

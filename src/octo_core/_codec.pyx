@@ -1180,7 +1180,8 @@ cdef inline Py_ssize_t _hash_sharing_budget(Py_ssize_t n) noexcept nogil:
     """The comparisons keys sharing hashes may cost a map or set of ``n`` keys;
     -1 when n keys of one hash cost no more (its keys need not be counted)."""
     cdef Py_ssize_t budget = HASH_SHARING_PER_KEY * n + HASH_SHARING_SLACK
-    return budget if n * (n - 1) // 2 > budget else -1
+    # (in 64 bits: a 32-bit Py_ssize_t overflows past 46,341 keys)
+    return budget if <int64_t>n * (n - 1) // 2 > budget else -1
 
 
 cdef int _count_hash(dict hashes, object key, bint added, Py_ssize_t* budget,

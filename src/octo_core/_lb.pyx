@@ -1040,10 +1040,11 @@ cdef class ConsistentHash(_Picker):
         cdef double scale = n, total
         if reference is None:
             total = sum(ws)
-        elif 0.0 < reference < INFINITY:   # (NaN fails it too)
+        elif 0.0 < reference < INFINITY and reference >= max(ws, default=0.0):   # (NaN fails)
             scale, total = 1.0, reference
-        else:
-            raise ValueError(f"reference weight must be positive and finite, not {reference!r}")
+        else:   # (below a node's weight, that node's points could outgrow memory)
+            raise ValueError(f"reference weight must be finite and at least every node's "
+                             f"weight, and above 0, not {reference!r}")
         cdef Py_ssize_t i, j, k, h, size = 0, live = 0, per_node = self._replicas // 4
         cdef Py_ssize_t* vnodes = <Py_ssize_t*>_alloc(n, sizeof(Py_ssize_t))
         cdef Py_ssize_t* rank = NULL

@@ -82,7 +82,9 @@ class CircuitBreaker:
         if not (is_finite_number(error_rate) and error_rate <= 1):
             raise ValueError(f"error_rate is the share of calls failed, above 0 and at most 1, "
                              f"not {error_rate!r}")
-        finite_number("window", window)
+        if not (is_finite_number(window) and float(window).is_integer()):   # (a bucket a second)
+            raise ValueError(f"window must be a whole number of seconds, at least 1, "
+                             f"not {window!r}")
         if finite_number("backoff_max", backoff_max) < finite_number("backoff_min", backoff_min):
             raise ValueError(f"backoff_max ({backoff_max!r}) is below backoff_min "
                              f"({backoff_min!r})")

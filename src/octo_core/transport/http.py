@@ -58,7 +58,8 @@ def _response(head: bytes, render: Callable[[], str], health: Optional[Health]) 
         body, kind = word.encode() + b"\n", b"text/plain"
         status = b"200 OK" if serving else b"503 Service Unavailable"
     else:
-        body, status, kind = b"not found: try /metrics\n", b"404 Not Found", b"text/plain"
+        body, status, kind = (b"not found: try /metrics" + (b" or /health" if health else b"")
+                              + b"\n", b"404 Not Found", b"text/plain")
     return (b"HTTP/1.1 " + status + b"\r\nContent-Type: " + kind +
             b"\r\nContent-Length: " + str(len(body)).encode() +
             b"\r\nConnection: close\r\n\r\n" + (b"" if parts[:1] == [b"HEAD"] else body))
