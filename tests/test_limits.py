@@ -1246,3 +1246,52 @@ def test_a_peer_waiting_for_partial_frame_room_still_meets_its_read_timeout():
             assert await first.closed_by_peer() and await second.closed_by_peer()
 
     run(main())
+
+
+class _PassCounting(EchoHandler):
+    """``echo`` on the loop, noting the loop pass (``passes[0]``) it was called in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.passes = [0]
+        self.seen: List[int] = []
+
+    async def echo(self, text: str) -> str:   # type: ignore[override]
+        self.seen.append(self.passes[0])
+        return text
+
+
+def test_frames_inflating_past_a_batch_take_turns_with_other_connections(monkeypatch):
+    """A read whose compressed frames inflate past ``READ_BATCH`` is served a batch
+    a loop pass, so a peer's compression bombs cannot hold the loop for a whole
+    read; a peer that half-closes after sending them still gets every answer."""
+    from octo_core.transport import stream
+
+    monkeypatch.setattr(stream, "READ_BATCH", 3000)   # one 2,500-byte request a batch
+    handler = _PassCounting()
+    count = 6
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        def tick() -> None:
+            handler.passes[0] += 1
+            ticking[0] = loop.call_soon(tick)
+        ticking = [loop.call_soon(tick)]
+        try:
+            async with serving(echo_services(handler)) as server, \
+                    raw_connection(server.address) as raw:
+                gzip = protocol.DEFAULT_FLAGS | protocol.FLAG_GZIP
+                raw.writer.write(b"".join(
+                    unified_request("echo", Echo.echo_args(text=f"{seq}" + "x" * 2500), seq,
+                                    flags=gzip) for seq in range(count)))
+                raw.writer.write_eof()
+                frames = await raw.read_frames(count)
+                assert sorted(f.head.sequence_id for f in frames) == list(range(count))
+                assert all(f.head.status == 0 for f in frames)
+        finally:
+            ticking[0].cancel()
+
+    run(main())
+    assert len(handler.seen) == count
+    assert len(set(handler.seen)) == count     # one a loop pass, not all in one

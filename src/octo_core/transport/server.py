@@ -14,7 +14,9 @@ from octo_core.transport.stream import BROKEN, FramedProtocol, log
 
 _REPLIES_UNREAD = 1     # why reading is paused: the peer leaves its replies unread,
 _BUSY = 2               # or too many of its calls are running,
-_CROWDED = 4            # or the server's connections hold too much of frames partly read
+_CROWDED = 4            # or the server's connections hold too much of frames partly read,
+_TURN = 8               # or a read decoded into more than a batch (READ_BATCH: frames that
+                        # inflate a lot): the rest waits a loop pass, the others' turn
 #: The pauses that also hold back the calls of frames already read: an answer made
 #: in the read that brought its call (an eager handler's) fills the write buffer
 #: as the read's calls run, and each may be far bigger than its request.
@@ -83,7 +85,10 @@ class ServerConnection(FramedProtocol):
     inflated, and the objects their arguments make count too: the dispatcher
     gives each call's ``size``), until both are down to half. What it holds back waits in the
     socket, in the frame decoder (still compressed), or, for the rest of the
-    batch that made it pause, in a backlog; nothing is refused for it.
+    batch that made it pause, in a backlog; nothing is refused for it. A read
+    whose frames decode to more than a batch (``READ_BATCH``: compressed frames
+    that inflate a lot) is served a batch a loop pass, so other connections
+    are served between its batches.
 
     A peer that shuts its sending side (half-close, as ``nc -N`` and many
     scripted clients do) still gets the answers to what it sent: the
@@ -171,8 +176,14 @@ class ServerConnection(FramedProtocol):
         return self.transport is None or self.transport.get_extra_info("sslcontext") is None
 
     def _close_when_answered(self) -> None:
-        if not self.in_flight and not self._backlog:
+        if not self.in_flight and not self._backlog and not self._frames_held():
             self.close()
+
+    def _frames_held(self) -> bool:
+        """Whole frames the decoder kept back past a batch, still to be served (a
+        peer that half-closed after sending them gets their answers too)."""
+        return self._decoder.more and self._decoder.error is None \
+            and not (self._rejected or self.discarding or self.closed)
 
     def protocol_error(self, exc: ProtocolError) -> None:
         """The peer broke the framing: read no more, answer what it sent before, close."""
@@ -258,7 +269,7 @@ class ServerConnection(FramedProtocol):
             return
         while self._backlog and not self._paused and not self.closed:
             self._dispatch(self, self._backlog.popleft())
-        if self._decoder.more and self.accepting_frames():
+        if self._frames_held() and not (self._paused or self._backlog):
             self._read()      # the whole frames the decoder kept back
         if self._input_ended:
             self._close_when_answered()
@@ -268,6 +279,15 @@ class ServerConnection(FramedProtocol):
             self.transport.resume_reading()
 
     def frames_received(self, frames: List[Frame]) -> None:
+        self._take(frames)
+        if self._decoder.more and not self._paused and not self.closed:
+            # Inflating the rest may take long (a peer's compression bombs): other
+            # connections are served first. (Reading waits too: nothing piles up.)
+            self._pause(_TURN)
+            self.loop.call_soon(self._resume, _TURN)
+
+    def _take(self, frames: List[Frame]) -> None:
+        """Dispatch ``frames``, or hold them in the backlog while calls are held back."""
         if self._backlog or self._paused & _HOLD_CALLS:
             self._backlog.extend(frames)
             return
