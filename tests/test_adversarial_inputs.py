@@ -38,7 +38,7 @@ from thriftpy2.thrift import TApplicationException, TMessageType
 import octo_core
 from octo_core import codec, protocol
 from octo_core.codec import decode, encode
-from octo_core.errors import ApplicationError, DecodeError, ProtocolError
+from octo_core.errors import ApplicationError, DecodeError, ProtocolError, RpcError, Status
 
 from wire_helpers import (Echo, async_client, fake_server, frames_read, run, serving,
                           watchdog)  # noqa: F401  (fixture)
@@ -294,6 +294,39 @@ def test_an_application_exception_whose_message_is_not_utf8_is_text(proto):
         assert error.message == GBK_TEXT.decode("utf-8", "backslashreplace")
         assert str(error).startswith(error.message)
         assert error.type == TApplicationException.INTERNAL_ERROR
+
+    run(main())
+
+
+def test_a_refusal_whose_header_message_is_not_utf8_fails_that_call_alone():
+    """ResponseInfo.message is the peer's text for people: its odd bytes failed the
+    header, and so the connection with every call on it."""
+    refused = []
+
+    async def handle(reader, writer):
+        async for frame in frames_read(reader):
+            seq = frame.head.sequence_id
+            name, _, seqid, _ = codec.decode_message_begin(frame.body)
+            if not refused:   # the first call refused, in GBK
+                refused.append(seq)
+                writer.write(protocol.encode_unified(
+                    protocol.response_header(seq, Status.RPC_EXCEPTION, GBK_TEXT), b""))
+            else:
+                writer.write(protocol.encode_unified(protocol.response_header(seq, 0),
+                                                     codec.encode_message(
+                    name, TMessageType.REPLY, seqid, Echo.echo_result(success="ok"))))
+
+    async def main():
+        async with fake_server(handle) as address, async_client(Echo, address) as client:
+            await client._endpoint(client._cluster.router.nodes[0]).connection()
+            [endpoint] = client._endpoints.values()
+            first = endpoint.ready()
+            with pytest.raises(RpcError) as info:
+                await client.echo("first")
+            assert info.value.message == GBK_TEXT.decode("utf-8", "backslashreplace")
+            assert await client.echo("second") == "ok"   # the same connection serves on
+            [endpoint] = client._endpoints.values()
+            assert endpoint.ready() is first
 
     run(main())
 

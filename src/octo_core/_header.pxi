@@ -315,6 +315,16 @@ cdef int _r_request_info(_Reader* r, Head h) except -1:
     return 0
 
 
+cdef str _r_free_text(_Reader* r):
+    """A string a peer writes for people (ResponseInfo.message): bytes that are not
+    UTF-8 in it (a C++ peer's GBK, say) come out escaped, failing nothing else
+    read with it -- the other calls of the connection."""
+    r.strict_text = False
+    text = _r_string(r, T_STRING)
+    r.strict_text = True
+    return text.decode("utf-8", "backslashreplace") if type(text) is bytes else text
+
+
 cdef int _r_response_info(_Reader* r, Head h) except -1:
     cdef int fid = 0, wire, seen = 0
     h.message = None    # a repeated responseInfo replaces the first whole (so does TraceInfo)
@@ -327,7 +337,7 @@ cdef int _r_response_info(_Reader* r, Head h) except -1:
         elif fid == 2 and wire == T_BYTE:
             h.status = <int>_r_fixed(r, wire)
         elif fid == 3 and wire == T_STRING:
-            h.message = _r_string(r, T_STRING)
+            h.message = _r_free_text(r)
         else:
             _skip(r, wire, 2)
             continue
