@@ -1295,3 +1295,36 @@ def test_frames_inflating_past_a_batch_take_turns_with_other_connections(monkeyp
     run(main())
     assert len(handler.seen) == count
     assert len(set(handler.seen)) == count     # one a loop pass, not all in one
+
+
+class _BigAnswers(GatedHandler):
+    """``slow`` answers, at the gate, with ``size`` times its text."""
+
+    async def slow(self, text: str, delay_ms: int) -> str:
+        await super().slow(text, delay_ms)
+        return text * delay_ms
+
+
+def test_a_peer_leaving_big_answers_unread_is_cut_off_past_pause_reading_bytes(caplog):
+    """Calls dispatched before the write buffer filled answer on, each with a reply
+    far bigger than its request: 200 unread replies of 256 KiB held 50 MB here. Past
+    ``pause_reading_bytes`` of them unread (or two frames' worth) the connection is
+    cut; the server serves others on."""
+    handler = _BigAnswers()
+    count, reply = 200, 256 * 1024
+
+    async def main():
+        async with serving(echo_services(handler), max_frame_size=1 << 20,
+                           pause_reading_bytes=1 << 20) as server:
+            async with raw_connection(server.address) as raw:   # it never reads
+                raw.writer.write(b"".join(unified_request(
+                    "slow", Echo.slow_args(text="x", delay_ms=reply), seq)
+                    for seq in range(count)))
+                await wait_until(lambda: handler.running == count, 10, "the calls")
+                handler.gate.set()
+                await wait_until(lambda: not server._connections, 10, "the cut")
+            assert "bytes of replies unread" in caplog.text
+            async with echo_client(server.address) as client:
+                assert await client.echo("after") == "after"
+
+    run(main())

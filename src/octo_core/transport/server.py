@@ -26,6 +26,8 @@ _HOLD_CALLS = _REPLIES_UNREAD | _BUSY
 _REFUSED = Throttle(10.0, log)
 #: Peers on the deny list: expected traffic, logged at INFO, as sparingly.
 _DENIED = Throttle(10.0, log, logging.INFO)
+#: Connections cut for leaving their replies unread while their calls answer on.
+_UNREAD = Throttle(10.0, log)
 
 
 class PartialFrames:
@@ -79,7 +81,9 @@ class ServerConnection(FramedProtocol):
 
     Flow control, so that one peer costs bounded memory: the connection stops
     reading and dispatching while the peer leaves its replies unread (the write
-    buffer is over its high-water mark), and while
+    buffer is over its high-water mark; the calls already running answer on, and
+    past ``pause_reading_bytes`` of replies unread, or two frames' worth, the
+    connection is cut), and while
     ``pause_reading_at`` of its calls run, or while its running calls hold
     ``pause_reading_bytes`` of requests (as decoded: compressed frames count
     inflated, and the objects their arguments make count too: the dispatcher
@@ -163,11 +167,24 @@ class ServerConnection(FramedProtocol):
         pause marks; a half-closed peer's connection closes with its last answer."""
         self.in_flight -= 1
         self.held -= size
+        if self._paused & _REPLIES_UNREAD:
+            self._cut_if_unread()
         if self._paused & _BUSY and self.in_flight <= self._pause_at // 2 \
                 and self.held <= self._pause_bytes // 2:
             self._resume(_BUSY)
         if self._input_ended and not self.in_flight:
             self.loop.call_soon(self._close_when_answered)   # after this call's reply is sent
+
+    def _cut_if_unread(self) -> None:
+        """(Its replies unread.) Calls dispatched before the pause answer on, each
+        reply maybe far bigger than its request: past ``pause_reading_bytes`` of
+        them unread, or two frames' worth if more, the connection is cut rather
+        than let them pile up here without bound."""
+        assert self.transport is not None   # (answering: connected)
+        unread = self.transport.get_write_buffer_size() + self._out_bytes
+        if unread > max(self._pause_bytes, 2 * self.max_frame_size):
+            _UNREAD.log("closing connection %s: %d bytes of replies unread", self.peer, unread)
+            self.abort()
 
     def eof_received(self) -> bool:
         """The peer sends no more: answer what it sent, then close (stay half-open)."""
