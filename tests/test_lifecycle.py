@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import logging
 import os
 import queue
 import re
@@ -196,6 +197,44 @@ def test_a_stop_told_to_stop_at_once_waits_out_neither_unregister_delay_nor_grac
             assert server.status == NodeStatus.STOPPED
             with pytest.raises(ApplicationError, match="handler was cancelled"):
                 await call
+
+    run(main())
+
+
+class _CancelsItself(EchoHandler):
+    """``slow`` raises CancelledError of its own accord once ``go`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Event()
+
+    async def slow(self, text: str, delay_ms: int) -> str:
+        self.slow_started += 1
+        await self.go.wait()
+        raise asyncio.CancelledError("the handler's own")
+
+
+def test_a_handlers_own_cancelled_error_during_a_stop_is_its_fault_not_the_stops(caplog):
+    """Only a call the stop itself cancelled (past its grace) is answered "the server
+    is stopping": one whose handler raises CancelledError of its own accord while
+    the stop waits is a fault of the handler's, logged and answered as one."""
+    handler = _CancelsItself()
+
+    async def main() -> None:
+        server = echo_server(handler)
+        await server.start()
+        async with async_client(Echo, server.address, timeout=30.0) as client:
+            call = asyncio.ensure_future(client.slow("x", 0))
+            await wait_until(lambda: server._in_flight == 1, what="the call to run")
+            stopping = asyncio.ensure_future(server.stop(grace=30))
+            await wait_until(lambda: server._leaving, what="the stop to begin")
+            handler.go.set()
+            with pytest.raises(ApplicationError) as info:
+                await call
+            await asyncio.wait_for(stopping, 30)   # (a hang guard only)
+        assert "stopping" not in str(info.value) and "CancelledError" in str(info.value)
+        assert any("CancelledError" in r.getMessage() for r in caplog.records
+                   if r.levelno >= logging.ERROR)
 
     run(main())
 
