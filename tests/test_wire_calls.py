@@ -1338,9 +1338,20 @@ class StuckEcho(EchoHandler):
         return text
 
 
-@pytest.mark.parametrize("cancel", [True, False])
-def test_a_coroutine_handler_past_its_callers_deadline_is_cancelled_when_asked(cancel, caplog):
-    handler = StuckEcho()
+class StuckBehindPlain(StuckEcho):
+    """``slow`` a plain function that returns the coroutine (an async handler behind
+    a plain decorator): run on a business thread, its coroutine on the loop."""
+
+    def slow(self, text: str, delay_ms: int) -> Any:   # type: ignore[override]
+        return StuckEcho.slow(self, text, delay_ms)
+
+
+@pytest.mark.parametrize("cancel, handler_cls", [(True, StuckEcho), (False, StuckEcho),
+                                                 (True, StuckBehindPlain)])
+def test_a_coroutine_handler_past_its_callers_deadline_is_cancelled_when_asked(cancel,
+                                                                               handler_cls,
+                                                                               caplog):
+    handler = handler_cls()
 
     async def main():
         async with serving(echo_services(handler), cancel_past_deadline=cancel) as server, \

@@ -1152,8 +1152,6 @@ class Server:
                               self._run_coroutine(call, fn, argv, deadline), context)
             if not task.done():   # (checked here: most answer at once, every call's path)
                 self._track(task, call)
-                if deadline is not None and self.cancel_past_deadline:
-                    self._cancel_at(deadline, call, task)
             return
         if runs is _INLINE:
             value, error = _run_plain(context, fn, argv, deadline)
@@ -1224,12 +1222,12 @@ class Server:
         task.add_done_callback(lambda _: timer.cancel())
 
     def _track(self, task: asyncio.Future, call: _Call) -> None:
-        """Keep a handler that suspended, for stop() to cancel past its grace."""
+        """Keep a handler that suspended, for stop() to cancel past its grace (and,
+        with ``cancel_past_deadline``, its caller's deadline)."""
         self._handlers[task] = call
-        task.add_done_callback(self._untrack)
-
-    def _untrack(self, task: asyncio.Future) -> None:
-        del self._handlers[task]
+        task.add_done_callback(self._handlers.pop)   # (a C call: no Python frame per call)
+        if call.deadline is not None and self.cancel_past_deadline:
+            self._cancel_at(call.deadline, call, task)
 
     def _answer(self, call: _Call, value: Any, exc: Optional[BaseException]) -> None:
         call.conn.call_finished(call.size)
