@@ -1328,3 +1328,22 @@ def test_a_peer_leaving_big_answers_unread_is_cut_off_past_pause_reading_bytes(c
                 assert await client.echo("after") == "after"
 
     run(main())
+
+
+def test_a_peer_reading_a_burst_of_big_answers_as_they_come_is_not_cut():
+    """Answers finishing together pass the unread mark however fast their peer
+    reads (they are written in one loop pass): one that takes them as they go
+    out gets them all."""
+    handler = _BigAnswers()
+    count, reply = 200, 256 * 1024
+
+    async def main():
+        async with serving(echo_services(handler), max_frame_size=1 << 20,
+                           pause_reading_bytes=1 << 20) as server, \
+                echo_client(server.address, timeout=30) as client:
+            calls = [asyncio.ensure_future(client.slow("x", reply)) for _ in range(count)]
+            await wait_until(lambda: handler.running == count, 10, "the calls")
+            handler.gate.set()
+            assert await asyncio.gather(*calls) == ["x" * reply] * count
+
+    run(main())

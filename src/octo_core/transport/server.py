@@ -28,6 +28,10 @@ _REFUSED = Throttle(10.0, log)
 _DENIED = Throttle(10.0, log, logging.INFO)
 #: Connections cut for leaving their replies unread while their calls answer on.
 _UNREAD = Throttle(10.0, log)
+#: A peer past its mark of replies unread (see ``_cut_if_unread``) is cut unless it
+#: takes UNREAD_RATE bytes of them every UNREAD_GRACE seconds, until below the mark.
+UNREAD_GRACE = 1.0
+UNREAD_RATE = 64 * 1024
 
 
 class PartialFrames:
@@ -82,8 +86,8 @@ class ServerConnection(FramedProtocol):
     Flow control, so that one peer costs bounded memory: the connection stops
     reading and dispatching while the peer leaves its replies unread (the write
     buffer is over its high-water mark; the calls already running answer on, and
-    past ``pause_reading_bytes`` of replies unread, or two frames' worth, the
-    connection is cut), and while
+    past ``pause_reading_bytes`` of replies unread, or two frames' worth, a peer
+    that does not take them at ``UNREAD_RATE`` is cut), and while
     ``pause_reading_at`` of its calls run, or while its running calls hold
     ``pause_reading_bytes`` of requests (as decoded: compressed frames count
     inflated, and the objects their arguments make count too: the dispatcher
@@ -125,6 +129,7 @@ class ServerConnection(FramedProtocol):
         self._rejected = False   # a bad frame was dispatched: nothing after it is served
         self.unified_peer = False   # it sent a unified frame (it can be told of a close)
         self.told_idle_at: Optional[float] = None   # when it was told of an idle close
+        self._unread_check: Optional[asyncio.TimerHandle] = None   # (see _cut_if_unread)
 
     @property
     def reading_paused(self) -> bool:
@@ -175,16 +180,38 @@ class ServerConnection(FramedProtocol):
         if self._input_ended and not self.in_flight:
             self.loop.call_soon(self._close_when_answered)   # after this call's reply is sent
 
+    def _unread(self) -> int:
+        """Bytes of replies written and not taken by the peer yet."""
+        assert self.transport is not None   # (answering: connected)
+        return self.transport.get_write_buffer_size() + self._out_bytes
+
     def _cut_if_unread(self) -> None:
         """(Its replies unread.) Calls dispatched before the pause answer on, each
         reply maybe far bigger than its request: past ``pause_reading_bytes`` of
-        them unread, or two frames' worth if more, the connection is cut rather
-        than let them pile up here without bound."""
-        assert self.transport is not None   # (answering: connected)
-        unread = self.transport.get_write_buffer_size() + self._out_bytes
-        if unread > max(self._pause_bytes, 2 * self.max_frame_size):
+        them unread, or two frames' worth if more, the peer must take ``UNREAD_RATE``
+        bytes every ``UNREAD_GRACE`` seconds until below it, or is cut. (Not at
+        once: a burst of answers finishing together passes the mark however
+        fast the peer reads.)"""
+        if self._unread_check is None and self._unread() > self._unread_limit():
+            self._unread_check = self.loop.call_later(UNREAD_GRACE, self._cut_if_stuck,
+                                                      self._unread())
+
+    def _unread_limit(self) -> int:
+        return max(self._pause_bytes, 2 * self.max_frame_size)
+
+    def _cut_if_stuck(self, before: int) -> None:
+        """``UNREAD_GRACE`` after ``before`` bytes were found unread: cut a peer that
+        took less than ``UNREAD_RATE`` since (net of the replies added), look
+        again later at one still past the mark."""
+        self._unread_check = None
+        if self.closed or not self._paused & _REPLIES_UNREAD:
+            return
+        unread = self._unread()
+        if before - unread < UNREAD_RATE:
             _UNREAD.log("closing connection %s: %d bytes of replies unread", self.peer, unread)
             self.abort()
+        elif unread > self._unread_limit():
+            self._unread_check = self.loop.call_later(UNREAD_GRACE, self._cut_if_stuck, unread)
 
     def eof_received(self) -> bool:
         """The peer sends no more: answer what it sent, then close (stay half-open)."""
@@ -318,6 +345,8 @@ class ServerConnection(FramedProtocol):
 
     def connection_lost(self, exc: Optional[BaseException]) -> None:
         super().connection_lost(exc)
+        if self._unread_check is not None:
+            self._unread_check.cancel()
         self._backlog.clear()
         self._connections.discard(self)
         if self._partial is not None and self.partial_held:
