@@ -1305,11 +1305,14 @@ class _BigAnswers(GatedHandler):
         return text * delay_ms
 
 
-def test_a_peer_leaving_big_answers_unread_is_cut_off_past_pause_reading_bytes(caplog):
+def test_a_peer_leaving_big_answers_unread_is_cut_off_past_pause_reading_bytes(caplog,
+                                                                               monkeypatch):
     """Calls dispatched before the write buffer filled answer on, each with a reply
-    far bigger than its request: 200 unread replies of 256 KiB held 50 MB here. Past
-    ``pause_reading_bytes`` of them unread (or two frames' worth) the connection is
-    cut; the server serves others on."""
+    far bigger than its request: 200 unread replies of 256 KiB held 50 MB here. A
+    peer that takes none of them past ``pause_reading_bytes`` unread (or two
+    frames' worth) is cut, at once past four times that; the server serves
+    others on."""
+    fresh_throttle(monkeypatch, "_UNREAD", server_conn)   # (logged again, whatever came before)
     handler = _BigAnswers()
     count, reply = 200, 256 * 1024
 
@@ -1333,9 +1336,9 @@ def test_a_peer_leaving_big_answers_unread_is_cut_off_past_pause_reading_bytes(c
 def test_a_peer_reading_a_burst_of_big_answers_as_they_come_is_not_cut():
     """Answers finishing together pass the unread mark however fast their peer
     reads (they are written in one loop pass): one that takes them as they go
-    out gets them all."""
+    out gets them all (here 6 MiB: past the 2 MiB mark, within 4 times it)."""
     handler = _BigAnswers()
-    count, reply = 200, 256 * 1024
+    count, reply = 24, 256 * 1024
 
     async def main():
         async with serving(echo_services(handler), max_frame_size=1 << 20,
@@ -1345,5 +1348,32 @@ def test_a_peer_reading_a_burst_of_big_answers_as_they_come_is_not_cut():
             await wait_until(lambda: handler.running == count, 10, "the calls")
             handler.gate.set()
             assert await asyncio.gather(*calls) == ["x" * reply] * count
+
+    run(main())
+
+
+def test_a_peer_that_takes_none_of_its_answers_is_cut_after_the_grace(caplog, monkeypatch):
+    """Past the unread mark but within four times it, a peer is given
+    ``UNREAD_GRACE`` to take its answers: one that takes none is cut then."""
+    fresh_throttle(monkeypatch, "_UNREAD", server_conn)
+    handler = _BigAnswers()
+    # 25 MiB of answers: the kernel's socket buffers take at most about 10 MiB
+    # (tcp_wmem, tcp_rmem), the rest waits here, past the 8 MiB mark, within 32 MiB
+    count, reply = 100, 256 * 1024
+
+    async def main():
+        async with serving(echo_services(handler), max_frame_size=1 << 20,
+                           pause_reading_bytes=8 << 20) as server:
+            async with raw_connection(server.address) as raw:   # it never reads
+                raw.writer.write(b"".join(unified_request(
+                    "slow", Echo.slow_args(text="x", delay_ms=reply), seq)
+                    for seq in range(count)))
+                await wait_until(lambda: handler.running == count, 10, "the calls")
+                handler.gate.set()
+                [conn] = server._connections
+                await wait_until(lambda: handler.slow_finished == count, 10, "the answers")
+                assert conn._unread_check is not None   # the grace, not a cut at once
+                await wait_until(lambda: not server._connections, 10, "the cut")
+            assert "bytes of replies unread" in caplog.text
 
     run(main())

@@ -29,9 +29,11 @@ _DENIED = Throttle(10.0, log, logging.INFO)
 #: Connections cut for leaving their replies unread while their calls answer on.
 _UNREAD = Throttle(10.0, log)
 #: A peer past its mark of replies unread (see ``_cut_if_unread``) is cut unless it
-#: takes UNREAD_RATE bytes of them every UNREAD_GRACE seconds, until below the mark.
+#: takes UNREAD_RATE bytes of them every UNREAD_GRACE seconds, until below the mark;
+#: past UNREAD_HARD times the mark, at once.
 UNREAD_GRACE = 1.0
 UNREAD_RATE = 64 * 1024
+UNREAD_HARD = 4
 
 
 class PartialFrames:
@@ -87,7 +89,8 @@ class ServerConnection(FramedProtocol):
     reading and dispatching while the peer leaves its replies unread (the write
     buffer is over its high-water mark; the calls already running answer on, and
     past ``pause_reading_bytes`` of replies unread, or two frames' worth, a peer
-    that does not take them at ``UNREAD_RATE`` is cut), and while
+    that does not take them at ``UNREAD_RATE`` is cut, at once past
+    ``UNREAD_HARD`` times that), and while
     ``pause_reading_at`` of its calls run, or while its running calls hold
     ``pause_reading_bytes`` of requests (as decoded: compressed frames count
     inflated, and the objects their arguments make count too: the dispatcher
@@ -188,30 +191,34 @@ class ServerConnection(FramedProtocol):
     def _cut_if_unread(self) -> None:
         """(Its replies unread.) Calls dispatched before the pause answer on, each
         reply maybe far bigger than its request: past ``pause_reading_bytes`` of
-        them unread, or two frames' worth if more, the peer must take ``UNREAD_RATE``
-        bytes every ``UNREAD_GRACE`` seconds until below it, or is cut. (Not at
-        once: a burst of answers finishing together passes the mark however
-        fast the peer reads.)"""
-        if self._unread_check is None and self._unread() > self._unread_limit():
+        them unread, or two frames' worth if more (the mark), the peer must take
+        ``UNREAD_RATE`` bytes every ``UNREAD_GRACE`` seconds until below it, or is
+        cut; past ``UNREAD_HARD`` times the mark it is cut at once. (Not at the
+        mark: a burst of answers finishing together passes it however fast the
+        peer reads.)"""
+        unread, mark = self._unread(), max(self._pause_bytes, 2 * self.max_frame_size)
+        if unread > UNREAD_HARD * mark:
+            self._cut(unread)
+        elif self._unread_check is None and unread > mark:
             self._unread_check = self.loop.call_later(UNREAD_GRACE, self._cut_if_stuck,
-                                                      self._unread())
+                                                      unread, self.sent_bytes)
 
-    def _unread_limit(self) -> int:
-        return max(self._pause_bytes, 2 * self.max_frame_size)
-
-    def _cut_if_stuck(self, before: int) -> None:
-        """``UNREAD_GRACE`` after ``before`` bytes were found unread: cut a peer that
-        took less than ``UNREAD_RATE`` since (net of the replies added), look
-        again later at one still past the mark."""
+    def _cut_if_stuck(self, unread_then: int, sent_then: int) -> None:
+        """``UNREAD_GRACE`` after ``unread_then`` bytes were found unread: cut a peer
+        that took less than ``UNREAD_RATE`` of them and of those sent since; look
+        again later at one that did, while still past the mark."""
         self._unread_check = None
         if self.closed or not self._paused & _REPLIES_UNREAD:
             return
         unread = self._unread()
-        if before - unread < UNREAD_RATE:
-            _UNREAD.log("closing connection %s: %d bytes of replies unread", self.peer, unread)
-            self.abort()
-        elif unread > self._unread_limit():
-            self._unread_check = self.loop.call_later(UNREAD_GRACE, self._cut_if_stuck, unread)
+        if unread_then + (self.sent_bytes - sent_then) - unread < UNREAD_RATE * UNREAD_GRACE:
+            self._cut(unread)
+        else:
+            self._cut_if_unread()
+
+    def _cut(self, unread: int) -> None:
+        _UNREAD.log("closing connection %s: %d bytes of replies unread", self.peer, unread)
+        self.abort()
 
     def eof_received(self) -> bool:
         """The peer sends no more: answer what it sent, then close (stay half-open)."""

@@ -55,7 +55,7 @@ class FramedProtocol(asyncio.Protocol):
     # access however many attributes a subclass adds (CPython's compact
     # instance dicts stop at 30 keys).
     __slots__ = ("transport", "peer", "peer_ip", "_decoder", "max_frame_size", "max_depth",
-                 "_out", "_out_bytes", "_batch_frames", "_flush_scheduled",
+                 "_out", "_out_bytes", "sent_bytes", "_batch_frames", "_flush_scheduled",
                  "_wrote_since_read", "closed",
                  "loop", "last_read", "frame_started", "_linger",
                  "discarding", "__weakref__", "__dict__")
@@ -70,6 +70,7 @@ class FramedProtocol(asyncio.Protocol):
         self.max_depth = max_depth   # the nesting of the messages it reads, and so sends
         self._out: List[bytes] = []
         self._out_bytes = 0    # in _out
+        self.sent_bytes = 0    # every frame ever sent: what the peer took is this less the unsent
         self._batch_frames = FIRST_BATCH_FRAMES   # frames in _out that go out at once
         self._flush_scheduled = False
         # A burst of writes follows a read (the replies it wakes, the calls
@@ -168,6 +169,7 @@ class FramedProtocol(asyncio.Protocol):
         what is left at the end of the loop iteration."""
         if self.closed:
             return
+        self.sent_bytes += len(data)
         if self._flush_scheduled:
             pass
         elif self._wrote_since_read:
