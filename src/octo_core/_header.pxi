@@ -319,9 +319,10 @@ cdef str _r_free_text(_Reader* r):
     """A string a peer writes for people (ResponseInfo.message): bytes that are not
     UTF-8 in it (a C++ peer's GBK, say) come out escaped, failing nothing else
     read with it -- the other calls of the connection."""
+    cdef bint strict = r.strict_text
     r.strict_text = False
     text = _r_string(r, T_STRING)
-    r.strict_text = True
+    r.strict_text = strict
     return text.decode("utf-8", "backslashreplace") if type(text) is bytes else text
 
 

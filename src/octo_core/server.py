@@ -267,7 +267,8 @@ class _Call(Reply):
     def admit(self, service: _Service, method: idl.Method, seqid: int, stats: MethodStats,
               started: float, size: int, head: Optional[_codec.Head],
               deadline: Optional[float]) -> None:
-        self.size = size    # request bytes it holds, its arguments' objects and itself too (flow control)
+        # request bytes it holds, its arguments' objects and itself too (flow control)
+        self.size = size
         self.service = service
         self.method = method
         self.seqid = seqid
@@ -349,8 +350,8 @@ class Server:
     ``max_in_flight`` and ``max_in_flight_per_connection`` (status 3 past them),
     ``max_in_flight_bytes`` (request bytes, as decoded, of every call running
     on the server, and 72 bytes, ``octo_core.server.OBJECT_BYTES``, per object
-    its arguments decoded to, and 2 KiB, ``CALL_BYTES``, per call, 256 MiB by default, None for no limit: status 3 past it,
-    unless nothing else runs; many peers each under their own flow control
+    its arguments decoded to, and 2 KiB, ``CALL_BYTES``, per call; 256 MiB by
+    default, None for no limit: status 3 past it, unless nothing else runs; many peers each under their own flow control
     cannot add up to more),
     ``pause_reading_at`` and ``pause_reading_bytes`` (calls running on one
     connection, and request bytes they hold, counted so, at which the server

@@ -231,8 +231,9 @@ class ServerConnection(FramedProtocol):
             self.close()
 
     def _frames_held(self) -> bool:
-        """Whole frames the decoder kept back past a batch, still to be served (a
-        peer that half-closed after sending them gets their answers too)."""
+        """Whole frames the decoder kept back past a batch, still to be served. (A
+        close waits for them too. Defensive: reading is paused while there are
+        any, so no EOF is seen before they are served.)"""
         return self._decoder.more and self._decoder.error is None \
             and not (self._rejected or self.discarding or self.closed)
 
