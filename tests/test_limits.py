@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import ssl
 import time
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import pytest
 from thriftpy2.thrift import TApplicationException
@@ -1305,6 +1305,15 @@ class _BigAnswers(GatedHandler):
         return text * delay_ms
 
 
+async def _call_for_answers_unread(raw: Any, handler: "_BigAnswers", count: int,
+                                   reply: int) -> None:
+    """``count`` calls for answers of ``reply`` bytes on ``raw``, all running, then let go."""
+    raw.writer.write(b"".join(unified_request(
+        "slow", Echo.slow_args(text="x", delay_ms=reply), seq) for seq in range(count)))
+    await wait_until(lambda: handler.running == count, 10, "the calls")
+    handler.gate.set()
+
+
 def test_a_peer_leaving_big_answers_unread_is_cut_off_past_pause_reading_bytes(caplog,
                                                                                monkeypatch):
     """Calls dispatched before the write buffer filled answer on, each with a reply
@@ -1320,11 +1329,7 @@ def test_a_peer_leaving_big_answers_unread_is_cut_off_past_pause_reading_bytes(c
         async with serving(echo_services(handler), max_frame_size=1 << 20,
                            pause_reading_bytes=1 << 20) as server:
             async with raw_connection(server.address) as raw:   # it never reads
-                raw.writer.write(b"".join(unified_request(
-                    "slow", Echo.slow_args(text="x", delay_ms=reply), seq)
-                    for seq in range(count)))
-                await wait_until(lambda: handler.running == count, 10, "the calls")
-                handler.gate.set()
+                await _call_for_answers_unread(raw, handler, count, reply)
                 await wait_until(lambda: not server._connections, 10, "the cut")
             assert "bytes of replies unread" in caplog.text
             async with echo_client(server.address) as client:
@@ -1365,11 +1370,7 @@ def test_a_peer_that_takes_none_of_its_answers_is_cut_after_the_grace(caplog, mo
         async with serving(echo_services(handler), max_frame_size=1 << 20,
                            pause_reading_bytes=8 << 20) as server:
             async with raw_connection(server.address) as raw:   # it never reads
-                raw.writer.write(b"".join(unified_request(
-                    "slow", Echo.slow_args(text="x", delay_ms=reply), seq)
-                    for seq in range(count)))
-                await wait_until(lambda: handler.running == count, 10, "the calls")
-                handler.gate.set()
+                await _call_for_answers_unread(raw, handler, count, reply)
                 [conn] = server._connections
                 await wait_until(lambda: handler.slow_finished == count, 10, "the answers")
                 assert conn._unread_check is not None   # the grace, not a cut at once

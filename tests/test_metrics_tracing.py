@@ -719,6 +719,16 @@ def test_a_failing_span_hook_does_not_break_calls(side, where):
     run(main())
 
 
+async def _http_get(port: int, path: str) -> Tuple[bytes, str]:
+    """GET ``path`` from the metrics endpoint: its status line and body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    data = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head.split(b"\r\n", 1)[0], body.decode()
+
+
 def test_prometheus_endpoint_serves_the_metrics_over_http():
     # Server(metrics_port=0) serves prometheus_text at /metrics; other paths are 404
     async def main():
@@ -726,13 +736,8 @@ def test_prometheus_endpoint_serves_the_metrics_over_http():
                 async_client(Echo, server.address) as client:
             assert await client.echo("counted") == "counted"
 
-            async def get(path):
-                reader, writer = await asyncio.open_connection("127.0.0.1", server.metrics_port)
-                writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-                data = await asyncio.wait_for(reader.read(), 5)
-                writer.close()
-                head, _, body = data.partition(b"\r\n\r\n")
-                return head.split(b"\r\n", 1)[0], body.decode()
+            def get(path):
+                return _http_get(server.metrics_port, path)
 
             status, body = await get("/metrics")
             assert status == b"HTTP/1.1 200 OK"
@@ -766,13 +771,8 @@ def test_health_endpoint_says_alive_then_stopping_from_the_moment_a_stop_begins(
         handler.go = asyncio.Event()
         async with serving(echo_services(handler), metrics_port=0) as server, \
                 async_client(Echo, server.address) as client:
-            async def get(path):
-                reader, writer = await asyncio.open_connection("127.0.0.1", server.metrics_port)
-                writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-                data = await asyncio.wait_for(reader.read(), 5)
-                writer.close()
-                head, _, body = data.partition(b"\r\n\r\n")
-                return head.split(b"\r\n", 1)[0], body.decode()
+            def get(path):
+                return _http_get(server.metrics_port, path)
 
             assert await get("/health") == (b"HTTP/1.1 200 OK", "ALIVE\n")
             held = asyncio.ensure_future(client.slow("held", 0))
