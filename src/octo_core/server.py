@@ -351,8 +351,8 @@ class Server:
     ``max_in_flight_bytes`` (request bytes, as decoded, of every call running
     on the server, and 72 bytes, ``octo_core.server.OBJECT_BYTES``, per object
     its arguments decoded to, and 2 KiB, ``CALL_BYTES``, per call; 256 MiB by
-    default, None for no limit: status 3 past it, unless nothing else runs; many peers each under their own flow control
-    cannot add up to more),
+    default, None for no limit: status 3 past it, unless nothing else runs;
+    many peers each under their own flow control cannot add up to more),
     ``pause_reading_at`` and ``pause_reading_bytes`` (calls running on one
     connection, and request bytes they hold, counted so, at which the server
     stops reading it until both are down to half: flow control, no refusal;
