@@ -1307,9 +1307,14 @@ class Server:
                 return Status.APPLICATION_EXCEPTION
         return _SUCCESS
 
+    def _told_status(self) -> NodeStatus:
+        """The status heartbeats and ``/health`` tell: STOPPING from the moment a
+        stop begins (the registry is told first, while calls are still served)."""
+        return NodeStatus.STOPPING if self._leaving else self.status
+
     def _health(self) -> Tuple[bool, str]:
         """What ``/health`` says: serving, and the status heartbeats tell."""
-        status = NodeStatus.STOPPING if self._leaving else NodeStatus(self.status)
+        status = self._told_status()
         return status == NodeStatus.ALIVE, status.name
 
     def _heartbeat(self, reply: Reply, message_type: int) -> None:
@@ -1326,7 +1331,7 @@ class Server:
         from the moment it starts to leave."""
         beat = protocol.HeartbeatInfo(appkey=self.appkey, sendTime=int(time.time() * 1000),
                                       loadInfo=load,
-                                      status=int(NodeStatus.STOPPING if self._leaving else self.status))
+                                      status=int(self._told_status()))
         header = protocol.response_header(sequence_id, 0, message_type=message_type,
                                           heartbeat=beat)
         return protocol.encode_unified(header, b"", flags)
