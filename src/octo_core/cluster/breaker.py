@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import inspect
 import math
 import random
 import time
@@ -172,10 +173,10 @@ class CircuitBreaker:
                 self._on_change(self)
 
 
-#: The options ``AsyncClient(breaker={...})`` may give each node's ``CircuitBreaker``
-#: (``on_change`` is the cluster's own).
-BREAKER_OPTIONS = ("consecutive_failures", "error_rate", "min_calls", "window", "backoff_min",
-                   "backoff_max", "clock")
+#: The options ``AsyncClient(breaker={...})`` may give each node's ``CircuitBreaker``:
+#: its own keywords, but ``on_change`` (the cluster's own).
+BREAKER_OPTIONS = tuple(name for name in inspect.signature(CircuitBreaker).parameters
+                        if name != "on_change")
 
 
 def breaker_options(options: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
