@@ -112,11 +112,13 @@ class LeastRequestRef(WeightedRandomRef):
 
 
 class SmoothRoundRobinRef:
-    """nginx's smooth weighted round robin, as its loop does it: O(n) per pick."""
+    """nginx's smooth weighted round robin, as its loop does it: O(n) per pick, the
+    nodes visited from ``start`` (modulo their count) on."""
 
-    def __init__(self, weights: Sequence[float]) -> None:
+    def __init__(self, weights: Sequence[float], start: int = 0) -> None:
         self.w: List[int] = []
         self.current: List[int] = []
+        self.start = start
         self.update(weights)
 
     def update(self, weights: Sequence[float], previous: Optional[Sequence[int]] = None) -> None:
@@ -127,8 +129,9 @@ class SmoothRoundRobinRef:
 
     def pick(self, exclude: Optional[Iterable[int]] = None) -> int:
         skip = set(exclude or ())
-        best, total = -1, 0
-        for i, w in enumerate(self.w):
+        best, total, n = -1, 0, len(self.w)
+        for i in [(self.start + k) % n for k in range(n)]:
+            w = self.w[i]
             if w == 0 or i in skip:
                 continue
             self.current[i] += w

@@ -230,7 +230,7 @@ def test_least_request_counts_survive_update() -> None:
 # --- smooth weighted round robin --------------------------------------------------------
 
 def test_round_robin_5_1_1() -> None:
-    lb = _lb.RoundRobin([5, 1, 1])
+    lb = _lb.RoundRobin([5, 1, 1], start=0)
     assert "".join("ABC"[lb.pick()] for _ in range(21)) == "AABACAA" * 3
     with pytest.raises(TypeError):
         lb.pick(exclude=[None])
@@ -238,8 +238,30 @@ def test_round_robin_5_1_1() -> None:
 
 
 def test_round_robin_equal_weights_take_turns() -> None:
-    lb = _lb.RoundRobin([10] * 7)
+    lb = _lb.RoundRobin([10] * 7, start=0)
     assert [lb.pick() for _ in range(21)] == list(range(7)) * 3
+    lb = _lb.RoundRobin([10] * 7, start=12)     # counted modulo the 7 nodes
+    assert [lb.pick() for _ in range(14)] == [5, 6, 0, 1, 2, 3, 4] * 2
+
+
+def test_round_robin_clients_start_apart() -> None:
+    """Without ``start``, each balancer begins its turns at a node of its own: clients
+    that start together do not all call node 0 first and walk the nodes in step."""
+    firsts = {_lb.RoundRobin([1] * 10).pick() for _ in range(60)}
+    assert len(firsts) > 1      # all 60 at one node: odds of 10**-59 if drawn at random
+    lb = _lb.RoundRobin([1] * 10)
+    first = lb.pick()
+    assert [lb.pick() for _ in range(9)] == [(first + k) % 10 for k in range(1, 10)]
+    seeded = [_lb.RoundRobin([3, 1, 2, 1, 1, 2, 1, 1, 1, 1]) for _ in range(2)]
+    seeded[0].pick()
+    for lb in seeded:
+        lb.seed(7)          # the turns begin anew, a drawn start drawn again: reproducible
+    assert [seeded[0].pick() for _ in range(10)] == [seeded[1].pick() for _ in range(10)]
+    given = _lb.RoundRobin([1] * 10, start=4)
+    given.seed(7)           # a given start stays
+    assert given.pick() == 4
+    with pytest.raises(ValueError):
+        _lb.RoundRobin([1, 1], start=-1)
 
 
 def test_round_robin_matches_nginx_loop() -> None:
@@ -247,7 +269,8 @@ def test_round_robin_matches_nginx_loop() -> None:
     for _ in range(40):
         n = rng.randint(1, 33)
         weights = [rng.choice([0, 1, 1, 2, 3, 5, 8, 13, 0.25, 2.5]) for _ in range(n)]
-        lb, model = _lb.RoundRobin(weights), ref.SmoothRoundRobinRef(weights)
+        start = rng.randrange(2 * n)
+        lb, model = _lb.RoundRobin(weights, start), ref.SmoothRoundRobinRef(weights, start)
         for _ in range(1500):
             exclude = set(rng.sample(range(n), rng.randint(1, n))) if rng.random() < 0.2 else None
             assert lb.pick(exclude) == model.pick(exclude)
@@ -256,7 +279,7 @@ def test_round_robin_matches_nginx_loop() -> None:
 def test_round_robin_keeps_its_place_across_updates() -> None:
     rng = random.Random(5)
     weights = [3, 1, 4, 1, 5]
-    lb, model = _lb.RoundRobin(weights), ref.SmoothRoundRobinRef(weights)
+    lb, model = _lb.RoundRobin(weights, 3), ref.SmoothRoundRobinRef(weights, 3)
     for _ in range(30):
         for _ in range(rng.randint(0, 40)):
             assert lb.pick() == model.pick()
@@ -272,7 +295,7 @@ def test_round_robin_keeps_its_place_across_updates() -> None:
 def test_round_robin_long_run() -> None:
     """Past the rebase of its lines (every 2^16 picks) it still matches nginx."""
     weights = [7, 3, 0, 11, 2, 2, 5]
-    lb, model = _lb.RoundRobin(weights), ref.SmoothRoundRobinRef(weights)
+    lb, model = _lb.RoundRobin(weights, 0), ref.SmoothRoundRobinRef(weights)
     for step in range(140_000):
         exclude = {step % 5} if step % 17 == 0 else None
         assert lb.pick(exclude) == model.pick(exclude)
@@ -752,7 +775,7 @@ def test_face_feedback_follows_node_keys_across_updates() -> None:
 
 def test_face_round_robin_is_smooth_over_nodes() -> None:
     nodes = make_nodes(3)
-    balancer = make_balancer("roundrobin")
+    balancer = make_balancer("roundrobin", start=0)
     balancer.update(nodes, [5, 1, 1])
     letters = {nodes[0].key: "A", nodes[1].key: "B", nodes[2].key: "C"}
     assert "".join(letters[balancer.select().key] for _ in range(7)) == "AABACAA"

@@ -48,6 +48,12 @@ cdef class RoundRobin(_Picker):
     cdef Py_ssize_t _m        # leaves: a power of two >= _n
     cdef int64_t _t
     cdef int64_t _total
+    cdef Py_ssize_t _start    # the tie order begins at node _start % n (see the class)
+    cdef Py_ssize_t _first    # ... that is, at this node
+    cdef bint _drawn          # _start was drawn from the PRNG (not given)
+
+    cdef bint _earlier(self, Py_ssize_t a, Py_ssize_t b) noexcept
+    cdef void _draw_start(self) noexcept
 
     cdef bint _ahead(self, Py_ssize_t a, Py_ssize_t b, int64_t t) noexcept
     cdef int64_t _overtake(self, Py_ssize_t x, Py_ssize_t y, int64_t t) noexcept

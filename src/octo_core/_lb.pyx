@@ -427,7 +427,11 @@ cdef class RoundRobin(_Picker):
 
     nginx, on each pick, adds every node's weight to its ``current``, takes the node
     with the largest ``current`` (the first one on a tie) and subtracts the total
-    weight from it: O(n) per pick. After ``t`` picks, ``current_i = c_i + t * w_i``,
+    weight from it: O(n) per pick. "First" here is index order rotated to begin at
+    node ``start`` (modulo the node count): nginx's sequence over the nodes listed
+    from ``start`` on. ``start=None`` (the default) draws it at random, so clients
+    that start together do not all send their first calls to node 0 and walk the
+    nodes in step; ``start=0`` is nginx's own order. After ``t`` picks, ``current_i = c_i + t * w_i``,
     a line in ``t`` whose intercept ``c_i`` moves only when ``i`` is picked. So the
     pick is the top line at ``t``, kept here by a kinetic tournament tree: every
     internal node holds the node ahead in its subtree and the first time that can
@@ -440,8 +444,29 @@ cdef class RoundRobin(_Picker):
     peer's effective weight changes.
     """
 
-    def __init__(self, weights=()):
+    def __init__(self, weights=(), start=None):
+        self._drawn = start is None
+        if self._drawn:
+            self._draw_start()
+        elif start < 0:
+            raise ValueError(f"start must be >= 0, not {start}")
+        else:
+            self._start = start
         self.update(weights)
+
+    def seed(self, seed: int) -> None:
+        """Restart the PRNG from ``seed`` and the turns from the beginning (every
+        ``current`` 0); a ``start`` that was drawn is drawn again from the PRNG."""
+        _Picker.seed(self, seed)
+        if self._drawn:
+            self._draw_start()
+            self._first = self._start % self._n if self._n else 0
+        memset(self._c, 0, self._m * sizeof(int64_t))
+        self._t = 0
+        self._build()
+
+    cdef void _draw_start(self) noexcept:
+        self._start = <Py_ssize_t>(_next(&self._rng) >> 2)
 
     def __dealloc__(self):
         PyMem_Free(self._w)
@@ -492,6 +517,7 @@ cdef class RoundRobin(_Picker):
         PyMem_Free(self._fail)
         self._w, self._c, self._on, self._win, self._fail = w, c, on, win, fail
         self._n, self._m, self._total, self._t = n, m, total, 0
+        self._first = self._start % n if n else 0
         self._build()
 
     cdef Py_ssize_t _pick(self, object exclude) except? -2:
@@ -538,7 +564,13 @@ cdef class RoundRobin(_Picker):
         if not self._on[a]:
             return False
         cdef int64_t va = self._c[a] + t * self._w[a], vb = self._c[b] + t * self._w[b]
-        return va > vb or (va == vb and a < b)
+        return va > vb or (va == vb and self._earlier(a, b))
+
+    cdef inline bint _earlier(self, Py_ssize_t a, Py_ssize_t b) noexcept:
+        """Whether ``a`` wins a tie with ``b``: index order, rotated to begin at ``_first``."""
+        if (a >= self._first) == (b >= self._first):
+            return a < b
+        return a >= self._first
 
     cdef int64_t _overtake(self, Py_ssize_t x, Py_ssize_t y, int64_t t) noexcept:
         """The first time after ``t`` at which ``y`` comes before ``x`` (``x`` is ahead at ``t``)."""
@@ -548,7 +580,7 @@ cdef class RoundRobin(_Picker):
         cdef int64_t rate = self._w[y] - self._w[x]
         # y closes the gap by `rate` per pick; equal currents go to the lower index.
         cdef int64_t steps = gap // rate + 1
-        if y < x and gap % rate == 0:
+        if gap % rate == 0 and self._earlier(y, x):
             steps -= 1
         return t + steps
 
