@@ -1297,6 +1297,42 @@ def test_frames_inflating_past_a_batch_take_turns_with_other_connections(monkeyp
     assert len(set(handler.seen)) == count     # one a loop pass, not all in one
 
 
+def test_many_peers_each_sending_one_frame_that_inflates_a_lot_take_turns(monkeypatch):
+    """What all of a server's connections inflate in one loop pass is bounded
+    (``READ_BATCH``, shared): peers that each send one compression bomb are
+    inflated a pass or more apart, not all in the pass that read them, and each
+    is answered."""
+    monkeypatch.setattr(server_module, "READ_BATCH", 3000)   # one 2,500-byte request a pass
+    handler = _PassCounting()
+    count = 6
+
+    async def main():
+        loop = asyncio.get_running_loop()
+
+        def tick() -> None:
+            handler.passes[0] += 1
+            ticking[0] = loop.call_soon(tick)
+        ticking = [loop.call_soon(tick)]
+        gzip = protocol.DEFAULT_FLAGS | protocol.FLAG_GZIP
+        try:
+            async with serving(echo_services(handler)) as server, \
+                    contextlib.AsyncExitStack() as stack:
+                peers = [await stack.enter_async_context(raw_connection(server.address))
+                         for _ in range(count)]
+                for seq, raw in enumerate(peers):
+                    raw.writer.write(unified_request(
+                        "echo", Echo.echo_args(text=f"{seq}" + "x" * 2500), seq, flags=gzip))
+                for seq, raw in enumerate(peers):
+                    [frame] = await raw.read_frames(1)
+                    assert frame.head.sequence_id == seq and frame.head.status == 0
+        finally:
+            ticking[0].cancel()
+
+    run(main())
+    assert len(handler.seen) == count
+    assert len(set(handler.seen)) == count     # one a loop pass, not all in one
+
+
 class _BigAnswers(GatedHandler):
     """``slow`` answers, at the gate, with ``size`` times its text."""
 

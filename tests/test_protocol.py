@@ -15,6 +15,7 @@ import struct
 import sys
 import tracemalloc
 import zlib
+from typing import Any, List
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -921,6 +922,61 @@ def test_a_gzip_frame_that_lies_about_its_size_breaks_the_stream():
     decoder = FrameDecoder(max_batch=100_000)
     assert len(decoder.feed(small + liar)) == 1
     assert isinstance(decoder.error, ProtocolError) and "gzip" in str(decoder.error)
+
+
+def _sharing(budget: "_codec.InflateBudget", count: int) -> List[FrameDecoder]:
+    decoders = [FrameDecoder() for _ in range(count)]
+    for decoder in decoders:
+        decoder.budget = budget
+    return decoders
+
+
+def test_readers_sharing_an_inflate_budget_inflate_about_that_much_a_loop_pass():
+    """A server's connections share one budget: many peers each sending one
+    frame that inflates a lot are not all inflated in one pass; a frame held
+    back waits compressed, with ``more`` set, for the refill (the next pass)."""
+    header = protocol.request_header("Echo", 1, 1000)
+    gzip_flags = protocol.DEFAULT_FLAGS | protocol.FLAG_GZIP
+    frame = protocol.encode_unified(header, b"\x00" * 80_000, gzip_flags)
+    passes: List[Any] = []
+    budget = _codec.InflateBudget(100_000, passes.append)
+    a, b, c = _sharing(budget, 3)
+    assert len(a.feed(frame)) == 1 and not a.more
+    assert len(passes) == 1                       # the refill, due at the next pass
+    assert b.feed(frame) == [] and b.more and b.buffered == len(frame)
+    plain = protocol.encode_unified(header, echo_body())
+    assert len(c.feed(plain)) == 1 and not c.more  # uncompressed frames do not wait
+    passes.pop()()                                 # the next pass
+    assert budget.used == 0
+    [inflated] = b.feed(b"")
+    assert len(inflated.body) == 80_000 and not b.more and b.buffered == 0
+
+
+def test_the_first_compressed_frame_of_a_pass_is_inflated_whatever_its_size():
+    header = protocol.request_header("Echo", 1, 1000)
+    big = protocol.encode_unified(header, b"\x00" * 300_000,
+                                  protocol.DEFAULT_FLAGS | protocol.FLAG_GZIP)
+    budget = _codec.InflateBudget(100_000, lambda refill: None)
+    [decoder] = _sharing(budget, 1)
+    [frame] = decoder.feed(big + big)
+    assert len(frame.body) == 300_000 and decoder.more   # the second waits for a pass
+    assert budget.used > budget.per_pass
+
+
+def test_an_inflating_that_fails_is_charged_a_whole_frame():
+    """A liar's ISIZE gets its frame inflated; what it cost is charged as the most it
+    could have been, so liars on other connections wait for the next pass."""
+    header = protocol.request_header("Echo", 1, 1000)
+    head = codec.encode(header)
+    payload = bytearray(protocol.compress(FLAG_GZIP, head + b"\x00" * 200_000))
+    payload[-4:] = struct.pack("<I", 10)
+    liar = _codec.encode_frame(0x01 | FLAG_GZIP, len(head), bytes(payload))
+    budget = _codec.InflateBudget(1_000_000, lambda refill: None)
+    first, second = _sharing(budget, 2)
+    with pytest.raises(ProtocolError, match="gzip"):
+        first.feed(liar)
+    assert budget.used >= first.max_frame_size
+    assert second.feed(liar) == [] and second.more
 
 
 # --- fuzz ---------------------------------------------------------------------------

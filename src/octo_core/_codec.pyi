@@ -46,12 +46,18 @@ def encode_framed_message(name: str, msg_type: int, seqid: int, obj: Any, *,
 def encode_unified_message(flags: int, header: Any, name: str, msg_type: int, seqid: int,
                            obj: Any) -> bytes: ...
 
+class InflateBudget:
+    per_pass: int
+    used: int
+    def __init__(self, per_pass: int, call_soon: Callable[[Callable[[], None]], Any]) -> None: ...
+
 class FrameReader:
     max_frame_size: int
     consumed: int
     max_batch: int
     more: bool
     error: Optional[ProtocolError]
+    budget: Optional[InflateBudget]
     def __init__(self, max_frame_size: int = ..., frame_cls: Optional[type] = ...,
                  decompress: Optional[Callable[[int, bytes, int], Buffer]] = ...,
                  limits: Optional[Limits] = ..., max_batch: int = ...) -> None: ...

@@ -11,6 +11,7 @@ end (no final copy). Decoding checks every length against the bytes that are
 left and against the caller's ``Limits`` before it allocates anything, and
 builds objects without calling the generated ``__init__``.
 """
+cimport cython
 from cpython.object cimport PyObject, PyTypeObject
 from cpython.type cimport PyType_Check
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE

@@ -227,6 +227,46 @@ cdef Py_ssize_t _declared_inflated(const unsigned char* p, Py_ssize_t n, int fla
     return p[n - 4] | (p[n - 3] << 8) | (p[n - 2] << 16) | (<Py_ssize_t>p[n - 1] << 24)
 
 
+@cython.final
+cdef class InflateBudget:
+    """What the frame readers sharing it (a server's connections) may inflate in
+    one pass of their event loop, ``per_pass`` bytes.
+
+    Each reader's own batch (``max_batch``) bounds one connection's read; this
+    bounds them all together: many peers, each sending one compressed frame
+    that inflates a lot, would otherwise be inflated one after the other in the
+    same pass, with every other connection waiting. Once the pass has
+    inflated ``per_pass``, a compressed frame waits, still compressed (its
+    reader sets ``more``), for a pass with room; the first compressed frame of
+    a pass is inflated whatever its size, so every pass makes progress. The
+    budget is whole again at the start of the next pass (``call_soon``, the
+    loop's, runs the refill). A frame whose inflating fails is charged
+    ``max_frame_size``: it may have inflated that much before it was found out.
+    """
+    cdef readonly Py_ssize_t per_pass
+    cdef readonly Py_ssize_t used        # inflated in this pass
+    cdef object _call_soon
+
+    def __init__(self, Py_ssize_t per_pass, call_soon):
+        if per_pass < 1:
+            raise ValueError("per_pass must be at least 1 byte")
+        self.per_pass = per_pass
+        self._call_soon = call_soon
+
+    cdef inline bint admits(self, Py_ssize_t size) noexcept:
+        return self.used == 0 or size <= self.per_pass - self.used
+
+    cdef int charge(self, Py_ssize_t size) except -1:
+        if self.used == 0:
+            self._call_soon(self._refill)
+        self.used += size if size > 0 else 1
+        if self.used < 0:       # PY_SSIZE_T_MAX for a frame that declares nothing
+            self.used = PY_SSIZE_T_MAX
+
+    def _refill(self):
+        self.used = 0
+
+
 cdef class FrameReader:
     """Cuts a byte stream into frames, sans-IO: ``feed(data)`` returns the complete ones.
 
@@ -247,6 +287,8 @@ cdef class FrameReader:
     compressed frames so never inflates into more memory than its reader is
     ready for, nor does a batch whose reader stops partway (flow control) hold
     more than that inflated. Without it, every whole frame comes out at once.
+    A ``budget`` (an ``InflateBudget``, shared) may hold back compressed frames
+    too, ``more`` set the same way.
 
     With ``frame_cls`` the frames come out finished instead, as
     ``frame_cls(flags, head, body)`` tuples: a unified payload is decompressed
@@ -260,6 +302,7 @@ cdef class FrameReader:
     cdef readonly Py_ssize_t max_batch
     cdef readonly bint more              # the last feed stopped at max_batch
     cdef readonly object error           # the ProtocolError that broke the stream
+    cdef public InflateBudget budget     # shared with other readers, or None
     cdef bint _broken
     cdef object _frame_cls
     cdef object _decompress
@@ -326,8 +369,10 @@ cdef class FrameReader:
             raise
 
     cdef Py_ssize_t _parse(self, const unsigned char* p, Py_ssize_t n, list frames) except -1:
-        cdef Py_ssize_t pos = 0, total = 0, header_length, trailer, handed = 0
+        cdef Py_ssize_t pos = 0, total = 0, header_length, trailer, handed = 0, declared = 0
         cdef int flags
+        cdef bint inflating
+        cdef InflateBudget budget = self.budget
         cdef uint32_t want
         while n - pos >= 4:
             if handed >= self.max_batch:
@@ -346,13 +391,17 @@ cdef class FrameReader:
                                f"{self.max_frame_size}", pos)
                 if n - pos < total + 8:
                     break
-                if frames and flags & 0x60 and self._frame_cls is not None \
-                        and self.max_batch != PY_SSIZE_T_MAX and _declared_inflated(
-                            p + pos + PREFIX, total - 2 - trailer, flags) > self.max_batch - handed:
-                    # Inflated as the next batch's first frame instead: the rest of a
-                    # batch that flow control stops partway waits as it came, compressed.
-                    self.more = True
-                    break
+                inflating = flags & 0x60 and self._frame_cls is not None
+                if inflating:
+                    declared = _declared_inflated(p + pos + PREFIX, total - 2 - trailer, flags)
+                    if (frames and self.max_batch != PY_SSIZE_T_MAX
+                            and declared > self.max_batch - handed) or (
+                                budget is not None and not budget.admits(declared)):
+                        # Inflated as the next batch's first frame instead (in a pass with
+                        # room): the rest of a batch that flow control stops partway waits
+                        # as it came, compressed.
+                        self.more = True
+                        break
                 header_length = <int16_t>((p[pos + 8] << 8) | p[pos + 9])
                 if header_length < 0:
                     self._fail(f"negative header_length {header_length}", pos)
@@ -365,6 +414,14 @@ cdef class FrameReader:
                                                         total - 2 - trailer)
                     frames.append((flags, header_length, payload))
                     handed += total
+                elif inflating and budget is not None:
+                    budget.charge(declared)
+                    try:
+                        handed += self._unified(p + pos + PREFIX, total - 2 - trailer, flags,
+                                                header_length, frames)
+                    except BaseException:
+                        budget.charge(self.max_frame_size)
+                        raise
                 else:
                     handed += self._unified(p + pos + PREFIX, total - 2 - trailer, flags,
                                             header_length, frames)

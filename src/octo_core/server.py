@@ -43,7 +43,7 @@ from octo_core.transport.address import (Address, Listeners, Listening, default_
 from octo_core.transport.http import bound_port, serve_metrics
 from octo_core.transport.loop import SERVING_LOOPS, LoopThread, new_event_loop, start_task
 from octo_core.transport.server import PartialFrames, ServerConnection
-from octo_core.transport.stream import CLOSE_LINGER
+from octo_core.transport.stream import CLOSE_LINGER, READ_BATCH
 
 log = logging.getLogger("octo_core.server")
 
@@ -598,13 +598,17 @@ class Server:
 
         partial = (None if self.max_partial_bytes is None
                    else PartialFrames(self.max_partial_bytes))
+        # Many peers each sending one compression bomb: one loop pass inflates a
+        # batch's worth, not one frame each, so other connections are served between.
+        inflate = _codec.InflateBudget(READ_BATCH, self._loop.call_soon)
 
         def make_connection() -> ServerConnection:
             return ServerConnection(self._dispatch, self._connections, self.max_frame_size,
                                     max_connections, self.pause_reading_at,
                                     self.pause_reading_bytes, admit=self._admit_peer,
                                     max_depth=self.limits.max_depth if self.limits
-                                    else protocol.DEFAULT_MAX_DEPTH, partial=partial)
+                                    else protocol.DEFAULT_MAX_DEPTH, partial=partial,
+                                    inflate=inflate)
 
         # A TLS handshake comes before any frame and any of the limits on frames:
         # a peer that stalls it may hold its socket this long, no longer.

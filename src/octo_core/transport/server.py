@@ -6,6 +6,7 @@ import collections
 import logging
 from typing import Callable, Deque, List, Optional, Set
 
+from octo_core._codec import InflateBudget
 from octo_core.errors import ProtocolError
 from octo_core.protocol import DEFAULT_MAX_DEPTH, Frame
 from octo_core.throttle import Throttle
@@ -99,7 +100,8 @@ class ServerConnection(FramedProtocol):
     batch that made it pause, in a backlog; nothing is refused for it. A read
     whose frames decode to more than a batch (``READ_BATCH``: compressed frames
     that inflate a lot) is served a batch a loop pass, so other connections
-    are served between its batches.
+    are served between its batches; with ``inflate`` (the server's), what all
+    its connections inflate in one loop pass is bounded too.
 
     A peer that shuts its sending side (half-close, as ``nc -N`` and many
     scripted clients do) still gets the answers to what it sent: the
@@ -113,8 +115,10 @@ class ServerConnection(FramedProtocol):
                  pause_reading_bytes: int = 64 * 1024 * 1024,
                  admit: Optional[Callable[[Optional[str]], Optional[str]]] = None,
                  max_depth: int = DEFAULT_MAX_DEPTH,
-                 partial: Optional[PartialFrames] = None) -> None:
+                 partial: Optional[PartialFrames] = None,
+                 inflate: Optional[InflateBudget] = None) -> None:
         super().__init__(max_frame_size, max_depth)
+        self._decoder.budget = inflate
         self._dispatch = dispatch
         self._partial = partial
         self.partial_held = 0   # what the decoder held when last counted in _partial
@@ -332,9 +336,15 @@ class ServerConnection(FramedProtocol):
 
     def frames_received(self, frames: List[Frame]) -> None:
         self._take(frames)
-        if self._decoder.more and not self._paused and not self.closed:
+        if self._decoder.more:
             # Inflating the rest may take long (a peer's compression bombs): other
-            # connections are served first. (Reading waits too: nothing piles up.)
+            # connections are served first.
+            self.frames_deferred()
+
+    def frames_deferred(self) -> None:
+        """The decoder holds whole frames back: serve them on the next loop pass
+        (reading waits too: nothing piles up)."""
+        if not self._paused and not self.closed:
             self._pause(_TURN)
             self.loop.call_soon(self._resume, _TURN)
 

@@ -135,6 +135,11 @@ class FramedProtocol(asyncio.Protocol):
                     finally:
                         if not flush_pending:
                             self._flush()
+            elif decoder.more:
+                # Whole frames held back by the budget its reader shares (a server's):
+                # they wait for the next loop pass.
+                self.frames_deferred()
+                return handed
             if decoder.error is not None:
                 self.protocol_error(decoder.error)
                 return handed
@@ -155,6 +160,11 @@ class FramedProtocol(asyncio.Protocol):
         return True
 
     def frames_received(self, frames: List[Frame]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def frames_deferred(self) -> None:  # pragma: no cover - abstract
+        """Whole frames wait in the decoder for a loop pass with room in its
+        ``InflateBudget`` (only readers given one see this)."""
         raise NotImplementedError
 
     def protocol_error(self, exc: ProtocolError) -> None:
