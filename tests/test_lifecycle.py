@@ -370,6 +370,52 @@ def test_a_second_ctrl_c_stops_the_server_at_once_and_its_callers_are_answered(h
         process.wait()
 
 
+#: serve_forever with a coroutine handler that leaves a task running (as an
+#: AsyncClient's heartbeats are): the server is called, then told to stop.
+_LEAVES_A_TASK = """
+import asyncio, os, signal, sys, threading
+sys.path.insert(0, {tests!r})
+import octo_core
+from wire_helpers import SERVER_APPKEY, Echo, EchoHandler
+
+async def forever():
+    try:
+        await asyncio.Event().wait()
+    finally:
+        print("background task ended", flush=True)
+
+class Leaves(EchoHandler):
+    async def slow(self, text, delay_ms):
+        asyncio.get_running_loop().create_task(forever())
+        return text
+
+server = octo_core.Server(SERVER_APPKEY, host="127.0.0.1")
+server.add_service(Echo, Leaves())
+
+def call_then_stop():
+    while server.status.name != "ALIVE":
+        threading.Event().wait(0.01)
+    with octo_core.Client(Echo, appkey="caller", hosts=[server.address]) as client:
+        client.slow("left", 0)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=call_then_stop).start()
+server.serve_forever(grace=5)
+print("serve_forever returned", flush=True)
+"""
+
+
+def test_serve_forever_cancels_the_tasks_left_on_its_loop_before_closing_it():
+    """As asyncio.run does: not left pending for the loop's close to destroy
+    ("Task was destroyed but it is pending!")."""
+    script = _LEAVES_A_TASK.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.splitlines() == ["background task ended", "serve_forever returned"]
+    assert "destroyed but it is pending" not in run.stderr
+
+
 def test_blocking_work_runs_in_place_when_no_thread_may_start(monkeypatch):
     def no_threads(*args):   # what Python 3.12+ says once the interpreter shuts down
         raise RuntimeError("can't create new thread at interpreter shutdown")

@@ -41,7 +41,8 @@ from octo_core.throttle import Throttle
 from octo_core.transport.address import (Address, Listeners, Listening, default_route_ip, listen,
                                         parse_address)
 from octo_core.transport.http import bound_port, serve_metrics
-from octo_core.transport.loop import SERVING_LOOPS, LoopThread, new_event_loop, start_task
+from octo_core.transport.loop import (SERVING_LOOPS, LoopThread, cancel_rest, new_event_loop,
+                                     start_task)
 from octo_core.transport.server import PartialFrames, ServerConnection
 from octo_core.transport.stream import CLOSE_LINGER, READ_BATCH
 
@@ -869,7 +870,11 @@ class Server:
         the rest of the grace, and of ``unregister_delay``, is not waited for (as
         when the grace runs out, coroutine handlers are cancelled and their callers
         told so, calls not started are refused, and the callers of plain functions
-        still running see their connection close)."""
+        still running see their connection close). Tasks still running on the loop
+        once the server has stopped (a handler's background work) are cancelled
+        before it closes, as ``asyncio.run`` does; clients the handlers call
+        through are the service's own to close: with an ``AsyncClient`` to
+        close, run ``start``, a signal handler and ``stop`` on a loop of your own."""
         loop = new_event_loop()
 
         async def main() -> None:
@@ -890,6 +895,10 @@ class Server:
         try:
             loop.run_until_complete(main())
         finally:
+            # as asyncio.run and ``with server`` do: what the service left running
+            # (an AsyncClient's heartbeats, a handler's background task) is
+            # cancelled, not destroyed pending by the close
+            loop.run_until_complete(cancel_rest())
             loop.close()
 
     def __enter__(self) -> "Server":

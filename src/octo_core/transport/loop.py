@@ -71,7 +71,7 @@ class LoopThread:
         self.loop.call_soon(self._ready.set)
         try:
             self.loop.run_forever()
-            self.loop.run_until_complete(_cancel_rest())
+            self.loop.run_until_complete(cancel_rest())
         finally:
             # However the loop ended, submit() now refuses work, and what was queued
             # never starts. A submit() that queues after this snapshot reads
@@ -124,7 +124,7 @@ class LoopThread:
         make = self._queued.pop(future, None)
         if make is None:          # refused meanwhile
             return
-        if self._stopping or future.cancelled():   # (a task now would miss _cancel_rest)
+        if self._stopping or future.cancelled():   # (a task now would miss cancel_rest)
             self._never_started(future, make)
             return
         try:
@@ -293,8 +293,9 @@ def _given(coro: Coroutine[Any, Any, Any]) -> Coroutine[Any, Any, Any]:
     return coro
 
 
-async def _cancel_rest() -> None:
-    """Cancel every task left on the stopped loop; wait a bounded time for them to end."""
+async def cancel_rest() -> None:
+    """Cancel every task left on a stopped loop; wait a bounded time for them to end
+    (what ``asyncio.run`` does before it closes its loop)."""
     tasks = asyncio.all_tasks() - {asyncio.current_task()}
     for task in tasks:
         task.cancel()
