@@ -751,6 +751,20 @@ def test_prometheus_endpoint_serves_the_metrics_over_http():
     run(main())
 
 
+def test_the_start_says_where_the_metrics_endpoint_listens(caplog):
+    """With metrics_port=0 under serve_forever, the log line is all that tells the port."""
+    caplog.set_level("INFO", logger="octo_core.server")
+
+    async def main():
+        async with serving(echo_services(), metrics_port=0) as server:
+            url = f"http://127.0.0.1:{server.metrics_port}"
+            assert f"; /metrics and /health on {url}" in caplog.text
+            assert server.address in caplog.text
+            assert (await _http_get(server.metrics_port, "/health"))[1] == "ALIVE\n"
+
+    run(main())
+
+
 class HeldEcho(EchoHandler):
     """``slow`` answers once the test lets it."""
 

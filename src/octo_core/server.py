@@ -403,7 +403,8 @@ class Server:
     ``RegistryTimeout`` when no answer came), leaving nothing behind. With
     ``auth``, a peer on its deny list is refused when it connects.
 
-    Sight: ``stats()``; with ``metrics_port`` (0 picks a free one) the metrics
+    Sight: ``stats()``; with ``metrics_port`` (0 picks a free one: ``metrics_port``
+    holds it once started, and the start's log line names it) the metrics
     are also served as Prometheus text at ``http://host:metrics_port/metrics``,
     and the node's status at ``/health`` (a readiness probe's): ``ALIVE`` with
     200, else with 503 (``STOPPING`` from the moment a stop begins: both stay
@@ -656,7 +657,16 @@ class Server:
         except BaseException:
             await self.stop(grace=0)
             raise
-        log.info("%s serving %s on %s", self.appkey, ", ".join(self._services), self.address)
+        log.info("%s serving %s on %s%s", self.appkey, ", ".join(self._services), self.address,
+                 self._metrics_said())
+
+    def _metrics_said(self) -> str:
+        """Where the start's log line says /metrics and /health are (with ``metrics_port=0``
+        under ``serve_forever``, nothing else tells the port picked)."""
+        if self._metrics_http is None:
+            return ""
+        host = "127.0.0.1" if self.unix_path is not None else self.host
+        return f"; /metrics and /health on http://{Address(host, self.metrics_port)}"
 
     def _admit_peer(self, ip: Optional[str]) -> Optional[str]:
         """Why a peer may not connect at all (the deny list), or None."""
