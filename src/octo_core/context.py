@@ -97,7 +97,14 @@ def caller() -> Optional[Caller]:
     In a handler, and in what it runs (its tasks, its callbacks); None elsewhere.
     The deadline is not passed on to the handler's own calls (a task it leaves
     running would inherit it): a handler that should give up with its caller
-    bounds their ``timeout=`` by ``caller().time_left()``.
+    bounds their ``timeout=`` by ``caller().time_left()``: None without a
+    deadline, below 0 once it passed (a ``timeout=`` of 0 or less is a
+    ``ValueError``: give up before calling then)::
+
+        left = octo_core.context.caller().time_left()
+        if left is not None and left <= 0:
+            raise CallTimeout("the caller's deadline passed")
+        await client.call("load", key, timeout=min(client.timeout, left or client.timeout))
     """
     value = _CARRIED.get()
     return None if type(value) is tuple else value.caller()   # type: ignore[union-attr]
