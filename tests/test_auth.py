@@ -741,8 +741,12 @@ def test_e2e_wrong_token_and_no_token_are_refused():
                 signed_client(server.address) as good:
             error = await expect_status_7(wrong.echo("x"))
             assert "signature" in str(error)
+            # the client says what it signed with: the server cannot tell which is wrong
+            assert f"signed as {CLIENT_APPKEY!r} for remote_appkey {SERVER_APPKEY!r}" \
+                in str(error)
             error = await expect_status_7(unsigned.echo("x"))
             assert "signature" in str(error)
+            assert "this client signs nothing: give it token= and remote_appkey=" in str(error)
             await expect_status_7(unsigned.ping())
             # a refusal does not close the connection: the same clients keep getting answers
             await expect_status_7(wrong.echo("again"))
@@ -760,7 +764,9 @@ def test_e2e_client_signing_for_another_server_appkey_is_refused():
     async def main():
         async with serving(echo_services(), auth=server_auth()) as server, \
                 signed_client(server.address, remote_appkey="com.example.not.this.one") as c:
-            await expect_status_7(c.echo("x"))
+            error = await expect_status_7(c.echo("x"))
+            assert "for remote_appkey 'com.example.not.this.one': is that the server's appkey" \
+                in str(error)
 
     run(main())
 

@@ -608,6 +608,8 @@ class AsyncClient:
             if status not in _STATUSES:   # not an OCTO status (§2): the peer's fault, said as such
                 status, text = Status.REMOTE_EXCEPTION, f"{text} (undefined status {status})"
             error = _ERRORS_BY_STATUS.get(status, RemoteError)
+            if status == Status.SECURITY_EXCEPTION:
+                text += self._signing_hint(text)
             refusal = error(text, status=status, method=method.name, node=node)
             refusal.from_peer = True     # the node's verdict (status 5: on the request)
             raise refusal
@@ -639,6 +641,16 @@ class AsyncClient:
         raise _application_exception(ApplicationError, "the reply carries no result "
                                      "(MISSING_RESULT)", TApplicationException.MISSING_RESULT,
                                      method, node)
+
+    def _signing_hint(self, refusal: str) -> str:
+        """What this client signed with, for a server that refused the signature: the
+        server cannot tell a wrong token from a wrong ``remote_appkey`` (both sign)."""
+        if refusal.startswith("unsigned") and self._signer is None:
+            return " (this client signs nothing: give it token= and remote_appkey=)"
+        if refusal.startswith("bad-signature") and self._signer is not None:
+            return (f" (signed as {self.appkey!r} for remote_appkey {self.remote_appkey!r}: "
+                    "is that the server's appkey, and the token the server holds for this one?)")
+        return ""
 
     async def close(self) -> None:
         """Close every connection; calls still waiting (connecting too) fail with
