@@ -111,7 +111,9 @@ class AsyncClient:
 
     Cluster options: ``lb`` (``random``, ``roundrobin``, ``leastrequest``,
     ``lalb``, ``consistenthash`` with ``hash_arg`` naming the argument to hash, or
-    ``hash_header`` the ``globalContext`` key whose value is hashed),
+    ``hash_header`` the ``globalContext`` key whose value is hashed; a call
+    without that key, a method that has no such argument or a value of None,
+    goes to a random point of the ring),
     ``cluster`` (``failfast``, ``failover``, ``failsafe``, ``forking``,
     ``hedging``), ``retries``, ``forks``, ``hedge_delay``, ``idempotent`` (True,
     or the method names that may be retried after they were sent; forking and
