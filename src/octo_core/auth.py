@@ -199,7 +199,8 @@ class Authenticator:
     ``allow``/``deny``: peer IPs or CIDRs (deny wins; with an allow list, only it
     passes). ``acl``: ``{caller appkey pattern: ["Service.method" patterns]}``
     with ``fnmatch`` wildcards (``Service`` is the name the call names, the one
-    ``add_service`` was given: the IDL service's unless ``name=`` set another); ``None`` lets every authenticated caller in.
+    ``add_service`` was given: the IDL service's unless ``name=`` set another);
+    ``None`` lets every authenticated caller in.
     ``skew``: accepted clock difference in seconds. ``sign_body``: the signature
     must cover the body's SHA-256. ``rejections`` counts refusals by reason.
 
