@@ -654,6 +654,91 @@ def test_a_caller_on_a_unix_socket_has_no_address():
     assert (seen.appkey, seen.address) == (CLIENT_APPKEY, "")
 
 
+class _Relay(EchoHandler):
+    """``echo`` calls ``backend``'s, after its own caller's deadline has passed with
+    ``wait_out``, ``detached()`` with ``detach``; ``outcome`` keeps what that call gave."""
+
+    def __init__(self, backend: str, wait_out: bool = False, detach: bool = False) -> None:
+        super().__init__()
+        self.backend, self.wait_out, self.detach = backend, wait_out, detach
+        self.outcome: Any = None
+        self.done = asyncio.Event()
+
+    async def echo(self, text: str) -> str:
+        try:
+            if self.wait_out:
+                await asyncio.sleep(context.caller().time_left() + 0.05)
+            async with async_client(Echo, self.backend, timeout=30.0) as backend:
+                with context.detached() if self.detach else contextlib.nullcontext():
+                    self.outcome = await backend.echo(text)
+                    return self.outcome
+        except Exception as exc:
+            self.outcome = exc
+            raise
+        finally:
+            self.done.set()
+
+
+def test_a_handlers_calls_end_by_its_callers_deadline():
+    """The deadline passes on: the back end's header carries the time the first
+    caller left (2 s), not the relay's own client's 30 s."""
+    backend = CallerEcho(plain=True)
+
+    async def main() -> None:
+        async with serving(echo_services(backend)) as back:
+            async with serving(echo_services(_Relay(back.address))) as front, \
+                    async_client(Echo, front.address, timeout=2.0) as client:
+                assert await client.echo("hop") == "hop"
+
+    run(main())
+    [(_, seen)] = backend.seen
+    assert seen.deadline is not None and 0 < seen.time_left() <= 2.0
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_a_call_made_once_the_callers_deadline_passed_is_not_sent_unless_detached(detach):
+    backend = CallerEcho(plain=True)
+
+    async def main() -> Any:
+        async with serving(echo_services(backend)) as back:
+            relay = _Relay(back.address, wait_out=True, detach=detach)
+            async with serving(echo_services(relay)) as front, \
+                    async_client(Echo, front.address, timeout=0.2) as client:
+                with pytest.raises(CallTimeout):
+                    await client.echo("late")
+                await asyncio.wait_for(relay.done.wait(), 10)
+        return relay.outcome
+
+    outcome = run(main())
+    if detach:
+        assert outcome == "late" and len(backend.seen) == 1
+        [(_, seen)] = backend.seen
+        assert seen.time_left() > 2.0            # its own client's 30 s, not what was left
+    else:
+        assert isinstance(outcome, CallTimeout) and not outcome.request_sent
+        assert "detached()" in str(outcome)
+        assert backend.seen == []
+
+
+def test_a_handler_whose_inherited_deadline_passed_is_answered_as_timed_out(caplog):
+    """A handler letting out the CallTimeout of a call cut by its own deadline is
+    answered with status 4 (the caller gave up: a timeout, not the handler's bug),
+    and no traceback is logged."""
+    async def main() -> Any:
+        async with serving(echo_services(EchoHandler())) as back:
+            relay = _Relay(back.address, wait_out=True)
+            async with serving(echo_services(relay)) as front, \
+                    raw_connection(front.address) as conn:
+                await conn.send(unified_request("echo", Echo.echo_args(text="x"), 1,
+                                                timeout_ms=200))
+                return await conn.read_frame()
+
+    frame = run(main())
+    assert frame.head.status == Status.TRANSPORT_EXCEPTION
+    assert "deadline passed while it ran" in frame.head.message
+    assert not [r for r in caplog.records if r.exc_info]
+
+
 def test_concurrent_traces_do_not_mix():
     async def main():
         async with serving(echo_services(SpanEcho())) as server, \

@@ -26,7 +26,7 @@ from octo_core.afterfork import tell_forked_children
 from octo_core.auth import Signer
 from octo_core.checks import finite_number, is_finite_number
 from octo_core.codec import Limits, _check_limits
-from octo_core.context import _HOOKS, Span, _carried, _child_of, _span_started
+from octo_core.context import _CARRIED, _HOOKS, Span, _child_of, _span_started
 from octo_core.metrics import Metrics
 from octo_core.errors import (ApplicationError, CallTimeout, ClientClosed, DecodeError,
                               DegradeError, EncodeError, OctoError, ProtocolError, RemoteError,
@@ -349,14 +349,21 @@ class AsyncClient:
         if (threading.get_ident() != self._loop_thread
                 or self._loop.is_closed()):  # type: ignore[union-attr]  # set with _loop_thread
             self._check_caller(method)
+        if timeout is None:
+            timeout = self.timeout
+        carried = _CARRIED.get()
+        if type(carried) is tuple:
+            tags, parent = carried
+        else:   # in a handler: this call ends by the deadline of the one handled
+            tags, parent = carried.carried()   # type: ignore[union-attr]  # (the other kind)
+            if carried.deadline is not None:   # type: ignore[union-attr]
+                timeout = _within(carried.deadline, timeout, method)   # type: ignore[union-attr]
         if self._directory is not None and self._directory.version == 0:
-            timeout = await self._discover(self.timeout if timeout is None else timeout,
-                                           method.name)
+            timeout = await self._discover(timeout, method.name)
         try:
             request = method.args_cls(*args, **kwargs)
         except TypeError as exc:
             raise TypeError(_argument_error(method, args, kwargs, exc)) from None
-        tags, parent = _carried()
         key = (getattr(request, self._hash_arg, None) if self._hash_arg
                else tags.get(self._hash_header) if self._hash_header else None)
 
@@ -368,8 +375,7 @@ class AsyncClient:
         try:
             return await self._cluster.begin(   # (invoke, minus a coroutine: see begin)
                 self._send, (method, request, tags, span),   # _send(node, remaining, call)
-                timeout=self.timeout if timeout is None else timeout,
-                idempotent=method.name in self._idempotent, tags=tags,
+                timeout=timeout, idempotent=method.name in self._idempotent, tags=tags,
                 key=None if key is None else str(key))
         except OctoError as exc:
             status = exc.status
@@ -720,6 +726,18 @@ def _seconds(name: str, seconds: Any) -> float:
     """``seconds``, at most the longest deadline the wire carries (about 24.8 days;
     so no arithmetic on it overflows); ``ValueError`` unless a positive, finite number."""
     return min(finite_number(name, seconds), _MAX_TIMEOUT_MS / 1000)
+
+
+def _within(deadline: float, timeout: float, method: idl.Method) -> float:
+    """``timeout`` cut to end by ``deadline`` (the handled call's); ``CallTimeout``,
+    unsent, when it has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise CallTimeout(f"not sent: the deadline of the call being handled passed "
+                          f"{-left:.3g}s ago (calls meant to outlive it: "
+                          "octo_core.context.detached())", method=method.name,
+                          request_sent=False)
+    return left if left < timeout else timeout
 
 
 #: A timeout of at least this many seconds was most likely meant in milliseconds.

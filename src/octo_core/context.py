@@ -6,7 +6,8 @@ stay on their lane across hops, and the handler's calls are child spans of the
 same trace. Callers at the edge set tags with ``use()``; a new trace starts
 wherever there is none. ``add_span_hook`` lets a tracing system (OpenTelemetry,
 say) observe every span. In a handler, ``caller()`` tells who sent the call
-and when it stops waiting for the answer.
+and when it stops waiting for the answer; the handler's own calls end by then
+too (their timeouts shrink to the time left), unless made ``detached()``.
 """
 from __future__ import annotations
 
@@ -54,7 +55,10 @@ class Caller(NamedTuple):
 
 
 class _Incoming(Protocol):
-    """A request a server is handling (its ``_Call``): what it carries, who sent it."""
+    """A request a server is handling (its ``_Call``): what it carries, who sent it,
+    and the ``time.monotonic()`` its caller stops waiting at (None: never)."""
+
+    deadline: Optional[float]
 
     def carried(self) -> Carried: ...
 
@@ -74,6 +78,10 @@ class _Within:
 
     def caller(self) -> Caller:
         return self._incoming.caller()
+
+    @property
+    def deadline(self) -> Optional[float]:
+        return self._incoming.deadline
 
 
 #: What the current call carries: a ``Carried`` pair (``use()``, or nothing), or,
@@ -95,16 +103,11 @@ def caller() -> Optional[Caller]:
     """Who sent the call being handled: its appkey, address and deadline.
 
     In a handler, and in what it runs (its tasks, its callbacks); None elsewhere.
-    The deadline is not passed on to the handler's own calls (a task it leaves
-    running would inherit it): a handler that should give up with its caller
-    bounds their ``timeout=`` by ``caller().time_left()``: None without a
-    deadline, below 0 once it passed (a ``timeout=`` of 0 or less is a
-    ``ValueError``: give up before calling then)::
-
-        left = octo_core.context.caller().time_left()
-        if left is not None and left <= 0:
-            raise CallTimeout("the caller's deadline passed")
-        await client.call("load", key, timeout=min(client.timeout, left or client.timeout))
+    The handler's own calls end by the deadline too: each one's timeout is cut
+    to the time left, and one made after the deadline fails at once with
+    ``CallTimeout``, unsent (a server answers a handler that lets it through
+    with status 4, as a call past its deadline). Work meant to outlive the
+    call (a background task it starts) is started ``detached()``.
     """
     value = _CARRIED.get()
     return None if type(value) is tuple else value.caller()   # type: ignore[union-attr]
@@ -150,6 +153,22 @@ def use(values: Optional[Mapping[str, str]] = None, **more: str) -> Iterator[Dic
                          else _Within((merged, span), value))  # type: ignore[arg-type]
     try:
         yield merged
+    finally:
+        _CARRIED.reset(token)
+
+
+@contextlib.contextmanager
+def detached() -> Iterator[None]:
+    """Inside the block, and in the tasks started inside it, calls are no longer
+    bound by the deadline of the call being handled (``caller()`` is None there);
+    they keep its ``globalContext`` and trace. For work that outlives the call::
+
+        with octo_core.context.detached():
+            asyncio.create_task(refresh_cache())
+    """
+    token = _CARRIED.set(_carried())
+    try:
+        yield
     finally:
         _CARRIED.reset(token)
 

@@ -29,7 +29,7 @@ from octo_core.blocking import LOOKUPS
 from octo_core.business import BusinessPool, LoopInbox
 from octo_core.checks import count, finite_number
 from octo_core.codec import Limits, _check_limits
-from octo_core.errors import DecodeError, EncodeError, SecurityError, Status
+from octo_core.errors import CallTimeout, DecodeError, EncodeError, SecurityError, Status
 from octo_core.metrics import Metrics, MethodStats, RecentRates, prometheus_text
 from octo_core.protocol import Frame, MessageType, NodeStatus
 from octo_core.quotas import Quotas
@@ -1309,6 +1309,14 @@ class Server:
                             if exc.type == protocol.LOADSHEDDING else exc.type)
                     reply.app_exception(name, seqid, kind, exc.message)
                 return Status.APPLICATION_EXCEPTION
+            if field is None and isinstance(exc, CallTimeout) and call.deadline is not None \
+                    and time.monotonic() >= call.deadline:
+                # its own call ended with the deadline it inherited (see context.caller):
+                # the caller has given up, so this is a timeout, not the handler's bug
+                if send:
+                    reply.refuse(Status.TRANSPORT_EXCEPTION, f"{name}: the caller's deadline "
+                                 f"passed while it ran ({exc})", name, seqid)
+                return Status.TRANSPORT_EXCEPTION
             if field is None:
                 # a bug in the handler: the server's log keeps its traceback (the
                 # caller gets the message only, and a oneway caller nothing at all)
