@@ -99,6 +99,34 @@ def test_by_name_timeout_overrides_the_deadline_in_every_mode(client):
     assert isinstance(outcomes.get(timeout=5), CallTimeout)
 
 
+def test_a_methods_own_timeout_holds_in_every_mode_and_a_calls_own_overrides_it():
+    handler = SearchHandler()
+    with serving_in_thread([(Search, handler, None)]) as server:
+        with octo_core.Client(Search, appkey="c", hosts=[server.address], timeout=5.0,
+                              timeouts={"nap": 0.05}) as client:
+            assert (client.timeout_of("nap"), client.timeout_of("find")) == (0.05, 5.0)
+            with pytest.raises(CallTimeout):
+                client.nap("late")
+            with pytest.raises(CallTimeout):
+                client.future.nap("late").result(5)
+            outcomes: "queue.Queue" = queue.Queue()
+            client.callback.nap("late", callback=outcomes.put)
+            assert isinstance(outcomes.get(timeout=5), CallTimeout)
+            with pytest.raises(CallTimeout):
+                client.call("nap", "late")
+            handler.release.set()
+            assert client.call("nap", "in time", timeout=5) == "in time"
+            assert client.find("bob", 5) == BOB    # the others keep the client's timeout
+
+
+@pytest.mark.parametrize("timeouts, error", [
+    ({"napp": 1.0}, ValueError), ({"nap": 0}, ValueError), ({"nap": "1"}, ValueError),
+    ([("nap", 1.0)], TypeError)])
+def test_method_timeouts_are_checked_when_the_client_is_made(timeouts, error):
+    with pytest.raises(error, match="nap"):
+        AsyncClient(Search, appkey="c", hosts=["127.0.0.1:1"], timeouts=timeouts)
+
+
 def test_callback_methods_pass_every_argument_to_the_idl_method(client):
     outcomes: "queue.Queue" = queue.Queue()
     client.callback.find(name="bob", timeout=5, callback=outcomes.put)
@@ -176,3 +204,5 @@ def test_a_timeout_that_reads_as_milliseconds_is_warned_of_once_at_the_callers_l
     assert {w.filename for w in caught} == {__file__}
     with pytest.warns(UserWarning, match="connect_timeout=5000 is 83 minutes"):
         made(connect_timeout=5000)
+    with pytest.warns(UserWarning, match=r"timeouts\['nap'\]=2000 is 33 minutes"):
+        made(timeouts={"nap": 2000})

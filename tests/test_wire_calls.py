@@ -137,7 +137,7 @@ def test_the_sync_client_shows_the_async_clients_public_attributes_read_only():
             assert client.echo("counted") == "counted"
             own = client._async
             for name in octo_core.client.RESERVED_NAMES - {"call", "close", "future",
-                                                           "callback"}:
+                                                           "callback", "timeout_of"}:
                 assert getattr(client, name) is getattr(own, name), name
                 with pytest.raises(AttributeError):
                     setattr(client, name, None)

@@ -109,6 +109,11 @@ class AsyncClient:
     hosting many services. Many calls share one connection per node
     (``pool_size`` for more).
 
+    ``timeout`` (seconds) bounds each call, unless ``timeouts`` gives its method
+    one of its own (``{"method": seconds}``) or the call does (``call(name, ...,
+    timeout=)``); in a handler, no call outlasts the deadline of the one handled
+    (see ``octo_core.context.caller``).
+
     Cluster options: ``lb`` (``random``, ``roundrobin``, ``leastrequest``,
     ``lalb``, ``consistenthash`` with ``hash_arg`` naming the argument to hash, or
     ``hash_header`` the ``globalContext`` key whose value is hashed; a call
@@ -170,7 +175,7 @@ class AsyncClient:
                  "metrics", "_framed", "_flags", "_signer", "_limits", "_endpoint_options",
                  "_endpoints", "_retired", "_listed", "_closed", "_inherited", "_collected",
                  "_loop", "_loop_thread", "_methods", "_named_service", "_wire_names",
-                 "_idempotent", "_hash_arg", "_hash_header", "_cluster", "_directory", "_discovery",
+                 "_idempotent", "_timeouts", "_hash_arg", "_hash_header", "_cluster", "_directory", "_discovery",
                  "_owns_registry", "_finishers", "__dict__", "__weakref__")
 
     if TYPE_CHECKING:
@@ -181,6 +186,7 @@ class AsyncClient:
                  registry: Optional[Union[str, Registry]] = None,
                  snapshot_path: Optional[str] = None,
                  remote_appkey: Optional[str] = None, timeout: float = 1.0,
+                 timeouts: Optional[Mapping[str, float]] = None,
                  protocol: str = "octo", service_name: Optional[str] = None,
                  framed: bool = True, multiplexed: bool = False,
                  pool_size: int = 1, connect_timeout: float = 1.0, checksum: bool = False,
@@ -209,7 +215,8 @@ class AsyncClient:
         FrameDecoder(max_frame_size)   # the reader's own check: ValueError when too small
         _check_limits(limits)
         if not _MADE_FOR_CLIENT.get():   # (a blocking Client warned its own caller)
-            _warn_if_milliseconds(dict(timeout=timeout, connect_timeout=connect_timeout))
+            _warn_if_milliseconds(dict(timeout=timeout, connect_timeout=connect_timeout,
+                                       timeouts=timeouts))
         timeout = _seconds("timeout", timeout)
         connect_timeout = _seconds("connect_timeout", connect_timeout)
         _seconds("heartbeat_interval", heartbeat_interval or 1.0)   # 0/None: off
@@ -257,6 +264,7 @@ class AsyncClient:
                             for name in self._methods}
         self._idempotent = (set(self._methods) if idempotent is True
                             else self._method_names("idempotent", idempotent or ()))
+        self._timeouts = self._method_timeouts(timeouts or {})
         if hash_arg is not None and not any(hash_arg in m.arg_names for m in self._methods.values()):
             raise ValueError(f"hash_arg {hash_arg!r} is no argument of any method of "
                              f"{service.__name__}")
@@ -317,6 +325,18 @@ class AsyncClient:
                              f"{', '.join(sorted(map(repr, unknown)))}")
         return chosen
 
+    def _method_timeouts(self, timeouts: Mapping[str, float]) -> Dict[str, float]:
+        """``timeouts`` checked: this service's method names, each to seconds."""
+        if not isinstance(timeouts, Mapping):
+            raise TypeError(f"timeouts maps method names to seconds, not {timeouts!r}")
+        self._method_names("timeouts", timeouts)
+        return {name: _seconds(f"timeouts[{name!r}]", value) for name, value in timeouts.items()}
+
+    def timeout_of(self, name: str) -> float:
+        """The timeout a call of method ``name`` gets unless it gives its own:
+        ``timeouts[name]``, else ``timeout``."""
+        return self._timeouts.get(name, self.timeout)
+
     def _caller(self, method: idl.Method) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Awaitable[Any]:
             return self._call(method, args, kwargs)   # the coroutine itself: one frame less
@@ -350,7 +370,8 @@ class AsyncClient:
                 or self._loop.is_closed()):  # type: ignore[union-attr]  # set with _loop_thread
             self._check_caller(method)
         if timeout is None:
-            timeout = self.timeout
+            timeout = self._timeouts.get(method.name, self.timeout) if self._timeouts \
+                else self.timeout
         carried = _CARRIED.get()
         if type(carried) is tuple:
             tags, parent = carried
@@ -711,7 +732,8 @@ _SHARED_ATTRIBUTES = frozenset({"service", "service_name", "appkey", "remote_app
 #: The names both clients keep for themselves (their public attributes): an IDL
 #: method so named is called by name, ``client.call("close")``. One set for both
 #: classes and every call mode, so a method is reached the same way everywhere.
-RESERVED_NAMES = frozenset({"call", "close", "future", "callback"}) | _SHARED_ATTRIBUTES
+RESERVED_NAMES = frozenset({"call", "close", "future", "callback", "timeout_of"}) \
+    | _SHARED_ATTRIBUTES
 
 
 def _binds(client: Any, name: str) -> bool:
@@ -745,11 +767,14 @@ _LIKELY_MILLISECONDS = 1000.0
 
 
 def _warn_if_milliseconds(options: Mapping[str, Any]) -> None:
-    """Warn the caller of the client's maker of a ``timeout`` or ``connect_timeout``
-    that reads as milliseconds: thriftpy2's are, and its ``timeout=3000`` would be
-    50 minutes here."""
-    for name in ("timeout", "connect_timeout"):
-        value: Any = options.get(name)
+    """Warn the caller of the client's maker of a ``timeout``, ``connect_timeout`` or
+    ``timeouts`` entry that reads as milliseconds: thriftpy2's are, and its
+    ``timeout=3000`` would be 50 minutes here."""
+    timeouts = options.get("timeouts")
+    values = dict(timeout=options.get("timeout"), connect_timeout=options.get("connect_timeout"),
+                  **{f"timeouts[{name!r}]": value for name, value in
+                     (timeouts.items() if isinstance(timeouts, Mapping) else ())})
+    for name, value in values.items():
         if is_finite_number(value) and value >= _LIKELY_MILLISECONDS:
             warnings.warn(f"{name}={value:g} is {value / 60:,.0f} minutes: octo_core's timeouts "
                           f"are in seconds (thriftpy2's are in milliseconds; "
@@ -972,6 +997,10 @@ class Client:
         if self._closed:
             raise _closed_error(method.name)
 
+    def timeout_of(self, name: str) -> float:
+        """As ``AsyncClient.timeout_of``."""
+        return self._async.timeout_of(name)
+
     def call(self, name: str, /, *args: Any, **kwargs: Any) -> Any:
         """Call IDL method ``name`` and wait; ``timeout`` as in ``AsyncClient.call``."""
         method, timeout = self._async._by_name(name, kwargs)
@@ -1019,7 +1048,8 @@ class Client:
             make = self._maker(method, args, kwargs, timeout)
             # Waits at most the call's timeout plus _LOOP_MARGIN: a stuck I/O thread
             # fails the call rather than hang its caller.
-            bound = (self._async.timeout if timeout is None else timeout) + _LOOP_MARGIN
+            bound = (self._async.timeout_of(method.name) if timeout is None
+                     else timeout) + _LOOP_MARGIN
             return self._thread.call(make, bound, lambda: CallTimeout(
                 f"the client's I/O thread gave no answer within {bound:.3g}s", method=method.name))
         call.__name__ = method.name
