@@ -51,6 +51,46 @@ def test_with_server_re_entered_fails_and_the_outer_with_still_stops_it():
     assert not [t for t in threading.enumerate() if t.name.startswith("octo-server")]
 
 
+class _Relay(EchoHandler):
+    """``echo`` asks another server, through an ``AsyncClient`` it holds."""
+
+    def __init__(self, backend: str) -> None:
+        super().__init__()
+        self.client = octo_core.AsyncClient(Echo, appkey=CLIENT_APPKEY, hosts=[backend])
+
+    async def echo(self, text: str) -> str:
+        return await self.client.echo(text)
+
+
+def test_on_stop_callbacks_close_what_the_service_holds_after_its_last_answer(caplog):
+    """``with server`` (as ``serve_forever``) gives a program no place to close the
+    clients its handlers call through: ``on_stop`` runs them, on the server's
+    loop, in order, a failing one logged without keeping the others from running."""
+    with echo_server() as backend:
+        relay = _Relay(backend.address)
+        server = echo_server(relay)
+        ran = []
+
+        def fails() -> None:
+            raise RuntimeError("cleanup bug")
+
+        @server.on_stop
+        async def first() -> None:
+            ran.append(("first", relay.client._closed))
+        server.on_stop(fails)
+        server.on_stop(relay.client.close)
+        server.on_stop(lambda: ran.append(("last", relay.client._closed)))
+        with server:
+            with sync_client(Echo, server.address) as client:
+                assert client.echo("through") == "through"
+            assert ran == []
+    assert ran == [("first", False), ("last", True)]
+    assert [r.getMessage() for r in caplog.records if "on_stop" in r.getMessage()] == [
+        f"{SERVER_APPKEY}: on_stop callback {fails!r} failed"]
+    with pytest.raises(TypeError, match="on_stop takes a function"):
+        server.on_stop(None)
+
+
 def test_stop_awaited_on_another_loop_stops_the_server_on_its_own():
     handler = EchoHandler()
     server = echo_server(handler)

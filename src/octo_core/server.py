@@ -17,7 +17,7 @@ import ssl as _ssl
 import time
 import warnings
 import weakref
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar, Union
 
 from thriftpy2.thrift import TApplicationException, TMessageType
 
@@ -49,6 +49,8 @@ from octo_core.transport.stream import CLOSE_LINGER, READ_BATCH
 log = logging.getLogger("octo_core.server")
 
 UNKNOWN = "(unknown)"   # the metrics name of services and methods this server does not have
+
+_Cleanup = TypeVar("_Cleanup", bound=Callable[[], Any])   # what on_stop takes, and gives back
 
 # Enum members every call uses, read as globals: on Python 3.11 ``Status.SUCCESS``
 # and the like go through EnumType's __getattr__ hook, several times slower.
@@ -515,8 +517,26 @@ class Server:
         tell_forked_children(self)
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[LoopThread] = None
+        self._on_stop: List[Callable[[], Any]] = []
 
     # --- configuration -------------------------------------------------------------
+
+    def on_stop(self, callback: _Cleanup) -> _Cleanup:
+        """Run ``callback()`` (a function, or a coroutine function: awaited) at the
+        end of every stop, on the server's loop, once each call is answered or cut
+        and the connections are closed, after those added before it. For what the
+        service holds, such as the clients its handlers call through, which a
+        ``serve_forever`` or ``with server`` program has no other place to close::
+
+            backend = octo_core.AsyncClient(...)
+            server.on_stop(backend.close)
+
+        An exception it raises is logged; the others still run. Returns
+        ``callback`` (so it also serves as a decorator)."""
+        if not callable(callback):
+            raise TypeError(f"on_stop takes a function, not {callback!r}")
+        self._on_stop.append(callback)
+        return callback
 
     def add_service(self, service: Any, handler: Any, name: Optional[str] = None, *,
                     inline: bool = False) -> None:
@@ -809,6 +829,13 @@ class Server:
         self._leaving = False
         self._hurry = None
         self.status = NodeStatus.STOPPED
+        for callback in self._on_stop:
+            try:
+                outcome = callback()
+                if inspect.isawaitable(outcome):
+                    await outcome
+            except Exception:
+                log.exception("%s: on_stop callback %r failed", self.appkey, callback)
 
     def _hurried(self) -> asyncio.Future:
         """The future whose result ends the stop's waits (made at its first use)."""
