@@ -6,6 +6,8 @@ import re
 
 import pytest
 import thriftpy2
+import thriftpy2.thrift
+from thriftpy2.parser.exc import ThriftGrammarError
 
 import octo_core
 
@@ -265,6 +267,34 @@ def test_a_void_methods_exception_named_success_or_with_id_0_is_raised(tmp_path)
                     returned = await client.value()
                     assert isinstance(returned, module.Refused) and returned.why == "returned"
     run(main())
+
+
+@pytest.mark.parametrize("declaration, says", [
+    ("struct Bad { 1: string await }", "bad_defs_thrift.Bad: field 'await' is a Python keyword"),
+    ("struct Bad { 1: i32 None }", "bad_defs_thrift.Bad: field 'None' is a Python keyword"),
+    ("service Bad { string get() throws (1: Refused success) }",
+     "bad_defs_thrift.get_result: a non-void method's exception is named 'success'"),
+], ids=["await", "None", "success"])
+def test_a_definition_thriftpy2_cannot_build_is_refused_not_dropped(tmp_path, declaration, says):
+    """thriftpy2 builds each struct's ``__init__`` from its field names; the
+    ``SyntaxError`` of a name it cannot take reached its parser, which took it
+    for its own and went on without the definitions around it: the module came
+    back without them (here ``After`` and ``Later``, or the service itself) and
+    the caller met an AttributeError far from the cause. An IDL including such
+    a file is refused too."""
+    (tmp_path / "bad_defs.thrift").write_text(
+        "exception Refused { 1: string why }\n"
+        f"{declaration}\n"
+        "struct After { 1: i32 x }\n"
+        "service Later { void ping() }\n")
+    (tmp_path / "bad_user.thrift").write_text('include "bad_defs.thrift"\n'
+                                              "service User { void ping() }\n")
+    generate = thriftpy2.thrift.init_func_generator
+    with pytest.raises(ThriftGrammarError, match=re.escape(says)):
+        octo_core.load_idl(str(tmp_path / "bad_defs.thrift"))
+    with pytest.raises(ThriftGrammarError, match=re.escape(says)):
+        octo_core.load_idl(str(tmp_path / "bad_user.thrift"))
+    assert thriftpy2.thrift.init_func_generator is generate   # thriftpy2 left as it was
 
 
 @pytest.mark.parametrize("given, says", [

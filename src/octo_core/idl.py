@@ -1,16 +1,21 @@
 """Loading Thrift IDL at run time (thriftpy2)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import keyword
 import os
 import re
 import sys
+import threading
 import types
 from types import ModuleType
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import thriftpy2
 import thriftpy2.parser
+import thriftpy2.thrift
+from thriftpy2.parser.exc import ThriftGrammarError
 from thriftpy2.thrift import TType
 
 
@@ -37,8 +42,19 @@ def load_idl(path: str, module_name: Optional[str] = None,
     too. Loading the same file twice gives the same module, so classes compare
     equal across calls. A ``module_name`` given that another file's module
     already has, or under which an include would be another file's, is a
-    ``ValueError`` (thriftpy2 would hand back that other module).
+    ``ValueError`` (thriftpy2 would hand back that other module). A struct,
+    exception or method result thriftpy2 cannot build (a field named like a
+    Python keyword its lexer lets through, ``await`` or ``None``; a non-void
+    method's exception named ``success``) is a ``ThriftGrammarError`` naming it,
+    where thriftpy2 alone drops it and the definitions after it without a word.
     """
+    with _refusing_unbuildable_structs():
+        return _load(path, module_name, include_dirs)
+
+
+def _load(path: str, module_name: Optional[str],
+          include_dirs: Optional[Sequence[Union[str, "os.PathLike[str]"]]]) -> ModuleType:
+    """``load_idl``'s work."""
     real = os.path.realpath(path)    # to compare files
     # absolute, as given (not resolved): includes are found beside a symlink, and
     # the file is the same one after a chdir
@@ -65,6 +81,56 @@ def load_idl(path: str, module_name: Optional[str] = None,
         elif parsed is not None:
             _hand_to_load(name, parsed)
     return thriftpy2.load(absolute, module_name=name, include_dirs=dirs)
+
+
+@contextlib.contextmanager
+def _refusing_unbuildable_structs() -> Iterator[None]:
+    """While thriftpy2 parses, a class whose ``__init__`` it cannot generate is
+    an error: it compiles each from the field names, and the ``SyntaxError``
+    of a bad one reaches its parser (ply), which takes it for its own signal
+    to recover and goes on past the definitions around it, silently. The
+    parse lock keeps every other thread's parse out of the window."""
+    lock = getattr(thriftpy2.parser.parser, "_parse_lock", None) or _NO_LOCK
+    with lock:
+        generate = thriftpy2.thrift.init_func_generator
+        setattr(thriftpy2.thrift, "init_func_generator", _checked(generate))  # (mypy: by name)
+        try:
+            yield
+        finally:
+            thriftpy2.thrift.init_func_generator = generate
+
+
+#: For a thriftpy2 that keeps no parse lock where ``_refusing_unbuildable_structs`` looks.
+_NO_LOCK = threading.RLock()
+
+
+#: thriftpy2's maker of a struct class's ``__init__``, from its (name, default) pairs.
+_InitGenerator = Callable[[type, Optional[List[Tuple[str, Any]]]], Callable[..., None]]
+
+
+def _checked(generate: _InitGenerator) -> _InitGenerator:
+    """thriftpy2's ``init_func_generator`` raising ``ThriftGrammarError``, which
+    its parser passes on, for the ``SyntaxError`` it would swallow."""
+    def init_func_generator(cls: type, spec: Optional[List[Tuple[str, Any]]]) -> Callable[..., None]:
+        try:
+            return generate(cls, spec)
+        except SyntaxError as exc:
+            where = f"{cls.__module__}.{cls.__name__}"
+            raise ThriftGrammarError(f"{where}: {_unbuildable(spec or [], exc)}; rename it "
+                                     "(field names are not on the wire)") from None
+    return init_func_generator
+
+
+def _unbuildable(spec: List[Tuple[str, Any]], exc: SyntaxError) -> str:
+    """Why thriftpy2 could not make an ``__init__`` of the fields ``spec``."""
+    names = [name for name, _ in spec]
+    for name in names:
+        if keyword.iskeyword(name):
+            return f"field {name!r} is a Python keyword, which thriftpy2 lets through"
+    if names.count("success") > 1:
+        return ("a non-void method's exception is named 'success', the name of the "
+                "value in its result")
+    return f"thriftpy2 cannot make its __init__ ({exc.msg})"
 
 
 def _private_name(directory: str, name: str) -> str:
