@@ -24,11 +24,12 @@ import types
 from typing import Any, Iterator, Optional, Tuple
 
 import pytest
-from thrift.protocol import TBinaryProtocol, TMultiplexedProtocol
+from thrift.protocol import TBinaryProtocol, TMultiplexedProtocol, TProtocol
+from thrift import TMultiplexedProcessor
 from thrift.Thrift import TApplicationException as ApacheApplicationException
 from thrift.transport import TSocket, TTransport
 
-from octo_core.errors import ApplicationError, CallTimeout
+from octo_core.errors import ApplicationError, CallTimeout, TransportError
 
 from conftest import apache_generate
 from wire_helpers import (ECHO_IDL, LOCALHOST, Calc, CalcHandler, Echo, EchoError, EchoHandler,
@@ -94,6 +95,8 @@ def apache_server(processor: Any, protocol: str) -> Iterator[Tuple[str, int]]:
             while not stopping.is_set():
                 processor.process(proto, proto)
         except (TTransport.TTransportException, OSError):   # the client went away
+            pass
+        except TProtocol.TProtocolException:   # unreadable or unroutable: Apache's servers close
             pass
         finally:
             transport.close()
@@ -276,6 +279,31 @@ def test_our_async_client_against_apache_server(apache_echo, protocol, quiet_apa
             assert await asyncio.gather(*(client.echo(t) for t in texts)) == texts
 
     with apache_server(apache_echo.Echo.Processor(handler), protocol) as (host, port):
+        run(calls(f"{host}:{port}"))
+
+
+def test_our_clients_of_an_apache_multiplexed_server_are_told_to_name_the_service(
+        apache_echo, quiet_apache_processor):
+    """Apache's ``TMultiplexedProcessor`` closes a connection, without a byte, on a
+    call that names no service or one it does not host: the caller is told of
+    ``multiplexed=True`` and ``service_name=``, not only of transports."""
+    processor = TMultiplexedProcessor.TMultiplexedProcessor()
+    processor.registerProcessor("com.example.Echo",
+                                apache_echo.Echo.Processor(ApacheEchoHandler(apache_echo.ttypes)))
+
+    async def calls(address: str) -> None:
+        for options, told in [({}, "call it with multiplexed=True"),
+                              ({"multiplexed": True}, "is service_name='Echo' the name")]:
+            async with async_client(Echo, address, protocol="thrift", timeout=5.0,
+                                    **options) as client:
+                with pytest.raises(TransportError) as closed:
+                    await client.echo("x")
+                assert told in str(closed.value)
+        async with async_client(Echo, address, protocol="thrift", multiplexed=True,
+                                service_name="com.example.Echo", timeout=5.0) as client:
+            assert await client.echo("named") == "named"
+
+    with apache_server(processor, "binary") as (host, port):
         run(calls(f"{host}:{port}"))
 
 

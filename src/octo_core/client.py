@@ -86,6 +86,15 @@ _NATIVE_UNHEARD_HINTS = {
             "with framed=True{tls}; thriftpy2's also closes one when a handler raises an "
             "exception its IDL does not declare"),
 }
+#: What a native client adds, by ``multiplexed``: a ``TMultiplexedProcessor``
+#: (Apache's, Java's, thriftpy2's) closes a connection whose call names no service
+#: (Apache's also one naming a service it does not host).
+_MULTIPLEXED_UNHEARD_HINTS = {
+    False: ("; a server of many services (a TMultiplexedProcessor) closes one whose "
+            "calls name none: call it with multiplexed=True"),
+    True: ("; a TMultiplexedProcessor closes one naming a service it does not host: "
+           "is service_name={service_name!r} the name the server registered it under?"),
+}
 _OCTO_UNHEARD_HINT = "; an octo_core server does so only with a request over its max_frame_size)"
 
 #: Seconds of silence from a node before a unified connection is sent a heartbeat.
@@ -246,7 +255,8 @@ class AsyncClient:
             max_depth=limits.max_depth if limits else DEFAULT_MAX_DEPTH,
             heartbeat_interval=heartbeat_interval if self.unified else None,
             on_stopping=_weak_method(self._node_stopping),
-            unheard_hint=_unheard_hint(self.unified, framed, ssl))
+            unheard_hint=_unheard_hint(self.unified, framed, multiplexed, self.service_name,
+                                       ssl))
         self._endpoints: Dict[str, Endpoint] = {}
         self._retired: Set[Endpoint] = set()            # of nodes that left, calls still on them
         self._listed: Optional[Dict[str, Node]] = None  # by address, from a registry
@@ -782,11 +792,17 @@ def _warn_if_milliseconds(options: Mapping[str, Any]) -> None:
                           stacklevel=3)
 
 
-def _unheard_hint(unified: bool, framed: bool, ssl: Optional["_ssl.SSLContext"]) -> str:
+def _unheard_hint(unified: bool, framed: bool, multiplexed: bool, service_name: str,
+                  ssl: Optional["_ssl.SSLContext"]) -> str:
     """What calls are told when a node closes their connection without a byte
-    (``Endpoint``'s ``unheard_hint``): the protocol or transport it may want instead."""
-    hint = _UNIFIED_UNHEARD_HINT if unified else _NATIVE_UNHEARD_HINTS[bool(framed)]
-    return hint.format(tls="" if ssl is not None else _TLS_UNHEARD_HINT) + _OCTO_UNHEARD_HINT
+    (``Endpoint``'s ``unheard_hint``): the protocol, transport or service name it
+    may want instead."""
+    tls = "" if ssl is not None else _TLS_UNHEARD_HINT
+    if unified:
+        return _UNIFIED_UNHEARD_HINT.format(tls=tls) + _OCTO_UNHEARD_HINT
+    return (_NATIVE_UNHEARD_HINTS[bool(framed)].format(tls=tls)
+            + _MULTIPLEXED_UNHEARD_HINTS[bool(multiplexed)].format(service_name=service_name)
+            + _OCTO_UNHEARD_HINT)
 
 
 def _argument_error(method: idl.Method, args: tuple, kwargs: Dict[str, Any],
