@@ -27,7 +27,7 @@ from thriftpy2.utils import serialize
 
 import octo_core
 from octo_core import _codec, codec, protocol
-from octo_core.errors import EncodeError, ProtocolError
+from octo_core.errors import DecodeError, EncodeError, ProtocolError
 from octo_core.protocol import (FLAG_CHECKSUM, FLAG_GZIP, FLAG_SNAPPY, Frame, FrameDecoder,
                                 Header, HeartbeatInfo, LoadInfo, MessageType, RequestInfo,
                                 TraceInfo)
@@ -709,6 +709,20 @@ def test_the_usual_wrong_peers_are_named_in_the_error(data, guess):
     """A client on the wrong transport or protocol gets a hint in the error the
     server logs, not only a nonsense length."""
     assert guess in str(feed_error(data))
+
+
+@pytest.mark.parametrize("data,guess", [
+    (b"\x82\x21\x00\x04echo", "compact protocol"),
+    (b'[1,"echo",1,0,{"1":{"str":"x"}}]', "JSON protocol"),
+])
+def test_the_usual_wrong_protocols_inside_a_good_frame_are_named_in_the_error(data, guess):
+    """A framed client of another protocol (Apache's TJSONProtocol on a
+    TFramedTransport, say) sends a frame the server reads: the message in it
+    gets the hint too, not a method name length of a billion."""
+    framed = struct.pack("!i", len(data)) + data
+    frame, = FrameDecoder().feed(framed)
+    with pytest.raises(DecodeError, match=guess):
+        codec.decode_message(frame.body, Echo)
 
 
 def test_unframed_thrift_messages_are_cut_by_their_own_structure():

@@ -1524,6 +1524,10 @@ cdef tuple _r_message_begin(_Reader* r):
         if (<uint32_t>sz >> 16) == 0x0FFF:   # no name is that long: THeader's magic
             raise DecodeError(f"not a thrift message at byte {at}"
                               f"{_looks_like(r.buf + at, r.end - at)}", offset=at)
+        if sz > r.end - r.pos:    # a name longer than the message: say what it may be instead
+            hint = _looks_like(r.buf + at, r.end - at)
+            if hint:
+                raise DecodeError(f"not a thrift message at byte {at}{hint}", offset=at)
         r.pos = at
         n = _r_length(r, r.max_string, 1, "method name")
         _need(r, n + 1, "message type")
