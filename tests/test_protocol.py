@@ -836,9 +836,26 @@ HOSTILE_OLD_STARTS = [b"\x00\x00\x00\x00a", b"\x00\x10\x00\x00a"]
 @pytest.mark.parametrize("start", HOSTILE_OLD_STARTS)
 def test_four_bytes_then_the_rest_read_as_the_whole(start):
     """Four bytes starting with 0 are a framed length or an old-header name length:
-    the fifth byte tells, so the reader waits for it."""
+    the name's first characters tell, so the reader waits for them."""
     stream = start + b"\x00\x00\x00\x01\x00"
-    assert _feed_outcome([stream[:4], stream[4:]]) == _feed_outcome([stream])
+    for cut in (4, 5):
+        assert _feed_outcome([stream[:cut], stream[cut:]]) == _feed_outcome([stream])
+
+
+def test_a_frame_of_zlib_is_a_frame_not_an_old_style_name_waited_for():
+    """Apache's ``TZlibTransport`` over ``TFramedTransport`` frames zlib, which
+    starts with "x": read as an old-style message's name, the frame length was
+    taken for the name's and the server waited for bytes that never came (the
+    client's read timed out). "x" then 0x9c is no name: the frame is read, and
+    its message refused with the hint."""
+    data = zlib.compress(codec.encode_message("echo", TMessageType.CALL, 1,
+                                              Echo.echo_args(text="x")))
+    frame, = FrameDecoder().feed(struct.pack("!i", len(data)) + data)
+    assert frame.flags == 0 and frame.body == data
+    with pytest.raises(DecodeError, match="zlib"):
+        codec.decode_message(frame.body, Echo)
+    old = old_style("xecho", TMessageType.CALL, 1, Echo.echo_args(text="x"))
+    assert [f.body for f in FrameDecoder().feed(old)] == [old]   # a name that starts so
 
 
 def _feed_outcome(chunks) -> tuple:

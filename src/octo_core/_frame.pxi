@@ -202,11 +202,30 @@ cdef inline bint _old_style_unframed(const unsigned char* p, Py_ssize_t n,
     message, after the length, begins with 0x80 (strict) or 0x00 (old style).
     A name is never empty (with a length of 0 the fifth byte is no name's), and
     one longer than a frame may be is read as the framed length it also is (too
-    large either way): so four bytes decide but for the fifth's letter."""
+    large either way): so four bytes decide but for the name's first two
+    characters (a frame of zlib starts with "x" and a byte no name has).
+    ``_old_style_decided`` says how many bytes that takes."""
     if n < 5 or p[0] != 0 or not 0 < _get_u32(p) < max_frame_size - 4:
         return False
     cdef unsigned char first = p[4]     # of the name: a thrift identifier's first character
-    return first == 0x5F or 0x41 <= first <= 0x5A or 0x61 <= first <= 0x7A
+    if not (first == 0x5F or 0x41 <= first <= 0x5A or 0x61 <= first <= 0x7A):
+        return False
+    return _get_u32(p) == 1 or (n >= 6 and _in_a_name(p[5]))
+
+
+cdef inline bint _in_a_name(unsigned char c) noexcept:
+    """Whether ``c`` may follow a method name's first character: a thrift
+    identifier's (letters, digits, "_", "."), or a multiplexed service name's
+    ("Service:method"; names such as "com.example-calc")."""
+    return (0x61 <= c <= 0x7A or 0x41 <= c <= 0x5A or 0x30 <= c <= 0x39
+            or c == 0x5F or c == 0x2E or c == 0x3A or c == 0x2D)
+
+
+cdef inline Py_ssize_t _old_style_decided(uint32_t name_length) noexcept:
+    """The bytes ``_old_style_unframed`` needs to tell an old-style message
+    whose name is ``name_length`` long from a frame: the length and up to two
+    characters."""
+    return 5 if name_length == 1 else 6
 
 
 cdef Py_ssize_t _declared_inflated(const unsigned char* p, Py_ssize_t n, int flags) noexcept:
@@ -449,8 +468,9 @@ cdef class FrameReader:
                 pos += total
             else:
                 total = <int32_t>_get_u32(p + pos)
-                if n - pos < 5 and p[pos] == 0 and 0 < total <= self.max_frame_size:
-                    break   # framed, or an old-style unframed name: the fifth byte tells
+                if (p[pos] == 0 and 0 < total <= self.max_frame_size
+                        and n - pos < _old_style_decided(total)):
+                    break   # framed, or an old-style unframed name: its first characters tell
                 if total <= 0:
                     self._fail(f"framed thrift length {total} is not positive"
                                f"{_looks_like(p + pos, n - pos)}", pos)
