@@ -115,8 +115,10 @@ class AsyncClient:
     transport, the default of thriftpy2's and Apache's servers), and with
     ``multiplexed=True`` its method names are ``"<service_name>:<method>"``, as
     Apache's and thriftpy2's ``TMultiplexedProtocol`` write them, for servers
-    hosting many services. Many calls share one connection per node
-    (``pool_size`` for more).
+    hosting many services. ``service_name`` (the IDL service's name unless
+    given) is the name the server knows the service by: the ``serviceName`` of
+    the unified protocol, the name a ``TMultiplexedProcessor`` registered it
+    under. Many calls share one connection per node (``pool_size`` for more).
 
     ``timeout`` (seconds) bounds each call, unless ``timeouts`` gives its method
     one of its own (``{"method": seconds}``) or the call does (``call(name, ...,
