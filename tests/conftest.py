@@ -78,8 +78,9 @@ def apache_generate(idl_path: str, out: str, *modules: str) -> list:
     named generated ``modules``, imported. Skips the test when the compiler is not
     installed."""
     compiler = thrift_compiler_or_skip()
-    # --allow-neg-keys: keep explicit negative field ids (everything.thrift has some).
-    proc = subprocess.run([compiler, "--allow-neg-keys", "--gen", "py", "-out", out, idl_path],
+    # --allow-neg-keys: keep explicit negative field ids (everything.thrift has some);
+    # -r: the included files too.
+    proc = subprocess.run([compiler, "--allow-neg-keys", "-r", "--gen", "py", "-out", out, idl_path],
                           capture_output=True, text=True)
     assert proc.returncode == 0, f"thrift --gen py failed:\n{proc.stdout}\n{proc.stderr}"
     sys.path.insert(0, out)

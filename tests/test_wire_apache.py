@@ -1,7 +1,8 @@
 """Interop with Apache Thrift's Python library (the ``thrift`` package) and the code
-its compiler generates from ``tests/idl/echo.thrift`` -- a second Thrift
-implementation beside thriftpy2, both protocol stacks (pure ``TBinaryProtocol``
-and the C-accelerated one), framed transport:
+its compiler generates from ``tests/idl/echo.thrift`` (and ``stranger_shop.thrift``,
+an IDL with includes, typedefs of typedefs, struct defaults and inheritance) -- a
+second Thrift implementation beside thriftpy2, both protocol stacks (pure
+``TBinaryProtocol`` and the C-accelerated one), framed transport:
 
 * Apache's generated client against our Server (native thrift on the unified port);
 * our ``protocol="thrift"`` clients (async, sync, future, callback) against
@@ -16,6 +17,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import math
+import os
 import queue
 import socket
 import threading
@@ -27,14 +30,17 @@ import pytest
 from thrift.protocol import TBinaryProtocol, TMultiplexedProtocol, TProtocol
 from thrift import TMultiplexedProcessor
 from thrift.Thrift import TApplicationException as ApacheApplicationException
+from thrift.TSerialization import serialize
 from thrift.transport import TSocket, TTransport
 
+import octo_core
+from octo_core import codec
 from octo_core.errors import ApplicationError, CallTimeout, TransportError
 
 from conftest import apache_generate
-from wire_helpers import (ECHO_IDL, LOCALHOST, Calc, CalcHandler, Echo, EchoError, EchoHandler,
-                          async_client, echo_services, run, serving_in_thread, sync_client,
-                          watchdog)  # noqa: F401  (fixture)
+from wire_helpers import (ECHO_IDL, HERE, LOCALHOST, Calc, CalcHandler, Echo, EchoError,
+                          EchoHandler, async_client, echo_services, run, serving_in_thread,
+                          sync_client, watchdog)  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
@@ -52,6 +58,20 @@ def apache_echo(tmp_path_factory) -> types.SimpleNamespace:
         ECHO_IDL, str(tmp_path_factory.mktemp("apache_echo")),
         "octo_echo_apache.Echo", "octo_echo_apache.Calc", "octo_echo_apache.ttypes")
     return types.SimpleNamespace(Echo=echo, Calc=calc, ttypes=ttypes)
+
+
+STRANGER_IDL = os.path.join(HERE, "idl", "stranger_shop.thrift")
+stranger = octo_core.load_idl(STRANGER_IDL)
+
+
+@pytest.fixture(scope="module")
+def apache_stranger(tmp_path_factory) -> types.SimpleNamespace:
+    """stranger_shop.thrift and its include compiled by Apache's ``thrift -r --gen py``."""
+    shop, ttypes, base = apache_generate(
+        STRANGER_IDL, str(tmp_path_factory.mktemp("apache_stranger")),
+        "octo_stranger_apache.shop.Shop", "octo_stranger_apache.shop.ttypes",
+        "octo_stranger_apache.base.ttypes")
+    return types.SimpleNamespace(Shop=shop, ttypes=ttypes, base=base)
 
 
 @contextlib.contextmanager
@@ -154,6 +174,81 @@ class ApacheEchoHandler:
 
     def whoami(self) -> str:
         return "apache"
+
+
+class StrangerShop:
+    """``Shop`` of stranger_shop.thrift for either side: ``shop`` and ``base`` are
+    thriftpy2's modules (``stranger``, ``stranger.base``) or Apache's ``ttypes``."""
+
+    def __init__(self, shop: Any, base: Any) -> None:
+        self.shop, self.base = shop, base
+        self.audits: "queue.Queue[Tuple[str, int]]" = queue.Queue()
+
+    def ping(self) -> str:
+        return "pong"
+
+    def now(self) -> int:
+        return -(2 ** 63)
+
+    def fail_void(self, why: str) -> None:
+        if why:
+            raise self.base.BaseError(message=why)   # code: its default, -1
+
+    def get(self, id: str) -> Any:
+        if id == "missing":
+            raise self.shop.NotFound(message="no such order", id=id)
+        shop, status = self.shop, self.base.Status
+        return shop.Order(id=id, status=status.NEXT, stamps={-1},
+                          by_status={status.DELETED: [shop.Price()], status.NEXT: []},
+                          ratio=float("-inf"), raw=b"\x00\xff",
+                          tree=shop.Tree(name="root", kids=[shop.Tree(name="leaf", kids=[])]))
+
+    def statuses(self) -> dict:
+        return {self.base.Status.DELETED: "deleted", self.base.Status.NEXT: "next"}
+
+    def audit(self, what: str, at: int) -> None:
+        self.audits.put((what, at))
+
+    def measure(self, x: float) -> float:
+        return x
+
+
+def stranger_calls(client: Any, shop: Any, base: Any, as_bytes: Any) -> None:
+    """The calls either side's client makes of a Shop server, checked against what
+    ``StrangerShop`` answers; ``as_bytes`` serializes that client's structs."""
+    expected = StrangerShop(stranger, stranger.base)
+    assert client.ping() == "pong" and client.now() == -(2 ** 63)   # inherited, no arguments
+    assert client.fail_void("") is None
+    with pytest.raises(base.BaseError) as failed:
+        client.fail_void("why")
+    assert (failed.value.message, failed.value.code) == ("why", -1)
+    assert as_bytes(client.get("o1")) == codec.encode(expected.get("o1"))
+    with pytest.raises(shop.NotFound) as missing:
+        client.get("missing")
+    assert (missing.value.message, missing.value.id) == ("no such order", "missing")
+    assert client.statuses() == {-100: "deleted", 51: "next"}
+    client.audit("checked", -1)
+    assert math.isnan(client.measure(float("nan")))
+    assert math.copysign(1.0, client.measure(-0.0)) == -1.0
+
+
+def test_apache_client_of_a_stranger_idl_against_our_server(apache_stranger):
+    """Apache's generated client of an IDL with an include from a subdirectory,
+    typedefs of typedefs, struct defaults and a service that extends another:
+    its inherited and own methods, values compared as bytes."""
+    handler = StrangerShop(stranger, stranger.base)
+    with serving_in_thread([(stranger.Shop, handler, None)]) as server, \
+            apache_client(apache_stranger.Shop, server.address, "accelerated") as client:
+        stranger_calls(client, apache_stranger.ttypes, apache_stranger.base, serialize)
+        assert handler.audits.get(timeout=5) == ("checked", -1)
+
+
+def test_our_client_of_a_stranger_idl_against_apache_server(apache_stranger):
+    handler = StrangerShop(apache_stranger.ttypes, apache_stranger.base)
+    with apache_server(apache_stranger.Shop.Processor(handler), "binary") as (host, port), \
+            sync_client(stranger.Shop, f"{host}:{port}", protocol="thrift", timeout=5.0) as client:
+        stranger_calls(client, stranger, stranger.base, codec.encode)
+        assert handler.audits.get(timeout=5) == ("checked", -1)
 
 
 @pytest.fixture
