@@ -647,3 +647,85 @@ def test_misread_options_are_refused_when_the_client_is_made(options, error, say
     arguments.update(options)
     with pytest.raises(error, match=says):
         octo_core.AsyncClient(Echo, **arguments)
+
+
+class _Gated(EchoHandler):
+    """``slow`` answers once ``gate`` is set (a coroutine, or with ``plain`` a
+    function on a business thread)."""
+
+    def __init__(self, plain: bool = False) -> None:
+        super().__init__()
+        self.started = threading.Event()
+        self.gate = threading.Event()
+        if plain:
+            self.slow = self._plain_slow   # type: ignore[method-assign]
+
+    def _plain_slow(self, text: str, delay_ms: int) -> str:
+        self.started.set()
+        self.gate.wait(10)
+        return text
+
+    async def slow(self, text: str, delay_ms: int) -> str:
+        self.started.set()
+        while not self.gate.is_set():
+            await asyncio.sleep(0.01)
+        return text
+
+
+def test_a_close_with_grace_refuses_new_calls_and_lets_those_in_flight_end():
+    handler = _Gated()
+
+    async def main() -> None:
+        async with serving(echo_services(handler)) as server:
+            client = octo_core.AsyncClient(Echo, appkey=CLIENT_APPKEY, hosts=[server.address],
+                                           timeout=10.0)
+            call = asyncio.ensure_future(client.slow("in flight", 0))
+            await wait_until(handler.started.is_set, 5, "the call")
+            closing = asyncio.ensure_future(client.close(grace=10.0))
+            await asyncio.sleep(0.05)
+            with pytest.raises(ClientClosed):
+                await client.echo("new")
+            assert not closing.done() and not call.done()
+            handler.gate.set()
+            assert await call == "in flight"
+            await asyncio.wait_for(closing, 5)
+
+    run(main())
+
+
+def test_a_close_whose_grace_runs_out_fails_the_calls_still_in_flight():
+    handler = _Gated()
+
+    async def main() -> None:
+        async with serving(echo_services(handler)) as server:
+            client = octo_core.AsyncClient(Echo, appkey=CLIENT_APPKEY, hosts=[server.address],
+                                           timeout=10.0)
+            call = asyncio.ensure_future(client.slow("in flight", 0))
+            await wait_until(handler.started.is_set, 5, "the call")
+            await client.close(grace=0.05)
+            with pytest.raises(TransportError):
+                await call
+            handler.gate.set()
+        with pytest.raises(ValueError, match="grace"):
+            await client.close(grace=-1)
+
+    run(main())
+
+
+def test_a_blocking_close_with_grace_waits_for_the_calls_of_other_threads():
+    handler = _Gated(plain=True)
+    with serving_in_thread(echo_services(handler)) as server:
+        client = octo_core.Client(Echo, appkey=CLIENT_APPKEY, hosts=[server.address],
+                                  timeout=10.0)
+        call = client.future.slow("in flight", 0)
+        assert handler.started.wait(5)
+        closing = threading.Thread(target=client.close, kwargs=dict(grace=10.0))
+        closing.start()
+        wait_until_sync(lambda: client._closed, 5, "the close")
+        with pytest.raises(ClientClosed):
+            client.echo("new")
+        assert closing.is_alive()
+        handler.gate.set()
+        assert call.result(5) == "in flight"
+        closing.join(5)
+        assert not closing.is_alive()

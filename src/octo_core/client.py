@@ -97,6 +97,9 @@ _MULTIPLEXED_UNHEARD_HINTS = {
 }
 _OCTO_UNHEARD_HINT = "; an octo_core server does so only with a request over its max_frame_size)"
 
+#: Seconds between a draining close's looks at the calls still in flight.
+_DRAIN_POLL = 0.01
+
 #: Seconds of silence from a node before a unified connection is sent a heartbeat.
 DEFAULT_HEARTBEAT_INTERVAL = 30.0
 
@@ -693,11 +696,15 @@ class AsyncClient:
                     "is that the server's appkey, and the token the server holds for this one?)")
         return ""
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 0.0) -> None:
         """Close every connection; calls still waiting (connecting too) fail with
-        ``TransportError``. From another event loop than the client's, the closing
-        is handed to the client's loop if it still runs (its connections live
-        there), and is left to that loop's own closing if not."""
+        ``TransportError``. With ``grace`` (seconds), calls made from now on are
+        refused at once (``ClientClosed``), but those in flight get up to that
+        long to end first (a gateway's drain). From another event loop than the
+        client's, the closing is handed to the client's loop if it still runs
+        (its connections live there), and is left to that loop's own closing if
+        not."""
+        grace = finite_number("grace", grace, zero_ok=True)
         self._closed = True
         self._loop_thread = None     # every call now takes the slow path, which refuses it
         if self._collected is not None:
@@ -706,9 +713,9 @@ class AsyncClient:
             return
         loop = self._loop
         if loop is None or loop is asyncio.get_running_loop():
-            await self._shutdown()
+            await self._shutdown(grace)
         elif loop.is_running():
-            asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
+            asyncio.run_coroutine_threadsafe(self._shutdown(grace), loop)
 
     def _inherited_by_fork(self) -> None:
         """In a child of ``os.fork()``: every call is refused, and nothing of the
@@ -726,10 +733,20 @@ class AsyncClient:
         return (self._cluster, self._endpoints, self._retired, directory,
                 directory.registry if directory is not None and self._owns_registry else None)
 
-    async def _shutdown(self) -> None:
+    async def _shutdown(self, grace: float = 0.0) -> None:
+        if grace:
+            await self._drained(grace)
         if self._discovery is not None:
             self._discovery.cancel()   # the first calls waiting for it fail as closed
         await _close_parts(*self._parts())
+
+    async def _drained(self, grace: float) -> None:
+        """Wait, ``grace`` seconds at most, until no call is in flight. (A poll: a
+        close's, so that no call pays for telling one it has ended.)"""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + grace
+        while any(stats.in_flight for _, stats in self.metrics.items()) and loop.time() < until:
+            await asyncio.sleep(min(_DRAIN_POLL, max(0.0, until - loop.time())))
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -1090,8 +1107,11 @@ class Client:
         call.__qualname__ = f"{self.service.__name__}.{method.name}"
         return call
 
-    def close(self) -> None:
-        """Close the connections and stop the loop thread (see the class docstring)."""
+    def close(self, grace: float = 0.0) -> None:
+        """Close the connections and stop the loop thread (see the class docstring);
+        ``grace`` as in ``AsyncClient.close``: new calls are refused at once, those
+        in flight get up to that long to end first."""
+        grace = finite_number("grace", grace, zero_ok=True)
         # Once, never waiting: from a signal handler that interrupted a close(), a call
         # or a reopening on its thread, it returns (that close() goes on) or closes.
         if not self._closing.acquire(blocking=False):
@@ -1104,13 +1124,14 @@ class Client:
         if threading.get_ident() == self._thread.ident:   # from a callback: cannot wait for itself
             _close_soon(self._thread, self._async)
             return
-        closing = self._thread.submit(_close_on_loop(self._thread, self._async))
+        closing = self._thread.submit(_close_on_loop(self._thread, self._async, grace))
         try:
-            if not concurrent.futures.wait([closing], _CLOSE_WAIT).done:
+            if not concurrent.futures.wait([closing], _CLOSE_WAIT + grace).done:
                 raise TransportError(
                     f"close(): the client's I/O thread ({_IO_THREAD}, ident "
                     f"{self._thread.ident}) is stuck (in a callback?): it did not close the "
-                    f"client within {_CLOSE_WAIT:.3g}s; it closes it, and ends, once free")
+                    f"client within {_CLOSE_WAIT + grace:.3g}s; it closes it, and ends, "
+                    "once free")
             closing.result()
         finally:
             if closing.done():
@@ -1160,10 +1181,10 @@ _CLOSE_WAIT = _CLOSE_GRACE + 5.0
 _IO_THREAD = "octo-client"
 
 
-async def _close_on_loop(thread: LoopThread, client: AsyncClient) -> None:
+async def _close_on_loop(thread: LoopThread, client: AsyncClient, grace: float = 0.0) -> None:
     """Close a blocking client's ``AsyncClient`` on its loop; its calls get their
     errors before the loop stops (the stopping loop would cancel them)."""
-    await AsyncClient.close(client)
+    await AsyncClient.close(client, grace)
     await thread.settle(_CLOSE_GRACE)
 
 
