@@ -17,7 +17,7 @@ import ssl as _ssl
 import time
 import warnings
 import weakref
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 from thriftpy2.thrift import TApplicationException, TMessageType
 
@@ -31,6 +31,7 @@ from octo_core.checks import count, finite_number
 from octo_core.codec import Limits, _check_limits
 from octo_core.errors import CallTimeout, DecodeError, EncodeError, SecurityError, Status
 from octo_core.metrics import Metrics, MethodStats, RecentRates, prometheus_text
+from octo_core.middleware import Middleware, is_coroutine_function, wrapped
 from octo_core.protocol import Frame, MessageType, NodeStatus
 from octo_core.quotas import Quotas
 from octo_core.reply import Reply
@@ -411,6 +412,10 @@ class Server:
     and the node's status at ``/health`` (a readiness probe's): ``ALIVE`` with
     200, else with 503 (``STOPPING`` from the moment a stop begins: both stay
     served until it ends).
+    ``middleware``: functions of the application's around every call of the
+    services added (logging, checks, translating errors; see
+    ``octo_core.middleware``), the first outermost.
+
     A handler's undeclared exception is logged (``octo_core.server``, ERROR),
     its traceback with the first of each service, method and exception type
     (and with one after 10 s without any), then a record every 10 s at most
@@ -436,7 +441,8 @@ class Server:
                  unregister_delay: float = 1.0,
                  require_registry: bool = False,
                  metrics_port: Optional[int] = None,
-                 cancel_past_deadline: bool = False) -> None:
+                 cancel_past_deadline: bool = False,
+                 middleware: Sequence[Middleware] = ()) -> None:
         count("business_threads", business_threads)
         count("business_queue", business_queue, 0)
         count("pause_reading_at", pause_reading_at, 2)
@@ -481,6 +487,9 @@ class Server:
         self.require_registry = require_registry
         self.metrics_port = metrics_port
         self.cancel_past_deadline = cancel_past_deadline
+        if callable(middleware) or not all(callable(layer) for layer in middleware):
+            raise TypeError(f"middleware is a list of functions, not {middleware!r}")
+        self.middleware = tuple(middleware)
         self._metrics_http: Optional[Listeners] = None
         self.status = NodeStatus.STARTING
         # stopping, and saying so (registry, heartbeats) while calls are still served
@@ -579,8 +588,8 @@ class Server:
             _check_structs(name, declared)
         handlers = {}
         for method in methods:
-            fn = getattr(handler, method)
-            runs = _COROUTINE if _is_coroutine_function(fn) else _INLINE if inline else _POOLED
+            fn = wrapped(self.middleware, name, method, getattr(handler, method))
+            runs = _COROUTINE if is_coroutine_function(fn) else _INLINE if inline else _POOLED
             handlers[method] = (fn, runs, _argv(methods[method]))
         entry = _Service(name, service, methods, handlers)
         self._services[name] = entry
@@ -1407,13 +1416,6 @@ async def _refuse_a_live_socket(path: str) -> None:
         return
     writer.close()
     raise OSError(errno.EADDRINUSE, f"a server is already listening at unix://{path}")
-
-
-def _is_coroutine_function(fn: Callable[..., Any]) -> bool:
-    """Does calling ``fn`` give a coroutine? (async functions, partials of them, and
-    objects with an async ``__call__``; other callables run on a business thread.)"""
-    return (inspect.iscoroutinefunction(fn)
-            or inspect.iscoroutinefunction(getattr(fn, "__call__", None)))
 
 
 class _PooledCall:
