@@ -672,15 +672,21 @@ class _Gated(EchoHandler):
         return text
 
 
+async def _call_in_flight(handler: _Gated, address: str) -> Tuple[octo_core.AsyncClient,
+                                                                  "asyncio.Future[str]"]:
+    """A client to ``address`` with one call of ``slow`` waiting at ``handler``'s gate."""
+    client = octo_core.AsyncClient(Echo, appkey=CLIENT_APPKEY, hosts=[address], timeout=10.0)
+    call = asyncio.ensure_future(client.slow("in flight", 0))
+    await wait_until(handler.started.is_set, 5, "the call")
+    return client, call
+
+
 def test_a_close_with_grace_refuses_new_calls_and_lets_those_in_flight_end():
     handler = _Gated()
 
     async def main() -> None:
         async with serving(echo_services(handler)) as server:
-            client = octo_core.AsyncClient(Echo, appkey=CLIENT_APPKEY, hosts=[server.address],
-                                           timeout=10.0)
-            call = asyncio.ensure_future(client.slow("in flight", 0))
-            await wait_until(handler.started.is_set, 5, "the call")
+            client, call = await _call_in_flight(handler, server.address)
             closing = asyncio.ensure_future(client.close(grace=10.0))
             await asyncio.sleep(0.05)
             with pytest.raises(ClientClosed):
@@ -698,10 +704,7 @@ def test_a_close_whose_grace_runs_out_fails_the_calls_still_in_flight():
 
     async def main() -> None:
         async with serving(echo_services(handler)) as server:
-            client = octo_core.AsyncClient(Echo, appkey=CLIENT_APPKEY, hosts=[server.address],
-                                           timeout=10.0)
-            call = asyncio.ensure_future(client.slow("in flight", 0))
-            await wait_until(handler.started.is_set, 5, "the call")
+            client, call = await _call_in_flight(handler, server.address)
             await client.close(grace=0.05)
             with pytest.raises(TransportError):
                 await call

@@ -17,7 +17,7 @@ import ipaddress
 import logging
 import ssl
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterator, List
 
 import pytest
 from thriftpy2.thrift import TApplicationException
@@ -1261,6 +1261,21 @@ class _PassCounting(EchoHandler):
         return text
 
 
+@contextlib.contextmanager
+def _counting_passes(handler: _PassCounting) -> Iterator[None]:
+    """Count the running loop's passes in ``handler.passes`` inside the block."""
+    loop = asyncio.get_running_loop()
+
+    def tick() -> None:
+        handler.passes[0] += 1
+        ticking[0] = loop.call_soon(tick)
+    ticking = [loop.call_soon(tick)]
+    try:
+        yield
+    finally:
+        ticking[0].cancel()
+
+
 def test_frames_inflating_past_a_batch_take_turns_with_other_connections(monkeypatch):
     """A read whose compressed frames inflate past ``READ_BATCH`` is served a batch
     a loop pass, so a peer's compression bombs cannot hold the loop for a whole
@@ -1272,13 +1287,7 @@ def test_frames_inflating_past_a_batch_take_turns_with_other_connections(monkeyp
     count = 6
 
     async def main():
-        loop = asyncio.get_running_loop()
-
-        def tick() -> None:
-            handler.passes[0] += 1
-            ticking[0] = loop.call_soon(tick)
-        ticking = [loop.call_soon(tick)]
-        try:
+        with _counting_passes(handler):
             async with serving(echo_services(handler)) as server, \
                     raw_connection(server.address) as raw:
                 gzip = protocol.DEFAULT_FLAGS | protocol.FLAG_GZIP
@@ -1289,8 +1298,6 @@ def test_frames_inflating_past_a_batch_take_turns_with_other_connections(monkeyp
                 frames = await raw.read_frames(count)
                 assert sorted(f.head.sequence_id for f in frames) == list(range(count))
                 assert all(f.head.status == 0 for f in frames)
-        finally:
-            ticking[0].cancel()
 
     run(main())
     assert len(handler.seen) == count
@@ -1307,14 +1314,8 @@ def test_many_peers_each_sending_one_frame_that_inflates_a_lot_take_turns(monkey
     count = 6
 
     async def main():
-        loop = asyncio.get_running_loop()
-
-        def tick() -> None:
-            handler.passes[0] += 1
-            ticking[0] = loop.call_soon(tick)
-        ticking = [loop.call_soon(tick)]
         gzip = protocol.DEFAULT_FLAGS | protocol.FLAG_GZIP
-        try:
+        with _counting_passes(handler):
             async with serving(echo_services(handler)) as server, \
                     contextlib.AsyncExitStack() as stack:
                 peers = [await stack.enter_async_context(raw_connection(server.address))
@@ -1325,8 +1326,6 @@ def test_many_peers_each_sending_one_frame_that_inflates_a_lot_take_turns(monkey
                 for seq, raw in enumerate(peers):
                     [frame] = await raw.read_frames(1)
                     assert frame.head.sequence_id == seq and frame.head.status == 0
-        finally:
-            ticking[0].cancel()
 
     run(main())
     assert len(handler.seen) == count
