@@ -922,18 +922,68 @@ def test_metrics_request_with_bare_lf_line_endings_is_answered(monkeypatch):
     run(main())
 
 
-def test_metrics_connections_beyond_the_cap_are_refused_at_accept():
+def test_a_scrape_beyond_the_cap_takes_the_place_of_the_oldest_head_still_coming(monkeypatch):
+    # A few peers trickling request heads (a byte now and then, or none) held every
+    # slot: health probes were refused for as long as they kept it up.
+    monkeypatch.setattr(http, "READ_TIMEOUT", 30.0)
+
     async def main():
         async with _metrics_endpoint() as port:
-            idle = [await asyncio.open_connection("127.0.0.1", port)
+            slow = [await asyncio.open_connection("127.0.0.1", port)
                     for _ in range(http.MAX_CONNECTIONS)]
             try:
-                # an extra connection is closed unanswered, not kept waiting
-                assert await _exchange(port, b"") == b""
+                for _, writer in slow:
+                    writer.write(b"GET /met")
+                answer = await asyncio.wait_for(_exchange(port, b"GET /health HTTP/1.1\r\n\r\n"), 10)
+                assert answer.startswith(b"HTTP/1.1 404 Not Found")   # (no health here)
+                oldest, newest = slow[0][0], slow[-1][0]
+                assert await asyncio.wait_for(oldest.read(), 10) == b""   # dropped for it
+                slow[-1][1].write(b"rics HTTP/1.1\r\n\r\n")           # the others are served
+                assert (await asyncio.wait_for(newest.read(), 10)).startswith(b"HTTP/1.1 200 OK")
             finally:
-                for _, writer in idle:
+                for _, writer in slow:
                     writer.close()
-            # the slots free as the idle ones go: a scrape is served again
+    run(main())
+
+
+def _metrics_handlers() -> list:
+    """The metrics endpoint's connection handlers still running."""
+    return [t for t in asyncio.all_tasks() if "serve_metrics" in t.get_coro().__qualname__]
+
+
+def _answer_began(sock: socket.socket) -> bool:
+    """Whether the first bytes of an answer reached ``sock`` (non-blocking; left unread)."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK))
+    except BlockingIOError:
+        return False
+
+
+def test_metrics_connections_beyond_the_cap_are_refused_while_all_are_answered(monkeypatch):
+    monkeypatch.setattr(http, "WRITE_TIMEOUT", 30.0)
+
+    async def main():
+        # far more than the socket buffers hold: each answer waits for its reader
+        async with _metrics_endpoint(lambda: "x" * 8_000_000) as port:
+            loop = asyncio.get_running_loop()
+            readers = []
+            try:
+                for _ in range(http.MAX_CONNECTIONS):
+                    sock = socket.socket()
+                    readers.append(sock)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+                    sock.setblocking(False)
+                    await loop.sock_connect(sock, ("127.0.0.1", port))
+                    sock.send(b"GET /metrics HTTP/1.1\r\n\r\n")   # and read nothing
+                    await wait_until(lambda: _answer_began(sock), what="the answer to begin")
+                # an extra connection is closed unanswered, not kept waiting; none of
+                # the answers being sent is dropped for it
+                assert await _exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n") == b""
+                assert len(_metrics_handlers()) == http.MAX_CONNECTIONS
+            finally:
+                for sock in readers:
+                    sock.close()
+            # the slots free as they go: a scrape is served again
             answers: List[bytes] = []
 
             async def scrape_until_served():
@@ -947,9 +997,6 @@ def test_metrics_connections_beyond_the_cap_are_refused_at_accept():
 def test_metrics_answer_to_a_client_that_never_reads_is_dropped(monkeypatch):
     monkeypatch.setattr(http, "WRITE_TIMEOUT", 0.2, raising=False)
 
-    def handlers() -> list:
-        return [t for t in asyncio.all_tasks() if "serve_metrics" in t.get_coro().__qualname__]
-
     async def main():
         # far more than the socket buffers hold
         async with _metrics_endpoint(lambda: "x" * 8_000_000) as port:
@@ -959,8 +1006,8 @@ def test_metrics_answer_to_a_client_that_never_reads_is_dropped(monkeypatch):
             try:
                 await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
                 sock.send(b"GET /metrics HTTP/1.1\r\n\r\n")   # and never read
-                await wait_until(lambda: handlers(), what="the handler to start")
-                await wait_until(lambda: not handlers(), timeout=10,
+                await wait_until(lambda: _metrics_handlers(), what="the handler to start")
+                await wait_until(lambda: not _metrics_handlers(), timeout=10,
                                  what="the stalled answer to be dropped")
             finally:
                 sock.close()

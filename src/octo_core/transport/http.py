@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 from octo_core.transport.address import Listeners, listen
 
@@ -14,8 +14,8 @@ log = logging.getLogger("octo_core.transport")
 MAX_REQUEST_HEAD = 8192        # a scrape request is a few hundred bytes
 READ_TIMEOUT = 5.0
 WRITE_TIMEOUT = 5.0            # a scraper that stops reading loses its answer
-# Scrapers are few: more connections than this at once are refused at accept, so
-# idle connections cannot use up the process's file descriptors (and the RPC port's).
+# Scrapers are few: more connections than this at once are not kept, so idle
+# connections cannot use up the process's file descriptors (and the RPC port's).
 MAX_CONNECTIONS = 16
 
 
@@ -73,33 +73,52 @@ async def serve_metrics(render: Callable[[], str], host: str = "127.0.0.1",
 
     Each connection gets one answer and is closed; a request head over 8 KiB or
     slower than 5 s is dropped, and so is an answer the client does not take
-    within 5 s. At most ``MAX_CONNECTIONS`` are served at once; more are closed
-    as they come. Returns the listening server (``.close()`` it).
+    within 5 s. At most ``MAX_CONNECTIONS`` are served at once: one more takes the
+    place of the oldest still sending its request head (a few peers trickling
+    heads, or sending none, would otherwise keep every probe out), or is closed
+    at once when all are answering. Returns the listening server (``.close()`` it).
     """
-    active = 0
+    # each connection served, oldest first: True while it is still sending its head
+    served: Dict[asyncio.StreamWriter, bool] = {}
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal active
-        if active >= MAX_CONNECTIONS:
-            log.debug("metrics connection refused: %d already open", active)
+        if not _make_room(served):
+            log.debug("metrics connection refused: %d answers being sent", len(served))
             writer.close()
             return
-        active += 1
+        served[writer] = True
         # drain() then waits for the whole answer, so close() leaves nothing buffered
         writer.transport.set_write_buffer_limits(high=0)
         try:
             head = await asyncio.wait_for(_read_head(reader), READ_TIMEOUT)
+            if writer not in served:   # dropped for a newer one as its head came in
+                return
+            served[writer] = False
             writer.write(_response(head, render, health))
             await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
         except (asyncio.TimeoutError, _BadRequest, ConnectionError) as exc:
             log.debug("metrics request dropped: %s", exc)
             writer.transport.abort()   # nothing worth flushing to this client
         finally:
-            active -= 1
+            served.pop(writer, None)
             writer.close()
 
     return await listen(functools.partial(asyncio.start_server, answer, limit=MAX_REQUEST_HEAD),
                         host, port)
+
+
+def _make_room(served: Dict[asyncio.StreamWriter, bool]) -> bool:
+    """Whether one more connection may be served: below the cap, or once the
+    oldest connection still sending its head is dropped to make room for it."""
+    if len(served) < MAX_CONNECTIONS:
+        return True
+    slowest = next((writer for writer, reading in served.items() if reading), None)
+    if slowest is None:
+        return False
+    del served[slowest]   # (its own handler ends as its read fails)
+    log.debug("metrics connection dropped for a newer one: its request head is late")
+    slowest.transport.abort()
+    return True
 
 
 def bound_port(server: Listeners) -> Optional[int]:
