@@ -29,6 +29,7 @@ from octo_core.cluster.breaker import BreakerState
 from octo_core.protocol import NodeStatus
 from octo_core.auth import Authenticator, StaticTokens
 from octo_core.transport import server as server_conn
+from octo_core.transport.loop import new_event_loop
 from octo_core.errors import (ApplicationError, CallTimeout, DegradeError, OctoError, RpcError,
                               Status, TransportError)
 
@@ -153,6 +154,23 @@ def test_max_connections_defaults_to_below_the_open_file_limit(monkeypatch):
             assert await echo_on(held[0], 100) == "ok"
 
     run(main())
+
+
+def test_max_connections_leaves_room_for_what_asyncio_accepts_before_it_refuses(monkeypatch):
+    # asyncio's own loop keeps up to four listen backlogs (400) of accepted sockets
+    # open before a refused one closes: with 128 spare, a peer redialling past the
+    # cap ran a process at 1024 open files out of them (accept failed with EMFILE,
+    # over and over, each logged with its traceback). uvloop closes them at once.
+    import resource
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (2048, 4096))
+    stdlib, uv = asyncio.new_event_loop(), new_event_loop()
+    try:
+        assert isinstance(stdlib, asyncio.selector_events.BaseSelectorEventLoop)
+        assert server_module._fd_connections(stdlib) == 2048 - 128 - 400
+        assert server_module._fd_connections(uv) == 2048 - 2048 // 8
+    finally:
+        stdlib.close()
+        uv.close()
 
 
 def test_refused_connections_are_logged_a_line_at_a_time_with_a_count(caplog, monkeypatch):

@@ -145,10 +145,15 @@ def _runs_alike(one: _Service, other: _Service, method: str) -> bool:
 _EVERY_INTERFACE = ("", "0.0.0.0", "::")
 
 
-#: Descriptors ``max_connections`` leaves free by default, at least: asyncio
-#: accepts up to its listen backlog (100) connections in one loop pass before
-#: any is refused, and the process has other files (its clients, registry, logs).
+#: Descriptors ``max_connections`` leaves free by default, at least: the process
+#: has other files (its clients, registry, logs, the metrics endpoint).
 _SPARE_FDS = 128
+#: ... and on asyncio's own loop (not uvloop's), the sockets it accepted and has not
+#: closed yet: it accepts up to its listen backlog (100) a loop pass, and a refused
+#: connection closes three passes after its accept (a task makes its transport, which
+#: calls connection_made a pass later, whose abort closes it a pass after that). A
+#: peer redialling past ``max_connections`` keeps that many open.
+_ACCEPTED_UNCLOSED = 4 * 100
 
 
 def _check_structs(service: str, method: idl.Method) -> None:
@@ -163,10 +168,11 @@ def _check_structs(service: str, method: idl.Method) -> None:
                              f"{cls.__name__}: {exc}") from None
 
 
-def _fd_connections() -> Optional[int]:
+def _fd_connections(loop: asyncio.AbstractEventLoop) -> Optional[int]:
     """``max_connections`` by default: the open-file soft limit (RLIMIT_NOFILE) less
-    an eighth of it, or less ``_SPARE_FDS``, whichever leaves more, but at least
-    half of it; None where there is no such limit. A server that runs out of
+    an eighth of it, or less what must stay spare on ``loop`` (``_SPARE_FDS``, and
+    ``_ACCEPTED_UNCLOSED`` on asyncio's own loop), whichever leaves more, but at
+    least half of it; None where there is no such limit. A server that runs out of
     descriptors cannot refuse anyone: the loop fails to accept, over and over."""
     try:
         import resource
@@ -175,7 +181,10 @@ def _fd_connections() -> Optional[int]:
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if soft == resource.RLIM_INFINITY:
         return None
-    return max(soft // 2, soft - max(soft // 8, _SPARE_FDS))
+    spare = _SPARE_FDS
+    if isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
+        spare += _ACCEPTED_UNCLOSED
+    return max(soft // 2, soft - max(soft // 8, spare))
 
 
 def _check_listen_address(host: Any, port: Any) -> None:
@@ -347,7 +356,9 @@ class Server:
     string and container lengths, nesting, objects per decode) for the thrift
     messages, bound what one request may cost; ``max_connections`` (more are
     closed on accept; by default the open-file limit, RLIMIT_NOFILE, at ``start``,
-    less an eighth or 128, whichever is more, never below half: a server out of
+    less an eighth or 128 (528 on asyncio's own loop, which keeps up to 400
+    refused sockets open while a peer redials), whichever is more, never below
+    half: a server out of
     descriptors cannot even accept a connection to refuse it; the default is
     each server's and counts connections once their TLS handshake is done, so
     give it yourself for several servers in one process),
@@ -625,7 +636,7 @@ class Server:
 
         max_connections = self.max_connections
         if max_connections is None:
-            max_connections = _fd_connections()
+            max_connections = _fd_connections(self._loop)
 
         partial = (None if self.max_partial_bytes is None
                    else PartialFrames(self.max_partial_bytes))
