@@ -946,6 +946,20 @@ def test_a_scrape_beyond_the_cap_takes_the_place_of_the_oldest_head_still_coming
     run(main())
 
 
+@pytest.mark.parametrize("rules, served", [({"deny": ["127.0.0.0/8"]}, False),
+                                            ({"allow": ["10.0.0.0/8"]}, True)])
+def test_the_deny_list_keeps_its_peers_off_the_metrics_port_too(rules, served):
+    # The metrics name every method hosted, which a denied peer may not learn on the
+    # RPC port; the allow list says who may call: scrapers and probes are not callers.
+    async def main():
+        auth = Authenticator(StaticTokens({CLIENT_APPKEY: "t"}), **rules)
+        async with serving(echo_services(), auth=auth, metrics_port=0) as server:
+            for path in ("/metrics", "/health"):
+                answer = await _exchange(server.metrics_port, f"GET {path} HTTP/1.1\r\n\r\n".encode())
+                assert answer.startswith(b"HTTP/1.1 200 OK") if served else answer == b""
+    run(main())
+
+
 def _metrics_handlers() -> list:
     """The metrics endpoint's connection handlers still running."""
     return [t for t in asyncio.all_tasks() if "serve_metrics" in t.get_coro().__qualname__]

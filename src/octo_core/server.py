@@ -415,7 +415,8 @@ class Server:
     have), waiting for each registry call no longer either. With
     ``require_registry=True`` such a start fails instead (``RegistryError``;
     ``RegistryTimeout`` when no answer came), leaving nothing behind. With
-    ``auth``, a peer on its deny list is refused when it connects.
+    ``auth``, a peer on its deny list is refused when it connects (to the
+    metrics port too).
 
     Sight: ``stats()``; with ``metrics_port`` (0 picks a free one: ``metrics_port``
     holds it once started, and the start's log line names it) the metrics
@@ -690,7 +691,7 @@ class Server:
                 http_host = "127.0.0.1" if self.unix_path is not None else self.host
                 self._metrics_http = await serve_metrics(lambda: prometheus_text(self.metrics),
                                                          http_host, self.metrics_port,
-                                                         self._health)
+                                                         self._health, self._admit_peer)
                 self.metrics_port = bound_port(self._metrics_http)
             if self._registry_spec is not None:
                 await self._register()

@@ -43,6 +43,8 @@ async def _read_head(reader: asyncio.StreamReader) -> bytes:
 
 #: ``health()``: whether the process serves, and a word saying how it is ("ALIVE").
 Health = Callable[[], Tuple[bool, str]]
+#: ``admit(peer IP)``: why that peer may not connect at all, or None.
+Admit = Callable[[Optional[str]], Optional[str]]
 
 
 def _response(head: bytes, render: Callable[[], str], health: Optional[Health]) -> bytes:
@@ -66,10 +68,12 @@ def _response(head: bytes, render: Callable[[], str], health: Optional[Health]) 
 
 
 async def serve_metrics(render: Callable[[], str], host: str = "127.0.0.1",
-                        port: int = 0, health: Optional[Health] = None) -> Listeners:
+                        port: int = 0, health: Optional[Health] = None,
+                        admit: Optional[Admit] = None) -> Listeners:
     """Serve ``render()`` as Prometheus text at ``http://host:port/metrics``, and
     with ``health``, its word at ``/health``: 200 while it says the process
-    serves, else 503.
+    serves, else 503. A peer ``admit`` refuses is closed as it connects (the RPC
+    port's deny list: the metrics name the methods hosted).
 
     Each connection gets one answer and is closed; a request head over 8 KiB or
     slower than 5 s is dropped, and so is an answer the client does not take
@@ -82,6 +86,9 @@ async def serve_metrics(render: Callable[[], str], host: str = "127.0.0.1",
     served: Dict[asyncio.StreamWriter, bool] = {}
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if admit is not None and _refused(admit, writer):
+            writer.transport.abort()
+            return
         if not _make_room(served):
             log.debug("metrics connection refused: %d answers being sent", len(served))
             writer.close()
@@ -105,6 +112,16 @@ async def serve_metrics(render: Callable[[], str], host: str = "127.0.0.1",
 
     return await listen(functools.partial(asyncio.start_server, answer, limit=MAX_REQUEST_HEAD),
                         host, port)
+
+
+def _refused(admit: Admit, writer: asyncio.StreamWriter) -> bool:
+    """Whether ``admit`` refuses the peer of ``writer`` (logged at debug: the RPC
+    port logs such peers already, and a scraper on a deny list may come often)."""
+    peer = writer.get_extra_info("peername")
+    why = admit(peer[0] if isinstance(peer, tuple) else None)
+    if why:
+        log.debug("metrics connection from %s refused: %s", peer, why)
+    return bool(why)
 
 
 def _make_room(served: Dict[asyncio.StreamWriter, bool]) -> bool:
