@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 import contextvars
 import json
+import logging
 import math
 import re
 import socket
+import struct
 import time
 import types
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -958,6 +960,24 @@ def test_the_deny_list_keeps_its_peers_off_the_metrics_port_too(rules, served):
                 answer = await _exchange(server.metrics_port, f"GET {path} HTTP/1.1\r\n\r\n".encode())
                 assert answer.startswith(b"HTTP/1.1 200 OK") if served else answer == b""
     run(main())
+
+
+def test_a_scraper_that_resets_after_its_request_costs_the_log_nothing(caplog):
+    # uvloop refuses a write on a transport the peer reset: each such peer logged an
+    # "Unhandled exception" with its traceback, a line of log a connection at will.
+    async def main():
+        async with _metrics_endpoint() as port:
+            for _ in range(20):
+                sock = socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.connect(("127.0.0.1", port))
+                sock.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+                sock.close()   # with a reset
+            await wait_until(lambda: not _metrics_handlers(), what="the handlers to end")
+            assert (await _exchange(port, b"GET /metrics HTTP/1.1\r\n\r\n")).endswith(b"up 1\n")
+    with caplog.at_level(logging.ERROR):
+        run(main())
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def _metrics_handlers() -> list:

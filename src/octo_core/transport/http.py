@@ -98,8 +98,8 @@ async def serve_metrics(render: Callable[[], str], host: str = "127.0.0.1",
         writer.transport.set_write_buffer_limits(high=0)
         try:
             head = await asyncio.wait_for(_read_head(reader), READ_TIMEOUT)
-            if writer not in served:   # dropped for a newer one as its head came in
-                return
+            if writer.is_closing():   # the peer left, or was dropped for a newer one, as
+                return                # its head came in (uvloop raises on a write then)
             served[writer] = False
             writer.write(_response(head, render, health))
             await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
