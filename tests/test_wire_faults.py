@@ -29,6 +29,7 @@ from octo_core.errors import (ApplicationError, CallTimeout, DecodeError, Encode
                               RemoteError, RpcError, Status, TransportError)
 from octo_core.protocol import Header, NodeStatus
 from octo_core.throttle import Throttle
+from octo_core.transport.stream import FramedProtocol
 from octo_core.transport import server as server_conn
 from octo_core.transport import client as client_conn
 from octo_core.transport import stream
@@ -1448,3 +1449,26 @@ def test_a_peer_gone_before_its_big_answers_costs_no_log_line_per_answer(loop_fa
     with caplog.at_level(logging.WARNING):
         run_on(loop_factory, asyncio.wait_for(main(), 30))
     assert not [r for r in caplog.records if "socket.send() raised exception" in r.getMessage()]
+
+
+class _NamelessTransport(asyncio.Transport):
+    """A transport whose peer has no name (a TCP peer that reset before it was
+    asked, or any unix socket's), on a socket named ``local``."""
+
+    def __init__(self, local) -> None:
+        super().__init__()
+        self._local = local
+
+    def get_extra_info(self, name, default=None):
+        return self._local if name == "sockname" else default
+
+
+@pytest.mark.parametrize("local, named", [(("127.0.0.1", 9001), "a peer gone at once"),
+                                          ("/run/octo.sock", "/run/octo.sock"),
+                                          ("", "unix")])
+def test_a_peer_without_a_name_is_not_named_after_the_port(local, named):
+    # A TCP peer that reset before its name was asked was logged under the
+    # listening address, as if the server had sent the bad bytes itself.
+    conn = FramedProtocol()
+    conn.connection_made(_NamelessTransport(local))
+    assert conn.peer == named and conn.peer_ip is None

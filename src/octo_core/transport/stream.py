@@ -94,8 +94,10 @@ class FramedProtocol(asyncio.Protocol):
             self.peer_ip = peer[0]
         elif peer:
             self.peer = str(peer)
-        else:
-            self.peer = str(transport.get_extra_info("sockname") or "unix")
+        else:   # a unix socket's peer has no name: its path says which; a TCP peer reset
+            # before its name was asked has none either, and the port's is not it
+            local = transport.get_extra_info("sockname")
+            self.peer = "a peer gone at once" if isinstance(local, tuple) else str(local or "unix")
 
     def data_received(self, data: bytes) -> None:
         if self.discarding:
