@@ -358,10 +358,9 @@ class Server:
     closed on accept; by default the open-file limit, RLIMIT_NOFILE, at ``start``,
     less an eighth or 128 (528 on asyncio's own loop, which keeps up to 400
     refused sockets open while a peer redials), whichever is more, never below
-    half: a server out of
-    descriptors cannot even accept a connection to refuse it; the default is
-    each server's and counts connections once their TLS handshake is done, so
-    give it yourself for several servers in one process),
+    half: a server out of descriptors cannot even accept a connection to refuse
+    it; the default is each server's and counts connections once their TLS
+    handshake is done, so give it yourself for several servers in one process),
     ``max_in_flight`` and ``max_in_flight_per_connection`` (status 3 past them),
     ``max_in_flight_bytes`` (request bytes, as decoded, of every call running
     on the server, and 72 bytes, ``octo_core.server.OBJECT_BYTES``, per object
