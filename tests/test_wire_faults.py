@@ -1469,6 +1469,10 @@ class _NamelessTransport(asyncio.Transport):
 def test_a_peer_without_a_name_is_not_named_after_the_port(local, named):
     # A TCP peer that reset before its name was asked was logged under the
     # listening address, as if the server had sent the bad bytes itself.
-    conn = FramedProtocol()
-    conn.connection_made(_NamelessTransport(local))
+    async def made() -> FramedProtocol:   # (a protocol takes its loop when made)
+        conn = FramedProtocol()
+        conn.connection_made(_NamelessTransport(local))
+        return conn
+
+    conn = run(made())
     assert conn.peer == named and conn.peer_ip is None
