@@ -87,6 +87,19 @@ async def settle(tasks: List[asyncio.Future], refused: int, timeout: float = 5.0
 
 # --- max_connections ---------------------------------------------------------------
 
+@pytest.fixture
+def no_eviction(monkeypatch):
+    """No connection is quiet long enough to give its place to a newcomer."""
+    monkeypatch.setattr(server_module, "EVICTABLE_AFTER", 3600.0)
+
+
+@pytest.fixture
+def eviction_at_once(monkeypatch):
+    """Any quiet connection may give its place to a newcomer."""
+    monkeypatch.setattr(server_module, "EVICTABLE_AFTER", 0.0)
+
+
+@pytest.mark.usefixtures("no_eviction")
 def test_max_connections_closes_the_extra_connection_only():
     async def main():
         async with serving(echo_services(), max_connections=2) as server, \
@@ -116,6 +129,33 @@ def test_max_connections_closes_the_extra_connection_only():
     run(main())
 
 
+@pytest.mark.usefixtures("eviction_at_once")
+def test_at_max_connections_a_newcomer_takes_the_place_of_the_idlest_connection():
+    """Idle sockets (a peer's pile of them) would keep every newcomer out until
+    ``idle_timeout``: at the cap, the connection quiet longest lets a newcomer
+    in, its peer told first; one with a call running never does."""
+    handler = GatedHandler()
+
+    async def main():
+        async with serving(echo_services(handler), max_connections=1) as server, \
+                raw_connection(server.address) as busy:
+            await busy.send(unified_request("slow", Echo.slow_args(text="held", delay_ms=0), 1))
+            await wait_until(lambda: handler.running == 1, what="the call")
+            async with raw_connection(server.address) as refused:   # a call runs: no room
+                assert await refused.closed_by_peer()
+            handler.gate.set()
+            assert decode_body(await busy.read_frame(), Echo)[3].success == "held"
+            async with raw_connection(server.address) as newcomer:  # quiet now: room
+                assert await echo_on(newcomer, 1, "in") == "in"
+                notice = await busy.read_frame()                    # told, then closed
+                assert notice.head.sequence_id == protocol.CLOSE_NOTICE_SEQUENCE
+                assert await busy.closed_by_peer()
+                assert len(server._connections) == 1
+
+    run(main())
+
+
+@pytest.mark.usefixtures("no_eviction")
 def test_client_refused_by_max_connections_fails_fast_not_by_timeout():
     # The server closes the extra connection at once. A call on it must fail with a
     # TransportError saying so, not sit out its whole timeout as a CallTimeout
@@ -173,6 +213,7 @@ def test_max_connections_leaves_room_for_what_asyncio_accepts_before_it_refuses(
         uv.close()
 
 
+@pytest.mark.usefixtures("no_eviction")
 def test_refused_connections_are_logged_a_line_at_a_time_with_a_count(caplog, monkeypatch):
     # A peer redialling in a loop is refused every time: one warning per refusal
     # would let it fill the log at will. One is logged; the next counts the rest.

@@ -72,6 +72,10 @@ OBJECT_BYTES = 72
 #: requests held twenty times what ``max_in_flight_bytes`` counted of them.
 CALL_BYTES = 2048
 
+#: Seconds a connection must have been quiet (no call running) before one beyond
+#: ``max_connections`` may take its place.
+EVICTABLE_AFTER = 1.0
+
 #: Seconds a TLS client may take over its handshake (ms on any network that works).
 _TLS_HANDSHAKE_TIMEOUT = 10.0
 #: Seconds the server waits, at most, for peers told of a close to close their
@@ -354,8 +358,9 @@ class Server:
 
     Protection: ``max_frame_size``, and ``limits`` (``octo_core.codec.Limits``:
     string and container lengths, nesting, objects per decode) for the thrift
-    messages, bound what one request may cost; ``max_connections`` (more are
-    closed on accept; by default the open-file limit, RLIMIT_NOFILE, at ``start``,
+    messages, bound what one request may cost; ``max_connections`` (one more
+    takes the place of the connection quiet longest, a second at least with no
+    call running, its peer told first; else it is closed on accept; by default the open-file limit, RLIMIT_NOFILE, at ``start``,
     less an eighth or 128 (528 on asyncio's own loop, which keeps up to 400
     refused sockets open while a peer redials), whichever is more, never below
     half: a server out of descriptors cannot even accept a connection to refuse
@@ -650,7 +655,7 @@ class Server:
                                     self.pause_reading_bytes, admit=self._admit_peer,
                                     max_depth=self.limits.max_depth if self.limits
                                     else protocol.DEFAULT_MAX_DEPTH, partial=partial,
-                                    inflate=inflate)
+                                    inflate=inflate, make_room=self._let_idlest_go)
 
         # A TLS handshake comes before any frame and any of the limits on frames:
         # a peer that stalls it may hold its socket this long, no longer.
@@ -1020,6 +1025,27 @@ class Server:
                     self._close_idle(conn, now)
                 else:
                     conn.told_idle_at = None   # (busy again: a later idle spell tells it anew)
+
+    def _let_idlest_go(self) -> bool:
+        """At ``max_connections``, a new connection takes the place of the one idle
+        longest (no call running, nothing arriving, quiet ``EVICTABLE_AFTER``
+        seconds at least), whose peer is told first as at an idle close: else
+        idle sockets, a peer's pile of them, would keep every newcomer out until
+        ``idle_timeout``. Returns whether one was let go."""
+        assert self._loop is not None   # (connections come once started)
+        quiet_since = self._loop.time() - EVICTABLE_AFTER
+        idle = [conn for conn in self._connections
+                if not conn.in_flight and conn.frame_started is None and not conn.closed
+                and conn.last_read <= quiet_since]
+        if not idle:
+            return False
+        conn = min(idle, key=lambda c: c.last_read)
+        self._connections.discard(conn)   # (its place is the newcomer's now)
+        log.info("closing idle connection %s: at max_connections, for a new one", conn.peer)
+        if conn.unified_peer:
+            self._notify_closing([conn])
+        conn.close()
+        return True
 
     def _close_idle(self, conn: ServerConnection, now: float) -> None:
         """Close an idle connection; a unified peer is told first (``_notify_closing``)

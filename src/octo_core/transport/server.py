@@ -116,9 +116,11 @@ class ServerConnection(FramedProtocol):
                  admit: Optional[Callable[[Optional[str]], Optional[str]]] = None,
                  max_depth: int = DEFAULT_MAX_DEPTH,
                  partial: Optional[PartialFrames] = None,
-                 inflate: Optional[InflateBudget] = None) -> None:
+                 inflate: Optional[InflateBudget] = None,
+                 make_room: Optional[Callable[[], bool]] = None) -> None:
         super().__init__(max_frame_size, max_depth)
         self._decoder.budget = inflate
+        self._make_room = make_room   # at max_connections: whether one was let go for this one
         self._dispatch = dispatch
         self._partial = partial
         self.partial_held = 0   # what the decoder held when last counted in _partial
@@ -292,7 +294,8 @@ class ServerConnection(FramedProtocol):
             _DENIED.log("refusing connection from %s: %s", self.peer, refused)
             self.abort()
             return
-        if self._max_connections is not None and len(self._connections) >= self._max_connections:
+        if self._max_connections is not None and len(self._connections) >= self._max_connections \
+                and not (self._make_room is not None and self._make_room()):
             _REFUSED.log("refusing connection from %s: %d connections open (max %d)",
                           self.peer, len(self._connections), self._max_connections)
             self.abort()
