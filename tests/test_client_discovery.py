@@ -279,9 +279,24 @@ def test_a_registry_listing_no_node_of_the_callee_says_so_and_names_the_method()
                                              remote_appkey=APPKEY, registry=registry) as client:
                 with pytest.raises(NoRouteError) as refused:
                     await client.echo("x")
-        assert str(refused.value) == ("no node is available for this call: the registry lists "
-                                      f"no node of {APPKEY!r} serving Echo (method echo)")
+            assert str(refused.value) == (
+                f"no node is available for this call: the registry ({registry!r}) lists "
+                f"no node of {APPKEY!r} serving Echo (method echo)")
     run(main())
+
+
+@pytest.mark.parametrize("url, said", [("memory://team", "memory://team (prod)"),
+                                       ("file:///srv/octo?env=test", "file:///srv/octo (test)"),
+                                       ("zk://127.0.0.1:1,127.0.0.1:2/octo",
+                                        "zk://127.0.0.1:1,127.0.0.1:2/octo (prod)")])
+def test_a_registry_says_where_it_is(url, said):
+    """In the error of a call that found no node: a misspelt directory or chroot
+    lists nothing, and the message should show which one was read."""
+    registry = octo_core.registry.open_registry(url)
+    try:
+        assert repr(registry) == said
+    finally:
+        run(registry.close())
 
 
 

@@ -435,7 +435,8 @@ class AsyncClient:
         nodes = list((self._listed or {}).values())
         where = f"of {self.remote_appkey!r} serving {self.service_name}"
         if not nodes:
-            return f": the registry lists no node {where}"
+            registry = self._directory.registry if self._directory is not None else None
+            return f": the registry ({registry!r}) lists no node {where}"
         alive = [node for node in nodes if node.status == protocol.NodeStatus.ALIVE]
         if not alive:
             statuses = collections.Counter(protocol.status_name(node.status) for node in nodes)

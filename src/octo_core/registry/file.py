@@ -242,6 +242,9 @@ class FileRegistry(Registry):
         self._keep_alive: Optional[asyncio.Task] = None
         self._pollers: Dict[str, _Poller] = {}
 
+    def __repr__(self) -> str:
+        return f"file://{self.root} ({Env.NAMES[self.env]})"
+
     # --- paths -----------------------------------------------------------------------
 
     def _appkey_dir(self, appkey: str) -> str:

@@ -56,6 +56,10 @@ class MemoryRegistry(Registry):
             self._space = _SPACES.setdefault(name, _Space())
         self._owned: Set[Tuple[str, str]] = set()    # (appkey, key) registered here
         self._watches: Set[Watch] = set()
+        self._name = name
+
+    def __repr__(self) -> str:
+        return f"memory://{self._name} ({Env.NAMES[self.env]})"
 
     def _where(self, appkey: str) -> _Where:
         return self.env, check_name(appkey, "appkey")

@@ -300,6 +300,7 @@ class ZooKeeperRegistry(Registry):
         self.hosts = hosts
         self.op_timeout = op_timeout
         self.session_timeout = session_timeout
+        self._chroot = chroot
         self._base = f"{chroot}{ROOT}/{Env.NAMES[env]}"
         self._kazoo_log = _KazooLog(hosts)
         self._client = KazooClient(hosts=hosts, timeout=session_timeout,
@@ -332,6 +333,9 @@ class ZooKeeperRegistry(Registry):
         self._closed = False
         self._client.add_listener(self._on_state)
         self._connected = self._client.start_async()   # set while a session is live
+
+    def __repr__(self) -> str:
+        return f"zk://{self.hosts}{self._chroot} ({Env.NAMES[self.env]})"
 
     # --- paths and plumbing ------------------------------------------------------------
 
