@@ -889,6 +889,61 @@ def test_a_probe_its_caller_cancels_proves_nothing():
     run_virtual(main())
 
 
+def test_a_call_sent_before_the_breaker_opened_does_not_decide_its_probe():
+    """A hung node's calls sent before its breaker opened time out after it did. While
+    the half-open probe runs, such an old outcome says nothing new: it must neither
+    reopen the breaker (with a doubled backoff) nor leave the probe's answer unheard,
+    which kept a node that had come back out of the rotation for another backoff."""
+    async def main():
+        clock = FakeClock()
+        nodes = numbered_nodes(2)
+        hung = nodes[0].key
+        cluster = make_cluster(policy="failfast", nodes=nodes, breaker=dict(
+            consecutive_failures=1, backoff_min=1.0, backoff_max=8.0, clock=clock))
+        breaker = cluster.breaker(nodes[0])
+        send = ScriptedSend({hung: use_up_time(lambda: CallTimeout("no reply"))})
+        stale = [asyncio.ensure_future(outcome(cluster.invoke(send, timeout=2.0)))
+                 for _ in range(2)]                # (round robin: one of them on `hung`)
+        await asyncio.sleep(0.1)
+        breaker.record(False)                      # opened by the calls before it
+        clock.advance(1.3)                         # past the backoff: the next call probes
+        send.behaviours[hung] = answer("back", after=3.0)
+        probes = [asyncio.ensure_future(cluster.invoke(send, timeout=5.0)) for _ in range(2)]
+        await asyncio.gather(*stale)               # the old call times out as the probe runs
+        assert breaker.state is BreakerState.HALF_OPEN
+        assert "back" in await asyncio.gather(*probes)
+        assert send.keys.count(hung) == 2          # the old call, and the probe
+        assert breaker.state is BreakerState.CLOSED
+    run_virtual(main())
+
+
+def test_calls_sent_before_the_breaker_opened_do_not_reopen_it_once_closed():
+    """The probe found the node back and closed the breaker; the calls sent to it
+    before the breaker opened time out only now. Their failures are old news: a
+    streak of them must not open the breaker again on a node that answers."""
+    async def main():
+        clock = FakeClock()
+        nodes = numbered_nodes(2)
+        hung = nodes[0].key
+        cluster = make_cluster(policy="failfast", nodes=nodes, breaker=dict(
+            consecutive_failures=2, backoff_min=1.0, backoff_max=8.0, clock=clock))
+        breaker = cluster.breaker(nodes[0])
+        send = ScriptedSend({hung: use_up_time(lambda: CallTimeout("no reply"))})
+        stale = [asyncio.ensure_future(outcome(cluster.invoke(send, timeout=2.0)))
+                 for _ in range(6)]                # (round robin: three of them on `hung`)
+        await asyncio.sleep(0.1)
+        breaker.record(False)
+        breaker.record(False)                      # opened by the calls before them
+        clock.advance(1.3)
+        send.behaviours[hung] = answer("back")
+        assert "back" in [await cluster.invoke(send, timeout=1.0) for _ in range(2)]
+        assert breaker.state is BreakerState.CLOSED   # the probe found it back
+        await asyncio.gather(*stale)               # the old calls time out now
+        assert send.keys.count(hung) == 4          # the three old calls, and the probe
+        assert breaker.state is BreakerState.CLOSED
+    run_virtual(main())
+
+
 def test_timeouts_count_for_the_breaker_but_connect_failures_do_not():
     async def main():
         clock = FakeClock()

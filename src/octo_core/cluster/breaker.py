@@ -102,6 +102,10 @@ class CircuitBreaker:
         self._backoff = 0.0
         self._reopen_at = 0.0
         self._probing = False
+        # Times it has opened: a caller that notes it as its call goes, and finds it
+        # changed when the call ends, holds old news (the node was judged since): the
+        # cluster records no such outcome
+        self.opened = 0
 
     def allows(self) -> bool:
         """May a call go through now? (Claims the half-open probe when it does.)"""
@@ -157,6 +161,7 @@ class CircuitBreaker:
             self._open(now)
 
     def _open(self, now: float) -> None:
+        self.opened += 1
         self._backoff = min(self.backoff_max, max(self.backoff_min, self._backoff * 2))
         self._reopen_at = now + self._backoff * random.uniform(0.8, 1.2)
         self._reset_window()

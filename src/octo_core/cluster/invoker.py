@@ -46,8 +46,8 @@ from typing import (AbstractSet, Any, Awaitable, Callable, Dict, FrozenSet, List
                     Sequence, Set, Tuple)
 
 from octo_core.cluster.balancer import make_balancer
-from octo_core.cluster.breaker import (_CLOSED, BreakerState, CircuitBreaker, RetryBudget,
-                                      breaker_options as _breaker_options)
+from octo_core.cluster.breaker import (_CLOSED, _HALF_OPEN, BreakerState, CircuitBreaker,
+                                      RetryBudget, breaker_options as _breaker_options)
 from octo_core.cluster.routing import _NO_TAGS, NoRouteError, RouteRule, Router, Weighted
 from octo_core.errors import (CallTimeout, ClientClosed, DegradeError, EncodeError, OctoError,
                               ProtocolError, RpcError, ServiceError, TransportError)
@@ -452,6 +452,7 @@ class Cluster:
         probe = breaker.state is not _CLOSED    # (closed: it allows; else this claims the probe)
         if probe and not breaker.allows():
             raise DegradeError("circuit open", node=node.key)
+        opened = breaker.opened
         learns = balancer.learns
         if learns:
             balancer.on_start(node)
@@ -497,12 +498,16 @@ class Cluster:
                     if until is not None and until <= self._running_loop().time():
                         del self._degraded[node.key]
                         self._tell_router()
-            if health is not None:
+            if breaker.opened != opened:
+                # Sent before the breaker last opened, it ends after: old news, which
+                # must neither decide the probe nor reopen a breaker the probe closed.
+                pass
+            elif health is not None:
                 breaker.record(health)
             elif settled is None:
                 if probe:
                     breaker.release()   # the probe proved nothing: the next call probes
-            elif breaker.state is BreakerState.HALF_OPEN:
+            elif breaker.state is _HALF_OPEN:
                 breaker.record(False)   # its connect failed (now degraded): probe again later
             if learns:
                 balancer.on_finish(node, time.perf_counter() - started, served)
