@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from typing import Any, AsyncIterator, List
@@ -58,6 +59,9 @@ class OutageRegistry(MemoryRegistry):
         watch = super().watch(appkey, unless_down)
         self.watches.append(watch)
         return watch
+
+    def answer(self) -> None:
+        self.down = False
 
 
 class Leaving:
@@ -361,6 +365,27 @@ def test_a_first_call_waits_for_discovery_no_longer_than_its_own_timeout():
                     await client.echo("first")
                 assert waited.value.request_sent is False and waited.value.method == "echo"
                 assert "no node list" in str(waited.value)
+                registry.answer()
+                assert await client.call("echo", "after", timeout=5) == "after"
+    run(main())
+
+
+@pytest.mark.parametrize("outage", [SilentRegistry, OutageRegistry])
+def test_a_failsafe_call_with_no_node_list_returns_none(outage, caplog):
+    """failsafe gives None when there is no node to call, and a registry that
+    cannot say which nodes there are (silent, or failing: ZooKeeper away as the
+    client starts, with no snapshot) leaves none: such first calls raised
+    CallTimeout or RegistryError. Once the registry answers, calls go through."""
+    async def main():
+        async with serving(echo_services()) as server, outage() as registry:
+            await registry.register(Node(APPKEY, LOCALHOST, server.port))
+            async with octo_core.AsyncClient(Echo, appkey="com.example.caller",
+                                             remote_appkey=APPKEY, registry=registry,
+                                             cluster="failsafe", timeout=0.2) as client:
+                with caplog.at_level(logging.WARNING, logger="octo_core.cluster"):
+                    assert await client.echo("first") is None
+                assert any("failsafe call found no node" in record.getMessage()
+                           for record in caplog.records)
                 registry.answer()
                 assert await client.call("echo", "after", timeout=5) == "after"
     run(main())

@@ -33,7 +33,7 @@ from octo_core.errors import (ApplicationError, CallTimeout, ClientClosed, Decod
                               RpcError, RuntimeFailure, SecurityError, ServiceError, Status,
                               TransportError)
 from octo_core.protocol import DEFAULT_MAX_DEPTH, CallType, Frame, FrameDecoder, MessageType
-from octo_core.registry import Directory, Node, Registry, open_registry
+from octo_core.registry import Directory, Node, Registry, RegistryError, open_registry
 from octo_core.transport.address import default_route_ip, parse_address
 from octo_core.transport.client import ClientConnection, Endpoint
 from octo_core.transport.loop import SERVING_LOOPS, LoopThread
@@ -395,7 +395,10 @@ class AsyncClient:
             if carried.deadline is not None:   # type: ignore[union-attr]
                 timeout = _within(carried.deadline, timeout, method)   # type: ignore[union-attr]
         if self._directory is not None and self._directory.version == 0:
-            timeout = await self._discover(timeout, method.name)
+            try:
+                timeout = await self._discover(timeout, method.name)
+            except (CallTimeout, RegistryError) as exc:   # no node list: no node to call
+                return self._cluster.found_no_node(exc)
         try:
             request = method.args_cls(*args, **kwargs)
         except TypeError as exc:

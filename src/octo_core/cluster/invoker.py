@@ -361,6 +361,14 @@ class Cluster:
         return (deadline > self._loop.time()  # type: ignore[union-attr]  # begin() looked it up
                 and self.breaker(node).available())
 
+    def found_no_node(self, why: OctoError) -> None:
+        """A call found no node to call (none routable, or no node list at all: the
+        registry away at a client's start): ``None`` under failsafe (logged), else
+        ``why`` is raised."""
+        if self.policy != "failsafe":
+            raise why
+        log.warning("failsafe call found no node: %s", why)
+
     # --- invocation --------------------------------------------------------------------
 
     async def invoke(self, send: Send, *, timeout: float, idempotent: bool = False,
@@ -409,10 +417,7 @@ class Cluster:
             except NoRouteError as exc:
                 if failure is not None:
                     raise failure from None       # out of nodes: the real error, not routing's
-                if self.policy == "failsafe":
-                    log.warning("failsafe call found no node: %s", exc)
-                    return None
-                raise
+                return self.found_no_node(exc)
             if failure is not None:
                 # A retry that cannot go (no time left, circuit open) is not sent and
                 # costs no budget: the caller gets the real error.
