@@ -47,6 +47,8 @@ def make_cluster(count: int = 3, *, policy: str = "failover", lb: str = "roundro
                  nodes: Optional[Sequence[Node]] = None, budget: Optional[RetryBudget] = None,
                  breaker: Optional[dict] = None, router: Optional[Router] = None,
                  **options: Any) -> Cluster:
+    if lb == "roundrobin":
+        options.setdefault("lb_options", dict(start=0))   # nginx's order: node 0 first
     cluster = Cluster(router or Router(), lb=lb, policy=policy,
                       budget=budget or RetryBudget(**GENEROUS), breaker_options=breaker, **options)
     cluster.update(list(nodes) if nodes is not None else numbered_nodes(count))
