@@ -774,7 +774,8 @@ class Server:
 
         Calls that arrive meanwhile are refused with status 3 so callers can go
         elsewhere; none is dropped without an answer. Past the grace, coroutine
-        handlers are cancelled (their callers told so, status 1), and
+        handlers are cancelled (their callers told so with status 4, as when a
+        connection is lost mid-call: failover retries idempotent methods), and
         plain-function calls no business thread has started never run (refused
         with status 3: they may be retried elsewhere); a plain function already
         running cannot be stopped (its caller sees the connection close).
@@ -1355,15 +1356,13 @@ class Server:
         elif isinstance(exc, asyncio.CancelledError) and call.cancelled_by is not None:
             # (one the handler raised of its own accord, or a cancel from elsewhere, is
             # its fault: logged and answered below as any other)
-            if call.cancelled_by is _BY_DEADLINE:
-                if send:   # (the caller has given up: a refusal it drops, as a late answer)
-                    reply.refuse(Status.TRANSPORT_EXCEPTION, f"{name}: cancelled: the caller's "
-                                 "deadline passed while it ran", name, seqid)
-                return Status.TRANSPORT_EXCEPTION
-            if send:
-                reply.app_exception(name, seqid, TApplicationException.INTERNAL_ERROR,
-                                    f"{name}: the handler was cancelled (the server is stopping)")
-            return Status.APPLICATION_EXCEPTION
+            # Status 4, as a connection lost mid-call: failover takes an idempotent
+            # method elsewhere (native thrift: INTERNAL_ERROR, which says it ran)
+            if send:   # (past its deadline, the caller has given up: a refusal it drops)
+                reply.refuse(Status.TRANSPORT_EXCEPTION, f"{name}: cancelled: " + (
+                    "the caller's deadline passed while it ran" if call.cancelled_by is _BY_DEADLINE
+                    else "the server stopped while it ran"), name, seqid)
+            return Status.TRANSPORT_EXCEPTION
         elif isinstance(exc, _Unrun):
             if send:
                 reply.refuse(exc.status, f"{name}: {exc.why}", name, seqid)
