@@ -16,7 +16,7 @@ import pytest
 
 import octo_core
 from octo_core.cluster.routing import NoRouteError, RouteRule
-from octo_core.errors import CallTimeout, ClientClosed, TransportError
+from octo_core.errors import CallTimeout, ClientClosed, Status, TransportError
 from octo_core.protocol import NodeStatus
 from octo_core.registry import Node, RegistryError, Watch
 from octo_core.registry.base import WatchCallback
@@ -367,6 +367,9 @@ def test_a_first_call_waits_for_discovery_no_longer_than_its_own_timeout():
                 assert "no node list" in str(waited.value)
                 registry.answer()
                 assert await client.call("echo", "after", timeout=5) == "after"
+                # the caller saw one failed call, and the client's metrics say so
+                row = client.metrics.stats()["Echo.echo"]
+                assert row["calls"] == 2 and row["errors"] == {Status.TRANSPORT_EXCEPTION: 1}
     run(main())
 
 

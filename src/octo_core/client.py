@@ -394,11 +394,6 @@ class AsyncClient:
             tags, parent = carried.carried()   # type: ignore[union-attr]  # (the other kind)
             if carried.deadline is not None:   # type: ignore[union-attr]
                 timeout = _within(carried.deadline, timeout, method)   # type: ignore[union-attr]
-        if self._directory is not None and self._directory.version == 0:
-            try:
-                timeout = await self._discover(timeout, method.name)
-            except (CallTimeout, RegistryError) as exc:   # no node list: no node to call
-                return self._cluster.found_no_node(exc)
         try:
             request = method.args_cls(*args, **kwargs)
         except TypeError as exc:
@@ -412,6 +407,11 @@ class AsyncClient:
         started = time.monotonic()
         status: int = _SUCCESS
         try:
+            if self._directory is not None and self._directory.version == 0:
+                try:   # (counted as a call: one failing here is one the caller saw fail)
+                    timeout = await self._discover(timeout, method.name)
+                except (CallTimeout, RegistryError) as exc:   # no node list: no node to call
+                    return self._cluster.found_no_node(exc)
             return await self._cluster.begin(   # (invoke, minus a coroutine: see begin)
                 self._send, (method, request, tags, span),   # _send(node, remaining, call)
                 timeout=timeout, idempotent=method.name in self._idempotent, tags=tags,
