@@ -424,9 +424,11 @@ async def forever():
     finally:
         print("background task ended", flush=True)
 
+KEPT = set()   # (asyncio keeps tasks weakly: one nothing holds may be collected pending)
+
 class Leaves(EchoHandler):
     async def slow(self, text, delay_ms):
-        asyncio.get_running_loop().create_task(forever())
+        KEPT.add(asyncio.get_running_loop().create_task(forever()))
         return text
 
 server = octo_core.Server(SERVER_APPKEY, host="127.0.0.1")
