@@ -34,9 +34,9 @@ from octo_core.transport import http
 from octo_core.transport.http import serve_metrics
 
 from wire_helpers import (CLIENT_APPKEY, SERVER_APPKEY, Echo, EchoError, EchoHandler,
-                          async_client, decode_body, echo_services, framed_request,
-                          raw_connection, run, serving, short_tmpdir, unified_request,
-                          wait_until, watchdog)  # noqa: F401  (fixture)
+                          async_client, deaf, decode_body, echo_services, fake_server,
+                          framed_request, raw_connection, run, serving, short_tmpdir,
+                          unified_request, wait_until, watchdog)  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
@@ -738,6 +738,67 @@ def test_a_handler_whose_inherited_deadline_passed_is_answered_as_timed_out(capl
     frame = run(main())
     assert frame.head.status == Status.TRANSPORT_EXCEPTION
     assert "deadline passed while it ran" in frame.head.message
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+class _TimeoutsSeen(EchoHandler):
+    """``echo`` calls ``backend`` (which never answers) with ``timeout`` (None: its
+    client's 30 s) and keeps the ``CallTimeout`` it gets."""
+
+    def __init__(self, backend: str, timeout: Optional[float]) -> None:
+        super().__init__()
+        self.backend, self.timeout = backend, timeout
+        self.seen: List[CallTimeout] = []
+
+    async def echo(self, text: str) -> str:
+        async with async_client(Echo, self.backend, timeout=30.0) as backend:
+            try:
+                return await backend.call("echo", text, timeout=self.timeout)
+            except CallTimeout as exc:
+                self.seen.append(exc)
+                raise
+
+
+@pytest.mark.parametrize("timeout, inherited", [(None, True), (0.05, False)])
+def test_a_call_timeout_says_whether_its_callers_deadline_ended_it(timeout, inherited):
+    """A handler's call whose timeout was cut to its caller's deadline (0.3 s left
+    of 30 s) times out with ``inherited_deadline``; one ended by its own, shorter,
+    timeout does not."""
+    async def main() -> _TimeoutsSeen:
+        async with fake_server(deaf) as back:
+            relay = _TimeoutsSeen(back, timeout)
+            async with serving(echo_services(relay)) as front, \
+                    raw_connection(front.address) as conn:
+                await conn.send(unified_request("echo", Echo.echo_args(text="x"), 1,
+                                                timeout_ms=300))
+                await conn.read_frame()
+        return relay
+
+    [seen] = run(main()).seen
+    assert seen.inherited_deadline is inherited
+
+
+class _RaisesInherited(EchoHandler):
+    async def echo(self, text: str) -> str:
+        late = CallTimeout("no reply (cut to the caller's deadline)")
+        late.inherited_deadline = True
+        raise late
+
+
+def test_a_timeout_cut_to_the_callers_deadline_is_answered_as_timed_out_by_any_clock(caplog):
+    """The CallTimeout of a call cut to the caller's deadline is answered with
+    status 4 even when the server's clock has not reached that deadline yet (a
+    timer may fire a little early: uvloop's count whole milliseconds), not as
+    the handler's bug (status 1, its traceback logged)."""
+    async def main() -> Any:
+        async with serving(echo_services(_RaisesInherited())) as front, \
+                raw_connection(front.address) as conn:
+            await conn.send(unified_request("echo", Echo.echo_args(text="x"), 1,
+                                            timeout_ms=60_000))
+            return await conn.read_frame()
+
+    frame = run(main())
+    assert frame.head.status == Status.TRANSPORT_EXCEPTION
     assert not [r for r in caplog.records if r.exc_info]
 
 

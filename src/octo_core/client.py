@@ -387,13 +387,15 @@ class AsyncClient:
         if timeout is None:
             timeout = self._timeouts.get(method.name, self.timeout) if self._timeouts \
                 else self.timeout
+        cut = False   # the timeout is the handled call's deadline, not this call's own
         carried = _CARRIED.get()
         if type(carried) is tuple:
             tags, parent = carried
         else:   # in a handler: this call ends by the deadline of the one handled
             tags, parent = carried.carried()   # type: ignore[union-attr]  # (the other kind)
             if carried.deadline is not None:   # type: ignore[union-attr]
-                timeout = _within(carried.deadline, timeout, method)   # type: ignore[union-attr]
+                within = _within(carried.deadline, timeout, method)   # type: ignore[union-attr]
+                cut, timeout = within < timeout, within
         try:
             request = method.args_cls(*args, **kwargs)
         except TypeError as exc:
@@ -419,6 +421,9 @@ class AsyncClient:
         except OctoError as exc:
             status = exc.status
             exc.method = exc.method or method.name   # (a NoRouteError knows no method)
+            if cut and isinstance(exc, CallTimeout):
+                # (told by the cut, not the clock: a timer may fire a little early)
+                exc.inherited_deadline = True
             if isinstance(exc, NoRouteError) and self._listed is not None:
                 exc.message += self._why_no_node()
             raise
@@ -788,10 +793,12 @@ def _within(deadline: float, timeout: float, method: idl.Method) -> float:
     unsent, when it has passed."""
     left = deadline - time.monotonic()
     if left <= 0:
-        raise CallTimeout(f"not sent: the deadline of the call being handled passed "
-                          f"{-left:.3g}s ago (calls meant to outlive it: "
-                          "octo_core.context.detached())", method=method.name,
-                          request_sent=False)
+        late = CallTimeout(f"not sent: the deadline of the call being handled passed "
+                           f"{-left:.3g}s ago (calls meant to outlive it: "
+                           "octo_core.context.detached())", method=method.name,
+                           request_sent=False)
+        late.inherited_deadline = True
+        raise late
     return left if left < timeout else timeout
 
 

@@ -82,7 +82,12 @@ class TransportError(OctoError):
 
 
 class CallTimeout(TransportError):
-    """No reply arrived within the call's timeout."""
+    """No reply arrived within the call's timeout.
+
+    ``inherited_deadline`` is True when that timeout was the deadline of the call
+    being handled (``octo_core.context.caller``), cut short from the call's own.
+    """
+    inherited_deadline = False
 
 
 class ClientClosed(TransportError):

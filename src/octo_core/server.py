@@ -1381,10 +1381,12 @@ class Server:
                             if exc.type == protocol.LOADSHEDDING else exc.type)
                     reply.app_exception(name, seqid, kind, exc.message)
                 return Status.APPLICATION_EXCEPTION
-            if field is None and isinstance(exc, CallTimeout) and call.deadline is not None \
-                    and time.monotonic() >= call.deadline:
-                # its own call ended with the deadline it inherited (see context.caller):
-                # the caller has given up, so this is a timeout, not the handler's bug
+            if field is None and isinstance(exc, CallTimeout) and (
+                    exc.inherited_deadline or call.deadline is not None
+                    and time.monotonic() >= call.deadline):
+                # its own call ended with the deadline it inherited (see context.caller),
+                # or ended after it: the caller has given up, so this is a timeout, not
+                # the handler's bug
                 if send:
                     reply.refuse(Status.TRANSPORT_EXCEPTION, f"{name}: the caller's deadline "
                                  f"passed while it ran ({exc})", name, seqid)
