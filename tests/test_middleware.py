@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, List, Tuple
 
+import os
+
 import pytest
 
 import octo_core
@@ -12,8 +14,8 @@ from octo_core import context
 from octo_core.errors import ApplicationError
 from octo_core.middleware import is_coroutine_function
 
-from wire_helpers import (CLIENT_APPKEY, SERVER_APPKEY, Echo, EchoError, EchoHandler,  # noqa: F401
-                          async_client, echo_services, run, serving, watchdog)
+from wire_helpers import (CLIENT_APPKEY, HERE, SERVER_APPKEY, Echo, EchoError,  # noqa: F401
+                          EchoHandler, async_client, echo_services, run, serving, watchdog)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
@@ -72,3 +74,43 @@ def test_middleware_that_changes_a_handlers_kind_is_refused_when_the_service_is_
         server.add_service(Echo, EchoHandler())
     with pytest.raises(TypeError, match="middleware is a list of functions"):
         octo_core.Server(SERVER_APPKEY, middleware=to_plain)   # type: ignore[arg-type]
+
+
+MONITORED = octo_core.load_idl(os.path.join(HERE, "idl", "monitored.thrift"))
+
+
+class _StoreHandler:
+    def status(self) -> str:
+        return "ALIVE"
+
+    def put(self, key: str) -> str:
+        return key
+
+
+def test_middleware_leaves_a_service_hosted_beside_the_one_it_extends_unambiguous():
+    """``Store`` and its base ``Monitored`` hosted with one handler: a native call of
+    the inherited ``status`` by its bare name runs the same handler function
+    either way, middleware or not (each service's is wrapped anew: it was
+    refused as ambiguous), and goes through the middleware."""
+    seen: List[Tuple[Any, ...]] = []
+
+    async def main() -> None:
+        handler = _StoreHandler()
+        async with serving([(MONITORED.Store, handler, None), (MONITORED.Monitored, handler, None)],
+                           middleware=[recording("mw", seen)]) as server, \
+                async_client(MONITORED.Store, server.address, protocol="thrift") as client:
+            assert await client.status() == "ALIVE"
+
+    run(main())
+    assert [(tag, method) for tag, _, method, _, _ in seen] == [("mw", "status")]
+
+
+def test_middleware_given_as_an_iterator_is_applied():
+    seen: List[Tuple[Any, ...]] = []
+
+    async def main() -> None:
+        async with serving(echo_services(), middleware=iter([recording("once", seen)])) as server, \
+                async_client(Echo, server.address) as client:
+            assert await client.echo("x") == "once(x)"
+
+    run(main())

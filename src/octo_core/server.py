@@ -120,16 +120,18 @@ class _Service:
     """One hosted service. (Slots, not a NamedTuple: every request reads these, and
     CPython 3.11 reads a slot faster than a NamedTuple field.)"""
 
-    __slots__ = ("name", "service", "methods", "handlers")
+    __slots__ = ("name", "service", "methods", "handlers", "handler")
 
     def __init__(self, name: str, service: Any, methods: Dict[str, idl.Method],
-                 handlers: Dict[str, Tuple[Callable[..., Any], int, _Argv]]) -> None:
+                 handlers: Dict[str, Tuple[Callable[..., Any], int, _Argv]],
+                 handler: Any) -> None:
         self.name = name
         self.service = service
         self.methods = methods
-        # name -> (function, where it runs (_COROUTINE, _INLINE, _POOLED), its
-        # argument values from the args struct)
+        # name -> (function, within the middleware; where it runs (_COROUTINE,
+        # _INLINE, _POOLED); its argument values from the args struct)
         self.handlers = handlers
+        self.handler = handler   # the application's object, its methods unwrapped
 
 
 #: Where a handler runs: a coroutine as a task on the loop; a plain function on the
@@ -140,10 +142,11 @@ _COROUTINE, _INLINE, _POOLED = range(3)
 def _runs_alike(one: _Service, other: _Service, method: str) -> bool:
     """Do both services run ``method`` alike: the same IDL method (a service and
     the one it extends share its args and result classes) by the same handler
-    function? Then a native call by the bare name means one thing, whichever runs it."""
+    function? Then a native call by the bare name means one thing, whichever runs it.
+    (The handler's own function: the middleware wraps each service's anew.)"""
     mine, theirs = one.methods[method], other.methods[method]
     return (mine.args_cls is theirs.args_cls and mine.result_cls is theirs.result_cls
-            and one.handlers[method][0] == other.handlers[method][0])
+            and getattr(one.handler, method) == getattr(other.handler, method))
 
 
 _EVERY_INTERFACE = ("", "0.0.0.0", "::")
@@ -503,9 +506,10 @@ class Server:
         self.require_registry = require_registry
         self.metrics_port = metrics_port
         self.cancel_past_deadline = cancel_past_deadline
-        if callable(middleware) or not all(callable(layer) for layer in middleware):
+        layers = () if callable(middleware) else tuple(middleware)   # (read once: an iterator)
+        if callable(middleware) or not all(callable(layer) for layer in layers):
             raise TypeError(f"middleware is a list of functions, not {middleware!r}")
-        self.middleware = tuple(middleware)
+        self.middleware = layers
         self._metrics_http: Optional[Listeners] = None
         self.status = NodeStatus.STARTING
         # stopping, and saying so (registry, heartbeats) while calls are still served
@@ -607,7 +611,7 @@ class Server:
             fn = wrapped(self.middleware, name, method, getattr(handler, method))
             runs = _COROUTINE if is_coroutine_function(fn) else _INLINE if inline else _POOLED
             handlers[method] = (fn, runs, _argv(methods[method]))
-        entry = _Service(name, service, methods, handlers)
+        entry = _Service(name, service, methods, handlers, handler)
         self._services[name] = entry
         for method in methods:
             hosts = self._by_method.setdefault(method, [])
