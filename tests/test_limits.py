@@ -155,6 +155,28 @@ def test_at_max_connections_a_newcomer_takes_the_place_of_the_idlest_connection(
     run(main())
 
 
+@pytest.mark.usefixtures("eviction_at_once")
+def test_at_max_connections_a_connection_still_taking_its_reply_keeps_its_place():
+    """A peer reading a big reply slowly sends nothing meanwhile, and runs no call:
+    it is not idle while the reply goes out, so a newcomer is refused rather
+    than take its place (the close would cut the reply short at CLOSE_LINGER)."""
+    size = 8 * 1024 * 1024
+
+    async def main():
+        async with serving(echo_services(), max_connections=1) as server, \
+                raw_connection(server.address) as slow:
+            await slow.send(unified_request("echo", Echo.echo_args(text="z" * size), 1))
+            [conn] = server._connections
+            await wait_until(lambda: not conn.in_flight and conn.replies_unread(),
+                             what="the reply to be on its way, unread")
+            async with raw_connection(server.address) as newcomer:
+                assert await newcomer.closed_by_peer()
+            frame = await slow.read_frame(timeout=10)
+            assert decode_body(frame, Echo)[3].success == "z" * size
+
+    run(main())
+
+
 @pytest.mark.usefixtures("no_eviction")
 def test_client_refused_by_max_connections_fails_fast_not_by_timeout():
     # The server closes the extra connection at once. A call on it must fail with a

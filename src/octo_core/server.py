@@ -1033,15 +1033,15 @@ class Server:
 
     def _let_idlest_go(self) -> bool:
         """At ``max_connections``, a new connection takes the place of the one idle
-        longest (no call running, nothing arriving, quiet ``EVICTABLE_AFTER``
-        seconds at least), whose peer is told first as at an idle close: else
-        idle sockets, a peer's pile of them, would keep every newcomer out until
-        ``idle_timeout``. Returns whether one was let go."""
+        longest (no call running, nothing arriving, no reply still going out, quiet
+        ``EVICTABLE_AFTER`` seconds at least), whose peer is told first as at an
+        idle close: else idle sockets, a peer's pile of them, would keep every
+        newcomer out until ``idle_timeout``. Returns whether one was let go."""
         assert self._loop is not None   # (connections come once started)
         quiet_since = self._loop.time() - EVICTABLE_AFTER
         idle = [conn for conn in self._connections
                 if not conn.in_flight and conn.frame_started is None and not conn.closed
-                and conn.last_read <= quiet_since]
+                and conn.last_read <= quiet_since and not conn.replies_unread()]
         if not idle:
             return False
         conn = min(idle, key=lambda c: c.last_read)

@@ -189,6 +189,10 @@ class ServerConnection(FramedProtocol):
         if self._input_ended and not self.in_flight:
             self.loop.call_soon(self._close_when_answered)   # after this call's reply is sent
 
+    def replies_unread(self) -> bool:
+        """Are replies still on their way to the peer (written, not taken yet)?"""
+        return self.transport is not None and not self.closed and self._unread() > 0
+
     def _unread(self) -> int:
         """Bytes of replies written and not taken by the peer yet."""
         assert self.transport is not None   # (answering: connected)
