@@ -91,6 +91,29 @@ def test_on_stop_callbacks_close_what_the_service_holds_after_its_last_answer(ca
         server.on_stop(None)
 
 
+def test_a_start_that_fails_runs_no_on_stop_callback():
+    """A start that fails (its metrics port taken) stops what it began, but leaves
+    what the service holds: a start tried again serves with it. (The clients its
+    handlers call through were closed, and every call of the started server failed.)"""
+    ran = []
+
+    async def main() -> None:
+        with socket.socket() as taken:
+            taken.bind((LOCALHOST, 0))
+            taken.listen()
+            server = echo_server(metrics_port=taken.getsockname()[1])
+            server.on_stop(lambda: ran.append("stopped"))
+            with pytest.raises(OSError):
+                await server.start()
+        assert ran == []
+        server.metrics_port = 0
+        await server.start()
+        await server.stop()
+        assert ran == ["stopped"]
+
+    run(main())
+
+
 def test_stop_awaited_on_another_loop_stops_the_server_on_its_own():
     handler = EchoHandler()
     server = echo_server(handler)

@@ -547,13 +547,15 @@ class Server:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[LoopThread] = None
         self._on_stop: List[Callable[[], Any]] = []
+        self._served = False   # a start succeeded, and no stop has run on_stop since
 
     # --- configuration -------------------------------------------------------------
 
     def on_stop(self, callback: _Cleanup) -> _Cleanup:
         """Run ``callback()`` (a function, or a coroutine function: awaited) at the
         end of every stop, on the server's loop, once each call is answered or cut
-        and the connections are closed, after those added before it. For what the
+        and the connections are closed, after those added before it (a start that
+        fails runs none: the start may be tried again). For what the
         service holds, such as the clients its handlers call through, which a
         ``serve_forever`` or ``with server`` program has no other place to close::
 
@@ -706,6 +708,7 @@ class Server:
         except BaseException:
             await self.stop(grace=0)
             raise
+        self._served = True
         log.info("%s serving %s on %s%s", self.appkey, ", ".join(self._services), self.address,
                  self._metrics_said())
 
@@ -859,7 +862,9 @@ class Server:
         self._leaving = False
         self._hurry = None
         self.status = NodeStatus.STOPPED
-        for callback in self._on_stop:
+        # (not after a start that failed: what the service holds is kept for a retry)
+        served, self._served = self._served, False
+        for callback in self._on_stop if served else ():
             try:
                 outcome = callback()
                 if inspect.isawaitable(outcome):
