@@ -26,7 +26,7 @@ from octo_core.errors import CallTimeout, ClientClosed, TransportError
 from octo_core.transport.client import Endpoint
 from octo_core.transport.loop import LoopThread
 
-from wire_helpers import (CLIENT_APPKEY, Echo, EchoHandler, async_client,  # noqa: F401
+from wire_helpers import (CLIENT_APPKEY, Echo, EchoHandler, async_client, fake_server,  # noqa: F401
                           echo_services, run, serving, serving_in_thread, sync_client,
                           wait_until, wait_until_sync, watchdog)
 
@@ -711,6 +711,38 @@ def test_a_close_whose_grace_runs_out_fails_the_calls_still_in_flight():
             handler.gate.set()
         with pytest.raises(ValueError, match="grace"):
             await client.close(grace=-1)
+
+    run(main())
+
+
+def test_a_call_in_flight_during_a_close_with_grace_may_still_fail_over_to_a_new_node():
+    """Within the grace a call in flight is still the caller's: its retry on a node
+    the client never connected to goes (it was failed at once, ClientClosed)."""
+    handler = _Gated()
+    sent, closing_begun = asyncio.Event(), asyncio.Event()
+
+    async def drops_the_call(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        sent.set()
+        await closing_begun.wait()
+        writer.transport.abort()   # the call's connection lost: an idempotent call goes elsewhere
+
+    async def main() -> None:
+        async with fake_server(drops_the_call) as first, \
+                serving(echo_services(handler)) as second:
+            client = octo_core.AsyncClient(Echo, appkey=CLIENT_APPKEY, timeout=10.0,
+                                           hosts=[first, second.address], lb="roundrobin",
+                                           cluster="failover", idempotent=True)
+            client._cluster._lb_options = {"start": 0}   # the first call: the first node
+            call = asyncio.ensure_future(client.slow("in flight", 0))
+            await asyncio.wait_for(sent.wait(), 5)
+            closing = asyncio.ensure_future(client.close(grace=10.0))
+            await asyncio.sleep(0)   # (the close begun: new calls refused)
+            closing_begun.set()
+            await wait_until(handler.started.is_set, 5, "the retry on the second node")
+            handler.gate.set()
+            assert await call == "in flight"
+            await asyncio.wait_for(closing, 5)
 
     run(main())
 

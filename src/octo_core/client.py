@@ -187,7 +187,7 @@ class AsyncClient:
     # in its compact shared-keys form only up to 30 attributes).
     __slots__ = ("service", "appkey", "remote_appkey", "timeout", "unified", "service_name",
                  "metrics", "_framed", "_flags", "_signer", "_limits", "_endpoint_options",
-                 "_endpoints", "_retired", "_listed", "_closed", "_inherited", "_collected",
+                 "_endpoints", "_retired", "_listed", "_closed", "_shut", "_inherited", "_collected",
                  "_loop", "_loop_thread", "_methods", "_named_service", "_wire_names",
                  "_idempotent", "_timeouts", "_hash_arg", "_hash_header", "_cluster", "_directory", "_discovery",
                  "_owns_registry", "_finishers", "__dict__", "__weakref__")
@@ -266,6 +266,7 @@ class AsyncClient:
         self._retired: Set[Endpoint] = set()            # of nodes that left, calls still on them
         self._listed: Optional[Dict[str, Node]] = None  # by address, from a registry
         self._closed = False
+        self._shut = False   # its connections closed (after close()'s grace, if any)
         self._inherited = False   # this is a forked child's copy (see _inherited_by_fork)
         self._collected: Optional[weakref.finalize] = None   # set with the client's loop
         # The loop of the first call, and the thread running it: every call compares
@@ -559,8 +560,8 @@ class AsyncClient:
                 endpoint.retire()
                 return endpoint
             self._endpoints[node.address] = endpoint
-            if self._closed:   # a retry on another node after close(): it fails, opening nothing
-                endpoint.close()
+            if self._shut:   # a retry on another node after close(): it fails, opening nothing
+                endpoint.close()   # (within close()'s grace it is a call in flight: it goes)
         return endpoint
 
     async def _connect_to(self, node: Node) -> None:
@@ -747,6 +748,7 @@ class AsyncClient:
             await self._drained(grace)
         if self._discovery is not None:
             self._discovery.cancel()   # the first calls waiting for it fail as closed
+        self._shut = True
         await _close_parts(*self._parts())
 
     async def _drained(self, grace: float) -> None:
