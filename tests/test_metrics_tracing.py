@@ -665,12 +665,14 @@ class _Relay(EchoHandler):
         self.backend, self.wait_out, self.detach = backend, wait_out, detach
         self.outcome: Any = None
         self.done = asyncio.Event()
+        self.client: Any = None   # the client it called through
 
     async def echo(self, text: str) -> str:
         try:
             if self.wait_out:
                 await asyncio.sleep(context.caller().time_left() + 0.05)
             async with async_client(Echo, self.backend, timeout=30.0) as backend:
+                self.client = backend
                 with context.detached() if self.detach else contextlib.nullcontext():
                     self.outcome = await backend.echo(text)
                     return self.outcome
@@ -701,7 +703,10 @@ def test_a_handlers_calls_end_by_its_callers_deadline():
 def test_a_call_made_once_the_callers_deadline_passed_is_not_sent_unless_detached(detach):
     backend = CallerEcho(plain=True)
 
+    relay: Any = None
+
     async def main() -> Any:
+        nonlocal relay
         async with serving(echo_services(backend)) as back:
             relay = _Relay(back.address, wait_out=True, detach=detach)
             async with serving(echo_services(relay)) as front, \
@@ -712,13 +717,15 @@ def test_a_call_made_once_the_callers_deadline_passed_is_not_sent_unless_detache
         return relay.outcome
 
     outcome = run(main())
+    row = relay.client.metrics.stats()["Echo.echo"]   # counted as a call, failed or not
+    assert row["calls"] == 1 and row["errors"] == ({} if detach else {4: 1})
     if detach:
         assert outcome == "late" and len(backend.seen) == 1
         [(_, seen)] = backend.seen
         assert seen.time_left() > 2.0            # its own client's 30 s, not what was left
     else:
         assert isinstance(outcome, CallTimeout) and not outcome.request_sent
-        assert "detached()" in str(outcome)
+        assert "detached()" in str(outcome) and outcome.inherited_deadline
         assert backend.seen == []
 
 

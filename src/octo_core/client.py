@@ -388,15 +388,13 @@ class AsyncClient:
         if timeout is None:
             timeout = self._timeouts.get(method.name, self.timeout) if self._timeouts \
                 else self.timeout
-        cut = False   # the timeout is the handled call's deadline, not this call's own
+        deadline: Optional[float] = None   # the handled call's, in a handler
         carried = _CARRIED.get()
         if type(carried) is tuple:
             tags, parent = carried
-        else:   # in a handler: this call ends by the deadline of the one handled
+        else:
             tags, parent = carried.carried()   # type: ignore[union-attr]  # (the other kind)
-            if carried.deadline is not None:   # type: ignore[union-attr]
-                within = _within(carried.deadline, timeout, method)   # type: ignore[union-attr]
-                cut, timeout = within < timeout, within
+            deadline = carried.deadline   # type: ignore[union-attr]
         try:
             request = method.args_cls(*args, **kwargs)
         except TypeError as exc:
@@ -409,7 +407,11 @@ class AsyncClient:
         ends = _span_started("client", self.service_name, method.name, span) if _HOOKS else None
         started = time.monotonic()
         status: int = _SUCCESS
+        cut = False   # the timeout is the handled call's deadline, not this call's own
         try:
+            if deadline is not None:   # (counted as a call, as below, when it has passed)
+                within = _within(deadline, timeout, method)
+                cut, timeout = within < timeout, within
             if self._directory is not None and self._directory.version == 0:
                 try:   # (counted as a call: one failing here is one the caller saw fail)
                     timeout = await self._discover(timeout, method.name)
