@@ -1137,7 +1137,7 @@ class Client:
                 return
         self._collected.detach()
         if threading.get_ident() == self._thread.ident:   # from a callback: cannot wait for itself
-            _close_soon(self._thread, self._async)
+            _close_soon(self._thread, self._async, grace)
             return
         closing = self._thread.submit(_close_on_loop(self._thread, self._async, grace))
         try:
@@ -1203,10 +1203,10 @@ async def _close_on_loop(thread: LoopThread, client: AsyncClient, grace: float =
     await thread.settle(_CLOSE_GRACE)
 
 
-def _close_soon(thread: LoopThread, client: AsyncClient) -> None:
+def _close_soon(thread: LoopThread, client: AsyncClient, grace: float = 0.0) -> None:
     """Close ``client`` and then stop its loop ``thread``, without waiting for either."""
     def begin() -> None:
-        closing = thread.loop.create_task(_close_on_loop(thread, client))
+        closing = thread.loop.create_task(_close_on_loop(thread, client, grace))
         closing.add_done_callback(lambda _: thread.stop())
     thread.loop.call_soon_threadsafe(begin)
 
