@@ -562,8 +562,9 @@ class Server:
             backend = octo_core.AsyncClient(...)
             server.on_stop(backend.close)
 
-        An exception it raises is logged; the others still run. Returns
-        ``callback`` (so it also serves as a decorator)."""
+        An exception it raises is logged; the others still run. Each runs to its
+        end, even in a stop told to hurry (a second signal): keep them short.
+        Returns ``callback`` (so it also serves as a decorator)."""
         if not callable(callback):
             raise TypeError(f"on_stop takes a function, not {callback!r}")
         self._on_stop.append(callback)
