@@ -18,7 +18,7 @@ import gc
 import logging
 import re
 import uuid
-from typing import Any, Callable, List, Optional, Sequence, Set
+from typing import Any, Callable, List, Optional, Sequence, Set, Tuple
 
 import pytest
 
@@ -622,6 +622,26 @@ def test_remaining_time_shrinks_across_attempts():
             assert a.remaining <= 1.0 - (a.started - t0) + 1e-9
         assert loop.time() - t0 == pytest.approx(1.0)
     run_virtual(main())
+
+
+@pytest.mark.parametrize("policy", ["failfast", "failover", "hedging"])
+def test_timeouts_of_a_call_cut_short_open_no_breaker(policy):
+    """A call whose time a handler's caller cut short (``blame_timeouts=False``) may
+    time out on a healthy node: that says nothing of the node, so however many do,
+    its breaker stays closed; the same timeouts with the call's own time open it."""
+    async def main() -> Tuple[BreakerState, BreakerState]:
+        states = []
+        for blame in (False, True):
+            cluster = make_cluster(1, policy=policy, breaker=dict(consecutive_failures=2))
+            slow = ScriptedSend(default=fail(lambda: CallTimeout("no reply within 0.002s")))
+            for _ in range(5):
+                with pytest.raises((CallTimeout, DegradeError)):   # (an open circuit)
+                    await cluster.invoke(slow, timeout=1.0, idempotent=True,
+                                         blame_timeouts=blame)
+            states.append(cluster.breaker(cluster.router.nodes[0]).state)
+        return states[0], states[1]
+
+    assert run_virtual(main()) == (BreakerState.CLOSED, BreakerState.OPEN)
 
 
 def test_a_call_whose_deadline_passed_raises_call_timeout_without_sending():

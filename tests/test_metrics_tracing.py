@@ -25,9 +25,10 @@ import pytest
 import octo_core
 from octo_core import context, protocol, server as server_module
 from octo_core.auth import Authenticator, StaticTokens
+from octo_core.cluster.breaker import BreakerState
 from octo_core.context import Span, add_span_hook, current_span, global_context
 from octo_core.errors import (ApplicationError, CallTimeout, SecurityError, ServiceError,
-                              Status)
+                              Status, TransportError)
 from octo_core.metrics import BOUNDS, Metrics, RecentRates, prometheus_text
 from octo_core.protocol import MessageType, NodeStatus
 from octo_core.transport import http
@@ -727,6 +728,37 @@ def test_a_call_made_once_the_callers_deadline_passed_is_not_sent_unless_detache
         assert isinstance(outcome, CallTimeout) and not outcome.request_sent
         assert "detached()" in str(outcome) and outcome.inherited_deadline
         assert backend.seen == []
+
+
+def test_a_relays_calls_cut_short_by_its_callers_deadline_open_no_breaker():
+    """Callers with little time left make a relay's calls time out on a healthy
+    backend: that says nothing of the backend, so its breaker stays closed (one
+    timeout in a row would open it) and callers with time are served."""
+    class Relay(EchoHandler):
+        def __init__(self, backend: str) -> None:
+            super().__init__()
+            self.client = octo_core.AsyncClient(Echo, appkey=CLIENT_APPKEY, hosts=[backend],
+                                                timeout=30.0,
+                                                breaker=dict(consecutive_failures=1))
+
+        async def echo(self, text: str) -> str:
+            return await self.client.slow(text, 300)   # longer than a hurried caller waits
+
+    async def main() -> None:
+        async with serving(echo_services()) as back:
+            relay = Relay(back.address)
+            async with serving(echo_services(relay)) as front, \
+                    async_client(Echo, front.address, timeout=0.1) as hurried, \
+                    async_client(Echo, front.address, timeout=5.0) as patient:
+                for _ in range(3):   # (its own timeout, or the relay's status 4 first)
+                    with pytest.raises(TransportError):
+                        await hurried.echo("late")
+                assert await patient.echo("in time") == "in time"
+                [node] = relay.client._cluster.router.nodes
+                assert relay.client._cluster.breaker(node).state is BreakerState.CLOSED
+            await relay.client.close()
+
+    run(main())
 
 
 def test_a_handler_whose_inherited_deadline_passed_is_answered_as_timed_out(caplog):

@@ -408,10 +408,11 @@ class AsyncClient:
         started = time.monotonic()
         status: int = _SUCCESS
         cut = False   # the timeout is the handled call's deadline, not this call's own
+        fair = True   # ... and it leaves at least half of its own: a timeout blames the node
         try:
             if deadline is not None:   # (counted as a call, as below, when it has passed)
                 within = _within(deadline, timeout, method)
-                cut, timeout = within < timeout, within
+                cut, fair, timeout = within < timeout, within >= timeout / 2, within
             if self._directory is not None and self._directory.version == 0:
                 try:   # (counted as a call: one failing here is one the caller saw fail)
                     timeout = await self._discover(timeout, method.name)
@@ -420,7 +421,7 @@ class AsyncClient:
             return await self._cluster.begin(   # (invoke, minus a coroutine: see begin)
                 self._send, (method, request, tags, span),   # _send(node, remaining, call)
                 timeout=timeout, idempotent=method.name in self._idempotent, tags=tags,
-                key=None if key is None else str(key))
+                key=None if key is None else str(key), blame_timeouts=fair)
         except OctoError as exc:
             status = exc.status
             exc.method = exc.method or method.name   # (a NoRouteError knows no method)

@@ -106,8 +106,10 @@ def caller() -> Optional[Caller]:
     The handler's own calls end by the deadline too: each one's timeout is cut
     to the time left, and one made after the deadline fails at once with
     ``CallTimeout``, unsent (a server answers a handler that lets it through
-    with status 4, as a call past its deadline). Work meant to outlive the
-    call (a background task it starts) is started ``detached()``.
+    with status 4, as a call past its deadline). A call cut to less than half
+    its own timeout that times out says nothing of its node: no breaker counts
+    it (callers short of time would open breakers on healthy nodes). Work meant
+    to outlive the call (a background task it starts) is started ``detached()``.
     """
     value = _CARRIED.get()
     return None if type(value) is tuple else value.caller()   # type: ignore[union-attr]

@@ -372,37 +372,45 @@ class Cluster:
     # --- invocation --------------------------------------------------------------------
 
     async def invoke(self, send: Send, *, timeout: float, idempotent: bool = False,
-                     tags: Mapping[str, str] = {}, key: Any = None) -> Any:  # noqa: B006
-        """Run ``send(node, remaining_seconds)`` under the cluster's policy."""
+                     tags: Mapping[str, str] = {}, key: Any = None,  # noqa: B006
+                     blame_timeouts: bool = True) -> Any:
+        """Run ``send(node, remaining_seconds)`` under the cluster's policy (the
+        options: see ``begin``)."""
         return await self.begin(_send_alone, send, timeout=timeout, idempotent=idempotent,
-                                tags=tags, key=key)
+                                tags=tags, key=key, blame_timeouts=blame_timeouts)
 
     def begin(self, send: SendRequest, request: Any, *, timeout: float,
               idempotent: bool = False, tags: Mapping[str, str] = {},  # noqa: B006
-              key: Any = None) -> Awaitable[Any]:
+              key: Any = None, blame_timeouts: bool = True) -> Awaitable[Any]:
         """``invoke``, begun now (from a running loop), where each attempt is
         ``send(node, remaining_seconds, request)``: the deadline is fixed and,
         for a call of one attempt, its node chosen (``NoRouteError`` at once);
         returns the coroutine to await for the outcome. That coroutine is the
         attempt itself when one attempt is all the policy makes: no coroutine of
-        the cluster's own to make and to resume through, on every call's path."""
+        the cluster's own to make and to resume through, on every call's path.
+        ``blame_timeouts=False``: the call's time was cut short (by the deadline
+        of the call a handler serves), so its attempts' timeouts say nothing of
+        the nodes, and no breaker counts them."""
         deadline = self._running_loop().time() + timeout
         self.budget.record_request()
         # Parallel copies only of what may run twice; the rest goes one copy at a time,
         # to another node only for a node fault, and once sent only if idempotent.
         if idempotent and self.policy == "forking":
-            return self._race(send, request, deadline, tags, key, self.forks, 0.0)
+            return self._race(send, request, deadline, tags, key, self.forks, 0.0,
+                              blame_timeouts)
         if idempotent and self.policy == "hedging":
-            return self._race(send, request, deadline, tags, key, 2, self.hedge_delay)
+            return self._race(send, request, deadline, tags, key, 2, self.hedge_delay,
+                              blame_timeouts)
         if self._one_attempt:
             # What _in_turn does with one attempt, minus the bookkeeping for retries
             # (tried nodes, attempts given back) that only a second attempt reads.
             node, balancer = self.select(tags, key, _NONE_TRIED)
-            return self._attempt(send, request, node, balancer, deadline, timeout)
-        return self._in_turn(send, request, deadline, idempotent, tags, key)
+            return self._attempt(send, request, node, balancer, deadline, timeout,
+                                 blame_timeouts)
+        return self._in_turn(send, request, deadline, idempotent, tags, key, blame_timeouts)
 
     async def _in_turn(self, send: SendRequest, request: Any, deadline: float, idempotent: bool,
-                       tags: Mapping[str, str], key: Any) -> Any:
+                       tags: Mapping[str, str], key: Any, blame_timeouts: bool = True) -> Any:
         """One attempt after the other (failover, failsafe, forking and hedging for
         a method that may not run twice)."""
         attempts = self._attempts_in_turn
@@ -427,7 +435,8 @@ class Cluster:
             tried.add(node.key)
             known_dead = self._known_dead(node)
             try:
-                return await self._attempt(send, request, node, balancer, deadline)
+                return await self._attempt(send, request, node, balancer, deadline,
+                                           blame_timeouts=blame_timeouts)
             except Exception as exc:
                 if self.policy == "failsafe" and node_failed(exc):
                     log.warning("failsafe call to %s failed: %s", node.key, exc)
@@ -441,7 +450,8 @@ class Cluster:
                 failure = exc
 
     async def _attempt(self, send: SendRequest, request: Any, node: Node, balancer: Any,
-                       deadline: float, remaining: Optional[float] = None) -> Any:
+                       deadline: float, remaining: Optional[float] = None,
+                       blame_timeouts: bool = True) -> Any:
         """One attempt of a call on ``node``, with the time left before ``deadline``
         (``remaining``, when the caller knows it): refused at once past the deadline
         or by an open breaker; its outcome then feeds the node's breaker, the
@@ -490,9 +500,10 @@ class Cluster:
                 # Breakers judge how the node answers: timeouts, overload, bad replies.
                 self.degrade(node)
                 health = None
-            elif isinstance(exc, CallTimeout) and not getattr(exc, "request_sent", True):
+            elif isinstance(exc, CallTimeout) and not (blame_timeouts and exc.request_sent):
                 # The caller's time ran out before its request could go (waiting for a
-                # connect many calls share): the connect judges the node, not each of them.
+                # connect many calls share): the connect judges the node, not each of
+                # them. Or the call had too little time to be fair to the node.
                 health = settled = None
             raise
         finally:
@@ -518,7 +529,8 @@ class Cluster:
                 balancer.on_finish(node, time.perf_counter() - started, served)
 
     async def _race(self, send: SendRequest, request: Any, deadline: float,
-                    tags: Mapping[str, str], key: Any, width: int, delay: float) -> Any:
+                    tags: Mapping[str, str], key: Any, width: int, delay: float,
+                    blame_timeouts: bool = True) -> Any:
         """Forking (``delay`` 0) and hedging: up to ``width`` attempts, first answer
         wins. A hedge goes after ``delay``, or at once when an attempt fails with a
         node fault (gRPC A6 hedging)."""
@@ -547,7 +559,8 @@ class Cluster:
             owed -= extra and owed > 0
             tried.add(node.key)
             counted += 1
-            task = loop.create_task(self._attempt(send, request, node, balancer, deadline))
+            task = loop.create_task(self._attempt(send, request, node, balancer, deadline,
+                                                  blame_timeouts=blame_timeouts))
             running[task] = self._known_dead(node)
             return True
 
