@@ -911,24 +911,33 @@ def test_a_probe_its_caller_cancels_proves_nothing():
     run_virtual(main())
 
 
+async def _calls_out_on_a_hung_node(stale: int, opens_after: int) -> Tuple[
+        Cluster, ScriptedSend, List["asyncio.Future[Any]"]]:
+    """Two nodes, round robin from the first, which hangs: ``stale`` calls sent
+    (half of them to it, each to time out after 2 s), then its breaker opened by
+    ``opens_after`` failures, and the clock past its backoff: the next call probes."""
+    clock = FakeClock()
+    nodes = numbered_nodes(2)
+    cluster = make_cluster(policy="failfast", nodes=nodes, breaker=dict(
+        consecutive_failures=opens_after, backoff_min=1.0, backoff_max=8.0, clock=clock))
+    send = ScriptedSend({nodes[0].key: use_up_time(lambda: CallTimeout("no reply"))})
+    calls = [asyncio.ensure_future(outcome(cluster.invoke(send, timeout=2.0)))
+             for _ in range(stale)]
+    await asyncio.sleep(0.1)
+    for _ in range(opens_after):                   # opened by calls before those out
+        cluster.breaker(nodes[0]).record(False)
+    clock.advance(1.3)
+    return cluster, send, calls
+
+
 def test_a_call_sent_before_the_breaker_opened_does_not_decide_its_probe():
     """A hung node's calls sent before its breaker opened time out after it did. While
     the half-open probe runs, such an old outcome says nothing new: it must neither
     reopen the breaker (with a doubled backoff) nor leave the probe's answer unheard,
     which kept a node that had come back out of the rotation for another backoff."""
     async def main():
-        clock = FakeClock()
-        nodes = numbered_nodes(2)
-        hung = nodes[0].key
-        cluster = make_cluster(policy="failfast", nodes=nodes, breaker=dict(
-            consecutive_failures=1, backoff_min=1.0, backoff_max=8.0, clock=clock))
-        breaker = cluster.breaker(nodes[0])
-        send = ScriptedSend({hung: use_up_time(lambda: CallTimeout("no reply"))})
-        stale = [asyncio.ensure_future(outcome(cluster.invoke(send, timeout=2.0)))
-                 for _ in range(2)]                # (round robin: one of them on `hung`)
-        await asyncio.sleep(0.1)
-        breaker.record(False)                      # opened by the calls before it
-        clock.advance(1.3)                         # past the backoff: the next call probes
+        cluster, send, stale = await _calls_out_on_a_hung_node(stale=2, opens_after=1)
+        breaker, hung = cluster.breaker(cluster.router.nodes[0]), cluster.router.nodes[0].key
         send.behaviours[hung] = answer("back", after=3.0)
         probes = [asyncio.ensure_future(cluster.invoke(send, timeout=5.0)) for _ in range(2)]
         await asyncio.gather(*stale)               # the old call times out as the probe runs
@@ -944,19 +953,8 @@ def test_calls_sent_before_the_breaker_opened_do_not_reopen_it_once_closed():
     before the breaker opened time out only now. Their failures are old news: a
     streak of them must not open the breaker again on a node that answers."""
     async def main():
-        clock = FakeClock()
-        nodes = numbered_nodes(2)
-        hung = nodes[0].key
-        cluster = make_cluster(policy="failfast", nodes=nodes, breaker=dict(
-            consecutive_failures=2, backoff_min=1.0, backoff_max=8.0, clock=clock))
-        breaker = cluster.breaker(nodes[0])
-        send = ScriptedSend({hung: use_up_time(lambda: CallTimeout("no reply"))})
-        stale = [asyncio.ensure_future(outcome(cluster.invoke(send, timeout=2.0)))
-                 for _ in range(6)]                # (round robin: three of them on `hung`)
-        await asyncio.sleep(0.1)
-        breaker.record(False)
-        breaker.record(False)                      # opened by the calls before them
-        clock.advance(1.3)
+        cluster, send, stale = await _calls_out_on_a_hung_node(stale=6, opens_after=2)
+        breaker, hung = cluster.breaker(cluster.router.nodes[0]), cluster.router.nodes[0].key
         send.behaviours[hung] = answer("back")
         assert "back" in [await cluster.invoke(send, timeout=1.0) for _ in range(2)]
         assert breaker.state is BreakerState.CLOSED   # the probe found it back

@@ -761,18 +761,23 @@ def test_a_relays_calls_cut_short_by_its_callers_deadline_open_no_breaker():
     run(main())
 
 
+async def _answer_to_echo(handler: EchoHandler, timeout_ms: int) -> Any:
+    """The frame a server of ``handler`` answers a unified ``echo`` with, whose
+    header gave ``timeout_ms``."""
+    async with serving(echo_services(handler)) as server, \
+            raw_connection(server.address) as conn:
+        await conn.send(unified_request("echo", Echo.echo_args(text="x"), 1,
+                                        timeout_ms=timeout_ms))
+        return await conn.read_frame()
+
+
 def test_a_handler_whose_inherited_deadline_passed_is_answered_as_timed_out(caplog):
     """A handler letting out the CallTimeout of a call cut by its own deadline is
     answered with status 4 (the caller gave up: a timeout, not the handler's bug),
     and no traceback is logged."""
     async def main() -> Any:
         async with serving(echo_services(EchoHandler())) as back:
-            relay = _Relay(back.address, wait_out=True)
-            async with serving(echo_services(relay)) as front, \
-                    raw_connection(front.address) as conn:
-                await conn.send(unified_request("echo", Echo.echo_args(text="x"), 1,
-                                                timeout_ms=200))
-                return await conn.read_frame()
+            return await _answer_to_echo(_Relay(back.address, wait_out=True), timeout_ms=200)
 
     frame = run(main())
     assert frame.head.status == Status.TRANSPORT_EXCEPTION
@@ -829,14 +834,7 @@ def test_a_timeout_cut_to_the_callers_deadline_is_answered_as_timed_out_by_any_c
     status 4 even when the server's clock has not reached that deadline yet (a
     timer may fire a little early: uvloop's count whole milliseconds), not as
     the handler's bug (status 1, its traceback logged)."""
-    async def main() -> Any:
-        async with serving(echo_services(_RaisesInherited())) as front, \
-                raw_connection(front.address) as conn:
-            await conn.send(unified_request("echo", Echo.echo_args(text="x"), 1,
-                                            timeout_ms=60_000))
-            return await conn.read_frame()
-
-    frame = run(main())
+    frame = run(_answer_to_echo(_RaisesInherited(), timeout_ms=60_000))
     assert frame.head.status == Status.TRANSPORT_EXCEPTION
     assert not [r for r in caplog.records if r.exc_info]
 
