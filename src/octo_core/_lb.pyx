@@ -431,8 +431,10 @@ cdef class RoundRobin(_Picker):
     node ``start`` (modulo the node count): nginx's sequence over the nodes listed
     from ``start`` on. ``start=None`` (the default) draws it at random, so clients
     that start together do not all send their first calls to node 0 and walk the
-    nodes in step; ``start=0`` is nginx's own order. After ``t`` picks, ``current_i = c_i + t * w_i``,
-    a line in ``t`` whose intercept ``c_i`` moves only when ``i`` is picked. So the
+    nodes in step; ``start=0`` is nginx's own order.
+
+    After ``t`` picks, ``current_i = c_i + t * w_i``, a line in ``t`` whose
+    intercept ``c_i`` moves only when ``i`` is picked. So the
     pick is the top line at ``t``, kept here by a kinetic tournament tree: every
     internal node holds the node ahead in its subtree and the first time that can
     change (``_fail``); a pick replays only the comparisons whose time has come, then

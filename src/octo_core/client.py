@@ -187,10 +187,11 @@ class AsyncClient:
     # in its compact shared-keys form only up to 30 attributes).
     __slots__ = ("service", "appkey", "remote_appkey", "timeout", "unified", "service_name",
                  "metrics", "_framed", "_flags", "_signer", "_limits", "_endpoint_options",
-                 "_endpoints", "_retired", "_listed", "_closed", "_shut", "_inherited", "_collected",
-                 "_loop", "_loop_thread", "_methods", "_named_service", "_wire_names",
-                 "_idempotent", "_timeouts", "_hash_arg", "_hash_header", "_cluster", "_directory", "_discovery",
-                 "_owns_registry", "_finishers", "__dict__", "__weakref__")
+                 "_endpoints", "_retired", "_listed", "_closed", "_shut", "_inherited",
+                 "_collected", "_loop", "_loop_thread", "_methods", "_named_service",
+                 "_wire_names", "_idempotent", "_timeouts", "_hash_arg", "_hash_header",
+                 "_cluster", "_directory", "_discovery", "_owns_registry", "_finishers",
+                 "__dict__", "__weakref__")
 
     if TYPE_CHECKING:
         def __getattr__(self, name: str) -> Any:

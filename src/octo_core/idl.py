@@ -111,7 +111,8 @@ _InitGenerator = Callable[[type, Optional[List[Tuple[str, Any]]]], Callable[...,
 def _checked(generate: _InitGenerator) -> _InitGenerator:
     """thriftpy2's ``init_func_generator`` raising ``ThriftGrammarError``, which
     its parser passes on, for the ``SyntaxError`` it would swallow."""
-    def init_func_generator(cls: type, spec: Optional[List[Tuple[str, Any]]]) -> Callable[..., None]:
+    def init_func_generator(cls: type,
+                            spec: Optional[List[Tuple[str, Any]]]) -> Callable[..., None]:
         try:
             return generate(cls, spec)
         except SyntaxError as exc:

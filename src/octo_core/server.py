@@ -363,7 +363,8 @@ class Server:
     string and container lengths, nesting, objects per decode) for the thrift
     messages, bound what one request may cost; ``max_connections`` (one more
     takes the place of the connection quiet longest, a second at least with no
-    call running, its peer told first; else it is closed on accept; by default the open-file limit, RLIMIT_NOFILE, at ``start``,
+    call running and no reply going out, its peer told first; else it is closed
+    on accept; by default the open-file limit, RLIMIT_NOFILE, at ``start``,
     less an eighth or 128 (528 on asyncio's own loop, which keeps up to 400
     refused sockets open while a peer redials), whichever is more, never below
     half: a server out of descriptors cannot even accept a connection to refuse
