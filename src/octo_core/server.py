@@ -947,8 +947,7 @@ class Server:
         still running see their connection close). Tasks still running on the loop
         once the server has stopped (a handler's background work) are cancelled
         before it closes, as ``asyncio.run`` does; clients the handlers call
-        through are the service's own to close: with an ``AsyncClient`` to
-        close, run ``start``, a signal handler and ``stop`` on a loop of your own."""
+        through are the service's own to close, in an ``on_stop`` callback."""
         loop = new_event_loop()
 
         async def main() -> None:
