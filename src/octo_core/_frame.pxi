@@ -278,9 +278,10 @@ cdef class InflateBudget:
     cdef int charge(self, Py_ssize_t size) except -1:
         if self.used == 0:
             self._call_soon(self._refill)
-        self.used += size if size > 0 else 1
-        if self.used < 0:       # PY_SSIZE_T_MAX for a frame that declares nothing
-            self.used = PY_SSIZE_T_MAX
+        if size < 1:
+            size = 1
+        # (PY_SSIZE_T_MAX for a frame that declares nothing: no overflow past it)
+        self.used = PY_SSIZE_T_MAX if size > PY_SSIZE_T_MAX - self.used else self.used + size
 
     def _refill(self):
         self.used = 0
