@@ -37,6 +37,7 @@ from octo_core.registry import Directory, Node, Registry, RegistryError, open_re
 from octo_core.transport.address import default_route_ip, parse_address
 from octo_core.transport.client import ClientConnection, Endpoint
 from octo_core.transport.loop import SERVING_LOOPS, LoopThread
+from octo_core.transport.stream import READ_BATCH
 
 # (looked up by a reply header's status: an int, or None without a header)
 _ERRORS_BY_STATUS: Dict[Optional[int], Type[OctoError]] = {
@@ -262,7 +263,9 @@ class AsyncClient:
             heartbeat_interval=heartbeat_interval if self.unified else None,
             on_stopping=_weak_method(self._node_stopping),
             unheard_hint=_unheard_hint(self.unified, framed, multiplexed, self.service_name,
-                                       ssl))
+                                       ssl),
+            # what its connections together inflate a loop pass (see the server's)
+            inflate=_codec.InflateBudget(READ_BATCH, _call_soon))
         self._endpoints: Dict[str, Endpoint] = {}
         self._retired: Set[Endpoint] = set()            # of nodes that left, calls still on them
         self._listed: Optional[Dict[str, Node]] = None  # by address, from a registry
@@ -792,6 +795,12 @@ def _seconds(name: str, seconds: Any) -> float:
     """``seconds``, at most the longest deadline the wire carries (about 24.8 days;
     so no arithmetic on it overflows); ``ValueError`` unless a positive, finite number."""
     return min(finite_number(name, seconds), _MAX_TIMEOUT_MS / 1000)
+
+
+def _call_soon(callback: Callable[[], Any]) -> None:
+    """``call_soon`` on the running loop (an ``InflateBudget``'s refill: a client
+    is made before it knows its loop, and charges only from there)."""
+    asyncio.get_running_loop().call_soon(callback)
 
 
 def _within(deadline: float, timeout: float, method: idl.Method) -> float:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from thriftpy2.thrift import TApplicationException
 
 from octo_core import _codec, protocol
+from octo_core._codec import InflateBudget
 from octo_core.errors import CallTimeout, ClientClosed, DecodeError, ProtocolError, TransportError
 from octo_core.protocol import CLOSE_NOTICE_SEQUENCE, Frame, Header, MessageType, NodeStatus
 from octo_core.transport.address import Address, connect, parse_address
@@ -46,8 +47,12 @@ class ClientConnection(FramedProtocol):
     def __init__(self, node: str, max_frame_size: int,
                  max_depth: int = protocol.DEFAULT_MAX_DEPTH, heartbeats: bool = False,
                  on_stopping: Optional[Callable[[], None]] = None,
-                 unheard_hint: str = "") -> None:
+                 unheard_hint: str = "", inflate: Optional[InflateBudget] = None) -> None:
         super().__init__(max_frame_size, max_depth)
+        # shared with the client's other connections: what they inflate a loop pass
+        # (a node's compression bombs wait their turn behind the others' replies)
+        self._decoder.budget = inflate
+        self._deferred = False   # whole frames wait for the next loop pass (frames_deferred)
         self.node = node
         # added to what the waiting calls are told when the node closes the
         # connection without a byte (see Endpoint's unheard_hint)
@@ -226,6 +231,22 @@ class ClientConnection(FramedProtocol):
     def heard_from(self) -> bool:
         """Whether the node has sent anything on this connection (see Endpoint._open)."""
         return bool(self._decoder.consumed or self._decoder.buffered)
+
+    def frames_deferred(self) -> None:
+        """Reading waits a loop pass: the client's inflate budget for this one is spent."""
+        if self.transport is not None and not self.closed:
+            self._deferred = True
+            self.transport.pause_reading()
+            self.loop.call_soon(self._read_on)
+
+    def _read_on(self) -> None:
+        """The next loop pass: the frames held back, then reading again unless held anew."""
+        self._deferred = False
+        if self.closed or self.transport is None:
+            return
+        self._read()
+        if not self._deferred and not self.closed:
+            self.transport.resume_reading()
 
     def frames_received(self, frames: List[Frame]) -> None:
         for frame in frames:
@@ -430,11 +451,12 @@ class Endpoint:
                  heartbeat_interval: Optional[float] = None,
                  ssl: Optional["_ssl.SSLContext"] = None,
                  on_stopping: Optional[Callable[[str], None]] = None,
-                 unheard_hint: str = "") -> None:
+                 unheard_hint: str = "", inflate: Optional[InflateBudget] = None) -> None:
         self.node = node
         # what a node that closes connections without a byte may mean (its
         # protocol is another: the client's own guess), told to the calls
         self.unheard_hint = unheard_hint
+        self.inflate = inflate   # its connections' share of the client's inflate budget
         # on_stopping(node): the node's close notice said it is stopping
         self.on_stopping = on_stopping
         self.address: Address = parse_address(node)
@@ -589,7 +611,7 @@ class Endpoint:
             return ClientConnection(self.node, self.max_frame_size, self.max_depth,
                                     heartbeats=bool(self._heartbeat_interval),
                                     on_stopping=self._stopping,
-                                    unheard_hint=self.unheard_hint)
+                                    unheard_hint=self.unheard_hint, inflate=self.inflate)
 
         if self.address.path is not None:
             opening = loop.create_unix_connection(
