@@ -992,14 +992,15 @@ class Server:
         thread = self._thread
         assert thread is not None   # __enter__ set it
         try:
-            stopping = thread.submit(self.stop)
             # bounded: a loop that died cannot hold the exit (stop takes its grace
             # of 5 s, the node's withdrawal and unregister_delay, a close notice, a
-            # linger, and a margin)
+            # linger, and a margin). Reckoned first: a Ctrl-C once the stop is under
+            # way must find this thread waiting for it, to make it stop at once.
             registry = self._registry
             withdrawal = 0.0 if registry is None else \
                 _WITHDRAWAL_CALLS * call_timeout(registry) + self.unregister_delay
             bound = withdrawal + CLOSE_NOTICE + CLOSE_LINGER + 5.0
+            stopping = thread.submit(self.stop)
             try:
                 stopping.result(5.0 + bound)
             except KeyboardInterrupt:   # Ctrl-C (again): stop at once, not half-way, then go on
