@@ -302,3 +302,26 @@ def test_a_clients_compressed_replies_past_its_inflate_budget_wait_a_pass_and_al
 
     assert run(main()) == [f"{i}" + "x" * 2500 for i in range(8)]
     assert deferred     # (some waited a pass: else this proves nothing)
+
+
+def test_replies_held_back_a_pass_leave_no_reply_taken_for_stuck_partway(monkeypatch):
+    """Once the compressed replies held back by the client's inflate budget have
+    all been read, nothing is still arriving on the connection: a call timing out
+    on it later (a slow handler) is not taken for a reply stuck partway, which
+    retires a healthy connection with a warning."""
+    from octo_core import client as client_module
+
+    monkeypatch.setattr(client_module, "READ_BATCH", 3000)
+
+    async def main() -> None:
+        async with serving(echo_services()) as server, \
+                async_client(Echo, server.address, compression="gzip") as client:
+            texts = [f"{i}" + "x" * 2500 for i in range(8)]
+            assert await asyncio.gather(*(client.call("echo", t) for t in texts)) == texts
+            (endpoint,) = client._endpoints.values()
+            conn = next(c for c in endpoint._conns if c is not None)
+            assert conn.frame_started is None
+            later = conn.loop.time() + 60.0   # (a call of 1 s timing out then)
+            assert conn._stuck(later, 1.0) == ""
+
+    run(main())

@@ -244,7 +244,11 @@ class ClientConnection(FramedProtocol):
         self._deferred = False
         if self.closed or self.transport is None:
             return
-        self._read()
+        if self._read():
+            # as after a read (data_received): the frames held back were whole, and
+            # what is left is a frame still arriving, or nothing -- else a later
+            # timeout takes the held frames for a reply stuck partway (see _stuck)
+            self.frame_started = self.last_read if self._decoder.buffered else None
         if not self._deferred and not self.closed:
             self.transport.resume_reading()
 
