@@ -1001,6 +1001,50 @@ def test_plaintext_client_against_tls_server_fails_cleanly(certs):
     run(main())
 
 
+def test_tls_replies_held_back_by_the_inflate_budget_survive_a_close_read_with_them(
+        certs, monkeypatch):
+    """A node answers every call, compressed, and closes, all in one write. The
+    client's inflate budget holds most of the replies back a loop pass; TLS reads
+    the close with them (paused reading keeps only a TCP close behind them), and
+    the calls whose replies were held still get them, not "connection closed"."""
+    from octo_core import client as client_module
+    from octo_core import codec
+    from wire_helpers import frames_read
+
+    monkeypatch.setattr(client_module, "READ_BATCH", 3000)
+    texts = [f"{i}" + "x" * 2500 for i in range(8)]
+
+    def reply(frame: Any) -> bytes:
+        name, _, seqid, args = decode_body(frame, Echo)
+        body = codec.encode_message(name, 2, seqid, Echo.echo_result(success=args.text))
+        return protocol.encode_unified(protocol.response_header(frame.head.sequence_id), body,
+                                       protocol.FLAG_GZIP | protocol.SERIALIZER_THRIFT)
+
+    async def answer_all_and_close(reader: asyncio.StreamReader,
+                                   writer: asyncio.StreamWriter) -> None:
+        calls = []
+        async for frame in frames_read(reader):
+            calls.append(frame)
+            if len(calls) == len(texts):
+                break
+        writer.write(b"".join(reply(frame) for frame in calls))
+        writer.close()
+
+    async def main() -> List[Any]:
+        listener = await asyncio.start_server(answer_all_and_close, LOCALHOST, 0,
+                                              ssl=certs.server_context())
+        address = f"{LOCALHOST}:{listener.sockets[0].getsockname()[1]}"
+        try:
+            async with echo_client(address, ssl=certs.client_context(), compression="gzip",
+                                   heartbeat_interval=None) as client:
+                return await asyncio.gather(*(client.echo(text) for text in texts),
+                                            return_exceptions=True)
+        finally:
+            listener.close()
+
+    assert run(main()) == texts
+
+
 def test_a_stalled_tls_handshake_is_cut(certs, monkeypatch):
     """Before its handshake a TLS peer is under none of the limits on frames; a
     handshake has a deadline of its own, so a stalled one does not hold a socket."""

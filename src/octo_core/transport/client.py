@@ -409,6 +409,18 @@ class ClientConnection(FramedProtocol):
         why = f"connection closed{': ' + str(exc) if exc else ''}"
         if self.unheard_hint and self._pending and not self.heard_from:
             why = f"{why} {self.unheard_hint}"   # the node's doing: not the client's close
+        self._answer_held(why)
+
+    def _answer_held(self, why: str) -> None:
+        """(Closed.) The replies read whole that the inflate budget still holds back
+        reach their calls, a batch a loop pass as before; then the calls still
+        waiting fail, ``why``. (Paused reading keeps a TCP close behind them, but
+        TLS reads a close that came with them at once.)"""
+        if self._pending and self._decoder.more:
+            self._read()     # (closed: one batch, or none while the budget is spent)
+            if self._pending and self._decoder.more:
+                self.loop.call_soon(self._answer_held, why)
+                return
         self._fail_pending(why)
 
 
