@@ -218,6 +218,20 @@ def test_server_and_client_count_exactly_what_happened():
     run(main())
 
 
+def test_a_call_its_caller_gave_up_on_is_counted_as_failed_not_served():
+    """A call cancelled by its caller (``asyncio.wait_for``) took no answer: the
+    client's metrics count it with status 4, as a timeout, not as a success."""
+    async def main() -> Dict[str, Any]:
+        async with serving(echo_services()) as server, \
+                async_client(Echo, server.address) as client:
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(client.slow("given up", 2000), 0.05)
+            return client.metrics.stats()["Echo.slow"]
+
+    row = run(main())
+    assert row["calls"] == 1 and row["errors"] == {Status.TRANSPORT_EXCEPTION: 1}
+
+
 def test_prometheus_text_of_hand_made_metrics():
     metrics = Metrics("server")
     awkward = 'we"ird\\svc'

@@ -438,6 +438,11 @@ class AsyncClient:
         except Exception as exc:
             status = Status.SUCCESS if _declared(method, exc) else Status.REMOTE_EXCEPTION
             raise
+        except asyncio.CancelledError:
+            # its caller gave up on it (asyncio.wait_for, a blocking wait past its
+            # bound): no answer was taken, as with a timeout, not a success
+            status = Status.TRANSPORT_EXCEPTION
+            raise
         finally:
             self.metrics.finished(stats, time.monotonic() - started, status)
             for end in ends or ():
