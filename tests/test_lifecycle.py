@@ -279,8 +279,9 @@ class _CancelsItself(EchoHandler):
 
 def test_a_handlers_own_cancelled_error_during_a_stop_is_its_fault_not_the_stops(caplog):
     """Only a call the stop itself cancelled (past its grace) is answered "the server
-    is stopping": one whose handler raises CancelledError of its own accord while
-    the stop waits is a fault of the handler's, logged and answered as one."""
+    stopped while it ran": one whose handler raises CancelledError of its own
+    accord while the stop waits is a fault of the handler's, logged and answered
+    as one."""
     handler = _CancelsItself()
 
     async def main() -> None:
@@ -295,6 +296,7 @@ def test_a_handlers_own_cancelled_error_during_a_stop_is_its_fault_not_the_stops
             with pytest.raises(ApplicationError) as info:
                 await call
             await asyncio.wait_for(stopping, 30)   # (a hang guard only)
+        assert "stopped while it ran" not in str(info.value)   # (the stop's own words)
         assert "stopping" not in str(info.value) and "CancelledError" in str(info.value)
         assert any("CancelledError" in r.getMessage() for r in caplog.records
                    if r.levelno >= logging.ERROR)
