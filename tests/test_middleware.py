@@ -1,21 +1,25 @@
-"""Server middleware (``Server(middleware=[...])``): around every call, plain and
-coroutine handlers alike, in order, with the call's context; what it raises is
-answered as the handler's own exception."""
+"""Middleware. A server's (``Server(middleware=[...])``): around every call, plain
+and coroutine handlers alike, in order, with the call's context; what it raises
+is answered as the handler's own exception. A client's (``AsyncClient`` and
+``Client``, ``middleware=[...]``): around every call, in every call mode, with
+the call's own timeout kept inside."""
 from __future__ import annotations
 
 from typing import Any, Callable, List, Tuple
 
 import os
+import queue
 
 import pytest
 
 import octo_core
 from octo_core import context
-from octo_core.errors import ApplicationError
+from octo_core.errors import ApplicationError, CallTimeout, ClientClosed
 from octo_core.middleware import is_coroutine_function
 
 from wire_helpers import (CLIENT_APPKEY, HERE, SERVER_APPKEY, Echo, EchoError,  # noqa: F401
-                          EchoHandler, async_client, echo_services, run, serving, watchdog)
+                          EchoHandler, async_client, echo_services, run, serving,
+                          serving_in_thread, watchdog)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
@@ -114,3 +118,138 @@ def test_middleware_given_as_an_iterator_is_applied():
             assert await client.echo("x") == "once(x)"
 
     run(main())
+
+
+# --- client middleware (``AsyncClient(middleware=[...])``, ``Client`` alike) --------------
+
+def client_recording(tag: str, seen: List[Tuple[Any, ...]]) -> Callable[..., Any]:
+    """A client middleware noting its tag, the service, the method and the arguments,
+    adding ``{tag: method}`` to the request's globalContext, answering ``echo("cached")``
+    itself and turning an ``EchoError`` into a ``LookupError``."""
+    def layer(service: str, method: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        async def run(*args: Any, **kwargs: Any) -> Any:
+            seen.append((tag, service, method, args, kwargs))
+            if method == "echo" and args == ("cached",):
+                return f"{tag}-cache"
+            with context.use({tag: method}):
+                try:
+                    return await call(*args, **kwargs)
+                except EchoError as exc:
+                    raise LookupError(f"{tag}: {exc.message}") from exc
+        return run
+    return layer
+
+
+def context_seen(seen: List[Any]) -> Callable[..., Any]:
+    """A server middleware noting the globalContext each call arrives with."""
+    def layer(service: str, method: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        if is_coroutine_function(call):
+            async def run_async(*args: Any) -> Any:
+                seen.append(dict(context.global_context()))
+                return await call(*args)
+            return run_async
+
+        def run_plain(*args: Any) -> Any:
+            seen.append(dict(context.global_context()))
+            return call(*args)
+        return run_plain
+    return layer
+
+
+def test_client_middleware_runs_around_every_call_first_outermost():
+    seen: List[Tuple[Any, ...]] = []
+    arrived: List[Any] = []
+    middleware = [client_recording("outer", seen), client_recording("inner", seen)]
+
+    async def main() -> None:
+        async with serving(echo_services(), middleware=[context_seen(arrived)]) as server, \
+                async_client(Echo, server.address, middleware=middleware,
+                             service_name="Echo") as client:
+            assert await client.echo(text="hi") == "hi"
+            assert await client.call("slow", "by name", 0) == "by name"
+            assert await client.echo("cached") == "outer-cache"   # answered, never sent
+            # the inner one translates; the outer sees a LookupError, not its EchoError
+            with pytest.raises(LookupError, match="^inner: refused on purpose$") as caught:
+                await client.fail("declared")
+            assert isinstance(caught.value.__cause__, EchoError)
+
+    run(main())
+    assert seen == [("outer", "Echo", "echo", (), {"text": "hi"}),
+                    ("inner", "Echo", "echo", (), {"text": "hi"}),
+                    ("outer", "Echo", "slow", ("by name", 0), {}),
+                    ("inner", "Echo", "slow", ("by name", 0), {}),
+                    ("outer", "Echo", "echo", ("cached",), {}),
+                    ("outer", "Echo", "fail", ("declared",), {}),
+                    ("inner", "Echo", "fail", ("declared",), {})]
+    assert arrived == [{"outer": method, "inner": method} for method in ("echo", "slow", "fail")]
+
+
+def test_client_middleware_keeps_each_calls_own_timeout():
+    """``call(name, ..., timeout=)`` still bounds the call inside the middleware;
+    a call the middleware makes itself meanwhile gets the client's timeout, not
+    the outer call's."""
+    inner_calls: List[str] = []
+
+    def with_a_call_of_its_own(service: str, method: str,
+                               call: Callable[..., Any]) -> Callable[..., Any]:
+        async def run(*args: Any, **kwargs: Any) -> Any:
+            if method == "slow":   # a lookup of its own first, slower than the outer timeout
+                inner_calls.append(await client.nap("lookup", 300))   # (through it too)
+            return await call(*args, **kwargs)
+        return run
+
+    async def main() -> None:
+        nonlocal client
+        async with serving(echo_services()) as server, \
+                async_client(Echo, server.address, timeout=5.0,
+                             middleware=[with_a_call_of_its_own]) as client:
+            with pytest.raises(CallTimeout):
+                await client.call("slow", "outer", 2000, timeout=0.2)
+            assert inner_calls == ["lookup"]
+            assert await client.call("echo", "x", timeout=0.2) == "x"
+
+    client: Any = None
+    run(main())
+
+
+def test_client_middleware_is_refused_unless_it_gives_a_coroutine_function():
+    def to_plain(service: str, method: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        return lambda *args: call(*args)
+
+    with pytest.raises(TypeError, match=r"Echo\.echo, whose call is a coroutine function"):
+        octo_core.AsyncClient(Echo, appkey=CLIENT_APPKEY, hosts=["127.0.0.1:1"],
+                              middleware=[to_plain])
+    with pytest.raises(TypeError, match="middleware is a list of functions"):
+        octo_core.AsyncClient(Echo, appkey=CLIENT_APPKEY, hosts=["127.0.0.1:1"],
+                              middleware=to_plain)   # type: ignore[arg-type]
+
+
+def test_a_closed_client_refuses_before_its_middleware_runs():
+    seen: List[Tuple[Any, ...]] = []
+
+    async def main() -> None:
+        client = octo_core.AsyncClient(Echo, appkey=CLIENT_APPKEY, hosts=["127.0.0.1:1"],
+                                       middleware=[client_recording("mw", seen)])
+        await client.close()
+        with pytest.raises(ClientClosed):
+            await client.echo("x")
+
+    run(main())
+    assert seen == []
+
+
+def test_blocking_client_middleware_in_every_call_mode():
+    seen: List[Tuple[Any, ...]] = []
+    answers: "queue.Queue[Any]" = queue.Queue()
+    with serving_in_thread(echo_services()) as server, \
+            octo_core.Client(Echo, appkey=CLIENT_APPKEY, hosts=[server.address], timeout=2.0,
+                             middleware=iter([client_recording("mw", seen)])) as client:
+        assert client.echo("sync") == "sync"
+        assert client.future.echo("future").result(5) == "future"
+        client.callback.echo("callback", callback=answers.put)
+        assert answers.get(timeout=5) == "callback"
+        assert client.call("echo", "cached", timeout=1.0) == "mw-cache"
+        with pytest.raises(CallTimeout):
+            client.call("slow", "late", 2000, timeout=0.2)
+    assert [args for _, _, _, args, _ in seen] == [("sync",), ("future",), ("callback",),
+                                                  ("cached",), ("late", 2000)]

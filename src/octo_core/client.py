@@ -28,6 +28,7 @@ from octo_core.checks import finite_number, is_finite_number
 from octo_core.codec import Limits, _check_limits
 from octo_core.context import _CARRIED, _HOOKS, Span, _child_of, _span_started
 from octo_core.metrics import Metrics
+from octo_core.middleware import Middleware, layers, wrapped
 from octo_core.errors import (ApplicationError, CallTimeout, ClientClosed, DecodeError,
                               DegradeError, EncodeError, OctoError, ProtocolError, RemoteError,
                               RpcError, RuntimeFailure, SecurityError, ServiceError, Status,
@@ -161,6 +162,9 @@ class AsyncClient:
     first call gives the registry half its timeout, then starts from it).
     Trust: ``token`` signs every unified request (PROTOCOL.md §6; ``sign_body``
     covers the body too); ``ssl`` connects over TLS. ``metrics`` counts calls.
+    ``middleware``: coroutine functions of the application's around every call
+    (``fn(service_name, method, call) -> call``; see ``octo_core.middleware``),
+    the first outermost.
     ``max_frame_size``, and ``limits`` (``octo_core.codec.Limits``) for the reply
     messages, bound what a reply may cost to read; a request over
     ``max_frame_size`` is not sent, and while a server reads nothing of what
@@ -192,7 +196,7 @@ class AsyncClient:
                  "_collected", "_loop", "_loop_thread", "_methods", "_named_service",
                  "_wire_names", "_idempotent", "_timeouts", "_hash_arg", "_hash_header",
                  "_cluster", "_directory", "_discovery", "_owns_registry", "_finishers",
-                 "__dict__", "__weakref__")
+                 "_chains", "__dict__", "__weakref__")
 
     if TYPE_CHECKING:
         def __getattr__(self, name: str) -> Any:
@@ -220,7 +224,8 @@ class AsyncClient:
                  breaker: Optional[Dict[str, Any]] = None,
                  retry_budget: Optional[RetryBudget] = None,
                  token: Optional[Union[str, bytes]] = None, sign_body: bool = False,
-                 ssl: Optional["_ssl.SSLContext"] = None) -> None:
+                 ssl: Optional["_ssl.SSLContext"] = None,
+                 middleware: Iterable[Middleware] = ()) -> None:
         if protocol not in ("octo", "thrift"):
             raise ValueError("protocol must be 'octo' or 'thrift'")
         if (multiplexed or not framed) and protocol != "thrift":
@@ -328,6 +333,11 @@ class AsyncClient:
         # name -> finish(frame, node): decodes a reply as it is read (see _start)
         self._finishers = {name: functools.partial(self._result, method)
                            for name, method in self._methods.items()}
+        # name -> the call within the middleware (none: empty, and calls skip it)
+        chain = layers(middleware)
+        self._chains: Dict[str, Callable[..., Awaitable[Any]]] = {
+            name: wrapped(chain, self.service_name, name, self._innermost(method), "call")
+            for name, method in self._methods.items()} if chain else {}
         for name, method in self._methods.items():
             if _binds(self, name):
                 setattr(self, name, self._caller(method))
@@ -358,8 +368,12 @@ class AsyncClient:
         return self._timeouts.get(name, self.timeout)
 
     def _caller(self, method: idl.Method) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Awaitable[Any]:
-            return self._call(method, args, kwargs)   # the coroutine itself: one frame less
+        if self._chains:
+            def call(*args: Any, **kwargs: Any) -> Awaitable[Any]:
+                return self._through(method, args, kwargs, None)
+        else:
+            def call(*args: Any, **kwargs: Any) -> Awaitable[Any]:
+                return self._call(method, args, kwargs)   # the coroutine itself: one frame less
         call.__name__ = method.name
         call.__qualname__ = f"{self.service.__name__}.{method.name}"
         return call
@@ -373,7 +387,7 @@ class AsyncClient:
         keeps the client's timeout); any other argument, ``name`` too, is the
         method's own."""
         method, timeout = self._by_name(name, kwargs)
-        return await self._call(method, args, kwargs, timeout)
+        return await self._begin(method, args, kwargs, timeout)
 
     def _by_name(self, name: str, kwargs: Dict[str, Any]) -> Tuple[idl.Method, Optional[float]]:
         """The method ``name`` and the call's ``timeout`` override, taken out of
@@ -383,6 +397,34 @@ class AsyncClient:
             raise AttributeError(f"{self.service.__name__} has no method {name!r}")
         timeout = None if "timeout" in method.arg_names else kwargs.pop("timeout", None)
         return method, None if timeout is None else _seconds("timeout", timeout)
+
+    def _begin(self, method: idl.Method, args: tuple, kwargs: dict,
+               timeout: Optional[float]) -> Awaitable[Any]:
+        """A call of ``method`` (``timeout``: the call's own, or None), through the
+        middleware if any."""
+        if self._chains:
+            return self._through(method, args, kwargs, timeout)
+        return self._call(method, args, kwargs, timeout)
+
+    async def _through(self, method: idl.Method, args: tuple, kwargs: dict,
+                       timeout: Optional[float]) -> Any:
+        """A call within the middleware; the call's own timeout waits for it inside
+        (``_innermost``), set for each call: a middleware's own calls get theirs."""
+        self._check_caller(method)   # (a closed client refuses before any middleware runs)
+        own = _OWN_TIMEOUT.set(timeout)
+        try:
+            return await self._chains[method.name](*args, **kwargs)
+        finally:
+            _OWN_TIMEOUT.reset(own)
+
+    def _innermost(self, method: idl.Method) -> Callable[..., Awaitable[Any]]:
+        """What the middleware wraps for ``method``: the call itself, with the
+        timeout its caller gave."""
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            return await self._call(method, args, kwargs, _OWN_TIMEOUT.get())
+        call.__name__ = method.name
+        call.__qualname__ = f"{self.service.__name__}.{method.name}"
+        return call
 
     async def _call(self, method: idl.Method, args: tuple, kwargs: dict,
                     timeout: Optional[float] = None) -> Any:
@@ -1080,7 +1122,7 @@ class Client:
         if self._closed or self._inherited:
             self._reopen(method)
         # the client's own _call, not call(): every argument is the IDL method's
-        return functools.partial(self._async._call, method, args, kwargs, timeout)
+        return functools.partial(self._async._begin, method, args, kwargs, timeout)
 
     def _submitter(self, method: idl.Method,
                    timeout: Optional[float] = None) -> Callable[..., concurrent.futures.Future]:
@@ -1184,7 +1226,7 @@ def _kept(options: Dict[str, Any]) -> Dict[str, Any]:
     makes its client anew from them, and what the parent's used up would give
     it none."""
     kept = dict(options)
-    for name in ("hosts", "idempotent"):
+    for name in ("hosts", "idempotent", "middleware"):
         if isinstance(kept.get(name), collections.abc.Iterator):
             kept[name] = tuple(kept[name])
     return kept
@@ -1301,5 +1343,9 @@ async def _make_async(service: Any, options: Dict[str, Any]) -> AsyncClient:
 
 
 #: Set while a blocking ``Client`` makes its ``AsyncClient``.
+#: The timeout a call through the middleware was given (``_through``), for its
+#: innermost step; None: the client's for the method.
+_OWN_TIMEOUT: contextvars.ContextVar[Optional[float]] = contextvars.ContextVar(
+    "octo_core_own_timeout", default=None)
 _MADE_FOR_CLIENT: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "octo_client_made_for_client", default=False)

@@ -1,4 +1,4 @@
-"""Server middleware: the application's own code around every call it handles.
+"""Middleware: the application's own code around every call a server handles or a client makes.
 
 A middleware is a function ``middleware(service, method, call) -> call``: given,
 once per method of each service added, the function that runs the handler's
@@ -30,13 +30,25 @@ tells who called (``caller()``) and what the call carries
 (``global_context()``). What it raises is answered as the handler's own
 exception would be: a declared one in the result, any other with status 1.
 
+On a client (``AsyncClient(..., middleware=[...])``, ``Client`` alike) the same
+function gets, once per IDL method, ``service`` the client's ``service_name``
+and ``call`` a coroutine function making the call: ``await call(*args,
+**kwargs)`` takes the IDL arguments as the caller gave them and returns the
+answer, or raises what the caller would get. What a middleware returns must be
+a coroutine function too (on a blocking ``Client`` it runs on the client's I/O
+thread). Around ``call`` it may log, time, set ``octo_core.context.use(...)``
+for the request's ``globalContext``, translate errors, or answer without
+calling at all; the call's own timeout (``call(name, ..., timeout=)``) still
+applies, inside.
+
 The first middleware of the list is the outermost. They are applied when a
-service is added, so a call pays only for what they do; none, nothing.
+service is added (a client made), so a call pays only for what they do; none,
+nothing.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Tuple
 
 #: ``middleware(service, method, call) -> call``.
 Middleware = Callable[[str, str, Callable[..., Any]], Callable[..., Any]]
@@ -49,15 +61,25 @@ def is_coroutine_function(fn: Callable[..., Any]) -> bool:
             or inspect.iscoroutinefunction(getattr(fn, "__call__", None)))
 
 
-def wrapped(middleware: Sequence[Middleware], service: str, method: str,
-            call: Callable[..., Any]) -> Callable[..., Any]:
+def layers(middleware: Iterable[Middleware]) -> Tuple[Middleware, ...]:
+    """The ``middleware=`` a server or client was given, read once (an iterator
+    too); ``TypeError`` unless a list of functions."""
+    kept = () if callable(middleware) else tuple(middleware)
+    if callable(middleware) or not all(callable(layer) for layer in kept):
+        raise TypeError(f"middleware is a list of functions, not {middleware!r}")
+    return kept
+
+
+def wrapped(middleware: Iterable[Middleware], service: str, method: str,
+            call: Callable[..., Any], what: str = "handler") -> Callable[..., Any]:
     """``call`` inside ``middleware`` (the first outermost); a middleware that changes
-    its kind (coroutine function or plain) is a ``TypeError`` naming it."""
-    for layer in reversed(middleware):
+    its kind (coroutine function or plain) is a ``TypeError`` naming it and
+    ``what`` ``call`` runs."""
+    for layer in reversed(tuple(middleware)):
         outer = layer(service, method, call)
         if not callable(outer) or is_coroutine_function(outer) != is_coroutine_function(call):
             kind = "a coroutine function" if is_coroutine_function(call) else "a plain function"
             raise TypeError(f"middleware {layer!r} gave {outer!r} for {service}.{method}, whose "
-                            f"handler is {kind}: it must give {kind} too")
+                            f"{what} is {kind}: it must give {kind} too")
         call = outer
     return call

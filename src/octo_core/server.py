@@ -31,7 +31,7 @@ from octo_core.checks import count, finite_number
 from octo_core.codec import Limits, _check_limits
 from octo_core.errors import CallTimeout, DecodeError, EncodeError, SecurityError, Status
 from octo_core.metrics import Metrics, MethodStats, RecentRates, prometheus_text
-from octo_core.middleware import Middleware, is_coroutine_function, wrapped
+from octo_core.middleware import Middleware, is_coroutine_function, layers, wrapped
 from octo_core.protocol import Frame, MessageType, NodeStatus
 from octo_core.quotas import Quotas
 from octo_core.reply import Reply
@@ -507,10 +507,7 @@ class Server:
         self.require_registry = require_registry
         self.metrics_port = metrics_port
         self.cancel_past_deadline = cancel_past_deadline
-        layers = () if callable(middleware) else tuple(middleware)   # (read once: an iterator)
-        if callable(middleware) or not all(callable(layer) for layer in layers):
-            raise TypeError(f"middleware is a list of functions, not {middleware!r}")
-        self.middleware = layers
+        self.middleware = layers(middleware)
         self._metrics_http: Optional[Listeners] = None
         self.status = NodeStatus.STARTING
         # stopping, and saying so (registry, heartbeats) while calls are still served
