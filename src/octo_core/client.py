@@ -1342,10 +1342,10 @@ async def _make_async(service: Any, options: Dict[str, Any]) -> AsyncClient:
     return AsyncClient(service, **options)
 
 
-#: Set while a blocking ``Client`` makes its ``AsyncClient``.
 #: The timeout a call through the middleware was given (``_through``), for its
 #: innermost step; None: the client's for the method.
 _OWN_TIMEOUT: contextvars.ContextVar[Optional[float]] = contextvars.ContextVar(
     "octo_core_own_timeout", default=None)
+#: Set while a blocking ``Client`` makes its ``AsyncClient``.
 _MADE_FOR_CLIENT: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "octo_client_made_for_client", default=False)
