@@ -21,7 +21,7 @@ from typing import Any, List, Tuple
 import pytest
 
 import octo_core
-from octo_core import client as client_module
+from octo_core import blocking_client
 from octo_core.errors import CallTimeout, ClientClosed, TransportError
 from octo_core.transport.client import Endpoint
 from octo_core.transport.loop import LoopThread
@@ -158,7 +158,7 @@ def test_close_from_a_callback_closes_without_waiting_for_itself():
 
 
 def test_a_blocking_call_gives_up_on_a_stuck_io_thread(monkeypatch):
-    monkeypatch.setattr(client_module, "_LOOP_MARGIN", 0.1)
+    monkeypatch.setattr(blocking_client, "_LOOP_MARGIN", 0.1)
     release = threading.Event()
     with serving_in_thread(echo_services()) as server, \
             sync_client(Echo, server.address, timeout=0.1) as client:
@@ -179,7 +179,7 @@ def test_a_blocking_call_gives_up_on_a_stuck_io_thread(monkeypatch):
 
 
 def test_close_gives_up_on_a_stuck_io_thread_without_waiting_twice(monkeypatch):
-    monkeypatch.setattr(client_module, "_CLOSE_WAIT", 0.1)
+    monkeypatch.setattr(blocking_client, "_CLOSE_WAIT", 0.1)
     release = threading.Event()
     with serving_in_thread(echo_services()) as server:
         client = octo_core.Client(Echo, appkey=CLIENT_APPKEY, hosts=[server.address])

@@ -10,7 +10,8 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     ) from exc
 
 from octo_core import codec, errors
-from octo_core.client import AsyncClient, Client
+from octo_core.blocking_client import Client
+from octo_core.client import AsyncClient
 from octo_core.idl import load_idl
 from octo_core.server import Server
 
