@@ -415,7 +415,8 @@ def test_a_second_ctrl_c_stops_the_server_at_once_and_its_callers_are_answered(h
             await asyncio.to_thread(line_with, "running a plain function")
             process.send_signal(signal.SIGINT)
             port = int(address.rsplit(":", 1)[1])
-            await wait_until(lambda: _refuses_connections(port), what="the stop to begin")
+            await wait_until(lambda: _refuses_connections(port), timeout=30,
+                             what="the stop to begin")   # (a hang guard only: another process)
             assert not coroutine.done() and not plain.done()   # the grace goes on
             process.send_signal(signal.SIGINT)
             await asyncio.wait_for(asyncio.wait([coroutine, plain]), 30)   # (a hang guard only)
