@@ -580,10 +580,53 @@ def test_trace_and_global_context_cross_two_hops():
     run(main())
 
 
+class TwiceToB(EchoHandler):
+    """echo() asks server B twice: the spans of one request's calls, side by side."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.to_b: Optional[octo_core.AsyncClient] = None
+
+    async def echo(self, text: str) -> str:
+        first = json.loads(await self.to_b.echo(text))
+        second = json.loads(await self.to_b.echo(text))
+        return json.dumps({"mine": list(current_span()), "b": [first["span"], second["span"]]})
+
+
+@pytest.mark.parametrize("hooked", [True, False])
+def test_a_call_that_came_without_a_trace_begins_one_its_calls_share(hooked):
+    """Native thrift carries no trace: the call begins one at the server, so the
+    calls its handler makes are children of one span, in one trace (not a trace
+    each), and a span hook sees that server span too."""
+    async def main():
+        relay = TwiceToB()
+        with recording_spans() if hooked else contextlib.nullcontext([]) as records:
+            async with serving(echo_services(SpanEcho(), name="EchoB")) as server_b, \
+                    serving(echo_services(relay)) as server_a, \
+                    async_client(Echo, server_b.address, service_name="EchoB") as a_to_b, \
+                    async_client(Echo, server_a.address, protocol="thrift") as native:
+                relay.to_b = a_to_b
+                answer = json.loads(await native.echo("no trace"))
+        mine = Span(*answer["mine"])
+        assert mine.parent_id is None and mine.trace_id and mine.span_id
+        for trace_id, span_id, _ in answer["b"]:   # what B served: A's two calls
+            assert trace_id == mine.trace_id
+            if hooked:
+                out = only(records, side="client", service="EchoB",
+                           span=Span(trace_id, span_id, mine.span_id))
+                assert out["status"] == 0
+        assert answer["b"][0][1] != answer["b"][1][1]
+        if hooked:
+            served = only(records, side="server", service="Echo", method="echo")
+            assert served["span"] == mine and served["status"] == 0
+
+    run(main())
+
+
 def test_a_call_without_context_runs_without_the_serving_loops():
     """A handler's context is a copy of the one the server's loop runs in, holding
-    the caller's globalContext and span: a call that sends neither sees none, not
-    what that context itself holds."""
+    the caller's globalContext and span: a call that sends neither sees none (a
+    trace of its own begins), not what that context itself holds."""
     async def main() -> Dict[str, Any]:
         async with serving(echo_services(SpanEcho())) as server, \
                 raw_connection(server.address) as conn:
@@ -598,7 +641,9 @@ def test_a_call_without_context_runs_without_the_serving_loops():
             return run(main())
 
     seen = contextvars.copy_context().run(in_a_traced_context)
-    assert seen == {"text": "bare", "span": None, "ctx": {}}
+    trace_id, _, parent_id = seen.pop("span")
+    assert trace_id != "0" * 16 and parent_id is None
+    assert seen == {"text": "bare", "ctx": {}}
 
 
 class CallerEcho(EchoHandler):

@@ -185,7 +185,9 @@ def add_span_hook(hook: SpanHook) -> Callable[[], None]:
     ``Client``'s I/O thread, a ``Server``'s loop): keep them short; one that
     raises is logged and skipped. Client and server share a span (its
     ``span_id``); the wire carries no parent, so a server's ``parent_id`` is
-    None (the client's span has it).
+    None (the client's span has it). A call that came with no trace (native
+    thrift carries none) begins one at the server: its server span is the root
+    of a new trace, and the calls its handler makes are its children.
     """
     _HOOKS.append(hook)
     return lambda: _HOOKS.remove(hook)

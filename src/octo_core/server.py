@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import ssl as _ssl
+import threading
 import time
 import warnings
 import weakref
@@ -302,15 +303,29 @@ class _Call(Reply):
 
     def carried(self) -> _context.Carried:
         """What its handler's own calls carry on: the caller's globalContext and trace
-        (``context._carried``; the header read now, when asked)."""
+        (``context._carried``; the header read now, when asked). A call that came
+        with no trace (native thrift, a caller that sends none) starts one here."""
         if self.trace is not None:
             return self.trace
         head = self.head
-        if head is None:
-            return _context._NOTHING   # (native thrift: nothing sent)
+        if head is None or not head.trace_id:
+            return self._new_trace()
         # (a header with a trace id has a span id: see Server._call_context)
         return (head.global_context or _context._NOTHING[0],
-                _context._new_span((head.trace_id, head.span_id, None)) if head.trace_id else None)
+                _context._new_span((head.trace_id, head.span_id, None)))
+
+    def _new_trace(self) -> Tuple[Mapping[str, str], _context.Span]:
+        """The root span of a trace this call begins, made once: every call its
+        handler makes is a child of it, in one trace (made anew for each, they
+        would scatter over as many traces, none with the server's span)."""
+        with _NEW_TRACE:   # (a plain handler's calls may ask from several threads at once)
+            tags, span = self.trace or ({}, None)
+            if span is None:
+                head = self.head
+                tags = (head.global_context if head is not None else None) or {}
+                span = _context._child_of(None)
+                self.trace = (tags, span)
+            return tags, span
 
     def caller(self) -> _context.Caller:
         """Who sent it (``octo_core.context.caller()``, in its handler)."""
@@ -320,6 +335,8 @@ class _Call(Reply):
                                conn.peer if conn.peer_ip is not None else "", self.deadline)
 
 
+#: Held while a call that came with no trace makes the one it begins (``_Call._new_trace``).
+_NEW_TRACE = threading.Lock()
 #: Authentication that raised something other than a refusal (a token store's
 #: fault): each such call is refused, and the log says why.
 _AUTH_BROKEN = Throttle(10.0, log)
@@ -1274,7 +1291,11 @@ class Server:
         """The context the handler runs in: a copy of this one holding the call
         (``context.caller()``, and the caller's globalContext and trace: see
         ``_Call.carried``)."""
-        if head is not None and head.trace_id and (not head.span_id or _context._HOOKS):
+        if head is None or not head.trace_id:
+            if _context._HOOKS:   # no trace came with it: its hooks see the one it begins
+                call.span_ends = _context._span_started("server", call.service.name,
+                                                        call.method.name, call._new_trace()[1])
+        elif not head.span_id or _context._HOOKS:
             # the span made now: a new id (the caller sent none) is one id, and a hook
             # is told of it now
             span = _context._new_span((head.trace_id, head.span_id or _codec.new_id(), None))
