@@ -36,7 +36,8 @@ from octo_core.transport.http import serve_metrics
 
 from wire_helpers import (CLIENT_APPKEY, SERVER_APPKEY, Echo, EchoError, EchoHandler,
                           async_client, deaf, decode_body, echo_services, fake_server,
-                          framed_request, raw_connection, run, serving, short_tmpdir,
+                          framed_request, fresh_throttle, raw_connection, run, serving,
+                          short_tmpdir,
                           unified_request, wait_until, watchdog)  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
@@ -961,6 +962,41 @@ def test_a_failing_span_hook_does_not_break_calls(side, where):
                 assert all(row["in_flight"] == 0 for row in stats.values()), stats
 
     run(main())
+
+
+def test_a_span_hook_failing_on_every_call_is_logged_once_a_period(monkeypatch, caplog):
+    """A hook that fails on what a peer sent (an OpenTelemetry bridge reading a
+    trace id that is not hex) fails on every call: its failures are logged once
+    a period, with the traceback, then with a count of those held back."""
+    period_over = fresh_throttle(monkeypatch, "_HOOK_FAILED", context)
+
+    def parses_ids(side: str, service: str, method: str, span: Span) -> None:
+        int(span.trace_id, 16)   # (what a tracer taking 64-bit ids must do)
+
+    async def main() -> None:
+        async with serving(echo_services()) as server, raw_connection(server.address) as conn:
+            for seq in range(2):
+                for n in range(10):
+                    trace = protocol.TraceInfo(clientAppkey=CLIENT_APPKEY, traceId="not hex\n",
+                                               spanId="1")
+                    header = protocol.request_header("Echo", n, 2000, trace=trace)
+                    body = octo_core.codec.encode_message("echo", 1, n, Echo.echo_args(text="x"))
+                    await conn.send(protocol.encode_unified(header, body))
+                await conn.read_frames(10)
+                if not seq:
+                    period_over()
+
+    remove = add_span_hook(parses_ids)
+    try:
+        with caplog.at_level(logging.ERROR, logger="octo_core.context"):
+            run(main())
+    finally:
+        remove()
+    failed = [r for r in caplog.records if "span hook" in r.getMessage()]
+    assert len(failed) == 2
+    assert failed[0].exc_info and "start of Echo.echo" in failed[0].getMessage()
+    assert not failed[1].exc_info and "and 9 more" in failed[1].getMessage()
+    assert all("\n" not in r.getMessage() for r in failed)   # the peer's id, escaped
 
 
 async def _http_get(port: int, path: str) -> Tuple[bytes, str]:

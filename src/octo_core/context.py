@@ -20,8 +20,12 @@ from typing import (Callable, Dict, Iterator, List, Mapping, NamedTuple, Optiona
                     Tuple, Union)
 
 from octo_core import _codec
+from octo_core.throttle import Throttle
 
 log = logging.getLogger("octo_core.context")
+#: Span hooks that raise: one may fail on every call, and on what a peer sent (a
+#: trace id that is not hex), so each kind of failure is logged once a period.
+_HOOK_FAILED = Throttle(10.0, log, logging.ERROR)
 
 
 class Span(NamedTuple):
@@ -183,7 +187,8 @@ def add_span_hook(hook: SpanHook) -> Callable[[], None]:
     status (``errors.Status``) when the span ends: a declared exception is
     ``SUCCESS``, as on the wire. Both run on the event loop of the call (a
     ``Client``'s I/O thread, a ``Server``'s loop): keep them short; one that
-    raises is logged and skipped. Client and server share a span (its
+    raises is logged (each kind of failure once every 10 s, with a count of
+    those held back) and skipped. Client and server share a span (its
     ``span_id``); the wire carries no parent, so a server's ``parent_id`` is
     None (the client's span has it). A call that came with no trace (native
     thrift carries none) begins one at the server: its server span is the root
@@ -204,21 +209,29 @@ def _span_started(side: str, service: str, method: str, span: Span) -> List[Call
     for hook in list(_HOOKS):
         try:
             end = hook(side, service, method, span)
-        except Exception:
-            log.exception("span hook %r failed at the start of %s.%s", hook, service, method)
+        except Exception as exc:
+            _hook_failed(hook, "start", service, method, exc)
             continue
         if end is not None:
-            ends.append(_guarded(end, service, method))
+            ends.append(_guarded(hook, end, service, method))
     return ends
 
 
-def _guarded(end: Callable[[int], None], service: str, method: str) -> Callable[[int], None]:
+def _guarded(hook: SpanHook, end: Callable[[int], None], service: str,
+             method: str) -> Callable[[int], None]:
     def finish(status: int) -> None:
         try:
             end(status)
-        except Exception:
-            log.exception("span hook failed at the end of %s.%s", service, method)
+        except Exception as exc:
+            _hook_failed(hook, "end", service, method, exc)
     return finish
+
+
+def _hook_failed(hook: SpanHook, where: str, service: str, method: str,
+                 exc: Exception) -> None:
+    """Log that ``hook`` raised ``exc`` at the ``where`` of a span (throttled)."""
+    _HOOK_FAILED.log("span hook %r failed at the %s of %s.%s: %r", hook, where, service, method,
+                     exc, key=(hook, where, service, method, type(exc)), exc_info=exc)
 
 
 def _handler_context(incoming: _Incoming) -> contextvars.Context:
