@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator, List
 import pytest
 
 import octo_core
+from octo_core.cluster import invoker
 from octo_core.cluster.routing import NoRouteError, RouteRule
 from octo_core.errors import CallTimeout, ClientClosed, Status, TransportError
 from octo_core.protocol import NodeStatus
@@ -23,7 +24,7 @@ from octo_core.registry.base import WatchCallback
 from octo_core.registry.memory import MemoryRegistry
 
 from wire_helpers import (Echo, EchoHandler, LOCALHOST, deaf, echo_services,  # noqa: F401
-                          fake_server, run, serving, wait_until, watchdog)
+                          fake_server, fresh_throttle, run, serving, wait_until, watchdog)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
@@ -374,11 +375,13 @@ def test_a_first_call_waits_for_discovery_no_longer_than_its_own_timeout():
 
 
 @pytest.mark.parametrize("outage", [SilentRegistry, OutageRegistry])
-def test_a_failsafe_call_with_no_node_list_returns_none(outage, caplog):
+def test_a_failsafe_call_with_no_node_list_returns_none(outage, caplog, monkeypatch):
     """failsafe gives None when there is no node to call, and a registry that
     cannot say which nodes there are (silent, or failing: ZooKeeper away as the
     client starts, with no snapshot) leaves none: such first calls raised
     CallTimeout or RegistryError. Once the registry answers, calls go through."""
+    fresh_throttle(monkeypatch, "_FAILSAFE", invoker)   # (logged, whatever came before)
+
     async def main():
         async with serving(echo_services()) as server, outage() as registry:
             await registry.register(Node(APPKEY, LOCALHOST, server.port))

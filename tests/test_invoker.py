@@ -25,6 +25,7 @@ import pytest
 import octo_core
 from octo_core.client import AsyncClient
 from octo_core.cluster.breaker import BreakerState, CircuitBreaker, RetryBudget
+from octo_core.cluster import invoker
 from octo_core.cluster.invoker import POLICIES, Cluster, node_failed, not_executed
 from octo_core.cluster.routing import (LITESET_KEY, SWIMLANE_KEY, Caller, NoRouteError,
                                        RouteRule, Router)
@@ -37,7 +38,7 @@ from octo_core.transport.address import default_route_ip
 from cluster_helpers import (CALLEE, CALLER, EchoError, Echo, FakeClock, NamedEcho, ScriptedSend,
                              answer, doomed_server, echo_servers, fail, node, numbered_nodes, run,
                              run_virtual, settle, use_up_time)
-from wire_helpers import refusing_port
+from wire_helpers import fresh_throttle, refusing_port
 
 GENEROUS = dict(ratio=1.0, min_per_second=100_000.0)     # a budget that never says no
 NO_BREAKER = dict(consecutive_failures=10**9, min_calls=10**9)
@@ -304,7 +305,9 @@ def test_a_closed_client_is_no_nodes_failure(policy):
     run_virtual(main())
 
 
-def test_failsafe_returns_none_and_logs(caplog):
+def test_failsafe_returns_none_and_logs(caplog, monkeypatch):
+    fresh_throttle(monkeypatch, "_FAILSAFE", invoker)   # (logged, whatever came before)
+
     async def main():
         cluster = make_cluster(3, policy="failsafe")
         send = ScriptedSend(default=fail(overload))
@@ -335,13 +338,45 @@ def test_failsafe_hides_failures_on_the_way_not_answers_nor_the_callers_mistakes
     run_virtual(main())
 
 
-def test_failsafe_with_no_node_to_call_returns_none(caplog):
+def test_failsafe_with_no_node_to_call_returns_none(caplog, monkeypatch):
+    fresh_throttle(monkeypatch, "_FAILSAFE", invoker)   # (logged, whatever came before)
+
     async def main():
         cluster = make_cluster(0, policy="failsafe")
         with caplog.at_level(logging.WARNING, logger="octo_core.cluster"):
             assert await cluster.invoke(ScriptedSend(), timeout=1.0) is None
         assert "found no node" in caplog.text
     run_virtual(main())
+
+
+def test_an_outage_is_logged_once_a_period_not_once_a_call(caplog, monkeypatch):
+    """A node that fails every call (down, overloaded) costs the log a record per
+    kind and node a period: failsafe's warnings, failover's retries, each with
+    a count of those held back in the next."""
+    periods_over = (fresh_throttle(monkeypatch, "_FAILSAFE", invoker),
+                    fresh_throttle(monkeypatch, "_RETRYING", invoker))
+
+    async def main():
+        failsafe = make_cluster(1, policy="failsafe", breaker=NO_BREAKER)
+        failover = make_cluster(2, policy="failover", breaker=NO_BREAKER)
+        down = numbered_nodes(2)[0].key
+        for period in range(2):
+            for _ in range(20):
+                assert await failsafe.invoke(ScriptedSend(default=fail(overload)),
+                                             timeout=1.0) is None
+                send = ScriptedSend(behaviours={down: fail(overload)})
+                assert (await failover.invoke(send, timeout=1.0, idempotent=True)
+                        ).startswith("ok from")
+            for period_over in periods_over:
+                period_over()
+
+    with caplog.at_level(logging.INFO, logger="octo_core.cluster"):
+        run_virtual(main())
+    failsafe_said = [r.getMessage() for r in caplog.records if "failsafe" in r.getMessage()]
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(failsafe_said) == 2 and "and 19 more" in failsafe_said[1], failsafe_said
+    # (round robin: every other call begins on the node that is down, and retries)
+    assert len(retries) == 2 and "and 9 more" in retries[1], retries
 
 
 # --- forking and hedging ----------------------------------------------------------------------

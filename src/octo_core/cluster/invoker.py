@@ -52,9 +52,15 @@ from octo_core.cluster.routing import _NO_TAGS, NoRouteError, RouteRule, Router,
 from octo_core.errors import (CallTimeout, ClientClosed, DegradeError, EncodeError, OctoError,
                               ProtocolError, RpcError, ServiceError, TransportError)
 from octo_core.registry.node import Node
+from octo_core.throttle import Throttle
 from octo_core.transport.loop import outcome_seen
 
 log = logging.getLogger("octo_core.cluster")
+#: What an outage makes a client log on every call it makes (a failsafe call that
+#: failed or found no node; a retry), each kind for each node once a period, the
+#: rest counted in the next: a node down under load would log every call.
+_FAILSAFE = Throttle(10.0, log)
+_RETRYING = Throttle(10.0, log, logging.INFO)
 
 POLICIES = ("failfast", "failover", "failsafe", "forking", "hedging")
 
@@ -367,7 +373,7 @@ class Cluster:
         ``why`` is raised."""
         if self.policy != "failsafe":
             raise why
-        log.warning("failsafe call found no node: %s", why)
+        _FAILSAFE.log("failsafe call found no node: %s", why, key=(None, type(why)))
 
     # --- invocation --------------------------------------------------------------------
 
@@ -431,7 +437,9 @@ class Cluster:
                 # costs no budget: the caller gets the real error.
                 if not self._sendable(node, deadline) or not (free or self.budget.try_retry()):
                     raise failure
-                log.info("retrying on %s after: %s", node.key, failure)
+                # (keyed by the node that failed: the one an operator looks for)
+                _RETRYING.log("retrying on %s after: %s", node.key, failure,
+                              key=(getattr(failure, "node", None), type(failure)))
             tried.add(node.key)
             known_dead = self._known_dead(node)
             try:
@@ -439,7 +447,8 @@ class Cluster:
                                            blame_timeouts=blame_timeouts)
             except Exception as exc:
                 if self.policy == "failsafe" and node_failed(exc):
-                    log.warning("failsafe call to %s failed: %s", node.key, exc)
+                    _FAILSAFE.log("failsafe call to %s failed: %s", node.key, exc,
+                                  key=(node.key, type(exc)))
                     return None
                 free = spare > 0 and _given_back(exc, known_dead)
                 spare -= free
