@@ -377,6 +377,25 @@ def test_unknown_service_names_do_not_grow_metrics_without_bound():
     run(main())
 
 
+def test_a_request_whose_body_is_no_thrift_message_is_counted_as_refused():
+    """A call to a hosted service whose body cannot be read as a message is
+    refused with status 5, and counted so (under no method: none was read),
+    as every other refusal."""
+    async def main() -> Dict[str, Any]:
+        async with serving(echo_services()) as server, raw_connection(server.address) as raw:
+            header = protocol.request_header("Echo", 1, 2000,
+                                             trace=protocol.TraceInfo(clientAppkey=CLIENT_APPKEY))
+            not_a_message = b"\x80\x01\x00\x01\xff\xff\xff\xff"   # a name of length -1
+            await raw.send(protocol.encode_unified(header, not_a_message) * 3)
+            replies = await raw.read_frames(3)
+            assert all(r.head.status == Status.PROTOCOL_EXCEPTION for r in replies)
+            return server.stats()
+
+    stats = run(main())
+    assert stats == {"Echo.(unknown)": {**stats["Echo.(unknown)"], "calls": 3, "refused": 3,
+                                        "errors": {Status.PROTOCOL_EXCEPTION: 3}}}
+
+
 # --- heartbeat load info ------------------------------------------------------------
 
 def test_scanner_heartbeat_carries_load_info_with_called_methods():

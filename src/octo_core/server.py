@@ -1112,6 +1112,7 @@ class Server:
         try:
             begin = _codec.decode_message_begin(frame.body, self.limits)
         except DecodeError as exc:   # framing is intact: refuse this call, keep the connection
+            self.metrics.refused(service.name, UNKNOWN, Status.PROTOCOL_EXCEPTION)  # (no method read)
             reply.refuse(Status.PROTOCOL_EXCEPTION, f"bad message: {exc}")
             return
         deadline = time.monotonic() + head.timeout / 1000.0 if head.timeout > 0 else None
