@@ -260,6 +260,33 @@ def test_prometheus_text_of_hand_made_metrics():
     del in_flight
 
 
+def test_prometheus_text_sums_registries_of_one_side_into_one_series_each():
+    """Two clients of one service: each of their series appears once, holding both
+    clients' calls (a series twice in a scrape is refused), and neither client's
+    own metrics change."""
+    first, second, server = Metrics("client"), Metrics("client"), Metrics("server")
+    for metrics, seconds in ((first, 0.001), (second, 0.001), (second, 0.5), (server, 0.001)):
+        Metrics.finished(metrics.started("S", "m"), seconds, Status.TRANSPORT_EXCEPTION)
+    second.refused("S", "m", Status.RPC_EXCEPTION)
+    running = first.started("S", "m")
+    types, samples = parse_prometheus(prometheus_text(server, first, second))
+    seen = [(name, tuple(sorted(labels.items()))) for name, labels, _ in samples]
+    assert len(seen) == len(set(seen)), "a series appears twice"
+    values = {(name, labels["side"], labels.get("status")): value for name, labels, value in samples
+              if "le" not in labels}
+    assert values[("octo_calls_total", "client", None)] == 4
+    assert values[("octo_refused_total", "client", None)] == 1
+    assert values[("octo_errors_total", "client", "4")] == 3
+    assert values[("octo_errors_total", "client", "3")] == 1
+    assert values[("octo_in_flight", "client", None)] == 1
+    assert values[("octo_latency_seconds_sum", "client", None)] == pytest.approx(0.502)
+    assert values[("octo_calls_total", "server", None)] == 1
+    series = check_histograms(samples)
+    assert series[(("method", "m"), ("service", "S"), ("side", "client"))]["count"] == 3
+    assert first.stats()["S.m"]["calls"] == 1 and second.stats()["S.m"]["calls"] == 3
+    del running
+
+
 def finish(metrics: Metrics, seconds: float, status: int = 0, method: str = "m") -> None:
     """One call of ``S.method`` that ran for ``seconds``."""
     Metrics.finished(metrics.started("S", method), seconds, status)

@@ -62,6 +62,17 @@ class MethodStats:
                 return BOUNDS[min(index, len(BOUNDS) - 1)]
         return BOUNDS[-1]
 
+    def plus(self, other: "MethodStats") -> "MethodStats":
+        """New stats holding both these and ``other``'s calls (neither changes)."""
+        total = MethodStats()
+        total.errors.update(self.errors)
+        total.errors.update(other.errors)
+        total.refused = self.refused + other.refused
+        total.in_flight = self.in_flight + other.in_flight
+        total.buckets = [a + b for a, b in zip(self.buckets, other.buckets)]
+        total.total_seconds = self.total_seconds + other.total_seconds
+        return total
+
     def snapshot(self) -> dict:
         """This method's row of ``Metrics.stats``."""
         return {"calls": self.calls, "refused": self.refused, "errors": dict(self.errors),
@@ -195,13 +206,27 @@ def _labels(**values: str) -> str:
     return "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in values.items()) + "}"
 
 
+def _rows(registries: Iterable[Metrics]) -> List[Tuple[str, Tuple[str, str], MethodStats]]:
+    """``(side, (service, method), stats)``, each side and method once, in the
+    order they first come."""
+    merged: Dict[Tuple[str, Tuple[str, str]], MethodStats] = {}
+    for registry in registries:
+        for key, stats in registry.items():
+            row = (registry.side, key)
+            earlier = merged.get(row)
+            merged[row] = stats if earlier is None else earlier.plus(stats)
+    return [(side, key, stats) for (side, key), stats in merged.items()]
+
+
 def prometheus_text(*registries: Metrics) -> str:
     """The Prometheus text exposition of these metrics: ``octo_calls_total``
     (finished calls, refusals included), ``octo_refused_total`` (of them, those
     refused before they ran), ``octo_errors_total`` (failed calls, refusals too,
     by status), ``octo_in_flight``, and the ``octo_latency_seconds`` histogram of
-    the calls that ran (its ``_count`` is calls minus refused)."""
-    rows = [(m.side, key, stats) for m in registries for key, stats in m.items()]
+    the calls that ran (its ``_count`` is calls minus refused). Registries of
+    one side that share a method (two clients of one service) are summed into
+    its series: a series may appear only once."""
+    rows = _rows(registries)
     lines: List[str] = []
     for family, what, value in (
             ("octo_calls_total", "Calls finished (refusals included), by side, service "
