@@ -13,6 +13,7 @@ import math
 import os
 import queue
 import random
+import re
 import socket
 import sys
 import traceback
@@ -269,10 +270,15 @@ def test_async_client_declared_and_undeclared_exceptions(proto, wire_warnings):
     # the undeclared ones are bugs in the handler: the server logs them with their
     # tracebacks; declared exceptions and TApplicationException are answers
     (logged, unformattable) = wire_warnings()
-    assert logged.levelname == "ERROR" and logged.getMessage() == "Echo.fail raised ValueError: boom"
+    # the line names who called, and the trace, for the operator who reads it (native
+    # thrift sends neither appkey nor trace)
+    who = r" \(call from 127\.0\.0\.1:\d+" + (
+        "" if proto == "thrift" else r", appkey 'com\.example\.wire\.client', trace '[0-9a-f]{16}'") + r"\)"
+    assert logged.levelname == "ERROR"
+    assert re.fullmatch("Echo.fail raised ValueError: boom" + who, logged.getMessage())
     assert "fail" in [frame.name for frame in traceback.extract_tb(logged.exc_info[2])]
-    assert unformattable.getMessage() == \
-        "Echo.fail raised Unprintable (its message cannot be formatted)"
+    assert re.fullmatch(r"Echo.fail raised Unprintable \(its message cannot be formatted\)" + who,
+                        unformattable.getMessage())
 
 
 def test_a_handler_failing_every_call_is_logged_once_per_period_per_exception_type(caplog):
@@ -301,8 +307,9 @@ def test_a_handler_failing_every_call_is_logged_once_per_period_per_exception_ty
 
     with caplog.at_level(logging.ERROR, logger="octo_core.server"):
         run(main())
-    logged = [(r.getMessage(), r.exc_info is not None) for r in caplog.records
-              if r.name == "octo_core.server"]
+    # (who called: see test_async_client_declared_and_undeclared_exceptions)
+    logged = [(re.sub(r" \(call from [^)]*\)", "", r.getMessage()), r.exc_info is not None)
+              for r in caplog.records if r.name == "octo_core.server"]
     assert logged == [
         ("Echo.fail raised ValueError: boom", True),
         ("Echo.fail raised Unprintable (its message cannot be formatted)", True),
@@ -310,6 +317,26 @@ def test_a_handler_failing_every_call_is_logged_once_per_period_per_exception_ty
         ("Echo.fail raised Unprintable (its message cannot be formatted) "
          "(and 2 more since the last such message)", False),
     ]
+
+
+def test_a_handler_fault_names_its_caller_without_letting_it_forge_or_fill_the_log(caplog):
+    """The appkey and trace id in a fault's line are the peer's: shown as reprs (a
+    line break stays inside the line) and cut short (a 1000-character id)."""
+    async def main():
+        async with serving(echo_services()) as server, raw_connection(server.address) as raw:
+            header = protocol.request_header("Echo", 1, 2000, trace=protocol.TraceInfo(
+                clientAppkey="evil\nERROR forged line", traceId="t" * 1000, spanId="s"))
+            body = octo_core.codec.encode_message("fail", TMessageType.CALL, 1,
+                                                  Echo.fail_args(kind="undeclared"))
+            await raw.send(protocol.encode_unified(header, body))
+            assert (await raw.read_frame()).head.status == Status.APPLICATION_EXCEPTION
+
+    with caplog.at_level(logging.ERROR, logger="octo_core.server"):
+        run(main())
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "octo_core.server"]
+    assert "\n" not in line and len(line) < 300, line
+    assert "appkey 'evil\\nERROR forged line'" in line
+    assert f"trace '{'t' * 64}'..." in line
 
 
 class _PartialResults(EverythingStubs):

@@ -277,6 +277,16 @@ def _describe(exc: BaseException) -> str:
         return f"{type(exc).__name__} (its message cannot be formatted)"
 
 
+#: How much of a name off the wire (an appkey, a trace id) a log line shows.
+_LOGGED_NAME = 64
+
+
+def _logged(name: str) -> str:
+    """A name off the wire as a log line shows it: a repr (a line break in it
+    cannot forge a line), cut to ``_LOGGED_NAME`` characters."""
+    return repr(name[:_LOGGED_NAME]) + ("..." if len(name) > _LOGGED_NAME else "")
+
+
 class _Call(Reply):
     """A request from its frame to its answer: how to answer it, and once it is
     admitted, what it runs and holds. (One object per request, made as its frame
@@ -326,6 +336,19 @@ class _Call(Reply):
                 span = _context._child_of(None)
                 self.trace = (tags, span)
             return tags, span
+
+    def who(self) -> str:
+        """Who sent it, and in which trace, for a log line about it: the peer's
+        address, and the appkey and trace id it sent, if any."""
+        head, conn = self.head, self.conn
+        said = [f"from {conn.peer}"]
+        if head is not None and head.client_appkey:
+            said.append(f"appkey {_logged(head.client_appkey)}")
+        trace_id = (self.trace[1].trace_id if self.trace is not None and self.trace[1]
+                    else head.trace_id if head is not None else None)
+        if trace_id:
+            said.append(f"trace {_logged(trace_id)}")
+        return ", ".join(said)
 
     def caller(self) -> _context.Caller:
         """Who sent it (``octo_core.context.caller()``, in its handler)."""
@@ -1425,8 +1448,9 @@ class Server:
                 # a bug in the handler: the server's log keeps its traceback (the
                 # caller gets the message only, and a oneway caller nothing at all)
                 text = _describe(exc)
-                self._faults.log("%s.%s raised %s", call.service.name, name, text,
-                                 key=(call.service.name, name, type(exc)), exc_info=exc)
+                self._faults.log("%s.%s raised %s (call %s)", call.service.name, name, text,
+                                 call.who(), key=(call.service.name, name, type(exc)),
+                                 exc_info=exc)
                 if send:
                     reply.app_exception(name, seqid, TApplicationException.INTERNAL_ERROR, text)
                 return Status.APPLICATION_EXCEPTION
@@ -1435,8 +1459,9 @@ class Server:
             try:
                 reply.message(name, _REPLY_MESSAGE, seqid, result)
             except EncodeError as bad:   # the handler's value does not fit the IDL: its bug
-                self._faults.log("%s.%s: its result cannot be sent: %s", call.service.name,
-                                 name, bad, key=(call.service.name, name, "result"))
+                self._faults.log("%s.%s: its result cannot be sent: %s (call %s)",
+                                 call.service.name, name, bad, call.who(),
+                                 key=(call.service.name, name, "result"))
                 reply.app_exception(name, seqid, TApplicationException.INTERNAL_ERROR,
                                     f"{name}: its result cannot be sent: {bad}")
                 return Status.APPLICATION_EXCEPTION
