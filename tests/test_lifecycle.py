@@ -428,7 +428,9 @@ def test_a_second_ctrl_c_stops_the_server_at_once_and_its_callers_are_answered(h
     try:
         run(main())
         assert process.wait(timeout=30) == exit_status, "".join(output)
-        line_with("calls still running when told to stop at once")
+        # (the line names what it cuts short)
+        assert "(Echo.nap: 1, Echo.slow: 1)" in line_with(
+            "calls still running when told to stop at once")
         line_with("serve_forever returned" if how == "serve_forever" else "left the with STOPPED")
     finally:
         if process.poll() is None:

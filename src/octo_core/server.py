@@ -751,6 +751,12 @@ class Server:
         log.info("%s serving %s on %s%s", self.appkey, ", ".join(self._services), self.address,
                  self._metrics_said())
 
+    def _running(self) -> str:
+        """The methods with calls running, and how many each: what a stop cuts short."""
+        return ", ".join(f"{service}.{method}: {stats.in_flight}"
+                         for (service, method), stats in sorted(self.metrics.items())
+                         if stats.in_flight)
+
     def _metrics_said(self) -> str:
         """Where the start's log line says /metrics and /health are (with ``metrics_port=0``
         under ``serve_forever``, nothing else tells the port picked)."""
@@ -858,10 +864,10 @@ class Server:
             drained = self._drained
             await self._stop_waits(drained, grace)
             if not drained.done():
-                log.warning("%s: %d calls still running %s; cancelling the coroutine handlers "
-                            "and the calls no business thread has started", self.appkey,
+                log.warning("%s: %d calls still running %s (%s); cancelling the coroutine "
+                            "handlers and the calls no business thread has started", self.appkey,
                             self._in_flight, "when told to stop at once" if self._hurried().done()
-                            else f"after {grace:.1f}s grace")
+                            else f"after {grace:.1f}s grace", self._running())
                 # (each refuses its caller: it never ran)
                 self._pool.cancel_pending()  # type: ignore[union-attr]  # started: start() made it
                 for task, call in list(self._handlers.items()):
