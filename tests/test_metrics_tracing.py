@@ -287,6 +287,33 @@ def test_prometheus_text_sums_registries_of_one_side_into_one_series_each():
     del running
 
 
+def test_every_latency_series_has_the_same_buckets_whatever_its_calls():
+    """PromQL sums histograms by ``le`` across instances and interpolates within
+    the bucket below a rank: a bound one series leaves out reads as no calls
+    there (a sum undercounted, 2x off at p75 with two instances) or as 0 s. So
+    every series, and every scrape, has the same bounds."""
+    one, other = Metrics("server"), Metrics("server")
+    for _ in range(3):
+        finish(one, 0.001)
+    finish(other, 0.010)
+    other.refused("S", "refused", Status.RPC_EXCEPTION)   # a series with no call that ran
+    bounds_of: Dict[Tuple, List[Tuple[float, float]]] = {}
+    for name, text in (("one", prometheus_text(one)), ("other", prometheus_text(other)),
+                       ("empty", prometheus_text(Metrics("client")))):
+        for sample, labels, value in parse_prometheus(text)[1]:
+            if sample == "octo_latency_seconds_bucket":
+                bounds_of.setdefault((name, labels["method"]), []).append(
+                    (float(labels["le"]), value))
+    les = {key: [le for le, _ in pairs] for key, pairs in bounds_of.items()}
+    assert set(les) == {("one", "m"), ("other", "m"), ("other", "refused")}
+    assert les[("one", "m")] == les[("other", "m")] == les[("other", "refused")]
+    assert len(les[("one", "m")]) > 20 and les[("one", "m")][-1] == math.inf
+    for le, count in bounds_of[("one", "m")]:   # each the calls at most that long
+        assert count == (3 if le >= 0.001 else 0), le
+    for le, count in bounds_of[("other", "m")]:
+        assert count == (1 if le >= 0.010 else 0), le
+
+
 def finish(metrics: Metrics, seconds: float, status: int = 0, method: str = "m") -> None:
     """One call of ``S.method`` that ran for ``seconds``."""
     Metrics.finished(metrics.started("S", method), seconds, status)
