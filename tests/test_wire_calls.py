@@ -339,6 +339,23 @@ def test_a_handler_fault_names_its_caller_without_letting_it_forge_or_fill_the_l
     assert f"trace '{'t' * 64}'..." in line
 
 
+def test_a_handler_fault_over_a_unix_socket_names_no_address(caplog):
+    """A unix socket's peer has no address (the connection's name for it is the
+    server's own path): the fault's line says it came over a unix socket."""
+    async def main():
+        with short_tmpdir() as tmp:
+            async with serving(echo_services(), host=f"unix://{tmp}/s.sock") as server, \
+                    async_client(Echo, server.address) as client:
+                with pytest.raises(ApplicationError):
+                    await client.fail("undeclared")
+
+    with caplog.at_level(logging.ERROR, logger="octo_core.server"):
+        run(main())
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "octo_core.server"]
+    assert "(call over a unix socket, appkey 'com.example.wire.client', trace '" in line
+    assert "s.sock" not in line
+
+
 class _PartialResults(EverythingStubs):
     """Answers structs whose required fields are unset (a bug in the handler)."""
 

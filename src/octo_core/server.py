@@ -341,7 +341,8 @@ class _Call(Reply):
         """Who sent it, and in which trace, for a log line about it: the peer's
         address, and the appkey and trace id it sent, if any."""
         head, conn = self.head, self.conn
-        said = [f"from {conn.peer}"]
+        # (on a unix socket ``peer`` names the server's own socket: see ``caller``)
+        said = [f"from {conn.peer}" if conn.peer_ip is not None else "over a unix socket"]
         if head is not None and head.client_appkey:
             said.append(f"appkey {_logged(head.client_appkey)}")
         trace_id = (self.trace[1].trace_id if self.trace is not None and self.trace[1]
