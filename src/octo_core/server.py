@@ -277,6 +277,8 @@ def _describe(exc: BaseException) -> str:
         return f"{type(exc).__name__} (its message cannot be formatted)"
 
 
+#: Held while a call that came with no trace makes the one it begins (``_Call._new_trace``).
+_NEW_TRACE = threading.Lock()
 #: How much of a name off the wire (an appkey, a trace id) a log line shows.
 _LOGGED_NAME = 64
 
@@ -359,8 +361,6 @@ class _Call(Reply):
                                conn.peer if conn.peer_ip is not None else "", self.deadline)
 
 
-#: Held while a call that came with no trace makes the one it begins (``_Call._new_trace``).
-_NEW_TRACE = threading.Lock()
 #: Authentication that raised something other than a refusal (a token store's
 #: fault): each such call is refused, and the log says why.
 _AUTH_BROKEN = Throttle(10.0, log)
