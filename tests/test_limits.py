@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import ipaddress
 import logging
+import re
 import ssl
 import time
 from typing import Any, Dict, Iterator, List
@@ -742,7 +743,9 @@ def test_one_connection_cannot_take_the_business_pool_from_the_others():
 
 # --- read and idle timeouts --------------------------------------------------------
 
-def test_stalled_partial_frame_is_closed_after_read_timeout():
+def test_stalled_partial_frame_is_closed_after_read_timeout(caplog, monkeypatch):
+    fresh_throttle(monkeypatch, "_STALLED", server_module)   # (logged, whatever came before)
+
     async def main():
         async with serving(echo_services(), read_timeout=0.4, idle_timeout=60) as server, \
                 echo_client(server.address) as good, \
@@ -763,7 +766,13 @@ def test_stalled_partial_frame_is_closed_after_read_timeout():
             assert await echo_on(bystander, 2, "still here") == "still here"
             assert await good.echo("fine") == "fine"
 
-    run(main())
+    with caplog.at_level(logging.INFO, logger="octo_core.server"):
+        run(main())
+    # the line says how long the frame took, a fraction of a second too (not "0s")
+    (waited,) = [m.group(1) for r in caplog.records
+                 for m in [re.search(r"a frame still incomplete after ([0-9.]+)s$", r.getMessage())]
+                 if m]
+    assert float(waited) >= 0.4 and "." in waited, waited
 
 
 def test_partial_header_bytes_stall_too():

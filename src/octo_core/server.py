@@ -1074,7 +1074,7 @@ class Server:
                 reading = None if conn.frame_started is None else now - conn.frame_started
                 if self.read_timeout and reading is not None and reading > self.read_timeout \
                         and not conn.paused_for_itself:   # our pause, not the peer's stall
-                    _STALLED.log("closing %s: a frame still incomplete after %.0fs",
+                    _STALLED.log("closing %s: a frame still incomplete after %.3gs",
                                  conn.peer, reading)
                     conn.abort()
                 elif self.idle_timeout and quiet > self.idle_timeout and not conn.in_flight:
