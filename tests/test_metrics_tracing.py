@@ -21,9 +21,10 @@ import types
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
+from thriftpy2.thrift import TMessageType
 
 import octo_core
-from octo_core import context, protocol, server as server_module
+from octo_core import codec, context, protocol, server as server_module
 from octo_core.auth import Authenticator, StaticTokens
 from octo_core.cluster.breaker import BreakerState
 from octo_core.context import Span, add_span_hook, current_span, global_context
@@ -602,6 +603,30 @@ class RelayA(EchoHandler):
             answer = await self.to_b.echo(text)
         assert dict(global_context()).get("hop") is None    # use() ends with the block
         return answer
+
+
+@pytest.mark.parametrize("trace_id, continued", [("a" * 32, True), ("t" * 20000, False)])
+def test_a_trace_id_too_long_to_carry_on_begins_a_new_trace(trace_id, continued):
+    """A caller's trace id of up to the whole 32 KiB a header holds would leave the
+    relay's own calls no room in theirs (each failed: "header ... cannot be
+    framed"); past 128 characters the relay begins a trace of its own."""
+    async def main() -> None:
+        a_handler = RelayA()
+        async with serving(echo_services(EchoHandler(), name="EchoB")) as server_b, \
+                serving(echo_services(a_handler)) as server_a, \
+                async_client(Echo, server_b.address, service_name="EchoB") as a_to_b, \
+                raw_connection(server_a.address) as conn:
+            a_handler.to_b = a_to_b
+            header = protocol.request_header("Echo", 1, 2000, trace=protocol.TraceInfo(
+                clientAppkey=CLIENT_APPKEY, traceId=trace_id, spanId="s1"))
+            await conn.send(protocol.encode_unified(header, codec.encode_message(
+                "echo", TMessageType.CALL, 1, Echo.echo_args(text="relayed"))))
+            assert decode_body(await conn.read_frame(), Echo)[3].success == "relayed"
+        (span, _), = a_handler.seen
+        assert (span.trace_id == trace_id) is continued
+        assert len(span.trace_id) <= 128
+
+    run(main())
 
 
 def test_trace_and_global_context_cross_two_hops():

@@ -18,7 +18,8 @@ import threading
 import time
 import warnings
 import weakref
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+from typing import (Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeGuard,
+                    TypeVar, Union)
 
 from thriftpy2.thrift import TApplicationException, TMessageType
 
@@ -283,6 +284,21 @@ _NEW_TRACE = threading.Lock()
 _LOGGED_NAME = 64
 
 
+#: The longest trace or span id a server carries on (16 to 32 characters in
+#: practice): a call with a longer one begins a trace of its own, or that id,
+#: up to the whole 32 KiB a header may hold, would leave no room in the headers
+#: of the calls its handler makes, and each would fail to be framed.
+_MAX_TRACE_ID = 128
+
+
+def _continues_trace(head: Optional[_codec.Head]) -> TypeGuard[_codec.Head]:
+    """Did the request come with a trace this server carries on (a trace id, and
+    ids no longer than ``_MAX_TRACE_ID``)?"""
+    if head is None or not head.trace_id:
+        return False
+    return len(head.trace_id) <= _MAX_TRACE_ID and len(head.span_id or "") <= _MAX_TRACE_ID
+
+
 def _logged(name: str) -> str:
     """A name off the wire as a log line shows it: a repr (a line break in it
     cannot forge a line), cut to ``_LOGGED_NAME`` characters."""
@@ -316,11 +332,12 @@ class _Call(Reply):
     def carried(self) -> _context.Carried:
         """What its handler's own calls carry on: the caller's globalContext and trace
         (``context._carried``; the header read now, when asked). A call that came
-        with no trace (native thrift, a caller that sends none) starts one here."""
+        with no trace (native thrift, a caller that sends none, or ids too long to
+        carry on) starts one here."""
         if self.trace is not None:
             return self.trace
         head = self.head
-        if head is None or not head.trace_id:
+        if not _continues_trace(head):
             return self._new_trace()
         # (a header with a trace id has a span id: see Server._call_context)
         return (head.global_context or _context._NOTHING[0],
@@ -1322,7 +1339,7 @@ class Server:
         """The context the handler runs in: a copy of this one holding the call
         (``context.caller()``, and the caller's globalContext and trace: see
         ``_Call.carried``)."""
-        if head is None or not head.trace_id:
+        if not _continues_trace(head):
             if _context._HOOKS:   # no trace came with it: its hooks see the one it begins
                 call.span_ends = _context._span_started("server", call.service.name,
                                                         call.method.name, call._new_trace()[1])
