@@ -3,8 +3,9 @@
 Everything here walks ``thrift_spec`` (and ``default_spec``), never a
 hand-written list of fields, so it works on IDLs these tests did not write:
 
-* ``structs(cls)``: instances of ``cls`` with every field filled from its type,
-  nesting bounded by ``max_depth`` (recursive structs terminate);
+* ``structs(cls)``: instances of ``cls`` with every field filled from its type
+  (a union's: one member at most), nesting bounded by ``max_depth`` (recursive
+  structs terminate);
 * ``ApacheConverter``: a thriftpy2 object -> the same object as a class that
   ``thrift --gen py`` generated (same struct and field names);
 * ``canonical(obj)``: a hashable, order-free form of a struct for comparisons
@@ -17,6 +18,7 @@ hand-written list of fields, so it works on IDLs these tests did not write:
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Dict, Iterator, NamedTuple, Tuple
 
 import pytest
@@ -68,6 +70,12 @@ def is_struct_class(obj) -> bool:
     return isinstance(obj, type) and isinstance(getattr(obj, "thrift_spec", None), dict)
 
 
+def is_union(cls) -> bool:
+    """Whether thriftpy2 parsed ``cls`` as a union (its module's ``__thrift_meta__`` says so)."""
+    meta = getattr(sys.modules.get(cls.__module__), "__thrift_meta__", None) or {}
+    return any(union is cls for union in meta.get("unions", ()))
+
+
 def is_hashable_kind(ttype: int) -> bool:
     """Python can hash values of this thrift type (thriftpy2 structs define ``__hash__``)."""
     return ttype not in CONTAINERS
@@ -117,8 +125,11 @@ class _Builder:
         if ttype == TType.STRUCT:
             return self.struct(sub, depth - 1)
         if ttype in CONTAINERS and depth <= 0:
-            # Out of depth budget: containers stay empty so that recursion ends.
-            return st.just({} if ttype == TType.MAP else set() if ttype == TType.SET else [])
+            # Out of depth budget: containers stay empty so that recursion ends
+            # (a set of unhashable elements is a list, as below).
+            if ttype == TType.SET and is_hashable_kind(split(sub)[0]):
+                return st.just(set())
+            return st.just({} if ttype == TType.MAP else [])
         if ttype == TType.LIST:
             et, es = split(sub)
             return st.lists(self.value(et, es, depth - 1), max_size=self.max_size)
@@ -148,12 +159,16 @@ class _Builder:
         return self._structs[key]
 
     def _build_struct(self, cls, depth: int) -> st.SearchStrategy:
+        if is_union(cls):
+            return self._build_union(cls, depth)
         defaults = dict(getattr(cls, "default_spec", None) or ())
         kwargs = {}
         for f in fields(cls):
             if f.ttype == TType.STRUCT and depth <= 0 and not f.required:
-                # Out of depth: optional struct fields end the recursion.
-                kwargs[f.name] = st.none()
+                # Out of depth: optional struct fields end the recursion (as
+                # their IDL default where they have one: that is what a field
+                # left off the wire decodes as).
+                kwargs[f.name] = st.just(defaults.get(f.name))
                 continue
             value = self.value(f.ttype, f.sub, depth)
             if f.required or defaults.get(f.name) is not None:
@@ -163,6 +178,15 @@ class _Builder:
             else:
                 kwargs[f.name] = st.none() | value
         return st.builds(cls, **kwargs)
+
+    def _build_union(self, cls, depth: int) -> st.SearchStrategy:
+        """A union with one member set, or none; the others ``None`` (IDL defaults
+        too: a union holds one member, and one read from the wire holds only it)."""
+        unset = {f.name: st.none() for f in fields(cls)}
+        members = [st.builds(cls, **{**unset, f.name: self.value(f.ttype, f.sub, depth)})
+                   for f in fields(cls)
+                   if not (f.ttype == TType.STRUCT and depth <= 0)]  # out of depth: none
+        return st.one_of([st.builds(cls, **unset)] + members)
 
 
 def structs(cls, max_depth: int = 5, max_size: int = 3, max_text: int = 12) -> st.SearchStrategy:
