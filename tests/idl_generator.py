@@ -9,7 +9,8 @@ of the included file).
 
 What the files hold: namespaces, enums (values implicit, explicit, negative),
 typedefs (of base types, containers, structs, enums, other typedefs), consts
-(every kind of value, structs too, and references to other consts), structs,
+(every kind of value but binary, structs and unions too, and references to
+other consts), structs,
 unions and exceptions with required, optional and plain fields, field ids
 sparse and out of order (and now and then negative), defaults of every kind,
 every base type, nested containers, structs that hold themselves (through an
