@@ -28,8 +28,7 @@ from octo_core import codec, context, protocol, server as server_module
 from octo_core.auth import Authenticator, StaticTokens
 from octo_core.cluster.breaker import BreakerState
 from octo_core.context import Span, add_span_hook, current_span, global_context
-from octo_core.errors import (ApplicationError, CallTimeout, SecurityError, ServiceError,
-                              Status, TransportError)
+from octo_core.errors import ApplicationError, CallTimeout, SecurityError, ServiceError, Status
 from octo_core.metrics import BOUNDS, Metrics, RecentRates, prometheus_text
 from octo_core.protocol import MessageType, NodeStatus
 from octo_core.transport import http
@@ -909,7 +908,7 @@ def test_a_relays_calls_cut_short_by_its_callers_deadline_open_no_breaker():
                     async_client(Echo, front.address, timeout=0.1) as hurried, \
                     async_client(Echo, front.address, timeout=5.0) as patient:
                 for _ in range(3):   # (its own timeout, or the relay's status 4 first)
-                    with pytest.raises(TransportError):
+                    with pytest.raises(CallTimeout):
                         await hurried.echo("late")
                 assert await patient.echo("in time") == "in time"
                 [node] = relay.client._cluster.router.nodes
@@ -994,6 +993,41 @@ def test_a_timeout_cut_to_the_callers_deadline_is_answered_as_timed_out_by_any_c
     the handler's bug (status 1, its traceback logged)."""
     frame = run(_answer_to_echo(_RaisesInherited(), timeout_ms=60_000))
     assert frame.head.status == Status.TRANSPORT_EXCEPTION
+    assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_a_nodes_answer_that_the_deadline_passed_is_a_call_timeout():
+    """A node's status-4 answer that the caller's deadline passed while the call ran
+    is raised as a ``CallTimeout`` (the node's word, ``from_peer``), as the
+    caller's own timer would have: which of the two comes first is a race."""
+    async def main() -> None:
+        async with serving(echo_services(_RaisesInherited())) as server, \
+                async_client(Echo, server.address, timeout=5.0) as client:
+            with pytest.raises(CallTimeout) as caught:
+                await client.echo("x")
+            assert caught.value.from_peer and caught.value.request_sent
+            assert "deadline passed while it ran" in str(caught.value)
+
+    run(main())
+
+
+def test_a_relay_whose_backend_timed_out_by_the_deadline_is_answered_as_timed_out(caplog):
+    """Three hops: the back end answers the relay that the deadline passed (status
+    4) before the relay's own cut timeout fires. The relay lets that out: it is
+    answered with status 4, as its own timeout would be, not as its handler's
+    bug (status 1, its traceback logged)."""
+    relay: Any = None
+
+    async def main() -> Any:
+        nonlocal relay
+        async with serving(echo_services(_RaisesInherited())) as back:
+            relay = _Relay(back.address)
+            return await _answer_to_echo(relay, timeout_ms=5000)
+
+    frame = run(main())
+    assert isinstance(relay.outcome, CallTimeout) and relay.outcome.inherited_deadline
+    assert frame.head.status == Status.TRANSPORT_EXCEPTION
+    assert "deadline passed while it ran" in frame.head.message
     assert not [r for r in caplog.records if r.exc_info]
 
 

@@ -712,7 +712,9 @@ class AsyncClient:
             if status not in _STATUSES:   # not an OCTO status (§2): the peer's fault, said as such
                 status, text = Status.REMOTE_EXCEPTION, f"{text} (undefined status {status})"
             error = _ERRORS_BY_STATUS.get(status, RemoteError)
-            if status == Status.SECURITY_EXCEPTION:
+            if status == Status.TRANSPORT_EXCEPTION and protocol.DEADLINE_PASSED in text:
+                error = CallTimeout   # the node timed it out by the caller's deadline
+            elif status == Status.SECURITY_EXCEPTION:
                 text += self._signing_hint(text)
             refusal = error(text, status=status, method=method.name, node=node)
             refusal.from_peer = True     # the node's verdict (status 5: on the request)

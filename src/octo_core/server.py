@@ -1437,7 +1437,7 @@ class Server:
             # method elsewhere (native thrift: INTERNAL_ERROR, which says it ran)
             if send:   # (past its deadline, the caller has given up: a refusal it drops)
                 reply.refuse(Status.TRANSPORT_EXCEPTION, f"{name}: cancelled: " + (
-                    "the caller's deadline passed while it ran" if call.cancelled_by is _BY_DEADLINE
+                    protocol.DEADLINE_PASSED if call.cancelled_by is _BY_DEADLINE
                     else "the server stopped while it ran"), name, seqid)
             return Status.TRANSPORT_EXCEPTION
         elif isinstance(exc, _Unrun):
@@ -1465,8 +1465,8 @@ class Server:
                 # or ended after it: the caller has given up, so this is a timeout, not
                 # the handler's bug
                 if send:
-                    reply.refuse(Status.TRANSPORT_EXCEPTION, f"{name}: the caller's deadline "
-                                 f"passed while it ran ({exc})", name, seqid)
+                    reply.refuse(Status.TRANSPORT_EXCEPTION,
+                                 f"{name}: {protocol.DEADLINE_PASSED} ({exc})", name, seqid)
                 return Status.TRANSPORT_EXCEPTION
             if field is None:
                 # a bug in the handler: the server's log keeps its traceback (the
