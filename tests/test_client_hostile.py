@@ -17,8 +17,10 @@ from octo_core import _codec, protocol
 from octo_core.errors import CallTimeout, TransportError
 from octo_core.protocol import HeartbeatInfo, NodeStatus
 
-from wire_helpers import (Echo, SyncEchoHandler, async_client, echo_reply,
-                          fake_server, frames_read, run,
+from octo_core.transport import client as transport_client
+
+from wire_helpers import (Echo, SyncEchoHandler, async_client, deaf, echo_reply,
+                          fake_server, frames_read, fresh_throttle, run,
                           thriftpy2_server, wait_until,
                           watchdog)  # noqa: F401  (fixture)
 
@@ -81,9 +83,10 @@ def test_a_close_notice_that_does_not_decode_drops_the_connection_as_a_bad_heade
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
-def test_a_close_notice_repeated_is_logged_once(caplog):
+def test_a_close_notice_repeated_is_logged_once(monkeypatch, caplog):
     """A node may send the notice as often as it likes: one log line per connection,
     not one per notice (a few kilobytes made thousands of lines)."""
+    fresh_throttle(monkeypatch, "_NOTICED", transport_client)   # (none held back before)
     notice = protocol.encode_unified(protocol.response_header(
         protocol.CLOSE_NOTICE_SEQUENCE, message_type=protocol.MessageType.NORMAL_HEARTBEAT,
         heartbeat=HeartbeatInfo(status=NodeStatus.STOPPING)), b"")
@@ -149,6 +152,35 @@ def test_a_reply_trickling_in_does_not_hold_its_connection_for_good(proto):
             assert await client.echo("second") == "x" * 1000
 
     run(main())
+
+
+def test_connections_a_node_leaves_stuck_one_after_another_are_logged_sparingly(
+        monkeypatch, caplog):
+    """A native node that answers nothing: every connection the client opens to it
+    is left after two timeouts in a row, and the next one too, as long as the node
+    stays stuck (with pool_size connections at once: a busy web tier logged
+    dozens of warnings a second). The first is logged; the rest are held back
+    and counted in the next record a period later."""
+    period_over = fresh_throttle(monkeypatch, "_LEFT", transport_client)
+
+    async def main():
+        async with fake_server(deaf) as address, \
+                async_client(Echo, address, timeout=0.05, protocol="thrift",
+                             breaker=NO_BREAKER) as client:
+            for _ in range(8):   # two timeouts in a row leave a connection: 4 left
+                with pytest.raises(CallTimeout):
+                    await client.echo("unanswered")
+            period_over()
+            for _ in range(2):
+                with pytest.raises(CallTimeout):
+                    await client.echo("unanswered")
+
+    with caplog.at_level(logging.WARNING, logger="octo_core"):
+        run(main())
+    left = [r.getMessage() for r in caplog.records if "new calls go to a new connection" in
+            r.getMessage()]
+    assert len(left) == 2, left
+    assert "(and 3 more since the last such message)" in left[1]
 
 
 def test_a_native_thrift_connection_stuck_behind_one_call_is_left():

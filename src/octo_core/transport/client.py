@@ -20,9 +20,18 @@ from octo_core import _codec, protocol
 from octo_core._codec import InflateBudget
 from octo_core.errors import CallTimeout, ClientClosed, DecodeError, ProtocolError, TransportError
 from octo_core.protocol import CLOSE_NOTICE_SEQUENCE, Frame, Header, MessageType, NodeStatus
+from octo_core.throttle import Throttle
 from octo_core.transport.address import Address, connect, parse_address
 from octo_core.transport.loop import outcome_seen
 from octo_core.transport.stream import FramedProtocol, log
+
+#: Connections left because the node stopped answering on them or could not read
+#: a request: it sets that off at will, on each connection opened after, so at
+#: most one record per node and reason a period (the others counted in the next).
+_LEFT = Throttle(10.0, log)
+#: Connections left because the node said it closes them (stopping, idle): one
+#: notice a connection, ``pool_size`` of them at a node's stop.
+_NOTICED = Throttle(10.0, log, logging.INFO)
 
 
 #: Seconds within which a connection that closes unheard was dropped "at once".
@@ -159,7 +168,7 @@ class ClientConnection(FramedProtocol):
             if stuck:
                 # Every reply behind it waits too (a reply that was only slow still
                 # arrives on the connection left behind).
-                self._leave(logging.WARNING, "%s; new calls go to a new connection", stuck)
+                self._leave(_LEFT, "%s; new calls go to a new connection", stuck)
                 return
         if self.retiring:
             self._close_if_idle()
@@ -307,7 +316,7 @@ class ClientConnection(FramedProtocol):
         if beat is not None:
             stopping = beat.status == NodeStatus.STOPPING
             why = "is stopping" if stopping else "closes an idle connection"
-            self._leave(logging.INFO, "%s %s: the connection takes no new calls", self.node, why)
+            self._leave(_NOTICED, "%s %s: the connection takes no new calls", self.node, why)
             if stopping and self.on_stopping is not None:
                 self.on_stopping()
         return True
@@ -319,15 +328,15 @@ class ClientConnection(FramedProtocol):
         reads the next request from inside the bad one's frame and waits for bytes
         that never come (every later call on it timed out). New calls go to a new
         connection."""
-        self._leave(logging.WARNING, "%s could not read a request (PROTOCOL_ERROR); new calls "
+        self._leave(_LEFT, "%s could not read a request (PROTOCOL_ERROR); new calls "
                     "go to a new connection", self.node)
 
-    def _leave(self, level: int, message: str, *args: Any) -> None:
+    def _leave(self, throttle: Throttle, message: str, *args: Any) -> None:
         """No new call goes on this connection, which closes once its calls have their
-        answers or timeouts; ``message % args`` is logged for the first reason only
-        (a peer may repeat what makes it leave at will)."""
+        answers or timeouts; ``message % args`` goes to ``throttle`` for the first
+        reason only (a peer may repeat what makes it leave at will)."""
         if not self.retiring:
-            log.log(level, message, *args)
+            throttle.log(message, *args, key=(self.node, message))
         self.close_when_idle()
 
     def close_when_idle(self) -> None:
