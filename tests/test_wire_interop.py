@@ -674,3 +674,34 @@ def test_client_heartbeat_request_follows_the_contract():
     run(main())
     beat = next(f for f in peer.frames if f.header.messageType == 1)
     assert beat.header.requestInfo is not None and bytes(beat.body) == b""
+
+
+def test_a_pool_sends_no_call_behind_one_a_serial_server_still_runs():
+    """A thriftpy2 threaded server runs a connection's calls one at a time: with
+    ``pool_size=2`` a call goes on the connection owing no reply, not in turn
+    behind a call still running there, nor behind one whose caller timed out
+    (the server works on it all the same)."""
+    handler = SyncEchoHandler()
+
+    async def echoes(client: octo_core.AsyncClient, *texts: str) -> None:
+        for text in texts:   # in turn, every other one would wait behind the blocked call
+            assert await asyncio.wait_for(client.echo(text), 4) == text   # (a hang guard)
+
+    async def main() -> None:
+        host, port = address
+        async with async_client(Echo, f"{host}:{port}", protocol="thrift", pool_size=2,
+                                timeout=5.0) as client:
+            held = asyncio.ensure_future(client.block("held"))
+            assert await asyncio.to_thread(handler.entered.get, timeout=5) == "held"
+            await echoes(client, "a", "b", "c")
+            handler.release.set()
+            assert await held == "held"
+            handler.release.clear()
+            with pytest.raises(CallTimeout):
+                await client.call("block", "given up", timeout=0.1)
+            assert await asyncio.to_thread(handler.entered.get, timeout=5) == "given up"
+            await echoes(client, "d", "e", "f")
+            handler.release.set()
+
+    with thriftpy2_server(Echo, handler) as address:
+        run(main())

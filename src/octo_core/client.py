@@ -119,7 +119,10 @@ class AsyncClient:
     hosting many services. ``service_name`` (the IDL service's name unless
     given) is the name the server knows the service by: the ``serviceName`` of
     the unified protocol, the name a ``TMultiplexedProcessor`` registered it
-    under. Many calls share one connection per node (``pool_size`` for more).
+    under. Many calls share one connection per node (``pool_size`` for more:
+    a call takes the one owing the fewest replies, so against a server that
+    answers a connection's calls one at a time, thriftpy2's or Apache's
+    threaded ones, it is not sent behind a slow call while another is free).
 
     ``timeout`` (seconds) bounds each call, unless ``timeouts`` gives its method
     one of its own (``{"method": seconds}``) or the call does (``call(name, ...,

@@ -73,6 +73,10 @@ class ClientConnection(FramedProtocol):
         self.heartbeats = heartbeats
         self._read_at_timeout: Optional[float] = None
         self._pending: Dict[int, ClientConnection._Pending] = {}
+        # Requests sent whose replies have not come, those whose callers stopped
+        # waiting (timed out, cancelled) too: what the node still works on, or will
+        # (a server answering a connection's calls one at a time: behind them).
+        self.owed = 0
         self._sequence = itertools.count()
         # Call deadlines: a heap of (when, seq, timeout, method) served by one
         # timer armed for the earliest -- a timer per call costs more than the
@@ -123,6 +127,7 @@ class ClientConnection(FramedProtocol):
         if len(self._pending) >= self._sweep_at:   # (every call's path: one comparison)
             self._forget_given_up()
         self._pending[seq] = (future, finish, method)
+        self.owed += 1
         if timeout is not None:
             when = self.loop.time() + timeout
             heapq.heappush(self._deadlines, (when, seq, timeout, method))
@@ -279,6 +284,8 @@ class ClientConnection(FramedProtocol):
                 except Exception as exc:  # a DecodeError: the stream cannot be trusted
                     self.protocol_error(ProtocolError(f"bad framed thrift reply: {exc}"))
                     return
+            if self.owed:   # (a reply to nothing sent may come: never below 0)
+                self.owed -= 1
             entry = self._pending.pop(seq, None)
             if entry is None:
                 continue
@@ -508,27 +515,49 @@ class Endpoint:
         self._closed_why = CLIENT_CLOSED
 
     def ready(self) -> Optional[ClientConnection]:
-        """The next live connection of the pool without waiting, or None (then ``connection()``)."""
-        slot = self._next
-        conn = self._conns[slot]
-        if conn is not None and not conn.closed and not conn.retiring:
-            self._next = (slot + 1) % self.pool_size
-            return conn
-        return None
+        """The pool's connection for the next call without waiting, or None (then
+        ``connection()``): see ``_pick``."""
+        if self.pool_size == 1:   # (most clients: no choice to make)
+            conn = self._conns[0]
+            return conn if conn is not None and not conn.closed and not conn.retiring else None
+        return self._pick()[1]
 
     async def connection(self, timeout: Optional[float] = None) -> ClientConnection:
-        """A live connection to the node (round robin over the pool), opened if need be.
+        """A live connection to the node (see ``_pick``), opened if need be.
 
         ``timeout`` (a call's time left) bounds how long this caller waits for a
         connect, which itself goes on, up to ``connect_timeout``, for the callers
         after it: ``CallTimeout``, with nothing sent, when it is up first.
         """
-        slot = self._next
-        self._next = (slot + 1) % self.pool_size
-        conn = self._conns[slot]
-        if conn is not None and not conn.closed and not conn.retiring:
+        slot, conn = self._pick()
+        if conn is not None:
             return conn
         return await self._open(slot, timeout)
+
+    def _pick(self) -> Tuple[int, Optional[ClientConnection]]:
+        """The pool's slot for the next call, and its live connection (None: a slot
+        to open): the live connection owing the fewest replies, ties in turn,
+        unless every live one owes some and a slot has none to open. A server that
+        answers a connection's calls one at a time (thriftpy2's, Apache's
+        threaded servers) runs a call sent behind a slow one, or behind one its
+        caller gave up on, only once that one is done."""
+        conns, size = self._conns, self.pool_size
+        best: Optional[ClientConnection] = None
+        best_slot = to_open = -1
+        for turn in range(self._next, self._next + size):
+            slot = turn % size
+            conn = conns[slot]
+            if conn is None or conn.closed or conn.retiring:
+                if to_open < 0:
+                    to_open = slot
+            elif best is None or conn.owed < best.owed:
+                best, best_slot = conn, slot
+                if not conn.owed:
+                    break
+        if best is None or (best.owed and to_open >= 0):
+            best, best_slot = None, to_open
+        self._next = (best_slot + 1) % size
+        return best_slot, best
 
     async def _open(self, slot: int, timeout: Optional[float]) -> ClientConnection:
         if self.closed:
