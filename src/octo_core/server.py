@@ -1339,11 +1339,9 @@ class Server:
         """The context the handler runs in: a copy of this one holding the call
         (``context.caller()``, and the caller's globalContext and trace: see
         ``_Call.carried``)."""
-        if not _continues_trace(head):
-            if _context._HOOKS:   # no trace came with it: its hooks see the one it begins
-                call.span_ends = _context._span_started("server", call.service.name,
-                                                        call.method.name, call._new_trace()[1])
-        elif not head.span_id or _context._HOOKS:
+        if head is not None and head.trace_id and head.span_id and not _context._HOOKS:
+            pass   # (most calls: the trace is read when asked, in _Call.carried)
+        elif _continues_trace(head):
             # the span made now: a new id (the caller sent none) is one id, and a hook
             # is told of it now
             span = _context._new_span((head.trace_id, head.span_id or _codec.new_id(), None))
@@ -1351,6 +1349,9 @@ class Server:
                 call.span_ends = _context._span_started("server", call.service.name,
                                                         call.method.name, span)
             call.trace = (head.global_context or {}, span)
+        elif _context._HOOKS:   # no trace came with it: its hooks see the one it begins
+            call.span_ends = _context._span_started("server", call.service.name,
+                                                    call.method.name, call._new_trace()[1])
         return _context._handler_context(call)
 
     async def _run_coroutine(self, call: _Call, fn: Callable[..., Any], argv: Tuple[Any, ...],
