@@ -68,6 +68,11 @@ class RpcError(OctoError):
     status = Status.RPC_EXCEPTION
 
 
+class NoRouteError(RpcError):
+    """Routing left no node the call may use (raised where routing runs,
+    ``octo_core.cluster.routing``)."""
+
+
 class TransportError(OctoError):
     """The connection failed, closed, or could not be made.
 
@@ -134,3 +139,23 @@ class ServiceError(OctoError):
 class RemoteError(OctoError):
     """The peer reported an error octo_core has no closer class for."""
     status = Status.REMOTE_EXCEPTION
+
+
+# The registry's errors (``octo_core.registry``): what a client's discovery, a
+# server's registration and the registry's own operations raise.
+
+class RegistryError(OctoError):
+    """The registry could not be reached or refused an operation."""
+
+
+class RegistryTimeout(RegistryError):
+    """The registry did not answer within its ``op_timeout``: the operation was
+    given up on (it may still take effect)."""
+
+
+class NotRegisteredError(RegistryError, LookupError):
+    """``update`` named a node the registry does not hold."""
+
+
+class StatusChanged(RegistryError):
+    """``update(if_status=...)`` found the node in another status: nothing was written."""

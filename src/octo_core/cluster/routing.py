@@ -27,7 +27,7 @@ import time
 from typing import AbstractSet, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 from octo_core._lb import MAX_WEIGHT
-from octo_core.errors import RpcError
+from octo_core.errors import NoRouteError
 from octo_core.registry.node import Node, Role
 # "as": a typed re-export, so "from octo_core.cluster.routing import RouteRule" still holds
 from octo_core.registry.route import RouteRule as RouteRule
@@ -42,10 +42,6 @@ OTHERS_WEIGHT_FACTOR = 0.01
 
 _UNKNOWN_CELL = "\x00unknown"   # stands for every LiteSet tag that no node carries
 _NO_TAGS = ("", "")               # the tag key of an untagged call
-
-
-class NoRouteError(RpcError):
-    """Routing left no node the call may use."""
 
 
 @dataclasses.dataclass(frozen=True)

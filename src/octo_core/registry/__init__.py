@@ -1,6 +1,6 @@
 """Naming: provider nodes and the registries that hold them."""
-from octo_core.registry.base import (NotRegisteredError, Registry, RegistryError, RegistryTimeout,
-                                     StatusChanged, Watch, open_registry)
+from octo_core.errors import NotRegisteredError, RegistryError, RegistryTimeout, StatusChanged
+from octo_core.registry.base import Registry, Watch, open_registry
 from octo_core.registry.directory import Directory, Subscription
 from octo_core.registry.node import Env, HeartbeatSupport, Node, Role
 

@@ -27,7 +27,7 @@ import urllib.parse
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, cast
 
 from octo_core.checks import is_finite_number
-from octo_core.errors import OctoError
+from octo_core.errors import RegistryError, StatusChanged
 from octo_core.registry import schema
 from octo_core.protocol import NodeStatus
 from octo_core.registry.node import Env, Node, OperatorFields, check_field
@@ -41,23 +41,6 @@ WatchCallback = Callable[[List[Node], List[RouteRule]], None]
 
 #: The node fields an operator (or the scanner) may change with ``update``.
 OPERATOR_FIELDS = ("weight", "fweight", "status", "role", "warmup")
-
-
-class RegistryError(OctoError):
-    """The registry could not be reached or refused an operation."""
-
-
-class RegistryTimeout(RegistryError):
-    """The registry did not answer within its ``op_timeout``: the operation was
-    given up on (it may still take effect)."""
-
-
-class NotRegisteredError(RegistryError, LookupError):
-    """``update`` named a node the registry does not hold."""
-
-
-class StatusChanged(RegistryError):
-    """``update(if_status=...)`` found the node in another status: nothing was written."""
 
 
 def check_status(current: Node, if_status: Optional[int], appkey: str) -> None:

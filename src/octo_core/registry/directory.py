@@ -24,7 +24,8 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from octo_core.blocking import FILES
-from octo_core.registry.base import Registry, RegistryError, Watch, parse_rule, snapshot_of
+from octo_core.errors import RegistryError
+from octo_core.registry.base import Registry, Watch, parse_rule, snapshot_of
 from octo_core.registry.file import write_atomic
 from octo_core.registry.node import Node
 from octo_core.registry.route import RouteRule

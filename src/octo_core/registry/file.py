@@ -43,10 +43,11 @@ from typing import (Callable, Dict, Generic, Iterator, List, NamedTuple, Optiona
                     Set, Tuple, TypeVar)
 
 from octo_core.blocking import FILES
-from octo_core.registry.base import (NotRegisteredError, Registry, Snapshot, Watch, WatchCallback,
-                                     check_name, check_status, node_name, parse_record,
-                                     provider_entry, record_json, registered, remember, rule_entry,
-                                     snapshot_of, stamped)
+from octo_core.errors import NotRegisteredError
+from octo_core.registry.base import (Registry, Snapshot, Watch, WatchCallback, check_name,
+                                     check_status, node_name, parse_record, provider_entry,
+                                     record_json, registered, remember, rule_entry, snapshot_of,
+                                     stamped)
 from octo_core.registry.node import Env, Node, OperatorFields
 from octo_core.registry.route import RouteRule
 

@@ -10,9 +10,9 @@ import dataclasses
 import threading
 from typing import Dict, List, Optional, Set, Tuple
 
-from octo_core.registry.base import (NotRegisteredError, Registry, Snapshot, Watch, WatchCallback,
-                                     check_name, check_status, registered, remember,
-                                     snapshot_of, stamped)
+from octo_core.errors import NotRegisteredError
+from octo_core.registry.base import (Registry, Snapshot, Watch, WatchCallback, check_name,
+                                     check_status, registered, remember, snapshot_of, stamped)
 from octo_core.registry.node import Env, Node, OperatorFields
 from octo_core.registry.route import RouteRule
 

@@ -20,7 +20,8 @@ import random
 from typing import Awaitable, Optional, TypeVar
 
 from octo_core.protocol import NodeStatus
-from octo_core.registry.base import Registry, RegistryError, RegistryTimeout
+from octo_core.errors import RegistryError, RegistryTimeout
+from octo_core.registry.base import Registry
 from octo_core.registry.node import Node
 
 log = logging.getLogger("octo_core.registry")

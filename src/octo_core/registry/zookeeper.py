@@ -49,10 +49,11 @@ from kazoo.protocol.states import EventType, KazooState, WatchedEvent, ZnodeStat
 
 from octo_core.blocking import Pool
 from octo_core.business import BusinessPool
-from octo_core.registry.base import (NotRegisteredError, Registry, RegistryError, Snapshot, Watch,
-                                     WatchCallback, check_name, check_status, node_name,
-                                     parse_record, provider_entry, record_json,
-                                     registered, remember, rule_entry, snapshot_of, stamped)
+from octo_core.errors import NotRegisteredError, RegistryError
+from octo_core.registry.base import (Registry, Snapshot, Watch, WatchCallback, check_name,
+                                     check_status, node_name, parse_record, provider_entry,
+                                     record_json, registered, remember, rule_entry, snapshot_of,
+                                     stamped)
 from octo_core.registry.node import Env, Node, OperatorFields
 from octo_core.registry.route import RouteRule
 from octo_core.throttle import Throttle
