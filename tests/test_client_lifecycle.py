@@ -11,6 +11,7 @@ import asyncio
 import concurrent.futures
 import functools
 import gc
+import pickle
 import math
 import re
 import sys
@@ -764,3 +765,19 @@ def test_a_blocking_close_with_grace_waits_for_the_calls_of_other_threads():
         assert call.result(5) == "in flight"
         closing.join(5)
         assert not closing.is_alive()
+
+
+def test_a_client_refuses_to_be_pickled_and_says_what_to_do():
+    """A client passed to a ``spawn`` worker (``multiprocessing``, ``concurrent.futures``)
+    is pickled: each says it cannot be, and what to do instead (it failed on
+    ``cannot pickle '_thread.lock'``)."""
+    async def main() -> None:
+        client = octo_core.AsyncClient(Echo, appkey=CLIENT_APPKEY, hosts=["127.0.0.1:1"])
+        with pytest.raises(TypeError, match="AsyncClient cannot be pickled .* make one in each"):
+            pickle.dumps(client)
+        await client.close()
+
+    run(main())
+    with octo_core.Client(Echo, appkey=CLIENT_APPKEY, hosts=["127.0.0.1:1"]) as client:
+        with pytest.raises(TypeError, match="Client cannot be pickled .* make one in each"):
+            pickle.dumps(client)

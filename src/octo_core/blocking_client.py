@@ -15,13 +15,13 @@ import operator
 import threading
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Coroutine, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Dict, List, NoReturn, Optional, Tuple
 
 from octo_core import idl
 from octo_core.afterfork import tell_forked_children
 from octo_core.checks import finite_number
 from octo_core.client import (_MADE_FOR_CLIENT, _SHARED_ATTRIBUTES, AsyncClient, _binds,
-                              _closed_error, _warn_if_milliseconds)
+                              _closed_error, _not_picklable, _warn_if_milliseconds)
 from octo_core.errors import CallTimeout, ClientClosed, TransportError
 from octo_core.metrics import Metrics
 from octo_core.transport.loop import SERVING_LOOPS, LoopThread
@@ -152,6 +152,9 @@ class Client:
                 self._inherited = False
         if self._closed:
             raise _closed_error(method.name)
+
+    def __reduce__(self) -> NoReturn:
+        raise _not_picklable(self)
 
     def timeout_of(self, name: str) -> float:
         """As ``AsyncClient.timeout_of``."""

@@ -10,8 +10,8 @@ import threading
 import time
 import warnings
 import weakref
-from typing import (TYPE_CHECKING, Any, Awaitable, Callable, Dict, Iterable, Mapping, Optional,
-                    Sequence, Set, Tuple, Type, Union)
+from typing import (TYPE_CHECKING, Any, Awaitable, Callable, Dict, Iterable, Mapping, NoReturn,
+                    Optional, Sequence, Set, Tuple, Type, Union)
 
 from thriftpy2.thrift import TApplicationException, TMessageType
 
@@ -360,6 +360,9 @@ class AsyncClient:
             raise TypeError(f"timeouts maps method names to seconds, not {timeouts!r}")
         self._method_names("timeouts", timeouts)
         return {name: _seconds(f"timeouts[{name!r}]", value) for name, value in timeouts.items()}
+
+    def __reduce__(self) -> NoReturn:
+        raise _not_picklable(self)
 
     def timeout_of(self, name: str) -> float:
         """The timeout a call of method ``name`` gets unless it gives its own:
@@ -1022,6 +1025,14 @@ def _probe_of_a_closed_client(node: Node) -> Awaitable[None]:
     """The cluster's probe once its client is collected (which closes the cluster
     and its probes: a probe on its way meanwhile fails)."""
     raise ClientClosed(node=node.key, request_sent=False)
+
+
+def _not_picklable(client: Any) -> TypeError:
+    """What pickling a client raises: its connections, loop and threads live in
+    this process only."""
+    return TypeError(f"an octo_core {type(client).__name__} cannot be pickled (its connections "
+                     "belong to this process): make one in each process, from the same "
+                     "arguments (a blocking Client made before os.fork() works in the child)")
 
 
 def _closed_error(method: Optional[str] = None) -> TransportError:
