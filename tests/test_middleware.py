@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, List, Tuple
 
+import asyncio
 import os
 import queue
 
@@ -253,3 +254,33 @@ def test_blocking_client_middleware_in_every_call_mode():
             client.call("slow", "late", 2000, timeout=0.2)
     assert [args for _, _, _, args, _ in seen] == [("sync",), ("future",), ("callback",),
                                                   ("cached",), ("late", 2000)]
+
+
+def test_a_graceful_close_lets_a_call_its_middleware_holds_end():
+    """``close(grace=)`` lets the calls in flight end: one that a middleware holds when
+    the close begins (a concurrency limit, a backoff before its call) is one of
+    them; a call made after the close is refused."""
+    def holding(service: str, method: str, call: Callable[..., Any]) -> Callable[..., Any]:
+        async def run(*args: Any, **kwargs: Any) -> Any:
+            held.set()
+            await gate.wait()
+            return await call(*args, **kwargs)
+        return run
+
+    async def main() -> None:
+        async with serving(echo_services()) as server:
+            client = octo_core.AsyncClient(Echo, appkey=CLIENT_APPKEY, hosts=[server.address],
+                                           timeout=5.0, middleware=[holding])
+            call = asyncio.ensure_future(client.echo("held"))
+            await asyncio.wait_for(held.wait(), 5)
+            closing = asyncio.ensure_future(client.close(grace=10.0))
+            await asyncio.sleep(0.05)   # (the close begun: new calls refused)
+            with pytest.raises(ClientClosed):
+                await client.echo("new")
+            assert not closing.done()
+            gate.set()
+            assert await asyncio.wait_for(call, 5) == "held"
+            await asyncio.wait_for(closing, 5)
+
+    held, gate = asyncio.Event(), asyncio.Event()
+    run(main())

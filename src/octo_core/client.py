@@ -195,7 +195,7 @@ class AsyncClient:
                  "_collected", "_loop", "_loop_thread", "_methods", "_named_service",
                  "_wire_names", "_idempotent", "_timeouts", "_hash_arg", "_hash_header",
                  "_cluster", "_directory", "_discovery", "_owns_registry", "_finishers",
-                 "_chains", "__dict__", "__weakref__")
+                 "_chains", "_in_middleware", "__dict__", "__weakref__")
 
     if TYPE_CHECKING:
         def __getattr__(self, name: str) -> Any:
@@ -337,6 +337,8 @@ class AsyncClient:
         self._chains: Dict[str, Callable[..., Awaitable[Any]]] = {
             name: wrapped(chain, self.service_name, name, self._innermost(method), "call")
             for name, method in self._methods.items()} if chain else {}
+        # calls within the middleware now: in flight, for a close's grace (see _drained)
+        self._in_middleware = 0
         for name, method in self._methods.items():
             if _binds(self, name):
                 setattr(self, name, self._caller(method))
@@ -414,25 +416,28 @@ class AsyncClient:
         (``_innermost``), set for each call: a middleware's own calls get theirs."""
         self._check_caller(method)   # (a closed client refuses before any middleware runs)
         own = _OWN_TIMEOUT.set(timeout)
+        self._in_middleware += 1
         try:
             return await self._chains[method.name](*args, **kwargs)
         finally:
+            self._in_middleware -= 1
             _OWN_TIMEOUT.reset(own)
 
     def _innermost(self, method: idl.Method) -> Callable[..., Awaitable[Any]]:
         """What the middleware wraps for ``method``: the call itself, with the
-        timeout its caller gave."""
+        timeout its caller gave. (Admitted by ``_through``: within a close's grace it
+        still goes.)"""
         async def call(*args: Any, **kwargs: Any) -> Any:
-            return await self._call(method, args, kwargs, _OWN_TIMEOUT.get())
+            return await self._call(method, args, kwargs, _OWN_TIMEOUT.get(), admitted=True)
         call.__name__ = method.name
         call.__qualname__ = f"{self.service.__name__}.{method.name}"
         return call
 
     async def _call(self, method: idl.Method, args: tuple, kwargs: dict,
-                    timeout: Optional[float] = None) -> Any:
+                    timeout: Optional[float] = None, admitted: bool = False) -> Any:
         if (threading.get_ident() != self._loop_thread
                 or self._loop.is_closed()):  # type: ignore[union-attr]  # set with _loop_thread
-            self._check_caller(method)
+            self._check_caller(method, admitted)
         if timeout is None:
             timeout = self._timeouts.get(method.name, self.timeout) if self._timeouts \
                 else self.timeout
@@ -512,11 +517,13 @@ class AsyncClient:
                     "every one of weight 0")
         return ""
 
-    def _check_caller(self, method: idl.Method) -> None:
+    def _check_caller(self, method: idl.Method, admitted: bool = False) -> None:
         """A call's slow path: refuse it on a closed client or from a loop other than
         the client's, else bind the client to the caller's loop (its first call, or
-        the same loop now run by another thread)."""
-        if self._closed:
+        the same loop now run by another thread). ``admitted``: a call its
+        middleware let through, which began before the close: refused only once
+        the close's grace is over."""
+        if self._closed and (self._shut or not admitted):
             raise _closed_error(method.name)
         if self._inherited:
             raise TransportError("this client was made before os.fork(): its connections are "
@@ -530,6 +537,8 @@ class AsyncClient:
             raise TransportError(f"this client cannot call from this event loop: {why}; make "
                                  "a client per event loop, or share a Client between threads",
                                  method=method.name, request_sent=False)
+        if self._closed:   # (admitted in a close's grace: every other call still refused)
+            return
         self._loop, self._loop_thread = running, threading.get_ident()
         if self._collected is None:
             # Collected unclosed, its connections would stay open as long as the loop.
@@ -810,11 +819,13 @@ class AsyncClient:
         await _close_parts(*self._parts())
 
     async def _drained(self, grace: float) -> None:
-        """Wait, ``grace`` seconds at most, until no call is in flight. (A poll: a
-        close's, so that no call pays for telling one it has ended.)"""
+        """Wait, ``grace`` seconds at most, until no call is in flight (in the
+        middleware too). (A poll: a close's, so that no call pays for telling one
+        it has ended.)"""
         loop = asyncio.get_running_loop()
         until = loop.time() + grace
-        while any(stats.in_flight for _, stats in self.metrics.items()) and loop.time() < until:
+        while (self._in_middleware or any(stats.in_flight for _, stats in self.metrics.items())) \
+                and loop.time() < until:
             await asyncio.sleep(min(_DRAIN_POLL, max(0.0, until - loop.time())))
 
     async def __aenter__(self) -> "AsyncClient":
