@@ -36,7 +36,7 @@ from octo_core.transport.http import serve_metrics
 
 from wire_helpers import (CLIENT_APPKEY, SERVER_APPKEY, Echo, EchoError, EchoHandler,
                           async_client, deaf, decode_body, echo_services, fake_server,
-                          framed_request, fresh_throttle, raw_connection, run, serving,
+                          frames_read, framed_request, fresh_throttle, raw_connection, run, serving,
                           short_tmpdir,
                           unified_request, wait_until, watchdog)  # noqa: F401  (fixture)
 
@@ -1007,6 +1007,45 @@ def test_a_nodes_answer_that_the_deadline_passed_is_a_call_timeout():
                 await client.echo("x")
             assert caught.value.from_peer and caught.value.request_sent
             assert "deadline passed while it ran" in str(caught.value)
+
+    run(main())
+
+
+async def _refused_past_deadline() -> Any:
+    """The frame a server answers a call with whose deadline (50 ms) passed while it
+    waited for a business thread (the only one blocked meanwhile)."""
+    handler = EchoHandler()
+    async with serving(echo_services(handler), business_threads=1) as server, \
+            raw_connection(server.address) as conn:
+        await conn.send(unified_request("block", Echo.block_args(text="busy"), 1))
+        assert await asyncio.to_thread(handler.entered.get, timeout=5) == "busy"
+        await conn.send(unified_request("echo", Echo.echo_args(text="late"), 2, timeout_ms=50))
+        await asyncio.sleep(0.2)
+        handler.release.set()
+        frames = await conn.read_frames(2)
+        return next(frame for frame in frames if frame.head.sequence_id == 2)
+
+
+def test_a_nodes_refusal_that_the_deadline_passed_before_the_call_ran_is_a_call_timeout():
+    """A node's status-4 refusal of a call whose deadline passed before its handler
+    started (it waited for a business thread) is a ``CallTimeout``, as the one that
+    passed while the call ran: which comes first, it or the caller's own timer, is
+    a race, and a relay that let out a bare TransportError was answered as its
+    handler's bug (status 1, its traceback logged)."""
+    refusal = run(_refused_past_deadline())
+    assert refusal.head.status == Status.TRANSPORT_EXCEPTION
+
+    async def answers_so(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async for frame in frames_read(reader):
+            writer.write(protocol.encode_unified(protocol.response_header(
+                frame.head.sequence_id, refusal.head.status, refusal.head.message), b""))
+
+    async def main() -> None:
+        async with fake_server(answers_so) as address, \
+                async_client(Echo, address, timeout=5.0) as client:
+            with pytest.raises(CallTimeout) as caught:
+                await client.echo("x")
+            assert caught.value.from_peer
 
     run(main())
 

@@ -50,11 +50,12 @@ CLOSE_NOTICE_SEQUENCE = -1
 #: error, and an idempotent call was not tried on another node.
 LOADSHEDDING = 11
 #: The words of an octo_core server's status-4 answer to a call whose caller's
-#: deadline passed while it ran (its handler's call timed out by it, or it was
-#: cancelled at it): a timeout, which its client raises as ``CallTimeout``, as the
-#: caller's own timer would have (which comes first is a race). A relay that lets
-#: it out is then answered as timed out too, not as its handler's bug.
-DEADLINE_PASSED = "the caller's deadline passed while it ran"
+#: deadline passed before its handler started (it waited for a business thread)
+#: or while it ran (its handler's call timed out by it, or it was cancelled at
+#: it): a timeout, which its client raises as ``CallTimeout``, as the caller's own
+#: timer would have (which comes first is a race). A relay that lets it out is
+#: then answered as timed out too, not as its handler's bug.
+DEADLINE_PASSED = "the caller's deadline passed"
 #: Apache Thrift's default, the same in all its libraries (C++, Java, Go, ...): a
 #: frame we send is one they read, and a peer of theirs is read as far as they write.
 DEFAULT_MAX_FRAME_SIZE = 16_384_000

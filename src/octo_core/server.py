@@ -259,7 +259,11 @@ class _Unrun(Exception):
 
 class _DeadlinePassed(_Unrun):
     status = Status.TRANSPORT_EXCEPTION
-    why = "the caller's deadline passed before the handler ran"
+    why = f"{protocol.DEADLINE_PASSED} before the handler ran"
+
+
+#: What a call cut short by its caller's deadline is answered (status 4).
+_PASSED_WHILE_IT_RAN = f"{protocol.DEADLINE_PASSED} while it ran"
 
 
 class _StoppedUnrun(_Unrun):
@@ -1438,7 +1442,7 @@ class Server:
             # method elsewhere (native thrift: INTERNAL_ERROR, which says it ran)
             if send:   # (past its deadline, the caller has given up: a refusal it drops)
                 reply.refuse(Status.TRANSPORT_EXCEPTION, f"{name}: cancelled: " + (
-                    protocol.DEADLINE_PASSED if call.cancelled_by is _BY_DEADLINE
+                    _PASSED_WHILE_IT_RAN if call.cancelled_by is _BY_DEADLINE
                     else "the server stopped while it ran"), name, seqid)
             return Status.TRANSPORT_EXCEPTION
         elif isinstance(exc, _Unrun):
@@ -1467,7 +1471,7 @@ class Server:
                 # the handler's bug
                 if send:
                     reply.refuse(Status.TRANSPORT_EXCEPTION,
-                                 f"{name}: {protocol.DEADLINE_PASSED} ({exc})", name, seqid)
+                                 f"{name}: {_PASSED_WHILE_IT_RAN} ({exc})", name, seqid)
                 return Status.TRANSPORT_EXCEPTION
             if field is None:
                 # a bug in the handler: the server's log keeps its traceback (the
