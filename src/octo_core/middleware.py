@@ -39,7 +39,9 @@ a coroutine function too (on a blocking ``Client`` it runs on the client's I/O
 thread). Around ``call`` it may log, time, set ``octo_core.context.use(...)``
 for the request's ``globalContext``, translate errors, or answer without
 calling at all; the call's own timeout (``call(name, ..., timeout=)``) still
-applies, inside.
+applies, inside. A closed client refuses a call before its middleware runs; one
+already inside when ``close(grace=)`` begins is in flight, and goes on within
+the grace.
 
 The first middleware of the list is the outermost. They are applied when a
 service is added (a client made), so a call pays only for what they do; none,
