@@ -705,3 +705,26 @@ def test_a_pool_sends_no_call_behind_one_a_serial_server_still_runs():
 
     with thriftpy2_server(Echo, handler) as address:
         run(main())
+
+
+def test_calls_made_together_on_a_new_pool_spread_over_its_connections():
+    """Calls made together before the pool has a connection take its slots in turn,
+    as later ones do: against a thriftpy2 threaded server (a connection's calls one
+    at a time), an echo made together with a call that blocks is answered while
+    that call still runs, on the pool's other connection."""
+    handler = SyncEchoHandler()
+
+    async def main() -> None:
+        host, port = address
+        async with async_client(Echo, f"{host}:{port}", protocol="thrift", pool_size=2,
+                                timeout=5.0) as client:
+            held = asyncio.ensure_future(client.block("held"))
+            quick = asyncio.ensure_future(client.echo("quick"))
+            try:
+                assert await asyncio.wait_for(quick, 4) == "quick"
+            finally:
+                handler.release.set()
+            assert await held == "held"
+
+    with thriftpy2_server(Echo, handler) as address:
+        run(main())

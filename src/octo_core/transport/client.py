@@ -520,7 +520,10 @@ class Endpoint:
         if self.pool_size == 1:   # (most clients: no choice to make)
             conn = self._conns[0]
             return conn if conn is not None and not conn.closed and not conn.retiring else None
-        return self._pick()[1]
+        slot, conn = self._pick()
+        if conn is not None:   # (None: connection() takes the turn, picking again)
+            self._next = (slot + 1) % self.pool_size
+        return conn
 
     async def connection(self, timeout: Optional[float] = None) -> ClientConnection:
         """A live connection to the node (see ``_pick``), opened if need be.
@@ -530,6 +533,7 @@ class Endpoint:
         after it: ``CallTimeout``, with nothing sent, when it is up first.
         """
         slot, conn = self._pick()
+        self._next = (slot + 1) % self.pool_size
         if conn is not None:
             return conn
         return await self._open(slot, timeout)
@@ -540,7 +544,10 @@ class Endpoint:
         unless every live one owes some and a slot has none to open. A server that
         answers a connection's calls one at a time (thriftpy2's, Apache's
         threaded servers) runs a call sent behind a slow one, or behind one its
-        caller gave up on, only once that one is done."""
+        caller gave up on, only once that one is done. The turn moves on where a
+        call takes the slot: ``ready()`` that finds none to take leaves it to
+        ``connection()`` (moved twice, calls made before the pool connects would
+        share half its slots: one of two)."""
         conns, size = self._conns, self.pool_size
         best: Optional[ClientConnection] = None
         best_slot = to_open = -1
@@ -556,7 +563,6 @@ class Endpoint:
                     break
         if best is None or (best.owed and to_open >= 0):
             best, best_slot = None, to_open
-        self._next = (best_slot + 1) % size
         return best_slot, best
 
     async def _open(self, slot: int, timeout: Optional[float]) -> ClientConnection:
