@@ -172,7 +172,8 @@ class Client:
         A closed client refuses the call; a forked child's opens its own thread first."""
         if self._closed or self._inherited:
             self._reopen(method)
-        # the client's own _call, not call(): every argument is the IDL method's
+        # the client's own _begin (its middleware, then _call), not call(): every
+        # argument is the IDL method's
         return functools.partial(self._async._begin, method, args, kwargs, timeout)
 
     def _submitter(self, method: idl.Method,
