@@ -104,6 +104,36 @@ def test_a_close_notice_repeated_is_logged_once(monkeypatch, caplog):
     assert sum("takes no new calls" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_a_stopping_notice_is_logged_after_an_idle_close_notice_from_the_same_node(
+        monkeypatch, caplog):
+    """The close notices' records are throttled per node and reason: that a node
+    closed an idle connection does not hold back, for a period, the record that
+    it is stopping (an operator would not see the node's stop in the log)."""
+    fresh_throttle(monkeypatch, "_NOTICED", transport_client)
+
+    def notice(status: int) -> bytes:
+        return protocol.encode_unified(protocol.response_header(
+            protocol.CLOSE_NOTICE_SEQUENCE, message_type=protocol.MessageType.NORMAL_HEARTBEAT,
+            heartbeat=HeartbeatInfo(status=status)), b"")
+
+    async def answer(frame, writer, number):   # the first connection idle, the next stopping
+        status = NodeStatus.ALIVE if number == 1 else NodeStatus.STOPPING
+        writer.write(echo_reply(frame, "answer") + notice(status))
+
+    async def main():
+        async with fake_server(_calls(answer)) as address, \
+                async_client(Echo, address, timeout=5) as client:
+            assert await client.echo("x") == "answer"
+            await wait_until(lambda: "takes no new calls" in caplog.text, what="the first notice")
+            assert await client.echo("y") == "answer"
+            await wait_until(lambda: "is stopping" in caplog.text, what="the second notice")
+
+    with caplog.at_level(logging.INFO, logger="octo_core"):
+        run(main())
+    said = [r.getMessage() for r in caplog.records if "takes no new calls" in r.getMessage()]
+    assert len(said) == 2 and "closes an idle connection" in said[0] and "is stopping" in said[1]
+
+
 def test_closing_the_client_while_a_heartbeat_waits_says_nothing_of_the_node(caplog):
     """The heartbeat's reply fails as the client closes: no warning that the node
     left it unanswered."""

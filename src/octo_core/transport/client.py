@@ -323,7 +323,8 @@ class ClientConnection(FramedProtocol):
         if beat is not None:
             stopping = beat.status == NodeStatus.STOPPING
             why = "is stopping" if stopping else "closes an idle connection"
-            self._leave(_NOTICED, "%s %s: the connection takes no new calls", self.node, why)
+            # (the reason in the message: the throttle's key, so one holds back no other)
+            self._leave(_NOTICED, f"%s {why}: the connection takes no new calls", self.node)
             if stopping and self.on_stopping is not None:
                 self.on_stopping()
         return True
