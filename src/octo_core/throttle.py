@@ -63,7 +63,9 @@ class Throttle:
         if len(self._keys) >= self.max_keys and now >= self._pruned_at + self.every:
             # (at most once a period: a peer making up keys must not make each call O(keys))
             self._pruned_at = now
-            self._keys = {k: e for k, e in self._keys.items() if now < e[0] or e[1]}
+            # (over a copy, made at once: clients' I/O threads share a module's
+            # throttles, and one may add a key meanwhile; a count lost so is harmless)
+            self._keys = {k: e for k, e in list(self._keys.items()) if now < e[0] or e[1]}
         if len(self._keys) >= self.max_keys or self._crowd[1]:
             return self._crowd   # (until it has told its count: then keys may have room again)
         entry = self._keys[key] = [-math.inf, 0]
