@@ -284,6 +284,16 @@ def _describe(exc: BaseException) -> str:
 
 #: Held while a call that came with no trace makes the one it begins (``_Call._new_trace``).
 _NEW_TRACE = threading.Lock()
+
+
+def _new_trace_lock_in_child() -> None:
+    """A forked child's own lock: one a thread held at the fork would never be let go."""
+    global _NEW_TRACE
+    _NEW_TRACE = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):    # not on Windows, which has no fork
+    os.register_at_fork(after_in_child=_new_trace_lock_in_child)
 #: How much of a name off the wire (an appkey, a trace id) a log line shows.
 _LOGGED_NAME = 64
 
