@@ -294,6 +294,7 @@ def _new_trace_lock_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):    # not on Windows, which has no fork
     os.register_at_fork(after_in_child=_new_trace_lock_in_child)
+
 #: How much of a name off the wire (an appkey, a trace id) a log line shows.
 _LOGGED_NAME = 64
 
