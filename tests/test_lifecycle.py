@@ -22,6 +22,7 @@ from octo_core import blocking
 from octo_core.errors import ApplicationError, TransportError
 from octo_core.registry.memory import MemoryRegistry
 from octo_core.server import NodeStatus
+from octo_core.transport.loop import LoopThread
 
 from wire_helpers import (CLIENT_APPKEY, LOCALHOST, SERVER_APPKEY, Calc, Echo,  # noqa: F401
                           EchoHandler, async_client, run, sync_client, wait_until,
@@ -157,6 +158,54 @@ def test_a_blocking_call_interrupted_by_a_signal_is_let_go():
             handler.release.set()
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+class _SlowToRegister(MemoryRegistry):
+    """A registry whose registration waits (within a short op_timeout): a start
+    that is under way, serving already, for as long."""
+
+    op_timeout = 0.3
+
+    async def register(self, node):   # type: ignore[override]
+        await asyncio.Event().wait()
+
+
+@pytest.mark.parametrize("when", ["as the start ends", "while the start runs"])
+def test_a_ctrl_c_during_with_servers_start_stops_what_it_started(monkeypatch, when):
+    """``with server:`` interrupted (Ctrl-C) while its start runs, or once it has
+    ended but before the ``with`` saw it: the interruption goes on, and the
+    server is stopped, as leaving the ``with`` would (the loop thread was
+    stopped alone: the server went on listening, never stopped, and a process
+    whose business threads still ran could not exit)."""
+    real_submit = LoopThread.submit
+    interrupted = []
+
+    def submit(thread, coro):   # the first: the start's, interrupted as it is waited for
+        future = real_submit(thread, coro)
+        if interrupted:
+            return future
+
+        class Interrupting:
+            def __getattr__(self, name):
+                return getattr(future, name)
+
+            def result(self, timeout=None):
+                interrupted.append(True)
+                if when == "as the start ends":
+                    future.result(timeout)
+                raise Interrupted()
+        return Interrupting()
+
+    monkeypatch.setattr(LoopThread, "submit", submit)
+    registry = _SlowToRegister("interrupted-start")
+    server = octo_core.Server(SERVER_APPKEY, registry=registry)
+    server.add_service(Echo, EchoHandler())
+    with pytest.raises(Interrupted):
+        with server:
+            raise AssertionError("the with's body ran")
+    assert interrupted and server.status == NodeStatus.STOPPED
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((LOCALHOST, server.port), timeout=5).close()
 
 
 @pytest.mark.parametrize("discovery", ["hosts", "registry"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import errno
@@ -1052,12 +1053,25 @@ class Server:
 
     def __enter__(self) -> "Server":
         """Start the server on a loop thread of its own; leaving the ``with``
-        stops it (a Ctrl-C during that stop makes it at once: see ``serve_forever``)."""
+        stops it (a Ctrl-C during that stop makes it at once: see ``serve_forever``).
+        A Ctrl-C that lands while the start is under way, or as it ends, stops
+        what the start started (as leaving the ``with`` does) before it goes on."""
         thread = LoopThread(f"octo-server-{self.appkey}")
+        starting = thread.submit(self.start)
         try:
-            thread.run(self.start())
-        except BaseException:   # (already started, say: the running one keeps its thread)
-            thread.stop()
+            starting.result()
+        except BaseException as exc:
+            if starting.done() and not starting.cancelled() and starting.exception() is exc:
+                thread.stop()   # the start failed (already started, say: that one keeps its thread)
+                raise
+            self._thread = thread   # interrupted: once the start ends, the stop
+            try:
+                concurrent.futures.wait([starting])   # (the start bounds its own waits)
+            except BaseException:   # interrupted again: no waiting for the start
+                starting.cancel()
+                thread.stop()
+                raise
+            self.__exit__(None, None, None)
             raise
         self._thread = thread
         return self
