@@ -40,8 +40,9 @@ from octo_core import codec, protocol
 from octo_core.codec import decode, encode
 from octo_core.errors import ApplicationError, DecodeError, ProtocolError, RpcError, Status
 
-from wire_helpers import (Echo, async_client, fake_server, frames_read, run, serving,
-                          watchdog)  # noqa: F401  (fixture)
+from wire_helpers import (Echo, EchoHandler, async_client, decode_body, echo_services,
+                          fake_server, framed_request, frames_read, raw_connection, run,
+                          serving, watchdog)  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
@@ -417,3 +418,33 @@ def test_a_key_too_deep_for_python_to_hash_is_a_decode_error(field):
     shallow = field(_chain(60)) + b"\x00"    # as deep as the default Limits read
     decoded = decode(ADV.Keyed, shallow)
     assert len(decoded.chains or decoded.by_chain) == 1
+
+
+@pytest.mark.parametrize("msg_type", [TMessageType.REPLY, TMessageType.EXCEPTION])
+def test_a_message_that_is_no_call_is_refused_not_run(msg_type):
+    """A reply (or an exception) sent to a server -- a
+    peer or a proxy reflecting one back -- is refused with status 5 (native:
+    PROTOCOL_ERROR), its handler not run (it ran, its arguments read from a
+    result struct: Nones), and the connection serves on."""
+    handler = EchoHandler()
+
+    async def main() -> None:
+        async with serving(echo_services(handler)) as server, \
+                raw_connection(server.address) as conn:
+            header = protocol.request_header("Echo", 1, 2000)
+            await conn.send(protocol.encode_unified(header, codec.encode_message(
+                "notify", msg_type, 1, Echo.notify_args(text="reflected"))))
+            refusal = await conn.read_frame()
+            assert refusal.head.status == Status.PROTOCOL_EXCEPTION
+            assert "is no call" in refusal.head.message
+            await conn.send(framed_request("notify", Echo.notify_args(text="reflected"), 2,
+                                           msg_type=msg_type))
+            name, got_type, seqid, exc = decode_body(await conn.read_frame(), Echo)
+            assert (got_type, seqid) == (TMessageType.EXCEPTION, 2)
+            assert exc.type == TApplicationException.PROTOCOL_ERROR
+            await conn.send(framed_request("echo", Echo.echo_args(text="still here"), 3))
+            assert decode_body(await conn.read_frame(), Echo)[3].success == "still here"
+            assert server.stats()["Echo.(unknown)"]["errors"] == {Status.PROTOCOL_EXCEPTION: 2}
+        assert handler.notes.empty()
+
+    run(main())

@@ -62,6 +62,9 @@ _SUCCESS = Status.SUCCESS
 _ALIVE = NodeStatus.ALIVE
 _HEARTBEATS = (MessageType.NORMAL_HEARTBEAT, MessageType.SCANNER_HEARTBEAT)
 _REPLY_MESSAGE = TMessageType.REPLY    # (thriftpy2's: a class attribute, as slow to read)
+#: The message types a request may have: a reply or an exception sent to a server
+#: (a peer, a proxy, reflecting one back) is no call to run.
+_CALL_MESSAGE, _ONEWAY_MESSAGE = TMessageType.CALL, TMessageType.ONEWAY
 
 #: Bytes a call is charged per object its decoded arguments are made of (as
 #: ``Limits.max_items`` counts them), on top of its request's: the dearest
@@ -1202,7 +1205,7 @@ class Server:
             conn.reject(protocol.ProtocolError(f"bad framed thrift message: {exc}"))
             return
         name, msg_type, seqid, offset = begin
-        reply.silent = msg_type == TMessageType.ONEWAY
+        reply.silent = msg_type == _ONEWAY_MESSAGE
         service_name, multiplexed, method = name.partition(":")
         if multiplexed:
             # TMultiplexedProtocol (Apache, thriftpy2): "Service:method" picks the service
@@ -1306,7 +1309,13 @@ class Server:
     def _call(self, service: _Service, call: _Call, body: Any, begin: tuple,
               deadline: Optional[float], head: Optional[_codec.Head]) -> None:
         """Admit, decode and start one request; ``begin`` is its decoded message header."""
-        name, _, seqid, offset = begin
+        name, msg_type, seqid, offset = begin
+        if msg_type != _CALL_MESSAGE and msg_type != _ONEWAY_MESSAGE:
+            # (its body is a result, not arguments: run, the handler would get Nones)
+            self.metrics.refused(service.name, UNKNOWN, Status.PROTOCOL_EXCEPTION)
+            call.refuse(Status.PROTOCOL_EXCEPTION, f"{service.name}.{name}: a message of type "
+                        f"{msg_type} is no call (CALL 1 or ONEWAY 4)", name, seqid)
+            return
         method = service.methods.get(name)
         if method is not None and method.oneway and not call.unified:
             call.silent = True   # (thriftpy2 sends oneway calls as CALL): no reply, even a refusal
