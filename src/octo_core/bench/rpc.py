@@ -132,7 +132,9 @@ SERVER_KINDS: Tuple[str, ...] = ("octo", "octo-plain", "octo-inline", "thriftpy2
 DISCOVERING: Tuple[str, ...] = (OCTO, OCTO_THRIFT, OCTO_PLAIN, OCTO_INLINE, OCTO_SYNC)
 
 #: Payload name -> size in bytes of the echoed string.
-PAYLOADS: Dict[str, int] = {"10B": 10, "1KB": 1024}
+PAYLOADS: Dict[str, int] = {"10B": 10, "1KB": 1024, "64KB": 65536, "1MB": 1 << 20}
+#: What a run measures unless told: the small calls RPC frameworks are judged by.
+DEFAULT_PAYLOADS: Tuple[str, ...] = ("10B", "1KB")
 CONCURRENCIES: Tuple[int, ...] = (1, 64)
 
 #: The gRPC method: a bytes-in, bytes-out echo (no protobuf).
@@ -247,22 +249,49 @@ class _AsyncEchoHandler:
         return payload
 
 
-class _RawEchoServer(asyncio.Protocol):
+class _PrefixedFrames:
+    """What both ends of the raw echo keep of 4-byte-length-prefixed frames: the
+    start of one not yet whole, joined to what comes next only once it can be
+    (a large frame, arriving a read at a time, is copied once, not at every read)."""
+
+    def __init__(self) -> None:
+        super().__init__()   # (the protocol's own, next in the MRO)
+        self._buf = bytearray()
+        self._need = 0   # bytes the kept frame takes, prefix included (4: its prefix)
+
+    def _joined(self, data: bytes) -> Optional[bytes]:
+        """What was kept, then ``data``; None while the kept frame cannot be whole yet."""
+        buf = self._buf
+        buf += data
+        if len(buf) < self._need:
+            return None
+        data = bytes(buf)
+        buf.clear()
+        return data
+
+    def _keep(self, data: bytes, end: int) -> None:
+        """Keep ``data[end:]``, the start of a frame not yet whole."""
+        self._buf += data[end:]
+        self._need = (4 + int.from_bytes(data[end:end + 4], "big") if len(data) - end >= 4
+                      else 4)
+
+
+class _RawEchoServer(_PrefixedFrames, asyncio.Protocol):
     """Echoes every complete 4-byte-length-prefixed frame; one ``write`` per read."""
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        super().__init__()
         self._transport: Optional[asyncio.Transport] = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        buf = self._buf
-        if buf:
-            buf += data
-            data = bytes(buf)
-            buf.clear()
+        if self._buf:
+            joined = self._joined(data)
+            if joined is None:
+                return
+            data = joined
         size = len(data)
         end = 0
         while size - end >= 4:
@@ -274,7 +303,7 @@ class _RawEchoServer(asyncio.Protocol):
             self._transport.write(  # type: ignore[union-attr]  # data comes once connected
                 data if end == size else data[:end])
         if end < size:
-            buf += data[end:]
+            self._keep(data, end)
 
 
 class _CodecEchoServer(asyncio.Protocol):
@@ -886,13 +915,12 @@ class _PipelinedClient(asyncio.Protocol):
                 future.set_exception(ConnectionError("echo connection lost"))
 
 
-class _RawEchoClient(_PipelinedClient):
+class _RawEchoClient(_PrefixedFrames, _PipelinedClient):
     """Length-prefixed frames; replies resolve futures in order."""
 
     def __init__(self) -> None:
         super().__init__()
         self._waiters: Deque[asyncio.Future] = collections.deque()
-        self._buf = bytearray()
 
     def call(self, frame: bytes) -> "asyncio.Future[bytes]":
         if self.lost is not None:
@@ -903,11 +931,11 @@ class _RawEchoClient(_PipelinedClient):
         return future
 
     def _replies(self, data: bytes) -> None:
-        buf = self._buf
-        if buf:
-            buf += data
-            data = bytes(buf)
-            buf.clear()
+        if self._buf:
+            joined = self._joined(data)
+            if joined is None:
+                return
+            data = joined
         size = len(data)
         end = 0
         waiters = self._waiters
@@ -918,7 +946,7 @@ class _RawEchoClient(_PipelinedClient):
             waiters.popleft().set_result(data[end + 4:frame_end])
             end = frame_end
         if end < size:
-            buf += data[end:]
+            self._keep(data, end)
 
     def _waiting(self) -> List["asyncio.Future[Any]"]:
         waiters, self._waiters = list(self._waiters), collections.deque()
@@ -1224,7 +1252,7 @@ def pick_round(rounds: Sequence[Result]) -> Result:
 
 
 def run(seconds: float = 2.0, *, systems: Sequence[str] = SYSTEMS,
-        payloads: Sequence[str] = tuple(PAYLOADS), concurrencies: Sequence[int] = CONCURRENCIES,
+        payloads: Sequence[str] = DEFAULT_PAYLOADS, concurrencies: Sequence[int] = CONCURRENCIES,
         warmup: Optional[float] = None, rounds: int = 1, quiet_wait: float = 0.0,
         progress: Optional[Callable[[Result], None]] = None) -> List[Result]:
     """Measure every system × payload × concurrency; returns one ``Result`` per cell.
@@ -1482,8 +1510,9 @@ def options_parser(seconds: float = 2.0) -> argparse.ArgumentParser:
                         help="warm-up seconds per cell (default: seconds/4, at most 1)")
     parser.add_argument("--systems", type=_csv(SYSTEMS), default=list(SYSTEMS),
                         help=f"comma-separated subset of: {', '.join(SYSTEMS)}")
-    parser.add_argument("--payloads", type=_csv(tuple(PAYLOADS)), default=list(PAYLOADS),
-                        help=f"comma-separated subset of: {', '.join(PAYLOADS)}")
+    parser.add_argument("--payloads", type=_csv(tuple(PAYLOADS)), default=list(DEFAULT_PAYLOADS),
+                        help=f"comma-separated subset of: {', '.join(PAYLOADS)} "
+                             f"(default: {','.join(DEFAULT_PAYLOADS)})")
     parser.add_argument("--concurrency", type=_concurrencies, default=list(CONCURRENCIES),
                         help="comma-separated calls in flight (default: 1,64)")
     parser.add_argument("--rounds", type=_positive_int, default=1, metavar="N",
