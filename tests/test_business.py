@@ -1,6 +1,8 @@
 """The business pool and the inbox that hands its outcomes back to the event loop."""
 import asyncio
 import threading
+import time
+import weakref
 
 import pytest
 
@@ -40,6 +42,27 @@ def test_jobs_run_on_pool_threads_and_queued_ones_are_cancelled():
     assert log == [("cancelled", "second"), ("ran", "first"), ("ran", "third")]
     with pytest.raises(RuntimeError, match="shut down"):
         pool.start(_Job(log, "late"))
+
+
+def test_a_thread_keeps_no_job_it_has_run():
+    # A server's job holds its call's arguments and connection: an idle thread kept
+    # its last one alive until its next job, a large request's bytes included.
+    pool = BusinessPool(1, "test-biz")
+    log = []
+    try:
+        job = _Job(log, "only")
+        gone = weakref.ref(job)
+        pool.start(job)
+        assert job.started.wait(5)
+        del job
+        for _ in range(500):   # (the thread drops it once run() returns)
+            if gone() is None:
+                break
+            time.sleep(0.01)
+        assert gone() is None
+        assert log == [("ran", "only")]
+    finally:
+        pool.shutdown()
 
 
 def test_submit_gives_the_outcome_in_a_future():

@@ -66,6 +66,9 @@ class BusinessPool:
             if job is None:
                 return
             job.run()
+            # Not kept while the thread waits for the next: a call's job holds its
+            # arguments and connection (each idle thread pinned its last call's).
+            del job
 
     def cancel_pending(self) -> None:
         """Cancel the jobs no thread has started; the pool takes new work on."""
