@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+import weakref
 
 import pytest
 
@@ -227,6 +228,29 @@ def test_an_async_client_collected_unclosed_closes_what_it_holds_and_warns(disco
             await wait_until(lambda: not server._connections)
             # and its directory no longer watches the registry
             await wait_until(lambda: not registry._space.watches.get(registry._where(SERVER_APPKEY)))
+        finally:
+            await server.stop()
+
+    run(main())
+
+
+def test_a_closed_connection_is_not_kept_alive_by_the_servers_sweep():
+    # The sweep's loop variable held the last connection it looked at while it slept:
+    # for good once the last peer had gone (its buffers with it).
+    async def main() -> None:
+        server = echo_server(read_timeout=0.2)   # (a sweep every 0.1s)
+        await server.start()
+        try:
+            async with async_client(Echo, server.address) as client:
+                assert await client.echo("x") == "x"
+                gone = weakref.ref(next(iter(server._connections)))
+                await asyncio.sleep(0.3)   # (swept while connected: the sweep has seen it)
+            await wait_until(lambda: not server._connections)
+
+            def collected() -> bool:
+                gc.collect()
+                return gone() is None
+            await wait_until(collected, what="the closed connection collected")
         finally:
             await server.stop()
 

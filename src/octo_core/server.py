@@ -1117,19 +1117,23 @@ class Server:
         assert self._loop is not None   # start() set it before starting this
         while True:
             await asyncio.sleep(period)
-            now = self._loop.time()
-            for conn in list(self._connections):
-                quiet = now - conn.last_read
-                reading = None if conn.frame_started is None else now - conn.frame_started
-                if self.read_timeout and reading is not None and reading > self.read_timeout \
-                        and not conn.paused_for_itself:   # our pause, not the peer's stall
-                    _STALLED.log("closing %s: a frame still incomplete after %.3gs",
-                                 conn.peer, reading)
-                    conn.abort()
-                elif self.idle_timeout and quiet > self.idle_timeout and not conn.in_flight:
-                    self._close_idle(conn, now)
-                else:
-                    conn.told_idle_at = None   # (busy again: a later idle spell tells it anew)
+            self._sweep_once(self._loop.time())
+
+    def _sweep_once(self, now: float) -> None:
+        """One pass of ``_sweep``, in a frame of its own: the connection it looked at
+        last is not kept alive while the sweep sleeps (for good, once none is left)."""
+        for conn in list(self._connections):
+            quiet = now - conn.last_read
+            reading = None if conn.frame_started is None else now - conn.frame_started
+            if self.read_timeout and reading is not None and reading > self.read_timeout \
+                    and not conn.paused_for_itself:   # our pause, not the peer's stall
+                _STALLED.log("closing %s: a frame still incomplete after %.3gs",
+                             conn.peer, reading)
+                conn.abort()
+            elif self.idle_timeout and quiet > self.idle_timeout and not conn.in_flight:
+                self._close_idle(conn, now)
+            else:
+                conn.told_idle_at = None   # (busy again: a later idle spell tells it anew)
 
     def _let_idlest_go(self) -> bool:
         """At ``max_connections``, a new connection takes the place of the one idle
