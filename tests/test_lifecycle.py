@@ -417,10 +417,14 @@ def test_a_stop_told_to_stop_at_once_does_not_linger_for_a_plain_function(monkey
 #: A server that runs a coroutine handler and a plain one that never end, until
 #: signalled: with ``serve_forever`` (a grace no test waits out) or ``with server``.
 _SERVES_UNTIL_SIGNALLED = """
-import asyncio, logging, sys, threading, time
+import asyncio, logging, signal, sys, threading, time
 sys.path.insert(0, {tests!r})
 import octo_core
 from wire_helpers import SERVER_APPKEY, Echo, EchoHandler
+
+# Ctrl-C as a terminal gives it, whatever the test run's own: a run started in the
+# background of a shell ignores SIGINT, and so would this process, inheriting it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(message)s")
 
