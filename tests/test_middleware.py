@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any, Callable, List, Tuple
 
 import asyncio
-import os
 import queue
 
 import pytest
@@ -18,9 +17,9 @@ from octo_core import context
 from octo_core.errors import ApplicationError, CallTimeout, ClientClosed
 from octo_core.middleware import is_coroutine_function
 
-from wire_helpers import (CLIENT_APPKEY, HERE, SERVER_APPKEY, Echo, EchoError,  # noqa: F401
-                          EchoHandler, async_client, echo_services, run, serving,
-                          serving_in_thread, watchdog)
+from wire_helpers import (CLIENT_APPKEY, MONITORED, SERVER_APPKEY, Echo,  # noqa: F401
+                          EchoError, EchoHandler, StoreHandler, async_client, echo_services, run,
+                          serving, serving_in_thread, watchdog)
 
 pytestmark = pytest.mark.usefixtures("watchdog")
 
@@ -81,17 +80,6 @@ def test_middleware_that_changes_a_handlers_kind_is_refused_when_the_service_is_
         octo_core.Server(SERVER_APPKEY, middleware=to_plain)   # type: ignore[arg-type]
 
 
-MONITORED = octo_core.load_idl(os.path.join(HERE, "idl", "monitored.thrift"))
-
-
-class _StoreHandler:
-    def status(self) -> str:
-        return "ALIVE"
-
-    def put(self, key: str) -> str:
-        return key
-
-
 def test_middleware_leaves_a_service_hosted_beside_the_one_it_extends_unambiguous():
     """``Store`` and its base ``Monitored`` hosted with one handler: a native call of
     the inherited ``status`` by its bare name runs the same handler function
@@ -100,7 +88,7 @@ def test_middleware_leaves_a_service_hosted_beside_the_one_it_extends_unambiguou
     seen: List[Tuple[Any, ...]] = []
 
     async def main() -> None:
-        handler = _StoreHandler()
+        handler = StoreHandler()
         async with serving([(MONITORED.Store, handler, None), (MONITORED.Monitored, handler, None)],
                            middleware=[recording("mw", seen)]) as server, \
                 async_client(MONITORED.Store, server.address, protocol="thrift") as client:

@@ -30,8 +30,8 @@ from octo_core.errors import (ApplicationError, CallTimeout, DecodeError, Encode
 from octo_core.protocol import MessageType, NodeStatus
 from octo_core.registry.memory import MemoryRegistry
 
-from wire_helpers import (CLIENT_APPKEY, EVERYTHING, SERVER_APPKEY, Calc, CalcHandler, Echo, EchoError,
-                          EchoHandler, EverythingStubs, async_client, deaf, decode_body, echo_services,
+from wire_helpers import (CLIENT_APPKEY, EVERYTHING, MONITORED, SERVER_APPKEY, Calc, CalcHandler,
+                          Echo, EchoError, EchoHandler, EverythingStubs, StoreHandler, async_client, deaf, decode_body, echo_services,
                           fake_server, have_snappy, raw_connection,
                           run, serving, serving_in_thread, short_tmpdir, sync_client,
                           unified_request, wait_until, watchdog)  # noqa: F401  (fixture)
@@ -60,8 +60,6 @@ def wire_warnings(caplog):
 
 CLASH = octo_core.load_idl(os.path.join(os.path.dirname(os.path.abspath(__file__)), "idl",
                                         "clash.thrift"), module_name="octo_clash_thrift").Clash
-MONITORED = octo_core.load_idl(os.path.join(os.path.dirname(os.path.abspath(__file__)), "idl",
-                                            "monitored.thrift"))
 
 
 class ClashHandler:
@@ -629,14 +627,6 @@ def test_many_services_on_one_port():
                 assert info.value.type == TApplicationException.UNKNOWN_METHOD
 
     run(main())
-
-
-class StoreHandler:
-    def status(self) -> str:
-        return "ALIVE"
-
-    def put(self, key: str) -> str:
-        return key
 
 
 def test_a_service_hosted_beside_the_one_it_extends_answers_native_calls_of_both():

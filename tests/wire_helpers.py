@@ -43,6 +43,8 @@ Echo = echo_thrift.Echo
 Calc = echo_thrift.Calc
 EchoError = echo_thrift.EchoError
 EVERYTHING = octo_core.load_idl(os.path.join(HERE, "idl", "everything.thrift"))
+#: ``Store`` extends ``Monitored`` (an fb303-style base): one handler may serve both.
+MONITORED = octo_core.load_idl(os.path.join(HERE, "idl", "monitored.thrift"))
 
 
 class EverythingStubs:
@@ -160,6 +162,16 @@ class EchoHandler:
 
     def whoami(self) -> str:
         return "Echo"
+
+
+class StoreHandler:
+    """Handler for ``MONITORED.Store`` and its base ``Monitored`` alike."""
+
+    def status(self) -> str:
+        return "ALIVE"
+
+    def put(self, key: str) -> str:
+        return key
 
 
 class SyncEchoHandler(EchoHandler):
