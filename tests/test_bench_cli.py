@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import asyncio
 import importlib.metadata
 import os
 import signal
@@ -256,3 +257,81 @@ def test_cluster_example_routes_and_fails_over_as_it_says() -> None:
     assert answered[1] == {"blue": 200}
     assert answered[2] == {"sh-c": 200}            # every call failed over to the next IDC
 
+
+
+# --- python/workers.py ------------------------------------------------------------------
+
+def _workers(tmp_path: Any, count: int) -> Tuple["subprocess.Popen[str]", str, List[str]]:
+    """workers.py with ``count`` processes and a registry in ``tmp_path``, once it says
+    it serves: the process, the registry's URL, the addresses it printed."""
+    registry = f"file://{tmp_path}"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "python", "workers.py"),
+                             str(count), registry], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()   # type: ignore[union-attr]
+    assert line.startswith(f"serving Echo from {count} processes ("), line + proc.stderr.read()
+    addresses = line.split("(", 1)[1].split(")", 1)[0].split(", ")
+    return proc, registry, addresses
+
+
+def _registered(registry: str) -> List[str]:
+    async def listed() -> List[str]:
+        opened = octo_core.registry.open_registry(registry)
+        try:
+            return sorted(node.key for node in await opened.list("com.example.echo"))
+        finally:
+            await opened.close()
+    return asyncio.run(listed())
+
+
+def _worker_pids(parent: int) -> List[int]:
+    """The parent's serving processes (not multiprocessing's resource tracker)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as stat, open(f"/proc/{entry}/cmdline") as cmd:
+                ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+                spawned = "spawn_main" in cmd.read()
+        except (OSError, ValueError):
+            continue
+        if ppid == parent and spawned:
+            pids.append(int(entry))
+    return pids
+
+
+def test_workers_example_serves_from_each_process_as_a_node_and_stops_them_all(
+        tmp_path: Any) -> None:
+    proc, registry, addresses = _workers(tmp_path, 2)
+    try:
+        assert len(set(addresses)) == 2              # a port each
+        assert _registered(registry) == sorted(addresses)
+        echo = octo_core.load_idl(os.path.join(ROOT, "python", "echo.thrift"))
+        for address in addresses:                   # each process answers
+            with octo_core.Client(echo.Echo, appkey="com.example.caller", hosts=[address],
+                                  timeout=10.0) as client:
+                assert client.echo("hi") == "hi"
+        with octo_core.Client(echo.Echo, appkey="com.example.caller",
+                              remote_appkey="com.example.echo", registry=registry,
+                              timeout=10.0) as client:   # and callers find them there
+            assert [client.echo(str(i)) for i in range(4)] == ["0", "1", "2", "3"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()   # type: ignore[union-attr]
+        assert _registered(registry) == []           # each unregistered as it stopped
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_workers_example_stops_every_process_when_one_dies(tmp_path: Any) -> None:
+    proc = _workers(tmp_path, 2)[0]
+    try:
+        workers = _worker_pids(proc.pid)
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        assert proc.wait(timeout=60) == 1
+        err = proc.stderr.read()   # type: ignore[union-attr]
+        assert f"process {workers[0]} exited (status -9); stopping the others" in err
+        assert not os.path.exists(f"/proc/{workers[1]}")   # stopped, and waited for
+    finally:
+        proc.kill()
+        proc.communicate()

@@ -123,7 +123,7 @@ SDIST_NEEDS = [
     "LICENSE", "README.md", "pyproject.toml", "setup.py", "MANIFEST.in",
     "scripts/test.sh", ".ci/run",
     "python/echo.thrift", "python/echo_server.py", "python/call_modes.py",
-    "python/cluster.py",
+    "python/cluster.py", "python/workers.py",
     "benchmarks/RESULTS.md", "benchmarks/conftest.py", "benchmarks/bench_rpc.py",
     "tests/conftest.py", "tests/wire_helpers.py", "tests/cluster_helpers.py",
     "tests/strategies.py", "tests/lb_reference.py", "tests/naming_provider.py", "tests/zk.py",
