@@ -380,16 +380,16 @@ class ClientConnection(FramedProtocol):
             waiter = self.loop.create_future()
             self._drain_waiters.append(waiter)
             try:
-                await asyncio.wait_for(waiter, max(0.0, deadline - self.loop.time()))
-            except asyncio.TimeoutError:
-                raise CallTimeout(f"the server did not read enough of the requests already "
-                                  f"sent to take this one within {timeout:.3g}s",
-                                  method=method or None, node=self.node,
-                                  request_sent=False) from None
+                woken = await _waited(waiter, max(0.0, deadline - self.loop.time()))
             finally:
-                if waiter.cancelled():   # timed out or the caller gave up: not kept till a wake-up
+                if not waiter.done():   # timed out or the caller gave up: not kept till a wake-up
+                    waiter.cancel()
                     with contextlib.suppress(ValueError):
                         self._drain_waiters.remove(waiter)
+            if not woken:
+                raise CallTimeout(f"the server did not read enough of the requests already "
+                                  f"sent to take this one within {timeout:.3g}s",
+                                  method=method or None, node=self.node, request_sent=False)
 
     def _fail_pending(self, why: str) -> None:
         """Every call still waiting fails with its own ``TransportError``."""
@@ -600,10 +600,9 @@ class Endpoint:
             attempt.add_done_callback(outcome_seen)
             self._connecting[slot] = attempt
         try:
-            return await asyncio.wait_for(asyncio.shield(attempt), timeout)
-        except asyncio.TimeoutError:   # the attempt turns its own timeout into TransportError
-            raise CallTimeout(f"not connected within the call's {timeout:.3g}s left; the "
-                              "request was not sent", node=self.node, request_sent=False) from None
+            # (wait, not wait_for: see _waited)
+            if await _waited(attempt, timeout):
+                return attempt.result()
         except TransportError:
             if self.closed:   # each waiter its own error, not one shared by all
                 raise self._closed_error() from None
@@ -615,6 +614,9 @@ class Endpoint:
             if attempt.cancelled() and self.closed and not _cancelling(asyncio.current_task()):
                 raise self._closed_error() from None
             raise
+        # (the attempt turns its own timeout into TransportError)
+        raise CallTimeout(f"not connected within the call's {timeout:.3g}s left; the "
+                          "request was not sent", node=self.node, request_sent=False)
 
     def _unheard_hint(self, gone: ClientConnection) -> str:
         """``unheard_hint`` for the backoff's message, when ``gone`` closed unheard
@@ -764,6 +766,16 @@ class Endpoint:
         """Closed, with no connection open and no connect under way."""
         return self.closed and not self._connecting and not any(
             conn is not None and not conn.closed for conn in self._conns)
+
+
+async def _waited(future: "asyncio.Future[Any]", timeout: Optional[float]) -> bool:
+    """Wait up to ``timeout`` seconds (None: no limit) for ``future``, which is
+    neither cancelled nor read here; returns whether it is done. Not
+    ``asyncio.wait_for``: before Python 3.12 it returns an outcome that came in
+    the loop pass its caller was cancelled in, and the cancel is lost (the call
+    goes on, an ``asyncio.timeout`` around it never fires)."""
+    done, _ = await asyncio.wait((future,), timeout=timeout)
+    return bool(done)
 
 
 def _cancelling(task: Optional[asyncio.Task]) -> bool:

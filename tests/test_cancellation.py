@@ -1,0 +1,94 @@
+"""Cancellation: a caller that gives up on a call (``task.cancel()``,
+``asyncio.timeout``, a TaskGroup sibling failing) gets its ``CancelledError``
+at every stage of the call, and what the call held is given back.
+
+The races are set up with done callbacks, not timers: the caller is cancelled
+in the very loop pass in which what it waits for comes.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from octo_core.transport.client import Endpoint
+
+from wire_helpers import EchoHandler, Echo, async_client, echo_services, run, serving
+
+
+def _live_conns(client):
+    """The live connections of an AsyncClient (private state, read in this one place)."""
+    return [c for ep in client._endpoints.values() for c in ep._conns if c is not None]
+
+
+def test_a_caller_cancelled_as_its_connect_completes_stays_cancelled(monkeypatch):
+    # Regression: Endpoint._open waited with asyncio.wait_for, which before Python
+    # 3.12 returns an outcome that came in the loop pass its caller was cancelled
+    # in: the cancel was lost, the request sent, and the caller's task ran on
+    # (an asyncio.timeout around it never fired).
+    handler = EchoHandler()
+
+    async def main():
+        async with serving(echo_services(handler)) as server, \
+                async_client(Echo, server.address) as client:
+            gate = asyncio.get_running_loop().create_future()
+            connect = Endpoint._connect
+
+            async def gated(self, loop):
+                await gate
+                return await connect(self, loop)
+            monkeypatch.setattr(Endpoint, "_connect", gated)
+            call = asyncio.ensure_future(client.slow("cancel me", 0))
+            await asyncio.sleep(0)          # waiting for the shared connect
+            [endpoint] = client._endpoints.values()
+            [attempt] = endpoint._connecting.values()
+            attempt.add_done_callback(lambda _: call.cancel())
+            gate.set_result(None)
+            outcome = (await asyncio.gather(call, return_exceptions=True))[0]
+            assert isinstance(outcome, asyncio.CancelledError), f"the call ended with {outcome!r}"
+            assert handler.slow_started == 0, "the request went out after its caller gave up"
+            assert await client.slow("next", 0) == "next"
+
+    run(main())
+
+
+def test_a_caller_cancelled_as_the_server_reads_again_stays_cancelled():
+    # Regression: ClientConnection.drained waited with asyncio.wait_for (see above):
+    # a caller cancelled in the loop pass the writes resumed had its request sent.
+    handler = EchoHandler()
+
+    async def main():
+        async with serving(echo_services(handler)) as server, \
+                async_client(Echo, server.address) as client:
+            assert await client.slow("connect first", 0) == "connect first"
+            [conn] = _live_conns(client)
+            conn.pause_writing()            # as the transport does past its high-water mark
+            call = asyncio.ensure_future(client.slow("cancel me", 0))
+            await asyncio.sleep(0)
+            [waiter] = conn._drain_waiters
+            waiter.add_done_callback(lambda _: call.cancel())
+            conn.resume_writing()
+            outcome = (await asyncio.gather(call, return_exceptions=True))[0]
+            assert isinstance(outcome, asyncio.CancelledError), f"the call ended with {outcome!r}"
+            assert handler.slow_started == 1, "the request went out after its caller gave up"
+            assert not conn._drain_waiters
+            assert await client.slow("next", 0) == "next"
+
+    run(main())
+
+
+def test_a_call_cancelled_while_the_server_reads_nothing_leaves_no_waiter():
+    async def main():
+        async with serving(echo_services()) as server, \
+                async_client(Echo, server.address) as client:
+            assert await client.echo("connect first") == "connect first"
+            [conn] = _live_conns(client)
+            conn.pause_writing()
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.01):
+                    await client.echo("gives up")
+            assert not conn._drain_waiters
+            conn.resume_writing()
+            assert await client.echo("next") == "next"
+
+    run(main())
