@@ -11,9 +11,11 @@ import asyncio
 
 import pytest
 
+from octo_core.errors import ClientClosed
 from octo_core.transport.client import Endpoint
 
-from wire_helpers import EchoHandler, Echo, async_client, echo_services, run, serving
+from wire_helpers import (EchoHandler, Echo, async_client, echo_services, run, serving,
+                          wait_until)
 
 
 def _live_conns(client):
@@ -90,5 +92,31 @@ def test_a_call_cancelled_while_the_server_reads_nothing_leaves_no_waiter():
             assert not conn._drain_waiters
             conn.resume_writing()
             assert await client.echo("next") == "next"
+
+    run(main())
+
+
+def test_a_close_given_up_on_in_its_grace_still_closes():
+    # Regression: AsyncClient.close(grace) cancelled while it waited for the calls in
+    # flight (an asyncio.timeout around it) returned before closing anything: the
+    # client refused every call but kept its connections, and their heartbeats,
+    # open for good (its finalizer was already detached).
+    handler = EchoHandler()
+
+    async def main():
+        async with serving(echo_services(handler)) as server, \
+                async_client(Echo, server.address, timeout=10) as client:
+            call = asyncio.ensure_future(client.slow("in flight", 10_000))
+            await wait_until(lambda: handler.slow_started == 1)
+            [conn] = _live_conns(client)
+            closing = asyncio.ensure_future(client.close(grace=10))
+            await wait_until(lambda: client._closed)
+            closing.cancel()
+            outcome = (await asyncio.gather(closing, return_exceptions=True))[0]
+            assert isinstance(outcome, asyncio.CancelledError), f"close() ended with {outcome!r}"
+            assert conn.closed
+            assert all(endpoint.closed for endpoint in client._endpoints.values())
+            with pytest.raises(ClientClosed):
+                await call
 
     run(main())

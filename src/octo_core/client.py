@@ -811,12 +811,17 @@ class AsyncClient:
                 directory.registry if directory is not None and self._owns_registry else None)
 
     async def _shutdown(self, grace: float = 0.0) -> None:
-        if grace:
-            await self._drained(grace)
-        if self._discovery is not None:
-            self._discovery.cancel()   # the first calls waiting for it fail as closed
-        self._shut = True
-        await _close_parts(*self._parts())
+        try:
+            if grace:
+                await self._drained(grace)
+        finally:
+            # (also when the close is given up on in its grace, an asyncio.timeout
+            # around it: the grace ends there, not the closing -- else the connections
+            # stayed open for good, the client refusing every call)
+            if self._discovery is not None:
+                self._discovery.cancel()   # the first calls waiting for it fail as closed
+            self._shut = True
+            await _close_parts(*self._parts())
 
     async def _drained(self, grace: float) -> None:
         """Wait, ``grace`` seconds at most, until no call is in flight (in the
