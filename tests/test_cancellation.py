@@ -12,6 +12,9 @@ import asyncio
 import pytest
 
 from octo_core.errors import ClientClosed
+from octo_core.registry import Directory
+from octo_core.registry.memory import MemoryRegistry
+from octo_core.registry.node import Node
 from octo_core.transport.client import Endpoint
 
 from wire_helpers import (EchoHandler, Echo, async_client, echo_services, run, serving,
@@ -118,5 +121,45 @@ def test_a_close_given_up_on_in_its_grace_still_closes():
             assert all(endpoint.closed for endpoint in client._endpoints.values())
             with pytest.raises(ClientClosed):
                 await call
+
+    run(main())
+
+
+APPKEY = "com.example.cancel.server"
+
+
+class _GatedRegistry(MemoryRegistry):
+    """A memory registry whose ``list`` waits for ``gate`` when one is set
+    (``waiting`` meanwhile)."""
+
+    gate: "asyncio.Future[None] | None" = None
+    waiting = False
+
+    async def list(self, appkey):
+        if self.gate is not None:
+            self.waiting = True
+            await self.gate
+        return await super().list(appkey)
+
+
+def test_a_directory_closed_as_its_refresh_is_answered_stops_refreshing():
+    # Regression: the refresher looped until cancelled, and its fetch waited with
+    # asyncio.wait_for, which before Python 3.12 drops a cancel that comes in the
+    # loop pass of the registry's answer: close() then waited for the refresher
+    # for ever (and an AsyncClient's close with it).
+    async def main():
+        registry = _GatedRegistry()
+        await registry.register(Node(appkey=APPKEY, ip="127.0.0.1", port=9001))
+        directory = Directory(registry, APPKEY, refresh_interval=0.001)
+        await directory.start()
+        registry.gate = asyncio.get_running_loop().create_future()
+        await wait_until(lambda: registry.waiting)   # a refresh waits for its answer
+        closing = []
+        registry.gate.add_done_callback(lambda _: asyncio.get_running_loop().call_soon(
+            lambda: closing.append(asyncio.ensure_future(directory.close()))))
+        registry.gate.set_result(None)
+        await wait_until(lambda: closing)
+        await asyncio.wait_for(closing[0], 5)
+        assert directory._refresher.done()
 
     run(main())

@@ -213,7 +213,9 @@ class Directory:
         return self._offer(nodes, rules, "refresh")
 
     async def _refresh_every(self) -> None:
-        while True:
+        # (until closed, not only until cancelled: before Python 3.12, close()'s cancel
+        # is lost when it comes as _fetch's wait_for gets its answer)
+        while not self._closed:
             await asyncio.sleep(self.refresh_interval)  # type: ignore[arg-type]  # started with one
             await self.refresh()
 
