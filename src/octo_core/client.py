@@ -777,7 +777,8 @@ class AsyncClient:
         """Close every connection; calls still waiting (connecting too) fail with
         ``TransportError``. With ``grace`` (seconds), calls made from now on are
         refused at once (``ClientClosed``), but those in flight get up to that
-        long to end first (a gateway's drain). From another event loop than the
+        long to end first (a gateway's drain; a close cancelled meanwhile ends the
+        grace, not the closing). From another event loop than the
         client's, the closing is handed to the client's loop if it still runs
         (its connections live there), and is left to that loop's own closing if
         not."""
