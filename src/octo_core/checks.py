@@ -6,11 +6,15 @@ the rest in the same words: NaN (which compares false, so a bound check lets it
 through) and infinity (which overflows timers and counters) are refused, and so
 is a ``bool`` (an ``int`` to Python, never what was meant). Counts (threads,
 connections, bytes) are whole numbers with a least value, checked by ``count``.
+The command line's numbers (``octo bench``, ``octo call``, ``octo scanner``) go
+through the same checks, as argparse types (``seconds_argument`` and the rest).
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+_T = TypeVar("_T")
 
 
 def is_finite_number(value: Any, *, zero_ok: bool = False) -> bool:
@@ -46,3 +50,25 @@ def count(name: str, value: Any, at_least: int = 1, *, none_ok: bool = False) ->
         off = "None (no limit) or " if none_ok else ""
         raise ValueError(f"{name} must be {off}an integer of at least {at_least}, not {value!r}")
     return value
+
+
+def argument(read: Callable[[str], _T]) -> Callable[[str], _T]:
+    """An argparse ``type`` that reads an option's text with ``read``: its
+    ``ValueError`` becomes a usage error that says what was wrong (argparse's
+    own would only say "invalid value")."""
+
+    def parse(text: str) -> _T:
+        try:
+            return read(text)
+        except ValueError as exc:
+            import argparse   # (here: the library itself never needs it)
+
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+#: argparse types of the command line's seconds (above 0, or 0 as well) and counts.
+seconds_argument = argument(lambda text: finite_number("it", float(text)))
+seconds_or_zero_argument = argument(lambda text: finite_number("it", float(text), zero_ok=True))
+count_argument = argument(lambda text: count("it", int(text)))

@@ -32,7 +32,7 @@ import urllib.parse
 from types import ModuleType
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from octo_core.checks import is_finite_number
+from octo_core.checks import count_argument, seconds_argument
 
 #: ``octo bench``'s --seconds default, which every target's own --seconds defers to.
 DEFAULT_SECONDS = 1.0
@@ -42,30 +42,6 @@ BENCH_OPTIONS = ("seconds", "rounds")
 #: what a shell reports for a writer its closed pipe ended; 1 would read as "a
 #: benchmark failed", which is what 1 means here.
 SIGPIPE_STATUS = 128 + signal.SIGPIPE
-
-
-def _number(text: str, zero_ok: bool) -> float:
-    value = float(text)
-    if not is_finite_number(value, zero_ok=zero_ok):
-        # inf would overflow the round count or a timer; nan passes every comparison
-        kind = "non-negative" if zero_ok else "positive"
-        raise argparse.ArgumentTypeError(f"must be a finite {kind} number, got {text}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    return _number(text, zero_ok=False)
-
-
-def _non_negative_float(text: str) -> float:
-    return _number(text, zero_ok=True)
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
 
 
 #: What ``--rounds`` is to each benchmark (``octo bench``, before a target, says both).
@@ -79,10 +55,10 @@ def _timing_options(rounds: str = f"codec: {_CODEC_ROUNDS}; rpc: {_RPC_ROUNDS}"
     """``--seconds`` and ``--rounds`` (its help: ``rounds``): ``octo bench``'s, and the
     codec benchmark's."""
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--seconds", type=_positive_float, default=DEFAULT_SECONDS, metavar="S",
+    parser.add_argument("--seconds", type=seconds_argument, default=DEFAULT_SECONDS, metavar="S",
                         help=f"timing budget per measured row, in seconds "
                              f"(default: {DEFAULT_SECONDS:g})")
-    parser.add_argument("--rounds", type=_positive_int, default=None, metavar="N", help=rounds)
+    parser.add_argument("--rounds", type=count_argument, default=None, metavar="N", help=rounds)
     return parser
 
 
@@ -318,7 +294,7 @@ def call_parser() -> argparse.ArgumentParser:
                         help="the OCTO unified protocol (default) or framed thrift")
     parser.add_argument("--service-name", help="the service's name on the wire (default: "
                         "its IDL name)")
-    parser.add_argument("--timeout", type=_positive_float, default=5.0, metavar="S",
+    parser.add_argument("--timeout", type=seconds_argument, default=5.0, metavar="S",
                         help="seconds the call may take (default 5)")
     parser.add_argument("--token", help="sign the request with this token (a server with "
                         "auth=); needs --remote-appkey")

@@ -28,9 +28,10 @@ import asyncio
 import dataclasses
 import logging
 import signal
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from octo_core.checks import count, finite_number
+from octo_core.checks import (argument, count, count_argument, finite_number, seconds_argument,
+                              seconds_or_zero_argument)
 from octo_core.errors import NotRegisteredError, OctoError, RegistryError, StatusChanged
 from octo_core.protocol import (FrameDecoder, NodeStatus, encode_unified, scanner_heartbeat_request,
                                status_name)
@@ -265,39 +266,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="file:///dir or zk://host:port[,host:port][/chroot] (a memory:// "
                              "registry lives in one process: the scanner's would be empty)")
     parser.add_argument("--appkey", action="append", required=True, dest="appkeys",
-                        metavar="APPKEY", type=_option(lambda text: check_name(text, "appkey")),
+                        metavar="APPKEY", type=argument(lambda text: check_name(text, "appkey")),
                         help="an appkey to scan (repeat for more)")
-    seconds = _option(lambda text: finite_number("it", float(text)))
-    parser.add_argument("--interval", type=seconds, default=5.0,
+    parser.add_argument("--interval", type=seconds_argument, default=5.0,
                         help="seconds between rounds (default %(default)s)")
-    parser.add_argument("--timeout", type=seconds, default=1.0,
+    parser.add_argument("--timeout", type=seconds_argument, default=1.0,
                         help="seconds per probe (default %(default)s)")
-    parser.add_argument("--confirm-delay", default=0.5,
-                        type=_option(lambda text: finite_number("it", float(text), zero_ok=True)),
+    parser.add_argument("--confirm-delay", type=seconds_or_zero_argument, default=0.5,
                         help="seconds before a failed node is probed again (default %(default)s)")
     parser.add_argument("--mass-failure-ratio", default=0.5,
-                        type=_option(lambda text: _ratio("it", float(text))),
+                        type=argument(lambda text: _ratio("it", float(text))),
                         help="above this share (0 to 1) of serving nodes failing at once in "
                              "one appkey, mark none dead (default %(default)s)")
-    parser.add_argument("--mass-failure-min-nodes", default=2,
-                        type=_option(lambda text: count("it", int(text))),
+    parser.add_argument("--mass-failure-min-nodes", type=count_argument, default=2,
                         help="the guard applies to appkeys with at least this many "
                              "serving nodes (default %(default)s)")
     parser.add_argument("--once", action="store_true", help="run one round and exit")
     return parser
-
-
-def _option(parse_value: Callable[[str], Any]) -> Callable[[str], Any]:
-    """An argparse ``type`` from ``parse_value``: its ``ValueError`` becomes a usage
-    error that says what was wrong (argparse's own would only say "invalid value")."""
-
-    def parse(text: str) -> Any:
-        try:
-            return parse_value(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse
 
 
 async def _serve(registry: Registry, args: argparse.Namespace) -> int:

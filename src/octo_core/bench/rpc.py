@@ -98,7 +98,7 @@ from typing import (Any, Awaitable, Callable, Deque, Dict, List, Optional, Seque
                     Tuple)
 
 from octo_core.bench.codec import payload_module
-from octo_core.cli import _non_negative_float, _positive_float, _positive_int
+from octo_core.checks import count_argument, seconds_argument, seconds_or_zero_argument
 from octo_core.transport.loop import new_event_loop
 from octo_core.transport.stream import FIRST_BATCH_FRAMES, WRITE_BATCH_FRAMES
 
@@ -1504,9 +1504,9 @@ def options_parser(seconds: float = 2.0) -> argparse.ArgumentParser:
     definition ``build_parser`` and ``octo bench rpc`` share. ``seconds`` is the
     ``--seconds`` default (``octo bench``'s is 1 s)."""
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--seconds", type=_positive_float, default=seconds, metavar="S",
+    parser.add_argument("--seconds", type=seconds_argument, default=seconds, metavar="S",
                         help=f"measured seconds per cell (default: {seconds:g})")
-    parser.add_argument("--warmup", type=_non_negative_float, default=None, metavar="S",
+    parser.add_argument("--warmup", type=seconds_or_zero_argument, default=None, metavar="S",
                         help="warm-up seconds per cell (default: seconds/4, at most 1)")
     parser.add_argument("--systems", type=_csv(SYSTEMS), default=list(SYSTEMS),
                         help=f"comma-separated subset of: {', '.join(SYSTEMS)}")
@@ -1515,10 +1515,10 @@ def options_parser(seconds: float = 2.0) -> argparse.ArgumentParser:
                              f"(default: {','.join(DEFAULT_PAYLOADS)})")
     parser.add_argument("--concurrency", type=_concurrencies, default=list(CONCURRENCIES),
                         help="comma-separated calls in flight (default: 1,64)")
-    parser.add_argument("--rounds", type=_positive_int, default=1, metavar="N",
+    parser.add_argument("--rounds", type=count_argument, default=1, metavar="N",
                         help="measure the whole matrix N times; each cell shows its median "
                              "quiet round by calls/s (default: 1)")
-    parser.add_argument("--quiet-wait", type=_non_negative_float, default=10.0, metavar="S",
+    parser.add_argument("--quiet-wait", type=seconds_or_zero_argument, default=10.0, metavar="S",
                         help="before each cell wait up to S seconds for the machine to idle "
                              f"(below {QUIET_PCT:g}%% of a core; default: 10, 0 = never)")
     parser.add_argument("--json", type=_writable, metavar="PATH",
