@@ -510,11 +510,36 @@ cdef inline void _put_u64(char* p, uint64_t v) noexcept nogil:
     _put_u32(p + 4, <uint32_t>v)
 
 
+cdef inline int _w_u8(_Writer* w, uint8_t v) except -1:
+    _w_reserve(w, 1)
+    _put_u8(w.data + w.len, v)
+    w.len += 1
+    return 0
+
+
+cdef inline int _w_u16(_Writer* w, uint16_t v) except -1:
+    _w_reserve(w, 2)
+    _put_u16(w.data + w.len, v)
+    w.len += 2
+    return 0
+
+
 cdef inline int _w_u32(_Writer* w, uint32_t v) except -1:
     _w_reserve(w, 4)
     _put_u32(w.data + w.len, v)
     w.len += 4
     return 0
+
+
+cdef inline int _w_u64(_Writer* w, uint64_t v) except -1:
+    _w_reserve(w, 8)
+    _put_u64(w.data + w.len, v)
+    w.len += 8
+    return 0
+
+
+cdef inline int _w_stop(_Writer* w) except -1:
+    return _w_u8(w, T_STOP)
 
 
 cdef inline int _w_raw(_Writer* w, const char* p, Py_ssize_t n) except -1:
@@ -592,16 +617,10 @@ cdef inline int _w_prim(_Writer* w, int kind, object v) except -1:
         return _w_string(w, v, kind)
     if kind == T_I32:
         x = _as_int(v, -2147483648, 2147483647, kind)
-        _w_reserve(w, 4)
-        _put_u32(w.data + w.len, <uint32_t>x)
-        w.len += 4
-        return 0
+        return _w_u32(w, <uint32_t>x)
     if kind == T_I64:
         x = _as_int(v, INT64_MIN, INT64_MAX, kind)
-        _w_reserve(w, 8)
-        _put_u64(w.data + w.len, <uint64_t>x)
-        w.len += 8
-        return 0
+        return _w_u64(w, <uint64_t>x)
     if kind == T_BOOL:
         if v is True:
             x = 1
@@ -611,10 +630,7 @@ cdef inline int _w_prim(_Writer* w, int kind, object v) except -1:
             x = 1 if v else 0
         else:
             raise TypeError(f"expected bool for bool, got {_tname(v)}")
-        _w_reserve(w, 1)
-        _put_u8(w.data + w.len, <uint8_t>x)
-        w.len += 1
-        return 0
+        return _w_u8(w, <uint8_t>x)
     if kind == T_DOUBLE:
         if PyFloat_Check(v):
             d = PyFloat_AS_DOUBLE(v)
@@ -624,22 +640,13 @@ cdef inline int _w_prim(_Writer* w, int kind, object v) except -1:
             d = PyFloat_AsDouble(v)
         else:
             raise TypeError(f"expected float for double, got {_tname(v)}")
-        _w_reserve(w, 8)
-        _put_u64(w.data + w.len, (<uint64_t*>&d)[0])
-        w.len += 8
-        return 0
+        return _w_u64(w, (<uint64_t*>&d)[0])
     if kind == T_BYTE:
         x = _as_int(v, -128, 127, kind)
-        _w_reserve(w, 1)
-        _put_u8(w.data + w.len, <uint8_t>x)
-        w.len += 1
-        return 0
+        return _w_u8(w, <uint8_t>x)
     if kind == T_I16:
         x = _as_int(v, -32768, 32767, kind)
-        _w_reserve(w, 2)
-        _put_u16(w.data + w.len, <uint16_t>x)
-        w.len += 2
-        return 0
+        return _w_u16(w, <uint16_t>x)
     raise TypeError(f"unsupported thrift type {kind}")
 
 
@@ -820,10 +827,7 @@ cdef int _w_struct(_Writer* w, _StructSpec s, object obj, int depth) except -1:
         # Java reads them as one member and loses what follows it, silently
         # (none set, Java refuses loudly; C++ and Python take it, and so it goes)
         raise EncodeError(_too_many_members(s, obj, written))
-    _w_reserve(w, 1)
-    _put_u8(w.data + w.len, T_STOP)
-    w.len += 1
-    return 0
+    return _w_stop(w)
 
 
 cdef str _too_many_members(_StructSpec s, object obj, Py_ssize_t written):
@@ -1496,15 +1500,7 @@ def decode(cls, data, Limits limits=None):
 
     ``data`` is bytes, bytearray or memoryview and must hold exactly one struct.
     """
-    cdef _StructSpec s = _decode_spec(cls)
-    if limits is None:
-        limits = DEFAULT_LIMITS
-    cdef _View v
-    _view_open(&v, data)
-    try:
-        return _decode_at(s, v.buf, 0, v.len, limits, True)
-    finally:
-        _view_close(&v)
+    return _decode_body(cls, data, 0, limits, NULL)
 
 
 cdef tuple _r_message_begin(_Reader* r):

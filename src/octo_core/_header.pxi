@@ -14,27 +14,14 @@ cdef inline int _w_field(_Writer* w, uint8_t wire, uint16_t fid) except -1:
     return 0
 
 
-cdef inline int _w_stop(_Writer* w) except -1:
-    _w_reserve(w, 1)
-    _put_u8(w.data + w.len, T_STOP)
-    w.len += 1
-    return 0
-
-
 cdef inline int _w_fixed(_Writer* w, uint8_t wire, uint16_t fid, int64_t v) except -1:
     """A byte, i32 or i64 field."""
     _w_field(w, wire, fid)
-    _w_reserve(w, 8)
     if wire == T_BYTE:
-        _put_u8(w.data + w.len, <uint8_t>v)
-        w.len += 1
-    elif wire == T_I32:
-        _put_u32(w.data + w.len, <uint32_t>v)
-        w.len += 4
-    else:
-        _put_u64(w.data + w.len, <uint64_t>v)
-        w.len += 8
-    return 0
+        return _w_u8(w, <uint8_t>v)
+    if wire == T_I32:
+        return _w_u32(w, <uint32_t>v)
+    return _w_u64(w, <uint64_t>v)
 
 
 cdef int _w_text(_Writer* w, uint16_t fid, object v, str what) except -1:
