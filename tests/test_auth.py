@@ -469,7 +469,7 @@ def test_ipv4_mapped_ipv6_peer_is_still_denied():
     # the same IPv4 peer seen through a dual-stack socket must not slip past an IPv4 deny list
     auth = make_auth(deny=["127.0.0.0/8"])
     assert_refused(lambda: auth.check_peer("::ffff:127.0.0.1"), "ip-denied", auth)
-    # nor past a rule written the mapped way (it used to match nothing: failing open)
+    # nor past a rule written the mapped way (matching nothing, it would fail open)
     for rule in ("::ffff:127.0.0.1", "::ffff:127.0.0.0/104"):
         auth = make_auth(deny=[rule])
         for peer in ("127.0.0.1", "::ffff:127.0.0.1"):

@@ -40,7 +40,8 @@ def test_the_call_deadline_bounds_the_connect_wait(monkeypatch):
         async with serving(echo_services()) as server, \
                 async_client(Echo, server.address, timeout=0.2, connect_timeout=60) as client:
             with pytest.raises(CallTimeout, match="not sent") as caught:
-                # Bounded far below connect_timeout: without the fix this wait fails.
+                # Far below connect_timeout: a call the connect held past its own
+                # deadline fails this bound.
                 await asyncio.wait_for(client.echo("hung connect"), 10)
             assert caught.value.request_sent is False and caught.value.method == "echo"
 

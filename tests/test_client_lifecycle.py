@@ -280,7 +280,7 @@ def test_async_close_while_connecting_fails_waiting_calls_at_once(monkeypatch):
             calls = [asyncio.ensure_future(client.echo(f"c{i}")) for i in range(5)]
             await wait_until(lambda: connects.started == 1, what="the connect to start")
             await client.close()
-            # Without the fix they wait out connect_timeout (60 s): far past this bound.
+            # Left waiting, they would wait out connect_timeout (60 s): far past this bound.
             outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 5)
         for outcome in outcomes:
             assert_closed_error(outcome)

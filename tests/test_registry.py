@@ -435,8 +435,8 @@ def test_file_live_provider_outlives_its_ttl_and_crashed_one_expires(tmp_path):
 @pytest.mark.parametrize("lose", ["removed", "moved away"])
 def test_file_provider_registers_again_when_the_registry_directory_goes(tmp_path, lose):
     # Losing the directory is the registry losing its state, as a ZooKeeper session
-    # loss: an unregistration removes a file only, and the provider used to stop
-    # renewing for good, its node gone for every client once the directory was back.
+    # loss: an unregistration removes a file only, so the provider must not stop
+    # renewing for good, its node gone for every client once the directory is back.
     root = tmp_path / "registry"
     url = f"file://{root}?ttl=1&interval=0.05"
 

@@ -1121,11 +1121,11 @@ def test_heartbeat_interval_with_a_busy_connection_is_harmless():
 
 
 def test_heartbeats_reach_a_connection_that_is_written_to_but_never_answers(caplog):
-    # Regression: a connection counted as idle only when nothing was read *or
-    # written* for a heartbeat interval, so a caller calling more often than that
-    # kept a dead connection (requests go out, nothing ever comes back: a route
-    # that drops packets, a peer gone without a FIN) from ever being checked, and
-    # every call timed out on it for good. Only what the node sends counts.
+    # Only what the node sends counts against idleness: counting what is written
+    # too, a caller calling more often than the heartbeat interval would keep a
+    # dead connection (requests go out, nothing ever comes back: a route that
+    # drops packets, a peer gone without a FIN) from ever being checked, and
+    # every call would time out on it for good.
     accepted: List[Any] = []
 
     async def counted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -1195,9 +1195,8 @@ def test_handler_returning_a_value_its_idl_forbids(proto):
 
 @pytest.mark.parametrize("proto", PROTOCOLS)
 def test_coroutine_handler_raising_cancelled_error_still_gets_a_reply(proto):
-    # Regression (found at a7c1348): _answer re-raised anything that is not an
-    # Exception before replying, so the caller heard nothing and waited for its
-    # whole timeout.
+    # A BaseException that is not an Exception still gets its reply: re-raised
+    # before one, the caller would hear nothing and wait out its whole timeout.
     async def main():
         async with serving(echo_services(_OddHandler())) as server, \
                 async_client(Echo, server.address, protocol=proto, timeout=1.0) as client:
@@ -1215,8 +1214,7 @@ def test_coroutine_handler_raising_cancelled_error_still_gets_a_reply(proto):
 def test_cancelled_call_forgets_its_sequence_id():
     # A caller that cancels (asyncio.wait_for around the call, task.cancel()) must
     # not leave its entry in the connection's pending table: against a peer that
-    # never answers, the table (and Endpoint.in_flight) would grow forever
-    # (regression, found at a7c1348).
+    # never answers, the table (and Endpoint.in_flight) would grow forever.
     async def main():
         async with fake_server(deaf) as address, async_client(Echo, address, timeout=5) as client:
             await client.notify("connect first")    # oneway: no reply needed

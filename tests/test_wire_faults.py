@@ -1047,7 +1047,7 @@ def test_sync_server_context_manager_drains_and_stops():
 
 def test_connect_failure_names_the_method_and_node():
     # errors "say where the error happened": a call that could not connect knows
-    # both its method and its node (regression: .method was None at a7c1348)
+    # both its method and its node
     with refusing_port() as sock:
         address = f"{LOCALHOST}:{sock.getsockname()[1]}"
 
@@ -1080,10 +1080,10 @@ def test_a_refused_connect_says_why_in_the_systems_words(make_loop):
 
 
 def test_cancelling_a_call_while_it_connects_does_not_poison_the_endpoint():
-    # Regression (found at a7c1348): Endpoint._open treated *any* BaseException
-    # during connect as a failed connect: the caller's CancelledError became
-    # TransportError("cannot connect: ") and the healthy node went into backoff,
-    # so the next caller failed fast with "connect failed recently".
+    # A caller's CancelledError during the connect is not a failed connect: taken
+    # for one, it would become TransportError("cannot connect: ") and put the
+    # healthy node into backoff, failing the next caller fast with "connect
+    # failed recently".
     async def main():
         async with serving(echo_services()) as server, \
                 async_client(Echo, server.address) as client:
@@ -1448,11 +1448,11 @@ class _GatedHandler(EchoHandler):
 @pytest.mark.parametrize("loop_factory", [new_event_loop, asyncio.new_event_loop],
                          ids=["uvloop", "asyncio"])
 def test_a_peer_gone_before_its_big_answers_costs_no_log_line_per_answer(loop_factory, caplog):
-    # Regression: a peer that sent calls and then went away (its FIN reads as a
-    # half-close, which still gets its answers) made the server write every
-    # answer finishing in the same loop pass to a socket that had already
-    # failed, and asyncio's own loop logged "socket.send() raised exception."
-    # for each one past its fifth: a peer could make the server log at will.
+    # A peer that sent calls and then went away (its FIN reads as a half-close,
+    # which still gets its answers) must not make the server write every answer
+    # finishing in the same loop pass to a socket that has already failed:
+    # asyncio's own loop logs "socket.send() raised exception." for each one past
+    # its fifth, so a peer could make the server log at will.
     handler = _GatedHandler()
     calls, big = 40, "x" * 100_000
 

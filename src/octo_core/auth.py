@@ -222,7 +222,8 @@ class Authenticator:
         elif not callable(getattr(tokens, "token", None)):
             raise TypeError(f"tokens is a token store (with token(appkey)) or a mapping "
                             f"{{appkey: token}}, not {type(tokens).__name__}")
-        # NaN compared false and let any old request in; infinity kept every nonce for ever
+        # NaN compares false (it would let any old request in); infinity would keep
+        # every nonce for ever
         finite_number("skew", skew)
         if nonce_capacity < 1:
             raise ValueError(f"nonce_capacity is at least 1, not {nonce_capacity!r}")
