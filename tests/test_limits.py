@@ -18,7 +18,7 @@ import logging
 import re
 import ssl
 import time
-from typing import Any, Dict, Iterator, List
+from typing import Any, Awaitable, Callable, Dict, Iterator, List
 
 import pytest
 from thriftpy2.thrift import TApplicationException
@@ -512,6 +512,19 @@ def test_max_in_flight_per_connection_limits_each_connection_alone():
 
 # --- quotas --------------------------------------------------------------------------
 
+async def admitted_within(call: Callable[[], Awaitable[Any]], seconds: float, every: float,
+                          why: str) -> Any:
+    """What ``call`` answers once a quota admits it, tried ``every`` seconds; the
+    test fails with ``why`` if none is admitted within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return await call()
+        except DegradeError:
+            assert time.monotonic() < deadline, why
+            await asyncio.sleep(every)
+
+
 def test_quota_refuses_a_burst_with_status_6_and_recovers():
     async def main():
         quotas = {CLIENT_APPKEY: 5, "*": 1000}
@@ -531,15 +544,9 @@ def test_quota_refuses_a_burst_with_status_6_and_recovers():
             # another caller has its own bucket
             others = await asyncio.gather(*(other.echo(f"o{i}") for i in range(30)))
             assert len(others) == 30
-            # the bucket refills: poll until a call gets through again
-            deadline = time.monotonic() + 5
-            while True:
-                try:
-                    assert await limited.echo("again") == "again"
-                    break
-                except DegradeError:
-                    assert time.monotonic() < deadline, "the quota never recovered"
-                    await asyncio.sleep(0.1)
+            # the bucket refills: a call gets through again
+            assert await admitted_within(lambda: limited.echo("again"), 5, 0.1,
+                                         "the quota never recovered") == "again"
             errors = server.stats()["Echo.echo"]["errors"]
             assert errors[Status.DEGRADE_EXCEPTION] >= len(refused)
 
@@ -568,14 +575,8 @@ def test_quota_below_one_call_per_second_still_admits_calls():
     async def main():
         async with serving(echo_services(), quotas={"*": 0.5}) as server, \
                 echo_client(server.address) as client:
-            deadline = time.monotonic() + 3.5
-            while True:
-                try:
-                    assert await client.echo("slowly") == "slowly"
-                    break
-                except DegradeError:
-                    assert time.monotonic() < deadline, "a 0.5 qps quota never admits a call"
-                    await asyncio.sleep(0.25)
+            assert await admitted_within(lambda: client.echo("slowly"), 3.5, 0.25,
+                                         "a 0.5 qps quota never admits a call") == "slowly"
 
     run(main())
 

@@ -641,11 +641,11 @@ def test_a_service_hosted_beside_the_one_it_extends_answers_native_calls_of_both
     async def main():
         handler = StoreHandler()
         async with serving([(store, handler, None), (monitored, handler, None)]) as server:
-            for protocol in ("octo", "thrift"):
-                async with async_client(store, server.address, protocol=protocol) as client:
+            for proto in PROTOCOLS:
+                async with async_client(store, server.address, protocol=proto) as client:
                     assert await client.status() == "ALIVE"
                     assert await client.put("k") == "k"
-                async with async_client(monitored, server.address, protocol=protocol) as client:
+                async with async_client(monitored, server.address, protocol=proto) as client:
                     assert await client.status() == "ALIVE"
         async with serving([(store, handler, None)]) as server:
             # Store alone: a unified client of the base is told how to reach it

@@ -211,6 +211,7 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5.0,
 
 def wait_until_sync(predicate: Callable[[], bool], timeout: float = 5.0,
                     what: str = "condition") -> None:
+    """``wait_until`` for a thread that runs no loop."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
