@@ -194,6 +194,8 @@ class Cluster:
     # --- health ------------------------------------------------------------------------
 
     def breaker(self, node: Node) -> CircuitBreaker:
+        """``node``'s circuit breaker, made on first use; kept only while the node
+        is listed (a departed node's is a throwaway: it leaves no entry behind)."""
         breaker = self._breakers.get(node.key)
         if breaker is None:
             key = node.key

@@ -230,6 +230,8 @@ class ClientConnection(FramedProtocol):
             del pending[seq]
 
     def forget(self, seq: int) -> None:
+        """Stop waiting for the reply to ``seq`` (its waiter gave up on it); a
+        retiring connection with nothing left to wait for closes."""
         self._pending.pop(seq, None)
         self._bound_deadlines()
         if self.retiring:
@@ -697,10 +699,12 @@ class Endpoint:
 
     @property
     def connected(self) -> bool:
+        """Whether any of the node's connections is open."""
         return any(c is not None and not c.closed for c in self._conns)
 
     @property
     def in_flight(self) -> int:
+        """Calls waiting for their reply on all the node's connections, retiring ones too."""
         return sum(c.in_flight for c in [*self._conns, *self._retiring] if c is not None)
 
     async def _heartbeats(self) -> None:

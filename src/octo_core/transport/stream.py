@@ -162,6 +162,7 @@ class FramedProtocol(asyncio.Protocol):
         return True
 
     def frames_received(self, frames: List[Frame]) -> None:  # pragma: no cover - abstract
+        """Handle a batch of whole frames, in the order they arrived (see ``_read``)."""
         raise NotImplementedError
 
     def frames_deferred(self) -> None:  # pragma: no cover - abstract
