@@ -101,6 +101,8 @@ cdef class LocalityAware(_Picker):
     cdef double _mean(self) noexcept
     cdef double _level(self, LalbNode* node, int64_t now, double mean) noexcept
     cdef bint _punish(self, Py_ssize_t i, int64_t now, double mean) noexcept
+    cdef int64_t _error_latency(self, LalbNode* node, int64_t latency) noexcept
+    cdef int _window_add(self, LalbNode* node, int64_t now, int64_t latency) except -1
     cdef Py_ssize_t _descend(self, double r, double mean, double* offset) noexcept
 
 

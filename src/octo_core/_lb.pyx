@@ -656,6 +656,33 @@ cdef void _forget_start(LalbNode* node, int64_t started) noexcept:
     memmove(&node.starts[lo], &node.starts[lo + 1], (node.n_starts - lo) * sizeof(int64_t))
 
 
+cdef inline int64_t _latency_ns(double latency_s) noexcept:
+    """A call's latency in ns: at least 1 µs, so 1 / latency stays finite; at most a
+    day, so the window's sums fit in int64 (negative or NaN: the least)."""
+    if not latency_s > 0.0:
+        latency_s = 0.0
+    return max(<int64_t>llround(min(latency_s * 1e9, _MAX_LATENCY_NS)), <int64_t>1000)
+
+
+cdef void _base_weight(LalbNode* node, Py_ssize_t window, bint quadratic) noexcept:
+    """The node's ``raw`` weight from its ring of ``window`` calls (section
+    base_weight): ``qps = (calls - 1) / (last end - first end)`` and ``raw = qps /
+    avg_latency ** p``; measured once two calls have ended apart."""
+    cdef Py_ssize_t newest, oldest
+    cdef int64_t span
+    cdef double avg, qps
+    if node.count < 2:
+        return
+    newest = (node.head - 1 + window) % window
+    oldest = (node.head - node.count + window) % window
+    span = node.ends[newest] - node.ends[oldest]
+    if span > 0:
+        qps = (node.count - 1) * 1e9 / span
+        avg = <double>node.latency_sum / node.count * 1e-9
+        node.raw = qps / (avg * avg if quadratic else avg)
+        node.measured = True
+
+
 @cython.final
 cdef class LocalityAware(_Picker):
     """Locality-aware load balancing, as brpc's docs/cn/lalb.md describes it.
@@ -832,21 +859,29 @@ cdef class LocalityAware(_Picker):
         # re-weigh the node from its latency and outcome
         cdef int64_t now = self._now()
         cdef LalbNode* node = &self._nodes[i]
-        if not latency_s > 0.0:  # negative or NaN
-            latency_s = 0.0
-        # at least 1 µs, so 1 / latency stays finite; at most a day, so ns fit in int64
-        cdef int64_t latency = max(<int64_t>llround(min(latency_s * 1e9, _MAX_LATENCY_NS)),
-                                   <int64_t>1000)
-        cdef Py_ssize_t w = self._window, oldest, newest
-        cdef int64_t span
-        cdef double avg, qps
+        cdef int64_t latency = _latency_ns(latency_s)
         _forget_start(node, now - latency)
         if not ok:
-            if node.count:
-                latency = max(latency, node.latency_sum // node.count)
-            # a day at most here too: a large punish_error_ratio overflowed the int64
-            # sums, the weights went NaN and a pick left the tree for its padding
-            latency = <int64_t>min(latency * self._punish_error, _MAX_LATENCY_NS)
+            latency = self._error_latency(node, latency)
+        self._window_add(node, now, latency)
+        _base_weight(node, self._window, self._quadratic)
+        if node.measured:
+            node.level = self._level(node, now, self._mean())
+            self._set_leaf(i, node.base * node.level, 0.0)
+        return 0
+
+    cdef int64_t _error_latency(self, LalbNode* node, int64_t latency) noexcept:
+        """What a failed call is charged (section "errors"): ``max(latency,
+        avg_latency) * punish_error_ratio``, so a fast failure does not pass for a
+        fast success; a day at most, as every latency: with a large ratio the int64
+        sums would overflow, the weights go NaN."""
+        if node.count:
+            latency = max(latency, node.latency_sum // node.count)
+        return <int64_t>min(latency * self._punish_error, _MAX_LATENCY_NS)
+
+    cdef int _window_add(self, LalbNode* node, int64_t now, int64_t latency) except -1:
+        """Put a call that ended at ``now`` into the node's ring of the last ``window``."""
+        cdef Py_ssize_t w = self._window
         if node.ends == NULL:
             node.ends = <int64_t*>_alloc(2 * w, sizeof(int64_t))
             node.latencies = node.ends + w
@@ -858,18 +893,6 @@ cdef class LocalityAware(_Picker):
         node.latencies[node.head] = latency
         node.latency_sum += latency
         node.head = (node.head + 1) % w
-        if node.count >= 2:
-            newest = (node.head - 1 + w) % w
-            oldest = (node.head - node.count + w) % w
-            span = node.ends[newest] - node.ends[oldest]
-            if span > 0:
-                qps = (node.count - 1) * 1e9 / span
-                avg = <double>node.latency_sum / node.count * 1e-9
-                node.raw = qps / (avg * avg if self._quadratic else avg)
-                node.measured = True
-        if node.measured:
-            node.level = self._level(node, now, self._mean())
-            self._set_leaf(i, node.base * node.level, 0.0)
         return 0
 
     def weight(self, Py_ssize_t i) -> float:
