@@ -31,9 +31,11 @@ class Job(Protocol):
 
 
 class BusinessPool:
-    """``threads`` daemon threads taking jobs from one queue."""
+    """``threads`` daemon threads taking jobs from one queue: a server's business
+    threads, and the pools of ``octo_core.blocking`` and the ZooKeeper worker."""
 
     def __init__(self, threads: int, name: str) -> None:
+        self.name = name
         self._queue: "queue.SimpleQueue[Optional[Job]]" = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
@@ -48,14 +50,14 @@ class BusinessPool:
             raise
 
     def start(self, job: Job) -> None:
-        """Queue ``job``: a business thread runs it (``RuntimeError`` once shut down)."""
+        """Queue ``job``: one of the pool's threads runs it (``RuntimeError`` once shut down)."""
         with self._lock:
             if self._closed:
-                raise RuntimeError("the business pool is shut down")
+                raise RuntimeError(f"the {self.name} pool is shut down")
             self._queue.put(job)
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
-        """Run ``fn(*args)`` on a business thread; its outcome lands in the future."""
+        """Run ``fn(*args)`` on one of the pool's threads; its outcome lands in the future."""
         job = _FutureJob(fn, args)
         self.start(job)
         return job.future
@@ -67,7 +69,7 @@ class BusinessPool:
                 return
             job.run()
             # Not kept while the thread waits for the next: a call's job holds its
-            # arguments and connection (each idle thread pinned its last call's).
+            # arguments and connection, which an idle thread would otherwise pin.
             del job
 
     def cancel_pending(self) -> None:
