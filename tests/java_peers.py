@@ -17,7 +17,6 @@ import dataclasses
 import glob
 import os
 import shutil
-import time
 from typing import Iterator, List, Optional
 
 from conftest import skip, thrift_compiler_or_skip
@@ -40,7 +39,6 @@ _JVM_FLAGS = ["-XX:TieredStopAtLevel=1", "-XX:+UseSerialGC", "-Xmx1g"]
 class Peers:
     java: str               # the java launcher
     classpath: str          # the peers' classes and the library
-    build_seconds: float    # generating and compiling both
 
 
 def _tools_or_skip() -> List[str]:
@@ -58,7 +56,6 @@ def _tools_or_skip() -> List[str]:
 
 def build_peers(out: str) -> Peers:
     """Both Java programs, compiled into ``out``."""
-    started = time.monotonic()
     javac, java = _tools_or_skip()
     thrift = thrift_compiler_or_skip()
     gen, classes = os.path.join(out, "gen"), os.path.join(out, "classes")
@@ -70,7 +67,7 @@ def build_peers(out: str) -> Peers:
                      glob.glob(os.path.join(JAVA_DIR, "*.java")))
     run_step([javac, *(f"-J{flag}" for flag in _JVM_FLAGS), "-nowarn", "-encoding", "UTF-8",
               "-cp", library, "-d", classes, *sources])
-    return Peers(java, os.pathsep.join([classes, library]), time.monotonic() - started)
+    return Peers(java, os.pathsep.join([classes, library]))
 
 
 def _command(peers: Peers, program: str, *args: str) -> List[str]:
