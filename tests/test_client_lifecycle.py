@@ -289,6 +289,33 @@ def test_async_close_while_connecting_fails_waiting_calls_at_once(monkeypatch):
     run(main())
 
 
+def test_calls_sharing_a_failed_connect_each_get_an_error_naming_their_own_method(
+        monkeypatch):
+    """Calls made together wait on one connect; when it fails, each is told with
+    an error of its own, naming its own method (one shared error object, each
+    caller writing its method into it, named the first caller's for all)."""
+    release = asyncio.Event()
+
+    async def failing(endpoint: Endpoint, loop: asyncio.AbstractEventLoop) -> Any:
+        await release.wait()   # (as the real one says a refused connect)
+        raise TransportError("connect failed: refused", node=endpoint.node, request_sent=False)
+    monkeypatch.setattr(Endpoint, "_connect", failing)
+
+    async def main():
+        async with async_client(Echo, NOWHERE, timeout=60) as client:
+            calls = [asyncio.ensure_future(call) for call in
+                     (client.echo("x"), client.ping(), client.whoami())]
+            await asyncio.sleep(0)
+            release.set()
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(outcome, TransportError) for outcome in outcomes), outcomes
+        assert [outcome.method for outcome in outcomes] == ["echo", "ping", "whoami"]
+        assert len({id(outcome) for outcome in outcomes}) == 3
+        assert all(outcome.request_sent is False and outcome.node == NOWHERE
+                   for outcome in outcomes)
+    run(main())
+
+
 def test_close_in_the_loop_pass_a_first_connect_begins_fails_the_call_as_closed():
     """The connect task is cancelled before its first step: the call gets "client
     is closed", not a bare CancelledError from a task nobody cancelled."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import heapq
 import itertools
@@ -605,10 +606,12 @@ class Endpoint:
             # (wait, not wait_for: see _waited)
             if await _waited(attempt, timeout):
                 return attempt.result()
-        except TransportError:
-            if self.closed:   # each waiter its own error, not one shared by all
+        except TransportError as failed:
+            # each waiter its own error, not one shared by all: each caller names its
+            # own method in it
+            if self.closed:
                 raise self._closed_error() from None
-            raise
+            raise copy.copy(failed).with_traceback(failed.__traceback__) from failed.__cause__
         except asyncio.CancelledError:
             # close() cancelled a connect before it began (so before _connect_slot
             # could say so): its waiters fail as closed -- unless this caller was
