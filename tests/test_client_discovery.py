@@ -114,6 +114,21 @@ def test_calls_after_a_registry_outage_discover_the_nodes():
     run(main())
 
 
+def test_first_calls_sharing_a_failed_discovery_each_get_an_error_naming_their_method():
+    async def main():
+        async with OutageRegistry() as registry:
+            async with octo_core.AsyncClient(Echo, appkey="c", registry=registry,
+                                             remote_appkey=APPKEY) as client:
+                first = await asyncio.gather(client.echo("x"), client.ping(), client.whoami(),
+                                             return_exceptions=True)
+                assert registry.lists == 1          # one attempt, shared
+                assert all(isinstance(outcome, RegistryError) for outcome in first), first
+                assert [outcome.method for outcome in first] == ["echo", "ping", "whoami"]
+                assert len({id(outcome) for outcome in first}) == 3
+                assert all("the registry is down" in str(outcome) for outcome in first)
+    run(main())
+
+
 def test_a_node_that_leaves_is_forgotten_once_its_calls_are_answered():
     """Nodes come and go for years (rolling deploys, new addresses): the client
     keeps connections, breakers and balancers only for the nodes listed, and a

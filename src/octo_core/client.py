@@ -29,7 +29,7 @@ from octo_core.middleware import Middleware, layers, wrapped
 from octo_core.errors import (ApplicationError, CallTimeout, ClientClosed, DecodeError,
                               DegradeError, EncodeError, OctoError, ProtocolError, RemoteError,
                               RpcError, RuntimeFailure, SecurityError, ServiceError, Status,
-                              TransportError)
+                              TransportError, own_copy)
 from octo_core.protocol import DEFAULT_MAX_DEPTH, CallType, Frame, FrameDecoder, MessageType
 from octo_core.registry import Directory, Node, Registry, RegistryError, open_registry
 from octo_core.transport.address import default_route_ip, parse_address
@@ -578,7 +578,10 @@ class AsyncClient:
                 if discovery.done():
                     if discovery.cancelled() and self._closed:   # close() stopped it
                         raise _closed_error(method)
-                    discovery.result()   # (the registry's error, when it failed)
+                    failed = discovery.exception()
+                    if isinstance(failed, OctoError):   # the registry's: each call its own
+                        raise own_copy(failed) from failed.__cause__
+                    discovery.result()   # (anything else, as it is)
                     break
                 if directory.version or directory.start_from_snapshot():
                     break

@@ -4,8 +4,9 @@ Callers catch by class; servers map a class to the status they send back.
 """
 from __future__ import annotations
 
+import copy
 import enum
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 
 class Status(enum.IntEnum):
@@ -51,6 +52,16 @@ class OctoError(Exception):
         if self.node:
             where.append(f"node {self.node}")
         return f"{self.message} ({', '.join(where)})" if where else self.message
+
+
+_Error = TypeVar("_Error", bound=OctoError)
+
+
+def own_copy(error: _Error) -> _Error:
+    """A copy of ``error``, with its traceback, for one of several callers that
+    waited on one outcome (a shared connect, the first discovery): each names its
+    own method in its copy, where in the one object the first would name it for all."""
+    return copy.copy(error).with_traceback(error.__traceback__)
 
 
 class ApplicationError(OctoError):

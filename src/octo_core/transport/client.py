@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import functools
 import heapq
 import itertools
@@ -19,7 +18,8 @@ from thriftpy2.thrift import TApplicationException
 
 from octo_core import _codec, protocol
 from octo_core._codec import InflateBudget
-from octo_core.errors import CallTimeout, ClientClosed, DecodeError, ProtocolError, TransportError
+from octo_core.errors import (CallTimeout, ClientClosed, DecodeError, ProtocolError, TransportError,
+                              own_copy)
 from octo_core.protocol import CLOSE_NOTICE_SEQUENCE, Frame, Header, MessageType, NodeStatus
 from octo_core.throttle import Throttle
 from octo_core.transport.address import Address, connect, parse_address
@@ -611,7 +611,7 @@ class Endpoint:
             # own method in it
             if self.closed:
                 raise self._closed_error() from None
-            raise copy.copy(failed).with_traceback(failed.__traceback__) from failed.__cause__
+            raise own_copy(failed) from failed.__cause__
         except asyncio.CancelledError:
             # close() cancelled a connect before it began (so before _connect_slot
             # could say so): its waiters fail as closed -- unless this caller was
