@@ -26,6 +26,7 @@ import octo_core
 from octo_core.client import AsyncClient
 from octo_core.cluster.breaker import BreakerState, CircuitBreaker, RetryBudget
 from octo_core.cluster import invoker
+from octo_core.cluster.balancer import Balancer
 from octo_core.cluster.invoker import POLICIES, Cluster, node_failed, not_executed
 from octo_core.cluster.routing import (LITESET_KEY, SWIMLANE_KEY, Caller, NoRouteError,
                                        RouteRule, Router)
@@ -677,6 +678,34 @@ def test_timeouts_of_a_call_cut_short_open_no_breaker(policy):
         return states[0], states[1]
 
     assert run_virtual(main()) == (BreakerState.CLOSED, BreakerState.OPEN)
+
+
+def test_timeouts_of_a_call_cut_short_are_no_failure_to_a_learning_balancer(monkeypatch):
+    """Nor are they the node's failure to LALB or least request: the balancer learns
+    the time the call took until cut (a lower bound of the node's latency, as for a
+    lost hedge), not an error to punish; the same timeout with the call's own time
+    is one."""
+    told: List[bool] = []
+    made = Balancer.__init__
+
+    def recording(balancer: Balancer, impl: Any, name: str) -> None:
+        made(balancer, impl, name)
+        finish = balancer.on_finish
+
+        def on_finish(node: Node, latency_s: float, ok: bool) -> None:
+            told.append(ok)
+            finish(node, latency_s, ok)
+        balancer.on_finish = on_finish  # type: ignore[method-assign]
+    monkeypatch.setattr(Balancer, "__init__", recording)
+
+    async def main() -> None:
+        for blame in (False, True):
+            cluster = make_cluster(1, policy="failfast", lb="lalb", breaker=NO_BREAKER)
+            slow = ScriptedSend(default=fail(lambda: CallTimeout("no reply within 0.002s")))
+            with pytest.raises(CallTimeout):
+                await cluster.invoke(slow, timeout=1.0, blame_timeouts=blame)
+    run_virtual(main())
+    assert told == [True, False]
 
 
 def test_a_call_whose_deadline_passed_raises_call_timeout_without_sending():

@@ -516,6 +516,9 @@ class Cluster:
                 # connect many calls share): the connect judges the node, not each of
                 # them. Or the call had too little time to be fair to the node.
                 health = settled = None
+                # (the balancer learns the time taken until then, a lower bound of the
+                # node's latency, as for a lost race: no error to punish the node for)
+                served = True
             raise
         finally:
             if reconnect:
