@@ -20,7 +20,8 @@ own node with it.
 
 Ctrl-C or SIGTERM stops every process gracefully (each unregisters, answers its
 calls in flight, then exits). A process that dies on its own stops the others
-too, and the exit status is 1: restarting is the process manager's job.
+too, and the exit status is 1: restarting is the process manager's job. And
+the processes of a parent killed outright (SIGKILL) stop on their own.
 """
 import multiprocessing
 import os
@@ -42,14 +43,18 @@ STOP_WAIT = 30.0
 
 
 def serve_one(registry: str, started: "multiprocessing.Queue[str]") -> None:
-    """One process: a node on a free port, registered, until SIGTERM (the stop
-    signals stay blocked, as the parent left them: only the parent's SIGTERM
-    stops it, so a Ctrl-C reaching the whole process group stops it once)."""
+    """One process: a node on a free port, registered, until SIGTERM or until its
+    parent is gone (killed outright: no one else would stop it). The stop signals
+    stay blocked, as the parent left them: only the parent's SIGTERM stops it, so
+    a Ctrl-C reaching the whole process group stops it once."""
+    parent = multiprocessing.parent_process()
     server = octo_core.Server(appkey=APPKEY, host="127.0.0.1", port=0, registry=registry)
     server.add_service(echo_thrift.Echo, EchoHandler())
     with server:
         started.put(server.address)
-        signal.sigwait({signal.SIGTERM})
+        while signal.sigtimedwait({signal.SIGTERM}, 0.5) is None:
+            if parent is not None and not parent.is_alive():
+                break
 
 
 def stop_all(processes: Sequence[BaseProcess]) -> None:

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from typing import Any, Callable, List, Tuple
 
 import pytest
@@ -332,6 +333,22 @@ def test_workers_example_stops_every_process_when_one_dies(tmp_path: Any) -> Non
         err = proc.stderr.read()   # type: ignore[union-attr]
         assert f"process {workers[0]} exited (status -9); stopping the others" in err
         assert not os.path.exists(f"/proc/{workers[1]}")   # stopped, and waited for
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_workers_example_processes_stop_when_their_parent_is_killed(tmp_path: Any) -> None:
+    proc, registry, _ = _workers(tmp_path, 2)
+    try:
+        workers = _worker_pids(proc.pid)
+        assert len(workers) == 2
+        proc.kill()                                  # no stop_all: the processes see it alone
+        proc.wait(timeout=60)
+        give_up = time.monotonic() + 60
+        while _registered(registry) and time.monotonic() < give_up:
+            time.sleep(0.1)                          # each stops (unregistering) on its own
+        assert _registered(registry) == []
     finally:
         proc.kill()
         proc.communicate()
