@@ -35,7 +35,8 @@ from octo_core.checks import (argument, count, count_argument, finite_number, se
 from octo_core.errors import NotRegisteredError, OctoError, RegistryError, StatusChanged
 from octo_core.protocol import (FrameDecoder, NodeStatus, encode_unified, scanner_heartbeat_request,
                                status_name)
-from octo_core.registry.base import Registry, check_name, open_registry
+from octo_core.registry import open_registry
+from octo_core.registry.base import Registry, check_name
 from octo_core.registry.node import HeartbeatSupport, Node
 from octo_core.transport.address import connect, parse_address
 from octo_core.transport.loop import new_event_loop
