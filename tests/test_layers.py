@@ -1,7 +1,8 @@
 """The house plan's layer rules (ARCHITECTURE.md, "Rules of the house"), read off
 the imports of every module of the package: upper layers import lower ones,
 never the reverse; ``protocol``/``codec`` know nothing of asyncio; ``registry``
-knows nothing of the transport; ``cluster`` sees nodes, not sockets.
+knows nothing of the transport; ``cluster`` sees nodes, not sockets; no import
+cycles.
 
 Every import counts, a function's own too (a lazy import is a dependency all
 the same)."""
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import ast
 import os
-from typing import Dict, Set
+from typing import Dict, List, Set
 
 import pytest
 
@@ -103,3 +104,31 @@ def test_the_registry_knows_nothing_of_the_transport_or_the_cluster():
 
 def test_the_cluster_sees_nodes_not_sockets():
     assert _reaching(_of("octo_core.cluster"), SOCKETS) == {}
+
+
+def _cycle_from(start: str) -> List[str]:
+    """A chain of imports from ``start`` back to itself, or ``[]``. A module's import
+    of itself or of a package it is inside (``from octo_core.registry import schema``
+    in ``registry.base``) is no edge: the package is imported before its modules."""
+    path, seen = [start], set()
+
+    def walk(module: str) -> bool:
+        for imported in sorted(GRAPH[module]):
+            if imported not in GRAPH or module == imported or module.startswith(imported + "."):
+                continue
+            if imported == start:
+                return True
+            if imported not in seen:
+                seen.add(imported)
+                path.append(imported)
+                if walk(imported):
+                    return True
+                path.pop()
+        return False
+
+    return path + [start] if walk(start) else []
+
+
+def test_no_module_imports_itself_through_others():
+    cycles = [cycle for cycle in map(_cycle_from, sorted(GRAPH)) if cycle]
+    assert cycles == []
