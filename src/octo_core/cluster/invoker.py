@@ -52,8 +52,8 @@ from octo_core.cluster.routing import _NO_TAGS, NoRouteError, RouteRule, Router,
 from octo_core.errors import (CallTimeout, ClientClosed, DegradeError, EncodeError, OctoError,
                               ProtocolError, RpcError, ServiceError, TransportError)
 from octo_core.registry.node import Node
+from octo_core.tasks import outcome_seen
 from octo_core.throttle import Throttle
-from octo_core.transport.loop import outcome_seen
 
 log = logging.getLogger("octo_core.cluster")
 #: What an outage makes a client log on every call it makes (a failsafe call that

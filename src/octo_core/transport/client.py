@@ -21,9 +21,9 @@ from octo_core._codec import InflateBudget
 from octo_core.errors import (CallTimeout, ClientClosed, DecodeError, ProtocolError, TransportError,
                               own_copy)
 from octo_core.protocol import CLOSE_NOTICE_SEQUENCE, Frame, Header, MessageType, NodeStatus
+from octo_core.tasks import outcome_seen
 from octo_core.throttle import Throttle
 from octo_core.transport.address import Address, connect, parse_address
-from octo_core.transport.loop import outcome_seen
 from octo_core.transport.stream import FramedProtocol, log
 
 #: Connections left because the node stopped answering on them or could not read

@@ -303,14 +303,6 @@ async def cancel_rest() -> None:
         await asyncio.wait(tasks, timeout=_STOP_GRACE)
 
 
-def outcome_seen(task: "asyncio.Future[Any]") -> None:
-    """A done callback for a task whose outcome nobody may wait for (a shared
-    connect every caller gave up on, a forked copy the race cancelled): its
-    error is marked read, so asyncio does not log it as never retrieved."""
-    if not task.cancelled():
-        task.exception()
-
-
 def start_task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any],
                context: contextvars.Context) -> asyncio.Future:
     """Run ``coro`` as a task whose first step runs now, in ``context``.
