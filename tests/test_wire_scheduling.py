@@ -14,8 +14,8 @@ import pytest
 
 from octo_core import protocol
 from octo_core.errors import CallTimeout
+from octo_core.tasks import start_task
 from octo_core.transport.client import SWEEP_AT_LEAST, ClientConnection
-from octo_core.transport.loop import start_task
 
 from wire_helpers import (Echo, EchoHandler, async_client, deaf, echo_services, fake_server,
                           run, serving, watchdog)  # noqa: F401  (fixture)
