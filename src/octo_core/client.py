@@ -225,24 +225,11 @@ class AsyncClient:
                  token: Optional[Union[str, bytes]] = None, sign_body: bool = False,
                  ssl: Optional["_ssl.SSLContext"] = None,
                  middleware: Iterable[Middleware] = ()) -> None:
-        if protocol not in ("octo", "thrift"):
-            raise ValueError("protocol must be 'octo' or 'thrift'")
-        if (multiplexed or not framed) and protocol != "thrift":
-            raise ValueError("framed and multiplexed apply to protocol='thrift' (the unified "
-                             "protocol has its own framing and names the service)")
-        if compression not in _COMPRESSION_FLAGS:
-            raise ValueError("compression must be None, 'gzip' or 'snappy'")
-        FrameDecoder(max_frame_size)   # the reader's own check: ValueError when too small
-        _check_limits(limits)
-        if not _MADE_FOR_CLIENT.get():   # (a blocking Client warned its own caller)
-            _warn_if_milliseconds(dict(timeout=timeout, connect_timeout=connect_timeout,
-                                       timeouts=timeouts))
-        timeout = _seconds("timeout", timeout)
-        connect_timeout = _seconds("connect_timeout", connect_timeout)
-        _seconds("heartbeat_interval", heartbeat_interval or 1.0)   # 0/None: off
-        if isinstance(pool_size, bool) or not isinstance(pool_size, int):
-            raise TypeError(f"pool_size is a whole number of connections per node, "
-                            f"not {pool_size!r}")
+        timeout, connect_timeout = _check_options(
+            protocol=protocol, framed=framed, multiplexed=multiplexed, compression=compression,
+            max_frame_size=max_frame_size, limits=limits, timeout=timeout,
+            connect_timeout=connect_timeout, timeouts=timeouts,
+            heartbeat_interval=heartbeat_interval, pool_size=pool_size)
         self._methods = idl.methods(service)   # (first: TypeError for what is no service)
         self.service = service
         self.appkey = appkey
@@ -252,24 +239,13 @@ class AsyncClient:
         self._framed = framed
         self.service_name = service_name or service.__name__
         self._flags = (protocol_flags(checksum) | _COMPRESSION_FLAGS[compression])
-        if token is not None and not remote_appkey:
-            raise ValueError("token= needs remote_appkey=: the signature covers the appkey of "
-                             "the server it is for")
-        self._signer = (Signer(appkey, token, self.remote_appkey, sign_body=sign_body)
-                        if token is not None else None)
+        self._signer = _make_signer(appkey, token, self.remote_appkey, sign_body)
         self.metrics = Metrics("client")
         self._limits = limits
-        self._endpoint_options: Dict[str, Any] = dict(
-            pool_size=pool_size, connect_timeout=connect_timeout, max_frame_size=max_frame_size,
-            ssl=ssl,
-            # what it nests in a request: what it would read
-            max_depth=limits.max_depth if limits else DEFAULT_MAX_DEPTH,
-            heartbeat_interval=heartbeat_interval if self.unified else None,
-            on_stopping=_weak_method(self._node_stopping),
-            unheard_hint=_unheard_hint(self.unified, framed, multiplexed, self.service_name,
-                                       ssl),
-            # what its connections together inflate a loop pass (see the server's)
-            inflate=_codec.InflateBudget(READ_BATCH, _call_soon))
+        self._set_wire(pool_size=pool_size, connect_timeout=connect_timeout,
+                       max_frame_size=max_frame_size, ssl=ssl, limits=limits,
+                       heartbeat_interval=heartbeat_interval, framed=framed,
+                       multiplexed=multiplexed)
         self._endpoints: Dict[str, Endpoint] = {}
         self._retired: Set[Endpoint] = set()            # of nodes that left, calls still on them
         self._listed: Optional[Dict[str, Node]] = None  # by address, from a registry
@@ -281,17 +257,52 @@ class AsyncClient:
         # its thread (cheap), a closed client or another loop take the slow path.
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._loop_thread: Optional[int] = None
+        self._idempotent = (set(self._methods) if idempotent is True
+                            else self._method_names("idempotent", idempotent or ()))
+        self._timeouts = self._method_timeouts(timeouts or {})
+        self._check_hash_key(lb, hash_arg, hash_header)
+        self._hash_arg = hash_arg
+        self._hash_header = hash_header
+        self._cluster = self._make_cluster(
+            caller_ip=caller_ip, cell=cell, set_routing=set_routing, idc=idc, region=region,
+            locality=locality, locality_threshold=locality_threshold, lb=lb, policy=cluster,
+            retries=retries, forks=forks, hedge_delay=hedge_delay, budget=retry_budget,
+            breaker=breaker)
+        self._directory: Optional[Directory] = None
+        self._discovery: Optional[asyncio.Task] = None
+        self._make_discovery(hosts, registry, remote_appkey, snapshot_path)
+        self._bind_methods(middleware)
+        tell_forked_children(self)
+
+    def _set_wire(self, *, pool_size: int, connect_timeout: float, max_frame_size: int,
+                  ssl: Optional["_ssl.SSLContext"], limits: Optional[Limits],
+                  heartbeat_interval: Optional[float], framed: bool, multiplexed: bool) -> None:
+        """What the client's connections are made with, and the names a request
+        carries on the wire (options checked: ``_check_options``)."""
+        self._endpoint_options: Dict[str, Any] = dict(
+            pool_size=pool_size, connect_timeout=connect_timeout, max_frame_size=max_frame_size,
+            ssl=ssl,
+            # what it nests in a request: what it would read
+            max_depth=limits.max_depth if limits else DEFAULT_MAX_DEPTH,
+            heartbeat_interval=heartbeat_interval if self.unified else None,
+            on_stopping=_weak_method(self._node_stopping),
+            unheard_hint=_unheard_hint(self.unified, framed, multiplexed, self.service_name,
+                                       ssl),
+            # what its connections together inflate a loop pass (see the server's)
+            inflate=_codec.InflateBudget(READ_BATCH, _call_soon))
         # the service name the server dispatches by, if the wire carries one
         self._named_service = self.service_name if self.unified or multiplexed else None
         # the message name native thrift sends for each method
         self._wire_names = {name: f"{self.service_name}:{name}" if multiplexed else name
                             for name in self._methods}
-        self._idempotent = (set(self._methods) if idempotent is True
-                            else self._method_names("idempotent", idempotent or ()))
-        self._timeouts = self._method_timeouts(timeouts or {})
+
+    def _check_hash_key(self, lb: str, hash_arg: Optional[str],
+                        hash_header: Optional[str]) -> None:
+        """``ValueError`` unless ``lb='consistenthash'`` comes with one key to hash
+        (an argument of some method, or a ``globalContext`` key), and only it does."""
         if hash_arg is not None and not any(hash_arg in m.arg_names for m in self._methods.values()):
             raise ValueError(f"hash_arg {hash_arg!r} is no argument of any method of "
-                             f"{service.__name__}")
+                             f"{self.service.__name__}")
         if hash_arg is not None and hash_header is not None:
             raise ValueError("give hash_arg or hash_header, not both: one key per call")
         if (lb == "consistenthash") != (hash_arg is not None or hash_header is not None):
@@ -299,18 +310,28 @@ class AsyncClient:
             raise ValueError("lb='consistenthash' hashes a key of each call: give it hash_arg= "
                              "(an argument's name) or hash_header= (a globalContext key), "
                              "and give those with it only")
-        self._hash_arg = hash_arg
-        self._hash_header = hash_header
+
+    def _make_cluster(self, *, caller_ip: str, cell: str, set_routing: bool, idc: str,
+                      region: str, locality: Optional[str], locality_threshold: float, lb: str,
+                      policy: str, retries: int, forks: int, hedge_delay: float,
+                      budget: Optional[RetryBudget],
+                      breaker: Optional[Dict[str, Any]]) -> Cluster:
+        """The cluster that routes, balances and retries this client's calls (its
+        options as ``AsyncClient`` takes them); it probes a node known down
+        through this client, weakly."""
         caller_ip = caller_ip or default_route_ip() or default_route_ip(ipv6=True) or ""
-        caller = Caller(appkey=appkey, ip=caller_ip, cell=cell,
+        caller = Caller(appkey=self.appkey, ip=caller_ip, cell=cell,
                         set_routing=set_routing, idc=idc, region=region)
         router = Router(caller, locality=locality, locality_threshold=locality_threshold)
-        self._cluster = Cluster(router, lb=lb, policy=cluster, retries=retries, forks=forks,
-                                hedge_delay=hedge_delay, budget=retry_budget,
-                                breaker_options=breaker,
-                                probe=_weak_method(self._connect_to, _probe_of_a_closed_client))
-        self._directory: Optional[Directory] = None
-        self._discovery: Optional[asyncio.Task] = None
+        return Cluster(router, lb=lb, policy=policy, retries=retries, forks=forks,
+                       hedge_delay=hedge_delay, budget=budget, breaker_options=breaker,
+                       probe=_weak_method(self._connect_to, _probe_of_a_closed_client))
+
+    def _make_discovery(self, hosts: Optional[Iterable[str]],
+                        registry: Optional[Union[str, Registry]], remote_appkey: Optional[str],
+                        snapshot_path: Optional[str]) -> None:
+        """Where the nodes come from: the cluster is given ``hosts`` now, or a
+        ``Directory`` of the ``registry`` will list ``remote_appkey``'s."""
         if (hosts is None) == (registry is None):
             raise ValueError("give either hosts or registry")
         if isinstance(hosts, str):
@@ -329,6 +350,10 @@ class AsyncClient:
             if not nodes:
                 raise ValueError("hosts must name at least one node")
             self._cluster.update(nodes)
+
+    def _bind_methods(self, middleware: Iterable[Middleware]) -> None:
+        """Each IDL method as an attribute (unless reserved: ``_binds``), through
+        ``middleware`` if any, and the reader of its replies."""
         # name -> finish(frame, node): decodes a reply as it is read (see _start)
         self._finishers = {name: functools.partial(self._result, method)
                            for name, method in self._methods.items()}
@@ -342,7 +367,6 @@ class AsyncClient:
         for name, method in self._methods.items():
             if _binds(self, name):
                 setattr(self, name, self._caller(method))
-        tell_forked_children(self)
 
     def _method_names(self, option: str, names: Iterable[str]) -> Set[str]:
         """``names`` as a set of this service's method names (a typo is an error,
@@ -868,6 +892,44 @@ def _seconds(name: str, seconds: Any) -> float:
     return min(finite_number(name, seconds), _MAX_TIMEOUT_MS / 1000)
 
 
+def _check_options(*, protocol: str, framed: bool, multiplexed: bool, compression: Optional[str],
+                   max_frame_size: int, limits: Optional[Limits], timeout: float,
+                   connect_timeout: float, timeouts: Optional[Mapping[str, float]],
+                   heartbeat_interval: Optional[float], pool_size: int) -> Tuple[float, float]:
+    """``AsyncClient``'s options that need nothing else checked (``ValueError``,
+    ``TypeError``), and a warning for times that read as milliseconds; returns
+    ``timeout`` and ``connect_timeout`` in seconds."""
+    if protocol not in ("octo", "thrift"):
+        raise ValueError("protocol must be 'octo' or 'thrift'")
+    if (multiplexed or not framed) and protocol != "thrift":
+        raise ValueError("framed and multiplexed apply to protocol='thrift' (the unified "
+                         "protocol has its own framing and names the service)")
+    if compression not in _COMPRESSION_FLAGS:
+        raise ValueError("compression must be None, 'gzip' or 'snappy'")
+    FrameDecoder(max_frame_size)   # the reader's own check: ValueError when too small
+    _check_limits(limits)
+    if not _MADE_FOR_CLIENT.get():   # (a blocking Client warned its own caller)
+        _warn_if_milliseconds(dict(timeout=timeout, connect_timeout=connect_timeout,
+                                   timeouts=timeouts), stacklevel=4)   # (through __init__)
+    seconds = _seconds("timeout", timeout), _seconds("connect_timeout", connect_timeout)
+    _seconds("heartbeat_interval", heartbeat_interval or 1.0)   # 0/None: off
+    if isinstance(pool_size, bool) or not isinstance(pool_size, int):
+        raise TypeError(f"pool_size is a whole number of connections per node, "
+                        f"not {pool_size!r}")
+    return seconds
+
+
+def _make_signer(appkey: str, token: Optional[Union[str, bytes]], remote_appkey: str,
+                 sign_body: bool) -> Optional[Signer]:
+    """What signs every unified request, if a ``token`` is given."""
+    if token is None:
+        return None
+    if not remote_appkey:
+        raise ValueError("token= needs remote_appkey=: the signature covers the appkey of "
+                         "the server it is for")
+    return Signer(appkey, token, remote_appkey, sign_body=sign_body)
+
+
 def _call_soon(callback: Callable[[], Any]) -> None:
     """``call_soon`` on the running loop (an ``InflateBudget``'s refill: a client
     is made before it knows its loop, and charges only from there)."""
@@ -892,10 +954,11 @@ def _within(deadline: float, timeout: float, method: idl.Method) -> float:
 _LIKELY_MILLISECONDS = 1000.0
 
 
-def _warn_if_milliseconds(options: Mapping[str, Any]) -> None:
+def _warn_if_milliseconds(options: Mapping[str, Any], stacklevel: int = 3) -> None:
     """Warn the caller of the client's maker of a ``timeout``, ``connect_timeout`` or
     ``timeouts`` entry that reads as milliseconds: thriftpy2's are, and its
-    ``timeout=3000`` would be 50 minutes here."""
+    ``timeout=3000`` would be 50 minutes here. (``stacklevel``: that caller's, as
+    ``warnings.warn`` counts; by default, this is called from the maker.)"""
     timeouts = options.get("timeouts")
     values = dict(timeout=options.get("timeout"), connect_timeout=options.get("connect_timeout"),
                   **{f"timeouts[{name!r}]": value for name, value in
@@ -905,7 +968,7 @@ def _warn_if_milliseconds(options: Mapping[str, Any]) -> None:
             warnings.warn(f"{name}={value:g} is {value / 60:,.0f} minutes: octo_core's timeouts "
                           f"are in seconds (thriftpy2's are in milliseconds; "
                           f"{name}={value / 1000:g} is {value / 1000:g} seconds)", UserWarning,
-                          stacklevel=3)
+                          stacklevel=stacklevel)
 
 
 def _unheard_hint(unified: bool, framed: bool, multiplexed: bool, service_name: str,
