@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from typing import Any, AsyncIterator, List
@@ -318,6 +319,18 @@ def test_a_registry_says_where_it_is(url, said):
     finally:
         run(registry.close())
 
+
+
+def test_a_client_refused_for_its_middleware_leaves_no_registry_open():
+    """The registry its URL names was opened before the middleware was read, and
+    never closed: a ZooKeeper session went on trying to connect, on threads of
+    its own, for as long as the process ran."""
+    pytest.importorskip("kazoo")
+    before = set(threading.enumerate())
+    with pytest.raises(TypeError, match="middleware is a list of functions"):
+        octo_core.AsyncClient(Echo, appkey="c", registry="zk://127.0.0.1:1/octo",
+                              remote_appkey=APPKEY, middleware=[5])
+    assert set(threading.enumerate()) - before == set()
 
 
 @pytest.mark.parametrize("listed, why", [

@@ -268,10 +268,11 @@ class AsyncClient:
             locality=locality, locality_threshold=locality_threshold, lb=lb, policy=cluster,
             retries=retries, forks=forks, hedge_delay=hedge_delay, budget=retry_budget,
             breaker=breaker)
+        self._bind_methods(middleware)
         self._directory: Optional[Directory] = None
         self._discovery: Optional[asyncio.Task] = None
+        # last: a registry it opens is the client's to close, so nothing may fail after
         self._make_discovery(hosts, registry, remote_appkey, snapshot_path)
-        self._bind_methods(middleware)
         tell_forked_children(self)
 
     def _set_wire(self, *, pool_size: int, connect_timeout: float, max_frame_size: int,
@@ -336,10 +337,10 @@ class AsyncClient:
             raise ValueError("give either hosts or registry")
         if isinstance(hosts, str):
             raise TypeError(f"hosts is a list of addresses: hosts=[{hosts!r}]")
+        self._owns_registry = isinstance(registry, str)
         if registry is not None:
             if not remote_appkey:
                 raise ValueError("registry discovery needs remote_appkey")
-            self._owns_registry = isinstance(registry, str)
             self._directory = Directory(open_registry(registry) if isinstance(registry, str)
                                         else registry, remote_appkey, snapshot_path)
             # weakly: a client dropped unclosed is collected (and closed) all the same
