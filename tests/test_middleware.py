@@ -211,6 +211,9 @@ def test_client_middleware_is_refused_unless_it_gives_a_coroutine_function():
     with pytest.raises(TypeError, match="middleware is a list of functions"):
         octo_core.AsyncClient(Echo, appkey=CLIENT_APPKEY, hosts=["127.0.0.1:1"],
                               middleware=to_plain)   # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="middleware is a list of functions, not 5"):
+        octo_core.AsyncClient(Echo, appkey=CLIENT_APPKEY, hosts=["127.0.0.1:1"],
+                              middleware=5)   # type: ignore[arg-type]  # (said: not iterable)
 
 
 def test_a_closed_client_refuses_before_its_middleware_runs():

@@ -49,6 +49,7 @@ nothing.
 """
 from __future__ import annotations
 
+import collections.abc
 import inspect
 from typing import Any, Callable, Iterable, Tuple
 
@@ -66,8 +67,9 @@ def is_coroutine_function(fn: Callable[..., Any]) -> bool:
 def layers(middleware: Iterable[Middleware]) -> Tuple[Middleware, ...]:
     """The ``middleware=`` a server or client was given, read once (an iterator
     too); ``TypeError`` unless a list of functions."""
-    kept = () if callable(middleware) else tuple(middleware)
-    if callable(middleware) or not all(callable(layer) for layer in kept):
+    listed = isinstance(middleware, collections.abc.Iterable) and not callable(middleware)
+    kept = tuple(middleware) if listed else ()
+    if not listed or not all(callable(layer) for layer in kept):
         raise TypeError(f"middleware is a list of functions, not {middleware!r}")
     return kept
 
