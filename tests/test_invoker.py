@@ -18,6 +18,7 @@ import gc
 import logging
 import re
 import uuid
+from types import SimpleNamespace
 from typing import Any, Callable, List, Optional, Sequence, Set, Tuple
 
 import pytest
@@ -25,7 +26,7 @@ import pytest
 import octo_core
 from octo_core.client import AsyncClient
 from octo_core.cluster.breaker import BreakerState, CircuitBreaker, RetryBudget
-from octo_core.cluster import invoker
+from octo_core.cluster import breaker as breaker_module, invoker
 from octo_core.cluster.balancer import Balancer
 from octo_core.cluster.invoker import POLICIES, Cluster, node_failed, not_executed
 from octo_core.cluster.routing import (LITESET_KEY, SWIMLANE_KEY, Caller, NoRouteError,
@@ -632,6 +633,33 @@ def test_a_fork_or_hedge_that_is_not_sent_costs_no_budget():
     run_virtual(main())
 
 
+@pytest.mark.parametrize("window", [1, 2])
+@pytest.mark.parametrize("start", [0.0, 0.5, 1.5, 1000.25])
+def test_retry_budget_holds_requests_for_its_window_whatever_the_clock_starts_at(start, window):
+    """Requests count for ``window`` seconds, on a clock that starts near 0 too (a
+    caller's own: a new loop's ``loop.time()``, a fake)."""
+    for wait in range(window + 1):
+        clock = FakeClock(start)
+        budget = RetryBudget(ratio=0.5, min_per_second=0, window=window, clock=clock)
+        for _ in range(10):
+            budget.record_request()
+        clock.advance(wait)
+        expected = 5 if wait < window else 0
+        assert sum(budget.try_retry() for _ in range(50)) == expected, f"after {wait} s"
+
+
+def test_the_default_retry_budget_is_a_tenth_of_the_requests_and_ten_a_second():
+    clock = FakeClock()
+    budget = RetryBudget(clock=clock)
+    for _ in range(1000):
+        budget.record_request()
+    assert sum(budget.try_retry() for _ in range(500)) == 200   # 10/s over 10 s + 10 % of 1000
+    clock.advance(9.0)
+    assert not budget.try_retry()                                # spent for the 10 s window
+    clock.advance(1.0)                                           # the requests' second left it
+    assert sum(budget.try_retry() for _ in range(500)) == 100
+
+
 # --- deadlines --------------------------------------------------------------------------------
 
 def slow_failure(seconds: float) -> Callable:
@@ -856,11 +884,101 @@ def test_breaker_forgets_failures_outside_its_window():
     assert breaker.state is BreakerState.CLOSED            # 1 failure in the last 10 calls
 
 
+def test_breaker_stays_closed_below_its_error_rate():
+    clock = FakeClock()
+    breaker = CircuitBreaker(consecutive_failures=100, error_rate=0.5, min_calls=10, clock=clock)
+    for ok in [True, False] * 4 + [True, True]:
+        breaker.record(ok)
+    assert breaker.state is BreakerState.CLOSED            # 4 of 10 failed
+    breaker.record(False)
+    assert breaker.state is BreakerState.CLOSED            # 5 of 11
+    breaker.record(False)
+    assert breaker.state is BreakerState.OPEN              # 6 of 12
+
+
+def test_an_error_rate_of_1_opens_the_breaker_only_when_every_call_failed():
+    for outcomes, state in (((False, True, False, False), BreakerState.CLOSED),
+                            ((False,) * 4, BreakerState.OPEN)):
+        breaker = CircuitBreaker(consecutive_failures=100, error_rate=1, min_calls=4,
+                                 clock=FakeClock())
+        for ok in outcomes:
+            breaker.record(ok)
+        assert breaker.state is state, outcomes
+
+
+def test_a_breaker_closed_again_judges_only_the_calls_since():
+    clock = FakeClock()
+    breaker = CircuitBreaker(consecutive_failures=100, error_rate=0.5, min_calls=2, clock=clock)
+    for _ in range(2):
+        breaker.record(False)
+    assert breaker.state is BreakerState.OPEN              # 2 of 2 failed
+    clock.advance(1.21)
+    assert breaker.allows()
+    breaker.record(True)                                   # the probe closes it
+    breaker.record(False)
+    assert breaker.state is BreakerState.CLOSED            # 1 call since: fewer than min_calls
+    breaker.record(False)
+    assert breaker.state is BreakerState.OPEN
+
+
+def test_late_outcomes_a_breaker_records_while_open_change_nothing():
+    """Calls sent before the breaker opened may end after it did: their failures
+    tell nothing new about the node."""
+    clock = FakeClock()
+    breaker = CircuitBreaker(consecutive_failures=2, backoff_min=1.0, backoff_max=8.0, clock=clock)
+    for _ in range(5):
+        breaker.record(False)                              # 2 open it, 3 more were on their way
+    assert breaker.state is BreakerState.OPEN and breaker.allows() is False
+    clock.advance(1.21)
+    assert breaker.allows() is True                        # after 1 s (jittered), not 2 s or more
+    breaker.record(True)
+    breaker.record(False)
+    assert breaker.state is BreakerState.CLOSED            # 1 failure in a row since it closed
+
+
+def test_a_breaker_by_default_opens_and_backs_off_as_documented(monkeypatch):
+    """``help(AsyncClient)``'s defaults: open after 5 failures in a row, or half of at
+    least 20 calls in 10 s; a probe after 1 s (jittered by up to 20 %), doubling up
+    to 30 s on each failed probe, and from 1 s again once a probe closed it."""
+    monkeypatch.setattr(breaker_module, "random", SimpleNamespace(uniform=lambda low, high: high))
+    clock = FakeClock()
+    in_a_row = CircuitBreaker(clock=clock)
+    for _ in range(4):
+        in_a_row.record(False)
+    assert in_a_row.state is BreakerState.CLOSED
+    in_a_row.record(False)
+    assert in_a_row.state is BreakerState.OPEN
+    backoffs = (1, 2, 4, 8, 16, 30, 30, 1)
+    for i, backoff in enumerate(backoffs):
+        clock.advance(backoff * 1.2 - 0.05)                # the longest jitter: 1.2 × the backoff
+        assert not in_a_row.available(), backoff
+        clock.advance(0.1)
+        assert in_a_row.allows(), backoff                  # the probe
+        in_a_row.record(i == len(backoffs) - 2)            # the second 30 s probe closes it ...
+        if in_a_row.state is BreakerState.CLOSED:
+            for _ in range(5):                             # ... and it opens again
+                in_a_row.record(False)
+
+    clock = FakeClock()
+    by_rate = CircuitBreaker(clock=clock)
+    pattern = [False, False, True] * 6 + [False]           # 19 calls, 13 failed, never 5 in a row
+    for ok in pattern:
+        by_rate.record(ok)
+    assert by_rate.state is BreakerState.CLOSED            # fewer than 20 calls
+    clock.advance(10.0)                                    # they left the 10 s window
+    for ok in pattern:
+        by_rate.record(ok)
+    assert by_rate.state is BreakerState.CLOSED
+    by_rate.record(False)
+    assert by_rate.state is BreakerState.OPEN              # 14 of 20 failed
+
+
 @pytest.mark.parametrize("options, error, words", [
     ({"consecutive_failure": 3}, TypeError, "breaker has no option 'consecutive_failure'"),
     ({"on_change": print}, TypeError, "breaker has no option 'on_change'"),
     ({"consecutive_failures": 0}, ValueError, "consecutive_failures"),
     ({"error_rate": 50}, ValueError, "error_rate is the share of calls failed"),
+    ({"error_rate": 1.5}, ValueError, "error_rate is the share of calls failed"),
     ({"error_rate": float("nan")}, ValueError, "error_rate"),
     ({"min_calls": -1}, ValueError, "min_calls"),
     ({"window": 0}, ValueError, "window"),
