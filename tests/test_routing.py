@@ -8,6 +8,7 @@ here touches a socket or measures time; warm-up runs on a fake clock.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any, Dict, List, Mapping, Sequence, Set, Union
 
@@ -432,6 +433,12 @@ def test_route_rules(caller, rules, expected, weights):
         assert weights_by_name(routed) == pytest.approx(weights)
 
 
+def test_a_non_limit_rule_down_weights_the_other_providers():
+    favoured = rule("r1", ["10.1.0.1:*"], consumer_ips=(CALLER_IP,))
+    weights = weights_by_name(route(P, ME, rules=[favoured]))
+    assert all(0 < weights[ip] < weights["10.1.0.1"] for ip in ALL - {"10.1.0.1"}), weights
+
+
 def test_an_exclusive_group_serves_every_caller_its_rule_matches():
     """``exclusive``: the group serves the callers its rule matches, and only them.
     A caller that its higher-priority rule also matches is still one of them: the
@@ -455,6 +462,15 @@ def test_route_rule_json_round_trip():
     assert RouteRule.from_dict(json.loads(original.to_json())) == original
     minimal = RouteRule.from_dict({"id": 5, "providers": ["a:1"]})
     assert (minimal.id, minimal.enabled, minimal.limit, minimal.priority) == ("5", True, False, 0)
+    assert minimal == RouteRule(id="5", providers=("a:1",))     # the same defaults in Python
+    with pytest.raises(dataclasses.FrozenInstanceError):        # (a rule is shared by clients)
+        minimal.limit = True
+
+
+@pytest.mark.parametrize("data", [None, [], "id"], ids=repr)
+def test_route_rule_json_that_is_no_object_is_refused(data):
+    with pytest.raises(ValueError):
+        RouteRule.from_dict(data)
 
 
 # --- ALIVE only, weight > 0, warm-up -----------------------------------------------------
