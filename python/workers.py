@@ -48,7 +48,10 @@ def serve_one(registry: str, started: "multiprocessing.Queue[str]") -> None:
     stay blocked, as the parent left them: only the parent's SIGTERM stops it, so
     a Ctrl-C reaching the whole process group stops it once."""
     parent = multiprocessing.parent_process()
-    server = octo_core.Server(appkey=APPKEY, host="127.0.0.1", port=0, registry=registry)
+    # a registry other machines read (zk://) gets an address they can dial: every
+    # interface, registered as the one the default route uses
+    host = "127.0.0.1" if registry.startswith("file:") else "0.0.0.0"
+    server = octo_core.Server(appkey=APPKEY, host=host, port=0, registry=registry)
     server.add_service(echo_thrift.Echo, EchoHandler())
     with server:
         started.put(server.address)
