@@ -229,8 +229,8 @@ def test_max_connections_leaves_room_for_what_asyncio_accepts_before_it_refuses(
     stdlib, uv = asyncio.new_event_loop(), new_event_loop()
     try:
         assert isinstance(stdlib, asyncio.selector_events.BaseSelectorEventLoop)
-        assert server_module._fd_connections(stdlib) == 2048 - 128 - 400
-        assert server_module._fd_connections(uv) == 2048 - 2048 // 8
+        assert server_conn.fd_connections(stdlib) == 2048 - 128 - 400
+        assert server_conn.fd_connections(uv) == 2048 - 2048 // 8
     finally:
         stdlib.close()
         uv.close()

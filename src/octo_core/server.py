@@ -5,7 +5,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import contextvars
-import errno
 import functools
 import inspect
 import ipaddress
@@ -42,12 +41,13 @@ from octo_core.registry import HeartbeatSupport, Node, Registry, open_registry
 from octo_core.registry.base import provider_fields
 from octo_core.registry.registration import Registration, call_timeout
 from octo_core.throttle import Throttle
-from octo_core.transport.address import (Address, Listeners, Listening, default_route_ip, listen,
-                                        parse_address)
+from octo_core.transport.address import (Address, Listeners, Listening, check_listen_address,
+                                        default_route_ip, listen, parse_address,
+                                        refuse_a_live_socket)
 from octo_core.transport.http import bound_port, serve_metrics
 from octo_core.transport.loop import (SERVING_LOOPS, LoopThread, cancel_rest, new_event_loop,
                                      start_task)
-from octo_core.transport.server import PartialFrames, ServerConnection
+from octo_core.transport.server import PartialFrames, ServerConnection, fd_connections
 from octo_core.transport.stream import CLOSE_LINGER, READ_BATCH
 
 log = logging.getLogger("octo_core.server")
@@ -158,17 +158,6 @@ def _runs_alike(one: _Service, other: _Service, method: str) -> bool:
 _EVERY_INTERFACE = ("", "0.0.0.0", "::")
 
 
-#: Descriptors ``max_connections`` leaves free by default, at least: the process
-#: has other files (its clients, registry, logs, the metrics endpoint).
-_SPARE_FDS = 128
-#: ... and on asyncio's own loop (not uvloop's), the sockets it accepted and has not
-#: closed yet: it accepts up to its listen backlog (100) a loop pass, and a refused
-#: connection closes three passes after its accept (a task makes its transport, which
-#: calls connection_made a pass later, whose abort closes it a pass after that). A
-#: peer redialling past ``max_connections`` keeps that many open.
-_ACCEPTED_UNCLOSED = 4 * 100
-
-
 def _check_structs(service: str, method: idl.Method) -> None:
     """``ValueError`` when the codec cannot read ``method``'s arguments or write
     its result (an IDL thriftpy2 loads, but no thrift binary peer speaks): found
@@ -179,44 +168,6 @@ def _check_structs(service: str, method: idl.Method) -> None:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{service}.{method.name}: octo_core cannot read or write "
                              f"{cls.__name__}: {exc}") from None
-
-
-def _fd_connections(loop: asyncio.AbstractEventLoop) -> Optional[int]:
-    """``max_connections`` by default: the open-file soft limit (RLIMIT_NOFILE) less
-    an eighth of it, or less what must stay spare on ``loop`` (``_SPARE_FDS``, and
-    ``_ACCEPTED_UNCLOSED`` on asyncio's own loop), whichever leaves more, but at
-    least half of it; None where there is no such limit. A server that runs out of
-    descriptors cannot refuse anyone: the loop fails to accept, over and over."""
-    try:
-        import resource
-    except ImportError:    # (not on Windows)
-        return None
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    if soft == resource.RLIM_INFINITY:
-        return None
-    spare = _SPARE_FDS
-    if isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
-        spare += _ACCEPTED_UNCLOSED
-    return max(soft // 2, soft - max(soft // 8, spare))
-
-
-def _check_listen_address(host: Any, port: Any) -> None:
-    """``TypeError`` or ``ValueError`` for a ``host`` or ``port`` a server cannot listen
-    on as meant: a port past 65535 would be bound modulo 65536, and ``"ip:port"``
-    looked up as a host name."""
-    if not isinstance(host, str):
-        raise TypeError(f"host is a string (a name, an IP address or unix:///path), not {host!r}")
-    if isinstance(port, bool) or not isinstance(port, int):
-        raise TypeError(f"port is an int (0: a free port, chosen at start), not {port!r}")
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port {port} is out of range (0 to 65535; 0: a free port, chosen at "
-                         "start)")
-    if ":" in host and not host.startswith("unix://"):
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"host {host!r} is not a host name or IP address (the port "
-                             "goes in port=; an IPv6 address, without brackets)") from None
 
 
 def _check_timeout(name: str, seconds: Any) -> None:
@@ -551,7 +502,7 @@ class Server:
                             ("max_partial_bytes", max_partial_bytes)):
             count(name, limit, none_ok=True)
         protocol.FrameDecoder(max_frame_size)   # the reader's own check: ValueError when too small
-        _check_listen_address(host, port)
+        check_listen_address(host, port)
         _check_timeout("idle_timeout", idle_timeout)
         _check_timeout("read_timeout", read_timeout)
         _check_limits(limits)
@@ -723,7 +674,7 @@ class Server:
 
         max_connections = self.max_connections
         if max_connections is None:
-            max_connections = _fd_connections(self._loop)
+            max_connections = fd_connections(self._loop)
 
         partial = (None if self.max_partial_bytes is None
                    else PartialFrames(self.max_partial_bytes))
@@ -748,7 +699,7 @@ class Server:
         pool = BusinessPool(self._business_threads, f"octo-biz-{self.appkey}")
         try:
             if self.unix_path is not None:
-                await _refuse_a_live_socket(self.unix_path)
+                await refuse_a_live_socket(self.unix_path)
                 self._listener = await self._loop.create_unix_server(
                     make_connection, self.unix_path, **tls)
                 self._unix_inode = os.stat(self.unix_path).st_ino
@@ -1562,20 +1513,6 @@ class Server:
         header = protocol.response_header(sequence_id, 0, message_type=message_type,
                                           heartbeat=beat)
         return protocol.encode_unified(header, b"", flags)
-
-
-async def _refuse_a_live_socket(path: str) -> None:
-    """``OSError`` when a server already listens at the unix socket ``path``: asyncio
-    would replace its socket file, quietly taking its traffic (a stale file, with
-    nobody listening, may go)."""
-    if not os.path.exists(path):
-        return
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), 1.0)
-    except (OSError, asyncio.TimeoutError):
-        return
-    writer.close()
-    raise OSError(errno.EADDRINUSE, f"a server is already listening at unix://{path}")
 
 
 class _PooledCall:

@@ -9,6 +9,10 @@ and numeric addresses only.
 """
 from __future__ import annotations
 
+import asyncio
+import errno
+import ipaddress
+import os
 import socket
 from typing import (Any, Awaitable, Callable, List, NamedTuple, Optional, Protocol, Sequence, Tuple,
                     TypeVar)
@@ -156,3 +160,36 @@ async def listen(serve: Callable[..., Awaitable[Listening]], host: Optional[str]
             sock.close()
         raise
     return Listeners(servers)
+
+
+def check_listen_address(host: Any, port: Any) -> None:
+    """``TypeError`` or ``ValueError`` for a ``host`` or ``port`` a server cannot listen
+    on as meant: a port past 65535 would be bound modulo 65536, and ``"ip:port"``
+    looked up as a host name."""
+    if not isinstance(host, str):
+        raise TypeError(f"host is a string (a name, an IP address or unix:///path), not {host!r}")
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise TypeError(f"port is an int (0: a free port, chosen at start), not {port!r}")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range (0 to 65535; 0: a free port, chosen at "
+                         "start)")
+    if ":" in host and not host.startswith("unix://"):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"host {host!r} is not a host name or IP address (the port "
+                             "goes in port=; an IPv6 address, without brackets)") from None
+
+
+async def refuse_a_live_socket(path: str) -> None:
+    """``OSError`` when a server already listens at the unix socket ``path``: asyncio
+    would replace its socket file, quietly taking its traffic (a stale file, with
+    nobody listening, may go)."""
+    if not os.path.exists(path):
+        return
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_unix_connection(path), 1.0)
+    except (OSError, asyncio.TimeoutError):
+        return
+    writer.close()
+    raise OSError(errno.EADDRINUSE, f"a server is already listening at unix://{path}")

@@ -37,6 +37,36 @@ UNREAD_RATE = 64 * 1024
 UNREAD_HARD = 4
 
 
+#: Descriptors ``max_connections`` leaves free by default, at least: the process
+#: has other files (its clients, registry, logs, the metrics endpoint).
+_SPARE_FDS = 128
+#: ... and on asyncio's own loop (not uvloop's), the sockets it accepted and has not
+#: closed yet: it accepts up to its listen backlog (100) a loop pass, and a refused
+#: connection closes three passes after its accept (a task makes its transport, which
+#: calls connection_made a pass later, whose abort closes it a pass after that). A
+#: peer redialling past ``max_connections`` keeps that many open.
+_ACCEPTED_UNCLOSED = 4 * 100
+
+
+def fd_connections(loop: asyncio.AbstractEventLoop) -> Optional[int]:
+    """``max_connections`` by default: the open-file soft limit (RLIMIT_NOFILE) less
+    an eighth of it, or less what must stay spare on ``loop`` (``_SPARE_FDS``, and
+    ``_ACCEPTED_UNCLOSED`` on asyncio's own loop), whichever leaves more, but at
+    least half of it; None where there is no such limit. A server that runs out of
+    descriptors cannot refuse anyone: the loop fails to accept, over and over."""
+    try:
+        import resource
+    except ImportError:    # (not on Windows)
+        return None
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return None
+    spare = _SPARE_FDS
+    if isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
+        spare += _ACCEPTED_UNCLOSED
+    return max(soft // 2, soft - max(soft // 8, spare))
+
+
 class PartialFrames:
     """The bytes a server's connections hold of frames partly read (and read, not
     decoded yet), summed. Past ``limit``, a connection that holds part of a frame
