@@ -882,8 +882,8 @@ def test_e2e_a_token_store_that_fails_refuses_that_call_and_no_more(caplog, monk
     """A store that raises (a KMS down) refuses the call it was asked for with status
     7, tells the caller nothing of why, and the server goes on; its log names the
     caller as a repr (the name is the peer's: a line break must not forge a line)."""
-    monkeypatch.setattr(octo_core.server, "_AUTH_BROKEN",
-                        octo_core.server.Throttle(10.0, octo_core.server.log))
+    monkeypatch.setattr(octo_core.dispatch, "_AUTH_BROKEN",
+                        octo_core.dispatch.Throttle(10.0, octo_core.dispatch.log))
 
     class Flaky(StaticTokens):
         def token(self, appkey: str) -> Optional[str]:
