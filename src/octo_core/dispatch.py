@@ -423,7 +423,7 @@ class Dispatcher:
         return (frame is not None and frame.f_code is Dispatcher._run_coroutine.__code__
                 and frame.f_locals.get("self") is self)
 
-    # --- the call path ------------------------------------------------------------------
+    # --- the call path ------------------------------------------------------------
 
     def dispatch(self, conn: ServerConnection, frame: Frame) -> None:
         """Answer or start what ``frame`` asks (every frame a connection reads)."""
@@ -788,14 +788,14 @@ class Dispatcher:
                 return Status.APPLICATION_EXCEPTION
         return _SUCCESS
 
-    def told_status(self) -> NodeStatus:
+    def _told_status(self) -> NodeStatus:
         """The status heartbeats and ``/health`` tell: STOPPING from the moment a
         stop begins (the registry is told first, while calls are still served)."""
         return NodeStatus.STOPPING if self._leaving else self.status
 
     def health(self) -> Tuple[bool, str]:
         """What ``/health`` says: serving, and the status heartbeats tell."""
-        status = self.told_status()
+        status = self._told_status()
         return status == NodeStatus.ALIVE, status.name
 
     def _heartbeat(self, reply: Reply, message_type: int) -> None:
@@ -812,7 +812,7 @@ class Dispatcher:
         from the moment it starts to leave."""
         beat = protocol.HeartbeatInfo(appkey=self.appkey, sendTime=int(time.time() * 1000),
                                       loadInfo=load,
-                                      status=int(self.told_status()))
+                                      status=int(self._told_status()))
         header = protocol.response_header(sequence_id, 0, message_type=message_type,
                                           heartbeat=beat)
         return protocol.encode_unified(header, b"", flags)
