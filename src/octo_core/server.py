@@ -110,7 +110,6 @@ _STALLED = Throttle(10.0, log, logging.INFO)
 _WITHDRAWAL_CALLS = 3
 
 
-
 class _Dispatchers(Generic[_T]):
     """A ``Server`` attribute its ``Dispatcher`` owns (the call path reads it there,
     as its own): read and set through the server as before."""
@@ -142,104 +141,122 @@ class Server:
 
     ``Server(appkey="com.example.echo", host="127.0.0.1", port=0)``; ``host`` may
     also be ``"unix:///path/to.sock"``. Port 0 is a free port, picked by ``start()``:
-    ``port`` and ``address`` say which once it has run. The port speaks the unified protocol
-    (the header's serviceName picks the service) and native thrift, framed or
-    unframed: a method name is enough when one service has it, and
-    ``"Service:method"`` (a multiplexed client's) picks the service by the name
-    ``add_service`` gave it. Plain-function handlers run on a bounded
-    business thread pool (``business_threads`` workers, at most ``business_queue``
-    waiting; past that a call is refused at once with status 3, and so is one
-    from a connection already holding half of the pool); coroutine
-    handlers run on the event loop, each as a task whose first step runs as
-    its request is read (one that never suspends answers in the same read).
-    Coroutine handlers include partials of async functions and objects with an
-    async ``__call__``; a plain function that returns a coroutine (an async
-    method behind a plain decorator) runs on the pool, its coroutine on the loop.
-    A service added with ``inline=True`` runs its plain functions on the loop
-    too (see ``add_service``).
+    ``port`` and ``address`` say which once it has run.
 
-    Protection: ``max_frame_size``, and ``limits`` (``octo_core.codec.Limits``:
-    string and container lengths, nesting, objects per decode) for the thrift
-    messages, bound what one request may cost; ``max_connections`` (one more
-    takes the place of the connection quiet longest, a second at least with no
-    call running and no reply going out, its peer told first; else it is closed
-    on accept; by default the open-file limit, RLIMIT_NOFILE, at ``start``,
-    less an eighth or 128 (528 on asyncio's own loop, which keeps up to 400
-    refused sockets open while a peer redials), whichever is more, never below
-    half: a server out of descriptors cannot even accept a connection to refuse
-    it; the default is each server's and counts connections once their TLS
-    handshake is done, so give it yourself for several servers in one process),
-    ``max_in_flight`` and ``max_in_flight_per_connection`` (status 3 past them),
-    ``max_in_flight_bytes`` (request bytes, as decoded, of every call running
-    on the server, and 72 bytes, ``octo_core.server.OBJECT_BYTES``, per object
-    its arguments decoded to, and 2 KiB, ``CALL_BYTES``, per call; 256 MiB by
-    default, None for no limit: status 3 past it, unless nothing else runs;
-    many peers each under their own flow control cannot add up to more),
-    ``pause_reading_at`` and ``pause_reading_bytes`` (calls running on one
-    connection, and request bytes they hold, counted so, at which the server
-    stops reading it until both are down to half: flow control, no refusal;
-    reading also stops while a peer leaves its replies unread),
-    ``max_partial_bytes`` (what all connections hold of frames partly read, 256
-    MiB by default, None for no limit: past it a connection holding part of a
-    frame stops reading until the sum is down to half, its read timeout still
-    running, but for one at a time that reads on to its frame's end; so peers
-    each within ``max_frame_size`` add up to the limit, a frame, and a read of
-    each connection, not connections x ``max_frame_size``),
-    ``quotas`` (``{caller appkey or "*": calls per second}``, token buckets;
-    status 6 past them). A connection idle for ``idle_timeout`` seconds is
-    closed (a unified peer is told first, as at a stop, and given half a second
-    to leave: a call it sends meanwhile is served, not lost in the close), and
-    so is one whose frame takes over ``read_timeout`` seconds to
-    arrive however it trickles in (a slow-loris peer holds no buffer for long);
-    None (or 0) turns either off. A request whose caller's deadline (the
-    unified header's timeout, from its arrival) has passed before its handler
-    starts is not run; with ``cancel_past_deadline=True`` a coroutine handler
-    still running when it passes is cancelled too (its caller has given up:
-    the answer would be dropped), the call counted as timed out (status 4).
-    That is off by default: a handler cancelled midway must leave things
-    consistent, as one a stop cancels past its grace must.
-    ``auth`` (an
-    ``octo_core.auth.Authenticator``) requires signed, granted requests; native
-    thrift, which cannot carry a signature, is then refused. ``ssl`` serves TLS.
+    Protocols:
 
-    Naming: with ``registry`` (a URL such as ``file:///var/lib/octo`` or
-    ``zk://host:2181``, or a ``Registry``) the server registers itself on
-    start (``node`` sets ``Node`` fields: weight, warmup, cell, swimlane, idc,
-    region...; a server on every interface, ``0.0.0.0`` or ``::``, registers
-    the address its default route uses, unless ``node`` gives ``ip``; a loopback
-    address or unix socket registered where other machines look, ``zk://``, is
-    warned of: they cannot reach it), and on
-    stop first marks itself STOPPING and unregisters, keeps serving for
-    ``unregister_delay`` seconds while callers see the change, and only then
-    refuses new calls and drains. A registry that cannot be reached at start
-    (ZooKeeper away), or does not answer within twice its ``op_timeout``
-    (the ``Registry`` attribute: 5 s unless the registry sets its own,
-    ZooKeeper the URL's), does not stop the server: it serves, warns, and
-    keeps registering in the background (a doubling, jittered pause up to
-    30 s, each attempt bounded alike) until the registry takes the node
-    (``registered_node`` says when); a stop meanwhile ends the attempts and
-    unregisters only what was registered (or what an attempt given up on may
-    have), waiting for each registry call no longer either. With
-    ``require_registry=True`` such a start fails instead (``RegistryError``;
-    ``RegistryTimeout`` when no answer came), leaving nothing behind. With
-    ``auth``, a peer on its deny list is refused when it connects (to the
-    metrics port too).
+    - The port speaks the unified protocol (the header's serviceName picks the
+      service) and native thrift, framed or unframed: a method name is enough
+      when one service has it, and ``"Service:method"`` (a multiplexed client's)
+      picks the service by the name ``add_service`` gave it.
+    - ``business_threads``, ``business_queue``: plain-function handlers run on a
+      bounded business thread pool (``business_threads`` workers, at most
+      ``business_queue`` waiting; past that a call is refused at once with
+      status 3, and so is one from a connection already holding half of the pool).
+    - Coroutine handlers run on the event loop, each as a task whose first step
+      runs as its request is read (one that never suspends answers in the same
+      read). Coroutine handlers include partials of async functions and objects
+      with an async ``__call__``; a plain function that returns a coroutine (an
+      async method behind a plain decorator) runs on the pool, its coroutine on
+      the loop. A service added with ``inline=True`` runs its plain functions on
+      the loop too (see ``add_service``).
+    - ``ssl`` serves TLS.
 
-    Sight: ``stats()``; with ``metrics_port`` (0 picks a free one: ``metrics_port``
-    holds it once started, and the start's log line names it) the metrics
-    are also served as Prometheus text at ``http://host:metrics_port/metrics``,
-    and the node's status at ``/health`` (a readiness probe's): ``ALIVE`` with
-    200, else with 503 (``STOPPING`` from the moment a stop begins: both stay
-    served until it ends).
-    ``middleware``: functions of the application's around every call of the
-    services added (logging, checks, translating errors; see
-    ``octo_core.middleware``), the first outermost.
+    Protection:
 
-    A handler's undeclared exception is logged (``octo_core.server``, ERROR),
-    its traceback with the first of each service, method and exception type
-    (and with one after 10 s without any), then a record every 10 s at most
-    for each, counting those held back (no traceback): a caller can set one
-    off every call.
+    - ``max_frame_size``, and ``limits`` (``octo_core.codec.Limits``: string and
+      container lengths, nesting, objects per decode) for the thrift messages,
+      bound what one request may cost.
+    - ``max_connections``: one more takes the place of the connection quiet
+      longest, a second at least with no call running and no reply going out,
+      its peer told first; else it is closed on accept. By default the open-file
+      limit, RLIMIT_NOFILE, at ``start``, less an eighth or 128 (528 on asyncio's
+      own loop, which keeps up to 400 refused sockets open while a peer
+      redials), whichever is more, never below half: a server out of descriptors
+      cannot even accept a connection to refuse it. The default is each
+      server's and counts connections once their TLS handshake is done, so give
+      it yourself for several servers in one process.
+    - ``max_in_flight`` and ``max_in_flight_per_connection``: status 3 past them.
+    - ``max_in_flight_bytes``: request bytes, as decoded, of every call running
+      on the server, and 72 bytes, ``octo_core.server.OBJECT_BYTES``, per object
+      its arguments decoded to, and 2 KiB, ``CALL_BYTES``, per call; 256 MiB by
+      default, None for no limit: status 3 past it, unless nothing else runs;
+      many peers each under their own flow control cannot add up to more.
+    - ``pause_reading_at`` and ``pause_reading_bytes``: calls running on one
+      connection, and request bytes they hold, counted so, at which the server
+      stops reading it until both are down to half: flow control, no refusal;
+      reading also stops while a peer leaves its replies unread.
+    - ``max_partial_bytes``: what all connections hold of frames partly read,
+      256 MiB by default, None for no limit: past it a connection holding part
+      of a frame stops reading until the sum is down to half, its read timeout
+      still running, but for one at a time that reads on to its frame's end; so
+      peers each within ``max_frame_size`` add up to the limit, a frame, and a
+      read of each connection, not connections x ``max_frame_size``.
+    - ``quotas`` (``{caller appkey or "*": calls per second}``): token buckets;
+      status 6 past them.
+    - ``idle_timeout``: a connection idle for so many seconds is closed (a
+      unified peer is told first, as at a stop, and given half a second to
+      leave: a call it sends meanwhile is served, not lost in the close).
+    - ``read_timeout``: so is one whose frame takes over so many seconds to
+      arrive however it trickles in (a slow-loris peer holds no buffer for
+      long). None (or 0) turns either off.
+    - ``cancel_past_deadline``: a request whose caller's deadline (the unified
+      header's timeout, from its arrival) has passed before its handler starts
+      is not run; with ``cancel_past_deadline=True`` a coroutine handler still
+      running when it passes is cancelled too (its caller has given up: the
+      answer would be dropped), the call counted as timed out (status 4). That
+      is off by default: a handler cancelled midway must leave things
+      consistent, as one a stop cancels past its grace must.
+    - ``auth`` (an ``octo_core.auth.Authenticator``) requires signed, granted
+      requests; native thrift, which cannot carry a signature, is then refused.
+      A peer on its deny list is refused when it connects (to the metrics port
+      too).
+
+    Naming:
+
+    - ``registry`` (a URL such as ``file:///var/lib/octo`` or ``zk://host:2181``,
+      or a ``Registry``): the server registers itself on start, and on stop
+      first marks itself STOPPING and unregisters, keeps serving for
+      ``unregister_delay`` seconds while callers see the change, and only then
+      refuses new calls and drains.
+    - ``node`` sets ``Node`` fields: weight, warmup, cell, swimlane, idc,
+      region...; a server on every interface, ``0.0.0.0`` or ``::``, registers
+      the address its default route uses, unless ``node`` gives ``ip``; a
+      loopback address or unix socket registered where other machines look,
+      ``zk://``, is warned of: they cannot reach it.
+    - ``unregister_delay``: seconds a stop keeps serving once unregistered (above).
+    - ``require_registry``: a registry that cannot be reached at start
+      (ZooKeeper away), or does not answer within twice its ``op_timeout``
+      (the ``Registry`` attribute: 5 s unless the registry sets its own,
+      ZooKeeper the URL's), does not stop the server: it serves, warns, and
+      keeps registering in the background (a doubling, jittered pause up to
+      30 s, each attempt bounded alike) until the registry takes the node
+      (``registered_node`` says when); a stop meanwhile ends the attempts and
+      unregisters only what was registered (or what an attempt given up on may
+      have), waiting for each registry call no longer either. With
+      ``require_registry=True`` such a start fails instead (``RegistryError``;
+      ``RegistryTimeout`` when no answer came), leaving nothing behind.
+
+    Sight:
+
+    - ``stats()``.
+    - ``metrics_port`` (0 picks a free one: ``metrics_port`` holds it once
+      started, and the start's log line names it): the metrics are also served
+      as Prometheus text at ``http://host:metrics_port/metrics``, and the node's
+      status at ``/health`` (a readiness probe's): ``ALIVE`` with 200, else with
+      503 (``STOPPING`` from the moment a stop begins: both stay served until
+      it ends).
+    - ``middleware``: functions of the application's around every call of the
+      services added (logging, checks, translating errors; see
+      ``octo_core.middleware``), the first outermost.
+
+    Logging:
+
+    - A handler's undeclared exception is logged (``octo_core.server``, ERROR),
+      its traceback with the first of each service, method and exception type
+      (and with one after 10 s without any), then a record every 10 s at most
+      for each, counting those held back (no traceback): a caller can set one
+      off every call.
     """
 
     # options and state the call path owns (``Dispatcher``'s), here as before
