@@ -584,16 +584,32 @@ class Server:
             [conn for conn in self._connections if conn.unified_peer and not conn.closed])
         if self._sweeper is not None:
             self._sweeper.cancel()
+        await self._drain(grace)
+        await self._close_connections(notified, grace)
+        await self._release()
+        # (not after a start that failed: what the service holds is kept for a retry)
+        served, self._served = self._served, False
+        if served:
+            await self._run_on_stop()
+
+    async def _drain(self, grace: float) -> None:
+        """A stop's wait for the calls in flight, ``grace`` seconds at most; past it,
+        the calls still running are cut short (see ``stop``)."""
         drained = self._dispatcher.drained()
-        if drained is not None:
-            await self._stop_waits(drained, grace)
-            if not drained.done():
-                log.warning("%s: %d calls still running %s (%s); cancelling the coroutine "
-                            "handlers and the calls no business thread has started", self.appkey,
-                            self._in_flight, "when told to stop at once" if self._hurried().done()
-                            else f"after {grace:.1f}s grace", self._dispatcher.running())
-                self._dispatcher.cut_short()
-                await asyncio.sleep(0)
+        if drained is None:
+            return
+        await self._stop_waits(drained, grace)
+        if not drained.done():
+            log.warning("%s: %d calls still running %s (%s); cancelling the coroutine "
+                        "handlers and the calls no business thread has started", self.appkey,
+                        self._in_flight, "when told to stop at once" if self._hurried().done()
+                        else f"after {grace:.1f}s grace", self._dispatcher.running())
+            self._dispatcher.cut_short()
+            await asyncio.sleep(0)
+
+    async def _close_connections(self, notified: List[ServerConnection], grace: float) -> None:
+        """Close every connection, once the ``notified`` peers have had their chance
+        to close theirs first."""
         # Requests a notified peer sent before it read the notice are still read and
         # refused (status 3) rather than dropped unread at the close: until it has
         # closed the connection (an octo_core client closes one it was told of
@@ -608,11 +624,15 @@ class Server:
         for conn in list(self._connections):
             conn.abort()
         await asyncio.sleep(0)
+
+    async def _release(self) -> None:
+        """What the start took, given back: the metrics endpoint, the business
+        threads, the listener and its unix socket file, the registry we opened."""
+        assert self._loop is not None and self._pool is not None   # start() made them
         if self._metrics_http is not None:   # last: /health said STOPPING all along
             self._metrics_http.close()
             self._metrics_http = None
         self._collected.detach()
-        assert self._pool is not None   # start() made it before the listener
         self._pool.shutdown()
         self._listener = None
         SERVING_LOOPS[self._loop].discard(self)
@@ -627,9 +647,10 @@ class Server:
         self._leaving = False
         self._hurry = None
         self.status = NodeStatus.STOPPED
-        # (not after a start that failed: what the service holds is kept for a retry)
-        served, self._served = self._served, False
-        for callback in self._on_stop if served else ():
+
+    async def _run_on_stop(self) -> None:
+        """The ``on_stop`` callbacks, in order; one that fails is logged, the rest run."""
+        for callback in self._on_stop:
             try:
                 outcome = callback()
                 if inspect.isawaitable(outcome):
