@@ -430,8 +430,8 @@ class Server:
         inflate = _codec.InflateBudget(READ_BATCH, self._loop.call_soon)
 
         def make_connection() -> ServerConnection:
-            return ServerConnection(self._dispatcher.dispatch, self._connections, self.max_frame_size,
-                                    max_connections, self.pause_reading_at,
+            return ServerConnection(self._dispatcher.dispatch, self._connections,
+                                    self.max_frame_size, max_connections, self.pause_reading_at,
                                     self.pause_reading_bytes, admit=self._admit_peer,
                                     max_depth=self.limits.max_depth if self.limits
                                     else protocol.DEFAULT_MAX_DEPTH, partial=partial,
