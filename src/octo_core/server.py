@@ -500,48 +500,6 @@ class Server:
                 return str(refused)
         return None
 
-    async def _register(self) -> None:
-        spec = self._registry_spec
-        assert spec is not None   # start() registers only with one
-        registry = self._registry = open_registry(spec) if isinstance(spec, str) else spec
-        ip, port = (self.address, 0) if self.unix_path is not None else (self.host, self.port)
-        if ip in _EVERY_INTERFACE and "ip" not in self._node_fields:   # callers cannot dial 0.0.0.0
-            listener = self._listener
-            ip = await LOOKUPS.run(_reachable_ip, ip)
-            if self._leaving or self._listener is not listener:   # a stop came meanwhile
-                return
-        fields: Dict[str, Any] = dict(
-            appkey=self.appkey, ip=ip, port=port, env=registry.env, startTime=int(time.time()),
-            heartbeatSupport=HeartbeatSupport.BOTH,
-            serviceInfo={name: {"unifiedProto": 1} for name in self._services})
-        fields.update(self._node_fields)
-        if not registry.machine_local and _machine_local(fields["ip"]):
-            log.warning("%s: registering %s in a registry shared by machines: callers on "
-                        "other machines cannot reach a loopback address or a unix socket "
-                        "(listen on host='0.0.0.0', or give node={'ip': ...})",
-                        self.appkey, fields["ip"])
-        where = spec if isinstance(spec, str) else type(registry).__name__
-        self._registration = Registration(registry, Node(**fields), where)
-        await self._registration.start(required=self.require_registry)
-
-    async def _unregister(self) -> None:
-        """Tell callers first: STOPPING, then gone; calls keep being served meanwhile
-        (when the registry took the STOPPING mark: else no one is being told)."""
-        assert self._registration is not None   # stop() asks only when it has one
-        # (forgotten once withdrawn: a stop cancelled before that withdraws it again)
-        told = await self._registration.withdraw()
-        self._registration = None
-        if told and self.unregister_delay > 0:
-            await self._stop_waits(None, self.unregister_delay)
-
-    @property
-    def registered_node(self) -> Optional[Node]:
-        """This server's node as its registry stored it; None without a registry,
-        while a registry that was away at start is still being retried, and once
-        stopping (a readiness check can wait for it)."""
-        registration = self._registration
-        return None if registration is None or self._leaving else registration.stored
-
     @property
     def address(self) -> str:
         """Where clients reach this server: ``host:port``, ``[v6]:port`` or ``unix:///path``."""
@@ -688,18 +646,6 @@ class Server:
         if not hurry.done():
             hurry.set_result(None)
 
-    def _notify_closing(self, conns: List[ServerConnection]) -> List[ServerConnection]:
-        """Tell the peers of ``conns`` (unified ones: native thrift has no such
-        message) that their connection is about to close, so they send no more
-        calls on it: octo_core's close notice, on PROTOCOL.md §3's heartbeats, a
-        reply with sequenceId -1 and this node's status (STOPPING at a stop), which
-        a client that does not know it drops as a reply to nothing. Returns ``conns``."""
-        notice = self._dispatcher.heartbeat_frame(protocol.CLOSE_NOTICE_SEQUENCE,
-                                       MessageType.NORMAL_HEARTBEAT)
-        for conn in conns:
-            conn.send(notice)
-        return conns
-
     def _inherited_by_fork(self) -> None:
         """In a child of ``os.fork()``, a server the parent started is the parent's:
         stopping it there would shut the parent's connections, unlink its socket
@@ -806,6 +752,64 @@ class Server:
 
     async def __aexit__(self, *exc: Any) -> None:
         await self.stop()
+
+    # --- registration --------------------------------------------------------------
+
+    async def _register(self) -> None:
+        spec = self._registry_spec
+        assert spec is not None   # start() registers only with one
+        registry = self._registry = open_registry(spec) if isinstance(spec, str) else spec
+        ip, port = (self.address, 0) if self.unix_path is not None else (self.host, self.port)
+        if ip in _EVERY_INTERFACE and "ip" not in self._node_fields:   # callers cannot dial 0.0.0.0
+            listener = self._listener
+            ip = await LOOKUPS.run(_reachable_ip, ip)
+            if self._leaving or self._listener is not listener:   # a stop came meanwhile
+                return
+        fields: Dict[str, Any] = dict(
+            appkey=self.appkey, ip=ip, port=port, env=registry.env, startTime=int(time.time()),
+            heartbeatSupport=HeartbeatSupport.BOTH,
+            serviceInfo={name: {"unifiedProto": 1} for name in self._services})
+        fields.update(self._node_fields)
+        if not registry.machine_local and _machine_local(fields["ip"]):
+            log.warning("%s: registering %s in a registry shared by machines: callers on "
+                        "other machines cannot reach a loopback address or a unix socket "
+                        "(listen on host='0.0.0.0', or give node={'ip': ...})",
+                        self.appkey, fields["ip"])
+        where = spec if isinstance(spec, str) else type(registry).__name__
+        self._registration = Registration(registry, Node(**fields), where)
+        await self._registration.start(required=self.require_registry)
+
+    async def _unregister(self) -> None:
+        """Tell callers first: STOPPING, then gone; calls keep being served meanwhile
+        (when the registry took the STOPPING mark: else no one is being told)."""
+        assert self._registration is not None   # stop() asks only when it has one
+        # (forgotten once withdrawn: a stop cancelled before that withdraws it again)
+        told = await self._registration.withdraw()
+        self._registration = None
+        if told and self.unregister_delay > 0:
+            await self._stop_waits(None, self.unregister_delay)
+
+    @property
+    def registered_node(self) -> Optional[Node]:
+        """This server's node as its registry stored it; None without a registry,
+        while a registry that was away at start is still being retried, and once
+        stopping (a readiness check can wait for it)."""
+        registration = self._registration
+        return None if registration is None or self._leaving else registration.stored
+
+    # --- connections ---------------------------------------------------------------
+
+    def _notify_closing(self, conns: List[ServerConnection]) -> List[ServerConnection]:
+        """Tell the peers of ``conns`` (unified ones: native thrift has no such
+        message) that their connection is about to close, so they send no more
+        calls on it: octo_core's close notice, on PROTOCOL.md §3's heartbeats, a
+        reply with sequenceId -1 and this node's status (STOPPING at a stop), which
+        a client that does not know it drops as a reply to nothing. Returns ``conns``."""
+        notice = self._dispatcher.heartbeat_frame(protocol.CLOSE_NOTICE_SEQUENCE,
+                                       MessageType.NORMAL_HEARTBEAT)
+        for conn in conns:
+            conn.send(notice)
+        return conns
 
     async def _sweep(self) -> None:
         """Close connections idle too long, or stuck on a partial frame too long."""
