@@ -32,8 +32,8 @@ from octo_core.middleware import Middleware, is_coroutine_function, wrapped
 from octo_core.protocol import Frame, MessageType, NodeStatus
 from octo_core.quotas import Quotas
 from octo_core.reply import Reply
+from octo_core.tasks import start_task
 from octo_core.throttle import Throttle
-from octo_core.transport.loop import start_task
 from octo_core.transport.server import ServerConnection
 
 # (the server's logger: what the call path logs is the server's, as users filter it)

@@ -9,9 +9,6 @@ import threading
 import weakref
 from typing import Any, Callable, Coroutine, Dict, Optional, Set, Union
 
-# (re-exported, typed: server.py imports start_task from here)
-from octo_core.tasks import start_task as start_task
-
 
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """A new event loop: uvloop's if available, else asyncio's default."""
