@@ -443,7 +443,7 @@ def test_max_in_flight_bytes_bounds_the_requests_all_connections_hold_together()
             assert await b.echo("small") == "small"        # small ones still fit
             handler.gate.set()
             assert await asyncio.gather(*first) == [big, big]
-            assert server._in_flight_bytes == 0
+            assert server._dispatcher._in_flight_bytes == 0
             lone = "y" * 150_000                           # over the limit, but alone
             assert await a.slow(lone, 0) == lone
 
@@ -476,7 +476,7 @@ def test_max_in_flight_bytes_charges_each_call_what_it_costs_the_server_whatever
             handler.gate.set()
             rest = await raw.read_frames(fits, timeout=10)
             assert sum(f.head.status == 0 for f in rest) == running
-            assert server._in_flight_bytes == 0
+            assert server._dispatcher._in_flight_bytes == 0
 
     run(main())
 
@@ -727,12 +727,12 @@ def test_one_connection_cannot_take_the_business_pool_from_the_others():
                 async_client(Echo, server.address, timeout=20) as good:
             raw.writer.write(b"".join(unified_request("block", Echo.block_args(text=f"b{seq}"), seq)
                                       for seq in range(count)))
-            share = server._business_share
-            assert share <= server._business_limit // 2
+            share = server._dispatcher._business_share
+            assert share <= server._dispatcher._business_limit // 2
             statuses = [f.head.status for f in await raw.read_frames(count - share, timeout=30)]
             assert statuses == [Status.RPC_EXCEPTION] * (count - share)   # the excess, at once
             answer = asyncio.ensure_future(good.echo("good"))
-            await wait_until(lambda: server._business_pending == share + 1)   # queued, not refused
+            await wait_until(lambda: server._dispatcher._business_pending == share + 1)   # queued, not refused
             handler.release.set()
             assert await answer == "good"
             frames = await raw.read_frames(share, timeout=30)
@@ -1208,7 +1208,7 @@ def test_the_objects_a_request_decodes_to_count_in_flow_control_and_in_flight_by
             await raw.send(request)
             await wait_until(lambda: sorter.running, what="the call to run")
             assert len(request) < 30_000
-            assert server._in_flight_bytes >= len(items) * 3 * server_module.OBJECT_BYTES
+            assert server._dispatcher._in_flight_bytes >= len(items) * 3 * server_module.OBJECT_BYTES
             (conn,) = server._connections
             assert conn.reading_paused
             with pytest.raises(RpcError, match="bytes of requests in flight"):
@@ -1216,7 +1216,7 @@ def test_the_objects_a_request_decodes_to_count_in_flow_control_and_in_flight_by
             sorter.gate.set()
             assert (await raw.read_frame()).head.status == 0
             assert await other.echo("room again") == "room again"
-            assert server._in_flight_bytes == 0 and not conn.reading_paused
+            assert server._dispatcher._in_flight_bytes == 0 and not conn.reading_paused
 
     run(main())
 

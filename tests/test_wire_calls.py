@@ -288,7 +288,7 @@ def test_a_handler_failing_every_call_is_logged_once_per_period_per_exception_ty
     async def main():
         async with serving(echo_services()) as server, \
                 async_client(Echo, server.address) as client:
-            server._faults.clock = lambda: now[0]   # (its period passes when the test says)
+            server._dispatcher._faults.clock = lambda: now[0]   # (its period passes when the test says)
 
             async def fail(kind, times):
                 for _ in range(times):
@@ -297,9 +297,9 @@ def test_a_handler_failing_every_call_is_logged_once_per_period_per_exception_ty
 
             await fail("undeclared", 50)
             await fail("unprintable", 3)         # another exception type: its own first record
-            now[0] += server._faults.every
+            now[0] += server._dispatcher._faults.every
             await fail("undeclared", 2)          # the period is over: a summary, then held back
-            now[0] += server._faults.every
+            now[0] += server._dispatcher._faults.every
             await fail("unprintable", 1)         # its two held back, told at last
             assert server.stats()["Echo.fail"]["errors"] == {Status.APPLICATION_EXCEPTION: 56}
 

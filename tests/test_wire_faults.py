@@ -979,7 +979,7 @@ def test_stop_with_grace_shorter_than_a_call_fails_it_cleanly():
             with pytest.raises(TransportError) as info:
                 await asyncio.wait_for(blocked, 5)
             assert not isinstance(info.value, CallTimeout)
-            assert not server._handlers
+            assert not server._dispatcher._handlers
         handler.release.set()
 
     run(main())

@@ -273,12 +273,6 @@ class Server:
     _leaving: _Dispatchers[bool] = _Dispatchers()
     _services: _Dispatchers[Dict[str, Any]] = _Dispatchers()
     _in_flight: _Dispatchers[int] = _Dispatchers()
-    _in_flight_bytes: _Dispatchers[int] = _Dispatchers()
-    _handlers: _Dispatchers[Dict[asyncio.Future, Any]] = _Dispatchers()
-    _business_limit: _Dispatchers[int] = _Dispatchers()
-    _business_share: _Dispatchers[int] = _Dispatchers()
-    _business_pending: _Dispatchers[int] = _Dispatchers()
-    _faults: _Dispatchers[Throttle] = _Dispatchers()
 
     def __init__(self, appkey: str, host: str = "127.0.0.1", port: int = 0, *,
                  business_threads: int = 16, business_queue: int = 1024,
