@@ -71,6 +71,9 @@ CELL_CASES = [
                       node("s2a", cell="gz-set2")], {"s1a", "s1b"}),
     ("a cell without set_routing is not a Set caller: the center",
      SET_OFF, {}, [node("center1"), node("s1a", cell="gz-set1")], {"center1"}),
+    ("a cell alone does not make a Set caller (set_routing is off unless asked for)",
+     Caller(appkey="com.example.caller", cell="gz-set1"), {},
+     [node("center1"), node("s1a", cell="gz-set1")], {"center1"}),
     ("untagged, non-Set caller: the center",
      PLAIN, {}, [node("center1"), node("center2"), node("s1a", cell="gz-set1")],
      {"center1", "center2"}),
@@ -233,6 +236,11 @@ LOCALITY_CASES = [
      {"i1", "e1"}),
     ("a caller with a region only: the region",
      Caller(region="north"), [dc("i1", "gz1", "south"), dc("e1", "bj1", "north")], {}, {"e1"}),
+    ("a caller with an IDC only: the IDC",
+     Caller(idc="gz1"), [dc("i1", "gz1", "south"), dc("e1", "bj1", "north")], {}, {"i1"}),
+    ("a node weighing less than 1 is still capacity: its IDC stays a tier",
+     HERE, [node("i1", idc="gz1", region="south", weight=0, fweight=0.5), dc("r1", "gz2", "south")],
+     {}, {"i1"}),
 ]
 
 
@@ -264,8 +272,19 @@ def test_nodes_the_caller_knows_are_down_count_out_of_the_locality_share():
     assert names(router.route()) == {"i1", "i2", "i3"}
     restricted = Router(HERE, locality="idc")      # no shares: nothing to redo
     restricted.update(nodes)
+    before = restricted.route()
     restricted.set_down({nodes[1].key, nodes[2].key})
-    assert names(restricted.route()) == {"i1", "i2", "i3"}
+    assert restricted.route() is before and names(before) == {"i1", "i2", "i3"}
+
+
+def test_nodes_the_caller_knows_are_down_count_for_a_caller_that_knows_only_its_region():
+    nodes = [dc("r1", "gz1", "south"), dc("r2", "gz2", "south"), dc("r3", "gz2", "south"),
+             dc("e1", "bj1", "north")]
+    router = Router(Caller(region="south"))
+    router.update(nodes)
+    assert names(router.route()) == {"r1", "r2", "r3"}
+    router.set_down({nodes[1].key, nodes[2].key})
+    assert names(router.route()) == {"r1", "r2", "r3", "e1"}
 
 
 def tiers(routed: Weighted) -> List[Set[str]]:
@@ -355,6 +374,24 @@ def test_a_hard_locality_without_the_callers_own_is_refused(caller, locality):
     that showed up only as misrouted or failing calls."""
     with pytest.raises(ValueError, match=f"locality={locality!r} needs the caller's {locality}"):
         Router(caller, locality=locality)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5, 1.0])
+def test_a_locality_threshold_within_0_and_1_is_taken(threshold):
+    assert Router(HERE, locality_threshold=threshold).locality_threshold == threshold
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.5, 2.0])
+def test_a_locality_threshold_outside_0_and_1_is_refused(threshold):
+    with pytest.raises(ValueError, match="locality_threshold must be within"):
+        Router(HERE, locality_threshold=threshold)
+
+
+def test_a_caller_is_frozen():
+    """One ``Caller`` is shared (``Router``'s default, a client's routers): no one
+    may change where the others call from."""
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        HERE.idc = "bj1"
 
 
 # --- route rules ------------------------------------------------------------------------
@@ -551,11 +588,22 @@ def test_router_weights_warm_up_and_refresh_each_second(clock):
     clock.advance(10.0)
     later = router.route()
     assert weights_by_name(later) == pytest.approx({"old": 100, "new": 100 * 20.5 / 40})
-    clock.advance(60)
+    clock.advance(20)                                  # 40.5 s: warm since this second
     warm = router.route()
     assert weights_by_name(warm) == pytest.approx({"old": 100, "new": 100})
     clock.advance(5)
     assert router.route() is warm                      # warm now: cached for good
+
+
+def test_router_weights_refresh_until_the_last_node_is_warm(clock):
+    start = int(clock.now)
+    clock.now = start + 30.0
+    router = Router()
+    router.update([node("quick", weight=100, warmup=20, startTime=start),
+                   node("slow", weight=100, warmup=60, startTime=start)])
+    assert weights_by_name(router.route()) == pytest.approx({"quick": 100, "slow": 50})
+    clock.advance(15)
+    assert weights_by_name(router.route()) == pytest.approx({"quick": 100, "slow": 75})
 
 
 # --- the cache ---------------------------------------------------------------------------
@@ -609,6 +657,37 @@ def test_no_route_is_not_cached_as_an_answer():
             router.route()
     router.update([node("c"), node("s2", cell="gz-set2"), node("s1", cell="gz-set1")])
     assert names(router.route()) == {"s1"}
+
+
+def test_tags_no_node_carries_route_as_one_and_share_its_answer():
+    """Tags come from remote callers: each unknown LiteSet or lane must not make
+    an answer of its own (nor a balancer in ``Cluster``, keyed by ``tag_key``)."""
+    router = Router()
+    router.update([node("c"), node("la", cell="lite-a"), node("b1", swimlane="blue")])
+    unknown_cell = router.route({LITESET_KEY: "lite-x"})
+    assert names(unknown_cell) == {"c"}
+    assert router.tag_key({LITESET_KEY: "lite-y"}) == router.tag_key({LITESET_KEY: "lite-x"})
+    assert router.route({LITESET_KEY: "lite-y"}) is unknown_cell
+    assert router.tag_key({SWIMLANE_KEY: "red"}) == router.tag_key({})
+    assert router.route({SWIMLANE_KEY: "red"}) is router.route()
+
+
+def test_routable_says_which_tag_keys_the_nodes_still_have():
+    """What ``Cluster.update`` keeps balancers for: the cells and lanes still listed."""
+    router = Router()
+    router.update([node("c"), node("la", cell="lite-a"), node("b1", swimlane="blue")])
+    keys = {name: router.tag_key(tags) for name, tags in [
+        ("untagged", {}), ("lite-a", LITESET), ("blue", BLUE), ("both", {**LITESET, **BLUE}),
+        ("unknown cell", {LITESET_KEY: "lite-x"})]}
+    assert {name: router.routable(key) for name, key in keys.items()} == dict.fromkeys(keys, True)
+    router.update([node("c")])
+    assert {name: router.routable(key) for name, key in keys.items()} == {
+        "untagged": True, "lite-a": False, "blue": False, "both": False, "unknown cell": True}
+
+
+def test_a_router_never_updated_routes_tagged_calls_to_nothing():
+    router = Router()
+    assert [router.route(tags).nodes for tags in ({}, LITESET, BLUE)] == [(), (), ()]
 
 
 _RULE = {"id": "r1", "providers": ["10.0.0.1:*"], "consumer_appkeys": ["me"]}
