@@ -423,6 +423,19 @@ def test_forking_and_hedging_replace_a_copy_whose_request_never_left(policy):
     run_virtual(main())
 
 
+def test_only_the_copy_that_replaces_one_given_back_goes_without_budget():
+    """The refused first copy is replaced for free, once: the hedge after that
+    slow replacement still needs the budget (here none)."""
+    async def main():
+        cluster = make_cluster(4, policy="hedging", hedge_delay=0.05, breaker=NO_BREAKER,
+                               budget=RetryBudget(ratio=0.0, min_per_second=0.0))
+        send = ScriptedSend(by_attempt=[fail(refused), answer("slow", after=0.5)],
+                            default=answer("hedge"))
+        assert await cluster.invoke(send, timeout=1.0, idempotent=True) == "slow"
+        assert len(send) == 2
+    run_virtual(main())
+
+
 @pytest.mark.parametrize("make", [overload, refused], ids=["overload", "connect refused"])
 def test_hedging_sends_the_backup_at_once_when_the_first_attempt_fails(make):
     """gRPC A6: a node fault of one attempt sends the next hedge at once; the call
@@ -598,6 +611,21 @@ def test_retry_budget_keeps_a_total_outage_from_multiplying_calls():
                 await cluster.invoke(send, timeout=1.0)
         # Without a budget: 4 attempts per call (2000). With it: +10 % and the floor.
         assert calls < len(send) <= calls * 1.1 + 10
+    run_virtual(main())
+
+
+def test_every_call_counts_toward_the_retry_budget():
+    """The ratio is a share of the calls made: at half of them and no floor, 100
+    calls failing everywhere get 50 retries between them (none, had the calls not
+    been counted)."""
+    async def main():
+        budget = RetryBudget(ratio=0.5, min_per_second=0.0, window=10, clock=FakeClock())
+        cluster = make_cluster(3, retries=1, budget=budget, breaker=NO_BREAKER)
+        send = ScriptedSend(default=fail(overload))
+        for _ in range(100):
+            with pytest.raises(RpcError):
+                await cluster.invoke(send, timeout=1.0)
+        assert len(send) == 150
     run_virtual(main())
 
 
@@ -1561,6 +1589,18 @@ def test_no_node_raises_no_route_error():
         with pytest.raises(NoRouteError):
             await set_caller.invoke(send, timeout=1.0)
         assert len(send) == 0
+    run_virtual(main())
+
+
+@pytest.mark.parametrize("policy", ["failfast", "failover", "forking", "hedging"])
+def test_a_call_that_finds_no_node_says_why_under_every_policy(policy):
+    """The router's reason (a Set caller with no node in its Set), not a generic
+    one: forking and hedging too, though they ask for nodes their own way."""
+    async def main():
+        cluster = make_cluster(policy=policy, router=Router(Caller(cell="set-1", set_routing=True)),
+                               nodes=[node("c"), node("s2", cell="set-2")])
+        with pytest.raises(NoRouteError, match="none in Set 'set-1'"):
+            await cluster.invoke(ScriptedSend(), timeout=1.0, idempotent=True)
     run_virtual(main())
 
 
