@@ -34,6 +34,7 @@ from octo_core.transport.loop import new_event_loop
 from octo_core.errors import (ApplicationError, CallTimeout, DegradeError, OctoError, RpcError,
                               Status, TransportError)
 
+from cluster_helpers import FakeClock, FakeTime
 from wire_helpers import (CLIENT_APPKEY, EVERYTHING, LOCALHOST, SERVER_APPKEY, Echo, EchoHandler,
                           EverythingStubs, async_client, decode_body, echo_services, framed_request,
                           fresh_throttle, raw_connection, run, serving, thriftpy2_client,
@@ -1109,6 +1110,65 @@ def test_quota_buckets_for_invented_callers_stay_bounded():
     for i in range(150):
         quotas.take(f"more.{i}")
     assert len(quotas._buckets) <= 100
+
+
+@pytest.fixture
+def quota_clock(monkeypatch) -> FakeClock:
+    """The monotonic clock of ``octo_core.quotas``, moved by hand."""
+    from octo_core import quotas as quotas_module
+    clock = FakeClock(start=1000.0)
+    monkeypatch.setattr(quotas_module, "time", FakeTime(clock))
+    return clock
+
+
+def test_a_quota_bucket_refills_at_its_rate(quota_clock):
+    from octo_core.quotas import Quotas
+    quotas = Quotas({"fast": 2.0, "slow": 0.5})
+    assert [quotas.take("fast") for _ in range(3)] == [True, True, False]
+    assert [quotas.take("slow") for _ in range(2)] == [True, False]
+    quota_clock.advance(0.5)                   # one call's worth for fast, a quarter for slow
+    assert [quotas.take("fast") for _ in range(2)] == [True, False]
+    assert not quotas.take("slow")
+    quota_clock.advance(1.5)                   # 2 s since slow's call: one more
+    assert [quotas.take("slow") for _ in range(2)] == [True, False]
+
+
+def test_making_room_for_quota_callers_forgets_only_refilled_buckets(quota_clock):
+    """Buckets that have refilled are dropped; the partly used ones stay, whatever
+    their rate (below 1/s, above, or one being refilled), so no caller gets a fresh
+    bucket early by others' names coming in."""
+    from octo_core.quotas import Quotas
+    quotas = Quotas({"busy": 0.1, "slow": 0.5, "heavy": 10.0, "*": 1.0}, max_callers=5)
+    assert all(quotas.take(caller) for caller in ["busy", "slow", "any-1", "any-2"])
+    quota_clock.advance(0.5)
+    assert all(quotas.take("heavy") for _ in range(9))          # 1 left, 5/s coming back
+    quota_clock.advance(0.5)                                     # any-1 and any-2 are full again
+    assert quotas.take("new")                                    # the sixth caller: room made
+    assert not quotas.take("busy") and not quotas.take("slow")
+    assert sum(quotas.take("heavy") for _ in range(10)) == 6
+
+
+def test_with_every_quota_bucket_busy_making_room_forgets_the_stalest_half(quota_clock):
+    from octo_core.quotas import Quotas
+    quotas = Quotas({"*": 2.0}, max_callers=4)
+    for caller, calls in [("d4", 1), ("c3", 2), ("b2", 1), ("a1", 2)]:   # oldest first
+        assert all(quotas.take(caller) for _ in range(calls))
+        quota_clock.advance(0.1)
+    assert quotas.take("new")                  # none has refilled: d4 and c3 are forgotten
+    assert quotas.take("c3")                   # (a fresh bucket)
+    assert not quotas.take("a1")               # still empty
+
+
+def test_quotas_keep_a_hundred_thousand_callers_by_default(quota_clock):
+    from octo_core.quotas import Quotas
+    quotas = Quotas({"*": 1.0})
+    assert quotas.take("caller.0")
+    quota_clock.advance(0.25)
+    assert all(quotas.take(f"caller.{i}") for i in range(1, 100_000))
+    assert not quotas.take("caller.0")         # all 100 000 buckets kept
+    quota_clock.advance(0.25)
+    assert quotas.take("one.more")             # room made: the stalest half forgotten
+    assert quotas.take("caller.0")
 
 
 def test_a_frame_trickled_in_is_closed_after_read_timeout():
