@@ -423,6 +423,31 @@ def test_forking_and_hedging_replace_a_copy_whose_request_never_left(policy):
     run_virtual(main())
 
 
+@pytest.mark.parametrize("policy", ["forking", "hedging"])
+def test_forking_and_hedging_get_back_no_more_copies_than_they_may_send(policy):
+    """As failover: every node refusing (an outage), a call gets back as many
+    copies as it may send (2), then sends 2 that count -- not one to every node."""
+    async def main():
+        cluster = make_cluster(20, policy=policy, forks=2, breaker=NO_BREAKER)
+        send = ScriptedSend(default=fail(refused))
+        error = await outcome(cluster.invoke(send, timeout=1.0, idempotent=True))
+        assert isinstance(error, TransportError)
+        assert len(send) == 4 and len(set(send.keys)) == 4
+    run_virtual(main())
+
+def test_a_hedge_the_budget_refused_is_not_tried_again_later_in_the_call():
+    """No copy to send: the call waits for the one that runs, though the budget
+    has a token again before it answers (its spent retry left the 10 s window)."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        budget = RetryBudget(ratio=0.0, min_per_second=0.1, window=10, clock=loop.time)
+        assert budget.try_retry()                          # its one token for 10 s, spent
+        cluster = make_cluster(3, policy="hedging", hedge_delay=0.5, budget=budget)
+        send = ScriptedSend(by_attempt=[answer("first", after=15.0)], default=answer("hedge"))
+        assert await cluster.invoke(send, timeout=30.0, idempotent=True) == "first"
+        assert len(send) == 1
+    run_virtual(main())
+
 def test_only_the_copy_that_replaces_one_given_back_goes_without_budget():
     """The refused first copy is replaced for free, once: the hedge after that
     slow replacement still needs the budget (here none)."""
