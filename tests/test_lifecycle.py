@@ -647,6 +647,35 @@ def test_a_handler_method_that_cannot_take_the_idls_arguments_is_refused_when_ad
     server.add_service(Calc, Static)
 
 
+#: A handler module annotated with what only a type checker imports. Before 3.14 such
+#: a module needs ``from __future__ import annotations`` (annotations stay strings);
+#: 3.14 defers them without it (PEP 649), and evaluates them when they are read.
+_HINTED_HANDLERS = ("from __future__ import annotations\n" if sys.version_info < (3, 14) else "") + """
+from typing import TYPE_CHECKING
+if TYPE_CHECKING:
+    from checker_only import Text
+
+class Hinted(EchoHandler):
+    async def echo(self, text: Text) -> Text:
+        return text
+
+class TooFew(EchoHandler):
+    def echo(self) -> Text:
+        return "?"
+"""
+
+
+def test_a_handler_annotated_with_names_only_a_type_checker_imports_is_added():
+    """On 3.14, reading the handler's signature (the argument check) evaluated its
+    annotations: add_service failed with NameError, not the handler's fault."""
+    handlers: dict = {"EchoHandler": EchoHandler}
+    exec(compile(_HINTED_HANDLERS, "hinted_handlers", "exec", dont_inherit=True), handlers)
+    server = octo_core.Server(SERVER_APPKEY)
+    server.add_service(Echo, handlers["Hinted"]())
+    with pytest.raises(TypeError, match=r"echo\(\) -> 'Text' for echo\(text\)"):
+        server.add_service(Echo, handlers["TooFew"](), name="TooFew")
+
+
 @pytest.mark.parametrize("host, port, error, says", [
     (LOCALHOST, 70000, ValueError, "port 70000 is out of range"),
     (LOCALHOST, -1, ValueError, "port -1 is out of range"),

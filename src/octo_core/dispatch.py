@@ -15,6 +15,7 @@ import inspect
 import logging
 import operator
 import os
+import sys
 import threading
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, TypeGuard
@@ -35,6 +36,9 @@ from octo_core.reply import Reply
 from octo_core.tasks import start_task
 from octo_core.throttle import Throttle
 from octo_core.transport.server import ServerConnection
+
+if sys.version_info >= (3, 14):
+    import annotationlib
 
 # (the server's logger: what the call path logs is the server's, as users filter it)
 log = logging.getLogger("octo_core.server")
@@ -68,13 +72,24 @@ CALL_BYTES = 2048
 _Argv = Callable[[Any], Tuple[Any, ...]]
 
 
+def _own_signature(fn: Callable[..., Any]) -> inspect.Signature:
+    """``fn``'s own signature (a decorator's wrapper as it is), its annotations
+    as written. Python 3.14 evaluates annotations when they are read (PEP 649),
+    and a handler annotated with a name only a type checker imports (under
+    ``TYPE_CHECKING``) would fail ``add_service`` with a NameError."""
+    if sys.version_info >= (3, 14):
+        return inspect.signature(fn, follow_wrapped=False,
+                                 annotation_format=annotationlib.Format.STRING)
+    return inspect.signature(fn, follow_wrapped=False)
+
+
 def _takes_arguments(fn: Callable[..., Any], method: idl.Method) -> bool:
     """Can ``fn`` be called with ``method``'s arguments by position, as calls call it?
     (True when its signature cannot be read: a builtin's, say.) A decorator's
     wrapper is read as it is, not the function it wraps (``functools.wraps``):
     one that supplies an argument of its own takes fewer than what it wraps."""
     try:
-        signature = inspect.signature(fn, follow_wrapped=False)
+        signature = _own_signature(fn)
     except (TypeError, ValueError):
         return True
     try:
@@ -356,7 +371,7 @@ class Dispatcher:
                  if not _takes_arguments(getattr(handler, m), declared)]
         if unfit:   # (else every call of them fails, as an ApplicationError at the caller)
             raise TypeError(f"handler for {name} cannot take the IDL's arguments: " + "; ".join(
-                f"{m}{inspect.signature(getattr(handler, m), follow_wrapped=False)} for "
+                f"{m}{_own_signature(getattr(handler, m))} for "
                 f"{m}({', '.join(methods[m].arg_names)})" for m in unfit))
         for declared in methods.values():
             _check_structs(name, declared)
