@@ -474,8 +474,9 @@ def test_a_second_ctrl_c_stops_the_server_at_once_and_its_callers_are_answered(h
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     lines: "queue.Queue[str]" = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout],
-                     daemon=True).start()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stdout],
+                              daemon=True)
+    reader.start()
     output: list = []
 
     def line_with(text: str) -> str:
@@ -513,6 +514,8 @@ def test_a_second_ctrl_c_stops_the_server_at_once_and_its_callers_are_answered(h
         if process.poll() is None:
             process.kill()
         process.wait()
+        reader.join(30)          # (at the pipe's end, now the process is gone)
+        process.stdout.close()   # (else a ResourceWarning, in whichever later test collects it)
 
 
 #: serve_forever with a coroutine handler that leaves a task running (as an
