@@ -603,7 +603,12 @@ def test_a_call_from_another_event_loop_fails_before_anything_is_sent():
 def test_a_client_whose_event_loop_is_closed_says_so():
     with serving_in_thread(echo_services()) as server:
         client = octo_core.AsyncClient(Echo, appkey=CLIENT_APPKEY, hosts=[server.address])
-        assert run(client.echo("first loop")) == "first loop"
+        with warnings.catch_warnings():
+            # The first loop closes under the client's connection, as this test means
+            # it to: uvloop warns of the open transport. Not made an error (-W error):
+            # uvloop's close then never returns (the warning cuts its handle's close short).
+            warnings.simplefilter("ignore", ResourceWarning)
+            assert run(client.echo("first loop")) == "first loop"
 
         async def second_loop() -> None:
             with pytest.raises(TransportError, match="event loop .* is closed") as caught:
