@@ -658,7 +658,8 @@ def test_a_handler_method_that_cannot_take_the_idls_arguments_is_refused_when_ad
 #: A handler module annotated with what only a type checker imports. Before 3.14 such
 #: a module needs ``from __future__ import annotations`` (annotations stay strings);
 #: 3.14 defers them without it (PEP 649), and evaluates them when they are read.
-_HINTED_HANDLERS = ("from __future__ import annotations\n" if sys.version_info < (3, 14) else "") + """
+_HINTED_HANDLERS = ("from __future__ import annotations\n" if sys.version_info < (3, 14)
+                    else "") + """
 from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from checker_only import Text
