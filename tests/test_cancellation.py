@@ -87,10 +87,10 @@ def test_a_call_cancelled_while_it_waits_for_its_reply_gives_back_what_it_held(
 
 
 def test_a_caller_cancelled_as_its_connect_completes_stays_cancelled(monkeypatch):
-    # Regression: Endpoint._open waited with asyncio.wait_for, which before Python
-    # 3.12 returns an outcome that came in the loop pass its caller was cancelled
-    # in: the cancel was lost, the request sent, and the caller's task ran on
-    # (an asyncio.timeout around it never fired).
+    # A connect that completes in the loop pass its caller is cancelled in: before
+    # Python 3.12, asyncio.wait_for returns that outcome and drops the cancel (the
+    # request would go out, an asyncio.timeout around the call never fire), which is
+    # why Endpoint._open waits with asyncio.wait.
     handler = EchoHandler()
 
     async def main():
@@ -118,8 +118,8 @@ def test_a_caller_cancelled_as_its_connect_completes_stays_cancelled(monkeypatch
 
 
 def test_a_caller_cancelled_as_the_server_reads_again_stays_cancelled():
-    # Regression: ClientConnection.drained waited with asyncio.wait_for (see above):
-    # a caller cancelled in the loop pass the writes resumed had its request sent.
+    # The same race for ClientConnection.drained (see above): a caller cancelled in
+    # the loop pass the writes resume must not have its request sent.
     handler = EchoHandler()
 
     async def main():
@@ -159,10 +159,10 @@ def test_a_call_cancelled_while_the_server_reads_nothing_leaves_no_waiter():
 
 
 def test_a_close_given_up_on_in_its_grace_still_closes():
-    # Regression: AsyncClient.close(grace) cancelled while it waited for the calls in
-    # flight (an asyncio.timeout around it) returned before closing anything: the
-    # client refused every call but kept its connections, and their heartbeats,
-    # open for good (its finalizer was already detached).
+    # A close(grace) cancelled while it waits for the calls in flight (an
+    # asyncio.timeout around it) must still close: else the client refuses every
+    # call but keeps its connections, and their heartbeats, open for good (its
+    # finalizer is already detached by then).
     handler = EchoHandler()
 
     async def main():
@@ -202,10 +202,10 @@ class _GatedRegistry(MemoryRegistry):
 
 
 def test_a_directory_closed_as_its_refresh_is_answered_stops_refreshing():
-    # Regression: the refresher looped until cancelled, and its fetch waited with
+    # The refresher stops once closed, not only once cancelled: its fetch waits with
     # asyncio.wait_for, which before Python 3.12 drops a cancel that comes in the
-    # loop pass of the registry's answer: close() then waited for the refresher
-    # for ever (and an AsyncClient's close with it).
+    # loop pass of the registry's answer, and close() would then wait for the
+    # refresher for ever (and an AsyncClient's close with it).
     async def main():
         registry = _GatedRegistry()
         await registry.register(Node(appkey=APPKEY, ip="127.0.0.1", port=9001))
