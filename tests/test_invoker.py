@@ -789,6 +789,39 @@ def test_timeouts_of_a_call_cut_short_are_no_failure_to_a_learning_balancer(monk
     assert told == [True, False]
 
 
+@pytest.mark.parametrize("lb", ["lalb", "leastrequest"])
+def test_a_learning_balancer_hears_each_attempts_start_latency_and_outcome(monkeypatch, lb):
+    told: List[Tuple[Any, ...]] = []
+    made = Balancer.__init__
+
+    def recording(balancer: Balancer, impl: Any, name: str) -> None:
+        made(balancer, impl, name)
+        start, finish = balancer.on_start, balancer.on_finish
+
+        def on_start(node: Node) -> None:
+            told.append(("start", node.key))
+            start(node)
+
+        def on_finish(node: Node, latency_s: float, ok: bool) -> None:
+            told.append(("finish", node.key, round(latency_s, 6), ok))
+            finish(node, latency_s, ok)
+        balancer.on_start = on_start  # type: ignore[method-assign]
+        balancer.on_finish = on_finish  # type: ignore[method-assign]
+    monkeypatch.setattr(Balancer, "__init__", recording)
+    monkeypatch.setattr(invoker, "time", _LoopClock)
+
+    async def main() -> None:
+        cluster = make_cluster(1, policy="failfast", lb=lb, breaker=NO_BREAKER)
+        (only,) = cluster.router.nodes
+        assert await cluster.invoke(ScriptedSend(default=answer("ok", after=0.25)),
+                                    timeout=1.0) == "ok"
+        failing = ScriptedSend(default=fail(overload, after=0.5))
+        assert isinstance(await outcome(cluster.invoke(failing, timeout=1.0)), RpcError)
+        assert told == [("start", only.key), ("finish", only.key, 0.25, True),
+                        ("start", only.key), ("finish", only.key, 0.5, False)]
+    run_virtual(main())
+
+
 def test_a_call_whose_deadline_passed_raises_call_timeout_without_sending():
     async def main():
         cluster = make_cluster(3, retries=2)
@@ -856,6 +889,31 @@ def test_open_breakers_in_the_callers_idc_spill_its_calls_into_the_region():
         for crashed in idc[1:]:                       # each probe succeeds: closed again
             assert cluster.breaker(crashed).allows()
             cluster.breaker(crashed).record(True)
+        assert await spread() <= {n.key for n in idc}
+    run_virtual(main())
+
+
+def test_degraded_nodes_in_the_callers_idc_spill_its_calls_until_they_connect_again():
+    """As open breakers do: two IDC nodes whose connects failed put the IDC below
+    the locality threshold; once a call finds each connects again, the calls come back."""
+    async def main():
+        caller = Caller(appkey=CALLER, idc="gz1", region="south")
+        idc = [node(f"10.1.0.{i}", idc="gz1", region="south") for i in range(3)]
+        region = [node(f"10.2.0.{i}", idc="gz2", region="south") for i in range(2)]
+        cluster = make_cluster(nodes=idc + region, router=Router(caller), policy="failfast",
+                               breaker=NO_BREAKER)
+        for crashed in idc[1:]:
+            cluster.degrade(crashed)
+
+        async def spread() -> Set[str]:
+            send = ScriptedSend()
+            for _ in range(50):
+                await cluster.invoke(send, timeout=1.0)
+            return set(send.keys)
+
+        assert await spread() == {idc[0].key} | {n.key for n in region}
+        await asyncio.sleep(2.5)                      # the degrades are over
+        await spread()                                # (calls find each connects)
         assert await spread() <= {n.key for n in idc}
     run_virtual(main())
 
@@ -1142,7 +1200,65 @@ def test_a_probe_its_caller_cancels_proves_nothing():
         assert send.keys == [nodes[0].key]       # the probe is out
         probe.cancel()
         await asyncio.wait([probe])
+        assert probe.cancelled()                 # the caller's cancel reaches the caller
         assert breaker.state is BreakerState.HALF_OPEN and breaker.available()
+    run_virtual(main())
+
+
+def test_a_probe_its_client_cuts_short_proves_nothing():
+    """``ClientClosed`` on the half-open probe is this side's doing: the breaker
+    neither closes on it (as if the node had answered) nor stays claimed."""
+    async def main():
+        clock = FakeClock()
+        nodes = numbered_nodes(2)
+        cluster = make_cluster(policy="failfast", nodes=nodes, breaker=dict(
+            consecutive_failures=1, backoff_min=1.0, backoff_max=8.0, clock=clock))
+        breaker = cluster.breaker(nodes[0])
+        breaker.record(False)
+        clock.advance(1.3)
+        send = ScriptedSend({nodes[0].key: fail(ClientClosed)})
+        with pytest.raises(ClientClosed):
+            await cluster.invoke(send, timeout=1.0)
+        assert send.keys == [nodes[0].key]       # it was the probe
+        assert breaker.state is BreakerState.HALF_OPEN and breaker.available()
+    run_virtual(main())
+
+
+def test_a_probe_whose_connect_is_refused_reopens_the_breaker():
+    """A refused connect is no breaker failure while the breaker is closed (the
+    degrade judges it), but on the half-open probe it is the probe's answer: the
+    breaker opens again, not left half-open (and claimed) nor closed."""
+    async def main():
+        clock = FakeClock()
+        nodes = numbered_nodes(2)
+        cluster = make_cluster(policy="failfast", nodes=nodes, breaker=dict(
+            consecutive_failures=1, backoff_min=1.0, backoff_max=8.0, clock=clock))
+        breaker = cluster.breaker(nodes[0])
+        breaker.record(False)
+        clock.advance(1.3)
+        send = ScriptedSend({nodes[0].key: fail(refused)})
+        assert isinstance(await outcome(cluster.invoke(send, timeout=1.0)), TransportError)
+        assert send.keys == [nodes[0].key]       # it was the probe
+        assert breaker.state is BreakerState.OPEN
+    run_virtual(main())
+
+
+def test_overload_the_node_reports_in_its_reply_opens_its_breaker():
+    """Only a quota refusal (status 6) from the node is an answer that keeps its
+    breaker closed: an overload status the node put in its reply is a failure."""
+    def reported_overload() -> RpcError:
+        error = overload()
+        error.from_peer = True
+        return error
+
+    async def main():
+        cluster = make_cluster(1, policy="failfast",
+                               breaker=dict(consecutive_failures=2, clock=FakeClock()))
+        send = ScriptedSend(default=fail(reported_overload))
+        for _ in range(2):
+            assert isinstance(await outcome(cluster.invoke(send, timeout=1.0)), RpcError)
+        (only,) = cluster.router.nodes
+        assert cluster.breaker(only).state is BreakerState.OPEN
     run_virtual(main())
 
 
@@ -1310,6 +1426,11 @@ def test_a_degraded_node_is_retried_by_one_call_at_a_time():
         for _ in range(20):
             await cluster.invoke(send, timeout=1.0)
         assert down not in send.keys
+        await asyncio.sleep(2.5)                 # ... and then tried again
+        send.behaviours.clear()
+        for _ in range(20):
+            await cluster.invoke(send, timeout=1.0)
+        assert down in send.keys
     run_virtual(main())
 
 
