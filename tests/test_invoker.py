@@ -1711,6 +1711,21 @@ def test_failover_retries_in_the_next_tier_once_the_first_is_all_tried():
     run_virtual(main())
 
 
+def test_a_retry_in_panic_mode_still_goes_to_a_node_not_yet_tried():
+    """The only other node degraded, failover's retry takes it (panic mode), never
+    the node that just failed."""
+    async def main():
+        tried, degraded = numbered_nodes(2)
+        cluster = make_cluster(nodes=[tried, degraded], policy="failover", retries=1,
+                               lb="random", breaker=NO_BREAKER)
+        cluster.degrade(degraded)
+        for _ in range(20):
+            send = ScriptedSend({tried.key: fail(overload)})
+            assert await cluster.invoke(send, timeout=1.0) == f"ok from {degraded.key}"
+            assert send.keys == [tried.key, degraded.key]
+    run_virtual(main())
+
+
 def test_with_every_tier_open_panic_mode_still_prefers_the_first():
     async def main():
         cluster, nodes = _tiered(consecutive_failures=1, clock=FakeClock())
