@@ -2098,3 +2098,21 @@ def test_e2e_a_request_the_server_refuses_as_malformed_opens_no_breaker(tmp_path
             for server in servers:
                 await server.stop(grace=1.0)
     run(main(), timeout=20)
+
+
+def test_a_node_whose_last_call_failed_after_it_left_is_called_again_when_it_returns():
+    """A call still running on a node that leaves may fail after (opening the breaker
+    it had): that breaker is the departed node's, and must not mark the node down
+    for routing, or the node, listed again, would never be called."""
+    async def main() -> None:
+        cluster = make_cluster(1, policy="failfast", breaker=dict(consecutive_failures=1))
+        [node] = cluster.router.nodes
+        late = ScriptedSend(default=fail(overload, after=1.0))
+        call = asyncio.ensure_future(cluster.invoke(late, timeout=5.0))
+        await asyncio.sleep(0.5)
+        cluster.update([])                          # the node leaves, its call running
+        with pytest.raises(RpcError):
+            await call                              # ... which fails after it left
+        cluster.update([node])                      # listed again
+        assert await cluster.invoke(ScriptedSend(), timeout=5.0) == f"ok from {node.key}"
+    run_virtual(main())
