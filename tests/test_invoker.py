@@ -1159,20 +1159,28 @@ def test_cluster_breaker_failed_probe_reopens():
     run_virtual(main())
 
 
+def probing(policy: str = "failfast",
+            **options: Any) -> Tuple[Cluster, CircuitBreaker, List[Node]]:
+    """Two nodes; the first's breaker (one failure opens it, backoff 1 s to 8 s)
+    opened and past its backoff: the next call to that node is the half-open probe."""
+    clock = FakeClock()
+    nodes = numbered_nodes(2)
+    cluster = make_cluster(policy=policy, nodes=nodes, breaker=dict(
+        consecutive_failures=1, backoff_min=1.0, backoff_max=8.0, clock=clock), **options)
+    breaker = cluster.breaker(nodes[0])
+    breaker.record(False)
+    clock.advance(1.3)
+    return cluster, breaker, nodes
+
+
 def test_a_probe_that_loses_a_hedge_race_proves_nothing():
     """The half-open probe went to the slow node and the hedge answered first: the
     cancelled probe says nothing of the node, so the breaker neither reopens with
     a doubled backoff (a node slower than the hedge would then stay out for good)
     nor stays claimed: the next call probes."""
     async def main():
-        clock = FakeClock()
-        nodes = numbered_nodes(2)
+        cluster, breaker, nodes = probing(policy="hedging", hedge_delay=0.05)
         slow, fast = nodes[0].key, nodes[1].key
-        cluster = make_cluster(policy="hedging", nodes=nodes, hedge_delay=0.05, breaker=dict(
-            consecutive_failures=1, backoff_min=1.0, backoff_max=8.0, clock=clock))
-        breaker = cluster.breaker(nodes[0])
-        breaker.record(False)
-        clock.advance(1.3)                       # past the backoff: the next call probes
         send = ScriptedSend({slow: answer("late", after=1.0)})
         assert await cluster.invoke(send, timeout=2.0, idempotent=True) == f"ok from {fast}"
         assert send.keys == [slow, fast]         # the probe, then the hedge that won
@@ -1187,13 +1195,7 @@ def test_a_probe_that_loses_a_hedge_race_proves_nothing():
 
 def test_a_probe_its_caller_cancels_proves_nothing():
     async def main():
-        clock = FakeClock()
-        nodes = numbered_nodes(2)
-        cluster = make_cluster(policy="failfast", nodes=nodes, breaker=dict(
-            consecutive_failures=1, backoff_min=1.0, backoff_max=8.0, clock=clock))
-        breaker = cluster.breaker(nodes[0])
-        breaker.record(False)
-        clock.advance(1.3)
+        cluster, breaker, nodes = probing()
         send = ScriptedSend({nodes[0].key: answer("late", after=1.0)})
         probe = asyncio.ensure_future(cluster.invoke(send, timeout=2.0))
         await asyncio.sleep(0.1)
@@ -1209,13 +1211,7 @@ def test_a_probe_its_client_cuts_short_proves_nothing():
     """``ClientClosed`` on the half-open probe is this side's doing: the breaker
     neither closes on it (as if the node had answered) nor stays claimed."""
     async def main():
-        clock = FakeClock()
-        nodes = numbered_nodes(2)
-        cluster = make_cluster(policy="failfast", nodes=nodes, breaker=dict(
-            consecutive_failures=1, backoff_min=1.0, backoff_max=8.0, clock=clock))
-        breaker = cluster.breaker(nodes[0])
-        breaker.record(False)
-        clock.advance(1.3)
+        cluster, breaker, nodes = probing()
         send = ScriptedSend({nodes[0].key: fail(ClientClosed)})
         with pytest.raises(ClientClosed):
             await cluster.invoke(send, timeout=1.0)
@@ -1229,13 +1225,7 @@ def test_a_probe_whose_connect_is_refused_reopens_the_breaker():
     degrade judges it), but on the half-open probe it is the probe's answer: the
     breaker opens again, not left half-open (and claimed) nor closed."""
     async def main():
-        clock = FakeClock()
-        nodes = numbered_nodes(2)
-        cluster = make_cluster(policy="failfast", nodes=nodes, breaker=dict(
-            consecutive_failures=1, backoff_min=1.0, backoff_max=8.0, clock=clock))
-        breaker = cluster.breaker(nodes[0])
-        breaker.record(False)
-        clock.advance(1.3)
+        cluster, breaker, nodes = probing()
         send = ScriptedSend({nodes[0].key: fail(refused)})
         assert isinstance(await outcome(cluster.invoke(send, timeout=1.0)), TransportError)
         assert send.keys == [nodes[0].key]       # it was the probe
