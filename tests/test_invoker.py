@@ -863,33 +863,40 @@ def test_a_retry_refused_by_an_open_circuit_spends_nothing_and_raises_the_real_e
     run_virtual(main())
 
 
+def gz1_caller_and_nodes() -> Tuple[Caller, List[Node], List[Node]]:
+    """A caller in IDC gz1 (region south), three nodes in its IDC, two in gz2 of its region."""
+    caller = Caller(appkey=CALLER, idc="gz1", region="south")
+    idc = [node(f"10.1.0.{i}", idc="gz1", region="south") for i in range(3)]
+    region = [node(f"10.2.0.{i}", idc="gz2", region="south") for i in range(2)]
+    return caller, idc, region
+
+
+async def spread(cluster: Cluster) -> Set[str]:
+    """The nodes 50 calls through ``cluster`` went to."""
+    send = ScriptedSend()
+    for _ in range(50):
+        await cluster.invoke(send, timeout=1.0)
+    return set(send.keys)
+
+
 def test_open_breakers_in_the_callers_idc_spill_its_calls_into_the_region():
     """The registry still lists two crashed IDC nodes ALIVE; once their breakers
     open, the IDC is below the locality threshold and the region shares its calls
     (not the one survivor taking them all); closed again, the calls come back."""
     async def main():
-        caller = Caller(appkey=CALLER, idc="gz1", region="south")
-        idc = [node(f"10.1.0.{i}", idc="gz1", region="south") for i in range(3)]
-        region = [node(f"10.2.0.{i}", idc="gz2", region="south") for i in range(2)]
+        caller, idc, region = gz1_caller_and_nodes()
         clock = FakeClock()
         cluster = make_cluster(nodes=idc + region, router=Router(caller), policy="failfast",
                                breaker=dict(consecutive_failures=1, backoff_min=60.0,
                                             backoff_max=60.0, clock=clock))
         for crashed in idc[1:]:
             cluster.breaker(crashed).record(False)
-
-        async def spread() -> Set[str]:
-            send = ScriptedSend()
-            for _ in range(50):
-                await cluster.invoke(send, timeout=1.0)
-            return set(send.keys)
-
-        assert await spread() == {idc[0].key} | {n.key for n in region}
+        assert await spread(cluster) == {idc[0].key} | {n.key for n in region}
         clock.advance(120.0)                          # past the jittered backoff
         for crashed in idc[1:]:                       # each probe succeeds: closed again
             assert cluster.breaker(crashed).allows()
             cluster.breaker(crashed).record(True)
-        assert await spread() <= {n.key for n in idc}
+        assert await spread(cluster) <= {n.key for n in idc}
     run_virtual(main())
 
 
@@ -897,24 +904,15 @@ def test_degraded_nodes_in_the_callers_idc_spill_its_calls_until_they_connect_ag
     """As open breakers do: two IDC nodes whose connects failed put the IDC below
     the locality threshold; once a call finds each connects again, the calls come back."""
     async def main():
-        caller = Caller(appkey=CALLER, idc="gz1", region="south")
-        idc = [node(f"10.1.0.{i}", idc="gz1", region="south") for i in range(3)]
-        region = [node(f"10.2.0.{i}", idc="gz2", region="south") for i in range(2)]
+        caller, idc, region = gz1_caller_and_nodes()
         cluster = make_cluster(nodes=idc + region, router=Router(caller), policy="failfast",
                                breaker=NO_BREAKER)
         for crashed in idc[1:]:
             cluster.degrade(crashed)
-
-        async def spread() -> Set[str]:
-            send = ScriptedSend()
-            for _ in range(50):
-                await cluster.invoke(send, timeout=1.0)
-            return set(send.keys)
-
-        assert await spread() == {idc[0].key} | {n.key for n in region}
+        assert await spread(cluster) == {idc[0].key} | {n.key for n in region}
         await asyncio.sleep(2.5)                      # the degrades are over
-        await spread()                                # (calls find each connects)
-        assert await spread() <= {n.key for n in idc}
+        await spread(cluster)                         # (calls find each connects)
+        assert await spread(cluster) <= {n.key for n in idc}
     run_virtual(main())
 
 
