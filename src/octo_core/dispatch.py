@@ -389,7 +389,6 @@ class Dispatcher:
             if not any(_runs_alike(host, entry, method) for host in hosts):
                 hosts.append(entry)
 
-
     # --- life cycle ----------------------------------------------------------------
 
     def start(self, loop: asyncio.AbstractEventLoop, pool: BusinessPool) -> None:

@@ -273,6 +273,7 @@ class Server:
     _leaving: _Dispatchers[bool] = _Dispatchers()
     _services: _Dispatchers[Dict[str, Any]] = _Dispatchers()
     _in_flight: _Dispatchers[int] = _Dispatchers()
+    _business_threads: _Dispatchers[int] = _Dispatchers()   # (the pool's size)
 
     def __init__(self, appkey: str, host: str = "127.0.0.1", port: int = 0, *,
                  business_threads: int = 16, business_queue: int = 1024,
@@ -338,7 +339,6 @@ class Server:
         self.require_registry = require_registry
         self.metrics_port = metrics_port
         self._metrics_http: Optional[Listeners] = None
-        self._business_threads = business_threads
         self._pool: Optional[BusinessPool] = None
         self._unix_inode = 0
         self._listener: Optional[Listening] = None
